@@ -1,0 +1,390 @@
+/* cepe_c — the thin CPython face of the C core.
+ *
+ * It checks arguments, hands NumPy buffers to the core without copying,
+ * releases the GIL around every call that computes, and turns cepe_status
+ * codes into Python exceptions. Everything user-friendly (dtype conversion,
+ * 1-D inputs, config files) lives in the pure-Python package `cepe`.
+ *
+ * Thread-safety: a Model is immutable after finalize() and may be shared by
+ * threads. A Context is per-request state: one call at a time; a second
+ * concurrent call raises RuntimeError instead of corrupting its cache. A
+ * Context holds a reference to its Model, and a Model to every weight
+ * array, so nothing is freed while still in use. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#define NPY_NO_DEPRECATED_API NPY_2_0_API_VERSION
+#include <numpy/arrayobject.h>
+
+#include "../csrc/cepe.h"
+
+/* ------------------------------------------------------------------ errors */
+
+static PyObject *raise_status(cepe_status st) {
+    PyObject *type = PyExc_RuntimeError;
+    switch (st) {
+    case CEPE_ERR_INVALID_ARG: type = PyExc_ValueError; break;
+    case CEPE_ERR_OUT_OF_MEMORY: type = PyExc_MemoryError; break;
+    case CEPE_ERR_MISSING_WEIGHT: type = PyExc_KeyError; break;
+    case CEPE_ERR_UNSUPPORTED: type = PyExc_NotImplementedError; break;
+    case CEPE_ERR_INTERRUPTED: type = PyExc_KeyboardInterrupt; break;
+    default: break;
+    }
+    if (st == CEPE_ERR_MISSING_WEIGHT) /* KeyError would repr() the message */
+        PyErr_SetObject(type, PyUnicode_FromString(cepe_last_error()));
+    else
+        PyErr_SetString(type, cepe_last_error());
+    return NULL;
+}
+
+/* Checks `obj` is an ndarray of `type_num`, C-contiguous and aligned, with
+ * `ndim` dims; returns it borrowed, or NULL with TypeError/ValueError set. */
+static PyArrayObject *as_array(PyObject *obj, const char *what, int type_num, int ndim) {
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray, got %s", what, Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    PyArrayObject *a = (PyArrayObject *)obj;
+    if (PyArray_TYPE(a) != type_num) {
+        PyArray_Descr *want = PyArray_DescrFromType(type_num);
+        PyErr_Format(PyExc_TypeError, "%s must have dtype %S, got %S", what, (PyObject *)want,
+                     (PyObject *)PyArray_DESCR(a));
+        Py_XDECREF(want);
+        return NULL;
+    }
+    if (ndim >= 0 && PyArray_NDIM(a) != ndim) {
+        PyErr_Format(PyExc_ValueError, "%s must have %d dimensions, got %d", what, ndim, PyArray_NDIM(a));
+        return NULL;
+    }
+    if (!PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISALIGNED(a)) {
+        PyErr_Format(PyExc_ValueError, "%s must be C-contiguous and aligned (use numpy.ascontiguousarray)", what);
+        return NULL;
+    }
+    return a;
+}
+
+/* ------------------------------------------------------------------- Model */
+
+typedef struct {
+    PyObject_HEAD
+    cepe_model *model;
+    PyObject *weights; /* list: keeps every bound array alive */
+    int n_threads;
+} ModelObject;
+
+static void Model_dealloc(ModelObject *self) {
+    cepe_model_free(self->model);
+    Py_XDECREF(self->weights);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
+    static char *names[] = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                            "num_attention_heads", "num_key_value_heads", "head_dim",
+                            "rms_norm_eps", "rope_theta", "tie_word_embeddings", "sliding_window",
+                            "n_threads", NULL};
+    cepe_config c = {0};
+    int tie = 0, n_threads = 1;
+    double eps = 0.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiiiiiidd|pii:Model", names, &c.vocab_size,
+                                     &c.hidden_size, &c.intermediate_size, &c.n_layers, &c.n_heads,
+                                     &c.n_kv_heads, &c.head_dim, &eps, &c.rope_theta, &tie,
+                                     &c.sliding_window, &n_threads))
+        return -1;
+    c.rms_norm_eps = (float)eps;
+    c.tie_word_embeddings = tie;
+    if (self->model) {
+        PyErr_SetString(PyExc_RuntimeError, "Model.__init__ called twice");
+        return -1;
+    }
+    cepe_status st = cepe_model_create(&c, n_threads, &self->model);
+    if (st) {
+        raise_status(st);
+        return -1;
+    }
+    self->n_threads = n_threads;
+    self->weights = PyList_New(0);
+    return self->weights ? 0 : -1;
+}
+
+static PyObject *Model_bind(ModelObject *self, PyObject *args) {
+    const char *name;
+    PyObject *obj;
+    if (!PyArg_ParseTuple(args, "sO:bind", &name, &obj)) return NULL;
+    char what[160];
+    snprintf(what, sizeof what, "tensor %s", name);
+    PyArrayObject *a = as_array(obj, what, NPY_FLOAT32, -1);
+    if (!a) return NULL;
+    int64_t shape[NPY_MAXDIMS];
+    for (int i = 0; i < PyArray_NDIM(a); i++) shape[i] = (int64_t)PyArray_DIM(a, i);
+    cepe_status st = cepe_model_bind(self->model, name, (const float *)PyArray_DATA(a), PyArray_NDIM(a), shape);
+    if (st) return raise_status(st);
+    if (PyList_Append(self->weights, obj) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Model_finalize(ModelObject *self, PyObject *Py_UNUSED(ignored)) {
+    cepe_status st = cepe_model_finalize(self->model);
+    if (st) return raise_status(st);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Model_methods[] = {
+    {"bind", (PyCFunction)Model_bind, METH_VARARGS, "bind(name, float32 array): attach one weight by its HF name"},
+    {"finalize", (PyCFunction)Model_finalize, METH_NOARGS, "check that every weight is bound"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ModelType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "cepe_c.Model",
+    .tp_basicsize = sizeof(ModelObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A decoder in the C core; weights are borrowed from the bound arrays.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Model_init,
+    .tp_dealloc = (destructor)Model_dealloc,
+    .tp_methods = Model_methods,
+};
+
+/* ----------------------------------------------------------------- Context */
+
+typedef struct {
+    PyObject_HEAD
+    cepe_ctx *ctx;
+    ModelObject *model;
+    int busy; /* guarded by the GIL: set before releasing it */
+} ContextObject;
+
+static void Context_dealloc(ContextObject *self) {
+    cepe_ctx_free(self->ctx);
+    Py_XDECREF(self->model);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int Context_init(ContextObject *self, PyObject *args, PyObject *kw) {
+    static char *names[] = {"model", "batch", "capacity", NULL};
+    PyObject *model;
+    int batch, capacity;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!ii:Context", names, &ModelType, &model, &batch, &capacity))
+        return -1;
+    if (self->ctx) {
+        PyErr_SetString(PyExc_RuntimeError, "Context.__init__ called twice");
+        return -1;
+    }
+    cepe_status st;
+    Py_BEGIN_ALLOW_THREADS st = cepe_ctx_create(((ModelObject *)model)->model, batch, capacity, &self->ctx);
+    Py_END_ALLOW_THREADS if (st) {
+        raise_status(st);
+        return -1;
+    }
+    Py_INCREF(model);
+    self->model = (ModelObject *)model;
+    return 0;
+}
+
+static int claim(ContextObject *self) {
+    if (!self->ctx) {
+        PyErr_SetString(PyExc_RuntimeError, "Context is not initialised");
+        return -1;
+    }
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "this Context is in use by another thread; use one Context (or KVCache) per thread");
+        return -1;
+    }
+    self->busy = 1;
+    return 0;
+}
+
+/* forward(ids int32 (B,T), positions float64 (B,T) | None, mask uint8 (B,T) | None,
+ *         logits_mode 0|1|2) -> None | (B, V) | (B, T, V) float32 */
+static PyObject *Context_forward(ContextObject *self, PyObject *args) {
+    PyObject *ids_o, *pos_o, *mask_o;
+    int mode;
+    if (!PyArg_ParseTuple(args, "OOOi:forward", &ids_o, &pos_o, &mask_o, &mode)) return NULL;
+    if (mode < 0 || mode > 2) return PyErr_Format(PyExc_ValueError, "logits_mode must be 0, 1 or 2, got %d", mode);
+    PyArrayObject *ids = as_array(ids_o, "input_ids", NPY_INT32, 2);
+    if (!ids) return NULL;
+    const int B = cepe_ctx_batch(self->ctx);
+    const npy_intp T = PyArray_DIM(ids, 1);
+    if (PyArray_DIM(ids, 0) != B)
+        return PyErr_Format(PyExc_ValueError, "input_ids has batch size %zd, the context was made for %d",
+                            (Py_ssize_t)PyArray_DIM(ids, 0), B);
+    if (T < 1 || T > INT32_MAX) return PyErr_Format(PyExc_ValueError, "input_ids must hold at least one token per row");
+    PyArrayObject *pos = NULL, *mask = NULL;
+    if (pos_o != Py_None) {
+        if (!(pos = as_array(pos_o, "position_ids", NPY_FLOAT64, 2))) return NULL;
+        if (!PyArray_SAMESHAPE(pos, ids)) return PyErr_Format(PyExc_ValueError, "position_ids must have the shape of input_ids");
+    }
+    if (mask_o != Py_None) {
+        if (!(mask = as_array(mask_o, "attention_mask", NPY_UINT8, 2))) return NULL;
+        if (!PyArray_SAMESHAPE(mask, ids)) return PyErr_Format(PyExc_ValueError, "attention_mask must have the shape of input_ids");
+    }
+    PyArrayObject *out = NULL;
+    if (mode == CEPE_LOGITS_ALL) {
+        npy_intp dims[3] = {B, T, cepe_model_config(self->model->model)->vocab_size};
+        out = (PyArrayObject *)PyArray_SimpleNew(3, dims, NPY_FLOAT32);
+    } else if (mode == CEPE_LOGITS_LAST) {
+        npy_intp dims[2] = {B, cepe_model_config(self->model->model)->vocab_size};
+        out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+    }
+    if (mode != CEPE_LOGITS_NONE && !out) return NULL;
+    if (claim(self) < 0) {
+        Py_XDECREF(out);
+        return NULL;
+    }
+    cepe_status st;
+    /* The arrays are borrowed from args, which live until we return. */
+    Py_BEGIN_ALLOW_THREADS st = cepe_ctx_forward(
+        self->ctx, (const int32_t *)PyArray_DATA(ids), pos ? (const double *)PyArray_DATA(pos) : NULL,
+        mask ? (const uint8_t *)PyArray_DATA(mask) : NULL, (int)T, out ? (float *)PyArray_DATA(out) : NULL,
+        (cepe_logits_mode)mode);
+    Py_END_ALLOW_THREADS self->busy = 0;
+    if (st) {
+        Py_XDECREF(out);
+        return raise_status(st);
+    }
+    if (!out) Py_RETURN_NONE;
+    return (PyObject *)out;
+}
+
+static PyObject *Context_generate(ContextObject *self, PyObject *args, PyObject *kw) {
+    static char *names[] = {"max_new_tokens", "temperature", "top_k", "top_p", "seed", "eos_token_id",
+                            "pad_token_id", NULL};
+    int max_new;
+    double temperature = 0.0, top_p = 1.0;
+    cepe_sampling s = {0};
+    unsigned long long seed = 0;
+    s.eos_token_id = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "i|didKii:generate", names, &max_new, &temperature, &s.top_k,
+                                     &top_p, &seed, &s.eos_token_id, &s.pad_token_id))
+        return NULL;
+    if (max_new < 0) return PyErr_Format(PyExc_ValueError, "max_new_tokens must be >= 0, got %d", max_new);
+    s.temperature = (float)temperature;
+    s.top_p = (float)top_p;
+    s.seed = seed;
+    const int B = cepe_ctx_batch(self->ctx);
+    npy_intp dims[2] = {B, max_new};
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_INT32);
+    if (!out) return NULL;
+    if (claim(self) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    int n = 0;
+    cepe_status st = CEPE_OK;
+    if (max_new > 0) {
+        Py_BEGIN_ALLOW_THREADS st = cepe_ctx_generate(self->ctx, &s, max_new, (int32_t *)PyArray_DATA(out), &n);
+        Py_END_ALLOW_THREADS
+    }
+    self->busy = 0;
+    if (st) {
+        Py_DECREF(out);
+        return raise_status(st);
+    }
+    if (n == max_new) return (PyObject *)out;
+    /* Stopped early: hand back the first n columns (a copy, so the unused
+     * tail is not kept alive). */
+    npy_intp ndims[2] = {B, n};
+    PyArrayObject *res = (PyArrayObject *)PyArray_SimpleNew(2, ndims, NPY_INT32);
+    if (res) {
+        for (int b = 0; b < B; b++)
+            memcpy((int32_t *)PyArray_DATA(res) + (size_t)b * n, (int32_t *)PyArray_DATA(out) + (size_t)b * max_new,
+                   sizeof(int32_t) * (size_t)n);
+    }
+    Py_DECREF(out);
+    return (PyObject *)res;
+}
+
+static PyObject *Context_reset(ContextObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (claim(self) < 0) return NULL;
+    cepe_ctx_reset(self->ctx);
+    self->busy = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Context_interrupt(ContextObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (self->ctx) cepe_ctx_interrupt(self->ctx);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Context_get_length(ContextObject *self, void *Py_UNUSED(c)) {
+    return PyLong_FromLong(cepe_ctx_length(self->ctx));
+}
+static PyObject *Context_get_capacity(ContextObject *self, void *Py_UNUSED(c)) {
+    return PyLong_FromLong(cepe_ctx_capacity(self->ctx));
+}
+static PyObject *Context_get_batch(ContextObject *self, void *Py_UNUSED(c)) {
+    return PyLong_FromLong(cepe_ctx_batch(self->ctx));
+}
+
+static PyGetSetDef Context_getset[] = {
+    {"length", (getter)Context_get_length, NULL, "tokens per row already in the cache", NULL},
+    {"capacity", (getter)Context_get_capacity, NULL, "maximum tokens per row", NULL},
+    {"batch", (getter)Context_get_batch, NULL, "rows", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef Context_methods[] = {
+    {"forward", (PyCFunction)Context_forward, METH_VARARGS,
+     "forward(ids, positions, mask, logits_mode): append tokens and run the decoder"},
+    {"generate", (PyCFunction)(void (*)(void))Context_generate, METH_VARARGS | METH_KEYWORDS,
+     "generate(max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, pad_token_id)"},
+    {"reset", (PyCFunction)Context_reset, METH_NOARGS, "empty the KV cache"},
+    {"interrupt", (PyCFunction)Context_interrupt, METH_NOARGS, "ask a running call to stop"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ContextType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "cepe_c.Context",
+    .tp_basicsize = sizeof(ContextObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Per-request state of a Model: KV cache and scratch.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Context_init,
+    .tp_dealloc = (destructor)Context_dealloc,
+    .tp_methods = Context_methods,
+    .tp_getset = Context_getset,
+};
+
+/* ------------------------------------------------------------------ module */
+
+static PyObject *mod_blas_info(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a)) {
+    return PyUnicode_FromString(cepe_blas_info());
+}
+static PyObject *mod_max_threads(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a)) {
+    return PyLong_FromLong(cepe_max_threads());
+}
+static PyObject *mod_set_blas_threads(PyObject *Py_UNUSED(m), PyObject *arg) {
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n < 1) return PyErr_Format(PyExc_ValueError, "n_threads must be >= 1, got %ld", n);
+    cepe_set_blas_threads((int)n);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"blas_info", mod_blas_info, METH_NOARGS, "the linked BLAS and its build configuration"},
+    {"max_threads", mod_max_threads, METH_NOARGS, "OpenMP's thread limit"},
+    {"set_blas_threads", mod_set_blas_threads, METH_O, "set the (process-wide) BLAS thread count"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "cepe_c", "C core of cepe (see csrc/cepe.h).", -1, module_methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit_cepe_c(void) {
+    import_array();
+    if (PyType_Ready(&ModelType) < 0 || PyType_Ready(&ContextType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    Py_INCREF(&ModelType);
+    Py_INCREF(&ContextType);
+    if (PyModule_AddObject(m, "Model", (PyObject *)&ModelType) < 0 ||
+        PyModule_AddObject(m, "Context", (PyObject *)&ContextType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

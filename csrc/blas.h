@@ -1,0 +1,22 @@
+/* blas.h — one place that knows which CBLAS we link.
+ * Default: scipy-openblas32 from PyPI, whose symbols carry a "scipy_" prefix
+ * (so it never clashes with NumPy's or torch's own OpenBLAS in one process).
+ * CEPE_SYSTEM_BLAS: a system CBLAS with plain names. */
+#ifndef CEPE_BLAS_H
+#define CEPE_BLAS_H
+
+#ifdef CEPE_SYSTEM_BLAS
+#include <cblas.h>
+#define CEPE_SGEMM cblas_sgemm
+#define CEPE_SGEMV cblas_sgemv
+#define CEPE_BLAS_NAME "system CBLAS"
+#else
+#include <cblas.h> /* scipy_openblas32/include/cblas.h */
+#define CEPE_SGEMM scipy_cblas_sgemm
+#define CEPE_SGEMV scipy_cblas_sgemv
+#define CEPE_BLAS_SET_THREADS scipy_openblas_set_num_threads
+#define CEPE_BLAS_CONFIG scipy_openblas_get_config
+#define CEPE_BLAS_NAME "scipy-openblas32"
+#endif
+
+#endif /* CEPE_BLAS_H */

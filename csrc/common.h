@@ -1,0 +1,29 @@
+/* common.h — internal helpers shared by the C core: error reporting and
+ * checked allocation. Not part of the public API. */
+#ifndef CEPE_COMMON_H
+#define CEPE_COMMON_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cepe.h"
+
+/* Records a printf-style message for cepe_last_error() and returns `status`,
+ * so call sites read `return cepe_fail(CEPE_ERR_INVALID_ARG, "...", ...)`. */
+cepe_status cepe_fail(cepe_status status, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+
+/* 64-byte aligned, zero-filled; NULL on overflow or failure. */
+void *cepe_calloc(size_t count, size_t size);
+void cepe_free(void *p);
+
+/* count * size without overflow, or SIZE_MAX. */
+static inline size_t cepe_mul_size(size_t count, size_t size) {
+    if (size != 0 && count > SIZE_MAX / size) return SIZE_MAX;
+    return count * size;
+}
+
+#endif /* CEPE_COMMON_H */

@@ -1,0 +1,93 @@
+/* ctx.c — per-request state: the KV cache and every scratch buffer, sized
+ * once here so the per-token loop never allocates. */
+#include <string.h>
+
+#include "../common.h"
+#include "model.h"
+
+/* Rows of activations processed at once during prefill: bounds scratch memory
+ * while keeping GEMMs large enough to run near the BLAS peak. */
+#define CEPE_CHUNK_ROWS 512
+
+cepe_status cepe_ctx_create(const cepe_model *m, int batch, int capacity, cepe_ctx **out) {
+    if (!m || !out) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_ctx_create: NULL argument");
+    *out = NULL;
+    if (!m->finalized) return cepe_fail(CEPE_ERR_STATE, "the model has unbound weights (call finalize)");
+    if (batch < 1) return cepe_fail(CEPE_ERR_INVALID_ARG, "batch size must be >= 1, got %d", batch);
+    if (capacity < 1) return cepe_fail(CEPE_ERR_INVALID_ARG, "capacity must be >= 1, got %d", capacity);
+    const cepe_config *c = &m->cfg;
+    const cepe_backend *be = m->be;
+    cepe_ctx *x = cepe_calloc(1, sizeof *x);
+    if (!x) return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory creating a context");
+    x->m = m;
+    x->B = batch;
+    x->cap = capacity;
+    x->chunk = CEPE_CHUNK_ROWS / batch;
+    if (x->chunk < 1) x->chunk = 1;
+    if (x->chunk > capacity) x->chunk = capacity;
+    atomic_init(&x->interrupt, 0);
+
+    const size_t rows = (size_t)batch * (size_t)x->chunk;
+    const size_t kvd = (size_t)c->n_kv_heads * (size_t)c->head_dim;
+    const size_t qd = (size_t)c->n_heads * (size_t)c->head_dim;
+    const size_t cache = cepe_mul_size(cepe_mul_size((size_t)c->n_layers * (size_t)batch, (size_t)capacity),
+                                       kvd * sizeof(float));
+    if (cache == SIZE_MAX) goto oom;
+#define ALLOC(field, count, type)                                        \
+    x->field = be->alloc(cepe_mul_size((size_t)(count), sizeof(type))); \
+    if (!x->field) goto oom
+    ALLOC(k_cache, cache / sizeof(float), float);
+    ALLOC(v_cache, cache / sizeof(float), float);
+    ALLOC(valid, cepe_mul_size((size_t)batch, (size_t)capacity), uint8_t);
+    ALLOC(next_pos, batch, double);
+    ALLOC(ids, rows, int32_t);
+    ALLOC(pos, rows, double);
+    ALLOC(cos_t, rows * (size_t)m->rope_half, float);
+    ALLOC(sin_t, rows * (size_t)m->rope_half, float);
+    ALLOC(x, rows * (size_t)c->hidden_size, float);
+    ALLOC(xn, rows * (size_t)c->hidden_size, float);
+    ALLOC(q, rows * qd, float);
+    ALLOC(k, rows * kvd, float);
+    ALLOC(v, rows * kvd, float);
+    ALLOC(att, rows * qd, float);
+    ALLOC(gate, rows * (size_t)c->intermediate_size, float);
+    ALLOC(up, rows * (size_t)c->intermediate_size, float);
+    ALLOC(last_hidden, (size_t)batch * (size_t)c->hidden_size, float);
+    ALLOC(last_logits, (size_t)batch * (size_t)c->vocab_size, float);
+    ALLOC(probs, c->vocab_size, float);
+    ALLOC(cand, c->vocab_size, int32_t);
+    ALLOC(finished, batch, uint8_t);
+    ALLOC(step_ids, batch, int32_t);
+#undef ALLOC
+    *out = x;
+    return CEPE_OK;
+oom:
+    cepe_ctx_free(x);
+    return cepe_fail(CEPE_ERR_OUT_OF_MEMORY,
+                     "out of memory allocating a context for batch %d x %d tokens", batch, capacity);
+}
+
+void cepe_ctx_free(cepe_ctx *x) {
+    if (!x) return;
+    void (*f)(void *) = x->m->be->free;
+    void *bufs[] = {x->k_cache, x->v_cache, x->valid, x->next_pos, x->ids, x->pos, x->cos_t,
+                    x->sin_t, x->x, x->xn, x->q, x->k, x->v, x->att, x->gate, x->up,
+                    x->last_hidden, x->last_logits, x->probs, x->cand, x->finished, x->step_ids};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) f(bufs[i]);
+    cepe_free(x);
+}
+
+void cepe_ctx_reset(cepe_ctx *x) {
+    if (!x) return;
+    x->len = 0;
+    x->has_logits = 0;
+    memset(x->next_pos, 0, sizeof(double) * (size_t)x->B);
+    atomic_store(&x->interrupt, 0);
+}
+
+int cepe_ctx_length(const cepe_ctx *x) { return x ? x->len : 0; }
+int cepe_ctx_capacity(const cepe_ctx *x) { return x ? x->cap : 0; }
+int cepe_ctx_batch(const cepe_ctx *x) { return x ? x->B : 0; }
+void cepe_ctx_interrupt(cepe_ctx *x) {
+    if (x) atomic_store(&x->interrupt, 1);
+}

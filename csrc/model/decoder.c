@@ -1,0 +1,140 @@
+/* decoder.c — the LLaMA decoder forward, one token's path read top to bottom:
+ * embedding → per layer [RMSNorm → q,k,v → RoPE → causal GQA attention over
+ * the KV cache → o_proj + residual → RMSNorm → SwiGLU MLP + residual] →
+ * final RMSNorm → lm_head. Long inputs run in chunks of ctx->chunk tokens
+ * per row, each attending to the cache the earlier chunks filled. */
+#include <math.h>
+#include <string.h>
+
+#include "../common.h"
+#include "model.h"
+
+static int interrupted(cepe_ctx *x) { return atomic_load_explicit(&x->interrupt, memory_order_relaxed); }
+
+/* Runs layers over the c tokens per row already gathered into x->ids / x->pos
+ * (the cache holds x->len tokens before them). Leaves the final-normed hidden
+ * states in x->xn. */
+static cepe_status run_layers(cepe_ctx *x, int c) {
+    const cepe_model *m = x->m;
+    const cepe_config *cfg = &m->cfg;
+    const cepe_backend *be = m->be;
+    const int B = x->B, N = B * c, d = cfg->hidden_size, ff = cfg->intermediate_size;
+    const int H = cfg->n_heads, KVH = cfg->n_kv_heads, hd = cfg->head_dim;
+    const int qd = H * hd, kvd = KVH * hd, nt = m->n_threads, half = m->rope_half;
+    const long layer_stride = (long)B * x->cap * kvd;
+
+    be->embedding(x->x, x->ids, m->w.embed, N, d);
+    be->rope_table(x->cos_t, x->sin_t, x->pos, m->inv_freq, N, half);
+    const attention_shape shape = {
+        .B = B, .Tq = c, .Tk = x->len + c, .H = H, .KVH = KVH, .hd = hd,
+        .q_rstride = qd, .q_bstride = (long)c * qd,
+        .kv_rstride = kvd, .kv_bstride = (long)x->cap * kvd, .valid_bstride = x->cap,
+        .causal = 1, .q_offset = x->len, .window = cfg->sliding_window,
+        .scale = 1.0f / sqrtf((float)hd),
+    };
+
+    for (int l = 0; l < cfg->n_layers; l++) {
+        const layer_weights *w = &m->w.layers[l];
+        float *kc = x->k_cache + l * layer_stride, *vc = x->v_cache + l * layer_stride;
+
+        /* self-attention block */
+        be->rmsnorm(x->xn, x->x, w->attn_norm, N, d, cfg->rms_norm_eps, nt);
+        be->matmul(x->q, x->xn, w->wq, N, d, qd, 0);
+        be->matmul(x->k, x->xn, w->wk, N, d, kvd, 0);
+        be->matmul(x->v, x->xn, w->wv, N, d, kvd, 0);
+        be->rope(x->q, x->cos_t, x->sin_t, N, H, hd, half, nt);
+        be->rope(x->k, x->cos_t, x->sin_t, N, KVH, hd, half, nt);
+        for (int b = 0; b < B; b++) { /* append this chunk's keys/values */
+            const size_t bytes = sizeof(float) * (size_t)c * kvd;
+            memcpy(kc + ((long)b * x->cap + x->len) * kvd, x->k + (long)b * c * kvd, bytes);
+            memcpy(vc + ((long)b * x->cap + x->len) * kvd, x->v + (long)b * c * kvd, bytes);
+        }
+        be->attention(x->att, x->q, kc, vc, x->valid, &shape, nt);
+        be->matmul(x->x, x->att, w->wo, N, qd, d, 1); /* x += o_proj(att) */
+
+        /* MLP block */
+        be->rmsnorm(x->xn, x->x, w->ffn_norm, N, d, cfg->rms_norm_eps, nt);
+        be->matmul(x->gate, x->xn, w->w_gate, N, d, ff, 0);
+        be->matmul(x->up, x->xn, w->w_up, N, d, ff, 0);
+        be->swiglu(x->gate, x->gate, x->up, (long)N * ff, nt);
+        be->matmul(x->x, x->gate, w->w_down, N, ff, d, 1); /* x += down(...) */
+
+        if (interrupted(x)) return cepe_fail(CEPE_ERR_INTERRUPTED, "interrupted");
+    }
+    be->rmsnorm(x->xn, x->x, m->w.final_norm, N, d, cfg->rms_norm_eps, nt);
+    return CEPE_OK;
+}
+
+/* Copies chunk [t0, t0+c) of the caller's (B, T) inputs into the run state,
+ * marks the cache slots real or padding, and fills default positions. */
+static void gather_chunk(cepe_ctx *x, const int32_t *ids, const double *positions,
+                         const uint8_t *mask, int T, int t0, int c) {
+    for (int b = 0; b < x->B; b++)
+        for (int t = 0; t < c; t++) {
+            const long src = (long)b * T + t0 + t, dst = (long)b * c + t;
+            const int real = mask ? mask[src] != 0 : 1;
+            x->ids[dst] = ids[src];
+            x->valid[(long)b * x->cap + x->len + t] = (uint8_t)real;
+            if (positions) {
+                x->pos[dst] = positions[src];
+                if (real) x->next_pos[b] = positions[src] + 1.0;
+            } else {
+                x->pos[dst] = x->next_pos[b];
+                if (real) x->next_pos[b] += 1.0;
+            }
+        }
+}
+
+cepe_status cepe_ctx_forward(cepe_ctx *x, const int32_t *ids, const double *positions,
+                             const uint8_t *mask, int T, float *logits, cepe_logits_mode mode) {
+    if (!x || !ids) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_ctx_forward: NULL argument");
+    if (T < 1) return cepe_fail(CEPE_ERR_INVALID_ARG, "input must hold at least one token, got %d", T);
+    if (mode != CEPE_LOGITS_NONE && !logits)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_ctx_forward: NULL logits buffer");
+    const cepe_model *m = x->m;
+    const int V = m->cfg.vocab_size, d = m->cfg.hidden_size, B = x->B;
+    if (T > x->cap - x->len)
+        return cepe_fail(CEPE_ERR_STATE,
+                         "context capacity exceeded: %d cached + %d new tokens > capacity %d", x->len,
+                         T, x->cap);
+    for (long i = 0; i < (long)B * T; i++)
+        if (ids[i] < 0 || ids[i] >= V)
+            return cepe_fail(CEPE_ERR_INVALID_ARG,
+                             "token id %d at (row %ld, position %ld) is out of range [0, %d)", ids[i],
+                             i / T, i % T, V);
+    if (positions)
+        for (long i = 0; i < (long)B * T; i++)
+            if (!(positions[i] >= 0.0 && positions[i] < 1e15))
+                return cepe_fail(CEPE_ERR_INVALID_ARG,
+                                 "position %g at (row %ld, position %ld) must be finite and >= 0",
+                                 positions[i], i / T, i % T);
+    atomic_store(&x->interrupt, 0);
+
+    for (int t0 = 0; t0 < T; t0 += x->chunk) {
+        const int c = T - t0 < x->chunk ? T - t0 : x->chunk;
+        gather_chunk(x, ids, positions, mask, T, t0, c);
+        cepe_status st = run_layers(x, c);
+        if (st) {
+            x->has_logits = 0;
+            return st;
+        }
+        if (mode == CEPE_LOGITS_ALL)
+            for (int b = 0; b < B; b++)
+                m->be->matmul(logits + ((long)b * T + t0) * V, x->xn + (long)b * c * d, m->w.lm_head, c,
+                              d, V, 0);
+        x->len += c;
+        if (t0 + c == T) { /* last chunk: keep each row's final hidden state and logits */
+            for (int b = 0; b < B; b++)
+                memcpy(x->last_hidden + (long)b * d, x->xn + ((long)b * c + c - 1) * d, sizeof(float) * d);
+            if (mode == CEPE_LOGITS_ALL)
+                for (int b = 0; b < B; b++)
+                    memcpy(x->last_logits + (long)b * V, logits + ((long)b * T + T - 1) * V,
+                           sizeof(float) * V);
+            else
+                m->be->matmul(x->last_logits, x->last_hidden, m->w.lm_head, B, d, V, 0);
+            if (mode == CEPE_LOGITS_LAST) memcpy(logits, x->last_logits, sizeof(float) * (size_t)B * V);
+            x->has_logits = 1;
+        }
+    }
+    return CEPE_OK;
+}

@@ -1,0 +1,143 @@
+/* model.c — creating a decoder from a config, binding its weights by HF name,
+ * and checking that nothing is missing. */
+#include <stdio.h>
+#include <string.h>
+
+#include "../common.h"
+#include "model.h"
+
+static cepe_status check_config(const cepe_config *c) {
+#define POSITIVE(field)                                                                        \
+    if (c->field < 1) return cepe_fail(CEPE_ERR_INVALID_ARG, "config: " #field " must be >= 1, got %d", c->field)
+    POSITIVE(vocab_size);
+    POSITIVE(hidden_size);
+    POSITIVE(intermediate_size);
+    POSITIVE(n_layers);
+    POSITIVE(n_heads);
+    POSITIVE(n_kv_heads);
+    POSITIVE(head_dim);
+#undef POSITIVE
+    if (c->n_heads % c->n_kv_heads != 0)
+        return cepe_fail(CEPE_ERR_INVALID_ARG,
+                         "config: num_attention_heads (%d) must be a multiple of num_key_value_heads (%d)",
+                         c->n_heads, c->n_kv_heads);
+    if (c->head_dim % 2 != 0)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "config: head_dim must be even for RoPE, got %d", c->head_dim);
+    if (c->head_dim > CEPE_MAX_HEAD_DIM)
+        return cepe_fail(CEPE_ERR_UNSUPPORTED, "config: head_dim %d is larger than the supported %d",
+                         c->head_dim, CEPE_MAX_HEAD_DIM);
+    if (!(c->rms_norm_eps > 0.0f))
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "config: rms_norm_eps must be > 0, got %g", (double)c->rms_norm_eps);
+    if (c->sliding_window < 0)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "config: sliding_window must be >= 0, got %d", c->sliding_window);
+    return CEPE_OK;
+}
+
+static void add_slot(cepe_model *m, const char *name, int64_t d0, int64_t d1, const float **dst) {
+    weight_slot *s = &m->slots[m->n_slots++];
+    snprintf(s->name, sizeof s->name, "%s", name);
+    s->ndim = d1 > 0 ? 2 : 1;
+    s->shape[0] = d0;
+    s->shape[1] = d1;
+    s->dst = dst;
+}
+
+cepe_status cepe_model_create(const cepe_config *cfg, int n_threads, cepe_model **out) {
+    if (!cfg || !out) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_model_create: NULL argument");
+    *out = NULL;
+    if (n_threads < 1) return cepe_fail(CEPE_ERR_INVALID_ARG, "n_threads must be >= 1, got %d", n_threads);
+    cepe_status st = check_config(cfg);
+    if (st) return st;
+
+    cepe_model *m = cepe_calloc(1, sizeof *m);
+    if (!m) return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory creating the model");
+    m->cfg = *cfg;
+    m->n_threads = n_threads;
+    m->be = cepe_backend_cpu();
+    const int L = cfg->n_layers, d = cfg->hidden_size, ff = cfg->intermediate_size;
+    const int qd = cfg->n_heads * cfg->head_dim, kvd = cfg->n_kv_heads * cfg->head_dim;
+    m->w.layers = cepe_calloc((size_t)L, sizeof(layer_weights));
+    m->slots = cepe_calloc((size_t)L * 9 + 3, sizeof(weight_slot));
+    if (!m->w.layers || !m->slots) {
+        st = cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory creating the model");
+        goto fail;
+    }
+    st = cepe_rope_init(cfg, &m->inv_freq, &m->rope_half);
+    if (st) goto fail;
+
+    add_slot(m, "model.embed_tokens.weight", cfg->vocab_size, d, &m->w.embed);
+    add_slot(m, "model.norm.weight", d, 0, &m->w.final_norm);
+    if (!cfg->tie_word_embeddings) add_slot(m, "lm_head.weight", cfg->vocab_size, d, &m->w.lm_head);
+    char name[96];
+    for (int i = 0; i < L; i++) {
+        layer_weights *lw = &m->w.layers[i];
+#define SLOT(suffix, d0, d1, field)                                  \
+    snprintf(name, sizeof name, "model.layers.%d.%s", i, suffix); \
+    add_slot(m, name, d0, d1, &lw->field)
+        SLOT("input_layernorm.weight", d, 0, attn_norm);
+        SLOT("self_attn.q_proj.weight", qd, d, wq);
+        SLOT("self_attn.k_proj.weight", kvd, d, wk);
+        SLOT("self_attn.v_proj.weight", kvd, d, wv);
+        SLOT("self_attn.o_proj.weight", d, qd, wo);
+        SLOT("post_attention_layernorm.weight", d, 0, ffn_norm);
+        SLOT("mlp.gate_proj.weight", ff, d, w_gate);
+        SLOT("mlp.up_proj.weight", ff, d, w_up);
+        SLOT("mlp.down_proj.weight", d, ff, w_down);
+#undef SLOT
+    }
+    *out = m;
+    return CEPE_OK;
+fail:
+    cepe_model_free(m);
+    return st;
+}
+
+void cepe_model_free(cepe_model *m) {
+    if (!m) return;
+    cepe_free(m->w.layers);
+    cepe_free(m->slots);
+    cepe_free(m->inv_freq);
+    cepe_free(m);
+}
+
+static void format_shape(char *buf, size_t n, int ndim, const int64_t *shape) {
+    size_t used = (size_t)snprintf(buf, n, "(");
+    for (int i = 0; i < ndim && used < n; i++)
+        used += (size_t)snprintf(buf + used, n - used, i ? ", %lld" : "%lld", (long long)shape[i]);
+    if (used < n) snprintf(buf + used, n - used, ndim == 1 ? ",)" : ")");
+}
+
+cepe_status cepe_model_bind(cepe_model *m, const char *name, const float *data, int ndim,
+                            const int64_t *shape) {
+    if (!m || !name || !data || (ndim > 0 && !shape))
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_model_bind: NULL argument");
+    if (m->finalized) return cepe_fail(CEPE_ERR_STATE, "cepe_model_bind: the model is already finalized");
+    for (int i = 0; i < m->n_slots; i++) {
+        weight_slot *s = &m->slots[i];
+        if (strcmp(s->name, name) != 0) continue;
+        int ok = ndim == s->ndim;
+        for (int k = 0; ok && k < ndim; k++) ok = shape[k] == s->shape[k];
+        if (!ok) {
+            char want[64], got[64];
+            format_shape(want, sizeof want, s->ndim, s->shape);
+            format_shape(got, sizeof got, ndim < 0 ? 0 : (ndim > 8 ? 8 : ndim), shape);
+            return cepe_fail(CEPE_ERR_INVALID_ARG, "tensor %s has shape %s, the config implies %s", name,
+                             got, want);
+        }
+        *s->dst = data;
+        return CEPE_OK;
+    }
+    return cepe_fail(CEPE_ERR_INVALID_ARG, "unexpected tensor %s: no such weight in this model", name);
+}
+
+cepe_status cepe_model_finalize(cepe_model *m) {
+    if (!m) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_model_finalize: NULL model");
+    for (int i = 0; i < m->n_slots; i++)
+        if (!*m->slots[i].dst)
+            return cepe_fail(CEPE_ERR_MISSING_WEIGHT, "missing tensor %s", m->slots[i].name);
+    if (m->cfg.tie_word_embeddings) m->w.lm_head = m->w.embed;
+    m->finalized = 1;
+    return CEPE_OK;
+}
+
+const cepe_config *cepe_model_config(const cepe_model *m) { return m ? &m->cfg : NULL; }

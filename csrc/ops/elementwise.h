@@ -1,0 +1,42 @@
+/* elementwise.h — per-element math shared by the C ops and the CUDA kernels.
+ * Compiled by gcc (CPU ops, CPU tests) and by nvcc (__host__ __device__), so
+ * the CPU test suite checks exactly the arithmetic the GPU runs. */
+#ifndef CEPE_ELEMENTWISE_H
+#define CEPE_ELEMENTWISE_H
+
+#include <math.h>
+
+#ifdef __CUDACC__
+#define CEPE_HD __host__ __device__ __forceinline__
+#else
+#define CEPE_HD static inline
+#endif
+
+/* SiLU(x) = x * sigmoid(x). */
+CEPE_HD float cepe_silu(float x) { return x / (1.0f + expf(-x)); }
+
+/* SwiGLU as in LLaMA's MLP: silu(gate) * up. */
+CEPE_HD float cepe_swiglu(float gate, float up) { return cepe_silu(gate) * up; }
+
+/* RMSNorm's scale for a row whose sum of squares is `ss` over `n` items. */
+CEPE_HD float cepe_rms_inv(float ss, int n, float eps) { return 1.0f / sqrtf(ss / (float)n + eps); }
+
+/* RoPE rotate-half pair (x1 = x[i], x2 = x[i + d/2]) by angle with cos c, sin s. */
+CEPE_HD void cepe_rope_rotate(float *x1, float *x2, float c, float s) {
+    float a = *x1, b = *x2;
+    *x1 = a * c - b * s;
+    *x2 = b * c + a * s;
+}
+
+/* Online softmax: fold a block whose max score is `block_max` into the running
+ * (max m, denominator l). Returns the factor the running accumulator must be
+ * multiplied by; the block's scores are then weighted by exp(s - *m). */
+CEPE_HD float cepe_online_softmax_rescale(float *m, float *l, float block_max) {
+    float m_new = *m > block_max ? *m : block_max;
+    float corr = expf(*m - m_new); /* exp(-inf) = 0 on the first block */
+    *l *= corr;
+    *m = m_new;
+    return corr;
+}
+
+#endif /* CEPE_ELEMENTWISE_H */

@@ -1,0 +1,177 @@
+"""Build of cepe's two extensions.
+
+cepe_c     the C core (csrc/) behind a thin CPython module (cepe_c/), linked
+           against a real CPU BLAS and OpenMP. Always built.
+cepe_cuda  kernels/*.cu compiled with nvcc, optional: built when nvcc is
+           found (CUDA_HOME or PATH); a failure or a missing toolkit only
+           prints a warning, so a machine without CUDA still gets the CPU core.
+
+Environment switches
+  CEPE_BLAS=system     link a system CBLAS (-lcblas or CEPE_BLAS_LIBS) instead
+                       of scipy-openblas32 from PyPI
+  CEPE_NATIVE=0        no -march=native (portable binaries, e.g. wheels)
+  CEPE_CUDA=0          never build the CUDA extension; CEPE_CUDA=1: fail if it
+                       cannot be built
+  CEPE_CUDA_WERROR=1   nvcc and host warnings are errors (CI)
+  CEPE_SANITIZE=1      build with AddressSanitizer + UBSan (-O1 -g)
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import numpy as np
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def env_flag(name: str, default: str) -> str:
+    return os.environ.get(name, default).strip().lower()
+
+
+def c_flags() -> list[str]:
+    flags = ["-std=c11", "-fopenmp", "-Wall", "-Wextra", "-Wno-missing-field-initializers"]
+    if env_flag("CEPE_SANITIZE", "0") in ("1", "true", "yes"):
+        flags += ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+                  "-fno-sanitize-recover=undefined"]
+    else:
+        flags += ["-O3"]
+        if env_flag("CEPE_NATIVE", "1") not in ("0", "false", "no"):
+            flags += ["-march=native"]
+    return flags
+
+
+def blas_settings() -> dict[str, list[str]]:
+    if env_flag("CEPE_BLAS", "openblas-pypi") == "system":
+        libs = os.environ.get("CEPE_BLAS_LIBS", "cblas").split(",")
+        return {"define_macros": [("CEPE_SYSTEM_BLAS", "1")], "libraries": libs,
+                "include_dirs": [], "library_dirs": [], "runtime_library_dirs": [],
+                "extra_link_args": []}
+    import scipy_openblas32 as ob  # pinned build requirement
+
+    lib_dir = ob.get_lib_dir()
+    return {
+        "define_macros": [],
+        "include_dirs": [ob.get_include_dir()],
+        "libraries": [ob.get_library()],
+        "library_dirs": [lib_dir],
+        # Installed: the library sits in site-packages/scipy_openblas32/lib,
+        # next to us. In-place builds: the absolute directory.
+        "runtime_library_dirs": [],
+        "extra_link_args": [f"-Wl,-rpath,$ORIGIN/scipy_openblas32/lib", f"-Wl,-rpath,{lib_dir}"],
+    }
+
+
+def core_extension() -> Extension:
+    blas = blas_settings()
+    sources = ["cepe_c/module.c"] + sorted(glob.glob("csrc/**/*.c", recursive=True))
+    link = ["-fopenmp"] + blas["extra_link_args"]
+    if env_flag("CEPE_SANITIZE", "0") in ("1", "true", "yes"):
+        link += ["-fsanitize=address,undefined"]
+    return Extension(
+        "cepe_c",
+        sources=sources,
+        include_dirs=[np.get_include(), "csrc"] + blas["include_dirs"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")] + blas["define_macros"],
+        libraries=blas["libraries"] + ["m"],
+        library_dirs=blas["library_dirs"],
+        extra_compile_args=c_flags(),
+        extra_link_args=link,
+    )
+
+
+def find_nvcc() -> str | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def find_cuda_home(nvcc: str) -> str:
+    """The toolkit root: CUDA_HOME, nvcc's grandparent, or /usr/local/cuda
+    (nvcc on PATH may be a wrapper script elsewhere)."""
+    candidates = [os.environ.get("CUDA_HOME", ""), os.path.dirname(os.path.dirname(os.path.realpath(nvcc))),
+                  "/usr/local/cuda"]
+    for home in candidates:
+        if home and os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    raise RuntimeError(f"cannot find the CUDA toolkit root for {nvcc} (set CUDA_HOME)")
+
+
+def cuda_extension() -> Extension:
+    """cepe_cuda; its kernels/*.cu objects are compiled by BuildExt first."""
+    werror = env_flag("CEPE_CUDA_WERROR", "0") in ("1", "true", "yes")
+    return Extension(
+        "cepe_cuda",
+        sources=["cepe_c/cuda_module.c"],
+        include_dirs=["csrc"],
+        # Static cudart: the module imports on machines without the CUDA
+        # runtime and reports "no driver" instead of failing to load.
+        libraries=["cudart_static", "rt", "dl", "pthread", "stdc++"],
+        extra_compile_args=["-std=c11", "-O2", "-Wall", "-Wextra"] + (["-Werror"] if werror else []),
+    )
+
+
+class BuildExt(build_ext):
+    """Compiles kernels/*.cu with nvcc before the extensions are built; if
+    that is impossible, drops the optional CUDA extension with a warning."""
+
+    def run(self) -> None:
+        mode = env_flag("CEPE_CUDA", "auto")
+        cuda = [e for e in self.extensions if e.name == "cepe_cuda"]
+        if cuda:
+            try:
+                self.prepare_cuda(cuda[0])
+            except Exception as exc:  # noqa: BLE001 - optional part of the build
+                if mode in ("1", "true", "yes", "on"):
+                    raise
+                print(f"cepe: WARNING: CUDA extension not built: {exc}", file=sys.stderr)
+                self.extensions.remove(cuda[0])
+        super().run()
+
+    def prepare_cuda(self, ext: Extension) -> None:
+        nvcc = find_nvcc()
+        if nvcc is None:
+            raise RuntimeError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+        cu_files = sorted(glob.glob(os.path.join(HERE, "kernels", "*.cu")))
+        if not cu_files:
+            raise RuntimeError("no kernels/*.cu to compile")
+        cuda_home = find_cuda_home(nvcc)
+        werror = env_flag("CEPE_CUDA_WERROR", "0") in ("1", "true", "yes")
+        build_dir = os.path.join(self.build_temp, "kernels")
+        os.makedirs(build_dir, exist_ok=True)
+        objects = []
+        for cu in cu_files:
+            obj = os.path.join(build_dir, os.path.basename(cu) + ".o")
+            cmd = [nvcc, "-c", cu, "-o", obj, "-O3", "-std=c++17", "-Icsrc",
+                   "-Xcompiler", "-fPIC,-Wall,-Wextra" + (",-Werror" if werror else ""),
+                   "-gencode", "arch=compute_80,code=sm_80",
+                   "-gencode", "arch=compute_90,code=sm_90",
+                   "-gencode", "arch=compute_90,code=compute_90"]
+            if werror:
+                cmd += ["-Werror", "all-warnings"]
+            print(" ".join(cmd))
+            subprocess.check_call(cmd, cwd=HERE)
+            objects.append(obj)
+        ext.extra_objects = objects
+        ext.include_dirs.append(os.path.join(cuda_home, "include"))
+        ext.library_dirs.append(os.path.join(cuda_home, "lib64"))
+
+
+def extensions() -> list[Extension]:
+    exts = [core_extension()]
+    if env_flag("CEPE_CUDA", "auto") in ("0", "false", "no", "off"):
+        print("cepe: CEPE_CUDA=0, skipping the CUDA extension")
+    else:
+        exts.append(cuda_extension())
+    return exts
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})
