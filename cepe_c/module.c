@@ -248,16 +248,22 @@ static PyObject *Context_forward(ContextObject *self, PyObject *args) {
 }
 
 static PyObject *Context_generate(ContextObject *self, PyObject *args, PyObject *kw) {
-    static char *names[] = {"max_new_tokens", "temperature", "top_k", "top_p", "seed", "eos_token_id",
+    static char *names[] = {"max_new_tokens", "temperature", "top_k", "top_p", "seed", "eos_ids",
                             "pad_token_id", NULL};
     int max_new;
     double temperature = 0.0, top_p = 1.0;
     cepe_sampling s = {0};
     unsigned long long seed = 0;
-    s.eos_token_id = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "i|didKii:generate", names, &max_new, &temperature, &s.top_k,
-                                     &top_p, &seed, &s.eos_token_id, &s.pad_token_id))
+    PyObject *eos_o = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "i|didKOi:generate", names, &max_new, &temperature, &s.top_k,
+                                     &top_p, &seed, &eos_o, &s.pad_token_id))
         return NULL;
+    PyArrayObject *eos = NULL;
+    if (eos_o != Py_None) {
+        if (!(eos = as_array(eos_o, "eos_ids", NPY_INT32, 1))) return NULL;
+        s.eos_ids = (const int32_t *)PyArray_DATA(eos);
+        s.n_eos = (int)PyArray_DIM(eos, 0);
+    }
     if (max_new < 0) return PyErr_Format(PyExc_ValueError, "max_new_tokens must be >= 0, got %d", max_new);
     s.temperature = (float)temperature;
     s.top_p = (float)top_p;
@@ -328,7 +334,7 @@ static PyMethodDef Context_methods[] = {
     {"forward", (PyCFunction)Context_forward, METH_VARARGS,
      "forward(ids, positions, mask, logits_mode): append tokens and run the decoder"},
     {"generate", (PyCFunction)(void (*)(void))Context_generate, METH_VARARGS | METH_KEYWORDS,
-     "generate(max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, pad_token_id)"},
+     "generate(max_new_tokens, temperature, top_k, top_p, seed, eos_ids, pad_token_id)"},
     {"reset", (PyCFunction)Context_reset, METH_NOARGS, "empty the KV cache"},
     {"interrupt", (PyCFunction)Context_interrupt, METH_NOARGS, "ask a running call to stop"},
     {NULL, NULL, 0, NULL},

@@ -104,8 +104,9 @@ typedef struct {
     int top_k;         /* 0 = off */
     float top_p;       /* 1 = off */
     uint64_t seed;
-    int eos_token_id;  /* < 0: none */
-    int pad_token_id;  /* written after a row finished */
+    const int32_t *eos_ids; /* a row stops after emitting any of these */
+    int n_eos;
+    int pad_token_id;       /* written after a row finished */
 } cepe_sampling;
 
 /* Samples up to max_new tokens per row, starting from the logits the last

@@ -92,6 +92,8 @@ cepe_status cepe_ctx_generate(cepe_ctx *x, const cepe_sampling *s, int max_new, 
         return cepe_fail(CEPE_ERR_INVALID_ARG, "temperature must be a finite number >= 0, got %g", (double)s->temperature);
     if (!(s->top_p > 0.0f && s->top_p <= 1.0f))
         return cepe_fail(CEPE_ERR_INVALID_ARG, "top_p must be in (0, 1], got %g", (double)s->top_p);
+    if (s->n_eos < 0 || (s->n_eos > 0 && !s->eos_ids))
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_ctx_generate: bad eos list");
     if (s->top_k < 0) return cepe_fail(CEPE_ERR_INVALID_ARG, "top_k must be >= 0, got %d", s->top_k);
     const int V = x->m->cfg.vocab_size, B = x->B;
     if (s->pad_token_id < 0 || s->pad_token_id >= V)
@@ -109,7 +111,8 @@ cepe_status cepe_ctx_generate(cepe_ctx *x, const cepe_sampling *s, int max_new, 
             if (!x->finished[b]) {
                 const float *lg = x->last_logits + (long)b * V;
                 tok = s->temperature == 0.0f ? argmax(lg, V) : sample(lg, V, s, x->probs, x->cand, &rng);
-                if (tok == s->eos_token_id) x->finished[b] = 1;
+                for (int e = 0; e < s->n_eos; e++)
+                    if (tok == s->eos_ids[e]) x->finished[b] = 1;
             }
             all_done &= x->finished[b];
             out[(long)b * max_new + step] = tok;

@@ -1,0 +1,28 @@
+"""cepe: long-context LLaMA-family models on the CPU (CEPE, E2-LLM), in C.
+
+    import cepe
+    model = cepe.load("path/to/hf-model-dir")
+    logits = model.forward(ids)               # NumPy in, NumPy out
+    new_ids = model.generate(ids, max_new_tokens=32)
+"""
+
+from __future__ import annotations
+
+from .backends import backends
+from .config import DecoderConfig, parse_config
+from .errors import CheckpointError, ConfigError
+from .load import load
+from .model import KVCache, Model
+
+__version__ = "0.1.0"
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DecoderConfig",
+    "KVCache",
+    "Model",
+    "backends",
+    "load",
+    "parse_config",
+    "__version__",
+]

@@ -1,0 +1,206 @@
+"""Parsing an HF LLaMA-family config.json into the decoder's hyper-parameters.
+
+Every problem raises ConfigError (or NotImplementedError for valid settings this
+version does not run) naming the key, so a user can fix the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from .errors import ConfigError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+    sliding_window: int = 0
+    max_position_embeddings: int = 2048
+    model_type: str = "llama"
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def core_kwargs(self) -> dict[str, Any]:
+        """Arguments for cepe_c.Model."""
+        return {
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "sliding_window": self.sliding_window,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("raw")
+        return d
+
+
+def _int(cfg: dict[str, Any], key: str, default: int | None = None, minimum: int = 1) -> int:
+    if key not in cfg or cfg[key] is None:
+        if default is None:
+            raise ConfigError(f"config.json: missing required key {key!r}")
+        return default
+    v = cfg[key]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(f"config.json: {key!r} must be an integer, got {v!r}")
+    if v < minimum:
+        raise ConfigError(f"config.json: {key!r} must be >= {minimum}, got {v}")
+    if v > 2**31 - 1:
+        raise ConfigError(f"config.json: {key!r} is too large: {v}")
+    return v
+
+
+def _float(cfg: dict[str, Any], key: str, default: float) -> float:
+    v = cfg.get(key, default)
+    if v is None:
+        v = default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(f"config.json: {key!r} must be a number, got {v!r}")
+    v = float(v)
+    if not (v > 0.0 and v < float("inf")):
+        raise ConfigError(f"config.json: {key!r} must be a finite number > 0, got {v}")
+    return v
+
+
+def _token_ids(v: Any, key: str) -> tuple[int, ...]:
+    if v is None:
+        return ()
+    items = v if isinstance(v, list) else [v]
+    for t in items:
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise ConfigError(f"config.json: {key!r} must be a token id or a list of them, got {v!r}")
+    return tuple(items)
+
+
+def _rope_theta(cfg: dict[str, Any]) -> float:
+    """rope_theta from transformers 5's rope_parameters or 4's rope_theta/rope_scaling."""
+    params = cfg.get("rope_parameters")
+    scaling = cfg.get("rope_scaling")
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError(f"config.json: 'rope_parameters' must be an object, got {params!r}")
+    if scaling is not None and not isinstance(scaling, dict):
+        raise ConfigError(f"config.json: 'rope_scaling' must be an object or null, got {scaling!r}")
+    for key, block in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if block:
+            rtype = block.get("rope_type", block.get("type", "default"))
+            if rtype != "default":
+                raise NotImplementedError(
+                    f"config.json: {key}.rope_type {rtype!r} is not supported yet (only 'default')"
+                )
+    theta_src = params if params and "rope_theta" in params else cfg
+    theta = _float(theta_src, "rope_theta", 10000.0)
+    if theta <= 1.0:
+        raise ConfigError(f"config.json: 'rope_theta' must be > 1, got {theta}")
+    prf = cfg.get("partial_rotary_factor", (params or {}).get("partial_rotary_factor", 1.0))
+    if prf not in (None, 1, 1.0):
+        raise NotImplementedError(f"config.json: partial_rotary_factor {prf!r} is not supported yet")
+    return theta
+
+
+def parse_config(cfg: Any) -> DecoderConfig:
+    """Validates an HF config dict and returns the decoder's parameters."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"config.json must hold a JSON object, got {type(cfg).__name__}")
+    model_type = cfg.get("model_type", "llama")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"config.json: model_type {model_type!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise NotImplementedError(f"config.json: hidden_act {act!r} is not supported (only 'silu')")
+    for key in ("attention_bias", "mlp_bias"):
+        if cfg.get(key):
+            raise NotImplementedError(f"config.json: {key}=true is not supported (LLaMA has no biases)")
+
+    hidden = _int(cfg, "hidden_size")
+    heads = _int(cfg, "num_attention_heads")
+    kv_heads = _int(cfg, "num_key_value_heads", heads)
+    if heads % kv_heads:
+        raise ConfigError(
+            f"config.json: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})"
+        )
+    if cfg.get("head_dim") is not None:
+        head_dim = _int(cfg, "head_dim")
+    elif hidden % heads:
+        raise ConfigError(
+            f"config.json: hidden_size ({hidden}) is not divisible by num_attention_heads ({heads}) "
+            "and no 'head_dim' is given"
+        )
+    else:
+        head_dim = hidden // heads
+    if head_dim % 2:
+        raise ConfigError(f"config.json: head_dim must be even for RoPE, got {head_dim}")
+    if head_dim > 256:
+        raise NotImplementedError(f"config.json: head_dim {head_dim} is larger than the supported 256")
+
+    tie = cfg.get("tie_word_embeddings", False)
+    if not isinstance(tie, bool):
+        raise ConfigError(f"config.json: 'tie_word_embeddings' must be true or false, got {tie!r}")
+    window = cfg.get("sliding_window") if model_type == "mistral" else None
+    return DecoderConfig(
+        vocab_size=_int(cfg, "vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=_int(cfg, "intermediate_size"),
+        num_hidden_layers=_int(cfg, "num_hidden_layers"),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=_float(cfg, "rms_norm_eps", 1e-6),
+        rope_theta=_rope_theta(cfg),
+        tie_word_embeddings=tie,
+        sliding_window=0 if window is None else _int(cfg, "sliding_window"),
+        max_position_embeddings=_int(cfg, "max_position_embeddings", 2048),
+        model_type=model_type,
+        bos_token_id=(_token_ids(cfg.get("bos_token_id"), "bos_token_id") or (None,))[0],
+        eos_token_id=_token_ids(cfg.get("eos_token_id"), "eos_token_id"),
+        pad_token_id=(_token_ids(cfg.get("pad_token_id"), "pad_token_id") or (None,))[0],
+        raw=cfg,
+    )
+
+
+def read_config(model_dir: str) -> DecoderConfig:
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no config.json in {model_dir}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+    cfg = parse_config(raw)
+    gen_path = os.path.join(model_dir, "generation_config.json")
+    if os.path.exists(gen_path):  # generate()'s defaults, as in transformers
+        try:
+            with open(gen_path, encoding="utf-8") as f:
+                gen = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{gen_path} is not valid JSON: {exc}") from None
+        if isinstance(gen, dict) and gen.get("eos_token_id") is not None:
+            eos = _token_ids(gen["eos_token_id"], "generation_config.eos_token_id")
+            cfg = replace(cfg, eos_token_id=eos)
+    return cfg

@@ -1,0 +1,86 @@
+"""cepe.load: a model directory on disk → a ready cepe.Model."""
+
+from __future__ import annotations
+
+import os
+
+from tqdm.auto import tqdm
+
+import cepe_c
+
+from .config import read_config
+from .errors import CheckpointError
+from .model import Model
+from .safetensors_io import Checkpoint
+
+DEVICES = ("cpu", "cuda")
+# Buffers some checkpoints carry that the math recomputes.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def check_threads(n_threads: object) -> int:
+    if n_threads is None:
+        return default_threads()
+    if isinstance(n_threads, bool) or not isinstance(n_threads, int):
+        raise TypeError(f"n_threads must be an int or None, got {type(n_threads).__name__}")
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+    return n_threads
+
+
+def check_device(device: object) -> str:
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a str ('cpu' or 'cuda'), got {type(device).__name__}")
+    if device not in DEVICES:
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda":
+        from .backends import backends
+
+        info = backends()["cuda"]
+        if not info["built"]:
+            raise RuntimeError(f"device='cuda': the CUDA extension is not built ({info['reason']})")
+        if not info["available"]:
+            raise RuntimeError(f"device='cuda': no usable CUDA device ({info['reason']})")
+        raise NotImplementedError("device='cuda': the CUDA backend's model ops are not implemented yet")
+    return device
+
+
+def load(path: str | os.PathLike[str], *, device: str = "cpu", n_threads: int | None = None) -> Model:
+    """Loads an HF LLaMA-family checkpoint directory (config.json + safetensors).
+
+    float32 tensors are memory-mapped, not copied; fp16/bf16 are widened to
+    float32 once. n_threads (default: the CPUs this process may use) sets the
+    OpenMP team of this model and the process-wide BLAS pool.
+    """
+    device = check_device(device)
+    n = check_threads(n_threads)
+    model_dir = os.fspath(path)
+    if not os.path.exists(model_dir):
+        raise FileNotFoundError(f"no such model directory: {model_dir}")
+    if not os.path.isdir(model_dir):
+        raise NotADirectoryError(f"{model_dir} is not a directory (expected an HF model directory)")
+    cfg = read_config(model_dir)
+    ckpt = Checkpoint(model_dir)
+
+    core = cepe_c.Model(**cfg.core_kwargs(), n_threads=n)
+    names = [nm for nm in ckpt.names() if not nm.endswith(_IGNORED_SUFFIXES)]
+    if cfg.tie_word_embeddings:  # some tied checkpoints still store the copy
+        names = [nm for nm in names if nm != "lm_head.weight"]
+    for name in tqdm(names, desc="loading", unit="tensor", disable=None, leave=False):
+        try:
+            core.bind(name, ckpt.get(name))
+        except ValueError as exc:  # wrong shape or unexpected name, from the core
+            raise CheckpointError(f"{model_dir}: {exc}") from None
+    try:
+        core.finalize()
+    except KeyError as exc:
+        raise CheckpointError(f"{model_dir}: {exc.args[0]}") from None
+    cepe_c.set_blas_threads(n)
+    return Model(core, cfg, n_threads=n, path=model_dir, device=device)

@@ -1,0 +1,239 @@
+"""cepe.Model: NumPy in, NumPy out, over the C core.
+
+Thread-safety: a Model's weights are immutable, and forward()/generate()
+without a cache build their own per-call state, so several threads may call
+one Model at once (the GIL is released while the core computes). A KVCache is
+one request's state: using one from two threads at once raises RuntimeError.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import numpy as np
+
+import cepe_c
+
+from .config import DecoderConfig
+
+_MAX_I32 = 2**31 - 1
+
+
+def _as_ids(input_ids: Any, vocab_size: int) -> tuple[np.ndarray, bool]:
+    """(B, T) int32 C-contiguous ids, and whether the input was 1-D."""
+    ids = np.asarray(input_ids)
+    if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"input_ids must hold integers (int32 or int64), got dtype {ids.dtype}")
+    if ids.ndim not in (1, 2):
+        raise ValueError(f"input_ids must be 1-D (T,) or 2-D (B, T), got shape {ids.shape}")
+    squeeze = ids.ndim == 1
+    if squeeze:
+        ids = ids[None, :]
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must not be empty, got shape {ids.shape}")
+    if ids.size:
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab_size})")
+    return np.ascontiguousarray(ids, dtype=np.int32), squeeze
+
+
+def _as_mask(attention_mask: Any, shape: tuple[int, ...], squeeze: bool) -> np.ndarray | None:
+    if attention_mask is None:
+        return None
+    mask = np.asarray(attention_mask)
+    if mask.dtype != np.bool_ and not np.issubdtype(mask.dtype, np.integer):
+        raise TypeError(f"attention_mask must hold 0/1 integers or booleans, got dtype {mask.dtype}")
+    if squeeze and mask.ndim == 1:
+        mask = mask[None, :]
+    if mask.shape != shape:
+        raise ValueError(f"attention_mask has shape {np.shape(attention_mask)}, input_ids needs {shape}")
+    if mask.size and not np.isin(mask, (0, 1)).all():
+        raise ValueError("attention_mask must hold only 0 and 1")
+    return np.ascontiguousarray(mask, dtype=np.uint8)
+
+
+def _as_positions(position_ids: Any, shape: tuple[int, ...], squeeze: bool) -> np.ndarray | None:
+    if position_ids is None:
+        return None
+    pos = np.asarray(position_ids)
+    if pos.dtype == np.bool_ or not (np.issubdtype(pos.dtype, np.integer) or np.issubdtype(pos.dtype, np.floating)):
+        raise TypeError(f"position_ids must be integers or floats, got dtype {pos.dtype}")
+    if squeeze and pos.ndim == 1:
+        pos = pos[None, :]
+    if pos.shape != shape:
+        raise ValueError(f"position_ids has shape {np.shape(position_ids)}, input_ids needs {shape}")
+    pos = np.ascontiguousarray(pos, dtype=np.float64)
+    if not np.isfinite(pos).all() or (pos < 0).any():
+        raise ValueError("position_ids must be finite and >= 0")
+    return pos
+
+
+class KVCache:
+    """The key/value cache of one request (batch_size rows, up to capacity tokens each).
+
+    Pass it to Model.forward(..., cache=) to decode incrementally: each call
+    appends its tokens and attends to everything cached before them.
+    """
+
+    def __init__(self, model: Model, batch_size: int, capacity: int) -> None:
+        self.model = model
+        self._ctx = cepe_c.Context(model._core, batch_size, capacity)
+
+    @property
+    def batch_size(self) -> int:
+        return self._ctx.batch
+
+    @property
+    def capacity(self) -> int:
+        return self._ctx.capacity
+
+    def __len__(self) -> int:
+        return self._ctx.length
+
+    def reset(self) -> None:
+        self._ctx.reset()
+
+    def __repr__(self) -> str:
+        return f"KVCache(batch_size={self.batch_size}, length={len(self)}, capacity={self.capacity})"
+
+
+class Model:
+    """A loaded decoder. Create with cepe.load()."""
+
+    def __init__(
+        self, core: cepe_c.Model, config: DecoderConfig, *, n_threads: int, path: str, device: str
+    ) -> None:
+        self._core = core
+        self.config = config
+        self.n_threads = n_threads
+        self.path = path
+        self.device = device
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"cepe.Model({os.path.basename(self.path)!r}: {c.model_type}, {c.num_hidden_layers} layers, "
+            f"d={c.hidden_size}, heads={c.num_attention_heads}/{c.num_key_value_heads}, vocab={c.vocab_size}, "
+            f"device={self.device!r}, n_threads={self.n_threads})"
+        )
+
+    def create_cache(self, batch_size: int = 1, capacity: int | None = None) -> KVCache:
+        """An empty KV cache for incremental decoding (capacity defaults to
+        max_position_embeddings)."""
+        for name, v in (("batch_size", batch_size), ("capacity", capacity)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+        cap = self.config.max_position_embeddings if capacity is None else capacity
+        if batch_size < 1 or cap < 1:
+            raise ValueError(f"batch_size and capacity must be >= 1, got {batch_size} and {cap}")
+        return KVCache(self, batch_size, cap)
+
+    def forward(
+        self,
+        input_ids: Any,
+        attention_mask: Any = None,
+        *,
+        position_ids: Any = None,
+        cache: KVCache | None = None,
+        logits: Literal["all", "last"] = "all",
+    ) -> np.ndarray:
+        """float32 logits: (B, T, V) for (B, T) ids, (T, V) for (T,) ids; with
+        logits="last", (B, V) or (V,).
+
+        attention_mask (same shape, 1 = token, 0 = padding) lets a batch mix
+        lengths with left padding; positions then count only real tokens, so
+        each row gives the logits it would give alone. position_ids overrides
+        the RoPE positions (integers or fractions). With `cache`, the tokens
+        are appended to it and attend to what it already holds.
+        """
+        if logits not in ("all", "last"):
+            raise ValueError(f"logits must be 'all' or 'last', got {logits!r}")
+        ids, squeeze = _as_ids(input_ids, self.config.vocab_size)
+        mask = _as_mask(attention_mask, ids.shape, squeeze)
+        pos = _as_positions(position_ids, ids.shape, squeeze)
+        if cache is None:
+            ctx = cepe_c.Context(self._core, ids.shape[0], ids.shape[1])
+        else:
+            if not isinstance(cache, KVCache) or cache.model is not self:
+                raise TypeError("cache must be a KVCache made by this model's create_cache()")
+            if ids.shape[0] != cache.batch_size:
+                raise ValueError(
+                    f"input_ids has batch size {ids.shape[0]}, the cache was made for {cache.batch_size}"
+                )
+            ctx = cache._ctx
+        out = ctx.forward(ids, pos, mask, 2 if logits == "all" else 1)
+        return out[0] if squeeze else out
+
+    __call__ = forward
+
+    def generate(
+        self,
+        input_ids: Any,
+        max_new_tokens: int = 32,
+        *,
+        attention_mask: Any = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+    ) -> np.ndarray:
+        """New token ids, (B, n) for (B, T) input or (n,) for (T,) input.
+
+        Greedy at temperature 0; otherwise samples (top_k, top_p), reproducibly
+        for a given seed. A row stops at an eos token (eos_token_id, default:
+        the model's generation_config/config; [] never stops); finished rows
+        are padded with the pad token. n < max_new_tokens once every row stopped.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
+        temperature = float(temperature)
+        if not (temperature >= 0.0 and np.isfinite(temperature)):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+        top_p = float(top_p)
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little")
+        elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        eos = self._eos_ids(eos_token_id)
+        ids, squeeze = _as_ids(input_ids, self.config.vocab_size)
+        mask = _as_mask(attention_mask, ids.shape, squeeze)
+        B, T = ids.shape
+        if max_new_tokens == 0:
+            out = np.zeros((B, 0), dtype=np.int32)
+            return out[0] if squeeze else out
+        if T + max_new_tokens > _MAX_I32:
+            raise ValueError("prompt plus max_new_tokens is too long")
+        pad = self.config.pad_token_id
+        if pad is None or pad >= self.config.vocab_size:
+            pad = int(eos[0]) if len(eos) else 0
+        ctx = cepe_c.Context(self._core, B, T + max_new_tokens)
+        ctx.forward(ids, None, mask, 0)
+        out = ctx.generate(
+            max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            seed=int(seed) & (2**64 - 1), eos_ids=eos, pad_token_id=pad,
+        )
+        return out[0] if squeeze else out
+
+    def _eos_ids(self, eos_token_id: int | list[int] | None) -> np.ndarray:
+        if eos_token_id is None:
+            items: list[int] = list(self.config.eos_token_id)
+        elif isinstance(eos_token_id, (int, np.integer)) and not isinstance(eos_token_id, bool):
+            items = [int(eos_token_id)]
+        elif isinstance(eos_token_id, (list, tuple)):
+            items = list(eos_token_id)
+        else:
+            raise TypeError(f"eos_token_id must be an int, a list of ints or None, got {eos_token_id!r}")
+        for t in items:
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < self.config.vocab_size:
+                raise ValueError(f"eos_token_id {t!r} is outside the vocabulary [0, {self.config.vocab_size})")
+        return np.asarray(items, dtype=np.int32)
