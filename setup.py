@@ -23,7 +23,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 
 import numpy as np
 from setuptools import Extension, setup
@@ -39,8 +38,13 @@ def env_flag(name: str, default: str) -> str:
 def c_flags() -> list[str]:
     flags = ["-std=c11", "-fopenmp", "-Wall", "-Wextra", "-Wno-missing-field-initializers"]
     if env_flag("CEPE_SANITIZE", "0") in ("1", "true", "yes"):
-        flags += ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
-                  "-fno-sanitize-recover=undefined"]
+        flags += [
+            "-O1",
+            "-g",
+            "-fno-omit-frame-pointer",
+            "-fsanitize=address,undefined",
+            "-fno-sanitize-recover=undefined",
+        ]
     else:
         flags += ["-O3"]
         if env_flag("CEPE_NATIVE", "1") not in ("0", "false", "no"):
@@ -51,9 +55,14 @@ def c_flags() -> list[str]:
 def blas_settings() -> dict[str, list[str]]:
     if env_flag("CEPE_BLAS", "openblas-pypi") == "system":
         libs = os.environ.get("CEPE_BLAS_LIBS", "cblas").split(",")
-        return {"define_macros": [("CEPE_SYSTEM_BLAS", "1")], "libraries": libs,
-                "include_dirs": [], "library_dirs": [], "runtime_library_dirs": [],
-                "extra_link_args": []}
+        return {
+            "define_macros": [("CEPE_SYSTEM_BLAS", "1")],
+            "libraries": libs,
+            "include_dirs": [],
+            "library_dirs": [],
+            "runtime_library_dirs": [],
+            "extra_link_args": [],
+        }
     import scipy_openblas32 as ob  # pinned build requirement
 
     lib_dir = ob.get_lib_dir()
@@ -65,7 +74,7 @@ def blas_settings() -> dict[str, list[str]]:
         # Installed: the library sits in site-packages/scipy_openblas32/lib,
         # next to us. In-place builds: the absolute directory.
         "runtime_library_dirs": [],
-        "extra_link_args": [f"-Wl,-rpath,$ORIGIN/scipy_openblas32/lib", f"-Wl,-rpath,{lib_dir}"],
+        "extra_link_args": ["-Wl,-rpath,$ORIGIN/scipy_openblas32/lib", f"-Wl,-rpath,{lib_dir}"],
     }
 
 
@@ -97,8 +106,11 @@ def find_nvcc() -> str | None:
 def find_cuda_home(nvcc: str) -> str:
     """The toolkit root: CUDA_HOME, nvcc's grandparent, or /usr/local/cuda
     (nvcc on PATH may be a wrapper script elsewhere)."""
-    candidates = [os.environ.get("CUDA_HOME", ""), os.path.dirname(os.path.dirname(os.path.realpath(nvcc))),
-                  "/usr/local/cuda"]
+    candidates = [
+        os.environ.get("CUDA_HOME", ""),
+        os.path.dirname(os.path.dirname(os.path.realpath(nvcc))),
+        "/usr/local/cuda",
+    ]
     for home in candidates:
         if home and os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
             return home
@@ -150,11 +162,24 @@ class BuildExt(build_ext):
         objects = []
         for cu in cu_files:
             obj = os.path.join(build_dir, os.path.basename(cu) + ".o")
-            cmd = [nvcc, "-c", cu, "-o", obj, "-O3", "-std=c++17", "-Icsrc",
-                   "-Xcompiler", "-fPIC,-Wall,-Wextra" + (",-Werror" if werror else ""),
-                   "-gencode", "arch=compute_80,code=sm_80",
-                   "-gencode", "arch=compute_90,code=sm_90",
-                   "-gencode", "arch=compute_90,code=compute_90"]
+            cmd = [
+                nvcc,
+                "-c",
+                cu,
+                "-o",
+                obj,
+                "-O3",
+                "-std=c++17",
+                "-Icsrc",
+                "-Xcompiler",
+                "-fPIC,-Wall,-Wextra" + (",-Werror" if werror else ""),
+                "-gencode",
+                "arch=compute_80,code=sm_80",
+                "-gencode",
+                "arch=compute_90,code=sm_90",
+                "-gencode",
+                "arch=compute_90,code=compute_90",
+            ]
             if werror:
                 cmd += ["-Werror", "all-warnings"]
             print(" ".join(cmd))

@@ -1,9 +1,9 @@
 """cepe: long-context LLaMA-family models on the CPU (CEPE, E2-LLM), in C.
 
-    import cepe
-    model = cepe.load("path/to/hf-model-dir")
-    logits = model.forward(ids)               # NumPy in, NumPy out
-    new_ids = model.generate(ids, max_new_tokens=32)
+import cepe
+model = cepe.load("path/to/hf-model-dir")
+logits = model.forward(ids)               # NumPy in, NumPy out
+new_ids = model.generate(ids, max_new_tokens=32)
 """
 
 from __future__ import annotations

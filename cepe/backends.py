@@ -11,11 +11,19 @@ def _cuda() -> dict[str, Any]:
     try:
         import cepe_cuda
     except ImportError as exc:
-        return {"built": False, "available": False, "devices": 0,
-                "reason": f"the cepe_cuda extension was not built ({exc}); rebuild with nvcc on PATH"}
+        return {
+            "built": False,
+            "available": False,
+            "devices": 0,
+            "reason": f"the cepe_cuda extension was not built ({exc}); rebuild with nvcc on PATH",
+        }
     count, desc = cepe_cuda.probe()
-    info: dict[str, Any] = {"built": True, "runtime_version": cepe_cuda.runtime_version(),
-                            "devices": max(count, 0), "available": count > 0}
+    info: dict[str, Any] = {
+        "built": True,
+        "runtime_version": cepe_cuda.runtime_version(),
+        "devices": max(count, 0),
+        "available": count > 0,
+    }
     info["reason" if count <= 0 else "device"] = desc
     return info
 
@@ -23,7 +31,11 @@ def _cuda() -> dict[str, Any]:
 def backends() -> dict[str, dict[str, Any]]:
     """{'cpu': {...}, 'cuda': {'built', 'available', 'reason' | 'device', ...}}."""
     return {
-        "cpu": {"built": True, "available": True, "blas": cepe_c.blas_info().strip(),
-                "max_threads": cepe_c.max_threads()},
+        "cpu": {
+            "built": True,
+            "available": True,
+            "blas": cepe_c.blas_info().strip(),
+            "max_threads": cepe_c.max_threads(),
+        },
         "cuda": _cuda(),
     }

@@ -127,8 +127,7 @@ def parse_config(cfg: Any) -> DecoderConfig:
     model_type = cfg.get("model_type", "llama")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
-            f"config.json: model_type {model_type!r} is not supported "
-            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            f"config.json: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
     act = cfg.get("hidden_act", "silu")
     if act != "silu":

@@ -44,8 +44,8 @@ def _as_mask(attention_mask: Any, shape: tuple[int, ...], squeeze: bool) -> np.n
     if attention_mask is None:
         return None
     mask = np.asarray(attention_mask)
-    if mask.dtype != np.bool_ and not np.issubdtype(mask.dtype, np.integer):
-        raise TypeError(f"attention_mask must hold 0/1 integers or booleans, got dtype {mask.dtype}")
+    if mask.dtype != np.bool_ and not np.issubdtype(mask.dtype, np.number):
+        raise TypeError(f"attention_mask must hold 0/1 numbers or booleans, got dtype {mask.dtype}")
     if squeeze and mask.ndim == 1:
         mask = mask[None, :]
     if mask.shape != shape:
@@ -103,9 +103,7 @@ class KVCache:
 class Model:
     """A loaded decoder. Create with cepe.load()."""
 
-    def __init__(
-        self, core: cepe_c.Model, config: DecoderConfig, *, n_threads: int, path: str, device: str
-    ) -> None:
+    def __init__(self, core: cepe_c.Model, config: DecoderConfig, *, n_threads: int, path: str, device: str) -> None:
         self._core = core
         self.config = config
         self.n_threads = n_threads
@@ -160,9 +158,7 @@ class Model:
             if not isinstance(cache, KVCache) or cache.model is not self:
                 raise TypeError("cache must be a KVCache made by this model's create_cache()")
             if ids.shape[0] != cache.batch_size:
-                raise ValueError(
-                    f"input_ids has batch size {ids.shape[0]}, the cache was made for {cache.batch_size}"
-                )
+                raise ValueError(f"input_ids has batch size {ids.shape[0]}, the cache was made for {cache.batch_size}")
             ctx = cache._ctx
         out = ctx.forward(ids, pos, mask, 2 if logits == "all" else 1)
         return out[0] if squeeze else out
@@ -219,8 +215,13 @@ class Model:
         ctx = cepe_c.Context(self._core, B, T + max_new_tokens)
         ctx.forward(ids, None, mask, 0)
         out = ctx.generate(
-            max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            seed=int(seed) & (2**64 - 1), eos_ids=eos, pad_token_id=pad,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=int(seed) & (2**64 - 1),
+            eos_ids=eos,
+            pad_token_id=pad,
         )
         return out[0] if squeeze else out
 

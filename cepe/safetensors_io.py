@@ -75,8 +75,7 @@ class SafetensorsFile:
             or not 0 <= offs[0] <= offs[1] <= self.data_size
         ):
             raise CheckpointError(
-                f"{where}: data_offsets {offs!r} fall outside the file's {self.data_size} data bytes "
-                "(truncated file?)"
+                f"{where}: data_offsets {offs!r} fall outside the file's {self.data_size} data bytes (truncated file?)"
             )
         if dtype in _DTYPES:
             want = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize

@@ -16,7 +16,7 @@ cepe_status cepe_fail(cepe_status status, const char *fmt, ...)
 #endif
     ;
 
-/* 64-byte aligned, zero-filled; NULL on overflow or failure. */
+/* Zero-filled; NULL on overflow or failure. */
 void *cepe_calloc(size_t count, size_t size);
 void cepe_free(void *p);
 

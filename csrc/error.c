@@ -33,13 +33,11 @@ const char *cepe_status_name(cepe_status s) {
 }
 
 void *cepe_calloc(size_t count, size_t size) {
-    size_t bytes = cepe_mul_size(count, size);
-    if (bytes == SIZE_MAX) return NULL;
-    if (bytes == 0) bytes = 64;
-    bytes = (bytes + 63) & ~(size_t)63; /* aligned_alloc wants a multiple */
-    void *p = aligned_alloc(64, bytes);
-    if (p) memset(p, 0, bytes);
-    return p;
+    /* calloc, not malloc + memset: large blocks come zeroed from mmap and are
+     * only backed by RAM when touched, so an oversized KV cache request fails
+     * here (MemoryError) or costs nothing until used. */
+    if (cepe_mul_size(count, size) == SIZE_MAX) return NULL;
+    return calloc(count ? count : 1, size ? size : 1);
 }
 
 void cepe_free(void *p) { free(p); }

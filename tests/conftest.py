@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny random LLaMA-family models built with transformers
+(the independent oracle) and saved to temporary HF model directories."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+BASE = dict(
+    vocab_size=97,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def build_hf_model(model_type: str = "llama", seed: int = 0, **overrides):
+    """A random transformers model with weights large enough that every layer
+    matters (the default init of 0.02 makes tiny models nearly linear)."""
+    cfg_cls = transformers.MistralConfig if model_type == "mistral" else transformers.LlamaConfig
+    model_cls = transformers.MistralForCausalLM if model_type == "mistral" else transformers.LlamaForCausalLM
+    kw = {**BASE, **overrides}
+    torch.manual_seed(seed)
+    cfg = cfg_cls(**kw)
+    cfg.initializer_range = 0.15
+    model = model_cls(cfg).eval()
+    with torch.no_grad():  # norms away from 1 so their weights are tested
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def save_model(model, path: str, dtype=None, max_shard_size=None) -> str:
+    kw = {}
+    if max_shard_size:
+        kw["max_shard_size"] = max_shard_size
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(path, **kw)
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_factory(tmp_path_factory):
+    """make(name, model_type=..., dtype=..., shard=..., **config) -> (dir, hf fp32 model)."""
+    cache: dict = {}
+
+    def make(name: str, model_type: str = "llama", dtype=None, max_shard_size=None, **overrides):
+        if name in cache:
+            return cache[name]
+        hf = build_hf_model(model_type, **overrides)
+        path = str(tmp_path_factory.mktemp(name))
+        save_model(hf, path, dtype=dtype, max_shard_size=max_shard_size)
+        if dtype is not None:  # the oracle reads the same rounded weights, in fp32
+            hf = type(hf).from_pretrained(path, dtype=torch.float32).eval()
+        cache[name] = (path, hf)
+        return cache[name]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny(model_factory):
+    return model_factory("tiny")
+
+
+def hf_logits(hf, ids, attention_mask=None, position_ids=None) -> np.ndarray:
+    with torch.no_grad():
+        kw = {}
+        if attention_mask is not None:
+            kw["attention_mask"] = torch.as_tensor(attention_mask)
+        if position_ids is not None:
+            kw["position_ids"] = torch.as_tensor(position_ids)
+        return hf(torch.as_tensor(np.atleast_2d(ids)), **kw).logits.float().numpy()
+
+
+def random_ids(rng: np.random.Generator, shape, vocab: int = BASE["vocab_size"]) -> np.ndarray:
+    return rng.integers(3, vocab, size=shape, dtype=np.int64)
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
