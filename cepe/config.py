@@ -34,7 +34,16 @@ class DecoderConfig:
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    # CEPE (LlamaForCausalContextLM): cross-attention in the last
+    # num_cross_attn_layers layers, reading encoder states of encoder_hidden_size.
+    num_cross_attn_layers: int = 0
+    encoder_hidden_size: int = 0
+    encoder: DecoderConfig | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def is_cepe(self) -> bool:
+        return self.num_cross_attn_layers > 0
 
     def core_kwargs(self) -> dict[str, Any]:
         """Arguments for cepe_c.Model."""
@@ -50,11 +59,15 @@ class DecoderConfig:
             "rope_theta": self.rope_theta,
             "tie_word_embeddings": self.tie_word_embeddings,
             "sliding_window": self.sliding_window,
+            "num_cross_attn_layers": self.num_cross_attn_layers,
+            "encoder_hidden_size": self.encoder_hidden_size,
         }
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("raw")
+        if self.encoder is not None:
+            d["encoder"] = self.encoder.to_dict()
         return d
 
 
@@ -120,8 +133,46 @@ def _rope_theta(cfg: dict[str, Any]) -> float:
     return theta
 
 
+def _parse_cepe(cfg: dict[str, Any], hidden: int) -> dict[str, Any]:
+    """CEPE's keys on top of LlamaConfig (spec §1.2); {} for a plain decoder."""
+    do_cross = cfg.get("do_cross_attention", False)
+    if not isinstance(do_cross, bool):
+        raise ConfigError(f"config.json: 'do_cross_attention' must be true or false, got {do_cross!r}")
+    if not do_cross:
+        return {}
+    n_layers = _int(cfg, "num_hidden_layers")
+    n_cross = _int(cfg, "num_cross_attn_layers", 0, minimum=0)
+    if n_cross > n_layers:
+        raise ConfigError(f"config.json: num_cross_attn_layers ({n_cross}) exceeds num_hidden_layers ({n_layers})")
+    n_states = _int(cfg, "num_cross_attn_hidden_states", 1)
+    if n_states != 1:
+        raise NotImplementedError(
+            f"config.json: num_cross_attn_hidden_states={n_states} is not supported (only 1: every cross-attention "
+            "layer reads the encoder's final hidden state)"
+        )
+    if cfg.get("encoder_is_model"):
+        raise NotImplementedError("config.json: encoder_is_model=true (the decoder as its own encoder) is not supported")
+    mode = cfg.get("encode_mode", "context_only")
+    if mode != "context_only":
+        raise NotImplementedError(f"config.json: encode_mode {mode!r} is not supported (only 'context_only')")
+    enc_raw = cfg.get("encoder_config")
+    if not isinstance(enc_raw, dict):
+        raise ConfigError("config.json: do_cross_attention is true but 'encoder_config' is missing or not an object")
+    try:
+        encoder = parse_config({**enc_raw, "do_cross_attention": False})
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("config.json: ", "config.json: encoder_config.", 1)) from None
+    d_enc = _int(cfg, "encoder_hidden_size", hidden)
+    if n_cross and d_enc != encoder.hidden_size:
+        raise ConfigError(
+            f"config.json: encoder_hidden_size ({d_enc}) differs from encoder_config.hidden_size "
+            f"({encoder.hidden_size})"
+        )
+    return {"num_cross_attn_layers": n_cross, "encoder_hidden_size": d_enc, "encoder": encoder}
+
+
 def parse_config(cfg: Any) -> DecoderConfig:
-    """Validates an HF config dict and returns the decoder's parameters."""
+    """Validates an HF config dict (LLaMA, Mistral or CEPE) and returns the model's parameters."""
     if not isinstance(cfg, dict):
         raise ConfigError(f"config.json must hold a JSON object, got {type(cfg).__name__}")
     model_type = cfg.get("model_type", "llama")
@@ -178,6 +229,7 @@ def parse_config(cfg: Any) -> DecoderConfig:
         bos_token_id=(_token_ids(cfg.get("bos_token_id"), "bos_token_id") or (None,))[0],
         eos_token_id=_token_ids(cfg.get("eos_token_id"), "eos_token_id"),
         pad_token_id=(_token_ids(cfg.get("pad_token_id"), "pad_token_id") or (None,))[0],
+        **_parse_cepe(cfg, hidden),
         raw=cfg,
     )
 

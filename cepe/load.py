@@ -69,7 +69,8 @@ def load(path: str | os.PathLike[str], *, device: str = "cpu", n_threads: int | 
     cfg = read_config(model_dir)
     ckpt = Checkpoint(model_dir)
 
-    core = cepe_c.Model(**cfg.core_kwargs(), n_threads=n)
+    encoder = cfg.encoder.core_kwargs() if cfg.encoder is not None else None
+    core = cepe_c.Model(cfg.core_kwargs(), encoder, n_threads=n)
     names = [nm for nm in ckpt.names() if not nm.endswith(_IGNORED_SUFFIXES)]
     if cfg.tie_word_embeddings:  # some tied checkpoints still store the copy
         names = [nm for nm in names if nm != "lm_head.weight"]

@@ -12,6 +12,7 @@ import os
 from typing import Any, Literal
 
 import numpy as np
+from tqdm.auto import tqdm
 
 import cepe_c
 
@@ -71,11 +72,43 @@ def _as_positions(position_ids: Any, shape: tuple[int, ...], squeeze: bool) -> n
     return pos
 
 
+def _as_chunks(encoder_input_ids: Any, vocab_size: int) -> tuple[np.ndarray, bool]:
+    """(B, n_ctx, L) int32 chunk ids, and whether the input was (n_ctx, L)."""
+    ids = np.asarray(encoder_input_ids)
+    if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"encoder_input_ids must hold integers, got dtype {ids.dtype}")
+    if ids.ndim not in (2, 3):
+        raise ValueError(f"encoder_input_ids must be (n_ctx, L) or (B, n_ctx, L), got shape {ids.shape}")
+    squeeze = ids.ndim == 2
+    if squeeze:
+        ids = ids[None]
+    if 0 in ids.shape:
+        raise ValueError(f"encoder_input_ids must not be empty, got shape {np.shape(encoder_input_ids)}")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"encoder_input_ids holds token id {bad}, outside the encoder vocabulary [0, {vocab_size})")
+    return np.ascontiguousarray(ids, dtype=np.int32), squeeze
+
+
+def _as_context_mask(mask: Any, shape: tuple[int, ...], name: str = "encoder_attention_mask") -> np.ndarray:
+    m = np.asarray(mask)
+    if m.dtype != np.bool_ and not np.issubdtype(m.dtype, np.number):
+        raise TypeError(f"{name} must hold 0/1 numbers or booleans, got dtype {m.dtype}")
+    if m.shape != shape and m.shape != shape[1:]:
+        raise ValueError(f"{name} has shape {m.shape}, expected {shape}")
+    if m.size and not np.isin(m, (0, 1)).all():
+        raise ValueError(f"{name} must hold only 0 and 1")
+    return np.ascontiguousarray(m.reshape(shape), dtype=np.uint8)
+
+
 class KVCache:
     """The key/value cache of one request (batch_size rows, up to capacity tokens each).
 
     Pass it to Model.forward(..., cache=) to decode incrementally: each call
-    appends its tokens and attends to everything cached before them.
+    appends its tokens and attends to everything cached before them. A CEPE
+    context passed with one call stays attached to the cache for the later
+    calls (until another context is passed; reset() keeps it).
     """
 
     def __init__(self, model: Model, batch_size: int, capacity: int) -> None:
@@ -129,6 +162,95 @@ class Model:
             raise ValueError(f"batch_size and capacity must be >= 1, got {batch_size} and {cap}")
         return KVCache(self, batch_size, cap)
 
+    # ------------------------------------------------------------------ CEPE
+    cross_kv_budget_bytes: int = 2 << 30
+    """Cross-attention K/V are projected once per context and kept while they
+    fit this budget; beyond it they are recomputed at every call (identical
+    results, far less memory). Override per call with keep_cross_kv=."""
+
+    def encode(self, encoder_input_ids: Any, encoder_attention_mask: Any = None) -> np.ndarray:
+        """Runs the CEPE encoder: (B, n_ctx, L) chunk ids -> (B, n_ctx*L, d_enc)
+        float32 (final-normed states, chunks concatenated in order); (n_ctx, L)
+        -> (n_ctx*L, d_enc). Each chunk is encoded on its own, bidirectionally,
+        with RoPE positions 0..L-1 and its padded tokens (mask 0) not attended."""
+        enc = self.config.encoder
+        if enc is None:
+            raise ValueError("this model has no CEPE encoder (config.json has no encoder_config)")
+        ids, squeeze = _as_chunks(encoder_input_ids, enc.vocab_size)
+        B, n_ctx, L = ids.shape
+        mask = None if encoder_attention_mask is None else _as_context_mask(encoder_attention_mask, ids.shape)
+        flat = ids.reshape(B * n_ctx, L)
+        flat_mask = None if mask is None else mask.reshape(B * n_ctx, L)
+        out = np.empty((B * n_ctx, L, enc.hidden_size), dtype=np.float32)
+        step = max(1, 8192 // L)  # chunks per core call: a progress tick and a Ctrl-C point
+        starts = range(0, B * n_ctx, step)
+        with tqdm(total=B * n_ctx, desc="encoding", unit="chunk", disable=None if len(starts) > 8 else True,
+                  leave=False) as bar:
+            for c0 in starts:
+                sl = slice(c0, c0 + step)
+                out[sl] = self._core.encode(flat[sl], None if flat_mask is None else flat_mask[sl])
+                bar.update(out[sl].shape[0])
+        out = out.reshape(B, n_ctx * L, enc.hidden_size)
+        return out[0] if squeeze else out
+
+    def _context(
+        self, B: int, squeeze: bool, encoder_input_ids: Any, encoder_attention_mask: Any, encoder_hidden_states: Any
+    ) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """The (states (B, N, d_enc), mask (B, N) | None) a call attends to, or None."""
+        if encoder_input_ids is None and encoder_hidden_states is None:
+            if encoder_attention_mask is not None:
+                raise ValueError("encoder_attention_mask given without encoder_input_ids or encoder_hidden_states")
+            return None
+        if encoder_input_ids is not None and encoder_hidden_states is not None:
+            raise ValueError("pass either encoder_input_ids or encoder_hidden_states, not both")
+        if not self.config.is_cepe:
+            raise ValueError("this model has no cross-attention layers (not a CEPE checkpoint): it cannot take a context")
+        if encoder_input_ids is not None:
+            chunks, one = _as_chunks(encoder_input_ids, self.config.encoder.vocab_size if self.config.encoder else 1)
+            if one and not squeeze and B != 1:
+                raise ValueError(f"encoder_input_ids of shape (n_ctx, L) needs a single row of input_ids, got {B}")
+            if chunks.shape[0] != B:
+                raise ValueError(f"encoder_input_ids has batch size {chunks.shape[0]}, input_ids has {B}")
+            mask = None
+            if encoder_attention_mask is not None:
+                mask = _as_context_mask(encoder_attention_mask, chunks.shape)
+            states = self.encode(chunks, mask)
+            return states, None if mask is None else mask.reshape(B, -1)
+        states = np.asarray(encoder_hidden_states)
+        if states.ndim == 2:
+            states = states[None]
+        if states.ndim != 3 or states.shape[0] != B or states.shape[2] != self.config.encoder_hidden_size:
+            raise ValueError(
+                f"encoder_hidden_states has shape {np.shape(encoder_hidden_states)}, expected "
+                f"({B}, N, {self.config.encoder_hidden_size})"
+            )
+        if states.shape[1] == 0:
+            raise ValueError("encoder_hidden_states must hold at least one context token")
+        if not np.issubdtype(states.dtype, np.floating):
+            raise TypeError(f"encoder_hidden_states must be floating point, got dtype {states.dtype}")
+        states = np.ascontiguousarray(states, dtype=np.float32)
+        if not np.isfinite(states).all():
+            raise ValueError("encoder_hidden_states holds NaN or Inf")
+        mask = None
+        if encoder_attention_mask is not None:
+            m = np.asarray(encoder_attention_mask)
+            mask = _as_context_mask(m.reshape(m.shape[0], -1) if m.ndim == 3 else m, states.shape[:2])
+        return states, mask
+
+    def _keep_cross_kv(self, B: int, N: int, keep_cross_kv: bool | None) -> bool:
+        if keep_cross_kv is not None:
+            return bool(keep_cross_kv)
+        c = self.config
+        kv_bytes = c.num_cross_attn_layers * B * N * c.num_key_value_heads * c.head_dim * 8
+        return kv_bytes <= self.cross_kv_budget_bytes
+
+    def _attach(self, ctx: cepe_c.Context, context: tuple[np.ndarray, np.ndarray | None] | None,
+                keep_cross_kv: bool | None) -> None:
+        if context is not None:
+            states, mask = context
+            ctx.set_context(states, mask, self._keep_cross_kv(states.shape[0], states.shape[1], keep_cross_kv))
+
+    # --------------------------------------------------------------- decoding
     def forward(
         self,
         input_ids: Any,
@@ -137,6 +259,10 @@ class Model:
         position_ids: Any = None,
         cache: KVCache | None = None,
         logits: Literal["all", "last"] = "all",
+        encoder_input_ids: Any = None,
+        encoder_attention_mask: Any = None,
+        encoder_hidden_states: Any = None,
+        keep_cross_kv: bool | None = None,
     ) -> np.ndarray:
         """float32 logits: (B, T, V) for (B, T) ids, (T, V) for (T,) ids; with
         logits="last", (B, V) or (V,).
@@ -146,6 +272,12 @@ class Model:
         each row gives the logits it would give alone. position_ids overrides
         the RoPE positions (integers or fractions). With `cache`, the tokens
         are appended to it and attend to what it already holds.
+
+        CEPE context: encoder_input_ids (B, n_ctx, L) chunks (with
+        encoder_attention_mask, 1 = real token) are encoded once and attended
+        by every cross-attention layer; or pass encoder_hidden_states
+        (B, N, d_enc) from encode(). Without either, a CEPE model is exactly
+        its base decoder.
         """
         if logits not in ("all", "last"):
             raise ValueError(f"logits must be 'all' or 'last', got {logits!r}")
@@ -158,12 +290,65 @@ class Model:
             if not isinstance(cache, KVCache) or cache.model is not self:
                 raise TypeError("cache must be a KVCache made by this model's create_cache()")
             if ids.shape[0] != cache.batch_size:
-                raise ValueError(f"input_ids has batch size {ids.shape[0]}, the cache was made for {cache.batch_size}")
+                raise ValueError(
+                    f"input_ids has batch size {ids.shape[0]}, the cache was made for {cache.batch_size}"
+                )
             ctx = cache._ctx
+        context = self._context(ids.shape[0], squeeze, encoder_input_ids, encoder_attention_mask,
+                                encoder_hidden_states)
+        self._attach(ctx, context, keep_cross_kv)
         out = ctx.forward(ids, pos, mask, 2 if logits == "all" else 1)
         return out[0] if squeeze else out
 
     __call__ = forward
+
+    def perplexity(
+        self,
+        input_ids: Any,
+        attention_mask: Any = None,
+        *,
+        eval_window: int | None = None,
+        encoder_input_ids: Any = None,
+        encoder_attention_mask: Any = None,
+        encoder_hidden_states: Any = None,
+        keep_cross_kv: bool | None = None,
+    ) -> float:
+        """exp(mean over rows of the mean next-token cross-entropy) on the last
+        eval_window tokens of each row (all of them by default): CEPE's LM
+        evaluation protocol. Logits are produced in slices, so long inputs do
+        not hold a (T, V) array."""
+        ids, squeeze = _as_ids(input_ids, self.config.vocab_size)
+        mask = _as_mask(attention_mask, ids.shape, squeeze)
+        B, T = ids.shape
+        if T < 2:
+            raise ValueError("perplexity needs at least 2 tokens per row")
+        if eval_window is None:
+            eval_window = T - 1
+        if isinstance(eval_window, bool) or not isinstance(eval_window, int) or not 1 <= eval_window <= T - 1:
+            raise ValueError(f"eval_window must be an int in [1, {T - 1}], got {eval_window!r}")
+        cache = self.create_cache(B, T)
+        context = self._context(B, squeeze, encoder_input_ids, encoder_attention_mask, encoder_hidden_states)
+        self._attach(cache._ctx, context, keep_cross_kv)
+        first_target = T - eval_window  # targets t in [first_target, T), predicted at t - 1
+        nll = np.zeros(B, dtype=np.float64)
+        count = np.zeros(B, dtype=np.int64)
+        step = 256
+        for t0 in range(0, T - 1, step):
+            t1 = min(T - 1, t0 + step)  # logits at positions [t0, t1) predict targets [t0+1, t1+1)
+            sl_mask = None if mask is None else mask[:, t0:t1]
+            lg = cache._ctx.forward(ids[:, t0:t1], None, sl_mask, 2).astype(np.float64)
+            targets = ids[:, t0 + 1 : t1 + 1]
+            keep = np.arange(t0 + 1, t1 + 1)[None, :] >= first_target
+            if mask is not None:
+                keep = keep & (mask[:, t0:t1] == 1) & (mask[:, t0 + 1 : t1 + 1] == 1)
+            mx = lg.max(axis=-1, keepdims=True)
+            lse = np.log(np.exp(lg - mx).sum(axis=-1)) + mx[..., 0]
+            tok = np.take_along_axis(lg, targets[..., None].astype(np.int64), axis=-1)[..., 0]
+            nll += np.where(keep, lse - tok, 0.0).sum(axis=1)
+            count += keep.sum(axis=1)
+        if (count == 0).any():
+            raise ValueError("a row has no real tokens in its evaluation window")
+        return float(np.exp(np.mean(nll / count)))
 
     def generate(
         self,
@@ -176,6 +361,10 @@ class Model:
         top_p: float = 1.0,
         seed: int | None = None,
         eos_token_id: int | list[int] | None = None,
+        encoder_input_ids: Any = None,
+        encoder_attention_mask: Any = None,
+        encoder_hidden_states: Any = None,
+        keep_cross_kv: bool | None = None,
     ) -> np.ndarray:
         """New token ids, (B, n) for (B, T) input or (n,) for (T,) input.
 
@@ -183,6 +372,8 @@ class Model:
         for a given seed. A row stops at an eos token (eos_token_id, default:
         the model's generation_config/config; [] never stops); finished rows
         are padded with the pad token. n < max_new_tokens once every row stopped.
+        The CEPE context arguments are those of forward(); the encoder runs
+        once per call.
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
             raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
@@ -204,15 +395,17 @@ class Model:
         ids, squeeze = _as_ids(input_ids, self.config.vocab_size)
         mask = _as_mask(attention_mask, ids.shape, squeeze)
         B, T = ids.shape
+        if T + max_new_tokens > _MAX_I32:
+            raise ValueError("prompt plus max_new_tokens is too long")
+        context = self._context(B, squeeze, encoder_input_ids, encoder_attention_mask, encoder_hidden_states)
         if max_new_tokens == 0:
             out = np.zeros((B, 0), dtype=np.int32)
             return out[0] if squeeze else out
-        if T + max_new_tokens > _MAX_I32:
-            raise ValueError("prompt plus max_new_tokens is too long")
         pad = self.config.pad_token_id
         if pad is None or pad >= self.config.vocab_size:
             pad = int(eos[0]) if len(eos) else 0
         ctx = cepe_c.Context(self._core, B, T + max_new_tokens)
+        self._attach(ctx, context, keep_cross_kv)
         ctx.forward(ids, None, mask, 0)
         out = ctx.generate(
             max_new_tokens,

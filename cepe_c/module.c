@@ -16,10 +16,14 @@
 #include <numpy/arrayobject.h>
 
 #include "../csrc/cepe.h"
+#include "errors.h"
+
+/* rope_bindings.c: rope_frequencies, e2llm_positions. */
+extern PyMethodDef cepe_rope_methods[];
 
 /* ------------------------------------------------------------------ errors */
 
-static PyObject *raise_status(cepe_status st) {
+PyObject *raise_status(cepe_status st) {
     PyObject *type = PyExc_RuntimeError;
     switch (st) {
     case CEPE_ERR_INVALID_ARG: type = PyExc_ValueError; break;
@@ -77,26 +81,64 @@ static void Model_dealloc(ModelObject *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
-    static char *names[] = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                            "num_attention_heads", "num_key_value_heads", "head_dim",
-                            "rms_norm_eps", "rope_theta", "tie_word_embeddings", "sliding_window",
-                            "n_threads", NULL};
-    cepe_config c = {0};
-    int tie = 0, n_threads = 1;
-    double eps = 0.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiiiiiidd|pii:Model", names, &c.vocab_size,
-                                     &c.hidden_size, &c.intermediate_size, &c.n_layers, &c.n_heads,
-                                     &c.n_kv_heads, &c.head_dim, &eps, &c.rope_theta, &tie,
-                                     &c.sliding_window, &n_threads))
+/* Reads a config dict's keys (those of cepe.config.DecoderConfig.core_kwargs). */
+static int config_from_dict(PyObject *d, cepe_config *c, const char *what) {
+    if (!PyDict_Check(d)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a dict", what);
         return -1;
-    c.rms_norm_eps = (float)eps;
-    c.tie_word_embeddings = tie;
+    }
+    struct {
+        const char *key;
+        int *dst;
+        int required;
+    } ints[] = {
+        {"vocab_size", &c->vocab_size, 1}, {"hidden_size", &c->hidden_size, 1},
+        {"intermediate_size", &c->intermediate_size, 1}, {"num_hidden_layers", &c->n_layers, 1},
+        {"num_attention_heads", &c->n_heads, 1}, {"num_key_value_heads", &c->n_kv_heads, 1},
+        {"head_dim", &c->head_dim, 1}, {"tie_word_embeddings", &c->tie_word_embeddings, 0},
+        {"sliding_window", &c->sliding_window, 0}, {"num_cross_attn_layers", &c->n_cross_layers, 0},
+        {"encoder_hidden_size", &c->encoder_hidden_size, 0},
+    };
+    for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++) {
+        PyObject *v = PyDict_GetItemString(d, ints[i].key); /* borrowed */
+        if (!v) {
+            if (ints[i].required) {
+                PyErr_Format(PyExc_KeyError, "%s: missing key %s", what, ints[i].key);
+                return -1;
+            }
+            continue;
+        }
+        long x = PyLong_AsLong(v);
+        if (x == -1 && PyErr_Occurred()) return -1;
+        if (x < INT32_MIN || x > INT32_MAX) {
+            PyErr_Format(PyExc_ValueError, "%s: %s is out of range", what, ints[i].key);
+            return -1;
+        }
+        *ints[i].dst = (int)x;
+    }
+    PyObject *eps = PyDict_GetItemString(d, "rms_norm_eps"), *theta = PyDict_GetItemString(d, "rope_theta");
+    if (!eps || !theta) {
+        PyErr_Format(PyExc_KeyError, "%s: missing key %s", what, eps ? "rope_theta" : "rms_norm_eps");
+        return -1;
+    }
+    c->rms_norm_eps = (float)PyFloat_AsDouble(eps);
+    c->rope_theta = PyFloat_AsDouble(theta);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
+    static char *names[] = {"decoder", "encoder", "n_threads", NULL};
+    PyObject *dec, *enc = Py_None;
+    int n_threads = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|Oi:Model", names, &dec, &enc, &n_threads)) return -1;
+    cepe_config c = {0}, ec = {0};
+    if (config_from_dict(dec, &c, "decoder config") < 0) return -1;
+    if (enc != Py_None && config_from_dict(enc, &ec, "encoder config") < 0) return -1;
     if (self->model) {
         PyErr_SetString(PyExc_RuntimeError, "Model.__init__ called twice");
         return -1;
     }
-    cepe_status st = cepe_model_create(&c, n_threads, &self->model);
+    cepe_status st = cepe_model_create(&c, enc != Py_None ? &ec : NULL, n_threads, &self->model);
     if (st) {
         raise_status(st);
         return -1;
@@ -104,6 +146,39 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
     self->n_threads = n_threads;
     self->weights = PyList_New(0);
     return self->weights ? 0 : -1;
+}
+
+/* encode(ids int32 (n, L), mask uint8 (n, L) | None) -> float32 (n, L, d_enc) */
+static PyObject *Model_encode(ModelObject *self, PyObject *args) {
+    PyObject *ids_o, *mask_o = Py_None;
+    if (!PyArg_ParseTuple(args, "O|O:encode", &ids_o, &mask_o)) return NULL;
+    PyArrayObject *ids = as_array(ids_o, "encoder_input_ids", NPY_INT32, 2), *mask = NULL;
+    if (!ids) return NULL;
+    if (mask_o != Py_None) {
+        if (!(mask = as_array(mask_o, "encoder_attention_mask", NPY_UINT8, 2))) return NULL;
+        if (!PyArray_SAMESHAPE(mask, ids))
+            return PyErr_Format(PyExc_ValueError, "encoder_attention_mask must have the shape of encoder_input_ids");
+    }
+    const npy_intp n = PyArray_DIM(ids, 0), L = PyArray_DIM(ids, 1);
+    if (n < 1 || L < 1 || n > INT32_MAX || L > INT32_MAX)
+        return PyErr_Format(PyExc_ValueError, "encoder_input_ids must hold at least one chunk of one token");
+    int d_enc = 0;
+    if (self->model) {
+        const cepe_config *c = cepe_model_config(self->model);
+        d_enc = c->encoder_hidden_size > 0 ? c->encoder_hidden_size : c->hidden_size;
+    }
+    npy_intp dims[3] = {n, L, d_enc};
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(3, dims, NPY_FLOAT32);
+    if (!out) return NULL;
+    cepe_status st;
+    Py_BEGIN_ALLOW_THREADS st = cepe_model_encode(self->model, (const int32_t *)PyArray_DATA(ids),
+                                                  mask ? (const uint8_t *)PyArray_DATA(mask) : NULL, (int)n,
+                                                  (int)L, (float *)PyArray_DATA(out));
+    Py_END_ALLOW_THREADS if (st) {
+        Py_DECREF(out);
+        return raise_status(st);
+    }
+    return (PyObject *)out;
 }
 
 static PyObject *Model_bind(ModelObject *self, PyObject *args) {
@@ -131,6 +206,7 @@ static PyObject *Model_finalize(ModelObject *self, PyObject *Py_UNUSED(ignored))
 static PyMethodDef Model_methods[] = {
     {"bind", (PyCFunction)Model_bind, METH_VARARGS, "bind(name, float32 array): attach one weight by its HF name"},
     {"finalize", (PyCFunction)Model_finalize, METH_NOARGS, "check that every weight is bound"},
+    {"encode", (PyCFunction)Model_encode, METH_VARARGS, "encode(ids, mask): run the CEPE encoder over chunks"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -151,11 +227,13 @@ typedef struct {
     PyObject_HEAD
     cepe_ctx *ctx;
     ModelObject *model;
+    PyObject *states; /* the attached CEPE context array (kept alive), or NULL */
     int busy; /* guarded by the GIL: set before releasing it */
 } ContextObject;
 
 static void Context_dealloc(ContextObject *self) {
     cepe_ctx_free(self->ctx);
+    Py_XDECREF(self->states);
     Py_XDECREF(self->model);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -301,6 +379,44 @@ static PyObject *Context_generate(ContextObject *self, PyObject *args, PyObject 
     return (PyObject *)res;
 }
 
+/* set_context(states float32 (B, N, d_enc) | None, mask uint8 (B, N) | None, keep_kv bool) */
+static PyObject *Context_set_context(ContextObject *self, PyObject *args) {
+    PyObject *st_o, *mask_o;
+    int keep = 1;
+    if (!PyArg_ParseTuple(args, "OO|p:set_context", &st_o, &mask_o, &keep)) return NULL;
+    PyArrayObject *states = NULL, *mask = NULL;
+    int N = 0;
+    if (st_o != Py_None) {
+        if (!(states = as_array(st_o, "encoder_hidden_states", NPY_FLOAT32, 3))) return NULL;
+        const cepe_config *c = cepe_model_config(self->model->model);
+        if (PyArray_DIM(states, 0) != cepe_ctx_batch(self->ctx) || PyArray_DIM(states, 2) != c->encoder_hidden_size)
+            return PyErr_Format(PyExc_ValueError,
+                                "encoder_hidden_states has shape (%zd, %zd, %zd), expected (%d, N, %d)",
+                                (Py_ssize_t)PyArray_DIM(states, 0), (Py_ssize_t)PyArray_DIM(states, 1),
+                                (Py_ssize_t)PyArray_DIM(states, 2), cepe_ctx_batch(self->ctx), c->encoder_hidden_size);
+        if (PyArray_DIM(states, 1) > INT32_MAX) return PyErr_Format(PyExc_ValueError, "context too long");
+        N = (int)PyArray_DIM(states, 1);
+        if (mask_o != Py_None) {
+            if (!(mask = as_array(mask_o, "encoder_attention_mask", NPY_UINT8, 2))) return NULL;
+            if (PyArray_DIM(mask, 0) != PyArray_DIM(states, 0) || PyArray_DIM(mask, 1) != N)
+                return PyErr_Format(PyExc_ValueError, "encoder_attention_mask must have shape (%d, %d)",
+                                    cepe_ctx_batch(self->ctx), N);
+        }
+    }
+    if (claim(self) < 0) return NULL;
+    cepe_status s;
+    Py_BEGIN_ALLOW_THREADS s = cepe_ctx_set_context(self->ctx, states ? (const float *)PyArray_DATA(states) : NULL,
+                                                    mask ? (const uint8_t *)PyArray_DATA(mask) : NULL, N, keep);
+    Py_END_ALLOW_THREADS self->busy = 0;
+    Py_CLEAR(self->states);
+    if (s) return raise_status(s);
+    if (N > 0) {
+        Py_INCREF(st_o);
+        self->states = st_o;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *Context_reset(ContextObject *self, PyObject *Py_UNUSED(ignored)) {
     if (claim(self) < 0) return NULL;
     cepe_ctx_reset(self->ctx);
@@ -323,7 +439,12 @@ static PyObject *Context_get_batch(ContextObject *self, void *Py_UNUSED(c)) {
     return PyLong_FromLong(cepe_ctx_batch(self->ctx));
 }
 
+static PyObject *Context_get_context_length(ContextObject *self, void *Py_UNUSED(c)) {
+    return PyLong_FromLong(cepe_ctx_context_length(self->ctx));
+}
+
 static PyGetSetDef Context_getset[] = {
+    {"context_length", (getter)Context_get_context_length, NULL, "attached CEPE context tokens per row", NULL},
     {"length", (getter)Context_get_length, NULL, "tokens per row already in the cache", NULL},
     {"capacity", (getter)Context_get_capacity, NULL, "maximum tokens per row", NULL},
     {"batch", (getter)Context_get_batch, NULL, "rows", NULL},
@@ -336,6 +457,8 @@ static PyMethodDef Context_methods[] = {
     {"generate", (PyCFunction)(void (*)(void))Context_generate, METH_VARARGS | METH_KEYWORDS,
      "generate(max_new_tokens, temperature, top_k, top_p, seed, eos_ids, pad_token_id)"},
     {"reset", (PyCFunction)Context_reset, METH_NOARGS, "empty the KV cache"},
+    {"set_context", (PyCFunction)Context_set_context, METH_VARARGS,
+     "set_context(states, mask, keep_kv=True): attach CEPE encoder states (None detaches)"},
     {"interrupt", (PyCFunction)Context_interrupt, METH_NOARGS, "ask a running call to stop"},
     {NULL, NULL, 0, NULL},
 };
@@ -385,6 +508,10 @@ PyMODINIT_FUNC PyInit_cepe_c(void) {
     if (PyType_Ready(&ModelType) < 0 || PyType_Ready(&ContextType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
+    if (PyModule_AddFunctions(m, cepe_rope_methods) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     Py_INCREF(&ModelType);
     Py_INCREF(&ContextType);
     if (PyModule_AddObject(m, "Model", (PyObject *)&ModelType) < 0 ||

@@ -46,6 +46,10 @@ typedef struct {
     int sliding_window;      /* 0 = full causal attention (Mistral sets it) */
     float rms_norm_eps;
     double rope_theta;
+    /* CEPE: cross-attention in the last n_cross_layers decoder layers, its
+     * k/v projections reading encoder states of width encoder_hidden_size. */
+    int n_cross_layers;
+    int encoder_hidden_size;
 } cepe_config;
 
 typedef struct cepe_model cepe_model;
@@ -63,7 +67,10 @@ int cepe_max_threads(void);
 void cepe_set_blas_threads(int n);
 
 /* ---- model ------------------------------------------------------------- */
-cepe_status cepe_model_create(const cepe_config *cfg, int n_threads, cepe_model **out);
+/* encoder_cfg: the CEPE context encoder (a bidirectional LLaMA), or NULL. Its
+ * n_cross_layers / encoder_hidden_size / tie / sliding_window are ignored. */
+cepe_status cepe_model_create(const cepe_config *cfg, const cepe_config *encoder_cfg, int n_threads,
+                              cepe_model **out);
 void cepe_model_free(cepe_model *m);
 /* Binds one weight by its HF name ("model.layers.3.self_attn.q_proj.weight").
  * The shape must be the one the config implies; data must stay valid. */
@@ -73,6 +80,14 @@ cepe_status cepe_model_bind(cepe_model *m, const char *name, const float *data, 
 cepe_status cepe_model_finalize(cepe_model *m);
 const cepe_config *cepe_model_config(const cepe_model *m);
 
+/* ---- CEPE context encoder -------------------------------------------------- */
+/* Encodes n_chunks independent chunks of L tokens: bidirectional attention
+ * within a chunk, padded keys (mask 0) excluded, RoPE positions = slot index
+ * 0..L-1. out: (n_chunks, L, d_enc), the final-normed hidden states.
+ * mask may be NULL (all real). Thread-safe (allocates its own scratch). */
+cepe_status cepe_model_encode(const cepe_model *m, const int32_t *ids, const uint8_t *mask, int n_chunks,
+                              int L, float *out);
+
 /* ---- per-request context: KV cache + run state --------------------------- */
 /* batch rows of up to `capacity` tokens each (prompt + generated). */
 cepe_status cepe_ctx_create(const cepe_model *m, int batch, int capacity, cepe_ctx **out);
@@ -81,6 +96,14 @@ void cepe_ctx_reset(cepe_ctx *c);
 int cepe_ctx_length(const cepe_ctx *c);   /* tokens per row already cached */
 int cepe_ctx_capacity(const cepe_ctx *c);
 int cepe_ctx_batch(const cepe_ctx *c);
+/* Attaches CEPE context: encoder states (batch, N, d_enc) and their mask
+ * (batch, N), 1 = real, or NULL. The states must stay valid while attached.
+ * keep_kv: project each cross-attention layer's K/V once now and keep them
+ * (fast decoding, memory n_cross*batch*N*kv_dim*8 bytes); else recompute them
+ * at every call (memory-lean, identical results). N = 0 detaches. */
+cepe_status cepe_ctx_set_context(cepe_ctx *c, const float *states, const uint8_t *mask, int N, int keep_kv);
+int cepe_ctx_context_length(const cepe_ctx *c);
+
 /* Asks a running forward/generate on this ctx to stop soon (any thread). */
 void cepe_ctx_interrupt(cepe_ctx *c);
 
@@ -114,6 +137,70 @@ typedef struct {
  * number of steps taken (all rows stop early once each produced eos). */
 cepe_status cepe_ctx_generate(cepe_ctx *c, const cepe_sampling *s, int max_new, int32_t *out,
                               int *n_out);
+
+/* ==== RoPE: frequency tables of the scaling variants, E2-LLM positions ====
+ *
+ * Every variant reduces to a per-pair inverse frequency w'_j (j < rotary_dim/2)
+ * and a magnitude M that multiplies cos and sin (so logits scale by M^2):
+ * a token at position p rotates pair j by p * w'_j. The numbers match
+ * transformers 5.23 (modeling_rope_utils._compute_*_parameters). */
+
+typedef enum {
+    CEPE_ROPE_DEFAULT = 0,
+    CEPE_ROPE_LINEAR = 1,   /* position interpolation (PI); E2-LLM at inference */
+    CEPE_ROPE_DYNAMIC = 2,  /* dynamic NTK: the base grows with seq_len */
+    CEPE_ROPE_YARN = 3,
+    CEPE_ROPE_LLAMA3 = 4,
+    CEPE_ROPE_LONGROPE = 5
+} cepe_rope_type;
+
+/* Which dims form pair j: HALF (GPT-NeoX, HF checkpoints) pairs x[j] with
+ * x[j + rotary_dim/2]; INTERLEAVED (GPT-J, Meta/GGUF weights) x[2j], x[2j+1]. */
+typedef enum { CEPE_ROPE_HALF = 0, CEPE_ROPE_INTERLEAVED = 1 } cepe_rope_layout;
+
+/* Start from cepe_rope_config_init(): NAN / 0 mark the optional fields unset. */
+typedef struct {
+    cepe_rope_type type;
+    cepe_rope_layout layout;
+    double theta;          /* rope_theta */
+    int head_dim;
+    int rotary_dim;        /* head_dim * partial_rotary_factor; even; dims past it are not rotated */
+    double factor;         /* s; NAN = unset (yarn/longrope: max_pos / original_max_pos) */
+    /* L, the pre-training window; <= 0 = max_pos (as HF). For dynamic, HF's L is
+     * max_position_embeddings: cepe.rope.parse_rope stores that here. */
+    int original_max_pos;
+    int max_pos;           /* max_position_embeddings; 0 = unknown */
+    double low_freq_factor, high_freq_factor;   /* llama3 (required) */
+    double beta_fast, beta_slow;                /* yarn; NAN or 0 = 32 / 1 */
+    double mscale, mscale_all_dim;              /* yarn (DeepSeek); NAN or 0 = unset */
+    double attention_factor;                    /* yarn, longrope: M; NAN = derived from s */
+    int truncate;                               /* yarn: floor/ceil the ramp bounds (default 1) */
+    const float *short_factor, *long_factor;    /* longrope: rotary_dim/2 each, borrowed */
+} cepe_rope_config;
+
+/* Sets the default variant for (theta, head_dim) with every option unset. */
+void cepe_rope_config_init(cepe_rope_config *rc, double theta, int head_dim);
+
+/* Validates the settings; the message names the offending key
+ * ("rope_scaling.factor must be >= 1, got 0.5"). */
+cepe_status cepe_rope_check(const cepe_rope_config *rc);
+
+/* Per-pair inverse frequencies inv_freq[rotary_dim/2] and the magnitude
+ * (may be NULL) for a sequence of seq_len tokens (max position + 1; 0 =
+ * unknown, i.e. the initial table). seq_len only matters for dynamic (NTK
+ * base once seq_len > L) and longrope (long factors once seq_len > L).
+ * Computed in double, stored as float. Checks rc first. */
+cepe_status cepe_rope_frequencies(const cepe_rope_config *rc, int seq_len, float *inv_freq, float *magnitude);
+
+/* E2-LLM training positions (arXiv:2401.06951, Alg. 1) for n_samples windows
+ * of R tokens of a base model with context L. Per sample: g ~ U{1..g_max},
+ * t ~ U{0..max(0, g*L - R)}; position m is m for m < 4 (attention sinks) and
+ * m + t otherwise, then divided by g. positions: (n_samples, R); scales and
+ * offsets (n_samples each, may be NULL) receive g and t. Deterministic for a
+ * seed (xoshiro256**, unbiased integer draws); g_max * L must fit in int32. */
+cepe_status cepe_e2llm_positions(int R, int L, int g_max, int n_samples, uint64_t seed, double *positions,
+                                 int32_t *scales, int32_t *offsets);
+/* ==== end RoPE ============================================================ */
 
 #ifdef __cplusplus
 }

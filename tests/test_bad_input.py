@@ -157,7 +157,7 @@ def test_core_module_rejects_bad_arrays(model):
         cepe_c.Context(model._core, 0, 8)
     with pytest.raises(MemoryError, match="out of memory"):
         cepe_c.Context(model._core, 2**30, 2**30)
-    m = cepe_c.Model(**model.config.core_kwargs())
+    m = cepe_c.Model(model.config.core_kwargs())
     with pytest.raises(ValueError, match="unexpected tensor x: no such weight"):
         m.bind("x", np.zeros(3, dtype=np.float32))
     with pytest.raises(ValueError, match=r"tensor model.norm.weight has shape \(3,\), the config implies \(48,\)"):

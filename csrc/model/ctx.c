@@ -72,7 +72,8 @@ void cepe_ctx_free(cepe_ctx *x) {
     void (*f)(void *) = x->m->be->free;
     void *bufs[] = {x->k_cache, x->v_cache, x->valid, x->next_pos, x->ids, x->pos, x->cos_t,
                     x->sin_t, x->x, x->xn, x->q, x->k, x->v, x->att, x->gate, x->up,
-                    x->last_hidden, x->last_logits, x->probs, x->cand, x->finished, x->step_ids};
+                    x->last_hidden, x->last_logits, x->probs, x->cand, x->finished, x->step_ids,
+                    x->ctx_mask, x->cross_k, x->cross_v};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) f(bufs[i]);
     cepe_free(x);
 }
@@ -84,6 +85,58 @@ void cepe_ctx_reset(cepe_ctx *x) {
     memset(x->next_pos, 0, sizeof(double) * (size_t)x->B);
     atomic_store(&x->interrupt, 0);
 }
+
+static void drop_context(cepe_ctx *x) {
+    void (*f)(void *) = x->m->be->free;
+    f(x->ctx_mask), f(x->cross_k), f(x->cross_v);
+    x->ctx_mask = NULL, x->cross_k = NULL, x->cross_v = NULL;
+    x->ctx_states = NULL;
+    x->ctx_N = 0;
+    x->cross_kept = 0;
+}
+
+cepe_status cepe_ctx_set_context(cepe_ctx *x, const float *states, const uint8_t *mask, int N, int keep_kv) {
+    if (!x) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_ctx_set_context: NULL context");
+    drop_context(x);
+    if (N == 0) return CEPE_OK;
+    const cepe_model *m = x->m;
+    const cepe_config *c = &m->cfg;
+    if (N < 0 || !states) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_ctx_set_context: bad context (N=%d)", N);
+    if (c->n_cross_layers == 0)
+        return cepe_fail(CEPE_ERR_STATE, "this model has no cross-attention layers: it cannot take a context");
+    const cepe_backend *be = m->be;
+    const size_t kvd = (size_t)c->n_kv_heads * c->head_dim;
+    const size_t rows = (size_t)x->B * (size_t)N;
+    if (rows > INT32_MAX)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "context too large: %d rows x %d tokens", x->B, N);
+    const size_t layers = keep_kv ? (size_t)c->n_cross_layers : 1;
+    x->ctx_mask = be->alloc(rows);
+    x->cross_k = be->alloc(cepe_mul_size(cepe_mul_size(layers, rows), kvd * sizeof(float)));
+    x->cross_v = be->alloc(cepe_mul_size(cepe_mul_size(layers, rows), kvd * sizeof(float)));
+    if (!x->ctx_mask || !x->cross_k || !x->cross_v) {
+        drop_context(x);
+        return cepe_fail(CEPE_ERR_OUT_OF_MEMORY,
+                         "out of memory for cross-attention K/V of %d context tokens x %d rows%s", N, x->B,
+                         keep_kv ? " (try keep_cross_kv=False)" : "");
+    }
+    if (mask)
+        memcpy(x->ctx_mask, mask, rows);
+    else
+        memset(x->ctx_mask, 1, rows);
+    x->ctx_states = states;
+    x->ctx_N = N;
+    x->cross_kept = keep_kv != 0;
+    if (keep_kv)
+        for (int l = m->first_cross; l < c->n_layers; l++) {
+            const layer_weights *w = &m->w.layers[l];
+            const size_t off = (size_t)(l - m->first_cross) * rows * kvd;
+            be->matmul(x->cross_k + off, states, w->cross_wk, (int)rows, c->encoder_hidden_size, (int)kvd, 0);
+            be->matmul(x->cross_v + off, states, w->cross_wv, (int)rows, c->encoder_hidden_size, (int)kvd, 0);
+        }
+    return CEPE_OK;
+}
+
+int cepe_ctx_context_length(const cepe_ctx *x) { return x ? x->ctx_N : 0; }
 
 int cepe_ctx_length(const cepe_ctx *x) { return x ? x->len : 0; }
 int cepe_ctx_capacity(const cepe_ctx *x) { return x ? x->cap : 0; }

@@ -11,6 +11,39 @@
 
 static int interrupted(cepe_ctx *x) { return atomic_load_explicit(&x->interrupt, memory_order_relaxed); }
 
+/* CEPE cross-attention for the N = B*c rows in x (spec §3):
+ * x += o_proj(attn(q_proj(RMSNorm_cross(x)), k_proj(E), v_proj(E))),
+ * no RoPE, no causal mask, padded context tokens masked. */
+static void cross_attention(cepe_ctx *x, int l, int c, const block_scratch *s) {
+    const cepe_model *m = x->m;
+    const cepe_config *cfg = &m->cfg;
+    const cepe_backend *be = m->be;
+    const layer_weights *w = &m->w.layers[l];
+    const int B = x->B, N = B * c, d = cfg->hidden_size, hd = cfg->head_dim;
+    const int qd = cfg->n_heads * hd, kvd = cfg->n_kv_heads * hd, nt = m->n_threads;
+    const long ctx_rows = (long)B * x->ctx_N;
+    const float *kc, *vc;
+    if (x->cross_kept) {
+        kc = x->cross_k + (long)(l - m->first_cross) * ctx_rows * kvd;
+        vc = x->cross_v + (long)(l - m->first_cross) * ctx_rows * kvd;
+    } else { /* memory-lean: project this layer's K/V now */
+        be->matmul(x->cross_k, x->ctx_states, w->cross_wk, (int)ctx_rows, cfg->encoder_hidden_size, kvd, 0);
+        be->matmul(x->cross_v, x->ctx_states, w->cross_wv, (int)ctx_rows, cfg->encoder_hidden_size, kvd, 0);
+        kc = x->cross_k;
+        vc = x->cross_v;
+    }
+    const attention_shape shape = {
+        .B = B, .Tq = c, .Tk = x->ctx_N, .H = cfg->n_heads, .KVH = cfg->n_kv_heads, .hd = hd,
+        .q_rstride = qd, .q_bstride = (long)c * qd,
+        .kv_rstride = kvd, .kv_bstride = (long)x->ctx_N * kvd, .valid_bstride = x->ctx_N,
+        .causal = 0, .q_offset = 0, .window = 0, .scale = 1.0f / sqrtf((float)hd),
+    };
+    be->rmsnorm(s->xn, x->x, w->cross_norm, N, d, cfg->rms_norm_eps, nt);
+    be->matmul(s->q, s->xn, w->cross_wq, N, d, qd, 0);
+    be->attention(s->att, s->q, kc, vc, x->ctx_mask, &shape, nt);
+    be->matmul(x->x, s->att, w->cross_wo, N, qd, d, 1);
+}
+
 /* Runs layers over the c tokens per row already gathered into x->ids / x->pos
  * (the cache holds x->len tokens before them). Leaves the final-normed hidden
  * states in x->xn. */
@@ -18,10 +51,12 @@ static cepe_status run_layers(cepe_ctx *x, int c) {
     const cepe_model *m = x->m;
     const cepe_config *cfg = &m->cfg;
     const cepe_backend *be = m->be;
-    const int B = x->B, N = B * c, d = cfg->hidden_size, ff = cfg->intermediate_size;
+    const int B = x->B, N = B * c, d = cfg->hidden_size;
     const int H = cfg->n_heads, KVH = cfg->n_kv_heads, hd = cfg->head_dim;
     const int qd = H * hd, kvd = KVH * hd, nt = m->n_threads, half = m->rope_half;
     const long layer_stride = (long)B * x->cap * kvd;
+    const block_scratch s = {.xn = x->xn, .q = x->q, .k = x->k, .v = x->v, .att = x->att,
+                             .gate = x->gate, .up = x->up, .cos_t = x->cos_t, .sin_t = x->sin_t};
 
     be->embedding(x->x, x->ids, m->w.embed, N, d);
     be->rope_table(x->cos_t, x->sin_t, x->pos, m->inv_freq, N, half);
@@ -37,13 +72,8 @@ static cepe_status run_layers(cepe_ctx *x, int c) {
         const layer_weights *w = &m->w.layers[l];
         float *kc = x->k_cache + l * layer_stride, *vc = x->v_cache + l * layer_stride;
 
-        /* self-attention block */
-        be->rmsnorm(x->xn, x->x, w->attn_norm, N, d, cfg->rms_norm_eps, nt);
-        be->matmul(x->q, x->xn, w->wq, N, d, qd, 0);
-        be->matmul(x->k, x->xn, w->wk, N, d, kvd, 0);
-        be->matmul(x->v, x->xn, w->wv, N, d, kvd, 0);
-        be->rope(x->q, x->cos_t, x->sin_t, N, H, hd, half, nt);
-        be->rope(x->k, x->cos_t, x->sin_t, N, KVH, hd, half, nt);
+        /* causal self-attention over the cache */
+        block_qkv(be, w, cfg, x->x, &s, N, half, nt);
         for (int b = 0; b < B; b++) { /* append this chunk's keys/values */
             const size_t bytes = sizeof(float) * (size_t)c * kvd;
             memcpy(kc + ((long)b * x->cap + x->len) * kvd, x->k + (long)b * c * kvd, bytes);
@@ -52,13 +82,10 @@ static cepe_status run_layers(cepe_ctx *x, int c) {
         be->attention(x->att, x->q, kc, vc, x->valid, &shape, nt);
         be->matmul(x->x, x->att, w->wo, N, qd, d, 1); /* x += o_proj(att) */
 
-        /* MLP block */
-        be->rmsnorm(x->xn, x->x, w->ffn_norm, N, d, cfg->rms_norm_eps, nt);
-        be->matmul(x->gate, x->xn, w->w_gate, N, d, ff, 0);
-        be->matmul(x->up, x->xn, w->w_up, N, d, ff, 0);
-        be->swiglu(x->gate, x->gate, x->up, (long)N * ff, nt);
-        be->matmul(x->x, x->gate, w->w_down, N, ff, d, 1); /* x += down(...) */
+        /* CEPE: between self-attention and the MLP; skipped without context */
+        if (l >= m->first_cross && x->ctx_N > 0) cross_attention(x, l, c, &s);
 
+        block_mlp(be, w, cfg, x->x, &s, N, nt);
         if (interrupted(x)) return cepe_fail(CEPE_ERR_INTERRUPTED, "interrupted");
     }
     be->rmsnorm(x->xn, x->x, m->w.final_norm, N, d, cfg->rms_norm_eps, nt);

@@ -30,6 +30,12 @@ static cepe_status check_config(const cepe_config *c) {
         return cepe_fail(CEPE_ERR_INVALID_ARG, "config: rms_norm_eps must be > 0, got %g", (double)c->rms_norm_eps);
     if (c->sliding_window < 0)
         return cepe_fail(CEPE_ERR_INVALID_ARG, "config: sliding_window must be >= 0, got %d", c->sliding_window);
+    if (c->n_cross_layers < 0 || c->n_cross_layers > c->n_layers)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "config: num_cross_attn_layers must be in [0, %d], got %d",
+                         c->n_layers, c->n_cross_layers);
+    if (c->n_cross_layers > 0 && c->encoder_hidden_size < 1)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "config: encoder_hidden_size must be >= 1, got %d",
+                         c->encoder_hidden_size);
     return CEPE_OK;
 }
 
@@ -42,7 +48,60 @@ static void add_slot(cepe_model *m, const char *name, int64_t d0, int64_t d1, co
     s->dst = dst;
 }
 
-cepe_status cepe_model_create(const cepe_config *cfg, int n_threads, cepe_model **out) {
+/* Slots of one LLaMA block's weights under `prefix` ("model.layers.3."). */
+static void add_block_slots(cepe_model *m, const char *prefix, const cepe_config *c, layer_weights *lw) {
+    const int d = c->hidden_size, ff = c->intermediate_size;
+    const int qd = c->n_heads * c->head_dim, kvd = c->n_kv_heads * c->head_dim;
+    char name[96];
+#define SLOT(suffix, d0, d1, field)                          \
+    snprintf(name, sizeof name, "%s%s", prefix, suffix); \
+    add_slot(m, name, d0, d1, &lw->field)
+    SLOT("input_layernorm.weight", d, 0, attn_norm);
+    SLOT("self_attn.q_proj.weight", qd, d, wq);
+    SLOT("self_attn.k_proj.weight", kvd, d, wk);
+    SLOT("self_attn.v_proj.weight", kvd, d, wv);
+    SLOT("self_attn.o_proj.weight", d, qd, wo);
+    SLOT("post_attention_layernorm.weight", d, 0, ffn_norm);
+    SLOT("mlp.gate_proj.weight", ff, d, w_gate);
+    SLOT("mlp.up_proj.weight", ff, d, w_up);
+    SLOT("mlp.down_proj.weight", d, ff, w_down);
+#undef SLOT
+}
+
+static cepe_status add_encoder(cepe_model *m, const cepe_config *ec) {
+    cepe_config c = *ec;
+    c.n_cross_layers = 0;
+    c.tie_word_embeddings = 0;
+    c.sliding_window = 0;
+    cepe_status st = check_config(&c);
+    if (st) { /* re-label the message: it is about the encoder */
+        char msg[400];
+        const char *e = cepe_last_error();
+        snprintf(msg, sizeof msg, "%s", strncmp(e, "config: ", 8) ? e : e + 8);
+        return cepe_fail(st, "encoder_config: %s", msg);
+    }
+    if (m->cfg.n_cross_layers > 0 && m->cfg.encoder_hidden_size != c.hidden_size)
+        return cepe_fail(CEPE_ERR_INVALID_ARG,
+                         "config: encoder_hidden_size (%d) differs from encoder_config.hidden_size (%d)",
+                         m->cfg.encoder_hidden_size, c.hidden_size);
+    m->enc_cfg = c;
+    m->has_encoder = 1;
+    m->enc.layers = cepe_calloc((size_t)c.n_layers, sizeof(layer_weights));
+    if (!m->enc.layers) return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory creating the encoder");
+    st = cepe_rope_init(&c, &m->enc_inv_freq, &m->enc_rope_half);
+    if (st) return st;
+    add_slot(m, "encoder.embed_tokens.weight", c.vocab_size, c.hidden_size, &m->enc.embed);
+    add_slot(m, "encoder.norm.weight", c.hidden_size, 0, &m->enc.final_norm);
+    char prefix[64];
+    for (int j = 0; j < c.n_layers; j++) {
+        snprintf(prefix, sizeof prefix, "encoder.layers.%d.", j);
+        add_block_slots(m, prefix, &c, &m->enc.layers[j]);
+    }
+    return CEPE_OK;
+}
+
+cepe_status cepe_model_create(const cepe_config *cfg, const cepe_config *encoder_cfg, int n_threads,
+                              cepe_model **out) {
     if (!cfg || !out) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_model_create: NULL argument");
     *out = NULL;
     if (n_threads < 1) return cepe_fail(CEPE_ERR_INVALID_ARG, "n_threads must be >= 1, got %d", n_threads);
@@ -54,10 +113,13 @@ cepe_status cepe_model_create(const cepe_config *cfg, int n_threads, cepe_model 
     m->cfg = *cfg;
     m->n_threads = n_threads;
     m->be = cepe_backend_cpu();
-    const int L = cfg->n_layers, d = cfg->hidden_size, ff = cfg->intermediate_size;
+    const int L = cfg->n_layers, d = cfg->hidden_size;
     const int qd = cfg->n_heads * cfg->head_dim, kvd = cfg->n_kv_heads * cfg->head_dim;
+    const int de = cfg->encoder_hidden_size;
+    size_t n_slots = (size_t)L * 9 + 3 + (size_t)cfg->n_cross_layers * 5;
+    if (encoder_cfg) n_slots += (size_t)encoder_cfg->n_layers * 9 + 2;
     m->w.layers = cepe_calloc((size_t)L, sizeof(layer_weights));
-    m->slots = cepe_calloc((size_t)L * 9 + 3, sizeof(weight_slot));
+    m->slots = cepe_calloc(n_slots, sizeof(weight_slot));
     if (!m->w.layers || !m->slots) {
         st = cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory creating the model");
         goto fail;
@@ -68,23 +130,24 @@ cepe_status cepe_model_create(const cepe_config *cfg, int n_threads, cepe_model 
     add_slot(m, "model.embed_tokens.weight", cfg->vocab_size, d, &m->w.embed);
     add_slot(m, "model.norm.weight", d, 0, &m->w.final_norm);
     if (!cfg->tie_word_embeddings) add_slot(m, "lm_head.weight", cfg->vocab_size, d, &m->w.lm_head);
+    m->first_cross = L - cfg->n_cross_layers;
     char name[96];
     for (int i = 0; i < L; i++) {
         layer_weights *lw = &m->w.layers[i];
-#define SLOT(suffix, d0, d1, field)                                  \
-    snprintf(name, sizeof name, "model.layers.%d.%s", i, suffix); \
+        snprintf(name, sizeof name, "model.layers.%d.", i);
+        add_block_slots(m, name, cfg, lw);
+        if (i < m->first_cross) continue;
+#define SLOT(suffix, d0, d1, field)                                            \
+    snprintf(name, sizeof name, "model.layers.%d.cross_attn.%s", i, suffix); \
     add_slot(m, name, d0, d1, &lw->field)
-        SLOT("input_layernorm.weight", d, 0, attn_norm);
-        SLOT("self_attn.q_proj.weight", qd, d, wq);
-        SLOT("self_attn.k_proj.weight", kvd, d, wk);
-        SLOT("self_attn.v_proj.weight", kvd, d, wv);
-        SLOT("self_attn.o_proj.weight", d, qd, wo);
-        SLOT("post_attention_layernorm.weight", d, 0, ffn_norm);
-        SLOT("mlp.gate_proj.weight", ff, d, w_gate);
-        SLOT("mlp.up_proj.weight", ff, d, w_up);
-        SLOT("mlp.down_proj.weight", d, ff, w_down);
+        SLOT("layernorm.weight", d, 0, cross_norm);
+        SLOT("q_proj.weight", qd, d, cross_wq);
+        SLOT("k_proj.weight", kvd, de, cross_wk);
+        SLOT("v_proj.weight", kvd, de, cross_wv);
+        SLOT("o_proj.weight", d, qd, cross_wo);
 #undef SLOT
     }
+    if (encoder_cfg && (st = add_encoder(m, encoder_cfg))) goto fail;
     *out = m;
     return CEPE_OK;
 fail:
@@ -95,8 +158,10 @@ fail:
 void cepe_model_free(cepe_model *m) {
     if (!m) return;
     cepe_free(m->w.layers);
+    cepe_free(m->enc.layers);
     cepe_free(m->slots);
     cepe_free(m->inv_freq);
+    cepe_free(m->enc_inv_freq);
     cepe_free(m);
 }
 

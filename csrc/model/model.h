@@ -21,6 +21,12 @@ typedef struct {
     const float *w_gate;    /* (ff, d) */
     const float *w_up;      /* (ff, d) */
     const float *w_down;    /* (d, ff) */
+    /* CEPE cross-attention (NULL in layers without it) */
+    const float *cross_norm; /* (d) cross_attn.layernorm */
+    const float *cross_wq;   /* (H*hd, d) */
+    const float *cross_wk;   /* (KVH*hd, d_enc) */
+    const float *cross_wv;   /* (KVH*hd, d_enc) */
+    const float *cross_wo;   /* (d, H*hd) */
 } layer_weights;
 
 typedef struct {
@@ -29,6 +35,13 @@ typedef struct {
     const float *lm_head;    /* (V, d), == embed when tied */
     layer_weights *layers;   /* (n_layers) */
 } decoder_weights;
+
+/* The CEPE encoder: a LLaMA stack without lm_head, bidirectional. */
+typedef struct {
+    const float *embed;      /* (V_enc, d_enc) */
+    const float *final_norm; /* (d_enc) */
+    layer_weights *layers;   /* (n_layers_enc); cross_* unused */
+} encoder_weights;
 
 /* One expected tensor: its HF name, its shape and where the pointer goes. */
 typedef struct {
@@ -48,6 +61,13 @@ struct cepe_model {
     int finalized;
     float *inv_freq; /* (rope_half) per-pair RoPE frequencies */
     int rope_half;   /* rotary pairs per head */
+    int first_cross; /* first layer with cross-attention (n_layers if none) */
+    /* CEPE encoder (has_encoder = 0: a plain decoder) */
+    int has_encoder;
+    cepe_config enc_cfg;
+    encoder_weights enc;
+    float *enc_inv_freq;
+    int enc_rope_half;
 };
 
 struct cepe_ctx {
@@ -68,12 +88,31 @@ struct cepe_ctx {
     float *last_hidden;    /* (B, d) */
     float *last_logits;    /* (B, V) */
     int has_logits;
+    /* CEPE context: encoder states (B, ctx_N, d_enc), borrowed; mask owned */
+    int ctx_N;
+    const float *ctx_states;
+    uint8_t *ctx_mask;           /* (B, ctx_N) */
+    int cross_kept;              /* 1: cross_k/v hold every cross layer's K/V */
+    float *cross_k, *cross_v;    /* kept: (n_cross, B, N, kvd); else (B, N, kvd) scratch */
     /* sampler scratch */
     float *probs;          /* (V) */
     int32_t *cand;         /* (V) */
     uint8_t *finished;     /* (B) */
     int32_t *step_ids;     /* (B) */
 };
+
+/* Scratch views one block needs for N rows (block.c). */
+typedef struct {
+    float *xn, *q, *k, *v, *att, *gate, *up;
+    const float *cos_t, *sin_t;
+} block_scratch;
+
+/* xn = RMSNorm(x); q, k, v = projections; RoPE on q and k. */
+void block_qkv(const cepe_backend *be, const layer_weights *w, const cepe_config *c, const float *x,
+               const block_scratch *s, int N, int half, int nt);
+/* x += MLP(RMSNorm(x)). */
+void block_mlp(const cepe_backend *be, const layer_weights *w, const cepe_config *c, float *x,
+               const block_scratch *s, int N, int nt);
 
 /* rope_freq.c: fills inv_freq (half) for the config; returns half via *half. */
 cepe_status cepe_rope_init(const cepe_config *cfg, float **inv_freq, int *half);

@@ -1,0 +1,81 @@
+/* encoder.c — the CEPE context encoder: a bidirectional LLaMA run over
+ * independent chunks (spec §2). Each chunk's tokens sit at RoPE positions
+ * 0..L-1 (slot indices, so left padding shifts real tokens, as in the
+ * reference); padded keys are never attended; no chunk sees another. */
+#include <math.h>
+
+#include "../common.h"
+#include "model.h"
+
+/* Rows per batch of chunks: large enough for efficient GEMMs, small enough
+ * that scratch stays a few MB whatever the context length. */
+#define ENCODE_ROWS 1024
+
+cepe_status cepe_model_encode(const cepe_model *m, const int32_t *ids, const uint8_t *mask, int n_chunks,
+                              int L, float *out) {
+    if (!m || !ids || !out) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_model_encode: NULL argument");
+    if (!m->finalized) return cepe_fail(CEPE_ERR_STATE, "the model has unbound weights (call finalize)");
+    if (!m->has_encoder) return cepe_fail(CEPE_ERR_STATE, "this model has no CEPE encoder");
+    if (n_chunks < 1 || L < 1)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "encoder input must hold at least one chunk of one token, got %d x %d",
+                         n_chunks, L);
+    const cepe_config *c = &m->enc_cfg;
+    const cepe_backend *be = m->be;
+    const long total = (long)n_chunks * L;
+    for (long i = 0; i < total; i++)
+        if (ids[i] < 0 || ids[i] >= c->vocab_size)
+            return cepe_fail(CEPE_ERR_INVALID_ARG,
+                             "encoder token id %d at (chunk %ld, position %ld) is out of range [0, %d)", ids[i],
+                             i / L, i % L, c->vocab_size);
+
+    const int cb = L >= ENCODE_ROWS ? 1 : (ENCODE_ROWS / L < n_chunks ? ENCODE_ROWS / L : n_chunks);
+    const size_t rows = (size_t)cb * (size_t)L;
+    const size_t d = (size_t)c->hidden_size, ff = (size_t)c->intermediate_size;
+    const size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
+    const int half = m->enc_rope_half, nt = m->n_threads;
+    cepe_status st = CEPE_OK;
+    float *x = be->alloc(cepe_mul_size(rows, d * sizeof(float)));
+    float *xn = be->alloc(cepe_mul_size(rows, d * sizeof(float)));
+    float *q = be->alloc(cepe_mul_size(rows, qd * sizeof(float)));
+    float *att = be->alloc(cepe_mul_size(rows, qd * sizeof(float)));
+    float *k = be->alloc(cepe_mul_size(rows, kvd * sizeof(float)));
+    float *v = be->alloc(cepe_mul_size(rows, kvd * sizeof(float)));
+    float *gate = be->alloc(cepe_mul_size(rows, ff * sizeof(float)));
+    float *up = be->alloc(cepe_mul_size(rows, ff * sizeof(float)));
+    float *cos_t = be->alloc(cepe_mul_size(rows, (size_t)half * sizeof(float)));
+    float *sin_t = be->alloc(cepe_mul_size(rows, (size_t)half * sizeof(float)));
+    double *pos = be->alloc(cepe_mul_size(rows, sizeof(double)));
+    if (!x || !xn || !q || !att || !k || !v || !gate || !up || !cos_t || !sin_t || !pos) {
+        st = cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory for encoder scratch (%zu rows)", rows);
+        goto done;
+    }
+    for (size_t i = 0; i < rows; i++) pos[i] = (double)(i % (size_t)L); /* slot index in its chunk */
+    be->rope_table(cos_t, sin_t, pos, m->enc_inv_freq, (int)rows, half);
+    const block_scratch s = {.xn = xn, .q = q, .k = k, .v = v, .att = att, .gate = gate, .up = up,
+                             .cos_t = cos_t, .sin_t = sin_t};
+
+    for (int c0 = 0; c0 < n_chunks; c0 += cb) {
+        const int nb = n_chunks - c0 < cb ? n_chunks - c0 : cb;
+        const int N = nb * L;
+        const long off = (long)c0 * L;
+        be->embedding(x, ids + off, m->enc.embed, N, (int)d);
+        const attention_shape shape = {
+            .B = nb, .Tq = L, .Tk = L, .H = c->n_heads, .KVH = c->n_kv_heads, .hd = c->head_dim,
+            .q_rstride = (long)qd, .q_bstride = (long)L * qd,
+            .kv_rstride = (long)kvd, .kv_bstride = (long)L * kvd, .valid_bstride = L,
+            .causal = 0, .q_offset = 0, .window = 0, .scale = 1.0f / sqrtf((float)c->head_dim),
+        };
+        for (int l = 0; l < c->n_layers; l++) {
+            const layer_weights *w = &m->enc.layers[l];
+            block_qkv(be, w, c, x, &s, N, half, nt);
+            be->attention(att, q, k, v, mask ? mask + off : NULL, &shape, nt);
+            be->matmul(x, att, w->wo, N, (int)qd, (int)d, 1);
+            block_mlp(be, w, c, x, &s, N, nt);
+        }
+        be->rmsnorm(out + off * (long)d, x, m->enc.final_norm, N, (int)d, c->rms_norm_eps, nt);
+    }
+done:
+    be->free(x), be->free(xn), be->free(q), be->free(att), be->free(k), be->free(v);
+    be->free(gate), be->free(up), be->free(cos_t), be->free(sin_t), be->free(pos);
+    return st;
+}

@@ -1,0 +1,255 @@
+"""CEPE against a PyTorch oracle written from the spec, and its invariants."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from cepe_reference import make_reference
+
+import cepe
+from cepe import ConfigError
+
+TOL = 1e-4
+
+VARIANTS = {
+    "all_layers_gqa": dict(),
+    "last_two_layers": dict(n_cross=2),
+    "mha_one_layer": dict(n_cross=1, num_key_value_heads=4),
+}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    cache = {}
+
+    def make(name: str):
+        if name not in cache:
+            ref = make_reference(seed=len(cache) + 1, **VARIANTS[name])
+            cache[name] = (ref.save(str(tmp_path_factory.mktemp(name))), ref)
+        return cache[name]
+
+    return make
+
+
+def chunks_and_mask(rng, B=2, n_ctx=3, L=7, vocab=103, pad="left"):
+    ids = rng.integers(3, vocab, size=(B, n_ctx, L))
+    mask = np.ones((B, n_ctx, L), dtype=np.int64)
+    if pad in ("left", "mixed"):
+        mask[0, 1, :3] = 0  # left-padded chunk: real tokens start at slot 3
+    if pad in ("right", "mixed"):
+        mask[1, 0, 5:] = 0  # right-padded chunk
+    if pad == "mixed":
+        mask[1, 2, :] = 0  # a fully padded chunk
+    ids = np.where(mask == 1, ids, 2)  # pad = EOS, as the spec says
+    return ids, mask
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("pad", ["none", "left", "right", "mixed"])
+def test_logits_match_oracle(built, name, pad):
+    path, ref = built(name)
+    model = cepe.load(path)
+    rng = np.random.default_rng(0)
+    ctx, cmask = chunks_and_mask(rng, pad=pad)
+    ids = rng.integers(3, 101, size=(2, 9))
+    E = ref.encode(ctx, cmask)
+    want = ref.forward(ids, E, cmask).numpy()
+    got = model.forward(ids, encoder_input_ids=ctx, encoder_attention_mask=cmask)
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+    # the context matters: without it the logits differ
+    assert np.abs(got - model.forward(ids)).max() > 1e-2
+
+
+@pytest.mark.parametrize("pad", ["none", "mixed"])
+def test_encode_matches_oracle(built, pad):
+    path, ref = built("all_layers_gqa")
+    model = cepe.load(path)
+    ctx, cmask = chunks_and_mask(np.random.default_rng(1), pad=pad)
+    want = ref.encode(ctx, cmask).numpy()
+    got = model.encode(ctx, cmask)
+    assert got.shape == (2, 3 * 7, 40) and got.dtype == np.float32
+    real = cmask.reshape(2, -1) == 1  # padded positions are never used
+    np.testing.assert_allclose(got[real], want[real], atol=TOL, rtol=0)
+    assert np.isfinite(got).all()
+    one = model.encode(ctx[0], cmask[0])  # (n_ctx, L) -> (N, d_enc)
+    np.testing.assert_allclose(one, got[0], atol=1e-5, rtol=0)  # another GEMM shape, other rounding
+
+
+def test_single_chunk_and_one_dim_input(built):
+    path, ref = built("last_two_layers")
+    model = cepe.load(path)
+    rng = np.random.default_rng(2)
+    ctx = rng.integers(3, 103, size=(1, 11))
+    ids = rng.integers(3, 101, size=(6,))
+    want = ref.forward(ids[None], ref.encode(ctx[None])).numpy()[0]
+    np.testing.assert_allclose(model.forward(ids, encoder_input_ids=ctx), want, atol=TOL, rtol=0)
+
+
+def test_greedy_generation_matches_oracle(built):
+    path, ref = built("all_layers_gqa")
+    model = cepe.load(path)
+    rng = np.random.default_rng(3)
+    ctx, cmask = chunks_and_mask(rng, B=1, pad="left")
+    prompt = rng.integers(3, 101, size=(1, 5))
+    want = ref.greedy(prompt, 32, ref.encode(ctx, cmask), cmask)
+    got = model.generate(prompt, 32, eos_token_id=[], encoder_input_ids=ctx, encoder_attention_mask=cmask)
+    np.testing.assert_array_equal(got, want)
+    assert len(set(got[0].tolist())) > 1
+
+
+def test_permuting_chunks_leaves_logits_unchanged(built):
+    path, _ = built("all_layers_gqa")
+    model = cepe.load(path)
+    ctx, cmask = chunks_and_mask(np.random.default_rng(4), pad="mixed")
+    ids = np.random.default_rng(5).integers(3, 101, size=(2, 8))
+    base = model.forward(ids, encoder_input_ids=ctx, encoder_attention_mask=cmask)
+    perm = [2, 0, 1]
+    moved = model.forward(ids, encoder_input_ids=ctx[:, perm], encoder_attention_mask=cmask[:, perm])
+    np.testing.assert_allclose(moved, base, atol=1e-5, rtol=0)
+
+
+def test_no_context_is_the_base_decoder(built, tmp_path):
+    path, ref = built("all_layers_gqa")
+    model = cepe.load(path)
+    ids = np.random.default_rng(6).integers(3, 101, size=(2, 10))
+    np.testing.assert_allclose(model.forward(ids), ref.lm(torch.as_tensor(ids)).logits.detach().numpy(),
+                               atol=TOL, rtol=0)
+    # and the decoder saved alone, as a plain LlamaForCausalLM, gives the same logits
+    ref.lm.save_pretrained(str(tmp_path / "base"))
+    np.testing.assert_allclose(cepe.load(str(tmp_path / "base")).forward(ids), model.forward(ids), atol=1e-6, rtol=0)
+
+
+def test_hidden_states_equal_ids(built):
+    path, _ = built("last_two_layers")
+    model = cepe.load(path)
+    ctx, cmask = chunks_and_mask(np.random.default_rng(7), pad="mixed")
+    ids = np.random.default_rng(8).integers(3, 101, size=(2, 6))
+    E = model.encode(ctx, cmask)
+    a = model.forward(ids, encoder_input_ids=ctx, encoder_attention_mask=cmask)
+    b = model.forward(ids, encoder_hidden_states=E, encoder_attention_mask=cmask)
+    c = model.forward(ids, encoder_hidden_states=E, encoder_attention_mask=cmask.reshape(2, -1))
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)
+
+
+def test_kept_and_recomputed_cross_kv_agree(built):
+    path, _ = built("all_layers_gqa")
+    model = cepe.load(path)
+    rng = np.random.default_rng(9)
+    ctx, cmask = chunks_and_mask(rng, pad="mixed")
+    prompt = rng.integers(3, 101, size=(2, 4))
+    kw = dict(eos_token_id=[], encoder_input_ids=ctx, encoder_attention_mask=cmask)
+    kept = model.generate(prompt, 24, keep_cross_kv=True, **kw)
+    lean = model.generate(prompt, 24, keep_cross_kv=False, **kw)
+    np.testing.assert_array_equal(kept, lean)
+    f_kept = model.forward(prompt, keep_cross_kv=True, encoder_input_ids=ctx, encoder_attention_mask=cmask)
+    f_lean = model.forward(prompt, keep_cross_kv=False, encoder_input_ids=ctx, encoder_attention_mask=cmask)
+    np.testing.assert_allclose(f_kept, f_lean, atol=1e-6, rtol=0)
+    # the budget decides when not told
+    model.cross_kv_budget_bytes = 0
+    np.testing.assert_array_equal(model.generate(prompt, 24, **kw), kept)
+
+
+def test_cache_keeps_context_between_calls(built):
+    path, _ = built("all_layers_gqa")
+    model = cepe.load(path)
+    rng = np.random.default_rng(10)
+    ctx, cmask = chunks_and_mask(rng, B=1)
+    ids = rng.integers(3, 101, size=(1, 12))
+    full = model.forward(ids, encoder_input_ids=ctx, encoder_attention_mask=cmask)
+    cache = model.create_cache(1, 12)
+    parts = [model.forward(ids[:, :5], cache=cache, encoder_input_ids=ctx, encoder_attention_mask=cmask)]
+    parts += [model.forward(ids[:, t : t + 1], cache=cache) for t in range(5, 12)]
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), full, atol=1e-5, rtol=0)
+
+
+def test_perplexity_protocol(built):
+    path, ref = built("all_layers_gqa")
+    model = cepe.load(path)
+    rng = np.random.default_rng(11)
+    ctx, cmask = chunks_and_mask(rng, B=1)
+    ids = rng.integers(3, 101, size=(1, 300))  # crosses the 256-token logits slices
+    logits = ref.forward(ids, ref.encode(ctx, cmask), cmask).double()
+    lp = torch.log_softmax(logits[0, :-1], -1).gather(1, torch.as_tensor(ids[0, 1:])[:, None])[:, 0]
+    for window in (None, 256, 1):
+        w = 299 if window is None else window
+        want = float(torch.exp(-lp[-w:].mean()))
+        got = model.perplexity(ids, eval_window=window, encoder_input_ids=ctx, encoder_attention_mask=cmask)
+        assert got == pytest.approx(want, rel=1e-4)
+    with pytest.raises(ValueError, match="eval_window must be an int in"):
+        model.perplexity(ids, eval_window=300)
+
+
+def test_context_argument_errors(built, tiny):
+    path, _ = built("all_layers_gqa")
+    model = cepe.load(path)
+    ids = np.array([[3, 4, 5]])
+    ctx = np.full((1, 2, 4), 5)
+    with pytest.raises(ValueError, match="either encoder_input_ids or encoder_hidden_states"):
+        model.forward(ids, encoder_input_ids=ctx, encoder_hidden_states=np.zeros((1, 8, 40), np.float32))
+    with pytest.raises(ValueError, match="encoder_input_ids has batch size 1, input_ids has 2"):
+        model.forward(np.array([[3], [4]]), encoder_input_ids=ctx)
+    with pytest.raises(ValueError, match=r"outside the encoder vocabulary \[0, 103\)"):
+        model.forward(ids, encoder_input_ids=np.full((1, 2, 4), 103))
+    with pytest.raises(ValueError, match=r"encoder_attention_mask has shape \(1, 2, 3\)"):
+        model.forward(ids, encoder_input_ids=ctx, encoder_attention_mask=np.ones((1, 2, 3)))
+    with pytest.raises(ValueError, match=r"encoder_hidden_states has shape \(1, 8, 39\)"):
+        model.forward(ids, encoder_hidden_states=np.zeros((1, 8, 39), np.float32))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        model.forward(ids, encoder_hidden_states=np.full((1, 8, 40), np.nan, np.float32))
+    with pytest.raises(ValueError, match="encoder_input_ids must be"):
+        model.encode(np.zeros((1, 1, 1, 4), dtype=np.int64))
+    with pytest.raises(ValueError, match="encoder_attention_mask given without"):
+        model.forward(ids, encoder_attention_mask=np.ones((1, 2, 4)))
+    plain = cepe.load(tiny[0])
+    with pytest.raises(ValueError, match="no cross-attention layers"):
+        plain.forward(ids, encoder_input_ids=ctx)
+    with pytest.raises(ValueError, match="no CEPE encoder"):
+        plain.encode(ctx)
+
+
+def edit_config(path, fn):
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    fn(cfg)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+
+
+@pytest.mark.parametrize(
+    "edit, exc, match",
+    [
+        (lambda c: c.update(num_cross_attn_hidden_states=3), NotImplementedError, "num_cross_attn_hidden_states=3"),
+        (lambda c: c.update(num_cross_attn_layers=9), ConfigError, r"num_cross_attn_layers \(9\) exceeds"),
+        (lambda c: c.pop("encoder_config"), ConfigError, "'encoder_config' is missing"),
+        (lambda c: c.update(encoder_hidden_size=64), ConfigError, r"encoder_hidden_size \(64\) differs"),
+        (lambda c: c["encoder_config"].pop("hidden_size"), ConfigError,
+         "encoder_config.missing required key 'hidden_size'"),
+        (lambda c: c.update(encoder_is_model=True), NotImplementedError, "encoder_is_model"),
+        (lambda c: c.update(encode_mode="with_query-8"), NotImplementedError, "encode_mode 'with_query-8'"),
+        (lambda c: c.update(num_cross_attn_layers=2), Exception, "unexpected tensor model.layers.0.cross_attn"),
+    ],
+)
+def test_cepe_config_errors(built, tmp_path, edit, exc, match):
+    import shutil
+
+    src, _ = built("all_layers_gqa")
+    p = str(tmp_path / "m")
+    shutil.copytree(src, p)
+    edit_config(p, edit)
+    with pytest.raises(exc, match=match):
+        cepe.load(p)
+
+
+def test_official_layout_names(built):
+    from cepe.safetensors_io import Checkpoint
+
+    path, _ = built("last_two_layers")
+    names = set(Checkpoint(path).names())
+    assert "model.layers.2.cross_attn.layernorm.weight" in names
+    assert "model.layers.0.cross_attn.q_proj.weight" not in names
+    assert {"encoder.embed_tokens.weight", "encoder.norm.weight", "encoder.layers.1.mlp.down_proj.weight"} <= names
