@@ -80,7 +80,9 @@ def blas_settings() -> dict[str, list[str]]:
 
 def core_extension() -> Extension:
     blas = blas_settings()
-    sources = ["cepe_c/module.c"] + sorted(glob.glob("csrc/**/*.c", recursive=True))
+    # Every cepe_c/*.c but the CUDA extension's module, then the C core.
+    bindings = [p for p in sorted(glob.glob("cepe_c/*.c")) if os.path.basename(p) != "cuda_module.c"]
+    sources = bindings + sorted(glob.glob("csrc/**/*.c", recursive=True))
     link = ["-fopenmp"] + blas["extra_link_args"]
     if env_flag("CEPE_SANITIZE", "0") in ("1", "true", "yes"):
         link += ["-fsanitize=address,undefined"]

@@ -1,0 +1,26 @@
+/* rope.h — internals of the RoPE frequency code (rope_freq.c) and the E2-LLM
+ * sampler (e2llm.c) shared with the CPython bindings. The public part (the
+ * cepe_rope_config struct, cepe_rope_frequencies, cepe_e2llm_positions) is in
+ * cepe.h. */
+#ifndef CEPE_ROPE_H
+#define CEPE_ROPE_H
+
+#include "cepe.h"
+
+/* "default", "linear", "dynamic", "yarn", "llama3", "longrope" (HF's rope_type). */
+const char *cepe_rope_type_name(cepe_rope_type t);
+/* 0 and *out set if `name` is one of the names above, else -1. */
+int cepe_rope_type_parse(const char *name, cepe_rope_type *out);
+
+/* "half" / "interleaved"; same contract as cepe_rope_type_parse. */
+const char *cepe_rope_layout_name(cepe_rope_layout l);
+int cepe_rope_layout_parse(const char *name, cepe_rope_layout *out);
+
+/* The window L the variant measures lengths against (original_max_pos, else max_pos). */
+int cepe_rope_original_len(const cepe_rope_config *rc);
+
+/* The argument checks of cepe_e2llm_positions, so callers can validate before
+ * allocating the (n_samples, R) output. */
+cepe_status cepe_e2llm_check(int R, int L, int g_max, int n_samples);
+
+#endif /* CEPE_ROPE_H */
