@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .errors import ConfigError
+from .rope import RopeSettings, parse_rope
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 
@@ -39,6 +40,7 @@ class DecoderConfig:
     num_cross_attn_layers: int = 0
     encoder_hidden_size: int = 0
     encoder: DecoderConfig | None = None
+    rope: RopeSettings | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -61,6 +63,7 @@ class DecoderConfig:
             "sliding_window": self.sliding_window,
             "num_cross_attn_layers": self.num_cross_attn_layers,
             "encoder_hidden_size": self.encoder_hidden_size,
+            "rope": None if self.rope is None else self.rope.to_core(),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -68,6 +71,8 @@ class DecoderConfig:
         d.pop("raw")
         if self.encoder is not None:
             d["encoder"] = self.encoder.to_dict()
+        if self.rope is not None:
+            d["rope"] = self.rope.to_core()
         return d
 
 
@@ -108,31 +113,6 @@ def _token_ids(v: Any, key: str) -> tuple[int, ...]:
     return tuple(items)
 
 
-def _rope_theta(cfg: dict[str, Any]) -> float:
-    """rope_theta from transformers 5's rope_parameters or 4's rope_theta/rope_scaling."""
-    params = cfg.get("rope_parameters")
-    scaling = cfg.get("rope_scaling")
-    if params is not None and not isinstance(params, dict):
-        raise ConfigError(f"config.json: 'rope_parameters' must be an object, got {params!r}")
-    if scaling is not None and not isinstance(scaling, dict):
-        raise ConfigError(f"config.json: 'rope_scaling' must be an object or null, got {scaling!r}")
-    for key, block in (("rope_parameters", params), ("rope_scaling", scaling)):
-        if block:
-            rtype = block.get("rope_type", block.get("type", "default"))
-            if rtype != "default":
-                raise NotImplementedError(
-                    f"config.json: {key}.rope_type {rtype!r} is not supported yet (only 'default')"
-                )
-    theta_src = params if params and "rope_theta" in params else cfg
-    theta = _float(theta_src, "rope_theta", 10000.0)
-    if theta <= 1.0:
-        raise ConfigError(f"config.json: 'rope_theta' must be > 1, got {theta}")
-    prf = cfg.get("partial_rotary_factor", (params or {}).get("partial_rotary_factor", 1.0))
-    if prf not in (None, 1, 1.0):
-        raise NotImplementedError(f"config.json: partial_rotary_factor {prf!r} is not supported yet")
-    return theta
-
-
 def _parse_cepe(cfg: dict[str, Any], hidden: int) -> dict[str, Any]:
     """CEPE's keys on top of LlamaConfig (spec §1.2); {} for a plain decoder."""
     do_cross = cfg.get("do_cross_attention", False)
@@ -171,8 +151,11 @@ def _parse_cepe(cfg: dict[str, Any], hidden: int) -> dict[str, Any]:
     return {"num_cross_attn_layers": n_cross, "encoder_hidden_size": d_enc, "encoder": encoder}
 
 
-def parse_config(cfg: Any) -> DecoderConfig:
-    """Validates an HF config dict (LLaMA, Mistral or CEPE) and returns the model's parameters."""
+def parse_config(cfg: Any, rope_scaling: dict[str, Any] | None = None) -> DecoderConfig:
+    """Validates an HF config dict (LLaMA, Mistral or CEPE) and returns the model's parameters.
+
+    rope_scaling, when given, replaces the checkpoint's RoPE scaling (E2-LLM's
+    inference rule, or any transformers rope_scaling dict)."""
     if not isinstance(cfg, dict):
         raise ConfigError(f"config.json must hold a JSON object, got {type(cfg).__name__}")
     model_type = cfg.get("model_type", "llama")
@@ -207,6 +190,7 @@ def parse_config(cfg: Any) -> DecoderConfig:
         raise ConfigError(f"config.json: head_dim must be even for RoPE, got {head_dim}")
     if head_dim > 256:
         raise NotImplementedError(f"config.json: head_dim {head_dim} is larger than the supported 256")
+    rope = parse_rope(cfg, rope_scaling)
 
     tie = cfg.get("tie_word_embeddings", False)
     if not isinstance(tie, bool):
@@ -221,7 +205,8 @@ def parse_config(cfg: Any) -> DecoderConfig:
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
         rms_norm_eps=_float(cfg, "rms_norm_eps", 1e-6),
-        rope_theta=_rope_theta(cfg),
+        rope_theta=rope.rope_theta,
+        rope=rope,
         tie_word_embeddings=tie,
         sliding_window=0 if window is None else _int(cfg, "sliding_window"),
         max_position_embeddings=_int(cfg, "max_position_embeddings", 2048),
@@ -234,7 +219,7 @@ def parse_config(cfg: Any) -> DecoderConfig:
     )
 
 
-def read_config(model_dir: str) -> DecoderConfig:
+def read_config(model_dir: str, rope_scaling: dict[str, Any] | None = None) -> DecoderConfig:
     path = os.path.join(model_dir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no config.json in {model_dir}")
@@ -243,7 +228,7 @@ def read_config(model_dir: str) -> DecoderConfig:
             raw = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid JSON: {exc}") from None
-    cfg = parse_config(raw)
+    cfg = parse_config(raw, rope_scaling)
     gen_path = os.path.join(model_dir, "generation_config.json")
     if os.path.exists(gen_path):  # generate()'s defaults, as in transformers
         try:

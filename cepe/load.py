@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -52,12 +53,21 @@ def check_device(device: object) -> str:
     return device
 
 
-def load(path: str | os.PathLike[str], *, device: str = "cpu", n_threads: int | None = None) -> Model:
+def load(
+    path: str | os.PathLike[str],
+    *,
+    device: str = "cpu",
+    n_threads: int | None = None,
+    rope_scaling: dict[str, Any] | None = None,
+) -> Model:
     """Loads an HF LLaMA-family checkpoint directory (config.json + safetensors).
 
     float32 tensors are memory-mapped, not copied; fp16/bf16 are widened to
-    float32 once. n_threads (default: the CPUs this process may use) sets the
-    OpenMP team of this model and the process-wide BLAS pool.
+    float32 once. rope_scaling overrides the checkpoint's RoPE settings
+    without editing config.json, e.g. {"rope_type": "linear", "factor": 4} for
+    an E2-LLM model run at 4x its training length (see
+    cepe.rope.e2llm_scale_for_length). n_threads (default: the CPUs this process may use) sizes the
+    OpenMP team of this model; the BLAS runs single-threaded inside it.
     """
     device = check_device(device)
     n = check_threads(n_threads)
@@ -66,7 +76,7 @@ def load(path: str | os.PathLike[str], *, device: str = "cpu", n_threads: int | 
         raise FileNotFoundError(f"no such model directory: {model_dir}")
     if not os.path.isdir(model_dir):
         raise NotADirectoryError(f"{model_dir} is not a directory (expected an HF model directory)")
-    cfg = read_config(model_dir)
+    cfg = read_config(model_dir, rope_scaling)
     ckpt = Checkpoint(model_dir)
 
     encoder = cfg.encoder.core_kwargs() if cfg.encoder is not None else None
@@ -83,5 +93,4 @@ def load(path: str | os.PathLike[str], *, device: str = "cpu", n_threads: int | 
         core.finalize()
     except KeyError as exc:
         raise CheckpointError(f"{model_dir}: {exc.args[0]}") from None
-    cepe_c.set_blas_threads(n)
     return Model(core, cfg, n_threads=n, path=model_dir, device=device)

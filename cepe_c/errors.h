@@ -10,4 +10,9 @@
  * CEPE_ERR_INVALID_ARG, ...) with cepe_last_error() as message; returns NULL. */
 PyObject *raise_status(cepe_status st);
 
+/* rope_bindings.c: a RoPE settings dict (cepe.rope.RopeSettings.to_core())
+ * into rc; keep[] receives new references to the arrays rc's longrope
+ * factors point into (Py_XDECREF them once rc is no longer needed). */
+int rope_config_from_dict(PyObject *d, cepe_rope_config *rc, PyObject *keep[2]);
+
 #endif /* CEPE_C_ERRORS_H */

@@ -81,8 +81,9 @@ static void Model_dealloc(ModelObject *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* Reads a config dict's keys (those of cepe.config.DecoderConfig.core_kwargs). */
-static int config_from_dict(PyObject *d, cepe_config *c, const char *what) {
+/* Reads a config dict's keys (those of cepe.config.DecoderConfig.core_kwargs);
+ * keep[] as rope_config_from_dict's. */
+static int config_from_dict(PyObject *d, cepe_config *c, const char *what, PyObject *keep[2]) {
     if (!PyDict_Check(d)) {
         PyErr_Format(PyExc_TypeError, "%s must be a dict", what);
         return -1;
@@ -123,7 +124,10 @@ static int config_from_dict(PyObject *d, cepe_config *c, const char *what) {
     }
     c->rms_norm_eps = (float)PyFloat_AsDouble(eps);
     c->rope_theta = PyFloat_AsDouble(theta);
-    return PyErr_Occurred() ? -1 : 0;
+    if (PyErr_Occurred()) return -1;
+    PyObject *rope = PyDict_GetItemString(d, "rope");
+    if (rope && rope != Py_None && rope_config_from_dict(rope, &c->rope, keep) < 0) return -1;
+    return 0;
 }
 
 static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
@@ -132,17 +136,23 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
     int n_threads = 1;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O|Oi:Model", names, &dec, &enc, &n_threads)) return -1;
     cepe_config c = {0}, ec = {0};
-    if (config_from_dict(dec, &c, "decoder config") < 0) return -1;
-    if (enc != Py_None && config_from_dict(enc, &ec, "encoder config") < 0) return -1;
+    PyObject *keep[4] = {NULL, NULL, NULL, NULL}; /* longrope factor arrays, until create copies them */
+    int rc = -1;
     if (self->model) {
         PyErr_SetString(PyExc_RuntimeError, "Model.__init__ called twice");
         return -1;
     }
+    if (config_from_dict(dec, &c, "decoder config", keep) < 0) goto done;
+    if (enc != Py_None && config_from_dict(enc, &ec, "encoder config", keep + 2) < 0) goto done;
     cepe_status st = cepe_model_create(&c, enc != Py_None ? &ec : NULL, n_threads, &self->model);
     if (st) {
         raise_status(st);
-        return -1;
+        goto done;
     }
+    rc = 0;
+done:
+    for (int i = 0; i < 4; i++) Py_XDECREF(keep[i]);
+    if (rc < 0) return -1;
     self->n_threads = n_threads;
     self->weights = PyList_New(0);
     return self->weights ? 0 : -1;

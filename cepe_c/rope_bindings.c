@@ -197,6 +197,20 @@ static int settings_from_dict(PyObject *d, settings *s) {
     return attach_factors(s);
 }
 
+int rope_config_from_dict(PyObject *d, cepe_rope_config *rc, PyObject *keep[2]) {
+    keep[0] = keep[1] = NULL;
+    if (numpy_ready() < 0) return -1;
+    settings s = {0};
+    if (settings_from_dict(d, &s) < 0) {
+        settings_release(&s);
+        return -1;
+    }
+    *rc = s.rc;
+    keep[0] = (PyObject *)s.factor_arrays[0]; /* ownership moves to the caller */
+    keep[1] = (PyObject *)s.factor_arrays[1];
+    return 0;
+}
+
 /* ------------------------------------------------------------- functions */
 
 static PyObject *rope_frequencies(PyObject *Py_UNUSED(m), PyObject *args) {

@@ -17,11 +17,12 @@ typedef struct cepe_backend {
 
     void (*embedding)(float *out, const int32_t *ids, const float *wte, int N, int C);
     void (*rmsnorm)(float *out, const float *inp, const float *w, int N, int C, float eps, int nt);
-    int (*matmul)(float *out, const float *inp, const float *w, int N, int C, int OC, int accumulate);
+    int (*matmul)(float *out, const float *inp, const float *w, int N, int C, int OC, int accumulate,
+                  int nt);
     void (*rope_table)(float *cos_t, float *sin_t, const double *pos, const float *inv_freq, int N,
-                       int half);
+                       int half, float mscale);
     void (*rope)(float *x, const float *cos_t, const float *sin_t, int N, int nh, int hd, int half,
-                 int nt);
+                 int interleaved, int nt);
     void (*attention)(float *out, const float *q, const float *k, const float *v,
                       const uint8_t *key_valid, const attention_shape *s, int nt);
     void (*swiglu)(float *out, const float *gate, const float *up, long N, int nt);

@@ -33,6 +33,40 @@ typedef enum {
     CEPE_ERR_BACKEND = 7       /* BLAS / CUDA failure */
 } cepe_status;
 
+/* ---- RoPE types (functions below) ---------------------------------------- */
+typedef enum {
+    CEPE_ROPE_DEFAULT = 0,
+    CEPE_ROPE_LINEAR = 1,   /* position interpolation (PI); E2-LLM at inference */
+    CEPE_ROPE_DYNAMIC = 2,  /* dynamic NTK: the base grows with seq_len */
+    CEPE_ROPE_YARN = 3,
+    CEPE_ROPE_LLAMA3 = 4,
+    CEPE_ROPE_LONGROPE = 5
+} cepe_rope_type;
+
+/* Which dims form pair j: HALF (GPT-NeoX, HF checkpoints) pairs x[j] with
+ * x[j + rotary_dim/2]; INTERLEAVED (GPT-J, Meta/GGUF weights) x[2j], x[2j+1]. */
+typedef enum { CEPE_ROPE_HALF = 0, CEPE_ROPE_INTERLEAVED = 1 } cepe_rope_layout;
+
+/* Start from cepe_rope_config_init(): NAN / 0 mark the optional fields unset. */
+typedef struct {
+    cepe_rope_type type;
+    cepe_rope_layout layout;
+    double theta;          /* rope_theta */
+    int head_dim;
+    int rotary_dim;        /* head_dim * partial_rotary_factor; even; dims past it are not rotated */
+    double factor;         /* s; NAN = unset (yarn/longrope: max_pos / original_max_pos) */
+    /* L, the pre-training window; <= 0 = max_pos (as HF). For dynamic, HF's L is
+     * max_position_embeddings: cepe.rope.parse_rope stores that here. */
+    int original_max_pos;
+    int max_pos;           /* max_position_embeddings; 0 = unknown */
+    double low_freq_factor, high_freq_factor;   /* llama3 (required) */
+    double beta_fast, beta_slow;                /* yarn; NAN or 0 = 32 / 1 */
+    double mscale, mscale_all_dim;              /* yarn (DeepSeek); NAN or 0 = unset */
+    double attention_factor;                    /* yarn, longrope: M; NAN = derived from s */
+    int truncate;                               /* yarn: floor/ceil the ramp bounds (default 1) */
+    const float *short_factor, *long_factor;    /* longrope: rotary_dim/2 each, borrowed */
+} cepe_rope_config;
+
 /* Decoder hyper-parameters (the subset of an HF LlamaConfig the math needs). */
 typedef struct {
     int vocab_size;
@@ -50,6 +84,9 @@ typedef struct {
      * k/v projections reading encoder states of width encoder_hidden_size. */
     int n_cross_layers;
     int encoder_hidden_size;
+    /* RoPE variant; rope.head_dim == 0 means the default variant with
+     * rope_theta over the whole head (the model copies the factor arrays). */
+    cepe_rope_config rope;
 } cepe_config;
 
 typedef struct cepe_model cepe_model;
@@ -145,38 +182,6 @@ cepe_status cepe_ctx_generate(cepe_ctx *c, const cepe_sampling *s, int max_new, 
  * a token at position p rotates pair j by p * w'_j. The numbers match
  * transformers 5.23 (modeling_rope_utils._compute_*_parameters). */
 
-typedef enum {
-    CEPE_ROPE_DEFAULT = 0,
-    CEPE_ROPE_LINEAR = 1,   /* position interpolation (PI); E2-LLM at inference */
-    CEPE_ROPE_DYNAMIC = 2,  /* dynamic NTK: the base grows with seq_len */
-    CEPE_ROPE_YARN = 3,
-    CEPE_ROPE_LLAMA3 = 4,
-    CEPE_ROPE_LONGROPE = 5
-} cepe_rope_type;
-
-/* Which dims form pair j: HALF (GPT-NeoX, HF checkpoints) pairs x[j] with
- * x[j + rotary_dim/2]; INTERLEAVED (GPT-J, Meta/GGUF weights) x[2j], x[2j+1]. */
-typedef enum { CEPE_ROPE_HALF = 0, CEPE_ROPE_INTERLEAVED = 1 } cepe_rope_layout;
-
-/* Start from cepe_rope_config_init(): NAN / 0 mark the optional fields unset. */
-typedef struct {
-    cepe_rope_type type;
-    cepe_rope_layout layout;
-    double theta;          /* rope_theta */
-    int head_dim;
-    int rotary_dim;        /* head_dim * partial_rotary_factor; even; dims past it are not rotated */
-    double factor;         /* s; NAN = unset (yarn/longrope: max_pos / original_max_pos) */
-    /* L, the pre-training window; <= 0 = max_pos (as HF). For dynamic, HF's L is
-     * max_position_embeddings: cepe.rope.parse_rope stores that here. */
-    int original_max_pos;
-    int max_pos;           /* max_position_embeddings; 0 = unknown */
-    double low_freq_factor, high_freq_factor;   /* llama3 (required) */
-    double beta_fast, beta_slow;                /* yarn; NAN or 0 = 32 / 1 */
-    double mscale, mscale_all_dim;              /* yarn (DeepSeek); NAN or 0 = unset */
-    double attention_factor;                    /* yarn, longrope: M; NAN = derived from s */
-    int truncate;                               /* yarn: floor/ceil the ramp bounds (default 1) */
-    const float *short_factor, *long_factor;    /* longrope: rotary_dim/2 each, borrowed */
-} cepe_rope_config;
 
 /* Sets the default variant for (theta, head_dim) with every option unset. */
 void cepe_rope_config_init(cepe_rope_config *rc, double theta, int head_dim);

@@ -23,4 +23,25 @@ int cepe_rope_original_len(const cepe_rope_config *rc);
  * allocating the (n_samples, R) output. */
 cepe_status cepe_e2llm_check(int R, int L, int g_max, int n_samples);
 
+/* A model's RoPE, ready to run: the settings (owning their longrope factor
+ * copies), the table for short sequences and its magnitude. */
+typedef struct {
+    cepe_rope_config rc; /* short/long_factor point into `factors` */
+    float *factors;      /* owned: short then long, rotary_dim/2 each */
+    float *inv_freq;     /* (half) the table at seq_len 0 */
+    float mscale;
+    int half;             /* rotary pairs per head */
+    int length_dependent; /* dynamic NTK / LongRoPE: tables depend on the call's length */
+} rope_state;
+
+/* From cfg->rope (or, when cfg->rope.head_dim == 0, default RoPE with
+ * cfg->rope_theta over the whole head). */
+cepe_status cepe_rope_setup(const cepe_config *cfg, rope_state *out);
+void cepe_rope_release(rope_state *r);
+
+/* The table for a call whose largest position is seq_len - 1, following HF's
+ * runtime rules; *cached_len is the dynamic-NTK state of one request (start
+ * it at cepe_rope_original_len). */
+cepe_status cepe_rope_for_call(const rope_state *r, int seq_len, int *cached_len, float *inv_freq, float *mscale);
+
 #endif /* CEPE_ROPE_H */

@@ -328,20 +328,58 @@ cepe_status cepe_rope_frequencies(const cepe_rope_config *rc, int seq_len, float
 }
 
 /* The decoder's table: the default variant over the whole head. */
-cepe_status cepe_rope_init(const cepe_config *cfg, float **inv_freq, int *half) {
-    cepe_rope_config rc;
-    cepe_rope_config_init(&rc, cfg->rope_theta, cfg->head_dim);
-    cepe_status st = cepe_rope_check(&rc);
+cepe_status cepe_rope_setup(const cepe_config *cfg, rope_state *out) {
+    memset(out, 0, sizeof *out);
+    if (cfg->rope.head_dim == 0)
+        cepe_rope_config_init(&out->rc, cfg->rope_theta, cfg->head_dim);
+    else
+        out->rc = cfg->rope;
+    cepe_rope_config *rc = &out->rc;
+    if (rc->head_dim != cfg->head_dim)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "rope: head_dim %d differs from the model's %d", rc->head_dim,
+                         cfg->head_dim);
+    cepe_status st = cepe_rope_check(rc);
     if (st) return st;
-    const int h = cfg->head_dim / 2;
-    float *f = cepe_calloc((size_t)h, sizeof(float));
-    if (!f) return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory for RoPE frequencies");
-    st = cepe_rope_frequencies(&rc, 0, f, NULL);
-    if (st) {
-        cepe_free(f);
-        return st;
+    const int h = rc->rotary_dim / 2;
+    out->half = h;
+    out->length_dependent = rc->type == CEPE_ROPE_DYNAMIC || rc->type == CEPE_ROPE_LONGROPE;
+    out->inv_freq = cepe_calloc((size_t)h, sizeof(float));
+    out->factors = cepe_calloc((size_t)h * 2, sizeof(float));
+    if (!out->inv_freq || !out->factors) {
+        cepe_rope_release(out);
+        return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory for RoPE frequencies");
     }
-    *inv_freq = f;
-    *half = h;
-    return CEPE_OK;
+    /* own the factor lists: the caller's arrays may go away after create */
+    if (rc->short_factor) memcpy(out->factors, rc->short_factor, sizeof(float) * (size_t)h);
+    if (rc->long_factor) memcpy(out->factors + h, rc->long_factor, sizeof(float) * (size_t)h);
+    rc->short_factor = rc->short_factor ? out->factors : NULL;
+    rc->long_factor = rc->long_factor ? out->factors + h : NULL;
+    st = cepe_rope_frequencies(rc, 0, out->inv_freq, &out->mscale);
+    if (st) cepe_rope_release(out);
+    return st;
+}
+
+void cepe_rope_release(rope_state *r) {
+    cepe_free(r->inv_freq);
+    cepe_free(r->factors);
+    r->inv_freq = NULL;
+    r->factors = NULL;
+}
+
+cepe_status cepe_rope_for_call(const rope_state *r, int seq_len, int *cached_len, float *inv_freq, float *mscale) {
+    const int L = cepe_rope_original_len(&r->rc);
+    int len = seq_len;
+    if (r->rc.type == CEPE_ROPE_DYNAMIC) {
+        /* transformers' dynamic_rope_update: grow the table with the longest
+         * sequence seen so far; return to the original once a call is short
+         * again. Keys already cached keep the rotation they were given. */
+        if (seq_len > *cached_len) *cached_len = seq_len;
+        if (seq_len < L && *cached_len > L) *cached_len = L;
+        len = *cached_len;
+    } else if (r->rc.type != CEPE_ROPE_LONGROPE) {
+        memcpy(inv_freq, r->inv_freq, sizeof(float) * (size_t)r->half);
+        *mscale = r->mscale;
+        return CEPE_OK;
+    }
+    return cepe_rope_frequencies(&r->rc, len, inv_freq, mscale);
 }

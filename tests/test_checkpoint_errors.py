@@ -187,14 +187,14 @@ def test_permission_denied(copy_of):
         (lambda c: c.update(hidden_act="gelu"), NotImplementedError, "hidden_act 'gelu'"),
         (lambda c: c.update(attention_bias=True), NotImplementedError, "attention_bias=true"),
         (
-            lambda c: c.update(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}),
+            lambda c: c.update(rope_parameters={"rope_type": "proportional", "rope_theta": 1e4, "factor": 2.0}),
             NotImplementedError,
-            "rope_parameters.rope_type 'yarn'",
+            "proportional",
         ),
         (
             lambda c: c.update(rope_parameters={"rope_type": "default", "rope_theta": "big"}),
             ConfigError,
-            "'rope_theta' must be a number",
+            "rope_parameters.rope_theta must be a number",
         ),
         (
             lambda c: c.update(tie_word_embeddings="yes"),

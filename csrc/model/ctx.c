@@ -42,8 +42,9 @@ cepe_status cepe_ctx_create(const cepe_model *m, int batch, int capacity, cepe_c
     ALLOC(next_pos, batch, double);
     ALLOC(ids, rows, int32_t);
     ALLOC(pos, rows, double);
-    ALLOC(cos_t, rows * (size_t)m->rope_half, float);
-    ALLOC(sin_t, rows * (size_t)m->rope_half, float);
+    ALLOC(cos_t, rows * (size_t)m->rope.half, float);
+    ALLOC(sin_t, rows * (size_t)m->rope.half, float);
+    ALLOC(inv_freq, m->rope.half, float);
     ALLOC(x, rows * (size_t)c->hidden_size, float);
     ALLOC(xn, rows * (size_t)c->hidden_size, float);
     ALLOC(q, rows * qd, float);
@@ -59,6 +60,7 @@ cepe_status cepe_ctx_create(const cepe_model *m, int batch, int capacity, cepe_c
     ALLOC(finished, batch, uint8_t);
     ALLOC(step_ids, batch, int32_t);
 #undef ALLOC
+    cepe_ctx_reset(x);
     *out = x;
     return CEPE_OK;
 oom:
@@ -70,7 +72,7 @@ oom:
 void cepe_ctx_free(cepe_ctx *x) {
     if (!x) return;
     void (*f)(void *) = x->m->be->free;
-    void *bufs[] = {x->k_cache, x->v_cache, x->valid, x->next_pos, x->ids, x->pos, x->cos_t,
+    void *bufs[] = {x->inv_freq, x->k_cache, x->v_cache, x->valid, x->next_pos, x->ids, x->pos, x->cos_t,
                     x->sin_t, x->x, x->xn, x->q, x->k, x->v, x->att, x->gate, x->up,
                     x->last_hidden, x->last_logits, x->probs, x->cand, x->finished, x->step_ids,
                     x->ctx_mask, x->cross_k, x->cross_v};
@@ -84,6 +86,10 @@ void cepe_ctx_reset(cepe_ctx *x) {
     x->has_logits = 0;
     memset(x->next_pos, 0, sizeof(double) * (size_t)x->B);
     atomic_store(&x->interrupt, 0);
+    /* a fresh request starts from the short table, as a fresh HF model does */
+    memcpy(x->inv_freq, x->m->rope.inv_freq, sizeof(float) * (size_t)x->m->rope.half);
+    x->rope_mscale = x->m->rope.mscale;
+    x->rope_cached_len = cepe_rope_original_len(&x->m->rope.rc);
 }
 
 static void drop_context(cepe_ctx *x) {
@@ -130,8 +136,8 @@ cepe_status cepe_ctx_set_context(cepe_ctx *x, const float *states, const uint8_t
         for (int l = m->first_cross; l < c->n_layers; l++) {
             const layer_weights *w = &m->w.layers[l];
             const size_t off = (size_t)(l - m->first_cross) * rows * kvd;
-            be->matmul(x->cross_k + off, states, w->cross_wk, (int)rows, c->encoder_hidden_size, (int)kvd, 0);
-            be->matmul(x->cross_v + off, states, w->cross_wv, (int)rows, c->encoder_hidden_size, (int)kvd, 0);
+            be->matmul(x->cross_k + off, states, w->cross_wk, (int)rows, c->encoder_hidden_size, (int)kvd, 0, m->n_threads);
+            be->matmul(x->cross_v + off, states, w->cross_wv, (int)rows, c->encoder_hidden_size, (int)kvd, 0, m->n_threads);
         }
     return CEPE_OK;
 }

@@ -27,8 +27,8 @@ static void cross_attention(cepe_ctx *x, int l, int c, const block_scratch *s) {
         kc = x->cross_k + (long)(l - m->first_cross) * ctx_rows * kvd;
         vc = x->cross_v + (long)(l - m->first_cross) * ctx_rows * kvd;
     } else { /* memory-lean: project this layer's K/V now */
-        be->matmul(x->cross_k, x->ctx_states, w->cross_wk, (int)ctx_rows, cfg->encoder_hidden_size, kvd, 0);
-        be->matmul(x->cross_v, x->ctx_states, w->cross_wv, (int)ctx_rows, cfg->encoder_hidden_size, kvd, 0);
+        be->matmul(x->cross_k, x->ctx_states, w->cross_wk, (int)ctx_rows, cfg->encoder_hidden_size, kvd, 0, nt);
+        be->matmul(x->cross_v, x->ctx_states, w->cross_wv, (int)ctx_rows, cfg->encoder_hidden_size, kvd, 0, nt);
         kc = x->cross_k;
         vc = x->cross_v;
     }
@@ -39,9 +39,9 @@ static void cross_attention(cepe_ctx *x, int l, int c, const block_scratch *s) {
         .causal = 0, .q_offset = 0, .window = 0, .scale = 1.0f / sqrtf((float)hd),
     };
     be->rmsnorm(s->xn, x->x, w->cross_norm, N, d, cfg->rms_norm_eps, nt);
-    be->matmul(s->q, s->xn, w->cross_wq, N, d, qd, 0);
+    be->matmul(s->q, s->xn, w->cross_wq, N, d, qd, 0, nt);
     be->attention(s->att, s->q, kc, vc, x->ctx_mask, &shape, nt);
-    be->matmul(x->x, s->att, w->cross_wo, N, qd, d, 1);
+    be->matmul(x->x, s->att, w->cross_wo, N, qd, d, 1, nt);
 }
 
 /* Runs layers over the c tokens per row already gathered into x->ids / x->pos
@@ -53,13 +53,13 @@ static cepe_status run_layers(cepe_ctx *x, int c) {
     const cepe_backend *be = m->be;
     const int B = x->B, N = B * c, d = cfg->hidden_size;
     const int H = cfg->n_heads, KVH = cfg->n_kv_heads, hd = cfg->head_dim;
-    const int qd = H * hd, kvd = KVH * hd, nt = m->n_threads, half = m->rope_half;
+    const int qd = H * hd, kvd = KVH * hd, nt = m->n_threads;
     const long layer_stride = (long)B * x->cap * kvd;
     const block_scratch s = {.xn = x->xn, .q = x->q, .k = x->k, .v = x->v, .att = x->att,
                              .gate = x->gate, .up = x->up, .cos_t = x->cos_t, .sin_t = x->sin_t};
 
     be->embedding(x->x, x->ids, m->w.embed, N, d);
-    be->rope_table(x->cos_t, x->sin_t, x->pos, m->inv_freq, N, half);
+    be->rope_table(x->cos_t, x->sin_t, x->pos, x->inv_freq, N, m->rope.half, x->rope_mscale);
     const attention_shape shape = {
         .B = B, .Tq = c, .Tk = x->len + c, .H = H, .KVH = KVH, .hd = hd,
         .q_rstride = qd, .q_bstride = (long)c * qd,
@@ -73,14 +73,14 @@ static cepe_status run_layers(cepe_ctx *x, int c) {
         float *kc = x->k_cache + l * layer_stride, *vc = x->v_cache + l * layer_stride;
 
         /* causal self-attention over the cache */
-        block_qkv(be, w, cfg, x->x, &s, N, half, nt);
+        block_qkv(be, w, cfg, x->x, &s, N, &m->rope, nt);
         for (int b = 0; b < B; b++) { /* append this chunk's keys/values */
             const size_t bytes = sizeof(float) * (size_t)c * kvd;
             memcpy(kc + ((long)b * x->cap + x->len) * kvd, x->k + (long)b * c * kvd, bytes);
             memcpy(vc + ((long)b * x->cap + x->len) * kvd, x->v + (long)b * c * kvd, bytes);
         }
         be->attention(x->att, x->q, kc, vc, x->valid, &shape, nt);
-        be->matmul(x->x, x->att, w->wo, N, qd, d, 1); /* x += o_proj(att) */
+        be->matmul(x->x, x->att, w->wo, N, qd, d, 1, nt); /* x += o_proj(att) */
 
         /* CEPE: between self-attention and the MLP; skipped without context */
         if (l >= m->first_cross && x->ctx_N > 0) cross_attention(x, l, c, &s);
@@ -112,6 +112,22 @@ static void gather_chunk(cepe_ctx *x, const int32_t *ids, const double *position
         }
 }
 
+/* max position + 1 over this call, as transformers measures seq_len. */
+static int call_seq_len(const cepe_ctx *x, const double *positions, const uint8_t *mask, int T) {
+    double mx = 0.0;
+    for (int b = 0; b < x->B; b++) {
+        if (positions) {
+            for (int t = 0; t < T; t++) mx = positions[(long)b * T + t] > mx ? positions[(long)b * T + t] : mx;
+            continue;
+        }
+        int real = 0;
+        for (int t = 0; t < T; t++) real += mask ? mask[(long)b * T + t] != 0 : 1;
+        const double last = x->next_pos[b] + (real > 0 ? real - 1 : 0);
+        mx = last > mx ? last : mx;
+    }
+    return mx + 1.0 < 2147483647.0 ? (int)mx + 1 : 2147483647;
+}
+
 cepe_status cepe_ctx_forward(cepe_ctx *x, const int32_t *ids, const double *positions,
                              const uint8_t *mask, int T, float *logits, cepe_logits_mode mode) {
     if (!x || !ids) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_ctx_forward: NULL argument");
@@ -136,6 +152,11 @@ cepe_status cepe_ctx_forward(cepe_ctx *x, const int32_t *ids, const double *posi
                                  "position %g at (row %ld, position %ld) must be finite and >= 0",
                                  positions[i], i / T, i % T);
     atomic_store(&x->interrupt, 0);
+    if (m->rope.length_dependent) { /* dynamic NTK / LongRoPE: the table follows the call's length */
+        cepe_status st = cepe_rope_for_call(&m->rope, call_seq_len(x, positions, mask, T), &x->rope_cached_len,
+                                            x->inv_freq, &x->rope_mscale);
+        if (st) return st;
+    }
 
     for (int t0 = 0; t0 < T; t0 += x->chunk) {
         const int c = T - t0 < x->chunk ? T - t0 : x->chunk;
@@ -148,7 +169,7 @@ cepe_status cepe_ctx_forward(cepe_ctx *x, const int32_t *ids, const double *posi
         if (mode == CEPE_LOGITS_ALL)
             for (int b = 0; b < B; b++)
                 m->be->matmul(logits + ((long)b * T + t0) * V, x->xn + (long)b * c * d, m->w.lm_head, c,
-                              d, V, 0);
+                              d, V, 0, m->n_threads);
         x->len += c;
         if (t0 + c == T) { /* last chunk: keep each row's final hidden state and logits */
             for (int b = 0; b < B; b++)
@@ -158,7 +179,7 @@ cepe_status cepe_ctx_forward(cepe_ctx *x, const int32_t *ids, const double *posi
                     memcpy(x->last_logits + (long)b * V, logits + ((long)b * T + T - 1) * V,
                            sizeof(float) * V);
             else
-                m->be->matmul(x->last_logits, x->last_hidden, m->w.lm_head, B, d, V, 0);
+                m->be->matmul(x->last_logits, x->last_hidden, m->w.lm_head, B, d, V, 0, m->n_threads);
             if (mode == CEPE_LOGITS_LAST) memcpy(logits, x->last_logits, sizeof(float) * (size_t)B * V);
             x->has_logits = 1;
         }

@@ -32,7 +32,7 @@ cepe_status cepe_model_encode(const cepe_model *m, const int32_t *ids, const uin
     const size_t rows = (size_t)cb * (size_t)L;
     const size_t d = (size_t)c->hidden_size, ff = (size_t)c->intermediate_size;
     const size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
-    const int half = m->enc_rope_half, nt = m->n_threads;
+    const int half = m->enc_rope.half, nt = m->n_threads;
     cepe_status st = CEPE_OK;
     float *x = be->alloc(cepe_mul_size(rows, d * sizeof(float)));
     float *xn = be->alloc(cepe_mul_size(rows, d * sizeof(float)));
@@ -50,7 +50,10 @@ cepe_status cepe_model_encode(const cepe_model *m, const int32_t *ids, const uin
         goto done;
     }
     for (size_t i = 0; i < rows; i++) pos[i] = (double)(i % (size_t)L); /* slot index in its chunk */
-    be->rope_table(cos_t, sin_t, pos, m->enc_inv_freq, (int)rows, half);
+    float inv_freq[CEPE_MAX_HEAD_DIM / 2], mscale;
+    int cached = cepe_rope_original_len(&m->enc_rope.rc);
+    if ((st = cepe_rope_for_call(&m->enc_rope, L, &cached, inv_freq, &mscale))) goto done;
+    be->rope_table(cos_t, sin_t, pos, inv_freq, (int)rows, half, mscale);
     const block_scratch s = {.xn = xn, .q = q, .k = k, .v = v, .att = att, .gate = gate, .up = up,
                              .cos_t = cos_t, .sin_t = sin_t};
 
@@ -67,9 +70,9 @@ cepe_status cepe_model_encode(const cepe_model *m, const int32_t *ids, const uin
         };
         for (int l = 0; l < c->n_layers; l++) {
             const layer_weights *w = &m->enc.layers[l];
-            block_qkv(be, w, c, x, &s, N, half, nt);
+            block_qkv(be, w, c, x, &s, N, &m->enc_rope, nt);
             be->attention(att, q, k, v, mask ? mask + off : NULL, &shape, nt);
-            be->matmul(x, att, w->wo, N, (int)qd, (int)d, 1);
+            be->matmul(x, att, w->wo, N, (int)qd, (int)d, 1, nt);
             block_mlp(be, w, c, x, &s, N, nt);
         }
         be->rmsnorm(out + off * (long)d, x, m->enc.final_norm, N, (int)d, c->rms_norm_eps, nt);

@@ -88,8 +88,8 @@ static cepe_status add_encoder(cepe_model *m, const cepe_config *ec) {
     m->has_encoder = 1;
     m->enc.layers = cepe_calloc((size_t)c.n_layers, sizeof(layer_weights));
     if (!m->enc.layers) return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory creating the encoder");
-    st = cepe_rope_init(&c, &m->enc_inv_freq, &m->enc_rope_half);
-    if (st) return st;
+    st = cepe_rope_setup(&c, &m->enc_rope);
+    if (st) return cepe_fail(st, "encoder_config: %.400s", cepe_last_error());
     add_slot(m, "encoder.embed_tokens.weight", c.vocab_size, c.hidden_size, &m->enc.embed);
     add_slot(m, "encoder.norm.weight", c.hidden_size, 0, &m->enc.final_norm);
     char prefix[64];
@@ -112,6 +112,7 @@ cepe_status cepe_model_create(const cepe_config *cfg, const cepe_config *encoder
     if (!m) return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory creating the model");
     m->cfg = *cfg;
     m->n_threads = n_threads;
+    cepe_set_blas_threads(1); /* threads come from our OpenMP team (matmul.c) */
     m->be = cepe_backend_cpu();
     const int L = cfg->n_layers, d = cfg->hidden_size;
     const int qd = cfg->n_heads * cfg->head_dim, kvd = cfg->n_kv_heads * cfg->head_dim;
@@ -124,7 +125,7 @@ cepe_status cepe_model_create(const cepe_config *cfg, const cepe_config *encoder
         st = cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory creating the model");
         goto fail;
     }
-    st = cepe_rope_init(cfg, &m->inv_freq, &m->rope_half);
+    st = cepe_rope_setup(cfg, &m->rope);
     if (st) goto fail;
 
     add_slot(m, "model.embed_tokens.weight", cfg->vocab_size, d, &m->w.embed);
@@ -160,8 +161,8 @@ void cepe_model_free(cepe_model *m) {
     cepe_free(m->w.layers);
     cepe_free(m->enc.layers);
     cepe_free(m->slots);
-    cepe_free(m->inv_freq);
-    cepe_free(m->enc_inv_freq);
+    cepe_rope_release(&m->rope);
+    cepe_rope_release(&m->enc_rope);
     cepe_free(m);
 }
 

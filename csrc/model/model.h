@@ -8,6 +8,7 @@
 
 #include "../backend.h"
 #include "../cepe.h"
+#include "../rope.h"
 
 #define CEPE_MAX_HEAD_DIM 256 /* attention keeps a head's accumulator on the stack */
 
@@ -59,15 +60,13 @@ struct cepe_model {
     weight_slot *slots;
     int n_slots;
     int finalized;
-    float *inv_freq; /* (rope_half) per-pair RoPE frequencies */
-    int rope_half;   /* rotary pairs per head */
+    rope_state rope;
     int first_cross; /* first layer with cross-attention (n_layers if none) */
     /* CEPE encoder (has_encoder = 0: a plain decoder) */
     int has_encoder;
     cepe_config enc_cfg;
     encoder_weights enc;
-    float *enc_inv_freq;
-    int enc_rope_half;
+    rope_state enc_rope;
 };
 
 struct cepe_ctx {
@@ -79,6 +78,9 @@ struct cepe_ctx {
     uint8_t *valid;   /* (B, cap) 1 = real token */
     double *next_pos; /* (B) position of the next real token per row */
     /* run state for one chunk of B*chunk rows */
+    float *inv_freq; /* (rope.half) this call's RoPE table (dynamic NTK / LongRoPE) */
+    float rope_mscale;
+    int rope_cached_len; /* dynamic NTK: longest sequence seen by this request */
     int32_t *ids;
     double *pos;
     float *cos_t, *sin_t;  /* (rows, rope_half) */
@@ -109,12 +111,10 @@ typedef struct {
 
 /* xn = RMSNorm(x); q, k, v = projections; RoPE on q and k. */
 void block_qkv(const cepe_backend *be, const layer_weights *w, const cepe_config *c, const float *x,
-               const block_scratch *s, int N, int half, int nt);
+               const block_scratch *s, int N, const rope_state *rope, int nt);
 /* x += MLP(RMSNorm(x)). */
 void block_mlp(const cepe_backend *be, const layer_weights *w, const cepe_config *c, float *x,
                const block_scratch *s, int N, int nt);
 
-/* rope_freq.c: fills inv_freq (half) for the config; returns half via *half. */
-cepe_status cepe_rope_init(const cepe_config *cfg, float **inv_freq, int *half);
 
 #endif /* CEPE_MODEL_H */

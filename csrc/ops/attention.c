@@ -1,12 +1,16 @@
 /* attention.c — scaled dot-product attention with an online softmax.
  *
- * One kernel serves the decoder (causal, optional sliding window), and later
- * the encoder (bidirectional, padded keys masked) and cross-attention (no
+ * One kernel serves the decoder (causal, optional sliding window), the CEPE
+ * encoder (bidirectional, padded keys masked) and cross-attention (no
  * causality, padded context masked). Keys are visited in blocks of
  * ATT_KBLOCK; a query keeps only its running max, denominator and output
  * accumulator, so memory is O(block) per thread whatever Tk is (CEPE feeds
  * 10^5-token contexts through here). GQA: query head h reads kv head
- * h / (H / KVH), as HF's repeat_kv does. */
+ * h / (H / KVH), as HF's repeat_kv does.
+ *
+ * Blocks of many queries (prefill, encoder) transpose each key block once so
+ * that Q·Kᵀ runs as broadcast-FMAs across 64 keys; a lone query (decoding)
+ * takes plain dot products instead, since a transpose would double its reads. */
 #include <math.h>
 #include <string.h>
 
@@ -14,7 +18,8 @@
 #include "ops.h"
 
 #define ATT_KBLOCK 64
-#define ATT_QBLOCK 8
+#define ATT_QBLOCK 32
+#define ATT_MAX_HD 256
 
 /* Visible key range [lo, hi) for the query in slot `qs`. */
 static void key_range(const attention_shape *s, int qs, int *lo, int *hi) {
@@ -24,87 +29,125 @@ static void key_range(const attention_shape *s, int qs, int *lo, int *hi) {
     if (s->window > 0 && qs - s->window + 1 > *lo) *lo = qs - s->window + 1;
 }
 
-void attention_forward(float *out, const float *q, const float *k, const float *v,
-                       const uint8_t *key_valid, const attention_shape *s, int n_threads) {
-    const int H = s->H, hd = s->hd, group = s->H / s->KVH;
-    const int n_qblocks = (s->Tq + ATT_QBLOCK - 1) / ATT_QBLOCK;
-    const long n_tasks = (long)s->B * H * n_qblocks;
+typedef struct {
+    float kt[ATT_MAX_HD][ATT_KBLOCK]; /* key block, transposed */
+    float sc[ATT_KBLOCK];
+    float m[ATT_QBLOCK], l[ATT_QBLOCK];
+    float acc[ATT_QBLOCK][ATT_MAX_HD];
+} att_scratch;
 
+/* Scores of one query against keys j0..j0+nk-1 into sc (masked = -inf);
+ * returns the block max. */
+static float block_scores(const attention_shape *s, const att_scratch *w, float *sc, const float *qi,
+                          const float *kb, const uint8_t *valid, int j0, int nk, int lo, int hi, int transposed) {
+    const int hd = s->hd;
+    if (transposed) {
+        for (int jj = 0; jj < ATT_KBLOCK; jj++) sc[jj] = 0.0f;
+        for (int d = 0; d < hd; d++) {
+            const float qd = qi[d];
+            const float *kd = w->kt[d];
+#pragma omp simd
+            for (int jj = 0; jj < ATT_KBLOCK; jj++) sc[jj] += qd * kd[jj];
+        }
+    } else {
+        for (int jj = 0; jj < nk; jj++) {
+            const float *kj = kb + (long)(j0 + jj) * s->kv_rstride;
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int d = 0; d < hd; d++) dot += qi[d] * kj[d];
+            sc[jj] = dot;
+        }
+    }
+    float bmax = -INFINITY;
+    for (int jj = 0; jj < nk; jj++) {
+        const int j = j0 + jj;
+        const int ok = j >= lo && j < hi && (!valid || valid[j]);
+        sc[jj] = ok ? sc[jj] * s->scale : -INFINITY;
+        bmax = sc[jj] > bmax ? sc[jj] : bmax;
+    }
+    return bmax;
+}
+
+/* One (batch row, head, block of queries) task. */
+static void attend_block(float *out, const float *q, const float *k, const float *v, const uint8_t *key_valid,
+                         const attention_shape *s, int b, int h, int t0, int nq, att_scratch *w) {
+    const int hd = s->hd, kvh = h / (s->H / s->KVH);
+    const float *kb = k + b * s->kv_bstride + (long)kvh * hd;
+    const float *vb = v + b * s->kv_bstride + (long)kvh * hd;
+    const uint8_t *valid = key_valid ? key_valid + b * s->valid_bstride : NULL;
+    const int transposed = nq >= 4;
+
+    int lo_all = s->Tk, hi_all = 0;
+    for (int i = 0; i < nq; i++) {
+        int lo, hi;
+        key_range(s, s->q_offset + t0 + i, &lo, &hi);
+        lo_all = lo < lo_all ? lo : lo_all;
+        hi_all = hi > hi_all ? hi : hi_all;
+        w->m[i] = -INFINITY;
+        w->l[i] = 0.0f;
+        memset(w->acc[i], 0, sizeof(float) * (size_t)hd);
+    }
+    for (int j0 = lo_all; j0 < hi_all; j0 += ATT_KBLOCK) {
+        const int nk = hi_all - j0 < ATT_KBLOCK ? hi_all - j0 : ATT_KBLOCK;
+        if (transposed)
+            for (int jj = 0; jj < ATT_KBLOCK; jj++) {
+                const float *kj = kb + (long)(j0 + jj) * s->kv_rstride;
+                for (int d = 0; d < hd; d++) w->kt[d][jj] = jj < nk ? kj[d] : 0.0f;
+            }
+        for (int i = 0; i < nq; i++) {
+            int lo, hi;
+            key_range(s, s->q_offset + t0 + i, &lo, &hi);
+            if (hi <= j0 || lo >= j0 + nk) continue; /* block outside this query's range */
+            const float *qi = q + b * s->q_bstride + (long)(t0 + i) * s->q_rstride + (long)h * hd;
+            float *sc = w->sc;
+            const float bmax = block_scores(s, w, sc, qi, kb, valid, j0, nk, lo, hi, transposed);
+            if (bmax == -INFINITY) continue; /* nothing visible in this block */
+            const float corr = cepe_online_softmax_rescale(&w->m[i], &w->l[i], bmax);
+            float *a = w->acc[i];
+            if (corr != 1.0f)
+                for (int d = 0; d < hd; d++) a[d] *= corr;
+            const float mi = w->m[i];
+            float psum = 0.0f;
+#pragma omp simd reduction(+ : psum)
+            for (int jj = 0; jj < nk; jj++) {
+                sc[jj] = cepe_exp_neg(sc[jj] - mi); /* masked: exp(-inf) = 0 */
+                psum += sc[jj];
+            }
+            w->l[i] += psum;
+            for (int jj = 0; jj < nk; jj++) {
+                const float p = sc[jj];
+                if (p == 0.0f) continue;
+                const float *vj = vb + (long)(j0 + jj) * s->kv_rstride;
+#pragma omp simd
+                for (int d = 0; d < hd; d++) a[d] += p * vj[d];
+            }
+        }
+    }
+    for (int i = 0; i < nq; i++) {
+        float *o = out + ((long)b * s->Tq + t0 + i) * (long)s->H * hd + (long)h * hd;
+        const float inv = w->l[i] > 0.0f ? 1.0f / w->l[i] : 0.0f; /* no visible key: zero output */
+        for (int d = 0; d < hd; d++) o[d] = w->acc[i][d] * inv;
+    }
+}
+
+/* Thread-local (not stack: ~100 KB; not malloc: no allocation per token). */
+static _Thread_local att_scratch tls_scratch;
+
+void attention_forward(float *out, const float *q, const float *k, const float *v, const uint8_t *key_valid,
+                       const attention_shape *s, int n_threads) {
+    const int n_qblocks = (s->Tq + ATT_QBLOCK - 1) / ATT_QBLOCK;
+    const long n_tasks = (long)s->B * s->H * n_qblocks;
 #pragma omp parallel num_threads(n_threads) if (n_tasks > 1 && (long)s->Tq * s->Tk > 4096)
     {
-        /* Per-thread scratch: scores of one query block against one key block,
-         * plus the running softmax state and accumulators. */
-        float scores[ATT_QBLOCK][ATT_KBLOCK];
-        float m[ATT_QBLOCK], l[ATT_QBLOCK];
-        float acc[ATT_QBLOCK][256];
-
+        att_scratch *w = &tls_scratch;
 #pragma omp for schedule(dynamic, 1)
         for (long task = 0; task < n_tasks; task++) {
             const int qb = (int)(task % n_qblocks);
-            const int h = (int)((task / n_qblocks) % H);
-            const int b = (int)(task / ((long)n_qblocks * H));
-            const int kvh = h / group;
+            const int h = (int)((task / n_qblocks) % s->H);
+            const int b = (int)(task / ((long)n_qblocks * s->H));
             const int t0 = qb * ATT_QBLOCK;
             const int nq = s->Tq - t0 < ATT_QBLOCK ? s->Tq - t0 : ATT_QBLOCK;
-            const float *kb = k + b * s->kv_bstride + (long)kvh * hd;
-            const float *vb = v + b * s->kv_bstride + (long)kvh * hd;
-            const uint8_t *valid = key_valid ? key_valid + b * s->valid_bstride : NULL;
-
-            /* The union of the block's key ranges; per-query limits apply below. */
-            int lo_all = s->Tk, hi_all = 0;
-            for (int i = 0; i < nq; i++) {
-                int lo, hi;
-                key_range(s, s->q_offset + t0 + i, &lo, &hi);
-                if (lo < lo_all) lo_all = lo;
-                if (hi > hi_all) hi_all = hi;
-                m[i] = -INFINITY;
-                l[i] = 0.0f;
-                memset(acc[i], 0, sizeof(float) * (size_t)hd);
-            }
-
-            for (int j0 = lo_all; j0 < hi_all; j0 += ATT_KBLOCK) {
-                const int nk = hi_all - j0 < ATT_KBLOCK ? hi_all - j0 : ATT_KBLOCK;
-                for (int i = 0; i < nq; i++) {
-                    const float *qi = q + b * s->q_bstride + (long)(t0 + i) * s->q_rstride + (long)h * hd;
-                    int lo, hi;
-                    key_range(s, s->q_offset + t0 + i, &lo, &hi);
-                    float bmax = -INFINITY;
-                    for (int jj = 0; jj < nk; jj++) {
-                        const int j = j0 + jj;
-                        float sc = -INFINITY;
-                        if (j >= lo && j < hi && (!valid || valid[j])) {
-                            const float *kj = kb + (long)j * s->kv_rstride;
-                            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                            for (int d = 0; d < hd; d++) dot += qi[d] * kj[d];
-                            sc = dot * s->scale;
-                        }
-                        scores[i][jj] = sc;
-                        if (sc > bmax) bmax = sc;
-                    }
-                    if (bmax == -INFINITY) continue; /* nothing visible in this block */
-                    float corr = cepe_online_softmax_rescale(&m[i], &l[i], bmax);
-                    float *a = acc[i];
-                    if (corr != 1.0f)
-                        for (int d = 0; d < hd; d++) a[d] *= corr;
-                    float psum = 0.0f;
-                    for (int jj = 0; jj < nk; jj++) {
-                        if (scores[i][jj] == -INFINITY) continue;
-                        const float p = expf(scores[i][jj] - m[i]);
-                        psum += p;
-                        const float *vj = vb + (long)(j0 + jj) * s->kv_rstride;
-#pragma omp simd
-                        for (int d = 0; d < hd; d++) a[d] += p * vj[d];
-                    }
-                    l[i] += psum;
-                }
-            }
-
-            for (int i = 0; i < nq; i++) {
-                float *o = out + ((long)b * s->Tq + t0 + i) * (long)H * hd + (long)h * hd;
-                const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
-                for (int d = 0; d < hd; d++) o[d] = acc[i][d] * inv;
-            }
+            attend_block(out, q, k, v, key_valid, s, b, h, t0, nq, w);
         }
     }
 }

@@ -12,6 +12,29 @@
 #define CEPE_HD static inline
 #endif
 
+/* exp(x) for x <= 0 as used by softmax: Cephes' expf polynomial (relative
+ * error ~2e-7) written without calls or branches so loops over it vectorize.
+ * exp(-inf) and anything below -87 return 0. */
+CEPE_HD float cepe_exp_neg(float x) {
+    const float keep = x > -87.0f ? 1.0f : 0.0f;
+    x = x > -87.0f ? x : -87.0f;
+    const float n = floorf(x * 1.44269504088896341f + 0.5f);
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union {
+        int i;
+        float f;
+    } scale;
+    scale.i = ((int)n + 127) << 23; /* 2^n, n in [-126, 0] */
+    return p * scale.f * keep;
+}
+
 /* SiLU(x) = x * sigmoid(x). */
 CEPE_HD float cepe_silu(float x) { return x / (1.0f + expf(-x)); }
 

@@ -13,16 +13,20 @@ void embedding_forward(float *out, const int32_t *ids, const float *wte, int N, 
 void rmsnorm_forward(float *out, const float *inp, const float *weight, int N, int C, float eps,
                      int n_threads);
 
-/* out (N, OC) = inp (N, C) · weight (OC, C)ᵀ  (+ out when accumulate) */
+/* out (N, OC) = inp (N, C) · weight (OC, C)ᵀ  (+ out when accumulate).
+ * The OC columns are split across n_threads OpenMP threads, each calling a
+ * single-threaded BLAS: one thread pool for the whole engine, so BLAS workers
+ * never spin against the OpenMP team on the same cores. */
 int matmul_forward(float *out, const float *inp, const float *weight, int N, int C, int OC,
-                   int accumulate);
+                   int accumulate, int n_threads);
 
-/* cos/sin (N, rot/2) for positions (N) and inv_freq (rot/2), in double. */
+/* cos/sin (N, rot/2) = mscale * cos/sin(pos * inv_freq), angles in double. */
 void rope_table(float *cos_out, float *sin_out, const double *pos, const float *inv_freq, int N,
-                int half);
-/* x (N, nh, hd) rotated in place (rotate-half layout over the first 2*half dims). */
+                int half, float mscale);
+/* x (N, nh, hd) rotated in place over its first 2*half dims; pairs
+ * (j, j+half) when interleaved == 0 (HF), (2j, 2j+1) when 1 (Meta, GGUF). */
 void rope_forward(float *x, const float *cos_t, const float *sin_t, int N, int nh, int hd,
-                  int half, int n_threads);
+                  int half, int interleaved, int n_threads);
 
 /* Attention with an online softmax over key blocks; never holds more than a
  * block of scores per query. Queries of batch row b are rows

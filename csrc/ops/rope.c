@@ -1,30 +1,32 @@
-/* rope.c — applying rotary position embeddings (rotate-half layout, as in HF
- * checkpoints). The per-pair frequencies come from csrc/rope_freq.c. */
+/* rope.c — applying rotary position embeddings, in either pair layout
+ * (rotate-half for HF checkpoints, interleaved for Meta/GGUF weights). The
+ * per-pair frequencies and magnitude come from csrc/rope_freq.c. */
 #include <math.h>
 
 #include "elementwise.h"
 #include "ops.h"
 
 void rope_table(float *cos_out, float *sin_out, const double *pos, const float *inv_freq, int N,
-                int half) {
+                int half, float mscale) {
     /* Angles in double: positions reach 10^5..10^6 where fp32 products lose
      * whole radians of phase. */
     for (int i = 0; i < N; i++)
         for (int j = 0; j < half; j++) {
             double a = pos[i] * (double)inv_freq[j];
-            cos_out[(long)i * half + j] = (float)cos(a);
-            sin_out[(long)i * half + j] = (float)sin(a);
+            cos_out[(long)i * half + j] = (float)cos(a) * mscale; /* HF: cos * attention_scaling */
+            sin_out[(long)i * half + j] = (float)sin(a) * mscale;
         }
 }
 
 void rope_forward(float *x, const float *cos_t, const float *sin_t, int N, int nh, int hd,
-                  int half, int n_threads) {
+                  int half, int interleaved, int n_threads) {
+    const int step = interleaved ? 2 : 1, other = interleaved ? 1 : half;
 #pragma omp parallel for num_threads(n_threads) if (N * nh > 256)
     for (int i = 0; i < N; i++) {
         const float *c = cos_t + (long)i * half, *s = sin_t + (long)i * half;
         for (int h = 0; h < nh; h++) {
             float *v = x + ((long)i * nh + h) * hd;
-            for (int j = 0; j < half; j++) cepe_rope_rotate(&v[j], &v[j + half], c[j], s[j]);
+            for (int j = 0; j < half; j++) cepe_rope_rotate(&v[j * step], &v[j * step + other], c[j], s[j]);
         }
     }
 }
