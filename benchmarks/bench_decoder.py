@@ -154,9 +154,7 @@ def ensure_model(model_dir: str, cfg_kwargs: dict) -> None:
         with open(cfg_path) as f:
             saved = json.load(f)
         # rope_theta is saved under rope_parameters by transformers 5
-        mismatched = {
-            k: (saved.get(k), v) for k, v in cfg_kwargs.items() if k != "rope_theta" and saved.get(k) != v
-        }
+        mismatched = {k: (saved.get(k), v) for k, v in cfg_kwargs.items() if k != "rope_theta" and saved.get(k) != v}
         if mismatched:
             sys.exit(
                 f"--model-dir {model_dir} holds a different model ({{key: (saved, wanted)}}: {mismatched}); "
@@ -375,9 +373,7 @@ def phase_torch(args: argparse.Namespace) -> dict:
         logits = hf(ids, **kw).logits[0, -1].float().numpy()
 
         def gen(n: int) -> torch.Tensor:
-            return hf.generate(
-                p_ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False
-            )
+            return hf.generate(p_ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
         tg = decode_stats(gen, args)
         log(f"torch tg{args.decode}: {tg['tok_s']:.1f} tok/s")
@@ -455,8 +451,7 @@ def merge_machine(runs: list[dict]) -> dict:
                     merged[k] = max(merged.get(k, 0.0), v)
         merged = with_peak({k: v for k, v in merged.items() if not k.startswith("peak")}, suffix)
         merged["per_run"] = [
-            {k: round(v, 2) for k, v in r[key].items() if k.endswith(suffix) and not k.startswith("peak")}
-            for r in runs
+            {k: round(v, 2) for k, v in r[key].items() if k.endswith(suffix) and not k.startswith("peak")} for r in runs
         ]
         out[key] = merged
     return out
@@ -495,9 +490,7 @@ def write_plot(result: dict, path: str) -> str | None:
         for bar, v in zip(bars, vals, strict=True):
             ax.annotate(f"{v:.1f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom")
         ax.axhline(limit, color="gray", ls="--", lw=1)
-        ax.annotate(
-            f"{limit_label}: {limit:.0f}", (1.45, limit), ha="right", va="bottom", color="gray", fontsize=8
-        )
+        ax.annotate(f"{limit_label}: {limit:.0f}", (1.45, limit), ha="right", va="bottom", color="gray", fontsize=8)
         ax.set_ylim(0, max(*vals, limit) * 1.15)
         ax.set_title(f"{title}: cepe/torch = {result['ratios'][f'{key}_cepe_over_torch']:.2f}x", fontsize=10)
         ax.set_ylabel("tokens/s")
@@ -606,9 +599,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill", type=int, default=None, help="prefill length (default 512)")
     p.add_argument("--decode", type=int, default=None, help="new tokens to decode (default 128)")
     p.add_argument("--device", default="cpu", choices=["cpu"], help="cepe device (only cpu for now)")
-    p.add_argument(
-        "--quick", action="store_true", help=f"smoke run: {QUICK_LAYERS} layers, pp64, tg16, 1 repeat"
-    )
+    p.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK_LAYERS} layers, pp64, tg16, 1 repeat")
     p.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)  # internal: child process
     p.add_argument("--scratch", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

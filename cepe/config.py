@@ -131,7 +131,7 @@ def _parse_cepe(cfg: dict[str, Any], hidden: int) -> dict[str, Any]:
             "layer reads the encoder's final hidden state)"
         )
     if cfg.get("encoder_is_model"):
-        raise NotImplementedError("config.json: encoder_is_model=true (the decoder as its own encoder) is not supported")
+        raise NotImplementedError("config.json: encoder_is_model=true (decoder as its own encoder) is not supported")
     mode = cfg.get("encode_mode", "context_only")
     if mode != "context_only":
         raise NotImplementedError(f"config.json: encode_mode {mode!r} is not supported (only 'context_only')")

@@ -184,8 +184,9 @@ class Model:
         out = np.empty((B * n_ctx, L, enc.hidden_size), dtype=np.float32)
         step = max(1, 8192 // L)  # chunks per core call: a progress tick and a Ctrl-C point
         starts = range(0, B * n_ctx, step)
-        with tqdm(total=B * n_ctx, desc="encoding", unit="chunk", disable=None if len(starts) > 8 else True,
-                  leave=False) as bar:
+        with tqdm(
+            total=B * n_ctx, desc="encoding", unit="chunk", disable=None if len(starts) > 8 else True, leave=False
+        ) as bar:
             for c0 in starts:
                 sl = slice(c0, c0 + step)
                 out[sl] = self._core.encode(flat[sl], None if flat_mask is None else flat_mask[sl])
@@ -204,7 +205,7 @@ class Model:
         if encoder_input_ids is not None and encoder_hidden_states is not None:
             raise ValueError("pass either encoder_input_ids or encoder_hidden_states, not both")
         if not self.config.is_cepe:
-            raise ValueError("this model has no cross-attention layers (not a CEPE checkpoint): it cannot take a context")
+            raise ValueError("this model has no cross-attention layers (not a CEPE checkpoint): no context")
         if encoder_input_ids is not None:
             chunks, one = _as_chunks(encoder_input_ids, self.config.encoder.vocab_size if self.config.encoder else 1)
             if one and not squeeze and B != 1:
@@ -244,8 +245,9 @@ class Model:
         kv_bytes = c.num_cross_attn_layers * B * N * c.num_key_value_heads * c.head_dim * 8
         return kv_bytes <= self.cross_kv_budget_bytes
 
-    def _attach(self, ctx: cepe_c.Context, context: tuple[np.ndarray, np.ndarray | None] | None,
-                keep_cross_kv: bool | None) -> None:
+    def _attach(
+        self, ctx: cepe_c.Context, context: tuple[np.ndarray, np.ndarray | None] | None, keep_cross_kv: bool | None
+    ) -> None:
         if context is not None:
             states, mask = context
             ctx.set_context(states, mask, self._keep_cross_kv(states.shape[0], states.shape[1], keep_cross_kv))
@@ -290,12 +292,9 @@ class Model:
             if not isinstance(cache, KVCache) or cache.model is not self:
                 raise TypeError("cache must be a KVCache made by this model's create_cache()")
             if ids.shape[0] != cache.batch_size:
-                raise ValueError(
-                    f"input_ids has batch size {ids.shape[0]}, the cache was made for {cache.batch_size}"
-                )
+                raise ValueError(f"input_ids has batch size {ids.shape[0]}, the cache was made for {cache.batch_size}")
             ctx = cache._ctx
-        context = self._context(ids.shape[0], squeeze, encoder_input_ids, encoder_attention_mask,
-                                encoder_hidden_states)
+        context = self._context(ids.shape[0], squeeze, encoder_input_ids, encoder_attention_mask, encoder_hidden_states)
         self._attach(ctx, context, keep_cross_kv)
         out = ctx.forward(ids, pos, mask, 2 if logits == "all" else 1)
         return out[0] if squeeze else out

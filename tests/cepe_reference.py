@@ -88,8 +88,13 @@ class CepeReference(torch.nn.Module):
 
     # ----------------------------------------------------------------- decoder
     @torch.no_grad()
-    def forward(self, ids: np.ndarray, E: torch.Tensor | None = None, emask: np.ndarray | None = None,
-                attention_mask: np.ndarray | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        ids: np.ndarray,
+        E: torch.Tensor | None = None,
+        emask: np.ndarray | None = None,
+        attention_mask: np.ndarray | None = None,
+    ) -> torch.Tensor:
         x = torch.as_tensor(ids, dtype=torch.long)
         B, T = x.shape
         m = torch.ones(B, T) if attention_mask is None else torch.as_tensor(attention_mask).float()
@@ -154,13 +159,33 @@ class CepeReference(torch.nn.Module):
 
 
 def make_reference(seed: int = 0, n_cross: int | None = None, **dec_over) -> CepeReference:
-    dec = dict(vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-               num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=2048,
-               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    dec = dict(
+        vocab_size=101,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     dec.update(dec_over)
-    enc = dict(vocab_size=103, hidden_size=40, intermediate_size=72, num_hidden_layers=2, num_attention_heads=5,
-               num_key_value_heads=5, rms_norm_eps=1e-6, rope_theta=5000.0, max_position_embeddings=512,
-               tie_word_embeddings=True)
+    enc = dict(
+        vocab_size=103,
+        hidden_size=40,
+        intermediate_size=72,
+        num_hidden_layers=2,
+        num_attention_heads=5,
+        num_key_value_heads=5,
+        rms_norm_eps=1e-6,
+        rope_theta=5000.0,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(seed)
     dcfg, ecfg = LlamaConfig(**dec), LlamaConfig(**enc)
     k = dcfg.num_hidden_layers if n_cross is None else n_cross

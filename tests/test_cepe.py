@@ -116,8 +116,9 @@ def test_no_context_is_the_base_decoder(built, tmp_path):
     path, ref = built("all_layers_gqa")
     model = cepe.load(path)
     ids = np.random.default_rng(6).integers(3, 101, size=(2, 10))
-    np.testing.assert_allclose(model.forward(ids), ref.lm(torch.as_tensor(ids)).logits.detach().numpy(),
-                               atol=TOL, rtol=0)
+    np.testing.assert_allclose(
+        model.forward(ids), ref.lm(torch.as_tensor(ids)).logits.detach().numpy(), atol=TOL, rtol=0
+    )
     # and the decoder saved alone, as a plain LlamaForCausalLM, gives the same logits
     ref.lm.save_pretrained(str(tmp_path / "base"))
     np.testing.assert_allclose(cepe.load(str(tmp_path / "base")).forward(ids), model.forward(ids), atol=1e-6, rtol=0)
@@ -227,8 +228,11 @@ def edit_config(path, fn):
         (lambda c: c.update(num_cross_attn_layers=9), ConfigError, r"num_cross_attn_layers \(9\) exceeds"),
         (lambda c: c.pop("encoder_config"), ConfigError, "'encoder_config' is missing"),
         (lambda c: c.update(encoder_hidden_size=64), ConfigError, r"encoder_hidden_size \(64\) differs"),
-        (lambda c: c["encoder_config"].pop("hidden_size"), ConfigError,
-         "encoder_config.missing required key 'hidden_size'"),
+        (
+            lambda c: c["encoder_config"].pop("hidden_size"),
+            ConfigError,
+            "encoder_config.missing required key 'hidden_size'",
+        ),
         (lambda c: c.update(encoder_is_model=True), NotImplementedError, "encoder_is_model"),
         (lambda c: c.update(encode_mode="with_query-8"), NotImplementedError, "encode_mode 'with_query-8'"),
         (lambda c: c.update(num_cross_attn_layers=2), Exception, "unexpected tensor model.layers.0.cross_attn"),
