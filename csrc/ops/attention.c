@@ -14,6 +14,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "../blas.h"
 #include "elementwise.h"
 #include "ops.h"
 
@@ -30,24 +31,30 @@ static void key_range(const attention_shape *s, int qs, int *lo, int *hi) {
 }
 
 typedef struct {
+    float S[ATT_QBLOCK][ATT_KBLOCK]; /* scores, then probabilities, of a query block */
     float kt[ATT_MAX_HD][ATT_KBLOCK]; /* key block, transposed */
     float sc[ATT_KBLOCK];
+    int kvalid[ATT_KBLOCK];
     float m[ATT_QBLOCK], l[ATT_QBLOCK];
     float acc[ATT_QBLOCK][ATT_MAX_HD];
 } att_scratch;
 
 /* Scores of one query against keys j0..j0+nk-1 into sc (masked = -inf);
- * returns the block max. */
+ * returns the block max. kvalid[jj]: key j0+jj is not padding. */
 static float block_scores(const attention_shape *s, const att_scratch *w, float *sc, const float *qi,
-                          const float *kb, const uint8_t *valid, int j0, int nk, int lo, int hi, int transposed) {
+                          const float *kb, const int *kvalid, int j0, int nk, int lo, int hi, int transposed) {
     const int hd = s->hd;
     if (transposed) {
-        for (int jj = 0; jj < ATT_KBLOCK; jj++) sc[jj] = 0.0f;
-        for (int d = 0; d < hd; d++) {
-            const float qd = qi[d];
-            const float *kd = w->kt[d];
+        /* 16 keys at a time so the accumulators stay in registers over d */
+        for (int g = 0; g < ATT_KBLOCK; g += 16) {
+            float acc[16] = {0};
+            for (int d = 0; d < hd; d++) {
+                const float qd = qi[d];
+                const float *kd = &w->kt[d][g];
 #pragma omp simd
-            for (int jj = 0; jj < ATT_KBLOCK; jj++) sc[jj] += qd * kd[jj];
+                for (int u = 0; u < 16; u++) acc[u] += qd * kd[u];
+            }
+            for (int u = 0; u < 16; u++) sc[g + u] = acc[u];
         }
     } else {
         for (int jj = 0; jj < nk; jj++) {
@@ -58,14 +65,75 @@ static float block_scores(const attention_shape *s, const att_scratch *w, float 
             sc[jj] = dot;
         }
     }
+    const float scale = s->scale;
     float bmax = -INFINITY;
+#pragma omp simd reduction(max : bmax)
     for (int jj = 0; jj < nk; jj++) {
         const int j = j0 + jj;
-        const int ok = j >= lo && j < hi && (!valid || valid[j]);
-        sc[jj] = ok ? sc[jj] * s->scale : -INFINITY;
+        const int ok = (j >= lo) & (j < hi) & kvalid[jj];
+        sc[jj] = ok ? sc[jj] * scale : -INFINITY;
         bmax = sc[jj] > bmax ? sc[jj] : bmax;
     }
     return bmax;
+}
+
+/* A block of queries as two small GEMMs per key block (S = Q·Kᵀ, then
+ * O += P·V), flash-attention style, with the online softmax between them. */
+static void attend_block_gemm(float *out, const float *q, const float *k, const float *v, const uint8_t *valid,
+                              const attention_shape *s, int b, int h, int t0, int nq, att_scratch *w) {
+    const int hd = s->hd, kvh = h / (s->H / s->KVH);
+    const float *qb = q + b * s->q_bstride + (long)t0 * s->q_rstride + (long)h * hd;
+    const float *kb = k + b * s->kv_bstride + (long)kvh * hd;
+    const float *vb = v + b * s->kv_bstride + (long)kvh * hd;
+    int lo_all = s->Tk, hi_all = 0, lo[ATT_QBLOCK], hi[ATT_QBLOCK];
+    for (int i = 0; i < nq; i++) {
+        key_range(s, s->q_offset + t0 + i, &lo[i], &hi[i]);
+        lo_all = lo[i] < lo_all ? lo[i] : lo_all;
+        hi_all = hi[i] > hi_all ? hi[i] : hi_all;
+        w->m[i] = -INFINITY;
+        w->l[i] = 0.0f;
+        memset(w->acc[i], 0, sizeof(float) * (size_t)hd);
+    }
+    for (int j0 = lo_all; j0 < hi_all; j0 += ATT_KBLOCK) {
+        const int nk = hi_all - j0 < ATT_KBLOCK ? hi_all - j0 : ATT_KBLOCK;
+        for (int jj = 0; jj < nk; jj++) w->kvalid[jj] = valid ? valid[j0 + jj] != 0 : 1;
+        CEPE_SGEMM(CblasRowMajor, CblasNoTrans, CblasTrans, nq, nk, hd, s->scale, qb, (int)s->q_rstride,
+                   kb + (long)j0 * s->kv_rstride, (int)s->kv_rstride, 0.0f, &w->S[0][0], ATT_KBLOCK);
+        for (int i = 0; i < nq; i++) {
+            float *row = w->S[i];
+            const int l0 = lo[i], h0 = hi[i];
+            float bmax = -INFINITY;
+#pragma omp simd reduction(max : bmax)
+            for (int jj = 0; jj < nk; jj++) {
+                const int j = j0 + jj;
+                const int ok = (j >= l0) & (j < h0) & w->kvalid[jj];
+                row[jj] = ok ? row[jj] : -INFINITY;
+                bmax = row[jj] > bmax ? row[jj] : bmax;
+            }
+            if (bmax == -INFINITY) { /* nothing visible: a zero row adds nothing */
+                memset(row, 0, sizeof(float) * (size_t)nk);
+                continue;
+            }
+            const float corr = cepe_online_softmax_rescale(&w->m[i], &w->l[i], bmax);
+            if (corr != 1.0f)
+                for (int d = 0; d < hd; d++) w->acc[i][d] *= corr;
+            const float mi = w->m[i];
+            float psum = 0.0f;
+#pragma omp simd reduction(+ : psum)
+            for (int jj = 0; jj < nk; jj++) {
+                row[jj] = cepe_exp_neg(row[jj] - mi); /* masked: exp(-inf) = 0 */
+                psum += row[jj];
+            }
+            w->l[i] += psum;
+        }
+        CEPE_SGEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, nq, hd, nk, 1.0f, &w->S[0][0], ATT_KBLOCK,
+                   vb + (long)j0 * s->kv_rstride, (int)s->kv_rstride, 1.0f, &w->acc[0][0], ATT_MAX_HD);
+    }
+    for (int i = 0; i < nq; i++) {
+        float *o = out + ((long)b * s->Tq + t0 + i) * (long)s->H * hd + (long)h * hd;
+        const float inv = w->l[i] > 0.0f ? 1.0f / w->l[i] : 0.0f; /* no visible key: zero output */
+        for (int d = 0; d < hd; d++) o[d] = w->acc[i][d] * inv;
+    }
 }
 
 /* One (batch row, head, block of queries) task. */
@@ -89,6 +157,7 @@ static void attend_block(float *out, const float *q, const float *k, const float
     }
     for (int j0 = lo_all; j0 < hi_all; j0 += ATT_KBLOCK) {
         const int nk = hi_all - j0 < ATT_KBLOCK ? hi_all - j0 : ATT_KBLOCK;
+        for (int jj = 0; jj < nk; jj++) w->kvalid[jj] = valid ? valid[j0 + jj] != 0 : 1;
         if (transposed)
             for (int jj = 0; jj < ATT_KBLOCK; jj++) {
                 const float *kj = kb + (long)(j0 + jj) * s->kv_rstride;
@@ -100,7 +169,7 @@ static void attend_block(float *out, const float *q, const float *k, const float
             if (hi <= j0 || lo >= j0 + nk) continue; /* block outside this query's range */
             const float *qi = q + b * s->q_bstride + (long)(t0 + i) * s->q_rstride + (long)h * hd;
             float *sc = w->sc;
-            const float bmax = block_scores(s, w, sc, qi, kb, valid, j0, nk, lo, hi, transposed);
+            const float bmax = block_scores(s, w, sc, qi, kb, w->kvalid, j0, nk, lo, hi, transposed);
             if (bmax == -INFINITY) continue; /* nothing visible in this block */
             const float corr = cepe_online_softmax_rescale(&w->m[i], &w->l[i], bmax);
             float *a = w->acc[i];
@@ -116,7 +185,7 @@ static void attend_block(float *out, const float *q, const float *k, const float
             w->l[i] += psum;
             for (int jj = 0; jj < nk; jj++) {
                 const float p = sc[jj];
-                if (p == 0.0f) continue;
+                if (p == 0.0f) continue; /* masked or underflowed: skip the row of V */
                 const float *vj = vb + (long)(j0 + jj) * s->kv_rstride;
 #pragma omp simd
                 for (int d = 0; d < hd; d++) a[d] += p * vj[d];
@@ -147,7 +216,11 @@ void attention_forward(float *out, const float *q, const float *k, const float *
             const int b = (int)(task / ((long)n_qblocks * s->H));
             const int t0 = qb * ATT_QBLOCK;
             const int nq = s->Tq - t0 < ATT_QBLOCK ? s->Tq - t0 : ATT_QBLOCK;
-            attend_block(out, q, k, v, key_valid, s, b, h, t0, nq, w);
+            if (nq >= 8)
+                attend_block_gemm(out, q, k, v, key_valid ? key_valid + b * s->valid_bstride : NULL, s, b, h, t0,
+                                  nq, w);
+            else
+                attend_block(out, q, k, v, key_valid, s, b, h, t0, nq, w);
         }
     }
 }
