@@ -2,6 +2,7 @@
 
     cepe info [MODEL_DIR] [--json]
     cepe generate MODEL_DIR --ids "1 15043 29892" [--max-new-tokens 32] [--temperature 0.8 --seed 1]
+    cepe convert SRC_DIR [--out DST_DIR]      (official .bin shards -> safetensors; needs torch)
 
 Text in/out (tokenizers, chat templates) and the rag/encode/convert/bench
 commands arrive with the Python-experience issue; until then generate takes
@@ -63,6 +64,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    out = convert(args.src, args.out)
+    print(json.dumps({"converted": out}) if args.json else f"wrote safetensors to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cepe", description="Long-context LLaMA-family models on the CPU.")
     p.add_argument("--version", action="version", version=f"cepe {__version__}")
@@ -85,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--threads", type=int, default=None)
     gen.add_argument("--json", action="store_true", help="print JSON")
     gen.set_defaults(func=cmd_generate)
+
+    conv = sub.add_parser("convert", help="official pytorch_model*.bin checkpoints -> safetensors (needs torch)")
+    conv.add_argument("src", help="directory with pytorch_model.bin or its shards + index")
+    conv.add_argument("--out", default=None, help="output directory (default: next to the .bin files)")
+    conv.add_argument("--json", action="store_true", help="print JSON")
+    conv.set_defaults(func=cmd_convert)
     return p
 
 

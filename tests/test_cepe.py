@@ -257,3 +257,54 @@ def test_official_layout_names(built):
     assert "model.layers.2.cross_attn.layernorm.weight" in names
     assert "model.layers.0.cross_attn.q_proj.weight" not in names
     assert {"encoder.embed_tokens.weight", "encoder.norm.weight", "encoder.layers.1.mlp.down_proj.weight"} <= names
+
+
+def test_convert_official_bin_shards(built, tmp_path):
+    """pytorch_model-0000k-of-0000n.bin shards (as the released CEPE models ship)
+    -> safetensors that load to the same logits."""
+    path, ref = built("last_two_layers")
+    src = tmp_path / "bin"
+    src.mkdir()
+    sd = ref.official_state_dict()
+    names = sorted(sd)
+    halves = [names[: len(names) // 2], names[len(names) // 2 :]]
+    weight_map = {}
+    for k, part in enumerate(halves, start=1):
+        fname = f"pytorch_model-{k:05d}-of-00002.bin"
+        torch.save({n: sd[n] for n in part}, src / fname)
+        weight_map.update({n: fname for n in part})
+    (src / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (src / "config.json").write_text(json.dumps(ref.official_config(), default=str))
+    from cepe.cli import main
+
+    assert main(["convert", str(src), "--out", str(tmp_path / "st")]) == 0
+    assert (tmp_path / "st" / "model.safetensors.index.json").exists()
+    ids = np.random.default_rng(12).integers(3, 101, size=(1, 7))
+    ctx = np.random.default_rng(13).integers(3, 103, size=(1, 2, 5))
+    a = cepe.load(str(tmp_path / "st")).forward(ids, encoder_input_ids=ctx)
+    b = cepe.load(path).forward(ids, encoder_input_ids=ctx)
+    np.testing.assert_array_equal(a, b)
+    # in place, next to the .bin files
+    from cepe.convert import convert
+
+    convert(str(src))
+    np.testing.assert_array_equal(cepe.load(str(src)).forward(ids, encoder_input_ids=ctx), b)
+
+
+def test_convert_errors(tmp_path, monkeypatch):
+    import sys
+
+    from cepe import CheckpointError
+    from cepe.convert import convert
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no pytorch_model.bin"):
+        convert(str(tmp_path / "empty"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "pytorch_model.bin").write_bytes(b"not a pickle")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        convert(str(bad))
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    with pytest.raises(RuntimeError, match="needs torch: pip install torch"):
+        convert(str(bad))
