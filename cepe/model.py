@@ -9,6 +9,7 @@ one request's state: using one from two threads at once raises RuntimeError.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any, Literal
 
 import numpy as np
@@ -100,6 +101,41 @@ def _as_context_mask(mask: Any, shape: tuple[int, ...], name: str = "encoder_att
     if m.size and not np.isin(m, (0, 1)).all():
         raise ValueError(f"{name} must hold only 0 and 1")
     return np.ascontiguousarray(m.reshape(shape), dtype=np.uint8)
+
+
+def _interruptible(ctx: cepe_c.Context, fn: Any, *args: Any, **kw: Any) -> Any:
+    """Runs fn (a call into the C core on ctx) so that Ctrl-C stops it.
+
+    The core runs with the GIL released, so Python's SIGINT handler cannot
+    run until it returns. On the main thread the call therefore runs in a
+    worker while the main thread waits in short slices; a KeyboardInterrupt
+    there asks the core to stop (it checks between layers) and is re-raised
+    once the worker has returned, within a fraction of a second."""
+    if threading.current_thread() is not threading.main_thread():
+        return fn(*args, **kw)
+    box: dict[str, Any] = {}
+    done = threading.Event()  # not Thread.join: an interrupted join can report a live thread as finished
+
+    def work() -> None:
+        try:
+            box["out"] = fn(*args, **kw)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["err"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name="cepe-core", daemon=True).start()
+    try:
+        while not done.wait(0.05):
+            pass
+    except KeyboardInterrupt:
+        ctx.interrupt()
+        while not done.wait(0.05):
+            pass
+        raise
+    if "err" in box:
+        raise box["err"]
+    return box.get("out")
 
 
 class KVCache:
@@ -296,7 +332,12 @@ class Model:
             ctx = cache._ctx
         context = self._context(ids.shape[0], squeeze, encoder_input_ids, encoder_attention_mask, encoder_hidden_states)
         self._attach(ctx, context, keep_cross_kv)
-        out = ctx.forward(ids, pos, mask, 2 if logits == "all" else 1)
+        try:
+            out = _interruptible(ctx, ctx.forward, ids, pos, mask, 2 if logits == "all" else 1)
+        except KeyboardInterrupt:
+            if cache is not None:  # its tokens were half appended: start it afresh
+                cache.reset()
+            raise
         return out[0] if squeeze else out
 
     __call__ = forward
@@ -335,7 +376,7 @@ class Model:
         for t0 in range(0, T - 1, step):
             t1 = min(T - 1, t0 + step)  # logits at positions [t0, t1) predict targets [t0+1, t1+1)
             sl_mask = None if mask is None else mask[:, t0:t1]
-            lg = cache._ctx.forward(ids[:, t0:t1], None, sl_mask, 2).astype(np.float64)
+            lg = _interruptible(cache._ctx, cache._ctx.forward, ids[:, t0:t1], None, sl_mask, 2).astype(np.float64)
             targets = ids[:, t0 + 1 : t1 + 1]
             keep = np.arange(t0 + 1, t1 + 1)[None, :] >= first_target
             if mask is not None:
@@ -405,8 +446,10 @@ class Model:
             pad = int(eos[0]) if len(eos) else 0
         ctx = cepe_c.Context(self._core, B, T + max_new_tokens)
         self._attach(ctx, context, keep_cross_kv)
-        ctx.forward(ids, None, mask, 0)
-        out = ctx.generate(
+        _interruptible(ctx, ctx.forward, ids, None, mask, 0)
+        out = _interruptible(
+            ctx,
+            ctx.generate,
             max_new_tokens,
             temperature=temperature,
             top_k=top_k,

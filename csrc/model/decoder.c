@@ -130,6 +130,12 @@ static int call_seq_len(const cepe_ctx *x, const double *positions, const uint8_
 
 cepe_status cepe_ctx_forward(cepe_ctx *x, const int32_t *ids, const double *positions,
                              const uint8_t *mask, int T, float *logits, cepe_logits_mode mode) {
+    if (x) atomic_store(&x->interrupt, 0); /* a new request: forget an old Ctrl-C */
+    return cepe_ctx_forward_continue(x, ids, positions, mask, T, logits, mode);
+}
+
+cepe_status cepe_ctx_forward_continue(cepe_ctx *x, const int32_t *ids, const double *positions,
+                                      const uint8_t *mask, int T, float *logits, cepe_logits_mode mode) {
     if (!x || !ids) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_ctx_forward: NULL argument");
     if (T < 1) return cepe_fail(CEPE_ERR_INVALID_ARG, "input must hold at least one token, got %d", T);
     if (mode != CEPE_LOGITS_NONE && !logits)
@@ -151,7 +157,6 @@ cepe_status cepe_ctx_forward(cepe_ctx *x, const int32_t *ids, const double *posi
                 return cepe_fail(CEPE_ERR_INVALID_ARG,
                                  "position %g at (row %ld, position %ld) must be finite and >= 0",
                                  positions[i], i / T, i % T);
-    atomic_store(&x->interrupt, 0);
     if (m->rope.length_dependent) { /* dynamic NTK / LongRoPE: the table follows the call's length */
         cepe_status st = cepe_rope_for_call(&m->rope, call_seq_len(x, positions, mask, T), &x->rope_cached_len,
                                             x->inv_freq, &x->rope_mscale);

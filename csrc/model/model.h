@@ -103,6 +103,10 @@ struct cepe_ctx {
     int32_t *step_ids;     /* (B) */
 };
 
+/* cepe_ctx_forward without clearing a pending interrupt (the generation loop). */
+cepe_status cepe_ctx_forward_continue(cepe_ctx *x, const int32_t *ids, const double *positions,
+                                      const uint8_t *mask, int T, float *logits, cepe_logits_mode mode);
+
 /* Scratch views one block needs for N rows (block.c). */
 typedef struct {
     float *xn, *q, *k, *v, *att, *gate, *up;

@@ -104,6 +104,7 @@ cepe_status cepe_ctx_generate(cepe_ctx *x, const cepe_sampling *s, int max_new, 
 
     uint64_t rng = s->seed;
     memset(x->finished, 0, (size_t)B);
+    atomic_store(&x->interrupt, 0);
     for (int step = 0; step < max_new; step++) {
         int all_done = 1;
         for (int b = 0; b < B; b++) {
@@ -120,8 +121,8 @@ cepe_status cepe_ctx_generate(cepe_ctx *x, const cepe_sampling *s, int max_new, 
         }
         *n_out = step + 1;
         if (all_done || step + 1 == max_new) break;
-        cepe_status st = cepe_ctx_forward(x, x->step_ids, NULL, NULL, 1, NULL, CEPE_LOGITS_NONE);
-        if (st) return st;
+        cepe_status st = cepe_ctx_forward_continue(x, x->step_ids, NULL, NULL, 1, NULL, CEPE_LOGITS_NONE);
+        if (st) return st; /* CEPE_ERR_INTERRUPTED included: checked between layers */
     }
     return CEPE_OK;
 }

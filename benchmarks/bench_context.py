@@ -1,0 +1,756 @@
+#!/usr/bin/env python
+"""Long context: CEPE (decoder window + encoded context chunks) vs the same decoder with full attention.
+
+    python benchmarks/bench_context.py                  # full run: 4K..128K total tokens, 2 threads by default
+    python benchmarks/bench_context.py --quick          # smoke run (few layers, short lengths)
+
+The CEPE paper's headline claim (spec §8: "10x throughput, 1/6 memory" against full attention at
+long context) measured on this engine, with the LM evaluation protocol of spec §7.1: for a total
+length L, CEPE puts the last W = 2048 tokens in the decoder and the first L - W tokens in the
+encoder as (L - W) / 256 chunks of 256 tokens; the baseline puts all L tokens in the decoder's own
+window (full causal attention). Both compute the perplexity of the last 256 tokens with
+`m.perplexity(...)`, on a SmolLM2-135M-shaped decoder with a small encoder and cross-attention in
+every decoder layer (random weights, seed 1234).
+
+For every (engine, length) a fresh child process loads the model, makes one small warm-up call,
+then times one `perplexity` call and records its peak memory:
+  tokens/s            L / wall time of the call (encoder included for CEPE);
+  peak RSS            VmHWM of the child (weights included);
+  peak above weights  VmHWM (reset after the warm-up) minus the RSS after load + warm-up, minus the
+                      file-backed weight pages first touched during the call (RssFile growth: the
+                      float32 weights are memory-mapped, and long inputs touch more embedding rows).
+
+CEPE runs in the engine's default cross-attention K/V mode (projected once and kept when
+n_cross*N*kv_dim*8 bytes fit `cross_kv_budget_bytes`, 2 GiB; otherwise recomputed at every
+256-token decoder slice), and additionally in the other mode at --both-modes-at (32K).
+
+Prints one JSON object on stdout (progress goes to stderr) and writes a two-panel log-log plot
+(memory above the weights and tokens/s vs length) to --out (bench_context.png;
+bench_context_quick.png with --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+SEED = 1234
+CHUNK = 256  # encoder chunk length (ctx_len of every CEPE config)
+EVAL_WINDOW = 256  # perplexity on the last 256 tokens (spec §7.1)
+PAUSE_S = 1.0  # between child processes, so thread pools go idle
+KB = 1024
+
+DECODER = dict(  # SmolLM2-135M's shape
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    max_position_embeddings=131072,
+    tie_word_embeddings=False,
+)
+ENCODER = dict(
+    vocab_size=49152,
+    hidden_size=512,
+    intermediate_size=1408,
+    num_hidden_layers=6,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
+QUICK = dict(decoder_layers=4, encoder_layers=2, window=512, lengths=[1024, 2048, 4096, 8192])
+FULL_LENGTHS = [4096, 8192, 16384, 32768, 131072]
+
+TARGETS = {
+    "throughput_ratio_cepe_over_full_at_32k": 10.0,  # >=
+    "memory_above_weights_ratio_cepe_over_full_at_32k": 1 / 6,  # <=
+    "cepe_time_loglog_exponent": 1.1,  # <=
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench_context] {msg}", file=sys.stderr, flush=True)
+
+
+def usable_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def cpu_model_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+def git_state() -> dict:
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", "-C", REPO_ROOT, *cmd], capture_output=True, text=True, check=True).stdout
+
+    try:
+        head = git("rev-parse", "--short", "HEAD").strip()
+        status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks")
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": head, "dirty": bool(status.strip())}
+
+
+def fmt_len(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def model_configs(quick: bool) -> tuple[dict, dict]:
+    dec, enc = dict(DECODER), dict(ENCODER)
+    if quick:
+        dec["num_hidden_layers"] = QUICK["decoder_layers"]
+        enc["num_hidden_layers"] = QUICK["encoder_layers"]
+    return dec, enc
+
+
+def official_config(dec: dict, enc: dict) -> dict:
+    """config.json in the official CEPE layout (LlamaForCausalContextLM), cross-attention everywhere."""
+    return {
+        **dec,
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalContextLM"],
+        "hidden_act": "silu",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "do_cross_attention": True,
+        "num_cross_attn_layers": dec["num_hidden_layers"],
+        "num_cross_attn_hidden_states": 1,
+        "encoder_config": {**enc, "model_type": "llama", "hidden_act": "silu", "is_encoder": True},
+        "encoder_hidden_size": enc["hidden_size"],
+        "encoder_is_model": False,
+        "encode_mode": "context_only",
+    }
+
+
+def llama_tensors(cfg: dict, prefix: str, *, decoder: bool) -> dict[str, tuple[int, ...]]:
+    d, ff, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    hd = d // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    shapes: dict[str, tuple[int, ...]] = {f"{prefix}embed_tokens.weight": (cfg["vocab_size"], d)}
+    for i in range(n):
+        p = f"{prefix}layers.{i}."
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (d,),
+                p + "self_attn.q_proj.weight": (q, d),
+                p + "self_attn.k_proj.weight": (kv, d),
+                p + "self_attn.v_proj.weight": (kv, d),
+                p + "self_attn.o_proj.weight": (d, q),
+                p + "post_attention_layernorm.weight": (d,),
+                p + "mlp.gate_proj.weight": (ff, d),
+                p + "mlp.up_proj.weight": (ff, d),
+                p + "mlp.down_proj.weight": (d, ff),
+            }
+        )
+    shapes[f"{prefix}norm.weight"] = (d,)
+    if decoder and not cfg["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (cfg["vocab_size"], d)
+    return shapes
+
+
+def cepe_tensors(dec: dict, enc: dict) -> dict[str, tuple[int, ...]]:
+    shapes = llama_tensors(dec, "model.", decoder=True)
+    shapes.update(llama_tensors(enc, "encoder.", decoder=False))
+    d, d_enc = dec["hidden_size"], enc["hidden_size"]
+    hd = d // dec["num_attention_heads"]
+    q, kv = dec["num_attention_heads"] * hd, dec["num_key_value_heads"] * hd
+    for i in range(dec["num_hidden_layers"]):
+        p = f"model.layers.{i}.cross_attn."
+        shapes.update(
+            {
+                p + "layernorm.weight": (d,),
+                p + "q_proj.weight": (q, d),
+                p + "k_proj.weight": (kv, d_enc),
+                p + "v_proj.weight": (kv, d_enc),
+                p + "o_proj.weight": (d, q),
+            }
+        )
+    return shapes
+
+
+def ensure_model(model_dir: str, dec: dict, enc: dict) -> int:
+    """Writes the random CEPE checkpoint to model_dir (fp32 safetensors), or reuses it; returns #params."""
+    want = official_config(dec, enc)
+    shapes = cepe_tensors(dec, enc)
+    n_params = sum(math.prod(s) for s in shapes.values())
+    cfg_path = os.path.join(model_dir, "config.json")
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            saved = json.load(f)
+        if saved != want:
+            diff = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
+            sys.exit(f"--model-dir {model_dir} holds a different model (keys differ: {diff}); use another directory")
+        log(f"reusing the model in {model_dir}")
+        return n_params
+    from safetensors.numpy import save_file
+
+    os.makedirs(model_dir, exist_ok=True)
+    rng = np.random.default_rng(SEED)
+    tensors = {}
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            tensors[name] = np.ones(shape, dtype=np.float32)
+        else:
+            tensors[name] = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
+    save_file(tensors, os.path.join(model_dir, "model.safetensors"))
+    with open(cfg_path, "w") as f:
+        json.dump(want, f, indent=1)
+    log(f"wrote a random CEPE model ({n_params / 1e6:.1f}M parameters) to {model_dir}")
+    return n_params
+
+
+def inputs(vocab: int, length: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """(1, length) token ids of one document; CEPE splits them into encoder chunks + decoder window."""
+    rng = np.random.default_rng(SEED + length)
+    ids = rng.integers(3, vocab, size=(1, length), dtype=np.int64)
+    return ids, ids[:, : length - window]
+
+
+# --------------------------------------------------------------------------- child phase
+
+
+def proc_status() -> dict:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, val = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
+                out[key] = int(val.split()[0]) * KB
+    return out
+
+
+def reset_peak() -> bool:
+    """Resets VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def phase_child(args: argparse.Namespace) -> dict:
+    import cepe
+    import cepe_c
+
+    dec, _enc = model_configs(args.quick)
+    L, W = args.length, args.window
+    st0 = proc_status()
+    t0 = time.perf_counter()
+    m = cepe.load(args.model_dir, n_threads=args.threads)
+    load_s = time.perf_counter() - t0
+    st_load = proc_status()
+
+    keep = {"auto": None, "keep": True, "recompute": False}[args.kv_mode]
+    cfg = m.config
+    if args.phase == "cepe":
+        ids, ctx = inputs(dec["vocab_size"], L, W)
+        dec_ids, chunks = ids[:, L - W :], ctx.reshape(1, -1, CHUNK)
+        n_ctx_tokens = chunks.shape[1] * CHUNK
+        kept = m._keep_cross_kv(1, n_ctx_tokens, keep)
+        # warm-up: the same path on a small input (2 chunks, 2 decoder slices)
+        w_ids, w_ctx = inputs(dec["vocab_size"], 2 * CHUNK + 512, 512)
+        m.perplexity(w_ids[:, -512:], eval_window=EVAL_WINDOW, encoder_input_ids=w_ctx.reshape(1, -1, CHUNK))
+
+        def call() -> float:
+            return m.perplexity(dec_ids, eval_window=EVAL_WINDOW, encoder_input_ids=chunks, keep_cross_kv=keep)
+
+    else:
+        ids, _ = inputs(dec["vocab_size"], L, W)
+        n_ctx_tokens, kept = 0, None
+        w_ids, _ = inputs(dec["vocab_size"], 512, 0)
+        m.perplexity(w_ids, eval_window=EVAL_WINDOW)
+
+        def call() -> float:
+            return m.perplexity(ids, eval_window=EVAL_WINDOW)
+
+    st_warm = proc_status()
+    hwm_before_reset = st_warm["VmHWM"]
+    reset_ok = reset_peak()
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    ppl = call()
+    wall = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    st_end = proc_status()
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+
+    peak = st_end["VmHWM"] if reset_ok else max(st_end["VmHWM"], hwm_before_reset)
+    file_growth = max(0, st_end["RssFile"] - st_warm["RssFile"])
+    above = peak - st_warm["VmRSS"] - file_growth
+    kv_dim = cfg.num_key_value_heads * cfg.head_dim
+    n_layers, n_cross = cfg.num_hidden_layers, cfg.num_cross_attn_layers or 0
+    dec_tokens = W if args.phase == "cepe" else L
+    expected = {
+        "self_attn_kv_cache": 4 * 2 * n_layers * kv_dim * dec_tokens,
+        "encoder_states": 4 * n_ctx_tokens * (cfg.encoder_hidden_size or 0),
+        "cross_kv_kept": 4 * 2 * n_cross * kv_dim * n_ctx_tokens if kept else 0,
+        "cross_kv_one_layer_recomputed": 4 * 2 * kv_dim * n_ctx_tokens if kept is False else 0,
+        "logits_slice_f32_f64": 256 * cfg.vocab_size * (4 + 8),
+    }
+    res = {
+        "engine": args.phase,
+        "length": L,
+        "decoder_tokens": dec_tokens,
+        "context_tokens": n_ctx_tokens,
+        "n_ctx_chunks": n_ctx_tokens // CHUNK,
+        "cross_kv_mode": None if kept is None else ("keep" if kept else "recompute"),
+        "kv_mode_requested": args.kv_mode if args.phase == "cepe" else None,
+        "time_s": wall,
+        "tok_s": L / wall,
+        "cpu_s": cpu,
+        "cpu_utilisation": cpu / wall,
+        "perplexity": ppl,
+        "load_s": load_s,
+        "rss_before_load": st0["VmRSS"],
+        "rss_after_load": st_load["VmRSS"],
+        "rss_after_warmup": st_warm["VmRSS"],
+        "rss_file_after_warmup": st_warm["RssFile"],
+        "rss_file_growth_during_call": file_growth,
+        "peak_rss": max(peak, hwm_before_reset),
+        "peak_rss_during_call": peak,
+        "peak_above_weights": above,
+        "peak_reset_ok": reset_ok,
+        "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KB,
+        "expected_bytes": expected,
+        "versions": {"cepe": cepe.__version__, "blas": cepe_c.blas_info().strip()},
+    }
+    log(
+        f"{args.phase} {fmt_len(L)}{'' if kept is None else ' (' + res['cross_kv_mode'] + ')'}: {wall:.2f} s, "
+        f"{L / wall:.0f} tok/s, peak above weights {above / 2**20:.0f} MiB (peak RSS {peak / 2**20:.0f} MiB), "
+        f"cpu {cpu / wall:.2f}, ppl {ppl:.1f}"
+    )
+    return res
+
+
+# --------------------------------------------------------------------------- parent
+
+
+def machine_busy_s() -> float | None:
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq = map(int, f.readline().split()[1:8])
+    except (OSError, ValueError):
+        return None
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def wait_for_idle(max_wait_s: float) -> float:
+    """Waits (up to max_wait_s) until the rest of the machine keeps < 0.25 CPUs busy over 2 s; returns the wait."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < max_wait_s:
+        b0 = machine_busy_s()
+        time.sleep(2.0)
+        b1 = machine_busy_s()
+        if b0 is None or b1 is None or (b1 - b0) / 2.0 < 0.25:
+            break
+    return time.perf_counter() - t0
+
+
+def run_child(
+    engine: str, length: int, args: argparse.Namespace, model_dir: str, scratch: str, kv_mode: str, timeout: float
+) -> dict:
+    """One (engine, length) in a fresh process; a dict with 'timed_out' / 'failed' if it did not finish."""
+    tag = f"{engine}_{length}_{kv_mode}"
+    out_path = os.path.join(scratch, f"{tag}.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "--phase", engine, "--scratch", scratch, "--out-json", out_path]
+    cmd += ["--model-dir", model_dir, "--threads", str(args.threads), "--length", str(length)]
+    cmd += ["--window", str(args.window), "--kv-mode", kv_mode] + (["--quick"] if args.quick else [])
+    time.sleep(PAUSE_S)
+    waited = wait_for_idle(args.wait_idle)
+    if waited > 5:
+        log(f"waited {waited:.0f} s for the machine to go idle")
+    log(f"running {engine} at {fmt_len(length)} ({kv_mode}), timeout {timeout:.0f} s")
+    busy0, own0, t0 = machine_busy_s(), children_cpu_s(), time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=sys.stderr, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)  # our own child's process group only
+        proc.wait()
+        rc = None
+    busy1, own1, wall = machine_busy_s(), children_cpu_s(), time.perf_counter() - t0
+    load = {"wall_s": round(wall, 2), "own_cpu_s": round(own1 - own0, 2), "waited_for_idle_s": round(waited, 1)}
+    if busy0 is not None and busy1 is not None:
+        other = max(0.0, (busy1 - busy0) - (own1 - own0))
+        load["other_cpu_s"] = round(other, 2)
+        load["other_load"] = round(other / wall, 3)
+        if load["other_load"] > 0.1:
+            log(f"warning: other processes kept {load['other_load']:.2f} CPUs busy during {tag}; contended")
+    if rc is None:
+        log(f"{engine} at {fmt_len(length)} timed out after {timeout:.0f} s")
+        return {"engine": engine, "length": length, "timed_out": True, "timeout_s": timeout, "other_load": load}
+    if rc != 0 or not os.path.exists(out_path):
+        log(f"{engine} at {fmt_len(length)} failed (exit status {rc})")
+        return {"engine": engine, "length": length, "failed": True, "exit_status": rc, "other_load": load}
+    with open(out_path) as f:
+        res = json.load(f)
+    res["other_load"] = load
+    return res
+
+
+def loglog_exponent(lengths: list[int], times: list[float]) -> float | None:
+    if len(lengths) < 2:
+        return None
+    x, y = np.log(np.asarray(lengths, float)), np.log(np.asarray(times, float))
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def local_exponents(rows: list[dict]) -> dict:
+    out = {}
+    for a, b in zip(rows, rows[1:], strict=False):
+        key = f"{fmt_len(a['length'])}->{fmt_len(b['length'])}"
+        out[key] = math.log(b["time_s"] / a["time_s"]) / math.log(b["length"] / a["length"])
+    return out
+
+
+def summarize(results: list[dict], args: argparse.Namespace) -> dict:
+    ok = [r for r in results if not r.get("timed_out") and not r.get("failed")]
+    cepe_auto = sorted(
+        (r for r in ok if r["engine"] == "cepe" and r["kv_mode_requested"] == "auto"), key=lambda r: r["length"]
+    )
+    full = sorted((r for r in ok if r["engine"] == "full"), key=lambda r: r["length"])
+    cepe_other = [r for r in ok if r["engine"] == "cepe" and r["kv_mode_requested"] != "auto"]
+    out: dict = {}
+
+    exp_all = loglog_exponent([r["length"] for r in cepe_auto], [r["time_s"] for r in cepe_auto])
+    full_exp = loglog_exponent([r["length"] for r in full[-2:]], [r["time_s"] for r in full[-2:]])
+    # time = a + b*L: the intercept is the fixed cost of the decoder window
+    lin = None
+    if len(cepe_auto) >= 2:
+        b, a = np.polyfit([r["length"] for r in cepe_auto], [r["time_s"] for r in cepe_auto], 1)
+        lin = {"intercept_s": float(a), "s_per_1k_context_tokens": float(b) * 1024}
+    out["cepe_scaling"] = {
+        "loglog_exponent_all_lengths": exp_all,
+        "local_exponents": local_exponents(cepe_auto),
+        "linear_fit_time_vs_length": lin,
+        "cross_kv_mode_by_length": {fmt_len(r["length"]): r["cross_kv_mode"] for r in cepe_auto},
+    }
+    out["full_attention_scaling"] = {"local_exponents": local_exponents(full), "loglog_exponent_last_two": full_exp}
+
+    # full attention beyond what ran: extrapolated from the two largest completed lengths
+    extrapolated = []
+    if len(full) >= 2:
+        last = full[-1]
+        for r in cepe_auto:
+            if r["length"] > last["length"] and r["length"] <= max(args.lengths):
+                t = last["time_s"] * (r["length"] / last["length"]) ** full_exp
+                above_ratio = (last["peak_above_weights"]) / max(last["length"], 1)
+                extrapolated.append(
+                    {
+                        "length": r["length"],
+                        "time_s": t,
+                        "tok_s": r["length"] / t,
+                        "peak_above_weights_linear_in_length": above_ratio * r["length"],
+                        "method": f"EXTRAPOLATED, not measured: time from {fmt_len(last['length'])} with the "
+                        f"log-log slope {full_exp:.2f} of the two largest measured lengths; memory "
+                        "proportional to length (KV cache)",
+                    }
+                )
+    out["full_attention_extrapolated"] = extrapolated
+
+    def at(rows: list[dict], n: int) -> dict | None:
+        return next((r for r in rows if r["length"] == n), None)
+
+    ref = args.ratio_length
+    c32, f32 = at(cepe_auto, ref), at(full, ref)
+    f32_src = "measured"
+    if f32 is None:
+        f32 = next((e for e in extrapolated if e["length"] == ref), None)
+        f32_src = "extrapolated"
+    ratios: dict = {"length": ref, "full_attention_figures": f32_src if f32 else None}
+    met: dict = {}
+    if c32 and f32:
+        ratios["throughput_cepe_over_full"] = c32["tok_s"] / f32["tok_s"]
+        f_above = f32.get("peak_above_weights", f32.get("peak_above_weights_linear_in_length"))
+        ratios["memory_above_weights_cepe_over_full"] = c32["peak_above_weights"] / f_above
+        ratios["peak_rss_cepe_over_full"] = c32["peak_rss"] / f32["peak_rss"] if "peak_rss" in f32 else None
+        ratios["cepe_cross_kv_mode"] = c32["cross_kv_mode"]
+        for r in cepe_other:
+            if r["length"] == ref:
+                ratios[f"with_cross_kv_{r['cross_kv_mode']}"] = {
+                    "throughput_cepe_over_full": r["tok_s"] / f32["tok_s"],
+                    "memory_above_weights_cepe_over_full": r["peak_above_weights"] / f_above,
+                }
+        met["throughput_ratio_cepe_over_full_at_32k"] = (
+            ratios["throughput_cepe_over_full"] >= TARGETS["throughput_ratio_cepe_over_full_at_32k"]
+        )
+        met["memory_above_weights_ratio_cepe_over_full_at_32k"] = (
+            ratios["memory_above_weights_cepe_over_full"] <= TARGETS["memory_above_weights_ratio_cepe_over_full_at_32k"]
+        )
+        for r in cepe_other:
+            if r["length"] == ref:
+                sub = ratios[f"with_cross_kv_{r['cross_kv_mode']}"]
+                met[f"both_ratio_targets_with_cross_kv_{r['cross_kv_mode']}"] = (
+                    sub["throughput_cepe_over_full"] >= TARGETS["throughput_ratio_cepe_over_full_at_32k"]
+                    and sub["memory_above_weights_cepe_over_full"]
+                    <= TARGETS["memory_above_weights_ratio_cepe_over_full_at_32k"]
+                )
+    if exp_all is not None:
+        met["cepe_time_loglog_exponent"] = exp_all <= TARGETS["cepe_time_loglog_exponent"]
+        locs = out["cepe_scaling"]["local_exponents"]
+        if locs:
+            met["cepe_time_local_exponent_last_segment"] = (
+                list(locs.values())[-1] <= TARGETS["cepe_time_loglog_exponent"]
+            )
+    out["ratios"] = ratios
+    out["met"] = met
+    return out
+
+
+def write_plot(result: dict, path: str) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed: no plot written")
+        return None
+    rows = [r for r in result["runs"] if not r.get("timed_out") and not r.get("failed")]
+    series = [
+        (
+            "CEPE (default cross-K/V mode)",
+            "tab:blue",
+            "o-",
+            [r for r in rows if r["engine"] == "cepe" and r["kv_mode_requested"] == "auto"],
+        ),
+        (
+            "CEPE, cross-K/V recomputed",
+            "tab:cyan",
+            "s",
+            [r for r in rows if r["engine"] == "cepe" and r["kv_mode_requested"] == "recompute"],
+        ),
+        (
+            "CEPE, cross-K/V kept",
+            "tab:purple",
+            "D",
+            [r for r in rows if r["engine"] == "cepe" and r["kv_mode_requested"] == "keep"],
+        ),
+        ("full attention", "tab:orange", "o-", [r for r in rows if r["engine"] == "full"]),
+    ]
+    extra = result["summary"]["full_attention_extrapolated"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, key, ylabel in (
+        (axes[0], "peak_above_weights", "peak memory above the weights (MiB)"),
+        (axes[1], "tok_s", "tokens/s (total tokens / time)"),
+    ):
+        for label, color, style, rs in series:
+            rs = sorted(rs, key=lambda r: r["length"])
+            if not rs:
+                continue
+            ys = [r[key] / 2**20 if key != "tok_s" else r[key] for r in rs]
+            ax.plot([r["length"] for r in rs], ys, style, color=color, label=label, ms=5)
+        if extra:
+            k2 = "peak_above_weights_linear_in_length" if key != "tok_s" else "tok_s"
+            ys = [e[k2] / 2**20 if key != "tok_s" else e[k2] for e in extra]
+            ax.plot(
+                [e["length"] for e in extra],
+                ys,
+                "o--",
+                mfc="none",
+                color="tab:orange",
+                label="full attention, extrapolated",
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("total tokens (CEPE: decoder window + encoder chunks)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        lengths = sorted({r["length"] for r in rows})
+        ax.set_xticks(lengths)
+        ax.set_xticklabels([fmt_len(n) for n in lengths])
+    axes[0].legend(fontsize=7)
+    s = result["summary"]
+    r = s["ratios"]
+    title = f"{result['model']['name']}; {result['threads']} threads, {result['machine']['cpu']}"
+    if "throughput_cepe_over_full" in r:
+        title += (
+            f"\nat {fmt_len(r['length'])}: CEPE/full throughput {r['throughput_cepe_over_full']:.1f}x, "
+            f"memory above weights {r['memory_above_weights_cepe_over_full']:.2f}x"
+        )
+    if s["cepe_scaling"]["loglog_exponent_all_lengths"] is not None:
+        title += f"; CEPE time ~ L^{s['cepe_scaling']['loglog_exponent_all_lengths']:.2f}"
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=None, help="engine threads (default: all CPUs)")
+    p.add_argument("--lengths", default=None, help="comma-separated total lengths (default 4096,...,131072)")
+    p.add_argument("--window", type=int, default=None, help="CEPE decoder window (default 2048; --quick 512)")
+    p.add_argument("--baseline-max", type=int, default=None, help="longest full-attention run (default 32768)")
+    p.add_argument(
+        "--both-modes-at",
+        default=None,
+        help="lengths (comma-separated) at which CEPE also runs in its non-default cross-K/V mode "
+        "(default: the ratio length); 'none' for none",
+    )
+    p.add_argument("--ratio-length", type=int, default=None, help="length of the headline ratios (default 32768)")
+    p.add_argument("--cepe-timeout", type=float, default=900.0, help="seconds per CEPE run (default 900)")
+    p.add_argument("--full-timeout", type=float, default=600.0, help="seconds per full-attention run (default 600)")
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=120.0,
+        help="before each run, wait up to this many seconds for other processes to go idle (default 120)",
+    )
+    p.add_argument("--model-dir", default=None, help="where to write or reuse the model (default: temp dir)")
+    p.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"),
+        help="directory for the plot (default: benchmarks/out/)",
+    )
+    p.add_argument("--quick", action="store_true", help="smoke run: 4+2 layers, window 512, lengths 1K..8K")
+    p.add_argument("--phase", choices=["cepe", "full"], help=argparse.SUPPRESS)  # internal: child process
+    p.add_argument("--scratch", help=argparse.SUPPRESS)
+    p.add_argument("--out-json", help=argparse.SUPPRESS)
+    p.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--kv-mode", default="auto", choices=["auto", "keep", "recompute"], help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.threads is None:
+        args.threads = usable_cpus()
+    if args.window is None:
+        args.window = QUICK["window"] if args.quick else 2048
+    if args.lengths is None:
+        args.lengths = QUICK["lengths"] if args.quick else FULL_LENGTHS
+    else:
+        args.lengths = sorted(int(x) for x in args.lengths.split(","))
+    if args.ratio_length is None:
+        args.ratio_length = 4096 if args.quick else 32768
+    if args.baseline_max is None:
+        args.baseline_max = args.ratio_length
+    if args.both_modes_at is None:
+        args.both_modes_at = [args.ratio_length]
+    elif args.both_modes_at == "none":
+        args.both_modes_at = []
+    else:
+        args.both_modes_at = [int(x) for x in args.both_modes_at.split(",")]
+    if args.window < 2 * EVAL_WINDOW or args.window % CHUNK:
+        p.error(f"--window must be a multiple of {CHUNK} and >= {2 * EVAL_WINDOW}")
+    for n in args.lengths:
+        if n <= args.window or (n - args.window) % CHUNK:
+            p.error(f"each length must exceed the window ({args.window}) by a multiple of {CHUNK}, got {n}")
+        if n > DECODER["max_position_embeddings"]:
+            p.error(f"lengths must be <= {DECODER['max_position_embeddings']}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.phase is not None:
+        res = phase_child(args)
+        with open(args.out_json, "w") as f:
+            json.dump(res, f)
+        return 0
+
+    dec, enc = model_configs(args.quick)
+    t_start = time.perf_counter()
+    results: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="cepe_bench_ctx_") as tmp:
+        model_dir = args.model_dir or os.path.join(tmp, "model")
+        scratch = os.path.join(tmp, "scratch")
+        os.makedirs(scratch)
+        n_params = ensure_model(model_dir, dec, enc)
+        full_stopped = False
+        for n in args.lengths:
+            results.append(run_child("cepe", n, args, model_dir, scratch, "auto", args.cepe_timeout))
+            if n in args.both_modes_at and not results[-1].get("timed_out") and not results[-1].get("failed"):
+                other = "recompute" if results[-1]["cross_kv_mode"] == "keep" else "keep"
+                results.append(run_child("cepe", n, args, model_dir, scratch, other, args.cepe_timeout))
+            if n <= args.baseline_max and not full_stopped:
+                results.append(run_child("full", n, args, model_dir, scratch, "auto", args.full_timeout))
+                full_stopped = bool(results[-1].get("timed_out") or results[-1].get("failed"))
+
+    versions = {"git": git_state(), "python": platform.python_version(), "numpy": np.__version__}
+    for r in results:
+        versions.update(r.pop("versions", {}))
+    result = {
+        "benchmark": "bench_context",
+        "quick": args.quick,
+        "threads": args.threads,
+        "lengths": args.lengths,
+        "decoder_window": args.window,
+        "chunk": CHUNK,
+        "eval_window": EVAL_WINDOW,
+        "model": {
+            "name": f"CEPE: SmolLM2-135M-shaped decoder ({dec['num_hidden_layers']} layers) + "
+            f"{enc['num_hidden_layers']}-layer encoder, cross-attn in every layer, random (seed {SEED})",
+            "decoder": dec,
+            "encoder": enc,
+            "num_cross_attn_layers": dec["num_hidden_layers"],
+            "params_total": n_params,
+        },
+        "method": {
+            "cepe": f"m.perplexity(ids[:, -W:], eval_window={EVAL_WINDOW}, encoder_input_ids=ids[:, :-W]"
+            f".reshape(1, -1, {CHUNK})) with W = decoder_window; encoder included in the time",
+            "full": f"m.perplexity(ids, eval_window={EVAL_WINDOW}): the same decoder, all tokens in its window",
+            "isolation": "one fresh child process per (engine, length, cross-K/V mode), one after another "
+            f"with {PAUSE_S:g} s pauses; model loaded, one small warm-up call, then one timed call",
+            "tok_s": "total tokens (decoder + context) / wall time of the perplexity call",
+            "peak_rss": "VmHWM of the child (weights, memory-mapped, included)",
+            "peak_above_weights": "VmHWM reset after the warm-up (/proc/self/clear_refs 5), minus VmRSS after "
+            "load + warm-up, minus the growth of RssFile during the call (weight pages first touched then)",
+            "targets": "at the ratio length: CEPE throughput >= 10x full attention and memory above the "
+            "weights <= 1/6 of it; CEPE time ~ L^k with k <= 1.1 (least-squares log-log fit over all lengths; "
+            "the local exponent of the last segment is reported too)",
+        },
+        "machine": {"cpu": cpu_model_name(), "cpus_usable": usable_cpus()},
+        "runs": results,
+        "targets": TARGETS,
+        "versions": versions,
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("OPENBLAS_", "OMP_", "MKL_", "GOMP_"))},
+        "total_wall_s": round(time.perf_counter() - t_start, 1),
+    }
+    result["summary"] = summarize(results, args)
+    os.makedirs(args.out, exist_ok=True)
+    name = "bench_context_quick.png" if args.quick else "bench_context.png"
+    result["plot"] = write_plot(result, os.path.join(args.out, name))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
