@@ -104,7 +104,7 @@ def _float(cfg: dict[str, Any], key: str, default: float) -> float:
 
 
 def _token_ids(v: Any, key: str) -> tuple[int, ...]:
-    if v is None:
+    if v is None or v == -1:  # -1: "unset" in older LLaMA configs
         return ()
     items = v if isinstance(v, list) else [v]
     for t in items:
@@ -195,6 +195,11 @@ def parse_config(cfg: Any, rope_scaling: dict[str, Any] | None = None) -> Decode
     tie = cfg.get("tie_word_embeddings", False)
     if not isinstance(tie, bool):
         raise ConfigError(f"config.json: 'tie_word_embeddings' must be true or false, got {tie!r}")
+    vocab = _int(cfg, "vocab_size")
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        bad = [t for t in _token_ids(cfg.get(key), key) if t >= vocab]
+        if bad:
+            raise ConfigError(f"config.json: {key!r} {bad[0]} is outside the vocabulary [0, {vocab})")
     window = cfg.get("sliding_window") if model_type == "mistral" else None
     return DecoderConfig(
         vocab_size=_int(cfg, "vocab_size"),

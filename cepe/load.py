@@ -15,6 +15,7 @@ from .model import Model
 from .safetensors_io import Checkpoint
 
 DEVICES = ("cpu", "cuda")
+MAX_THREADS = 1024  # as the core's CEPE_MAX_THREADS
 # Buffers some checkpoints carry that the math recomputes.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -31,8 +32,8 @@ def check_threads(n_threads: object) -> int:
         return default_threads()
     if isinstance(n_threads, bool) or not isinstance(n_threads, int):
         raise TypeError(f"n_threads must be an int or None, got {type(n_threads).__name__}")
-    if n_threads < 1:
-        raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+    if not 1 <= n_threads <= MAX_THREADS:
+        raise ValueError(f"n_threads must be in [1, {MAX_THREADS}], got {n_threads}")
     return n_threads
 
 

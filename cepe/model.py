@@ -100,7 +100,7 @@ def _as_context_mask(mask: Any, shape: tuple[int, ...], name: str = "encoder_att
         raise ValueError(f"{name} has shape {m.shape}, expected {shape}")
     if m.size and not np.isin(m, (0, 1)).all():
         raise ValueError(f"{name} must hold only 0 and 1")
-    return np.ascontiguousarray(m.reshape(shape), dtype=np.uint8)
+    return np.ascontiguousarray(np.broadcast_to(m, shape), dtype=np.uint8)  # one row's mask serves all rows
 
 
 def _interruptible(ctx: cepe_c.Context, fn: Any, *args: Any, **kw: Any) -> Any:
@@ -130,8 +130,13 @@ def _interruptible(ctx: cepe_c.Context, fn: Any, *args: Any, **kw: Any) -> Any:
             pass
     except KeyboardInterrupt:
         ctx.interrupt()
-        while not done.wait(0.05):
-            pass
+        while True:  # wait for the core to stop, even through further Ctrl-Cs
+            try:
+                while not done.wait(0.05):
+                    pass
+                break
+            except KeyboardInterrupt:
+                ctx.interrupt()
         raise
     if "err" in box:
         raise box["err"]
@@ -367,6 +372,7 @@ class Model:
         if isinstance(eval_window, bool) or not isinstance(eval_window, int) or not 1 <= eval_window <= T - 1:
             raise ValueError(f"eval_window must be an int in [1, {T - 1}], got {eval_window!r}")
         cache = self.create_cache(B, T)
+        cache._ctx.set_rope_length(T)  # dynamic NTK / LongRoPE: the table of the whole input, as one forward
         context = self._context(B, squeeze, encoder_input_ids, encoder_attention_mask, encoder_hidden_states)
         self._attach(cache._ctx, context, keep_cross_kv)
         first_target = T - eval_window  # targets t in [first_target, T), predicted at t - 1

@@ -59,6 +59,10 @@ static PyArrayObject *as_array(PyObject *obj, const char *what, int type_num, in
         PyErr_Format(PyExc_ValueError, "%s must have %d dimensions, got %d", what, ndim, PyArray_NDIM(a));
         return NULL;
     }
+    if (!PyArray_ISNOTSWAPPED(a)) {
+        PyErr_Format(PyExc_ValueError, "%s must be in native byte order (use .astype(native dtype))", what);
+        return NULL;
+    }
     if (!PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISALIGNED(a)) {
         PyErr_Format(PyExc_ValueError, "%s must be C-contiguous and aligned (use numpy.ascontiguousarray)", what);
         return NULL;
@@ -172,12 +176,9 @@ static PyObject *Model_encode(ModelObject *self, PyObject *args) {
     const npy_intp n = PyArray_DIM(ids, 0), L = PyArray_DIM(ids, 1);
     if (n < 1 || L < 1 || n > INT32_MAX || L > INT32_MAX)
         return PyErr_Format(PyExc_ValueError, "encoder_input_ids must hold at least one chunk of one token");
-    int d_enc = 0;
-    if (self->model) {
-        const cepe_config *c = cepe_model_config(self->model);
-        d_enc = c->encoder_hidden_size > 0 ? c->encoder_hidden_size : c->hidden_size;
-    }
-    npy_intp dims[3] = {n, L, d_enc};
+    const cepe_config *ec = cepe_model_encoder_config(self->model);
+    if (!ec) return PyErr_Format(PyExc_ValueError, "this model has no CEPE encoder");
+    npy_intp dims[3] = {n, L, ec->hidden_size};
     PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(3, dims, NPY_FLOAT32);
     if (!out) return NULL;
     cepe_status st;
@@ -269,6 +270,14 @@ static int Context_init(ContextObject *self, PyObject *args, PyObject *kw) {
     return 0;
 }
 
+static int ready(ContextObject *self) {
+    if (!self->ctx || !self->model) {
+        PyErr_SetString(PyExc_RuntimeError, "Context is not initialised");
+        return -1;
+    }
+    return 0;
+}
+
 static int claim(ContextObject *self) {
     if (!self->ctx) {
         PyErr_SetString(PyExc_RuntimeError, "Context is not initialised");
@@ -289,6 +298,7 @@ static PyObject *Context_forward(ContextObject *self, PyObject *args) {
     PyObject *ids_o, *pos_o, *mask_o;
     int mode;
     if (!PyArg_ParseTuple(args, "OOOi:forward", &ids_o, &pos_o, &mask_o, &mode)) return NULL;
+    if (ready(self) < 0) return NULL;
     if (mode < 0 || mode > 2) return PyErr_Format(PyExc_ValueError, "logits_mode must be 0, 1 or 2, got %d", mode);
     PyArrayObject *ids = as_array(ids_o, "input_ids", NPY_INT32, 2);
     if (!ids) return NULL;
@@ -352,7 +362,11 @@ static PyObject *Context_generate(ContextObject *self, PyObject *args, PyObject 
         s.eos_ids = (const int32_t *)PyArray_DATA(eos);
         s.n_eos = (int)PyArray_DIM(eos, 0);
     }
+    if (ready(self) < 0) return NULL;
     if (max_new < 0) return PyErr_Format(PyExc_ValueError, "max_new_tokens must be >= 0, got %d", max_new);
+    if (max_new > cepe_ctx_capacity(self->ctx) - cepe_ctx_length(self->ctx) + 1) /* before allocating out */
+        return PyErr_Format(PyExc_RuntimeError, "context capacity exceeded: %d cached + %d new tokens > capacity %d",
+                            cepe_ctx_length(self->ctx), max_new - 1, cepe_ctx_capacity(self->ctx));
     s.temperature = (float)temperature;
     s.top_p = (float)top_p;
     s.seed = seed;
@@ -394,6 +408,7 @@ static PyObject *Context_set_context(ContextObject *self, PyObject *args) {
     PyObject *st_o, *mask_o;
     int keep = 1;
     if (!PyArg_ParseTuple(args, "OO|p:set_context", &st_o, &mask_o, &keep)) return NULL;
+    if (ready(self) < 0) return NULL;
     PyArrayObject *states = NULL, *mask = NULL;
     int N = 0;
     if (st_o != Py_None) {
@@ -420,10 +435,18 @@ static PyObject *Context_set_context(ContextObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS self->busy = 0;
     Py_CLEAR(self->states);
     if (s) return raise_status(s);
-    if (N > 0) {
+    if (N > 0 && !keep) { /* recomputing K/V reads the states at every call */
         Py_INCREF(st_o);
         self->states = st_o;
     }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Context_set_rope_length(ContextObject *self, PyObject *arg) {
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (ready(self) < 0) return NULL;
+    cepe_ctx_set_rope_length(self->ctx, n < 0 ? 0 : (n > INT32_MAX ? INT32_MAX : (int)n));
     Py_RETURN_NONE;
 }
 
@@ -467,6 +490,8 @@ static PyMethodDef Context_methods[] = {
     {"generate", (PyCFunction)(void (*)(void))Context_generate, METH_VARARGS | METH_KEYWORDS,
      "generate(max_new_tokens, temperature, top_k, top_p, seed, eos_ids, pad_token_id)"},
     {"reset", (PyCFunction)Context_reset, METH_NOARGS, "empty the KV cache"},
+    {"set_rope_length", (PyCFunction)Context_set_rope_length, METH_O,
+     "pin the length dynamic-NTK/LongRoPE tables are computed for (0 = per call)"},
     {"set_context", (PyCFunction)Context_set_context, METH_VARARGS,
      "set_context(states, mask, keep_kv=True): attach CEPE encoder states (None detaches)"},
     {"interrupt", (PyCFunction)Context_interrupt, METH_NOARGS, "ask a running call to stop"},

@@ -116,6 +116,8 @@ cepe_status cepe_model_bind(cepe_model *m, const char *name, const float *data, 
 /* Checks every required weight is bound; after this the model is usable. */
 cepe_status cepe_model_finalize(cepe_model *m);
 const cepe_config *cepe_model_config(const cepe_model *m);
+/* The CEPE encoder's config, or NULL for a plain decoder. */
+const cepe_config *cepe_model_encoder_config(const cepe_model *m);
 
 /* ---- CEPE context encoder -------------------------------------------------- */
 /* Encodes n_chunks independent chunks of L tokens: bidirectional attention
@@ -134,14 +136,21 @@ int cepe_ctx_length(const cepe_ctx *c);   /* tokens per row already cached */
 int cepe_ctx_capacity(const cepe_ctx *c);
 int cepe_ctx_batch(const cepe_ctx *c);
 /* Attaches CEPE context: encoder states (batch, N, d_enc) and their mask
- * (batch, N), 1 = real, or NULL. The states must stay valid while attached.
- * keep_kv: project each cross-attention layer's K/V once now and keep them
- * (fast decoding, memory n_cross*batch*N*kv_dim*8 bytes); else recompute them
- * at every call (memory-lean, identical results). N = 0 detaches. */
+ * (batch, N), 1 = real, or NULL. keep_kv: project each cross-attention
+ * layer's K/V once now and keep them (fast decoding, memory
+ * n_cross*batch*N*kv_dim*8 bytes; the states are not read again); else the
+ * states must stay valid while attached and K/V are recomputed at every call
+ * (memory-lean, identical results). N = 0 detaches. */
 cepe_status cepe_ctx_set_context(cepe_ctx *c, const float *states, const uint8_t *mask, int N, int keep_kv);
 int cepe_ctx_context_length(const cepe_ctx *c);
 
-/* Asks a running forward/generate on this ctx to stop soon (any thread). */
+/* Pins the sequence length that length-dependent RoPE (dynamic NTK,
+ * LongRoPE) sees to at least seq_len, so a long input fed in slices gets the
+ * table the whole input would get (0 = each call's own length). */
+void cepe_ctx_set_rope_length(cepe_ctx *c, int seq_len);
+
+/* Asks a running forward/generate on this ctx to stop soon (any thread). A
+ * stopped forward leaves the context as it was before that call. */
 void cepe_ctx_interrupt(cepe_ctx *c);
 
 typedef enum {
@@ -171,7 +180,8 @@ typedef struct {
 
 /* Samples up to max_new tokens per row, starting from the logits the last
  * forward left in the context. out: (batch, max_new). *n_out receives the
- * number of steps taken (all rows stop early once each produced eos). */
+ * number of steps taken (all rows stop early once each produced eos). The
+ * last sampled token is not fed back: to continue, forward it first. */
 cepe_status cepe_ctx_generate(cepe_ctx *c, const cepe_sampling *s, int max_new, int32_t *out,
                               int *n_out);
 

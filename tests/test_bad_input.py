@@ -94,8 +94,9 @@ def test_generate_zero_tokens(model):
 @pytest.mark.parametrize(
     "n_threads, exc, match",
     [
-        (0, ValueError, "n_threads must be >= 1, got 0"),
-        (-4, ValueError, "n_threads must be >= 1"),
+        (0, ValueError, r"n_threads must be in \[1, 1024\], got 0"),
+        (-4, ValueError, "n_threads must be in"),
+        (100_000, ValueError, "n_threads must be in"),
         ("2", TypeError, "n_threads must be an int"),
         (1.5, TypeError, "n_threads must be an int"),
         (True, TypeError, "n_threads must be an int"),
@@ -191,3 +192,95 @@ def test_model_is_shareable_across_threads(model):
     assert len(results) == 80
     for r in results:
         np.testing.assert_array_equal(r, expected)
+
+
+# ------------------------------------------------- regressions from a review
+
+
+def test_uninitialised_context_raises(model):
+    ctx = cepe_c.Context.__new__(cepe_c.Context)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        ctx.forward(np.zeros((1, 1), np.int32), None, None, 1)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        ctx.set_context(np.zeros((1, 1, 4), np.float32), None)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        ctx.generate(2)
+
+
+def test_byte_swapped_arrays_are_rejected(model):
+    ctx = cepe_c.Context(model._core, 1, 8)
+    with pytest.raises((TypeError, ValueError), match="native byte order|dtype int32"):
+        ctx.forward(np.array([[3, 4]], dtype=">i4"), None, None, 2)
+    # the Python layer converts them instead
+    np.testing.assert_array_equal(model.forward(np.array([[3, 4]], dtype=">i8")), model.forward(np.array([[3, 4]])))
+
+
+def test_generate_capacity_checked_before_allocating(model):
+    ctx = cepe_c.Context(model._core, 1, 8)
+    ctx.forward(np.array([[3, 4]], dtype=np.int32), None, None, 0)
+    with pytest.raises(RuntimeError, match="capacity exceeded"):
+        ctx.generate(2**31 - 1)
+
+
+def test_generate_leaves_no_stale_logits(model):
+    ctx = cepe_c.Context(model._core, 1, 16)
+    ctx.forward(np.array([[3, 4, 5]], dtype=np.int32), None, None, 0)
+    ctx.generate(3)
+    assert ctx.length == 5  # the last sampled token is not in the cache ...
+    with pytest.raises(RuntimeError, match="generate needs a prompt"):
+        ctx.generate(3)  # ... so continuing needs it fed back first
+
+
+def test_tiny_temperature_and_nan_logits_are_greedy(model):
+    ids = np.array([3, 4, 5, 6])
+    greedy = model.generate(ids, 6, eos_token_id=[])
+    for kw in (dict(temperature=1e-40), dict(temperature=1e-40, top_k=5)):
+        np.testing.assert_array_equal(model.generate(ids, 6, eos_token_id=[], seed=1, **kw), greedy)
+
+
+def test_top_k_then_top_p_renormalised(model):
+    """transformers applies top-p to the top-k set renormalised: with top_k=2 and
+    top_p just above the larger of the two kept probabilities' share, only the
+    most likely token may come out."""
+    ids = np.array([3, 4, 5, 6])
+    logits = model.forward(ids, logits="last").astype(np.float64)
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    top2 = np.argsort(-p)[:2]
+    share = p[top2[0]] / p[top2].sum()
+    outs = {int(model.generate(ids, 1, temperature=1.0, top_k=2, top_p=share * 0.999, seed=s)[0]) for s in range(40)}
+    assert outs == {int(top2[0])}
+
+
+def test_interrupted_forward_rolls_back(model):
+    """A stopped forward leaves the context as before the call (C level)."""
+    ctx = cepe_c.Context(model._core, 1, 4096)
+    ctx.forward(np.array([[3, 4, 5]], dtype=np.int32), None, None, 0)
+    long_ids = np.random.default_rng(0).integers(3, 97, (1, 3000)).astype(np.int32)
+    t = threading.Timer(0.05, ctx.interrupt)
+    t.start()
+    try:
+        ctx.forward(long_ids, None, None, 0)
+        pytest.skip("the forward finished before the interrupt")
+    except KeyboardInterrupt:
+        pass
+    t.join()
+    assert ctx.length == 3
+    got = ctx.forward(np.array([[6, 7]], dtype=np.int32), None, None, 2)
+    np.testing.assert_allclose(got[0], model.forward(np.array([3, 4, 5, 6, 7]))[3:], atol=1e-5, rtol=0)
+
+
+def test_config_token_ids(tiny, tmp_path):
+    import json
+    import shutil
+
+    p = tmp_path / "m"
+    shutil.copytree(tiny[0], p)
+    cfg = json.loads((p / "config.json").read_text())
+    cfg["pad_token_id"] = -1  # "unset" in older LLaMA configs
+    (p / "config.json").write_text(json.dumps(cfg))
+    assert cepe.load(str(p)).config.pad_token_id is None
+    cfg["eos_token_id"] = 500
+    (p / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(cepe.ConfigError, match="'eos_token_id' 500 is outside the vocabulary"):
+        cepe.load(str(p))

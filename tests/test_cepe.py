@@ -308,3 +308,31 @@ def test_convert_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
     with pytest.raises(RuntimeError, match="needs torch: pip install torch"):
         convert(str(bad))
+
+
+def test_shared_context_mask_broadcasts(built):
+    path, _ = built("all_layers_gqa")
+    model = cepe.load(path)
+    ctx, cmask = chunks_and_mask(np.random.default_rng(14), B=2, pad="none")
+    cmask[:, 0, :2] = 0
+    ids = np.random.default_rng(15).integers(3, 101, size=(2, 5))
+    one = model.forward(ids, encoder_input_ids=ctx, encoder_attention_mask=cmask[0])  # one row's mask, all rows
+    np.testing.assert_array_equal(one, model.forward(ids, encoder_input_ids=ctx, encoder_attention_mask=cmask))
+
+
+def test_encoder_width_differs_from_decoder_without_cross_layers(built, tmp_path):
+    """do_cross_attention with num_cross_attn_layers 0: encode() still sizes its
+    output by the encoder's width (a past heap overflow)."""
+    import shutil
+
+    src, _ = built("all_layers_gqa")
+    p = str(tmp_path / "m")
+    shutil.copytree(src, p)
+    from safetensors.numpy import load_file, save_file
+
+    t = load_file(os.path.join(p, "model.safetensors"))
+    save_file({k: v for k, v in t.items() if ".cross_attn." not in k}, os.path.join(p, "model.safetensors"))
+    edit_config(p, lambda c: c.update(num_cross_attn_layers=0))
+    model = cepe.load(p)
+    out = model.encode(np.full((4, 16), 5))
+    assert out.shape == (64, 40) and np.isfinite(out).all()

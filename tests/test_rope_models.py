@@ -233,3 +233,17 @@ def test_long_positions_against_float64(tiny, start):
     # fp32 angle products (what transformers does) lose more: cepe is at least as close
     fp32_err = np.abs(hf_logits(hf, ids, position_ids=pos) - want).max()
     assert err <= fp32_err, (err, fp32_err)
+
+
+@pytest.mark.parametrize("name", ["dynamic", "longrope"])
+def test_perplexity_in_slices_equals_one_forward(name, model_factory):
+    """perplexity() feeds 256-token slices; length-dependent RoPE must still use
+    the whole input's table, as one forward does."""
+    path, _ = model_factory(f"rope_{name}", **VARIANTS[name])
+    model = cepe.load(path)
+    ids = random_ids(np.random.default_rng(7), (1, 600))
+    logits = model.forward(ids).astype(np.float64)[0]
+    lp = logits - logits.max(-1, keepdims=True)
+    lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
+    want = float(np.exp(-lp[np.arange(599), ids[0, 1:]].mean()))
+    assert model.perplexity(ids) == pytest.approx(want, rel=1e-5)

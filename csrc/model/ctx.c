@@ -40,6 +40,7 @@ cepe_status cepe_ctx_create(const cepe_model *m, int batch, int capacity, cepe_c
     ALLOC(v_cache, cache / sizeof(float), float);
     ALLOC(valid, cepe_mul_size((size_t)batch, (size_t)capacity), uint8_t);
     ALLOC(next_pos, batch, double);
+    ALLOC(saved_pos, batch, double);
     ALLOC(ids, rows, int32_t);
     ALLOC(pos, rows, double);
     ALLOC(cos_t, rows * (size_t)m->rope.half, float);
@@ -72,7 +73,7 @@ oom:
 void cepe_ctx_free(cepe_ctx *x) {
     if (!x) return;
     void (*f)(void *) = x->m->be->free;
-    void *bufs[] = {x->inv_freq, x->k_cache, x->v_cache, x->valid, x->next_pos, x->ids, x->pos, x->cos_t,
+    void *bufs[] = {x->inv_freq, x->saved_pos, x->k_cache, x->v_cache, x->valid, x->next_pos, x->ids, x->pos, x->cos_t,
                     x->sin_t, x->x, x->xn, x->q, x->k, x->v, x->att, x->gate, x->up,
                     x->last_hidden, x->last_logits, x->probs, x->cand, x->finished, x->step_ids,
                     x->ctx_mask, x->cross_k, x->cross_v};
@@ -90,6 +91,7 @@ void cepe_ctx_reset(cepe_ctx *x) {
     memcpy(x->inv_freq, x->m->rope.inv_freq, sizeof(float) * (size_t)x->m->rope.half);
     x->rope_mscale = x->m->rope.mscale;
     x->rope_cached_len = cepe_rope_original_len(&x->m->rope.rc);
+    x->rope_len_hint = 0;
 }
 
 static void drop_context(cepe_ctx *x) {
@@ -132,14 +134,22 @@ cepe_status cepe_ctx_set_context(cepe_ctx *x, const float *states, const uint8_t
     x->ctx_states = states;
     x->ctx_N = N;
     x->cross_kept = keep_kv != 0;
-    if (keep_kv)
+    if (keep_kv) {
         for (int l = m->first_cross; l < c->n_layers; l++) {
             const layer_weights *w = &m->w.layers[l];
             const size_t off = (size_t)(l - m->first_cross) * rows * kvd;
-            be->matmul(x->cross_k + off, states, w->cross_wk, (int)rows, c->encoder_hidden_size, (int)kvd, 0, m->n_threads);
-            be->matmul(x->cross_v + off, states, w->cross_wv, (int)rows, c->encoder_hidden_size, (int)kvd, 0, m->n_threads);
+            be->matmul(x->cross_k + off, states, w->cross_wk, (int)rows, c->encoder_hidden_size, (int)kvd, 0,
+                       m->n_threads);
+            be->matmul(x->cross_v + off, states, w->cross_wv, (int)rows, c->encoder_hidden_size, (int)kvd, 0,
+                       m->n_threads);
         }
+        x->ctx_states = NULL; /* never read again: the caller may free them */
+    }
     return CEPE_OK;
+}
+
+void cepe_ctx_set_rope_length(cepe_ctx *x, int seq_len) {
+    if (x) x->rope_len_hint = seq_len > 0 ? seq_len : 0;
 }
 
 int cepe_ctx_context_length(const cepe_ctx *x) { return x ? x->ctx_N : 0; }

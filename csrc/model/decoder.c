@@ -157,9 +157,13 @@ cepe_status cepe_ctx_forward_continue(cepe_ctx *x, const int32_t *ids, const dou
                 return cepe_fail(CEPE_ERR_INVALID_ARG,
                                  "position %g at (row %ld, position %ld) must be finite and >= 0",
                                  positions[i], i / T, i % T);
+    /* state to restore if the call is stopped halfway (Ctrl-C) */
+    const int len0 = x->len, cached0 = x->rope_cached_len;
+    memcpy(x->saved_pos, x->next_pos, sizeof(double) * (size_t)B);
     if (m->rope.length_dependent) { /* dynamic NTK / LongRoPE: the table follows the call's length */
-        cepe_status st = cepe_rope_for_call(&m->rope, call_seq_len(x, positions, mask, T), &x->rope_cached_len,
-                                            x->inv_freq, &x->rope_mscale);
+        int seq_len = call_seq_len(x, positions, mask, T);
+        seq_len = seq_len > x->rope_len_hint ? seq_len : x->rope_len_hint;
+        cepe_status st = cepe_rope_for_call(&m->rope, seq_len, &x->rope_cached_len, x->inv_freq, &x->rope_mscale);
         if (st) return st;
     }
 
@@ -167,7 +171,10 @@ cepe_status cepe_ctx_forward_continue(cepe_ctx *x, const int32_t *ids, const dou
         const int c = T - t0 < x->chunk ? T - t0 : x->chunk;
         gather_chunk(x, ids, positions, mask, T, t0, c);
         cepe_status st = run_layers(x, c);
-        if (st) {
+        if (st) { /* roll back: the earlier chunks of this call leave the cache */
+            x->len = len0;
+            x->rope_cached_len = cached0;
+            memcpy(x->next_pos, x->saved_pos, sizeof(double) * (size_t)B);
             x->has_logits = 0;
             return st;
         }

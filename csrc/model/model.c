@@ -104,9 +104,20 @@ cepe_status cepe_model_create(const cepe_config *cfg, const cepe_config *encoder
                               cepe_model **out) {
     if (!cfg || !out) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_model_create: NULL argument");
     *out = NULL;
-    if (n_threads < 1) return cepe_fail(CEPE_ERR_INVALID_ARG, "n_threads must be >= 1, got %d", n_threads);
+    if (n_threads < 1 || n_threads > CEPE_MAX_THREADS)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "n_threads must be in [1, %d], got %d", CEPE_MAX_THREADS, n_threads);
     cepe_status st = check_config(cfg);
     if (st) return st;
+    if (encoder_cfg) { /* before its sizes are used to count weight slots */
+        cepe_config ec = *encoder_cfg;
+        ec.n_cross_layers = 0;
+        ec.sliding_window = 0;
+        if ((st = check_config(&ec))) {
+            char msg[400];
+            snprintf(msg, sizeof msg, "%s", cepe_last_error());
+            return cepe_fail(st, "encoder_config: %s", strncmp(msg, "config: ", 8) ? msg : msg + 8);
+        }
+    }
 
     cepe_model *m = cepe_calloc(1, sizeof *m);
     if (!m) return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory creating the model");
@@ -207,3 +218,6 @@ cepe_status cepe_model_finalize(cepe_model *m) {
 }
 
 const cepe_config *cepe_model_config(const cepe_model *m) { return m ? &m->cfg : NULL; }
+const cepe_config *cepe_model_encoder_config(const cepe_model *m) {
+    return m && m->has_encoder ? &m->enc_cfg : NULL;
+}

@@ -10,7 +10,8 @@
 #include "../cepe.h"
 #include "../rope.h"
 
-#define CEPE_MAX_HEAD_DIM 256 /* attention keeps a head's accumulator on the stack */
+#define CEPE_MAX_HEAD_DIM 256
+#define CEPE_MAX_THREADS 1024 /* an OpenMP team larger than this is a typo */ /* attention keeps a head's accumulator on the stack */
 
 typedef struct {
     const float *attn_norm; /* (d) input_layernorm */
@@ -81,6 +82,8 @@ struct cepe_ctx {
     float *inv_freq; /* (rope.half) this call's RoPE table (dynamic NTK / LongRoPE) */
     float rope_mscale;
     int rope_cached_len; /* dynamic NTK: longest sequence seen by this request */
+    int rope_len_hint;   /* cepe_ctx_set_rope_length */
+    double *saved_pos;   /* (B) next_pos at the start of a call, restored if it is stopped */
     int32_t *ids;
     double *pos;
     float *cos_t, *sin_t;  /* (rows, rope_half) */

@@ -38,11 +38,13 @@ static int sample(const float *logits, int V, const cepe_sampling *s, float *pro
                   uint64_t *rng) {
     const int mx = argmax(logits, V);
     const float inv_t = 1.0f / s->temperature;
+    if (!(inv_t < INFINITY) || !isfinite(logits[mx])) return mx; /* T -> 0 is greedy; NaN/Inf logits too */
     double sum = 0.0;
     for (int i = 0; i < V; i++) {
         probs[i] = expf((logits[i] - logits[mx]) * inv_t);
         sum += probs[i];
     }
+    if (!(sum >= 1.0 && sum < INFINITY)) return mx; /* a NaN logit: nothing sensible to sample */
     for (int i = 0; i < V; i++) probs[i] = (float)(probs[i] / sum);
 
     int n = V;
@@ -60,12 +62,14 @@ static int sample(const float *logits, int V, const cepe_sampling *s, float *pro
         sort_probs = probs;
         qsort(cand, (size_t)n, sizeof(int32_t), by_prob_desc);
         if (s->top_k > 0 && s->top_k < n) n = s->top_k;
-        if (s->top_p < 1.0f) {
-            double cum = 0.0;
+        if (s->top_p < 1.0f) { /* the nucleus of what top-k kept, renormalised (as transformers) */
+            double kept = 1.0, cum = 0.0;
+            if (s->top_k > 0)
+                for (int i = 0, k = 0; i < n; i++, k++) kept = (k ? kept : 0.0) + probs[cand[i]];
             int keep = 0;
             while (keep < n) {
                 cum += probs[cand[keep++]];
-                if (cum >= s->top_p) break;
+                if (cum >= s->top_p * kept) break;
             }
             n = keep;
         }
@@ -120,7 +124,10 @@ cepe_status cepe_ctx_generate(cepe_ctx *x, const cepe_sampling *s, int max_new, 
             x->step_ids[b] = tok;
         }
         *n_out = step + 1;
-        if (all_done || step + 1 == max_new) break;
+        if (all_done || step + 1 == max_new) {
+            x->has_logits = 0; /* the last token is not in the cache: no stale logits */
+            break;
+        }
         cepe_status st = cepe_ctx_forward_continue(x, x->step_ids, NULL, NULL, 1, NULL, CEPE_LOGITS_NONE);
         if (st) return st; /* CEPE_ERR_INTERRUPTED included: checked between layers */
     }
