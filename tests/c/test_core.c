@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "cepe.h"
+#include "model/model.h" /* cepe_ctx_forward_continue: an interrupt already pending */
 
 static int passed = 0;
 #define CHECK(cond)                                                                    \
@@ -189,8 +190,18 @@ int main(void) {
         CHECK(cepe_ctx_generate(c, &s, 6, rep ? out2 : out1, rep ? &n2 : &n1) == CEPE_OK);
     }
     CHECK(n1 == n2 && memcmp(out1, out2, sizeof(int32_t) * 2 * 6) == 0);
+    CHECK(cepe_ctx_generate(c, &s, 2, out1, &n1) == CEPE_ERR_STATE); /* last token not fed back */
+    cepe_ctx_reset(c);
+    CHECK(cepe_ctx_forward(c, ids, NULL, mask, T, NULL, CEPE_LOGITS_NONE) == CEPE_OK);
     s.top_p = 0.0f;
     CHECK(cepe_ctx_generate(c, &s, 2, out1, &n1) == CEPE_ERR_INVALID_ARG);
+
+    /* a stopped forward rolls back to where the call started */
+    cepe_ctx_reset(c);
+    CHECK(cepe_ctx_forward(c, part, NULL, pmask, 5, NULL, CEPE_LOGITS_NONE) == CEPE_OK);
+    cepe_ctx_interrupt(c);
+    CHECK(cepe_ctx_forward_continue(c, part, NULL, pmask, 1, NULL, CEPE_LOGITS_NONE) == CEPE_ERR_INTERRUPTED);
+    CHECK(cepe_ctx_length(c) == 5);
 
     /* CEPE: encode chunks, attach, a padded context token changes nothing */
     const int n_chunks = 3, L = 5, N = n_chunks * L, de = enc.hidden_size;
