@@ -10,10 +10,11 @@ import atheris
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 with atheris.instrument_imports():
+    from targets import TARGETS
+
     import cepe.config  # noqa: F401
     import cepe.rope  # noqa: F401
     import cepe.safetensors_io  # noqa: F401
-    from targets import TARGETS
 
 if __name__ == "__main__":
     target = TARGETS[sys.argv.pop(1)]
