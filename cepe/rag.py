@@ -1,0 +1,67 @@
+"""Open-domain QA the way the CEPE paper evaluates it (spec §7.3): retrieve
+passages, put the top ones in the decoder's prompt and the next ones in the
+encoder (one passage per chunk), answer greedily and stop at a newline."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .retrieval import BM25Retriever, Passage, as_passages
+
+
+@dataclass
+class Answer:
+    text: str
+    in_decoder: list[Passage] = field(default_factory=list)
+    in_encoder: list[Passage] = field(default_factory=list)
+    prompt: str = ""
+
+
+def document_block(p: Passage) -> str:
+    return f"Document (Title: {p.title}): {p.text}" if p.title else f"Document: {p.text}"
+
+
+def build_prompt(question: str, passages: Sequence[Passage], demos: Sequence[tuple[str, str]] = ()) -> str:
+    """The paper's QA prompt: document blocks, demonstrations, then the question."""
+    parts = [document_block(p) for p in passages]
+    parts += [f"Question: {q}\nAnswer: {a}" for q, a in demos]
+    parts.append(f"Question: {question}\nAnswer:")
+    return "\n\n".join(parts)
+
+
+def answer(
+    question: str,
+    corpus_or_retriever: Sequence[str] | Any,
+    k: int | None = None,
+    in_decoder: int = 10,
+    in_encoder: int = 10,
+    *,
+    model: Any,
+    demos: Sequence[tuple[str, str]] = (),
+    max_new_tokens: int = 25,
+) -> Answer:
+    """Retrieves k passages (default in_decoder + in_encoder) for the question
+    from a list of passages (BM25) or any retriever callable (query, k) ->
+    passages; the top in_decoder are written into the prompt, the next
+    in_encoder are encoded as one CEPE chunk each. Greedy decoding, at most
+    max_new_tokens, stopping at a newline."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("question must be a non-empty string")
+    for name, v in (("in_decoder", in_decoder), ("in_encoder", in_encoder)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+    k = in_decoder + in_encoder if k is None else k
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    retriever = corpus_or_retriever if callable(corpus_or_retriever) else BM25Retriever(corpus_or_retriever)
+    found = as_passages(retriever(question, k))
+    top, rest = found[:in_decoder], found[in_decoder : in_decoder + in_encoder]
+    if rest and not getattr(model.config, "is_cepe", False):
+        raise ValueError("in_encoder > 0 needs a CEPE model (with cross-attention); use in_encoder=0 otherwise")
+    prompt = build_prompt(question, top, demos)
+    text = model.generate_text(
+        prompt, contexts=[p.text for p in rest] or None, max_new_tokens=max_new_tokens, stop=["\n"]
+    )
+    return Answer(text.strip(), top, rest, prompt)
