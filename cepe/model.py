@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -176,6 +177,10 @@ class KVCache:
 
 class Model:
     """A loaded decoder. Create with cepe.load()."""
+
+    tokenizer: Any = None  # cepe.Tokenizer when the checkpoint has one
+    chunk_len: int = 256  # encoder chunk length for text contexts (spec: 256)
+    max_context_tokens: int = 0  # text contexts beyond this many tokens: left-truncated / refused (0 = no limit)
 
     def __init__(self, core: cepe_c.Model, config: DecoderConfig, *, n_threads: int, path: str, device: str) -> None:
         self._core = core
@@ -465,6 +470,120 @@ class Model:
             pad_token_id=pad,
         )
         return out[0] if squeeze else out
+
+    def generate_stream(
+        self,
+        input_ids: Any,
+        max_new_tokens: int = 32,
+        *,
+        attention_mask: Any = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        encoder_input_ids: Any = None,
+        encoder_attention_mask: Any = None,
+        encoder_hidden_states: Any = None,
+        keep_cross_kv: bool | None = None,
+    ) -> Iterator[int]:
+        """Yields new token ids one at a time (batch of one row), stopping at
+        eos. Greedy output equals generate(); sampling is reproducible per seed
+        (a different random stream than generate's)."""
+        ids, _ = _as_ids(input_ids, self.config.vocab_size)
+        if ids.shape[0] != 1:
+            raise ValueError(f"generate_stream takes one row, got {ids.shape[0]}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        mask = _as_mask(attention_mask, ids.shape, False)
+        eos = self._eos_ids(eos_token_id)
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little")
+        context = self._context(1, False, encoder_input_ids, encoder_attention_mask, encoder_hidden_states)
+        if max_new_tokens == 0:
+            return
+        ctx = cepe_c.Context(self._core, 1, ids.shape[1] + max_new_tokens)
+        self._attach(ctx, context, keep_cross_kv)
+        _interruptible(ctx, ctx.forward, ids, None, mask, 0)
+        pad = int(eos[0]) if len(eos) else 0
+        for step in range(max_new_tokens):
+            tok = _interruptible(
+                ctx,
+                ctx.generate,
+                1,
+                temperature=float(temperature),
+                top_k=top_k,
+                top_p=float(top_p),
+                seed=(int(seed) + step) & (2**64 - 1),
+                eos_ids=eos,
+                pad_token_id=pad,
+            )[0, 0]
+            yield int(tok)
+            if int(tok) in eos.tolist() or step + 1 == max_new_tokens:
+                return
+            _interruptible(ctx, ctx.forward, np.array([[tok]], dtype=np.int32), None, None, 0)
+
+    def generate_text(
+        self,
+        prompt: str,
+        *,
+        context: str | None = None,
+        contexts: list[str] | None = None,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        stream: bool = False,
+        chat: bool = False,
+    ) -> str | Iterator[str]:
+        """Continues a text prompt; returns the new text, or with stream=True an
+        iterator of text pieces as they are decoded.
+
+        context: one long text for the CEPE encoder, split into chunk_len-token
+        chunks (no BOS, padded with EOS, oldest tokens dropped beyond
+        max_context_tokens); contexts: passages, one chunk each (left-truncated
+        and left-padded, as the paper's QA evaluation). stop: strings that end
+        the answer (not included). chat: wrap the prompt in the tokenizer's chat
+        template as a user turn."""
+        from .text import stream_text
+
+        pieces = stream_text(
+            self,
+            prompt,
+            context=context,
+            contexts=contexts,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            chat=chat,
+        )
+        return pieces if stream else "".join(pieces)
+
+    def perplexity_text(
+        self,
+        text: str,
+        *,
+        context: str | None = None,
+        contexts: list[str] | None = None,
+        eval_window: int | None = None,
+    ) -> float:
+        """perplexity() of a text (with BOS), optionally with a CEPE context."""
+        from .text import require_tokenizer, text_context
+
+        tok = require_tokenizer(self)
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        ids = tok.encode(text)
+        if len(ids) < 2:
+            raise ValueError("the text must encode to at least 2 tokens")
+        ctx = text_context(self, context, contexts)
+        enc = {} if ctx is None else {"encoder_input_ids": ctx[0], "encoder_attention_mask": ctx[1]}
+        return self.perplexity(np.asarray(ids)[None], eval_window=eval_window, **enc)
 
     def _eos_ids(self, eos_token_id: int | list[int] | None) -> np.ndarray:
         if eos_token_id is None:
