@@ -13,6 +13,8 @@ from .config import DecoderConfig, parse_config
 from .errors import CheckpointError, ConfigError
 from .load import load
 from .model import KVCache, Model
+from .pull import pull  # issue 8: cepe.pull("smollm2-135m") (the module is importlib.import_module("cepe.pull"))
+from .tokenizer import Tokenizer  # issue 8
 
 __version__ = "0.1.0"
 __all__ = [
@@ -21,8 +23,10 @@ __all__ = [
     "DecoderConfig",
     "KVCache",
     "Model",
+    "Tokenizer",
     "backends",
     "load",
     "parse_config",
+    "pull",
     "__version__",
 ]

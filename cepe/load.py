@@ -61,7 +61,11 @@ def load(
     n_threads: int | None = None,
     rope_scaling: dict[str, Any] | None = None,
 ) -> Model:
-    """Loads an HF LLaMA-family checkpoint directory (config.json + safetensors).
+    """Loads an HF LLaMA-family checkpoint directory (config.json + safetensors),
+    a LLaMA GGUF file (path ending in .gguf or starting with b"GGUF"; quantized
+    weights are dequantized to float32), or a model fetched with `cepe pull`
+    by its name (e.g. "smollm2-135m"). The model's tokenizer, if the
+    checkpoint has one, is model.tokenizer (else None).
 
     float32 tensors are memory-mapped, not copied; fp16/bf16 are widened to
     float32 once. rope_scaling overrides the checkpoint's RoPE settings
@@ -73,6 +77,16 @@ def load(
     device = check_device(device)
     n = check_threads(n_threads)
     model_dir = os.fspath(path)
+    # --- GGUF files and pulled model names (issue 8) ---
+    from .gguf_io import is_gguf, load_gguf
+    from .pull import resolve
+
+    model_dir = resolve(model_dir)
+    if is_gguf(model_dir) and not os.path.isdir(model_dir):
+        if not os.path.exists(model_dir):
+            raise FileNotFoundError(f"no such GGUF file: {model_dir}")
+        return load_gguf(model_dir, device=device, n_threads=n, rope_scaling=rope_scaling)
+    # --- end GGUF ---
     if not os.path.exists(model_dir):
         raise FileNotFoundError(f"no such model directory: {model_dir}")
     if not os.path.isdir(model_dir):
@@ -94,4 +108,10 @@ def load(
         core.finalize()
     except KeyError as exc:
         raise CheckpointError(f"{model_dir}: {exc.args[0]}") from None
-    return Model(core, cfg, n_threads=n, path=model_dir, device=device)
+    model = Model(core, cfg, n_threads=n, path=model_dir, device=device)
+    # --- tokenizer (issue 8) ---
+    from .tokenizer import Tokenizer
+
+    model.tokenizer = Tokenizer.from_dir(model_dir)
+    # --- end tokenizer ---
+    return model

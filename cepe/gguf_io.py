@@ -1,0 +1,554 @@
+"""Reading LLaMA-architecture GGUF files (llama.cpp's format) into a cepe.Model.
+
+    model = cepe.load("SmolLM2-135M-Instruct.Q4_1.gguf")   # dispatches here
+
+The container is parsed here, strictly: every count, length and offset is
+checked against the file, so a truncated or corrupted file raises
+CheckpointError instead of crashing or allocating without bound. The gguf
+package's GGUFReader would do the same job but builds a NumPy view per array
+item, which takes ~4 s for the 100k strings of a 49k-token vocabulary; this
+parser takes a fraction of a second. The gguf package still supplies the
+format's constants and the dequantization (gguf.quants.dequantize).
+
+Weights are dequantized to float32 once, at load (F32 tensors stay views of
+the memory-mapped file). Two conventions differ from HF safetensors:
+
+- GGUF lists dimensions innermost first (ne0 = the row length), so a weight
+  stored as [in, out] is the NumPy/PyTorch array (out, in) -- exactly the
+  shape the core binds.
+- llama.cpp's converter undoes HF's rotate-half permutation of the q/k rows,
+  so GGUF llama weights use Meta's interleaved RoPE pairs (x[2j], x[2j+1]).
+  The weights are bound as stored and the model runs with rope layout
+  "interleaved" (spec ROPE_E2LLM.md 1.2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import mmap
+import os
+import re
+import struct
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import CheckpointError
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_ARCHITECTURES = ("llama",)
+# GGML type ids (ggml.h) this loader dequantizes; names as gguf.GGMLQuantizationType.
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+_DEFAULT_ALIGNMENT = 32
+_MAX_DIMS = 4
+
+# GGUF metadata value types (gguf.GGUFValueType): id -> (struct format, size)
+_SCALARS = {
+    0: ("<B", 1),
+    1: ("<b", 1),
+    2: ("<H", 2),
+    3: ("<h", 2),
+    4: ("<I", 4),
+    5: ("<i", 4),
+    6: ("<f", 4),
+    7: ("<?", 1),
+    10: ("<Q", 8),
+    11: ("<q", 8),
+    12: ("<d", 8),
+}
+_NP_SCALARS = {
+    0: "<u1",
+    1: "<i1",
+    2: "<u2",
+    3: "<i2",
+    4: "<u4",
+    5: "<i4",
+    6: "<f4",
+    7: "<u1",
+    10: "<u8",
+    11: "<i8",
+    12: "<f8",
+}
+_STRING, _ARRAY = 8, 9
+
+
+def is_gguf(path: str | os.PathLike[str]) -> bool:
+    """True for a path ending in .gguf, or a file that starts with b"GGUF"."""
+    p = os.fspath(path)
+    if p.lower().endswith(".gguf"):
+        return True
+    if not os.path.isfile(p):
+        return False
+    try:
+        with open(p, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    type_name: str  # gguf.GGMLQuantizationType name, e.g. "Q4_1", or "type<id>" for an unknown id
+    type_id: int
+    shape: tuple[int, ...]  # NumPy order (outermost first): (out, in) for a weight
+    offset: int  # absolute offset in the file
+    nbytes: int
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads from the mapped header."""
+
+    def __init__(self, buf: mmap.mmap | bytes, path: str) -> None:
+        self.buf = buf
+        self.pos = 0
+        self.size = len(buf)
+        self.path = path
+
+    def need(self, n: int, what: str) -> None:
+        if n < 0 or self.pos + n > self.size:
+            raise CheckpointError(
+                f"{self.path}: truncated or corrupt GGUF file: {what} needs {n} bytes at offset {self.pos}, "
+                f"but the file has {self.size} bytes"
+            )
+
+    def scalar(self, vtype: int, what: str) -> Any:
+        fmt, n = _SCALARS[vtype]
+        self.need(n, what)
+        (v,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return v
+
+    def u32(self, what: str) -> int:
+        return int(self.scalar(4, what))
+
+    def u64(self, what: str) -> int:
+        return int(self.scalar(10, what))
+
+    def string(self, what: str) -> str:
+        n = self.u64(what)
+        self.need(n, what)
+        raw = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{self.path}: corrupt GGUF file: {what} is not valid UTF-8") from None
+
+    def value(self, vtype: int, what: str) -> Any:
+        if vtype in _SCALARS:
+            return self.scalar(vtype, what)
+        if vtype == _STRING:
+            return self.string(what)
+        if vtype == _ARRAY:
+            itype = self.u32(what)
+            count = self.u64(what)
+            if itype in _SCALARS:
+                n = count * _SCALARS[itype][1]
+                self.need(n, what)
+                arr = np.frombuffer(self.buf, dtype=_NP_SCALARS[itype], count=count, offset=self.pos)
+                self.pos += n
+                return arr.astype(bool).tolist() if itype == 7 else arr.tolist()
+            if itype == _STRING:
+                self.need(count * 8, what)  # each string has at least its 8-byte length
+                return [self.string(what) for _ in range(count)]
+            if itype == _ARRAY:
+                self.need(count * 12, what)
+                return [self.value(_ARRAY, what) for _ in range(count)]
+            raise CheckpointError(f"{self.path}: corrupt GGUF file: {what} has unknown array item type {itype}")
+        raise CheckpointError(f"{self.path}: corrupt GGUF file: {what} has unknown value type {vtype}")
+
+
+def _too_big(ne: list[int], size: int, block: int, tsize: int) -> bool:
+    """True when dims ne of this type would need more bytes than the file has."""
+    return math.prod(ne) // block * tsize > size
+
+
+def _type_table() -> dict[int, tuple[str, int, int]]:
+    """GGML type id -> (name, block size, bytes per block), from the gguf package."""
+    try:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    except ImportError as exc:  # pragma: no cover - gguf is a dependency
+        raise ImportError("reading GGUF files needs the 'gguf' package: pip install gguf") from exc
+    return {int(t): (t.name, *GGML_QUANT_SIZES[t]) for t in GGMLQuantizationType if t in GGML_QUANT_SIZES}
+
+
+class GGUFFile:
+    """One GGUF file: its metadata (dict), tensor table, and dequantized tensors."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        if os.path.isdir(self.path):
+            raise CheckpointError(f"{self.path} is a directory, expected a .gguf file")
+        if not os.path.exists(self.path):
+            raise FileNotFoundError(f"no such GGUF file: {self.path}")
+        size = os.path.getsize(self.path)
+        if size < 24:
+            raise CheckpointError(f"{self.path}: truncated file ({size} bytes), not a GGUF model")
+        with open(self.path, "rb") as f:
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            self._parse()
+        except CheckpointError:
+            self._map.close()
+            raise
+
+    def _parse(self) -> None:
+        buf, path = self._map, self.path
+        if buf[:4] != GGUF_MAGIC:
+            raise CheckpointError(f"{path}: not a GGUF file (magic {bytes(buf[:4])!r}, expected b'GGUF')")
+        cur = _Cursor(buf, path)
+        cur.pos = 4
+        self.version = cur.u32("version")
+        if self.version in (0x02000000, 0x03000000):
+            raise CheckpointError(f"{path}: big-endian GGUF files are not supported")
+        if self.version not in (2, 3):
+            raise CheckpointError(f"{path}: unsupported GGUF version {self.version} (supported: 2, 3)")
+        n_tensors = cur.u64("tensor count")
+        n_kv = cur.u64("metadata count")
+        if n_tensors > cur.size // 24 or n_kv > cur.size // 12:  # each entry takes at least that many bytes
+            raise CheckpointError(f"{path}: corrupt GGUF header ({n_tensors} tensors, {n_kv} metadata entries)")
+        self.metadata: dict[str, Any] = {}
+        for i in range(n_kv):
+            key = cur.string(f"metadata key #{i}")
+            vtype = cur.u32(f"metadata {key!r}")
+            self.metadata[key] = cur.value(vtype, f"metadata {key!r}")
+        types = _type_table()
+        infos = []
+        for i in range(n_tensors):
+            name = cur.string(f"tensor name #{i}")
+            n_dims = cur.u32(f"tensor {name}")
+            if not 1 <= n_dims <= _MAX_DIMS:
+                raise CheckpointError(f"{path}: corrupt GGUF file: tensor {name} has {n_dims} dimensions")
+            ne = [cur.u64(f"tensor {name}") for _ in range(n_dims)]
+            type_id = cur.u32(f"tensor {name}")
+            offset = cur.u64(f"tensor {name}")
+            infos.append((name, ne, type_id, offset))
+        alignment = self.metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or alignment < 1 or alignment & (alignment - 1):
+            raise CheckpointError(f"{path}: corrupt GGUF file: general.alignment = {alignment!r}")
+        self.alignment = alignment
+        self.data_start = -(-cur.pos // alignment) * alignment
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, ne, type_id, offset in infos:
+            if type_id not in types:
+                raise CheckpointError(f"{path}: corrupt GGUF file: tensor {name} has unknown type id {type_id}")
+            tname, block, tsize = types[type_id]
+            if ne[0] % block or _too_big(ne, cur.size, block, tsize):
+                raise CheckpointError(f"{path}: corrupt GGUF file: tensor {name} has dims {ne} for type {tname}")
+            count = math.prod(ne)
+            nbytes = count // block * tsize
+            start = self.data_start + offset
+            if offset % alignment or start + nbytes > cur.size:
+                raise CheckpointError(
+                    f"{path}: truncated or corrupt GGUF file: tensor {name} ({nbytes} bytes at offset {start}) "
+                    f"does not fit in the file's {cur.size} bytes"
+                )
+            if name in self.tensors:
+                raise CheckpointError(f"{path}: corrupt GGUF file: tensor {name} appears twice")
+            self.tensors[name] = TensorInfo(name, tname, type_id, tuple(reversed(ne)), start, nbytes)
+
+    # ----------------------------------------------------------------- access
+
+    def raw(self, name: str) -> np.ndarray:
+        """The stored bytes of a tensor as uint8, shaped (..., bytes per row)."""
+        t = self.tensors[name]
+        arr = np.frombuffer(self._map, dtype=np.uint8, count=t.nbytes, offset=t.offset)
+        return arr.reshape(*t.shape[:-1], -1) if t.shape else arr
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor as float32 in NumPy order: a read-only view of the file for
+        F32, a dequantized copy otherwise."""
+        t = self.tensors[name]
+        if t.type_name not in SUPPORTED_TYPES:
+            raise NotImplementedError(
+                f"{self.path}: tensor {name} is stored as {t.type_name}, which this version does not dequantize "
+                f"(supported: {', '.join(SUPPORTED_TYPES)})"
+            )
+        raw = self.raw(name)
+        if t.type_name == "F32":
+            if t.offset % 4:  # general.alignment below 4: a view would be unaligned
+                raw = raw.copy()
+            return raw.view(np.float32).reshape(t.shape)
+        if t.type_name == "F16":
+            return raw.view(np.float16).astype(np.float32).reshape(t.shape)
+        if t.type_name == "BF16":  # the top half of an fp32
+            return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(t.shape)
+        if t.type_name in _FAST:
+            return _FAST[t.type_name](raw.reshape(-1, _BLOCK_BYTES[t.type_name])).reshape(t.shape)
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        out = dequantize(raw, GGMLQuantizationType(t.type_id))
+        return np.ascontiguousarray(out, dtype=np.float32).reshape(t.shape)
+
+    def close(self) -> None:
+        """Unmaps the file (only once no F32 view of it is alive)."""
+        try:
+            self._map.close()
+        except BufferError:
+            pass
+
+    def __repr__(self) -> str:
+        return f"GGUFFile({self.path!r}: v{self.version}, {len(self.metadata)} keys, {len(self.tensors)} tensors)"
+
+
+# ------------------------------------------------------------ dequantize
+# The 32-value block formats, in NumPy with fewer temporaries than
+# gguf.quants (2-3x faster) and the same float32 operations, so the results are
+# bit-identical to gguf.quants.dequantize (tested). Q4_K and Q6_K use gguf's.
+_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+
+
+def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
+    """The float16 at byte `start` of every block, as a float32 column."""
+    return blocks[:, start : start + 2].copy().view(np.float16).astype(np.float32)
+
+
+def _dequant_q8_0(blocks: np.ndarray) -> np.ndarray:
+    out = blocks[:, 2:].view(np.int8).astype(np.float32)
+    out *= _f16(blocks, 0)
+    return out
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    out = np.empty((qs.shape[0], 32), dtype=np.float32)
+    out[:, :16] = qs & 0x0F  # low nibbles are values 0..15, high nibbles 16..31
+    out[:, 16:] = qs >> 4
+    return out
+
+
+def _dequant_q4_0(blocks: np.ndarray) -> np.ndarray:
+    out = _nibbles(blocks[:, 2:])
+    out -= 8.0
+    out *= _f16(blocks, 0)
+    return out
+
+
+def _dequant_q4_1(blocks: np.ndarray) -> np.ndarray:
+    out = _nibbles(blocks[:, 4:])
+    out *= _f16(blocks, 0)
+    out += _f16(blocks, 2)
+    return out
+
+
+_FAST = {"Q8_0": _dequant_q8_0, "Q4_0": _dequant_q4_0, "Q4_1": _dequant_q4_1}
+
+
+# ------------------------------------------------------------------ config
+
+
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+# Tensors that hold settings, not weights the core binds.
+_SETTING_TENSORS = ("rope_freqs.weight",)
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """The HF parameter name of a GGUF llama tensor, None if it has none."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _LAYER_RE.match(gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
+    return None
+
+
+def _key(gf: GGUFFile, key: str, kinds: type | tuple[type, ...], default: Any = None, required: bool = False) -> Any:
+    if key not in gf.metadata:
+        if required:
+            raise CheckpointError(f"{gf.path}: GGUF metadata lacks the required key {key!r}")
+        return default
+    v = gf.metadata[key]
+    if isinstance(v, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+        raise CheckpointError(f"{gf.path}: GGUF metadata {key!r} has a bad value {v!r}")
+    if not isinstance(v, kinds):
+        raise CheckpointError(f"{gf.path}: GGUF metadata {key!r} has a bad value {v!r}")
+    return v
+
+
+def architecture(gf: GGUFFile) -> str:
+    arch = _key(gf, "general.architecture", str, required=True)
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise NotImplementedError(
+            f"{gf.path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    return arch
+
+
+def _rope_block(gf: GGUFFile, arch: str, head_dim: int, rotary_dim: int, ctx: int) -> dict[str, Any] | None:
+    """The HF rope_scaling dict the file's RoPE metadata and tensors describe."""
+    stype = _key(gf, f"{arch}.rope.scaling.type", str, "none")
+    factor = _key(gf, f"{arch}.rope.scaling.factor", (int, float))
+    if factor is None and f"{arch}.rope.scale_linear" in gf.metadata:  # older files
+        stype, factor = "linear", _key(gf, f"{arch}.rope.scale_linear", (int, float))
+    orig = _key(gf, f"{arch}.rope.scaling.original_context_length", int)
+    if "rope_freqs.weight" in gf.tensors:
+        # Llama 3.1-style scaling baked into per-pair frequency divisors: pair j
+        # turns at inv_freq[j] / rope_freqs[j] (ggml's freq_factors). LongRoPE
+        # with equal short and long factors and no attention factor is exactly that.
+        if stype not in ("none", "linear") or (stype == "linear" and factor not in (None, 1.0)):
+            raise NotImplementedError(f"{gf.path}: rope_freqs combined with rope scaling type {stype!r}")
+        t = gf.tensors["rope_freqs.weight"]
+        if t.type_name != "F32" or t.shape != (rotary_dim // 2,):
+            raise CheckpointError(
+                f"{gf.path}: rope_freqs.weight must be F32 with {rotary_dim // 2} entries, got {t.type_name} {t.shape}"
+            )
+        f = gf.get("rope_freqs.weight").astype(np.float64)
+        if not (np.isfinite(f).all() and (f > 0).all()):
+            raise CheckpointError(f"{gf.path}: rope_freqs.weight holds non-positive or non-finite values")
+        if np.all(f == 1.0):
+            return None
+        return {
+            "rope_type": "longrope",
+            "short_factor": f.tolist(),
+            "long_factor": f.tolist(),
+            "factor": 1.0,
+            "attention_factor": 1.0,
+            "original_max_position_embeddings": ctx,
+        }
+    if stype == "none" or (stype == "linear" and factor in (None, 1.0)):
+        return None
+    if stype == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    if stype == "yarn":
+        attn = _key(gf, f"{arch}.rope.scaling.attn_factor", (int, float), 1.0)
+        if attn != 1.0 or f"{arch}.rope.scaling.yarn_log_multiplier" in gf.metadata:
+            raise NotImplementedError(f"{gf.path}: YaRN with a custom attn_factor or log multiplier is not supported")
+        block: dict[str, Any] = {"rope_type": "yarn", "factor": None if factor is None else float(factor)}
+        if orig is not None:
+            block["original_max_position_embeddings"] = orig
+        return block
+    raise NotImplementedError(f"{gf.path}: GGUF rope scaling type {stype!r} is not supported (none, linear, yarn)")
+
+
+def hf_config(gf: GGUFFile) -> dict[str, Any]:
+    """The file's hyper-parameters as an HF LLaMA config dict (for cepe.config.parse_config)."""
+    arch = architecture(gf)
+    p = f"{arch}."
+    hidden = _key(gf, p + "embedding_length", int, required=True)
+    heads = _key(gf, p + "attention.head_count", int, required=True)
+    kv = _key(gf, p + "attention.head_count_kv", int, heads)
+    head_dim = _key(gf, p + "attention.key_length", int, hidden // heads if heads else 0)
+    vdim = _key(gf, p + "attention.value_length", int, head_dim)
+    if vdim != head_dim:
+        raise NotImplementedError(f"{gf.path}: key_length {head_dim} != value_length {vdim} is not supported")
+    rotary = _key(gf, p + "rope.dimension_count", int, head_dim)
+    ctx = _key(gf, p + "context_length", int, 2048)
+    if "token_embd.weight" not in gf.tensors:
+        raise CheckpointError(f"{gf.path}: GGUF file has no token_embd.weight tensor")
+    vocab = gf.tensors["token_embd.weight"].shape[0]
+    meta_vocab = _key(gf, p + "vocab_size", int)
+    if meta_vocab is not None and meta_vocab != vocab:
+        raise CheckpointError(f"{gf.path}: {p}vocab_size = {meta_vocab} but token_embd.weight has {vocab} rows")
+    cfg: dict[str, Any] = {
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": _key(gf, p + "feed_forward_length", int, required=True),
+        "num_hidden_layers": _key(gf, p + "block_count", int, required=True),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "head_dim": head_dim,
+        "rms_norm_eps": float(_key(gf, p + "attention.layer_norm_rms_epsilon", (int, float), 1e-5)),
+        "rope_theta": float(_key(gf, p + "rope.freq_base", (int, float), 10000.0)),
+        "max_position_embeddings": ctx,
+        "tie_word_embeddings": "output.weight" not in gf.tensors,
+    }
+    if head_dim and rotary != head_dim:
+        cfg["partial_rotary_factor"] = rotary / head_dim
+    scaling = _rope_block(gf, arch, head_dim, rotary, ctx)
+    if scaling is not None:
+        cfg["rope_scaling"] = scaling
+    for hf_key, gguf_key in (("bos_token_id", "bos_token_id"), ("pad_token_id", "padding_token_id")):
+        v = _key(gf, "tokenizer.ggml." + gguf_key, int)
+        if v is not None and 0 <= v < vocab:
+            cfg[hf_key] = v
+    eos = [
+        v
+        for v in (_key(gf, "tokenizer.ggml.eos_token_id", int), _key(gf, "tokenizer.ggml.eot_token_id", int))
+        if v is not None and 0 <= v < vocab
+    ]
+    if eos:
+        cfg["eos_token_id"] = list(dict.fromkeys(eos))
+    return cfg
+
+
+def read_config(gf: GGUFFile, rope_scaling: dict[str, Any] | None = None) -> Any:
+    """The DecoderConfig of a GGUF file, with the interleaved RoPE layout of GGUF weights."""
+    from .config import parse_config
+
+    cfg = parse_config(hf_config(gf), rope_scaling)
+    return dataclasses.replace(cfg, rope=dataclasses.replace(cfg.rope, layout="interleaved"))
+
+
+# -------------------------------------------------------------------- load
+
+
+def load_gguf(path: str, *, device: str, n_threads: int, rope_scaling: dict[str, Any] | None = None) -> Any:
+    """cepe.load for a .gguf file (device and n_threads already checked)."""
+    from tqdm.auto import tqdm
+
+    import cepe_c
+
+    from .model import Model
+    from .tokenizer import Tokenizer
+
+    gf = GGUFFile(path)
+    cfg = read_config(gf, rope_scaling)
+    bind: list[tuple[str, str]] = []
+    for name, info in gf.tensors.items():
+        if name in _SETTING_TENSORS:
+            continue
+        target = hf_name(name)
+        if target is None:
+            raise CheckpointError(f"{path}: unexpected tensor {name} for a llama GGUF file")
+        if info.type_name not in SUPPORTED_TYPES:
+            raise NotImplementedError(
+                f"{path}: tensor {name} is stored as {info.type_name}, which this version does not dequantize "
+                f"(supported: {', '.join(SUPPORTED_TYPES)})"
+            )
+        bind.append((name, target))
+    core = cepe_c.Model(cfg.core_kwargs(), None, n_threads=n_threads)
+    # NumPy releases the GIL in the dequantizing loops: a few tensors at a time.
+    with ThreadPoolExecutor(max_workers=max(1, min(n_threads, 4))) as pool:
+        arrays = pool.map(gf.get, [name for name, _ in bind])
+        for (name, target), array in tqdm(
+            zip(bind, arrays, strict=True), total=len(bind), desc="loading", unit="tensor", disable=None, leave=False
+        ):
+            try:
+                core.bind(target, array)
+            except ValueError as exc:  # wrong shape or unexpected name, from the core
+                raise CheckpointError(f"{path}: {name}: {exc}") from None
+    try:
+        core.finalize()
+    except KeyError as exc:
+        raise CheckpointError(f"{path}: {exc.args[0]}") from None
+    model = Model(core, cfg, n_threads=n_threads, path=path, device=device)
+    model.tokenizer = None
+    if "tokenizer.ggml.model" in gf.metadata:
+        try:
+            model.tokenizer = Tokenizer.from_gguf(gf)
+        except NotImplementedError as exc:  # the weights are fine: run without text in/out
+            warnings.warn(f"{path}: no tokenizer: {exc}", stacklevel=3)
+    return model

@@ -1,0 +1,406 @@
+"""Text <-> token ids for cepe models, on the HF `tokenizers` library.
+
+    tok = model.tokenizer                       # set by cepe.load (None if the checkpoint has none)
+    ids = tok.encode("Hello world")             # list[int], with the BOS the model expects
+    text = tok.decode(ids)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+
+Tokenizer.from_dir(model_dir) reads an HF tokenizer.json (+ tokenizer_config.json).
+Tokenizer.from_gguf(path_or_file) builds the tokenizer a GGUF file's metadata
+describes, as transformers 5 does for `from_pretrained(..., gguf_file=...)`:
+
+- tokenizer.ggml.model "gpt2": byte-level BPE with the file's merges; tokens
+  the file spells outside the byte alphabet are re-spelled; the split regex
+  follows tokenizer.ggml.pre (GPT-2's by default, Llama 3's for "llama-bpe" ...).
+- tokenizer.ggml.model "llama": SentencePiece-style BPE over the vocabulary
+  with byte fallback and a "▁" prefix on the first word; merges from the file,
+  or rebuilt from the token scores when the file has none.
+
+Tokens typed CONTROL become special tokens (matched whole, dropped by
+decode(skip_special_tokens=True)), USER_DEFINED ones plain added tokens; BOS/EOS
+are added by encode() as the file's add_bos_token / add_eos_token flags say.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from .errors import CheckpointError
+
+# GGUF token types (llama.cpp's llama_token_type)
+_CONTROL, _USER_DEFINED = 3, 4
+
+# Split regexes of BPE vocabularies, by tokenizer.ggml.pre (llama-family files).
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_TEKKEN_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT4O_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+PRE_TOKENIZER_SPLITS = {
+    **dict.fromkeys(
+        ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "dbrx", "smaug-bpe"),
+        _LLAMA3_SPLIT,
+    ),
+    "tekken": _TEKKEN_SPLIT,
+    **dict.fromkeys(("gpt-4o", "llama4"), _GPT4O_SPLIT),
+}
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table of byte-level BPE."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    n = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + n)
+            n += 1
+    return dict(sorted(table.items()))
+
+
+def merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """BPE merges implied by a SentencePiece vocabulary: every split of a token
+    into two tokens of the vocabulary, best-scored token first (as transformers'
+    generate_merges: ties by shorter left piece, then shorter right piece)."""
+    found: list[tuple[str, str, float]] = []
+    for token, score in scores.items():
+        pairs = [
+            (token[:i], token[i:], score) for i in range(1, len(token)) if token[:i] in vocab and token[i:] in vocab
+        ]
+        pairs.sort(key=lambda p: (vocab[p[0]], vocab[p[1]]))
+        found.extend(pairs)
+    found.sort(key=lambda p: (p[2], len(p[0]), len(p[1])), reverse=True)
+    return [(a, b) for a, b, _ in found]
+
+
+def _token_str(v: Any) -> str | None:
+    if isinstance(v, dict):  # tokenizer_config.json's AddedToken form
+        v = v.get("content")
+    return v if isinstance(v, str) else None
+
+
+class Tokenizer:
+    """A tokenizers.Tokenizer plus the special tokens and chat template of a model."""
+
+    def __init__(
+        self,
+        backend: Any,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+        unk_token: str | None = None,
+        chat_template: str | None = None,
+    ) -> None:
+        self.backend = backend
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.pad_token = pad_token
+        self.unk_token = unk_token
+        self.chat_template = chat_template
+
+    # ----------------------------------------------------------- properties
+
+    def _id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._id(self.bos_token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._id(self.eos_token)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._id(self.pad_token)
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self._id(self.unk_token)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.backend.get_vocab_size(with_added_tokens=True))
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return (
+            f"cepe.Tokenizer(vocab={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r}, "
+            f"chat_template={'yes' if self.chat_template else 'no'})"
+        )
+
+    # ---------------------------------------------------------------- text
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of text; add_special_tokens adds the BOS/EOS the model expects."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids: Sequence[int] | Any, skip_special_tokens: bool = True) -> str:
+        """The text of token ids (a list, or a 1-D NumPy array)."""
+        items = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+        n = self.vocab_size
+        for i in items:
+            if not 0 <= i < n:
+                raise ValueError(f"token id {i} is outside the vocabulary [0, {n})")
+        return str(self.backend.decode(items, skip_special_tokens=skip_special_tokens))
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
+        """The prompt text of a conversation ([{"role": ..., "content": ...}, ...]),
+        rendered with the model's Jinja chat template as transformers does
+        (sandboxed, trim_blocks, lstrip_blocks). Encode it with
+        add_special_tokens=False when the template writes the BOS itself."""
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise TypeError("messages must be a list of dicts like {'role': 'user', 'content': '...'}")
+        template = _compile(self.chat_template)
+        special = {
+            "bos_token": self.bos_token or "",
+            "eos_token": self.eos_token or "",
+            "pad_token": self.pad_token or "",
+            "unk_token": self.unk_token or "",
+        }
+        return str(template.render(messages=messages, add_generation_prompt=add_generation_prompt, **special, **kwargs))
+
+    # ------------------------------------------------------------ builders
+
+    @classmethod
+    def from_dir(cls, model_dir: str | os.PathLike[str]) -> Tokenizer | None:
+        """The tokenizer of an HF model directory (tokenizer.json), None if it has none."""
+        from tokenizers import Tokenizer as Backend
+
+        d = os.fspath(model_dir)
+        path = os.path.join(d, "tokenizer.json")
+        if not os.path.isfile(path):
+            return None
+        try:
+            backend = Backend.from_file(path)
+        except Exception as exc:  # tokenizers raises plain Exception on a bad file
+            raise CheckpointError(f"{path}: cannot read the tokenizer ({exc})") from None
+        conf: dict[str, Any] = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the config wins
+            p = os.path.join(d, name)
+            if os.path.isfile(p):
+                try:
+                    with open(p, encoding="utf-8") as f:
+                        data = json.load(f)
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise CheckpointError(f"{p} is not valid JSON: {exc}") from None
+                if isinstance(data, dict):
+                    conf.update({k: v for k, v in data.items() if v is not None})
+        template = conf.get("chat_template")
+        jinja = os.path.join(d, "chat_template.jinja")
+        if os.path.isfile(jinja):
+            with open(jinja, encoding="utf-8") as f:
+                template = f.read()
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        return cls(
+            backend,
+            bos_token=_token_str(conf.get("bos_token")),
+            eos_token=_token_str(conf.get("eos_token")),
+            pad_token=_token_str(conf.get("pad_token")),
+            unk_token=_token_str(conf.get("unk_token")),
+            chat_template=template if isinstance(template, str) else None,
+        )
+
+    @classmethod
+    def from_gguf(cls, source: Any) -> Tokenizer:
+        """The tokenizer a GGUF file's metadata describes. source: a path, a
+        cepe.gguf_io.GGUFFile, or a gguf.GGUFReader."""
+        from .gguf_io import GGUFFile
+
+        if isinstance(source, (str, os.PathLike)):
+            gf = GGUFFile(source)
+            meta, where = gf.metadata, gf.path
+        elif isinstance(source, GGUFFile):
+            meta, where = source.metadata, source.path
+        elif hasattr(source, "fields"):  # gguf.GGUFReader
+            meta = {k: f.contents() for k, f in source.fields.items() if k.startswith("tokenizer.")}
+            where = "GGUF reader"
+        else:
+            raise TypeError(f"from_gguf takes a path, a GGUFFile or a gguf.GGUFReader, got {type(source).__name__}")
+        try:
+            return cls._from_metadata(meta)
+        except (KeyError, TypeError, IndexError) as exc:
+            raise CheckpointError(f"{where}: bad tokenizer metadata ({exc!r})") from None
+        except ValueError as exc:
+            raise CheckpointError(f"{where}: {exc}") from None
+
+    @classmethod
+    def _from_metadata(cls, meta: dict[str, Any]) -> Tokenizer:
+        from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
+        from tokenizers import Tokenizer as Backend
+        from tokenizers.models import BPE
+
+        kind = meta.get("tokenizer.ggml.model")
+        tokens = meta.get("tokenizer.ggml.tokens")
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+            raise ValueError("tokenizer.ggml.tokens is missing or not a list of strings")
+        types = meta.get("tokenizer.ggml.token_type") or []
+        merges_raw = meta.get("tokenizer.ggml.merges")
+        merges: list[tuple[str, str]] | None = None
+        if merges_raw is not None:
+            merges = []
+            for m in merges_raw:
+                parts = m.split(" ")
+                if len(parts) != 2:
+                    raise ValueError(f"tokenizer.ggml.merges holds a malformed merge {m!r}")
+                merges.append((parts[0], parts[1]))
+
+        byte_level = kind == "gpt2"
+        if byte_level:
+            spelling = bytes_to_unicode()
+            alphabet = set(spelling.values())
+            vocab = {
+                t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
+                for i, t in enumerate(tokens)
+            }
+            backend = Backend(
+                BPE(
+                    vocab=vocab,
+                    merges=merges or [],
+                    dropout=None,
+                    continuing_subword_prefix="",
+                    end_of_word_suffix="",
+                    fuse_unk=False,
+                )
+            )
+            split = PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
+            if split is None:
+                backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            else:
+                backend.pre_tokenizer = pre_tokenizers.Sequence(
+                    [
+                        pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                    ]
+                )
+            backend.decoder = decoders.ByteLevel()
+            add_bos_default = False
+        elif kind == "llama":
+            vocab = {t: i for i, t in enumerate(tokens)}
+            if merges is None:
+                scores = meta.get("tokenizer.ggml.scores")
+                if not isinstance(scores, list) or len(scores) != len(tokens):
+                    raise ValueError("a 'llama' vocabulary needs tokenizer.ggml.merges or tokenizer.ggml.scores")
+                merges = merges_from_scores(vocab, dict(zip(tokens, scores, strict=True)))
+            backend = Backend(BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
+            backend.normalizer = None
+            backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+            backend.decoder = decoders.Sequence(
+                [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+            )
+            add_bos_default = True
+        else:
+            raise NotImplementedError(
+                f"GGUF tokenizer model {kind!r} is not supported "
+                "(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece)"
+            )
+
+        # CONTROL tokens whole and special; USER_DEFINED whole, not special.
+        spelled = set(bytes_to_unicode().values()) if byte_level else None
+        control = [
+            AddedToken(t, normalized=False, special=True)
+            for t, kind_id in zip(tokens, types, strict=False)
+            if kind_id == _CONTROL and (spelled is None or set(t) <= spelled)
+        ]
+        if control:
+            backend.add_special_tokens(control)
+        known = backend.get_vocab()
+        user = [
+            AddedToken(t, normalized=False, special=False)
+            for t, kind_id in zip(tokens, types, strict=False)
+            if kind_id == _USER_DEFINED and t in known
+        ]
+        if user:
+            backend.add_tokens(user)
+
+        def named(key: str) -> str | None:
+            i = meta.get(f"tokenizer.ggml.{key}")
+            return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
+
+        bos, eos, unk, pad = (
+            named("bos_token_id"),
+            named("eos_token_id"),
+            named("unknown_token_id"),
+            named("padding_token_id"),
+        )
+        added = {str(t.content) for t in backend.get_added_tokens_decoder().values()}
+        extra = [AddedToken(t, special=True) for t in dict.fromkeys((bos, eos, unk, pad)) if t and t not in added]
+        if extra:
+            backend.add_tokens(extra)
+
+        add_bos = meta.get("tokenizer.ggml.add_bos_token", add_bos_default) and bos is not None
+        add_eos = meta.get("tokenizer.ggml.add_eos_token", False) and eos is not None
+        single = " ".join([f"{bos}:0"] * add_bos + ["$A:0"] + [f"{eos}:0"] * add_eos)
+        pair = " ".join([single] + [f"{bos}:1"] * add_bos + ["$B:1"] + [f"{eos}:1"] * add_eos)
+        special_ids = [(t, backend.token_to_id(t)) for t in [bos] * add_bos + [eos] * add_eos]
+        backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special_ids)
+
+        template = meta.get("tokenizer.chat_template")
+        return cls(
+            backend,
+            bos_token=bos,
+            eos_token=eos,
+            pad_token=pad,
+            unk_token=unk,
+            chat_template=template if isinstance(template, str) else None,
+        )
+
+
+_TEMPLATES: dict[str, Any] = {}
+
+
+def _compile(template: str) -> Any:
+    """A Jinja template in a sandbox configured as transformers' chat templates."""
+    if template in _TEMPLATES:
+        return _TEMPLATES[template]
+    try:
+        import jinja2
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError as exc:  # pragma: no cover - jinja2 is a dependency
+        raise ImportError("chat templates need the 'jinja2' package: pip install jinja2") from exc
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(
+        x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
+    ) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt: str) -> str:
+        return datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    compiled = env.from_string(template)
+    if len(_TEMPLATES) < 16:
+        _TEMPLATES[template] = compiled
+    return compiled

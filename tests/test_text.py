@@ -1,0 +1,150 @@
+"""The text API: generate_text / perplexity_text / streaming / stop strings,
+and CEPE contexts given as text, against the token-id API they wrap."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from cepe_reference import make_reference
+
+import cepe
+from cepe.chunking import chunk_long_context, chunk_passages
+
+TEXT = (
+    "the quick brown fox jumps over the lazy dog. a stitch in time saves nine. "
+    "all that glitters is not gold. the early bird catches the worm. "
+    "where there is smoke there is fire. actions speak louder than words. "
+) * 3
+
+
+def write_tokenizer(path, vocab_size: int) -> None:
+    """A small BPE tokenizer.json (+ config) trained on TEXT, BOS added on encode."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator([TEXT], trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    assert tok.get_vocab_size() <= vocab_size
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+    )
+
+
+@pytest.fixture(scope="module")
+def text_model(tiny, tmp_path_factory):
+    p = tmp_path_factory.mktemp("tiny_text")
+    shutil.copytree(tiny[0], p, dirs_exist_ok=True)
+    write_tokenizer(p, 97)
+    return cepe.load(str(p))
+
+
+@pytest.fixture(scope="module")
+def cepe_text_model(tmp_path_factory):
+    p = tmp_path_factory.mktemp("cepe_text")
+    make_reference(seed=5).save(str(p))
+    write_tokenizer(p, 101)
+    m = cepe.load(str(p))
+    m.chunk_len = 8
+    return m
+
+
+def test_tokenizer_matches_transformers(text_model):
+    from transformers import PreTrainedTokenizerFast
+
+    ref = PreTrainedTokenizerFast(
+        tokenizer_file=f"{text_model.path}/tokenizer.json", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tok = text_model.tokenizer
+    for s in ["the quick brown fox", "  spaces   and\ttabs ", "émigré naïve ☃", "", "the worm.</s>"]:
+        assert tok.encode(s) == ref.encode(s)
+        assert tok.decode(tok.encode(s)) == ref.decode(ref.encode(s), skip_special_tokens=True)
+    assert tok.bos_token_id == 1 and tok.eos_token_id == 2
+
+
+def test_generate_text_equals_the_id_api(text_model):
+    tok = text_model.tokenizer
+    prompt = "the early bird"
+    ids = tok.encode(prompt)
+    want = text_model.generate(np.array(ids), 20, eos_token_id=[])
+    got = text_model.generate_text(prompt, max_new_tokens=20)
+    expected = tok.decode([t for t in want.tolist()])
+    # generation stops at eos (2) in the text API: compare up to it
+    if 2 in want.tolist():
+        expected = tok.decode(want[: want.tolist().index(2)].tolist())
+    assert got == expected
+    pieces = list(text_model.generate_text(prompt, max_new_tokens=20, stream=True))
+    assert "".join(pieces) == got and len(pieces) >= 1
+
+
+def test_stop_strings(text_model):
+    full = text_model.generate_text("the quick", max_new_tokens=30)
+    words = full.split()
+    if len(words) < 3:
+        pytest.skip("generation too short to cut")
+    stop = words[2]
+    cut = text_model.generate_text("the quick", max_new_tokens=30, stop=[stop])
+    assert cut == full[: full.find(stop)]
+    assert "".join(text_model.generate_text("the quick", max_new_tokens=30, stop=stop, stream=True)) == cut
+
+
+def test_sampled_text_is_seeded(text_model):
+    a = text_model.generate_text("a stitch", max_new_tokens=15, temperature=1.0, seed=3)
+    b = text_model.generate_text("a stitch", max_new_tokens=15, temperature=1.0, seed=3)
+    assert a == b
+
+
+def test_perplexity_text(text_model):
+    ids = text_model.tokenizer.encode(TEXT[:200])
+    assert text_model.perplexity_text(TEXT[:200]) == pytest.approx(text_model.perplexity(np.array(ids)), rel=1e-6)
+
+
+def test_cepe_text_contexts(cepe_text_model):
+    m = cepe_text_model
+    tok = m.tokenizer
+    passages = ["the lazy dog", "all that glitters is not gold and never was", "smoke and fire"]
+    ids, mask = chunk_passages([tok.encode(p, add_special_tokens=False) for p in passages], chunk_len=8, pad_id=2)
+    prompt_ids = np.array(tok.encode("actions speak"))
+    want = m.generate(prompt_ids, 12, eos_token_id=[2], encoder_input_ids=ids, encoder_attention_mask=mask)
+    got = m.generate_text("actions speak", contexts=passages, max_new_tokens=12)
+    assert got == tok.decode(want.tolist())
+    long_ids, long_mask = chunk_long_context(tok.encode(TEXT, add_special_tokens=False), chunk_len=8, pad_id=2)
+    ppl = m.perplexity_text("where there is smoke", context=TEXT)
+    want_ppl = m.perplexity(
+        np.array(tok.encode("where there is smoke")), encoder_input_ids=long_ids, encoder_attention_mask=long_mask
+    )
+    assert ppl == pytest.approx(want_ppl, rel=1e-6)
+    # a budget left-truncates a long context
+    m.max_context_tokens = 16
+    try:
+        short = m.perplexity_text("where there is smoke", context=TEXT)
+        last = chunk_long_context(tok.encode(TEXT, add_special_tokens=False), chunk_len=8, pad_id=2, max_chunks=2)
+        assert short == pytest.approx(
+            m.perplexity(
+                np.array(tok.encode("where there is smoke")), encoder_input_ids=last[0], encoder_attention_mask=last[1]
+            )
+        )
+        with pytest.raises(ValueError, match="exceed the context budget"):
+            m.generate_text("x", contexts=passages)
+    finally:
+        m.max_context_tokens = 0
+
+
+def test_text_errors(tiny, text_model, cepe_text_model):
+    no_tok = cepe.load(tiny[0])
+    with pytest.raises(ValueError, match="has no tokenizer"):
+        no_tok.generate_text("hello")
+    with pytest.raises(ValueError, match="not a CEPE checkpoint"):
+        text_model.generate_text("hello", context="some context")
+    with pytest.raises(ValueError, match="either context .* or contexts"):
+        cepe_text_model.generate_text("hello", context="a", contexts=["b"])
+    with pytest.raises(TypeError, match="prompt must be a str"):
+        text_model.generate_text(123)
+    with pytest.raises(TypeError, match="contexts must be a list of strings"):
+        cepe_text_model.generate_text("x", contexts="one string")
