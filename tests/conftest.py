@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -90,6 +91,30 @@ def hf_logits(hf, ids, attention_mask=None, position_ids=None) -> np.ndarray:
 
 def random_ids(rng: np.random.Generator, shape, vocab: int = BASE["vocab_size"]) -> np.ndarray:
     return rng.integers(3, vocab, size=shape, dtype=np.int64)
+
+
+TEXT = (
+    "the quick brown fox jumps over the lazy dog. a stitch in time saves nine. "
+    "all that glitters is not gold. the early bird catches the worm. "
+    "where there is smoke there is fire. actions speak louder than words. "
+) * 3
+
+
+def write_tokenizer(path, vocab_size: int) -> None:
+    """A small BPE tokenizer.json (+ config) trained on TEXT, BOS added on encode."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator([TEXT], trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    assert tok.get_vocab_size() <= vocab_size
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+    )
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

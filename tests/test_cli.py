@@ -1,41 +1,150 @@
-"""The command line: output, --json, and exit codes on bad input."""
+"""Every CLI command end to end on tiny random model directories made here
+(subprocesses, as a user runs them), with --json, and the bad inputs."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
+import pytest
+from cepe_reference import make_reference
+from conftest import TEXT, write_tokenizer
 
 import cepe
-from cepe.cli import main
 
 
-def test_info_json(tiny, capsys):
-    assert main(["info", tiny[0], "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["model"]["hidden_size"] == 48
-    assert out["backends"]["cpu"]["available"]
+@pytest.fixture(scope="module")
+def text_dir(tiny, tmp_path_factory):
+    p = tmp_path_factory.mktemp("cli_text")
+    shutil.copytree(tiny[0], p, dirs_exist_ok=True)
+    write_tokenizer(p, 97)
+    return str(p)
 
 
-def test_generate_matches_api(tiny, capsys):
-    assert main(["generate", tiny[0], "--ids", "3 4 5", "--max-new-tokens", "5", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    expected = cepe.load(tiny[0]).generate(np.array([3, 4, 5]), 5)
-    assert out["new_ids"] == expected.tolist()
+@pytest.fixture(scope="module")
+def cepe_dir(tmp_path_factory):
+    p = tmp_path_factory.mktemp("cli_cepe")
+    make_reference(seed=7).save(str(p))
+    write_tokenizer(p, 101)
+    return str(p)
 
 
-def test_bad_input_exit_code(tiny, capsys):
-    assert main(["generate", tiny[0], "--ids", "3 x"]) == 2
-    assert "--ids must be integers" in capsys.readouterr().err
-    assert main(["generate", tiny[0], "--ids", "3 1000"]) == 2
-    assert "outside the vocabulary" in capsys.readouterr().err
-    assert main(["info", "/nonexistent/model"]) == 2
-    assert "no such model directory" in capsys.readouterr().err
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CEPE_CACHE": os.environ.get("CEPE_CACHE", "/nonexistent-cepe-cache")}
+    return subprocess.run(
+        [sys.executable, "-m", "cepe", *args], capture_output=True, text=True, input=stdin, env=env, timeout=300
+    )
 
 
-def test_python_dash_m(tiny):
-    r = subprocess.run([sys.executable, "-m", "cepe", "info", "--json"], capture_output=True, text=True)
+def ok_json(*args: str, stdin: str | None = None) -> dict:
+    r = run(*args, "--json", stdin=stdin)
     assert r.returncode == 0, r.stderr
-    assert "cpu" in json.loads(r.stdout)["backends"]
+    return json.loads(r.stdout)
+
+
+def test_help_reads_well():
+    r = run("--help")
+    assert r.returncode == 0
+    for cmd in ("generate", "perplexity", "encode", "rag", "convert", "info", "bench", "pull"):
+        assert cmd in r.stdout
+
+
+def test_info(text_dir):
+    out = ok_json("info", text_dir)
+    assert out["model"]["hidden_size"] == 48 and out["backends"]["cpu"]["available"]
+    assert "Tokenizer" in out["model"]["tokenizer"]
+
+
+def test_generate_text_and_ids(text_dir):
+    model = cepe.load(text_dir)
+    out = ok_json("generate", "the early bird", "--model", text_dir, "--max-new-tokens", "12")
+    assert out["text"] == model.generate_text("the early bird", max_new_tokens=12)
+    streamed = run("generate", "the early bird", "--model", text_dir, "--max-new-tokens", "12")
+    assert streamed.returncode == 0 and streamed.stdout.rstrip("\n") == out["text"]
+    ids = ok_json("generate", "--model", text_dir, "--ids", "3 4 5", "--max-new-tokens", "5")
+    assert ids["new_ids"] == model.generate(np.array([3, 4, 5]), 5).tolist()
+
+
+def test_perplexity(text_dir, tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text(TEXT[:150])
+    out = ok_json("perplexity", "--model", text_dir, "--file", str(f))
+    assert out["perplexity"] == pytest.approx(cepe.load(text_dir).perplexity_text(TEXT[:150]), rel=1e-6)
+    assert ok_json("perplexity", "--model", text_dir, "--file", "-", stdin=TEXT[:150])["perplexity"] == pytest.approx(
+        out["perplexity"], rel=1e-9
+    )
+
+
+def test_cepe_commands(cepe_dir, tmp_path):
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text(TEXT)
+    states = tmp_path / "e.npy"
+    out = ok_json("encode", "--model", cepe_dir, "--file", str(ctx), "--out", str(states))
+    assert out["chunk_len"] == 256 and np.load(states).shape == tuple(out["shape"])
+    gen = ok_json(
+        "generate", "where there is", "--model", cepe_dir, "--context-file", str(ctx), "--max-new-tokens", "8"
+    )
+    assert gen["text"] == cepe.load(cepe_dir).generate_text("where there is", context=TEXT, max_new_tokens=8)
+    ppl = ok_json("perplexity", "--model", cepe_dir, "--text", "the lazy dog jumps", "--context-file", str(ctx))
+    assert ppl["perplexity"] > 1.0
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(
+        "\n".join(["the quick brown fox", "a stitch in time", "smoke and fire", "the early bird", "gold that glitters"])
+    )
+    rag = ok_json(
+        "rag",
+        "what does the early bird catch?",
+        "--model",
+        cepe_dir,
+        "--corpus",
+        str(corpus),
+        "--one-per-line",
+        "--in-decoder",
+        "2",
+        "--in-encoder",
+        "2",
+    )
+    assert len(rag["in_decoder"]) == 2 and len(rag["in_encoder"]) == 2 and isinstance(rag["answer"], str)
+
+
+def test_bench(text_dir):
+    out = ok_json("bench", "--model", text_dir, "--prompt-tokens", "32", "--new-tokens", "4")
+    assert out["prefill_32_tok_s"] > 0 and out["decode_4_tok_s"] > 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "hi", "--model", "/nonexistent/model"], "no such model directory"),
+        (["generate", "--model", "DIR", "--ids", "3 x"], "--ids must be integers"),
+        (["generate", "--model", "DIR", "--ids", "3 1000"], "outside the vocabulary"),
+        (["generate", "--model", "DIR"], "give a prompt"),
+        (["generate", "hi", "--model", "DIR", "--temperature", "-1"], "temperature must be"),
+        (["generate", "hi", "--model", "DIR", "--threads", "0"], "n_threads must be in"),
+        (["perplexity", "--model", "DIR"], "give the text with --text or --file"),
+        (["perplexity", "--model", "DIR", "--file", "/nonexistent.txt"], "No such file"),
+        (["encode", "--model", "DIR", "--text", "hello"], "not a CEPE checkpoint"),
+        (["rag", "q?", "--model", "DIR", "--corpus", "/nonexistent.txt"], "No such file"),
+        (["generate", "hi"], "cepe pull smollm2-135m"),
+        (["info", "/nonexistent/model"], "no such model directory"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(text_dir, args, message):
+    r = run(*[text_dir if a == "DIR" else a for a in args])
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.startswith("cepe: error:") and message in r.stderr, r.stderr
+
+
+def test_rag_errors(cepe_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    r = run("rag", "q?", "--model", cepe_dir, "--corpus", str(empty))
+    assert r.returncode == 2 and "the corpus is empty" in r.stderr
+    small = tmp_path / "small.txt"
+    small.write_text("one passage\ntwo passages\n")
+    r = run("rag", "q?", "--model", cepe_dir, "--corpus", str(small), "--one-per-line")
+    assert r.returncode == 2 and "larger than the corpus" in r.stderr

@@ -3,38 +3,15 @@ and CEPE contexts given as text, against the token-id API they wrap."""
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
 import pytest
 from cepe_reference import make_reference
+from conftest import TEXT, write_tokenizer
 
 import cepe
 from cepe.chunking import chunk_long_context, chunk_passages
-
-TEXT = (
-    "the quick brown fox jumps over the lazy dog. a stitch in time saves nine. "
-    "all that glitters is not gold. the early bird catches the worm. "
-    "where there is smoke there is fire. actions speak louder than words. "
-) * 3
-
-
-def write_tokenizer(path, vocab_size: int) -> None:
-    """A small BPE tokenizer.json (+ config) trained on TEXT, BOS added on encode."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"])
-    tok.train_from_iterator([TEXT], trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    assert tok.get_vocab_size() <= vocab_size
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(
-        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
-    )
 
 
 @pytest.fixture(scope="module")
