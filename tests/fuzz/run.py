@@ -13,8 +13,10 @@ with atheris.instrument_imports():
     from targets import TARGETS
 
     import cepe.config  # noqa: F401
+    import cepe.gguf_io  # noqa: F401
     import cepe.rope  # noqa: F401
     import cepe.safetensors_io  # noqa: F401
+    import cepe.tokenizer  # noqa: F401
 
 if __name__ == "__main__":
     target = TARGETS[sys.argv.pop(1)]

@@ -294,4 +294,123 @@ def fuzz_api(data: bytes) -> None:
         pass
 
 
-TARGETS = {"config": fuzz_config, "safetensors": fuzz_safetensors, "api": fuzz_api}
+# ---------------------------------------------------------------------- GGUF
+
+_SEED_GGUF: str | None = None
+
+
+def seed_gguf() -> str:
+    """A valid tiny llama GGUF (F32 + Q8_0 tensors, a GPT-2 style vocabulary)."""
+    global _SEED_GGUF
+    if _SEED_GGUF is None:
+        import gguf
+
+        d, hidden, ff, heads, kv, vocab = 32, 32, 32, 2, 1, 16
+        tokens = ["<unk>", "<s>", "</s>"] + [chr(ord("a") + i) for i in range(vocab - 4)] + ["ab"]
+        fd, path = tempfile.mkstemp(suffix=".gguf")
+        os.close(fd)
+        w = gguf.GGUFWriter(path, "llama")
+        w.add_context_length(64)
+        w.add_embedding_length(hidden)
+        w.add_block_count(1)
+        w.add_feed_forward_length(ff)
+        w.add_head_count(heads)
+        w.add_head_count_kv(kv)
+        w.add_layer_norm_rms_eps(1e-5)
+        w.add_rope_freq_base(10000.0)
+        w.add_vocab_size(vocab)
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(tokens)
+        w.add_token_types([3, 3, 3] + [1] * (vocab - 3))
+        w.add_token_merges(["a b"])
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        rng = np.random.default_rng(0)
+        hd = hidden // heads
+        shapes = {
+            "token_embd.weight": (vocab, d),
+            "output_norm.weight": (d,),
+            "blk.0.attn_norm.weight": (d,),
+            "blk.0.ffn_norm.weight": (d,),
+            "blk.0.attn_q.weight": (hidden, d),
+            "blk.0.attn_k.weight": (kv * hd, d),
+            "blk.0.attn_v.weight": (kv * hd, d),
+            "blk.0.attn_output.weight": (d, hidden),
+            "blk.0.ffn_gate.weight": (ff, d),
+            "blk.0.ffn_up.weight": (ff, d),
+            "blk.0.ffn_down.weight": (d, ff),
+        }
+        for name, shape in shapes.items():
+            arr = rng.standard_normal(shape).astype(np.float32)
+            if name == "blk.0.ffn_up.weight":  # one quantized tensor: its blocks get fuzzed too
+                q8 = gguf.GGMLQuantizationType.Q8_0
+                w.add_tensor(name, gguf.quants.quantize(arr, q8), raw_dtype=q8)
+                continue
+            w.add_tensor(name, arr)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        _SEED_GGUF = path
+    return _SEED_GGUF
+
+
+def fuzz_gguf(data: bytes) -> None:
+    """A GGUF file: raw fuzz bytes, or the valid seed with bytes overwritten
+    (mostly in the header and metadata); cepe.load raises cleanly or works."""
+    import cepe
+
+    b = Bytes(data)
+    if b.int(0, 3) == 0:
+        raw = b"GGUF" + b.rest()
+    else:
+        with open(seed_gguf(), "rb") as f:
+            buf = bytearray(f.read())
+        for _ in range(b.int(1, 6)):
+            pos = b.int(0, len(buf) - 1) if b.int(0, 3) == 0 else b.int(0, min(len(buf), 1200) - 1)
+            buf[pos : pos + 4] = b.take(4).ljust(4, b"\xff")[: max(0, len(buf) - pos)]
+        if b.int(0, 5) == 0:
+            buf = buf[: b.int(0, len(buf))]  # truncated
+        raw = bytes(buf)
+    fd, path = tempfile.mkstemp(suffix=".gguf")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+        try:
+            m = cepe.load(path, n_threads=1)
+            out = m.forward(np.array([1, 3, 4]))
+            assert out.shape == (3, m.config.vocab_size)
+        except EXPECTED:
+            pass
+    finally:
+        os.unlink(path)
+
+
+# ----------------------------------------------------------------- tokenizer
+
+_TOKENIZER: Any = None
+
+
+def fuzz_tokenizer(data: bytes) -> None:
+    """Arbitrary text through a GGUF-built tokenizer: ids stay in the
+    vocabulary and decoding never fails."""
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        from cepe.tokenizer import Tokenizer
+
+        _TOKENIZER = Tokenizer.from_gguf(seed_gguf())
+    text = data.decode("utf-8", "replace")
+    for special in (True, False):
+        ids = _TOKENIZER.encode(text, add_special_tokens=special)
+        assert all(0 <= i < _TOKENIZER.vocab_size for i in ids)
+        _TOKENIZER.decode(ids)
+        _TOKENIZER.decode(ids, skip_special_tokens=False)
+
+
+TARGETS = {
+    "config": fuzz_config,
+    "safetensors": fuzz_safetensors,
+    "api": fuzz_api,
+    "gguf": fuzz_gguf,
+    "tokenizer": fuzz_tokenizer,
+}
