@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Any
 
 from .errors import CheckpointError
@@ -92,8 +94,66 @@ def _token_str(v: Any) -> str | None:
     return v if isinstance(v, str) else None
 
 
+class SentencePieceBackend:
+    """A SentencePiece model (tokenizer.model, LLaMA-2's format) behind the few
+    methods Tokenizer uses of a tokenizers.Tokenizer, with the slow HF
+    LlamaTokenizer's conventions: BOS prepended (add_bos_token), no EOS, and
+    special-token strings in the text mapped to their ids."""
+
+    def __init__(self, path: str, *, add_bos: bool = True, add_eos: bool = False) -> None:
+        try:
+            import sentencepiece as spm
+        except ImportError:
+            raise ImportError(f"{path} is a SentencePiece model: pip install sentencepiece") from None
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=path)
+        except Exception as exc:  # noqa: BLE001 - sentencepiece raises OSError/RuntimeError variants
+            raise CheckpointError(f"{path}: cannot read the SentencePiece model ({exc})") from None
+        self.add_bos, self.add_eos = add_bos, add_eos
+        n = self.sp.get_piece_size()
+        self._control = {i for i in range(n) if self.sp.is_control(i) or self.sp.is_unknown(i)}
+        specials = sorted((self.sp.id_to_piece(i) for i in self._control if i != self.sp.unk_id()), key=len,
+                          reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+
+    def token_to_id(self, token: str) -> int | None:
+        i = self.sp.piece_to_id(token)
+        return i if self.sp.id_to_piece(i) == token else None
+
+    def get_vocab_size(self, with_added_tokens: bool = True) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> Any:
+        ids: list[int] = []
+        parts = self._split.split(text) if self._split else [text]
+        for k, part in enumerate(parts):
+            if k % 2 == 1:  # a special-token string
+                ids.append(self.sp.piece_to_id(part))
+            elif part:
+                ids += self.sp.encode(part)
+        if add_special_tokens:
+            if self.add_bos and self.sp.bos_id() >= 0:
+                ids = [self.sp.bos_id()] + ids
+            if self.add_eos and self.sp.eos_id() >= 0:
+                ids = ids + [self.sp.eos_id()]
+        return SimpleNamespace(ids=ids)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        if skip_special_tokens:
+            return self.sp.decode([i for i in ids if i not in self._control])
+        out, run = [], []
+        for i in ids:  # control pieces decode to "" in SentencePiece: spell them out
+            if i in self._control:
+                out.append(self.sp.decode(run) + self.sp.id_to_piece(i))
+                run = []
+            else:
+                run.append(i)
+        return "".join(out) + self.sp.decode(run)
+
+
 class Tokenizer:
-    """A tokenizers.Tokenizer plus the special tokens and chat template of a model."""
+    """A tokenizers.Tokenizer (or a SentencePiece model) plus the special tokens
+    and chat template of a model."""
 
     def __init__(
         self,
@@ -192,12 +252,17 @@ class Tokenizer:
 
         d = os.fspath(model_dir)
         path = os.path.join(d, "tokenizer.json")
-        if not os.path.isfile(path):
+        sp_path = os.path.join(d, "tokenizer.model")
+        backend: Any
+        if os.path.isfile(path):
+            try:
+                backend = Backend.from_file(path)
+            except Exception as exc:  # tokenizers raises plain Exception on a bad file
+                raise CheckpointError(f"{path}: cannot read the tokenizer ({exc})") from None
+        elif os.path.isfile(sp_path):
+            backend = None  # built below, once tokenizer_config.json says whether to add BOS/EOS
+        else:
             return None
-        try:
-            backend = Backend.from_file(path)
-        except Exception as exc:  # tokenizers raises plain Exception on a bad file
-            raise CheckpointError(f"{path}: cannot read the tokenizer ({exc})") from None
         conf: dict[str, Any] = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the config wins
             p = os.path.join(d, name)
@@ -217,6 +282,11 @@ class Tokenizer:
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
+        if backend is None:
+            backend = SentencePieceBackend(sp_path, add_bos=bool(conf.get("add_bos_token", True)),
+                                           add_eos=bool(conf.get("add_eos_token", False)))
+            for key, default in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>")):
+                conf.setdefault(key, default if backend.token_to_id(default) is not None else None)
         return cls(
             backend,
             bos_token=_token_str(conf.get("bos_token")),

@@ -125,3 +125,49 @@ def test_text_errors(tiny, text_model, cepe_text_model):
         text_model.generate_text(123)
     with pytest.raises(TypeError, match="contexts must be a list of strings"):
         cepe_text_model.generate_text("x", contexts="one string")
+
+
+def test_sentencepiece_tokenizer_model(tmp_path):
+    """tokenizer.model (LLaMA-2's SentencePiece format, trained here with
+    LLaMA's settings) against the sentencepiece library that defines the
+    format, with the HF Llama conventions: BOS prepended, special-token strings
+    in the text mapped to their ids. (transformers 5 converts such files to a
+    tokenizers BPE whose segmentation differs from sentencepiece's own.)"""
+    spm = pytest.importorskip("sentencepiece")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT.replace(". ", ".\n") + "\nnaïve émigré café ☃ 123 456\n")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(tmp_path / "sp"),
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        pad_id=-1,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        character_coverage=1.0,
+        minloglevel=2,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+    )
+    d = tmp_path / "model"
+    d.mkdir()
+    (tmp_path / "sp.model").rename(d / "tokenizer.model")
+    from cepe.tokenizer import Tokenizer
+
+    ours = Tokenizer.from_dir(d)
+    sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
+    for s in ["the quick brown fox", "  leading and   inner spaces", "naïve café ☃ ✓ 中文", "123 456", "", "a\nb\n"]:
+        assert ours.encode(s, add_special_tokens=False) == sp.encode(s), s
+        assert ours.encode(s) == [1] + sp.encode(s), s
+        assert ours.decode(ours.encode(s)) == sp.decode(sp.encode(s)), s
+    assert ours.encode("the</s>fox") == [1] + sp.encode("the") + [2] + sp.encode("fox")
+    assert ours.decode(ours.encode("the</s>fox"), skip_special_tokens=False).startswith("<s>the</s>")
+    assert ours.bos_token_id == 1 and ours.eos_token_id == 2 and ours.vocab_size == 400
+    (d / "tokenizer.model").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="cannot read the SentencePiece model"):
+        Tokenizer.from_dir(d)
