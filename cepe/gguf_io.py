@@ -505,7 +505,9 @@ def read_config(gf: GGUFFile, rope_scaling: dict[str, Any] | None = None) -> Any
 # -------------------------------------------------------------------- load
 
 
-def load_gguf(path: str, *, device: str, n_threads: int, rope_scaling: dict[str, Any] | None = None) -> Any:
+def load_gguf(
+    path: str, *, device: str, n_threads: int, rope_scaling: dict[str, Any] | None = None, check_weights: bool = False
+) -> Any:
     """cepe.load for a .gguf file (device and n_threads already checked)."""
     from tqdm.auto import tqdm
 
@@ -536,6 +538,10 @@ def load_gguf(path: str, *, device: str, n_threads: int, rope_scaling: dict[str,
         for (name, target), array in tqdm(
             zip(bind, arrays, strict=True), total=len(bind), desc="loading", unit="tensor", disable=None, leave=False
         ):
+            if check_weights:
+                from .load import finite_or_raise
+
+                finite_or_raise(name, array, path)
             try:
                 core.bind(target, array)
             except ValueError as exc:  # wrong shape or unexpected name, from the core

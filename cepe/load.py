@@ -20,6 +20,16 @@ MAX_THREADS = 1024  # as the core's CEPE_MAX_THREADS
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
+def finite_or_raise(name: str, array: Any, where: str) -> Any:
+    """array, after checking it holds no NaN/Inf (load(check_weights=True))."""
+    import numpy as np
+
+    if not np.isfinite(array).all():
+        bad = int(np.size(array) - np.isfinite(array).sum())
+        raise CheckpointError(f"{where}: tensor {name} holds {bad} NaN/Inf values")
+    return array
+
+
 def default_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -60,6 +70,7 @@ def load(
     device: str = "cpu",
     n_threads: int | None = None,
     rope_scaling: dict[str, Any] | None = None,
+    check_weights: bool = False,
 ) -> Model:
     """Loads an HF LLaMA-family checkpoint directory (config.json + safetensors),
     a LLaMA GGUF file (path ending in .gguf or starting with b"GGUF"; quantized
@@ -71,7 +82,8 @@ def load(
     float32 once. rope_scaling overrides the checkpoint's RoPE settings
     without editing config.json, e.g. {"rope_type": "linear", "factor": 4} for
     an E2-LLM model run at 4x its training length (see
-    cepe.rope.e2llm_scale_for_length). n_threads (default: the CPUs this process may use) sizes the
+    cepe.rope.e2llm_scale_for_length). check_weights scans every tensor for
+    NaN/Inf first (reads the whole file: off by default). n_threads (default: the CPUs this process may use) sizes the
     OpenMP team of this model; the BLAS runs single-threaded inside it.
     """
     device = check_device(device)
@@ -85,7 +97,7 @@ def load(
     if is_gguf(model_dir) and not os.path.isdir(model_dir):
         if not os.path.exists(model_dir):
             raise FileNotFoundError(f"no such GGUF file: {model_dir}")
-        return load_gguf(model_dir, device=device, n_threads=n, rope_scaling=rope_scaling)
+        return load_gguf(model_dir, device=device, n_threads=n, rope_scaling=rope_scaling, check_weights=check_weights)
     # --- end GGUF ---
     if not os.path.exists(model_dir):
         raise FileNotFoundError(f"no such model directory: {model_dir}")
@@ -101,7 +113,7 @@ def load(
         names = [nm for nm in names if nm != "lm_head.weight"]
     for name in tqdm(names, desc="loading", unit="tensor", disable=None, leave=False):
         try:
-            core.bind(name, ckpt.get(name))
+            core.bind(name, finite_or_raise(name, ckpt.get(name), model_dir) if check_weights else ckpt.get(name))
         except ValueError as exc:  # wrong shape or unexpected name, from the core
             raise CheckpointError(f"{model_dir}: {exc}") from None
     try:

@@ -245,3 +245,26 @@ def test_float32_weights_are_memory_mapped(tiny):
     assert isinstance(arr.base, np.memmap) or isinstance(arr, np.memmap) or not arr.flags.owndata
     assert not arr.flags.writeable
     assert model.forward(np.array([3])).shape == (1, 97)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_inf_weights(copy_of, bad):
+    p = copy_of()
+
+    def poison(t):
+        w = t["model.layers.1.mlp.down_proj.weight"].copy()
+        w[3, 4] = bad
+        t["model.layers.1.mlp.down_proj.weight"] = w
+
+    edit_tensors(p, poison)
+    with pytest.raises(CheckpointError, match=r"tensor model.layers.1.mlp.down_proj.weight holds 1 NaN/Inf"):
+        cepe.load(p, check_weights=True)
+    # unchecked, the model loads and its logits show the damage instead of crashing
+    out = cepe.load(p).forward(np.array([3, 4, 5]))
+    assert not np.isfinite(out).all()
+
+
+def test_nan_inputs_never_reach_the_core(tiny):
+    model = cepe.load(tiny[0])
+    with pytest.raises(ValueError, match="finite"):
+        model.forward(np.array([[3, 4]]), position_ids=np.array([[0.0, np.inf]]))
