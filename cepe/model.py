@@ -384,7 +384,8 @@ class Model:
         nll = np.zeros(B, dtype=np.float64)
         count = np.zeros(B, dtype=np.int64)
         step = 256
-        for t0 in range(0, T - 1, step):
+        starts = range(0, T - 1, step)
+        for t0 in tqdm(starts, desc="perplexity", unit="slice", disable=None if len(starts) > 8 else True, leave=False):
             t1 = min(T - 1, t0 + step)  # logits at positions [t0, t1) predict targets [t0+1, t1+1)
             sl_mask = None if mask is None else mask[:, t0:t1]
             lg = _interruptible(cache._ctx, cache._ctx.forward, ids[:, t0:t1], None, sl_mask, 2).astype(np.float64)
