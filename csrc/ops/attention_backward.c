@@ -1,0 +1,261 @@
+/* attention_backward.c — the backward of attention.c's attention_forward, and
+ * a forward variant that also returns each query's log-sum-exp (lse).
+ *
+ * FlashAttention-2's backward on the CPU. For a query block Q_i and a key
+ * block K_j (64 x 64, as small GEMMs through the single-threaded BLAS):
+ *   S  = scale Q_i K_jᵀ            (masked entries: probability 0)
+ *   P  = exp(S - lse_i)            (the forward's softmax, rebuilt exactly)
+ *   dV_j += Pᵀ dO_i
+ *   dP = dO_i V_jᵀ,  dS = P ∘ (dP - D_i)   with D_i = rowsum(dO_i ∘ O_i)
+ *   dK_j += scale dSᵀ Q_i,  dQ_i += scale dS K_j
+ * Only one P and one dP block live at a time per thread, so memory is
+ * O(block) whatever Tq and Tk are (CEPE's encoder and cross-attention see
+ * 10^5-token contexts). D is recomputed per block from dO and O (hd flops per
+ * row against 5·64·hd for the GEMMs) so no O(T) buffer is needed either.
+ *
+ * Work is split over (batch row, kv head): one task owns the dK, dV rows of
+ * its kv head and the dQ rows of every query head that reads it (GQA), so no
+ * two threads ever add into the same gradient and no atomics are needed.
+ * Masks are attention_forward's: causal with q_offset, sliding window, key
+ * padding; a row that sees no key has lse = -inf, zero output, zero gradient. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../blas.h"
+#include "elementwise.h"
+#include "ops_backward.h"
+
+#define AB_QBLOCK 64
+#define AB_KBLOCK 64
+#define AB_MAX_HD 256 /* as attention.c's ATT_MAX_HD: callers check hd against it */
+
+/* Visible key range [lo, hi) for the query in slot `qs` (as in attention.c).
+ * Both ends are non-decreasing in qs, which the block skipping relies on. */
+static void key_range(const attention_shape *s, int qs, int *lo, int *hi) {
+    *lo = 0;
+    *hi = s->Tk;
+    if (s->causal && qs + 1 < *hi) *hi = qs + 1;
+    if (s->window > 0 && qs - s->window + 1 > *lo) *lo = qs - s->window + 1;
+}
+
+/* ------------------------------------------------------ forward with lse */
+
+typedef struct {
+    float S[AB_QBLOCK][AB_KBLOCK]; /* scores, then unnormalized probabilities */
+    float acc[AB_QBLOCK][AB_MAX_HD];
+    float m[AB_QBLOCK], l[AB_QBLOCK];
+    int lo[AB_QBLOCK], hi[AB_QBLOCK];
+    int kvalid[AB_KBLOCK];
+} fwd_scratch;
+
+/* Thread-local (~80 KB: too big for comfort on a worker's stack; no malloc
+ * per call), as attention.c does. */
+static _Thread_local fwd_scratch tls_fwd;
+
+/* One (batch row, head, query block): online softmax over key blocks, as
+ * attention.c's attend_block_gemm, keeping m + log(l) at the end. */
+static void forward_block(float *out, float *lse, const float *q, const float *k, const float *v, const uint8_t *valid,
+                          const attention_shape *s, int b, int h, int t0, int nq, fwd_scratch *w) {
+    const int hd = s->hd, kvh = h / (s->H / s->KVH);
+    const float *qb = q + b * s->q_bstride + (long)t0 * s->q_rstride + (long)h * hd;
+    const float *kb = k + b * s->kv_bstride + (long)kvh * hd;
+    const float *vb = v + b * s->kv_bstride + (long)kvh * hd;
+    int lo_all = s->Tk, hi_all = 0;
+    for (int i = 0; i < nq; i++) {
+        key_range(s, s->q_offset + t0 + i, &w->lo[i], &w->hi[i]);
+        lo_all = w->lo[i] < lo_all ? w->lo[i] : lo_all;
+        hi_all = w->hi[i] > hi_all ? w->hi[i] : hi_all;
+        w->m[i] = -INFINITY;
+        w->l[i] = 0.0f;
+        if (out) memset(w->acc[i], 0, sizeof(float) * (size_t)hd);
+    }
+    for (int j0 = lo_all; j0 < hi_all; j0 += AB_KBLOCK) {
+        const int nk = hi_all - j0 < AB_KBLOCK ? hi_all - j0 : AB_KBLOCK;
+        for (int jj = 0; jj < nk; jj++) w->kvalid[jj] = valid ? valid[j0 + jj] != 0 : 1;
+        CEPE_SGEMM(CblasRowMajor, CblasNoTrans, CblasTrans, nq, nk, hd, s->scale, qb, (int)s->q_rstride,
+                   kb + (long)j0 * s->kv_rstride, (int)s->kv_rstride, 0.0f, &w->S[0][0], AB_KBLOCK);
+        for (int i = 0; i < nq; i++) {
+            float *row = w->S[i];
+            const int l0 = w->lo[i], h0 = w->hi[i];
+            float bmax = -INFINITY;
+#pragma omp simd reduction(max : bmax)
+            for (int jj = 0; jj < nk; jj++) {
+                const int j = j0 + jj;
+                const int ok = (j >= l0) & (j < h0) & w->kvalid[jj];
+                row[jj] = ok ? row[jj] : -INFINITY;
+                bmax = row[jj] > bmax ? row[jj] : bmax;
+            }
+            if (bmax == -INFINITY) { /* nothing visible here: the row adds nothing to P·V */
+                memset(row, 0, sizeof(float) * (size_t)nk);
+                continue;
+            }
+            const float corr = cepe_online_softmax_rescale(&w->m[i], &w->l[i], bmax);
+            if (out && corr != 1.0f)
+                for (int d = 0; d < hd; d++) w->acc[i][d] *= corr;
+            const float mi = w->m[i];
+            float psum = 0.0f;
+#pragma omp simd reduction(+ : psum)
+            for (int jj = 0; jj < nk; jj++) {
+                row[jj] = cepe_exp_neg(row[jj] - mi); /* masked: exp(-inf) = 0 */
+                psum += row[jj];
+            }
+            w->l[i] += psum;
+        }
+        if (out)
+            CEPE_SGEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, nq, hd, nk, 1.0f, &w->S[0][0], AB_KBLOCK,
+                       vb + (long)j0 * s->kv_rstride, (int)s->kv_rstride, 1.0f, &w->acc[0][0], AB_MAX_HD);
+    }
+    for (int i = 0; i < nq; i++) {
+        const long row = (long)b * s->Tq + t0 + i;
+        const float li = w->l[i];
+        lse[row * s->H + h] = li > 0.0f ? w->m[i] + logf(li) : -INFINITY;
+        if (out) {
+            float *o = out + row * s->H * hd + (long)h * hd;
+            const float inv = li > 0.0f ? 1.0f / li : 0.0f; /* no visible key: zero output */
+            for (int d = 0; d < hd; d++) o[d] = w->acc[i][d] * inv;
+        }
+    }
+}
+
+void attention_forward_lse(float *out, float *lse, const float *q, const float *k, const float *v,
+                           const uint8_t *key_valid, const attention_shape *s, int n_threads) {
+    const int n_qblocks = (s->Tq + AB_QBLOCK - 1) / AB_QBLOCK;
+    const long n_tasks = (long)s->B * s->H * n_qblocks;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads) if (n_tasks > 1 && (long)s->Tq * s->Tk > 4096)
+    for (long task = 0; task < n_tasks; task++) {
+        const int qb = (int)(task % n_qblocks);
+        const int h = (int)((task / n_qblocks) % s->H);
+        const int b = (int)(task / ((long)n_qblocks * s->H));
+        const int t0 = qb * AB_QBLOCK;
+        const int nq = s->Tq - t0 < AB_QBLOCK ? s->Tq - t0 : AB_QBLOCK;
+        forward_block(out, lse, q, k, v, key_valid ? key_valid + b * s->valid_bstride : NULL, s, b, h, t0, nq,
+                      &tls_fwd);
+    }
+}
+
+/* ---------------------------------------------------------------- backward */
+
+typedef struct {
+    float P[AB_QBLOCK][AB_KBLOCK]; /* probabilities, then dS */
+    float dP[AB_QBLOCK][AB_KBLOCK];
+    float D[AB_QBLOCK];
+    int kvalid[AB_KBLOCK];
+} bwd_scratch;
+
+static _Thread_local bwd_scratch tls_bwd;
+
+/* Rebuilds P for queries t0..t0+nq-1 of head h against keys j0..j0+nk-1
+ * (S already in w->P) and fills w->D; returns 0 if every probability is 0. */
+static int block_probs(const attention_shape *s, bwd_scratch *w, const float *lse_i, const float *doi,
+                       const float *oi, int t0, int nq, int j0, int nk) {
+    const int hd = s->hd;
+    const long orow = (long)s->H * hd;
+    int live = 0;
+    for (int i = 0; i < nq; i++) {
+        float *row = w->P[i];
+        const float L = lse_i[(long)i * s->H];
+        int lo, hi;
+        key_range(s, s->q_offset + t0 + i, &lo, &hi);
+        if (L == -INFINITY || hi <= j0 || lo >= j0 + nk) { /* row sees nothing here */
+            memset(row, 0, sizeof(float) * (size_t)nk);
+            w->D[i] = 0.0f;
+            continue;
+        }
+        const float *dor = doi + i * orow, *orr = oi + i * orow;
+        float dsum = 0.0f;
+#pragma omp simd reduction(+ : dsum)
+        for (int d = 0; d < hd; d++) dsum += dor[d] * orr[d];
+        w->D[i] = dsum;
+#pragma omp simd
+        for (int jj = 0; jj < nk; jj++) {
+            const int j = j0 + jj;
+            const int ok = (j >= lo) & (j < hi) & w->kvalid[jj];
+            row[jj] = ok ? cepe_exp_neg(row[jj] - L) : 0.0f;
+        }
+        live = 1;
+    }
+    return live;
+}
+
+/* Every gradient of batch row b that involves kv head g. */
+static void backward_task(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
+                          const float *v, const float *out, const float *lse, const uint8_t *valid,
+                          const attention_shape *s, int b, int g, bwd_scratch *w) {
+    const int hd = s->hd, group = s->H / s->KVH;
+    const long orow = (long)s->H * hd; /* row stride of out and dout */
+    const long kvoff = b * s->kv_bstride + (long)g * hd;
+    const int ldq = (int)s->q_rstride, ldkv = (int)s->kv_rstride, ldo = (int)orow;
+    int klo, khi, unused;
+    key_range(s, s->q_offset, &klo, &unused); /* ranges grow with the slot: */
+    key_range(s, s->q_offset + s->Tq - 1, &unused, &khi); /* the union is [first lo, last hi) */
+    for (int j0 = klo; j0 < khi; j0 += AB_KBLOCK) {
+        const int nk = khi - j0 < AB_KBLOCK ? khi - j0 : AB_KBLOCK;
+        int any = 0;
+        for (int jj = 0; jj < nk; jj++) {
+            w->kvalid[jj] = valid ? valid[j0 + jj] != 0 : 1;
+            any |= w->kvalid[jj];
+        }
+        if (!any) continue; /* all padding: no probability reaches these keys */
+        const float *kj = k + kvoff + (long)j0 * s->kv_rstride, *vj = v + kvoff + (long)j0 * s->kv_rstride;
+        float *dkj = dk ? dk + kvoff + (long)j0 * s->kv_rstride : NULL;
+        float *dvj = dv ? dv + kvoff + (long)j0 * s->kv_rstride : NULL;
+        for (int h = g * group; h < (g + 1) * group; h++) {
+            for (int t0 = 0; t0 < s->Tq; t0 += AB_QBLOCK) {
+                const int nq = s->Tq - t0 < AB_QBLOCK ? s->Tq - t0 : AB_QBLOCK;
+                int lo_first, hi_first, lo_last, hi_last;
+                key_range(s, s->q_offset + t0, &lo_first, &hi_first);
+                key_range(s, s->q_offset + t0 + nq - 1, &lo_last, &hi_last);
+                if (hi_last <= j0 || lo_first >= j0 + nk) continue; /* block outside every query's range */
+                const long qoff = b * s->q_bstride + (long)t0 * s->q_rstride + (long)h * hd;
+                const long ooff = ((long)b * s->Tq + t0) * orow + (long)h * hd;
+                const float *qi = q + qoff, *doi = dout + ooff;
+                CEPE_SGEMM(CblasRowMajor, CblasNoTrans, CblasTrans, nq, nk, hd, s->scale, qi, ldq, kj, ldkv, 0.0f,
+                           &w->P[0][0], AB_KBLOCK);
+                if (!block_probs(s, w, lse + ((long)b * s->Tq + t0) * s->H + h, doi, out + ooff, t0, nq, j0, nk))
+                    continue;
+                if (dvj)
+                    CEPE_SGEMM(CblasRowMajor, CblasTrans, CblasNoTrans, nk, hd, nq, 1.0f, &w->P[0][0], AB_KBLOCK, doi,
+                               ldo, 1.0f, dvj, ldkv);
+                if (!dq && !dk) continue;
+                CEPE_SGEMM(CblasRowMajor, CblasNoTrans, CblasTrans, nq, nk, hd, 1.0f, doi, ldo, vj, ldkv, 0.0f,
+                           &w->dP[0][0], AB_KBLOCK);
+                for (int i = 0; i < nq; i++) {
+                    float *p = w->P[i];
+                    const float *dp = w->dP[i];
+                    const float Di = w->D[i];
+#pragma omp simd
+                    for (int jj = 0; jj < nk; jj++) p[jj] *= dp[jj] - Di; /* P becomes dS */
+                }
+                if (dkj)
+                    CEPE_SGEMM(CblasRowMajor, CblasTrans, CblasNoTrans, nk, hd, nq, s->scale, &w->P[0][0], AB_KBLOCK,
+                               qi, ldq, 1.0f, dkj, ldkv);
+                if (dq)
+                    CEPE_SGEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, nq, hd, nk, s->scale, &w->P[0][0],
+                               AB_KBLOCK, kj, ldkv, 1.0f, dq + qoff, ldq);
+            }
+        }
+    }
+}
+
+int attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
+                       const float *v, const float *out, const float *lse, const uint8_t *key_valid,
+                       const attention_shape *s, int n_threads) {
+    if (s->B <= 0 || s->Tq <= 0 || s->Tk <= 0) return 0; /* nothing visible, nothing to add */
+    float *lse_buf = NULL;
+    if (!lse) { /* O(B·Tq·H): one float per query row, not per score */
+        lse_buf = malloc(sizeof(float) * (size_t)s->B * (size_t)s->Tq * (size_t)s->H);
+        if (!lse_buf) return -1;
+        attention_forward_lse(NULL, lse_buf, q, k, v, key_valid, s, n_threads);
+        lse = lse_buf;
+    }
+    const long n_tasks = (long)s->B * s->KVH;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads) if (n_tasks > 1 && (long)s->Tq * s->Tk > 4096)
+    for (long task = 0; task < n_tasks; task++) {
+        const int b = (int)(task / s->KVH), g = (int)(task % s->KVH);
+        backward_task(dq, dk, dv, dout, q, k, v, out, lse, key_valid ? key_valid + b * s->valid_bstride : NULL, s, b,
+                      g, &tls_bwd);
+    }
+    free(lse_buf);
+    return 0;
+}
