@@ -15,6 +15,7 @@ from .load import load
 from .model import KVCache, Model
 from .pull import pull  # issue 8: cepe.pull("smollm2-135m") (the module is importlib.import_module("cepe.pull"))
 from .tokenizer import Tokenizer  # issue 8
+from .train import Trainer  # issue 5: training in the C core
 
 __version__ = "0.1.0"
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "KVCache",
     "Model",
     "Tokenizer",
+    "Trainer",
     "backends",
     "load",
     "parse_config",

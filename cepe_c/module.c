@@ -22,6 +22,8 @@
 extern PyMethodDef cepe_rope_methods[];
 /* ops_bindings.c: the test-only _op_* functions (each CPU op and its backward). */
 extern PyMethodDef cepe_ops_methods[];
+/* train_bindings.c: optimizer pieces and the CEPE training state (issue 5). */
+extern PyMethodDef cepe_train_methods[];
 
 /* ------------------------------------------------------------------ errors */
 
@@ -545,7 +547,8 @@ PyMODINIT_FUNC PyInit_cepe_c(void) {
     if (PyType_Ready(&ModelType) < 0 || PyType_Ready(&ContextType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
-    if (PyModule_AddFunctions(m, cepe_rope_methods) < 0 || PyModule_AddFunctions(m, cepe_ops_methods) < 0) {
+    if (PyModule_AddFunctions(m, cepe_rope_methods) < 0 || PyModule_AddFunctions(m, cepe_ops_methods) < 0 ||
+        PyModule_AddFunctions(m, cepe_train_methods) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -217,6 +217,129 @@ cepe_status cepe_e2llm_positions(int R, int L, int g_max, int n_samples, uint64_
                                  int32_t *scales, int32_t *offsets);
 /* ==== end RoPE ============================================================ */
 
+/* ==== training (issue 5): AdamW, clipping, schedule, CEPE backward =========
+ * Everything here works on flat fp32 buffers (llm.c style): the trainable
+ * weights, their gradients and the two AdamW moments each live in one array,
+ * tensor after tensor. Written to reproduce torch.optim.AdamW,
+ * torch.nn.utils.clip_grad_norm_ and HF's cosine schedule (spec CEPE.md §6). */
+
+typedef struct {
+    double beta1, beta2; /* (0.9, 0.999) in the reference runs */
+    double eps;          /* 1e-8 */
+} cepe_adamw_config;
+
+/* HF TrainingArguments.get_warmup_steps: ceil(total_steps * warmup_ratio). */
+long cepe_warmup_steps(double warmup_ratio, long total_steps);
+/* The learning rate of optimizer step `step` (0-based) under HF's cosine
+ * schedule with linear warmup (get_cosine_schedule_with_warmup): step 0 runs
+ * at the full base_lr when warmup_steps is 0. */
+double cepe_lr_at(double base_lr, long step, long warmup_steps, long total_steps);
+/* The L2 norm of g[0..n), summed in double over fixed chunks in a fixed
+ * order: the same bits whatever n_threads is. */
+double cepe_grad_norm(const float *g, size_t n, int n_threads);
+/* torch.nn.utils.clip_grad_norm_: scales g by max_norm / (norm + 1e-6) when
+ * that is below 1; max_norm <= 0 turns clipping off. Returns the norm before
+ * clipping. */
+double cepe_clip_grad_norm(float *g, size_t n, double max_norm, int n_threads);
+/* One AdamW step (t = 1, 2, ... for the bias corrections) on n parameters:
+ * p *= 1 - lr * weight_decay (decoupled), then Adam with moments m, v. */
+void cepe_adamw_update(float *p, const float *g, float *m, float *v, size_t n, double lr,
+                       const cepe_adamw_config *h, double weight_decay, long t, int n_threads);
+
+/* ---- the training state of a CEPE model ----------------------------------
+ * Which weights train (spec §6.1). Everything else is frozen: no gradient or
+ * optimizer state exists for it, though gradients flow through its
+ * activations to the trainable tensors below it. */
+typedef enum {
+    CEPE_TRAIN_CROSS_ATTN = 0,         /* names containing "cross_attn"; the encoder's output is detached */
+    CEPE_TRAIN_CROSS_ATTN_ENCODER = 1, /* plus every "encoder." tensor (--train_encoder) */
+    CEPE_TRAIN_ALL = 2                 /* every weight (--train_everything; small models) */
+} cepe_trainable;
+
+typedef struct {
+    cepe_trainable trainable;
+    double lr;           /* peak learning rate of the cosine schedule */
+    double weight_decay; /* decoupled; applied to 2-D weights only (not norm weights), as HF Trainer */
+    double warmup_ratio; /* warmup steps = ceil(total_steps * warmup_ratio) */
+    long total_steps;
+    double clip;         /* max global gradient norm; <= 0 = no clipping */
+    cepe_adamw_config adam;
+    double lm_loss_cof, kl_loss_cof;
+    int kl_mode;         /* 0 = smooth_δ, 1 = drop (ops_backward.h's CEPE_KL_*) */
+    double kl_delta;     /* δ of smooth_δ */
+    long logit_floats;   /* logits formed at a time (rows x vocab); 0 = 2^21 */
+} cepe_train_config;
+
+typedef struct cepe_train cepe_train;
+
+/* The flat-buffer layout of a trainable set: its tensors in the model's
+ * weight order, each starting at a multiple of 16 floats. *n_params: floats
+ * in each flat buffer (params, grads, moments). */
+cepe_status cepe_train_layout(const cepe_model *m, cepe_trainable which, int *n_tensors, size_t *n_params);
+/* Tensor i of that layout: its HF name (owned by the model), shape, offset. */
+cepe_status cepe_train_tensor(const cepe_model *m, cepe_trainable which, int i, const char **name, int *ndim,
+                              int64_t shape[2], size_t *offset);
+
+/* Weight i of a model, in its binding order (i >= the count: INVALID_ARG):
+ * HF name (owned by the model), data (NULL while unbound) and shape (shape[1]
+ * = 0 for 1-D). A tied lm_head is not a weight of its own. */
+cepe_status cepe_model_weight_at(const cepe_model *m, int i, const char **name, const float **data, int *ndim,
+                                 int64_t shape[2]);
+
+/* A training state over a finalized model whose trainable weights are bound
+ * to params + offset (checked: that is how updates reach the model), and
+ * the AdamW moments adam_m, adam_v; all three (n_params floats) stay owned by
+ * the caller and must outlive the state. step: optimizer steps already taken
+ * (0, or the step of a resumed checkpoint). While training, the model must
+ * not run elsewhere: updates write its weights in place. */
+cepe_status cepe_train_create(const cepe_model *m, const cepe_train_config *c, float *params, float *adam_m,
+                              float *adam_v, long step, cepe_train **out);
+void cepe_train_free(cepe_train *t);
+
+/* One micro-batch. Rows are B sequences of T decoder tokens; the CEPE context
+ * is n_ctx chunks of L encoder tokens per row (n_ctx = 0: none). */
+typedef struct {
+    int B, T;
+    const int32_t *input_ids;      /* (B, T) */
+    const uint8_t *attention_mask; /* (B, T) 1 = token, or NULL */
+    const int32_t *labels;         /* (B, T), -100 = ignored; NULL = input_ids (padding ignored) */
+    const double *positions;       /* (B, T) RoPE positions (E2-LLM), or NULL = count of real tokens before */
+    int n_ctx, L;
+    const int32_t *encoder_input_ids;      /* (B, n_ctx, L) */
+    const uint8_t *encoder_attention_mask; /* (B, n_ctx, L), or NULL */
+    /* CEPED: teacher tables for the last T_kl positions (T_kl = 0: no KL);
+     * the KL is the mean over all B*T_kl rows (KLDivLoss "batchmean") */
+    int T_kl, K;
+    const uint16_t *distill_prob;  /* (B, T_kl, K+1) IEEE half bits: top-K probabilities + remainder */
+    const int32_t *distill_index;  /* (B, T_kl, K) */
+} cepe_train_batch;
+
+typedef struct {
+    double loss;      /* lm_loss_cof * lm_loss + kl_loss_cof * kl_loss */
+    double lm_loss;   /* mean shifted cross-entropy over non-ignored tokens */
+    double kl_loss;   /* mean KL(teacher || student) per table row */
+    double grad_norm; /* global norm before clipping (cepe_train_update) */
+    double lr;        /* the lr of the update (cepe_train_update) */
+    long tokens;      /* non-ignored label tokens */
+} cepe_train_stats;
+
+/* Sets every gradient to zero (the start of an optimizer step). */
+void cepe_train_zero_grad(cepe_train *t);
+/* Forward and backward of one micro-batch: gradients of
+ * grad_scale * (lm_loss_cof * lm_loss + kl_loss_cof * kl_loss) are ADDED to
+ * the gradient buffer (grad_scale = 1 / grad_accum). Fills the loss fields. */
+cepe_status cepe_train_forward_backward(cepe_train *t, const cepe_train_batch *b, double grad_scale,
+                                        cepe_train_stats *out);
+/* Clips the gradients, runs AdamW at the scheduled lr and counts the step;
+ * fills grad_norm and lr. */
+cepe_status cepe_train_update(cepe_train *t, cepe_train_stats *out);
+/* The flat gradient buffer (n_params floats), optimizer steps taken, and
+ * setting that count (resume). */
+const float *cepe_train_grads(const cepe_train *t);
+long cepe_train_steps(const cepe_train *t);
+void cepe_train_set_steps(cepe_train *t, long step);
+/* ==== end training ========================================================= */
+
 #ifdef __cplusplus
 }
 #endif

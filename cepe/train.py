@@ -1,0 +1,587 @@
+"""cepe.Trainer: training a CEPE model in the C core (issue 5; spec CEPE.md §6).
+
+    trainer = cepe.Trainer(model, "cross_attn+encoder", lr=5e-4, total_steps=4000, warmup_ratio=0.04)
+    stats = trainer.step({"input_ids": ids, "encoder_input_ids": chunks})
+
+Where the weights live. A loaded Model binds its weights read-only, often as
+memory maps of the checkpoint, so training cannot write into them. The
+Trainer therefore copies the trainable tensors into one flat fp32 buffer (the
+master weights, tensor after tensor, in the layout the core reports), builds
+a new core model that binds those tensors as views of the buffer and every
+frozen tensor as the very memory the old core used (no copy, never written),
+and gives that core to the Model (`model._core`). AdamW then updates the
+buffer in place, so the Model's forward(), generate(), ... see each update at
+once, and frozen weights stay bit-identical by construction. KV caches made
+before the Trainer belong to the old core (the weights as loaded).
+
+While a step runs the Model must not be used from another thread: the step
+rewrites the weights that inference reads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+import cepe_c
+
+from .model import Model
+from .rope import e2llm_positions
+from .safetensors_io import SafetensorsFile
+
+STATE_FORMAT = 1  # trainer_state.json's "format"
+# Files of a model directory a checkpoint carries along (the tokenizer, generation defaults).
+_SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
+
+TRAINABLE = ("cross_attn", "cross_attn+encoder", "all")
+INIT_MODES = ("none", "copy", "zero", "normal")
+_BATCH_KEYS = {
+    "input_ids",
+    "attention_mask",
+    "labels",
+    "encoder_input_ids",
+    "encoder_attention_mask",
+    "distill_prob",
+    "distill_index",
+}
+
+
+def parse_kl_mode(mode: str) -> tuple[int, float]:
+    """'drop' -> (1, 0); 'smooth_<δ>' -> (0, δ); 'smooth' -> train.py's default δ = 1e-6."""
+    if not isinstance(mode, str):
+        raise TypeError(f"kl_mode must be a str ('drop' or 'smooth_<delta>'), got {type(mode).__name__}")
+    if mode == "drop":
+        return 1, 0.0
+    if mode == "smooth":
+        return 0, 1e-6
+    m = re.fullmatch(r"smooth_(.+)", mode)
+    if m:
+        try:
+            delta = float(m.group(1))
+        except ValueError:
+            delta = float("nan")
+        if math.isfinite(delta) and delta >= 0:
+            return 0, delta
+    raise ValueError(f"kl_mode must be 'drop' or 'smooth_<delta>' with delta >= 0 (e.g. 'smooth_1e-6'), got {mode!r}")
+
+
+def _number(name: str, v: Any, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
+        bounds = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
+        raise ValueError(f"{name} must be a finite number in {bounds}, got {v}")
+    return v
+
+
+def _int(name: str, v: Any, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {v}")
+    return int(v)
+
+
+def _ints(batch: dict[str, Any], key: str, ndim: int) -> np.ndarray | None:
+    if batch.get(key) is None:
+        return None
+    a = np.asarray(batch[key])
+    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"batch[{key!r}] must hold integers, got dtype {a.dtype}")
+    if a.ndim != ndim:
+        raise ValueError(f"batch[{key!r}] must have {ndim} dimensions, got shape {a.shape}")
+    if a.size and (a.min() < -(2**31) or a.max() >= 2**31):
+        raise ValueError(f"batch[{key!r}] holds values outside int32")
+    return np.ascontiguousarray(a, dtype=np.int32)
+
+
+def _mask(batch: dict[str, Any], key: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    if batch.get(key) is None:
+        return None
+    a = np.asarray(batch[key])
+    if a.dtype != np.bool_ and not np.issubdtype(a.dtype, np.number):
+        raise TypeError(f"batch[{key!r}] must hold 0/1 numbers or booleans, got dtype {a.dtype}")
+    if a.shape != shape:
+        raise ValueError(f"batch[{key!r}] has shape {a.shape}, expected {shape}")
+    if a.size and not np.isin(a, (0, 1)).all():
+        raise ValueError(f"batch[{key!r}] must hold only 0 and 1")
+    return np.ascontiguousarray(a, dtype=np.uint8)
+
+
+class Trainer:
+    """Trains a CEPE Model in place (see the module docstring for where the weights live).
+
+    trainable: "cross_attn" (the decoder and the encoder frozen; the encoder's
+    output is detached), "cross_attn+encoder" (spec: --train_encoder) or "all"
+    (every weight; small models). lr, weight_decay (AdamW's decoupled decay,
+    applied to 2-D weights only, as HF Trainer exempts norm weights),
+    warmup_ratio and total_steps define HF's cosine schedule with linear warmup
+    (warmup steps = ceil(total_steps * warmup_ratio); with 0 the first step
+    runs at the full lr). grad_accum: each step() splits its batch rows into
+    this many micro-batches and averages their losses' gradients (HF's
+    gradient accumulation). clip: max global gradient norm (<= 0: none).
+    Loss = lm_loss_cof * CE + kl_loss_cof * KL (CEPED), kl_mode "drop" or
+    "smooth_<delta>". e2llm: None, or {"g_max", "L", "per_sequence"} to train
+    the decoder's self-attention at E2-LLM positions. seed: the init="normal"
+    and E2-LLM draws. init: see _initialize. logit_floats: how many logits
+    (rows x vocab) are formed at a time (0: 2^21), a memory knob.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        trainable: str = "cross_attn",
+        *,
+        lr: float = 3e-4,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.0,
+        total_steps: int,
+        grad_accum: int = 1,
+        clip: float = 1.0,
+        lm_loss_cof: float = 1.0,
+        kl_loss_cof: float = 0.0,
+        kl_mode: str = "smooth_1e-6",
+        e2llm: dict[str, Any] | None = None,
+        seed: int = 0,
+        init: str = "none",
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        logit_floats: int = 0,
+    ) -> None:
+        if not isinstance(model, Model):
+            raise TypeError(f"model must be a cepe.Model, got {type(model).__name__}")
+        if trainable not in TRAINABLE:
+            raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
+        if init not in INIT_MODES:
+            raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
+        self.e2llm = self._check_e2llm(e2llm, model)
+        kl_code, kl_delta = parse_kl_mode(kl_mode)
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise TypeError("betas must be a pair of numbers")
+        self.model = model
+        self.trainable = trainable
+        self.grad_accum = _int("grad_accum", grad_accum, 1)
+        self.seed = _int("seed", seed, 0)
+        self.init = init
+        self.config = {
+            "trainable": trainable,
+            "lr": _number("lr", lr, 0.0),
+            "weight_decay": _number("weight_decay", weight_decay, 0.0),
+            "warmup_ratio": _number("warmup_ratio", warmup_ratio, 0.0, 1.0),
+            "total_steps": _int("total_steps", total_steps, 1),
+            "clip": _number("clip", clip),
+            "beta1": _number("betas[0]", betas[0], 0.0, 1.0),
+            "beta2": _number("betas[1]", betas[1], 0.0, 1.0),
+            "eps": _number("eps", eps, 0.0, lo_open=True),
+            "lm_loss_cof": _number("lm_loss_cof", lm_loss_cof),
+            "kl_loss_cof": _number("kl_loss_cof", kl_loss_cof),
+            "kl_mode": kl_code,
+            "kl_delta": kl_delta,
+            "logit_floats": _int("logit_floats", logit_floats, 0),
+        }
+        self.kl_mode = kl_mode
+        if self.config["beta1"] >= 1.0 or self.config["beta2"] >= 1.0:
+            raise ValueError(f"betas must be in [0, 1), got {tuple(betas)}")
+
+        old = model._core
+        layout, n_params = cepe_c.train_layout(old, trainable)
+        weights = cepe_c.train_weights(old)  # read-only views of what the old core binds
+        self.layout: list[tuple[str, tuple[int, ...], int]] = [(n, tuple(s), o) for n, s, o in layout]
+        self.params = np.zeros(n_params, dtype=np.float32)  # the fp32 master weights
+        self.adam_m = np.zeros(n_params, dtype=np.float32)
+        self.adam_v = np.zeros(n_params, dtype=np.float32)
+        for name, _, _ in self.layout:
+            self.tensor(name)[...] = weights[name]
+        self._initialize(weights)
+
+        cfg = model.config
+        core = cepe_c.Model(
+            cfg.core_kwargs(), cfg.encoder.core_kwargs() if cfg.encoder is not None else None, n_threads=model.n_threads
+        )
+        trained = {name for name, _, _ in self.layout}
+        for name, w in weights.items():
+            core.bind(name, self.tensor(name) if name in trained else w)
+        core.finalize()
+        self._state = cepe_c.train_state(core, self.config, self.params, self.adam_m, self.adam_v)
+        model._core = core  # from now on the Model runs on the master weights
+
+    # ------------------------------------------------------------ weights
+    def tensor(self, name: str) -> np.ndarray:
+        """The master weight of a trainable tensor: a writable view into the flat buffer."""
+        for n, shape, off in self.layout:
+            if n == name:
+                return self.params[off : off + int(np.prod(shape))].reshape(shape)
+        raise KeyError(f"{name} is not a trainable tensor of this Trainer")
+
+    @property
+    def trainable_names(self) -> list[str]:
+        return [n for n, _, _ in self.layout]
+
+    def _initialize(self, weights: dict[str, np.ndarray]) -> None:
+        """Cross-attention initialisation (spec §3, train.py's init_mode):
+        "copy": q_proj <- self_attn.q_proj; k_proj, v_proj <- the first d_enc
+        input columns of self_attn.k_proj, v_proj (both have the decoder's
+        n_kv_heads * head_dim rows, so GQA carries over as is); o_proj <-
+        self_attn.o_proj; layernorm <- post_attention_layernorm. "zero": copy,
+        then o_proj = 0 (the model starts exactly as its base decoder).
+        "normal": copy, then o_proj ~ kaiming_normal_ (std sqrt(2 / fan_in)),
+        drawn from `seed`. "none": the weights as loaded."""
+        if self.init == "none":
+            return
+        cfg = self.model.config
+        d_enc = cfg.encoder_hidden_size
+        if d_enc > cfg.hidden_size:
+            raise ValueError(
+                f"init={self.init!r} copies the first encoder_hidden_size ({d_enc}) input columns of the "
+                f"self-attention k/v weights, but hidden_size is only {cfg.hidden_size}"
+            )
+        rng = np.random.default_rng(self.seed)
+        for i in range(cfg.num_hidden_layers - cfg.num_cross_attn_layers, cfg.num_hidden_layers):
+            pre = f"model.layers.{i}."
+            cross = {k: self.tensor(f"{pre}cross_attn.{k}.weight") for k in ("q_proj", "k_proj", "v_proj", "o_proj")}
+            cross["q_proj"][...] = weights[f"{pre}self_attn.q_proj.weight"]
+            cross["k_proj"][...] = weights[f"{pre}self_attn.k_proj.weight"][:, :d_enc]
+            cross["v_proj"][...] = weights[f"{pre}self_attn.v_proj.weight"][:, :d_enc]
+            self.tensor(f"{pre}cross_attn.layernorm.weight")[...] = weights[f"{pre}post_attention_layernorm.weight"]
+            o = cross["o_proj"]
+            if self.init == "copy":
+                o[...] = weights[f"{pre}self_attn.o_proj.weight"]
+            elif self.init == "zero":
+                o[...] = 0.0
+            else:  # torch.nn.init.kaiming_normal_: a=0, fan_in, leaky_relu gain sqrt(2)
+                o[...] = rng.standard_normal(o.shape) * math.sqrt(2.0 / o.shape[1])
+
+    # ---------------------------------------------------------------- E2-LLM
+    @staticmethod
+    def _check_e2llm(e2llm: dict[str, Any] | None, model: Model) -> dict[str, Any] | None:
+        """E2-LLM augmentation of the decoder's self-attention positions
+        (ROPE_E2LLM.md §3.2): {"g_max": 20, "L": <base window, default
+        max_position_embeddings>, "per_sequence": False}."""
+        if e2llm is None:
+            return None
+        if not isinstance(e2llm, dict):
+            raise TypeError(f"e2llm must be None or a dict, got {type(e2llm).__name__}")
+        unknown = set(e2llm) - {"g_max", "L", "per_sequence"}
+        if unknown:
+            raise ValueError(f"unknown e2llm keys {sorted(unknown)} (expected g_max, L, per_sequence)")
+        out = {
+            "g_max": _int("e2llm['g_max']", e2llm.get("g_max", 20), 1),
+            "L": _int("e2llm['L']", e2llm.get("L", model.config.max_position_embeddings), 1),
+            "per_sequence": bool(e2llm.get("per_sequence", False)),
+        }
+        if out["g_max"] * out["L"] >= 2**31:
+            raise ValueError("e2llm: g_max * L must fit in int32")
+        return out
+
+    def _positions(self, B: int, T: int) -> np.ndarray | None:
+        """This step's E2-LLM positions (B, T), or None. The draw is seeded by
+        (seed, step) alone, so a resumed run draws exactly what an
+        uninterrupted one would, with no generator state to save. Default:
+        one (g, t) per optimizer step shared by the batch (the paper's "per
+        iteration"); per_sequence: one per row."""
+        if self.e2llm is None:
+            return None
+        e = self.e2llm
+        seed = (self.seed * 0x9E3779B97F4A7C15 + self._state.step + 1) % 2**64
+        n = B if e["per_sequence"] else 1
+        pos = e2llm_positions(T, e["L"], e["g_max"], n, seed).positions
+        return np.array(np.broadcast_to(pos, (B, T)), dtype=np.float64)  # a fresh, writable copy
+
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps taken."""
+        return self._state.step
+
+    # --------------------------------------------------------------- batch
+    def _batch(self, batch: dict[str, Any]) -> dict[str, np.ndarray | None]:
+        if not isinstance(batch, dict):
+            raise TypeError(f"batch must be a dict of NumPy arrays, got {type(batch).__name__}")
+        unknown = set(batch) - _BATCH_KEYS
+        if unknown:
+            raise ValueError(f"unknown batch keys {sorted(unknown)} (expected some of {sorted(_BATCH_KEYS)})")
+        if batch.get("input_ids") is None:
+            raise ValueError("batch['input_ids'] (B, T) is required")
+        ids = _ints(batch, "input_ids", 2)
+        out: dict[str, np.ndarray | None] = {"input_ids": ids}
+        out["attention_mask"] = _mask(batch, "attention_mask", ids.shape)
+        labels = _ints(batch, "labels", 2)
+        if labels is not None and labels.shape != ids.shape:
+            raise ValueError(f"batch['labels'] has shape {labels.shape}, input_ids has {ids.shape}")
+        out["labels"] = labels
+        enc = _ints(batch, "encoder_input_ids", 3)
+        if enc is None and batch.get("encoder_attention_mask") is not None:
+            raise ValueError("batch['encoder_attention_mask'] given without encoder_input_ids")
+        out["encoder_input_ids"] = enc
+        out["encoder_attention_mask"] = None if enc is None else _mask(batch, "encoder_attention_mask", enc.shape)
+        prob, index = batch.get("distill_prob"), batch.get("distill_index")
+        if (prob is None) != (index is None):
+            raise ValueError("distill_prob and distill_index go together")
+        if prob is not None:
+            p = np.asarray(prob)
+            if p.dtype == np.uint16:  # fp16 bits as stored by some pipelines
+                p = p.view(np.float16)
+            if not np.issubdtype(p.dtype, np.floating):
+                raise TypeError(f"batch['distill_prob'] must be float16 (or float), got dtype {p.dtype}")
+            # The teacher tables are fp16 in the reference (data/calculate_logits.py);
+            # wider floats are rounded to fp16 as the reference stores them.
+            out["distill_prob"] = np.ascontiguousarray(p, dtype=np.float16).view(np.uint16)
+            out["distill_index"] = _ints(batch, "distill_index", 3)
+        else:
+            out["distill_prob"] = out["distill_index"] = None
+        return out
+
+    def _with_positions(self, arrays: dict[str, np.ndarray | None]) -> dict[str, np.ndarray | None]:
+        B, T = arrays["input_ids"].shape
+        pos = self._positions(B, T)
+        if pos is not None and arrays["attention_mask"] is not None and not arrays["attention_mask"].all():
+            raise ValueError("e2llm augmentation needs unpadded rows (attention_mask all 1)")
+        return {**arrays, "positions": pos}
+
+    def _micro(self, arrays: dict[str, np.ndarray | None]) -> list[dict[str, np.ndarray | None]]:
+        B = arrays["input_ids"].shape[0]
+        if B % self.grad_accum:
+            raise ValueError(f"the batch has {B} rows, not divisible into grad_accum={self.grad_accum} micro-batches")
+        k = B // self.grad_accum
+        return [
+            {key: None if a is None else np.ascontiguousarray(a[i * k : (i + 1) * k]) for key, a in arrays.items()}
+            for i in range(self.grad_accum)
+        ]
+
+    # ---------------------------------------------------------------- step
+    def _accumulate(self, batch: dict[str, Any]) -> dict[str, float]:
+        micro = self._micro(self._with_positions(self._batch(batch)))
+        self._state.zero_grad()
+        total = {"loss": 0.0, "lm_loss": 0.0, "kl_loss": 0.0}
+        for mb in micro:  # HF: each micro-batch's loss / grad_accum
+            st = self._state.forward_backward(**mb, grad_scale=1.0 / len(micro))
+            for key in total:
+                total[key] += st[key] / len(micro)
+        return total
+
+    def step(self, batch: dict[str, Any]) -> dict[str, float]:
+        """One optimizer step on a batch: {loss, lm_loss, kl_loss} before the
+        update (averaged over the grad_accum micro-batches), grad_norm before
+        clipping, and the lr the update used."""
+        out = self._accumulate(batch)
+        out.update(self._state.update())
+        return out
+
+    def gradients(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The gradient of the loss on `batch` for every trainable tensor (no
+        update is made). Frozen tensors have none: they are not in the dict."""
+        self._accumulate(batch)
+        flat = self._state.grads()
+        return {n: flat[o : o + int(np.prod(s))].reshape(s).copy() for n, s, o in self.layout}
+
+    # ------------------------------------------------------------ training loop
+    def train(
+        self, batches: Iterable[dict[str, Any]], *, steps: int | None = None, log_path: str | None = None
+    ) -> list[dict[str, float]]:
+        """step() over `batches` (at most `steps` of them) with a progress
+        bar; each step's stats are appended to log_path as one JSON line."""
+        out = []
+        log = open(log_path, "a", encoding="utf-8") if log_path else None  # noqa: SIM115 - closed below
+        try:
+            with tqdm(total=steps, desc="training", unit="step", disable=None) as bar:
+                for batch in batches:
+                    if steps is not None and len(out) >= steps:
+                        break
+                    t0 = time.perf_counter()
+                    st = self.step(batch)
+                    out.append(st)
+                    if log:
+                        rec = {"step": self.step_count, **st, "seconds": time.perf_counter() - t0}
+                        log.write(json.dumps(rec) + "\n")
+                        log.flush()
+                    bar.set_postfix(loss=f"{st['loss']:.4f}", lr=f"{st['lr']:.2e}")
+                    bar.update(1)
+        finally:
+            if log:
+                log.close()
+        return out
+
+    # ----------------------------------------------------------- checkpoints
+    def _state_dict(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "format": STATE_FORMAT,
+            "step": self.step_count,
+            "trainable": self.trainable,
+            "lr": c["lr"],
+            "weight_decay": c["weight_decay"],
+            "warmup_ratio": c["warmup_ratio"],
+            "total_steps": c["total_steps"],
+            "grad_accum": self.grad_accum,
+            "clip": c["clip"],
+            "betas": [c["beta1"], c["beta2"]],
+            "eps": c["eps"],
+            "lm_loss_cof": c["lm_loss_cof"],
+            "kl_loss_cof": c["kl_loss_cof"],
+            "kl_mode": self.kl_mode,
+            "e2llm": self.e2llm,
+            "seed": self.seed,
+            "init": self.init,  # already applied to the saved weights
+            "logit_floats": c["logit_floats"],
+            "layout": [[n, list(s), o] for n, s, o in self.layout],
+            "n_params": int(self.params.size),
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> str:
+        """Writes a checkpoint directory: the model in the official layout
+        (config.json + model.safetensors, loadable by cepe.load), the
+        tokenizer files it came with, the AdamW moments (optimizer.safetensors)
+        and trainer_state.json (step, hyper-parameters, seed: the E2-LLM and
+        init draws derive from the seed and the step, so this is all the RNG
+        state there is).
+
+        Atomic: everything is written and fsynced in a temporary sibling
+        directory, which then replaces `path` by rename. An earlier checkpoint
+        at `path` is moved to `path + ".old"` for the instant between the two
+        renames and deleted after; resume() falls back to it, so a crash at any
+        point leaves one complete checkpoint."""
+        path = os.path.abspath(os.fspath(path))
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+        try:
+            raw = self.model.config.raw
+            if not raw:
+                raise ValueError("this model has no config.json to save (loaded from a GGUF file?)")
+            _write_json(os.path.join(tmp, "config.json"), raw)
+            weights = cepe_c.train_weights(self.model._core)  # frozen: as loaded; trainable: the master weights
+            _write_safetensors(os.path.join(tmp, "model.safetensors"), weights)
+            _write_safetensors(
+                os.path.join(tmp, "optimizer.safetensors"), {"adam_m": self.adam_m, "adam_v": self.adam_v}
+            )
+            for name in _SIDE_FILES:
+                src = os.path.join(self.model.path, name)
+                if os.path.isfile(src):
+                    shutil.copyfile(src, os.path.join(tmp, name))
+                    _fsync(os.path.join(tmp, name))
+            _write_json(os.path.join(tmp, "trainer_state.json"), self._state_dict())
+            _fsync(tmp)
+            old = path + ".old"
+            if os.path.exists(path):
+                if os.path.exists(old):
+                    shutil.rmtree(old)
+                os.rename(path, old)
+            os.rename(tmp, path)
+            _fsync(parent)
+            if os.path.exists(old):
+                shutil.rmtree(old)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def resume(cls, path: str | os.PathLike[str], *, n_threads: int | None = None) -> Trainer:
+        """A Trainer (and its Model: trainer.model) continuing from a
+        checkpoint written by save(): the same weights, moments, step and
+        settings, so the next steps equal those of an uninterrupted run bit
+        for bit (with the same n_threads)."""
+        from .load import load
+
+        path = os.path.abspath(os.fspath(path))
+        if not os.path.exists(os.path.join(path, "trainer_state.json")) and os.path.exists(
+            os.path.join(path + ".old", "trainer_state.json")
+        ):
+            path = path + ".old"  # a save was interrupted between its two renames
+        state_path = os.path.join(path, "trainer_state.json")
+        if not os.path.exists(state_path):
+            raise FileNotFoundError(f"no trainer checkpoint (trainer_state.json) in {path}")
+        with open(state_path, encoding="utf-8") as f:
+            st = json.load(f)
+        if st.get("format") != STATE_FORMAT:
+            raise ValueError(f"{state_path}: unsupported trainer_state format {st.get('format')!r}")
+        model = load(path, n_threads=n_threads)
+        trainer = cls(
+            model,
+            st["trainable"],
+            lr=st["lr"],
+            weight_decay=st["weight_decay"],
+            warmup_ratio=st["warmup_ratio"],
+            total_steps=st["total_steps"],
+            grad_accum=st["grad_accum"],
+            clip=st["clip"],
+            lm_loss_cof=st["lm_loss_cof"],
+            kl_loss_cof=st["kl_loss_cof"],
+            kl_mode=st["kl_mode"],
+            e2llm=st["e2llm"],
+            seed=st["seed"],
+            init="none",  # the saved weights already carry the initialisation
+            betas=tuple(st["betas"]),
+            eps=st["eps"],
+            logit_floats=st.get("logit_floats", 0),
+        )
+        trainer.init = st["init"]
+        if [[n, list(s), o] for n, s, o in trainer.layout] != st["layout"]:
+            raise ValueError(f"{state_path}: the checkpoint's parameter layout does not match its model")
+        opt = SafetensorsFile(os.path.join(path, "optimizer.safetensors"))
+        for name, buf in (("adam_m", trainer.adam_m), ("adam_v", trainer.adam_v)):
+            a = opt.get(name)
+            if a.shape != buf.shape:
+                raise ValueError(f"{path}: optimizer state {name} has shape {a.shape}, expected {buf.shape}")
+            buf[...] = a
+        trainer._state.step = int(st["step"])
+        return trainer
+
+
+# ------------------------------------------------------------------ file helpers
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
+    """float32 tensors in the safetensors format: an 8-byte little-endian
+    header length, the JSON header (space-padded so the data starts 64-byte
+    aligned), then every tensor's bytes back to back (the format allows no
+    gaps between them)."""
+    header: dict[str, Any] = {}
+    off = 0
+    names = sorted(tensors)
+    for name in names:
+        a = tensors[name]
+        if a.dtype != np.float32:
+            raise TypeError(f"{name}: only float32 tensors are written, got {a.dtype}")
+        header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [off, off + a.nbytes]}
+        off += a.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-(8 + len(blob)) % 64)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name in names:
+            f.write(np.ascontiguousarray(tensors[name]).astype("<f4", copy=False).tobytes())
+        f.flush()
+        os.fsync(f.fileno())

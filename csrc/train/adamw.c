@@ -1,0 +1,69 @@
+/* adamw.c — gradient-norm clipping and the AdamW update over flat fp32
+ * buffers (llm.c's gpt2_update), written to follow torch.optim.AdamW
+ * (single-tensor CPU path) and torch.nn.utils.clip_grad_norm_ operation by
+ * operation: the scalars in double, cast to float where torch casts them,
+ * the per-element arithmetic in float in torch's order. */
+#include <math.h>
+
+#include "train.h"
+
+double cepe_grad_norm(const float *g, size_t n, int n_threads) {
+    const long n_chunks = (long)((n + CEPE_NORM_CHUNK - 1) / CEPE_NORM_CHUNK);
+    double total = 0.0;
+    /* Chunk sums in double, then added in chunk order: the same bits for
+     * any thread count (ordered reduction by hand, not OpenMP's). */
+    double partial[64];
+    for (long c0 = 0; c0 < n_chunks; c0 += 64) {
+        const long nc = n_chunks - c0 < 64 ? n_chunks - c0 : 64;
+#pragma omp parallel for num_threads(n_threads) if (nc > 1 && n > (size_t)1 << 17)
+        for (long c = 0; c < nc; c++) {
+            const size_t lo = (size_t)(c0 + c) * CEPE_NORM_CHUNK;
+            const size_t hi = lo + CEPE_NORM_CHUNK < n ? lo + CEPE_NORM_CHUNK : n;
+            double s = 0.0;
+            for (size_t i = lo; i < hi; i++) s += (double)g[i] * (double)g[i];
+            partial[c] = s;
+        }
+        for (long c = 0; c < nc; c++) total += partial[c];
+    }
+    return sqrt(total);
+}
+
+double cepe_clip_grad_norm(float *g, size_t n, double max_norm, int n_threads) {
+    const double norm = cepe_grad_norm(g, n, n_threads);
+    if (!(max_norm > 0.0)) return norm; /* clipping off */
+    /* torch: clip_coef = max_norm / (total_norm + 1e-6), clamped to 1, in
+     * float32 (the norm is a float32 tensor there). */
+    const float coef = (float)(max_norm / ((double)(float)norm + 1e-6));
+    if (coef < 1.0f) {
+#pragma omp parallel for simd num_threads(n_threads) if (n > (size_t)1 << 16)
+        for (size_t i = 0; i < n; i++) g[i] *= coef;
+    }
+    return norm;
+}
+
+void cepe_adamw_update(float *p, const float *g, float *m, float *v, size_t n, double lr,
+                       const cepe_adamw_config *h, double weight_decay, long t, int n_threads) {
+    /* torch: param.mul_(1 - lr * wd); exp_avg.lerp_(grad, 1 - beta1);
+     * exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2);
+     * denom = exp_avg_sq.sqrt() / sqrt(1 - beta2^t) + eps;
+     * param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1^t)). */
+    const float decay = (float)(1.0 - lr * weight_decay);
+    const float w1 = (float)(1.0 - h->beta1);
+    const float b2 = (float)h->beta2, w2 = (float)(1.0 - h->beta2);
+    const float bc2_sqrt = (float)sqrt(1.0 - pow(h->beta2, (double)t));
+    const float neg_step = (float)(-lr / (1.0 - pow(h->beta1, (double)t)));
+    const float eps = (float)h->eps;
+    const int decays = weight_decay != 0.0;
+#pragma omp parallel for simd num_threads(n_threads) if (n > (size_t)1 << 16)
+    for (size_t i = 0; i < n; i++) {
+        const float gi = g[i];
+        float pi = p[i];
+        if (decays) pi *= decay;
+        const float mi = m[i] + w1 * (gi - m[i]); /* lerp with weight < 0.5, as torch computes it */
+        const float vi = v[i] * b2 + w2 * (gi * gi);
+        const float denom = sqrtf(vi) / bc2_sqrt + eps;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = pi + neg_step * mi / denom; /* addcdiv: self + value * t1 / t2 */
+    }
+}

@@ -1,0 +1,215 @@
+/* backward.c — the losses and the backward pass of a CEPE model, in the
+ * reverse order of forward.c: logits → final norm → decoder layers (MLP,
+ * cross-attention, self-attention) → encoder states → encoder layers →
+ * embeddings. Every d-buffer of a weight is a gradient view from t->gm: NULL
+ * for a frozen weight, so matmul_backward / rmsnorm_backward form only the
+ * input gradient there (the activations still pass gradients on). */
+#include <math.h>
+#include <string.h>
+
+#include "../common.h"
+#include "../ops/ops_backward.h"
+#include "train.h"
+
+/* The gradient buffer behind a view (a model's weight pointers are const;
+ * the gradient model's point into t->grads, which is ours to write). */
+#define G(p) ((float *)(p))
+
+/* ------------------------------------------------------------ block pieces */
+
+/* x_out = x_post + down(silu(gate) * up(...)): s->dx (the gradient of x_out)
+ * gains the MLP's contribution to the gradient of x_post. */
+static void mlp_backward(const cepe_train *t, const stack_scratch *s, const block_acts *a, const layer_weights *w,
+                         const layer_weights *g, const cepe_config *c, int N) {
+    const cepe_backend *be = t->m->be;
+    const int d = c->hidden_size, ff = c->intermediate_size, nt = t->n_threads;
+    be->rmsnorm(s->xn, a->x_post, w->ffn_norm, N, d, c->rms_norm_eps, nt); /* recomputed, not kept */
+    be->swiglu(s->h, a->gate, a->up, (long)N * ff, nt);
+    matmul_backward(s->dh, G(g->w_down), s->dx, s->h, w->w_down, N, ff, d, 0, nt);
+    memset(s->dgate, 0, sizeof(float) * (size_t)N * ff);
+    memset(s->dup, 0, sizeof(float) * (size_t)N * ff);
+    swiglu_backward(s->dgate, s->dup, s->dh, a->gate, a->up, (long)N * ff);
+    matmul_backward(s->dxn, G(g->w_gate), s->dgate, s->xn, w->w_gate, N, d, ff, 0, nt);
+    matmul_backward(s->dxn, G(g->w_up), s->dup, s->xn, w->w_up, N, d, ff, 1, nt);
+    rmsnorm_backward(s->dx, G(g->ffn_norm), s->dxn, a->x_post, w->ffn_norm, N, d, c->rms_norm_eps);
+}
+
+/* x_mid = x_in + o_proj(attention(RoPE(q), RoPE(k), v)) with q, k, v from
+ * RMSNorm(x_in): s->dx gains the gradient of x_in. */
+static void self_attn_backward(const cepe_train *t, const stack_scratch *s, const block_acts *a,
+                               const layer_weights *w, const layer_weights *g, const cepe_config *c,
+                               const rope_state *rope, const float *cos_t, const float *sin_t,
+                               const attention_shape *shape, const uint8_t *valid, int N) {
+    const cepe_backend *be = t->m->be;
+    const int d = c->hidden_size, hd = c->head_dim, nt = t->n_threads;
+    const int qd = c->n_heads * hd, kvd = c->n_kv_heads * hd;
+    const int il = rope->rc.layout == CEPE_ROPE_INTERLEAVED;
+    matmul_backward(s->datt, G(g->wo), s->dx, a->att, w->wo, N, qd, d, 0, nt);
+    memset(s->dq, 0, sizeof(float) * (size_t)N * qd);
+    memset(s->dk, 0, sizeof(float) * (size_t)N * kvd);
+    memset(s->dv, 0, sizeof(float) * (size_t)N * kvd);
+    attention_backward(s->dq, s->dk, s->dv, s->datt, a->q, a->k, a->v, a->att, a->lse, valid, shape, nt);
+    rope_backward(s->dq, cos_t, sin_t, N, c->n_heads, hd, rope->half, il);
+    rope_backward(s->dk, cos_t, sin_t, N, c->n_kv_heads, hd, rope->half, il);
+    be->rmsnorm(s->xn, a->x_in, w->attn_norm, N, d, c->rms_norm_eps, nt);
+    matmul_backward(s->dxn, G(g->wq), s->dq, s->xn, w->wq, N, d, qd, 0, nt);
+    matmul_backward(s->dxn, G(g->wk), s->dk, s->xn, w->wk, N, d, kvd, 1, nt);
+    matmul_backward(s->dxn, G(g->wv), s->dv, s->xn, w->wv, N, d, kvd, 1, nt);
+    rmsnorm_backward(s->dx, G(g->attn_norm), s->dxn, a->x_in, w->attn_norm, N, d, c->rms_norm_eps);
+}
+
+/* x_post = x_mid + o_proj(attention(q_proj(RMSNorm_cross(x_mid)), k_proj(E),
+ * v_proj(E))): s->dx gains the gradient of x_mid; t->dE (when the encoder
+ * trains) that of the encoder states. */
+static void cross_attn_backward(cepe_train *t, const block_acts *a, const layer_weights *w, const layer_weights *g,
+                                const attention_shape *shape, int N) {
+    const cepe_model *m = t->m;
+    const cepe_config *c = &m->cfg;
+    const stack_scratch *s = &t->ds;
+    const int d = c->hidden_size, qd = c->n_heads * c->head_dim, kvd = c->n_kv_heads * c->head_dim;
+    const int de = c->encoder_hidden_size, Ne = t->B * t->n_ctx * t->L, nt = t->n_threads;
+    matmul_backward(s->datt, G(g->cross_wo), s->dx, a->attc, w->cross_wo, N, qd, d, 0, nt);
+    memset(s->dq, 0, sizeof(float) * (size_t)N * qd);
+    memset(t->dkc, 0, sizeof(float) * (size_t)Ne * kvd);
+    memset(t->dvc, 0, sizeof(float) * (size_t)Ne * kvd);
+    attention_backward(s->dq, t->dkc, t->dvc, s->datt, a->qc, a->kc, a->vc, a->attc, a->lsec, t->ctx_mask, shape, nt);
+    m->be->rmsnorm(s->xn, a->x_mid, w->cross_norm, N, d, c->rms_norm_eps, nt);
+    matmul_backward(s->dxn, G(g->cross_wq), s->dq, s->xn, w->cross_wq, N, d, qd, 0, nt);
+    rmsnorm_backward(s->dx, G(g->cross_norm), s->dxn, a->x_mid, w->cross_norm, N, d, c->rms_norm_eps);
+    float *dE = t->train_encoder ? t->dE : NULL; /* frozen encoder: its output is detached */
+    matmul_backward(dE, G(g->cross_wk), t->dkc, t->E, w->cross_wk, Ne, de, kvd, 1, nt);
+    matmul_backward(dE, G(g->cross_wv), t->dvc, t->E, w->cross_wv, Ne, de, kvd, 1, nt);
+}
+
+/* ------------------------------------------------------------------ losses */
+
+/* Shifted labels: position p predicts label p+1; the last position and
+ * ignored labels get CEPE_IGNORE_INDEX. Without labels, input_ids are the
+ * labels and padding (attention_mask 0) is ignored. A padded position
+ * predicts nothing either (it sees no real token; HF would score the first
+ * real token of a left-padded row from an all-masked softmax there).
+ * Returns the count of counted targets. */
+static long shift_labels(int32_t *targets, const cepe_train_batch *b) {
+    long count = 0;
+    for (int r = 0; r < b->B; r++)
+        for (int p = 0; p < b->T; p++) {
+            const long i = (long)r * b->T + p, j = i + 1;
+            int32_t y = CEPE_IGNORE_INDEX;
+            if (p + 1 < b->T && (!b->attention_mask || b->attention_mask[i])) {
+                if (b->labels)
+                    y = b->labels[j];
+                else if (!b->attention_mask || b->attention_mask[j])
+                    y = b->input_ids[j];
+            }
+            targets[i] = y;
+            count += y != CEPE_IGNORE_INDEX;
+        }
+    return count;
+}
+
+/* The LM cross-entropy and the CEPED KL from the final normed states, chunk
+ * by chunk of logits; with `grad`, their gradient w.r.t. t->xnf in t->dxnf
+ * (and lm_head's, when it trains). */
+static void losses_and_head_backward(cepe_train *t, const cepe_train_batch *b, double grad_scale, int grad,
+                                     cepe_train_stats *out) {
+    const cepe_model *m = t->m;
+    const int B = b->B, T = b->T, V = m->cfg.vocab_size, d = m->cfg.hidden_size, nt = t->n_threads;
+    const long count = shift_labels(t->targets, b);
+    const long kl_rows = (long)B * b->T_kl;
+    const float lm_scale = count ? (float)(grad_scale * t->cfg.lm_loss_cof / (double)count) : 0.0f;
+    const float kl_scale = kl_rows ? (float)(grad_scale * t->cfg.kl_loss_cof / (double)kl_rows) : 0.0f;
+    const int kl_from = T - b->T_kl; /* the tables cover the last T_kl positions */
+    const int R = train_logit_rows(t->cfg.logit_floats, T, V);
+    for (int r = 0; r < B; r++)
+        for (int p0 = 0; p0 < T; p0 += R) {
+            const int nr = T - p0 < R ? T - p0 : R;
+            const long row0 = (long)r * T + p0;
+            const float *xnf = t->xnf + row0 * d;
+            m->be->matmul(t->logits, xnf, m->w.lm_head, nr, d, V, 0, nt);
+            if (grad) memset(t->dlogits, 0, sizeof(float) * (size_t)nr * V);
+            float *dl = grad ? t->dlogits : NULL;
+            cross_entropy_forward_backward(t->losses + row0, dl, t->logits, t->targets + row0, nr, V, lm_scale);
+            const int k0 = p0 > kl_from ? p0 : kl_from; /* first position of this chunk with a table */
+            if (b->T_kl > 0 && k0 < p0 + nr) {
+                const long tr = (long)r * b->T_kl + (k0 - kl_from); /* its table row */
+                const int o = k0 - p0;
+                kl_topk_forward_backward(t->kl_losses + row0 + o, dl ? dl + (long)o * V : NULL,
+                                         t->logits + (long)o * V, b->distill_prob + tr * (b->K + 1),
+                                         b->distill_index + tr * b->K, p0 + nr - k0, V, b->K, t->cfg.kl_mode,
+                                         (float)t->cfg.kl_delta, kl_scale);
+            }
+            if (grad) /* d xnf = dlogits · lm_head; d lm_head += dlogitsᵀ · xnf */
+                matmul_backward(t->dxnf + row0 * d, G(t->gm->w.lm_head), t->dlogits, xnf, m->w.lm_head, nr, d, V, 0,
+                                nt);
+        }
+    double lm = 0.0, kl = 0.0;
+    for (long i = 0; i < (long)B * T; i++) lm += t->losses[i];
+    for (int r = 0; r < B; r++)
+        for (int p = kl_from; p < T && b->T_kl > 0; p++) kl += t->kl_losses[(long)r * T + p];
+    out->tokens = count;
+    out->lm_loss = count ? lm / (double)count : 0.0;
+    out->kl_loss = kl_rows ? kl / (double)kl_rows : 0.0;
+    out->loss = t->cfg.lm_loss_cof * out->lm_loss + (kl_rows ? t->cfg.kl_loss_cof * out->kl_loss : 0.0);
+}
+
+/* ---------------------------------------------------------------- backward */
+
+static void encoder_backward(cepe_train *t, const cepe_train_batch *b) {
+    const cepe_model *m = t->m;
+    const cepe_config *e = &m->enc_cfg;
+    const int n_chunks = b->B * b->n_ctx, L = b->L, Ne = n_chunks * L, de = e->hidden_size;
+    const int qd = e->n_heads * e->head_dim, kvd = e->n_kv_heads * e->head_dim;
+    const attention_shape shape = {
+        .B = n_chunks, .Tq = L, .Tk = L, .H = e->n_heads, .KVH = e->n_kv_heads, .hd = e->head_dim,
+        .q_rstride = qd, .q_bstride = (long)L * qd, .kv_rstride = kvd, .kv_bstride = (long)L * kvd,
+        .valid_bstride = L, .causal = 0, .q_offset = 0, .window = 0, .scale = 1.0f / sqrtf((float)e->head_dim),
+    };
+    const stack_scratch *s = &t->es;
+    memset(s->dx, 0, sizeof(float) * (size_t)Ne * de);
+    rmsnorm_backward(s->dx, G(t->gm->enc.final_norm), t->dE, t->ex_final, m->enc.final_norm, Ne, de, e->rms_norm_eps);
+    for (int l = e->n_layers - 1; l >= 0; l--) {
+        const layer_weights *w = &m->enc.layers[l], *g = &t->gm->enc.layers[l];
+        mlp_backward(t, s, &t->enc[l], w, g, e, Ne);
+        self_attn_backward(t, s, &t->enc[l], w, g, e, &m->enc_rope, t->ecos_t, t->esin_t, &shape, t->ctx_mask, Ne);
+    }
+    if (t->gm->enc.embed) embedding_backward(G(t->gm->enc.embed), s->dx, b->encoder_input_ids, Ne, de);
+}
+
+cepe_status train_backward(cepe_train *t, const cepe_train_batch *b, double grad_scale, cepe_train_stats *out) {
+    const cepe_model *m = t->m;
+    const cepe_config *c = &m->cfg;
+    const int B = b->B, T = b->T, N = B * T, d = c->hidden_size;
+    const int H = c->n_heads, KVH = c->n_kv_heads, hd = c->head_dim, qd = H * hd, kvd = KVH * hd;
+    const int Nc = t->n_ctx * t->L;
+    const int grad = t->dec_lo < c->n_layers || t->gm->w.lm_head || t->gm->w.final_norm;
+    losses_and_head_backward(t, b, grad_scale, grad, out);
+    if (!grad) return CEPE_OK; /* nothing trainable is reached by this batch (no context, frozen decoder) */
+
+    const stack_scratch *s = &t->ds;
+    memset(s->dx, 0, sizeof(float) * (size_t)N * d);
+    rmsnorm_backward(s->dx, G(t->gm->w.final_norm), t->dxnf, t->x_final, m->w.final_norm, N, d, c->rms_norm_eps);
+    if (t->dE) memset(t->dE, 0, sizeof(float) * (size_t)B * Nc * c->encoder_hidden_size);
+    const attention_shape self = {
+        .B = B, .Tq = T, .Tk = T, .H = H, .KVH = KVH, .hd = hd, .q_rstride = qd, .q_bstride = (long)T * qd,
+        .kv_rstride = kvd, .kv_bstride = (long)T * kvd, .valid_bstride = T, .causal = 1, .q_offset = 0,
+        .window = c->sliding_window, .scale = 1.0f / sqrtf((float)hd),
+    };
+    const attention_shape cross = {
+        .B = B, .Tq = T, .Tk = Nc, .H = H, .KVH = KVH, .hd = hd, .q_rstride = qd, .q_bstride = (long)T * qd,
+        .kv_rstride = kvd, .kv_bstride = (long)Nc * kvd, .valid_bstride = Nc, .causal = 0, .q_offset = 0,
+        .window = 0, .scale = 1.0f / sqrtf((float)hd),
+    };
+    for (int l = c->n_layers - 1; l >= t->dec_lo; l--) {
+        const layer_weights *w = &m->w.layers[l], *g = &t->gm->w.layers[l];
+        const block_acts *a = &t->dec[l];
+        mlp_backward(t, s, a, w, g, c, N);
+        if (l >= m->first_cross && Nc > 0) cross_attn_backward(t, a, w, g, &cross, N);
+        /* The lowest visited layer of a frozen decoder: its self-attention
+         * has no trainable weight and nothing below needs a gradient. */
+        if (l == t->dec_lo && !t->train_decoder) break;
+        self_attn_backward(t, s, a, w, g, c, &m->rope, t->cos_t, t->sin_t, &self, b->attention_mask, N);
+    }
+    if (t->gm->w.embed) embedding_backward(G(t->gm->w.embed), s->dx, b->input_ids, N, d);
+    if (t->train_encoder && Nc > 0) encoder_backward(t, b);
+    return CEPE_OK;
+}

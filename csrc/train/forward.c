@@ -1,0 +1,248 @@
+/* forward.c — the training forward of a CEPE model: the encoder over the
+ * context chunks, then the decoder with cross-attention (the math of
+ * encoder.c and decoder.c, spec §2-§3), keeping per layer what backward.c
+ * needs. Activations live in one arena carved for the batch shape (llm.c's
+ * fill_in_activation_sizes + malloc_and_point_activations), reused while the
+ * shape stays the same.
+ *
+ * What is kept: only layers the backward visits. With a frozen decoder that
+ * is the cross-attention layers and above (nothing below the first one has a
+ * trainable weight); with a frozen encoder nothing of it (its output is
+ * detached, so cepe_model_encode runs it). */
+#include <math.h>
+#include <string.h>
+
+#include "../common.h"
+#include "../ops/ops_backward.h"
+#include "train.h"
+
+/* ------------------------------------------------------------------- arena */
+
+typedef struct {
+    char *base; /* NULL: measuring */
+    size_t used;
+    int overflow;
+} carver;
+
+static void *take(carver *cv, size_t count, size_t size) {
+    const size_t bytes = cepe_mul_size(count, size);
+    if (bytes == SIZE_MAX || cv->used > SIZE_MAX - bytes - 64) {
+        cv->overflow = 1;
+        return NULL;
+    }
+    void *p = cv->base ? cv->base + cv->used : NULL;
+    cv->used += (bytes + 63) & ~(size_t)63; /* every buffer on its own cache line */
+    return p;
+}
+#define F(n) ((float *)take(cv, (n), sizeof(float)))
+
+static void carve_scratch(carver *cv, stack_scratch *s, const cepe_config *c, size_t N) {
+    const size_t d = (size_t)c->hidden_size, ff = (size_t)c->intermediate_size;
+    const size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
+    s->dx = F(N * d), s->dxn = F(N * d), s->xn = F(N * d);
+    s->dq = F(N * qd), s->datt = F(N * qd), s->dk = F(N * kvd), s->dv = F(N * kvd);
+    s->h = F(N * ff), s->dh = F(N * ff), s->dgate = F(N * ff), s->dup = F(N * ff);
+    s->lse = F(N * (size_t)c->n_heads);
+}
+
+static void carve_block(carver *cv, block_acts *a, const cepe_config *c, size_t N) {
+    const size_t d = (size_t)c->hidden_size, ff = (size_t)c->intermediate_size;
+    const size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
+    a->x_in = F(N * d), a->x_post = F(N * d);
+    a->q = F(N * qd), a->k = F(N * kvd), a->v = F(N * kvd), a->att = F(N * qd), a->lse = F(N * (size_t)c->n_heads);
+    a->gate = F(N * ff), a->up = F(N * ff);
+}
+
+/* Assigns every activation pointer (or, with cv->base NULL, measures). */
+static void carve(cepe_train *t, carver *cv, int B, int T, int n_ctx, int L) {
+    const cepe_model *m = t->m;
+    const cepe_config *c = &m->cfg;
+    const size_t N = (size_t)B * T, d = (size_t)c->hidden_size, V = (size_t)c->vocab_size;
+    const size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
+    const size_t Nc = (size_t)n_ctx * L, Ne = (size_t)B * Nc;
+    const size_t R = (size_t)train_logit_rows(t->cfg.logit_floats, T, (int)V);
+    t->x = F(N * d), t->x_final = F(N * d), t->xnf = F(N * d), t->dxnf = F(N * d);
+    t->logits = F(R * V), t->dlogits = F(R * V), t->losses = F(N), t->kl_losses = F(N);
+    t->targets = take(cv, N, sizeof(int32_t));
+    t->cos_t = F(N * m->rope.half), t->sin_t = F(N * m->rope.half);
+    t->pos = take(cv, N, sizeof(double));
+    carve_scratch(cv, &t->ds, c, N);
+    for (int l = 0; l < c->n_layers; l++) {
+        block_acts *a = &t->dec[l];
+        memset(a, 0, sizeof *a);
+        if (l < t->dec_lo) continue;
+        carve_block(cv, a, c, N);
+        if (l >= m->first_cross && Nc > 0) {
+            a->x_mid = F(N * d), a->qc = F(N * qd), a->attc = F(N * qd), a->lsec = F(N * (size_t)c->n_heads);
+            a->kc = F(Ne * kvd), a->vc = F(Ne * kvd);
+        }
+    }
+    t->E = t->dE = t->ex = t->ex_final = t->dkc = t->dvc = t->ecos_t = t->esin_t = NULL;
+    t->ctx_mask = NULL;
+    t->epos = NULL;
+    if (Nc == 0) return;
+    const cepe_config *e = &m->enc_cfg;
+    const size_t de = (size_t)e->hidden_size;
+    t->E = F(Ne * de);
+    t->ctx_mask = take(cv, Ne, 1);
+    t->dkc = F(Ne * kvd), t->dvc = F(Ne * kvd);
+    if (!t->train_encoder) return;
+    t->ex = F(Ne * de), t->ex_final = F(Ne * de), t->dE = F(Ne * de);
+    t->ecos_t = F(Ne * m->enc_rope.half), t->esin_t = F(Ne * m->enc_rope.half);
+    t->epos = take(cv, Ne, sizeof(double));
+    carve_scratch(cv, &t->es, e, Ne);
+    for (int l = 0; l < e->n_layers; l++) carve_block(cv, &t->enc[l], e, Ne);
+}
+#undef F
+
+/* (Re)carves the arena when the batch shape changes. */
+static cepe_status ensure_arena(cepe_train *t, const cepe_train_batch *b) {
+    const int n_ctx = b->n_ctx > 0 ? b->n_ctx : 0, L = n_ctx > 0 ? b->L : 0;
+    const int lo = t->train_decoder ? 0 : (n_ctx > 0 ? t->m->first_cross : t->m->cfg.n_layers);
+    if (t->arena && t->B == b->B && t->T == b->T && t->n_ctx == n_ctx && t->L == L && t->dec_lo == lo)
+        return CEPE_OK;
+    cepe_free(t->arena);
+    t->arena = NULL;
+    t->B = 0;
+    t->dec_lo = lo;
+    carver cv = {0};
+    carve(t, &cv, b->B, b->T, n_ctx, L);
+    if (cv.overflow || !(t->arena = cepe_calloc(cv.used, 1)))
+        return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory for the training activations (%zu MB for %d x %d tokens)",
+                         cv.used >> 20, b->B, b->T);
+    cv = (carver){.base = t->arena};
+    carve(t, &cv, b->B, b->T, n_ctx, L);
+    t->B = b->B, t->T = b->T, t->n_ctx = n_ctx, t->L = L;
+    return CEPE_OK;
+}
+
+/* ----------------------------------------------------------------- forward */
+
+/* The training-time SwiGLU MLP: block_mlp overwrites gate with silu(gate)*up,
+ * and the backward needs the pre-activation, so h goes to scratch here. */
+static void mlp_forward(const cepe_backend *be, const layer_weights *w, const cepe_config *c, float *x, float *xn,
+                        float *gate, float *up, float *h, int N, int nt) {
+    const int d = c->hidden_size, ff = c->intermediate_size;
+    be->rmsnorm(xn, x, w->ffn_norm, N, d, c->rms_norm_eps, nt);
+    be->matmul(gate, xn, w->w_gate, N, d, ff, 0, nt);
+    be->matmul(up, xn, w->w_up, N, d, ff, 0, nt);
+    be->swiglu(h, gate, up, (long)N * ff, nt);
+    be->matmul(x, h, w->w_down, N, ff, d, 1, nt); /* x += down(silu(gate) * up) */
+}
+
+static cepe_status encoder_forward(cepe_train *t, const cepe_train_batch *b) {
+    const cepe_model *m = t->m;
+    const cepe_config *e = &m->enc_cfg;
+    const cepe_backend *be = m->be;
+    const int n_chunks = b->B * b->n_ctx, L = b->L, Ne = n_chunks * L, nt = t->n_threads;
+    const int de = e->hidden_size, qd = e->n_heads * e->head_dim, kvd = e->n_kv_heads * e->head_dim;
+    for (long i = 0; i < (long)Ne; i++)
+        t->ctx_mask[i] = b->encoder_attention_mask ? b->encoder_attention_mask[i] != 0 : 1;
+    if (!t->train_encoder) /* detached: the inference encoder, nothing kept */
+        return cepe_model_encode(m, b->encoder_input_ids, b->encoder_attention_mask, n_chunks, L, t->E);
+
+    for (int i = 0; i < Ne; i++) t->epos[i] = (double)(i % L); /* slot index in its chunk, as encoder.c */
+    float inv_freq[CEPE_MAX_HEAD_DIM / 2], mscale;
+    int cached = cepe_rope_original_len(&m->enc_rope.rc);
+    cepe_status st = cepe_rope_for_call(&m->enc_rope, L, &cached, inv_freq, &mscale);
+    if (st) return st;
+    be->rope_table(t->ecos_t, t->esin_t, t->epos, inv_freq, Ne, m->enc_rope.half, mscale);
+    const attention_shape shape = {
+        .B = n_chunks, .Tq = L, .Tk = L, .H = e->n_heads, .KVH = e->n_kv_heads, .hd = e->head_dim,
+        .q_rstride = qd, .q_bstride = (long)L * qd, .kv_rstride = kvd, .kv_bstride = (long)L * kvd,
+        .valid_bstride = L, .causal = 0, .q_offset = 0, .window = 0, .scale = 1.0f / sqrtf((float)e->head_dim),
+    };
+    float *x = t->ex;
+    be->embedding(x, b->encoder_input_ids, m->enc.embed, Ne, de);
+    for (int l = 0; l < e->n_layers; l++) {
+        const layer_weights *w = &m->enc.layers[l];
+        block_acts *a = &t->enc[l];
+        memcpy(a->x_in, x, sizeof(float) * (size_t)Ne * de);
+        const block_scratch s = {.xn = t->es.xn, .q = a->q, .k = a->k, .v = a->v, .cos_t = t->ecos_t,
+                                 .sin_t = t->esin_t};
+        block_qkv(be, w, e, x, &s, Ne, &m->enc_rope, nt);
+        attention_forward_lse(a->att, a->lse, a->q, a->k, a->v, t->ctx_mask, &shape, nt);
+        be->matmul(x, a->att, w->wo, Ne, qd, de, 1, nt);
+        memcpy(a->x_post, x, sizeof(float) * (size_t)Ne * de);
+        mlp_forward(be, w, e, x, t->es.xn, a->gate, a->up, t->es.h, Ne, nt);
+    }
+    memcpy(t->ex_final, x, sizeof(float) * (size_t)Ne * de);
+    be->rmsnorm(t->E, x, m->enc.final_norm, Ne, de, e->rms_norm_eps, nt);
+    return CEPE_OK;
+}
+
+cepe_status train_forward(cepe_train *t, const cepe_train_batch *b) {
+    cepe_status st = ensure_arena(t, b);
+    if (st) return st;
+    const cepe_model *m = t->m;
+    const cepe_config *c = &m->cfg;
+    const cepe_backend *be = m->be;
+    const int B = b->B, T = b->T, N = B * T, nt = t->n_threads;
+    const int d = c->hidden_size, H = c->n_heads, KVH = c->n_kv_heads, hd = c->head_dim;
+    const int qd = H * hd, kvd = KVH * hd, de = c->encoder_hidden_size;
+    const int Nc = t->n_ctx * t->L, Ne = B * Nc;
+    if (Nc > 0 && (st = encoder_forward(t, b))) return st;
+
+    /* RoPE positions: given (E2-LLM), or the count of real tokens before each
+     * one in its row (HF's cumsum(mask) - 1, as decoder.c). */
+    double max_pos = 0.0;
+    for (int r = 0; r < B; r++) {
+        double next = 0.0;
+        for (int i = r * T; i < (r + 1) * T; i++) {
+            t->pos[i] = b->positions ? b->positions[i] : next;
+            if (!b->attention_mask || b->attention_mask[i]) next += 1.0;
+            max_pos = t->pos[i] > max_pos ? t->pos[i] : max_pos;
+        }
+    }
+    float inv_freq[CEPE_MAX_HEAD_DIM / 2], mscale;
+    int cached = cepe_rope_original_len(&m->rope.rc);
+    const int seq_len = max_pos + 1.0 < 2147483647.0 ? (int)max_pos + 1 : 2147483647;
+    if ((st = cepe_rope_for_call(&m->rope, seq_len, &cached, inv_freq, &mscale))) return st;
+    be->rope_table(t->cos_t, t->sin_t, t->pos, inv_freq, N, m->rope.half, mscale);
+
+    const attention_shape self = {
+        .B = B, .Tq = T, .Tk = T, .H = H, .KVH = KVH, .hd = hd, .q_rstride = qd, .q_bstride = (long)T * qd,
+        .kv_rstride = kvd, .kv_bstride = (long)T * kvd, .valid_bstride = T, .causal = 1, .q_offset = 0,
+        .window = c->sliding_window, .scale = 1.0f / sqrtf((float)hd),
+    };
+    const attention_shape cross = {
+        .B = B, .Tq = T, .Tk = Nc, .H = H, .KVH = KVH, .hd = hd, .q_rstride = qd, .q_bstride = (long)T * qd,
+        .kv_rstride = kvd, .kv_bstride = (long)Nc * kvd, .valid_bstride = Nc, .causal = 0, .q_offset = 0,
+        .window = 0, .scale = 1.0f / sqrtf((float)hd),
+    };
+    const stack_scratch *s = &t->ds;
+    float *x = t->x;
+    const size_t row_bytes = sizeof(float) * (size_t)N * d;
+    be->embedding(x, b->input_ids, m->w.embed, N, d);
+    for (int l = 0; l < c->n_layers; l++) {
+        const layer_weights *w = &m->w.layers[l];
+        block_acts *a = &t->dec[l];
+        const int keep = l >= t->dec_lo;
+        /* layers below dec_lo run in the gradient scratch, nothing kept */
+        float *q = keep ? a->q : s->dq, *k = keep ? a->k : s->dk, *v = keep ? a->v : s->dv;
+        float *att = keep ? a->att : s->datt, *gate = keep ? a->gate : s->dgate, *up = keep ? a->up : s->dup;
+        if (keep) memcpy(a->x_in, x, row_bytes);
+        const block_scratch bs = {.xn = s->xn, .q = q, .k = k, .v = v, .cos_t = t->cos_t, .sin_t = t->sin_t};
+        block_qkv(be, w, c, x, &bs, N, &m->rope, nt);
+        if (keep)
+            attention_forward_lse(att, a->lse, q, k, v, b->attention_mask, &self, nt);
+        else
+            be->attention(att, q, k, v, b->attention_mask, &self, nt);
+        be->matmul(x, att, w->wo, N, qd, d, 1, nt); /* x += o_proj(att) */
+
+        if (l >= m->first_cross && Nc > 0) { /* CEPE: between self-attention and the MLP (spec §3) */
+            memcpy(a->x_mid, x, row_bytes);
+            be->rmsnorm(s->xn, x, w->cross_norm, N, d, c->rms_norm_eps, nt);
+            be->matmul(a->qc, s->xn, w->cross_wq, N, d, qd, 0, nt);
+            be->matmul(a->kc, t->E, w->cross_wk, Ne, de, kvd, 0, nt); /* no RoPE on either side */
+            be->matmul(a->vc, t->E, w->cross_wv, Ne, de, kvd, 0, nt);
+            attention_forward_lse(a->attc, a->lsec, a->qc, a->kc, a->vc, t->ctx_mask, &cross, nt);
+            be->matmul(x, a->attc, w->cross_wo, N, qd, d, 1, nt);
+        }
+        if (keep) memcpy(a->x_post, x, row_bytes);
+        mlp_forward(be, w, c, x, s->xn, gate, up, s->h, N, nt);
+    }
+    memcpy(t->x_final, x, row_bytes);
+    be->rmsnorm(t->xnf, x, m->w.final_norm, N, d, c->rms_norm_eps, nt);
+    return CEPE_OK;
+}

@@ -1,0 +1,220 @@
+/* state.c — the training state of a CEPE model (llm.c's GPT2 struct, for
+ * training): which weights train and where each sits in the flat buffers,
+ * the gradient views, the activation arena, zero_grad and the update. */
+#include <math.h>
+#include <string.h>
+
+#include "../common.h"
+#include "train.h"
+
+/* ------------------------------------------------------------------ layout */
+
+/* Spec §6.1 (train.py's train_param): a tensor trains when its name contains
+ * "cross_attn", or starts with "encoder." under --train_encoder, or always
+ * under --train_everything. */
+static int is_trainable(const char *name, cepe_trainable which) {
+    if (which == CEPE_TRAIN_ALL) return 1;
+    if (strstr(name, "cross_attn")) return 1;
+    return which == CEPE_TRAIN_CROSS_ATTN_ENCODER && strncmp(name, "encoder.", 8) == 0;
+}
+
+static size_t slot_numel(const weight_slot *s) {
+    return (size_t)s->shape[0] * (s->ndim == 2 ? (size_t)s->shape[1] : 1);
+}
+
+/* Fills tensors (may be NULL: count only); returns the tensor count. */
+static int build_layout(const cepe_model *m, cepe_trainable which, train_tensor *tensors, size_t *n_params) {
+    int n = 0;
+    size_t off = 0;
+    for (int i = 0; i < m->n_slots; i++) {
+        const weight_slot *s = &m->slots[i];
+        if (!is_trainable(s->name, which)) continue;
+        if (tensors) tensors[n] = (train_tensor){.slot = i, .offset = off, .n = slot_numel(s), .decay = s->ndim == 2};
+        off += (slot_numel(s) + CEPE_PARAM_ALIGN - 1) / CEPE_PARAM_ALIGN * CEPE_PARAM_ALIGN;
+        n++;
+    }
+    *n_params = off;
+    return n;
+}
+
+static cepe_status check_which(const cepe_model *m, cepe_trainable which) {
+    if (which != CEPE_TRAIN_CROSS_ATTN && which != CEPE_TRAIN_CROSS_ATTN_ENCODER && which != CEPE_TRAIN_ALL)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "trainable must be cross_attn, cross_attn+encoder or all, got %d",
+                         (int)which);
+    if (which != CEPE_TRAIN_ALL && m->cfg.n_cross_layers == 0)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "this model has no cross-attention layers to train (not a CEPE model)");
+    if (which == CEPE_TRAIN_CROSS_ATTN_ENCODER && !m->has_encoder)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "trainable=cross_attn+encoder, but this model has no CEPE encoder");
+    return CEPE_OK;
+}
+
+cepe_status cepe_train_layout(const cepe_model *m, cepe_trainable which, int *n_tensors, size_t *n_params) {
+    if (!m || !n_tensors || !n_params) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_train_layout: NULL argument");
+    cepe_status st = check_which(m, which);
+    if (st) return st;
+    *n_tensors = build_layout(m, which, NULL, n_params);
+    return CEPE_OK;
+}
+
+cepe_status cepe_train_tensor(const cepe_model *m, cepe_trainable which, int i, const char **name, int *ndim,
+                              int64_t shape[2], size_t *offset) {
+    if (!m || !name || !ndim || !shape || !offset)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_train_tensor: NULL argument");
+    cepe_status st = check_which(m, which);
+    if (st) return st;
+    size_t n_params;
+    const int n = build_layout(m, which, NULL, &n_params);
+    if (i < 0 || i >= n) return cepe_fail(CEPE_ERR_INVALID_ARG, "tensor index %d is outside [0, %d)", i, n);
+    train_tensor *ts = cepe_calloc((size_t)n, sizeof *ts);
+    if (!ts) return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory");
+    build_layout(m, which, ts, &n_params);
+    const weight_slot *s = &m->slots[ts[i].slot];
+    *name = s->name;
+    *ndim = s->ndim;
+    shape[0] = s->shape[0];
+    shape[1] = s->ndim == 2 ? s->shape[1] : 0;
+    *offset = ts[i].offset;
+    cepe_free(ts);
+    return CEPE_OK;
+}
+
+cepe_status cepe_model_weight_at(const cepe_model *m, int i, const char **name, const float **data, int *ndim,
+                                 int64_t shape[2]) {
+    if (!m || !name || !data || !ndim || !shape)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_model_weight_at: NULL argument");
+    if (i < 0 || i >= m->n_slots)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "weight index %d is outside [0, %d)", i, m->n_slots);
+    const weight_slot *s = &m->slots[i];
+    *name = s->name;
+    *data = *s->dst;
+    *ndim = s->ndim;
+    shape[0] = s->shape[0];
+    shape[1] = s->ndim == 2 ? s->shape[1] : 0;
+    return CEPE_OK;
+}
+
+/* ------------------------------------------------------------------ create */
+
+static cepe_status check_config(const cepe_train_config *c) {
+    if (!(c->lr >= 0.0 && isfinite(c->lr))) return cepe_fail(CEPE_ERR_INVALID_ARG, "lr must be finite and >= 0");
+    if (!(c->weight_decay >= 0.0 && isfinite(c->weight_decay)))
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "weight_decay must be finite and >= 0");
+    if (!(c->warmup_ratio >= 0.0 && c->warmup_ratio <= 1.0))
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "warmup_ratio must be in [0, 1], got %g", c->warmup_ratio);
+    if (c->total_steps < 1) return cepe_fail(CEPE_ERR_INVALID_ARG, "total_steps must be >= 1, got %ld", c->total_steps);
+    if (!(c->adam.beta1 >= 0.0 && c->adam.beta1 < 1.0 && c->adam.beta2 >= 0.0 && c->adam.beta2 < 1.0))
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "betas must be in [0, 1), got (%g, %g)", c->adam.beta1, c->adam.beta2);
+    if (!(c->adam.eps > 0.0)) return cepe_fail(CEPE_ERR_INVALID_ARG, "eps must be > 0, got %g", c->adam.eps);
+    if (isnan(c->clip)) return cepe_fail(CEPE_ERR_INVALID_ARG, "clip must be a number");
+    if (!(isfinite(c->lm_loss_cof) && isfinite(c->kl_loss_cof)))
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "lm_loss_cof and kl_loss_cof must be finite");
+    if (c->kl_mode != 0 && c->kl_mode != 1)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "kl_mode must be 0 (smooth) or 1 (drop), got %d", c->kl_mode);
+    if (!(c->kl_delta >= 0.0 && isfinite(c->kl_delta)))
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "the smoothing delta must be finite and >= 0, got %g", c->kl_delta);
+    if (c->logit_floats < 0)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "logit_floats must be >= 0 (0 = default), got %ld", c->logit_floats);
+    return CEPE_OK;
+}
+
+cepe_status cepe_train_create(const cepe_model *m, const cepe_train_config *c, float *params, float *adam_m,
+                              float *adam_v, long step, cepe_train **out) {
+    if (!m || !c || !params || !adam_m || !adam_v || !out)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_train_create: NULL argument");
+    *out = NULL;
+    if (!m->finalized) return cepe_fail(CEPE_ERR_STATE, "the model has unbound weights (call finalize)");
+    if (step < 0) return cepe_fail(CEPE_ERR_INVALID_ARG, "step must be >= 0, got %ld", step);
+    cepe_status st = check_which(m, c->trainable);
+    if (st || (st = check_config(c))) return st;
+
+    cepe_train *t = cepe_calloc(1, sizeof *t);
+    if (!t) return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory creating the training state");
+    t->m = m;
+    t->cfg = *c;
+    t->n_threads = m->n_threads;
+    t->params = params;
+    t->adam_m = adam_m;
+    t->adam_v = adam_v;
+    t->step = step;
+    t->n_tensors = build_layout(m, c->trainable, NULL, &t->n_params);
+    t->tensors = cepe_calloc((size_t)(t->n_tensors > 0 ? t->n_tensors : 1), sizeof *t->tensors);
+    t->grads = cepe_calloc(t->n_params ? t->n_params : 1, sizeof(float));
+    t->dec = cepe_calloc((size_t)m->cfg.n_layers, sizeof *t->dec);
+    t->enc = cepe_calloc(m->has_encoder ? (size_t)m->enc_cfg.n_layers : 1, sizeof *t->enc);
+    if (!t->tensors || !t->grads || !t->dec || !t->enc) {
+        st = cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory for %zu gradients", t->n_params);
+        goto fail;
+    }
+    build_layout(m, c->trainable, t->tensors, &t->n_params);
+
+    /* The gradient views: a second model over the same config, binding each
+     * trainable name to its slice of the gradient buffer. */
+    if ((st = cepe_model_create(&m->cfg, m->has_encoder ? &m->enc_cfg : NULL, 1, &t->gm))) goto fail;
+    for (int i = 0; i < t->n_tensors; i++) {
+        const train_tensor *tt = &t->tensors[i];
+        const weight_slot *s = &m->slots[tt->slot];
+        if (*s->dst != params + tt->offset) {
+            st = cepe_fail(CEPE_ERR_INVALID_ARG,
+                           "trainable tensor %s is not bound to the params buffer at offset %zu (bind the model's "
+                           "trainable weights to views of params)",
+                           s->name, tt->offset);
+            goto fail;
+        }
+        if ((st = cepe_model_bind(t->gm, s->name, t->grads + tt->offset, s->ndim, s->shape))) goto fail;
+    }
+    if (m->cfg.tie_word_embeddings) t->gm->w.lm_head = t->gm->w.embed; /* both uses feed one gradient */
+    /* Does anything in the decoder proper train (then the backward runs down
+     * to the embedding), or only cross-attention (it stops at the first
+     * cross-attention layer: nothing below it has a trainable weight)? */
+    t->train_decoder = c->trainable == CEPE_TRAIN_ALL;
+    t->train_encoder = m->has_encoder && c->trainable != CEPE_TRAIN_CROSS_ATTN;
+    *out = t;
+    return CEPE_OK;
+fail:
+    cepe_train_free(t);
+    return st;
+}
+
+void cepe_train_free(cepe_train *t) {
+    if (!t) return;
+    cepe_model_free(t->gm);
+    cepe_free(t->tensors);
+    cepe_free(t->grads);
+    cepe_free(t->dec);
+    cepe_free(t->enc);
+    cepe_free(t->arena);
+    cepe_free(t);
+}
+
+void cepe_train_zero_grad(cepe_train *t) {
+    if (t) memset(t->grads, 0, sizeof(float) * t->n_params);
+}
+
+const float *cepe_train_grads(const cepe_train *t) { return t ? t->grads : NULL; }
+long cepe_train_steps(const cepe_train *t) { return t ? t->step : 0; }
+void cepe_train_set_steps(cepe_train *t, long step) {
+    if (t && step >= 0) t->step = step;
+}
+
+/* ------------------------------------------------------------------ update */
+
+cepe_status cepe_train_update(cepe_train *t, cepe_train_stats *out) {
+    if (!t) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_train_update: NULL state");
+    const cepe_train_config *c = &t->cfg;
+    const double lr = cepe_lr_at(c->lr, t->step, cepe_warmup_steps(c->warmup_ratio, c->total_steps), c->total_steps);
+    const double norm = cepe_clip_grad_norm(t->grads, t->n_params, c->clip, t->n_threads);
+    if (!isfinite(norm))
+        return cepe_fail(CEPE_ERR_STATE, "the gradient norm is %g: no update made (step %ld)", norm, t->step);
+    for (int i = 0; i < t->n_tensors; i++) {
+        const train_tensor *tt = &t->tensors[i];
+        cepe_adamw_update(t->params + tt->offset, t->grads + tt->offset, t->adam_m + tt->offset,
+                          t->adam_v + tt->offset, tt->n, lr, &c->adam, tt->decay ? c->weight_decay : 0.0,
+                          t->step + 1, t->n_threads);
+    }
+    t->step++;
+    if (out) {
+        out->grad_norm = norm;
+        out->lr = lr;
+    }
+    return CEPE_OK;
+}

@@ -1,0 +1,70 @@
+/* step.c — cepe_train_forward_backward: checks a micro-batch completely
+ * before anything is computed (a bad batch must leave the accumulated
+ * gradients untouched), then runs forward.c and backward.c. */
+#include <limits.h>
+#include <math.h>
+
+#include "../common.h"
+#include "../ops/ops_backward.h"
+#include "train.h"
+
+static cepe_status check_ids(const int32_t *ids, long n, int V, const char *what, int allow_ignore) {
+    for (long i = 0; i < n; i++)
+        if ((ids[i] < 0 || ids[i] >= V) && !(allow_ignore && ids[i] == CEPE_IGNORE_INDEX))
+            return cepe_fail(CEPE_ERR_INVALID_ARG, "%s holds %d at flat index %ld, outside [0, %d)", what, ids[i], i, V);
+    return CEPE_OK;
+}
+
+static cepe_status check_batch(const cepe_train *t, const cepe_train_batch *b) {
+    const cepe_model *m = t->m;
+    const long V = m->cfg.vocab_size;
+    if (!b->input_ids) return cepe_fail(CEPE_ERR_INVALID_ARG, "the batch has no input_ids");
+    if (b->B < 1 || b->T < 1) return cepe_fail(CEPE_ERR_INVALID_ARG, "input_ids must be (B, T) with B, T >= 1");
+    /* every row count and rows x width product the ops index with int/long */
+    const long N = (long)b->B * b->T;
+    if (N > INT_MAX / 4 || N * (long)m->cfg.hidden_size > LONG_MAX / 8)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "the batch of %d x %d tokens is too large", b->B, b->T);
+    cepe_status st = check_ids(b->input_ids, N, (int)V, "input_ids", 0);
+    if (st || (b->labels && (st = check_ids(b->labels, N, (int)V, "labels", 1)))) return st;
+    if (b->positions)
+        for (long i = 0; i < N; i++)
+            if (!(b->positions[i] >= 0.0 && b->positions[i] < 1e15))
+                return cepe_fail(CEPE_ERR_INVALID_ARG, "positions must be finite and >= 0 (flat index %ld: %g)", i,
+                                 b->positions[i]);
+    if (b->n_ctx < 0) return cepe_fail(CEPE_ERR_INVALID_ARG, "n_ctx must be >= 0, got %d", b->n_ctx);
+    if (b->n_ctx > 0) {
+        if (!m->has_encoder || m->cfg.n_cross_layers == 0)
+            return cepe_fail(CEPE_ERR_INVALID_ARG, "encoder_input_ids given, but this model has no CEPE encoder");
+        if (b->L < 1 || !b->encoder_input_ids)
+            return cepe_fail(CEPE_ERR_INVALID_ARG, "encoder_input_ids must be (B, n_ctx, L) with L >= 1");
+        const long Ne = N / b->T * (long)b->n_ctx * b->L;
+        if ((long)b->n_ctx * b->L > INT_MAX / 4 || Ne > INT_MAX / 4)
+            return cepe_fail(CEPE_ERR_INVALID_ARG, "the context of %d x %d tokens per row is too large", b->n_ctx,
+                             b->L);
+        if ((st = check_ids(b->encoder_input_ids, Ne, m->enc_cfg.vocab_size, "encoder_input_ids", 0))) return st;
+    }
+    if (b->T_kl < 0 || b->T_kl > b->T)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "the distillation tables cover %d positions, outside [0, T = %d]",
+                         b->T_kl, b->T);
+    if (b->T_kl > 0) {
+        if (b->K < 1 || !b->distill_prob || !b->distill_index)
+            return cepe_fail(CEPE_ERR_INVALID_ARG, "distill_prob (B, T, K+1) and distill_index (B, T, K) need K >= 1");
+        if ((st = check_ids(b->distill_index, (long)b->B * b->T_kl * b->K, (int)V, "distill_index", 0))) return st;
+    }
+    return CEPE_OK;
+}
+
+cepe_status cepe_train_forward_backward(cepe_train *t, const cepe_train_batch *b, double grad_scale,
+                                        cepe_train_stats *out) {
+    if (!t || !b) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_train_forward_backward: NULL argument");
+    if (!isfinite(grad_scale)) return cepe_fail(CEPE_ERR_INVALID_ARG, "grad_scale must be finite");
+    cepe_status st = check_batch(t, b);
+    if (st || (st = train_forward(t, b))) return st;
+    cepe_train_stats stats = {0};
+    if ((st = train_backward(t, b, grad_scale, &stats))) return st;
+    if (out) {
+        out->loss = stats.loss, out->lm_loss = stats.lm_loss, out->kl_loss = stats.kl_loss;
+        out->tokens = stats.tokens;
+    }
+    return CEPE_OK;
+}
