@@ -15,6 +15,7 @@ from .errors import ConfigError
 from .rope import RopeSettings, parse_rope
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+MAX_LAYERS = 4096  # no real model is near this; a corrupt file claiming millions must not allocate for them
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,8 @@ def parse_config(cfg: Any, rope_scaling: dict[str, Any] | None = None) -> Decode
             raise NotImplementedError(f"config.json: {key}=true is not supported (LLaMA has no biases)")
 
     hidden = _int(cfg, "hidden_size")
+    if _int(cfg, "num_hidden_layers") > MAX_LAYERS:  # before anything is sized by it
+        raise ConfigError(f"config.json: 'num_hidden_layers' {cfg['num_hidden_layers']} is larger than {MAX_LAYERS}")
     heads = _int(cfg, "num_attention_heads")
     kv_heads = _int(cfg, "num_key_value_heads", heads)
     if heads % kv_heads:

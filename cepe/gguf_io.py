@@ -531,6 +531,11 @@ def load_gguf(
                 f"(supported: {', '.join(SUPPORTED_TYPES)})"
             )
         bind.append((name, target))
+    blocks = {int(n.split(".")[1]) for n in gf.tensors if n.startswith("blk.") and n.split(".")[1].isdigit()}
+    if len(blocks) != cfg.num_hidden_layers or (blocks and max(blocks) != cfg.num_hidden_layers - 1):
+        raise CheckpointError(
+            f"{path}: block_count is {cfg.num_hidden_layers} but the file holds tensors for {len(blocks)} blocks"
+        )
     core = cepe_c.Model(cfg.core_kwargs(), None, n_threads=n_threads)
     # NumPy releases the GIL in the dequantizing loops: a few tensors at a time.
     with ThreadPoolExecutor(max_workers=max(1, min(n_threads, 4))) as pool:

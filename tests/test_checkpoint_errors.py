@@ -177,6 +177,7 @@ def test_permission_denied(copy_of):
         (lambda c: c.pop("hidden_size"), ConfigError, "missing required key 'hidden_size'"),
         (lambda c: c.update(hidden_size="48"), ConfigError, "'hidden_size' must be an integer, got '48'"),
         (lambda c: c.update(num_hidden_layers=0), ConfigError, "'num_hidden_layers' must be >= 1, got 0"),
+        (lambda c: c.update(num_hidden_layers=3_866_860), ConfigError, "'num_hidden_layers' 3866860 is larger than"),
         (
             lambda c: c.update(num_key_value_heads=3),
             ConfigError,
