@@ -318,6 +318,10 @@ class Tokenizer:
             raise CheckpointError(f"{where}: bad tokenizer metadata ({exc!r})") from None
         except ValueError as exc:
             raise CheckpointError(f"{where}: {exc}") from None
+        except NotImplementedError:
+            raise
+        except Exception as exc:  # the tokenizers library raises bare Exception on inconsistent vocabularies
+            raise CheckpointError(f"{where}: bad tokenizer metadata ({exc})") from None
 
     @classmethod
     def _from_metadata(cls, meta: dict[str, Any]) -> Tokenizer:
