@@ -52,6 +52,7 @@ SEED = 1234
 CHUNK = 256  # encoder chunk length (ctx_len of every CEPE config)
 EVAL_WINDOW = 256  # perplexity on the last 256 tokens (spec §7.1)
 PAUSE_S = 1.0  # between child processes, so thread pools go idle
+CONTENDED = 0.25  # other_load (CPUs other processes kept busy on average) above which a run is retried
 KB = 1024
 
 DECODER = dict(  # SmolLM2-135M's shape
@@ -427,6 +428,37 @@ def run_child(
     return res
 
 
+def is_ok(r: dict) -> bool:
+    return not (r.get("timed_out") or r.get("failed") or r.get("skipped"))
+
+
+def contention(r: dict) -> float:
+    return (r.get("other_load") or {}).get("other_load", 0.0)
+
+
+def reusable_runs(path: str | None, args: argparse.Namespace, dec: dict, enc: dict) -> dict:
+    """(engine, length, kv mode) -> run, for the runs of an earlier result JSON of the same setup that a fresh
+    run would keep: uncontended ones, and contended ones too long to retry (> retry_max_s)."""
+    if not path:
+        return {}
+    with open(path) as f:
+        old = json.load(f)
+    same = (
+        old.get("threads") == args.threads
+        and old.get("decoder_window") == args.window
+        and old.get("model", {}).get("decoder") == dec
+        and old.get("model", {}).get("encoder") == enc
+    )
+    if not same:
+        sys.exit(f"--resume {path}: a different setup (threads, window or model); not reusing it")
+    out = {}
+    for r in old.get("runs", []):
+        # as a fresh run would be: contended runs longer than retry_max_s are kept, not repeated
+        if is_ok(r) and (contention(r) <= CONTENDED or r["time_s"] > args.retry_max_s):
+            out[(r["engine"], r["length"], r.get("kv_mode_requested") or "auto")] = r
+    return out
+
+
 def loglog_exponent(lengths: list[int], times: list[float]) -> float | None:
     if len(lengths) < 2:
         return None
@@ -442,8 +474,39 @@ def local_exponents(rows: list[dict]) -> dict:
     return out
 
 
+def full_attention_model(full: list[dict]) -> dict | None:
+    """Least-squares fits of the measured full-attention runs: time = a*L + b*L^2 (linear layers + quadratic
+    attention; a power law through the two largest lengths if b < 0), memory above weights = c + d*L (KV cache)."""
+    if len(full) < 2:
+        return None
+    L = np.asarray([r["length"] for r in full], float)
+    t = np.asarray([r["time_s"] for r in full], float)
+    a, b = np.linalg.lstsq(np.stack([L, L * L], axis=1), t, rcond=None)[0]
+    if b > 0 and a > 0:
+        how_t = f"time = {a * 1e3:.3g} ms*L + {b * 1e6:.3g} us*L^2/1000 (least squares over {len(full)} lengths)"
+
+        def time_of(n: float) -> float:
+            return float(a * n + b * n * n)
+    else:
+        k = math.log(t[-1] / t[-2]) / math.log(L[-1] / L[-2])
+        how_t = f"time = t({int(L[-1])}) * (L/{int(L[-1])})^{k:.2f} (power law through the two largest lengths)"
+
+        def time_of(n: float) -> float:
+            return float(t[-1] * (n / L[-1]) ** k)
+
+    mem = np.asarray([r["peak_above_weights"] for r in full[-2:]], float)
+    d = (mem[1] - mem[0]) / (L[-1] - L[-2])
+    c = mem[1] - d * L[-1]
+    how_m = f"memory above weights = {c / 2**20:.0f} MiB + {d / KB:.1f} KiB*L (line through the two largest lengths)"
+    return {
+        "time": time_of,
+        "mem": lambda n: float(c + d * n),
+        "how": f"{how_t}; {how_m}",
+    }
+
+
 def summarize(results: list[dict], args: argparse.Namespace) -> dict:
-    ok = [r for r in results if not r.get("timed_out") and not r.get("failed")]
+    ok = [r for r in results if not r.get("timed_out") and not r.get("failed") and not r.get("skipped")]
     cepe_auto = sorted(
         (r for r in ok if r["engine"] == "cepe" and r["kv_mode_requested"] == "auto"), key=lambda r: r["length"]
     )
@@ -466,23 +529,19 @@ def summarize(results: list[dict], args: argparse.Namespace) -> dict:
     }
     out["full_attention_scaling"] = {"local_exponents": local_exponents(full), "loglog_exponent_last_two": full_exp}
 
-    # full attention beyond what ran: extrapolated from the two largest completed lengths
+    # full attention beyond what ran: extrapolated (clearly labelled) from the measured lengths
     extrapolated = []
-    if len(full) >= 2:
-        last = full[-1]
-        for r in cepe_auto:
-            if r["length"] > last["length"] and r["length"] <= max(args.lengths):
-                t = last["time_s"] * (r["length"] / last["length"]) ** full_exp
-                above_ratio = (last["peak_above_weights"]) / max(last["length"], 1)
+    model = full_attention_model(full)
+    if model is not None:
+        for n in sorted({r["length"] for r in cepe_auto}):
+            if n > full[-1]["length"]:
                 extrapolated.append(
                     {
-                        "length": r["length"],
-                        "time_s": t,
-                        "tok_s": r["length"] / t,
-                        "peak_above_weights_linear_in_length": above_ratio * r["length"],
-                        "method": f"EXTRAPOLATED, not measured: time from {fmt_len(last['length'])} with the "
-                        f"log-log slope {full_exp:.2f} of the two largest measured lengths; memory "
-                        "proportional to length (KV cache)",
+                        "length": n,
+                        "time_s": model["time"](n),
+                        "tok_s": n / model["time"](n),
+                        "peak_above_weights": model["mem"](n),
+                        "method": "EXTRAPOLATED, not measured: " + model["how"],
                     }
                 )
     out["full_attention_extrapolated"] = extrapolated
@@ -497,10 +556,10 @@ def summarize(results: list[dict], args: argparse.Namespace) -> dict:
         f32 = next((e for e in extrapolated if e["length"] == ref), None)
         f32_src = "extrapolated"
     ratios: dict = {"length": ref, "full_attention_figures": f32_src if f32 else None}
-    met: dict = {}
+    met: dict = {"basis_of_ratio_targets": f"full attention at {fmt_len(ref)} {f32_src}" if f32 else None}
     if c32 and f32:
         ratios["throughput_cepe_over_full"] = c32["tok_s"] / f32["tok_s"]
-        f_above = f32.get("peak_above_weights", f32.get("peak_above_weights_linear_in_length"))
+        f_above = f32["peak_above_weights"]
         ratios["memory_above_weights_cepe_over_full"] = c32["peak_above_weights"] / f_above
         ratios["peak_rss_cepe_over_full"] = c32["peak_rss"] / f32["peak_rss"] if "peak_rss" in f32 else None
         ratios["cepe_cross_kv_mode"] = c32["cross_kv_mode"]
@@ -542,10 +601,11 @@ def write_plot(result: dict, path: str) -> str | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         log("matplotlib is not installed: no plot written")
         return None
-    rows = [r for r in result["runs"] if not r.get("timed_out") and not r.get("failed")]
+    rows = [r for r in result["runs"] if not r.get("timed_out") and not r.get("failed") and not r.get("skipped")]
     series = [
         (
             "CEPE (default cross-K/V mode)",
@@ -580,8 +640,7 @@ def write_plot(result: dict, path: str) -> str | None:
             ys = [r[key] / 2**20 if key != "tok_s" else r[key] for r in rs]
             ax.plot([r["length"] for r in rs], ys, style, color=color, label=label, ms=5)
         if extra:
-            k2 = "peak_above_weights_linear_in_length" if key != "tok_s" else "tok_s"
-            ys = [e[k2] / 2**20 if key != "tok_s" else e[k2] for e in extra]
+            ys = [e[key] / 2**20 if key != "tok_s" else e[key] for e in extra]
             ax.plot(
                 [e["length"] for e in extra],
                 ys,
@@ -592,6 +651,10 @@ def write_plot(result: dict, path: str) -> str | None:
             )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _pos: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="y", which="minor", labelsize=6)
         ax.set_xlabel("total tokens (CEPE: decoder window + encoder chunks)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
@@ -629,13 +692,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(default: the ratio length); 'none' for none",
     )
     p.add_argument("--ratio-length", type=int, default=None, help="length of the headline ratios (default 32768)")
-    p.add_argument("--cepe-timeout", type=float, default=900.0, help="seconds per CEPE run (default 900)")
-    p.add_argument("--full-timeout", type=float, default=600.0, help="seconds per full-attention run (default 600)")
+    p.add_argument("--cepe-timeout", type=float, default=1800.0, help="seconds per CEPE run (default 1800)")
+    p.add_argument(
+        "--full-timeout",
+        type=float,
+        default=600.0,
+        help="seconds per full-attention run (default 600); a length predicted (from the shorter ones) to take "
+        "longer is not run but extrapolated",
+    )
     p.add_argument(
         "--wait-idle",
         type=float,
         default=120.0,
         help="before each run, wait up to this many seconds for other processes to go idle (default 120)",
+    )
+    p.add_argument(
+        "--retry-max-s",
+        type=float,
+        default=400.0,
+        help=f"a run during which other processes kept > {CONTENDED} CPUs busy is run once more (the faster kept) "
+        "if it took at most this many seconds (default 400)",
+    )
+    p.add_argument(
+        "--resume",
+        default=None,
+        help="an earlier result JSON of the same setup: its runs are reused, except contended ones that took "
+        "<= --retry-max-s (those run again), failed and skipped ones",
     )
     p.add_argument("--model-dir", default=None, help="where to write or reuse the model (default: temp dir)")
     p.add_argument(
@@ -694,15 +776,45 @@ def main(argv: list[str] | None = None) -> int:
         scratch = os.path.join(tmp, "scratch")
         os.makedirs(scratch)
         n_params = ensure_model(model_dir, dec, enc)
+        reuse = reusable_runs(args.resume, args, dec, enc)
+
+        def measure(engine: str, n: int, kv_mode: str, timeout: float) -> dict:
+            if (engine, n, kv_mode) in reuse:
+                log(f"{engine} at {fmt_len(n)} ({kv_mode}): reusing the run in {args.resume}")
+                return {**reuse[(engine, n, kv_mode)], "reused_from": args.resume}
+            r = run_child(engine, n, args, model_dir, scratch, kv_mode, timeout)
+            if is_ok(r) and contention(r) > CONTENDED and r["time_s"] <= args.retry_max_s:
+                log(f"{engine} at {fmt_len(n)} was contended ({contention(r):.2f} CPUs): running it again")
+                r2 = run_child(engine, n, args, model_dir, scratch, kv_mode, timeout)
+                attempts = [{"time_s": x.get("time_s"), "other_load": contention(x)} for x in (r, r2)]
+                if is_ok(r2) and r2["time_s"] < r["time_s"]:
+                    r = r2
+                r["attempts"] = attempts
+            return r
+
         full_stopped = False
+        full_done: list[dict] = []
         for n in args.lengths:
-            results.append(run_child("cepe", n, args, model_dir, scratch, "auto", args.cepe_timeout))
+            results.append(measure("cepe", n, "auto", args.cepe_timeout))
             if n in args.both_modes_at and not results[-1].get("timed_out") and not results[-1].get("failed"):
                 other = "recompute" if results[-1]["cross_kv_mode"] == "keep" else "keep"
-                results.append(run_child("cepe", n, args, model_dir, scratch, other, args.cepe_timeout))
+                results.append(measure("cepe", n, other, args.cepe_timeout))
             if n <= args.baseline_max and not full_stopped:
-                results.append(run_child("full", n, args, model_dir, scratch, "auto", args.full_timeout))
+                model = full_attention_model(full_done)
+                if model is not None and model["time"](n) > args.full_timeout:
+                    log(
+                        f"full attention at {fmt_len(n)}: predicted {model['time'](n):.0f} s > --full-timeout "
+                        f"{args.full_timeout:.0f} s; not run (extrapolated instead)"
+                    )
+                    results.append(
+                        {"engine": "full", "length": n, "skipped": True, "predicted_time_s": model["time"](n)}
+                    )
+                    full_stopped = True
+                    continue
+                results.append(measure("full", n, "auto", args.full_timeout))
                 full_stopped = bool(results[-1].get("timed_out") or results[-1].get("failed"))
+                if not full_stopped:
+                    full_done.append(results[-1])
 
     versions = {"git": git_state(), "python": platform.python_version(), "numpy": np.__version__}
     for r in results:
@@ -729,6 +841,12 @@ def main(argv: list[str] | None = None) -> int:
             "full": f"m.perplexity(ids, eval_window={EVAL_WINDOW}): the same decoder, all tokens in its window",
             "isolation": "one fresh child process per (engine, length, cross-K/V mode), one after another "
             f"with {PAUSE_S:g} s pauses; model loaded, one small warm-up call, then one timed call",
+            "contention": f"a run during which other processes kept > {CONTENDED} CPUs busy on average "
+            "(other_load, from /proc/stat) is run once more if it took <= retry_max_s, the faster kept "
+            "(attempts lists both); with --resume, the runs of an earlier result are reused (reused_from) "
+            "except contended ones short enough to retry",
+            "full_attention_skip": "a full-attention length whose time, predicted from the shorter measured "
+            "ones (time = a*L + b*L^2), exceeds full_timeout is not run; it and longer lengths are extrapolated",
             "tok_s": "total tokens (decoder + context) / wall time of the perplexity call",
             "peak_rss": "VmHWM of the child (weights, memory-mapped, included)",
             "peak_above_weights": "VmHWM reset after the warm-up (/proc/self/clear_refs 5), minus VmRSS after "
@@ -743,6 +861,9 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions,
         "env": {k: v for k, v in os.environ.items() if k.startswith(("OPENBLAS_", "OMP_", "MKL_", "GOMP_"))},
         "total_wall_s": round(time.perf_counter() - t_start, 1),
+        "resumed_from": args.resume,
+        "full_timeout_s": args.full_timeout,
+        "retry_max_s": args.retry_max_s,
     }
     result["summary"] = summarize(results, args)
     os.makedirs(args.out, exist_ok=True)
