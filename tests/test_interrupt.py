@@ -25,7 +25,7 @@ def _send_sigint_after(seconds: float) -> threading.Timer:
 @pytest.mark.parametrize("call", ["forward", "generate"])
 def test_ctrl_c_interrupts_a_long_call(tiny, call):
     model = cepe.load(tiny[0], n_threads=1)
-    ids = random_ids(np.random.default_rng(0), (1, 6000 if call == "forward" else 8))
+    ids = random_ids(np.random.default_rng(0), (1, 12000 if call == "forward" else 8))
     run = {
         "forward": lambda: model.forward(ids, logits="last"),
         "generate": lambda: model.generate(ids, 5000, eos_token_id=[]),
