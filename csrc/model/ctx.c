@@ -34,7 +34,7 @@ cepe_status cepe_ctx_create(const cepe_model *m, int batch, int capacity, cepe_c
                                        kvd * sizeof(float));
     if (cache == SIZE_MAX) goto oom;
 #define ALLOC(field, count, type)                                        \
-    x->field = be->alloc(cepe_mul_size((size_t)(count), sizeof(type))); \
+    x->field = be->alloc(be, cepe_mul_size((size_t)(count), sizeof(type))); \
     if (!x->field) goto oom
     ALLOC(k_cache, cache / sizeof(float), float);
     ALLOC(v_cache, cache / sizeof(float), float);
@@ -72,12 +72,12 @@ oom:
 
 void cepe_ctx_free(cepe_ctx *x) {
     if (!x) return;
-    void (*f)(void *) = x->m->be->free;
+    const cepe_backend *be = x->m->be;
     void *bufs[] = {x->inv_freq, x->saved_pos, x->k_cache, x->v_cache, x->valid, x->next_pos, x->ids, x->pos, x->cos_t,
                     x->sin_t, x->x, x->xn, x->q, x->k, x->v, x->att, x->gate, x->up,
                     x->last_hidden, x->last_logits, x->probs, x->cand, x->finished, x->step_ids,
                     x->ctx_mask, x->cross_k, x->cross_v};
-    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) f(bufs[i]);
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) be->free(be, bufs[i]);
     cepe_free(x);
 }
 
@@ -95,8 +95,8 @@ void cepe_ctx_reset(cepe_ctx *x) {
 }
 
 static void drop_context(cepe_ctx *x) {
-    void (*f)(void *) = x->m->be->free;
-    f(x->ctx_mask), f(x->cross_k), f(x->cross_v);
+    const cepe_backend *be = x->m->be;
+    be->free(be, x->ctx_mask), be->free(be, x->cross_k), be->free(be, x->cross_v);
     x->ctx_mask = NULL, x->cross_k = NULL, x->cross_v = NULL;
     x->ctx_states = NULL;
     x->ctx_N = 0;
@@ -118,9 +118,9 @@ cepe_status cepe_ctx_set_context(cepe_ctx *x, const float *states, const uint8_t
     if (rows > INT32_MAX)
         return cepe_fail(CEPE_ERR_INVALID_ARG, "context too large: %d rows x %d tokens", x->B, N);
     const size_t layers = keep_kv ? (size_t)c->n_cross_layers : 1;
-    x->ctx_mask = be->alloc(rows);
-    x->cross_k = be->alloc(cepe_mul_size(cepe_mul_size(layers, rows), kvd * sizeof(float)));
-    x->cross_v = be->alloc(cepe_mul_size(cepe_mul_size(layers, rows), kvd * sizeof(float)));
+    x->ctx_mask = be->alloc(be, rows);
+    x->cross_k = be->alloc(be, cepe_mul_size(cepe_mul_size(layers, rows), kvd * sizeof(float)));
+    x->cross_v = be->alloc(be, cepe_mul_size(cepe_mul_size(layers, rows), kvd * sizeof(float)));
     if (!x->ctx_mask || !x->cross_k || !x->cross_v) {
         drop_context(x);
         return cepe_fail(CEPE_ERR_OUT_OF_MEMORY,
@@ -138,9 +138,9 @@ cepe_status cepe_ctx_set_context(cepe_ctx *x, const float *states, const uint8_t
         for (int l = m->first_cross; l < c->n_layers; l++) {
             const layer_weights *w = &m->w.layers[l];
             const size_t off = (size_t)(l - m->first_cross) * rows * kvd;
-            be->matmul(x->cross_k + off, states, w->cross_wk, (int)rows, c->encoder_hidden_size, (int)kvd, 0,
+            be->matmul(be, x->cross_k + off, states, w->cross_wk, (int)rows, c->encoder_hidden_size, (int)kvd, 0,
                        m->n_threads);
-            be->matmul(x->cross_v + off, states, w->cross_wv, (int)rows, c->encoder_hidden_size, (int)kvd, 0,
+            be->matmul(be, x->cross_v + off, states, w->cross_wv, (int)rows, c->encoder_hidden_size, (int)kvd, 0,
                        m->n_threads);
         }
         x->ctx_states = NULL; /* never read again: the caller may free them */

@@ -27,8 +27,8 @@ static void cross_attention(cepe_ctx *x, int l, int c, const block_scratch *s) {
         kc = x->cross_k + (long)(l - m->first_cross) * ctx_rows * kvd;
         vc = x->cross_v + (long)(l - m->first_cross) * ctx_rows * kvd;
     } else { /* memory-lean: project this layer's K/V now */
-        be->matmul(x->cross_k, x->ctx_states, w->cross_wk, (int)ctx_rows, cfg->encoder_hidden_size, kvd, 0, nt);
-        be->matmul(x->cross_v, x->ctx_states, w->cross_wv, (int)ctx_rows, cfg->encoder_hidden_size, kvd, 0, nt);
+        be->matmul(be, x->cross_k, x->ctx_states, w->cross_wk, (int)ctx_rows, cfg->encoder_hidden_size, kvd, 0, nt);
+        be->matmul(be, x->cross_v, x->ctx_states, w->cross_wv, (int)ctx_rows, cfg->encoder_hidden_size, kvd, 0, nt);
         kc = x->cross_k;
         vc = x->cross_v;
     }
@@ -38,10 +38,10 @@ static void cross_attention(cepe_ctx *x, int l, int c, const block_scratch *s) {
         .kv_rstride = kvd, .kv_bstride = (long)x->ctx_N * kvd, .valid_bstride = x->ctx_N,
         .causal = 0, .q_offset = 0, .window = 0, .scale = 1.0f / sqrtf((float)hd),
     };
-    be->rmsnorm(s->xn, x->x, w->cross_norm, N, d, cfg->rms_norm_eps, nt);
-    be->matmul(s->q, s->xn, w->cross_wq, N, d, qd, 0, nt);
-    be->attention(s->att, s->q, kc, vc, x->ctx_mask, &shape, nt);
-    be->matmul(x->x, s->att, w->cross_wo, N, qd, d, 1, nt);
+    be->rmsnorm(be, s->xn, x->x, w->cross_norm, N, d, cfg->rms_norm_eps, nt);
+    be->matmul(be, s->q, s->xn, w->cross_wq, N, d, qd, 0, nt);
+    be->attention(be, s->att, s->q, kc, vc, x->ctx_mask, &shape, nt);
+    be->matmul(be, x->x, s->att, w->cross_wo, N, qd, d, 1, nt);
 }
 
 /* Runs layers over the c tokens per row already gathered into x->ids / x->pos
@@ -58,8 +58,8 @@ static cepe_status run_layers(cepe_ctx *x, int c) {
     const block_scratch s = {.xn = x->xn, .q = x->q, .k = x->k, .v = x->v, .att = x->att,
                              .gate = x->gate, .up = x->up, .cos_t = x->cos_t, .sin_t = x->sin_t};
 
-    be->embedding(x->x, x->ids, m->w.embed, N, d);
-    be->rope_table(x->cos_t, x->sin_t, x->pos, x->inv_freq, N, m->rope.half, x->rope_mscale);
+    be->embedding(be, x->x, x->ids, m->w.embed, N, d);
+    be->rope_table(be, x->cos_t, x->sin_t, x->pos, x->inv_freq, N, m->rope.half, x->rope_mscale);
     const attention_shape shape = {
         .B = B, .Tq = c, .Tk = x->len + c, .H = H, .KVH = KVH, .hd = hd,
         .q_rstride = qd, .q_bstride = (long)c * qd,
@@ -79,8 +79,8 @@ static cepe_status run_layers(cepe_ctx *x, int c) {
             memcpy(kc + ((long)b * x->cap + x->len) * kvd, x->k + (long)b * c * kvd, bytes);
             memcpy(vc + ((long)b * x->cap + x->len) * kvd, x->v + (long)b * c * kvd, bytes);
         }
-        be->attention(x->att, x->q, kc, vc, x->valid, &shape, nt);
-        be->matmul(x->x, x->att, w->wo, N, qd, d, 1, nt); /* x += o_proj(att) */
+        be->attention(be, x->att, x->q, kc, vc, x->valid, &shape, nt);
+        be->matmul(be, x->x, x->att, w->wo, N, qd, d, 1, nt); /* x += o_proj(att) */
 
         /* CEPE: between self-attention and the MLP; skipped without context */
         if (l >= m->first_cross && x->ctx_N > 0) cross_attention(x, l, c, &s);
@@ -88,7 +88,7 @@ static cepe_status run_layers(cepe_ctx *x, int c) {
         block_mlp(be, w, cfg, x->x, &s, N, nt);
         if (interrupted(x)) return cepe_fail(CEPE_ERR_INTERRUPTED, "interrupted");
     }
-    be->rmsnorm(x->xn, x->x, m->w.final_norm, N, d, cfg->rms_norm_eps, nt);
+    be->rmsnorm(be, x->xn, x->x, m->w.final_norm, N, d, cfg->rms_norm_eps, nt);
     return CEPE_OK;
 }
 
@@ -180,7 +180,7 @@ cepe_status cepe_ctx_forward_continue(cepe_ctx *x, const int32_t *ids, const dou
         }
         if (mode == CEPE_LOGITS_ALL)
             for (int b = 0; b < B; b++)
-                m->be->matmul(logits + ((long)b * T + t0) * V, x->xn + (long)b * c * d, m->w.lm_head, c,
+                m->be->matmul(m->be, logits + ((long)b * T + t0) * V, x->xn + (long)b * c * d, m->w.lm_head, c,
                               d, V, 0, m->n_threads);
         x->len += c;
         if (t0 + c == T) { /* last chunk: keep each row's final hidden state and logits */
@@ -191,7 +191,7 @@ cepe_status cepe_ctx_forward_continue(cepe_ctx *x, const int32_t *ids, const dou
                     memcpy(x->last_logits + (long)b * V, logits + ((long)b * T + T - 1) * V,
                            sizeof(float) * V);
             else
-                m->be->matmul(x->last_logits, x->last_hidden, m->w.lm_head, B, d, V, 0, m->n_threads);
+                m->be->matmul(m->be, x->last_logits, x->last_hidden, m->w.lm_head, B, d, V, 0, m->n_threads);
             if (mode == CEPE_LOGITS_LAST) memcpy(logits, x->last_logits, sizeof(float) * (size_t)B * V);
             x->has_logits = 1;
         }

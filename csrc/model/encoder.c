@@ -34,17 +34,17 @@ cepe_status cepe_model_encode(const cepe_model *m, const int32_t *ids, const uin
     const size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
     const int half = m->enc_rope.half, nt = m->n_threads;
     cepe_status st = CEPE_OK;
-    float *x = be->alloc(cepe_mul_size(rows, d * sizeof(float)));
-    float *xn = be->alloc(cepe_mul_size(rows, d * sizeof(float)));
-    float *q = be->alloc(cepe_mul_size(rows, qd * sizeof(float)));
-    float *att = be->alloc(cepe_mul_size(rows, qd * sizeof(float)));
-    float *k = be->alloc(cepe_mul_size(rows, kvd * sizeof(float)));
-    float *v = be->alloc(cepe_mul_size(rows, kvd * sizeof(float)));
-    float *gate = be->alloc(cepe_mul_size(rows, ff * sizeof(float)));
-    float *up = be->alloc(cepe_mul_size(rows, ff * sizeof(float)));
-    float *cos_t = be->alloc(cepe_mul_size(rows, (size_t)half * sizeof(float)));
-    float *sin_t = be->alloc(cepe_mul_size(rows, (size_t)half * sizeof(float)));
-    double *pos = be->alloc(cepe_mul_size(rows, sizeof(double)));
+    float *x = be->alloc(be, cepe_mul_size(rows, d * sizeof(float)));
+    float *xn = be->alloc(be, cepe_mul_size(rows, d * sizeof(float)));
+    float *q = be->alloc(be, cepe_mul_size(rows, qd * sizeof(float)));
+    float *att = be->alloc(be, cepe_mul_size(rows, qd * sizeof(float)));
+    float *k = be->alloc(be, cepe_mul_size(rows, kvd * sizeof(float)));
+    float *v = be->alloc(be, cepe_mul_size(rows, kvd * sizeof(float)));
+    float *gate = be->alloc(be, cepe_mul_size(rows, ff * sizeof(float)));
+    float *up = be->alloc(be, cepe_mul_size(rows, ff * sizeof(float)));
+    float *cos_t = be->alloc(be, cepe_mul_size(rows, (size_t)half * sizeof(float)));
+    float *sin_t = be->alloc(be, cepe_mul_size(rows, (size_t)half * sizeof(float)));
+    double *pos = be->alloc(be, cepe_mul_size(rows, sizeof(double)));
     if (!x || !xn || !q || !att || !k || !v || !gate || !up || !cos_t || !sin_t || !pos) {
         st = cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory for encoder scratch (%zu rows)", rows);
         goto done;
@@ -53,7 +53,7 @@ cepe_status cepe_model_encode(const cepe_model *m, const int32_t *ids, const uin
     float inv_freq[CEPE_MAX_HEAD_DIM / 2], mscale;
     int cached = cepe_rope_original_len(&m->enc_rope.rc);
     if ((st = cepe_rope_for_call(&m->enc_rope, L, &cached, inv_freq, &mscale))) goto done;
-    be->rope_table(cos_t, sin_t, pos, inv_freq, (int)rows, half, mscale);
+    be->rope_table(be, cos_t, sin_t, pos, inv_freq, (int)rows, half, mscale);
     const block_scratch s = {.xn = xn, .q = q, .k = k, .v = v, .att = att, .gate = gate, .up = up,
                              .cos_t = cos_t, .sin_t = sin_t};
 
@@ -61,7 +61,7 @@ cepe_status cepe_model_encode(const cepe_model *m, const int32_t *ids, const uin
         const int nb = n_chunks - c0 < cb ? n_chunks - c0 : cb;
         const int N = nb * L;
         const long off = (long)c0 * L;
-        be->embedding(x, ids + off, m->enc.embed, N, (int)d);
+        be->embedding(be, x, ids + off, m->enc.embed, N, (int)d);
         const attention_shape shape = {
             .B = nb, .Tq = L, .Tk = L, .H = c->n_heads, .KVH = c->n_kv_heads, .hd = c->head_dim,
             .q_rstride = (long)qd, .q_bstride = (long)L * qd,
@@ -71,14 +71,14 @@ cepe_status cepe_model_encode(const cepe_model *m, const int32_t *ids, const uin
         for (int l = 0; l < c->n_layers; l++) {
             const layer_weights *w = &m->enc.layers[l];
             block_qkv(be, w, c, x, &s, N, &m->enc_rope, nt);
-            be->attention(att, q, k, v, mask ? mask + off : NULL, &shape, nt);
-            be->matmul(x, att, w->wo, N, (int)qd, (int)d, 1, nt);
+            be->attention(be, att, q, k, v, mask ? mask + off : NULL, &shape, nt);
+            be->matmul(be, x, att, w->wo, N, (int)qd, (int)d, 1, nt);
             block_mlp(be, w, c, x, &s, N, nt);
         }
-        be->rmsnorm(out + off * (long)d, x, m->enc.final_norm, N, (int)d, c->rms_norm_eps, nt);
+        be->rmsnorm(be, out + off * (long)d, x, m->enc.final_norm, N, (int)d, c->rms_norm_eps, nt);
     }
 done:
-    be->free(x), be->free(xn), be->free(q), be->free(att), be->free(k), be->free(v);
-    be->free(gate), be->free(up), be->free(cos_t), be->free(sin_t), be->free(pos);
+    be->free(be, x), be->free(be, xn), be->free(be, q), be->free(be, att), be->free(be, k), be->free(be, v);
+    be->free(be, gate), be->free(be, up), be->free(be, cos_t), be->free(be, sin_t), be->free(be, pos);
     return st;
 }

@@ -5,25 +5,29 @@
  * the per-element arithmetic in float in torch's order. */
 #include <math.h>
 
+#include "adamw_math.h"
 #include "train.h"
 
-double cepe_grad_norm(const float *g, size_t n, int n_threads) {
+void cepe_sumsq_chunks(double *partial, const float *g, size_t n, int n_threads) {
     const long n_chunks = (long)((n + CEPE_NORM_CHUNK - 1) / CEPE_NORM_CHUNK);
-    double total = 0.0;
+#pragma omp parallel for num_threads(n_threads) if (n_chunks > 1 && n > (size_t)1 << 17)
+    for (long c = 0; c < n_chunks; c++) {
+        const size_t lo = (size_t)c * CEPE_NORM_CHUNK;
+        const size_t hi = lo + CEPE_NORM_CHUNK < n ? lo + CEPE_NORM_CHUNK : n;
+        double s = 0.0;
+        for (size_t i = lo; i < hi; i++) s += (double)g[i] * (double)g[i];
+        partial[c] = s;
+    }
+}
+
+double cepe_grad_norm(const float *g, size_t n, int n_threads) {
     /* Chunk sums in double, then added in chunk order: the same bits for
      * any thread count (ordered reduction by hand, not OpenMP's). */
-    double partial[64];
-    for (long c0 = 0; c0 < n_chunks; c0 += 64) {
-        const long nc = n_chunks - c0 < 64 ? n_chunks - c0 : 64;
-#pragma omp parallel for num_threads(n_threads) if (nc > 1 && n > (size_t)1 << 17)
-        for (long c = 0; c < nc; c++) {
-            const size_t lo = (size_t)(c0 + c) * CEPE_NORM_CHUNK;
-            const size_t hi = lo + CEPE_NORM_CHUNK < n ? lo + CEPE_NORM_CHUNK : n;
-            double s = 0.0;
-            for (size_t i = lo; i < hi; i++) s += (double)g[i] * (double)g[i];
-            partial[c] = s;
-        }
-        for (long c = 0; c < nc; c++) total += partial[c];
+    double total = 0.0, partial[64];
+    for (size_t lo = 0; lo < n; lo += (size_t)64 * CEPE_NORM_CHUNK) {
+        const size_t len = n - lo < (size_t)64 * CEPE_NORM_CHUNK ? n - lo : (size_t)64 * CEPE_NORM_CHUNK;
+        cepe_sumsq_chunks(partial, g + lo, len, n_threads);
+        for (size_t c = 0; c < (len + CEPE_NORM_CHUNK - 1) / CEPE_NORM_CHUNK; c++) total += partial[c];
     }
     return sqrt(total);
 }
@@ -41,29 +45,30 @@ double cepe_clip_grad_norm(float *g, size_t n, double max_norm, int n_threads) {
     return norm;
 }
 
-void cepe_adamw_update(float *p, const float *g, float *m, float *v, size_t n, double lr,
-                       const cepe_adamw_config *h, double weight_decay, long t, int n_threads) {
+void cepe_adamw_scalars(double lr, const cepe_adamw_config *h, double weight_decay, long t, cepe_adamw_scalars_t *o) {
     /* torch: param.mul_(1 - lr * wd); exp_avg.lerp_(grad, 1 - beta1);
      * exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2);
      * denom = exp_avg_sq.sqrt() / sqrt(1 - beta2^t) + eps;
      * param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1^t)). */
-    const float decay = (float)(1.0 - lr * weight_decay);
-    const float w1 = (float)(1.0 - h->beta1);
-    const float b2 = (float)h->beta2, w2 = (float)(1.0 - h->beta2);
-    const float bc2_sqrt = (float)sqrt(1.0 - pow(h->beta2, (double)t));
-    const float neg_step = (float)(-lr / (1.0 - pow(h->beta1, (double)t)));
-    const float eps = (float)h->eps;
-    const int decays = weight_decay != 0.0;
+    o->decay = weight_decay != 0.0 ? (float)(1.0 - lr * weight_decay) : 1.0f;
+    o->w1 = (float)(1.0 - h->beta1);
+    o->b2 = (float)h->beta2;
+    o->w2 = (float)(1.0 - h->beta2);
+    o->bc2_sqrt = (float)sqrt(1.0 - pow(h->beta2, (double)t));
+    o->neg_step = (float)(-lr / (1.0 - pow(h->beta1, (double)t)));
+    o->eps = (float)h->eps;
+}
+
+void cepe_adamw_apply(float *p, const float *g, float *m, float *v, size_t n, const cepe_adamw_scalars_t *s,
+                      int n_threads) {
 #pragma omp parallel for simd num_threads(n_threads) if (n > (size_t)1 << 16)
-    for (size_t i = 0; i < n; i++) {
-        const float gi = g[i];
-        float pi = p[i];
-        if (decays) pi *= decay;
-        const float mi = m[i] + w1 * (gi - m[i]); /* lerp with weight < 0.5, as torch computes it */
-        const float vi = v[i] * b2 + w2 * (gi * gi);
-        const float denom = sqrtf(vi) / bc2_sqrt + eps;
-        m[i] = mi;
-        v[i] = vi;
-        p[i] = pi + neg_step * mi / denom; /* addcdiv: self + value * t1 / t2 */
-    }
+    for (size_t i = 0; i < n; i++)
+        cepe_adamw_elem(&p[i], g[i], &m[i], &v[i], s->decay, s->w1, s->b2, s->w2, s->bc2_sqrt, s->neg_step, s->eps);
+}
+
+void cepe_adamw_update(float *p, const float *g, float *m, float *v, size_t n, double lr,
+                       const cepe_adamw_config *h, double weight_decay, long t, int n_threads) {
+    cepe_adamw_scalars_t s;
+    cepe_adamw_scalars(lr, h, weight_decay, t, &s);
+    cepe_adamw_apply(p, g, m, v, n, &s, n_threads);
 }

@@ -23,8 +23,8 @@ static void mlp_backward(const cepe_train *t, const stack_scratch *s, const bloc
                          const layer_weights *g, const cepe_config *c, int N) {
     const cepe_backend *be = t->m->be;
     const int d = c->hidden_size, ff = c->intermediate_size, nt = t->n_threads;
-    be->rmsnorm(s->xn, a->x_post, w->ffn_norm, N, d, c->rms_norm_eps, nt); /* recomputed, not kept */
-    be->swiglu(s->h, a->gate, a->up, (long)N * ff, nt);
+    be->rmsnorm(be, s->xn, a->x_post, w->ffn_norm, N, d, c->rms_norm_eps, nt); /* recomputed, not kept */
+    be->swiglu(be, s->h, a->gate, a->up, (long)N * ff, nt);
     matmul_backward(s->dh, G(g->w_down), s->dx, s->h, w->w_down, N, ff, d, 0, nt);
     memset(s->dgate, 0, sizeof(float) * (size_t)N * ff);
     memset(s->dup, 0, sizeof(float) * (size_t)N * ff);
@@ -51,7 +51,7 @@ static void self_attn_backward(const cepe_train *t, const stack_scratch *s, cons
     attention_backward(s->dq, s->dk, s->dv, s->datt, a->q, a->k, a->v, a->att, a->lse, valid, shape, nt);
     rope_backward(s->dq, cos_t, sin_t, N, c->n_heads, hd, rope->half, il);
     rope_backward(s->dk, cos_t, sin_t, N, c->n_kv_heads, hd, rope->half, il);
-    be->rmsnorm(s->xn, a->x_in, w->attn_norm, N, d, c->rms_norm_eps, nt);
+    be->rmsnorm(be, s->xn, a->x_in, w->attn_norm, N, d, c->rms_norm_eps, nt);
     matmul_backward(s->dxn, G(g->wq), s->dq, s->xn, w->wq, N, d, qd, 0, nt);
     matmul_backward(s->dxn, G(g->wk), s->dk, s->xn, w->wk, N, d, kvd, 1, nt);
     matmul_backward(s->dxn, G(g->wv), s->dv, s->xn, w->wv, N, d, kvd, 1, nt);
@@ -73,7 +73,7 @@ static void cross_attn_backward(cepe_train *t, const block_acts *a, const layer_
     memset(t->dkc, 0, sizeof(float) * (size_t)Ne * kvd);
     memset(t->dvc, 0, sizeof(float) * (size_t)Ne * kvd);
     attention_backward(s->dq, t->dkc, t->dvc, s->datt, a->qc, a->kc, a->vc, a->attc, a->lsec, t->ctx_mask, shape, nt);
-    m->be->rmsnorm(s->xn, a->x_mid, w->cross_norm, N, d, c->rms_norm_eps, nt);
+    m->be->rmsnorm(m->be, s->xn, a->x_mid, w->cross_norm, N, d, c->rms_norm_eps, nt);
     matmul_backward(s->dxn, G(g->cross_wq), s->dq, s->xn, w->cross_wq, N, d, qd, 0, nt);
     rmsnorm_backward(s->dx, G(g->cross_norm), s->dxn, a->x_mid, w->cross_norm, N, d, c->rms_norm_eps);
     float *dE = t->train_encoder ? t->dE : NULL; /* frozen encoder: its output is detached */
@@ -125,7 +125,7 @@ static void losses_and_head_backward(cepe_train *t, const cepe_train_batch *b, d
             const int nr = T - p0 < R ? T - p0 : R;
             const long row0 = (long)r * T + p0;
             const float *xnf = t->xnf + row0 * d;
-            m->be->matmul(t->logits, xnf, m->w.lm_head, nr, d, V, 0, nt);
+            m->be->matmul(m->be, t->logits, xnf, m->w.lm_head, nr, d, V, 0, nt);
             if (grad) memset(t->dlogits, 0, sizeof(float) * (size_t)nr * V);
             float *dl = grad ? t->dlogits : NULL;
             cross_entropy_forward_backward(t->losses + row0, dl, t->logits, t->targets + row0, nr, V, lm_scale);

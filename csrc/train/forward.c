@@ -123,11 +123,11 @@ static cepe_status ensure_arena(cepe_train *t, const cepe_train_batch *b) {
 static void mlp_forward(const cepe_backend *be, const layer_weights *w, const cepe_config *c, float *x, float *xn,
                         float *gate, float *up, float *h, int N, int nt) {
     const int d = c->hidden_size, ff = c->intermediate_size;
-    be->rmsnorm(xn, x, w->ffn_norm, N, d, c->rms_norm_eps, nt);
-    be->matmul(gate, xn, w->w_gate, N, d, ff, 0, nt);
-    be->matmul(up, xn, w->w_up, N, d, ff, 0, nt);
-    be->swiglu(h, gate, up, (long)N * ff, nt);
-    be->matmul(x, h, w->w_down, N, ff, d, 1, nt); /* x += down(silu(gate) * up) */
+    be->rmsnorm(be, xn, x, w->ffn_norm, N, d, c->rms_norm_eps, nt);
+    be->matmul(be, gate, xn, w->w_gate, N, d, ff, 0, nt);
+    be->matmul(be, up, xn, w->w_up, N, d, ff, 0, nt);
+    be->swiglu(be, h, gate, up, (long)N * ff, nt);
+    be->matmul(be, x, h, w->w_down, N, ff, d, 1, nt); /* x += down(silu(gate) * up) */
 }
 
 static cepe_status encoder_forward(cepe_train *t, const cepe_train_batch *b) {
@@ -146,14 +146,14 @@ static cepe_status encoder_forward(cepe_train *t, const cepe_train_batch *b) {
     int cached = cepe_rope_original_len(&m->enc_rope.rc);
     cepe_status st = cepe_rope_for_call(&m->enc_rope, L, &cached, inv_freq, &mscale);
     if (st) return st;
-    be->rope_table(t->ecos_t, t->esin_t, t->epos, inv_freq, Ne, m->enc_rope.half, mscale);
+    be->rope_table(be, t->ecos_t, t->esin_t, t->epos, inv_freq, Ne, m->enc_rope.half, mscale);
     const attention_shape shape = {
         .B = n_chunks, .Tq = L, .Tk = L, .H = e->n_heads, .KVH = e->n_kv_heads, .hd = e->head_dim,
         .q_rstride = qd, .q_bstride = (long)L * qd, .kv_rstride = kvd, .kv_bstride = (long)L * kvd,
         .valid_bstride = L, .causal = 0, .q_offset = 0, .window = 0, .scale = 1.0f / sqrtf((float)e->head_dim),
     };
     float *x = t->ex;
-    be->embedding(x, b->encoder_input_ids, m->enc.embed, Ne, de);
+    be->embedding(be, x, b->encoder_input_ids, m->enc.embed, Ne, de);
     for (int l = 0; l < e->n_layers; l++) {
         const layer_weights *w = &m->enc.layers[l];
         block_acts *a = &t->enc[l];
@@ -162,12 +162,12 @@ static cepe_status encoder_forward(cepe_train *t, const cepe_train_batch *b) {
                                  .sin_t = t->esin_t};
         block_qkv(be, w, e, x, &s, Ne, &m->enc_rope, nt);
         attention_forward_lse(a->att, a->lse, a->q, a->k, a->v, t->ctx_mask, &shape, nt);
-        be->matmul(x, a->att, w->wo, Ne, qd, de, 1, nt);
+        be->matmul(be, x, a->att, w->wo, Ne, qd, de, 1, nt);
         memcpy(a->x_post, x, sizeof(float) * (size_t)Ne * de);
         mlp_forward(be, w, e, x, t->es.xn, a->gate, a->up, t->es.h, Ne, nt);
     }
     memcpy(t->ex_final, x, sizeof(float) * (size_t)Ne * de);
-    be->rmsnorm(t->E, x, m->enc.final_norm, Ne, de, e->rms_norm_eps, nt);
+    be->rmsnorm(be, t->E, x, m->enc.final_norm, Ne, de, e->rms_norm_eps, nt);
     return CEPE_OK;
 }
 
@@ -198,7 +198,7 @@ cepe_status train_forward(cepe_train *t, const cepe_train_batch *b) {
     int cached = cepe_rope_original_len(&m->rope.rc);
     const int seq_len = max_pos + 1.0 < 2147483647.0 ? (int)max_pos + 1 : 2147483647;
     if ((st = cepe_rope_for_call(&m->rope, seq_len, &cached, inv_freq, &mscale))) return st;
-    be->rope_table(t->cos_t, t->sin_t, t->pos, inv_freq, N, m->rope.half, mscale);
+    be->rope_table(be, t->cos_t, t->sin_t, t->pos, inv_freq, N, m->rope.half, mscale);
 
     const attention_shape self = {
         .B = B, .Tq = T, .Tk = T, .H = H, .KVH = KVH, .hd = hd, .q_rstride = qd, .q_bstride = (long)T * qd,
@@ -213,7 +213,7 @@ cepe_status train_forward(cepe_train *t, const cepe_train_batch *b) {
     const stack_scratch *s = &t->ds;
     float *x = t->x;
     const size_t row_bytes = sizeof(float) * (size_t)N * d;
-    be->embedding(x, b->input_ids, m->w.embed, N, d);
+    be->embedding(be, x, b->input_ids, m->w.embed, N, d);
     for (int l = 0; l < c->n_layers; l++) {
         const layer_weights *w = &m->w.layers[l];
         block_acts *a = &t->dec[l];
@@ -227,22 +227,22 @@ cepe_status train_forward(cepe_train *t, const cepe_train_batch *b) {
         if (keep)
             attention_forward_lse(att, a->lse, q, k, v, b->attention_mask, &self, nt);
         else
-            be->attention(att, q, k, v, b->attention_mask, &self, nt);
-        be->matmul(x, att, w->wo, N, qd, d, 1, nt); /* x += o_proj(att) */
+            be->attention(be, att, q, k, v, b->attention_mask, &self, nt);
+        be->matmul(be, x, att, w->wo, N, qd, d, 1, nt); /* x += o_proj(att) */
 
         if (l >= m->first_cross && Nc > 0) { /* CEPE: between self-attention and the MLP (spec §3) */
             memcpy(a->x_mid, x, row_bytes);
-            be->rmsnorm(s->xn, x, w->cross_norm, N, d, c->rms_norm_eps, nt);
-            be->matmul(a->qc, s->xn, w->cross_wq, N, d, qd, 0, nt);
-            be->matmul(a->kc, t->E, w->cross_wk, Ne, de, kvd, 0, nt); /* no RoPE on either side */
-            be->matmul(a->vc, t->E, w->cross_wv, Ne, de, kvd, 0, nt);
+            be->rmsnorm(be, s->xn, x, w->cross_norm, N, d, c->rms_norm_eps, nt);
+            be->matmul(be, a->qc, s->xn, w->cross_wq, N, d, qd, 0, nt);
+            be->matmul(be, a->kc, t->E, w->cross_wk, Ne, de, kvd, 0, nt); /* no RoPE on either side */
+            be->matmul(be, a->vc, t->E, w->cross_wv, Ne, de, kvd, 0, nt);
             attention_forward_lse(a->attc, a->lsec, a->qc, a->kc, a->vc, t->ctx_mask, &cross, nt);
-            be->matmul(x, a->attc, w->cross_wo, N, qd, d, 1, nt);
+            be->matmul(be, x, a->attc, w->cross_wo, N, qd, d, 1, nt);
         }
         if (keep) memcpy(a->x_post, x, row_bytes);
         mlp_forward(be, w, c, x, s->xn, gate, up, s->h, N, nt);
     }
     memcpy(t->x_final, x, row_bytes);
-    be->rmsnorm(t->xnf, x, m->w.final_norm, N, d, c->rms_norm_eps, nt);
+    be->rmsnorm(be, t->xnf, x, m->w.final_norm, N, d, c->rms_norm_eps, nt);
     return CEPE_OK;
 }

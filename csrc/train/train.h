@@ -12,11 +12,6 @@
 #include "../cepe.h"
 #include "../model/model.h"
 
-/* Elements per reduction chunk of the gradient norm: partial sums over fixed
- * chunks, added in a fixed order, make the norm independent of the thread
- * count (resume must be bit-exact whatever n_threads is). */
-#define CEPE_NORM_CHUNK 16384
-
 /* Offsets of tensors in the flat buffers are multiples of this many floats
  * (64 bytes: every tensor starts on a cache line). */
 #define CEPE_PARAM_ALIGN 16
@@ -107,5 +102,16 @@ cepe_status train_forward(cepe_train *t, const cepe_train_batch *b);
 /* backward.c: the losses from t->xnf, then gradients (scaled by grad_scale)
  * accumulated into t->grads through every trainable tensor. */
 cepe_status train_backward(cepe_train *t, const cepe_train_batch *b, double grad_scale, cepe_train_stats *out);
+
+/* adamw.c: AdamW's per-step scalars (host, double -> float as torch casts
+ * them) and the elementwise update they drive (adamw_math.h). */
+typedef struct {
+    float decay, w1, b2, w2, bc2_sqrt, neg_step, eps;
+} cepe_adamw_scalars_t;
+void cepe_adamw_scalars(double lr, const cepe_adamw_config *h, double weight_decay, long t, cepe_adamw_scalars_t *o);
+/* partial[c] = Σ g² over chunk c (CEPE_NORM_CHUNK elements), in double. */
+void cepe_sumsq_chunks(double *partial, const float *g, size_t n, int n_threads);
+void cepe_adamw_apply(float *p, const float *g, float *m, float *v, size_t n, const cepe_adamw_scalars_t *s,
+                      int n_threads);
 
 #endif /* CEPE_TRAIN_H */
