@@ -108,9 +108,19 @@ void cepe_set_blas_threads(int n);
  * n_cross_layers / encoder_hidden_size / tie / sliding_window are ignored. */
 cepe_status cepe_model_create(const cepe_config *cfg, const cepe_config *encoder_cfg, int n_threads,
                               cepe_model **out);
+/* The same on a given backend (csrc/backend.h; NULL: the CPU). The backend
+ * must outlive the model. On a device backend, bind copies each tensor to the
+ * device (the caller's array need not stay valid) and every call moves its
+ * inputs and outputs across. */
+typedef struct cepe_backend cepe_backend;
+cepe_status cepe_model_create_on(const cepe_config *cfg, const cepe_config *encoder_cfg, int n_threads,
+                                 const cepe_backend *be, cepe_model **out);
+/* The backend's name ("cpu", "cuda", ...). */
+const char *cepe_model_backend_name(const cepe_model *m);
 void cepe_model_free(cepe_model *m);
 /* Binds one weight by its HF name ("model.layers.3.self_attn.q_proj.weight").
- * The shape must be the one the config implies; data must stay valid. */
+ * The shape must be the one the config implies; on the CPU data must stay
+ * valid (it is used in place), on a device it is copied. */
 cepe_status cepe_model_bind(cepe_model *m, const char *name, const float *data, int ndim,
                             const int64_t *shape);
 /* Checks every required weight is bound; after this the model is usable. */

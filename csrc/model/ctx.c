@@ -33,71 +33,95 @@ cepe_status cepe_ctx_create(const cepe_model *m, int batch, int capacity, cepe_c
     const size_t cache = cepe_mul_size(cepe_mul_size((size_t)c->n_layers * (size_t)batch, (size_t)capacity),
                                        kvd * sizeof(float));
     if (cache == SIZE_MAX) goto oom;
-#define ALLOC(field, count, type)                                        \
+    /* [dev] buffers come from the backend, [host] ones from the heap */
+#define DEV(field, count, type)                                                   \
     x->field = be->alloc(be, cepe_mul_size((size_t)(count), sizeof(type))); \
     if (!x->field) goto oom
-    ALLOC(k_cache, cache / sizeof(float), float);
-    ALLOC(v_cache, cache / sizeof(float), float);
-    ALLOC(valid, cepe_mul_size((size_t)batch, (size_t)capacity), uint8_t);
-    ALLOC(next_pos, batch, double);
-    ALLOC(saved_pos, batch, double);
-    ALLOC(ids, rows, int32_t);
-    ALLOC(pos, rows, double);
-    ALLOC(cos_t, rows * (size_t)m->rope.half, float);
-    ALLOC(sin_t, rows * (size_t)m->rope.half, float);
-    ALLOC(inv_freq, m->rope.half, float);
-    ALLOC(x, rows * (size_t)c->hidden_size, float);
-    ALLOC(xn, rows * (size_t)c->hidden_size, float);
-    ALLOC(q, rows * qd, float);
-    ALLOC(k, rows * kvd, float);
-    ALLOC(v, rows * kvd, float);
-    ALLOC(att, rows * qd, float);
-    ALLOC(gate, rows * (size_t)c->intermediate_size, float);
-    ALLOC(up, rows * (size_t)c->intermediate_size, float);
-    ALLOC(last_hidden, (size_t)batch * (size_t)c->hidden_size, float);
-    ALLOC(last_logits, (size_t)batch * (size_t)c->vocab_size, float);
-    ALLOC(probs, c->vocab_size, float);
-    ALLOC(cand, c->vocab_size, int32_t);
-    ALLOC(finished, batch, uint8_t);
-    ALLOC(step_ids, batch, int32_t);
-#undef ALLOC
-    cepe_ctx_reset(x);
+#define HOST(field, count, type)                                 \
+    x->field = cepe_calloc(cepe_mul_size((size_t)(count), 1), sizeof(type)); \
+    if (!x->field) goto oom
+    DEV(k_cache, cache / sizeof(float), float);
+    DEV(v_cache, cache / sizeof(float), float);
+    DEV(valid, cepe_mul_size((size_t)batch, (size_t)capacity), uint8_t);
+    HOST(valid_h, cepe_mul_size((size_t)batch, (size_t)capacity), uint8_t);
+    HOST(next_pos, batch, double);
+    HOST(saved_pos, batch, double);
+    DEV(ids, rows, int32_t);
+    HOST(ids_h, rows, int32_t);
+    DEV(pos, rows, double);
+    HOST(pos_h, rows, double);
+    DEV(cos_t, rows * (size_t)m->rope.half, float);
+    DEV(sin_t, rows * (size_t)m->rope.half, float);
+    DEV(inv_freq, m->rope.half, float);
+    HOST(inv_freq_h, m->rope.half, float);
+    DEV(x, rows * (size_t)c->hidden_size, float);
+    DEV(xn, rows * (size_t)c->hidden_size, float);
+    DEV(q, rows * qd, float);
+    DEV(k, rows * kvd, float);
+    DEV(v, rows * kvd, float);
+    DEV(att, rows * qd, float);
+    DEV(gate, rows * (size_t)c->intermediate_size, float);
+    DEV(up, rows * (size_t)c->intermediate_size, float);
+    DEV(last_hidden, (size_t)batch * (size_t)c->hidden_size, float);
+    DEV(last_logits, (size_t)batch * (size_t)c->vocab_size, float);
+    HOST(last_logits_h, (size_t)batch * (size_t)c->vocab_size, float);
+    HOST(probs, c->vocab_size, float);
+    HOST(cand, c->vocab_size, int32_t);
+    HOST(finished, batch, uint8_t);
+    HOST(step_ids, batch, int32_t);
+#undef DEV
+#undef HOST
+    if (cepe_ctx_reset_checked(x)) goto fail;
     *out = x;
     return CEPE_OK;
 oom:
     cepe_ctx_free(x);
     return cepe_fail(CEPE_ERR_OUT_OF_MEMORY,
                      "out of memory allocating a context for batch %d x %d tokens", batch, capacity);
+fail:
+    {
+        const cepe_status st = backend_check(be);
+        cepe_ctx_free(x);
+        return st ? st : cepe_fail(CEPE_ERR_BACKEND, "%s backend: resetting a new context failed", be->name);
+    }
 }
 
 void cepe_ctx_free(cepe_ctx *x) {
     if (!x) return;
     const cepe_backend *be = x->m->be;
-    void *bufs[] = {x->inv_freq, x->saved_pos, x->k_cache, x->v_cache, x->valid, x->next_pos, x->ids, x->pos, x->cos_t,
-                    x->sin_t, x->x, x->xn, x->q, x->k, x->v, x->att, x->gate, x->up,
-                    x->last_hidden, x->last_logits, x->probs, x->cand, x->finished, x->step_ids,
-                    x->ctx_mask, x->cross_k, x->cross_v};
-    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) be->free(be, bufs[i]);
+    void *dev[] = {x->inv_freq, x->k_cache, x->v_cache, x->valid, x->ids, x->pos, x->cos_t, x->sin_t, x->x,
+                   x->xn, x->q, x->k, x->v, x->att, x->gate, x->up, x->last_hidden, x->last_logits, x->logits_d,
+                   x->ctx_mask, x->cross_k, x->cross_v, x->ctx_states_own};
+    void *host[] = {x->valid_h, x->next_pos, x->saved_pos, x->ids_h, x->pos_h, x->inv_freq_h, x->last_logits_h,
+                    x->probs, x->cand, x->finished, x->step_ids};
+    for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) be->free(be, dev[i]);
+    for (size_t i = 0; i < sizeof host / sizeof host[0]; i++) cepe_free(host[i]);
     cepe_free(x);
 }
 
-void cepe_ctx_reset(cepe_ctx *x) {
-    if (!x) return;
+int cepe_ctx_reset_checked(cepe_ctx *x) {
     x->len = 0;
     x->has_logits = 0;
     memset(x->next_pos, 0, sizeof(double) * (size_t)x->B);
     atomic_store(&x->interrupt, 0);
     /* a fresh request starts from the short table, as a fresh HF model does */
-    memcpy(x->inv_freq, x->m->rope.inv_freq, sizeof(float) * (size_t)x->m->rope.half);
+    const size_t half = (size_t)x->m->rope.half;
+    memcpy(x->inv_freq_h, x->m->rope.inv_freq, sizeof(float) * half);
     x->rope_mscale = x->m->rope.mscale;
     x->rope_cached_len = cepe_rope_original_len(&x->m->rope.rc);
     x->rope_len_hint = 0;
+    return x->m->be->upload(x->m->be, x->inv_freq, x->inv_freq_h, sizeof(float) * half);
+}
+
+void cepe_ctx_reset(cepe_ctx *x) {
+    if (x) (void)cepe_ctx_reset_checked(x); /* a failed upload is reported by the next call's check */
 }
 
 static void drop_context(cepe_ctx *x) {
     const cepe_backend *be = x->m->be;
     be->free(be, x->ctx_mask), be->free(be, x->cross_k), be->free(be, x->cross_v);
-    x->ctx_mask = NULL, x->cross_k = NULL, x->cross_v = NULL;
+    be->free(be, x->ctx_states_own);
+    x->ctx_mask = NULL, x->cross_k = NULL, x->cross_v = NULL, x->ctx_states_own = NULL;
     x->ctx_states = NULL;
     x->ctx_N = 0;
     x->cross_kept = 0;
@@ -127,25 +151,44 @@ cepe_status cepe_ctx_set_context(cepe_ctx *x, const float *states, const uint8_t
                          "out of memory for cross-attention K/V of %d context tokens x %d rows%s", N, x->B,
                          keep_kv ? " (try keep_cross_kv=False)" : "");
     }
+    int bad = 0;
     if (mask)
-        memcpy(x->ctx_mask, mask, rows);
+        bad |= be->upload(be, x->ctx_mask, mask, rows);
     else
-        memset(x->ctx_mask, 1, rows);
-    x->ctx_states = states;
+        bad |= be->fill(be, x->ctx_mask, 1, rows);
     x->ctx_N = N;
     x->cross_kept = keep_kv != 0;
+    const float *dev_states = states; /* the states where the ops can read them */
+    const size_t state_bytes = cepe_mul_size(rows, (size_t)c->encoder_hidden_size * sizeof(float));
+    if (be->device) { /* kept K/V: a temporary device copy; recomputed: one for the request */
+        x->ctx_states_own = state_bytes == SIZE_MAX ? NULL : be->alloc(be, state_bytes);
+        if (!x->ctx_states_own) {
+            drop_context(x);
+            return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of %s memory for %d context states", be->name, N);
+        }
+        bad |= be->upload(be, x->ctx_states_own, states, state_bytes);
+        dev_states = x->ctx_states_own;
+    }
+    x->ctx_states = dev_states;
     if (keep_kv) {
-        for (int l = m->first_cross; l < c->n_layers; l++) {
+        for (int l = m->first_cross; l < c->n_layers && !bad; l++) {
             const layer_weights *w = &m->w.layers[l];
             const size_t off = (size_t)(l - m->first_cross) * rows * kvd;
-            be->matmul(be, x->cross_k + off, states, w->cross_wk, (int)rows, c->encoder_hidden_size, (int)kvd, 0,
-                       m->n_threads);
-            be->matmul(be, x->cross_v + off, states, w->cross_wv, (int)rows, c->encoder_hidden_size, (int)kvd, 0,
-                       m->n_threads);
+            bad |= be->matmul(be, x->cross_k + off, dev_states, w->cross_wk, (int)rows, c->encoder_hidden_size,
+                              (int)kvd, 0, m->n_threads);
+            bad |= be->matmul(be, x->cross_v + off, dev_states, w->cross_wv, (int)rows, c->encoder_hidden_size,
+                              (int)kvd, 0, m->n_threads);
         }
         x->ctx_states = NULL; /* never read again: the caller may free them */
     }
-    return CEPE_OK;
+    cepe_status st = backend_check(be);
+    if (!st && bad) st = cepe_fail(CEPE_ERR_BACKEND, "%s backend: setting the context failed", be->name);
+    if (keep_kv && be->device && !st) { /* the K/V are made: the device copy of the states can go */
+        be->free(be, x->ctx_states_own);
+        x->ctx_states_own = NULL;
+    }
+    if (st) drop_context(x);
+    return st;
 }
 
 void cepe_ctx_set_rope_length(cepe_ctx *x, int seq_len) {

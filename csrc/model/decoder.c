@@ -9,6 +9,12 @@
 #include "../common.h"
 #include "model.h"
 
+/* The backend's error, or a generic one when it reported none. */
+static cepe_status backend_fail(const cepe_backend *be) {
+    const cepe_status st = backend_check(be);
+    return st ? st : cepe_fail(CEPE_ERR_BACKEND, "%s backend: an op failed", be->name);
+}
+
 static int interrupted(cepe_ctx *x) { return atomic_load_explicit(&x->interrupt, memory_order_relaxed); }
 
 /* CEPE cross-attention for the N = B*c rows in x (spec §3):
@@ -76,8 +82,8 @@ static cepe_status run_layers(cepe_ctx *x, int c) {
         block_qkv(be, w, cfg, x->x, &s, N, &m->rope, nt);
         for (int b = 0; b < B; b++) { /* append this chunk's keys/values */
             const size_t bytes = sizeof(float) * (size_t)c * kvd;
-            memcpy(kc + ((long)b * x->cap + x->len) * kvd, x->k + (long)b * c * kvd, bytes);
-            memcpy(vc + ((long)b * x->cap + x->len) * kvd, x->v + (long)b * c * kvd, bytes);
+            be->copy(be, kc + ((long)b * x->cap + x->len) * kvd, x->k + (long)b * c * kvd, bytes);
+            be->copy(be, vc + ((long)b * x->cap + x->len) * kvd, x->v + (long)b * c * kvd, bytes);
         }
         be->attention(be, x->att, x->q, kc, vc, x->valid, &shape, nt);
         be->matmul(be, x->x, x->att, w->wo, N, qd, d, 1, nt); /* x += o_proj(att) */
@@ -92,24 +98,34 @@ static cepe_status run_layers(cepe_ctx *x, int c) {
     return CEPE_OK;
 }
 
-/* Copies chunk [t0, t0+c) of the caller's (B, T) inputs into the run state,
- * marks the cache slots real or padding, and fills default positions. */
-static void gather_chunk(cepe_ctx *x, const int32_t *ids, const double *positions,
-                         const uint8_t *mask, int T, int t0, int c) {
-    for (int b = 0; b < x->B; b++)
+/* Copies chunk [t0, t0+c) of the caller's (B, T) inputs into the run state
+ * (host mirrors, then uploaded), marks the cache slots real or padding, and
+ * fills default positions. Returns nonzero if an upload failed. */
+static int gather_chunk(cepe_ctx *x, const int32_t *ids, const double *positions, const uint8_t *mask, int T,
+                        int t0, int c) {
+    const cepe_backend *be = x->m->be;
+    int bad = 0;
+    for (int b = 0; b < x->B; b++) {
+        uint8_t *valid = x->valid_h + (long)b * x->cap + x->len;
         for (int t = 0; t < c; t++) {
             const long src = (long)b * T + t0 + t, dst = (long)b * c + t;
             const int real = mask ? mask[src] != 0 : 1;
-            x->ids[dst] = ids[src];
-            x->valid[(long)b * x->cap + x->len + t] = (uint8_t)real;
+            x->ids_h[dst] = ids[src];
+            valid[t] = (uint8_t)real;
             if (positions) {
-                x->pos[dst] = positions[src];
+                x->pos_h[dst] = positions[src];
                 if (real) x->next_pos[b] = positions[src] + 1.0;
             } else {
-                x->pos[dst] = x->next_pos[b];
+                x->pos_h[dst] = x->next_pos[b];
                 if (real) x->next_pos[b] += 1.0;
             }
         }
+        bad |= be->upload(be, x->valid + (valid - x->valid_h), valid, (size_t)c);
+    }
+    const size_t rows = (size_t)x->B * (size_t)c;
+    bad |= be->upload(be, x->ids, x->ids_h, rows * sizeof(int32_t));
+    bad |= be->upload(be, x->pos, x->pos_h, rows * sizeof(double));
+    return bad;
 }
 
 /* max position + 1 over this call, as transformers measures seq_len. */
@@ -163,14 +179,51 @@ cepe_status cepe_ctx_forward_continue(cepe_ctx *x, const int32_t *ids, const dou
     if (m->rope.length_dependent) { /* dynamic NTK / LongRoPE: the table follows the call's length */
         int seq_len = call_seq_len(x, positions, mask, T);
         seq_len = seq_len > x->rope_len_hint ? seq_len : x->rope_len_hint;
-        cepe_status st = cepe_rope_for_call(&m->rope, seq_len, &x->rope_cached_len, x->inv_freq, &x->rope_mscale);
+        cepe_status st = cepe_rope_for_call(&m->rope, seq_len, &x->rope_cached_len, x->inv_freq_h, &x->rope_mscale);
         if (st) return st;
+        if (m->be->upload(m->be, x->inv_freq, x->inv_freq_h, sizeof(float) * (size_t)m->rope.half))
+            return backend_fail(m->be);
     }
 
+    const cepe_backend *be = m->be;
+    if (mode == CEPE_LOGITS_ALL && be->device && !x->logits_d) { /* every position's logits: device scratch */
+        x->logits_d = be->alloc(be, cepe_mul_size((size_t)B * (size_t)x->chunk, (size_t)V * sizeof(float)));
+        if (!x->logits_d)
+            return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of %s memory for %d x %d logits", be->name, B * x->chunk, V);
+    }
     for (int t0 = 0; t0 < T; t0 += x->chunk) {
         const int c = T - t0 < x->chunk ? T - t0 : x->chunk;
-        gather_chunk(x, ids, positions, mask, T, t0, c);
-        cepe_status st = run_layers(x, c);
+        int bad = gather_chunk(x, ids, positions, mask, T, t0, c);
+        cepe_status st = bad ? backend_fail(be) : run_layers(x, c);
+        if (!st && mode == CEPE_LOGITS_ALL) {
+            if (be->device) { /* one GEMM over the chunk's rows, then each row's slice comes back */
+                bad |= be->matmul(be, x->logits_d, x->xn, m->w.lm_head, B * c, d, V, 0, m->n_threads);
+                for (int b = 0; b < B; b++)
+                    bad |= be->download(be, logits + ((long)b * T + t0) * V, x->logits_d + (long)b * c * V,
+                                        sizeof(float) * (size_t)c * V);
+            } else { /* straight into the caller's array */
+                for (int b = 0; b < B; b++)
+                    bad |= be->matmul(be, logits + ((long)b * T + t0) * V, x->xn + (long)b * c * d, m->w.lm_head, c,
+                                      d, V, 0, m->n_threads);
+            }
+        }
+        if (!st && t0 + c == T) { /* last chunk: keep each row's final hidden state and logits */
+            for (int b = 0; b < B; b++)
+                bad |= be->copy(be, x->last_hidden + (long)b * d, x->xn + ((long)b * c + c - 1) * d, sizeof(float) * d);
+            if (mode == CEPE_LOGITS_ALL && be->device)
+                for (int b = 0; b < B; b++)
+                    bad |= be->copy(be, x->last_logits + (long)b * V, x->logits_d + ((long)b * c + c - 1) * V,
+                                    sizeof(float) * V);
+            else if (mode == CEPE_LOGITS_ALL)
+                for (int b = 0; b < B; b++)
+                    bad |= be->upload(be, x->last_logits + (long)b * V, logits + ((long)b * T + T - 1) * V,
+                                      sizeof(float) * V);
+            else
+                bad |= be->matmul(be, x->last_logits, x->last_hidden, m->w.lm_head, B, d, V, 0, m->n_threads);
+            bad |= be->download(be, x->last_logits_h, x->last_logits, sizeof(float) * (size_t)B * V);
+        }
+        if (!st) st = backend_check(be);
+        if (!st && bad) st = backend_fail(be);
         if (st) { /* roll back: the earlier chunks of this call leave the cache */
             x->len = len0;
             x->rope_cached_len = cached0;
@@ -178,21 +231,9 @@ cepe_status cepe_ctx_forward_continue(cepe_ctx *x, const int32_t *ids, const dou
             x->has_logits = 0;
             return st;
         }
-        if (mode == CEPE_LOGITS_ALL)
-            for (int b = 0; b < B; b++)
-                m->be->matmul(m->be, logits + ((long)b * T + t0) * V, x->xn + (long)b * c * d, m->w.lm_head, c,
-                              d, V, 0, m->n_threads);
         x->len += c;
-        if (t0 + c == T) { /* last chunk: keep each row's final hidden state and logits */
-            for (int b = 0; b < B; b++)
-                memcpy(x->last_hidden + (long)b * d, x->xn + ((long)b * c + c - 1) * d, sizeof(float) * d);
-            if (mode == CEPE_LOGITS_ALL)
-                for (int b = 0; b < B; b++)
-                    memcpy(x->last_logits + (long)b * V, logits + ((long)b * T + T - 1) * V,
-                           sizeof(float) * V);
-            else
-                m->be->matmul(m->be, x->last_logits, x->last_hidden, m->w.lm_head, B, d, V, 0, m->n_threads);
-            if (mode == CEPE_LOGITS_LAST) memcpy(logits, x->last_logits, sizeof(float) * (size_t)B * V);
+        if (t0 + c == T) {
+            if (mode == CEPE_LOGITS_LAST) memcpy(logits, x->last_logits_h, sizeof(float) * (size_t)B * V);
             x->has_logits = 1;
         }
     }

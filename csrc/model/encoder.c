@@ -32,36 +32,51 @@ cepe_status cepe_model_encode(const cepe_model *m, const int32_t *ids, const uin
     const size_t rows = (size_t)cb * (size_t)L;
     const size_t d = (size_t)c->hidden_size, ff = (size_t)c->intermediate_size;
     const size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
-    const int half = m->enc_rope.half, nt = m->n_threads;
+    const int half = m->enc_rope.half, nt = m->n_threads, dev = be->device;
     cepe_status st = CEPE_OK;
-    float *x = be->alloc(be, cepe_mul_size(rows, d * sizeof(float)));
-    float *xn = be->alloc(be, cepe_mul_size(rows, d * sizeof(float)));
-    float *q = be->alloc(be, cepe_mul_size(rows, qd * sizeof(float)));
-    float *att = be->alloc(be, cepe_mul_size(rows, qd * sizeof(float)));
-    float *k = be->alloc(be, cepe_mul_size(rows, kvd * sizeof(float)));
-    float *v = be->alloc(be, cepe_mul_size(rows, kvd * sizeof(float)));
-    float *gate = be->alloc(be, cepe_mul_size(rows, ff * sizeof(float)));
-    float *up = be->alloc(be, cepe_mul_size(rows, ff * sizeof(float)));
-    float *cos_t = be->alloc(be, cepe_mul_size(rows, (size_t)half * sizeof(float)));
-    float *sin_t = be->alloc(be, cepe_mul_size(rows, (size_t)half * sizeof(float)));
-    double *pos = be->alloc(be, cepe_mul_size(rows, sizeof(double)));
-    if (!x || !xn || !q || !att || !k || !v || !gate || !up || !cos_t || !sin_t || !pos) {
-        st = cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory for encoder scratch (%zu rows)", rows);
+    int bad = 0;
+#define DEV(n, type) ((type *)be->alloc(be, cepe_mul_size((n), sizeof(type))))
+    float *x = DEV(rows * d, float), *xn = DEV(rows * d, float);
+    float *q = DEV(rows * qd, float), *att = DEV(rows * qd, float);
+    float *k = DEV(rows * kvd, float), *v = DEV(rows * kvd, float);
+    float *gate = DEV(rows * ff, float), *up = DEV(rows * ff, float);
+    float *cos_t = DEV(rows * (size_t)half, float), *sin_t = DEV(rows * (size_t)half, float);
+    double *pos = DEV(rows, double);
+    float *inv_freq_d = DEV((size_t)half, float);
+    /* device backends: the batch's ids, mask and output cross the boundary */
+    int32_t *ids_d = dev ? DEV(rows, int32_t) : NULL;
+    uint8_t *mask_d = dev && mask ? DEV(rows, uint8_t) : NULL;
+    float *out_d = dev ? DEV(rows * d, float) : NULL;
+#undef DEV
+    double *pos_h = cepe_calloc(rows, sizeof(double));
+    if (!x || !xn || !q || !att || !k || !v || !gate || !up || !cos_t || !sin_t || !pos || !inv_freq_d || !pos_h ||
+        (dev && (!ids_d || (mask && !mask_d) || !out_d))) {
+        st = cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of %s memory for encoder scratch (%zu rows)", be->name, rows);
         goto done;
     }
-    for (size_t i = 0; i < rows; i++) pos[i] = (double)(i % (size_t)L); /* slot index in its chunk */
+    for (size_t i = 0; i < rows; i++) pos_h[i] = (double)(i % (size_t)L); /* slot index in its chunk */
     float inv_freq[CEPE_MAX_HEAD_DIM / 2], mscale;
     int cached = cepe_rope_original_len(&m->enc_rope.rc);
     if ((st = cepe_rope_for_call(&m->enc_rope, L, &cached, inv_freq, &mscale))) goto done;
-    be->rope_table(be, cos_t, sin_t, pos, inv_freq, (int)rows, half, mscale);
+    bad |= be->upload(be, pos, pos_h, rows * sizeof(double));
+    bad |= be->upload(be, inv_freq_d, inv_freq, (size_t)half * sizeof(float));
+    bad |= be->rope_table(be, cos_t, sin_t, pos, inv_freq_d, (int)rows, half, mscale);
     const block_scratch s = {.xn = xn, .q = q, .k = k, .v = v, .att = att, .gate = gate, .up = up,
                              .cos_t = cos_t, .sin_t = sin_t};
 
-    for (int c0 = 0; c0 < n_chunks; c0 += cb) {
+    for (int c0 = 0; c0 < n_chunks && !bad; c0 += cb) {
         const int nb = n_chunks - c0 < cb ? n_chunks - c0 : cb;
         const int N = nb * L;
         const long off = (long)c0 * L;
-        be->embedding(be, x, ids + off, m->enc.embed, N, (int)d);
+        const int32_t *ids_b = ids + off;
+        const uint8_t *mask_b = mask ? mask + off : NULL;
+        float *out_b = dev ? out_d : out + off * (long)d;
+        if (dev) {
+            bad |= be->upload(be, ids_d, ids_b, (size_t)N * sizeof(int32_t));
+            if (mask) bad |= be->upload(be, mask_d, mask_b, (size_t)N);
+            ids_b = ids_d, mask_b = mask_d;
+        }
+        be->embedding(be, x, ids_b, m->enc.embed, N, (int)d);
         const attention_shape shape = {
             .B = nb, .Tq = L, .Tk = L, .H = c->n_heads, .KVH = c->n_kv_heads, .hd = c->head_dim,
             .q_rstride = (long)qd, .q_bstride = (long)L * qd,
@@ -71,14 +86,19 @@ cepe_status cepe_model_encode(const cepe_model *m, const int32_t *ids, const uin
         for (int l = 0; l < c->n_layers; l++) {
             const layer_weights *w = &m->enc.layers[l];
             block_qkv(be, w, c, x, &s, N, &m->enc_rope, nt);
-            be->attention(be, att, q, k, v, mask ? mask + off : NULL, &shape, nt);
+            be->attention(be, att, q, k, v, mask_b, &shape, nt);
             be->matmul(be, x, att, w->wo, N, (int)qd, (int)d, 1, nt);
             block_mlp(be, w, c, x, &s, N, nt);
         }
-        be->rmsnorm(be, out + off * (long)d, x, m->enc.final_norm, N, (int)d, c->rms_norm_eps, nt);
+        be->rmsnorm(be, out_b, x, m->enc.final_norm, N, (int)d, c->rms_norm_eps, nt);
+        if (dev) bad |= be->download(be, out + off * (long)d, out_d, (size_t)N * d * sizeof(float));
     }
+    st = backend_check(be);
+    if (!st && bad) st = cepe_fail(CEPE_ERR_BACKEND, "%s backend: the encoder failed", be->name);
 done:
     be->free(be, x), be->free(be, xn), be->free(be, q), be->free(be, att), be->free(be, k), be->free(be, v);
     be->free(be, gate), be->free(be, up), be->free(be, cos_t), be->free(be, sin_t), be->free(be, pos);
+    be->free(be, inv_freq_d), be->free(be, ids_d), be->free(be, mask_d), be->free(be, out_d);
+    cepe_free(pos_h);
     return st;
 }

@@ -100,9 +100,27 @@ static cepe_status add_encoder(cepe_model *m, const cepe_config *ec) {
     return CEPE_OK;
 }
 
+cepe_status backend_check(const cepe_backend *be) {
+    char msg[400] = {0};
+    const int st = be->sync(be, msg, sizeof msg);
+    if (!st) return CEPE_OK;
+    return cepe_fail(st > 0 && st <= CEPE_ERR_BACKEND ? (cepe_status)st : CEPE_ERR_BACKEND, "%s backend: %s",
+                     be->name, msg[0] ? msg : "unknown failure");
+}
+
 cepe_status cepe_model_create(const cepe_config *cfg, const cepe_config *encoder_cfg, int n_threads,
                               cepe_model **out) {
+    return cepe_model_create_on(cfg, encoder_cfg, n_threads, NULL, out);
+}
+
+const char *cepe_model_backend_name(const cepe_model *m) { return m ? m->be->name : NULL; }
+
+cepe_status cepe_model_create_on(const cepe_config *cfg, const cepe_config *encoder_cfg, int n_threads,
+                                 const cepe_backend *be, cepe_model **out) {
     if (!cfg || !out) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_model_create: NULL argument");
+    if (be && be->abi != CEPE_BACKEND_ABI)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "backend %s was built for op table ABI %d, this core has %d",
+                         be->name ? be->name : "?", be->abi, CEPE_BACKEND_ABI);
     *out = NULL;
     if (n_threads < 1 || n_threads > CEPE_MAX_THREADS)
         return cepe_fail(CEPE_ERR_INVALID_ARG, "n_threads must be in [1, %d], got %d", CEPE_MAX_THREADS, n_threads);
@@ -124,7 +142,7 @@ cepe_status cepe_model_create(const cepe_config *cfg, const cepe_config *encoder
     m->cfg = *cfg;
     m->n_threads = n_threads;
     cepe_set_blas_threads(1); /* threads come from our OpenMP team (matmul.c) */
-    m->be = cepe_backend_cpu();
+    m->be = be ? be : cepe_backend_cpu();
     const int L = cfg->n_layers, d = cfg->hidden_size;
     const int qd = cfg->n_heads * cfg->head_dim, kvd = cfg->n_kv_heads * cfg->head_dim;
     const int de = cfg->encoder_hidden_size;
@@ -169,6 +187,7 @@ fail:
 
 void cepe_model_free(cepe_model *m) {
     if (!m) return;
+    for (int i = 0; m->slots && i < m->n_slots; i++) m->be->free(m->be, m->slots[i].owned);
     cepe_free(m->w.layers);
     cepe_free(m->enc.layers);
     cepe_free(m->slots);
@@ -200,6 +219,21 @@ cepe_status cepe_model_bind(cepe_model *m, const char *name, const float *data, 
             format_shape(got, sizeof got, ndim < 0 ? 0 : (ndim > 8 ? 8 : ndim), shape);
             return cepe_fail(CEPE_ERR_INVALID_ARG, "tensor %s has shape %s, the config implies %s", name,
                              got, want);
+        }
+        if (m->be->device) { /* a device copy, owned by the slot */
+            size_t n = 1;
+            for (int k = 0; k < ndim; k++) n = cepe_mul_size(n, (size_t)shape[k]);
+            const size_t bytes = cepe_mul_size(n, sizeof(float));
+            float *dev = bytes == SIZE_MAX ? NULL : m->be->alloc(m->be, bytes);
+            if (!dev) return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of %s memory for tensor %s", m->be->name, name);
+            if (m->be->upload(m->be, dev, data, bytes)) {
+                m->be->free(m->be, dev);
+                const cepe_status st = backend_check(m->be);
+                return st ? st : cepe_fail(CEPE_ERR_BACKEND, "copying tensor %s to the device failed", name);
+            }
+            m->be->free(m->be, s->owned);
+            s->owned = dev;
+            data = dev;
         }
         *s->dst = data;
         return CEPE_OK;

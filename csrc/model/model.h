@@ -51,6 +51,7 @@ typedef struct {
     int ndim;
     int64_t shape[2];
     const float **dst;
+    float *owned; /* device backends: the device copy bind made (freed with the model) */
 } weight_slot;
 
 struct cepe_model {
@@ -70,36 +71,43 @@ struct cepe_model {
     rope_state enc_rope;
 };
 
+/* Per-request state. Buffers marked [dev] live in the backend's memory
+ * (device memory on a GPU: only ops, upload and download touch them); [host]
+ * ones are plain memory the C code reads and writes; [both] have a host
+ * mirror (suffix _h) filled on the host and uploaded before use. */
 struct cepe_ctx {
     const cepe_model *m;
     int B, cap, len, chunk;
     atomic_int interrupt;
-    /* KV cache: (n_layers, B, cap, KVH*hd) each; RoPE already applied to K. */
+    /* [dev] KV cache: (n_layers, B, cap, KVH*hd) each; RoPE already applied to K. */
     float *k_cache, *v_cache;
-    uint8_t *valid;   /* (B, cap) 1 = real token */
-    double *next_pos; /* (B) position of the next real token per row */
+    uint8_t *valid, *valid_h; /* [both] (B, cap) 1 = real token */
+    double *next_pos;         /* [host] (B) position of the next real token per row */
     /* run state for one chunk of B*chunk rows */
-    float *inv_freq; /* (rope.half) this call's RoPE table (dynamic NTK / LongRoPE) */
+    float *inv_freq, *inv_freq_h; /* [both] (rope.half) this call's RoPE table (dynamic NTK / LongRoPE) */
     float rope_mscale;
     int rope_cached_len; /* dynamic NTK: longest sequence seen by this request */
     int rope_len_hint;   /* cepe_ctx_set_rope_length */
-    double *saved_pos;   /* (B) next_pos at the start of a call, restored if it is stopped */
-    int32_t *ids;
-    double *pos;
-    float *cos_t, *sin_t;  /* (rows, rope_half) */
-    float *x, *xn;         /* (rows, d) residual stream, normed copy */
-    float *q, *k, *v, *att; /* (rows, H*hd | KVH*hd) */
-    float *gate, *up;      /* (rows, ff) */
-    float *last_hidden;    /* (B, d) */
-    float *last_logits;    /* (B, V) */
+    double *saved_pos;   /* [host] (B) next_pos at the start of a call, restored if it is stopped */
+    int32_t *ids, *ids_h;  /* [both] (rows) */
+    double *pos, *pos_h;   /* [both] (rows) */
+    float *cos_t, *sin_t;  /* [dev] (rows, rope_half) */
+    float *x, *xn;         /* [dev] (rows, d) residual stream, normed copy */
+    float *q, *k, *v, *att; /* [dev] (rows, H*hd | KVH*hd) */
+    float *gate, *up;      /* [dev] (rows, ff) */
+    float *last_hidden;    /* [dev] (B, d) */
+    float *last_logits, *last_logits_h; /* [both] (B, V); the device copy is downloaded */
+    float *logits_d;       /* [dev] (rows, V), device backends asked for every position's logits; lazy */
     int has_logits;
-    /* CEPE context: encoder states (B, ctx_N, d_enc), borrowed; mask owned */
+    /* CEPE context: encoder states (B, ctx_N, d_enc): borrowed on the CPU, an
+     * owned device copy on a device (ctx_states_own); mask owned */
     int ctx_N;
     const float *ctx_states;
-    uint8_t *ctx_mask;           /* (B, ctx_N) */
+    float *ctx_states_own;       /* [dev] */
+    uint8_t *ctx_mask;           /* [dev] (B, ctx_N) */
     int cross_kept;              /* 1: cross_k/v hold every cross layer's K/V */
-    float *cross_k, *cross_v;    /* kept: (n_cross, B, N, kvd); else (B, N, kvd) scratch */
-    /* sampler scratch */
+    float *cross_k, *cross_v;    /* [dev] kept: (n_cross, B, N, kvd); else (B, N, kvd) scratch */
+    /* [host] sampler scratch */
     float *probs;          /* (V) */
     int32_t *cand;         /* (V) */
     uint8_t *finished;     /* (B) */
@@ -109,6 +117,14 @@ struct cepe_ctx {
 /* cepe_ctx_forward without clearing a pending interrupt (the generation loop). */
 cepe_status cepe_ctx_forward_continue(cepe_ctx *x, const int32_t *ids, const double *positions,
                                       const uint8_t *mask, int T, float *logits, cepe_logits_mode mode);
+
+/* ctx.c: back to an empty cache and the short RoPE table; nonzero when the
+ * table's upload failed. */
+int cepe_ctx_reset_checked(cepe_ctx *x);
+
+/* CEPE_OK, or the backend's first failure since the last check (it waits for
+ * queued device work): every public call that ran ops ends with it. */
+cepe_status backend_check(const cepe_backend *be);
 
 /* Scratch views one block needs for N rows (block.c). */
 typedef struct {

@@ -114,7 +114,7 @@ cepe_status cepe_ctx_generate(cepe_ctx *x, const cepe_sampling *s, int max_new, 
         for (int b = 0; b < B; b++) {
             int tok = s->pad_token_id;
             if (!x->finished[b]) {
-                const float *lg = x->last_logits + (long)b * V;
+                const float *lg = x->last_logits_h + (long)b * V;
                 tok = s->temperature == 0.0f ? argmax(lg, V) : sample(lg, V, s, x->probs, x->cand, &rng);
                 for (int e = 0; e < s->n_eos; e++)
                     if (tok == s->eos_ids[e]) x->finished[b] = 1;

@@ -24,10 +24,7 @@
 
 /* Visible key range [lo, hi) for the query in slot `qs`. */
 static void key_range(const attention_shape *s, int qs, int *lo, int *hi) {
-    *lo = 0;
-    *hi = s->Tk;
-    if (s->causal && qs + 1 < *hi) *hi = qs + 1;
-    if (s->window > 0 && qs - s->window + 1 > *lo) *lo = qs - s->window + 1;
+    cepe_key_range(s->Tk, s->causal, s->window, qs, lo, hi); /* elementwise.h, shared with CUDA */
 }
 
 typedef struct {

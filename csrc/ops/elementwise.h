@@ -5,6 +5,7 @@
 #define CEPE_ELEMENTWISE_H
 
 #include <math.h>
+#include <stdint.h>
 #include <string.h>
 
 #ifdef __CUDACC__
@@ -24,6 +25,31 @@ CEPE_HD float cepe_bits_to_float(int i) {
     return f;
 #endif
 }
+
+/* The bits of f (cepe_bits_to_float's inverse). */
+CEPE_HD uint32_t cepe_float_to_bits(float f) {
+#ifdef __CUDA_ARCH__
+    return __float_as_uint(f);
+#else
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+#endif
+}
+
+/* bf16 is the top half of an fp32. Rounded to nearest, ties to even: adding
+ * 0x7fff plus the lowest kept bit carries into the kept half exactly when the
+ * dropped half is above one half, or equal to it with an odd kept half.
+ * Overflow rounds to inf, as it should; a NaN stays a (quiet) NaN instead of
+ * being rounded into inf. */
+CEPE_HD uint16_t cepe_float_to_bf16(float x) {
+    const uint32_t u = cepe_float_to_bits(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* bf16 bits -> float, exactly. */
+CEPE_HD float cepe_bf16_to_float(uint16_t h) { return cepe_bits_to_float((int)((uint32_t)h << 16)); }
 
 /* exp(x) for x <= 0 as used by softmax: Cephes' expf polynomial (relative
  * error ~2e-7) written without calls or branches so loops over it vectorize.
@@ -63,6 +89,17 @@ CEPE_HD void cepe_rope_rotate(float *x1, float *x2, float c, float s) {
     float a = *x1, b = *x2;
     *x1 = a * c - b * s;
     *x2 = b * c + a * s;
+}
+
+/* Attention's visible key range [lo, hi) for the query in slot qs (its
+ * position among the Tk keys): causal keeps keys j <= qs, a window > 0 keeps
+ * qs - j < window. Both ends are non-decreasing in qs, so the union over a
+ * run of queries is [lo(first), hi(last)). Padding (key_valid) is separate. */
+CEPE_HD void cepe_key_range(int Tk, int causal, int window, int qs, int *lo, int *hi) {
+    *lo = 0;
+    *hi = Tk;
+    if (causal && qs + 1 < *hi) *hi = qs + 1;
+    if (window > 0 && qs - window + 1 > *lo) *lo = qs - window + 1;
 }
 
 /* Online softmax: fold a block whose max score is `block_max` into the running

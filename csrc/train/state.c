@@ -124,6 +124,8 @@ cepe_status cepe_train_create(const cepe_model *m, const cepe_train_config *c, f
     *out = NULL;
     if (!m->finalized) return cepe_fail(CEPE_ERR_STATE, "the model has unbound weights (call finalize)");
     if (step < 0) return cepe_fail(CEPE_ERR_INVALID_ARG, "step must be >= 0, got %ld", step);
+    if (m->be->device) /* training keeps its parameters in host buffers (the caller's NumPy arrays) */
+        return cepe_fail(CEPE_ERR_UNSUPPORTED, "training on the %s backend is not supported yet", m->be->name);
     cepe_status st = check_which(m, c->trainable);
     if (st || (st = check_config(c))) return st;
 
