@@ -536,7 +536,9 @@ def load_gguf(
         raise CheckpointError(
             f"{path}: block_count is {cfg.num_hidden_layers} but the file holds tensors for {len(blocks)} blocks"
         )
-    core = cepe_c.Model(cfg.core_kwargs(), None, n_threads=n_threads)
+    from .load import make_backend
+
+    core = cepe_c.Model(cfg.core_kwargs(), None, n_threads=n_threads, backend=make_backend(device))
     # NumPy releases the GIL in the dequantizing loops: a few tensors at a time.
     with ThreadPoolExecutor(max_workers=max(1, min(n_threads, 4))) as pool:
         arrays = pool.map(gf.get, [name for name, _ in bind])

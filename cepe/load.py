@@ -14,7 +14,7 @@ from .errors import CheckpointError
 from .model import Model
 from .safetensors_io import Checkpoint
 
-DEVICES = ("cpu", "cuda")
+SIM_DEVICE = "cpu-device-sim"
 MAX_THREADS = 1024  # as the core's CEPE_MAX_THREADS
 # Buffers some checkpoints carry that the math recomputes.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -48,20 +48,38 @@ def check_threads(n_threads: object) -> int:
 
 
 def check_device(device: object) -> str:
+    """'cpu', 'cuda' or 'cuda:N' (checked against this build and machine), or
+    'cpu-device-sim': the CPU ops behind a simulated device boundary, for
+    testing the host/device plumbing on machines without a GPU."""
     if not isinstance(device, str):
         raise TypeError(f"device must be a str ('cpu' or 'cuda'), got {type(device).__name__}")
-    if device not in DEVICES:
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    if device == "cuda":
-        from .backends import backends
+    if device in ("cpu", SIM_DEVICE):
+        return device
+    if device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    from .backends import backends
 
-        info = backends()["cuda"]
-        if not info["built"]:
-            raise RuntimeError(f"device='cuda': the CUDA extension is not built ({info['reason']})")
-        if not info["available"]:
-            raise RuntimeError(f"device='cuda': no usable CUDA device ({info['reason']})")
-        raise NotImplementedError("device='cuda': the CUDA backend's model ops are not implemented yet")
+    info = backends()["cuda"]
+    if not info["built"]:
+        raise RuntimeError(f"device={device!r}: the CUDA extension is not built ({info['reason']})")
+    if not info["available"]:
+        raise RuntimeError(f"device={device!r}: no usable CUDA device ({info['reason']})")
+    index = int(device[5:]) if ":" in device else 0
+    if index >= info["devices"]:
+        raise ValueError(f"device={device!r}: this machine has {info['devices']} CUDA device(s)")
     return device
+
+
+def make_backend(device: str) -> Any:
+    """The op table a model on `device` runs on: None for the CPU, else a
+    fresh backend capsule (one stream and one cuBLAS handle per model)."""
+    if device == "cpu":
+        return None
+    if device == SIM_DEVICE:
+        return cepe_c._sim_backend()
+    import cepe_cuda
+
+    return cepe_cuda.backend(int(device[5:]) if ":" in device else 0)
 
 
 def load(
@@ -107,7 +125,7 @@ def load(
     ckpt = Checkpoint(model_dir)
 
     encoder = cfg.encoder.core_kwargs() if cfg.encoder is not None else None
-    core = cepe_c.Model(cfg.core_kwargs(), encoder, n_threads=n)
+    core = cepe_c.Model(cfg.core_kwargs(), encoder, n_threads=n, backend=make_backend(device))
     names = [nm for nm in ckpt.names() if not nm.endswith(_IGNORED_SUFFIXES)]
     if cfg.tie_word_embeddings:  # some tied checkpoints still store the copy
         names = [nm for nm in names if nm != "lm_head.weight"]

@@ -17,6 +17,7 @@
 
 #include "../csrc/cepe.h"
 #include "errors.h"
+#include "backend_capsule.h"
 
 /* rope_bindings.c: rope_frequencies, e2llm_positions. */
 extern PyMethodDef cepe_rope_methods[];
@@ -79,13 +80,15 @@ static PyArrayObject *as_array(PyObject *obj, const char *what, int type_num, in
 typedef struct {
     PyObject_HEAD
     cepe_model *model;
-    PyObject *weights; /* list: keeps every bound array alive */
+    PyObject *weights; /* list: keeps every bound array alive (the CPU uses them in place) */
+    PyObject *backend; /* the "cepe.backend" capsule the model runs on (kept alive), or NULL: the CPU */
     int n_threads;
 } ModelObject;
 
 static void Model_dealloc(ModelObject *self) {
-    cepe_model_free(self->model);
+    cepe_model_free(self->model); /* before its backend goes */
     Py_XDECREF(self->weights);
+    Py_XDECREF(self->backend);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -139,10 +142,12 @@ static int config_from_dict(PyObject *d, cepe_config *c, const char *what, PyObj
 }
 
 static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
-    static char *names[] = {"decoder", "encoder", "n_threads", NULL};
-    PyObject *dec, *enc = Py_None;
+    static char *names[] = {"decoder", "encoder", "n_threads", "backend", NULL};
+    PyObject *dec, *enc = Py_None, *backend = Py_None;
     int n_threads = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|Oi:Model", names, &dec, &enc, &n_threads)) return -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OiO:Model", names, &dec, &enc, &n_threads, &backend)) return -1;
+    const cepe_backend *be = cepe_backend_from_capsule(backend);
+    if (!be) return -1;
     cepe_config c = {0}, ec = {0};
     PyObject *keep[4] = {NULL, NULL, NULL, NULL}; /* longrope factor arrays, until create copies them */
     int rc = -1;
@@ -152,7 +157,7 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
     }
     if (config_from_dict(dec, &c, "decoder config", keep) < 0) goto done;
     if (enc != Py_None && config_from_dict(enc, &ec, "encoder config", keep + 2) < 0) goto done;
-    cepe_status st = cepe_model_create(&c, enc != Py_None ? &ec : NULL, n_threads, &self->model);
+    cepe_status st = cepe_model_create_on(&c, enc != Py_None ? &ec : NULL, n_threads, be, &self->model);
     if (st) {
         raise_status(st);
         goto done;
@@ -162,6 +167,10 @@ done:
     for (int i = 0; i < 4; i++) Py_XDECREF(keep[i]);
     if (rc < 0) return -1;
     self->n_threads = n_threads;
+    if (backend != Py_None) {
+        Py_INCREF(backend);
+        self->backend = backend;
+    }
     self->weights = PyList_New(0);
     return self->weights ? 0 : -1;
 }
@@ -206,9 +215,12 @@ static PyObject *Model_bind(ModelObject *self, PyObject *args) {
     if (!a) return NULL;
     int64_t shape[NPY_MAXDIMS];
     for (int i = 0; i < PyArray_NDIM(a); i++) shape[i] = (int64_t)PyArray_DIM(a, i);
-    cepe_status st = cepe_model_bind(self->model, name, (const float *)PyArray_DATA(a), PyArray_NDIM(a), shape);
-    if (st) return raise_status(st);
-    if (PyList_Append(self->weights, obj) < 0) return NULL;
+    cepe_status st;
+    Py_BEGIN_ALLOW_THREADS st = cepe_model_bind(self->model, name, (const float *)PyArray_DATA(a), PyArray_NDIM(a),
+                                                shape);
+    Py_END_ALLOW_THREADS if (st) return raise_status(st);
+    /* the CPU reads the array in place; a device backend made its own copy */
+    if (!self->backend && PyList_Append(self->weights, obj) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
@@ -217,6 +229,15 @@ static PyObject *Model_finalize(ModelObject *self, PyObject *Py_UNUSED(ignored))
     if (st) return raise_status(st);
     Py_RETURN_NONE;
 }
+
+static PyObject *Model_get_backend(ModelObject *self, void *Py_UNUSED(c)) {
+    return PyUnicode_FromString(self->model ? cepe_model_backend_name(self->model) : "cpu");
+}
+
+static PyGetSetDef Model_getset[] = {
+    {"backend", (getter)Model_get_backend, NULL, "name of the backend the model runs on", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
 
 static PyMethodDef Model_methods[] = {
     {"bind", (PyCFunction)Model_bind, METH_VARARGS, "bind(name, float32 array): attach one weight by its HF name"},
@@ -234,6 +255,7 @@ static PyTypeObject ModelType = {
     .tp_init = (initproc)Model_init,
     .tp_dealloc = (destructor)Model_dealloc,
     .tp_methods = Model_methods,
+    .tp_getset = Model_getset,
 };
 
 /* ----------------------------------------------------------------- Context */
@@ -530,7 +552,23 @@ static PyObject *mod_set_blas_threads(PyObject *Py_UNUSED(m), PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+static void sim_capsule_free(PyObject *cap) {
+    cepe_backend *be = PyCapsule_GetPointer(cap, CEPE_BACKEND_CAPSULE);
+    if (be) be->destroy(be);
+}
+
+/* A device-simulating CPU backend (csrc/backend.h), for tests of the
+ * host/device boundary on machines without a GPU. */
+static PyObject *mod_sim_backend(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a)) {
+    cepe_backend *be = cepe_backend_cpu_device_sim();
+    if (!be) return PyErr_NoMemory();
+    PyObject *cap = PyCapsule_New(be, CEPE_BACKEND_CAPSULE, sim_capsule_free);
+    if (!cap) be->destroy(be);
+    return cap;
+}
+
 static PyMethodDef module_methods[] = {
+    {"_sim_backend", mod_sim_backend, METH_NOARGS, "test-only: a CPU backend that behaves like a device"},
     {"blas_info", mod_blas_info, METH_NOARGS, "the linked BLAS and its build configuration"},
     {"max_threads", mod_max_threads, METH_NOARGS, "OpenMP's thread limit"},
     {"set_blas_threads", mod_set_blas_threads, METH_O, "set the (process-wide) BLAS thread count"},

@@ -84,6 +84,9 @@ cepe_status cepe_model_weight_at(const cepe_model *m, int i, const char **name, 
         return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_model_weight_at: NULL argument");
     if (i < 0 || i >= m->n_slots)
         return cepe_fail(CEPE_ERR_INVALID_ARG, "weight index %d is outside [0, %d)", i, m->n_slots);
+    if (m->be->device) /* a host view of device memory would be a crash waiting to happen */
+        return cepe_fail(CEPE_ERR_UNSUPPORTED, "the weights of a model on the %s backend live in device memory",
+                         m->be->name);
     const weight_slot *s = &m->slots[i];
     *name = s->name;
     *data = *s->dst;

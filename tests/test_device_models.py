@@ -1,0 +1,183 @@
+"""Whole-model paths on a device backend against the CPU backend.
+
+Two devices run this module:
+- "cpu-device-sim" (always): the CPU ops behind a simulated device boundary.
+  Its buffers sit at non-canonical addresses, so host code that touches
+  device memory faults at once, and a missing upload or download gives wrong
+  numbers. Results must match the CPU bit for bit up to BLAS blocking
+  (logits of every position go through one GEMM over the whole chunk there,
+  one per row on the CPU): tolerance 1e-5.
+- "cuda" (marked `cuda`, skipped without a GPU): the same paths on the GPU.
+  fp32 throughout (cuBLAS without TF32, the online softmax in fp32), so
+  logits agree with the CPU to 2e-3 absolute on these tiny random models
+  (error grows with depth: the documented bound for 2-4 layer models);
+  greedy tokens must be equal (the models' top-2 logit gaps are far above
+  that bound).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cepe_reference import make_reference
+
+import cepe
+
+SIM = "cpu-device-sim"
+
+
+def cuda_available() -> bool:
+    return bool(cepe.backends()["cuda"]["available"])
+
+
+DEVICES = [
+    pytest.param(SIM, id="sim"),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=[pytest.mark.cuda, pytest.mark.skipif(not cuda_available(), reason="no usable CUDA device")],
+    ),
+]
+TOL = {SIM: 1e-5, "cuda": 2e-3}
+
+
+@pytest.fixture(scope="module")
+def cepe_dir(tmp_path_factory):
+    ref = make_reference(seed=5)
+    return ref.save(str(tmp_path_factory.mktemp("cepe_dev")))
+
+
+@pytest.fixture(scope="module")
+def decoder_dir(model_factory):
+    return model_factory("dev_llama", num_hidden_layers=3)[0]
+
+
+@pytest.fixture(scope="module")
+def dynamic_dir(model_factory):
+    rope = {"rope_type": "dynamic", "factor": 2.0}
+    return model_factory("dev_dynamic", max_position_embeddings=16, rope_scaling=rope)[0]
+
+
+def pair(path: str, device: str) -> tuple[cepe.Model, cepe.Model]:
+    return cepe.load(path, n_threads=2), cepe.load(path, device=device, n_threads=2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_logits_batch_with_left_padding(decoder_dir, device):
+    cpu, dev = pair(decoder_dir, device)
+    assert dev.device == device
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 97, size=(3, 21))
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :20] = 0  # one real token
+    np.testing.assert_allclose(
+        dev.forward(ids, attention_mask=mask), cpu.forward(ids, attention_mask=mask), atol=TOL[device], rtol=0
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_long_prompt_runs_in_chunks(decoder_dir, device):
+    """600 tokens > the 512-row prefill chunk: the second chunk attends to the
+    cache the first one filled on the device."""
+    cpu, dev = pair(decoder_dir, device)
+    ids = np.random.default_rng(1).integers(3, 97, size=(1, 600))
+    np.testing.assert_allclose(dev.forward(ids), cpu.forward(ids), atol=TOL[device], rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kv_cache_steps_equal_one_pass(decoder_dir, device):
+    _, dev = pair(decoder_dir, device)
+    ids = np.random.default_rng(2).integers(3, 97, size=(2, 10))
+    full = dev.forward(ids)
+    cache = dev.create_cache(2, 10)
+    parts = [dev.forward(ids[:, :6], cache=cache)] + [dev.forward(ids[:, t : t + 1], cache=cache) for t in range(6, 10)]
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), full, atol=TOL[device], rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_generation_greedy_and_sampled(decoder_dir, device):
+    cpu, dev = pair(decoder_dir, device)
+    prompt = np.random.default_rng(3).integers(3, 97, size=(2, 5))
+    kw = dict(eos_token_id=[])
+    np.testing.assert_array_equal(dev.generate(prompt, 24, **kw), cpu.generate(prompt, 24, **kw))
+    if device == SIM:  # same floats: the same draws
+        sampled = dict(kw, temperature=0.8, top_p=0.9, seed=7)
+        np.testing.assert_array_equal(dev.generate(prompt, 24, **sampled), cpu.generate(prompt, 24, **sampled))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dynamic_rope_table_follows_the_call(dynamic_dir, device):
+    """Dynamic NTK recomputes the frequency table on the host per call: it
+    must reach the device before the RoPE table is built."""
+    cpu, dev = pair(dynamic_dir, device)
+    ids = np.random.default_rng(4).integers(3, 97, size=(1, 40))  # > max_position_embeddings
+    np.testing.assert_allclose(dev.forward(ids), cpu.forward(ids), atol=TOL[device], rtol=0)
+    cache_c, cache_d = cpu.create_cache(1, 48), dev.create_cache(1, 48)
+    for lo, hi in ((0, 10), (10, 30), (30, 40)):
+        np.testing.assert_allclose(
+            dev.forward(ids[:, lo:hi], cache=cache_d), cpu.forward(ids[:, lo:hi], cache=cache_c), atol=TOL[device]
+        )
+
+
+def context(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    ids = rng.integers(3, 103, size=(2, 3, 7))
+    mask = np.ones_like(ids)
+    mask[0, 1, :3] = 0
+    mask[1, 2, :] = 0  # a fully padded chunk
+    return np.where(mask == 1, ids, 2), mask
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cepe_encode_forward_and_generate(cepe_dir, device):
+    cpu, dev = pair(cepe_dir, device)
+    rng = np.random.default_rng(5)
+    ctx, cmask = context(rng)
+    prompt = rng.integers(3, 101, size=(2, 6))
+    np.testing.assert_allclose(dev.encode(ctx, cmask), cpu.encode(ctx, cmask), atol=TOL[device], rtol=0)
+    kw = dict(encoder_input_ids=ctx, encoder_attention_mask=cmask)
+    for keep in (True, False):
+        np.testing.assert_allclose(
+            dev.forward(prompt, keep_cross_kv=keep, **kw), cpu.forward(prompt, **kw), atol=TOL[device], rtol=0
+        )
+        np.testing.assert_array_equal(
+            dev.generate(prompt, 16, eos_token_id=[], keep_cross_kv=keep, **kw),
+            cpu.generate(prompt, 16, eos_token_id=[], **kw),
+        )
+    states = cpu.encode(ctx, cmask).reshape(2, 21, -1)
+    np.testing.assert_allclose(
+        dev.forward(prompt, encoder_hidden_states=states, encoder_attention_mask=cmask.reshape(2, 21)),
+        cpu.forward(prompt, **kw),
+        atol=TOL[device],
+        rtol=0,
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cepe_perplexity(cepe_dir, device):
+    cpu, dev = pair(cepe_dir, device)
+    rng = np.random.default_rng(6)
+    ctx, cmask = context(rng)
+    ids = rng.integers(3, 101, size=(1, 50))
+    kw = dict(encoder_input_ids=ctx[:1], encoder_attention_mask=cmask[:1], eval_window=20)
+    assert dev.perplexity(ids, **kw) == pytest.approx(cpu.perplexity(ids, **kw), rel=10 * TOL[device])
+
+
+def test_weights_are_copied_to_the_device(decoder_dir):
+    """A device model owns its weights: it does not keep the host arrays."""
+    dev = cepe.load(decoder_dir, device=SIM)
+    assert dev._core.backend == "cpu-device-sim"
+    assert cepe.load(decoder_dir)._core.backend == "cpu"
+
+
+def test_training_a_device_model_is_refused_clearly(cepe_dir):
+    dev = cepe.load(cepe_dir, device=SIM)
+    with pytest.raises(NotImplementedError, match="device='cpu-device-sim'"):
+        cepe.Trainer(dev, total_steps=1)
+
+
+def test_bad_device_names():
+    with pytest.raises(ValueError, match="device must be 'cpu', 'cuda' or 'cuda:N'"):
+        cepe.load("/nonexistent", device="gpu")
+    with pytest.raises(TypeError, match="device must be a str"):
+        cepe.load("/nonexistent", device=0)
