@@ -167,6 +167,10 @@ class Trainer:
     ) -> None:
         if not isinstance(model, Model):
             raise TypeError(f"model must be a cepe.Model, got {type(model).__name__}")
+        if model.device != "cpu":
+            raise NotImplementedError(
+                f"training a model on device={model.device!r} is not supported yet: load it with device='cpu'"
+            )
         if trainable not in TRAINABLE:
             raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
         if init not in INIT_MODES:
