@@ -167,10 +167,6 @@ class Trainer:
     ) -> None:
         if not isinstance(model, Model):
             raise TypeError(f"model must be a cepe.Model, got {type(model).__name__}")
-        if model.device != "cpu":
-            raise NotImplementedError(
-                f"training a model on device={model.device!r} is not supported yet: load it with device='cpu'"
-            )
         if trainable not in TRAINABLE:
             raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
         if init not in INIT_MODES:
@@ -216,8 +212,13 @@ class Trainer:
         self._initialize(weights)
 
         cfg = model.config
+        from .load import make_backend
+
         core = cepe_c.Model(
-            cfg.core_kwargs(), cfg.encoder.core_kwargs() if cfg.encoder is not None else None, n_threads=model.n_threads
+            cfg.core_kwargs(),
+            cfg.encoder.core_kwargs() if cfg.encoder is not None else None,
+            n_threads=model.n_threads,
+            backend=make_backend(model.device),  # on a device, the weights live there and train there
         )
         trained = {name for name, _, _ in self.layout}
         for name, w in weights.items():
@@ -228,11 +229,25 @@ class Trainer:
 
     # ------------------------------------------------------------ weights
     def tensor(self, name: str) -> np.ndarray:
-        """The master weight of a trainable tensor: a writable view into the flat buffer."""
+        """The master weight of a trainable tensor: a writable view into the flat buffer.
+        (On a device the weights train there; this view is brought up to date
+        on each call. After editing it, call sync_device().)"""
+        if getattr(self, "_state", None) is not None:
+            self._state.sync_host()
         for n, shape, off in self.layout:
             if n == name:
                 return self.params[off : off + int(np.prod(shape))].reshape(shape)
         raise KeyError(f"{name} is not a trainable tensor of this Trainer")
+
+    def sync_host(self) -> None:
+        """Brings params / adam_m / adam_v up to date with the device the model
+        trains on (tensor() and save() do it themselves); a no-op on the CPU."""
+        self._state.sync_host()
+
+    def sync_device(self) -> None:
+        """Pushes host-side edits of tensor() views (or of adam_m / adam_v) to
+        the device the model trains on; a no-op on the CPU."""
+        self._state.sync_device()
 
     @property
     def trainable_names(self) -> list[str]:
@@ -469,6 +484,7 @@ class Trainer:
             if not raw:
                 raise ValueError("this model has no config.json to save (loaded from a GGUF file?)")
             _write_json(os.path.join(tmp, "config.json"), raw)
+            self._state.sync_host()  # a device's weights and moments into params / adam_m / adam_v
             weights = cepe_c.train_weights(self.model._core)  # frozen: as loaded; trainable: the master weights
             _write_safetensors(os.path.join(tmp, "model.safetensors"), weights)
             _write_safetensors(
@@ -496,7 +512,9 @@ class Trainer:
         return path
 
     @classmethod
-    def resume(cls, path: str | os.PathLike[str], *, n_threads: int | None = None) -> Trainer:
+    def resume(
+        cls, path: str | os.PathLike[str], *, n_threads: int | None = None, device: str = "cpu"
+    ) -> Trainer:
         """A Trainer (and its Model: trainer.model) continuing from a
         checkpoint written by save(): the same weights, moments, step and
         settings, so the next steps equal those of an uninterrupted run bit
@@ -515,7 +533,7 @@ class Trainer:
             st = json.load(f)
         if st.get("format") != STATE_FORMAT:
             raise ValueError(f"{state_path}: unsupported trainer_state format {st.get('format')!r}")
-        model = load(path, n_threads=n_threads)
+        model = load(path, n_threads=n_threads, device=device)
         trainer = cls(
             model,
             st["trainable"],
@@ -544,6 +562,7 @@ class Trainer:
             if a.shape != buf.shape:
                 raise ValueError(f"{path}: optimizer state {name} has shape {a.shape}, expected {buf.shape}")
             buf[...] = a
+        trainer._state.sync_device()  # the loaded moments, to a device
         trainer._state.step = int(st["step"])
         return trainer
 

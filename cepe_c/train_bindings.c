@@ -184,6 +184,19 @@ static PyObject *py_train_weights(PyObject *Py_UNUSED(m), PyObject *core) {
         if (cepe_model_weight_at(m, i, &name, &data, &ndim, shape) != CEPE_OK) break;
         if (!data) continue;
         npy_intp dims[2] = {(npy_intp)shape[0], (npy_intp)shape[1]};
+        if (cepe_model_on_device(m)) { /* device memory: a host copy */
+            PyObject *a = PyArray_SimpleNew(ndim, dims, NPY_FLOAT32);
+            if (!a) goto fail;
+            cepe_status st;
+            Py_BEGIN_ALLOW_THREADS st = cepe_model_read_weight(m, i, (float *)PyArray_DATA((PyArrayObject *)a));
+            Py_END_ALLOW_THREADS if (st || PyDict_SetItemString(d, name, a) < 0) {
+                Py_DECREF(a);
+                if (st) raise_status(st);
+                goto fail;
+            }
+            Py_DECREF(a);
+            continue;
+        }
         PyObject *a = PyArray_New(&PyArray_Type, ndim, dims, NPY_FLOAT32, NULL, (void *)data, 0, NPY_ARRAY_CARRAY_RO,
                                   NULL);
         if (!a) goto fail;
@@ -339,8 +352,39 @@ static PyObject *TrainState_zero_grad(TrainStateObject *self, PyObject *Py_UNUSE
 static PyObject *TrainState_grads(TrainStateObject *self, PyObject *Py_UNUSED(a)) {
     npy_intp n = self->n_params;
     PyObject *out = PyArray_SimpleNew(1, &n, NPY_FLOAT32);
-    if (out) memcpy(PyArray_DATA((PyArrayObject *)out), cepe_train_grads(self->t), sizeof(float) * (size_t)n);
+    if (!out) return NULL;
+    if (claim(self) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    cepe_status st;
+    Py_BEGIN_ALLOW_THREADS st = cepe_train_copy_grads(self->t, (float *)PyArray_DATA((PyArrayObject *)out));
+    Py_END_ALLOW_THREADS self->busy = 0;
+    if (st) {
+        Py_DECREF(out);
+        return raise_status(st);
+    }
     return out;
+}
+
+static PyObject *TrainState_sync_device(TrainStateObject *self, PyObject *Py_UNUSED(a)) {
+    if (claim(self) < 0) return NULL;
+    cepe_status st;
+    Py_BEGIN_ALLOW_THREADS st = cepe_train_sync_device(self->t);
+    Py_END_ALLOW_THREADS self->busy = 0;
+    if (st) return raise_status(st);
+    Py_RETURN_NONE;
+}
+
+/* sync_host(): on a device, writes the weights and moments back into the
+ * params / m / v arrays (before saving); a no-op on the CPU. */
+static PyObject *TrainState_sync_host(TrainStateObject *self, PyObject *Py_UNUSED(a)) {
+    if (claim(self) < 0) return NULL;
+    cepe_status st;
+    Py_BEGIN_ALLOW_THREADS st = cepe_train_sync_host(self->t);
+    Py_END_ALLOW_THREADS self->busy = 0;
+    if (st) return raise_status(st);
+    Py_RETURN_NONE;
 }
 
 static PyObject *TrainState_get_step(TrainStateObject *self, void *Py_UNUSED(c)) {
@@ -366,6 +410,10 @@ static PyMethodDef TrainState_methods[] = {
     {"update", (PyCFunction)TrainState_update, METH_NOARGS, "clip + AdamW at the scheduled lr -> {grad_norm, lr}"},
     {"zero_grad", (PyCFunction)TrainState_zero_grad, METH_NOARGS, "set every gradient to zero"},
     {"grads", (PyCFunction)TrainState_grads, METH_NOARGS, "a copy of the flat gradient buffer"},
+    {"sync_host", (PyCFunction)TrainState_sync_host, METH_NOARGS,
+     "device backends: copy the weights and moments back into params / m / v"},
+    {"sync_device", (PyCFunction)TrainState_sync_device, METH_NOARGS,
+     "device backends: copy params / m / v (edited on the host) to the device"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -295,11 +295,18 @@ cepe_status cepe_train_tensor(const cepe_model *m, cepe_trainable which, int i, 
  * = 0 for 1-D). A tied lm_head is not a weight of its own. */
 cepe_status cepe_model_weight_at(const cepe_model *m, int i, const char **name, const float **data, int *ndim,
                                  int64_t shape[2]);
+/* 1 when the model's weights live in device memory (data above is then a
+ * device pointer: read it with cepe_model_read_weight). */
+int cepe_model_on_device(const cepe_model *m);
+/* Copies weight i (as cepe_model_weight_at numbers them) to host memory. */
+cepe_status cepe_model_read_weight(const cepe_model *m, int i, float *dst);
 
 /* A training state over a finalized model whose trainable weights are bound
  * to params + offset (checked: that is how updates reach the model), and
  * the AdamW moments adam_m, adam_v; all three (n_params floats) stay owned by
- * the caller and must outlive the state. step: optimizer steps already taken
+ * the caller and must outlive the state. On a device backend the model's
+ * device copies of the trainable weights are set from params, the moments
+ * are copied to the device, and cepe_train_sync_host writes all three back. step: optimizer steps already taken
  * (0, or the step of a resumed checkpoint). While training, the model must
  * not run elsewhere: updates write its weights in place. */
 cepe_status cepe_train_create(const cepe_model *m, const cepe_train_config *c, float *params, float *adam_m,
@@ -343,9 +350,16 @@ cepe_status cepe_train_forward_backward(cepe_train *t, const cepe_train_batch *b
 /* Clips the gradients, runs AdamW at the scheduled lr and counts the step;
  * fills grad_norm and lr. */
 cepe_status cepe_train_update(cepe_train *t, cepe_train_stats *out);
-/* The flat gradient buffer (n_params floats), optimizer steps taken, and
- * setting that count (resume). */
-const float *cepe_train_grads(const cepe_train *t);
+/* Copies the flat gradient buffer (n_params floats) to dst. */
+cepe_status cepe_train_copy_grads(const cepe_train *t, float *dst);
+/* On a device backend, copies the trainable weights, and the moments, back
+ * into the caller's params / adam_m / adam_v (the state of record for saving);
+ * on the CPU they are the state already (no-op). */
+cepe_status cepe_train_sync_host(cepe_train *t);
+/* The reverse: the caller's buffers (edited on the host, e.g. a resumed
+ * optimizer state) to the device. No-op on the CPU. */
+cepe_status cepe_train_sync_device(cepe_train *t);
+/* Optimizer steps taken, and setting that count (resume). */
 long cepe_train_steps(const cepe_train *t);
 void cepe_train_set_steps(cepe_train *t, long step);
 /* ==== end training ========================================================= */

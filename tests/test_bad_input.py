@@ -110,7 +110,7 @@ def test_load_bad_threads(tiny, n_threads, exc, match):
 @pytest.mark.parametrize(
     "device, exc, match",
     [
-        ("tpu", ValueError, "device must be 'cpu' or 'cuda', got 'tpu'"),
+        ("tpu", ValueError, "device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
         (0, TypeError, "device must be a str"),
     ],
 )

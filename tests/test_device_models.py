@@ -170,10 +170,55 @@ def test_weights_are_copied_to_the_device(decoder_dir):
     assert cepe.load(decoder_dir)._core.backend == "cpu"
 
 
-def test_training_a_device_model_is_refused_clearly(cepe_dir):
-    dev = cepe.load(cepe_dir, device=SIM)
-    with pytest.raises(NotImplementedError, match="device='cpu-device-sim'"):
-        cepe.Trainer(dev, total_steps=1)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("trainable", ["cross_attn", "cross_attn+encoder"])
+def test_three_training_steps(cepe_dir, device, trainable):
+    """Three optimizer steps (two micro-batches each, CEPED KL on) on the
+    device equal the CPU's: losses, gradient norms and the trained weights."""
+    from test_train import make_batch
+
+    ref = make_reference(seed=5)
+    rng = np.random.default_rng(7)
+    batches = [make_batch(rng, ref, B=2, kl_T=3) for _ in range(3)]
+    kw = dict(lr=1e-2, weight_decay=0.05, total_steps=3, grad_accum=2, kl_loss_cof=1.5, kl_mode="drop", seed=3)
+    cpu = cepe.Trainer(cepe.load(cepe_dir, n_threads=2), trainable, init="normal", **kw)
+    dev = cepe.Trainer(cepe.load(cepe_dir, device=device, n_threads=2), trainable, init="normal", **kw)
+    for batch in batches:
+        want, got = cpu.step(batch), dev.step(batch)
+        for key in ("loss", "lm_loss", "kl_loss", "grad_norm", "lr"):
+            assert got[key] == pytest.approx(want[key], rel=TOL[device], abs=TOL[device]), key
+    dev.sync_host()
+    np.testing.assert_allclose(dev.params, cpu.params, atol=TOL[device] * 10, rtol=0)
+    np.testing.assert_allclose(dev.adam_v, cpu.adam_v, atol=TOL[device], rtol=TOL[device] * 10)
+    # the trained device model runs on its updated weights
+    probe = make_batch(np.random.default_rng(1), ref, B=1, pad=False)
+    enc = {"encoder_input_ids": probe["encoder_input_ids"]}
+    got = dev.model.forward(probe["input_ids"], **enc)
+    np.testing.assert_allclose(got, cpu.model.forward(probe["input_ids"], **enc), atol=TOL[device] * 10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_save_and_resume(cepe_dir, device, tmp_path):
+    """A checkpoint saved from the device holds the device's weights and
+    moments; resuming it on the device continues as the CPU run does."""
+    from test_train import make_batch
+
+    ref = make_reference(seed=5)
+    rng = np.random.default_rng(8)
+    batches = [make_batch(rng, ref, B=2) for _ in range(4)]
+    kw = dict(lr=1e-2, total_steps=4, seed=2)
+    cpu = cepe.Trainer(cepe.load(cepe_dir, n_threads=2), "cross_attn+encoder", **kw)
+    want = [cpu.step(b) for b in batches]
+    dev = cepe.Trainer(cepe.load(cepe_dir, device=device, n_threads=2), "cross_attn+encoder", **kw)
+    got = [dev.step(b) for b in batches[:2]]
+    ckpt = dev.save(tmp_path / "ckpt")
+    again = cepe.Trainer.resume(ckpt, n_threads=2, device=device)
+    assert again.model.device == device
+    got += [again.step(b) for b in batches[2:]]
+    for g, w in zip(got, want, strict=True):
+        assert g["loss"] == pytest.approx(w["loss"], rel=TOL[device], abs=TOL[device])
+    again.sync_host()
+    np.testing.assert_allclose(again.params, cpu.params, atol=TOL[device] * 10, rtol=0)
 
 
 def test_bad_device_names():

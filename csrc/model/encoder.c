@@ -11,8 +11,13 @@
  * that scratch stays a few MB whatever the context length. */
 #define ENCODE_ROWS 1024
 
-cepe_status cepe_model_encode(const cepe_model *m, const int32_t *ids, const uint8_t *mask, int n_chunks,
-                              int L, float *out) {
+cepe_status cepe_model_encode(const cepe_model *m, const int32_t *ids, const uint8_t *mask, int n_chunks, int L,
+                              float *out) {
+    return model_encode_into(m, ids, mask, n_chunks, L, out, 0);
+}
+
+cepe_status model_encode_into(const cepe_model *m, const int32_t *ids, const uint8_t *mask, int n_chunks, int L,
+                              float *out, int out_on_backend) {
     if (!m || !ids || !out) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_model_encode: NULL argument");
     if (!m->finalized) return cepe_fail(CEPE_ERR_STATE, "the model has unbound weights (call finalize)");
     if (!m->has_encoder) return cepe_fail(CEPE_ERR_STATE, "this model has no CEPE encoder");
@@ -46,11 +51,11 @@ cepe_status cepe_model_encode(const cepe_model *m, const int32_t *ids, const uin
     /* device backends: the batch's ids, mask and output cross the boundary */
     int32_t *ids_d = dev ? DEV(rows, int32_t) : NULL;
     uint8_t *mask_d = dev && mask ? DEV(rows, uint8_t) : NULL;
-    float *out_d = dev ? DEV(rows * d, float) : NULL;
+    float *out_d = dev && !out_on_backend ? DEV(rows * d, float) : NULL;
 #undef DEV
     double *pos_h = cepe_calloc(rows, sizeof(double));
     if (!x || !xn || !q || !att || !k || !v || !gate || !up || !cos_t || !sin_t || !pos || !inv_freq_d || !pos_h ||
-        (dev && (!ids_d || (mask && !mask_d) || !out_d))) {
+        (dev && (!ids_d || (mask && !mask_d) || (!out_on_backend && !out_d)))) {
         st = cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of %s memory for encoder scratch (%zu rows)", be->name, rows);
         goto done;
     }
@@ -70,7 +75,7 @@ cepe_status cepe_model_encode(const cepe_model *m, const int32_t *ids, const uin
         const long off = (long)c0 * L;
         const int32_t *ids_b = ids + off;
         const uint8_t *mask_b = mask ? mask + off : NULL;
-        float *out_b = dev ? out_d : out + off * (long)d;
+        float *out_b = out_d ? out_d : out + off * (long)d;
         if (dev) {
             bad |= be->upload(be, ids_d, ids_b, (size_t)N * sizeof(int32_t));
             if (mask) bad |= be->upload(be, mask_d, mask_b, (size_t)N);
@@ -91,7 +96,7 @@ cepe_status cepe_model_encode(const cepe_model *m, const int32_t *ids, const uin
             block_mlp(be, w, c, x, &s, N, nt);
         }
         be->rmsnorm(be, out_b, x, m->enc.final_norm, N, (int)d, c->rms_norm_eps, nt);
-        if (dev) bad |= be->download(be, out + off * (long)d, out_d, (size_t)N * d * sizeof(float));
+        if (out_d) bad |= be->download(be, out + off * (long)d, out_d, (size_t)N * d * sizeof(float));
     }
     st = backend_check(be);
     if (!st && bad) st = cepe_fail(CEPE_ERR_BACKEND, "%s backend: the encoder failed", be->name);

@@ -122,6 +122,11 @@ cepe_status cepe_ctx_forward_continue(cepe_ctx *x, const int32_t *ids, const dou
  * table's upload failed. */
 int cepe_ctx_reset_checked(cepe_ctx *x);
 
+/* encoder.c: cepe_model_encode with ids / mask on the host and out in the
+ * backend's memory when out_on_backend (the training forward's states). */
+cepe_status model_encode_into(const cepe_model *m, const int32_t *ids, const uint8_t *mask, int n_chunks, int L,
+                              float *out, int out_on_backend);
+
 /* CEPE_OK, or the backend's first failure since the last check (it waits for
  * queued device work): every public call that ran ops ends with it. */
 cepe_status backend_check(const cepe_backend *be);

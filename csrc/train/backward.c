@@ -25,13 +25,13 @@ static void mlp_backward(const cepe_train *t, const stack_scratch *s, const bloc
     const int d = c->hidden_size, ff = c->intermediate_size, nt = t->n_threads;
     be->rmsnorm(be, s->xn, a->x_post, w->ffn_norm, N, d, c->rms_norm_eps, nt); /* recomputed, not kept */
     be->swiglu(be, s->h, a->gate, a->up, (long)N * ff, nt);
-    matmul_backward(s->dh, G(g->w_down), s->dx, s->h, w->w_down, N, ff, d, 0, nt);
-    memset(s->dgate, 0, sizeof(float) * (size_t)N * ff);
-    memset(s->dup, 0, sizeof(float) * (size_t)N * ff);
-    swiglu_backward(s->dgate, s->dup, s->dh, a->gate, a->up, (long)N * ff);
-    matmul_backward(s->dxn, G(g->w_gate), s->dgate, s->xn, w->w_gate, N, d, ff, 0, nt);
-    matmul_backward(s->dxn, G(g->w_up), s->dup, s->xn, w->w_up, N, d, ff, 1, nt);
-    rmsnorm_backward(s->dx, G(g->ffn_norm), s->dxn, a->x_post, w->ffn_norm, N, d, c->rms_norm_eps);
+    be->matmul_backward(be, s->dh, G(g->w_down), s->dx, s->h, w->w_down, N, ff, d, 0, nt);
+    be->fill(be, s->dgate, 0, sizeof(float) * (size_t)N * ff);
+    be->fill(be, s->dup, 0, sizeof(float) * (size_t)N * ff);
+    be->swiglu_backward(be, s->dgate, s->dup, s->dh, a->gate, a->up, (long)N * ff);
+    be->matmul_backward(be, s->dxn, G(g->w_gate), s->dgate, s->xn, w->w_gate, N, d, ff, 0, nt);
+    be->matmul_backward(be, s->dxn, G(g->w_up), s->dup, s->xn, w->w_up, N, d, ff, 1, nt);
+    be->rmsnorm_backward(be, s->dx, G(g->ffn_norm), s->dxn, a->x_post, w->ffn_norm, N, d, c->rms_norm_eps);
 }
 
 /* x_mid = x_in + o_proj(attention(RoPE(q), RoPE(k), v)) with q, k, v from
@@ -44,18 +44,18 @@ static void self_attn_backward(const cepe_train *t, const stack_scratch *s, cons
     const int d = c->hidden_size, hd = c->head_dim, nt = t->n_threads;
     const int qd = c->n_heads * hd, kvd = c->n_kv_heads * hd;
     const int il = rope->rc.layout == CEPE_ROPE_INTERLEAVED;
-    matmul_backward(s->datt, G(g->wo), s->dx, a->att, w->wo, N, qd, d, 0, nt);
-    memset(s->dq, 0, sizeof(float) * (size_t)N * qd);
-    memset(s->dk, 0, sizeof(float) * (size_t)N * kvd);
-    memset(s->dv, 0, sizeof(float) * (size_t)N * kvd);
-    attention_backward(s->dq, s->dk, s->dv, s->datt, a->q, a->k, a->v, a->att, a->lse, valid, shape, nt);
-    rope_backward(s->dq, cos_t, sin_t, N, c->n_heads, hd, rope->half, il);
-    rope_backward(s->dk, cos_t, sin_t, N, c->n_kv_heads, hd, rope->half, il);
+    be->matmul_backward(be, s->datt, G(g->wo), s->dx, a->att, w->wo, N, qd, d, 0, nt);
+    be->fill(be, s->dq, 0, sizeof(float) * (size_t)N * qd);
+    be->fill(be, s->dk, 0, sizeof(float) * (size_t)N * kvd);
+    be->fill(be, s->dv, 0, sizeof(float) * (size_t)N * kvd);
+    be->attention_backward(be, s->dq, s->dk, s->dv, s->datt, a->q, a->k, a->v, a->att, a->lse, valid, shape, nt);
+    be->rope_backward(be, s->dq, cos_t, sin_t, N, c->n_heads, hd, rope->half, il);
+    be->rope_backward(be, s->dk, cos_t, sin_t, N, c->n_kv_heads, hd, rope->half, il);
     be->rmsnorm(be, s->xn, a->x_in, w->attn_norm, N, d, c->rms_norm_eps, nt);
-    matmul_backward(s->dxn, G(g->wq), s->dq, s->xn, w->wq, N, d, qd, 0, nt);
-    matmul_backward(s->dxn, G(g->wk), s->dk, s->xn, w->wk, N, d, kvd, 1, nt);
-    matmul_backward(s->dxn, G(g->wv), s->dv, s->xn, w->wv, N, d, kvd, 1, nt);
-    rmsnorm_backward(s->dx, G(g->attn_norm), s->dxn, a->x_in, w->attn_norm, N, d, c->rms_norm_eps);
+    be->matmul_backward(be, s->dxn, G(g->wq), s->dq, s->xn, w->wq, N, d, qd, 0, nt);
+    be->matmul_backward(be, s->dxn, G(g->wk), s->dk, s->xn, w->wk, N, d, kvd, 1, nt);
+    be->matmul_backward(be, s->dxn, G(g->wv), s->dv, s->xn, w->wv, N, d, kvd, 1, nt);
+    be->rmsnorm_backward(be, s->dx, G(g->attn_norm), s->dxn, a->x_in, w->attn_norm, N, d, c->rms_norm_eps);
 }
 
 /* x_post = x_mid + o_proj(attention(q_proj(RMSNorm_cross(x_mid)), k_proj(E),
@@ -68,17 +68,18 @@ static void cross_attn_backward(cepe_train *t, const block_acts *a, const layer_
     const stack_scratch *s = &t->ds;
     const int d = c->hidden_size, qd = c->n_heads * c->head_dim, kvd = c->n_kv_heads * c->head_dim;
     const int de = c->encoder_hidden_size, Ne = t->B * t->n_ctx * t->L, nt = t->n_threads;
-    matmul_backward(s->datt, G(g->cross_wo), s->dx, a->attc, w->cross_wo, N, qd, d, 0, nt);
-    memset(s->dq, 0, sizeof(float) * (size_t)N * qd);
-    memset(t->dkc, 0, sizeof(float) * (size_t)Ne * kvd);
-    memset(t->dvc, 0, sizeof(float) * (size_t)Ne * kvd);
-    attention_backward(s->dq, t->dkc, t->dvc, s->datt, a->qc, a->kc, a->vc, a->attc, a->lsec, t->ctx_mask, shape, nt);
-    m->be->rmsnorm(m->be, s->xn, a->x_mid, w->cross_norm, N, d, c->rms_norm_eps, nt);
-    matmul_backward(s->dxn, G(g->cross_wq), s->dq, s->xn, w->cross_wq, N, d, qd, 0, nt);
-    rmsnorm_backward(s->dx, G(g->cross_norm), s->dxn, a->x_mid, w->cross_norm, N, d, c->rms_norm_eps);
+    const cepe_backend *be = m->be;
+    be->matmul_backward(be, s->datt, G(g->cross_wo), s->dx, a->attc, w->cross_wo, N, qd, d, 0, nt);
+    be->fill(be, s->dq, 0, sizeof(float) * (size_t)N * qd);
+    be->fill(be, t->dkc, 0, sizeof(float) * (size_t)Ne * kvd);
+    be->fill(be, t->dvc, 0, sizeof(float) * (size_t)Ne * kvd);
+    be->attention_backward(be, s->dq, t->dkc, t->dvc, s->datt, a->qc, a->kc, a->vc, a->attc, a->lsec, t->ctx_mask, shape, nt);
+    be->rmsnorm(be, s->xn, a->x_mid, w->cross_norm, N, d, c->rms_norm_eps, nt);
+    be->matmul_backward(be, s->dxn, G(g->cross_wq), s->dq, s->xn, w->cross_wq, N, d, qd, 0, nt);
+    be->rmsnorm_backward(be, s->dx, G(g->cross_norm), s->dxn, a->x_mid, w->cross_norm, N, d, c->rms_norm_eps);
     float *dE = t->train_encoder ? t->dE : NULL; /* frozen encoder: its output is detached */
-    matmul_backward(dE, G(g->cross_wk), t->dkc, t->E, w->cross_wk, Ne, de, kvd, 1, nt);
-    matmul_backward(dE, G(g->cross_wv), t->dvc, t->E, w->cross_wv, Ne, de, kvd, 1, nt);
+    be->matmul_backward(be, dE, G(g->cross_wk), t->dkc, t->E, w->cross_wk, Ne, de, kvd, 1, nt);
+    be->matmul_backward(be, dE, G(g->cross_wv), t->dvc, t->E, w->cross_wv, Ne, de, kvd, 1, nt);
 }
 
 /* ------------------------------------------------------------------ losses */
@@ -113,8 +114,10 @@ static long shift_labels(int32_t *targets, const cepe_train_batch *b) {
 static void losses_and_head_backward(cepe_train *t, const cepe_train_batch *b, double grad_scale, int grad,
                                      cepe_train_stats *out) {
     const cepe_model *m = t->m;
+    const cepe_backend *be = m->be;
     const int B = b->B, T = b->T, V = m->cfg.vocab_size, d = m->cfg.hidden_size, nt = t->n_threads;
-    const long count = shift_labels(t->targets, b);
+    const long count = shift_labels(t->targets_h, b);
+    be->upload(be, t->targets, t->targets_h, sizeof(int32_t) * (size_t)B * T);
     const long kl_rows = (long)B * b->T_kl;
     const float lm_scale = count ? (float)(grad_scale * t->cfg.lm_loss_cof / (double)count) : 0.0f;
     const float kl_scale = kl_rows ? (float)(grad_scale * t->cfg.kl_loss_cof / (double)kl_rows) : 0.0f;
@@ -125,27 +128,29 @@ static void losses_and_head_backward(cepe_train *t, const cepe_train_batch *b, d
             const int nr = T - p0 < R ? T - p0 : R;
             const long row0 = (long)r * T + p0;
             const float *xnf = t->xnf + row0 * d;
-            m->be->matmul(m->be, t->logits, xnf, m->w.lm_head, nr, d, V, 0, nt);
-            if (grad) memset(t->dlogits, 0, sizeof(float) * (size_t)nr * V);
+            be->matmul(be, t->logits, xnf, m->w.lm_head, nr, d, V, 0, nt);
+            if (grad) be->fill(be, t->dlogits, 0, sizeof(float) * (size_t)nr * V);
             float *dl = grad ? t->dlogits : NULL;
-            cross_entropy_forward_backward(t->losses + row0, dl, t->logits, t->targets + row0, nr, V, lm_scale);
+            be->cross_entropy(be, t->losses + row0, dl, t->logits, t->targets + row0, nr, V, lm_scale);
             const int k0 = p0 > kl_from ? p0 : kl_from; /* first position of this chunk with a table */
             if (b->T_kl > 0 && k0 < p0 + nr) {
                 const long tr = (long)r * b->T_kl + (k0 - kl_from); /* its table row */
                 const int o = k0 - p0;
-                kl_topk_forward_backward(t->kl_losses + row0 + o, dl ? dl + (long)o * V : NULL,
-                                         t->logits + (long)o * V, b->distill_prob + tr * (b->K + 1),
-                                         b->distill_index + tr * b->K, p0 + nr - k0, V, b->K, t->cfg.kl_mode,
+                be->kl_topk(be, t->kl_losses + row0 + o, dl ? dl + (long)o * V : NULL,
+                                         t->logits + (long)o * V, t->db.distill_prob + tr * (b->K + 1),
+                                         t->db.distill_index + tr * b->K, p0 + nr - k0, V, b->K, t->cfg.kl_mode,
                                          (float)t->cfg.kl_delta, kl_scale);
             }
             if (grad) /* d xnf = dlogits · lm_head; d lm_head += dlogitsᵀ · xnf */
-                matmul_backward(t->dxnf + row0 * d, G(t->gm->w.lm_head), t->dlogits, xnf, m->w.lm_head, nr, d, V, 0,
+                be->matmul_backward(be, t->dxnf + row0 * d, G(t->gm->w.lm_head), t->dlogits, xnf, m->w.lm_head, nr, d, V, 0,
                                 nt);
         }
+    be->download(be, t->losses_h, t->losses, sizeof(float) * (size_t)B * T);
+    if (b->T_kl > 0) be->download(be, t->kl_losses_h, t->kl_losses, sizeof(float) * (size_t)B * T);
     double lm = 0.0, kl = 0.0;
-    for (long i = 0; i < (long)B * T; i++) lm += t->losses[i];
+    for (long i = 0; i < (long)B * T; i++) lm += t->losses_h[i];
     for (int r = 0; r < B; r++)
-        for (int p = kl_from; p < T && b->T_kl > 0; p++) kl += t->kl_losses[(long)r * T + p];
+        for (int p = kl_from; p < T && b->T_kl > 0; p++) kl += t->kl_losses_h[(long)r * T + p];
     out->tokens = count;
     out->lm_loss = count ? lm / (double)count : 0.0;
     out->kl_loss = kl_rows ? kl / (double)kl_rows : 0.0;
@@ -156,6 +161,7 @@ static void losses_and_head_backward(cepe_train *t, const cepe_train_batch *b, d
 
 static void encoder_backward(cepe_train *t, const cepe_train_batch *b) {
     const cepe_model *m = t->m;
+    const cepe_backend *be = m->be;
     const cepe_config *e = &m->enc_cfg;
     const int n_chunks = b->B * b->n_ctx, L = b->L, Ne = n_chunks * L, de = e->hidden_size;
     const int qd = e->n_heads * e->head_dim, kvd = e->n_kv_heads * e->head_dim;
@@ -165,18 +171,19 @@ static void encoder_backward(cepe_train *t, const cepe_train_batch *b) {
         .valid_bstride = L, .causal = 0, .q_offset = 0, .window = 0, .scale = 1.0f / sqrtf((float)e->head_dim),
     };
     const stack_scratch *s = &t->es;
-    memset(s->dx, 0, sizeof(float) * (size_t)Ne * de);
-    rmsnorm_backward(s->dx, G(t->gm->enc.final_norm), t->dE, t->ex_final, m->enc.final_norm, Ne, de, e->rms_norm_eps);
+    be->fill(be, s->dx, 0, sizeof(float) * (size_t)Ne * de);
+    be->rmsnorm_backward(be, s->dx, G(t->gm->enc.final_norm), t->dE, t->ex_final, m->enc.final_norm, Ne, de, e->rms_norm_eps);
     for (int l = e->n_layers - 1; l >= 0; l--) {
         const layer_weights *w = &m->enc.layers[l], *g = &t->gm->enc.layers[l];
         mlp_backward(t, s, &t->enc[l], w, g, e, Ne);
         self_attn_backward(t, s, &t->enc[l], w, g, e, &m->enc_rope, t->ecos_t, t->esin_t, &shape, t->ctx_mask, Ne);
     }
-    if (t->gm->enc.embed) embedding_backward(G(t->gm->enc.embed), s->dx, b->encoder_input_ids, Ne, de);
+    if (t->gm->enc.embed) be->embedding_backward(be, G(t->gm->enc.embed), s->dx, t->db.encoder_input_ids, Ne, de);
 }
 
 cepe_status train_backward(cepe_train *t, const cepe_train_batch *b, double grad_scale, cepe_train_stats *out) {
     const cepe_model *m = t->m;
+    const cepe_backend *be = m->be;
     const cepe_config *c = &m->cfg;
     const int B = b->B, T = b->T, N = B * T, d = c->hidden_size;
     const int H = c->n_heads, KVH = c->n_kv_heads, hd = c->head_dim, qd = H * hd, kvd = KVH * hd;
@@ -186,9 +193,9 @@ cepe_status train_backward(cepe_train *t, const cepe_train_batch *b, double grad
     if (!grad) return CEPE_OK; /* nothing trainable is reached by this batch (no context, frozen decoder) */
 
     const stack_scratch *s = &t->ds;
-    memset(s->dx, 0, sizeof(float) * (size_t)N * d);
-    rmsnorm_backward(s->dx, G(t->gm->w.final_norm), t->dxnf, t->x_final, m->w.final_norm, N, d, c->rms_norm_eps);
-    if (t->dE) memset(t->dE, 0, sizeof(float) * (size_t)B * Nc * c->encoder_hidden_size);
+    be->fill(be, s->dx, 0, sizeof(float) * (size_t)N * d);
+    be->rmsnorm_backward(be, s->dx, G(t->gm->w.final_norm), t->dxnf, t->x_final, m->w.final_norm, N, d, c->rms_norm_eps);
+    if (t->dE) be->fill(be, t->dE, 0, sizeof(float) * (size_t)B * Nc * c->encoder_hidden_size);
     const attention_shape self = {
         .B = B, .Tq = T, .Tk = T, .H = H, .KVH = KVH, .hd = hd, .q_rstride = qd, .q_bstride = (long)T * qd,
         .kv_rstride = kvd, .kv_bstride = (long)T * kvd, .valid_bstride = T, .causal = 1, .q_offset = 0,
@@ -207,9 +214,9 @@ cepe_status train_backward(cepe_train *t, const cepe_train_batch *b, double grad
         /* The lowest visited layer of a frozen decoder: its self-attention
          * has no trainable weight and nothing below needs a gradient. */
         if (l == t->dec_lo && !t->train_decoder) break;
-        self_attn_backward(t, s, a, w, g, c, &m->rope, t->cos_t, t->sin_t, &self, b->attention_mask, N);
+        self_attn_backward(t, s, a, w, g, c, &m->rope, t->cos_t, t->sin_t, &self, t->db.attention_mask, N);
     }
-    if (t->gm->w.embed) embedding_backward(G(t->gm->w.embed), s->dx, b->input_ids, N, d);
+    if (t->gm->w.embed) be->embedding_backward(be, G(t->gm->w.embed), s->dx, t->db.input_ids, N, d);
     if (t->train_encoder && Nc > 0) encoder_backward(t, b);
     return CEPE_OK;
 }

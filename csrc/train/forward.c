@@ -61,6 +61,8 @@ static void carve(cepe_train *t, carver *cv, int B, int T, int n_ctx, int L) {
     const size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
     const size_t Nc = (size_t)n_ctx * L, Ne = (size_t)B * Nc;
     const size_t R = (size_t)train_logit_rows(t->cfg.logit_floats, T, (int)V);
+    t->inv_freq = F((size_t)m->rope.half);
+    t->einv_freq = m->has_encoder ? F((size_t)m->enc_rope.half) : NULL;
     t->x = F(N * d), t->x_final = F(N * d), t->xnf = F(N * d), t->dxnf = F(N * d);
     t->logits = F(R * V), t->dlogits = F(R * V), t->losses = F(N), t->kl_losses = F(N);
     t->targets = take(cv, N, sizeof(int32_t));
@@ -69,7 +71,7 @@ static void carve(cepe_train *t, carver *cv, int B, int T, int n_ctx, int L) {
     carve_scratch(cv, &t->ds, c, N);
     for (int l = 0; l < c->n_layers; l++) {
         block_acts *a = &t->dec[l];
-        memset(a, 0, sizeof *a);
+        memset(a, 0, sizeof *a); /* host struct */
         if (l < t->dec_lo) continue;
         carve_block(cv, a, c, N);
         if (l >= m->first_cross && Nc > 0) {
@@ -93,25 +95,44 @@ static void carve(cepe_train *t, carver *cv, int B, int T, int n_ctx, int L) {
     carve_scratch(cv, &t->es, e, Ne);
     for (int l = 0; l < e->n_layers; l++) carve_block(cv, &t->enc[l], e, Ne);
 }
+
+/* The host mirrors (train.h), carved like the arena. */
+static void carve_host(cepe_train *t, carver *cv, int B, int T, int n_ctx, int L) {
+    const size_t N = (size_t)B * T, Ne = (size_t)B * n_ctx * L;
+    t->pos_h = take(cv, N, sizeof(double)), t->epos_h = take(cv, Ne ? Ne : 1, sizeof(double));
+    t->targets_h = take(cv, N, sizeof(int32_t)), t->ctx_mask_h = take(cv, Ne ? Ne : 1, 1);
+    t->losses_h = F(N), t->kl_losses_h = F(N);
+}
+
 #undef F
 
 /* (Re)carves the arena when the batch shape changes. */
 static cepe_status ensure_arena(cepe_train *t, const cepe_train_batch *b) {
+    const cepe_backend *be = t->m->be;
     const int n_ctx = b->n_ctx > 0 ? b->n_ctx : 0, L = n_ctx > 0 ? b->L : 0;
     const int lo = t->train_decoder ? 0 : (n_ctx > 0 ? t->m->first_cross : t->m->cfg.n_layers);
     if (t->arena && t->B == b->B && t->T == b->T && t->n_ctx == n_ctx && t->L == L && t->dec_lo == lo)
         return CEPE_OK;
-    cepe_free(t->arena);
-    t->arena = NULL;
+    be->free(be, t->arena);
+    cepe_free(t->host_arena);
+    t->arena = t->host_arena = NULL;
     t->B = 0;
     t->dec_lo = lo;
-    carver cv = {0};
+    carver cv = {0}, hv = {0};
     carve(t, &cv, b->B, b->T, n_ctx, L);
-    if (cv.overflow || !(t->arena = cepe_calloc(cv.used, 1)))
-        return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory for the training activations (%zu MB for %d x %d tokens)",
+    carve_host(t, &hv, b->B, b->T, n_ctx, L);
+    if (cv.overflow || hv.overflow || !(t->arena = be->alloc(be, cv.used)) ||
+        !(t->host_arena = cepe_calloc(hv.used, 1))) {
+        be->free(be, t->arena);
+        t->arena = NULL;
+        return cepe_fail(CEPE_ERR_OUT_OF_MEMORY,
+                         "out of %s memory for the training activations (%zu MB for %d x %d tokens)", be->name,
                          cv.used >> 20, b->B, b->T);
+    }
     cv = (carver){.base = t->arena};
     carve(t, &cv, b->B, b->T, n_ctx, L);
+    hv = (carver){.base = t->host_arena};
+    carve_host(t, &hv, b->B, b->T, n_ctx, L);
     t->B = b->B, t->T = b->T, t->n_ctx = n_ctx, t->L = L;
     return CEPE_OK;
 }
@@ -137,36 +158,39 @@ static cepe_status encoder_forward(cepe_train *t, const cepe_train_batch *b) {
     const int n_chunks = b->B * b->n_ctx, L = b->L, Ne = n_chunks * L, nt = t->n_threads;
     const int de = e->hidden_size, qd = e->n_heads * e->head_dim, kvd = e->n_kv_heads * e->head_dim;
     for (long i = 0; i < (long)Ne; i++)
-        t->ctx_mask[i] = b->encoder_attention_mask ? b->encoder_attention_mask[i] != 0 : 1;
+        t->ctx_mask_h[i] = b->encoder_attention_mask ? b->encoder_attention_mask[i] != 0 : 1;
+    be->upload(be, t->ctx_mask, t->ctx_mask_h, (size_t)Ne);
     if (!t->train_encoder) /* detached: the inference encoder, nothing kept */
-        return cepe_model_encode(m, b->encoder_input_ids, b->encoder_attention_mask, n_chunks, L, t->E);
+        return model_encode_into(m, b->encoder_input_ids, b->encoder_attention_mask, n_chunks, L, t->E, be->device);
 
-    for (int i = 0; i < Ne; i++) t->epos[i] = (double)(i % L); /* slot index in its chunk, as encoder.c */
+    for (int i = 0; i < Ne; i++) t->epos_h[i] = (double)(i % L); /* slot index in its chunk, as encoder.c */
     float inv_freq[CEPE_MAX_HEAD_DIM / 2], mscale;
     int cached = cepe_rope_original_len(&m->enc_rope.rc);
     cepe_status st = cepe_rope_for_call(&m->enc_rope, L, &cached, inv_freq, &mscale);
     if (st) return st;
-    be->rope_table(be, t->ecos_t, t->esin_t, t->epos, inv_freq, Ne, m->enc_rope.half, mscale);
+    be->upload(be, t->epos, t->epos_h, sizeof(double) * (size_t)Ne);
+    be->upload(be, t->einv_freq, inv_freq, sizeof(float) * (size_t)m->enc_rope.half);
+    be->rope_table(be, t->ecos_t, t->esin_t, t->epos, t->einv_freq, Ne, m->enc_rope.half, mscale);
     const attention_shape shape = {
         .B = n_chunks, .Tq = L, .Tk = L, .H = e->n_heads, .KVH = e->n_kv_heads, .hd = e->head_dim,
         .q_rstride = qd, .q_bstride = (long)L * qd, .kv_rstride = kvd, .kv_bstride = (long)L * kvd,
         .valid_bstride = L, .causal = 0, .q_offset = 0, .window = 0, .scale = 1.0f / sqrtf((float)e->head_dim),
     };
     float *x = t->ex;
-    be->embedding(be, x, b->encoder_input_ids, m->enc.embed, Ne, de);
+    be->embedding(be, x, t->db.encoder_input_ids, m->enc.embed, Ne, de);
     for (int l = 0; l < e->n_layers; l++) {
         const layer_weights *w = &m->enc.layers[l];
         block_acts *a = &t->enc[l];
-        memcpy(a->x_in, x, sizeof(float) * (size_t)Ne * de);
+        be->copy(be, a->x_in, x, sizeof(float) * (size_t)Ne * de);
         const block_scratch s = {.xn = t->es.xn, .q = a->q, .k = a->k, .v = a->v, .cos_t = t->ecos_t,
                                  .sin_t = t->esin_t};
         block_qkv(be, w, e, x, &s, Ne, &m->enc_rope, nt);
-        attention_forward_lse(a->att, a->lse, a->q, a->k, a->v, t->ctx_mask, &shape, nt);
+        be->attention_lse(be, a->att, a->lse, a->q, a->k, a->v, t->ctx_mask, &shape, nt);
         be->matmul(be, x, a->att, w->wo, Ne, qd, de, 1, nt);
-        memcpy(a->x_post, x, sizeof(float) * (size_t)Ne * de);
+        be->copy(be, a->x_post, x, sizeof(float) * (size_t)Ne * de);
         mlp_forward(be, w, e, x, t->es.xn, a->gate, a->up, t->es.h, Ne, nt);
     }
-    memcpy(t->ex_final, x, sizeof(float) * (size_t)Ne * de);
+    be->copy(be, t->ex_final, x, sizeof(float) * (size_t)Ne * de);
     be->rmsnorm(be, t->E, x, m->enc.final_norm, Ne, de, e->rms_norm_eps, nt);
     return CEPE_OK;
 }
@@ -189,16 +213,18 @@ cepe_status train_forward(cepe_train *t, const cepe_train_batch *b) {
     for (int r = 0; r < B; r++) {
         double next = 0.0;
         for (int i = r * T; i < (r + 1) * T; i++) {
-            t->pos[i] = b->positions ? b->positions[i] : next;
+            t->pos_h[i] = b->positions ? b->positions[i] : next;
             if (!b->attention_mask || b->attention_mask[i]) next += 1.0;
-            max_pos = t->pos[i] > max_pos ? t->pos[i] : max_pos;
+            max_pos = t->pos_h[i] > max_pos ? t->pos_h[i] : max_pos;
         }
     }
     float inv_freq[CEPE_MAX_HEAD_DIM / 2], mscale;
     int cached = cepe_rope_original_len(&m->rope.rc);
     const int seq_len = max_pos + 1.0 < 2147483647.0 ? (int)max_pos + 1 : 2147483647;
     if ((st = cepe_rope_for_call(&m->rope, seq_len, &cached, inv_freq, &mscale))) return st;
-    be->rope_table(be, t->cos_t, t->sin_t, t->pos, inv_freq, N, m->rope.half, mscale);
+    be->upload(be, t->pos, t->pos_h, sizeof(double) * (size_t)N);
+    be->upload(be, t->inv_freq, inv_freq, sizeof(float) * (size_t)m->rope.half);
+    be->rope_table(be, t->cos_t, t->sin_t, t->pos, t->inv_freq, N, m->rope.half, mscale);
 
     const attention_shape self = {
         .B = B, .Tq = T, .Tk = T, .H = H, .KVH = KVH, .hd = hd, .q_rstride = qd, .q_bstride = (long)T * qd,
@@ -213,7 +239,7 @@ cepe_status train_forward(cepe_train *t, const cepe_train_batch *b) {
     const stack_scratch *s = &t->ds;
     float *x = t->x;
     const size_t row_bytes = sizeof(float) * (size_t)N * d;
-    be->embedding(be, x, b->input_ids, m->w.embed, N, d);
+    be->embedding(be, x, t->db.input_ids, m->w.embed, N, d);
     for (int l = 0; l < c->n_layers; l++) {
         const layer_weights *w = &m->w.layers[l];
         block_acts *a = &t->dec[l];
@@ -221,28 +247,28 @@ cepe_status train_forward(cepe_train *t, const cepe_train_batch *b) {
         /* layers below dec_lo run in the gradient scratch, nothing kept */
         float *q = keep ? a->q : s->dq, *k = keep ? a->k : s->dk, *v = keep ? a->v : s->dv;
         float *att = keep ? a->att : s->datt, *gate = keep ? a->gate : s->dgate, *up = keep ? a->up : s->dup;
-        if (keep) memcpy(a->x_in, x, row_bytes);
+        if (keep) be->copy(be, a->x_in, x, row_bytes);
         const block_scratch bs = {.xn = s->xn, .q = q, .k = k, .v = v, .cos_t = t->cos_t, .sin_t = t->sin_t};
         block_qkv(be, w, c, x, &bs, N, &m->rope, nt);
         if (keep)
-            attention_forward_lse(att, a->lse, q, k, v, b->attention_mask, &self, nt);
+            be->attention_lse(be, att, a->lse, q, k, v, t->db.attention_mask, &self, nt);
         else
-            be->attention(be, att, q, k, v, b->attention_mask, &self, nt);
+            be->attention(be, att, q, k, v, t->db.attention_mask, &self, nt);
         be->matmul(be, x, att, w->wo, N, qd, d, 1, nt); /* x += o_proj(att) */
 
         if (l >= m->first_cross && Nc > 0) { /* CEPE: between self-attention and the MLP (spec §3) */
-            memcpy(a->x_mid, x, row_bytes);
+            be->copy(be, a->x_mid, x, row_bytes);
             be->rmsnorm(be, s->xn, x, w->cross_norm, N, d, c->rms_norm_eps, nt);
             be->matmul(be, a->qc, s->xn, w->cross_wq, N, d, qd, 0, nt);
             be->matmul(be, a->kc, t->E, w->cross_wk, Ne, de, kvd, 0, nt); /* no RoPE on either side */
             be->matmul(be, a->vc, t->E, w->cross_wv, Ne, de, kvd, 0, nt);
-            attention_forward_lse(a->attc, a->lsec, a->qc, a->kc, a->vc, t->ctx_mask, &cross, nt);
+            be->attention_lse(be, a->attc, a->lsec, a->qc, a->kc, a->vc, t->ctx_mask, &cross, nt);
             be->matmul(be, x, a->attc, w->cross_wo, N, qd, d, 1, nt);
         }
-        if (keep) memcpy(a->x_post, x, row_bytes);
+        if (keep) be->copy(be, a->x_post, x, row_bytes);
         mlp_forward(be, w, c, x, s->xn, gate, up, s->h, N, nt);
     }
-    memcpy(t->x_final, x, row_bytes);
+    be->copy(be, t->x_final, x, row_bytes);
     be->rmsnorm(be, t->xnf, x, m->w.final_norm, N, d, c->rms_norm_eps, nt);
     return CEPE_OK;
 }

@@ -84,9 +84,6 @@ cepe_status cepe_model_weight_at(const cepe_model *m, int i, const char **name, 
         return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_model_weight_at: NULL argument");
     if (i < 0 || i >= m->n_slots)
         return cepe_fail(CEPE_ERR_INVALID_ARG, "weight index %d is outside [0, %d)", i, m->n_slots);
-    if (m->be->device) /* a host view of device memory would be a crash waiting to happen */
-        return cepe_fail(CEPE_ERR_UNSUPPORTED, "the weights of a model on the %s backend live in device memory",
-                         m->be->name);
     const weight_slot *s = &m->slots[i];
     *name = s->name;
     *data = *s->dst;
@@ -94,6 +91,18 @@ cepe_status cepe_model_weight_at(const cepe_model *m, int i, const char **name, 
     shape[0] = s->shape[0];
     shape[1] = s->ndim == 2 ? s->shape[1] : 0;
     return CEPE_OK;
+}
+
+int cepe_model_on_device(const cepe_model *m) { return m && m->be->device; }
+
+cepe_status cepe_model_read_weight(const cepe_model *m, int i, float *dst) {
+    if (!m || !dst) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_model_read_weight: NULL argument");
+    if (i < 0 || i >= m->n_slots)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "weight index %d is outside [0, %d)", i, m->n_slots);
+    const weight_slot *s = &m->slots[i];
+    if (!*s->dst) return cepe_fail(CEPE_ERR_STATE, "tensor %s is not bound", s->name);
+    m->be->download(m->be, dst, *s->dst, slot_numel(s) * sizeof(float));
+    return backend_check(m->be);
 }
 
 /* ------------------------------------------------------------------ create */
@@ -127,8 +136,6 @@ cepe_status cepe_train_create(const cepe_model *m, const cepe_train_config *c, f
     *out = NULL;
     if (!m->finalized) return cepe_fail(CEPE_ERR_STATE, "the model has unbound weights (call finalize)");
     if (step < 0) return cepe_fail(CEPE_ERR_INVALID_ARG, "step must be >= 0, got %ld", step);
-    if (m->be->device) /* training keeps its parameters in host buffers (the caller's NumPy arrays) */
-        return cepe_fail(CEPE_ERR_UNSUPPORTED, "training on the %s backend is not supported yet", m->be->name);
     cepe_status st = check_which(m, c->trainable);
     if (st || (st = check_config(c))) return st;
 
@@ -143,10 +150,15 @@ cepe_status cepe_train_create(const cepe_model *m, const cepe_train_config *c, f
     t->step = step;
     t->n_tensors = build_layout(m, c->trainable, NULL, &t->n_params);
     t->tensors = cepe_calloc((size_t)(t->n_tensors > 0 ? t->n_tensors : 1), sizeof *t->tensors);
-    t->grads = cepe_calloc(t->n_params ? t->n_params : 1, sizeof(float));
+    const cepe_backend *be = m->be;
+    const size_t n_alloc = t->n_params ? t->n_params : 1;
+    t->grads = be->alloc(be, cepe_mul_size(n_alloc, sizeof(float)));
+    t->norm_partial = be->alloc(be, cepe_mul_size((n_alloc + CEPE_NORM_CHUNK - 1) / CEPE_NORM_CHUNK, sizeof(double)));
+    t->dm = be->device ? be->alloc(be, cepe_mul_size(n_alloc, sizeof(float))) : adam_m;
+    t->dv = be->device ? be->alloc(be, cepe_mul_size(n_alloc, sizeof(float))) : adam_v;
     t->dec = cepe_calloc((size_t)m->cfg.n_layers, sizeof *t->dec);
     t->enc = cepe_calloc(m->has_encoder ? (size_t)m->enc_cfg.n_layers : 1, sizeof *t->enc);
-    if (!t->tensors || !t->grads || !t->dec || !t->enc) {
+    if (!t->tensors || !t->grads || !t->norm_partial || !t->dm || !t->dv || !t->dec || !t->enc) {
         st = cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory for %zu gradients", t->n_params);
         goto fail;
     }
@@ -158,7 +170,12 @@ cepe_status cepe_train_create(const cepe_model *m, const cepe_train_config *c, f
     for (int i = 0; i < t->n_tensors; i++) {
         const train_tensor *tt = &t->tensors[i];
         const weight_slot *s = &m->slots[tt->slot];
-        if (*s->dst != params + tt->offset) {
+        if (be->device) { /* the trainable weights' device copies start from the master weights */
+            if (be->upload(be, (float *)*s->dst, params + tt->offset, tt->n * sizeof(float))) {
+                st = cepe_fail(CEPE_ERR_BACKEND, "copying %s to the device failed", s->name);
+                goto fail;
+            }
+        } else if (*s->dst != params + tt->offset) {
             st = cepe_fail(CEPE_ERR_INVALID_ARG,
                            "trainable tensor %s is not bound to the params buffer at offset %zu (bind the model's "
                            "trainable weights to views of params)",
@@ -173,6 +190,11 @@ cepe_status cepe_train_create(const cepe_model *m, const cepe_train_config *c, f
      * cross-attention layer: nothing below it has a trainable weight)? */
     t->train_decoder = c->trainable == CEPE_TRAIN_ALL;
     t->train_encoder = m->has_encoder && c->trainable != CEPE_TRAIN_CROSS_ATTN;
+    if (be->device) {
+        be->upload(be, t->dm, adam_m, t->n_params * sizeof(float));
+        be->upload(be, t->dv, adam_v, t->n_params * sizeof(float));
+    }
+    if ((st = train_check(t))) goto fail;
     *out = t;
     return CEPE_OK;
 fail:
@@ -182,20 +204,54 @@ fail:
 
 void cepe_train_free(cepe_train *t) {
     if (!t) return;
+    const cepe_backend *be = t->m->be;
     cepe_model_free(t->gm);
     cepe_free(t->tensors);
-    cepe_free(t->grads);
+    be->free(be, t->grads);
+    be->free(be, t->norm_partial);
+    if (be->device) be->free(be, t->dm), be->free(be, t->dv);
     cepe_free(t->dec);
     cepe_free(t->enc);
-    cepe_free(t->arena);
+    be->free(be, t->arena);
+    cepe_free(t->host_arena);
     cepe_free(t);
 }
 
 void cepe_train_zero_grad(cepe_train *t) {
-    if (t) memset(t->grads, 0, sizeof(float) * t->n_params);
+    if (t) t->m->be->fill(t->m->be, t->grads, 0, sizeof(float) * t->n_params);
 }
 
-const float *cepe_train_grads(const cepe_train *t) { return t ? t->grads : NULL; }
+cepe_status cepe_train_copy_grads(const cepe_train *t, float *dst) {
+    if (!t || !dst) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_train_copy_grads: NULL argument");
+    t->m->be->download(t->m->be, dst, t->grads, sizeof(float) * t->n_params);
+    return train_check(t);
+}
+
+cepe_status cepe_train_sync_device(cepe_train *t) {
+    if (!t) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_train_sync_device: NULL state");
+    const cepe_backend *be = t->m->be;
+    if (!be->device) return CEPE_OK;
+    be->upload(be, t->dm, t->adam_m, sizeof(float) * t->n_params);
+    be->upload(be, t->dv, t->adam_v, sizeof(float) * t->n_params);
+    for (int i = 0; i < t->n_tensors; i++) {
+        const train_tensor *tt = &t->tensors[i];
+        be->upload(be, (float *)*t->m->slots[tt->slot].dst, t->params + tt->offset, sizeof(float) * tt->n);
+    }
+    return train_check(t);
+}
+
+cepe_status cepe_train_sync_host(cepe_train *t) {
+    if (!t) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_train_sync_host: NULL state");
+    const cepe_backend *be = t->m->be;
+    if (!be->device) return CEPE_OK; /* the caller's buffers are the state */
+    be->download(be, t->adam_m, t->dm, sizeof(float) * t->n_params);
+    be->download(be, t->adam_v, t->dv, sizeof(float) * t->n_params);
+    for (int i = 0; i < t->n_tensors; i++) {
+        const train_tensor *tt = &t->tensors[i];
+        be->download(be, t->params + tt->offset, *t->m->slots[tt->slot].dst, sizeof(float) * tt->n);
+    }
+    return train_check(t);
+}
 long cepe_train_steps(const cepe_train *t) { return t ? t->step : 0; }
 void cepe_train_set_steps(cepe_train *t, long step) {
     if (t && step >= 0) t->step = step;
@@ -206,16 +262,37 @@ void cepe_train_set_steps(cepe_train *t, long step) {
 cepe_status cepe_train_update(cepe_train *t, cepe_train_stats *out) {
     if (!t) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_train_update: NULL state");
     const cepe_train_config *c = &t->cfg;
+    const cepe_backend *be = t->m->be;
+    const int nt = t->n_threads;
     const double lr = cepe_lr_at(c->lr, t->step, cepe_warmup_steps(c->warmup_ratio, c->total_steps), c->total_steps);
-    const double norm = cepe_clip_grad_norm(t->grads, t->n_params, c->clip, t->n_threads);
+    /* the global norm: chunk sums on the backend, added here in chunk order
+     * (cepe_grad_norm's order: the same bits on every backend and thread count) */
+    const size_t n_chunks = (t->n_params + CEPE_NORM_CHUNK - 1) / CEPE_NORM_CHUNK;
+    double *partial = cepe_calloc(n_chunks ? n_chunks : 1, sizeof(double));
+    if (!partial) return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory for the gradient norm");
+    be->sumsq_chunks(be, t->norm_partial, t->grads, t->n_params, nt);
+    be->download(be, partial, t->norm_partial, n_chunks * sizeof(double));
+    double total = 0.0;
+    for (size_t i = 0; i < n_chunks; i++) total += partial[i];
+    cepe_free(partial);
+    cepe_status st = train_check(t);
+    if (st) return st;
+    const double norm = sqrt(total);
     if (!isfinite(norm))
         return cepe_fail(CEPE_ERR_STATE, "the gradient norm is %g: no update made (step %ld)", norm, t->step);
+    if (c->clip > 0.0) { /* torch: clip_coef = max_norm / (total_norm + 1e-6) in float32, clamped to 1 */
+        const float coef = (float)(c->clip / ((double)(float)norm + 1e-6));
+        if (coef < 1.0f) be->scale(be, t->grads, coef, t->n_params, nt);
+    }
     for (int i = 0; i < t->n_tensors; i++) {
         const train_tensor *tt = &t->tensors[i];
-        cepe_adamw_update(t->params + tt->offset, t->grads + tt->offset, t->adam_m + tt->offset,
-                          t->adam_v + tt->offset, tt->n, lr, &c->adam, tt->decay ? c->weight_decay : 0.0,
-                          t->step + 1, t->n_threads);
+        cepe_adamw_scalars_t s;
+        cepe_adamw_scalars(lr, &c->adam, tt->decay ? c->weight_decay : 0.0, t->step + 1, &s);
+        float *p = (float *)*t->m->slots[tt->slot].dst; /* params + offset on the CPU (checked at create) */
+        be->adamw(be, p, t->grads + tt->offset, t->dm + tt->offset, t->dv + tt->offset, tt->n, s.decay, s.w1, s.b2,
+                  s.w2, s.bc2_sqrt, s.neg_step, s.eps, nt);
     }
+    if ((st = train_check(t))) return st;
     t->step++;
     if (out) {
         out->grad_norm = norm;

@@ -3,6 +3,7 @@
  * gradients untouched), then runs forward.c and backward.c. */
 #include <limits.h>
 #include <math.h>
+#include <string.h>
 
 #include "../common.h"
 #include "../ops/ops_backward.h"
@@ -54,14 +55,60 @@ static cepe_status check_batch(const cepe_train *t, const cepe_train_batch *b) {
     return CEPE_OK;
 }
 
+cepe_status train_check(const cepe_train *t) { return backend_check(t->m->be); }
+
+static void unstage_batch(cepe_train *t) {
+    for (int i = 0; i < 6; i++) t->m->be->free(t->m->be, t->db_bufs[i]);
+    memset(t->db_bufs, 0, sizeof t->db_bufs);
+}
+
+/* t->db: the batch as the ops read it. On the CPU the caller's arrays; on a
+ * device, copies of those the ops index (the rest stays on the host). */
+static cepe_status stage_batch(cepe_train *t, const cepe_train_batch *b) {
+    const cepe_backend *be = t->m->be;
+    t->db = *b;
+    if (!be->device) return CEPE_OK;
+    const size_t N = (size_t)b->B * b->T, Ne = (size_t)b->B * (b->n_ctx > 0 ? b->n_ctx : 0) * (b->L > 0 ? b->L : 0);
+    const size_t rows_kl = (size_t)b->B * b->T_kl;
+    struct {
+        const void *src;
+        size_t bytes;
+        const void **dst;
+    } in[6] = {
+        {b->input_ids, N * sizeof(int32_t), (const void **)&t->db.input_ids},
+        {b->attention_mask, N, (const void **)&t->db.attention_mask},
+        {Ne ? b->encoder_input_ids : NULL, Ne * sizeof(int32_t), (const void **)&t->db.encoder_input_ids},
+        {Ne ? b->encoder_attention_mask : NULL, Ne, (const void **)&t->db.encoder_attention_mask},
+        {rows_kl ? b->distill_prob : NULL, rows_kl * (size_t)(b->K + 1) * sizeof(uint16_t),
+         (const void **)&t->db.distill_prob},
+        {rows_kl ? b->distill_index : NULL, rows_kl * (size_t)b->K * sizeof(int32_t), (const void **)&t->db.distill_index},
+    };
+    for (int i = 0; i < 6; i++) {
+        *in[i].dst = NULL;
+        if (!in[i].src) continue;
+        void *d = be->alloc(be, in[i].bytes);
+        t->db_bufs[i] = d;
+        if (!d) {
+            unstage_batch(t);
+            return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of %s memory for the batch", be->name);
+        }
+        be->upload(be, d, in[i].src, in[i].bytes);
+        *in[i].dst = d;
+    }
+    return CEPE_OK;
+}
+
 cepe_status cepe_train_forward_backward(cepe_train *t, const cepe_train_batch *b, double grad_scale,
                                         cepe_train_stats *out) {
     if (!t || !b) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_train_forward_backward: NULL argument");
     if (!isfinite(grad_scale)) return cepe_fail(CEPE_ERR_INVALID_ARG, "grad_scale must be finite");
     cepe_status st = check_batch(t, b);
-    if (st || (st = train_forward(t, b))) return st;
+    if (st || (st = stage_batch(t, b))) return st;
     cepe_train_stats stats = {0};
-    if ((st = train_backward(t, b, grad_scale, &stats))) return st;
+    if (!(st = train_forward(t, b))) st = train_backward(t, b, grad_scale, &stats);
+    const cepe_status bst = train_check(t); /* waits for the device before its copies go */
+    unstage_batch(t);
+    if (st || (st = bst)) return st;
     if (out) {
         out->loss = stats.loss, out->lm_loss = stats.lm_loss, out->kl_loss = stats.kl_loss;
         out->tokens = stats.tokens;

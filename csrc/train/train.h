@@ -93,12 +93,34 @@ struct cepe_train {
     float *ex, *ex_final, *E, *dE; /* encoder (Ne, d_enc): stream, before final norm, states, their gradient */
     float *dkc, *dvc;         /* (B*Nc, kvd) */
     float *kl_losses;         /* (N) */
+    float *inv_freq, *einv_freq; /* (half) this batch's RoPE frequencies, decoder / encoder */
+    /* What host code computes (positions, shifted labels, the context mask)
+     * or reads back (losses): host mirrors of the arena buffers above, in
+     * their own allocation; uploaded / downloaded around the ops. */
+    void *host_arena;
+    double *pos_h, *epos_h;
+    int32_t *targets_h;
+    uint8_t *ctx_mask_h;
+    float *losses_h, *kl_losses_h;
+    /* The micro-batch as the ops see it: the caller's arrays on the CPU,
+     * device copies (db_bufs, freed after the call) on a device. */
+    cepe_train_batch db;
+    void *db_bufs[6];
+    /* AdamW moments and the norm's partial sums in backend memory (the
+     * caller's adam_m / adam_v on the CPU; copies on a device, written back
+     * by cepe_train_sync_host). Params on a device are the model's own
+     * device copies of the trainable weights. */
+    float *dm, *dv;
+    double *norm_partial;
 };
 
 /* forward.c: runs the encoder and the decoder over the batch, keeping in
  * t->enc / t->dec what the backward needs (layers >= dec_lo; the encoder's
  * only when it trains), and leaves the final normed states in t->xnf. */
 cepe_status train_forward(cepe_train *t, const cepe_train_batch *b);
+/* step.c: the backend's first failure as a status (CEPE_OK if none). */
+cepe_status train_check(const cepe_train *t);
+
 /* backward.c: the losses from t->xnf, then gradients (scaled by grad_scale)
  * accumulated into t->grads through every trainable tensor. */
 cepe_status train_backward(cepe_train *t, const cepe_train_batch *b, double grad_scale, cepe_train_stats *out);
