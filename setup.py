@@ -5,6 +5,11 @@ cepe_c     the C core (csrc/) behind a thin CPython module (cepe_c/), linked
 cepe_cuda  kernels/*.cu compiled with nvcc, optional: built when nvcc is
            found (CUDA_HOME or PATH); a failure or a missing toolkit only
            prints a warning, so a machine without CUDA still gets the CPU core.
+           cuBLAS comes from the toolkit when it has one, else from the
+           nvidia-cublas wheel (the `cuda` extra), which must then be in the
+           build environment too (pip install nvidia-cublas, then
+           pip install --no-build-isolation ".[cuda]"); the module finds it at
+           run time through an rpath.
 
 Environment switches
   CEPE_BLAS=system     link a system CBLAS (-lcblas or CEPE_BLAS_LIBS) instead
@@ -120,6 +125,55 @@ def find_cuda_home(nvcc: str) -> str:
     raise RuntimeError(f"cannot find the CUDA toolkit root for {nvcc} (set CUDA_HOME)")
 
 
+def cuda_major(cuda_home: str) -> int:
+    """The toolkit's major version, from CUDART_VERSION (e.g. 13000 -> 13)."""
+    with open(os.path.join(cuda_home, "include", "cuda_runtime_api.h")) as f:
+        for line in f:
+            if line.startswith("#define CUDART_VERSION"):
+                return int(line.split()[2]) // 1000
+    raise RuntimeError(f"no CUDART_VERSION in {cuda_home}/include/cuda_runtime_api.h")
+
+
+def cublas_library(lib_dir: str, major: int) -> str | None:
+    """The linker argument for libcublas in lib_dir: the unversioned name when
+    it is there, else the soname of this major (the wheels ship no libcublas.so)."""
+    if os.path.exists(os.path.join(lib_dir, "libcublas.so")):
+        return "-lcublas"
+    if os.path.exists(os.path.join(lib_dir, f"libcublas.so.{major}")):
+        return f"-l:libcublas.so.{major}"
+    return None
+
+
+def find_cublas(cuda_home: str) -> tuple[str, str, str, str | None]:
+    """(include dir, library dir, linker argument, rpath relative to the
+    installed module or None) of a cuBLAS matching the toolkit's major: the
+    toolkit's own, else the nvidia-cublas wheel's (nvidia/cu<major>/ in newer
+    wheels, nvidia/cublas/ in older ones)."""
+    major = cuda_major(cuda_home)
+    include = os.path.join(cuda_home, "include")
+    if os.path.exists(os.path.join(include, "cublas_v2.h")):
+        for lib in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib")):
+            arg = cublas_library(os.path.join(cuda_home, lib), major)
+            if arg:
+                return include, os.path.join(cuda_home, lib), arg, None
+    try:
+        import nvidia  # namespace package of the nvidia-* wheels
+    except ImportError:
+        nvidia = None
+    for base in list(getattr(nvidia, "__path__", [])):
+        for sub in (f"cu{major}", "cublas"):
+            root = os.path.join(base, sub)
+            include, lib_dir = os.path.join(root, "include"), os.path.join(root, "lib")
+            arg = cublas_library(lib_dir, major)
+            if arg and os.path.exists(os.path.join(include, "cublas_v2.h")):
+                # installed, the module sits in site-packages next to nvidia/
+                return include, lib_dir, arg, os.path.relpath(lib_dir, os.path.dirname(base))
+    raise RuntimeError(
+        f"cuBLAS for CUDA {major} not found in {cuda_home} nor in an nvidia-cublas wheel "
+        '(pip install "nvidia-cublas" or ".[cuda]")'
+    )
+
+
 def cuda_extension() -> Extension:
     """cepe_cuda; its kernels/*.cu objects are compiled by BuildExt first."""
     werror = env_flag("CEPE_CUDA_WERROR", "0") in ("1", "true", "yes")
@@ -159,6 +213,7 @@ class BuildExt(build_ext):
         if not cu_files:
             raise RuntimeError("no kernels/*.cu to compile")
         cuda_home = find_cuda_home(nvcc)
+        cublas_include, cublas_lib, cublas_arg, cublas_rel = find_cublas(cuda_home)
         werror = env_flag("CEPE_CUDA_WERROR", "0") in ("1", "true", "yes")
         build_dir = os.path.join(self.build_temp, "kernels")
         os.makedirs(build_dir, exist_ok=True)
@@ -174,6 +229,7 @@ class BuildExt(build_ext):
                 "-O3",
                 "-std=c++17",
                 "-Icsrc",
+                f"-I{cublas_include}",
                 "-Xcompiler",
                 "-fPIC,-Wall,-Wextra" + (",-Werror" if werror else ""),
                 "-gencode",
@@ -190,7 +246,12 @@ class BuildExt(build_ext):
             objects.append(obj)
         ext.extra_objects = objects
         ext.include_dirs.append(os.path.join(cuda_home, "include"))
-        ext.library_dirs.append(os.path.join(cuda_home, "lib64"))
+        ext.library_dirs += [os.path.join(cuda_home, "lib64"), cublas_lib]
+        # dynamic cuBLAS (static cudart): found through the rpath, installed
+        # ($ORIGIN-relative) or in place (absolute)
+        rpaths = ([f"$ORIGIN/{cublas_rel}"] if cublas_rel else []) + [cublas_lib]
+        ext.extra_link_args = [cublas_arg] + [f"-Wl,-rpath,{p}" for p in rpaths]
+        print(f"cepe: cuBLAS from {cublas_lib} ({cublas_arg})")
 
 
 def extensions() -> list[Extension]:

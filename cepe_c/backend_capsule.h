@@ -30,4 +30,18 @@ static inline const cepe_backend *cepe_backend_from_capsule(PyObject *obj) {
     return be;
 }
 
+/* Capsule destructor: the capsule owns its backend. */
+static inline void cepe_backend_capsule_destroy(PyObject *capsule) {
+    cepe_backend *be = (cepe_backend *)PyCapsule_GetPointer(capsule, CEPE_BACKEND_CAPSULE);
+    if (be && be->destroy) be->destroy(be);
+}
+
+/* A new "cepe.backend" capsule owning be (cepe_cuda.backend() makes them);
+ * NULL with an exception set, be destroyed, on failure. */
+static inline PyObject *cepe_backend_capsule_new(cepe_backend *be) {
+    PyObject *capsule = PyCapsule_New(be, CEPE_BACKEND_CAPSULE, cepe_backend_capsule_destroy);
+    if (!capsule && be->destroy) be->destroy(be);
+    return capsule;
+}
+
 #endif /* CEPE_BACKEND_CAPSULE_H */

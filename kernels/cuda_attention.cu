@@ -1,0 +1,234 @@
+// cuda_attention.cu — scaled dot-product attention with an online softmax
+// (attention.c), optionally returning each query's log-sum-exp for the
+// backward (attention_backward.c's attention_forward_lse).
+//
+// Same shapes and masks as the CPU (ops.h, attention_shape): causal with
+// q_offset, sliding window, key padding (key_valid), GQA, arbitrary row and
+// batch strides; a query that sees no key gets a zero output and lse = -inf.
+//
+// A block serves one (batch row b, kv head g) and ATT_ROWS_PER_BLOCK query
+// rows, where a row is a (query t, head h of g's group) pair, t-major: the
+// group's heads share every key tile the block loads (GQA), and consecutive
+// t have nearly the same key range (causal). Keys are visited in tiles of
+// ATT_BK = 32, one key per lane when scoring:
+//   K, V tile (32 x hd) -> shared memory (padding and out-of-range keys: 0)
+//   lane j: s = scale q·k_j for each of its warp's ATT_ROWS rows (masked: -inf)
+//   online softmax per row (elementwise.h: the CPU's update and exp)
+//   acc[d] += Σ_j p_j v_j[d], lane owning d = lane + 32 i, p_j by shuffle
+// Memory is O(tile) whatever Tk is, as on the CPU.
+#include <algorithm>
+
+#include "cuda_common.cuh"
+#include "ops/elementwise.h"
+
+#define ATT_WARPS 4
+#define ATT_ROWS 4 // query rows per warp: each K element read from shared memory serves 4 dot products
+#define ATT_ROWS_PER_BLOCK (ATT_WARPS * ATT_ROWS)
+#define ATT_BK 32
+#define ATT_MAX_HD 256 // ops.h's limit (CEPE_MAX_HEAD_DIM)
+
+// Dynamic shared memory: K and V tiles with an odd row stride (lane j
+// reading column d of row j hits bank (j * kst + d) % 32: all different),
+// then the block's query rows.
+static size_t att_smem_bytes(int hd) {
+    const int kst = hd | 1;
+    return sizeof(float) * ((size_t)2 * ATT_BK * kst + (size_t)ATT_ROWS_PER_BLOCK * hd);
+}
+
+// ND = ceil(hd / 32): the output dims each lane owns (d = lane + 32 i).
+template <int ND>
+__global__ void __launch_bounds__(ATT_WARPS * 32)
+    attention_kernel(float *out, float *lse, const float *q, const float *k, const float *v, const uint8_t *key_valid,
+                     attention_shape s, int b0) {
+    extern __shared__ float smem[];
+    const int hd = s.hd, kst = hd | 1;
+    float *Ks = smem;               // [ATT_BK][kst]
+    float *Vs = Ks + ATT_BK * kst;  // [ATT_BK][kst]
+    float *Qs = Vs + ATT_BK * kst;  // [ATT_ROWS_PER_BLOCK][hd]
+    __shared__ int kvalid[ATT_BK];  // key may be attended (not padding, not past the tile's end)
+
+    const int b = b0 + blockIdx.z, g = blockIdx.y;
+    const int group = s.H / s.KVH, n_rows = group * s.Tq;
+    const int row0 = blockIdx.x * ATT_ROWS_PER_BLOCK;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const float *kb = k + b * s.kv_bstride + (long)g * hd; // key j of this kv head: kb + j * kv_rstride
+    const float *vb = v + b * s.kv_bstride + (long)g * hd;
+    const uint8_t *valid = key_valid ? key_valid + b * s.valid_bstride : nullptr;
+
+    // the block's query rows -> Qs (rows past the end: zeros, never attended)
+    for (int idx = threadIdx.x; idx < ATT_ROWS_PER_BLOCK * hd; idx += blockDim.x) {
+        const int r = idx / hd, d = idx % hd, row = row0 + r;
+        float x = 0.0f;
+        if (row < n_rows) {
+            const int t = row / group, h = g * group + row % group;
+            x = q[b * s.q_bstride + (long)t * s.q_rstride + (long)h * hd + d];
+        }
+        Qs[r * hd + d] = x;
+    }
+
+    // this warp's rows: key range, running max m, denominator l, accumulator
+    int lo[ATT_ROWS], hi[ATT_ROWS];
+    float m[ATT_ROWS], l[ATT_ROWS], acc[ATT_ROWS][ND];
+#pragma unroll
+    for (int r = 0; r < ATT_ROWS; r++) {
+        const int row = row0 + warp * ATT_ROWS + r;
+        lo[r] = hi[r] = 0; // a row past the end sees nothing
+        if (row < n_rows) cepe_key_range(s.Tk, s.causal, s.window, s.q_offset + row / group, &lo[r], &hi[r]);
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < ND; i++) acc[r][i] = 0.0f;
+    }
+
+    // the union of the block's key ranges: ranges grow with t
+    const int last_row = min(row0 + ATT_ROWS_PER_BLOCK, n_rows) - 1;
+    int blo, bhi, unused;
+    cepe_key_range(s.Tk, s.causal, s.window, s.q_offset + row0 / group, &blo, &unused);
+    cepe_key_range(s.Tk, s.causal, s.window, s.q_offset + last_row / group, &unused, &bhi);
+
+    const float *Qw = Qs + warp * ATT_ROWS * hd;
+    for (int j0 = blo; j0 < bhi; j0 += ATT_BK) {
+        const int nk = min(ATT_BK, bhi - j0);
+        __syncthreads(); // every warp is done with the previous tile (and Qs is written)
+        if (threadIdx.x < ATT_BK) {
+            const int jj = threadIdx.x;
+            kvalid[jj] = jj < nk && (!valid || valid[j0 + jj] != 0);
+        }
+        for (int idx = threadIdx.x; idx < ATT_BK * hd; idx += blockDim.x) {
+            const int jj = idx / hd, d = idx % hd;
+            float kx = 0.0f, vx = 0.0f;
+            if (jj < nk && (!valid || valid[j0 + jj] != 0)) { // padding never reaches the sums, even as 0 * NaN
+                const long at = (long)(j0 + jj) * s.kv_rstride + d;
+                kx = kb[at];
+                if (out) vx = vb[at];
+            }
+            Ks[jj * kst + d] = kx;
+            Vs[jj * kst + d] = vx;
+        }
+        __syncthreads();
+
+        // scores of key j0 + lane against the warp's rows
+        float dot[ATT_ROWS];
+#pragma unroll
+        for (int r = 0; r < ATT_ROWS; r++) dot[r] = 0.0f;
+        const float *kr = Ks + lane * kst;
+        for (int d = 0; d < hd; d++) {
+            const float kd = kr[d];
+#pragma unroll
+            for (int r = 0; r < ATT_ROWS; r++) dot[r] += Qw[r * hd + d] * kd;
+        }
+        const int j = j0 + lane;
+        float p[ATT_ROWS];
+        bool any = false;
+#pragma unroll
+        for (int r = 0; r < ATT_ROWS; r++) {
+            const bool ok = kvalid[lane] && j >= lo[r] && j < hi[r];
+            const float sc = ok ? dot[r] * s.scale : -INFINITY;
+            const float bmax = warp_max(sc);
+            p[r] = 0.0f;
+            if (bmax == -INFINITY) continue; // nothing visible to this row here (warp-uniform)
+            const float corr = cepe_online_softmax_rescale(&m[r], &l[r], bmax);
+            p[r] = cepe_exp_neg(sc - m[r]); // masked: exp(-inf) = 0
+            l[r] += warp_sum(p[r]);
+#pragma unroll
+            for (int i = 0; i < ND; i++) acc[r][i] *= corr;
+            any = true;
+        }
+        if (!out || !any) continue; // warp-uniform
+        for (int jj = 0; jj < nk; jj++) {
+            float pj[ATT_ROWS];
+#pragma unroll
+            for (int r = 0; r < ATT_ROWS; r++) pj[r] = __shfl_sync(CUDA_FULL_MASK, p[r], jj);
+#pragma unroll
+            for (int i = 0; i < ND; i++) {
+                const int d = lane + 32 * i;
+                if (d < hd) {
+                    const float vd = Vs[jj * kst + d];
+#pragma unroll
+                    for (int r = 0; r < ATT_ROWS; r++) acc[r][i] += pj[r] * vd;
+                }
+            }
+        }
+    }
+
+#pragma unroll
+    for (int r = 0; r < ATT_ROWS; r++) {
+        const int row = row0 + warp * ATT_ROWS + r;
+        if (row >= n_rows) continue;
+        const int t = row / group, h = g * group + row % group;
+        const long orow = ((long)b * s.Tq + t) * s.H + h; // out (B, Tq, H, hd), lse (B, Tq, H)
+        if (lse && lane == 0) lse[orow] = l[r] > 0.0f ? m[r] + logf(l[r]) : -INFINITY;
+        if (!out) continue;
+        const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f; // no visible key: zero output
+#pragma unroll
+        for (int i = 0; i < ND; i++) {
+            const int d = lane + 32 * i;
+            if (d < hd) out[orow * hd + d] = acc[r][i] * inv;
+        }
+    }
+}
+
+int cuda_attention_check(cuda_state *st, const attention_shape *s, const char *what) {
+    if (s->KVH < 1 || s->H % s->KVH != 0 || s->hd < 1 || s->hd > ATT_MAX_HD || s->Tk < 0 || s->q_offset < 0 ||
+        s->window < 0)
+        return cuda_fail(st, CEPE_ERR_INVALID_ARG,
+                         "%s: bad shape H=%d KVH=%d hd=%d (<= %d) Tk=%d q_offset=%d window=%d", what, s->H, s->KVH,
+                         s->hd, ATT_MAX_HD, s->Tk, s->q_offset, s->window);
+    if (s->KVH > CUDA_MAX_GRID_YZ || s->H > CUDA_MAX_GRID_YZ)
+        return cuda_fail(st, CEPE_ERR_UNSUPPORTED, "%s: %d heads exceed a launch's grid", what, s->H);
+    return 0;
+}
+
+template <int ND>
+static int launch(cuda_state *st, float *out, float *lse, const float *q, const float *k, const float *v,
+                  const uint8_t *key_valid, const attention_shape *s) {
+    const size_t smem = att_smem_bytes(s->hd);
+    if (smem > (size_t)st->smem_optin)
+        return cuda_fail(st, CEPE_ERR_UNSUPPORTED, "attention: head_dim %d needs %zu bytes of shared memory (%d here)",
+                         s->hd, smem, st->smem_optin);
+    int rc = cuda_check(st,
+                        cudaFuncSetAttribute(attention_kernel<ND>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             (int)smem),
+                        "attention (shared memory)");
+    if (rc) return rc;
+    const int n_rows = (s->H / s->KVH) * s->Tq;
+    const unsigned row_blocks = (unsigned)((n_rows + ATT_ROWS_PER_BLOCK - 1) / ATT_ROWS_PER_BLOCK);
+    for (int b0 = 0; b0 < s->B && !rc; b0 += CUDA_MAX_GRID_YZ) {
+        const dim3 grid(row_blocks, (unsigned)s->KVH, (unsigned)std::min(s->B - b0, CUDA_MAX_GRID_YZ));
+        attention_kernel<ND><<<grid, ATT_WARPS * 32, smem, st->stream>>>(out, lse, q, k, v, key_valid, *s, b0);
+        rc = cuda_launched(st, "attention");
+    }
+    return rc;
+}
+
+// out (B, Tq, H*hd) or NULL, lse (B, Tq, H) or NULL
+static int attention_common(const cepe_backend *be, float *out, float *lse, const float *q, const float *k,
+                            const float *v, const uint8_t *key_valid, const attention_shape *s, const char *what) {
+    cuda_state *st = cuda_begin(be);
+    if (!st) return CEPE_ERR_BACKEND;
+    if (s->B <= 0 || s->Tq <= 0 || s->H <= 0 || (!out && !lse)) return 0;
+    const int rc = cuda_attention_check(st, s, what);
+    if (rc) return rc;
+    switch ((s->hd + 31) / 32) {
+    case 1: return launch<1>(st, out, lse, q, k, v, key_valid, s);
+    case 2: return launch<2>(st, out, lse, q, k, v, key_valid, s);
+    case 3: return launch<3>(st, out, lse, q, k, v, key_valid, s);
+    case 4: return launch<4>(st, out, lse, q, k, v, key_valid, s);
+    case 5: return launch<5>(st, out, lse, q, k, v, key_valid, s);
+    case 6: return launch<6>(st, out, lse, q, k, v, key_valid, s);
+    case 7: return launch<7>(st, out, lse, q, k, v, key_valid, s);
+    default: return launch<8>(st, out, lse, q, k, v, key_valid, s);
+    }
+}
+
+int cuda_attention(const cepe_backend *be, float *out, const float *q, const float *k, const float *v,
+                   const uint8_t *key_valid, const attention_shape *s, int nt) {
+    (void)nt;
+    return attention_common(be, out, nullptr, q, k, v, key_valid, s, "attention");
+}
+
+int cuda_attention_lse(const cepe_backend *be, float *out, float *lse, const float *q, const float *k, const float *v,
+                       const uint8_t *key_valid, const attention_shape *s, int nt) {
+    (void)nt;
+    return attention_common(be, out, lse, q, k, v, key_valid, s, "attention_lse");
+}
