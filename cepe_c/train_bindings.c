@@ -367,24 +367,24 @@ static PyObject *TrainState_grads(TrainStateObject *self, PyObject *Py_UNUSED(a)
     return out;
 }
 
-static PyObject *TrainState_sync_device(TrainStateObject *self, PyObject *Py_UNUSED(a)) {
+/* Runs one of the host <-> device copies of the training state, GIL released. */
+static PyObject *run_sync(TrainStateObject *self, cepe_status (*fn)(cepe_train *)) {
     if (claim(self) < 0) return NULL;
     cepe_status st;
-    Py_BEGIN_ALLOW_THREADS st = cepe_train_sync_device(self->t);
+    Py_BEGIN_ALLOW_THREADS st = fn(self->t);
     Py_END_ALLOW_THREADS self->busy = 0;
     if (st) return raise_status(st);
     Py_RETURN_NONE;
 }
 
+static PyObject *TrainState_sync_device(TrainStateObject *self, PyObject *Py_UNUSED(a)) {
+    return run_sync(self, cepe_train_sync_device);
+}
+
 /* sync_host(): on a device, writes the weights and moments back into the
  * params / m / v arrays (before saving); a no-op on the CPU. */
 static PyObject *TrainState_sync_host(TrainStateObject *self, PyObject *Py_UNUSED(a)) {
-    if (claim(self) < 0) return NULL;
-    cepe_status st;
-    Py_BEGIN_ALLOW_THREADS st = cepe_train_sync_host(self->t);
-    Py_END_ALLOW_THREADS self->busy = 0;
-    if (st) return raise_status(st);
-    Py_RETURN_NONE;
+    return run_sync(self, cepe_train_sync_host);
 }
 
 static PyObject *TrainState_get_step(TrainStateObject *self, void *Py_UNUSED(c)) {
