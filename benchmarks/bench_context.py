@@ -283,7 +283,7 @@ def phase_child(args: argparse.Namespace) -> dict:
     L, W = args.length, args.window
     st0 = proc_status()
     t0 = time.perf_counter()
-    m = cepe.load(args.model_dir, n_threads=args.threads)
+    m = cepe.load(args.model_dir, n_threads=args.threads, device=args.device)
     load_s = time.perf_counter() - t0
     st_load = proc_status()
 
@@ -293,7 +293,7 @@ def phase_child(args: argparse.Namespace) -> dict:
         ids, ctx = inputs(dec["vocab_size"], L, W)
         dec_ids, chunks = ids[:, L - W :], ctx.reshape(1, -1, CHUNK)
         n_ctx_tokens = chunks.shape[1] * CHUNK
-        kept = m._keep_cross_kv(1, n_ctx_tokens, keep)
+        kept = m._keep_cross_kv(1, n_ctx_tokens, keep, single_pass=True)  # what perplexity() decides
         # warm-up: the same path on a small input (2 chunks, 2 decoder slices)
         w_ids, w_ctx = inputs(dec["vocab_size"], 2 * CHUNK + 512, 512)
         m.perplexity(w_ids[:, -512:], eval_window=EVAL_WINDOW, encoder_input_ids=w_ctx.reshape(1, -1, CHUNK))
@@ -406,7 +406,8 @@ def run_child(
     out_path = os.path.join(scratch, f"{tag}.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--phase", engine, "--scratch", scratch, "--out-json", out_path]
     cmd += ["--model-dir", model_dir, "--threads", str(args.threads), "--length", str(length)]
-    cmd += ["--window", str(args.window), "--kv-mode", kv_mode] + (["--quick"] if args.quick else [])
+    cmd += ["--window", str(args.window), "--kv-mode", kv_mode, "--device", args.device]
+    cmd += ["--quick"] if args.quick else []
     time.sleep(PAUSE_S)
     waited = wait_for_idle(args.wait_idle)
     if waited > 5:
@@ -789,6 +790,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="an earlier result JSON of the same setup: its runs are reused, except contended ones that took "
         "<= --retry-max-s (those run again), failed and skipped ones",
     )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cepe device: cpu, cuda or cuda:N (on a GPU the memory columns still measure host RSS only)",
+    )
     p.add_argument("--model-dir", default=None, help="where to write or reuse the model (default: temp dir)")
     p.add_argument(
         "--out",
@@ -902,6 +908,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "bench_context",
         "quick": args.quick,
         "threads": args.threads,
+        "device": args.device,
         "lengths": args.lengths,
         "decoder_window": args.window,
         "chunk": CHUNK,

@@ -357,33 +357,42 @@ def phase_torch(args: argparse.Namespace) -> dict:
     pp_ids, prompt = inputs(model_config(args.quick)["vocab_size"], args.prefill)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    hf = LlamaForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
+    # --device cuda: torch on the GPU too when its build has CUDA (else its CPU numbers, said in the JSON)
+    dev = "cuda" if args.device.startswith("cuda") and torch.cuda.is_available() else "cpu"
+    hf = LlamaForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval().to(dev)
     load_s = time.perf_counter() - t0
     hf.generation_config.pad_token_id = 0
-    ids, p_ids = torch.from_numpy(pp_ids), torch.from_numpy(prompt)
+    ids, p_ids = torch.from_numpy(pp_ids).to(dev), torch.from_numpy(prompt).to(dev)
     mask = torch.ones_like(p_ids)
     has_keep = "logits_to_keep" in inspect.signature(hf.forward).parameters
     kw = {"logits_to_keep": 1} if has_keep else {}
     attn = hf.config._attn_implementation
     log(f"torch: attn_implementation={attn}, threads={torch.get_num_threads()}, logits_to_keep={has_keep}")
 
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)  # GPU work is asynchronous
+
+    def prefill() -> None:
+        hf(ids, **kw)
+        sync()
+
     with torch.inference_mode():
-        pp = summarize(time_runs(lambda: hf(ids, **kw), args.repeats), args.prefill)
+        pp = summarize(time_runs(prefill, args.repeats), args.prefill)
         log(f"torch pp{args.prefill}: {pp['tok_s']:.1f} tok/s")
-        logits = hf(ids, **kw).logits[0, -1].float().numpy()
+        logits = hf(ids, **kw).logits[0, -1].float().cpu().numpy()
 
         def gen(n: int) -> torch.Tensor:
             return hf.generate(p_ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
         tg = decode_stats(gen, args)
         log(f"torch tg{args.decode}: {tg['tok_s']:.1f} tok/s")
-        tokens = gen(args.decode)[0, PROMPT_LEN:].numpy()
+        tokens = gen(args.decode)[0, PROMPT_LEN:].cpu().numpy()
     np.savez(os.path.join(args.scratch, "torch.npz"), logits=logits, tokens=tokens)
     return {
         "load_s": load_s,
         "pp": pp,
         "tg": tg,
         "attn_implementation": attn,
+        "device": dev,
         "prefill_call": f"hf(ids{', logits_to_keep=1' if has_keep else ''}) under torch.inference_mode() "
         "(use_cache left at its default)",
         "generate_call": "hf.generate(prompt, attention_mask=ones, max_new_tokens=D, min_new_tokens=D, "
@@ -598,7 +607,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--prefill", type=int, default=None, help="prefill length (default 512)")
     p.add_argument("--decode", type=int, default=None, help="new tokens to decode (default 128)")
-    p.add_argument("--device", default="cpu", choices=["cpu"], help="cepe device (only cpu for now)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cepe device: cpu, cuda or cuda:N (torch runs on the GPU too when its build has CUDA)",
+    )
     p.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK_LAYERS} layers, pp64, tg16, 1 repeat")
     p.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)  # internal: child process
     p.add_argument("--scratch", help=argparse.SUPPRESS)
