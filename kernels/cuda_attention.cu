@@ -16,6 +16,11 @@
 //   online softmax per row (elementwise.h: the CPU's update and exp)
 //   acc[d] += Σ_j p_j v_j[d], lane owning d = lane + 32 i, p_j by shuffle
 // Memory is O(tile) whatever Tk is, as on the CPU.
+//
+// Decoding (one query per row) makes too few such blocks to fill the GPU, so
+// there the keys are split too (flash-decoding): the block's key range is
+// cut into n_splits chunks, one block each, which leave unnormalised partials
+// (running max m, denominator l, accumulator) for attention_merge_kernel.
 #include <algorithm>
 
 #include "cuda_common.cuh"
@@ -26,6 +31,17 @@
 #define ATT_ROWS_PER_BLOCK (ATT_WARPS * ATT_ROWS)
 #define ATT_BK 32
 #define ATT_MAX_HD 256 // ops.h's limit (CEPE_MAX_HEAD_DIM)
+#define ATT_SPLIT_MIN 128 // keys per split at least
+#define ATT_MAX_SPLITS 128
+
+// Where the blocks of a split launch leave their partials (n == 1: none,
+// the blocks write out and lse themselves). Rows are indexed like lse:
+// (b * Tq + t) * H + h, R = B * Tq * H of them.
+struct att_split {
+    int n;      // key splits per row block
+    float *ml;  // (n, R, 2): m and l of each split
+    float *acc; // (n, R, hd): its unnormalised accumulator, or NULL (lse only)
+};
 
 // Dynamic shared memory: K and V tiles with an odd row stride (lane j
 // reading column d of row j hits bank (j * kst + d) % 32: all different),
@@ -39,7 +55,7 @@ static size_t att_smem_bytes(int hd) {
 template <int ND>
 __global__ void __launch_bounds__(ATT_WARPS * 32)
     attention_kernel(float *out, float *lse, const float *q, const float *k, const float *v, const uint8_t *key_valid,
-                     attention_shape s, int b0) {
+                     attention_shape s, att_split sp, int b0) {
     extern __shared__ float smem[];
     const int hd = s.hd, kst = hd | 1;
     float *Ks = smem;               // [ATT_BK][kst]
@@ -49,7 +65,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
 
     const int b = b0 + blockIdx.z, g = blockIdx.y;
     const int group = s.H / s.KVH, n_rows = group * s.Tq;
-    const int row0 = blockIdx.x * ATT_ROWS_PER_BLOCK;
+    const int row0 = (int)(blockIdx.x / sp.n) * ATT_ROWS_PER_BLOCK, split = (int)(blockIdx.x % sp.n);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const float *kb = k + b * s.kv_bstride + (long)g * hd; // key j of this kv head: kb + j * kv_rstride
     const float *vb = v + b * s.kv_bstride + (long)g * hd;
@@ -80,15 +96,19 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
         for (int i = 0; i < ND; i++) acc[r][i] = 0.0f;
     }
 
-    // the union of the block's key ranges: ranges grow with t
+    // the union of the block's key ranges (ranges grow with t), and this
+    // split's chunk of it, in whole tiles
     const int last_row = min(row0 + ATT_ROWS_PER_BLOCK, n_rows) - 1;
     int blo, bhi, unused;
     cepe_key_range(s.Tk, s.causal, s.window, s.q_offset + row0 / group, &blo, &unused);
     cepe_key_range(s.Tk, s.causal, s.window, s.q_offset + last_row / group, &unused, &bhi);
+    const int chunk = (max(bhi - blo, 0) + sp.n - 1) / sp.n;
+    const int klo = blo + split * ((chunk + ATT_BK - 1) / ATT_BK * ATT_BK);
+    const int khi = min(bhi, klo + (chunk + ATT_BK - 1) / ATT_BK * ATT_BK);
 
     const float *Qw = Qs + warp * ATT_ROWS * hd;
-    for (int j0 = blo; j0 < bhi; j0 += ATT_BK) {
-        const int nk = min(ATT_BK, bhi - j0);
+    for (int j0 = klo; j0 < khi; j0 += ATT_BK) {
+        const int nk = min(ATT_BK, khi - j0);
         __syncthreads(); // every warp is done with the previous tile (and Qs is written)
         if (threadIdx.x < ATT_BK) {
             const int jj = threadIdx.x;
@@ -157,6 +177,20 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
         if (row >= n_rows) continue;
         const int t = row / group, h = g * group + row % group;
         const long orow = ((long)b * s.Tq + t) * s.H + h; // out (B, Tq, H, hd), lse (B, Tq, H)
+        if (sp.n > 1) { // partials for the merge
+            const long at = (long)split * s.B * s.Tq * s.H + orow;
+            if (lane == 0) {
+                sp.ml[2 * at] = m[r];
+                sp.ml[2 * at + 1] = l[r];
+            }
+            if (!sp.acc) continue;
+#pragma unroll
+            for (int i = 0; i < ND; i++) {
+                const int d = lane + 32 * i;
+                if (d < hd) sp.acc[at * hd + d] = acc[r][i];
+            }
+            continue;
+        }
         if (lse && lane == 0) lse[orow] = l[r] > 0.0f ? m[r] + logf(l[r]) : -INFINITY;
         if (!out) continue;
         const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f; // no visible key: zero output
@@ -164,6 +198,32 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
         for (int i = 0; i < ND; i++) {
             const int d = lane + 32 * i;
             if (d < hd) out[orow * hd + d] = acc[r][i] * inv;
+        }
+    }
+}
+
+// out (rows, hd) or NULL and lse (rows) or NULL from the n partials of each
+// row (att_split): the online softmax's merge, m = max m_s, l = Σ l_s e^(m_s - m),
+// out = Σ acc_s e^(m_s - m) / l. One warp per row.
+__global__ void attention_merge_kernel(float *out, float *lse, const float *ml, const float *acc, long rows, int n,
+                                       int hd) {
+    const int lane = threadIdx.x % 32;
+    const long warps = (long)gridDim.x * (blockDim.x / 32);
+    for (long row = (long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; row < rows; row += warps) {
+        float m = -INFINITY, l = 0.0f;
+        for (int k = 0; k < n; k++) m = fmaxf(m, ml[2 * (k * rows + row)]);
+        if (m != -INFINITY)
+            for (int k = 0; k < n; k++) l += ml[2 * (k * rows + row) + 1] * expf(ml[2 * (k * rows + row)] - m);
+        if (lse && lane == 0) lse[row] = l > 0.0f ? m + logf(l) : -INFINITY;
+        if (!out) continue;
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f; // no visible key: zero output
+        for (int d = lane; d < hd; d += 32) {
+            float o = 0.0f;
+            for (int k = 0; k < n && inv > 0.0f; k++) {
+                const float mk = ml[2 * (k * rows + row)];
+                if (mk != -INFINITY) o += acc[(k * rows + row) * hd + d] * expf(mk - m);
+            }
+            out[row * hd + d] = o * inv;
         }
     }
 }
@@ -179,6 +239,16 @@ int cuda_attention_check(cuda_state *st, const attention_shape *s, const char *w
     return 0;
 }
 
+// Key splits per row block: 1 when the (row block, kv head, batch row)
+// blocks fill the GPU; else enough to fill it twice over, each split keeping
+// at least ATT_SPLIT_MIN keys.
+static int att_splits(const cuda_state *st, const attention_shape *s, long blocks) {
+    if (blocks >= st->sm_count) return 1;
+    long n = (2L * st->sm_count + blocks - 1) / blocks;
+    n = std::min(n, (long)(s->Tk + ATT_SPLIT_MIN - 1) / ATT_SPLIT_MIN);
+    return (int)std::max(std::min(n, (long)ATT_MAX_SPLITS), 1L);
+}
+
 template <int ND>
 static int launch(cuda_state *st, float *out, float *lse, const float *q, const float *k, const float *v,
                   const uint8_t *key_valid, const attention_shape *s) {
@@ -191,13 +261,28 @@ static int launch(cuda_state *st, float *out, float *lse, const float *q, const 
                                              (int)smem),
                         "attention (shared memory)");
     if (rc) return rc;
-    const int n_rows = (s->H / s->KVH) * s->Tq;
-    const unsigned row_blocks = (unsigned)((n_rows + ATT_ROWS_PER_BLOCK - 1) / ATT_ROWS_PER_BLOCK);
+    const long n_rows = (long)(s->H / s->KVH) * s->Tq, rows = (long)s->B * s->Tq * s->H;
+    const long row_blocks = (n_rows + ATT_ROWS_PER_BLOCK - 1) / ATT_ROWS_PER_BLOCK;
+    att_split sp = {att_splits(st, s, row_blocks * s->KVH * s->B), nullptr, nullptr};
+    if (row_blocks * sp.n > 0x7fffffffL)
+        return cuda_fail(st, CEPE_ERR_UNSUPPORTED, "attention: %ld query rows exceed a launch's grid", n_rows);
+    if (sp.n > 1) {
+        const size_t per_split = (size_t)rows * (2 + (out ? s->hd : 0));
+        if (!(sp.ml = (float *)cuda_scratch(st, sizeof(float) * per_split * sp.n, "attention (split partials)")))
+            return CEPE_ERR_OUT_OF_MEMORY;
+        sp.acc = out ? sp.ml + (size_t)2 * rows * sp.n : nullptr;
+    }
     for (int b0 = 0; b0 < s->B && !rc; b0 += CUDA_MAX_GRID_YZ) {
-        const dim3 grid(row_blocks, (unsigned)s->KVH, (unsigned)std::min(s->B - b0, CUDA_MAX_GRID_YZ));
-        attention_kernel<ND><<<grid, ATT_WARPS * 32, smem, st->stream>>>(out, lse, q, k, v, key_valid, *s, b0);
+        const dim3 grid((unsigned)(row_blocks * sp.n), (unsigned)s->KVH, (unsigned)std::min(s->B - b0, CUDA_MAX_GRID_YZ));
+        attention_kernel<ND><<<grid, ATT_WARPS * 32, smem, st->stream>>>(out, lse, q, k, v, key_valid, *s, sp, b0);
         rc = cuda_launched(st, "attention");
     }
+    if (!rc && sp.n > 1) {
+        attention_merge_kernel<<<cuda_blocks((size_t)rows * 32, CUDA_THREADS), CUDA_THREADS, 0, st->stream>>>(
+            out, lse, sp.ml, sp.acc, rows, sp.n, s->hd);
+        rc = cuda_launched(st, "attention (merge)");
+    }
+    cuda_scratch_free(st, sp.ml);
     return rc;
 }
 

@@ -244,6 +244,8 @@ extern "C" cepe_backend *cepe_cuda_backend_create(int device, char *msg, size_t 
     if ((err = cudaDeviceGetAttribute(&st->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device)) !=
         cudaSuccess)
         goto cuda_failed;
+    if ((err = cudaDeviceGetAttribute(&st->sm_count, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess)
+        goto cuda_failed;
     what = "cudaMalloc";
     if ((err = cudaMalloc(&st->dev_flags, sizeof(unsigned))) != cudaSuccess) goto cuda_failed;
     if ((err = cudaMemset(st->dev_flags, 0, sizeof(unsigned))) != cudaSuccess) goto cuda_failed;

@@ -31,6 +31,7 @@ struct cuda_state {
     cudaStream_t stream; // every op, copy and memset of this backend runs here, in order
     cublasHandle_t blas; // bound to `stream`
     int smem_optin;      // the most dynamic shared memory a block may opt in to, bytes
+    int sm_count;        // multiprocessors: how many blocks fill the device
     unsigned *dev_flags; // CUDA_FLAG_*, set by kernels, collected by sync
     unsigned *host_flags; // pinned: where sync copies dev_flags
 

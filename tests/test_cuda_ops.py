@@ -235,6 +235,8 @@ ATTENTION_CASES = {
     "fused_left_padded": (3, 45, 45, 4, 2, 48, True, 0, 0, [0, 9, 45], "fused"),  # row 2: no key at all
     "decode_step_kv_cache": (2, 1, 300, 8, 2, 128, True, 299, 0, [0, 17], 512),
     "prefill_chunk_kv_cache": (1, 20, 150, 6, 2, 64, True, 130, 0, None, 200),
+    "decode_long_context": (1, 1, 5000, 8, 2, 128, True, 4999, 0, None, 6000),  # keys split over blocks
+    "cross_decode_long_padded": (2, 1, 3000, 4, 4, 64, False, 0, 0, [100, 2999], "plain"),  # row 1: one key
     "sliding_window_offset": (1, 33, 130, 4, 1, 64, True, 97, 40, None, "plain"),
     "sliding_window_cache": (2, 64, 200, 4, 2, 64, True, 136, 50, [0, 30], 256),
     "left_padded_causal": (3, 70, 70, 6, 2, 12, True, 0, 0, [0, 9, 70], "plain"),
