@@ -68,7 +68,7 @@ static void *cuda_alloc(const cepe_backend *be, size_t bytes) {
     return p;
 }
 
-static void cuda_free_(const cepe_backend *be, void *p) {
+static void cuda_free_block(const cepe_backend *be, void *p) {
     if (!p) return;
     cuda_state *st = cuda_begin(be);
     if (st && cuda_arena_free(st, p) != 0)
@@ -77,9 +77,10 @@ static void cuda_free_(const cepe_backend *be, void *p) {
 
 // The caller may free host_src as soon as this returns. Small uploads (the
 // per-token ids, positions, masks) are copied into the pinned staging buffer
-// and queued from there, so they do not wait for the queued kernels; the
-// staging buffer is reused once its previous copy has run. Large ones (the
-// weights, once) are queued from the caller's memory and waited for.
+// and queued from there: they wait only until the previous staged copy has
+// run (and what was queued before it), not for the kernels queued since.
+// Large ones (the weights, once) are queued from the caller's memory and
+// waited for.
 static int cuda_upload(const cepe_backend *be, void *dst, const void *src, size_t bytes) {
     cuda_state *st = cuda_begin(be);
     if (!st) return CEPE_ERR_BACKEND;
@@ -176,7 +177,7 @@ static void fill_table(cepe_backend *be) {
     be->name = "cuda";
     be->device = 1;
     be->alloc = cuda_alloc;
-    be->free = cuda_free_;
+    be->free = cuda_free_block;
     be->upload = cuda_upload;
     be->download = cuda_download;
     be->copy = cuda_copy;
