@@ -6,10 +6,11 @@ cepe_cuda  kernels/*.cu compiled with nvcc, optional: built when nvcc is
            found (CUDA_HOME or PATH); a failure or a missing toolkit only
            prints a warning, so a machine without CUDA still gets the CPU core.
            cuBLAS comes from the toolkit when it has one, else from the
-           nvidia-cublas wheel (the `cuda` extra), which must then be in the
-           build environment too (pip install nvidia-cublas, then
-           pip install --no-build-isolation ".[cuda]"); the module finds it at
-           run time through an rpath.
+           nvidia-cublas wheel: the build asks for it (setup_requires, which
+           PEP 517 front-ends install into the isolated build environment)
+           and the installed module finds it at run time through an rpath
+           into site-packages, so install that wheel too: the `cuda` extra,
+           pip install ".[cuda]".
 
 Environment switches
   CEPE_BLAS=system     link a system CBLAS (-lcblas or CEPE_BLAS_LIBS) instead
@@ -254,6 +255,25 @@ class BuildExt(build_ext):
         print(f"cepe: cuBLAS from {cublas_lib} ({cublas_arg})")
 
 
+def cuda_build_requires() -> list[str]:
+    """The nvidia-cublas wheel, when the CUDA extension will be built against
+    a toolkit without cuBLAS of its own (pip's isolated build environment
+    sees nothing installed beside it, so the build must ask for it)."""
+    if env_flag("CEPE_CUDA", "auto") in ("0", "false", "no", "off"):
+        return []
+    nvcc = find_nvcc()
+    if nvcc is None:
+        return []
+    try:
+        home = find_cuda_home(nvcc)
+        major = cuda_major(home)
+    except (RuntimeError, OSError, ValueError):
+        return []
+    if os.path.exists(os.path.join(home, "include", "cublas_v2.h")):
+        return []
+    return [f"nvidia-cublas>={major},<{major + 1}"] if major >= 13 else [f"nvidia-cublas-cu{major}"]
+
+
 def extensions() -> list[Extension]:
     exts = [core_extension()]
     if env_flag("CEPE_CUDA", "auto") in ("0", "false", "no", "off"):
@@ -263,4 +283,4 @@ def extensions() -> list[Extension]:
     return exts
 
 
-setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt}, setup_requires=cuda_build_requires())
