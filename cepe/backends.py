@@ -11,6 +11,13 @@ def _cuda() -> dict[str, Any]:
     try:
         import cepe_cuda
     except ImportError as exc:
+        if "libcublas" in str(exc):  # built, but its cuBLAS is not installed beside it
+            return {
+                "built": True,
+                "available": False,
+                "devices": 0,
+                "reason": f"cuBLAS is missing ({exc}): pip install nvidia-cublas (the cepe[cuda] extra)",
+            }
         return {
             "built": False,
             "available": False,
