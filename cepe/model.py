@@ -408,9 +408,10 @@ class Model:
             keep = np.arange(t0 + 1, t1 + 1)[None, :] >= first_target
             if mask is not None:
                 keep = keep & (mask[:, t0:t1] == 1) & (mask[:, t0 + 1 : t1 + 1] == 1)
-            mx = lg.max(axis=-1, keepdims=True)  # float32 logits, float64 sums
-            lse = np.log(np.exp(lg - mx).sum(axis=-1, dtype=np.float64)) + mx[..., 0]
-            tok = np.take_along_axis(lg, targets[..., None].astype(np.int64), axis=-1)[..., 0]
+            tok = np.take_along_axis(lg, targets[..., None].astype(np.int64), axis=-1)[..., 0].astype(np.float64)
+            mx = lg.max(axis=-1, keepdims=True)  # float32 logits, in place; float64 sums
+            np.exp(np.subtract(lg, mx, out=lg), out=lg)
+            lse = np.log(lg.sum(axis=-1, dtype=np.float64)) + mx[..., 0]
             nll += np.where(keep, lse - tok, 0.0).sum(axis=1)
             count += keep.sum(axis=1)
         if (count == 0).any():
