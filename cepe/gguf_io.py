@@ -506,7 +506,13 @@ def read_config(gf: GGUFFile, rope_scaling: dict[str, Any] | None = None) -> Any
 
 
 def load_gguf(
-    path: str, *, device: str, n_threads: int, rope_scaling: dict[str, Any] | None = None, check_weights: bool = False
+    path: str,
+    *,
+    device: str,
+    n_threads: int,
+    rope_scaling: dict[str, Any] | None = None,
+    check_weights: bool = False,
+    dtype: str = "float32",
 ) -> Any:
     """cepe.load for a .gguf file (device and n_threads already checked)."""
     from tqdm.auto import tqdm
@@ -538,7 +544,9 @@ def load_gguf(
         )
     from .load import make_backend
 
-    core = cepe_c.Model(cfg.core_kwargs(), None, n_threads=n_threads, backend=make_backend(device))
+    core = cepe_c.Model(
+        cfg.core_kwargs(), None, n_threads=n_threads, backend=make_backend(device), bf16=dtype == "bfloat16"
+    )
     # NumPy releases the GIL in the dequantizing loops: a few tensors at a time.
     with ThreadPoolExecutor(max_workers=max(1, min(n_threads, 4))) as pool:
         arrays = pool.map(gf.get, [name for name, _ in bind])
@@ -558,6 +566,7 @@ def load_gguf(
     except KeyError as exc:
         raise CheckpointError(f"{path}: {exc.args[0]}") from None
     model = Model(core, cfg, n_threads=n_threads, path=path, device=device)
+    model.dtype = dtype
     model.tokenizer = None
     if "tokenizer.ggml.model" in gf.metadata:
         try:

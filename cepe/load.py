@@ -70,6 +70,17 @@ def check_device(device: object) -> str:
     return device
 
 
+DTYPES = ("float32", "bfloat16")
+
+
+def check_dtype(dtype: object, device: str) -> str:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    if dtype == "bfloat16" and device == "cpu":
+        raise NotImplementedError("dtype='bfloat16' keeps the weights in bf16 on a GPU: use device='cuda'")
+    return dtype
+
+
 def make_backend(device: str) -> Any:
     """The op table a model on `device` runs on: None for the CPU, else a
     fresh backend capsule (one stream and one cuBLAS handle per model)."""
@@ -89,6 +100,7 @@ def load(
     n_threads: int | None = None,
     rope_scaling: dict[str, Any] | None = None,
     check_weights: bool = False,
+    dtype: str = "float32",
 ) -> Model:
     """Loads an HF LLaMA-family checkpoint directory (config.json + safetensors),
     a LLaMA GGUF file (path ending in .gguf or starting with b"GGUF"; quantized
@@ -103,8 +115,14 @@ def load(
     cepe.rope.e2llm_scale_for_length). check_weights scans every tensor for
     NaN/Inf first (reads the whole file: off by default). n_threads (default: the CPUs this process may use) sizes the
     OpenMP team of this model; the BLAS runs single-threaded inside it.
+
+    device: "cpu", "cuda" / "cuda:N" (the weights are copied to the GPU), or
+    "cpu-device-sim" (tests). dtype="bfloat16" (GPU only, inference only)
+    keeps the linear weights in bf16 there, half the memory; products still
+    accumulate in fp32.
     """
     device = check_device(device)
+    dtype = check_dtype(dtype, device)
     n = check_threads(n_threads)
     model_dir = os.fspath(path)
     # --- GGUF files and pulled model names (issue 8) ---
@@ -115,7 +133,9 @@ def load(
     if is_gguf(model_dir) and not os.path.isdir(model_dir):
         if not os.path.exists(model_dir):
             raise FileNotFoundError(f"no such GGUF file: {model_dir}")
-        return load_gguf(model_dir, device=device, n_threads=n, rope_scaling=rope_scaling, check_weights=check_weights)
+        return load_gguf(
+            model_dir, device=device, n_threads=n, rope_scaling=rope_scaling, check_weights=check_weights, dtype=dtype
+        )
     # --- end GGUF ---
     if not os.path.exists(model_dir):
         raise FileNotFoundError(f"no such model directory: {model_dir}")
@@ -125,7 +145,9 @@ def load(
     ckpt = Checkpoint(model_dir)
 
     encoder = cfg.encoder.core_kwargs() if cfg.encoder is not None else None
-    core = cepe_c.Model(cfg.core_kwargs(), encoder, n_threads=n, backend=make_backend(device))
+    core = cepe_c.Model(
+        cfg.core_kwargs(), encoder, n_threads=n, backend=make_backend(device), bf16=dtype == "bfloat16"
+    )
     names = [nm for nm in ckpt.names() if not nm.endswith(_IGNORED_SUFFIXES)]
     if cfg.tie_word_embeddings:  # some tied checkpoints still store the copy
         names = [nm for nm in names if nm != "lm_head.weight"]
@@ -139,6 +161,7 @@ def load(
     except KeyError as exc:
         raise CheckpointError(f"{model_dir}: {exc.args[0]}") from None
     model = Model(core, cfg, n_threads=n, path=model_dir, device=device)
+    model.dtype = dtype
     # --- tokenizer (issue 8) ---
     from .tokenizer import Tokenizer
 

@@ -188,6 +188,7 @@ class Model:
         self.n_threads = n_threads
         self.path = path
         self.device = device
+        self.dtype = "float32"  # cepe.load sets "bfloat16" for bf16 weights on a GPU
 
     def __repr__(self) -> str:
         c = self.config

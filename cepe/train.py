@@ -167,6 +167,10 @@ class Trainer:
     ) -> None:
         if not isinstance(model, Model):
             raise TypeError(f"model must be a cepe.Model, got {type(model).__name__}")
+        if model.dtype != "float32":
+            raise NotImplementedError(
+                f"training needs float32 weights; this model was loaded with dtype={model.dtype!r}"
+            )
         if trainable not in TRAINABLE:
             raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
         if init not in INIT_MODES:

@@ -142,10 +142,11 @@ static int config_from_dict(PyObject *d, cepe_config *c, const char *what, PyObj
 }
 
 static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
-    static char *names[] = {"decoder", "encoder", "n_threads", "backend", NULL};
+    static char *names[] = {"decoder", "encoder", "n_threads", "backend", "bf16", NULL};
     PyObject *dec, *enc = Py_None, *backend = Py_None;
-    int n_threads = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OiO:Model", names, &dec, &enc, &n_threads, &backend)) return -1;
+    int n_threads = 1, bf16 = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OiOp:Model", names, &dec, &enc, &n_threads, &backend, &bf16))
+        return -1;
     const cepe_backend *be = cepe_backend_from_capsule(backend);
     if (!be) return -1;
     cepe_config c = {0}, ec = {0};
@@ -158,6 +159,7 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
     if (config_from_dict(dec, &c, "decoder config", keep) < 0) goto done;
     if (enc != Py_None && config_from_dict(enc, &ec, "encoder config", keep + 2) < 0) goto done;
     cepe_status st = cepe_model_create_on(&c, enc != Py_None ? &ec : NULL, n_threads, be, &self->model);
+    if (!st && bf16) st = cepe_model_set_bf16(self->model);
     if (st) {
         raise_status(st);
         goto done;

@@ -5,6 +5,7 @@
 
 #include "backend.h"
 #include "common.h"
+#include "ops/elementwise.h"
 #include "ops/ops_backward.h"
 #include "train/train.h"
 
@@ -150,6 +151,29 @@ static int cpu_adamw(const cepe_backend *be, float *p, const float *g, float *m,
     return 0;
 }
 
+/* bf16 weights, the host reference of the CUDA path: activations rounded to
+ * bf16, weights widened exactly, an fp32 GEMM (fp32 accumulation). Slow (it
+ * widens W at every call): a reference for tests, not a CPU fast path. */
+static int cpu_to_bf16(const cepe_backend *be, uint16_t *dst, const float *src, size_t n) {
+    (void)be;
+    for (size_t i = 0; i < n; i++) dst[i] = cepe_float_to_bf16(src[i]);
+    return 0;
+}
+static int cpu_matmul_bf16(const cepe_backend *be, float *out, const float *inp, const uint16_t *w, int N, int C, int OC,
+                           int accumulate, int nt) {
+    float *wf = cepe_calloc(cepe_mul_size((size_t)OC, (size_t)C), sizeof(float));
+    float *xf = cepe_calloc(cepe_mul_size((size_t)N, (size_t)C), sizeof(float));
+    if (!wf || !xf) {
+        cepe_free(wf), cepe_free(xf);
+        return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory widening bf16 weights");
+    }
+    for (size_t i = 0; i < (size_t)OC * C; i++) wf[i] = cepe_bf16_to_float(w[i]);
+    for (size_t i = 0; i < (size_t)N * C; i++) xf[i] = cepe_bf16_to_float(cepe_float_to_bf16(inp[i]));
+    const int st = cpu_matmul(be, out, xf, wf, N, C, OC, accumulate, nt);
+    cepe_free(wf), cepe_free(xf);
+    return st;
+}
+
 #define CPU_OPS                                                                                                  \
     .embedding = cpu_embedding, .rmsnorm = cpu_rmsnorm, .matmul = cpu_matmul, .rope_table = cpu_rope_table,      \
     .rope = cpu_rope, .attention = cpu_attention, .swiglu = cpu_swiglu, .attention_lse = cpu_attention_lse,      \
@@ -274,6 +298,13 @@ static int sim_adamw(const cepe_backend *be, float *p, const float *g, float *m,
                      float w1, float b2, float w2, float bc2_sqrt, float neg_step, float eps, int nt) {
     return cpu_adamw(be, H(p), H(g), H(m), H(v), n, decay, w1, b2, w2, bc2_sqrt, neg_step, eps, nt);
 }
+static int sim_to_bf16(const cepe_backend *be, uint16_t *dst, const float *src, size_t n) {
+    return cpu_to_bf16(be, H(dst), H(src), n);
+}
+static int sim_matmul_bf16(const cepe_backend *be, float *out, const float *inp, const uint16_t *w, int N, int C,
+                           int OC, int accumulate, int nt) {
+    return cpu_matmul_bf16(be, H(out), H(inp), H(w), N, C, OC, accumulate, nt);
+}
 static void sim_destroy(cepe_backend *be) { cepe_free(be); }
 
 cepe_backend *cepe_backend_cpu_device_sim(void) {
@@ -309,6 +340,8 @@ cepe_backend *cepe_backend_cpu_device_sim(void) {
         .sumsq_chunks = sim_sumsq_chunks,
         .scale = sim_scale,
         .adamw = sim_adamw,
+        .to_bf16 = sim_to_bf16,
+        .matmul_bf16 = sim_matmul_bf16,
         .destroy = sim_destroy,
     };
     return be;

@@ -115,6 +115,11 @@ cepe_status cepe_model_create(const cepe_config *cfg, const cepe_config *encoder
 typedef struct cepe_backend cepe_backend;
 cepe_status cepe_model_create_on(const cepe_config *cfg, const cepe_config *encoder_cfg, int n_threads,
                                  const cepe_backend *be, cepe_model **out);
+/* Stores the linear weights as bf16 on the device (rounded to nearest even
+ * at bind; products accumulate in fp32; embeddings and norms stay fp32).
+ * Before binding; device backends with bf16 GEMMs only (else UNSUPPORTED).
+ * Inference only: training refuses such a model. */
+cepe_status cepe_model_set_bf16(cepe_model *m);
 /* The backend's name ("cpu", "cuda", ...). */
 const char *cepe_model_backend_name(const cepe_model *m);
 void cepe_model_free(cepe_model *m);

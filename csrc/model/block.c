@@ -2,25 +2,27 @@
  * the CEPE encoder (they differ only in where K/V live and in the mask). */
 #include "model.h"
 
-void block_qkv(const cepe_backend *be, const layer_weights *w, const cepe_config *c, const float *x,
+void block_qkv(const cepe_model *m, const layer_weights *w, const cepe_config *c, const float *x,
                const block_scratch *s, int N, const rope_state *rope, int nt) {
+    const cepe_backend *be = m->be;
     const int d = c->hidden_size, hd = c->head_dim;
     const int qd = c->n_heads * hd, kvd = c->n_kv_heads * hd;
     be->rmsnorm(be, s->xn, x, w->attn_norm, N, d, c->rms_norm_eps, nt);
-    be->matmul(be, s->q, s->xn, w->wq, N, d, qd, 0, nt);
-    be->matmul(be, s->k, s->xn, w->wk, N, d, kvd, 0, nt);
-    be->matmul(be, s->v, s->xn, w->wv, N, d, kvd, 0, nt);
+    model_matmul(m, s->q, s->xn, w->wq, N, d, qd, 0);
+    model_matmul(m, s->k, s->xn, w->wk, N, d, kvd, 0);
+    model_matmul(m, s->v, s->xn, w->wv, N, d, kvd, 0);
     const int il = rope->rc.layout == CEPE_ROPE_INTERLEAVED;
     be->rope(be, s->q, s->cos_t, s->sin_t, N, c->n_heads, hd, rope->half, il, nt);
     be->rope(be, s->k, s->cos_t, s->sin_t, N, c->n_kv_heads, hd, rope->half, il, nt);
 }
 
-void block_mlp(const cepe_backend *be, const layer_weights *w, const cepe_config *c, float *x,
+void block_mlp(const cepe_model *m, const layer_weights *w, const cepe_config *c, float *x,
                const block_scratch *s, int N, int nt) {
+    const cepe_backend *be = m->be;
     const int d = c->hidden_size, ff = c->intermediate_size;
     be->rmsnorm(be, s->xn, x, w->ffn_norm, N, d, c->rms_norm_eps, nt);
-    be->matmul(be, s->gate, s->xn, w->w_gate, N, d, ff, 0, nt);
-    be->matmul(be, s->up, s->xn, w->w_up, N, d, ff, 0, nt);
+    model_matmul(m, s->gate, s->xn, w->w_gate, N, d, ff, 0);
+    model_matmul(m, s->up, s->xn, w->w_up, N, d, ff, 0);
     be->swiglu(be, s->gate, s->gate, s->up, (long)N * ff, nt);
-    be->matmul(be, x, s->gate, w->w_down, N, ff, d, 1, nt); /* x += down(silu(gate) * up) */
+    model_matmul(m, x, s->gate, w->w_down, N, ff, d, 1); /* x += down(silu(gate) * up) */
 }

@@ -174,10 +174,10 @@ cepe_status cepe_ctx_set_context(cepe_ctx *x, const float *states, const uint8_t
         for (int l = m->first_cross; l < c->n_layers && !bad; l++) {
             const layer_weights *w = &m->w.layers[l];
             const size_t off = (size_t)(l - m->first_cross) * rows * kvd;
-            bad |= be->matmul(be, x->cross_k + off, dev_states, w->cross_wk, (int)rows, c->encoder_hidden_size,
-                              (int)kvd, 0, m->n_threads);
-            bad |= be->matmul(be, x->cross_v + off, dev_states, w->cross_wv, (int)rows, c->encoder_hidden_size,
-                              (int)kvd, 0, m->n_threads);
+            bad |= model_matmul(m, x->cross_k + off, dev_states, w->cross_wk, (int)rows, c->encoder_hidden_size,
+                              (int)kvd, 0);
+            bad |= model_matmul(m, x->cross_v + off, dev_states, w->cross_wv, (int)rows, c->encoder_hidden_size,
+                              (int)kvd, 0);
         }
         x->ctx_states = NULL; /* never read again: the caller may free them */
     }

@@ -33,8 +33,8 @@ static void cross_attention(cepe_ctx *x, int l, int c, const block_scratch *s) {
         kc = x->cross_k + (long)(l - m->first_cross) * ctx_rows * kvd;
         vc = x->cross_v + (long)(l - m->first_cross) * ctx_rows * kvd;
     } else { /* memory-lean: project this layer's K/V now */
-        be->matmul(be, x->cross_k, x->ctx_states, w->cross_wk, (int)ctx_rows, cfg->encoder_hidden_size, kvd, 0, nt);
-        be->matmul(be, x->cross_v, x->ctx_states, w->cross_wv, (int)ctx_rows, cfg->encoder_hidden_size, kvd, 0, nt);
+        model_matmul(m, x->cross_k, x->ctx_states, w->cross_wk, (int)ctx_rows, cfg->encoder_hidden_size, kvd, 0);
+        model_matmul(m, x->cross_v, x->ctx_states, w->cross_wv, (int)ctx_rows, cfg->encoder_hidden_size, kvd, 0);
         kc = x->cross_k;
         vc = x->cross_v;
     }
@@ -45,9 +45,9 @@ static void cross_attention(cepe_ctx *x, int l, int c, const block_scratch *s) {
         .causal = 0, .q_offset = 0, .window = 0, .scale = 1.0f / sqrtf((float)hd),
     };
     be->rmsnorm(be, s->xn, x->x, w->cross_norm, N, d, cfg->rms_norm_eps, nt);
-    be->matmul(be, s->q, s->xn, w->cross_wq, N, d, qd, 0, nt);
+    model_matmul(m, s->q, s->xn, w->cross_wq, N, d, qd, 0);
     be->attention(be, s->att, s->q, kc, vc, x->ctx_mask, &shape, nt);
-    be->matmul(be, x->x, s->att, w->cross_wo, N, qd, d, 1, nt);
+    model_matmul(m, x->x, s->att, w->cross_wo, N, qd, d, 1);
 }
 
 /* Runs layers over the c tokens per row already gathered into x->ids / x->pos
@@ -79,19 +79,19 @@ static cepe_status run_layers(cepe_ctx *x, int c) {
         float *kc = x->k_cache + l * layer_stride, *vc = x->v_cache + l * layer_stride;
 
         /* causal self-attention over the cache */
-        block_qkv(be, w, cfg, x->x, &s, N, &m->rope, nt);
+        block_qkv(m, w, cfg, x->x, &s, N, &m->rope, nt);
         for (int b = 0; b < B; b++) { /* append this chunk's keys/values */
             const size_t bytes = sizeof(float) * (size_t)c * kvd;
             be->copy(be, kc + ((long)b * x->cap + x->len) * kvd, x->k + (long)b * c * kvd, bytes);
             be->copy(be, vc + ((long)b * x->cap + x->len) * kvd, x->v + (long)b * c * kvd, bytes);
         }
         be->attention(be, x->att, x->q, kc, vc, x->valid, &shape, nt);
-        be->matmul(be, x->x, x->att, w->wo, N, qd, d, 1, nt); /* x += o_proj(att) */
+        model_matmul(m, x->x, x->att, w->wo, N, qd, d, 1); /* x += o_proj(att) */
 
         /* CEPE: between self-attention and the MLP; skipped without context */
         if (l >= m->first_cross && x->ctx_N > 0) cross_attention(x, l, c, &s);
 
-        block_mlp(be, w, cfg, x->x, &s, N, nt);
+        block_mlp(m, w, cfg, x->x, &s, N, nt);
         if (interrupted(x)) return cepe_fail(CEPE_ERR_INTERRUPTED, "interrupted");
     }
     be->rmsnorm(be, x->xn, x->x, m->w.final_norm, N, d, cfg->rms_norm_eps, nt);
@@ -197,14 +197,14 @@ cepe_status cepe_ctx_forward_continue(cepe_ctx *x, const int32_t *ids, const dou
         cepe_status st = bad ? backend_fail(be) : run_layers(x, c);
         if (!st && mode == CEPE_LOGITS_ALL) {
             if (be->device) { /* one GEMM over the chunk's rows, then each row's slice comes back */
-                bad |= be->matmul(be, x->logits_d, x->xn, m->w.lm_head, B * c, d, V, 0, m->n_threads);
+                bad |= model_matmul(m, x->logits_d, x->xn, m->w.lm_head, B * c, d, V, 0);
                 for (int b = 0; b < B; b++)
                     bad |= be->download(be, logits + ((long)b * T + t0) * V, x->logits_d + (long)b * c * V,
                                         sizeof(float) * (size_t)c * V);
             } else { /* straight into the caller's array */
                 for (int b = 0; b < B; b++)
-                    bad |= be->matmul(be, logits + ((long)b * T + t0) * V, x->xn + (long)b * c * d, m->w.lm_head, c,
-                                      d, V, 0, m->n_threads);
+                    bad |= model_matmul(m, logits + ((long)b * T + t0) * V, x->xn + (long)b * c * d, m->w.lm_head, c,
+                                      d, V, 0);
             }
         }
         if (!st && t0 + c == T) { /* last chunk: keep each row's final hidden state and logits */
@@ -219,7 +219,7 @@ cepe_status cepe_ctx_forward_continue(cepe_ctx *x, const int32_t *ids, const dou
                     bad |= be->upload(be, x->last_logits + (long)b * V, logits + ((long)b * T + T - 1) * V,
                                       sizeof(float) * V);
             else
-                bad |= be->matmul(be, x->last_logits, x->last_hidden, m->w.lm_head, B, d, V, 0, m->n_threads);
+                bad |= model_matmul(m, x->last_logits, x->last_hidden, m->w.lm_head, B, d, V, 0);
             bad |= be->download(be, x->last_logits_h, x->last_logits, sizeof(float) * (size_t)B * V);
         }
         if (!st) st = backend_check(be);

@@ -90,10 +90,10 @@ cepe_status model_encode_into(const cepe_model *m, const int32_t *ids, const uin
         };
         for (int l = 0; l < c->n_layers; l++) {
             const layer_weights *w = &m->enc.layers[l];
-            block_qkv(be, w, c, x, &s, N, &m->enc_rope, nt);
+            block_qkv(m, w, c, x, &s, N, &m->enc_rope, nt);
             be->attention(be, att, q, k, v, mask_b, &shape, nt);
-            be->matmul(be, x, att, w->wo, N, (int)qd, (int)d, 1, nt);
-            block_mlp(be, w, c, x, &s, N, nt);
+            model_matmul(m, x, att, w->wo, N, (int)qd, (int)d, 1);
+            block_mlp(m, w, c, x, &s, N, nt);
         }
         be->rmsnorm(be, out_b, x, m->enc.final_norm, N, (int)d, c->rms_norm_eps, nt);
         if (out_d) bad |= be->download(be, out + off * (long)d, out_d, (size_t)N * d * sizeof(float));

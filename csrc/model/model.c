@@ -203,6 +203,51 @@ static void format_shape(char *buf, size_t n, int ndim, const int64_t *shape) {
     if (used < n) snprintf(buf + used, n - used, ndim == 1 ? ",)" : ")");
 }
 
+/* Embedding tables stay fp32 under bf16: rows are gathered, not multiplied. */
+static int keeps_fp32(const weight_slot *s) {
+    const size_t n = strlen(s->name), k = strlen("embed_tokens.weight");
+    return s->ndim != 2 || (n >= k && strcmp(s->name + n - k, "embed_tokens.weight") == 0);
+}
+
+/* The device copy of one tensor into s->owned: fp32, or bf16 (rounded on the
+ * device) for a bf16 model's linear weights. */
+static cepe_status upload_slot(cepe_model *m, weight_slot *s, const float *data, int ndim, const int64_t *shape) {
+    const cepe_backend *be = m->be;
+    size_t n = 1;
+    for (int k = 0; k < ndim; k++) n = cepe_mul_size(n, (size_t)shape[k]);
+    const size_t bytes = cepe_mul_size(n, sizeof(float));
+    const int half = m->bf16 && !keeps_fp32(s);
+    float *dev = bytes == SIZE_MAX ? NULL : be->alloc(be, bytes);
+    uint16_t *dev16 = half && dev ? be->alloc(be, n * sizeof(uint16_t)) : NULL;
+    if (!dev || (half && !dev16)) {
+        be->free(be, dev);
+        return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of %s memory for tensor %s", be->name, s->name);
+    }
+    int bad = be->upload(be, dev, data, bytes);
+    if (half && !bad) bad = be->to_bf16(be, dev16, dev, n);
+    cepe_status st = backend_check(be); /* waits: the fp32 staging copy may go */
+    if (!st && bad) st = cepe_fail(CEPE_ERR_BACKEND, "copying tensor %s to the device failed", s->name);
+    if (half) be->free(be, dev);
+    if (st) {
+        be->free(be, half ? (void *)dev16 : (void *)dev);
+        return st;
+    }
+    be->free(be, s->owned);
+    s->owned = half ? (float *)(void *)dev16 : dev;
+    return CEPE_OK;
+}
+
+cepe_status cepe_model_set_bf16(cepe_model *m) {
+    if (!m) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_model_set_bf16: NULL model");
+    for (int i = 0; i < m->n_slots; i++)
+        if (*m->slots[i].dst) return cepe_fail(CEPE_ERR_STATE, "cepe_model_set_bf16: call it before binding weights");
+    if (!m->be->device || !m->be->to_bf16 || !m->be->matmul_bf16)
+        return cepe_fail(CEPE_ERR_UNSUPPORTED, "bf16 weights need a device backend with bf16 GEMMs (%s has none)",
+                         m->be->name);
+    m->bf16 = 1;
+    return CEPE_OK;
+}
+
 cepe_status cepe_model_bind(cepe_model *m, const char *name, const float *data, int ndim,
                             const int64_t *shape) {
     if (!m || !name || !data || (ndim > 0 && !shape))
@@ -221,19 +266,9 @@ cepe_status cepe_model_bind(cepe_model *m, const char *name, const float *data, 
                              got, want);
         }
         if (m->be->device) { /* a device copy, owned by the slot */
-            size_t n = 1;
-            for (int k = 0; k < ndim; k++) n = cepe_mul_size(n, (size_t)shape[k]);
-            const size_t bytes = cepe_mul_size(n, sizeof(float));
-            float *dev = bytes == SIZE_MAX ? NULL : m->be->alloc(m->be, bytes);
-            if (!dev) return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of %s memory for tensor %s", m->be->name, name);
-            if (m->be->upload(m->be, dev, data, bytes)) {
-                m->be->free(m->be, dev);
-                const cepe_status st = backend_check(m->be);
-                return st ? st : cepe_fail(CEPE_ERR_BACKEND, "copying tensor %s to the device failed", name);
-            }
-            m->be->free(m->be, s->owned);
-            s->owned = dev;
-            data = dev;
+            cepe_status st = upload_slot(m, s, data, ndim, shape);
+            if (st) return st;
+            data = s->owned;
         }
         *s->dst = data;
         return CEPE_OK;

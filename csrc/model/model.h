@@ -58,6 +58,7 @@ struct cepe_model {
     cepe_config cfg;
     int n_threads;
     const cepe_backend *be;
+    int bf16; /* linear weights stored as bf16 (cepe_model_set_bf16); embeddings and norms stay fp32 */
     decoder_weights w;
     weight_slot *slots;
     int n_slots;
@@ -137,11 +138,22 @@ typedef struct {
     const float *cos_t, *sin_t;
 } block_scratch;
 
+/* out (N, OC) (+)= inp (N, C) · w (OC, C)ᵀ in the model's weight format:
+ * bf16 weights through matmul_bf16 (the embedding table, which a tied
+ * lm_head shares, always stays fp32). */
+static inline int model_matmul(const cepe_model *m, float *out, const float *inp, const float *w, int N, int C, int OC,
+                               int accumulate) {
+    const cepe_backend *be = m->be;
+    if (m->bf16 && w != m->w.embed)
+        return be->matmul_bf16(be, out, inp, (const uint16_t *)(const void *)w, N, C, OC, accumulate, m->n_threads);
+    return be->matmul(be, out, inp, w, N, C, OC, accumulate, m->n_threads);
+}
+
 /* xn = RMSNorm(x); q, k, v = projections; RoPE on q and k. */
-void block_qkv(const cepe_backend *be, const layer_weights *w, const cepe_config *c, const float *x,
+void block_qkv(const cepe_model *m, const layer_weights *w, const cepe_config *c, const float *x,
                const block_scratch *s, int N, const rope_state *rope, int nt);
 /* x += MLP(RMSNorm(x)). */
-void block_mlp(const cepe_backend *be, const layer_weights *w, const cepe_config *c, float *x,
+void block_mlp(const cepe_model *m, const layer_weights *w, const cepe_config *c, float *x,
                const block_scratch *s, int N, int nt);
 
 

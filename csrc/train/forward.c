@@ -184,7 +184,7 @@ static cepe_status encoder_forward(cepe_train *t, const cepe_train_batch *b) {
         be->copy(be, a->x_in, x, sizeof(float) * (size_t)Ne * de);
         const block_scratch s = {.xn = t->es.xn, .q = a->q, .k = a->k, .v = a->v, .cos_t = t->ecos_t,
                                  .sin_t = t->esin_t};
-        block_qkv(be, w, e, x, &s, Ne, &m->enc_rope, nt);
+        block_qkv(m, w, e, x, &s, Ne, &m->enc_rope, nt);
         be->attention_lse(be, a->att, a->lse, a->q, a->k, a->v, t->ctx_mask, &shape, nt);
         be->matmul(be, x, a->att, w->wo, Ne, qd, de, 1, nt);
         be->copy(be, a->x_post, x, sizeof(float) * (size_t)Ne * de);
@@ -249,7 +249,7 @@ cepe_status train_forward(cepe_train *t, const cepe_train_batch *b) {
         float *att = keep ? a->att : s->datt, *gate = keep ? a->gate : s->dgate, *up = keep ? a->up : s->dup;
         if (keep) be->copy(be, a->x_in, x, row_bytes);
         const block_scratch bs = {.xn = s->xn, .q = q, .k = k, .v = v, .cos_t = t->cos_t, .sin_t = t->sin_t};
-        block_qkv(be, w, c, x, &bs, N, &m->rope, nt);
+        block_qkv(m, w, c, x, &bs, N, &m->rope, nt);
         if (keep)
             be->attention_lse(be, att, a->lse, q, k, v, t->db.attention_mask, &self, nt);
         else

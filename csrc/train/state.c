@@ -101,6 +101,7 @@ cepe_status cepe_model_read_weight(const cepe_model *m, int i, float *dst) {
         return cepe_fail(CEPE_ERR_INVALID_ARG, "weight index %d is outside [0, %d)", i, m->n_slots);
     const weight_slot *s = &m->slots[i];
     if (!*s->dst) return cepe_fail(CEPE_ERR_STATE, "tensor %s is not bound", s->name);
+    if (m->bf16) return cepe_fail(CEPE_ERR_UNSUPPORTED, "the weights of a bf16 model cannot be read back as float32");
     m->be->download(m->be, dst, *s->dst, slot_numel(s) * sizeof(float));
     return backend_check(m->be);
 }
@@ -136,6 +137,7 @@ cepe_status cepe_train_create(const cepe_model *m, const cepe_train_config *c, f
     *out = NULL;
     if (!m->finalized) return cepe_fail(CEPE_ERR_STATE, "the model has unbound weights (call finalize)");
     if (step < 0) return cepe_fail(CEPE_ERR_INVALID_ARG, "step must be >= 0, got %ld", step);
+    if (m->bf16) return cepe_fail(CEPE_ERR_UNSUPPORTED, "bf16 weights are for inference: train a float32 model");
     cepe_status st = check_which(m, c->trainable);
     if (st || (st = check_config(c))) return st;
 
