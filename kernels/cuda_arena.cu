@@ -53,7 +53,7 @@ void *cuda_arena_alloc(cuda_state *st, size_t bytes, cudaError_t *err) {
                 e = cudaMalloc(&p, size);
             }
             if (e != cudaSuccess) {
-                if (e == cudaErrorMemoryAllocation) cudaGetLastError();
+                cudaGetLastError(); // reported through *err: not left for the next launch check to find
                 *err = e;
                 return nullptr;
             }

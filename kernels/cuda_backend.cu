@@ -33,6 +33,10 @@ static int cuda_code(cudaError_t err) {
 
 int cuda_check(cuda_state *st, cudaError_t err, const char *what) {
     if (err == cudaSuccess) return 0;
+    // The runtime also keeps a failed call's error as the thread's last error:
+    // consume it, or the next cuda_launched (cudaGetLastError) would blame an
+    // innocent launch for it after this failure was already reported.
+    cudaGetLastError();
     return cuda_fail(st, cuda_code(err), "CUDA error in %s: %s (%s)", what, cudaGetErrorString(err),
                      cudaGetErrorName(err));
 }
@@ -249,7 +253,9 @@ extern "C" cepe_backend *cepe_cuda_backend_create(int device, char *msg, size_t 
         goto cuda_failed;
     what = "cudaMalloc";
     if ((err = cudaMalloc(&st->dev_flags, sizeof(unsigned))) != cudaSuccess) goto cuda_failed;
-    if ((err = cudaMemset(st->dev_flags, 0, sizeof(unsigned))) != cudaSuccess) goto cuda_failed;
+    // on our stream: cudaMemset would go to the legacy stream, which a
+    // non-blocking stream does not wait for, racing the first kernels and sync
+    if ((err = cudaMemsetAsync(st->dev_flags, 0, sizeof(unsigned), st->stream)) != cudaSuccess) goto cuda_failed;
     what = "cudaMallocHost";
     if ((err = cudaMallocHost(&st->host_flags, sizeof(unsigned))) != cudaSuccess) goto cuda_failed;
     what = "cudaEventCreate";
