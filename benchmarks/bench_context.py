@@ -20,9 +20,9 @@ then times one `perplexity` call and records its peak memory:
                       file-backed weight pages first touched during the call (RssFile growth: the
                       float32 weights are memory-mapped, and long inputs touch more embedding rows).
 
-CEPE runs in the engine's default cross-attention K/V mode (projected once and kept when
-n_cross*N*kv_dim*8 bytes fit `cross_kv_budget_bytes`, 2 GiB; otherwise recomputed at every
-256-token decoder slice), and additionally in the other mode at --both-modes-at (32K).
+CEPE runs in the engine's default cross-attention K/V mode for perplexity's single pass (projected
+once and kept when n_cross*N*kv_dim*8 bytes fit `Model.prefill_kv_budget_bytes`, 256 MiB; otherwise
+recomputed for every 512-row decoder chunk), and additionally in the other mode at --both-modes-at (32K).
 
 Prints one JSON object on stdout (progress goes to stderr) and writes a two-panel log-log plot
 (memory above the weights and tokens/s vs length) to --out (bench_context.png;
@@ -636,8 +636,9 @@ def summarize(results: list[dict], args: argparse.Namespace) -> dict:
     modes = {r["cross_kv_mode"] for r in cepe_auto}
     if len(modes) > 1:
         caveats.append(
-            "CEPE's default cross-K/V mode changes along the lengths (kept -> recomputed above the "
-            "2 GiB budget), so its time-vs-length curve mixes two modes"
+            "CEPE's default cross-K/V mode changes along the lengths (kept -> recomputed above "
+            "Model.prefill_kv_budget_bytes, 256 MiB, for perplexity's single pass), so its time-vs-length curve "
+            "mixes two modes"
         )
     out["ratios"] = ratios
     out["met"] = met
