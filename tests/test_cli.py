@@ -49,7 +49,7 @@ def ok_json(*args: str, stdin: str | None = None) -> dict:
 def test_help_reads_well():
     r = run("--help")
     assert r.returncode == 0
-    for cmd in ("generate", "perplexity", "encode", "rag", "convert", "info", "bench", "pull"):
+    for cmd in ("generate", "perplexity", "encode", "rag", "convert", "info", "bench", "pull", "train"):
         assert cmd in r.stdout
 
 
