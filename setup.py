@@ -102,6 +102,8 @@ def core_extension() -> Extension:
         library_dirs=blas["library_dirs"],
         extra_compile_args=c_flags(),
         extra_link_args=link,
+        # Headers too, so editing one (e.g. ops/elementwise.h) rebuilds its users.
+        depends=sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("cepe_c/*.h")),
     )
 
 

@@ -57,7 +57,10 @@ CEPE_HD float cepe_bf16_to_float(uint16_t h) { return cepe_bits_to_float((int)((
 CEPE_HD float cepe_exp_neg(float x) {
     const float keep = x > -87.0f ? 1.0f : 0.0f;
     x = x > -87.0f ? x : -87.0f;
-    const float n = floorf(x * 1.44269504088896341f + 0.5f);
+    /* n = round(x / ln 2) by the 1.5 * 2^23 trick rather than floorf, which
+     * gcc will not vectorize unless trapping math is off. Any integer within
+     * 1/2 of x / ln 2 keeps |r| <= ln 2 / 2, so ties may go either way. */
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
