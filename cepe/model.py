@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -104,14 +105,19 @@ def _as_context_mask(mask: Any, shape: tuple[int, ...], name: str = "encoder_att
     return np.ascontiguousarray(np.broadcast_to(m, shape), dtype=np.uint8)  # one row's mask serves all rows
 
 
-def _interruptible(ctx: cepe_c.Context, fn: Any, *args: Any, **kw: Any) -> Any:
+PROGRESS_AFTER_S = 2.0  # a forward call running longer than this shows a progress bar
+
+
+def _interruptible(ctx: cepe_c.Context, fn: Any, *args: Any, progress: str | None = None, **kw: Any) -> Any:
     """Runs fn (a call into the C core on ctx) so that Ctrl-C stops it.
 
     The core runs with the GIL released, so Python's SIGINT handler cannot
     run until it returns. On the main thread the call therefore runs in a
     worker while the main thread waits in short slices; a KeyboardInterrupt
     there asks the core to stop (it checks between layers) and is re-raised
-    once the worker has returned, within a fraction of a second."""
+    once the worker has returned, within a fraction of a second. With
+    `progress` (a label), a call still running after PROGRESS_AFTER_S shows a
+    tqdm bar of the core's layer passes (ctx.progress())."""
     if threading.current_thread() is not threading.main_thread():
         return fn(*args, **kw)
     box: dict[str, Any] = {}
@@ -126,9 +132,17 @@ def _interruptible(ctx: cepe_c.Context, fn: Any, *args: Any, **kw: Any) -> Any:
             done.set()
 
     threading.Thread(target=work, name="cepe-core", daemon=True).start()
+    start = time.monotonic()
+    bar = None
     try:
         while not done.wait(0.05):
-            pass
+            if progress is None:
+                continue
+            n, total = ctx.progress()
+            if bar is None and total > 0 and time.monotonic() - start > PROGRESS_AFTER_S:
+                bar = tqdm(total=total, desc=progress, unit="layer", disable=None, leave=False)
+            if bar is not None:
+                bar.update(min(n, total) - bar.n)
     except KeyboardInterrupt:
         ctx.interrupt()
         while True:  # wait for the core to stop, even through further Ctrl-Cs
@@ -139,6 +153,9 @@ def _interruptible(ctx: cepe_c.Context, fn: Any, *args: Any, **kw: Any) -> Any:
             except KeyboardInterrupt:
                 ctx.interrupt()
         raise
+    finally:
+        if bar is not None:
+            bar.close()
     if "err" in box:
         raise box["err"]
     return box.get("out")
@@ -394,27 +411,16 @@ class Model:
         context = self._context(B, squeeze, encoder_input_ids, encoder_attention_mask, encoder_hidden_states)
         self._attach(cache._ctx, context, keep_cross_kv, single_pass=True)
         first_target = T - eval_window  # targets t in [first_target, T), predicted at t - 1
-        nll = np.zeros(B, dtype=np.float64)
-        count = np.zeros(B, dtype=np.int64)
-        lo = first_target - 1  # the first position whose logits are scored
-        if lo > 0:  # the unscored prefix only fills the cache: no logits formed
-            _interruptible(cache._ctx, cache._ctx.forward, ids[:, :lo], None, None if mask is None else mask[:, :lo], 0)
-        step = 128  # logits at a time: 128 x V float32 (25 MB at V = 49152)
-        starts = range(lo, T - 1, step)
-        for t0 in tqdm(starts, desc="perplexity", unit="slice", disable=None if len(starts) > 8 else True, leave=False):
-            t1 = min(T - 1, t0 + step)  # logits at positions [t0, t1) predict targets [t0+1, t1+1)
-            sl_mask = None if mask is None else mask[:, t0:t1]
-            lg = _interruptible(cache._ctx, cache._ctx.forward, ids[:, t0:t1], None, sl_mask, 2)
-            targets = ids[:, t0 + 1 : t1 + 1]
-            keep = np.arange(t0 + 1, t1 + 1)[None, :] >= first_target
-            if mask is not None:
-                keep = keep & (mask[:, t0:t1] == 1) & (mask[:, t0 + 1 : t1 + 1] == 1)
-            tok = np.take_along_axis(lg, targets[..., None].astype(np.int64), axis=-1)[..., 0].astype(np.float64)
-            mx = lg.max(axis=-1, keepdims=True)  # float32 logits, in place; float64 sums
-            np.exp(np.subtract(lg, mx, out=lg), out=lg)
-            lse = np.log(lg.sum(axis=-1, dtype=np.float64)) + mx[..., 0]
-            nll += np.where(keep, lse - tok, 0.0).sum(axis=1)
-            count += keep.sum(axis=1)
+        keep = np.zeros((B, T - 1), dtype=bool)  # keep[:, t]: the logits at t score the token at t + 1
+        keep[:, first_target - 1 :] = True
+        if mask is not None:
+            keep &= (mask[:, :-1] == 1) & (mask[:, 1:] == 1)
+        targets = np.full((B, T), -100, dtype=np.int32)  # -100: not scored (no logits formed for it)
+        targets[:, :-1] = np.where(keep, ids[:, 1:], -100)
+        # One call: the core scores a few rows at a time and never holds (T, V) logits.
+        nll_tok = _interruptible(cache._ctx, cache._ctx.forward_nll, ids, None, mask, targets, progress="perplexity")
+        nll = nll_tok[:, :-1].sum(axis=1, dtype=np.float64)
+        count = keep.sum(axis=1)
         if (count == 0).any():
             raise ValueError("a row has no real tokens in its evaluation window")
         return float(np.exp(np.mean(nll / count)))

@@ -320,34 +320,62 @@ static int claim(ContextObject *self) {
     return 0;
 }
 
-/* forward(ids int32 (B,T), positions float64 (B,T) | None, mask uint8 (B,T) | None,
- *         logits_mode 0|1|2) -> None | (B, V) | (B, T, V) float32 */
+/* The (ids, positions, mask) of a forward-style call, checked against the
+ * context: ids int32 (B, T), positions float64 (B, T) | None, mask uint8
+ * (B, T) | None. Borrowed arrays (they live in the caller's args). */
+typedef struct {
+    PyArrayObject *ids, *pos, *mask;
+    npy_intp T;
+} call_inputs;
+
+static int parse_call_inputs(ContextObject *self, PyObject *ids_o, PyObject *pos_o, PyObject *mask_o, call_inputs *in) {
+    if (ready(self) < 0) return -1;
+    in->pos = in->mask = NULL;
+    if (!(in->ids = as_array(ids_o, "input_ids", NPY_INT32, 2))) return -1;
+    const int B = cepe_ctx_batch(self->ctx);
+    in->T = PyArray_DIM(in->ids, 1);
+    if (PyArray_DIM(in->ids, 0) != B) {
+        PyErr_Format(PyExc_ValueError, "input_ids has batch size %zd, the context was made for %d",
+                     (Py_ssize_t)PyArray_DIM(in->ids, 0), B);
+        return -1;
+    }
+    if (in->T < 1 || in->T > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "input_ids must hold at least one token per row");
+        return -1;
+    }
+    if (pos_o != Py_None) {
+        if (!(in->pos = as_array(pos_o, "position_ids", NPY_FLOAT64, 2))) return -1;
+        if (!PyArray_SAMESHAPE(in->pos, in->ids)) {
+            PyErr_Format(PyExc_ValueError, "position_ids must have the shape of input_ids");
+            return -1;
+        }
+    }
+    if (mask_o != Py_None) {
+        if (!(in->mask = as_array(mask_o, "attention_mask", NPY_UINT8, 2))) return -1;
+        if (!PyArray_SAMESHAPE(in->mask, in->ids)) {
+            PyErr_Format(PyExc_ValueError, "attention_mask must have the shape of input_ids");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+#define CALL_IDS(in) ((const int32_t *)PyArray_DATA((in).ids))
+#define CALL_POS(in) ((in).pos ? (const double *)PyArray_DATA((in).pos) : NULL)
+#define CALL_MASK(in) ((in).mask ? (const uint8_t *)PyArray_DATA((in).mask) : NULL)
+
+/* forward(ids, positions, mask, logits_mode 0|1|2) -> None | (B, V) | (B, T, V) float32 */
 static PyObject *Context_forward(ContextObject *self, PyObject *args) {
     PyObject *ids_o, *pos_o, *mask_o;
     int mode;
+    call_inputs in;
     if (!PyArg_ParseTuple(args, "OOOi:forward", &ids_o, &pos_o, &mask_o, &mode)) return NULL;
-    if (ready(self) < 0) return NULL;
     if (mode < 0 || mode > 2) return PyErr_Format(PyExc_ValueError, "logits_mode must be 0, 1 or 2, got %d", mode);
-    PyArrayObject *ids = as_array(ids_o, "input_ids", NPY_INT32, 2);
-    if (!ids) return NULL;
+    if (parse_call_inputs(self, ids_o, pos_o, mask_o, &in) < 0) return NULL;
     const int B = cepe_ctx_batch(self->ctx);
-    const npy_intp T = PyArray_DIM(ids, 1);
-    if (PyArray_DIM(ids, 0) != B)
-        return PyErr_Format(PyExc_ValueError, "input_ids has batch size %zd, the context was made for %d",
-                            (Py_ssize_t)PyArray_DIM(ids, 0), B);
-    if (T < 1 || T > INT32_MAX) return PyErr_Format(PyExc_ValueError, "input_ids must hold at least one token per row");
-    PyArrayObject *pos = NULL, *mask = NULL;
-    if (pos_o != Py_None) {
-        if (!(pos = as_array(pos_o, "position_ids", NPY_FLOAT64, 2))) return NULL;
-        if (!PyArray_SAMESHAPE(pos, ids)) return PyErr_Format(PyExc_ValueError, "position_ids must have the shape of input_ids");
-    }
-    if (mask_o != Py_None) {
-        if (!(mask = as_array(mask_o, "attention_mask", NPY_UINT8, 2))) return NULL;
-        if (!PyArray_SAMESHAPE(mask, ids)) return PyErr_Format(PyExc_ValueError, "attention_mask must have the shape of input_ids");
-    }
     PyArrayObject *out = NULL;
     if (mode == CEPE_LOGITS_ALL) {
-        npy_intp dims[3] = {B, T, cepe_model_config(self->model->model)->vocab_size};
+        npy_intp dims[3] = {B, in.T, cepe_model_config(self->model->model)->vocab_size};
         out = (PyArrayObject *)PyArray_SimpleNew(3, dims, NPY_FLOAT32);
     } else if (mode == CEPE_LOGITS_LAST) {
         npy_intp dims[2] = {B, cepe_model_config(self->model->model)->vocab_size};
@@ -359,17 +387,41 @@ static PyObject *Context_forward(ContextObject *self, PyObject *args) {
         return NULL;
     }
     cepe_status st;
-    /* The arrays are borrowed from args, which live until we return. */
-    Py_BEGIN_ALLOW_THREADS st = cepe_ctx_forward(
-        self->ctx, (const int32_t *)PyArray_DATA(ids), pos ? (const double *)PyArray_DATA(pos) : NULL,
-        mask ? (const uint8_t *)PyArray_DATA(mask) : NULL, (int)T, out ? (float *)PyArray_DATA(out) : NULL,
-        (cepe_logits_mode)mode);
+    Py_BEGIN_ALLOW_THREADS st = cepe_ctx_forward(self->ctx, CALL_IDS(in), CALL_POS(in), CALL_MASK(in), (int)in.T,
+                                                 out ? (float *)PyArray_DATA(out) : NULL, (cepe_logits_mode)mode);
     Py_END_ALLOW_THREADS self->busy = 0;
     if (st) {
         Py_XDECREF(out);
         return raise_status(st);
     }
     if (!out) Py_RETURN_NONE;
+    return (PyObject *)out;
+}
+
+/* forward_nll(ids, positions, mask, targets int32 (B, T)) -> (B, T) float32
+ * of -log p(target), 0 where the target is -100 */
+static PyObject *Context_forward_nll(ContextObject *self, PyObject *args) {
+    PyObject *ids_o, *pos_o, *mask_o, *tgt_o;
+    call_inputs in;
+    if (!PyArg_ParseTuple(args, "OOOO:forward_nll", &ids_o, &pos_o, &mask_o, &tgt_o)) return NULL;
+    if (parse_call_inputs(self, ids_o, pos_o, mask_o, &in) < 0) return NULL;
+    PyArrayObject *tgt = as_array(tgt_o, "targets", NPY_INT32, 2);
+    if (!tgt) return NULL;
+    if (!PyArray_SAMESHAPE(tgt, in.ids)) return PyErr_Format(PyExc_ValueError, "targets must have the shape of input_ids");
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, PyArray_DIMS(in.ids), NPY_FLOAT32);
+    if (!out) return NULL;
+    if (claim(self) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    cepe_status st;
+    Py_BEGIN_ALLOW_THREADS st = cepe_ctx_forward_nll(self->ctx, CALL_IDS(in), CALL_POS(in), CALL_MASK(in), (int)in.T,
+                                                     (const int32_t *)PyArray_DATA(tgt), (float *)PyArray_DATA(out));
+    Py_END_ALLOW_THREADS self->busy = 0;
+    if (st) {
+        Py_DECREF(out);
+        return raise_status(st);
+    }
     return (PyObject *)out;
 }
 
@@ -485,6 +537,14 @@ static PyObject *Context_reset(ContextObject *self, PyObject *Py_UNUSED(ignored)
     Py_RETURN_NONE;
 }
 
+/* progress() -> (done, total) layer passes of the running (or last) forward
+ * call; safe while another thread is inside a call. */
+static PyObject *Context_progress(ContextObject *self, PyObject *Py_UNUSED(ignored)) {
+    long done = 0, total = 0;
+    if (self->ctx) cepe_ctx_progress(self->ctx, &done, &total);
+    return Py_BuildValue("(ll)", done, total);
+}
+
 static PyObject *Context_interrupt(ContextObject *self, PyObject *Py_UNUSED(ignored)) {
     if (self->ctx) cepe_ctx_interrupt(self->ctx);
     Py_RETURN_NONE;
@@ -515,6 +575,8 @@ static PyGetSetDef Context_getset[] = {
 static PyMethodDef Context_methods[] = {
     {"forward", (PyCFunction)Context_forward, METH_VARARGS,
      "forward(ids, positions, mask, logits_mode): append tokens and run the decoder"},
+    {"forward_nll", (PyCFunction)Context_forward_nll, METH_VARARGS,
+     "forward_nll(ids, positions, mask, targets): as forward, returning -log p(targets) (B, T); -100 is not scored"},
     {"generate", (PyCFunction)(void (*)(void))Context_generate, METH_VARARGS | METH_KEYWORDS,
      "generate(max_new_tokens, temperature, top_k, top_p, seed, eos_ids, pad_token_id)"},
     {"reset", (PyCFunction)Context_reset, METH_NOARGS, "empty the KV cache"},
@@ -523,6 +585,8 @@ static PyMethodDef Context_methods[] = {
     {"set_context", (PyCFunction)Context_set_context, METH_VARARGS,
      "set_context(states, mask, keep_kv=True): attach CEPE encoder states (None detaches)"},
     {"interrupt", (PyCFunction)Context_interrupt, METH_NOARGS, "ask a running call to stop"},
+    {"progress", (PyCFunction)Context_progress, METH_NOARGS,
+     "(done, total) layer passes of the running or last forward call"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -166,6 +166,9 @@ void cepe_ctx_set_rope_length(cepe_ctx *c, int seq_len);
 
 /* Asks a running forward/generate on this ctx to stop soon (any thread). A
  * stopped forward leaves the context as it was before that call. */
+/* Progress of the forward call running on c (safe to call from any thread):
+ * *done of *total layer passes (layers x chunks); *total is 0 before the first call. */
+void cepe_ctx_progress(const cepe_ctx *c, long *done, long *total);
 void cepe_ctx_interrupt(cepe_ctx *c);
 
 typedef enum {
@@ -182,6 +185,13 @@ typedef enum {
  *  logits:    see cepe_logits_mode; may be NULL with CEPE_LOGITS_NONE */
 cepe_status cepe_ctx_forward(cepe_ctx *c, const int32_t *ids, const double *positions,
                              const uint8_t *mask, int T, float *logits, cepe_logits_mode mode);
+
+/* cepe_ctx_forward that scores instead of returning logits: nll (batch, T)
+ * gets -log softmax(logits at (b, t))[targets (b, t)], or 0 where the target
+ * is -100 (not scored). Logits are formed a few rows at a time, so scoring a
+ * long input never holds a (T, vocab) array. Same cache effects as forward. */
+cepe_status cepe_ctx_forward_nll(cepe_ctx *c, const int32_t *ids, const double *positions, const uint8_t *mask,
+                                 int T, const int32_t *targets, float *nll);
 
 typedef struct {
     float temperature; /* 0 = greedy */

@@ -185,6 +185,76 @@ def test_perplexity_protocol(built):
         model.perplexity(ids, eval_window=300)
 
 
+def test_layer_major_prefill_matches_oracle_and_kept_kv(built):
+    """A recomputed context with more tokens than one 512-row chunk runs layer by
+    layer over the whole call (its cross K/V projected once per layer): the same
+    logits as the oracle and as the chunk-by-chunk run with kept K/V."""
+    path, ref = built("all_layers_gqa")
+    model = cepe.load(path)
+    rng = np.random.default_rng(21)
+    ctx, cmask = chunks_and_mask(rng, pad="mixed")
+    ids = rng.integers(3, 101, size=(2, 600))  # 3 chunks of 256 rows per batch row
+    amask = np.ones_like(ids)
+    amask[1, :37] = 0  # a left-padded row
+    kw = dict(attention_mask=amask, encoder_input_ids=ctx, encoder_attention_mask=cmask)
+    lean = model.forward(ids, keep_cross_kv=False, **kw)
+    kept = model.forward(ids, keep_cross_kv=True, **kw)
+    np.testing.assert_allclose(lean, kept, atol=1e-5, rtol=0)
+    want = ref.forward(ids, ref.encode(ctx, cmask), cmask, attention_mask=amask).numpy()
+    real = amask[..., None] == 1
+    np.testing.assert_allclose(np.where(real, lean, 0), np.where(real, want, 0), atol=TOL, rtol=0)
+    gen = dict(eos_token_id=[], **kw)
+    np.testing.assert_array_equal(
+        model.generate(ids, 6, keep_cross_kv=False, **gen), model.generate(ids, 6, keep_cross_kv=True, **gen)
+    )
+
+
+def test_long_perplexity_recomputed_kv_matches_oracle(built):
+    path, ref = built("last_two_layers")
+    model = cepe.load(path)
+    rng = np.random.default_rng(22)
+    ctx, cmask = chunks_and_mask(rng, B=1, pad="left")
+    ids = rng.integers(3, 101, size=(1, 1100))  # 3 chunks of 512 rows
+    logits = ref.forward(ids, ref.encode(ctx, cmask), cmask).double()
+    lp = torch.log_softmax(logits[0, :-1], -1).gather(1, torch.as_tensor(ids[0, 1:])[:, None])[:, 0]
+    for window in (1099, 700, 3):
+        want = float(torch.exp(-lp[-window:].mean()))
+        for keep in (False, True):
+            got = model.perplexity(
+                ids, eval_window=window, encoder_input_ids=ctx, encoder_attention_mask=cmask, keep_cross_kv=keep
+            )
+            assert got == pytest.approx(want, rel=1e-4), (window, keep)
+
+
+def test_forward_nll_scores_only_targets(built):
+    """The core's scoring call: -log p(target) where a target is given, 0 at -100,
+    the same numbers as log_softmax of forward()'s logits; bad targets are refused."""
+    path, _ = built("all_layers_gqa")
+    model = cepe.load(path)
+    rng = np.random.default_rng(23)
+    ids = rng.integers(3, 101, size=(2, 150)).astype(np.int32)
+    targets = np.where(rng.random(ids.shape) < 0.5, rng.integers(0, 101, size=ids.shape), -100).astype(np.int32)
+    logits = model.forward(ids).astype(np.float64)
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    picked = np.take_along_axis(logits, np.maximum(targets, 0)[..., None], -1)[..., 0]
+    want = np.where(targets == -100, 0.0, lse - picked)
+    cache = model.create_cache(2, 150)
+    got = cache._ctx.forward_nll(ids, None, None, targets)
+    assert got.shape == (2, 150) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+    assert cache._ctx.progress() == (3, 3)  # 3 layers x 1 chunk of layer passes
+    fresh = model.create_cache(2, 150)
+    bad = targets.copy()
+    bad[1, 4] = 101
+    with pytest.raises(ValueError, match=r"target id 101 at \(row 1, position 4\) is out of range \[0, 101\)"):
+        fresh._ctx.forward_nll(ids, None, None, bad)
+    assert len(fresh) == 0  # nothing was appended
+    with pytest.raises(ValueError, match="targets must have the shape of input_ids"):
+        fresh._ctx.forward_nll(ids, None, None, np.ascontiguousarray(targets[:, :5]))
+    with pytest.raises(TypeError, match="targets must have dtype int32"):
+        fresh._ctx.forward_nll(ids, None, None, targets.astype(np.int64))
+
+
 def test_context_argument_errors(built, tiny):
     path, _ = built("all_layers_gqa")
     model = cepe.load(path)

@@ -161,6 +161,10 @@ def test_cepe_perplexity(cepe_dir, device):
     ids = rng.integers(3, 101, size=(1, 50))
     kw = dict(encoder_input_ids=ctx[:1], encoder_attention_mask=cmask[:1], eval_window=20)
     assert dev.perplexity(ids, **kw) == pytest.approx(cpu.perplexity(ids, **kw), rel=10 * TOL[device])
+    # longer than one 512-row chunk with recomputed cross K/V: the layer-major path
+    ids = rng.integers(3, 101, size=(1, 700))
+    kw = dict(encoder_input_ids=ctx[:1], encoder_attention_mask=cmask[:1], eval_window=300, keep_cross_kv=False)
+    assert dev.perplexity(ids, **kw) == pytest.approx(cpu.perplexity(ids, **kw), rel=10 * TOL[device])
 
 
 def test_weights_are_copied_to_the_device(decoder_dir):

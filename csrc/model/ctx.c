@@ -26,6 +26,8 @@ cepe_status cepe_ctx_create(const cepe_model *m, int batch, int capacity, cepe_c
     if (x->chunk < 1) x->chunk = 1;
     if (x->chunk > capacity) x->chunk = capacity;
     atomic_init(&x->interrupt, 0);
+    atomic_init(&x->progress_done, 0);
+    atomic_init(&x->progress_total, 0);
 
     const size_t rows = (size_t)batch * (size_t)x->chunk;
     const size_t kvd = (size_t)c->n_kv_heads * (size_t)c->head_dim;
@@ -91,9 +93,10 @@ void cepe_ctx_free(cepe_ctx *x) {
     const cepe_backend *be = x->m->be;
     void *dev[] = {x->inv_freq, x->k_cache, x->v_cache, x->valid, x->ids, x->pos, x->cos_t, x->sin_t, x->x,
                    x->xn, x->q, x->k, x->v, x->att, x->gate, x->up, x->last_hidden, x->last_logits, x->logits_d,
-                   x->ctx_mask, x->cross_k, x->cross_v, x->ctx_states_own};
+                   x->ctx_mask, x->cross_k, x->cross_v, x->ctx_states_own, x->nll_logits, x->nll_loss,
+                   x->nll_targets, x->nll_x};
     void *host[] = {x->valid_h, x->next_pos, x->saved_pos, x->ids_h, x->pos_h, x->inv_freq_h, x->last_logits_h,
-                    x->probs, x->cand, x->finished, x->step_ids};
+                    x->probs, x->cand, x->finished, x->step_ids, x->nll_targets_h, x->nll_loss_h, x->nll_rows_h};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) be->free(be, dev[i]);
     for (size_t i = 0; i < sizeof host / sizeof host[0]; i++) cepe_free(host[i]);
     cepe_free(x);
@@ -200,6 +203,10 @@ int cepe_ctx_context_length(const cepe_ctx *x) { return x ? x->ctx_N : 0; }
 int cepe_ctx_length(const cepe_ctx *x) { return x ? x->len : 0; }
 int cepe_ctx_capacity(const cepe_ctx *x) { return x ? x->cap : 0; }
 int cepe_ctx_batch(const cepe_ctx *x) { return x ? x->B : 0; }
+void cepe_ctx_progress(const cepe_ctx *x, long *done, long *total) {
+    *done = x ? atomic_load(&x->progress_done) : 0;
+    *total = x ? atomic_load(&x->progress_total) : 0;
+}
 void cepe_ctx_interrupt(cepe_ctx *x) {
     if (x) atomic_store(&x->interrupt, 1);
 }

@@ -80,6 +80,7 @@ struct cepe_ctx {
     const cepe_model *m;
     int B, cap, len, chunk;
     atomic_int interrupt;
+    atomic_long progress_done, progress_total; /* layer passes of the running forward call (any thread may read) */
     /* [dev] KV cache: (n_layers, B, cap, KVH*hd) each; RoPE already applied to K. */
     float *k_cache, *v_cache;
     uint8_t *valid, *valid_h; /* [both] (B, cap) 1 = real token */
@@ -99,6 +100,12 @@ struct cepe_ctx {
     float *last_hidden;    /* [dev] (B, d) */
     float *last_logits, *last_logits_h; /* [both] (B, V); the device copy is downloaded */
     float *logits_d;       /* [dev] (rows, V), device backends asked for every position's logits; lazy */
+    float *nll_logits, *nll_loss; /* [dev] (NLL_ROWS, V), (NLL_ROWS): cepe_ctx_forward_nll's scratch; lazy */
+    int32_t *nll_targets;         /* [dev] (NLL_ROWS) */
+    float *nll_x;                 /* [dev] (NLL_ROWS, d) the scored rows' final states */
+    int32_t *nll_targets_h;       /* [host] (NLL_ROWS) */
+    long *nll_rows_h;             /* [host] (NLL_ROWS) where each scored row goes in the caller's (B, T) */
+    float *nll_loss_h;            /* [host] (NLL_ROWS) */
     int has_logits;
     /* CEPE context: encoder states (B, ctx_N, d_enc): borrowed on the CPU, an
      * owned device copy on a device (ctx_states_own); mask owned */
