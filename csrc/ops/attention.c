@@ -198,6 +198,7 @@ static void attend_block(float *out, const float *q, const float *k, const float
 
 /* Thread-local (not stack: ~100 KB; not malloc: no allocation per token). */
 static _Thread_local att_scratch tls_scratch;
+CEPE_OPAQUE static att_scratch *thread_scratch(void) { return &tls_scratch; }
 
 void attention_forward(float *out, const float *q, const float *k, const float *v, const uint8_t *key_valid,
                        const attention_shape *s, int n_threads) {
@@ -205,7 +206,7 @@ void attention_forward(float *out, const float *q, const float *k, const float *
     const long n_tasks = (long)s->B * s->H * n_qblocks;
 #pragma omp parallel num_threads(n_threads) if (n_tasks > 1 && (long)s->Tq * s->Tk > 4096)
     {
-        att_scratch *w = &tls_scratch;
+        att_scratch *w = thread_scratch();
 #pragma omp for schedule(dynamic, 1)
         for (long task = 0; task < n_tasks; task++) {
             const int qb = (int)(task % n_qblocks);

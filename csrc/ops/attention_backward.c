@@ -49,6 +49,7 @@ typedef struct {
 /* Thread-local (~80 KB: too big for comfort on a worker's stack; no malloc
  * per call), as attention.c does. */
 static _Thread_local fwd_scratch tls_fwd;
+CEPE_OPAQUE static fwd_scratch *thread_fwd_scratch(void) { return &tls_fwd; }
 
 /* One (batch row, head, query block): online softmax over key blocks, as
  * attention.c's attend_block_gemm, keeping m + log(l) at the end. */
@@ -127,7 +128,7 @@ void attention_forward_lse(float *out, float *lse, const float *q, const float *
         const int t0 = qb * AB_QBLOCK;
         const int nq = s->Tq - t0 < AB_QBLOCK ? s->Tq - t0 : AB_QBLOCK;
         forward_block(out, lse, q, k, v, key_valid ? key_valid + b * s->valid_bstride : NULL, s, b, h, t0, nq,
-                      &tls_fwd);
+                      thread_fwd_scratch());
     }
 }
 
@@ -141,6 +142,7 @@ typedef struct {
 } bwd_scratch;
 
 static _Thread_local bwd_scratch tls_bwd;
+CEPE_OPAQUE static bwd_scratch *thread_bwd_scratch(void) { return &tls_bwd; }
 
 /* Rebuilds P for queries t0..t0+nq-1 of head h against keys j0..j0+nk-1
  * (S already in w->P) and fills w->D; returns 0 if every probability is 0. */
@@ -175,18 +177,29 @@ static int block_probs(const attention_shape *s, bwd_scratch *w, const float *ls
     return live;
 }
 
-/* Every gradient of batch row b that involves kv head g. */
+/* The keys any query sees: ranges grow with the slot, so the union is
+ * [lo of the first query, hi of the last). */
+static void all_keys(const attention_shape *s, int *klo, int *khi) {
+    int unused;
+    key_range(s, s->q_offset, klo, &unused);
+    key_range(s, s->q_offset + s->Tq - 1, &unused, khi);
+}
+
+/* The gradients of batch row b that involve kv head g and the key blocks
+ * kb0..kb1-1 (counted from all_keys' lo): this task's dK, dV rows, and its
+ * share of dQ added into dq. */
 static void backward_task(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
                           const float *v, const float *out, const float *lse, const uint8_t *valid,
-                          const attention_shape *s, int b, int g, bwd_scratch *w) {
+                          const attention_shape *s, int b, int g, int kb0, int kb1, long dq_bstride,
+                          long dq_rstride, bwd_scratch *w) {
     const int hd = s->hd, group = s->H / s->KVH;
     const long orow = (long)s->H * hd; /* row stride of out and dout */
     const long kvoff = b * s->kv_bstride + (long)g * hd;
     const int ldq = (int)s->q_rstride, ldkv = (int)s->kv_rstride, ldo = (int)orow;
-    int klo, khi, unused;
-    key_range(s, s->q_offset, &klo, &unused); /* ranges grow with the slot: */
-    key_range(s, s->q_offset + s->Tq - 1, &unused, &khi); /* the union is [first lo, last hi) */
-    for (int j0 = klo; j0 < khi; j0 += AB_KBLOCK) {
+    int klo, khi;
+    all_keys(s, &klo, &khi);
+    const int jend = klo + kb1 * AB_KBLOCK < khi ? klo + kb1 * AB_KBLOCK : khi;
+    for (int j0 = klo + kb0 * AB_KBLOCK; j0 < jend; j0 += AB_KBLOCK) {
         const int nk = khi - j0 < AB_KBLOCK ? khi - j0 : AB_KBLOCK;
         int any = 0;
         for (int jj = 0; jj < nk; jj++) {
@@ -229,30 +242,80 @@ static void backward_task(float *dq, float *dk, float *dv, const float *dout, co
                                qi, ldq, 1.0f, dkj, ldkv);
                 if (dq)
                     CEPE_SGEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, nq, hd, nk, s->scale, &w->P[0][0],
-                               AB_KBLOCK, kj, ldkv, 1.0f, dq + qoff, ldq);
+                               AB_KBLOCK, kj, ldkv, 1.0f, dq + b * dq_bstride + (long)t0 * dq_rstride + (long)h * hd,
+                               (int)dq_rstride);
             }
         }
     }
 }
 
+/* Work is split into tasks of (batch row, kv head, range of key blocks) so
+ * that even one row with 3 kv heads keeps every thread busy. dK and dV rows
+ * belong to exactly one task. Tasks of different key ranges share queries, so
+ * each range adds its dQ share into its own zeroed buffer (tasks of one range
+ * touch disjoint rows or heads), and the buffers are summed into dq in range
+ * order: no atomics, and the same result whichever thread ran which task
+ * (it depends only on the thread count, through the number of ranges). */
 int attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
                        const float *v, const float *out, const float *lse, const uint8_t *key_valid,
                        const attention_shape *s, int n_threads) {
     if (s->B <= 0 || s->Tq <= 0 || s->Tk <= 0) return 0; /* nothing visible, nothing to add */
-    float *lse_buf = NULL;
+    float *lse_buf = NULL, *dq_part = NULL;
     if (!lse) { /* O(B·Tq·H): one float per query row, not per score */
         lse_buf = malloc(sizeof(float) * (size_t)s->B * (size_t)s->Tq * (size_t)s->H);
         if (!lse_buf) return -1;
         attention_forward_lse(NULL, lse_buf, q, k, v, key_valid, s, n_threads);
         lse = lse_buf;
     }
-    const long n_tasks = (long)s->B * s->KVH;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads) if (n_tasks > 1 && (long)s->Tq * s->Tk > 4096)
-    for (long task = 0; task < n_tasks; task++) {
-        const int b = (int)(task / s->KVH), g = (int)(task % s->KVH);
-        backward_task(dq, dk, dv, dout, q, k, v, out, lse, key_valid ? key_valid + b * s->valid_bstride : NULL, s, b,
-                      g, &tls_bwd);
+    int klo, khi;
+    all_keys(s, &klo, &khi);
+    const int n_kblocks = khi > klo ? (khi - klo + AB_KBLOCK - 1) / AB_KBLOCK : 0;
+    const long heads = (long)s->B * s->KVH;
+    const int parallel = n_threads > 1 && (long)s->Tq * s->Tk > 4096;
+    /* about 4 tasks per thread, so dynamic scheduling evens out the uneven
+     * blocks of causal masking; never more ranges than key blocks */
+    const long want = parallel ? (4L * n_threads + heads - 1) / heads : 1;
+    const int n_split = (int)(want < n_kblocks ? want : (n_kblocks > 1 ? n_kblocks : 1));
+    const size_t dq_rows = (size_t)s->B * (size_t)s->Tq, dq_row = (size_t)s->H * (size_t)s->hd;
+    const size_t part = dq_rows * dq_row;
+    if (n_split > 1 && dq) { /* one dense zeroed (B·Tq, H·hd) dQ per key range */
+        dq_part = calloc((size_t)n_split * part, sizeof(float));
+        if (!dq_part) {
+            free(lse_buf);
+            return -1;
+        }
     }
+    const long n_tasks = heads * n_split;
+#pragma omp parallel num_threads(n_threads) if (parallel && n_tasks > 1)
+    {
+        bwd_scratch *w = thread_bwd_scratch();
+#pragma omp for schedule(dynamic, 1)
+        for (long task = 0; task < n_tasks; task++) {
+            const int split = (int)(task % n_split), hg = (int)(task / n_split);
+            const int b = hg / s->KVH, g = hg % s->KVH;
+            const int kb0 = (int)((long)split * n_kblocks / n_split);
+            const int kb1 = (int)((long)(split + 1) * n_kblocks / n_split);
+            if (dq_part)
+                backward_task(dq_part + (size_t)split * part, dk, dv, dout, q, k, v, out, lse,
+                              key_valid ? key_valid + b * s->valid_bstride : NULL, s, b, g, kb0, kb1,
+                              (long)s->Tq * (long)dq_row, (long)dq_row, w);
+            else
+                backward_task(dq, dk, dv, dout, q, k, v, out, lse, key_valid ? key_valid + b * s->valid_bstride : NULL,
+                              s, b, g, kb0, kb1, s->q_bstride, s->q_rstride, w);
+        }
+        if (dq_part) { /* dq += the ranges' shares, in range order; rows split over the team */
+#pragma omp for schedule(static)
+            for (long r = 0; r < (long)dq_rows; r++) {
+                float *dst = dq + (r / s->Tq) * s->q_bstride + (r % s->Tq) * s->q_rstride;
+                for (int p = 0; p < n_split; p++) {
+                    const float *src = dq_part + (size_t)p * part + (size_t)r * dq_row;
+#pragma omp simd
+                    for (size_t i = 0; i < dq_row; i++) dst[i] += src[i];
+                }
+            }
+        }
+    }
+    free(dq_part);
     free(lse_buf);
     return 0;
 }

@@ -6,6 +6,17 @@
 
 #include <stdint.h>
 
+/* For the accessors of _Thread_local scratch (attention.c, attention_backward.c):
+ * if GCC sees every caller pass &tls_scratch it specialises them on it, and
+ * under -fPIC's general-dynamic TLS model the specialised loops then call
+ * __tls_get_addr for every element. An opaque accessor returns the address
+ * once per task instead. */
+#if defined(__GNUC__) && !defined(__clang__)
+#define CEPE_OPAQUE __attribute__((noipa))
+#else
+#define CEPE_OPAQUE __attribute__((noinline))
+#endif
+
 /* out (N, C) = wte[ids] ; ids already range-checked by the caller */
 void embedding_forward(float *out, const int32_t *ids, const float *wte, int N, int C);
 
