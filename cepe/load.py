@@ -145,9 +145,7 @@ def load(
     ckpt = Checkpoint(model_dir)
 
     encoder = cfg.encoder.core_kwargs() if cfg.encoder is not None else None
-    core = cepe_c.Model(
-        cfg.core_kwargs(), encoder, n_threads=n, backend=make_backend(device), bf16=dtype == "bfloat16"
-    )
+    core = cepe_c.Model(cfg.core_kwargs(), encoder, n_threads=n, backend=make_backend(device), bf16=dtype == "bfloat16")
     names = [nm for nm in ckpt.names() if not nm.endswith(_IGNORED_SUFFIXES)]
     if cfg.tie_word_embeddings:  # some tied checkpoints still store the copy
         names = [nm for nm in names if nm != "lm_head.weight"]

@@ -233,10 +233,10 @@ class Model:
     results, far less memory). Override per call with keep_cross_kv=."""
     prefill_kv_budget_bytes: int = 256 << 20
     """The budget of single-pass calls (forward without a cache, perplexity):
-    there recomputing costs one projection per 512-token decoder chunk, not
-    one per generated token, so long contexts trade ~10 % of time for not
-    holding every layer's K/V (at 32K context tokens on a 135M decoder,
-    1.4 GiB)."""
+    there a recomputing call runs layer by layer over the whole input and
+    projects each layer's K/V once, as keeping them would, so it costs no
+    extra time and does not hold every layer's K/V (at 32K context tokens on
+    a 135M decoder, 1.4 GiB)."""
 
     def encode(self, encoder_input_ids: Any, encoder_attention_mask: Any = None) -> np.ndarray:
         """Runs the CEPE encoder: (B, n_ctx, L) chunk ids -> (B, n_ctx*L, d_enc)
@@ -373,7 +373,7 @@ class Model:
         context = self._context(ids.shape[0], squeeze, encoder_input_ids, encoder_attention_mask, encoder_hidden_states)
         self._attach(ctx, context, keep_cross_kv, single_pass=cache is None)
         try:
-            out = _interruptible(ctx, ctx.forward, ids, pos, mask, 2 if logits == "all" else 1)
+            out = _interruptible(ctx, ctx.forward, ids, pos, mask, 2 if logits == "all" else 1, progress="forward")
         except KeyboardInterrupt:
             if cache is not None:  # its tokens were half appended: start it afresh
                 cache.reset()
@@ -481,7 +481,7 @@ class Model:
             pad = int(eos[0]) if len(eos) else 0
         ctx = cepe_c.Context(self._core, B, T + max_new_tokens)
         self._attach(ctx, context, keep_cross_kv)
-        _interruptible(ctx, ctx.forward, ids, None, mask, 0)
+        _interruptible(ctx, ctx.forward, ids, None, mask, 0, progress="prompt")
         out = _interruptible(
             ctx,
             ctx.generate,

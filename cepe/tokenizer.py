@@ -112,8 +112,9 @@ class SentencePieceBackend:
         self.add_bos, self.add_eos = add_bos, add_eos
         n = self.sp.get_piece_size()
         self._control = {i for i in range(n) if self.sp.is_control(i) or self.sp.is_unknown(i)}
-        specials = sorted((self.sp.id_to_piece(i) for i in self._control if i != self.sp.unk_id()), key=len,
-                          reverse=True)
+        specials = sorted(
+            (self.sp.id_to_piece(i) for i in self._control if i != self.sp.unk_id()), key=len, reverse=True
+        )
         self._split = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
 
     def token_to_id(self, token: str) -> int | None:
@@ -283,8 +284,9 @@ class Tokenizer:
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
         if backend is None:
-            backend = SentencePieceBackend(sp_path, add_bos=bool(conf.get("add_bos_token", True)),
-                                           add_eos=bool(conf.get("add_eos_token", False)))
+            backend = SentencePieceBackend(
+                sp_path, add_bos=bool(conf.get("add_bos_token", True)), add_eos=bool(conf.get("add_eos_token", False))
+            )
             for key, default in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>")):
                 conf.setdefault(key, default if backend.token_to_id(default) is not None else None)
         return cls(

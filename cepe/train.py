@@ -516,9 +516,7 @@ class Trainer:
         return path
 
     @classmethod
-    def resume(
-        cls, path: str | os.PathLike[str], *, n_threads: int | None = None, device: str = "cpu"
-    ) -> Trainer:
+    def resume(cls, path: str | os.PathLike[str], *, n_threads: int | None = None, device: str = "cpu") -> Trainer:
         """A Trainer (and its Model: trainer.model) continuing from a
         checkpoint written by save(): the same weights, moments, step and
         settings, so the next steps equal those of an uninterrupted run bit
