@@ -56,3 +56,33 @@ def test_interrupted_cache_is_reset(tiny):
     assert len(cache) == 0
     short = ids[:, :10]
     np.testing.assert_allclose(model.forward(short, cache=cache), model.forward(short), atol=1e-6, rtol=0)
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="the bar runs on main")
+def test_long_call_shows_the_cores_progress(tiny, monkeypatch):
+    """A call still running after PROGRESS_AFTER_S gets a bar fed by the core's
+    layer passes, closed at the end with every pass counted."""
+    import cepe.model as cm
+
+    bars = []
+
+    class FakeBar:
+        def __init__(self, total, desc, **kw):
+            self.total, self.desc, self.n, self.closed = total, desc, 0, False
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(cm, "PROGRESS_AFTER_S", 0.0)
+    monkeypatch.setattr(cm, "tqdm", FakeBar)
+    model = cepe.load(tiny[0], n_threads=1)
+    ids = random_ids(np.random.default_rng(2), (1, 12000))  # > 1 s (see above), 24 chunks of 512
+    model.forward(ids, logits="last")
+    assert len(bars) == 1 and bars[0].desc == "forward" and bars[0].closed
+    layers = model.config.num_hidden_layers
+    assert bars[0].total == layers * 24
+    assert 0 < bars[0].n <= bars[0].total  # updated while it ran (the last polls may miss the end)
