@@ -232,7 +232,10 @@ static int chunk_nll(cepe_ctx *x, const call_outputs *o, int T, int t0, int c) {
         bad |= be->copy(be, x->nll_x + (long)n * d, x->xn + (long)r * d, sizeof(float) * (size_t)d);
         x->nll_targets_h[n] = tgt;
         x->nll_rows_h[n++] = dst;
-        if (n == NLL_ROWS) bad |= flush_nll(x, o, n), n = 0;
+        if (n == NLL_ROWS) {
+            bad |= flush_nll(x, o, n);
+            n = 0;
+        }
     }
     if (n > 0 && !bad) bad |= flush_nll(x, o, n);
     return bad;

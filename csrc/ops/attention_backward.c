@@ -295,13 +295,12 @@ int attention_backward(float *dq, float *dk, float *dv, const float *dout, const
             const int b = hg / s->KVH, g = hg % s->KVH;
             const int kb0 = (int)((long)split * n_kblocks / n_split);
             const int kb1 = (int)((long)(split + 1) * n_kblocks / n_split);
-            if (dq_part)
-                backward_task(dq_part + (size_t)split * part, dk, dv, dout, q, k, v, out, lse,
-                              key_valid ? key_valid + b * s->valid_bstride : NULL, s, b, g, kb0, kb1,
-                              (long)s->Tq * (long)dq_row, (long)dq_row, w);
-            else
-                backward_task(dq, dk, dv, dout, q, k, v, out, lse, key_valid ? key_valid + b * s->valid_bstride : NULL,
-                              s, b, g, kb0, kb1, s->q_bstride, s->q_rstride, w);
+            /* this range's dense dQ share, or dq itself (laid out as q) when there is one range */
+            float *dqt = dq_part ? dq_part + (size_t)split * part : dq;
+            const long dq_rs = dq_part ? (long)dq_row : s->q_rstride;
+            const long dq_bs = dq_part ? (long)s->Tq * dq_rs : s->q_bstride;
+            backward_task(dqt, dk, dv, dout, q, k, v, out, lse, key_valid ? key_valid + b * s->valid_bstride : NULL, s, b,
+                          g, kb0, kb1, dq_bs, dq_rs, w);
         }
         if (dq_part) { /* dq += the ranges' shares, in range order; rows split over the team */
 #pragma omp for schedule(static)
