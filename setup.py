@@ -13,8 +13,11 @@ cepe_cuda  kernels/*.cu compiled with nvcc, optional: built when nvcc is
            pip install ".[cuda]".
 
 Environment switches
-  CEPE_BLAS=system     link a system CBLAS (-lcblas or CEPE_BLAS_LIBS) instead
-                       of scipy-openblas32 from PyPI
+  CEPE_BLAS=auto       (default) oneMKL from PyPI (the mkl and mkl-include wheels,
+                       build requirements on x86-64 Linux) where installed, else
+                       scipy-openblas32 from PyPI
+  CEPE_BLAS=mkl        oneMKL, or fail; =openblas-pypi: scipy-openblas32
+  CEPE_BLAS=system     link a system CBLAS (-lcblas or CEPE_BLAS_LIBS)
   CEPE_NATIVE=0        no -march=native (portable binaries, e.g. wheels)
   CEPE_CUDA=0          never build the CUDA extension; CEPE_CUDA=1: fail if it
                        cannot be built
@@ -24,6 +27,7 @@ Environment switches
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 import shutil
@@ -59,8 +63,54 @@ def c_flags() -> list[str]:
     return flags
 
 
+def find_mkl() -> tuple[str, str, list[str]] | None:
+    """(include dir, lib dir, linker args) of the oneMKL wheels (mkl, mkl-include)
+    installed in this build environment, or None. Linked against GNU OpenMP
+    (libmkl_gnu_thread), the runtime our own OpenMP regions use, so one thread
+    pool serves both."""
+    import importlib.metadata as md
+
+    try:
+        lib = md.distribution("mkl")
+        inc = md.distribution("mkl-include")
+    except md.PackageNotFoundError:
+        return None
+
+    def find(dist: md.Distribution, pattern: str) -> str | None:
+        for f in dist.files or []:
+            if fnmatch.fnmatch(os.path.basename(str(f)), pattern):
+                return os.path.normpath(str(dist.locate_file(f)))
+        return None
+
+    header = find(inc, "mkl_cblas.h")
+    names = [find(lib, f"libmkl_{part}.so.*") for part in ("intel_lp64", "gnu_thread", "core")]
+    if not header or None in names:
+        return None
+    lib_dir = os.path.dirname(names[0])
+    return os.path.dirname(header), lib_dir, [f"-l:{os.path.basename(n)}" for n in names]
+
+
 def blas_settings() -> dict[str, list[str]]:
-    if env_flag("CEPE_BLAS", "openblas-pypi") == "system":
+    choice = env_flag("CEPE_BLAS", "auto")
+    if choice not in ("auto", "mkl", "openblas-pypi", "system"):
+        raise SystemExit(f"CEPE_BLAS={choice!r}: expected auto, mkl, openblas-pypi or system")
+    if choice in ("auto", "mkl"):
+        mkl = find_mkl()
+        if mkl is None and choice == "mkl":
+            raise SystemExit('CEPE_BLAS=mkl: the oneMKL wheels are not installed (pip install "mkl" "mkl-include")')
+        if mkl is not None:
+            inc, lib_dir, link = mkl
+            return {
+                "define_macros": [("CEPE_MKL_BLAS", "1")],
+                "include_dirs": [inc],
+                "libraries": [],
+                "library_dirs": [lib_dir],
+                "runtime_library_dirs": [],
+                # Installed: the wheel's libraries sit in <prefix>/lib, two levels
+                # above site-packages. In-place builds: the absolute directory.
+                "extra_link_args": link + ["-Wl,-rpath,$ORIGIN/../..", f"-Wl,-rpath,{lib_dir}"],
+            }
+    if choice == "system":
         libs = os.environ.get("CEPE_BLAS_LIBS", "cblas").split(",")
         return {
             "define_macros": [("CEPE_SYSTEM_BLAS", "1")],

@@ -223,6 +223,7 @@ class Trainer:
             cfg.encoder.core_kwargs() if cfg.encoder is not None else None,
             n_threads=model.n_threads,
             backend=make_backend(model.device),  # on a device, the weights live there and train there
+            prepack=model.packed_bytes > 0,  # frozen weights only: the core unpacks the trainable ones
         )
         trained = {name for name, _, _ in self.layout}
         for name, w in weights.items():

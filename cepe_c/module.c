@@ -142,10 +142,11 @@ static int config_from_dict(PyObject *d, cepe_config *c, const char *what, PyObj
 }
 
 static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
-    static char *names[] = {"decoder", "encoder", "n_threads", "backend", "bf16", NULL};
+    static char *names[] = {"decoder", "encoder", "n_threads", "backend", "bf16", "prepack", NULL};
     PyObject *dec, *enc = Py_None, *backend = Py_None;
-    int n_threads = 1, bf16 = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OiOp:Model", names, &dec, &enc, &n_threads, &backend, &bf16))
+    int n_threads = 1, bf16 = 0, prepack = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OiOpp:Model", names, &dec, &enc, &n_threads, &backend, &bf16,
+                                     &prepack))
         return -1;
     const cepe_backend *be = cepe_backend_from_capsule(backend);
     if (!be) return -1;
@@ -160,6 +161,7 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
     if (enc != Py_None && config_from_dict(enc, &ec, "encoder config", keep + 2) < 0) goto done;
     cepe_status st = cepe_model_create_on(&c, enc != Py_None ? &ec : NULL, n_threads, be, &self->model);
     if (!st && bf16) st = cepe_model_set_bf16(self->model);
+    if (!st && !prepack) st = cepe_model_set_prepack(self->model, 0);
     if (st) {
         raise_status(st);
         goto done;
@@ -227,8 +229,9 @@ static PyObject *Model_bind(ModelObject *self, PyObject *args) {
 }
 
 static PyObject *Model_finalize(ModelObject *self, PyObject *Py_UNUSED(ignored)) {
-    cepe_status st = cepe_model_finalize(self->model);
-    if (st) return raise_status(st);
+    cepe_status st;
+    Py_BEGIN_ALLOW_THREADS st = cepe_model_finalize(self->model); /* packs the weights: real work */
+    Py_END_ALLOW_THREADS if (st) return raise_status(st);
     Py_RETURN_NONE;
 }
 
@@ -236,8 +239,14 @@ static PyObject *Model_get_backend(ModelObject *self, void *Py_UNUSED(c)) {
     return PyUnicode_FromString(self->model ? cepe_model_backend_name(self->model) : "cpu");
 }
 
+static PyObject *Model_get_packed_bytes(ModelObject *self, void *Py_UNUSED(c)) {
+    return PyLong_FromSize_t(self->model ? cepe_model_packed_bytes(self->model) : 0);
+}
+
 static PyGetSetDef Model_getset[] = {
     {"backend", (getter)Model_get_backend, NULL, "name of the backend the model runs on", NULL},
+    {"packed_bytes", (getter)Model_get_packed_bytes, NULL,
+     "bytes of the weights' packed copies (finalize packs them where the BLAS has a packed GEMM; 0 if none)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

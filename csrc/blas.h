@@ -1,11 +1,22 @@
 /* blas.h — one place that knows which CBLAS we link.
- * Default: scipy-openblas32 from PyPI, whose symbols carry a "scipy_" prefix
- * (so it never clashes with NumPy's or torch's own OpenBLAS in one process).
+ * CEPE_MKL_BLAS (the default on x86-64 Linux, setup.py): Intel oneMKL from
+ *   PyPI (the mkl wheel), which also packs frozen weights once for its GEMM
+ *   (CEPE_HAVE_PACKED_SGEMM, matmul_packed.c).
+ * Otherwise scipy-openblas32 from PyPI, whose symbols carry a "scipy_" prefix
+ *   (so it never clashes with NumPy's or torch's own BLAS in one process).
  * CEPE_SYSTEM_BLAS: a system CBLAS with plain names. */
 #ifndef CEPE_BLAS_H
 #define CEPE_BLAS_H
 
-#ifdef CEPE_SYSTEM_BLAS
+#if defined(CEPE_MKL_BLAS)
+#include <mkl_cblas.h>
+#include <mkl_service.h>
+#define CEPE_SGEMM cblas_sgemm
+#define CEPE_SGEMV cblas_sgemv
+#define CEPE_BLAS_SET_THREADS mkl_set_num_threads
+#define CEPE_BLAS_NAME "oneMKL"
+#define CEPE_HAVE_PACKED_SGEMM 1
+#elif defined(CEPE_SYSTEM_BLAS)
 #include <cblas.h>
 #define CEPE_SGEMM cblas_sgemm
 #define CEPE_SGEMV cblas_sgemv

@@ -128,8 +128,16 @@ void cepe_model_free(cepe_model *m);
  * valid (it is used in place), on a device it is copied. */
 cepe_status cepe_model_bind(cepe_model *m, const char *name, const float *data, int ndim,
                             const int64_t *shape);
-/* Checks every required weight is bound; after this the model is usable. */
+/* Checks every required weight is bound; after this the model is usable.
+ * Where the backend has a packed GEMM (the CPU on oneMKL), it also packs a
+ * copy of every linear weight for it (about the weights' size again): each
+ * multi-row product then skips re-packing its weight. */
 cepe_status cepe_model_finalize(cepe_model *m);
+/* Before finalize: on = 0 keeps the weights unpacked (no extra memory;
+ * prefill a little slower). Default on. */
+cepe_status cepe_model_set_prepack(cepe_model *m, int on);
+/* Bytes held by packed weight copies (0 when none). */
+size_t cepe_model_packed_bytes(const cepe_model *m);
 const cepe_config *cepe_model_config(const cepe_model *m);
 /* The CEPE encoder's config, or NULL for a plain decoder. */
 const cepe_config *cepe_model_encoder_config(const cepe_model *m);

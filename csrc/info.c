@@ -1,4 +1,6 @@
 /* info.c — what this build links and how many threads it may use. */
+#include <stdio.h>
+
 #include "blas.h"
 #include "cepe.h"
 
@@ -7,7 +9,13 @@
 #endif
 
 const char *cepe_blas_info(void) {
-#ifdef CEPE_BLAS_CONFIG
+#if defined(CEPE_MKL_BLAS)
+    static _Thread_local char info[96];
+    MKLVersion v;
+    mkl_get_version(&v);
+    snprintf(info, sizeof info, "oneMKL %d.%d (packed GEMM for frozen weights)", v.MajorVersion, v.UpdateVersion);
+    return info;
+#elif defined(CEPE_BLAS_CONFIG)
     return CEPE_BLAS_CONFIG();
 #else
     return CEPE_BLAS_NAME;
