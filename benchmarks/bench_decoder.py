@@ -12,12 +12,14 @@ Measures, in one run and with one thread count for everything:
 
 Each engine (and the machine probe) runs in its own child process, one after the other: on a
 small machine the idle-spinning thread pools of one library (OpenMP, OpenBLAS, MKL) otherwise
-slow down the next one by up to ~10x for a while. The machine probe runs before and after the
-engines; the higher figures are kept.
+slow down the next one by up to ~10x for a while. The two engines alternate --rounds times
+(default 2) and each one's timed runs are pooled, so a slow spell of the (shared) host does not
+land on one engine only. The machine probe runs before and after the engines; the higher
+figures are kept.
 
 Prints one JSON object on stdout (progress goes to stderr) and writes a bar plot to --out
-(bench_decoder.png; bench_decoder_quick.png with --quick). Each figure is the best of --repeats
-timed runs after one untimed warm-up run.
+(bench_decoder.png; bench_decoder_quick.png with --quick). Each figure is the best of
+rounds x --repeats timed runs, each round's after one untimed warm-up run.
 """
 
 from __future__ import annotations
@@ -208,17 +210,25 @@ def decode_bytes_per_token(s: dict, prompt: int, n_new: int) -> dict:
 
 
 def engine_blas_sgemm() -> Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None:
-    """cblas_sgemm of the OpenBLAS cepe_c links (scipy-openblas32), via ctypes; None if not found."""
+    """cblas_sgemm of the BLAS cepe_c links (oneMKL from the mkl wheel, or
+    scipy-openblas32), via ctypes; None if not found."""
     try:
-        import scipy_openblas32
-
-        import cepe_c  # noqa: F401  (loads the library, so the CDLL below is the same instance)
+        import cepe_c  # loads the library, so the CDLL below is the same instance
     except ImportError:
         return None
     try:
-        lib = ctypes.CDLL(os.path.join(scipy_openblas32.get_lib_dir(), "libscipy_openblas.so"))
-        fn = lib.scipy_cblas_sgemm
-    except (OSError, AttributeError):
+        if cepe_c.blas_info().startswith("oneMKL"):
+            import importlib.metadata as md
+
+            dist = md.distribution("mkl")
+            path = next(str(dist.locate_file(f)) for f in dist.files or [] if "libmkl_intel_lp64.so" in str(f))
+            fn = ctypes.CDLL(path).cblas_sgemm
+        else:
+            import scipy_openblas32
+
+            lib = ctypes.CDLL(os.path.join(scipy_openblas32.get_lib_dir(), "libscipy_openblas.so"))
+            fn = lib.scipy_cblas_sgemm
+    except (ImportError, OSError, AttributeError, StopIteration):  # PackageNotFoundError is an ImportError
         return None
     i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
     fn.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
@@ -257,7 +267,7 @@ def bench_gemm(n: int, threads: int, repeats: int) -> dict:
     sgemm = engine_blas_sgemm()
     if sgemm is not None:
         cepe_c.set_blas_threads(threads)
-        out["engine_openblas_gflops"] = flops / min(time_runs(lambda: sgemm(a, b, c), runs)) / 1e9
+        out["engine_blas_gflops"] = flops / min(time_runs(lambda: sgemm(a, b, c), runs)) / 1e9
         if not np.allclose(c[:4, :4], a[:4] @ b[:, :4], rtol=1e-3, atol=1e-2):
             raise RuntimeError("the engine BLAS's sgemm gave a wrong product")
         time.sleep(PAUSE_S)
@@ -317,6 +327,19 @@ def decode_stats(gen: Callable[[int], object], args: argparse.Namespace) -> dict
     tg["prompt_plus_1_token_s"] = t1
     tg["tok_s_excl_prompt"] = (args.decode - 1) / max(tg["best_s"] - t1, 1e-9)
     return tg
+
+
+def merge_rounds(results: list[dict], args: argparse.Namespace) -> dict:
+    """One engine's figures over all rounds: every timed run pooled, best and
+    median taken over the pool; each round's own figures kept under "rounds"."""
+    out = dict(results[-1])
+    out["pp"] = summarize([t for r in results for t in r["pp"]["times_s"]], args.prefill)
+    tg = summarize([t for r in results for t in r["tg"]["times_s"]], args.decode)
+    tg["prompt_plus_1_token_s"] = min(r["tg"]["prompt_plus_1_token_s"] for r in results)
+    tg["tok_s_excl_prompt"] = (args.decode - 1) / max(tg["best_s"] - tg["prompt_plus_1_token_s"], 1e-9)
+    out["tg"] = tg
+    out["rounds"] = [{"pp_tok_s": r["pp"]["tok_s"], "tg_tok_s": r["tg"]["tok_s"]} for r in results]
+    return out
 
 
 def phase_cepe(args: argparse.Namespace) -> dict:
@@ -552,8 +575,8 @@ def report(args: argparse.Namespace, cfg: dict, machine: dict, cepe: dict, torch
         "softmax, SiLU ignored",
         "decode_bytes_per_token": "4*(linear_params + norm_params + vocab*hidden [tied lm_head, read once] "
         "+ hidden [embedding row]) + mean KV-cache bytes read (4*layers*2*kv_dim*mean context)",
-        "gemm_peak": "max GFLOP/s of float32 C = A @ B at the given size over: the OpenBLAS cepe_c links "
-        "(scipy-openblas32 cblas_sgemm via ctypes, `threads` threads), numpy's bundled OpenBLAS (its "
+        "gemm_peak": "max GFLOP/s of float32 C = A @ B at the given size over: the BLAS cepe_c links "
+        "(oneMKL or scipy-openblas32 cblas_sgemm via ctypes, `threads` threads), numpy's bundled OpenBLAS (its "
         "default thread count), torch.mm (MKL, `threads` threads)",
         "bandwidth": "max over numpy.copyto (1 thread) and torch copy_ (`threads` threads) of a large "
         "float32 array; bytes = read + write (2 x array size), write-allocate traffic not counted",
@@ -567,6 +590,7 @@ def report(args: argparse.Namespace, cfg: dict, machine: dict, cepe: dict, torch
         "decode_tokens": args.decode,
         "decode_prompt_tokens": PROMPT_LEN,
         "repeats": args.repeats,
+        "rounds": args.rounds,
         "statistic": "best (minimum time) of `repeats` timed runs, after 1 untimed warm-up run",
         "model": {
             "name": f"SmolLM2-135M-shaped LLaMA, random weights (seed {SEED}), fp32 safetensors",
@@ -612,13 +636,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="cpu",
         help="cepe device: cpu, cuda or cuda:N (torch runs on the GPU too when its build has CUDA)",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="cepe and torch phases alternate this many times, runs pooled (default 2; the host's speed drifts)",
+    )
     p.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK_LAYERS} layers, pp64, tg16, 1 repeat")
     p.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)  # internal: child process
     p.add_argument("--scratch", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads is None:
         args.threads = usable_cpus()
-    for name, full, quick in (("repeats", 3, 1), ("prefill", 512, 64), ("decode", 128, 16)):
+    for name, full, quick in (("repeats", 3, 1), ("rounds", 2, 1), ("prefill", 512, 64), ("decode", 128, 16)):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
         if getattr(args, name) < 1:
@@ -648,8 +678,12 @@ def main(argv: list[str] | None = None) -> int:
         ensure_model(model_dir, cfg)
         load = {}
         machine_before, load["machine_before"] = run_phase("machine", args, model_dir, scratch)
-        res_cepe, load["cepe"] = run_phase("cepe", args, model_dir, scratch)
-        res_torch, load["torch"] = run_phase("torch", args, model_dir, scratch)
+        rounds: dict[str, list[dict]] = {"cepe": [], "torch": []}
+        for r in range(args.rounds):  # alternating, so a slow spell of the host hits both engines
+            for engine in ("cepe", "torch"):
+                res, load[f"{engine}_{r + 1}"] = run_phase(engine, args, model_dir, scratch)
+                rounds[engine].append(res)
+        res_cepe, res_torch = merge_rounds(rounds["cepe"], args), merge_rounds(rounds["torch"], args)
         machine_after, load["machine_after"] = run_phase("machine", args, model_dir, scratch)
         agree = agreement(scratch)
 

@@ -331,7 +331,9 @@ cepe_status cepe_model_read_weight(const cepe_model *m, int i, float *dst);
  * device copies of the trainable weights are set from params, the moments
  * are copied to the device, and cepe_train_sync_host writes all three back. step: optimizer steps already taken
  * (0, or the step of a resumed checkpoint). While training, the model must
- * not run elsewhere: updates write its weights in place. */
+ * not run elsewhere: updates write its weights in place, and creating the
+ * state drops the model's packed copies of the trainable weights (products
+ * then read the weights themselves; the frozen ones stay packed). */
 cepe_status cepe_train_create(const cepe_model *m, const cepe_train_config *c, float *params, float *adam_m,
                               float *adam_v, long step, cepe_train **out);
 void cepe_train_free(cepe_train *t);
