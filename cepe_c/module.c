@@ -235,6 +235,11 @@ static PyObject *Model_finalize(ModelObject *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+static PyObject *Model_drop_packed(ModelObject *self, PyObject *Py_UNUSED(ignored)) {
+    cepe_model_drop_packed(self->model);
+    Py_RETURN_NONE;
+}
+
 static PyObject *Model_get_backend(ModelObject *self, void *Py_UNUSED(c)) {
     return PyUnicode_FromString(self->model ? cepe_model_backend_name(self->model) : "cpu");
 }
@@ -253,6 +258,8 @@ static PyGetSetDef Model_getset[] = {
 static PyMethodDef Model_methods[] = {
     {"bind", (PyCFunction)Model_bind, METH_VARARGS, "bind(name, float32 array): attach one weight by its HF name"},
     {"finalize", (PyCFunction)Model_finalize, METH_NOARGS, "check that every weight is bound"},
+    {"drop_packed", (PyCFunction)Model_drop_packed, METH_NOARGS,
+     "free the weights' packed copies (not while another thread runs the model)"},
     {"encode", (PyCFunction)Model_encode, METH_VARARGS, "encode(ids, mask): run the CEPE encoder over chunks"},
     {NULL, NULL, 0, NULL},
 };

@@ -138,6 +138,9 @@ cepe_status cepe_model_finalize(cepe_model *m);
 cepe_status cepe_model_set_prepack(cepe_model *m, int on);
 /* Bytes held by packed weight copies (0 when none). */
 size_t cepe_model_packed_bytes(const cepe_model *m);
+/* Frees every packed copy; the model goes on with its plain weights. Not
+ * while another thread runs the model. */
+void cepe_model_drop_packed(cepe_model *m);
 const cepe_config *cepe_model_config(const cepe_model *m);
 /* The CEPE encoder's config, or NULL for a plain decoder. */
 const cepe_config *cepe_model_encoder_config(const cepe_model *m);

@@ -350,6 +350,13 @@ size_t cepe_model_packed_bytes(const cepe_model *m) {
     return bytes;
 }
 
+void cepe_model_drop_packed(cepe_model *m) {
+    for (int i = 0; m && m->packs && i < m->packs_cap; i++) {
+        m->be->matmul_pack_free(m->be, m->packs[i].packed);
+        m->packs[i].packed = NULL;
+    }
+}
+
 void model_unpack(const cepe_model *m, const float *w) {
     if (!m->packs) return;
     for (size_t h = packed_slot(w, m->packs_cap);; h = (h + 1) & (size_t)(m->packs_cap - 1)) {
