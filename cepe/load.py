@@ -107,7 +107,7 @@ def available_memory() -> int | None:
 
 
 def check_prepack(prepack: object, cfg: DecoderConfig, device: str) -> bool:
-    """Whether finalize packs the weights for the BLAS (the CPU on oneMKL: a copy
+    """Whether the model packs its weights for the BLAS (the CPU on oneMKL: a copy
     in the GEMM's own layout, so prefill skips re-packing them per chunk).
     None (auto): on the CPU when the copies fit in half the available memory."""
     if prepack is not None and not isinstance(prepack, bool):
@@ -162,9 +162,10 @@ def load(
     accumulate in fp32.
 
     prepack: where the BLAS has a packed GEMM (oneMKL, the default build on
-    x86-64 Linux), finalize keeps a copy of every linear weight in the GEMM's
-    own layout, about the fp32 weights' size again, and multi-token calls
-    (prefill, CEPE encoding, scoring) skip re-packing them per chunk. None
+    x86-64 Linux), the first multi-token call packs a copy of every linear
+    weight in the GEMM's own layout, about the fp32 weights' size again, and
+    multi-token calls (prefill, CEPE encoding, scoring) skip re-packing them
+    per chunk. None
     (default): on when the copies fit in half the available memory; False
     saves the memory; model.packed_bytes tells what it holds.
     """

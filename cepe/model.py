@@ -210,7 +210,8 @@ class Model:
     @property
     def packed_bytes(self) -> int:
         """Bytes held by the weights' copies packed for the BLAS's GEMM (see
-        cepe.load's prepack; 0 when none). A Trainer unpacks what it trains."""
+        cepe.load's prepack): 0 until the first multi-token call makes them,
+        and where none are. A Trainer never packs what it trains."""
         return int(self._core.packed_bytes)
 
     def __repr__(self) -> str:

@@ -218,7 +218,7 @@ class Trainer:
         cfg = model.config
         from .load import make_backend
 
-        prepack = model.packed_bytes > 0
+        prepack = model._core.prepacks
         model._core.drop_packed()  # the core built below packs its own: never two sets at once
 
         core = cepe_c.Model(

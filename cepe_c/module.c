@@ -229,9 +229,8 @@ static PyObject *Model_bind(ModelObject *self, PyObject *args) {
 }
 
 static PyObject *Model_finalize(ModelObject *self, PyObject *Py_UNUSED(ignored)) {
-    cepe_status st;
-    Py_BEGIN_ALLOW_THREADS st = cepe_model_finalize(self->model); /* packs the weights: real work */
-    Py_END_ALLOW_THREADS if (st) return raise_status(st);
+    cepe_status st = cepe_model_finalize(self->model);
+    if (st) return raise_status(st);
     Py_RETURN_NONE;
 }
 
@@ -248,10 +247,18 @@ static PyObject *Model_get_packed_bytes(ModelObject *self, void *Py_UNUSED(c)) {
     return PyLong_FromSize_t(self->model ? cepe_model_packed_bytes(self->model) : 0);
 }
 
+static PyObject *Model_get_prepacks(ModelObject *self, void *Py_UNUSED(c)) {
+    return PyBool_FromLong(self->model && cepe_model_prepacks(self->model));
+}
+
 static PyGetSetDef Model_getset[] = {
+    {"prepacks", (getter)Model_get_prepacks, NULL,
+     "whether products use packed weight copies (prepack on and a BLAS with a packed GEMM)", NULL},
     {"backend", (getter)Model_get_backend, NULL, "name of the backend the model runs on", NULL},
     {"packed_bytes", (getter)Model_get_packed_bytes, NULL,
-     "bytes of the weights' packed copies (finalize packs them where the BLAS has a packed GEMM; 0 if none)", NULL},
+     "bytes of the weights' packed copies (made by the first multi-row product where the BLAS has a packed GEMM; "
+     "0 if none)",
+     NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -129,14 +129,18 @@ void cepe_model_free(cepe_model *m);
 cepe_status cepe_model_bind(cepe_model *m, const char *name, const float *data, int ndim,
                             const int64_t *shape);
 /* Checks every required weight is bound; after this the model is usable.
- * Where the backend has a packed GEMM (the CPU on oneMKL), it also packs a
- * copy of every linear weight for it (about the weights' size again): each
- * multi-row product then skips re-packing its weight. */
+ * Where the backend has a packed GEMM (the CPU on oneMKL), the first
+ * multi-row product then packs a copy of every linear weight for it (about
+ * the weights' size again), and each later product skips re-packing its
+ * weight. */
 cepe_status cepe_model_finalize(cepe_model *m);
 /* Before finalize: on = 0 keeps the weights unpacked (no extra memory;
  * prefill a little slower). Default on. */
 cepe_status cepe_model_set_prepack(cepe_model *m, int on);
-/* Bytes held by packed weight copies (0 when none). */
+/* Whether this finalized model packs its weights (prepack on, and a backend
+ * with a packed GEMM), and the bytes its copies hold so far (0 before the
+ * first multi-row product). */
+int cepe_model_prepacks(const cepe_model *m);
 size_t cepe_model_packed_bytes(const cepe_model *m);
 /* Frees every packed copy; the model goes on with its plain weights. Not
  * while another thread runs the model. */

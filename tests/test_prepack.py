@@ -20,6 +20,12 @@ def test_prepack_reports_its_memory(tiny):
     path, _ = tiny
     packed = cepe.load(path, n_threads=2, prepack=True)
     plain = cepe.load(path, n_threads=2, prepack=False)
+    assert packed.packed_bytes == 0  # made on first use
+    ids = random_ids(np.random.default_rng(0), (1, 5))
+    packed.forward(ids[:, :1])  # one row: a GEMV on the plain weights, nothing packed yet
+    assert packed.packed_bytes == 0
+    packed.forward(ids)
+    plain.forward(ids)
     assert plain.packed_bytes == 0
     if PACKS:
         c = packed.config
@@ -36,6 +42,7 @@ def test_prepack_reports_its_memory(tiny):
     else:
         assert packed.packed_bytes == 0
     auto = cepe.load(path, n_threads=2)  # None: on where it fits (a tiny model always does)
+    auto.forward(ids)
     assert auto.packed_bytes == packed.packed_bytes
 
 
@@ -85,8 +92,9 @@ def test_trainer_reads_the_weights_it_trains_not_a_packed_copy(tmp_path):
     probe_ctx = {"encoder_input_ids": rng.integers(3, Ve, size=(1, 2, 5))}
 
     model = cepe.load(path, n_threads=2)
-    before = model.forward(probe_ids, **probe_ctx)
+    before = model.forward(probe_ids, **probe_ctx)  # packs every weight of this core
     trainer = cepe.Trainer(model, "cross_attn+encoder", lr=0.1, total_steps=3)
+    assert trainer.model.packed_bytes == 0  # the loaded core's copies are freed, the trainer's not made yet
     for _ in range(3):
         trainer.step(batch)
     after = trainer.model.forward(probe_ids, **probe_ctx)
@@ -96,3 +104,22 @@ def test_trainer_reads_the_weights_it_trains_not_a_packed_copy(tmp_path):
     want = cepe.load(ckpt, n_threads=2, prepack=False).forward(probe_ids, **probe_ctx)
     assert np.abs(after - before).max() > 1e-2  # training moved the outputs
     assert np.abs(after - want).max() <= 1e-4
+
+
+def test_first_use_from_many_threads_packs_once(tiny):
+    """Threads racing to the first product: one packs, the others wait, and
+    every result equals the plain path's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path, _ = tiny
+    ids = [random_ids(np.random.default_rng(i), (1, 40)) for i in range(6)]
+    want = [cepe.load(path, n_threads=1, prepack=False).forward(x) for x in ids]
+    model = cepe.load(path, n_threads=1, prepack=True)
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        got = list(pool.map(model.forward, ids))
+    for g, w in zip(got, want, strict=True):
+        assert np.abs(g - w).max() <= 1e-4
+    if PACKS:
+        bytes_after = model.packed_bytes
+        model.forward(ids[0])
+        assert bytes_after > 0 and model.packed_bytes == bytes_after  # packed once

@@ -188,8 +188,7 @@ fail:
 
 void cepe_model_free(cepe_model *m) {
     if (!m) return;
-    for (int i = 0; m->packs && i < m->packs_cap; i++) m->be->matmul_pack_free(m->be, m->packs[i].packed);
-    cepe_free(m->packs);
+    model_packs_free(m);
     for (int i = 0; m->slots && i < m->n_slots; i++) m->be->free(m->be, m->slots[i].owned);
     cepe_free(m->w.layers);
     cepe_free(m->enc.layers);
@@ -279,95 +278,16 @@ cepe_status cepe_model_bind(cepe_model *m, const char *name, const float *data, 
     return cepe_fail(CEPE_ERR_INVALID_ARG, "unexpected tensor %s: no such weight in this model", name);
 }
 
-/* The weights finalize packs: every 2-D weight used as a linear layer, the
- * input embeddings only as a tied lm_head (rows are gathered, not multiplied). */
-static int packs_weight(const cepe_model *m, const weight_slot *s) {
-    const float *w = *s->dst;
-    if (s->ndim != 2) return 0;
-    if (m->has_encoder && w == m->enc.embed) return 0;
-    return w != m->w.embed || m->cfg.tie_word_embeddings;
-}
-
-/* Packs the frozen linear weights once for the backend's GEMM, where it has
- * a packed format (the CPU backend on oneMKL): prefill then skips re-packing
- * each weight for every chunk. A weight that cannot be packed (out of
- * memory) keeps the plain path; only a failed table allocation is an error. */
-static cepe_status pack_weights(cepe_model *m) {
-    const cepe_backend *be = m->be;
-    if (m->packs || !m->prepack || m->bf16 || !be->matmul_pack || !be->matmul_packed || !be->matmul_pack_free) return CEPE_OK;
-    int n = 0, packed = 0;
-    for (int i = 0; i < m->n_slots; i++) n += packs_weight(m, &m->slots[i]);
-    if (!n) return CEPE_OK;
-    int cap = 16;
-    while (cap < 2 * n) cap *= 2; /* load factor <= 1/2 */
-    m->packs = cepe_calloc((size_t)cap, sizeof *m->packs);
-    if (!m->packs) return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory for the packed-weight table");
-    m->packs_cap = cap;
-    for (int i = 0; i < m->n_slots; i++) {
-        const weight_slot *s = &m->slots[i];
-        if (!packs_weight(m, s)) continue;
-        const float *w = *s->dst;
-        const int OC = (int)s->shape[0], C = (int)s->shape[1];
-        size_t h = packed_slot(w, cap);
-        while (m->packs[h].w && m->packs[h].w != w) h = (h + 1) & (size_t)(cap - 1);
-        if (m->packs[h].w) continue; /* one tensor bound twice */
-        m->packs[h].w = w;
-        m->packs[h].packed = be->matmul_pack(be, w, C, OC, m->n_threads);
-        m->packs[h].bytes = m->packs[h].packed && be->matmul_pack_bytes ? be->matmul_pack_bytes(be, C, OC) : 0;
-        packed += m->packs[h].packed != NULL;
-    }
-    if (!packed) { /* a BLAS without a packed format: no table to search per product */
-        cepe_free(m->packs);
-        m->packs = NULL;
-        m->packs_cap = 0;
-    }
-    return CEPE_OK;
-}
-
 cepe_status cepe_model_finalize(cepe_model *m) {
     if (!m) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_model_finalize: NULL model");
     for (int i = 0; i < m->n_slots; i++)
         if (!*m->slots[i].dst)
             return cepe_fail(CEPE_ERR_MISSING_WEIGHT, "missing tensor %s", m->slots[i].name);
     if (m->cfg.tie_word_embeddings) m->w.lm_head = m->w.embed;
-    const cepe_status st = pack_weights(m);
+    const cepe_status st = model_packs_build(m);
     if (st) return st;
     m->finalized = 1;
     return CEPE_OK;
-}
-
-cepe_status cepe_model_set_prepack(cepe_model *m, int on) {
-    if (!m) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_model_set_prepack: NULL model");
-    if (m->finalized) return cepe_fail(CEPE_ERR_STATE, "cepe_model_set_prepack: the model is already finalized");
-    m->prepack = on != 0;
-    return CEPE_OK;
-}
-
-size_t cepe_model_packed_bytes(const cepe_model *m) {
-    size_t bytes = 0;
-    for (int i = 0; m && m->packs && i < m->packs_cap; i++)
-        if (m->packs[i].packed) bytes += m->packs[i].bytes;
-    return bytes;
-}
-
-void cepe_model_drop_packed(cepe_model *m) {
-    for (int i = 0; m && m->packs && i < m->packs_cap; i++) {
-        m->be->matmul_pack_free(m->be, m->packs[i].packed);
-        m->packs[i].packed = NULL;
-    }
-}
-
-void model_unpack(const cepe_model *m, const float *w) {
-    if (!m->packs) return;
-    for (size_t h = packed_slot(w, m->packs_cap);; h = (h + 1) & (size_t)(m->packs_cap - 1)) {
-        packed_weight *e = &m->packs[h];
-        if (!e->w) return;
-        if (e->w == w) {
-            m->be->matmul_pack_free(m->be, e->packed);
-            e->packed = NULL;
-            return;
-        }
-    }
 }
 
 const cepe_config *cepe_model_config(const cepe_model *m) { return m ? &m->cfg : NULL; }

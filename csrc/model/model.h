@@ -56,10 +56,16 @@ typedef struct {
 
 /* One frozen linear weight packed for the backend's GEMM (model.c). */
 typedef struct {
-    const float *w; /* the bound weight: the key (NULL: empty entry) */
-    void *packed;   /* its packed copy; NULL once dropped (a trainer took the weight) */
+    const float *w; /* the bound weight (OC, C): the key (NULL: empty entry) */
+    int C, OC;
+    int excluded;   /* never pack it (a trainer trains it) */
+    void *packed;   /* its packed copy once made, else NULL */
     size_t bytes;
 } packed_weight;
+
+/* When the packed copies are made: on first use, once per model, by
+ * whichever thread multiplies first (the others wait on the lock). */
+typedef struct pack_state pack_state;
 
 struct cepe_model {
     cepe_config cfg;
@@ -77,12 +83,14 @@ struct cepe_model {
     cepe_config enc_cfg;
     encoder_weights enc;
     rope_state enc_rope;
-    /* Frozen linear weights packed once at finalize (backends with a packed
-     * GEMM; cepe_model_set_prepack turns it off): an open-addressing table
-     * keyed by the weight's address, packs_cap a power of two. */
+    /* Frozen linear weights packed once, on first use (backends with a
+     * packed GEMM; cepe_model_set_prepack turns it off): an open-addressing
+     * table keyed by the weight's address (packs_cap a power of two), built
+     * by finalize. */
     int prepack;
     packed_weight *packs;
     int packs_cap;
+    pack_state *pack_state;
 };
 
 /* Per-request state. Buffers marked [dev] live in the backend's memory
@@ -167,9 +175,17 @@ static inline size_t packed_slot(const float *w, int cap) {
     return (size_t)(((uintptr_t)w >> 4) * 0x9E3779B97F4A7C15ull >> 32) & (size_t)(cap - 1);
 }
 
+/* packed.c: the table of weights to pack (finalize), and its release. */
+cepe_status model_packs_build(cepe_model *m);
+void model_packs_free(cepe_model *m);
+/* Packs every entry not excluded, once. */
+void model_pack_all(const cepe_model *m);
+int model_packs_ready(const cepe_model *m);
+
 /* The packed copy of weight w, or NULL. */
 static inline const void *model_packed(const cepe_model *m, const float *w) {
     if (!m->packs) return NULL;
+    if (!model_packs_ready(m)) model_pack_all(m);
     for (size_t h = packed_slot(w, m->packs_cap);; h = (h + 1) & (size_t)(m->packs_cap - 1)) {
         if (m->packs[h].w == w) return m->packs[h].packed;
         if (!m->packs[h].w) return NULL;
@@ -177,7 +193,7 @@ static inline const void *model_packed(const cepe_model *m, const float *w) {
 }
 
 /* out (N, OC) (+)= inp (N, C) · w (OC, C)ᵀ in the model's weight format, on
- * nt threads: w's packed copy when finalize packed it; bf16 weights through
+ * nt threads: w's packed copy when it has one; bf16 weights through
  * matmul_bf16 (the embedding table, which a tied lm_head shares, always stays
  * fp32). */
 static inline int model_matmul_nt(const cepe_model *m, float *out, const float *inp, const float *w, int N, int C,
