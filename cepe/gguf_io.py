@@ -513,7 +513,6 @@ def load_gguf(
     rope_scaling: dict[str, Any] | None = None,
     check_weights: bool = False,
     dtype: str = "float32",
-    prepack: bool | None = None,
 ) -> Any:
     """cepe.load for a .gguf file (device and n_threads already checked)."""
     from tqdm.auto import tqdm
@@ -543,15 +542,10 @@ def load_gguf(
         raise CheckpointError(
             f"{path}: block_count is {cfg.num_hidden_layers} but the file holds tensors for {len(blocks)} blocks"
         )
-    from .load import check_prepack, make_backend
+    from .load import make_backend
 
     core = cepe_c.Model(
-        cfg.core_kwargs(),
-        None,
-        n_threads=n_threads,
-        backend=make_backend(device),
-        bf16=dtype == "bfloat16",
-        prepack=check_prepack(prepack, cfg, device),
+        cfg.core_kwargs(), None, n_threads=n_threads, backend=make_backend(device), bf16=dtype == "bfloat16"
     )
     # NumPy releases the GIL in the dequantizing loops: a few tensors at a time.
     with ThreadPoolExecutor(max_workers=max(1, min(n_threads, 4))) as pool:

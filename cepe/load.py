@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 import cepe_c
 
-from .config import DecoderConfig, read_config
+from .config import read_config
 from .errors import CheckpointError
 from .model import Model
 from .safetensors_io import Checkpoint
@@ -81,45 +81,6 @@ def check_dtype(dtype: object, device: str) -> str:
     return dtype
 
 
-def linear_weight_bytes(cfg: DecoderConfig) -> int:
-    """fp32 bytes of the weights a model multiplies by (the linear layers and the
-    lm_head, encoder included): about what packing them adds."""
-    d, hd, ff = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-    qd, kvd = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    block = 2 * d * qd + 2 * d * kvd + 3 * d * ff
-    cross = 2 * d * qd + 2 * cfg.encoder_hidden_size * kvd
-    n = cfg.num_hidden_layers * block + cfg.num_cross_attn_layers * cross + cfg.vocab_size * d
-    if cfg.encoder is not None:
-        n += linear_weight_bytes(cfg.encoder) // 4 - cfg.encoder.vocab_size * cfg.encoder.hidden_size
-    return 4 * n
-
-
-def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes (None where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def check_prepack(prepack: object, cfg: DecoderConfig, device: str) -> bool:
-    """Whether the model packs its weights for the BLAS (the CPU on oneMKL: a copy
-    in the GEMM's own layout, so prefill skips re-packing them per chunk).
-    None (auto): on the CPU when the copies fit in half the available memory."""
-    if prepack is not None and not isinstance(prepack, bool):
-        raise TypeError(f"prepack must be a bool or None, got {type(prepack).__name__}")
-    if prepack is not None:
-        return prepack
-    if device != "cpu":
-        return False
-    avail = available_memory()
-    return avail is None or linear_weight_bytes(cfg) <= avail // 2
-
-
 def make_backend(device: str) -> Any:
     """The op table a model on `device` runs on: None for the CPU, else a
     fresh backend capsule (one stream and one cuBLAS handle per model)."""
@@ -140,7 +101,6 @@ def load(
     rope_scaling: dict[str, Any] | None = None,
     check_weights: bool = False,
     dtype: str = "float32",
-    prepack: bool | None = None,
 ) -> Model:
     """Loads an HF LLaMA-family checkpoint directory (config.json + safetensors),
     a LLaMA GGUF file (path ending in .gguf or starting with b"GGUF"; quantized
@@ -160,14 +120,6 @@ def load(
     "cpu-device-sim" (tests). dtype="bfloat16" (GPU only, inference only)
     keeps the linear weights in bf16 there, half the memory; products still
     accumulate in fp32.
-
-    prepack: where the BLAS has a packed GEMM (oneMKL, the default build on
-    x86-64 Linux), the first multi-token call packs a copy of every linear
-    weight in the GEMM's own layout, about the fp32 weights' size again, and
-    multi-token calls (prefill, CEPE encoding, scoring) skip re-packing them
-    per chunk. None
-    (default): on when the copies fit in half the available memory; False
-    saves the memory; model.packed_bytes tells what it holds.
     """
     device = check_device(device)
     dtype = check_dtype(dtype, device)
@@ -182,13 +134,7 @@ def load(
         if not os.path.exists(model_dir):
             raise FileNotFoundError(f"no such GGUF file: {model_dir}")
         return load_gguf(
-            model_dir,
-            device=device,
-            n_threads=n,
-            rope_scaling=rope_scaling,
-            check_weights=check_weights,
-            dtype=dtype,
-            prepack=prepack,
+            model_dir, device=device, n_threads=n, rope_scaling=rope_scaling, check_weights=check_weights, dtype=dtype
         )
     # --- end GGUF ---
     if not os.path.exists(model_dir):
@@ -199,14 +145,7 @@ def load(
     ckpt = Checkpoint(model_dir)
 
     encoder = cfg.encoder.core_kwargs() if cfg.encoder is not None else None
-    core = cepe_c.Model(
-        cfg.core_kwargs(),
-        encoder,
-        n_threads=n,
-        backend=make_backend(device),
-        bf16=dtype == "bfloat16",
-        prepack=check_prepack(prepack, cfg, device),
-    )
+    core = cepe_c.Model(cfg.core_kwargs(), encoder, n_threads=n, backend=make_backend(device), bf16=dtype == "bfloat16")
     names = [nm for nm in ckpt.names() if not nm.endswith(_IGNORED_SUFFIXES)]
     if cfg.tie_word_embeddings:  # some tied checkpoints still store the copy
         names = [nm for nm in names if nm != "lm_head.weight"]

@@ -207,13 +207,6 @@ class Model:
         self.device = device
         self.dtype = "float32"  # cepe.load sets "bfloat16" for bf16 weights on a GPU
 
-    @property
-    def packed_bytes(self) -> int:
-        """Bytes held by the weights' copies packed for the BLAS's GEMM (see
-        cepe.load's prepack): 0 until the first multi-token call makes them,
-        and where none are. A Trainer never packs what it trains."""
-        return int(self._core.packed_bytes)
-
     def __repr__(self) -> str:
         c = self.config
         return (

@@ -218,15 +218,11 @@ class Trainer:
         cfg = model.config
         from .load import make_backend
 
-        prepack = model._core.prepacks
-        model._core.drop_packed()  # the core built below packs its own: never two sets at once
-
         core = cepe_c.Model(
             cfg.core_kwargs(),
             cfg.encoder.core_kwargs() if cfg.encoder is not None else None,
             n_threads=model.n_threads,
             backend=make_backend(model.device),  # on a device, the weights live there and train there
-            prepack=prepack,  # frozen weights only: the core unpacks the trainable ones
         )
         trained = {name for name, _, _ in self.layout}
         for name, w in weights.items():

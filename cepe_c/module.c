@@ -142,11 +142,10 @@ static int config_from_dict(PyObject *d, cepe_config *c, const char *what, PyObj
 }
 
 static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
-    static char *names[] = {"decoder", "encoder", "n_threads", "backend", "bf16", "prepack", NULL};
+    static char *names[] = {"decoder", "encoder", "n_threads", "backend", "bf16", NULL};
     PyObject *dec, *enc = Py_None, *backend = Py_None;
-    int n_threads = 1, bf16 = 0, prepack = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OiOpp:Model", names, &dec, &enc, &n_threads, &backend, &bf16,
-                                     &prepack))
+    int n_threads = 1, bf16 = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OiOp:Model", names, &dec, &enc, &n_threads, &backend, &bf16))
         return -1;
     const cepe_backend *be = cepe_backend_from_capsule(backend);
     if (!be) return -1;
@@ -161,7 +160,6 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
     if (enc != Py_None && config_from_dict(enc, &ec, "encoder config", keep + 2) < 0) goto done;
     cepe_status st = cepe_model_create_on(&c, enc != Py_None ? &ec : NULL, n_threads, be, &self->model);
     if (!st && bf16) st = cepe_model_set_bf16(self->model);
-    if (!st && !prepack) st = cepe_model_set_prepack(self->model, 0);
     if (st) {
         raise_status(st);
         goto done;
@@ -234,39 +232,18 @@ static PyObject *Model_finalize(ModelObject *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
-static PyObject *Model_drop_packed(ModelObject *self, PyObject *Py_UNUSED(ignored)) {
-    cepe_model_drop_packed(self->model);
-    Py_RETURN_NONE;
-}
-
 static PyObject *Model_get_backend(ModelObject *self, void *Py_UNUSED(c)) {
     return PyUnicode_FromString(self->model ? cepe_model_backend_name(self->model) : "cpu");
 }
 
-static PyObject *Model_get_packed_bytes(ModelObject *self, void *Py_UNUSED(c)) {
-    return PyLong_FromSize_t(self->model ? cepe_model_packed_bytes(self->model) : 0);
-}
-
-static PyObject *Model_get_prepacks(ModelObject *self, void *Py_UNUSED(c)) {
-    return PyBool_FromLong(self->model && cepe_model_prepacks(self->model));
-}
-
 static PyGetSetDef Model_getset[] = {
-    {"prepacks", (getter)Model_get_prepacks, NULL,
-     "whether products use packed weight copies (prepack on and a BLAS with a packed GEMM)", NULL},
     {"backend", (getter)Model_get_backend, NULL, "name of the backend the model runs on", NULL},
-    {"packed_bytes", (getter)Model_get_packed_bytes, NULL,
-     "bytes of the weights' packed copies (made by the first multi-row product where the BLAS has a packed GEMM; "
-     "0 if none)",
-     NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
 static PyMethodDef Model_methods[] = {
     {"bind", (PyCFunction)Model_bind, METH_VARARGS, "bind(name, float32 array): attach one weight by its HF name"},
     {"finalize", (PyCFunction)Model_finalize, METH_NOARGS, "check that every weight is bound"},
-    {"drop_packed", (PyCFunction)Model_drop_packed, METH_NOARGS,
-     "free the weights' packed copies (not while another thread runs the model)"},
     {"encode", (PyCFunction)Model_encode, METH_VARARGS, "encode(ids, mask): run the CEPE encoder over chunks"},
     {NULL, NULL, 0, NULL},
 };

@@ -29,7 +29,7 @@
 
 /* Bumped whenever the table's layout changes: cepe_c refuses a table built
  * against another layout (the two extensions are built separately). */
-#define CEPE_BACKEND_ABI 2
+#define CEPE_BACKEND_ABI 1
 
 /* Elements per reduction chunk of the gradient norm: partial sums over fixed
  * chunks, added in a fixed order, make the norm independent of the thread
@@ -110,16 +110,6 @@ struct cepe_backend {
      * products are accumulated in fp32, out stays fp32. */
     int (*matmul_bf16)(const cepe_backend *be, float *out, const float *inp, const uint16_t *w, int N, int C,
                        int OC, int accumulate, int nt);
-
-    /* ---- packed frozen weights (optional; NULL where unsupported) ---- */
-    /* A copy of weight (OC, C) in the BLAS's own GEMM layout, packed once so
-     * each product skips re-packing it (matmul_packed.c); NULL on failure. */
-    void *(*matmul_pack)(const cepe_backend *be, const float *w, int C, int OC, int nt);
-    void (*matmul_pack_free)(const cepe_backend *be, void *packed);
-    size_t (*matmul_pack_bytes)(const cepe_backend *be, int C, int OC);
-    /* matmul with w given as its packed copy */
-    int (*matmul_packed)(const cepe_backend *be, float *out, const float *inp, const void *packed, int N, int C,
-                         int OC, int accumulate, int nt);
 
     /* Frees this backend instance and everything it owns (NULL for the
      * static CPU table). */

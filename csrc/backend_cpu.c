@@ -174,29 +174,6 @@ static int cpu_matmul_bf16(const cepe_backend *be, float *out, const float *inp,
     return st;
 }
 
-/* Filled in every build: without a packed GEMM (OpenBLAS) matmul_pack
- * returns NULL and the model keeps its plain weights. */
-static void *cpu_matmul_pack(const cepe_backend *be, const float *w, int C, int OC, int nt) {
-    (void)be;
-    return matmul_pack(w, C, OC, nt);
-}
-static void cpu_matmul_pack_free(const cepe_backend *be, void *packed) {
-    (void)be;
-    matmul_pack_free(packed);
-}
-static size_t cpu_matmul_pack_bytes(const cepe_backend *be, int C, int OC) {
-    (void)be;
-    return matmul_pack_bytes(C, OC);
-}
-static int cpu_matmul_packed(const cepe_backend *be, float *out, const float *inp, const void *packed, int N, int C,
-                             int OC, int accumulate, int nt) {
-    (void)be;
-    return matmul_forward_packed(out, inp, packed, N, C, OC, accumulate, nt);
-}
-#define CPU_PACKED_OPS                                                                                           \
-    .matmul_pack = cpu_matmul_pack, .matmul_pack_free = cpu_matmul_pack_free,                                    \
-    .matmul_pack_bytes = cpu_matmul_pack_bytes, .matmul_packed = cpu_matmul_packed,
-
 #define CPU_OPS                                                                                                  \
     .embedding = cpu_embedding, .rmsnorm = cpu_rmsnorm, .matmul = cpu_matmul, .rope_table = cpu_rope_table,      \
     .rope = cpu_rope, .attention = cpu_attention, .swiglu = cpu_swiglu, .attention_lse = cpu_attention_lse,      \
@@ -217,7 +194,6 @@ static const cepe_backend cpu_backend = {
     .copy = cpu_memcpy,
     .fill = cpu_fill,
     .sync = cpu_sync,
-    CPU_PACKED_OPS /* the host table only: the device-sim twin keeps plain matmul */
     CPU_OPS,
 };
 

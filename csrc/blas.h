@@ -1,7 +1,7 @@
 /* blas.h — one place that knows which CBLAS we link.
  * CEPE_MKL_BLAS (the default on x86-64 Linux, setup.py): Intel oneMKL from
- *   PyPI (the mkl wheel), which also packs frozen weights once for its GEMM
- *   (CEPE_HAVE_PACKED_SGEMM, matmul_packed.c).
+ *   PyPI (the mkl wheel): its sgemm ran prefill and the attention blocks
+ *   10-20 % faster than OpenBLAS here (benchmarks/README.md).
  * Otherwise scipy-openblas32 from PyPI, whose symbols carry a "scipy_" prefix
  *   (so it never clashes with NumPy's or torch's own BLAS in one process).
  * CEPE_SYSTEM_BLAS: a system CBLAS with plain names. */
@@ -15,7 +15,6 @@
 #define CEPE_SGEMV cblas_sgemv
 #define CEPE_BLAS_SET_THREADS mkl_set_num_threads
 #define CEPE_BLAS_NAME "oneMKL"
-#define CEPE_HAVE_PACKED_SGEMM 1
 #elif defined(CEPE_SYSTEM_BLAS)
 #include <cblas.h>
 #define CEPE_SGEMM cblas_sgemm

@@ -128,23 +128,8 @@ void cepe_model_free(cepe_model *m);
  * valid (it is used in place), on a device it is copied. */
 cepe_status cepe_model_bind(cepe_model *m, const char *name, const float *data, int ndim,
                             const int64_t *shape);
-/* Checks every required weight is bound; after this the model is usable.
- * Where the backend has a packed GEMM (the CPU on oneMKL), the first
- * multi-row product then packs a copy of every linear weight for it (about
- * the weights' size again), and each later product skips re-packing its
- * weight. */
+/* Checks every required weight is bound; after this the model is usable. */
 cepe_status cepe_model_finalize(cepe_model *m);
-/* Before finalize: on = 0 keeps the weights unpacked (no extra memory;
- * prefill a little slower). Default on. */
-cepe_status cepe_model_set_prepack(cepe_model *m, int on);
-/* Whether this finalized model packs its weights (prepack on, and a backend
- * with a packed GEMM), and the bytes its copies hold so far (0 before the
- * first multi-row product). */
-int cepe_model_prepacks(const cepe_model *m);
-size_t cepe_model_packed_bytes(const cepe_model *m);
-/* Frees every packed copy; the model goes on with its plain weights. Not
- * while another thread runs the model. */
-void cepe_model_drop_packed(cepe_model *m);
 const cepe_config *cepe_model_config(const cepe_model *m);
 /* The CEPE encoder's config, or NULL for a plain decoder. */
 const cepe_config *cepe_model_encoder_config(const cepe_model *m);
@@ -338,9 +323,7 @@ cepe_status cepe_model_read_weight(const cepe_model *m, int i, float *dst);
  * device copies of the trainable weights are set from params, the moments
  * are copied to the device, and cepe_train_sync_host writes all three back. step: optimizer steps already taken
  * (0, or the step of a resumed checkpoint). While training, the model must
- * not run elsewhere: updates write its weights in place, and creating the
- * state drops the model's packed copies of the trainable weights (products
- * then read the weights themselves; the frozen ones stay packed). */
+ * not run elsewhere: updates write its weights in place. */
 cepe_status cepe_train_create(const cepe_model *m, const cepe_train_config *c, float *params, float *adam_m,
                               float *adam_v, long step, cepe_train **out);
 void cepe_train_free(cepe_train *t);

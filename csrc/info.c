@@ -13,7 +13,7 @@ const char *cepe_blas_info(void) {
     static _Thread_local char info[96];
     MKLVersion v;
     mkl_get_version(&v);
-    snprintf(info, sizeof info, "oneMKL %d.%d (packed GEMM for frozen weights)", v.MajorVersion, v.UpdateVersion);
+    snprintf(info, sizeof info, "oneMKL %d.%d", v.MajorVersion, v.UpdateVersion);
     return info;
 #elif defined(CEPE_BLAS_CONFIG)
     return CEPE_BLAS_CONFIG();

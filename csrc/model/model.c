@@ -141,7 +141,6 @@ cepe_status cepe_model_create_on(const cepe_config *cfg, const cepe_config *enco
     if (!m) return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory creating the model");
     m->cfg = *cfg;
     m->n_threads = n_threads;
-    m->prepack = 1;
     cepe_set_blas_threads(1); /* threads come from our OpenMP team (matmul.c) */
     m->be = be ? be : cepe_backend_cpu();
     const int L = cfg->n_layers, d = cfg->hidden_size;
@@ -188,7 +187,6 @@ fail:
 
 void cepe_model_free(cepe_model *m) {
     if (!m) return;
-    model_packs_free(m);
     for (int i = 0; m->slots && i < m->n_slots; i++) m->be->free(m->be, m->slots[i].owned);
     cepe_free(m->w.layers);
     cepe_free(m->enc.layers);
@@ -284,8 +282,6 @@ cepe_status cepe_model_finalize(cepe_model *m) {
         if (!*m->slots[i].dst)
             return cepe_fail(CEPE_ERR_MISSING_WEIGHT, "missing tensor %s", m->slots[i].name);
     if (m->cfg.tie_word_embeddings) m->w.lm_head = m->w.embed;
-    const cepe_status st = model_packs_build(m);
-    if (st) return st;
     m->finalized = 1;
     return CEPE_OK;
 }

@@ -54,19 +54,6 @@ typedef struct {
     float *owned; /* device backends: the device copy bind made (freed with the model) */
 } weight_slot;
 
-/* One frozen linear weight packed for the backend's GEMM (model.c). */
-typedef struct {
-    const float *w; /* the bound weight (OC, C): the key (NULL: empty entry) */
-    int C, OC;
-    int excluded;   /* never pack it (a trainer trains it) */
-    void *packed;   /* its packed copy once made, else NULL */
-    size_t bytes;
-} packed_weight;
-
-/* When the packed copies are made: on first use, once per model, by
- * whichever thread multiplies first (the others wait on the lock). */
-typedef struct pack_state pack_state;
-
 struct cepe_model {
     cepe_config cfg;
     int n_threads;
@@ -83,14 +70,6 @@ struct cepe_model {
     cepe_config enc_cfg;
     encoder_weights enc;
     rope_state enc_rope;
-    /* Frozen linear weights packed once, on first use (backends with a
-     * packed GEMM; cepe_model_set_prepack turns it off): an open-addressing
-     * table keyed by the weight's address (packs_cap a power of two), built
-     * by finalize. */
-    int prepack;
-    packed_weight *packs;
-    int packs_cap;
-    pack_state *pack_state;
 };
 
 /* Per-request state. Buffers marked [dev] live in the backend's memory
@@ -160,58 +139,21 @@ cepe_status model_encode_into(const cepe_model *m, const int32_t *ids, const uin
  * queued device work): every public call that ran ops ends with it. */
 cepe_status backend_check(const cepe_backend *be);
 
-/* Drops the packed copy of w, if any (w is about to change: a trainer's
- * trainable weight). The entry stays, so the table needs no rehash. */
-void model_unpack(const cepe_model *m, const float *w);
-
 /* Scratch views one block needs for N rows (block.c). */
 typedef struct {
     float *xn, *q, *k, *v, *att, *gate, *up;
     const float *cos_t, *sin_t;
 } block_scratch;
 
-/* Fibonacci hashing of a weight's address into m->packs. */
-static inline size_t packed_slot(const float *w, int cap) {
-    return (size_t)(((uintptr_t)w >> 4) * 0x9E3779B97F4A7C15ull >> 32) & (size_t)(cap - 1);
-}
-
-/* packed.c: the table of weights to pack (finalize), and its release. */
-cepe_status model_packs_build(cepe_model *m);
-void model_packs_free(cepe_model *m);
-/* Packs every entry not excluded, once. */
-void model_pack_all(const cepe_model *m);
-int model_packs_ready(const cepe_model *m);
-
-/* The packed copy of weight w, or NULL. */
-static inline const void *model_packed(const cepe_model *m, const float *w) {
-    if (!m->packs) return NULL;
-    if (!model_packs_ready(m)) model_pack_all(m);
-    for (size_t h = packed_slot(w, m->packs_cap);; h = (h + 1) & (size_t)(m->packs_cap - 1)) {
-        if (m->packs[h].w == w) return m->packs[h].packed;
-        if (!m->packs[h].w) return NULL;
-    }
-}
-
-/* out (N, OC) (+)= inp (N, C) · w (OC, C)ᵀ in the model's weight format, on
- * nt threads: w's packed copy when it has one; bf16 weights through
- * matmul_bf16 (the embedding table, which a tied lm_head shares, always stays
- * fp32). */
-static inline int model_matmul_nt(const cepe_model *m, float *out, const float *inp, const float *w, int N, int C,
-                                  int OC, int accumulate, int nt) {
-    const cepe_backend *be = m->be;
-    if (N > 1) { /* one row (decode) streams the plain weight through a GEMV instead */
-        const void *packed = model_packed(m, w);
-        if (packed) return be->matmul_packed(be, out, inp, packed, N, C, OC, accumulate, nt);
-    }
-    if (m->bf16 && w != m->w.embed)
-        return be->matmul_bf16(be, out, inp, (const uint16_t *)(const void *)w, N, C, OC, accumulate, nt);
-    return be->matmul(be, out, inp, w, N, C, OC, accumulate, nt);
-}
-
-/* The same on the model's own thread count. */
+/* out (N, OC) (+)= inp (N, C) · w (OC, C)ᵀ in the model's weight format:
+ * bf16 weights through matmul_bf16 (the embedding table, which a tied
+ * lm_head shares, always stays fp32). */
 static inline int model_matmul(const cepe_model *m, float *out, const float *inp, const float *w, int N, int C, int OC,
                                int accumulate) {
-    return model_matmul_nt(m, out, inp, w, N, C, OC, accumulate, m->n_threads);
+    const cepe_backend *be = m->be;
+    if (m->bf16 && w != m->w.embed)
+        return be->matmul_bf16(be, out, inp, (const uint16_t *)(const void *)w, N, C, OC, accumulate, m->n_threads);
+    return be->matmul(be, out, inp, w, N, C, OC, accumulate, m->n_threads);
 }
 
 /* xn = RMSNorm(x); q, k, v = projections; RoPE on q and k. */

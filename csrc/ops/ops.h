@@ -4,7 +4,6 @@
 #ifndef CEPE_OPS_H
 #define CEPE_OPS_H
 
-#include <stddef.h>
 #include <stdint.h>
 
 /* For the accessors of _Thread_local scratch (attention.c, attention_backward.c):
@@ -31,18 +30,6 @@ void rmsnorm_forward(float *out, const float *inp, const float *weight, int N, i
  * never spin against the OpenMP team on the same cores. */
 int matmul_forward(float *out, const float *inp, const float *weight, int N, int C, int OC,
                    int accumulate, int n_threads);
-
-/* The same product over a weight packed once for the BLAS's GEMM
- * (matmul_packed.c; oneMKL builds only). matmul_pack returns NULL where the
- * BLAS has no packed format, or when out of memory; free with
- * matmul_pack_free. A packed weight is a copy: later edits of the original
- * are not seen, so only frozen weights are packed. */
-int matmul_pack_supported(void);
-size_t matmul_pack_bytes(int C, int OC);
-void *matmul_pack(const float *weight, int C, int OC, int n_threads);
-void matmul_pack_free(void *packed);
-int matmul_forward_packed(float *out, const float *inp, const void *packed, int N, int C, int OC, int accumulate,
-                          int n_threads);
 
 /* cos/sin (N, rot/2) = mscale * cos/sin(pos * inv_freq), angles in double. */
 void rope_table(float *cos_out, float *sin_out, const double *pos, const float *inv_freq, int N,

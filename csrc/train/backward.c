@@ -128,7 +128,7 @@ static void losses_and_head_backward(cepe_train *t, const cepe_train_batch *b, d
             const int nr = T - p0 < R ? T - p0 : R;
             const long row0 = (long)r * T + p0;
             const float *xnf = t->xnf + row0 * d;
-            model_matmul_nt(m, t->logits, xnf, m->w.lm_head, nr, d, V, 0, nt);
+            be->matmul(be, t->logits, xnf, m->w.lm_head, nr, d, V, 0, nt);
             if (grad) be->fill(be, t->dlogits, 0, sizeof(float) * (size_t)nr * V);
             float *dl = grad ? t->dlogits : NULL;
             be->cross_entropy(be, t->losses + row0, dl, t->logits, t->targets + row0, nr, V, lm_scale);

@@ -141,15 +141,14 @@ static cepe_status ensure_arena(cepe_train *t, const cepe_train_batch *b) {
 
 /* The training-time SwiGLU MLP: block_mlp overwrites gate with silu(gate)*up,
  * and the backward needs the pre-activation, so h goes to scratch here. */
-static void mlp_forward(const cepe_model *m, const layer_weights *w, const cepe_config *c, float *x, float *xn,
+static void mlp_forward(const cepe_backend *be, const layer_weights *w, const cepe_config *c, float *x, float *xn,
                         float *gate, float *up, float *h, int N, int nt) {
-    const cepe_backend *be = m->be;
     const int d = c->hidden_size, ff = c->intermediate_size;
     be->rmsnorm(be, xn, x, w->ffn_norm, N, d, c->rms_norm_eps, nt);
-    model_matmul_nt(m, gate, xn, w->w_gate, N, d, ff, 0, nt);
-    model_matmul_nt(m, up, xn, w->w_up, N, d, ff, 0, nt);
+    be->matmul(be, gate, xn, w->w_gate, N, d, ff, 0, nt);
+    be->matmul(be, up, xn, w->w_up, N, d, ff, 0, nt);
     be->swiglu(be, h, gate, up, (long)N * ff, nt);
-    model_matmul_nt(m, x, h, w->w_down, N, ff, d, 1, nt); /* x += down(silu(gate) * up) */
+    be->matmul(be, x, h, w->w_down, N, ff, d, 1, nt); /* x += down(silu(gate) * up) */
 }
 
 static cepe_status encoder_forward(cepe_train *t, const cepe_train_batch *b) {
@@ -187,9 +186,9 @@ static cepe_status encoder_forward(cepe_train *t, const cepe_train_batch *b) {
                                  .sin_t = t->esin_t};
         block_qkv(m, w, e, x, &s, Ne, &m->enc_rope, nt);
         be->attention_lse(be, a->att, a->lse, a->q, a->k, a->v, t->ctx_mask, &shape, nt);
-        model_matmul_nt(m, x, a->att, w->wo, Ne, qd, de, 1, nt);
+        be->matmul(be, x, a->att, w->wo, Ne, qd, de, 1, nt);
         be->copy(be, a->x_post, x, sizeof(float) * (size_t)Ne * de);
-        mlp_forward(m, w, e, x, t->es.xn, a->gate, a->up, t->es.h, Ne, nt);
+        mlp_forward(be, w, e, x, t->es.xn, a->gate, a->up, t->es.h, Ne, nt);
     }
     be->copy(be, t->ex_final, x, sizeof(float) * (size_t)Ne * de);
     be->rmsnorm(be, t->E, x, m->enc.final_norm, Ne, de, e->rms_norm_eps, nt);
@@ -255,19 +254,19 @@ cepe_status train_forward(cepe_train *t, const cepe_train_batch *b) {
             be->attention_lse(be, att, a->lse, q, k, v, t->db.attention_mask, &self, nt);
         else
             be->attention(be, att, q, k, v, t->db.attention_mask, &self, nt);
-        model_matmul_nt(m, x, att, w->wo, N, qd, d, 1, nt); /* x += o_proj(att) */
+        be->matmul(be, x, att, w->wo, N, qd, d, 1, nt); /* x += o_proj(att) */
 
         if (l >= m->first_cross && Nc > 0) { /* CEPE: between self-attention and the MLP (spec §3) */
             be->copy(be, a->x_mid, x, row_bytes);
             be->rmsnorm(be, s->xn, x, w->cross_norm, N, d, c->rms_norm_eps, nt);
-            model_matmul_nt(m, a->qc, s->xn, w->cross_wq, N, d, qd, 0, nt);
-            model_matmul_nt(m, a->kc, t->E, w->cross_wk, Ne, de, kvd, 0, nt); /* no RoPE on either side */
-            model_matmul_nt(m, a->vc, t->E, w->cross_wv, Ne, de, kvd, 0, nt);
+            be->matmul(be, a->qc, s->xn, w->cross_wq, N, d, qd, 0, nt);
+            be->matmul(be, a->kc, t->E, w->cross_wk, Ne, de, kvd, 0, nt); /* no RoPE on either side */
+            be->matmul(be, a->vc, t->E, w->cross_wv, Ne, de, kvd, 0, nt);
             be->attention_lse(be, a->attc, a->lsec, a->qc, a->kc, a->vc, t->ctx_mask, &cross, nt);
-            model_matmul_nt(m, x, a->attc, w->cross_wo, N, qd, d, 1, nt);
+            be->matmul(be, x, a->attc, w->cross_wo, N, qd, d, 1, nt);
         }
         if (keep) be->copy(be, a->x_post, x, row_bytes);
-        mlp_forward(m, w, c, x, s->xn, gate, up, s->h, N, nt);
+        mlp_forward(be, w, c, x, s->xn, gate, up, s->h, N, nt);
     }
     be->copy(be, t->x_final, x, row_bytes);
     be->rmsnorm(be, t->xnf, x, m->w.final_norm, N, d, c->rms_norm_eps, nt);

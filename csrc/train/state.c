@@ -185,7 +185,6 @@ cepe_status cepe_train_create(const cepe_model *m, const cepe_train_config *c, f
             goto fail;
         }
         if ((st = cepe_model_bind(t->gm, s->name, t->grads + tt->offset, s->ndim, s->shape))) goto fail;
-        model_unpack(m, *s->dst); /* it will change: products read it, not a packed copy */
     }
     if (m->cfg.tie_word_embeddings) t->gm->w.lm_head = t->gm->w.embed; /* both uses feed one gradient */
     /* Does anything in the decoder proper train (then the backward runs down
