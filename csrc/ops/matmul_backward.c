@@ -1,9 +1,10 @@
 /* matmul_backward.c — backward of matmul_forward (matmul.c), out = inp·Wᵀ:
  *   dinp (N, C)     = dout (N, OC) · W (OC, C)
  *   dweight (OC, C) += dout (N, OC)ᵀ · inp (N, C)
- * Same threading rule as the forward: the BLAS stays single-threaded and our
+ * Same threading rule as the forward: OpenBLAS stays single-threaded and our
  * OpenMP team splits the output columns of dinp and the rows of dweight, so
- * no slice is written by two threads and no BLAS pool spins beside ours. */
+ * no slice is written by two threads and no BLAS pool spins beside ours;
+ * oneMKL threads each product itself on our pool. */
 #include "../blas.h"
 #include "ops_backward.h"
 
@@ -49,6 +50,14 @@ int matmul_backward(float *dinp, float *dweight, const float *dout, const float 
         backward_slice(dinp, dweight, dout, inp, weight, N, C, OC, beta, 0, 1);
         return 0;
     }
+#ifdef CEPE_MKL_BLAS
+    { /* oneMKL threads each product on our own libgomp pool (see matmul.c) */
+        const int prev = mkl_set_num_threads_local(nt);
+        backward_slice(dinp, dweight, dout, inp, weight, N, C, OC, beta, 0, 1);
+        mkl_set_num_threads_local(prev);
+        return 0;
+    }
+#endif
 #pragma omp parallel num_threads(nt)
     {
 #ifdef _OPENMP
