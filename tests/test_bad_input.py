@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -256,8 +257,20 @@ def test_interrupted_forward_rolls_back(model):
     """A stopped forward leaves the context as before the call (C level)."""
     ctx = cepe_c.Context(model._core, 1, 4096)
     ctx.forward(np.array([[3, 4, 5]], dtype=np.int32), None, None, 0)
-    long_ids = np.random.default_rng(0).integers(3, 97, (1, 3000)).astype(np.int32)
-    t = threading.Timer(0.05, ctx.interrupt)
+    first_total = ctx.progress()[1]
+    long_ids = np.random.default_rng(0).integers(3, 97, (1, 4000)).astype(np.int32)
+
+    def interrupt_once_running() -> None:
+        # a fixed delay raced the engine (a fast BLAS finished first); the core's
+        # progress says when the long call has done its first layer pass
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            done, total = ctx.progress()
+            if total != first_total and done >= 1:
+                break
+        ctx.interrupt()
+
+    t = threading.Thread(target=interrupt_once_running)
     t.start()
     try:
         ctx.forward(long_ids, None, None, 0)
