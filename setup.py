@@ -27,6 +27,7 @@ Environment switches
 
 from __future__ import annotations
 
+import concurrent.futures
 import fnmatch
 import glob
 import os
@@ -270,9 +271,7 @@ class BuildExt(build_ext):
         werror = env_flag("CEPE_CUDA_WERROR", "0") in ("1", "true", "yes")
         build_dir = os.path.join(self.build_temp, "kernels")
         os.makedirs(build_dir, exist_ok=True)
-        objects = []
-        for cu in cu_files:
-            obj = os.path.join(build_dir, os.path.basename(cu) + ".o")
+        def nvcc_command(cu: str, obj: str) -> list[str]:
             cmd = [
                 nvcc,
                 "-c",
@@ -292,11 +291,16 @@ class BuildExt(build_ext):
                 "-gencode",
                 "arch=compute_90,code=compute_90",
             ]
-            if werror:
-                cmd += ["-Werror", "all-warnings"]
+            return cmd + (["-Werror", "all-warnings"] if werror else [])
+
+        objects = [os.path.join(build_dir, os.path.basename(cu) + ".o") for cu in cu_files]
+        commands = [nvcc_command(cu, obj) for cu, obj in zip(cu_files, objects, strict=True)]
+        for cmd in commands:
             print(" ".join(cmd))
-            subprocess.check_call(cmd, cwd=HERE)
-            objects.append(obj)
+        # nvcc is slow and single-threaded per file: one process per core
+        with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            for future in [pool.submit(subprocess.check_call, cmd, cwd=HERE) for cmd in commands]:
+                future.result()
         ext.extra_objects = objects
         ext.include_dirs.append(os.path.join(cuda_home, "include"))
         ext.library_dirs += [os.path.join(cuda_home, "lib64"), cublas_lib]

@@ -298,8 +298,51 @@ def figures(d: dict, suffix: str) -> str:
     return ", ".join(f"{k.removesuffix(suffix)} {v:.1f}" for k, v in d.items() if k.endswith(suffix))
 
 
+def bench_gpu(gemm_n: int, copy_mib: int, device: str, repeats: int) -> tuple[dict, dict]:
+    """The GPU's fp32 GEMM rate (torch.mm through cuBLAS, TF32 off: cepe's
+    fp32 GEMMs use no TF32 either) and its device-to-device copy bandwidth,
+    each timed with CUDA events."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev = torch.device(device)
+
+    def timed(fn: Callable[[], object]) -> float:
+        fn()
+        torch.cuda.synchronize(dev)
+        best = float("inf")
+        for _ in range(repeats + 2):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(10):
+                fn()
+            stop.record()
+            stop.synchronize()
+            best = min(best, start.elapsed_time(stop) / 1e3 / 10)
+        return best
+
+    n = gemm_n * 2  # a GPU needs a larger product to reach its rate
+    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
+    c = torch.empty(n, n, device=dev)
+    gemm = {"size": [n, n, n], "flops": 2.0 * n**3}
+    gemm["torch_cuda_fp32_gflops"] = gemm["flops"] / timed(lambda: torch.mm(a, b, out=c)) / 1e9
+    src = torch.ones(copy_mib * 2**20 // 4, device=dev)
+    dst = torch.empty_like(src)
+    bw = {"array_mib": copy_mib, "bytes_counted_per_copy": 2.0 * src.numel() * 4}
+    bw["torch_cuda_copy_gbs"] = bw["bytes_counted_per_copy"] / timed(lambda: dst.copy_(src)) / 1e9
+    return with_peak(gemm, "_gflops"), with_peak(bw, "_gbs")
+
+
 def phase_machine(args: argparse.Namespace) -> dict:
     gemm_n, copy_mib = (512, 32) if args.quick else (2048, 256)
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: this torch build sees no GPU, so the GPU's peaks cannot be measured")
+        gemm, bw = bench_gpu(gemm_n, copy_mib, args.device, args.repeats)
+        log(f"GPU sgemm GFLOP/s: {figures(gemm, '_gflops')}; copy GB/s: {figures(bw, '_gbs')}")
+        return {"sgemm": gemm, "copy_bandwidth": bw}
     gemm = bench_gemm(gemm_n, args.threads, args.repeats)
     log(f"sgemm {gemm_n}^3 GFLOP/s: {figures(gemm, '_gflops')}")
     time.sleep(PAUSE_S)
@@ -578,6 +621,8 @@ def report(args: argparse.Namespace, cfg: dict, machine: dict, cepe: dict, torch
         "gemm_peak": "max GFLOP/s of float32 C = A @ B at the given size over: the BLAS cepe_c links "
         "(oneMKL or scipy-openblas32 cblas_sgemm via ctypes, `threads` threads), numpy's bundled OpenBLAS (its "
         "default thread count), torch.mm (MKL, `threads` threads)",
+        "gpu_peaks": "with --device cuda the GEMM peak is torch.mm of fp32 square matrices on the GPU (TF32 off) "
+        "and the bandwidth a device-to-device torch copy_, both timed with CUDA events",
         "bandwidth": "max over numpy.copyto (1 thread) and torch copy_ (`threads` threads) of a large "
         "float32 array; bytes = read + write (2 x array size), write-allocate traffic not counted",
     }

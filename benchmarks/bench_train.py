@@ -3,6 +3,7 @@
 
     python benchmarks/bench_train.py --threads 2          # full run
     python benchmarks/bench_train.py --quick              # smoke run (4+2 layers, short sequences)
+    python benchmarks/bench_train.py --device cuda        # both engines on the GPU
 
 The model (random weights, official CEPE layout, fp32 safetensors): a SmolLM2-135M-shaped decoder
 (30 layers, d 576, 9 query / 3 KV heads, ff 1536, vocab 49152, tied embeddings), a 6-layer
@@ -24,6 +25,12 @@ load hits both. tokens/s = (decoder + encoder tokens of a step) / step time, bes
 steps (the median is also reported). Memory per child from /proc/self/status: peak RSS (VmHWM) and
 the peak above the weights = VmHWM - RSS after imports - 4 x parameters. Each child records
 other_load (CPUs the rest of the machine kept busy meanwhile, from /proc/stat).
+
+With --device cuda both engines train on the GPU (cepe.load(..., device="cuda"); torch's model and
+batch moved there, TF32 off, CUDA synchronized before each clock read), the op breakdown is skipped,
+and each child also reports its GPU memory: what NVML says the process holds at the end (both
+engines keep their allocations cached, so that is their peak plus the CUDA context) and, for torch,
+torch.cuda.max_memory_allocated.
 
 Prints one JSON object on stdout (progress on stderr) and writes a bar plot to --out
 (bench_train.png; bench_train_quick.png with --quick).
@@ -314,6 +321,31 @@ def memory_report(st_imports: dict, st_loaded: dict, n_params: int) -> dict:
     }
 
 
+def gpu_process_bytes() -> int | None:
+    """GPU memory this process holds, from NVML (None where NVML cannot say)."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        try:
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+                for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                    if p.pid == os.getpid() and p.usedGpuMemory is not None:
+                        return int(p.usedGpuMemory)
+        finally:
+            pynvml.nvmlShutdown()
+    except pynvml.NVMLError:
+        return None
+    return None
+
+
+def on_gpu(args: argparse.Namespace) -> bool:
+    return args.device.startswith("cuda")
+
+
 # --------------------------------------------------------------------------- child: cepe
 
 
@@ -324,7 +356,7 @@ def phase_cepe(args: argparse.Namespace) -> dict:
     st_imports = proc_status()
     dec, enc = model_configs(args.quick)
     batch = make_batch(dec["vocab_size"], sizes(args.quick))
-    model = cepe.load(args.model_dir, n_threads=args.threads)
+    model = cepe.load(args.model_dir, n_threads=args.threads, device=args.device)
     trainer = cepe.Trainer(
         model,
         "cross_attn+encoder",
@@ -343,9 +375,12 @@ def phase_cepe(args: argparse.Namespace) -> dict:
         st.update(trainer._state.update())  # clip + AdamW
         t2 = time.perf_counter()
         steps.append({"loss": st["loss"], "grad_norm": st["grad_norm"], "fwd_bwd_s": t1 - t0, "update_s": t2 - t1})
+    memory = memory_report(st_imports, st_loaded, param_counts(dec, enc)["total"])
+    if on_gpu(args):
+        memory["gpu_process_bytes"] = gpu_process_bytes()
     return {
         "steps": steps,
-        "memory": memory_report(st_imports, st_loaded, param_counts(dec, enc)["total"]),
+        "memory": memory,
         "n_trainable": int(trainer.params.size),
         "versions": {"cepe": cepe.__version__, "blas": cepe_c.blas_info().strip()},
     }
@@ -472,10 +507,20 @@ def phase_torch(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     dec, enc = model_configs(args.quick)
     batch = make_batch(dec["vocab_size"], sizes(args.quick))
-    ids, chunks = torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["encoder_input_ids"])
+    dev = torch.device(args.device if on_gpu(args) else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 as cepe's GEMMs
+    ids = torch.from_numpy(batch["input_ids"]).to(dev)
+    chunks = torch.from_numpy(batch["encoder_input_ids"]).to(dev)
     with torch.device("meta"):
         model = build_torch_model(dec, enc)
     model.load_state_dict(load_file(os.path.join(args.model_dir, "model.safetensors")), strict=True, assign=True)
+    model.to(dev)
+
+    def clock() -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter()
+
     trainable = []
     for name, p in model.named_parameters():
         p.requires_grad_(".cross_attn." in name or name.startswith("encoder."))
@@ -493,16 +538,16 @@ def phase_torch(args: argparse.Namespace) -> dict:
     st_loaded = proc_status()
     steps = []
     for _ in range(args.steps + 1):
-        t0 = time.perf_counter()
+        t0 = clock()
         opt.zero_grad(set_to_none=True)
         loss = model(ids, chunks)
-        t1 = time.perf_counter()
+        t1 = clock()
         loss.backward()
-        t2 = time.perf_counter()
+        t2 = clock()
         norm = torch.nn.utils.clip_grad_norm_(trainable, CLIP)
         opt.step()
         sched.step()
-        t3 = time.perf_counter()
+        t3 = clock()
         steps.append(
             {
                 "loss": float(loss.detach()),
@@ -513,9 +558,13 @@ def phase_torch(args: argparse.Namespace) -> dict:
                 "update_s": t3 - t2,
             }
         )
+    memory = memory_report(st_imports, st_loaded, param_counts(dec, enc)["total"])
+    if dev.type == "cuda":
+        memory["gpu_process_bytes"] = gpu_process_bytes()
+        memory["torch_max_memory_allocated"] = torch.cuda.max_memory_allocated(dev)
     return {
         "steps": steps,
-        "memory": memory_report(st_imports, st_loaded, param_counts(dec, enc)["total"]),
+        "memory": memory,
         "n_trainable": int(sum(p.numel() for p in trainable)),
         "optimizer": f"torch.optim.AdamW (foreach={opt.defaults.get('foreach')}, fused={opt.defaults.get('fused')})",
         "versions": {"torch": torch.__version__},
@@ -695,7 +744,7 @@ def run_child(engine: str, args: argparse.Namespace, model_dir: str, scratch: st
     out_path = os.path.join(scratch, f"{engine}.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--phase", engine, "--scratch", scratch]
     cmd += ["--model-dir", model_dir, "--threads", str(args.threads), "--steps", str(args.steps)]
-    cmd += ["--quick"] if args.quick else []
+    cmd += ["--device", args.device] + (["--quick"] if args.quick else [])
     time.sleep(PAUSE_S)
     load_before = os.getloadavg()
     busy0, own0, t0 = machine_busy_s(), children_cpu_s(), time.perf_counter()
@@ -741,6 +790,7 @@ def engine_summary(runs: list[dict], tokens: int) -> dict:
         "step_times_s": [round(x, 4) for x in step_s],
         "peak_rss": statistics.median(m["peak_rss"] for m in mem),
         "peak_above_weights": statistics.median(m["peak_above_weights"] for m in mem),
+        "gpu_process_bytes": max((m.get("gpu_process_bytes") or 0 for m in mem), default=0) or None,
         "memory_per_run": mem,
         "other_load_per_run": [r["load"].get("other_load") for r in runs],
         "n_trainable": runs[0]["n_trainable"],
@@ -832,9 +882,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_false",
         help="skip timing each op of the step alone in both engines (the profile behind the ratio)",
     )
+    p.add_argument("--device", default="cpu", help="device of both engines: cpu, cuda or cuda:N")
     p.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
     p.add_argument("--scratch", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if not (args.device == "cpu" or args.device == "cuda" or args.device.startswith("cuda:")):
+        p.error(f"--device must be cpu, cuda or cuda:N, not {args.device!r}")
     args.threads = args.threads or usable_cpus()
     for name, full, quick in (("repeats", 3, 1), ("steps", 3, 2)):
         if getattr(args, name) is None:
@@ -869,7 +922,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"round {r + 1}/{args.repeats}: {engine}")
                 runs[engine].append(run_child(engine, args, model_dir, scratch))
         breakdown = None
-        if args.op_breakdown:
+        if args.op_breakdown and not on_gpu(args):  # the op timings run the CPU ops
             breakdown = {}
             for engine in ("cepe", "torch"):
                 log(f"op breakdown: {engine}")
@@ -888,6 +941,8 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_cepe_over_torch": c["peak_rss"] / t["peak_rss"],
         "peak_above_weights_cepe_over_torch": c["peak_above_weights"] / max(t["peak_above_weights"], 1),
     }
+    if c["gpu_process_bytes"] and t["gpu_process_bytes"]:
+        ratios["gpu_process_bytes_cepe_over_torch"] = c["gpu_process_bytes"] / t["gpu_process_bytes"]
     first = {e: runs[e][0]["steps"][0] for e in runs}
     agreement = {
         "first_step_loss": {e: first[e]["loss"] for e in first},
@@ -905,6 +960,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "bench_train",
         "quick": args.quick,
         "threads": args.threads,
+        "device": args.device,
         "repeats": args.repeats,
         "timed_steps_per_child": args.steps,
         "sizes": {**s, "tokens_per_step": tokens, "batch_rows": 1},
