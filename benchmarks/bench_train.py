@@ -404,9 +404,9 @@ def build_torch_model(dec: dict, enc: dict):  # -> torch.nn.Module
         def forward(self, x):
             return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
-    def rope_tables(n: int, hd: int, theta: float):
-        inv = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
-        ang = torch.outer(torch.arange(n, dtype=torch.float32), inv)
+    def rope_tables(n: int, hd: int, theta: float, device):
+        inv = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd)
+        ang = torch.outer(torch.arange(n, dtype=torch.float32, device=device), inv)
         ang = torch.cat([ang, ang], -1)
         return ang.cos(), ang.sin()
 
@@ -477,7 +477,7 @@ def build_torch_model(dec: dict, enc: dict):  # -> torch.nn.Module
         def forward(self, ids, causal, E=None):
             h = self.embed_tokens(ids)
             hd = self.cfg["hidden_size"] // self.cfg["num_attention_heads"]
-            rope = rope_tables(ids.shape[1], hd, self.cfg["rope_theta"])  # positions 0..T-1 (per chunk)
+            rope = rope_tables(ids.shape[1], hd, self.cfg["rope_theta"], ids.device)  # positions 0..T-1 (per chunk)
             for layer in self.layers:
                 h = layer(h, rope, causal, E)
             return self.norm(h)
