@@ -43,6 +43,7 @@ import tempfile
 import time
 
 import numpy as np
+from _gpu import gpu_process_bytes
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -286,6 +287,8 @@ def phase_child(args: argparse.Namespace) -> dict:
     m = cepe.load(args.model_dir, n_threads=args.threads, device=args.device)
     load_s = time.perf_counter() - t0
     st_load = proc_status()
+    on_gpu = args.device.startswith("cuda")
+    gpu_after_load = gpu_process_bytes() if on_gpu else None
 
     keep = {"auto": None, "keep": True, "recompute": False}[args.kv_mode]
     cfg = m.config
@@ -334,8 +337,20 @@ def phase_child(args: argparse.Namespace) -> dict:
         "cross_kv_one_layer_recomputed": 4 * 2 * kv_dim * n_ctx_tokens if kept is False else 0,
         "logits_slice_f32_f64": 256 * cfg.vocab_size * (4 + 8),
     }
+    host_above = above
+    gpu = None
+    if on_gpu:
+        # the CUDA backend caches every block it frees, so what the process holds at the end is
+        # its peak (warm-up blocks included, which can only overstate it)
+        gpu_end = gpu_process_bytes()
+        if gpu_end is not None and gpu_after_load is not None:
+            gpu = {"after_load": gpu_after_load, "end": gpu_end, "peak_above_weights": gpu_end - gpu_after_load}
+            above = gpu["peak_above_weights"]
     res = {
         "engine": args.phase,
+        "memory_measured_on": "gpu (NVML)" if gpu else "host (RSS)",
+        "gpu_memory": gpu,
+        "host_peak_above_weights": host_above,
         "length": L,
         "decoder_tokens": dec_tokens,
         "context_tokens": n_ctx_tokens,
@@ -794,7 +809,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--device",
         default="cpu",
-        help="cepe device: cpu, cuda or cuda:N (on a GPU the memory columns still measure host RSS only)",
+        help="cepe device: cpu, cuda or cuda:N (on a GPU the memory columns are the GPU memory NVML reports)",
     )
     p.add_argument("--model-dir", default=None, help="where to write or reuse the model (default: temp dir)")
     p.add_argument(
@@ -937,7 +952,10 @@ def main(argv: list[str] | None = None) -> int:
             "tok_s": "total tokens (decoder + context) / wall time of the perplexity call",
             "peak_rss": "VmHWM of the child (weights, memory-mapped, included)",
             "peak_above_weights": "VmHWM reset after the warm-up (/proc/self/clear_refs 5), minus VmRSS after "
-            "load + warm-up, minus the growth of RssFile during the call (weight pages first touched then)",
+            "load + warm-up, minus the growth of RssFile during the call (weight pages first touched then); "
+            "with --device cuda instead the GPU memory NVML reports for the child at the end minus right after "
+            "load (the CUDA backend caches freed blocks, so the end is its peak); host RSS then in "
+            "host_peak_above_weights",
             "targets": "at the ratio length: CEPE throughput >= 10x full attention and memory above the "
             "weights <= 1/6 of it; CEPE time ~ L^k with k <= 1.1 (least-squares log-log fit over all lengths; "
             "the local exponent of the last segment is reported too)",

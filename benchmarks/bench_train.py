@@ -51,6 +51,7 @@ import tempfile
 import time
 
 import numpy as np
+from _gpu import gpu_process_bytes
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -319,27 +320,6 @@ def memory_report(st_imports: dict, st_loaded: dict, n_params: int) -> dict:
         "peak_above_weights": end["VmHWM"] - st_imports["VmRSS"] - weights,
         "maxrss_getrusage": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KB,
     }
-
-
-def gpu_process_bytes() -> int | None:
-    """GPU memory this process holds, from NVML (None where NVML cannot say)."""
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-        try:
-            for i in range(pynvml.nvmlDeviceGetCount()):
-                handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-                for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                    if p.pid == os.getpid() and p.usedGpuMemory is not None:
-                        return int(p.usedGpuMemory)
-        finally:
-            pynvml.nvmlShutdown()
-    except pynvml.NVMLError:
-        return None
-    return None
 
 
 def on_gpu(args: argparse.Namespace) -> bool:
