@@ -32,6 +32,7 @@
 #define ATT_BK 32
 #define ATT_MAX_HD 256 // ops.h's limit (CEPE_MAX_HEAD_DIM)
 #define ATT_SPLIT_MIN 128 // keys per split at least
+#define ATT_LOAD_BATCH 8  // tile elements each thread has in flight at once
 #define ATT_MAX_SPLITS 128
 
 // Where the blocks of a split launch leave their partials (n == 1: none,
@@ -114,16 +115,31 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
             const int jj = threadIdx.x;
             kvalid[jj] = jj < nk && (!valid || valid[j0 + jj] != 0);
         }
-        for (int idx = threadIdx.x; idx < ATT_BK * hd; idx += blockDim.x) {
-            const int jj = idx / hd, d = idx % hd;
-            float kx = 0.0f, vx = 0.0f;
-            if (jj < nk && (!valid || valid[j0 + jj] != 0)) { // padding never reaches the sums, even as 0 * NaN
-                const long at = (long)(j0 + jj) * s.kv_rstride + d;
-                kx = kb[at];
-                if (out) vx = vb[at];
+        // ATT_LOAD_BATCH elements per thread are loaded before any is stored,
+        // so their global-memory latencies overlap instead of adding up (one
+        // load at a time made a tile cost ~16 round trips)
+        const int n_el = ATT_BK * hd;
+        for (int base = 0; base < n_el; base += ATT_LOAD_BATCH * ATT_WARPS * 32) {
+            float kx[ATT_LOAD_BATCH], vx[ATT_LOAD_BATCH];
+#pragma unroll
+            for (int u = 0; u < ATT_LOAD_BATCH; u++) {
+                const int idx = base + u * ATT_WARPS * 32 + (int)threadIdx.x, jj = idx / hd;
+                kx[u] = vx[u] = 0.0f;
+                // padding never reaches the sums, even as 0 * NaN
+                if (idx < n_el && jj < nk && (!valid || valid[j0 + jj] != 0)) {
+                    const long at = (long)(j0 + jj) * s.kv_rstride + idx % hd;
+                    kx[u] = kb[at];
+                    if (out) vx[u] = vb[at];
+                }
             }
-            Ks[jj * kst + d] = kx;
-            Vs[jj * kst + d] = vx;
+#pragma unroll
+            for (int u = 0; u < ATT_LOAD_BATCH; u++) {
+                const int idx = base + u * ATT_WARPS * 32 + (int)threadIdx.x;
+                if (idx < n_el) {
+                    Ks[idx / hd * kst + idx % hd] = kx[u];
+                    Vs[idx / hd * kst + idx % hd] = vx[u];
+                }
+            }
         }
         __syncthreads();
 

@@ -21,6 +21,7 @@
 #define AB_WARPS 8
 #define AB_THREADS (AB_WARPS * 32)
 #define AB_PST (AB_BC + 1) // row stride of P and dS in shared memory
+#define AB_LOAD_BATCH 4    // tile elements each thread loads before storing any (their latencies overlap)
 #define AB_DSPLIT 8        // threads sharing one row (dQ) or key (dK, dV) when accumulating: d = dl + 8 i
 
 // Dynamic shared memory: Qs, dOs (BR x kst), Ks, Vs (BC x kst) with an odd
@@ -65,15 +66,26 @@ static __device__ void load_rows(const ab_tiles &w, float *Ls, float *Ds, int *r
                           const float *dout, const float *lse, const float *D, const attention_shape &s, int b, int h,
                           int t0) {
     const int hd = s.hd;
-    for (int idx = threadIdx.x; idx < AB_BR * hd; idx += blockDim.x) {
-        const int r = idx / hd, d = idx % hd, t = t0 + r;
-        float qx = 0.0f, ox = 0.0f;
-        if (t < s.Tq) {
-            qx = q[b * s.q_bstride + (long)t * s.q_rstride + (long)h * hd + d];
-            ox = dout[(((long)b * s.Tq + t) * s.H + h) * hd + d];
+    const int n_el = AB_BR * hd;
+    for (int base = 0; base < n_el; base += AB_LOAD_BATCH * AB_THREADS) { // loads in flight together
+        float qx[AB_LOAD_BATCH], ox[AB_LOAD_BATCH];
+#pragma unroll
+        for (int u = 0; u < AB_LOAD_BATCH; u++) {
+            const int idx = base + u * AB_THREADS + (int)threadIdx.x, t = t0 + idx / hd, d = idx % hd;
+            qx[u] = ox[u] = 0.0f;
+            if (idx < n_el && t < s.Tq) {
+                qx[u] = q[b * s.q_bstride + (long)t * s.q_rstride + (long)h * hd + d];
+                ox[u] = dout[(((long)b * s.Tq + t) * s.H + h) * hd + d];
+            }
         }
-        w.Qs[r * w.kst + d] = qx;
-        w.dOs[r * w.kst + d] = ox;
+#pragma unroll
+        for (int u = 0; u < AB_LOAD_BATCH; u++) {
+            const int idx = base + u * AB_THREADS + (int)threadIdx.x;
+            if (idx < n_el) {
+                w.Qs[idx / hd * w.kst + idx % hd] = qx[u];
+                w.dOs[idx / hd * w.kst + idx % hd] = ox[u];
+            }
+        }
     }
     if (threadIdx.x < AB_BR) {
         const int r = threadIdx.x, t = t0 + r;
@@ -100,16 +112,27 @@ static __device__ int load_keys(const ab_tiles &w, int *kvalid, const float *k, 
     const int hd = s.hd;
     const uint8_t *valid = key_valid ? key_valid + b * s.valid_bstride : nullptr;
     const long base = b * s.kv_bstride + (long)g * hd;
-    for (int idx = threadIdx.x; idx < AB_BC * hd; idx += blockDim.x) {
-        const int jj = idx / hd, d = idx % hd;
-        float kx = 0.0f, vx = 0.0f;
-        if (jj < nk && (!valid || valid[j0 + jj] != 0)) {
-            const long at = base + (long)(j0 + jj) * s.kv_rstride + d;
-            kx = k[at];
-            vx = v[at];
+    const int n_el = AB_BC * hd;
+    for (int i0 = 0; i0 < n_el; i0 += AB_LOAD_BATCH * AB_THREADS) { // loads in flight together
+        float kx[AB_LOAD_BATCH], vx[AB_LOAD_BATCH];
+#pragma unroll
+        for (int u = 0; u < AB_LOAD_BATCH; u++) {
+            const int idx = i0 + u * AB_THREADS + (int)threadIdx.x, jj = idx / hd;
+            kx[u] = vx[u] = 0.0f;
+            if (idx < n_el && jj < nk && (!valid || valid[j0 + jj] != 0)) {
+                const long at = base + (long)(j0 + jj) * s.kv_rstride + idx % hd;
+                kx[u] = k[at];
+                vx[u] = v[at];
+            }
         }
-        w.Ks[jj * w.kst + d] = kx;
-        w.Vs[jj * w.kst + d] = vx;
+#pragma unroll
+        for (int u = 0; u < AB_LOAD_BATCH; u++) {
+            const int idx = i0 + u * AB_THREADS + (int)threadIdx.x;
+            if (idx < n_el) {
+                w.Ks[idx / hd * w.kst + idx % hd] = kx[u];
+                w.Vs[idx / hd * w.kst + idx % hd] = vx[u];
+            }
+        }
     }
     int mine = 0;
     if (threadIdx.x < AB_BC) {
