@@ -31,7 +31,8 @@
 #define ATT_ROWS_PER_BLOCK (ATT_WARPS * ATT_ROWS)
 #define ATT_BK 32
 #define ATT_MAX_HD 256 // ops.h's limit (CEPE_MAX_HEAD_DIM)
-#define ATT_SPLIT_MIN 128 // keys per split at least
+#define ATT_SPLIT_MIN 32  // keys per split at least: one tile (decode attention is latency-bound, so short
+                          // contexts gain from splitting too)
 #define ATT_LOAD_BATCH 8  // tile elements each thread has in flight at once
 #define ATT_MAX_SPLITS 128
 
