@@ -43,7 +43,7 @@ import tempfile
 import time
 
 import numpy as np
-from _gpu import gpu_process_bytes
+from _common import children_cpu_s, cpu_model_name, git_state, gpu_process_bytes, machine_busy_s, usable_cpus
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -92,35 +92,6 @@ TARGETS = {
 
 def log(msg: str) -> None:
     print(f"[bench_context] {msg}", file=sys.stderr, flush=True)
-
-
-def usable_cpus() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def cpu_model_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
-
-
-def git_state() -> dict:
-    def git(*cmd: str) -> str:
-        return subprocess.run(["git", "-C", REPO_ROOT, *cmd], capture_output=True, text=True, check=True).stdout
-
-    try:
-        head = git("rev-parse", "--short", "HEAD").strip()
-        status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks")
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": head, "dirty": bool(status.strip())}
 
 
 def engine_versions() -> dict:
@@ -385,20 +356,6 @@ def phase_child(args: argparse.Namespace) -> dict:
 
 
 # --------------------------------------------------------------------------- parent
-
-
-def machine_busy_s() -> float | None:
-    try:
-        with open("/proc/stat") as f:
-            user, nice, system, _idle, _iowait, irq, softirq = map(int, f.readline().split()[1:8])
-    except (OSError, ValueError):
-        return None
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-
-
-def children_cpu_s() -> float:
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
 
 
 def wait_for_idle(max_wait_s: float) -> float:

@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+from _common import children_cpu_s, cpu_model_name, git_state, machine_busy_s, usable_cpus
 
 # Run from a checkout (cepe built in place with `python setup.py build_ext --inplace`): import the
 # repository's cepe / cepe_c rather than needing an install.
@@ -94,38 +94,6 @@ def time_runs(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[f
         fn()
         times.append(time.perf_counter() - t0)
     return times
-
-
-def usable_cpus() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def cpu_model_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
-
-
-def git_state() -> dict:
-    """The checkout's commit, and whether tracked files outside benchmarks/ differ from it."""
-
-    def git(*cmd: str) -> str:
-        out = subprocess.run(["git", "-C", REPO_ROOT, *cmd], capture_output=True, text=True, check=True)
-        return out.stdout
-
-    try:
-        head = git("rev-parse", "--short", "HEAD").strip()
-        status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks")
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": head, "dirty": bool(status.strip())}
 
 
 def model_config(quick: bool) -> dict:
@@ -468,21 +436,6 @@ def phase_torch(args: argparse.Namespace) -> dict:
 
 
 PHASES = {"machine": phase_machine, "cepe": phase_cepe, "torch": phase_torch}
-
-
-def machine_busy_s() -> float | None:
-    """CPU seconds used so far by everything this kernel runs (/proc/stat), or None off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            user, nice, system, _idle, _iowait, irq, softirq = map(int, f.readline().split()[1:8])
-    except (OSError, ValueError):
-        return None
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-
-
-def children_cpu_s() -> float:
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
 
 
 def run_phase(phase: str, args: argparse.Namespace, model_dir: str, scratch: str) -> tuple[dict, dict]:
