@@ -222,6 +222,9 @@ ATTENTION_CASES = {
     "bidirectional_padded": (3, 70, 70, 6, 2, 64, False, 0, 0, [0, 5, 64]),
     "cross_attention": (2, 37, 130, 6, 2, 12, False, 0, 0, [3, 129]),
     "cross_attention_mha": (1, 70, 1, 4, 4, 12, False, 0, 0, None),
+    # diagonal blocks off the block grid (q_offset), split into a half seeing part of the block
+    "causal_offset_diagonal": (1, 257, 300, 6, 2, 64, True, 43, 0, None),
+    "causal_window_padded_diagonal": (2, 200, 200, 4, 2, 32, True, 0, 50, [0, 30]),
 }
 
 

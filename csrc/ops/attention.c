@@ -74,6 +74,39 @@ static float block_scores(const attention_shape *s, const att_scratch *w, float 
     return bmax;
 }
 
+/* The online softmax's three row passes, kept apart so that each stays one
+ * plain vectorizable loop (inlined into the row loop, gcc gave up on them). */
+CEPE_NOINLINE static float row_max(const float *row, int n) {
+    float bmax = -INFINITY;
+#pragma omp simd reduction(max : bmax)
+    for (int jj = 0; jj < n; jj++) bmax = row[jj] > bmax ? row[jj] : bmax;
+    return bmax;
+}
+
+/* Masks keys outside [l0, h0) or padding to -inf; returns the row's max. */
+CEPE_NOINLINE static float row_mask_max(float *row, int n, int j0, int l0, int h0, const int *kvalid) {
+    float bmax = -INFINITY;
+#pragma omp simd reduction(max : bmax)
+    for (int jj = 0; jj < n; jj++) {
+        const int j = j0 + jj;
+        const int ok = (j >= l0) & (j < h0) & kvalid[jj];
+        row[jj] = ok ? row[jj] : -INFINITY;
+        bmax = row[jj] > bmax ? row[jj] : bmax;
+    }
+    return bmax;
+}
+
+/* row = exp(row - m) (masked: exp(-inf) = 0); returns the row's sum. */
+CEPE_NOINLINE static float row_exp_sum(float *row, int n, float m) {
+    float psum = 0.0f;
+#pragma omp simd reduction(+ : psum)
+    for (int jj = 0; jj < n; jj++) {
+        row[jj] = cepe_exp_neg(row[jj] - m);
+        psum += row[jj];
+    }
+    return psum;
+}
+
 /* A block of queries as two small GEMMs per key block (S = Q·Kᵀ, then
  * O += P·V), flash-attention style, with the online softmax between them. */
 static void attend_block_gemm(float *out, const float *q, const float *k, const float *v, const uint8_t *valid,
@@ -93,38 +126,50 @@ static void attend_block_gemm(float *out, const float *q, const float *k, const 
     }
     for (int j0 = lo_all; j0 < hi_all; j0 += ATT_KBLOCK) {
         const int nk = hi_all - j0 < ATT_KBLOCK ? hi_all - j0 : ATT_KBLOCK;
-        for (int jj = 0; jj < nk; jj++) w->kvalid[jj] = valid ? valid[j0 + jj] != 0 : 1;
-        CEPE_SGEMM(CblasRowMajor, CblasNoTrans, CblasTrans, nq, nk, hd, s->scale, qb, (int)s->q_rstride,
-                   kb + (long)j0 * s->kv_rstride, (int)s->kv_rstride, 0.0f, &w->S[0][0], ATT_KBLOCK);
+        int all_valid = 1;
+        for (int jj = 0; jj < nk; jj++) {
+            w->kvalid[jj] = valid ? valid[j0 + jj] != 0 : 1;
+            all_valid &= w->kvalid[jj];
+        }
+        /* The causal diagonal: when the first half of the rows sees at most
+         * half of this block, its scores and P·V cover only the keys it can
+         * see (rows [0, split) use nk_lo columns, the rest all nk), which
+         * saves a quarter of the diagonal block's work. */
+        int split = 0, nk_lo = nk;
+        if (nq >= 16) {
+            int ext = 0;
+            for (int i = 0; i < nq / 2; i++) {
+                const int e = (hi[i] < j0 + nk ? hi[i] : j0 + nk) - j0;
+                ext = e > ext ? e : ext;
+            }
+            if (ext <= nk / 2) split = nq / 2, nk_lo = ext;
+        }
+        if (split && nk_lo > 0)
+            CEPE_SGEMM(CblasRowMajor, CblasNoTrans, CblasTrans, split, nk_lo, hd, s->scale, qb, (int)s->q_rstride,
+                       kb + (long)j0 * s->kv_rstride, (int)s->kv_rstride, 0.0f, &w->S[0][0], ATT_KBLOCK);
+        CEPE_SGEMM(CblasRowMajor, CblasNoTrans, CblasTrans, nq - split, nk, hd, s->scale,
+                   qb + (long)split * s->q_rstride, (int)s->q_rstride, kb + (long)j0 * s->kv_rstride,
+                   (int)s->kv_rstride, 0.0f, &w->S[split][0], ATT_KBLOCK);
         for (int i = 0; i < nq; i++) {
             float *row = w->S[i];
-            const int l0 = lo[i], h0 = hi[i];
-            float bmax = -INFINITY;
-#pragma omp simd reduction(max : bmax)
-            for (int jj = 0; jj < nk; jj++) {
-                const int j = j0 + jj;
-                const int ok = (j >= l0) & (j < h0) & w->kvalid[jj];
-                row[jj] = ok ? row[jj] : -INFINITY;
-                bmax = row[jj] > bmax ? row[jj] : bmax;
-            }
+            const int l0 = lo[i], h0 = hi[i], n = i < split ? nk_lo : nk;
+            if (n == 0) continue; /* sees nothing here, and takes no part in P·V below */
+            const float bmax = all_valid && l0 <= j0 && h0 >= j0 + n ? row_max(row, n) /* every key visible */
+                                                                      : row_mask_max(row, n, j0, l0, h0, w->kvalid);
             if (bmax == -INFINITY) { /* nothing visible: a zero row adds nothing */
-                memset(row, 0, sizeof(float) * (size_t)nk);
+                memset(row, 0, sizeof(float) * (size_t)n);
                 continue;
             }
             const float corr = cepe_online_softmax_rescale(&w->m[i], &w->l[i], bmax);
             if (corr != 1.0f)
                 for (int d = 0; d < hd; d++) w->acc[i][d] *= corr;
-            const float mi = w->m[i];
-            float psum = 0.0f;
-#pragma omp simd reduction(+ : psum)
-            for (int jj = 0; jj < nk; jj++) {
-                row[jj] = cepe_exp_neg(row[jj] - mi); /* masked: exp(-inf) = 0 */
-                psum += row[jj];
-            }
-            w->l[i] += psum;
+            w->l[i] += row_exp_sum(row, n, w->m[i]);
         }
-        CEPE_SGEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, nq, hd, nk, 1.0f, &w->S[0][0], ATT_KBLOCK,
-                   vb + (long)j0 * s->kv_rstride, (int)s->kv_rstride, 1.0f, &w->acc[0][0], ATT_MAX_HD);
+        if (split && nk_lo > 0)
+            CEPE_SGEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, split, hd, nk_lo, 1.0f, &w->S[0][0], ATT_KBLOCK,
+                       vb + (long)j0 * s->kv_rstride, (int)s->kv_rstride, 1.0f, &w->acc[0][0], ATT_MAX_HD);
+        CEPE_SGEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, nq - split, hd, nk, 1.0f, &w->S[split][0], ATT_KBLOCK,
+                   vb + (long)j0 * s->kv_rstride, (int)s->kv_rstride, 1.0f, &w->acc[split][0], ATT_MAX_HD);
     }
     for (int i = 0; i < nq; i++) {
         float *o = out + ((long)b * s->Tq + t0 + i) * (long)s->H * hd + (long)h * hd;
