@@ -1,16 +1,24 @@
 """Helpers shared by the benchmark scripts: machine facts, the checkout's
-state, CPU accounting for contention checks, and GPU memory per process.
+state, CPU accounting for contention checks, memory figures, GPU memory per
+process, and the random CEPE checkpoint bench_context and bench_train use.
 The scripts import it from their own directory, which Python puts first on
 sys.path (also in the child processes they start)."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import platform
 import resource
 import subprocess
+import sys
+from collections.abc import Callable
+
+import numpy as np
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KB = 1024
 
 
 def usable_cpus() -> int:
@@ -79,3 +87,111 @@ def gpu_process_bytes() -> int | None:
     except pynvml.NVMLError:
         return None
     return None
+
+
+def proc_status() -> dict:
+    """This process's memory figures from /proc/self/status, in bytes."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, val = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
+                out[key] = int(val.split()[0]) * KB
+    return out
+
+
+def official_config(dec: dict, enc: dict) -> dict:
+    """config.json in the official CEPE layout (LlamaForCausalContextLM), cross-attention everywhere."""
+    return {
+        **dec,
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalContextLM"],
+        "hidden_act": "silu",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "do_cross_attention": True,
+        "num_cross_attn_layers": dec["num_hidden_layers"],
+        "num_cross_attn_hidden_states": 1,
+        "encoder_config": {**enc, "model_type": "llama", "hidden_act": "silu", "is_encoder": True},
+        "encoder_hidden_size": enc["hidden_size"],
+        "encoder_is_model": False,
+        "encode_mode": "context_only",
+    }
+
+
+def llama_tensors(cfg: dict, prefix: str, *, decoder: bool) -> dict[str, tuple[int, ...]]:
+    d, ff, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    hd = d // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    shapes: dict[str, tuple[int, ...]] = {f"{prefix}embed_tokens.weight": (cfg["vocab_size"], d)}
+    for i in range(n):
+        p = f"{prefix}layers.{i}."
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (d,),
+                p + "self_attn.q_proj.weight": (q, d),
+                p + "self_attn.k_proj.weight": (kv, d),
+                p + "self_attn.v_proj.weight": (kv, d),
+                p + "self_attn.o_proj.weight": (d, q),
+                p + "post_attention_layernorm.weight": (d,),
+                p + "mlp.gate_proj.weight": (ff, d),
+                p + "mlp.up_proj.weight": (ff, d),
+                p + "mlp.down_proj.weight": (d, ff),
+            }
+        )
+    shapes[f"{prefix}norm.weight"] = (d,)
+    if decoder and not cfg["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (cfg["vocab_size"], d)
+    return shapes
+
+
+def cepe_tensors(dec: dict, enc: dict) -> dict[str, tuple[int, ...]]:
+    shapes = llama_tensors(dec, "model.", decoder=True)
+    shapes.update(llama_tensors(enc, "encoder.", decoder=False))
+    d, d_enc = dec["hidden_size"], enc["hidden_size"]
+    hd = d // dec["num_attention_heads"]
+    q, kv = dec["num_attention_heads"] * hd, dec["num_key_value_heads"] * hd
+    for i in range(dec["num_hidden_layers"]):
+        p = f"model.layers.{i}.cross_attn."
+        shapes.update(
+            {
+                p + "layernorm.weight": (d,),
+                p + "q_proj.weight": (q, d),
+                p + "k_proj.weight": (kv, d_enc),
+                p + "v_proj.weight": (kv, d_enc),
+                p + "o_proj.weight": (d, q),
+            }
+        )
+    return shapes
+
+
+def ensure_cepe_model(model_dir: str, dec: dict, enc: dict, seed: int, log: Callable[[str], None]) -> int:
+    """Writes a random CEPE checkpoint (official layout, fp32 safetensors, N(0, 0.02^2) weights, norms
+    1) to model_dir, or reuses the one there; returns the number of parameters."""
+    want = official_config(dec, enc)
+    shapes = cepe_tensors(dec, enc)
+    n_params = sum(math.prod(s) for s in shapes.values())
+    cfg_path = os.path.join(model_dir, "config.json")
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            saved = json.load(f)
+        if saved != want:
+            diff = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
+            sys.exit(f"--model-dir {model_dir} holds a different model (keys differ: {diff}); use another directory")
+        log(f"reusing the model in {model_dir}")
+        return n_params
+    from safetensors.numpy import save_file
+
+    os.makedirs(model_dir, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            tensors[name] = np.ones(shape, dtype=np.float32)
+        else:
+            tensors[name] = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
+    save_file(tensors, os.path.join(model_dir, "model.safetensors"))
+    with open(cfg_path, "w") as f:
+        json.dump(want, f, indent=1)
+    log(f"wrote a random CEPE model ({n_params / 1e6:.1f}M parameters) to {model_dir}")
+    return n_params

@@ -51,7 +51,17 @@ import tempfile
 import time
 
 import numpy as np
-from _common import children_cpu_s, cpu_model_name, git_state, gpu_process_bytes, machine_busy_s, usable_cpus
+from _common import (
+    cepe_tensors,
+    children_cpu_s,
+    cpu_model_name,
+    ensure_cepe_model,
+    git_state,
+    gpu_process_bytes,
+    machine_busy_s,
+    proc_status,
+    usable_cpus,
+)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -112,71 +122,6 @@ def sizes(quick: bool) -> dict:
     return {k: s[k] for k in ("decoder_tokens", "n_ctx", "ctx_len")}
 
 
-def official_config(dec: dict, enc: dict) -> dict:
-    """config.json in the official CEPE layout (LlamaForCausalContextLM), cross-attention everywhere."""
-    return {
-        **dec,
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalContextLM"],
-        "hidden_act": "silu",
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "do_cross_attention": True,
-        "num_cross_attn_layers": dec["num_hidden_layers"],
-        "num_cross_attn_hidden_states": 1,
-        "encoder_config": {**enc, "model_type": "llama", "hidden_act": "silu", "is_encoder": True},
-        "encoder_hidden_size": enc["hidden_size"],
-        "encoder_is_model": False,
-        "encode_mode": "context_only",
-    }
-
-
-def llama_tensors(cfg: dict, prefix: str) -> dict[str, tuple[int, ...]]:
-    d, ff, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    hd = d // cfg["num_attention_heads"]
-    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    shapes: dict[str, tuple[int, ...]] = {f"{prefix}embed_tokens.weight": (cfg["vocab_size"], d)}
-    for i in range(n):
-        p = f"{prefix}layers.{i}."
-        shapes.update(
-            {
-                p + "input_layernorm.weight": (d,),
-                p + "self_attn.q_proj.weight": (q, d),
-                p + "self_attn.k_proj.weight": (kv, d),
-                p + "self_attn.v_proj.weight": (kv, d),
-                p + "self_attn.o_proj.weight": (d, q),
-                p + "post_attention_layernorm.weight": (d,),
-                p + "mlp.gate_proj.weight": (ff, d),
-                p + "mlp.up_proj.weight": (ff, d),
-                p + "mlp.down_proj.weight": (d, ff),
-            }
-        )
-    shapes[f"{prefix}norm.weight"] = (d,)
-    return shapes
-
-
-def cepe_tensors(dec: dict, enc: dict) -> dict[str, tuple[int, ...]]:
-    shapes = llama_tensors(dec, "model.")
-    if not dec["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (dec["vocab_size"], dec["hidden_size"])
-    shapes.update(llama_tensors(enc, "encoder."))
-    d, d_enc = dec["hidden_size"], enc["hidden_size"]
-    hd = d // dec["num_attention_heads"]
-    q, kv = dec["num_attention_heads"] * hd, dec["num_key_value_heads"] * hd
-    for i in range(dec["num_hidden_layers"]):
-        p = f"model.layers.{i}.cross_attn."
-        shapes.update(
-            {
-                p + "layernorm.weight": (d,),
-                p + "q_proj.weight": (q, d),
-                p + "k_proj.weight": (kv, d_enc),
-                p + "v_proj.weight": (kv, d_enc),
-                p + "o_proj.weight": (d, q),
-            }
-        )
-    return shapes
-
-
 def param_counts(dec: dict, enc: dict) -> dict:
     shapes = cepe_tensors(dec, enc)
     total = sum(math.prod(s) for s in shapes.values())
@@ -230,32 +175,6 @@ def step_flops(dec: dict, enc: dict, s: dict) -> dict:
     return {"forward": fwd, "backward": bwd, "total": sum(fwd.values()) + sum(bwd.values())}
 
 
-def ensure_model(model_dir: str, dec: dict, enc: dict) -> None:
-    """Writes the random CEPE checkpoint (fp32 safetensors, N(0, 0.02^2), norms 1) or reuses it."""
-    want = official_config(dec, enc)
-    cfg_path = os.path.join(model_dir, "config.json")
-    if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            if json.load(f) != want:
-                sys.exit(f"--model-dir {model_dir} holds a different model; use another directory")
-        log(f"reusing the model in {model_dir}")
-        return
-    from safetensors.numpy import save_file
-
-    os.makedirs(model_dir, exist_ok=True)
-    rng = np.random.default_rng(SEED)
-    tensors = {}
-    for name, shape in cepe_tensors(dec, enc).items():
-        if name.endswith("norm.weight"):
-            tensors[name] = np.ones(shape, dtype=np.float32)
-        else:
-            tensors[name] = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
-    save_file(tensors, os.path.join(model_dir, "model.safetensors"))
-    with open(cfg_path, "w") as f:
-        json.dump(want, f, indent=1)
-    log(f"wrote a random CEPE model ({param_counts(dec, enc)['total'] / 1e6:.1f}M parameters) to {model_dir}")
-
-
 def make_batch(vocab: int, s: dict) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(SEED)
     return {
@@ -265,16 +184,6 @@ def make_batch(vocab: int, s: dict) -> dict[str, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- child: memory helpers
-
-
-def proc_status() -> dict:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, val = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                out[key] = int(val.split()[0]) * KB
-    return out
 
 
 def memory_report(st_imports: dict, st_loaded: dict, n_params: int) -> dict:
@@ -852,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = args.model_dir or os.path.join(tmp, "model")
         scratch = os.path.join(tmp, "scratch")
         os.makedirs(scratch)
-        ensure_model(model_dir, dec, enc)
+        ensure_cepe_model(model_dir, dec, enc, SEED, log)
         for r in range(args.repeats):
             order = ["cepe", "torch"] if r % 2 == 0 else ["torch", "cepe"]
             for engine in order:
