@@ -106,7 +106,16 @@ class SafetensorsFile:
             return arr
         if dtype == "BF16":  # bf16 is the top half of an fp32
             return (arr.astype(np.uint32) << 16).view(np.float32)
-        return arr.astype(np.float32)
+        with np.errstate(over="ignore"):
+            out = arr.astype(np.float32)
+        if dtype == "F64":  # finite values beyond float32's range would silently become inf
+            overflow = int(np.count_nonzero(np.isinf(out) & np.isfinite(arr)))
+            if overflow:
+                raise CheckpointError(
+                    f"{self.path}: tensor {name} holds {overflow} float64 value(s) beyond float32's range "
+                    "(|x| > 3.4e38), which cepe computes in"
+                )
+        return out
 
 
 class Checkpoint:

@@ -265,6 +265,23 @@ def test_nan_or_inf_weights(copy_of, bad):
     assert not np.isfinite(out).all()
 
 
+def test_float64_beyond_float32_range_is_rejected(copy_of):
+    # found by fuzzing: the cast to float32 turned such values into inf without a word
+    p = copy_of()
+    name = "model.layers.0.mlp.up_proj.weight"
+
+    def widen(t, big):
+        w = t[name].astype(np.float64)
+        w[1, 2] = big
+        t[name] = w
+
+    edit_tensors(p, lambda t: widen(t, 1e300))
+    with pytest.raises(CheckpointError, match=rf"tensor {name} holds 1 float64 value\(s\) beyond float32's range"):
+        cepe.load(p)
+    edit_tensors(p, lambda t: widen(t, 0.5))  # in range: loads, converted
+    assert np.isfinite(cepe.load(p).forward(np.array([3, 4]))).all()
+
+
 def test_nan_inputs_never_reach_the_core(tiny):
     model = cepe.load(tiny[0])
     with pytest.raises(ValueError, match="finite"):
