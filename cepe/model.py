@@ -8,6 +8,7 @@ one request's state: using one from two threads at once raises RuntimeError.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -236,14 +237,17 @@ class Model:
     model on the CPU (paired runs) and more of a short call. One call at a
     time uses it; concurrent calls make their own. 0 keeps nothing."""
 
-    def _forward_context(self, batch: int, tokens: int) -> tuple[cepe_c.Context, bool]:
-        """(context, kept) for a forward() or generate() call: the kept one, reset, when it
-        fits and no other call holds it, else a new one (kept when it fits the
-        budget). When kept is True the caller releases _kept_lock afterwards."""
+    @contextlib.contextmanager
+    def _call_context(self, batch: int, tokens: int, keepable: bool) -> Iterator[cepe_c.Context]:
+        """The context of one forward() or generate() call. keepable (no CEPE
+        context will be attached): the kept one, reset, when it fits the budget
+        and no other call holds it, else a new one that is kept; held until the
+        with-block ends. Otherwise a new one for this call alone."""
         c = self.config
         kv_bytes = c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 2 * 4 * batch * tokens
-        if kv_bytes > self.forward_keep_bytes or not self._kept_lock.acquire(blocking=False):
-            return cepe_c.Context(self._core, batch, tokens), False
+        if not keepable or kv_bytes > self.forward_keep_bytes or not self._kept_lock.acquire(blocking=False):
+            yield cepe_c.Context(self._core, batch, tokens)
+            return
         try:
             ctx = self._kept_ctx
             if ctx is None or ctx.batch != batch or ctx.capacity < tokens:
@@ -251,10 +255,9 @@ class Model:
                 ctx = self._kept_ctx = cepe_c.Context(self._core, batch, tokens)
             else:
                 ctx.reset()
-        except BaseException:
+            yield ctx
+        finally:
             self._kept_lock.release()
-            raise
-        return ctx, True
 
     # ------------------------------------------------------------------ CEPE
     cross_kv_budget_bytes: int = 2 << 30
@@ -398,23 +401,19 @@ class Model:
             if ids.shape[0] != cache.batch_size:
                 raise ValueError(f"input_ids has batch size {ids.shape[0]}, the cache was made for {cache.batch_size}")
         context = self._context(ids.shape[0], squeeze, encoder_input_ids, encoder_attention_mask, encoder_hidden_states)
-        kept = False
-        if cache is not None:
-            ctx = cache._ctx
-        elif context is None:  # a kept context never has a CEPE context attached
-            ctx, kept = self._forward_context(ids.shape[0], ids.shape[1])
-        else:
-            ctx = cepe_c.Context(self._core, ids.shape[0], ids.shape[1])
-        try:
-            self._attach(ctx, context, keep_cross_kv, single_pass=cache is None)
-            out = _interruptible(ctx, ctx.forward, ids, pos, mask, 2 if logits == "all" else 1, progress="forward")
-        except KeyboardInterrupt:
-            if cache is not None:  # its tokens were half appended: start it afresh
-                cache.reset()
-            raise
-        finally:
-            if kept:
-                self._kept_lock.release()
+        call_ctx = (
+            contextlib.nullcontext(cache._ctx)
+            if cache is not None
+            else self._call_context(ids.shape[0], ids.shape[1], keepable=context is None)
+        )
+        with call_ctx as ctx:
+            try:
+                self._attach(ctx, context, keep_cross_kv, single_pass=cache is None)
+                out = _interruptible(ctx, ctx.forward, ids, pos, mask, 2 if logits == "all" else 1, progress="forward")
+            except KeyboardInterrupt:
+                if cache is not None:  # its tokens were half appended: start it afresh
+                    cache.reset()
+                raise
         return out[0] if squeeze else out
 
     __call__ = forward
@@ -516,12 +515,7 @@ class Model:
         pad = self.config.pad_token_id
         if pad is None or pad >= self.config.vocab_size:
             pad = int(eos[0]) if len(eos) else 0
-        kept = False
-        if context is None:  # a kept context never has a CEPE context attached
-            ctx, kept = self._forward_context(B, T + max_new_tokens)
-        else:
-            ctx = cepe_c.Context(self._core, B, T + max_new_tokens)
-        try:
+        with self._call_context(B, T + max_new_tokens, keepable=context is None) as ctx:
             self._attach(ctx, context, keep_cross_kv)
             _interruptible(ctx, ctx.forward, ids, None, mask, 0, progress="prompt")
             out = _interruptible(
@@ -535,9 +529,6 @@ class Model:
                 eos_ids=eos,
                 pad_token_id=pad,
             )
-        finally:
-            if kept:
-                self._kept_lock.release()
         return out[0] if squeeze else out
 
     def generate_stream(
