@@ -168,6 +168,26 @@ def test_cache_keeps_context_between_calls(built):
     np.testing.assert_allclose(np.concatenate(parts, axis=1), full, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["all_layers_gqa", "last_two_layers"])
+def test_last_logits_with_context_match_oracle_and_continue(built, name):
+    """logits="last" runs the last layer (cross-attention included) for each
+    row's last token only; its logits and the cache it leaves are the full
+    path's."""
+    path, ref = built(name)
+    model = cepe.load(path)
+    rng = np.random.default_rng(12)
+    ctx, cmask = chunks_and_mask(rng, pad="mixed")
+    ids = rng.integers(3, 101, size=(2, 9))
+    want = ref.forward(ids, ref.encode(ctx, cmask), cmask).numpy()
+    kw = dict(encoder_input_ids=ctx, encoder_attention_mask=cmask)
+    last = model.forward(ids, logits="last", **kw)
+    np.testing.assert_allclose(last, want[:, -1], atol=TOL, rtol=0)
+    cache = model.create_cache(2, 12)
+    model.forward(ids[:, :6], cache=cache, logits="last", **kw)
+    rest = np.concatenate([model.forward(ids[:, t : t + 1], cache=cache) for t in range(6, 9)], axis=1)
+    np.testing.assert_allclose(rest, want[:, 6:], atol=TOL, rtol=0)
+
+
 def test_perplexity_protocol(built):
     path, ref = built("all_layers_gqa")
     model = cepe.load(path)

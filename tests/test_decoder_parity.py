@@ -81,6 +81,44 @@ def test_long_input_crosses_prefill_chunks(tiny):
     np.testing.assert_allclose(model.forward(ids), hf_logits(hf, ids), atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["gqa", "mistral_window"])
+def test_last_logits_path_matches_full_and_leaves_a_complete_cache(name, model_factory):
+    """logits="last" runs the last layer for each row's last token only (its
+    K/V still for every token): the same last logits as the full forward and
+    as transformers, over several prefill chunks of a left-padded batch, and a
+    cache that decoding continues from exactly as after a full forward."""
+    mt, dtype, shard, over = VARIANTS[name]
+    path, hf = model_factory(name, model_type=mt, dtype=dtype, max_shard_size=shard, **over)
+    model = cepe.load(path)
+    rng = np.random.default_rng(11)
+    lengths, T = [200, 150, 37], 200  # batch 3: prefill chunks of 170 + 30 tokens
+    ids = random_ids(rng, (3, T))
+    mask = np.zeros((3, T), dtype=np.int64)
+    for i, n in enumerate(lengths):
+        mask[i, T - n :] = 1
+    full = model.forward(ids, attention_mask=mask)
+    last = model.forward(ids, attention_mask=mask, logits="last")
+    assert last.shape == (3, model.config.vocab_size)
+    np.testing.assert_allclose(last, full[:, -1], atol=1e-5, rtol=0)
+    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    ref = hf_logits(hf, ids, attention_mask=mask, position_ids=pos)
+    np.testing.assert_allclose(last, ref[:, -1], atol=TOL, rtol=0)
+    # the cache the last-only prefill left: every layer holds every token
+    nxt = random_ids(rng, (3, 4))
+    caches = [model.create_cache(batch_size=3, capacity=T + 4) for _ in range(2)]
+    model.forward(ids, attention_mask=mask, cache=caches[0], logits="last")
+    model.forward(ids, attention_mask=mask, cache=caches[1])
+    steps = [[model.forward(nxt[:, t : t + 1], cache=c) for t in range(4)] for c in caches]
+    np.testing.assert_allclose(np.concatenate(steps[0], 1), np.concatenate(steps[1], 1), atol=1e-5, rtol=0)
+    ext_mask = np.concatenate([mask, np.ones((3, 4), dtype=np.int64)], axis=1)
+    ext_pos = np.clip(np.cumsum(ext_mask, axis=1) - 1, 0, None)
+    ref = hf_logits(hf, np.concatenate([ids, nxt], 1), attention_mask=ext_mask, position_ids=ext_pos)
+    np.testing.assert_allclose(np.concatenate(steps[0], 1), ref[:, T:], atol=TOL, rtol=0)
+    # one row, two chunks (512 + 88): the last chunk alone takes the short path
+    ids = random_ids(rng, (1, 600))
+    np.testing.assert_allclose(model.forward(ids, logits="last"), hf_logits(hf, ids)[:, -1], atol=TOL, rtol=0)
+
+
 def test_left_padded_batch_matches_rows_alone(tiny):
     path, hf = tiny
     model = cepe.load(path)

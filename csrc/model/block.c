@@ -2,18 +2,29 @@
  * the CEPE encoder (they differ only in where K/V live and in the mask). */
 #include "model.h"
 
-void block_qkv(const cepe_model *m, const layer_weights *w, const cepe_config *c, const float *x,
-               const block_scratch *s, int N, const rope_state *rope, int nt) {
+void block_kv(const cepe_model *m, const layer_weights *w, const cepe_config *c, const float *x,
+              const block_scratch *s, int N, const rope_state *rope, int nt) {
     const cepe_backend *be = m->be;
-    const int d = c->hidden_size, hd = c->head_dim;
-    const int qd = c->n_heads * hd, kvd = c->n_kv_heads * hd;
+    const int d = c->hidden_size, kvd = c->n_kv_heads * c->head_dim;
     be->rmsnorm(be, s->xn, x, w->attn_norm, N, d, c->rms_norm_eps, nt);
-    model_matmul(m, s->q, s->xn, w->wq, N, d, qd, 0);
     model_matmul(m, s->k, s->xn, w->wk, N, d, kvd, 0);
     model_matmul(m, s->v, s->xn, w->wv, N, d, kvd, 0);
-    const int il = rope->rc.layout == CEPE_ROPE_INTERLEAVED;
-    be->rope(be, s->q, s->cos_t, s->sin_t, N, c->n_heads, hd, rope->half, il, nt);
-    be->rope(be, s->k, s->cos_t, s->sin_t, N, c->n_kv_heads, hd, rope->half, il, nt);
+    be->rope(be, s->k, s->cos_t, s->sin_t, N, c->n_kv_heads, c->head_dim, rope->half,
+             rope->rc.layout == CEPE_ROPE_INTERLEAVED, nt);
+}
+
+void block_q(const cepe_model *m, const layer_weights *w, const cepe_config *c, const block_scratch *s, int N,
+             const rope_state *rope, int nt) {
+    const cepe_backend *be = m->be;
+    model_matmul(m, s->q, s->xn, w->wq, N, c->hidden_size, c->n_heads * c->head_dim, 0);
+    be->rope(be, s->q, s->cos_t, s->sin_t, N, c->n_heads, c->head_dim, rope->half,
+             rope->rc.layout == CEPE_ROPE_INTERLEAVED, nt);
+}
+
+void block_qkv(const cepe_model *m, const layer_weights *w, const cepe_config *c, const float *x,
+               const block_scratch *s, int N, const rope_state *rope, int nt) {
+    block_kv(m, w, c, x, s, N, rope, nt);
+    block_q(m, w, c, s, N, rope, nt);
 }
 
 void block_mlp(const cepe_model *m, const layer_weights *w, const cepe_config *c, float *x,

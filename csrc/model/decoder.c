@@ -24,7 +24,7 @@ static int nt_of(const cepe_ctx *x) { return x->m->n_threads; }
  * laid out (B, c, ·), with `len` tokens already in the cache before them. */
 typedef struct {
     float *x;                   /* (B*c, d) residual stream */
-    const float *cos_t, *sin_t; /* (B*c, rope half) */
+    float *cos_t, *sin_t;       /* (B*c, rope half) */
     int c, len;
 } chunk_view;
 
@@ -69,45 +69,70 @@ static void cross_attention(cepe_ctx *x, int l, const chunk_view *cv, const floa
     model_matmul(m, cv->x, x->att, w->cross_wo, N, qd, d, 1);
 }
 
+/* Each row's last token moved to rows 0..B-1 of a (B*c, width) buffer, in
+ * place: row b goes to row b from row b*c + c - 1 >= b, and a later row's
+ * source lies past every earlier destination. */
+static void keep_last_rows(const cepe_backend *be, float *buf, int B, int c, int width) {
+    for (int b = 0; b < B; b++)
+        be->copy(be, buf + (long)b * width, buf + ((long)b * c + c - 1) * width, sizeof(float) * (size_t)width);
+}
+
 /* Decoder layer l over one chunk: causal self-attention over the cache (the
  * chunk's K/V appended at slot cv->len), then CEPE cross-attention when a
  * context is set (ck/cv_: its K/V; skipped without context, so the model is
- * exactly its base decoder), then the MLP. */
-static void layer_forward(cepe_ctx *x, int l, const chunk_view *cv, const float *ck, const float *cv_) {
+ * exactly its base decoder), then the MLP.
+ * last_only: nothing after this layer reads any row but each row's last
+ * token (the last layer when only the final logits are wanted). Every row's
+ * K/V still go to the cache, but the queries, attention, o_proj and MLP run
+ * for the B last tokens alone, left in rows 0..B-1 of cv->x (with their RoPE
+ * rows moved along): almost a whole layer less work for a long prefill. */
+static void layer_forward(cepe_ctx *x, int l, const chunk_view *cv, const float *ck, const float *cv_,
+                          int last_only) {
     const cepe_model *m = x->m;
     const cepe_config *cfg = &m->cfg;
     const cepe_backend *be = m->be;
     const layer_weights *w = &m->w.layers[l];
-    const int B = x->B, c = cv->c, N = B * c, d = cfg->hidden_size;
-    const int H = cfg->n_heads, KVH = cfg->n_kv_heads, hd = cfg->head_dim;
+    const int B = x->B, c = cv->c, d = cfg->hidden_size;
+    const int H = cfg->n_heads, KVH = cfg->n_kv_heads, hd = cfg->head_dim, half = m->rope.half;
     const int qd = H * hd, kvd = KVH * hd, nt = m->n_threads;
     const long layer_stride = (long)B * x->cap * kvd;
     float *kc = x->k_cache + l * layer_stride, *vc = x->v_cache + l * layer_stride;
     const block_scratch s = {.xn = x->xn, .q = x->q, .k = x->k, .v = x->v, .att = x->att,
                              .gate = x->gate, .up = x->up, .cos_t = cv->cos_t, .sin_t = cv->sin_t};
-    const attention_shape shape = {
-        .B = B, .Tq = c, .Tk = cv->len + c, .H = H, .KVH = KVH, .hd = hd,
-        .q_rstride = qd, .q_bstride = (long)c * qd,
-        .kv_rstride = kvd, .kv_bstride = (long)x->cap * kvd, .valid_bstride = x->cap,
-        .causal = 1, .q_offset = cv->len, .window = cfg->sliding_window,
-        .scale = 1.0f / sqrtf((float)hd),
-    };
-    block_qkv(m, w, cfg, cv->x, &s, N, &m->rope, nt);
+    block_kv(m, w, cfg, cv->x, &s, B * c, &m->rope, nt);
     for (int b = 0; b < B; b++) { /* append this chunk's keys/values */
         const size_t bytes = sizeof(float) * (size_t)c * kvd;
         be->copy(be, kc + ((long)b * x->cap + cv->len) * kvd, x->k + (long)b * c * kvd, bytes);
         be->copy(be, vc + ((long)b * x->cap + cv->len) * kvd, x->v + (long)b * c * kvd, bytes);
     }
+    last_only = last_only && c > 1;
+    if (last_only) {
+        keep_last_rows(be, x->xn, B, c, d);
+        keep_last_rows(be, cv->x, B, c, d);
+        keep_last_rows(be, cv->cos_t, B, c, half);
+        keep_last_rows(be, cv->sin_t, B, c, half);
+    }
+    const int nq = last_only ? 1 : c, N = B * nq; /* query rows per batch row, in all */
+    const attention_shape shape = {
+        .B = B, .Tq = nq, .Tk = cv->len + c, .H = H, .KVH = KVH, .hd = hd,
+        .q_rstride = qd, .q_bstride = (long)nq * qd,
+        .kv_rstride = kvd, .kv_bstride = (long)x->cap * kvd, .valid_bstride = x->cap,
+        .causal = 1, .q_offset = cv->len + c - nq, .window = cfg->sliding_window,
+        .scale = 1.0f / sqrtf((float)hd),
+    };
+    block_q(m, w, cfg, &s, N, &m->rope, nt);
     be->attention(be, x->att, x->q, kc, vc, x->valid, &shape, nt);
     model_matmul(m, cv->x, x->att, w->wo, N, qd, d, 1); /* x += o_proj(att) */
-    if (ck) cross_attention(x, l, cv, ck, cv_); /* between self-attention and the MLP */
+    const chunk_view qv = {.x = cv->x, .cos_t = cv->cos_t, .sin_t = cv->sin_t, .c = nq, .len = cv->len + c - nq};
+    if (ck) cross_attention(x, l, &qv, ck, cv_); /* between self-attention and the MLP */
     block_mlp(m, w, cfg, cv->x, &s, N, nt);
 }
 
 /* Chunk-major: every layer over the c tokens per row already gathered into
  * x->ids / x->pos (the cache holds x->len tokens before them). Leaves the
- * final-normed hidden states in x->xn. */
-static cepe_status run_layers(cepe_ctx *x, int c) {
+ * final-normed hidden states in x->xn: row b*c + t for token t of row b, or
+ * with last_only (see layer_forward) only each row's last token, at row b. */
+static cepe_status run_layers(cepe_ctx *x, int c, int last_only) {
     const cepe_model *m = x->m;
     const cepe_config *cfg = &m->cfg;
     const cepe_backend *be = m->be;
@@ -118,11 +143,11 @@ static cepe_status run_layers(cepe_ctx *x, int c) {
     for (int l = 0; l < cfg->n_layers; l++) {
         const float *ck = NULL, *cvv = NULL;
         if (l >= m->first_cross && x->ctx_N > 0) cross_kv(x, l, &ck, &cvv);
-        layer_forward(x, l, &cv, ck, cvv);
+        layer_forward(x, l, &cv, ck, cvv, last_only && l == cfg->n_layers - 1);
         atomic_fetch_add_explicit(&x->progress_done, 1, memory_order_relaxed);
         if (interrupted(x)) return cepe_fail(CEPE_ERR_INTERRUPTED, "interrupted");
     }
-    be->rmsnorm(be, x->xn, x->x, m->w.final_norm, N, d, cfg->rms_norm_eps, nt_of(x));
+    be->rmsnorm(be, x->xn, x->x, m->w.final_norm, last_only ? x->B : N, d, cfg->rms_norm_eps, nt_of(x));
     return CEPE_OK;
 }
 
@@ -184,7 +209,7 @@ static cepe_status run_layer_major(cepe_ctx *x, const int32_t *ids, const double
             const long row0 = (long)B * t0;
             const chunk_view cv = {.x = resid + row0 * d, .cos_t = cos_t + row0 * half, .sin_t = sin_t + row0 * half,
                                    .c = T - t0 < x->chunk ? T - t0 : x->chunk, .len = x->len + t0};
-            layer_forward(x, l, &cv, ck, cvv);
+            layer_forward(x, l, &cv, ck, cvv, 0);
             atomic_fetch_add_explicit(&x->progress_done, 1, memory_order_relaxed);
         }
         if (interrupted(x)) return cepe_fail(CEPE_ERR_INTERRUPTED, "interrupted");
@@ -244,7 +269,7 @@ static int chunk_nll(cepe_ctx *x, const call_outputs *o, int T, int t0, int c) {
 /* The chunk's outputs from its final-normed states in x->xn: its logits (mode
  * ALL) or scores, and after the last chunk each row's last hidden state and
  * logits (what generation continues from). */
-static int chunk_outputs(cepe_ctx *x, const call_outputs *o, int T, int t0, int c) {
+static int chunk_outputs(cepe_ctx *x, const call_outputs *o, int T, int t0, int c, int last_only) {
     const cepe_model *m = x->m;
     const cepe_backend *be = m->be;
     const int V = m->cfg.vocab_size, d = m->cfg.hidden_size, B = x->B;
@@ -265,7 +290,8 @@ static int chunk_outputs(cepe_ctx *x, const call_outputs *o, int T, int t0, int 
     }
     if (t0 + c == T) { /* last chunk: keep each row's final hidden state and logits */
         for (int b = 0; b < B; b++)
-            bad |= be->copy(be, x->last_hidden + (long)b * d, x->xn + ((long)b * c + c - 1) * d, sizeof(float) * d);
+            bad |= be->copy(be, x->last_hidden + (long)b * d, x->xn + (last_only ? b : (long)b * c + c - 1) * d,
+                            sizeof(float) * d);
         if (all && be->device)
             for (int b = 0; b < B; b++)
                 bad |= be->copy(be, x->last_logits + (long)b * V, x->logits_d + ((long)b * c + c - 1) * V,
@@ -383,6 +409,8 @@ static cepe_status forward_call(cepe_ctx *x, const int32_t *ids, const double *p
         if (!st) st = run_layer_major(x, ids, positions, mask, T, resid, cos_t, sin_t);
         if (st == CEPE_ERR_BACKEND) st = backend_fail(be);
     }
+    /* Only each row's last state is read after the last chunk: its last layer may skip the other rows. */
+    const int last_only = o->mode != CEPE_LOGITS_ALL && !o->nll;
     for (int t0 = 0; t0 < T && !st; t0 += x->chunk) {
         const int c = T - t0 < x->chunk ? T - t0 : x->chunk;
         int bad = 0;
@@ -391,9 +419,9 @@ static cepe_status forward_call(cepe_ctx *x, const int32_t *ids, const double *p
                         nt_of(x));
         } else {
             bad = gather_chunk(x, ids, positions, mask, T, t0, c, x->len);
-            if (!bad) st = run_layers(x, c);
+            if (!bad) st = run_layers(x, c, last_only && t0 + c == T);
         }
-        if (!st && !bad) bad |= chunk_outputs(x, o, T, t0, c);
+        if (!st && !bad) bad |= chunk_outputs(x, o, T, t0, c, !layer_major && last_only && t0 + c == T);
         if (!st) st = backend_check(be);
         if (!st && bad) st = backend_fail(be);
         if (!st && !layer_major) x->len += c;

@@ -156,7 +156,13 @@ static inline int model_matmul(const cepe_model *m, float *out, const float *inp
     return be->matmul(be, out, inp, w, N, C, OC, accumulate, m->n_threads);
 }
 
-/* xn = RMSNorm(x); q, k, v = projections; RoPE on q and k. */
+/* xn = RMSNorm(x); k, v = projections; RoPE on k. */
+void block_kv(const cepe_model *m, const layer_weights *w, const cepe_config *c, const float *x,
+              const block_scratch *s, int N, const rope_state *rope, int nt);
+/* q = projection of xn; RoPE on q. */
+void block_q(const cepe_model *m, const layer_weights *w, const cepe_config *c, const block_scratch *s, int N,
+             const rope_state *rope, int nt);
+/* Both: xn = RMSNorm(x); q, k, v = projections; RoPE on q and k. */
 void block_qkv(const cepe_model *m, const layer_weights *w, const cepe_config *c, const float *x,
                const block_scratch *s, int N, const rope_state *rope, int nt);
 /* x += MLP(RMSNorm(x)). */
