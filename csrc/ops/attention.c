@@ -254,7 +254,11 @@ void attention_forward(float *out, const float *q, const float *k, const float *
         att_scratch *w = thread_scratch();
 #pragma omp for schedule(dynamic, 1)
         for (long task = 0; task < n_tasks; task++) {
-            const int qb = (int)(task % n_qblocks);
+            /* Causal: a head's later query blocks see more keys; taking
+             * them first leaves short tasks to even out the threads' finish
+             * (2.5 % off a 512-token prefill's attention; all heads' long
+             * blocks first gained less). */
+            const int qr = (int)(task % n_qblocks), qb = s->causal ? n_qblocks - 1 - qr : qr;
             const int h = (int)((task / n_qblocks) % s->H);
             const int b = (int)(task / ((long)n_qblocks * s->H));
             const int t0 = qb * ATT_QBLOCK;
