@@ -225,6 +225,9 @@ ATTENTION_CASES = {
     # diagonal blocks off the block grid (q_offset), split into a half seeing part of the block
     "causal_offset_diagonal": (1, 257, 300, 6, 2, 64, True, 43, 0, None),
     "causal_window_padded_diagonal": (2, 200, 200, 4, 2, 32, True, 0, 50, [0, 30]),
+    # several key blocks (256 keys each on the CPU) with a partial last one: the online softmax's rescaling
+    "causal_three_key_blocks": (1, 530, 530, 4, 2, 64, True, 0, 0, None),
+    "cross_long_padded": (2, 140, 600, 4, 2, 32, False, 0, 0, [0, 270]),
 }
 
 
