@@ -135,10 +135,10 @@ static void attend_block_gemm(float *out, const float *q, const float *k, const 
             w->kvalid[jj] = valid ? valid[j0 + jj] != 0 : 1;
             all_valid &= w->kvalid[jj];
         }
-        /* The causal diagonal: when the first half of the rows sees at most
-         * half of this block, its scores and P·V cover only the keys it can
-         * see (rows [0, split) use nk_lo columns, the rest all nk), which
-         * saves a quarter of the diagonal block's work. */
+        /* The causal diagonal: when the first half of the rows sees only
+         * part of this block, its scores and P·V cover only the keys it can
+         * see, rounded up to 16 (rows [0, split) use nk_lo columns, the rest
+         * all nk): up to a quarter of the diagonal block's work saved. */
         int split = 0, nk_lo = nk;
         if (nq >= 16) {
             int ext = 0;
@@ -146,7 +146,8 @@ static void attend_block_gemm(float *out, const float *q, const float *k, const 
                 const int e = (hi[i] < j0 + nk ? hi[i] : j0 + nk) - j0;
                 ext = e > ext ? e : ext;
             }
-            if (ext <= nk / 2) split = nq / 2, nk_lo = ext;
+            ext = (ext + 15) / 16 * 16; /* whole SIMD widths */
+            if (ext < nk) split = nq / 2, nk_lo = ext;
         }
         if (split && nk_lo > 0)
             CEPE_SGEMM(CblasRowMajor, CblasNoTrans, CblasTrans, split, nk_lo, hd, s->scale, qb, (int)s->q_rstride,
