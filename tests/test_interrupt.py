@@ -25,14 +25,19 @@ def _send_sigint_after(seconds: float) -> threading.Timer:
 @pytest.mark.parametrize("call", ["forward", "generate"])
 def test_ctrl_c_interrupts_a_long_call(tiny, call):
     model = cepe.load(tiny[0], n_threads=1)
-    ids = random_ids(np.random.default_rng(0), (1, 12000 if call == "forward" else 8))
-    run = {
-        "forward": lambda: model.forward(ids, logits="last"),
-        "generate": lambda: model.generate(ids, 5000, eos_token_id=[]),
-    }[call]
-    start = time.perf_counter()
-    run()
-    full = time.perf_counter() - start
+    n = 12000 if call == "forward" else 5000  # prompt tokens / new tokens, grown until a call takes > 1 s
+    while True:
+        ids = random_ids(np.random.default_rng(0), (1, n if call == "forward" else 8))
+        run = {
+            "forward": lambda ids=ids: model.forward(ids, logits="last"),
+            "generate": lambda ids=ids, n=n: model.generate(ids, n, eos_token_id=[]),
+        }[call]
+        start = time.perf_counter()
+        run()
+        full = time.perf_counter() - start
+        if full > 1.0 or n >= 48000:
+            break
+        n = int(n * 1.5)
     assert full > 1.0, "the call must be long enough to interrupt"
     timer = _send_sigint_after(0.3)
     start = time.perf_counter()
@@ -47,8 +52,8 @@ def test_ctrl_c_interrupts_a_long_call(tiny, call):
 
 def test_interrupted_cache_is_reset(tiny):
     model = cepe.load(tiny[0], n_threads=1)
-    cache = model.create_cache(1, 7000)
-    ids = random_ids(np.random.default_rng(1), (1, 6000))
+    cache = model.create_cache(1, 16000)
+    ids = random_ids(np.random.default_rng(1), (1, 16000))  # about 1.4 s here: still running at 0.2 s
     timer = _send_sigint_after(0.2)
     with pytest.raises(KeyboardInterrupt):
         model.forward(ids, cache=cache, logits="last")
