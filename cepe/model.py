@@ -376,7 +376,8 @@ class Model:
         keep_cross_kv: bool | None = None,
     ) -> np.ndarray:
         """float32 logits: (B, T, V) for (B, T) ids, (T, V) for (T,) ids; with
-        logits="last", (B, V) or (V,).
+        logits="last", (B, V) or (V,), and the last layer runs for each row's
+        last token only (every token's K/V still enter the cache).
 
         attention_mask (same shape, 1 = token, 0 = padding) lets a batch mix
         lengths with left padding; positions then count only real tokens, so
