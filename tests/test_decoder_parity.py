@@ -70,7 +70,8 @@ def test_one_dimensional_input_and_int32(tiny):
     out = model.forward(ids)
     assert out.shape == (17, model.config.vocab_size)
     np.testing.assert_allclose(out, hf_logits(hf, ids.astype(np.int64))[0], atol=TOL, rtol=0)
-    np.testing.assert_allclose(model.forward(ids, logits="last"), out[-1], atol=1e-6, rtol=0)
+    # logits="last" runs the last layer for one row (a matrix-vector product): float32 rounding differs
+    np.testing.assert_allclose(model.forward(ids, logits="last"), out[-1], atol=1e-5, rtol=0)
 
 
 def test_long_input_crosses_prefill_chunks(tiny):
