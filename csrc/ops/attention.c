@@ -222,14 +222,7 @@ static void attend_block(float *out, const float *q, const float *k, const float
             float *a = w->acc[i];
             if (corr != 1.0f)
                 for (int d = 0; d < hd; d++) a[d] *= corr;
-            const float mi = w->m[i];
-            float psum = 0.0f;
-#pragma omp simd reduction(+ : psum)
-            for (int jj = 0; jj < nk; jj++) {
-                sc[jj] = cepe_exp_neg(sc[jj] - mi); /* masked: exp(-inf) = 0 */
-                psum += sc[jj];
-            }
-            w->l[i] += psum;
+            w->l[i] += row_exp_sum(sc, nk, w->m[i]); /* masked: exp(-inf) = 0 */
             for (int jj = 0; jj < nk; jj++) {
                 const float p = sc[jj];
                 if (p == 0.0f) continue; /* masked or underflowed: skip the row of V */
