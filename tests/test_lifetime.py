@@ -77,8 +77,9 @@ def test_weights_outlive_their_arrays(tiny):
 
 def test_two_threads_one_cache_is_rejected(tiny):
     model = cepe.load(tiny[0], n_threads=1)
-    cache = model.create_cache(1, 6000)
-    ids = np.random.default_rng(0).integers(3, 97, (1, 3000))
+    cache = model.create_cache(1, 13000)
+    # about 0.8 s here (3000 tokens had become short enough to end before the second call)
+    ids = np.random.default_rng(0).integers(3, 97, (1, 12000))
     errors: list[BaseException] = []
 
     def long_call() -> None:
@@ -94,14 +95,14 @@ def test_two_threads_one_cache_is_rejected(tiny):
         model.forward(np.array([[3]]), cache=cache)
     t.join()
     assert not errors
-    assert len(cache) == 3000
+    assert len(cache) == 12000
 
 
 def test_two_models_in_two_threads_and_the_gil_is_released(tiny):
     """Two threads on two models give the single-thread results, and while the
     core computes, Python code in another thread keeps running (GIL released)."""
     a, b = cepe.load(tiny[0], n_threads=1), cepe.load(tiny[0], n_threads=1)
-    ids = np.random.default_rng(1).integers(3, 97, (1, 2500))
+    ids = np.random.default_rng(1).integers(3, 97, (1, 6000))
     want = a.forward(ids, logits="last")
     results: dict[str, np.ndarray] = {}
     threads = [
