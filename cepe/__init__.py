@@ -11,6 +11,7 @@ from __future__ import annotations
 from .backends import backends
 from .config import DecoderConfig, parse_config
 from .errors import CheckpointError, ConfigError
+from .head import attach_encoder
 from .load import load
 from .model import KVCache, Model
 from .pull import pull  # issue 8: cepe.pull("smollm2-135m") (the module is importlib.import_module("cepe.pull"))
@@ -31,4 +32,5 @@ __all__ = [
     "parse_config",
     "pull",
     "__version__",
+    "attach_encoder",
 ]

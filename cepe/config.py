@@ -12,9 +12,12 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .errors import ConfigError
-from .rope import RopeSettings, parse_rope
+from .rope import LAYOUTS, RopeSettings, parse_rope
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+# cepe's own config.json key: "interleaved" for weights in Meta's RoPE pair order (x[2j], x[2j+1]),
+# as GGUF files store them; absent or "half" for HF's rotate-half order. transformers ignores it.
+ROPE_LAYOUT_KEY = "rope_layout"
 MAX_LAYERS = 4096  # no real model is near this; a corrupt file claiming millions must not allocate for them
 
 
@@ -193,7 +196,10 @@ def parse_config(cfg: Any, rope_scaling: dict[str, Any] | None = None) -> Decode
         raise ConfigError(f"config.json: head_dim must be even for RoPE, got {head_dim}")
     if head_dim > 256:
         raise NotImplementedError(f"config.json: head_dim {head_dim} is larger than the supported 256")
-    rope = parse_rope(cfg, rope_scaling)
+    layout = cfg.get(ROPE_LAYOUT_KEY, "half")
+    if layout not in LAYOUTS:
+        raise ConfigError(f"config.json: {ROPE_LAYOUT_KEY!r} must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    rope = parse_rope(cfg, rope_scaling, layout=layout)
 
     tie = cfg.get("tie_word_embeddings", False)
     if not isinstance(tie, bool):

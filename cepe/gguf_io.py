@@ -24,7 +24,6 @@ the memory-mapped file). Two conventions differ from HF safetensors:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import mmap
 import os
@@ -37,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from .config import ROPE_LAYOUT_KEY
 from .errors import CheckpointError
 
 GGUF_MAGIC = b"GGUF"
@@ -474,6 +474,7 @@ def hf_config(gf: GGUFFile) -> dict[str, Any]:
         "rope_theta": float(_key(gf, p + "rope.freq_base", (int, float), 10000.0)),
         "max_position_embeddings": ctx,
         "tie_word_embeddings": "output.weight" not in gf.tensors,
+        ROPE_LAYOUT_KEY: "interleaved",  # llama.cpp's converter stores q/k rows in Meta's pair order
     }
     if head_dim and rotary != head_dim:
         cfg["partial_rotary_factor"] = rotary / head_dim
@@ -495,11 +496,11 @@ def hf_config(gf: GGUFFile) -> dict[str, Any]:
 
 
 def read_config(gf: GGUFFile, rope_scaling: dict[str, Any] | None = None) -> Any:
-    """The DecoderConfig of a GGUF file, with the interleaved RoPE layout of GGUF weights."""
+    """The DecoderConfig of a GGUF file (hf_config records the interleaved RoPE layout of GGUF
+    weights, so a model saved from it reloads with the same layout)."""
     from .config import parse_config
 
-    cfg = parse_config(hf_config(gf), rope_scaling)
-    return dataclasses.replace(cfg, rope=dataclasses.replace(cfg.rope, layout="interleaved"))
+    return parse_config(hf_config(gf), rope_scaling)
 
 
 # -------------------------------------------------------------------- load

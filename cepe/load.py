@@ -105,8 +105,9 @@ def load(
     """Loads an HF LLaMA-family checkpoint directory (config.json + safetensors),
     a LLaMA GGUF file (path ending in .gguf or starting with b"GGUF"; quantized
     weights are dequantized to float32), or a model fetched with `cepe pull`
-    by its name (e.g. "smollm2-135m"). The model's tokenizer, if the
-    checkpoint has one, is model.tokenizer (else None).
+    by its name (e.g. "smollm2-135m"), or a CEPE head directory (config.json
+    naming its decoder + head.safetensors; see cepe.head). The model's
+    tokenizer, if the checkpoint has one, is model.tokenizer (else None).
 
     float32 tensors are memory-mapped, not copied; fp16/bf16 are widened to
     float32 once. rope_scaling overrides the checkpoint's RoPE settings
@@ -142,6 +143,18 @@ def load(
     if not os.path.isdir(model_dir):
         raise NotADirectoryError(f"{model_dir} is not a directory (expected an HF model directory)")
     cfg = read_config(model_dir, rope_scaling)
+    from .head import DECODER_KEY, load_head
+
+    if cfg.raw.get(DECODER_KEY):  # a CEPE head: the decoder it names, plus head.safetensors
+        return load_head(
+            model_dir,
+            cfg.raw,
+            device=device,
+            n_threads=n,
+            rope_scaling=rope_scaling,
+            check_weights=check_weights,
+            dtype=dtype,
+        )
     ckpt = Checkpoint(model_dir)
 
     encoder = cfg.encoder.core_kwargs() if cfg.encoder is not None else None

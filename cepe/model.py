@@ -208,6 +208,7 @@ class Model:
         self.device = device
         self.dtype = "float32"  # cepe.load sets "bfloat16" for bf16 weights on a GPU
         self._kept_ctx: cepe_c.Context | None = None  # forward()'s context, kept between calls
+        self._kept_core: cepe_c.Model | None = None  # the core _kept_ctx was made for
         self._kept_lock = threading.Lock()  # held by the one call using _kept_ctx
 
     def __repr__(self) -> str:
@@ -217,6 +218,26 @@ class Model:
             f"d={c.hidden_size}, heads={c.num_attention_heads}/{c.num_key_value_heads}, vocab={c.vocab_size}, "
             f"device={self.device!r}, n_threads={self.n_threads})"
         )
+
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        head_only: bool | None = None,
+        dtype: str = "float32",
+        overwrite: bool = False,
+    ) -> str:
+        """Writes the model to a directory that cepe.load reads back to the same logits.
+
+        head_only (default: True for a CEPE head, from attach_encoder or a head directory): only
+        config.json (naming the decoder) + head.safetensors (encoder and cross-attention);
+        else a full checkpoint (config.json, model.safetensors, tokenizer files, chat template,
+        generation_config.json). dtype: "float32" (exact), "bfloat16" or "float16" for the
+        tensors written. An existing `path` is replaced only with overwrite=True and only if it
+        is a saved model directory; anything else raises FileExistsError. Returns the path."""
+        from .save import save_model
+
+        return save_model(self, path, head_only=head_only, dtype=dtype, overwrite=overwrite)
 
     def create_cache(self, batch_size: int = 1, capacity: int | None = None) -> KVCache:
         """An empty KV cache for incremental decoding (capacity defaults to
@@ -250,9 +271,10 @@ class Model:
             return
         try:
             ctx = self._kept_ctx
-            if ctx is None or ctx.batch != batch or ctx.capacity < tokens:
+            if ctx is None or ctx.batch != batch or ctx.capacity < tokens or self._kept_core is not self._core:
                 self._kept_ctx = None  # the old one goes before the new one is made
                 ctx = self._kept_ctx = cepe_c.Context(self._core, batch, tokens)
+                self._kept_core = self._core  # a Trainer swaps the core: a context of the old one is dropped
             else:
                 ctx.reset()
             yield ctx

@@ -167,3 +167,57 @@ class Checkpoint:
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         for name in self.where:
             yield name, self.get(name)
+
+
+# ------------------------------------------------------------------ writing
+
+WRITE_DTYPES = ("float32", "float16", "bfloat16")
+_TAGS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def _encode(a: np.ndarray, dtype: str) -> np.ndarray:
+    """a (float32) as the little-endian array of `dtype` whose bytes are written."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if dtype == "float32":
+        return a.astype("<f4", copy=False)
+    if dtype == "float16":
+        with np.errstate(over="ignore"):
+            h = a.astype("<f2")
+        if np.isinf(h).any() and not np.isinf(a[np.isinf(h)]).all():
+            raise ValueError("a value is beyond float16's range (|x| > 65504): save as float32 or bfloat16")
+        return h
+    # bfloat16: round to nearest even on the upper 16 bits (NaN stays NaN)
+    u = a.view(np.uint32).astype(np.uint64)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2")
+    nan = np.isnan(a)
+    if nan.any():
+        rounded[nan] = 0x7FC0
+    return rounded
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], dtype: str = "float32") -> None:
+    """Float tensors in the safetensors format, each stored as `dtype` ("float32", "float16" or
+    "bfloat16"): an 8-byte little-endian header length, the JSON header (space-padded so the
+    data starts 64-byte aligned), then every tensor's bytes back to back (the format allows no
+    gaps between them). Flushed and fsynced."""
+    if dtype not in WRITE_DTYPES:
+        raise ValueError(f"dtype must be one of {WRITE_DTYPES}, got {dtype!r}")
+    header: dict[str, object] = {}
+    off = 0
+    names = sorted(tensors)
+    size = np.dtype(np.float32).itemsize if dtype == "float32" else 2
+    for name in names:
+        a = tensors[name]
+        if a.dtype != np.float32:
+            raise TypeError(f"{name}: only float32 tensors are written, got {a.dtype}")
+        header[name] = {"dtype": _TAGS[dtype], "shape": list(a.shape), "data_offsets": [off, off + a.size * size]}
+        off += a.size * size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-(8 + len(blob)) % 64)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name in names:
+            f.write(_encode(tensors[name], dtype).tobytes())
+        f.flush()
+        os.fsync(f.fileno())

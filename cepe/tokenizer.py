@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections.abc import Sequence
 from datetime import datetime
 from types import SimpleNamespace
@@ -109,6 +110,7 @@ class SentencePieceBackend:
             self.sp = spm.SentencePieceProcessor(model_file=path)
         except Exception as exc:  # noqa: BLE001 - sentencepiece raises OSError/RuntimeError variants
             raise CheckpointError(f"{path}: cannot read the SentencePiece model ({exc})") from None
+        self.path = path
         self.add_bos, self.add_eos = add_bos, add_eos
         n = self.sp.get_piece_size()
         self._control = {i for i in range(n) if self.sp.is_control(i) or self.sp.is_unknown(i)}
@@ -243,6 +245,39 @@ class Tokenizer:
             "unk_token": self.unk_token or "",
         }
         return str(template.render(messages=messages, add_generation_prompt=add_generation_prompt, **special, **kwargs))
+
+    # ------------------------------------------------------------ files
+
+    def save(self, directory: str | os.PathLike[str]) -> list[str]:
+        """Writes the files from_dir() reads back to this tokenizer: tokenizer.json (or the
+        SentencePiece tokenizer.model) and tokenizer_config.json (special tokens, chat template).
+        Returns the paths written."""
+        d = os.fspath(directory)
+        written = []
+        conf: dict[str, Any] = {
+            key: value
+            for key, value in (
+                ("bos_token", self.bos_token),
+                ("eos_token", self.eos_token),
+                ("pad_token", self.pad_token),
+                ("unk_token", self.unk_token),
+                ("chat_template", self.chat_template),
+            )
+            if value is not None
+        }
+        if isinstance(self.backend, SentencePieceBackend):
+            path = os.path.join(d, "tokenizer.model")
+            shutil.copyfile(self.backend.path, path)
+            conf.update(add_bos_token=self.backend.add_bos, add_eos_token=self.backend.add_eos)
+        else:
+            path = os.path.join(d, "tokenizer.json")
+            self.backend.save(path)
+        written.append(path)
+        path = os.path.join(d, "tokenizer_config.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(conf, f, indent=1, ensure_ascii=False)
+        written.append(path)
+        return written
 
     # ------------------------------------------------------------ builders
 

@@ -35,19 +35,13 @@ from tqdm.auto import tqdm
 
 import cepe_c
 
+from .head import DECODER_KEY, SHARE_KEY, cross_attention_init
 from .model import Model
 from .rope import e2llm_positions
-from .safetensors_io import SafetensorsFile
+from .safetensors_io import SafetensorsFile, write_safetensors
+from .save import fsync_path, write_json, write_model
 
 STATE_FORMAT = 1  # trainer_state.json's "format"
-# Files of a model directory a checkpoint carries along (the tokenizer, generation defaults).
-_SIDE_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "generation_config.json",
-)
 
 TRAINABLE = ("cross_attn", "cross_attn+encoder", "all")
 INIT_MODES = ("none", "copy", "zero", "normal")
@@ -204,6 +198,11 @@ class Trainer:
         if self.config["beta1"] >= 1.0 or self.config["beta2"] >= 1.0:
             raise ValueError(f"betas must be in [0, 1), got {tuple(betas)}")
 
+        if model.config.raw.get(SHARE_KEY) and model.device != "cpu" and trainable != "cross_attn":
+            raise NotImplementedError(
+                f"trainable={trainable!r} with an encoder that shares the decoder's embedding table runs on the "
+                "CPU only (a device holds the table twice, and would train the copy)"
+            )
         old = model._core
         layout, n_params = cepe_c.train_layout(old, trainable)
         weights = cepe_c.train_weights(old)  # read-only views of what the old core binds
@@ -225,8 +224,11 @@ class Trainer:
             backend=make_backend(model.device),  # on a device, the weights live there and train there
         )
         trained = {name for name, _, _ in self.layout}
-        for name, w in weights.items():
-            core.bind(name, self.tensor(name) if name in trained else w)
+        bound = {name: self.tensor(name) if name in trained else w for name, w in weights.items()}
+        if cfg.raw.get(SHARE_KEY):  # the encoder reads the decoder's table, as trained or frozen there
+            bound["encoder.embed_tokens.weight"] = bound["model.embed_tokens.weight"]
+        for name, w in bound.items():
+            core.bind(name, w)
         core.finalize()
         self._state = cepe_c.train_state(core, self.config, self.params, self.adam_m, self.adam_v)
         model._core = core  # from now on the Model runs on the master weights
@@ -258,38 +260,12 @@ class Trainer:
         return [n for n, _, _ in self.layout]
 
     def _initialize(self, weights: dict[str, np.ndarray]) -> None:
-        """Cross-attention initialisation (spec §3, train.py's init_mode):
-        "copy": q_proj <- self_attn.q_proj; k_proj, v_proj <- the first d_enc
-        input columns of self_attn.k_proj, v_proj (both have the decoder's
-        n_kv_heads * head_dim rows, so GQA carries over as is); o_proj <-
-        self_attn.o_proj; layernorm <- post_attention_layernorm. "zero": copy,
-        then o_proj = 0 (the model starts exactly as its base decoder).
-        "normal": copy, then o_proj ~ kaiming_normal_ (std sqrt(2 / fan_in)),
-        drawn from `seed`. "none": the weights as loaded."""
+        """Cross-attention initialisation (init: "copy", "zero", "normal", or "none" for the
+        weights as loaded): cepe.head.cross_attention_init, drawn from `seed`."""
         if self.init == "none":
             return
-        cfg = self.model.config
-        d_enc = cfg.encoder_hidden_size
-        if d_enc > cfg.hidden_size:
-            raise ValueError(
-                f"init={self.init!r} copies the first encoder_hidden_size ({d_enc}) input columns of the "
-                f"self-attention k/v weights, but hidden_size is only {cfg.hidden_size}"
-            )
-        rng = np.random.default_rng(self.seed)
-        for i in range(cfg.num_hidden_layers - cfg.num_cross_attn_layers, cfg.num_hidden_layers):
-            pre = f"model.layers.{i}."
-            cross = {k: self.tensor(f"{pre}cross_attn.{k}.weight") for k in ("q_proj", "k_proj", "v_proj", "o_proj")}
-            cross["q_proj"][...] = weights[f"{pre}self_attn.q_proj.weight"]
-            cross["k_proj"][...] = weights[f"{pre}self_attn.k_proj.weight"][:, :d_enc]
-            cross["v_proj"][...] = weights[f"{pre}self_attn.v_proj.weight"][:, :d_enc]
-            self.tensor(f"{pre}cross_attn.layernorm.weight")[...] = weights[f"{pre}post_attention_layernorm.weight"]
-            o = cross["o_proj"]
-            if self.init == "copy":
-                o[...] = weights[f"{pre}self_attn.o_proj.weight"]
-            elif self.init == "zero":
-                o[...] = 0.0
-            else:  # torch.nn.init.kaiming_normal_: a=0, fan_in, leaky_relu gain sqrt(2)
-                o[...] = rng.standard_normal(o.shape) * math.sqrt(2.0 / o.shape[1])
+        for name, w in cross_attention_init(self.model.config, weights, self.init, self.seed).items():
+            self.tensor(name)[...] = w
 
     # ---------------------------------------------------------------- E2-LLM
     @staticmethod
@@ -484,30 +460,22 @@ class Trainer:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
         try:
-            raw = self.model.config.raw
-            if not raw:
-                raise ValueError("this model has no config.json to save (loaded from a GGUF file?)")
-            _write_json(os.path.join(tmp, "config.json"), raw)
             self._state.sync_host()  # a device's weights and moments into params / adam_m / adam_v
-            weights = cepe_c.train_weights(self.model._core)  # frozen: as loaded; trainable: the master weights
-            _write_safetensors(os.path.join(tmp, "model.safetensors"), weights)
-            _write_safetensors(
+            # frozen: as loaded; trainable: the master weights. A head's decoder stays where it is.
+            head_only = bool(self.model.config.raw.get(DECODER_KEY)) and self.trainable != "all"
+            write_model(self.model, tmp, head_only=head_only)
+            write_safetensors(
                 os.path.join(tmp, "optimizer.safetensors"), {"adam_m": self.adam_m, "adam_v": self.adam_v}
             )
-            for name in _SIDE_FILES:
-                src = os.path.join(self.model.path, name)
-                if os.path.isfile(src):
-                    shutil.copyfile(src, os.path.join(tmp, name))
-                    _fsync(os.path.join(tmp, name))
-            _write_json(os.path.join(tmp, "trainer_state.json"), self._state_dict())
-            _fsync(tmp)
+            write_json(os.path.join(tmp, "trainer_state.json"), self._state_dict())
+            fsync_path(tmp)
             old = path + ".old"
             if os.path.exists(path):
                 if os.path.exists(old):
                     shutil.rmtree(old)
                 os.rename(path, old)
             os.rename(tmp, path)
-            _fsync(parent)
+            fsync_path(parent)
             if os.path.exists(old):
                 shutil.rmtree(old)
         except BaseException:
@@ -567,46 +535,3 @@ class Trainer:
         trainer._state.sync_device()  # the loaded moments, to a device
         trainer._state.step = int(st["step"])
         return trainer
-
-
-# ------------------------------------------------------------------ file helpers
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
-    """float32 tensors in the safetensors format: an 8-byte little-endian
-    header length, the JSON header (space-padded so the data starts 64-byte
-    aligned), then every tensor's bytes back to back (the format allows no
-    gaps between them)."""
-    header: dict[str, Any] = {}
-    off = 0
-    names = sorted(tensors)
-    for name in names:
-        a = tensors[name]
-        if a.dtype != np.float32:
-            raise TypeError(f"{name}: only float32 tensors are written, got {a.dtype}")
-        header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [off, off + a.nbytes]}
-        off += a.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-(8 + len(blob)) % 64)
-    with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for name in names:
-            f.write(np.ascontiguousarray(tensors[name]).astype("<f4", copy=False).tobytes())
-        f.flush()
-        os.fsync(f.fileno())

@@ -22,13 +22,20 @@ static size_t slot_numel(const weight_slot *s) {
     return (size_t)s->shape[0] * (s->ndim == 2 ? (size_t)s->shape[1] : 1);
 }
 
+/* An encoder embedding bound to the decoder's own table (a head that shares it) is the
+ * decoder's tensor: it trains, or stays frozen, as the decoder's embed_tokens does, and has no
+ * second copy in the flat buffers. */
+static int is_shared_embedding(const cepe_model *m, const weight_slot *s) {
+    return m->has_encoder && s->dst == &m->enc.embed && m->enc.embed == m->w.embed;
+}
+
 /* Fills tensors (may be NULL: count only); returns the tensor count. */
 static int build_layout(const cepe_model *m, cepe_trainable which, train_tensor *tensors, size_t *n_params) {
     int n = 0;
     size_t off = 0;
     for (int i = 0; i < m->n_slots; i++) {
         const weight_slot *s = &m->slots[i];
-        if (!is_trainable(s->name, which)) continue;
+        if (!is_trainable(s->name, which) || is_shared_embedding(m, s)) continue;
         if (tensors) tensors[n] = (train_tensor){.slot = i, .offset = off, .n = slot_numel(s), .decay = s->ndim == 2};
         off += (slot_numel(s) + CEPE_PARAM_ALIGN - 1) / CEPE_PARAM_ALIGN * CEPE_PARAM_ALIGN;
         n++;
