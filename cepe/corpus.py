@@ -94,12 +94,19 @@ def _file_text(rel: str, text: str) -> str:
     return f"# {rel}\n{text}" + ("" if text.endswith("\n") else "\n")
 
 
-def plan(encode: Encode, *, root: str | None = None, min_tokens: int = MIN_DOC_TOKENS) -> dict[str, Any]:
+def plan(
+    encode: Encode,
+    *,
+    root: str | None = None,
+    min_tokens: int = MIN_DOC_TOKENS,
+    heldout_units: Sequence[str] = HELDOUT_UNITS,
+    slack: int = _SLACK,
+) -> dict[str, Any]:
     """A fresh manifest of this interpreter's library: every document, its split, files and hashes."""
     root = root or stdlib_root()
     docs: list[dict[str, Any]] = []
     for unit, files in _units(root).items():
-        split = "heldout" if unit in HELDOUT_UNITS else "train"
+        split = "heldout" if unit in heldout_units else "train"
         group: list[list[str]] = []
         n = 0
         pieces: list[tuple[list[list[str]], int]] = []
@@ -110,7 +117,7 @@ def plan(encode: Encode, *, root: str | None = None, min_tokens: int = MIN_DOC_T
                 continue
             group.append([rel, digest])
             n += len(encode(_file_text(rel, text)))
-            if n >= min_tokens + _SLACK:
+            if n >= min_tokens + slack:
                 pieces.append((group, n))
                 group, n = [], 0
         if group:
@@ -120,7 +127,7 @@ def plan(encode: Encode, *, root: str | None = None, min_tokens: int = MIN_DOC_T
             else:
                 pieces.append((group, n))
         for i, (group, n) in enumerate(pieces):
-            if n >= min_tokens + _SLACK:
+            if n >= min_tokens + slack:
                 docs.append({"id": f"{unit}/{i}", "split": split, "files": group, "approx_tokens": n})
     for split in ("train", "heldout"):
         if not any(d["split"] == split for d in docs):
@@ -129,7 +136,7 @@ def plan(encode: Encode, *, root: str | None = None, min_tokens: int = MIN_DOC_T
         "format": MANIFEST_FORMAT,
         "python": sysconfig.get_python_version(),
         "min_tokens": min_tokens,
-        "heldout_units": list(HELDOUT_UNITS),
+        "heldout_units": list(heldout_units),
         "documents": docs,
     }
 

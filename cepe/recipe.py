@@ -64,7 +64,7 @@ def _init_model(spec: dict[str, Any], out: str, base: str, source: str, threads:
     return path
 
 
-def _corpus_tokens(spec: dict[str, Any], out: str, model_path: str, source: str) -> str:
+def _corpus_tokens(spec: dict[str, Any], out: str, model_path: str, source: str) -> dict[str, str]:
     """The pinned corpus split, tokenized once into <out>/corpus/<split>.npy."""
     from . import corpus
     from .load import load
@@ -80,7 +80,7 @@ def _corpus_tokens(spec: dict[str, Any], out: str, model_path: str, source: str)
         if tok is None:
             raise ConfigError(f"{source}: tokens: the model has no tokenizer to tokenize the corpus with")
         corpus.build(os.path.dirname(path), lambda s: tok.encode(s, add_special_tokens=False), splits=[split])
-    return path
+    return {"path": path, "layout": "packed"}
 
 
 def run_recipe(
@@ -135,8 +135,7 @@ def run_recipe(
         cfg = parse_config(cfg_raw, source=f"{path} [stages[{i}] {name}]", base_dir=base)
         summary = run(cfg, max_steps=max_steps, dry_run=dry_run)
         summaries.append({"name": name, **summary})
-        if dry_run:
-            model_path = os.path.join(cfg.output_dir, "checkpoint")
+        if dry_run:  # the later stages are checked against the starting model (same vocabulary)
             continue
         model_path = summary["checkpoint"]
         if summary["step"] < cfg.total_steps:  # --steps ran out inside this stage
