@@ -271,7 +271,7 @@ class Model:
             return
         try:
             ctx = self._kept_ctx
-            if ctx is None or ctx.batch != batch or ctx.capacity < tokens:
+            if ctx is None or ctx.batch != batch or ctx.capacity < tokens or self._kept_core is not self._core:
                 self._kept_ctx = None  # the old one goes before the new one is made
                 ctx = self._kept_ctx = cepe_c.Context(self._core, batch, tokens)
                 self._kept_core = self._core  # a Trainer swaps the core: a context of the old one is dropped

@@ -55,6 +55,10 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def bpe_vocab():
+    return make_bpe_vocab()
+
+
+def make_bpe_vocab() -> dict:
     """A tiny byte-level BPE (tokens, merges, token types) trained here."""
     from tokenizers import Tokenizer as Backend
     from tokenizers import models, pre_tokenizers, trainers
@@ -80,6 +84,10 @@ def bpe_vocab():
 
 @pytest.fixture(scope="module")
 def spm_vocab():
+    return make_spm_vocab()
+
+
+def make_spm_vocab() -> dict:
     """A tiny SentencePiece-style vocabulary (▁ words, <0xXX> byte pieces, scores, no merges)."""
     from tokenizers import Tokenizer as Backend
     from tokenizers import models, pre_tokenizers, trainers

@@ -502,7 +502,7 @@ def test_save_is_atomic(cepe_dirs, tmp_path, monkeypatch):
     def boom(*args, **kw):
         raise OSError("disk full")
 
-    monkeypatch.setattr(train_mod, "_write_safetensors", boom)
+    monkeypatch.setattr(train_mod, "write_safetensors", boom)
     with pytest.raises(OSError, match="disk full"):
         trainer.save(ckpt)
     monkeypatch.undo()
