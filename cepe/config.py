@@ -155,6 +155,15 @@ def _parse_cepe(cfg: dict[str, Any], hidden: int) -> dict[str, Any]:
     return {"num_cross_attn_layers": n_cross, "encoder_hidden_size": d_enc, "encoder": encoder}
 
 
+def _saved_scaling(override: dict[str, Any], rope: RopeSettings) -> dict[str, Any]:
+    """A rope_scaling override as config.json records it, with what it inherited from the
+    checkpoint spelled out, so the saved config parses to the same settings without the override."""
+    block = {**override, "rope_theta": rope.rope_theta, "partial_rotary_factor": rope.partial_rotary_factor}
+    if rope.rope_type in ("yarn", "llama3", "longrope"):
+        block["original_max_position_embeddings"] = rope.original_max_position_embeddings
+    return block
+
+
 def parse_config(cfg: Any, rope_scaling: dict[str, Any] | None = None) -> DecoderConfig:
     """Validates an HF config dict (LLaMA, Mistral or CEPE) and returns the model's parameters.
 
@@ -200,6 +209,8 @@ def parse_config(cfg: Any, rope_scaling: dict[str, Any] | None = None) -> Decode
     if layout not in LAYOUTS:
         raise ConfigError(f"config.json: {ROPE_LAYOUT_KEY!r} must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     rope = parse_rope(cfg, rope_scaling, layout=layout)
+    if rope_scaling is not None:  # the override is the model's RoPE now: a saved copy keeps it
+        cfg = {**cfg, "rope_scaling": _saved_scaling(rope_scaling, rope)}
 
     tie = cfg.get("tie_word_embeddings", False)
     if not isinstance(tie, bool):

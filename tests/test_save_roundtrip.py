@@ -492,3 +492,22 @@ def test_inference_after_trainer_steps_uses_the_trained_weights(kept, tiny, tmp_
             assert np.isfinite(value).all(), key
             assert not np.array_equal(value, before[key]), f"{key} still gives the weights from before training"
             assert np.array_equal(value, fresh[key]), f"{key} differs from the saved model's"
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {"rope_type": "linear", "factor": 4.0},
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256},
+    ],
+)
+def test_rope_scaling_override_is_saved(tiny, tmp_path, scaling):
+    """A model loaded with rope_scaling= runs with it; its saved copy reloads to the same logits without it."""
+    path, _ = tiny
+    m = cepe.load(path, rope_scaling=scaling)
+    ids = np.arange(3, 90)[None]
+    want = m.forward(ids)
+    assert np.abs(want - cepe.load(path).forward(ids)).max() > 1e-3  # the override matters
+    back = cepe.load(m.save(str(tmp_path / "s")))
+    assert back.config.rope == m.config.rope
+    np.testing.assert_array_equal(back.forward(ids), want)
