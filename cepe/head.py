@@ -272,7 +272,7 @@ def attach_encoder(
     model's encoder, or a plain decoder's first `encoder_layers` blocks. Its vocabulary must be
     the decoder's.
     share_embeddings: the encoder reads the decoder's token-embedding table instead of a copy
-    (default: True when the encoder has the decoder's width; a "random" encoder gets its own).
+    (default: True for the copied encoder, False for a random one or another checkpoint's).
     init: the cross-attention's initialisation (cross_attention_init): "zero" (o_proj = 0: the
     model starts as its decoder), "copy" or "normal".
     The decoder's weights are shared with `decoder`, not copied.
@@ -312,11 +312,11 @@ def attach_encoder(
             if src.config.raw.get(SHARE_KEY):
                 enc_w["encoder.embed_tokens.weight"] = src_w["model.embed_tokens.weight"]
         else:
-            n = src.config.num_hidden_layers if encoder_layers is None else encoder_layers
-            if n > src.config.num_hidden_layers:
-                raise ValueError(f"encoder_layers={n} but {src.path} has only {src.config.num_hidden_layers} layers")
-            enc_raw = _encoder_config(src.config.raw, num_hidden_layers=n)
-            enc_w = _encoder_from_layers(src_w, src.config, n)
+            n_src = src.config.num_hidden_layers
+            if encoder_layers > n_src:
+                raise ValueError(f"encoder_layers={encoder_layers} but {src.path} has only {n_src} layers")
+            enc_raw = _encoder_config(src.config.raw, num_hidden_layers=encoder_layers)
+            enc_w = _encoder_from_layers(src_w, src.config, encoder_layers)
             enc_w["encoder.embed_tokens.weight"] = src_w["model.embed_tokens.weight"]
     enc_cfg = parse_config(enc_raw)
     if enc_cfg.vocab_size != dec.config.vocab_size:

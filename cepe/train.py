@@ -443,12 +443,13 @@ class Trainer:
         }
 
     def save(self, path: str | os.PathLike[str]) -> str:
-        """Writes a checkpoint directory: the model in the official layout
-        (config.json + model.safetensors, loadable by cepe.load), the
-        tokenizer files it came with, the AdamW moments (optimizer.safetensors)
-        and trainer_state.json (step, hyper-parameters, seed: the E2-LLM and
-        init draws derive from the seed and the step, so this is all the RNG
-        state there is).
+        """Writes a checkpoint directory: the model as Model.save writes it
+        (config.json + model.safetensors in the official layout with its
+        tokenizer and generation config, or, for a head whose decoder stays
+        frozen, config.json naming the decoder + head.safetensors), the AdamW
+        moments (optimizer.safetensors) and trainer_state.json (step,
+        hyper-parameters, seed: the E2-LLM and init draws derive from the seed
+        and the step, so this is all the RNG state there is).
 
         Atomic: everything is written and fsynced in a temporary sibling
         directory, which then replaces `path` by rename. An earlier checkpoint
