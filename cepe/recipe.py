@@ -14,7 +14,8 @@ every stage (any key of cepe.train_run.TrainConfig), and three keys may be table
   ``<output_dir>/head`` (config.json + head.safetensors) in that dtype.
 
 Stage i trains in ``<output_dir>/<stage name>`` (``name`` key, default the stage kind) and
-starts from stage i-1's checkpoint. Every stage resumes where it stopped (resume = "auto"), so
+starts from stage i-1's checkpoint; its cross-attention initialisation (``init``) defaults to
+"none" there, and in the first stage when ``model`` is a table (which initialised it). Every stage resumes where it stopped (resume = "auto"), so
 rerunning the same command after an interruption continues the recipe; a finished stage is
 skipped.
 """
@@ -129,6 +130,8 @@ def run_recipe(
         names.add(name)
         cfg_raw = {**shared, **{k: v for k, v in stage.items() if k != "name"}}
         cfg_raw.setdefault("resume", "auto")
+        if i > 0 or isinstance(model, dict):  # the weights come trained (or initialised) already
+            cfg_raw.setdefault("init", "none")
         cfg_raw.update(model=model_path, output_dir=os.path.join(out, name))
         if tokens is not None:
             cfg_raw.setdefault("tokens", tokens)

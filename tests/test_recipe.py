@@ -92,6 +92,34 @@ def test_recipe_resumes_where_steps_stopped(decoder_dir, tokens, tmp_path):
     )
 
 
+def test_later_stages_keep_the_trained_cross_attention(decoder_dir, tokens, tmp_path):
+    """A second warmup stage (whose kind defaults to init "copy") must not re-initialise the
+    cross-attention the first stage trained: with a negligible rate it changes nothing."""
+    raw = recipe(decoder_dir, tokens)
+    first = dict(raw["stages"][0], init="zero", lr=1e-2)
+    raw["stages"] = [
+        first,
+        {
+            "name": "again",
+            "stage": "warmup",
+            "decoder_len": 16,
+            "n_ctx": 2,
+            "batch_size": 2,
+            "total_steps": 1,
+            "lr": 1e-12,
+        },
+    ]
+    out = str(tmp_path / "o")
+    run_recipe("r.toml", raw, output_dir=out)
+    with open(os.path.join(out, "again", "train_config.json")) as f:
+        assert json.load(f)["init"] == "none"
+    a = cepe.load(os.path.join(out, "warmup", "checkpoint"))
+    b = cepe.load(os.path.join(out, "again", "checkpoint"))
+    ids, ctx = np.arange(3, 15)[None], np.arange(3, 19).reshape(1, 2, 8)
+    x, y = a.forward(ids, encoder_input_ids=ctx), b.forward(ids, encoder_input_ids=ctx)
+    np.testing.assert_allclose(x, y, atol=1e-4 * np.abs(x).max(), rtol=0)
+
+
 @pytest.mark.parametrize(
     "over, match",
     [
@@ -122,12 +150,22 @@ def test_shipped_recipe_checks_clean():
     """The recipe behind the shipped head parses, and its stages are what the head was trained with."""
     path = os.path.join(RECIPES_DIR, "smollm2-135m-cepe.toml")
     raw = read_config_file(path)
-    assert raw["model"]["decoder"] == "smollm2-135m" and [s["stage"] for s in raw["stages"]] == ["warmup", "stage2"]
+    assert raw["model"]["decoder"] == "smollm2-135m"
+    assert [s["stage"] for s in raw["stages"]] == ["warmup", "stage2", "warmup", "stage2"]
     from cepe.train_run import parse_config
 
     for i, st in enumerate(raw["stages"]):
         shared = {k: v for k, v in raw.items() if k not in ("model", "tokens", "export", "stages")}
-        parse_config({**shared, **st, "model": "m", "output_dir": "o", "tokens": "t.npy"}, source=f"{path}[{i}]")
+        parse_config(
+            {
+                **shared,
+                **{k: v for k, v in st.items() if k != "name"},
+                "model": "m",
+                "output_dir": "o",
+                "tokens": "t.npy",
+            },
+            source=f"{path}[{i}]",
+        )
 
 
 def test_cli_init_and_train_recipe(decoder_dir, tokens, tmp_path, capsys):
