@@ -6,12 +6,12 @@ version does not run) naming the key, so a user can fix the file.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .errors import ConfigError
+from .files import CONFIG_LIMIT, read_json
 from .rope import LAYOUTS, RopeSettings, parse_rope
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -245,22 +245,16 @@ def parse_config(cfg: Any, rope_scaling: dict[str, Any] | None = None) -> Decode
 
 
 def read_config(model_dir: str, rope_scaling: dict[str, Any] | None = None) -> DecoderConfig:
+    """The DecoderConfig of an HF model directory: config.json, plus generation_config.json's
+    eos_token_id when present (each at most CONFIG_LIMIT bytes, and a regular file)."""
     path = os.path.join(model_dir, "config.json")
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"no config.json in {model_dir}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+    raw = read_json(path, what="config.json", limit=CONFIG_LIMIT, error=ConfigError)
     cfg = parse_config(raw, rope_scaling)
     gen_path = os.path.join(model_dir, "generation_config.json")
-    if os.path.exists(gen_path):  # generate()'s defaults, as in transformers
-        try:
-            with open(gen_path, encoding="utf-8") as f:
-                gen = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{gen_path} is not valid JSON: {exc}") from None
+    if os.path.lexists(gen_path):  # generate()'s defaults, as in transformers
+        gen = read_json(gen_path, what="generation_config.json", limit=CONFIG_LIMIT, error=ConfigError)
         if isinstance(gen, dict) and gen.get("eos_token_id") is not None:
             eos = _token_ids(gen["eos_token_id"], "generation_config.eos_token_id")
             cfg = replace(cfg, eos_token_id=eos)

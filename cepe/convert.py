@@ -1,6 +1,6 @@
 """`cepe convert`: official PyTorch checkpoints (pytorch_model.bin or sharded
 pytorch_model-0000k-of-0000n.bin with their index, as the released CEPE models
-ship) into safetensors, which cepe memory-maps at run time.
+ship) into safetensors, which cepe reads at run time.
 
 Reading .bin files means unpickling, so this is the one place cepe needs
 torch; it loads with weights_only=True (no arbitrary code from the file)."""
@@ -15,6 +15,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .errors import CheckpointError
+from .files import CONFIG_LIMIT, read_json
 
 _SIDE_FILES = (
     "config.json",
@@ -43,13 +44,12 @@ def _torch() -> Any:
 
 def _bin_shards(src: str) -> list[str]:
     index = os.path.join(src, "pytorch_model.bin.index.json")
-    if os.path.exists(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index}: corrupt shard index ({exc})") from None
-        shards = sorted(set(map(str, weight_map.values())))
+    if os.path.lexists(index):
+        data = read_json(index, what="shard index", limit=CONFIG_LIMIT, error=CheckpointError)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
+            raise CheckpointError(f"{index}: corrupt shard index ('weight_map' must map tensor names to file names)")
+        shards = sorted(set(weight_map.values()))
         for s in shards:
             if os.path.basename(s) != s or not os.path.exists(os.path.join(src, s)):
                 raise CheckpointError(f"{index} names shard {s!r}, which is not in {src}")

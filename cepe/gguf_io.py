@@ -10,8 +10,12 @@ item, which takes ~4 s for the 100k strings of a 49k-token vocabulary; this
 parser takes a fraction of a second. The gguf package still supplies the
 format's constants and the dequantization (gguf.quants.dequantize).
 
-Weights are dequantized to float32 once, at load (F32 tensors stay views of
-the memory-mapped file). Two conventions differ from HF safetensors:
+Weights are dequantized to float32 once, at load, and F32 tensors copied out
+of the mapping, so a loaded model owns its memory: rewriting or truncating the
+file later changes nothing (the file is unmapped when loading ends). The
+metadata is bounded: at most _MAX_METADATA bytes from the file's start, arrays
+nested at most _MAX_NESTING deep and _MAX_ITEMS array items in all. Two
+conventions differ from HF safetensors:
 
 - GGUF lists dimensions innermost first (ne0 = the row length), so a weight
   stored as [in, out] is the NumPy/PyTorch array (out, in) -- exactly the
@@ -37,7 +41,8 @@ from typing import Any
 import numpy as np
 
 from .config import ROPE_LAYOUT_KEY
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
+from .files import open_regular
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -45,6 +50,12 @@ SUPPORTED_ARCHITECTURES = ("llama",)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
 _DEFAULT_ALIGNMENT = 32
 _MAX_DIMS = 4
+# Bounds on the metadata and tensor table, far above any real file's (a 262k-token
+# vocabulary with merges and scores takes ~10 MB and ~1.3M array items; no real file
+# nests arrays), so a corrupt or hostile file cannot make the parser allocate without bound.
+_MAX_METADATA = 256 * 1024 * 1024  # bytes from the file's start to the end of the tensor table
+_MAX_ITEMS = 1 << 24  # array items in all the metadata
+_MAX_NESTING = 8  # arrays of arrays
 
 # GGUF metadata value types (gguf.GGUFValueType): id -> (struct format, size)
 _SCALARS = {
@@ -108,12 +119,25 @@ class _Cursor:
         self.pos = 0
         self.size = len(buf)
         self.path = path
+        self.items = 0  # array items read so far
 
     def need(self, n: int, what: str) -> None:
         if n < 0 or self.pos + n > self.size:
             raise CheckpointError(
                 f"{self.path}: truncated or corrupt GGUF file: {what} needs {n} bytes at offset {self.pos}, "
                 f"but the file has {self.size} bytes"
+            )
+        if self.pos + n > _MAX_METADATA:
+            raise CheckpointError(
+                f"{self.path}: corrupt GGUF file: {what} ends past byte {_MAX_METADATA} of the file, "
+                "more than a GGUF header (metadata and tensor table) may take"
+            )
+
+    def count_items(self, count: int, what: str) -> None:
+        self.items += count
+        if self.items > _MAX_ITEMS:
+            raise CheckpointError(
+                f"{self.path}: corrupt GGUF file: {what} brings the metadata's array items past {_MAX_ITEMS}"
             )
 
     def scalar(self, vtype: int, what: str) -> Any:
@@ -139,14 +163,19 @@ class _Cursor:
         except UnicodeDecodeError:
             raise CheckpointError(f"{self.path}: corrupt GGUF file: {what} is not valid UTF-8") from None
 
-    def value(self, vtype: int, what: str) -> Any:
+    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
         if vtype in _SCALARS:
             return self.scalar(vtype, what)
         if vtype == _STRING:
             return self.string(what)
         if vtype == _ARRAY:
+            if depth >= _MAX_NESTING:
+                raise CheckpointError(
+                    f"{self.path}: corrupt GGUF file: {what} nests arrays more than {_MAX_NESTING} deep"
+                )
             itype = self.u32(what)
             count = self.u64(what)
+            self.count_items(count, what)
             if itype in _SCALARS:
                 n = count * _SCALARS[itype][1]
                 self.need(n, what)
@@ -158,7 +187,7 @@ class _Cursor:
                 return [self.string(what) for _ in range(count)]
             if itype == _ARRAY:
                 self.need(count * 12, what)
-                return [self.value(_ARRAY, what) for _ in range(count)]
+                return [self.value(_ARRAY, what, depth + 1) for _ in range(count)]
             raise CheckpointError(f"{self.path}: corrupt GGUF file: {what} has unknown array item type {itype}")
         raise CheckpointError(f"{self.path}: corrupt GGUF file: {what} has unknown value type {vtype}")
 
@@ -182,14 +211,12 @@ class GGUFFile:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
-        if os.path.isdir(self.path):
-            raise CheckpointError(f"{self.path} is a directory, expected a .gguf file")
-        if not os.path.exists(self.path):
+        if not os.path.lexists(self.path):
             raise FileNotFoundError(f"no such GGUF file: {self.path}")
-        size = os.path.getsize(self.path)
-        if size < 24:
-            raise CheckpointError(f"{self.path}: truncated file ({size} bytes), not a GGUF model")
-        with open(self.path, "rb") as f:
+        with open_regular(self.path, "GGUF file", error=CheckpointError) as f:  # no directory, FIFO or device
+            size = os.fstat(f.fileno()).st_size
+            if size < 24:
+                raise CheckpointError(f"{self.path}: truncated file ({size} bytes), not a GGUF model")
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
             self._parse()
@@ -261,8 +288,8 @@ class GGUFFile:
         return arr.reshape(*t.shape[:-1], -1) if t.shape else arr
 
     def get(self, name: str) -> np.ndarray:
-        """The tensor as float32 in NumPy order: a read-only view of the file for
-        F32, a dequantized copy otherwise."""
+        """The tensor as a float32 array of its own, in NumPy order (F32 copied out of
+        the mapping, other types dequantized), so it outlives the mapping and the file."""
         t = self.tensors[name]
         if t.type_name not in SUPPORTED_TYPES:
             raise NotImplementedError(
@@ -271,9 +298,7 @@ class GGUFFile:
             )
         raw = self.raw(name)
         if t.type_name == "F32":
-            if t.offset % 4:  # general.alignment below 4: a view would be unaligned
-                raw = raw.copy()
-            return raw.view(np.float32).reshape(t.shape)
+            return raw.copy().view(np.float32).reshape(t.shape)  # aligned, and not a view of the file
         if t.type_name == "F16":
             return raw.view(np.float16).astype(np.float32).reshape(t.shape)
         if t.type_name == "BF16":  # the top half of an fp32
@@ -284,10 +309,12 @@ class GGUFFile:
         from gguf.quants import dequantize
 
         out = dequantize(raw, GGMLQuantizationType(t.type_id))
+        if np.shares_memory(out, raw):  # never a view of the mapping
+            out = out.copy()
         return np.ascontiguousarray(out, dtype=np.float32).reshape(t.shape)
 
     def close(self) -> None:
-        """Unmaps the file (only once no F32 view of it is alive)."""
+        """Unmaps the file (only once no view from raw() is alive)."""
         try:
             self._map.close()
         except BufferError:
@@ -495,12 +522,47 @@ def hf_config(gf: GGUFFile) -> dict[str, Any]:
     return cfg
 
 
+# The GGUF metadata (after "<arch>.") each HF config key of hf_config comes from.
+_HF_TO_GGUF = {
+    "hidden_size": "embedding_length",
+    "intermediate_size": "feed_forward_length",
+    "num_hidden_layers": "block_count",
+    "num_attention_heads": "attention.head_count",
+    "num_key_value_heads": "attention.head_count_kv",
+    "head_dim": "attention.key_length",
+    "rms_norm_eps": "attention.layer_norm_rms_epsilon",
+    "rope_theta": "rope.freq_base",
+    "max_position_embeddings": "context_length",
+    "partial_rotary_factor": "rope.dimension_count",
+    "rope_scaling": "rope.scaling.*",
+}
+
+
+def _metadata_error(gf: GGUFFile, msg: str) -> str:
+    """A config error about hf_config's dict, restated against the GGUF file and its keys."""
+    if "config.json" not in msg:  # about the caller's rope_scaling argument, not the file
+        return msg
+    arch = gf.metadata.get("general.architecture", "llama")
+    keys = [f"{arch}.{g}" for h, g in _HF_TO_GGUF.items() if re.search(rf"\b{h}\b", msg)]
+    if re.search(r"\bvocab_size\b", msg):
+        keys.append("token_embd.weight's rows")
+    origin = f" (from {', '.join(keys)})" if keys else ""
+    what = msg.replace("config.json: ", "").replace("config.json", "the config")
+    return f"{gf.path}: bad GGUF metadata: {what}{origin}"
+
+
 def read_config(gf: GGUFFile, rope_scaling: dict[str, Any] | None = None) -> Any:
     """The DecoderConfig of a GGUF file (hf_config records the interleaved RoPE layout of GGUF
-    weights, so a model saved from it reloads with the same layout)."""
+    weights, so a model saved from it reloads with the same layout). A bad value raises an
+    error naming the file and the GGUF key it comes from."""
     from .config import parse_config
 
-    return parse_config(hf_config(gf), rope_scaling)
+    try:
+        return parse_config(hf_config(gf), rope_scaling)
+    except ConfigError as exc:
+        raise ConfigError(_metadata_error(gf, str(exc))) from None
+    except NotImplementedError as exc:
+        raise NotImplementedError(_metadata_error(gf, str(exc))) from None
 
 
 # -------------------------------------------------------------------- load
@@ -555,9 +617,9 @@ def load_gguf(
             zip(bind, arrays, strict=True), total=len(bind), desc="loading", unit="tensor", disable=None, leave=False
         ):
             if check_weights:
-                from .load import finite_or_raise
+                from .load import check_weight
 
-                finite_or_raise(name, array, path)
+                check_weight(name, array, path)
             try:
                 core.bind(target, array)
             except ValueError as exc:  # wrong shape or unexpected name, from the core
@@ -574,4 +636,5 @@ def load_gguf(
             model.tokenizer = Tokenizer.from_gguf(gf)
         except NotImplementedError as exc:  # the weights are fine: run without text in/out
             warnings.warn(f"{path}: no tokenizer: {exc}", stacklevel=3)
+    gf.close()  # the model holds copies: nothing of the file stays mapped
     return model

@@ -397,11 +397,11 @@ def load_head(
     dtype: str,
 ) -> Any:
     """cepe.load for a head directory: its decoder (loaded as cepe.load would) plus head.safetensors."""
-    from .load import finite_or_raise, load
+    from .load import check_weight, load
     from .safetensors_io import SafetensorsFile
 
     head_path = os.path.join(head_dir, HEAD_FILE)
-    if not os.path.isfile(head_path):
+    if not os.path.lexists(head_path):  # anything else there: SafetensorsFile says what is wrong with it
         raise CheckpointError(f"{head_dir}: config.json names a decoder ({DECODER_KEY}) but there is no {HEAD_FILE}")
     ref = decoder_reference(raw, head_dir)
     raw = {**raw, DECODER_KEY: ref}  # resolved: a copy saved elsewhere still finds the decoder
@@ -442,5 +442,5 @@ def load_head(
     for name in head.keys():
         if not is_head_tensor(name):
             raise CheckpointError(f"{head_path}: tensor {name} is not part of a head (encoder.* or *.cross_attn.*)")
-        weights[name] = finite_or_raise(name, head.get(name), head_path) if check_weights else head.get(name)
+        weights[name] = check_weight(name, head.get(name), head_path) if check_weights else head.get(name)
     return assemble(cfg, weights.items(), **_like(dec), path=head_dir, tokenizer=dec.tokenizer, where=head_path)

@@ -18,13 +18,27 @@ MAX_THREADS = 1024  # as the core's CEPE_MAX_THREADS
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
-def finite_or_raise(name: str, array: Any, where: str) -> Any:
-    """array, after checking it holds no NaN/Inf (load(check_weights=True))."""
+# Weights that may hold only zeros in a sound file: a fresh CEPE head's cross-attention output
+# projection (attach_encoder's init="zero" starts the model as its decoder).
+_MAY_BE_ZERO = (".cross_attn.o_proj.weight",)
+
+
+def check_weight(name: str, array: Any, where: str) -> Any:
+    """array, after checking it holds no NaN/Inf, and is not entirely zero (load(check_weights=True)).
+
+    No trained model has a weight matrix, norm or embedding of only zeros, but a damaged file
+    does (a block of it overwritten with zeros: a zeroed final norm makes every logit 0). Both
+    checks are one pass over the tensor each."""
     import numpy as np
 
     if not np.isfinite(array).all():
         bad = int(np.size(array) - np.isfinite(array).sum())
         raise CheckpointError(f"{where}: tensor {name} holds {bad} NaN/Inf values")
+    if np.size(array) and not name.endswith(_MAY_BE_ZERO) and not np.any(array):
+        raise CheckpointError(
+            f"{where}: tensor {name} is entirely zero ({np.size(array)} values), which no trained model's weight is: "
+            "the file is damaged"
+        )
     return array
 
 
@@ -107,13 +121,16 @@ def load(
     naming its decoder + head.safetensors; see cepe.head). The model's
     tokenizer, if the checkpoint has one, is model.tokenizer (else None).
 
-    float32 tensors are memory-mapped, not copied; fp16/bf16 are widened to
-    float32 once. rope_scaling overrides the checkpoint's RoPE settings
+    The model owns its weights (read into memory, fp16/bf16 widened to float32
+    once, quantized GGUF tensors dequantized): rewriting, truncating or removing
+    its files later does not change it. rope_scaling overrides the checkpoint's RoPE settings
     without editing config.json, e.g. {"rope_type": "linear", "factor": 4} for
     an E2-LLM model run at 4x its training length (see
     cepe.rope.e2llm_scale_for_length). check_weights scans every tensor for
-    NaN/Inf first (reads the whole file: off by default). n_threads (default: the CPUs this process may use) sizes the
-    OpenMP team of this model; the BLAS runs single-threaded inside it.
+    NaN/Inf and for weights that are entirely zero (a damaged file), naming the
+    tensor (one more pass over the weights: off by default). n_threads (default:
+    the CPUs this process may use) sizes the OpenMP team of this model; the BLAS
+    runs single-threaded inside it.
 
     device: "cpu", "cuda" / "cuda:N" (the weights are copied to the GPU), or
     "cpu-device-sim" (tests). dtype="bfloat16" (GPU only, inference only)
@@ -159,7 +176,7 @@ def load(
         names = [nm for nm in names if nm != "lm_head.weight"]
     if cfg.raw.get(SHARE_KEY):  # bound from the decoder's table
         names = [nm for nm in names if nm != "encoder.embed_tokens.weight"]
-    arrays = ((nm, finite_or_raise(nm, ckpt.get(nm), model_dir) if check_weights else ckpt.get(nm)) for nm in names)
+    arrays = ((nm, check_weight(nm, ckpt.get(nm), model_dir) if check_weights else ckpt.get(nm)) for nm in names)
     model = assemble(
         cfg, arrays, n_threads=n, device=device, dtype=dtype, path=model_dir, where=model_dir, progress=len(names)
     )

@@ -1,22 +1,27 @@
-"""Reading safetensors checkpoints as NumPy arrays, zero-copy where possible.
+"""Reading safetensors checkpoints as NumPy arrays the caller owns.
 
 The format is an 8-byte little-endian header length, a JSON header
 {name: {dtype, shape, data_offsets}}, then the raw data. We parse the header
-ourselves (strictly: every offset and size is checked against the file) so
-float32 tensors can be views into one read-only np.memmap per file: a 7B
-checkpoint then costs page cache, not a second copy in RAM. fp16/bf16 tensors
-are widened to float32 at load (the C core computes in fp32).
+ourselves, as strictly as the safetensors library: no duplicate names, every
+size checked against its shape, and the tensors' byte ranges tile the data
+buffer exactly (no overlaps, gaps or trailing bytes). Each tensor is read into
+memory of its own (fp16/bf16 widened to float32: the C core computes in fp32),
+never left as a view of a mapping, so a loaded model is unaffected when its
+file is later rewritten, truncated or removed.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
 from .errors import CheckpointError
+from .files import CONFIG_LIMIT, open_regular, read_text
 
 _DTYPES = {
     "F32": np.dtype("<f4"),
@@ -24,84 +29,150 @@ _DTYPES = {
     "BF16": np.dtype("<u2"),  # widened by hand: NumPy has no bfloat16
     "F64": np.dtype("<f8"),
 }
-_ALL_DTYPES = {"BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64", "F8_E4M3", "F8_E5M2", *_DTYPES}
+_ITEMSIZE = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "I32": 4,
+    "U32": 4,
+    "I64": 8,
+    "U64": 8,
+    **{k: v.itemsize for k, v in _DTYPES.items()},
+}
 MAX_HEADER = 100 * 1024 * 1024  # as the reference implementation
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _no_duplicates(path: str) -> Any:
+    """A json object_pairs_hook that refuses a name given twice (json keeps the last)."""
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise CheckpointError(f"{path}: corrupt safetensors header: tensor {key} appears twice")
+            out[key] = value
+        return out
+
+    return hook
 
 
 class SafetensorsFile:
-    """One .safetensors file: its tensor table and a lazily mapped body."""
+    """One .safetensors file: its checked tensor table; get() reads one tensor."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        if os.path.isdir(path):
-            raise CheckpointError(f"{path} is a directory, expected a .safetensors file")
-        size = os.path.getsize(path)
-        if size < 8:
-            raise CheckpointError(f"{path}: truncated file ({size} bytes), not a safetensors checkpoint")
-        with open(path, "rb") as f:
+        with open_regular(path, "safetensors file", error=CheckpointError) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise CheckpointError(f"{path}: truncated file ({size} bytes), not a safetensors checkpoint")
             n = int.from_bytes(f.read(8), "little")
-            if n > MAX_HEADER or 8 + n > size:
+            if n > MAX_HEADER:
+                raise CheckpointError(
+                    f"{path}: header claims {n} bytes, more than the {MAX_HEADER} a safetensors header may have; "
+                    "corrupt or not safetensors"
+                )
+            if 8 + n > size:
                 raise CheckpointError(
                     f"{path}: header claims {n} bytes but the file has {size - 8}; truncated or not safetensors"
                 )
             raw = f.read(n)
+        if len(raw) != n:
+            raise CheckpointError(f"{path}: the file shrank while its header was read")
         try:
-            header = json.loads(raw.decode("utf-8"))
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates(path))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
+        except RecursionError:
+            raise CheckpointError(f"{path}: corrupt safetensors header (nested too deeply)") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-        self.metadata = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
+        self.metadata: dict[str, Any] = metadata
         self.data_start = 8 + n
         self.data_size = size - self.data_start
         self.tensors: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
             self.tensors[name] = self._check_entry(name, info)
-        self._map: np.memmap | None = None
+        self._check_layout()
 
     def _check_entry(self, name: str, info: object) -> tuple[str, tuple[int, ...], int, int]:
         where = f"{self.path}: tensor {name}"
         if not isinstance(info, dict):
             raise CheckpointError(f"{where}: corrupt header entry")
         dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in _ALL_DTYPES:
+        if dtype not in _ITEMSIZE:
             raise CheckpointError(f"{where}: unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise CheckpointError(f"{where}: bad shape {shape!r}")
         if (
             not isinstance(offs, list)
             or len(offs) != 2
-            or not all(isinstance(o, int) for o in offs)
+            or not all(type(o) is int for o in offs)
             or not 0 <= offs[0] <= offs[1] <= self.data_size
         ):
             raise CheckpointError(
                 f"{where}: data_offsets {offs!r} fall outside the file's {self.data_size} data bytes (truncated file?)"
             )
-        if dtype in _DTYPES:
-            want = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
-            if offs[1] - offs[0] != want:
-                raise CheckpointError(
-                    f"{where}: {offs[1] - offs[0]} bytes stored, shape {tuple(shape)} of {dtype} needs {want}"
-                )
+        want = math.prod(shape) * _ITEMSIZE[dtype]  # exact: Python ints do not wrap
+        if offs[1] - offs[0] != want:
+            raise CheckpointError(
+                f"{where}: {offs[1] - offs[0]} bytes stored, shape {tuple(shape)} of {dtype} needs {want}"
+            )
         return dtype, tuple(shape), offs[0], offs[1]
+
+    def _check_layout(self) -> None:
+        """The tensors' byte ranges must tile the data buffer: sorted by offset, each starts
+        where the previous ends and the last ends with the file (as the safetensors library
+        requires), so no two tensors share bytes."""
+        end, prev = 0, None
+        for name, (_, _, begin, stop) in sorted(self.tensors.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+            if begin != end:
+                where = f"{self.path}: corrupt safetensors header: tensor {name} (data_offsets [{begin}, {stop}])"
+                if begin < end:
+                    raise CheckpointError(f"{where} overlaps tensor {prev}")
+                raise CheckpointError(f"{where} leaves {begin - end} bytes before it that no tensor uses")
+            end, prev = stop, name
+        if end != self.data_size:
+            raise CheckpointError(
+                f"{self.path}: corrupt safetensors file: the tensors cover {end} of its {self.data_size} data bytes"
+            )
 
     def keys(self) -> list[str]:
         return list(self.tensors)
 
+    def _read(self, name: str, begin: int, end: int, dtype: np.dtype) -> np.ndarray:
+        """The bytes [begin, end) of the data buffer, read into a new array of `dtype`."""
+        out = np.empty((end - begin) // dtype.itemsize, dtype=dtype)
+        view = memoryview(out).cast("B")
+        with open_regular(self.path, "safetensors file", error=CheckpointError) as f:
+            if os.fstat(f.fileno()).st_size != self.data_start + self.data_size:
+                raise CheckpointError(f"{self.path}: the file changed size since its header was read")
+            f.seek(self.data_start + begin)
+            got = 0
+            while got < len(view):
+                k = f.readinto(view[got:])
+                if not k:
+                    raise CheckpointError(
+                        f"{self.path}: tensor {name}: the file ends before its data (truncated since it was opened?)"
+                    )
+                got += k
+        return out
+
     def get(self, name: str) -> np.ndarray:
-        """The tensor as float32: a read-only view of the file when stored as
-        aligned F32, else a converted copy."""
+        """The tensor as a float32 array of its own (read from the file, not mapped)."""
         dtype, shape, begin, end = self.tensors[name]
         if dtype not in _DTYPES:
             raise CheckpointError(
                 f"{self.path}: tensor {name} has dtype {dtype}; only F32, F16, BF16 and F64 weights are supported"
             )
-        if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-        raw = self._map[self.data_start + begin : self.data_start + end]
-        if (self.data_start + begin) % _DTYPES[dtype].itemsize:
-            raw = raw.copy()  # unaligned in the file: a view would be unaligned too
-        arr = raw.view(_DTYPES[dtype]).reshape(shape)
+        arr = self._read(name, begin, end, _DTYPES[dtype]).reshape(shape)
         if dtype == "F32":
             return arr
         if dtype == "BF16":  # bf16 is the top half of an fp32
@@ -118,28 +189,42 @@ class SafetensorsFile:
         return out
 
 
+def _shard_list(index: str, model_dir: str) -> dict[str, str]:
+    """The weight_map of a shard index, checked: tensor name -> shard file name in model_dir."""
+    text = read_text(index, what="shard index", limit=CONFIG_LIMIT, error=CheckpointError)
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{index}: corrupt shard index (not valid JSON: {exc})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: corrupt shard index ('weight_map' is missing or not an object)")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise CheckpointError(
+                f"{index}: corrupt shard index: weight_map[{name!r}] must be a shard file name, got {shard!r}"
+            )
+        if os.path.basename(shard) != shard or shard in (".", ".."):
+            raise CheckpointError(f"{index} names shard {shard!r}, which is not in {model_dir}")
+    return weight_map
+
+
 class Checkpoint:
     """All tensors of a model directory: model.safetensors, or the shards named
     by model.safetensors.index.json."""
 
     def __init__(self, model_dir: str) -> None:
         single = os.path.join(model_dir, "model.safetensors")
-        index = os.path.join(model_dir, "model.safetensors.index.json")
+        index = os.path.join(model_dir, INDEX_FILE)
         self.files: dict[str, SafetensorsFile] = {}
         self.where: dict[str, str] = {}
-        if os.path.isfile(single):
+        if os.path.lexists(single):  # whatever it is: SafetensorsFile says what is wrong with it
             self._add(single)
-        elif os.path.exists(index):
-            try:
-                with open(index, encoding="utf-8") as f:
-                    weight_map = json.load(f)["weight_map"]
-                if not isinstance(weight_map, dict):
-                    raise TypeError("weight_map is not an object")
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{index}: corrupt shard index ({exc})") from None
+        elif os.path.lexists(index):
+            weight_map = _shard_list(index, model_dir)
             for shard in sorted(set(weight_map.values())):
-                path = os.path.join(model_dir, str(shard))
-                if os.path.basename(path) != str(shard) or not os.path.exists(path):
+                path = os.path.join(model_dir, shard)
+                if not os.path.lexists(path):
                     raise CheckpointError(f"{index} names shard {shard!r}, which is not in {model_dir}")
                 self._add(path)
             for name, shard in weight_map.items():
@@ -148,7 +233,7 @@ class Checkpoint:
         else:
             found = [f for f in os.listdir(model_dir) if f.endswith((".bin", ".pt", ".pth"))]
             hint = " (PyTorch .bin files found: convert them to safetensors first)" if found else ""
-            raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {model_dir}{hint}")
+            raise CheckpointError(f"no model.safetensors or {INDEX_FILE} in {model_dir}{hint}")
 
     def _add(self, path: str) -> None:
         f = SafetensorsFile(path)

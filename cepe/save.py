@@ -21,6 +21,8 @@ import numpy as np
 
 import cepe_c
 
+from .errors import ConfigError
+from .files import CONFIG_LIMIT, read_json
 from .head import DECODER_KEY, HEAD_FILE, SHARE_KEY, is_head_tensor
 from .safetensors_io import WRITE_DTYPES, write_safetensors
 
@@ -57,9 +59,8 @@ def write_json(path: str, obj: Any) -> None:
 def _generation_config(model: Any) -> dict[str, Any]:
     """The model's generation_config.json: the file it came with, else its config's token ids."""
     src = os.path.join(model.path, "generation_config.json") if os.path.isdir(model.path) else ""
-    if src and os.path.isfile(src):
-        with open(src, encoding="utf-8") as f:
-            gen = json.load(f)
+    if src and os.path.lexists(src):
+        gen = read_json(src, what="generation_config.json", limit=CONFIG_LIMIT, error=ConfigError)
         if isinstance(gen, dict):
             return gen
     c = model.config

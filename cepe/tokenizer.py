@@ -26,13 +26,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from collections.abc import Sequence
 from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
 
 from .errors import CheckpointError
+from .files import CONFIG_LIMIT, TOKENIZER_LIMIT, read_json, read_small, read_text
 
 # GGUF token types (llama.cpp's llama_token_type)
 _CONTROL, _USER_DEFINED = 3, 4
@@ -106,8 +106,9 @@ class SentencePieceBackend:
             import sentencepiece as spm
         except ImportError:
             raise ImportError(f"{path} is a SentencePiece model: pip install sentencepiece") from None
+        self.proto = read_small(path, what="SentencePiece model", limit=TOKENIZER_LIMIT, error=CheckpointError)
         try:
-            self.sp = spm.SentencePieceProcessor(model_file=path)
+            self.sp = spm.SentencePieceProcessor(model_proto=self.proto)
         except Exception as exc:  # noqa: BLE001 - sentencepiece raises OSError/RuntimeError variants
             raise CheckpointError(f"{path}: cannot read the SentencePiece model ({exc})") from None
         self.path = path
@@ -267,7 +268,8 @@ class Tokenizer:
         }
         if isinstance(self.backend, SentencePieceBackend):
             path = os.path.join(d, "tokenizer.model")
-            shutil.copyfile(self.backend.path, path)
+            with open(path, "wb") as f:  # the model as loaded, whatever its file holds now
+                f.write(self.backend.proto)
             conf.update(add_bos_token=self.backend.add_bos, add_eos_token=self.backend.add_eos)
         else:
             path = os.path.join(d, "tokenizer.json")
@@ -290,31 +292,28 @@ class Tokenizer:
         path = os.path.join(d, "tokenizer.json")
         sp_path = os.path.join(d, "tokenizer.model")
         backend: Any
-        if os.path.isfile(path):
+        if os.path.lexists(path):  # anything there but a regular file is an error, not "no tokenizer"
+            text = read_text(path, what="tokenizer.json", limit=TOKENIZER_LIMIT, error=CheckpointError)
             try:
-                backend = Backend.from_file(path)
+                backend = Backend.from_str(text)
             except Exception as exc:  # tokenizers raises plain Exception on a bad file
                 raise CheckpointError(f"{path}: cannot read the tokenizer ({exc})") from None
-        elif os.path.isfile(sp_path):
+        elif os.path.lexists(sp_path):
             backend = None  # built below, once tokenizer_config.json says whether to add BOS/EOS
         else:
             return None
         conf: dict[str, Any] = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the config wins
             p = os.path.join(d, name)
-            if os.path.isfile(p):
-                try:
-                    with open(p, encoding="utf-8") as f:
-                        data = json.load(f)
-                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                    raise CheckpointError(f"{p} is not valid JSON: {exc}") from None
+            if os.path.lexists(p):
+                data = read_json(p, what=name, limit=CONFIG_LIMIT, error=CheckpointError)
                 if isinstance(data, dict):
                     conf.update({k: v for k, v in data.items() if v is not None})
         template = conf.get("chat_template")
         jinja = os.path.join(d, "chat_template.jinja")
-        if os.path.isfile(jinja):
-            with open(jinja, encoding="utf-8") as f:
-                template = f.read()
+        if os.path.lexists(jinja):
+            template = read_text(jinja, what="chat template", limit=CONFIG_LIMIT, error=CheckpointError)
+            template = template.replace("\r\n", "\n").replace("\r", "\n")  # as open()'s text mode reads it
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")

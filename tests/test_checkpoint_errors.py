@@ -130,7 +130,7 @@ def test_weights_path_is_a_directory(copy_of):
     p = copy_of()
     os.remove(os.path.join(p, "model.safetensors"))
     os.mkdir(os.path.join(p, "model.safetensors"))
-    with pytest.raises(CheckpointError, match="no model.safetensors"):
+    with pytest.raises(CheckpointError, match="model.safetensors: .*must be a regular file, but it is a directory"):
         cepe.load(p)
 
 
@@ -238,13 +238,15 @@ def test_transformers4_style_config(copy_of, tiny):
     np.testing.assert_array_equal(cepe.load(p).forward(ids), cepe.load(tiny[0]).forward(ids))
 
 
-def test_float32_weights_are_memory_mapped(tiny):
+def test_float32_weights_are_owned_not_mapped(tiny):
     model = cepe.load(tiny[0])
     from cepe.safetensors_io import Checkpoint
 
     arr = Checkpoint(tiny[0]).get("model.embed_tokens.weight")
-    assert isinstance(arr.base, np.memmap) or isinstance(arr, np.memmap) or not arr.flags.owndata
-    assert not arr.flags.writeable
+    root = arr
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    assert root.flags.owndata and not isinstance(root, np.memmap)  # the model outlives changes to its file
     assert model.forward(np.array([3])).shape == (1, 97)
 
 
