@@ -35,6 +35,7 @@ import numpy as np
 
 import cepe_c
 
+from .checks import check_seed
 from .config import ROPE_LAYOUT_KEY, DecoderConfig, parse_config
 from .errors import CheckpointError
 
@@ -280,6 +281,7 @@ def attach_encoder(
     from .load import load
     from .model import Model
 
+    seed = check_seed(seed)
     dec = decoder if isinstance(decoder, Model) else load(decoder)
     if dec.config.is_cepe or dec.config.encoder is not None:
         raise ValueError("decoder already has a CEPE encoder and cross-attention")

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 import cepe_c
 
+from .checks import check_seed
 from .config import DecoderConfig
 
 _MAX_I32 = 2**31 - 1
@@ -521,10 +522,7 @@ class Model:
         top_p = float(top_p)
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if seed is None:
-            seed = int.from_bytes(os.urandom(8), "little")
-        elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        seed = int.from_bytes(os.urandom(8), "little") if seed is None else check_seed(seed)
         eos = self._eos_ids(eos_token_id)
         ids, squeeze = _as_ids(input_ids, self.config.vocab_size)
         mask = _as_mask(attention_mask, ids.shape, squeeze)
@@ -580,8 +578,7 @@ class Model:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         mask = _as_mask(attention_mask, ids.shape, False)
         eos = self._eos_ids(eos_token_id)
-        if seed is None:
-            seed = int.from_bytes(os.urandom(8), "little")
+        seed = int.from_bytes(os.urandom(8), "little") if seed is None else check_seed(seed)
         context = self._context(1, False, encoder_input_ids, encoder_attention_mask, encoder_hidden_states)
         if max_new_tokens == 0:
             return

@@ -20,6 +20,7 @@ rewrites the weights that inference reads.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -27,7 +28,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -35,13 +36,48 @@ from tqdm.auto import tqdm
 
 import cepe_c
 
+from .checks import check_seed
+from .errors import CheckpointError
+from .files import CONFIG_LIMIT, check_regular, describe, read_json
 from .head import DECODER_KEY, SHARE_KEY, cross_attention_init
 from .model import Model
 from .rope import e2llm_positions
 from .safetensors_io import SafetensorsFile, write_safetensors
-from .save import fsync_path, write_json, write_model
+from .save import MODEL_FILES, fsync_path, write_json, write_model
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: saves take no locks
+    fcntl = None  # type: ignore[assignment]
 
 STATE_FORMAT = 1  # trainer_state.json's "format"
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+# Every file a checkpoint directory may hold: save() replaces a directory only when it holds
+# nothing else (and a trainer_state.json), and removes a leftover of a killed save only then.
+CHECKPOINT_FILES = frozenset((*MODEL_FILES, OPTIMIZER_FILE, STATE_FILE))
+# What trainer_state.json must hold (logit_floats and n_params are optional).
+STATE_KEYS = (
+    "format",
+    "step",
+    "trainable",
+    "lr",
+    "weight_decay",
+    "warmup_ratio",
+    "total_steps",
+    "grad_accum",
+    "clip",
+    "betas",
+    "eps",
+    "lm_loss_cof",
+    "kl_loss_cof",
+    "kl_mode",
+    "e2llm",
+    "seed",
+    "init",
+    "layout",
+)
+INT_MAX = 2**63 - 1  # the C core counts steps (and takes total_steps, logit_floats) as int64
 
 TRAINABLE = ("cross_attn", "cross_attn+encoder", "all")
 INIT_MODES = ("none", "copy", "zero", "normal")
@@ -85,11 +121,13 @@ def _number(name: str, v: Any, lo: float | None = None, hi: float | None = None,
     return v
 
 
-def _int(name: str, v: Any, lo: int) -> int:
+def _int(name: str, v: Any, lo: int, hi: int = INT_MAX) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
     if v < lo:
         raise ValueError(f"{name} must be >= {lo}, got {v}")
+    if v > hi:
+        raise ValueError(f"{name} must be <= {hi}, got {v}")
     return int(v)
 
 
@@ -176,7 +214,7 @@ class Trainer:
         self.model = model
         self.trainable = trainable
         self.grad_accum = _int("grad_accum", grad_accum, 1)
-        self.seed = _int("seed", seed, 0)
+        self.seed = check_seed(seed)
         self.init = init
         self.config = {
             "trainable": trainable,
@@ -451,37 +489,45 @@ class Trainer:
         hyper-parameters, seed: the E2-LLM and init draws derive from the seed
         and the step, so this is all the RNG state there is).
 
+        `path` must not exist, be an empty directory, or be a checkpoint an
+        earlier save() wrote (a directory holding trainer_state.json and
+        nothing but checkpoint files); anything else raises FileExistsError
+        naming what is in the way, and nothing is written.
+
         Atomic: everything is written and fsynced in a temporary sibling
         directory, which then replaces `path` by rename. An earlier checkpoint
         at `path` is moved to `path + ".old"` for the instant between the two
         renames and deleted after; resume() falls back to it, so a crash at any
-        point leaves one complete checkpoint."""
+        point leaves one complete checkpoint. What a killed save leaves beside
+        `path` (its temporary directory, a `.old` being deleted) is removed by
+        the next save() or resume()."""
         path = os.path.abspath(os.fspath(path))
-        parent = os.path.dirname(path)
+        parent, base = os.path.split(path)
+        old = path + ".old"
+        _check_replaceable(path)
+        if os.path.lexists(old) and not _only_checkpoint_files(old):
+            raise FileExistsError(
+                f"{old} is in the way: save() moves the previous checkpoint there while it replaces {path}, "
+                f"but it is not a leftover checkpoint ({_what_is_in(old)}); move it elsewhere"
+            )
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
-        try:
+        _remove_leftovers(path)
+        with _locked_tmp_dir(parent, base) as tmp:
             self._state.sync_host()  # a device's weights and moments into params / adam_m / adam_v
             # frozen: as loaded; trainable: the master weights. A head's decoder stays where it is.
             head_only = bool(self.model.config.raw.get(DECODER_KEY)) and self.trainable != "all"
             write_model(self.model, tmp, head_only=head_only)
-            write_safetensors(
-                os.path.join(tmp, "optimizer.safetensors"), {"adam_m": self.adam_m, "adam_v": self.adam_v}
-            )
-            write_json(os.path.join(tmp, "trainer_state.json"), self._state_dict())
+            write_safetensors(os.path.join(tmp, OPTIMIZER_FILE), {"adam_m": self.adam_m, "adam_v": self.adam_v})
+            write_json(os.path.join(tmp, STATE_FILE), self._state_dict())
             fsync_path(tmp)
-            old = path + ".old"
-            if os.path.exists(path):
-                if os.path.exists(old):
-                    shutil.rmtree(old)
+            if os.path.isdir(path) and os.listdir(path):  # an earlier checkpoint (an empty one is renamed over)
+                if os.path.lexists(old):
+                    _remove_tree(old)
                 os.rename(path, old)
             os.rename(tmp, path)
             fsync_path(parent)
-            if os.path.exists(old):
-                shutil.rmtree(old)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            if os.path.lexists(old):
+                _remove_tree(old)
         return path
 
     @classmethod
@@ -489,50 +535,229 @@ class Trainer:
         """A Trainer (and its Model: trainer.model) continuing from a
         checkpoint written by save(): the same weights, moments, step and
         settings, so the next steps equal those of an uninterrupted run bit
-        for bit (with the same n_threads)."""
+        for bit (with the same n_threads). trainer_state.json and
+        optimizer.safetensors are checked (keys, types, ranges; the moments'
+        shape, dtype and values) and any fault raises CheckpointError naming
+        the file and the key or tensor."""
         from .load import load
 
         path = os.path.abspath(os.fspath(path))
-        if not os.path.exists(os.path.join(path, "trainer_state.json")) and os.path.exists(
-            os.path.join(path + ".old", "trainer_state.json")
+        ckpt = path
+        if not os.path.lexists(os.path.join(path, STATE_FILE)) and os.path.lexists(
+            os.path.join(path + ".old", STATE_FILE)
         ):
             path = path + ".old"  # a save was interrupted between its two renames
-        state_path = os.path.join(path, "trainer_state.json")
-        if not os.path.exists(state_path):
-            raise FileNotFoundError(f"no trainer checkpoint (trainer_state.json) in {path}")
-        with open(state_path, encoding="utf-8") as f:
-            st = json.load(f)
-        if st.get("format") != STATE_FORMAT:
-            raise ValueError(f"{state_path}: unsupported trainer_state format {st.get('format')!r}")
+        state_path = os.path.join(path, STATE_FILE)
+        if not os.path.lexists(state_path):
+            raise FileNotFoundError(f"no trainer checkpoint ({STATE_FILE}) in {path}")
+        st = _read_state(state_path)
+        opt_path = os.path.join(path, OPTIMIZER_FILE)
+        if not os.path.lexists(opt_path):
+            raise CheckpointError(f"{path}: no {OPTIMIZER_FILE} (the AdamW moments) beside {STATE_FILE}")
+        check_regular(opt_path, "the optimizer state", error=CheckpointError)
+        _remove_leftovers(ckpt)
         model = load(path, n_threads=n_threads, device=device)
-        trainer = cls(
-            model,
-            st["trainable"],
-            lr=st["lr"],
-            weight_decay=st["weight_decay"],
-            warmup_ratio=st["warmup_ratio"],
-            total_steps=st["total_steps"],
-            grad_accum=st["grad_accum"],
-            clip=st["clip"],
-            lm_loss_cof=st["lm_loss_cof"],
-            kl_loss_cof=st["kl_loss_cof"],
-            kl_mode=st["kl_mode"],
-            e2llm=st["e2llm"],
-            seed=st["seed"],
-            init="none",  # the saved weights already carry the initialisation
-            betas=tuple(st["betas"]),
-            eps=st["eps"],
-            logit_floats=st.get("logit_floats", 0),
-        )
+        try:
+            trainer = cls(
+                model,
+                st["trainable"],
+                lr=st["lr"],
+                weight_decay=st["weight_decay"],
+                warmup_ratio=st["warmup_ratio"],
+                total_steps=st["total_steps"],
+                grad_accum=st["grad_accum"],
+                clip=st["clip"],
+                lm_loss_cof=st["lm_loss_cof"],
+                kl_loss_cof=st["kl_loss_cof"],
+                kl_mode=st["kl_mode"],
+                e2llm=st["e2llm"],
+                seed=st["seed"],
+                init="none",  # the saved weights already carry the initialisation
+                betas=tuple(st["betas"]),
+                eps=st["eps"],
+                logit_floats=st.get("logit_floats", 0),
+            )
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{state_path}: {exc}") from None
         trainer.init = st["init"]
         if [[n, list(s), o] for n, s, o in trainer.layout] != st["layout"]:
-            raise ValueError(f"{state_path}: the checkpoint's parameter layout does not match its model")
-        opt = SafetensorsFile(os.path.join(path, "optimizer.safetensors"))
-        for name, buf in (("adam_m", trainer.adam_m), ("adam_v", trainer.adam_v)):
-            a = opt.get(name)
-            if a.shape != buf.shape:
-                raise ValueError(f"{path}: optimizer state {name} has shape {a.shape}, expected {buf.shape}")
-            buf[...] = a
+            raise CheckpointError(f"{state_path}: the checkpoint's parameter layout does not match its model")
+        trainer._load_moments(opt_path)
         trainer._state.sync_device()  # the loaded moments, to a device
-        trainer._state.step = int(st["step"])
+        trainer._state.step = st["step"]
         return trainer
+
+    def _load_moments(self, opt_path: str) -> None:
+        """adam_m and adam_v from optimizer.safetensors, checked: float32 of the layout's size,
+        finite, and adam_v >= 0 (a corrupt moment would turn every weight non-finite on the
+        first step)."""
+        opt = SafetensorsFile(opt_path)
+        unexpected = sorted(set(opt.keys()) - {"adam_m", "adam_v"})
+        if unexpected:
+            raise CheckpointError(f"{opt_path}: unexpected tensor {unexpected[0]} (the state holds adam_m and adam_v)")
+        for name, buf in (("adam_m", self.adam_m), ("adam_v", self.adam_v)):
+            if name not in opt.tensors:
+                raise CheckpointError(f"{opt_path}: missing tensor {name}")
+            dtype, shape = opt.tensors[name][:2]
+            if dtype != "F32":
+                raise CheckpointError(f"{opt_path}: tensor {name} has dtype {dtype}, expected F32 (as save writes it)")
+            if tuple(shape) != buf.shape:
+                raise CheckpointError(
+                    f"{opt_path}: tensor {name} has shape {tuple(shape)}, expected {buf.shape} "
+                    "(one value per trainable parameter)"
+                )
+            buf[...] = opt.get(name)
+            ok = np.isfinite(buf)
+            if name == "adam_v":
+                ok &= buf >= 0
+            if not ok.all():
+                bad = np.flatnonzero(~ok)
+                i = int(bad[0])
+                where = next((n for n, s, o in self.layout if o <= i < o + int(np.prod(s))), "?")
+                what = "non-finite or negative" if name == "adam_v" else "non-finite"
+                raise CheckpointError(
+                    f"{opt_path}: tensor {name} holds {bad.size} {what} value(s), the first {float(buf[i])!r} "
+                    f"at index {i} (in {where}); the optimizer state is corrupt"
+                )
+
+
+# ------------------------------------------------------------ checkpoint files
+
+
+def _read_state(state_path: str) -> dict[str, Any]:
+    """trainer_state.json, read (bounded, a regular file) and checked: every key present,
+    the format known, step an int in [0, INT_MAX], betas a pair. The hyper-parameters are
+    checked by the Trainer they build."""
+    st = read_json(state_path, what=STATE_FILE, limit=CONFIG_LIMIT, error=CheckpointError)
+    if not isinstance(st, dict):
+        raise CheckpointError(f"{state_path}: expected a JSON object, got {type(st).__name__}")
+    for key in STATE_KEYS:
+        if key not in st:
+            raise CheckpointError(f"{state_path}: missing key {key!r}")
+    if st["format"] != STATE_FORMAT:
+        raise CheckpointError(f"{state_path}: unsupported trainer_state format {st['format']!r}")
+    step = st["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= INT_MAX:
+        raise CheckpointError(f"{state_path}: step must be an int in [0, {INT_MAX}], got {step!r}")
+    if not (isinstance(st["betas"], list) and len(st["betas"]) == 2):
+        raise CheckpointError(f"{state_path}: betas must be a list of two numbers, got {st['betas']!r}")
+    if not isinstance(st["init"], str) or st["init"] not in INIT_MODES:
+        raise CheckpointError(f"{state_path}: init must be one of {INIT_MODES}, got {st['init']!r}")
+    if not isinstance(st["layout"], list):
+        raise CheckpointError(f"{state_path}: layout must be a list, got {type(st['layout']).__name__}")
+    return st
+
+
+def _what_is_in(path: str, limit: int = 5) -> str:
+    """Words for what `path` is, or the entries of a directory that a checkpoint never holds."""
+    if os.path.islink(path):
+        return f"a symlink to {os.path.realpath(path)}"
+    mode = os.stat(path).st_mode
+    if not os.path.isdir(path):
+        return "a regular file" if os.path.isfile(path) else describe(mode)
+    foreign = sorted(
+        e.name for e in os.scandir(path) if e.name not in CHECKPOINT_FILES or not e.is_file(follow_symlinks=False)
+    )
+    if not foreign:
+        return f"a model's files but no {STATE_FILE}"
+    more = f" and {len(foreign) - limit} more" if len(foreign) > limit else ""
+    return "it holds " + ", ".join(foreign[:limit]) + more
+
+
+def _only_checkpoint_files(path: str) -> bool:
+    """A real directory (not a symlink) whose entries are all regular files a checkpoint holds."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return False
+    return all(e.name in CHECKPOINT_FILES and e.is_file(follow_symlinks=False) for e in os.scandir(path))
+
+
+def _check_replaceable(path: str) -> None:
+    """save() may write `path` when it does not exist, is an empty directory, or is a checkpoint
+    (trainer_state.json and checkpoint files only); otherwise FileExistsError."""
+    if not os.path.lexists(path):
+        return
+    if not os.path.islink(path) and os.path.isdir(path) and not os.listdir(path):
+        return
+    if _only_checkpoint_files(path) and os.path.isfile(os.path.join(path, STATE_FILE)):
+        return
+    raise FileExistsError(
+        f"{path} exists and is not a Trainer checkpoint ({_what_is_in(path)}); save() replaces only an empty "
+        f"directory or a checkpoint it wrote ({STATE_FILE}, {OPTIMIZER_FILE} and the model's files): "
+        "choose another path"
+    )
+
+
+def _remove_tree(path: str) -> None:
+    """shutil.rmtree that tolerates entries vanishing meanwhile (another process cleaning the
+    same leftover) but raises any other failure."""
+    shutil.rmtree(path, ignore_errors=True)
+    if os.path.lexists(path):
+        shutil.rmtree(path)
+
+
+@contextlib.contextmanager
+def _dir_lock(path: str) -> Iterator[bool]:
+    """Tries to take an exclusive flock on directory `path` without waiting: yields True when
+    it is held (or when locks are unavailable here), False when another process holds it or
+    the directory is gone. A save holds the lock on its directory from creation to the end."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except FileNotFoundError:
+        yield False
+        return
+    try:
+        got = True
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                got = False
+            except OSError:  # a file system without flock: no protection, as without fcntl
+                pass
+        yield got
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _locked_tmp_dir(parent: str, base: str) -> Iterator[str]:
+    """A new directory `base`.tmp-XXXXXXXX in `parent`, locked (so no concurrent save or
+    resume takes it for a leftover) while the block runs and removed if the block raises."""
+    for _ in range(5):
+        tmp = tempfile.mkdtemp(prefix=base + ".tmp-", dir=parent)
+        with _dir_lock(tmp) as got:
+            if not (got and os.path.isdir(tmp)):  # taken for a leftover before the lock: make another
+                continue
+            try:
+                yield tmp
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            return
+    raise OSError(f"could not create a temporary directory for {os.path.join(parent, base)}")
+
+
+def _remove_leftovers(path: str) -> None:
+    """Removes what a killed save of checkpoint `path` left beside it: temporary directories
+    (path.tmp-XXXXXXXX) no running save holds, and path.old once `path` holds a checkpoint.
+    Only directories holding nothing but checkpoint files are touched."""
+    parent, base = os.path.split(path)
+    if not base or not os.path.isdir(parent):
+        return
+    pattern = re.compile(re.escape(base) + r"\.tmp-[a-z0-9_]{8}")
+    busy = False
+    for name in os.listdir(parent):
+        tmp = os.path.join(parent, name)
+        if not pattern.fullmatch(name) or not _only_checkpoint_files(tmp):
+            continue
+        with _dir_lock(tmp) as got:
+            if got:
+                _remove_tree(tmp)
+            else:
+                busy = True  # a save is running
+    old = path + ".old"
+    if busy or not os.path.isfile(os.path.join(path, STATE_FILE)) or not _only_checkpoint_files(old):
+        return
+    with _dir_lock(path) as got:  # not held: no save is between its renames or removing old
+        if got:
+            _remove_tree(old)

@@ -29,10 +29,13 @@ Stages (what the decoder, the encoder and the labels get):
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .files import describe
 
 LAYOUTS = ("auto", "stream", "rows", "packed")
 _SCAN_BLOCK = 1 << 24  # tokens per block when checking a file's ids
@@ -103,8 +106,13 @@ def open_tokens(path: str, layout: str = "auto", *, name: str = "tokens") -> Tok
     arrays ("packed" must be asked for: it is also 1-D). Errors name `name` (the config key)."""
     if layout not in LAYOUTS:
         raise ValueError(f"{name}: layout must be one of {LAYOUTS}, got {layout!r}")
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"{name}: no such token file: {path}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{name}: {path} is a broken symlink (to {os.path.realpath(path)}), not a token file")
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{name}: {path} is {describe(mode)}, not a token file (a .npy array)")
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as exc:
@@ -132,11 +140,20 @@ def open_tokens(path: str, layout: str = "auto", *, name: str = "tokens") -> Tok
         n = int(arr[0])
         if n < 0 or 1 + n > arr.shape[0]:
             raise ValueError(f"{name}: {path}: packed header claims {n} documents in a file of {arr.shape[0]} ids")
-        lengths = np.asarray(arr[1 : 1 + n], dtype=np.int64)
-        if (lengths < 0).any() or 1 + n + int(lengths.sum()) != arr.shape[0]:
+        header = np.asarray(arr[1 : 1 + n])
+        n_tok = arr.shape[0] - 1 - n
+        for bad in (header < 0, header > n_tok):  # checked before int64: a huge uint64 would wrap
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise ValueError(
+                    f"{name}: {path}: packed header gives document {i} the length {int(header[i])}, outside "
+                    f"[0, {n_tok}] (the tokens that follow the header)"
+                )
+        lengths = header.astype(np.int64)
+        if int(lengths.sum()) != n_tok:
             raise ValueError(
                 f"{name}: {path}: packed header (n={n}, lengths summing to {int(lengths.sum())}) does not match "
-                f"the {arr.shape[0] - 1 - n} tokens that follow it"
+                f"the {n_tok} tokens that follow it"
             )
         flat = arr[1 + n :]
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if n else np.zeros(0, np.int64)

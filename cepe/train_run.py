@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -22,7 +23,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from .checks import check_seed
 from .errors import ConfigError
+from .files import CONFIG_LIMIT, describe, read_json, read_small
 from .train_data import (
     LAYOUTS,
     TokenFile,
@@ -64,6 +67,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # Keys that may differ when a run is resumed (they do not change what is computed).
 _RESUME_FREE = {"model", "output_dir", "resume", "threads", "log", "save_every", "device"}
+INT_MAX = 2**63 - 1  # integer keys end up in the C core's int64 (cepe.train.INT_MAX)
 
 
 @dataclass
@@ -149,8 +153,9 @@ _KEYS = {f.name for f in fields(TrainConfig)} - {"source"}
 
 def read_config_file(path: str) -> dict[str, Any]:
     """The raw key/value table of a JSON or TOML (.toml) config file."""
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"--config: no such file: {path}")
+    data = read_small(path, what="the training config", limit=CONFIG_LIMIT, error=ConfigError)
     if path.lower().endswith(".toml"):
         try:
             import tomllib  # Python >= 3.11
@@ -159,17 +164,17 @@ def read_config_file(path: str) -> dict[str, Any]:
                 import tomli as tomllib  # type: ignore[no-redef]
             except ImportError:
                 raise ConfigError(f"{path}: TOML configs need Python >= 3.11 or `pip install tomli`") from None
-        with open(path, "rb") as f:
-            try:
-                raw = tomllib.load(f)
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+        try:
+            raw = tomllib.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     else:
-        with open(path, encoding="utf-8") as f:
-            try:
-                raw = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+        try:
+            raw = json.loads(data.decode("utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a table of keys, got {type(raw).__name__}")
     return raw
@@ -238,6 +243,8 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base_dir: str | 
         v = raw.get(key, default)
         if not _is_int(v) or v < lo:
             raise err(key, f"must be an integer >= {lo}, got {v!r}")
+        if v > INT_MAX:
+            raise err(key, f"must be an integer <= {INT_MAX}, got {v!r}")
         return int(v)
 
     out["decoder_len"] = get_int("decoder_len", d["decoder_len"], 2)
@@ -268,7 +275,10 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base_dir: str | 
     out["total_steps"] = get_int("total_steps", d["total_steps"])
     out["save_every"] = get_int("save_every", 500, 0)
     out["logit_floats"] = get_int("logit_floats", 0, 0)
-    out["seed"] = get_int("seed", 42, 0)
+    try:
+        out["seed"] = check_seed(raw.get("seed", 42))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
     for key, default in (("trainable", d["trainable"]), ("init", d["init"]), ("kl_mode", "smooth_1e-6")):
         v = raw.get(key, default)
@@ -384,8 +394,11 @@ def _open_teacher(cfg: TrainConfig, n_windows: int, vocab_size: int) -> tuple[np
     arrays = []
     for key in ("distill_prob", "distill_index"):
         path = getattr(cfg, key)
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise ConfigError(f"{where}: {key}: no such file: {path}")
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"{where}: {key}: {path} is {describe(mode)}, not a .npy file")
         try:
             a = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError) as exc:
@@ -420,7 +433,7 @@ def _checkpoint_dir(cfg: TrainConfig) -> str:
 
 
 def _has_checkpoint(path: str) -> bool:
-    return any(os.path.isfile(os.path.join(p, "trainer_state.json")) for p in (path, path + ".old"))
+    return any(os.path.lexists(os.path.join(p, "trainer_state.json")) for p in (path, path + ".old"))
 
 
 def _resume_from(cfg: TrainConfig) -> str | None:
@@ -445,10 +458,11 @@ def _check_resume_config(cfg: TrainConfig, ckpt: str) -> None:
     """A resumed run must compute what the interrupted one would have: every key but _RESUME_FREE
     must equal the one recorded in train_config.json (next to the checkpoint, in its output_dir)."""
     saved_path = os.path.join(os.path.dirname(os.path.abspath(ckpt)), CONFIG_FILE)
-    if not os.path.isfile(saved_path):
+    if not os.path.lexists(saved_path):
         return  # a checkpoint written by cepe.Trainer.save directly: nothing to compare with
-    with open(saved_path, encoding="utf-8") as f:
-        saved = json.load(f)
+    saved = read_json(saved_path, what=CONFIG_FILE, limit=CONFIG_LIMIT, error=ConfigError)
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{saved_path}: expected a JSON object, got {type(saved).__name__}")
     now = json.loads(json.dumps(cfg.data_dict()))  # tuples -> lists, as saved
     diff = [k for k in sorted(now) if k not in _RESUME_FREE and saved.get(k) != now[k]]
     if diff:
