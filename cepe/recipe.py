@@ -15,9 +15,9 @@ every stage (any key of cepe.train_run.TrainConfig), and three keys may be table
 
 Stage i trains in ``<output_dir>/<stage name>`` (``name`` key, default the stage kind) and
 starts from stage i-1's checkpoint; its cross-attention initialisation (``init``) defaults to
-"none" there, and in the first stage when ``model`` is a table (which initialised it). Every stage resumes where it stopped (resume = "auto"), so
-rerunning the same command after an interruption continues the recipe; a finished stage is
-skipped.
+"none" there, and in the first stage when ``model`` is a table (which initialised it). Every
+stage resumes where it stopped (resume = "auto"), so rerunning the same command after an
+interruption continues the recipe; a finished stage is skipped.
 """
 
 from __future__ import annotations
