@@ -13,7 +13,7 @@ from .config import DecoderConfig, parse_config
 from .errors import CheckpointError, ConfigError
 from .head import attach_encoder
 from .load import load
-from .model import KVCache, Model
+from .model import KVCache, LongInputWarning, Model
 from .pull import pull  # issue 8: cepe.pull("smollm2-135m") (the module is importlib.import_module("cepe.pull"))
 from .tokenizer import Tokenizer  # issue 8
 from .train import Trainer  # issue 5: training in the C core
@@ -24,6 +24,7 @@ __all__ = [
     "ConfigError",
     "DecoderConfig",
     "KVCache",
+    "LongInputWarning",
     "Model",
     "Tokenizer",
     "Trainer",

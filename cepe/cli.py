@@ -26,12 +26,16 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from typing import Any
 
 import numpy as np
 
 from . import __version__, backends, load
+from .files import TEXT_LIMIT, read_text
 from .pull import DEFAULT_MODEL
+
+MAX_INT = 2**31 - 1  # the core counts tokens in int32
 
 
 def _print(obj: dict[str, Any], as_json: bool) -> None:
@@ -47,18 +51,38 @@ def _print(obj: dict[str, Any], as_json: bool) -> None:
             print(f"{key}: {value}")
 
 
+def _read_file(path: str, option: str) -> str:
+    """A text file named on the command line ('-': stdin), as UTF-8, refused
+    when it is not a regular file or holds more than TEXT_LIMIT bytes."""
+    if path != "-":
+        return read_text(path, what=f"{option} file", limit=TEXT_LIMIT)
+    data = sys.stdin.buffer.read(TEXT_LIMIT + 1)
+    if len(data) > TEXT_LIMIT:
+        raise ValueError(f"{option} -: stdin holds more than the {TEXT_LIMIT >> 20} MiB a text may have")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{option} -: stdin is not valid UTF-8 ({exc})") from None
+
+
 def _read_text(args: argparse.Namespace, text_attr: str = "text", file_attr: str = "file") -> str:
     text, path = getattr(args, text_attr, None), getattr(args, file_attr, None)
+    file_opt = f"--{file_attr.replace('_', '-')}"
     if text is not None and path is not None:
-        raise ValueError(f"give --{text_attr} or --{file_attr.replace('_', '-')}, not both")
-    if path == "-":
-        return sys.stdin.read()
+        raise ValueError(f"give --{text_attr} or {file_opt}, not both")
     if path is not None:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        return _read_file(path, file_opt)
     if text is None:
-        raise ValueError(f"give the text with --{text_attr} or --{file_attr.replace('_', '-')}")
+        raise ValueError(f"give the text with --{text_attr} or {file_opt}")
     return text
+
+
+def _check_ints(args: argparse.Namespace, **bounds: tuple[int, int]) -> None:
+    """Each named option (dest=(lo, hi)) within bounds, else a ValueError naming the option."""
+    for dest, (lo, hi) in bounds.items():
+        v = getattr(args, dest)
+        if v is not None and not lo <= v <= hi:
+            raise ValueError(f"--{dest.replace('_', '-')} must be in [{lo}, {hi}], got {v}")
 
 
 def _ids(spec: str) -> np.ndarray:
@@ -85,6 +109,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    _check_ints(args, max_new_tokens=(0, MAX_INT), top_k=(0, MAX_INT), seed=(0, 2**64 - 1))
+    context = None if args.context_file is None else _read_file(args.context_file, "--context-file")
     model = _load(args)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if args.ids is not None:
@@ -100,10 +126,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 0
     if args.prompt is None:
         raise ValueError("give a prompt (or --ids)")
-    context = None
-    if args.context_file:
-        with open(args.context_file, encoding="utf-8") as f:
-            context = f.read()
     chat = not args.raw and model.tokenizer is not None and model.tokenizer.chat_template is not None
     kw = dict(
         context=context,
@@ -134,12 +156,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:
-    model = _load(args)
+    _check_ints(args, eval_window=(1, MAX_INT))
     text = _read_text(args)
-    context = None
-    if args.context_file:
-        with open(args.context_file, encoding="utf-8") as f:
-            context = f.read()
+    context = None if args.context_file is None else _read_file(args.context_file, "--context-file")
+    model = _load(args)
     ppl = model.perplexity_text(text, context=context, eval_window=args.eval_window)
     _print({"perplexity": ppl, "tokens": len(model.tokenizer.encode(text))}, args.json)
     return 0
@@ -148,8 +168,9 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
 def cmd_encode(args: argparse.Namespace) -> int:
     from .text import text_context
 
+    text = _read_text(args)
     model = _load(args)
-    ids = text_context(model, _read_text(args), None)
+    ids = text_context(model, text, None)
     assert ids is not None
     states = model.encode(ids[0][0], ids[1][0])
     if args.out:
@@ -171,9 +192,12 @@ def cmd_rag(args: argparse.Namespace) -> int:
     from .rag import answer
     from .retrieval import split_passages
 
+    _check_ints(args, in_decoder=(0, MAX_INT), in_encoder=(0, MAX_INT), words=(1, MAX_INT))
+    _check_ints(args, max_new_tokens=(0, MAX_INT))
+    if args.in_decoder == 0 and args.in_encoder == 0:
+        raise ValueError("--in-decoder and --in-encoder are both 0: give one of them >= 1 passages")
+    raw = _read_file(args.corpus, "--corpus")
     model = _load(args)
-    with open(args.corpus, encoding="utf-8") as f:
-        raw = f.read()
     lines = [ln.strip() for ln in raw.splitlines() if ln.strip()]
     passages = lines if args.one_per_line else split_passages(raw, words=args.words)
     out = answer(
@@ -224,6 +248,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """A quick prefill / decode speed check of one model (benchmarks/ has the real comparisons)."""
+    _check_ints(args, prompt_tokens=(1, MAX_INT), new_tokens=(1, MAX_INT))
     model = _load(args)
     rng = np.random.default_rng(0)
     V = model.config.vocab_size
@@ -557,17 +582,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    print(f"cepe: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """What a bad input, file, model or template raises (anything else is a bug: a traceback)."""
+    known: list[type[BaseException]] = [
+        ValueError,
+        TypeError,
+        OSError,
+        NotImplementedError,
+        RuntimeError,
+        LookupError,
+        ImportError,
+        ArithmeticError,
+        MemoryError,
+    ]
+    jinja2 = sys.modules.get("jinja2")
+    if jinja2 is not None:  # a chat template's own errors, should one escape cepe.tokenizer
+        known.append(jinja2.TemplateError)
+    return tuple(known)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    shown = warnings.showwarning
+    warnings.showwarning = _show_warning  # one line each, as the errors
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
         print("cepe: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError, NotImplementedError, RuntimeError, KeyError, ImportError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"cepe: error: {msg}", file=sys.stderr)
+    except _known_errors() as exc:
+        msg: Any = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        if isinstance(exc, MemoryError):
+            msg = f"out of memory: {exc}" if str(exc) and "memory" not in str(exc) else (str(exc) or "out of memory")
+        print(f"cepe: error: {' '.join(str(msg).split())}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

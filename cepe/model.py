@@ -12,6 +12,7 @@ import contextlib
 import os
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -24,6 +25,63 @@ from .checks import check_seed
 from .config import DecoderConfig
 
 _MAX_I32 = 2**31 - 1
+
+STATES_LIMIT = float(np.sqrt(np.finfo(np.float32).max))  # ~1.8e19: larger values square to inf in float32
+
+
+class LongInputWarning(UserWarning):
+    """A call's tokens run past the model's window (Model.window)."""
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int = _MAX_I32) -> int:
+    """value as an int in [lo, hi]; TypeError / ValueError naming it otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value}")
+    return int(value)
+
+
+def _sampling(temperature: Any, top_k: Any, top_p: Any) -> tuple[float, int, float]:
+    """(temperature, top_k, top_p) checked, as generate() and generate_stream() take them."""
+    top_k = _check_int("top_k", top_k, 0)
+    temperature = float(temperature)
+    if not (temperature >= 0.0 and np.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    top_p = float(top_p)
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    return temperature, top_k, top_p
+
+
+def _check_total(T: int, max_new_tokens: int) -> None:
+    if T + max_new_tokens > _MAX_I32:
+        raise ValueError(
+            f"max_new_tokens ({max_new_tokens}) plus the prompt's {T} tokens exceed the {_MAX_I32} tokens "
+            "a context can hold"
+        )
+
+
+@contextlib.contextmanager
+def _kv_memory(B: int, T: int, max_new_tokens: int) -> Iterator[None]:
+    """A MemoryError while making a generation's context (its KV cache is
+    sized for prompt + max_new_tokens up front) says which argument to lower."""
+    try:
+        yield
+    except MemoryError as exc:
+        raise MemoryError(
+            f"{exc}: the KV cache holds the prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) "
+            f"for each of {B} rows; lower max_new_tokens"
+        ) from None
+
+
+def _overflowed(what: str, context: bool) -> ValueError:
+    culprit = (
+        "the CEPE context (encoder_hidden_states / encoder_input_ids) or the weights" if context else "the weights"
+    )
+    return ValueError(
+        f"the forward overflowed float32: its {what} are not finite (NaN or inf); check the magnitude of {culprit}"
+    )
 
 
 def _as_ids(input_ids: Any, vocab_size: int) -> tuple[np.ndarray, bool]:
@@ -242,14 +300,39 @@ class Model:
 
     def create_cache(self, batch_size: int = 1, capacity: int | None = None) -> KVCache:
         """An empty KV cache for incremental decoding (capacity defaults to
-        max_position_embeddings)."""
-        for name, v in (("batch_size", batch_size), ("capacity", capacity)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-        cap = self.config.max_position_embeddings if capacity is None else capacity
-        if batch_size < 1 or cap < 1:
-            raise ValueError(f"batch_size and capacity must be >= 1, got {batch_size} and {cap}")
+        max_position_embeddings). batch_size and capacity are ints in
+        [1, 2**31 - 1]; a cache too large for memory raises MemoryError."""
+        batch_size = _check_int("batch_size", batch_size, 1)
+        cap = _check_int("capacity", self.config.max_position_embeddings if capacity is None else capacity, 1)
         return KVCache(self, batch_size, cap)
+
+    @property
+    def window(self) -> int:
+        """The most tokens (prompt and generated) the model was trained to attend
+        over: max_position_embeddings, or with RoPE scaling (rope_scaling=) the
+        scaled length, original_max_position_embeddings x factor when larger.
+        Calls that run past it still work, with a LongInputWarning: quality
+        falls off beyond the window and the cost of attention grows with the
+        square of the length."""
+        c = self.config
+        n = c.max_position_embeddings
+        rope = c.rope
+        if rope is not None and rope.rope_type != "default" and rope.factor:
+            n = max(n, int(rope.original_max_position_embeddings * rope.factor))
+        return n
+
+    def _warn_long(self, n_tokens: int, what: str) -> None:
+        w = self.window
+        if n_tokens > w:
+            basis = "max_position_embeddings" if w == self.config.max_position_embeddings else "with its RoPE scaling"
+            warnings.warn(
+                f"{what} {n_tokens} tokens, {n_tokens / w:.1f}x the model's window of {w} ({basis}): past it "
+                "the output degrades, and attention slows down with the square of the length. Give long "
+                "text to a CEPE model as its context (encoder_input_ids, context=, `cepe generate "
+                "--context-file`), or load the model with RoPE scaling (cepe.load(..., rope_scaling={...})).",
+                LongInputWarning,
+                stacklevel=3,
+            )
 
     forward_keep_bytes: int = 64 << 20
     """forward() without a cache, and generate(), without a CEPE context keep
@@ -318,6 +401,11 @@ class Model:
                 out[sl] = self._core.encode(flat[sl], None if flat_mask is None else flat_mask[sl])
                 bar.update(out[sl].shape[0])
         out = out.reshape(B, n_ctx * L, enc.hidden_size)
+        if not np.isfinite(out.sum()):  # states are final-normed: their sum cannot overflow by itself
+            raise ValueError(
+                "the encoder overflowed float32: its states of encoder_input_ids are not finite (NaN or inf); "
+                "check the encoder's weights"
+            )
         return out[0] if squeeze else out
 
     def _context(
@@ -355,9 +443,17 @@ class Model:
             raise ValueError("encoder_hidden_states must hold at least one context token")
         if not np.issubdtype(states.dtype, np.floating):
             raise TypeError(f"encoder_hidden_states must be floating point, got dtype {states.dtype}")
-        states = np.ascontiguousarray(states, dtype=np.float32)
+        with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf, refused below
+            states = np.ascontiguousarray(states, dtype=np.float32)
         if not np.isfinite(states).all():
             raise ValueError("encoder_hidden_states holds NaN or Inf")
+        peak = max(float(states.max()), -float(states.min()))
+        if peak >= STATES_LIMIT:
+            raise ValueError(
+                f"encoder_hidden_states holds a value of magnitude {peak:.3g}, beyond {STATES_LIMIT:.3g} "
+                "(its square overflows float32, so attention over it cannot be computed); encode() gives "
+                "final-normed states, of the order of the encoder's norm weights"
+            )
         mask = None
         if encoder_attention_mask is not None:
             m = np.asarray(encoder_attention_mask)
@@ -411,8 +507,14 @@ class Model:
         CEPE context: encoder_input_ids (B, n_ctx, L) chunks (with
         encoder_attention_mask, 1 = real token) are encoded once and attended
         by every cross-attention layer; or pass encoder_hidden_states
-        (B, N, d_enc) from encode(). Without either, a CEPE model is exactly
-        its base decoder.
+        (B, N, d_enc) from encode() (finite, |x| < STATES_LIMIT ~ 1.8e19).
+        Without either, a CEPE model is exactly its base decoder; so is a row
+        whose encoder_attention_mask is all 0 (no context: its cross-attention
+        adds 0, where a softmax over only masked keys would average them).
+
+        A forward whose float32 arithmetic overflows raises ValueError instead
+        of returning non-finite logits. Inputs longer than Model.window warn
+        (LongInputWarning).
         """
         if logits not in ("all", "last"):
             raise ValueError(f"logits must be 'all' or 'last', got {logits!r}")
@@ -425,6 +527,7 @@ class Model:
             if ids.shape[0] != cache.batch_size:
                 raise ValueError(f"input_ids has batch size {ids.shape[0]}, the cache was made for {cache.batch_size}")
         context = self._context(ids.shape[0], squeeze, encoder_input_ids, encoder_attention_mask, encoder_hidden_states)
+        self._warn_long(ids.shape[1] + (len(cache) if cache is not None else 0), "the input holds")
         call_ctx = (
             contextlib.nullcontext(cache._ctx)
             if cache is not None
@@ -438,6 +541,8 @@ class Model:
                 if cache is not None:  # its tokens were half appended: start it afresh
                     cache.reset()
                 raise
+        if not np.isfinite(out.sum()):  # one pass, no temporary: a NaN or inf anywhere shows in the sum
+            raise _overflowed("logits", context is not None)
         return out[0] if squeeze else out
 
     __call__ = forward
@@ -466,6 +571,7 @@ class Model:
             eval_window = T - 1
         if isinstance(eval_window, bool) or not isinstance(eval_window, int) or not 1 <= eval_window <= T - 1:
             raise ValueError(f"eval_window must be an int in [1, {T - 1}], got {eval_window!r}")
+        self._warn_long(T, "the input holds")
         cache = self.create_cache(B, T)
         cache._ctx.set_rope_length(T)  # dynamic NTK / LongRoPE: the table of the whole input, as one forward
         context = self._context(B, squeeze, encoder_input_ids, encoder_attention_mask, encoder_hidden_states)
@@ -480,6 +586,8 @@ class Model:
         # One call: the core scores a few rows at a time and never holds (T, V) logits.
         nll_tok = _interruptible(cache._ctx, cache._ctx.forward_nll, ids, None, mask, targets, progress="perplexity")
         nll = nll_tok[:, :-1].sum(axis=1, dtype=np.float64)
+        if not np.isfinite(nll).all():
+            raise _overflowed("log-probabilities", context is not None)
         count = keep.sum(axis=1)
         if (count == 0).any():
             raise ValueError("a row has no real tokens in its evaluation window")
@@ -510,33 +618,26 @@ class Model:
         The CEPE context arguments are those of forward(); the encoder runs
         once per call.
         """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
-            raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
-        temperature = float(temperature)
-        if not (temperature >= 0.0 and np.isfinite(temperature)):
-            raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-        top_p = float(top_p)
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 0)
+        temperature, top_k, top_p = _sampling(temperature, top_k, top_p)
         seed = int.from_bytes(os.urandom(8), "little") if seed is None else check_seed(seed)
         eos = self._eos_ids(eos_token_id)
         ids, squeeze = _as_ids(input_ids, self.config.vocab_size)
         mask = _as_mask(attention_mask, ids.shape, squeeze)
         B, T = ids.shape
-        if T + max_new_tokens > _MAX_I32:
-            raise ValueError("prompt plus max_new_tokens is too long")
+        _check_total(T, max_new_tokens)
         context = self._context(B, squeeze, encoder_input_ids, encoder_attention_mask, encoder_hidden_states)
         if max_new_tokens == 0:
             out = np.zeros((B, 0), dtype=np.int32)
             return out[0] if squeeze else out
+        self._warn_long(T + max_new_tokens, "the prompt plus max_new_tokens hold")
         pad = self.config.pad_token_id
         if pad is None or pad >= self.config.vocab_size:
             pad = int(eos[0]) if len(eos) else 0
-        with self._call_context(B, T + max_new_tokens, keepable=context is None) as ctx:
+        with (
+            _kv_memory(B, T, max_new_tokens),
+            self._call_context(B, T + max_new_tokens, keepable=context is None) as ctx,
+        ):
             self._attach(ctx, context, keep_cross_kv)
             _interruptible(ctx, ctx.forward, ids, None, mask, 0, progress="prompt")
             out = _interruptible(
@@ -574,15 +675,19 @@ class Model:
         ids, _ = _as_ids(input_ids, self.config.vocab_size)
         if ids.shape[0] != 1:
             raise ValueError(f"generate_stream takes one row, got {ids.shape[0]}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 0)
+        temperature, top_k, top_p = _sampling(temperature, top_k, top_p)
+        T = ids.shape[1]
+        _check_total(T, max_new_tokens)
         mask = _as_mask(attention_mask, ids.shape, False)
         eos = self._eos_ids(eos_token_id)
         seed = int.from_bytes(os.urandom(8), "little") if seed is None else check_seed(seed)
         context = self._context(1, False, encoder_input_ids, encoder_attention_mask, encoder_hidden_states)
         if max_new_tokens == 0:
             return
-        ctx = cepe_c.Context(self._core, 1, ids.shape[1] + max_new_tokens)
+        self._warn_long(T + max_new_tokens, "the prompt plus max_new_tokens hold")
+        with _kv_memory(1, T, max_new_tokens):
+            ctx = cepe_c.Context(self._core, 1, T + max_new_tokens)
         self._attach(ctx, context, keep_cross_kv)
         _interruptible(ctx, ctx.forward, ids, None, mask, 0)
         pad = int(eos[0]) if len(eos) else 0
@@ -591,9 +696,9 @@ class Model:
                 ctx,
                 ctx.generate,
                 1,
-                temperature=float(temperature),
+                temperature=temperature,
                 top_k=top_k,
-                top_p=float(top_p),
+                top_p=top_p,
                 seed=(int(seed) + step) & (2**64 - 1),
                 eos_ids=eos,
                 pad_token_id=pad,
@@ -653,12 +758,10 @@ class Model:
         eval_window: int | None = None,
     ) -> float:
         """perplexity() of a text (with BOS), optionally with a CEPE context."""
-        from .text import require_tokenizer, text_context
+        from .text import check_text, require_tokenizer, text_context
 
         tok = require_tokenizer(self)
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
-        ids = tok.encode(text)
+        ids = tok.encode(check_text(text, "text"))
         if len(ids) < 2:
             raise ValueError("the text must encode to at least 2 tokens")
         ctx = text_context(self, context, contexts)

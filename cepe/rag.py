@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .retrieval import BM25Retriever, Passage, as_passages
+from .text import check_text
 
 
 @dataclass
@@ -49,9 +50,12 @@ def answer(
     max_new_tokens, stopping at a newline."""
     if not isinstance(question, str) or not question.strip():
         raise ValueError("question must be a non-empty string")
+    check_text(question, "question")
     for name, v in (("in_decoder", in_decoder), ("in_encoder", in_encoder)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+    if k is None and in_decoder + in_encoder == 0:
+        raise ValueError("in_decoder and in_encoder are both 0: no passages to use (give one of them >= 1)")
     k = in_decoder + in_encoder if k is None else k
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")

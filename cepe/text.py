@@ -15,6 +15,24 @@ import numpy as np
 from .chunking import DEFAULT_CHUNK_LEN, chunk_long_context, chunk_passages
 
 
+def check_text(value: Any, name: str) -> str:
+    """value if it is a str that encodes to UTF-8; TypeError / ValueError naming
+    it otherwise (bytes, or a str with lone surrogates, as undecodable bytes on
+    a command line become)."""
+    if isinstance(value, (bytes, bytearray)):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__} (decode it first)")
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{name} is not valid UTF-8 text: it holds {value[exc.start]!r} at character {exc.start} "
+            "(a lone surrogate, as undecodable bytes become)"
+        ) from None
+    return value
+
+
 def require_tokenizer(model: Any) -> Any:
     tok = getattr(model, "tokenizer", None)
     if tok is None:
@@ -46,8 +64,7 @@ def text_context(
     L = int(getattr(model, "chunk_len", DEFAULT_CHUNK_LEN))
     budget = int(getattr(model, "max_context_tokens", 0)) or None
     if context is not None:
-        if not isinstance(context, str):
-            raise TypeError(f"context must be a str, got {type(context).__name__}")
+        check_text(context, "context")
         ids = tok.encode(context, add_special_tokens=False)
         if not ids:
             raise ValueError("context is empty")
@@ -57,6 +74,8 @@ def text_context(
     else:
         if isinstance(contexts, str) or not all(isinstance(c, str) for c in contexts):
             raise TypeError("contexts must be a list of strings (one passage each)")
+        for i, c in enumerate(contexts):
+            check_text(c, f"contexts[{i}]")
         if budget is not None and len(contexts) * L > budget:
             raise ValueError(
                 f"{len(contexts)} passages of {L} tokens exceed the context budget of {budget} tokens "
@@ -98,8 +117,7 @@ def stream_text(
 ) -> Iterator[str]:
     """Yields the generated text piece by piece (see Model.generate_text)."""
     tok = require_tokenizer(model)
-    if not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    check_text(prompt, "prompt")
     stops = [s for s in ([stop] if isinstance(stop, str) else (stop or [])) if s]
     if chat:
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)

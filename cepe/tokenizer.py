@@ -23,16 +23,20 @@ are added by encode() as the file's add_bos_token / add_eos_token flags say.
 
 from __future__ import annotations
 
+import contextvars
+import copy
+import functools
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
 
 from .errors import CheckpointError
 from .files import CONFIG_LIMIT, TOKENIZER_LIMIT, read_json, read_small, read_text
+from .text import check_text
 
 # GGUF token types (llama.cpp's llama_token_type)
 _CONTROL, _USER_DEFINED = 3, 4
@@ -168,6 +172,7 @@ class Tokenizer:
         pad_token: str | None = None,
         unk_token: str | None = None,
         chat_template: str | None = None,
+        chat_template_source: str | None = None,
     ) -> None:
         self.backend = backend
         self.bos_token = bos_token
@@ -175,6 +180,7 @@ class Tokenizer:
         self.pad_token = pad_token
         self.unk_token = unk_token
         self.chat_template = chat_template
+        self.chat_template_source = chat_template_source  # where it was read (errors name it)
 
     # ----------------------------------------------------------- properties
 
@@ -214,8 +220,7 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of text; add_special_tokens adds the BOS/EOS the model expects."""
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        check_text(text, "text")
         return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Sequence[int] | Any, skip_special_tokens: bool = True) -> str:
@@ -232,20 +237,37 @@ class Tokenizer:
     ) -> str:
         """The prompt text of a conversation ([{"role": ..., "content": ...}, ...]),
         rendered with the model's Jinja chat template as transformers does
-        (sandboxed, trim_blocks, lstrip_blocks). Encode it with
-        add_special_tokens=False when the template writes the BOS itself."""
+        (trim_blocks, lstrip_blocks). Encode it with add_special_tokens=False
+        when the template writes the BOS itself.
+
+        A template comes with the model file, so it is untrusted: it runs in
+        jinja2's immutable sandbox, with limits on range() (TEMPLATE_MAX_RANGE
+        items), on the loop steps and calls of one rendering (TEMPLATE_MAX_STEPS)
+        and on the size of every string or list it builds, its output included
+        (TEMPLATE_MAX_CHARS plus 4x the messages' length). A template that
+        breaks them, or fails in any other way, raises ValueError naming the
+        template's file."""
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template")
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise TypeError("messages must be a list of dicts like {'role': 'user', 'content': '...'}")
-        template = _compile(self.chat_template)
         special = {
             "bos_token": self.bos_token or "",
             "eos_token": self.eos_token or "",
             "pad_token": self.pad_token or "",
             "unk_token": self.unk_token or "",
         }
-        return str(template.render(messages=messages, add_generation_prompt=add_generation_prompt, **special, **kwargs))
+        source = self.chat_template_source or "the tokenizer"
+        given = sum(len(str(v)) for m in messages for v in m.values())
+        return render_template(
+            self.chat_template,
+            source,
+            TEMPLATE_MAX_CHARS + 4 * given,
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            **special,
+            **kwargs,
+        )
 
     # ------------------------------------------------------------ files
 
@@ -310,8 +332,10 @@ class Tokenizer:
                 if isinstance(data, dict):
                     conf.update({k: v for k, v in data.items() if v is not None})
         template = conf.get("chat_template")
+        template_source = os.path.join(d, "tokenizer_config.json")
         jinja = os.path.join(d, "chat_template.jinja")
         if os.path.lexists(jinja):
+            template_source = jinja
             template = read_text(jinja, what="chat template", limit=CONFIG_LIMIT, error=CheckpointError)
             template = template.replace("\r\n", "\n").replace("\r", "\n")  # as open()'s text mode reads it
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
@@ -330,6 +354,7 @@ class Tokenizer:
             pad_token=_token_str(conf.get("pad_token")),
             unk_token=_token_str(conf.get("unk_token")),
             chat_template=template if isinstance(template, str) else None,
+            chat_template_source=f"chat template of {template_source}",
         )
 
     @classmethod
@@ -349,7 +374,9 @@ class Tokenizer:
         else:
             raise TypeError(f"from_gguf takes a path, a GGUFFile or a gguf.GGUFReader, got {type(source).__name__}")
         try:
-            return cls._from_metadata(meta)
+            tok = cls._from_metadata(meta)
+            tok.chat_template_source = f"chat template of {where} (tokenizer.chat_template)"
+            return tok
         except (KeyError, TypeError, IndexError) as exc:
             raise CheckpointError(f"{where}: bad tokenizer metadata ({exc!r})") from None
         except ValueError as exc:
@@ -481,19 +508,200 @@ class Tokenizer:
         )
 
 
-_TEMPLATES: dict[str, Any] = {}
+# Limits of one chat-template rendering (see Tokenizer.apply_chat_template).
+TEMPLATE_MAX_RANGE = 10_000  # items of one range()
+TEMPLATE_MAX_STEPS = 1_000_000  # loop iterations, calls (4 steps each) and intercepted operators
+TEMPLATE_MAX_CHARS = 4 << 20  # characters (or items) of any string or list, the output included
 
 
-def _compile(template: str) -> Any:
-    """A Jinja template in a sandbox configured as transformers' chat templates."""
-    if template in _TEMPLATES:
-        return _TEMPLATES[template]
+class _Render:
+    """The budget of the rendering running in this context."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.steps = 0
+
+
+_RENDER: contextvars.ContextVar[_Render | None] = contextvars.ContextVar("cepe_template_render", default=None)
+
+
+def _budget() -> _Render:
+    r = _RENDER.get()
+    return r if r is not None else _Render(TEMPLATE_MAX_CHARS)
+
+
+def _refuse(message: str) -> Exception:
+    from jinja2.sandbox import SecurityError
+
+    return SecurityError(message)
+
+
+def _step(n: int = 1) -> None:
+    r = _RENDER.get()
+    if r is not None:
+        r.steps += n
+        if r.steps > TEMPLATE_MAX_STEPS:
+            raise _refuse(f"the template takes more than {TEMPLATE_MAX_STEPS} steps (loop iterations and calls)")
+
+
+def _sized(value: Any, what: str = "a value") -> Any:
+    """value, refused when it is a string or list longer than the budget."""
+    if isinstance(value, (str, list, tuple, dict)):
+        limit = _budget().limit
+        if len(value) > limit:
+            raise _refuse(f"the template builds {what} of length {len(value)}, more than the limit of {limit}")
+    return value
+
+
+def _check_args(args: Sequence[Any]) -> None:
+    """Refuses an int argument no sane template passes (a width or count past the size limit)."""
+    limit = _budget().limit
+    for a in args:
+        if isinstance(a, int) and not isinstance(a, bool) and abs(a) > limit:
+            raise _refuse(f"the template passes {a} to a call, more than the limit of {limit}")
+
+
+def _check_replace(text: Any, old: Any, new: Any) -> None:
+    if isinstance(text, str) and isinstance(old, str) and isinstance(new, str) and len(new) > len(old):
+        n = text.count(old) if old else len(text) + 1
+        _sized_len(len(text) + n * (len(new) - len(old)), "a replaced string")
+
+
+def _check_join(sep: Any, items: Any) -> None:
+    if isinstance(items, (list, tuple)):
+        total = sum(len(x) if isinstance(x, str) else 16 for x in items)
+        _sized_len(total + len(str(sep)) * max(len(items) - 1, 0), "a joined string")
+
+
+def _check_format(fmt: str) -> None:
+    """Refuses a format string with a width or precision of 10**7 or more."""
+    if re.search(r"\d{8,}", fmt):
+        raise _refuse("the template formats with a width of 10**7 or more")
+
+
+def _sized_len(n: int, what: str) -> None:
+    limit = _budget().limit
+    if n > limit:
+        raise _refuse(f"the template builds {what} of {n} characters, more than the limit of {limit}")
+
+
+class _Counted:
+    """A for-loop's iterable, counting its iterations against the budget."""
+
+    def __init__(self, items: Any) -> None:
+        self.items = items
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self.items:
+            _step()
+            yield item
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def _safe_range(*args: int) -> range:
+    r = range(*args)
+    if len(r) > TEMPLATE_MAX_RANGE:
+        raise _refuse(f"range() of {len(r)} items, more than the limit of {TEMPLATE_MAX_RANGE}")
+    return r
+
+
+_ENV: Any = None
+
+
+def _environment() -> Any:
+    """The jinja2 sandbox chat templates run in (made once)."""
+    global _ENV
+    if _ENV is not None:
+        return _ENV
     try:
         import jinja2
         import jinja2.ext
+        from jinja2 import nodes
+        from jinja2.compiler import CodeGenerator
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError as exc:  # pragma: no cover - jinja2 is a dependency
         raise ImportError("chat templates need the 'jinja2' package: pip install jinja2") from exc
+
+    class Generator(CodeGenerator):
+        """Loops count their iterations; `a ~ b` results are size-checked."""
+
+        def visit_For(self, node: Any, frame: Any) -> None:
+            node = copy.copy(node)
+            node.iter = nodes.Call(
+                nodes.EnvironmentAttribute("counted"), [node.iter], [], None, None, lineno=node.lineno
+            )
+            super().visit_For(node, frame)
+
+        def visit_Concat(self, node: Any, frame: Any) -> None:
+            self.write("environment.sized_concat(")
+            super().visit_Concat(node, frame)
+            self.write(")")
+
+    class Sandbox(ImmutableSandboxedEnvironment):
+        code_generator_class = Generator
+        intercepted_binops = frozenset({"+", "*", "**", "%"})
+        counted = staticmethod(_Counted)
+        sized_concat = staticmethod(functools.partial(_sized, what="a string (~)"))
+
+        @staticmethod
+        def concat(parts: Any) -> str:  # the output of a block, macro or {% set %} block
+            parts = list(parts)
+            _sized_len(sum(len(p) for p in parts), "a text block")
+            return "".join(parts)
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            _step()
+            if operator == "**" and isinstance(right, int) and abs(right) > 1024 and left not in (0, 1, -1):
+                raise _refuse(f"the template raises to the power {right}")
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                        _sized_len(len(seq) * max(n, 0), "a repeated value")
+            if operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+                _sized_len(len(left) + len(right), "a concatenation")
+            if operator == "%" and isinstance(left, str):
+                _check_args(right if isinstance(right, tuple) else (right,))
+                _check_format(left)
+            return _sized(super().call_binop(context, operator, left, right))
+
+        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+            _step(4)
+            _check_args([*args, *kwargs.values()])
+            owner, name = getattr(__obj, "__self__", None), getattr(__obj, "__name__", "")
+            if isinstance(owner, str) and name == "replace" and len(args) >= 2:
+                _check_replace(owner, args[0], args[1])
+            elif isinstance(owner, str) and name == "join" and args:
+                items = args[0] if isinstance(args[0], str) else list(args[0])
+                _check_join(owner, items)
+                args = (items, *args[1:])
+            return _sized(super().call(__context, __obj, *args, **kwargs), "a call's result")
+
+        def wrap_str_format(self, value: Any) -> Any:  # str.format / format_map, however reached
+            owner = getattr(value, "__self__", None)
+            if isinstance(owner, str) and getattr(value, "__name__", "") in ("format", "format_map"):
+                _check_format(owner)
+            return super().wrap_str_format(value)
+
+    def guarded(name: str, f: Any) -> Any:
+        @functools.wraps(f)
+        def filter_(*args: Any, **kwargs: Any) -> Any:
+            _step()
+            _check_args([*args, *kwargs.values()])
+            values = [a for a in args if not isinstance(a, (jinja2.runtime.Context, jinja2.nodes.EvalContext))]
+            values = [a for a in values if not isinstance(a, jinja2.Environment)]
+            if name == "replace" and len(values) >= 3:
+                _check_replace(values[0], values[1], values[2])
+            elif name == "join" and values:
+                items = values[0] if isinstance(values[0], str) else list(values[0])
+                _check_join(values[1] if len(values) > 1 else kwargs.get("d", ""), items)
+                args = tuple(items if a is values[0] else a for a in args)
+            elif name == "format" and values and isinstance(values[0], str):
+                _check_format(values[0])
+            return _sized(f(*args, **kwargs), f"the result of the {name} filter")
+
+        return filter_
 
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
@@ -506,11 +714,51 @@ def _compile(template: str) -> Any:
     def strftime_now(fmt: str) -> str:
         return datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
+    env.filters = {name: guarded(name, f) for name, f in env.filters.items()}
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
-    compiled = env.from_string(template)
+    env.globals["range"] = _safe_range
+    _ENV = env
+    return env
+
+
+_TEMPLATES: dict[str, Any] = {}
+
+
+def _compile(template: str) -> Any:
+    """A chat template compiled in the sandbox (the last 16 are kept)."""
+    if template in _TEMPLATES:
+        return _TEMPLATES[template]
+    compiled = _environment().from_string(template)
     if len(_TEMPLATES) < 16:
         _TEMPLATES[template] = compiled
     return compiled
+
+
+def render_template(template: str, source: str, limit: int, **variables: Any) -> str:
+    """A chat template rendered in the sandbox, within `limit` characters of
+    output (and of any string it builds); every failure is a ValueError naming
+    `source` (where the template comes from)."""
+    token = _RENDER.set(_Render(limit))
+    try:
+        compiled = _compile(template)
+        out: list[str] = []
+        size = 0
+        for piece in compiled.generate(**variables):
+            size += len(piece)
+            if size > limit:
+                raise _refuse(f"its output exceeds the limit of {limit} characters")
+            out.append(piece)
+        return "".join(out)
+    except MemoryError:
+        raise MemoryError(f"{source}: out of memory rendering the template") from None
+    except RecursionError:
+        raise ValueError(f"{source}: the template recurses too deeply") from None
+    except Exception as exc:  # noqa: BLE001 - a template is untrusted code: any failure is its own
+        where = f" (line {exc.lineno})" if getattr(exc, "lineno", None) else ""
+        kind = "" if type(exc).__name__ == "SecurityError" else f"{type(exc).__name__}: "
+        raise ValueError(f"{source}{where}: {kind}{exc}") from None
+    finally:
+        _RENDER.reset(token)

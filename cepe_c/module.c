@@ -12,6 +12,7 @@
  * array, so nothing is freed while still in use. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <limits.h>
 #define NPY_NO_DEPRECATED_API NPY_2_0_API_VERSION
 #include <numpy/arrayobject.h>
 
@@ -31,7 +32,8 @@ extern PyMethodDef cepe_train_methods[];
 PyObject *raise_status(cepe_status st) {
     PyObject *type = PyExc_RuntimeError;
     switch (st) {
-    case CEPE_ERR_INVALID_ARG: type = PyExc_ValueError; break;
+    case CEPE_ERR_INVALID_ARG:
+    case CEPE_ERR_NUMERIC: type = PyExc_ValueError; break;
     case CEPE_ERR_OUT_OF_MEMORY: type = PyExc_MemoryError; break;
     case CEPE_ERR_MISSING_WEIGHT: type = PyExc_KeyError; break;
     case CEPE_ERR_UNSUPPORTED: type = PyExc_NotImplementedError; break;
@@ -73,6 +75,31 @@ static PyArrayObject *as_array(PyObject *obj, const char *what, int type_num, in
         return NULL;
     }
     return a;
+}
+
+/* An int argument (anything with __index__) in [lo, hi] into *out, or -1
+ * with TypeError / ValueError naming it (the "i" format's OverflowError
+ * names nothing). */
+static int int_arg(PyObject *obj, const char *what, int lo, int hi, int *out) {
+    PyObject *idx = PyNumber_Index(obj);
+    if (!idx) {
+        PyErr_Format(PyExc_TypeError, "%s must be an int, got %s", what, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(idx, &overflow);
+    Py_DECREF(idx);
+    if (v == -1 && !overflow && PyErr_Occurred()) return -1;
+    if (overflow > 0 || v > hi) {
+        PyErr_Format(PyExc_ValueError, "%s must be <= %d, got %S", what, hi, obj);
+        return -1;
+    }
+    if (overflow < 0 || v < lo) {
+        PyErr_Format(PyExc_ValueError, "%s must be >= %d, got %S", what, lo, obj);
+        return -1;
+    }
+    *out = (int)v;
+    return 0;
 }
 
 /* ------------------------------------------------------------------- Model */
@@ -279,9 +306,12 @@ static void Context_dealloc(ContextObject *self) {
 
 static int Context_init(ContextObject *self, PyObject *args, PyObject *kw) {
     static char *names[] = {"model", "batch", "capacity", NULL};
-    PyObject *model;
+    PyObject *model, *batch_o, *capacity_o;
     int batch, capacity;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!ii:Context", names, &ModelType, &model, &batch, &capacity))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!OO:Context", names, &ModelType, &model, &batch_o, &capacity_o))
+        return -1;
+    if (int_arg(batch_o, "batch", INT_MIN, INT_MAX, &batch) < 0 ||
+        int_arg(capacity_o, "capacity", INT_MIN, INT_MAX, &capacity) < 0)
         return -1;
     if (self->ctx) {
         PyErr_SetString(PyExc_RuntimeError, "Context.__init__ called twice");
@@ -432,9 +462,13 @@ static PyObject *Context_generate(ContextObject *self, PyObject *args, PyObject 
     double temperature = 0.0, top_p = 1.0;
     cepe_sampling s = {0};
     unsigned long long seed = 0;
-    PyObject *eos_o = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "i|didKOi:generate", names, &max_new, &temperature, &s.top_k,
-                                     &top_p, &seed, &eos_o, &s.pad_token_id))
+    PyObject *max_new_o, *eos_o = Py_None, *top_k_o = NULL, *pad_o = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|dOdKOO:generate", names, &max_new_o, &temperature, &top_k_o,
+                                     &top_p, &seed, &eos_o, &pad_o))
+        return NULL;
+    if (int_arg(max_new_o, "max_new_tokens", INT_MIN, INT_MAX, &max_new) < 0 ||
+        (top_k_o && int_arg(top_k_o, "top_k", INT_MIN, INT_MAX, &s.top_k) < 0) ||
+        (pad_o && int_arg(pad_o, "pad_token_id", INT_MIN, INT_MAX, &s.pad_token_id) < 0))
         return NULL;
     PyArrayObject *eos = NULL;
     if (eos_o != Py_None) {

@@ -30,7 +30,8 @@ typedef enum {
     CEPE_ERR_UNSUPPORTED = 4,  /* valid request this build cannot serve */
     CEPE_ERR_STATE = 5,        /* call order / capacity problems */
     CEPE_ERR_INTERRUPTED = 6,  /* cepe_ctx_interrupt() was called */
-    CEPE_ERR_BACKEND = 7       /* BLAS / CUDA failure */
+    CEPE_ERR_BACKEND = 7,      /* BLAS / CUDA failure */
+    CEPE_ERR_NUMERIC = 8       /* a forward overflowed float32: non-finite logits */
 } cepe_status;
 
 /* ---- RoPE types (functions below) ---------------------------------------- */

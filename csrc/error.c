@@ -28,6 +28,7 @@ const char *cepe_status_name(cepe_status s) {
     case CEPE_ERR_STATE: return "invalid state";
     case CEPE_ERR_INTERRUPTED: return "interrupted";
     case CEPE_ERR_BACKEND: return "backend failure";
+    case CEPE_ERR_NUMERIC: return "numeric overflow";
     }
     return "unknown status";
 }

@@ -40,6 +40,10 @@ class CrossAttention(torch.nn.Module):
         if emask is not None:
             s = s + (1.0 - emask[:, None, None, :].float()) * NEG
         a = torch.softmax(s, dim=-1) @ v
+        if emask is not None:
+            # A row whose context is all padding has no context: it attends to
+            # nothing and adds 0 (the additive mask alone would average its V).
+            a = a * (emask.reshape(B, N).sum(-1) > 0).to(a.dtype)[:, None, None, None]
         return self.o_proj(a.transpose(1, 2).reshape(B, T, self.H * self.hd))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import threading
 import time
 
@@ -69,13 +71,17 @@ def test_non_contiguous_input_is_copied(model):
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
-        (dict(max_new_tokens=-1), ValueError, "max_new_tokens must be >= 0"),
+        (dict(max_new_tokens=-1), ValueError, r"max_new_tokens must be an int in \[0, 2147483647\], got -1"),
         (dict(max_new_tokens=2.5), TypeError, "max_new_tokens must be an int"),
+        (dict(max_new_tokens=2**31), ValueError, r"max_new_tokens must be an int in \[0, 2147483647\]"),
+        (dict(max_new_tokens=2**31 - 2), ValueError, r"max_new_tokens \(2147483646\) plus the prompt's 4 tokens"),
         (dict(temperature=-0.1), ValueError, "temperature must be"),
         (dict(temperature=float("nan")), ValueError, "temperature must be"),
         (dict(top_p=0.0), ValueError, r"top_p must be in \(0, 1\]"),
         (dict(top_p=1.5), ValueError, r"top_p must be in \(0, 1\]"),
-        (dict(top_k=-2), ValueError, "top_k must be an int >= 0"),
+        (dict(top_k=-2), ValueError, r"top_k must be an int in \[0, 2147483647\], got -2"),
+        (dict(top_k=2**31), ValueError, r"top_k must be an int in \[0, 2147483647\], got 2147483648"),
+        (dict(top_k=2**63), ValueError, "top_k must be an int in"),
         (dict(seed=-3), ValueError, "seed must be a non-negative int"),
         (dict(eos_token_id=500), ValueError, "eos_token_id 500 is outside the vocabulary"),
         (dict(eos_token_id="x"), TypeError, "eos_token_id must be"),
@@ -85,6 +91,100 @@ def test_non_contiguous_input_is_copied(model):
 def test_generate_bad_input(model, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         model.generate(GOOD, **{"max_new_tokens": 4, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(max_new_tokens=2**31), ValueError, r"max_new_tokens must be an int in \[0, 2147483647\]"),
+        (dict(max_new_tokens=-1), ValueError, "max_new_tokens must be an int in"),
+        (dict(max_new_tokens=2**31 - 2), ValueError, "max_new_tokens .* plus the prompt's 4 tokens"),
+        (dict(top_k=2**31), ValueError, r"top_k must be an int in \[0, 2147483647\]"),
+        (dict(top_k=-1), ValueError, "top_k must be an int in"),
+        (dict(temperature=float("inf")), ValueError, "temperature must be"),
+        (dict(top_p=0.0), ValueError, "top_p must be in"),
+    ],
+)
+def test_generate_stream_bad_input(model, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        list(model.generate_stream(GOOD, **{"max_new_tokens": 4, **kwargs}))
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(batch_size=0), ValueError, r"batch_size must be an int in \[1, 2147483647\], got 0"),
+        (dict(batch_size=2**40), ValueError, r"batch_size must be an int in \[1, 2147483647\], got 1099511627776"),
+        (dict(capacity=2**40), ValueError, r"capacity must be an int in \[1, 2147483647\], got 1099511627776"),
+        (dict(capacity=0), ValueError, "capacity must be an int in"),
+        (dict(capacity=3.0), TypeError, "capacity must be an int"),
+        (dict(batch_size=True), TypeError, "batch_size must be an int"),
+    ],
+)
+def test_create_cache_bad_input(model, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        model.create_cache(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda m: cepe_c.Context(m._core, 2**40, 8), ValueError, "batch must be <= 2147483647, got 1099511627776"),
+        (lambda m: cepe_c.Context(m._core, 1, 2**40), ValueError, "capacity must be <= 2147483647"),
+        (lambda m: cepe_c.Context(m._core, 1, -(2**40)), ValueError, "capacity must be >= "),
+        (lambda m: cepe_c.Context(m._core, 1, "8"), TypeError, "capacity must be an int, got str"),
+        (lambda m: cepe_c.Context(m._core, 1, 8).generate(2**31), ValueError, "max_new_tokens must be <= 2147483647"),
+        (lambda m: _prompted(m).generate(2, top_k=2**31), ValueError, "top_k must be <= 2147483647"),
+        (lambda m: _prompted(m).generate(2, pad_token_id=2**31), ValueError, "pad_token_id must be <= 2147483647"),
+    ],
+)
+def test_core_module_names_int_arguments(model, call, exc, match):
+    """The C module names an int argument it cannot take (not an OverflowError naming nothing)."""
+    with pytest.raises(exc, match=match):
+        call(model)
+
+
+def _prompted(model):
+    ctx = cepe_c.Context(model._core, 1, 8)
+    ctx.forward(np.array([[3, 4]], dtype=np.int32), None, None, 0)
+    return ctx
+
+
+def _overcommit_always() -> bool:
+    try:
+        with open("/proc/sys/vm/overcommit_memory") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(_overcommit_always(), reason="the kernel grants any allocation (vm.overcommit_memory = 1)")
+@pytest.mark.filterwarnings("ignore::cepe.LongInputWarning")
+def test_generate_out_of_memory_names_max_new_tokens(model):
+    for gen in (lambda: model.generate(GOOD, 2**31 - 10), lambda: list(model.generate_stream(GOOD, 2**31 - 10))):
+        with pytest.raises(MemoryError, match=r"plus max_new_tokens \(2147483638\) .*lower max_new_tokens"):
+            gen()
+
+
+def test_long_input_warns(model):
+    """Past the model's window (max_position_embeddings = 1024) a call warns,
+    naming the length, the window and the ways to handle long inputs."""
+    ids = np.random.default_rng(0).integers(3, 97, size=(1, 1100))
+    with pytest.warns(cepe.LongInputWarning, match=r"1100 tokens, 1\.1x the model's window of 1024 .*CEPE"):
+        model.forward(ids, logits="last")
+    with pytest.warns(cepe.LongInputWarning, match="the prompt plus max_new_tokens hold 1030 tokens"):
+        model.generate(ids[:, :1000], 30, eos_token_id=[])
+    with pytest.warns(cepe.LongInputWarning, match="1100 tokens"):
+        model.perplexity(ids, eval_window=4)
+    cache = model.create_cache(capacity=1100)
+    model.forward(ids[:, :1000], cache=cache, logits="last")
+    with pytest.warns(cepe.LongInputWarning, match="1050 tokens"):
+        model.forward(ids[:, 1000:1050], cache=cache, logits="last")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.forward(ids[:, :1024], logits="last")  # up to the window: no warning
 
 
 def test_generate_zero_tokens(model):
@@ -132,7 +232,7 @@ def test_cache_misuse(model, tiny):
         other.forward(GOOD, cache=cache)
     with pytest.raises(TypeError, match="cache must be a KVCache"):
         model.forward(GOOD, cache="not a cache")
-    with pytest.raises(ValueError, match="batch_size and capacity must be >= 1"):
+    with pytest.raises(ValueError, match=r"batch_size must be an int in \[1, "):
         model.create_cache(batch_size=0)
     with pytest.raises(TypeError, match="capacity must be an int"):
         model.create_cache(capacity=3.0)
@@ -297,3 +397,184 @@ def test_config_token_ids(tiny, tmp_path):
     (p / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(cepe.ConfigError, match="'eos_token_id' 500 is outside the vocabulary"):
         cepe.load(str(p))
+
+
+# ------------------------------------------------- float32 overflow, text, chat templates
+
+
+@pytest.fixture(scope="module")
+def cepe_model(tmp_path_factory):
+    from cepe_reference import make_reference
+
+    return cepe.load(make_reference(seed=3).save(str(tmp_path_factory.mktemp("bad_cepe"))))
+
+
+def _scaled_copy(src, dst, name: str, factor: float) -> str:
+    """A copy of a model directory with one tensor multiplied by factor."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, dst)
+    path = os.path.join(dst, "model.safetensors")
+    tensors = load_file(path)
+    tensors[name] = tensors[name] * np.float32(factor)
+    save_file(tensors, path)
+    return str(dst)
+
+
+@pytest.mark.parametrize(
+    "value, match",
+    [
+        (1e30, r"encoder_hidden_states holds a value of magnitude 1e\+30, beyond 1.84e\+19"),
+        (-3e38, "encoder_hidden_states holds a value of magnitude 3e\\+38"),
+        (np.float64(1e39), "encoder_hidden_states holds NaN or Inf"),
+        (1e19, "the forward overflowed float32: its logits are not finite .*encoder_hidden_states"),
+    ],
+)
+def test_huge_context_states_raise(cepe_model, value, match):
+    """States whose arithmetic overflows float32 raise instead of giving
+    all-zero (or silently context-free) logits."""
+    E = np.full((1, 5, cepe_model.config.encoder_hidden_size), value)
+    E[..., ::2] *= -1
+    with pytest.raises(ValueError, match=match):
+        cepe_model.forward(GOOD, encoder_hidden_states=E)
+
+
+def test_overflow_in_the_forward_raises(cepe_model):
+    E = np.full((1, 5, cepe_model.config.encoder_hidden_size), 1e19, dtype=np.float32)
+    with pytest.raises(ValueError, match="log-probabilities are not finite"):
+        cepe_model.perplexity(GOOD, encoder_hidden_states=E)
+    with pytest.raises(ValueError, match="logits of row 0 are not finite at new token 0: the forward overflowed"):
+        cepe_model.generate(GOOD, 3, encoder_hidden_states=E)
+    with pytest.raises(ValueError, match="logits of row 0 are not finite"):
+        list(cepe_model.generate_stream(GOOD, 3, encoder_hidden_states=E))
+
+
+def test_overflowing_weights_raise(tiny, tmp_path):
+    """An RMSNorm whose sum of squares overflows gives NaN (not a row of zeros),
+    so the forward reports it instead of returning all-zero logits."""
+    m = cepe.load(_scaled_copy(tiny[0], tmp_path / "m", "model.embed_tokens.weight", 1e20))
+    with pytest.raises(ValueError, match="the forward overflowed float32: its logits are not finite .*the weights"):
+        m.forward(GOOD)
+    with pytest.raises(ValueError, match="logits of row 0 are not finite"):
+        m.generate(GOOD, 2)
+
+
+def test_overflowing_encoder_raises(tmp_path):
+    from cepe_reference import make_reference
+
+    ref = make_reference(seed=4)
+    path = _scaled_copy(ref.save(str(tmp_path / "src")), tmp_path / "m", "encoder.embed_tokens.weight", 1e20)
+    m = cepe.load(path)
+    with pytest.raises(ValueError, match="the encoder overflowed float32: its states of encoder_input_ids"):
+        m.encode(np.array([[3, 4, 5, 6]]))
+
+
+@pytest.fixture(scope="module")
+def text_model(tiny, tmp_path_factory):
+    import shutil
+
+    from conftest import write_tokenizer
+
+    p = tmp_path_factory.mktemp("bad_text")
+    shutil.copytree(tiny[0], p, dirs_exist_ok=True)
+    write_tokenizer(p, 97)
+    return cepe.load(str(p))
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda m: m.generate_text("bad \udcff bytes"), ValueError, "prompt is not valid UTF-8 text: .*'\\\\udcff'"),
+        (lambda m: m.generate_text(b"bytes"), TypeError, r"prompt must be a str, got bytes \(decode it first\)"),
+        (lambda m: m.generate_text("the bird", chat=False, stop="\ud800"), None, None),
+        (lambda m: m.perplexity_text("two \ud800 words"), ValueError, "text is not valid UTF-8 text"),
+        (lambda m: m.tokenizer.encode("\udcff"), ValueError, "text is not valid UTF-8 text"),
+        (lambda m: m.tokenizer.encode(b"x"), TypeError, "text must be a str, got bytes"),
+    ],
+)
+def test_text_must_be_utf8(text_model, call, exc, match):
+    if exc is None:  # a lone surrogate in a stop string only never matches
+        assert isinstance(call(text_model), str)
+        return
+    with pytest.raises(exc, match=match):
+        call(text_model)
+
+
+def test_context_text_must_be_utf8(cepe_model):
+    from cepe.text import text_context
+
+    with pytest.raises(ValueError, match="context is not valid UTF-8"):
+        text_context(_with_tokenizer(cepe_model), "a \udcff", None)
+    with pytest.raises(ValueError, match=r"contexts\[1\] is not valid UTF-8"):
+        text_context(_with_tokenizer(cepe_model), None, ["fine", "a \udcff"])
+
+
+def _with_tokenizer(model):
+    import tempfile
+    from pathlib import Path
+
+    from conftest import write_tokenizer
+
+    if model.tokenizer is None:
+        d = Path(tempfile.mkdtemp())
+        write_tokenizer(d, 101)
+        model.tokenizer = cepe.Tokenizer.from_dir(str(d))
+    return model
+
+
+TEMPLATES = [
+    ("{% for i in range(100000) %}{{ i }}{% endfor %}", "range\\(\\) of 100000 items, more than the limit of 10000"),
+    (
+        "{% for i in range(3000) %}{% for j in range(3000) %}xxxxxxxxxx{% endfor %}{% endfor %}",
+        "its output exceeds the limit of 4194328 characters",
+    ),
+    ("{% for i in range(3000) %}{% for j in range(3000) %}{% endfor %}{% endfor %}", "more than 1000000 steps"),
+    (
+        "{% set ns = namespace(s='ab') %}{% for i in range(26) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+        "builds a string \\(~\\) of length 8388608",
+    ),
+    (
+        "{% set ns = namespace(s='ab') %}{% for i in range(26) %}{% set x %}{{ ns.s }}{{ ns.s }}{% endset %}"
+        "{% set ns.s = x %}{% endfor %}{{ ns.s }}",
+        "builds a text block of 8388608 characters",
+    ),
+    ("{{ 'ab' * 50000000 }}", "builds a repeated value of 100000000 characters"),
+    ("{{ (['abcdefgh' * 500000] * 100)|join }}", "builds a joined string"),
+    ("{{ 'a'|center(50000000) }}", "passes 50000000 to a call"),
+    ("{{ '{:>50000000}'.format(1) }}", "formats with a width of 10\\*\\*7 or more"),
+    ("{% for m in messages %}", r"\(line 1\): TemplateSyntaxError"),
+    ("{{ raise_exception('no system role here') }}", "TemplateError: no system role here"),
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recurses too deeply"),
+]
+
+
+@pytest.mark.parametrize("template, match", TEMPLATES)
+def test_chat_template_limits(text_model, tmp_path, template, match):
+    """A chat template is untrusted (it comes with the model file): it renders
+    in jinja2's sandbox within limits, and every failure names its file."""
+    import json
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(text_model.path, d)
+    conf = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**conf, "chat_template": template}))
+    m = cepe.load(str(d))
+    where = f"chat template of {d / 'tokenizer_config.json'}"
+    with pytest.raises(ValueError, match=re.escape(where) + ".*" + match):
+        m.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    with pytest.raises(ValueError, match=re.escape(where)):
+        m.generate_text("hi", chat=True, max_new_tokens=2)
+
+
+def test_chat_template_output_limit_grows_with_the_messages(text_model):
+    tok = text_model.tokenizer
+    saved = tok.chat_template
+    try:
+        tok.chat_template = "{% for m in messages %}{{ m.content }}{{ m.content }}{% endfor %}"
+        big = "x" * (3 << 20)  # 6 MiB out: over the fixed limit, within 4x the input
+        assert len(tok.apply_chat_template([{"role": "user", "content": big}])) == 6 << 20
+    finally:
+        tok.chat_template = saved

@@ -44,12 +44,14 @@ def chunks_and_mask(rng, B=2, n_ctx=3, L=7, vocab=103, pad="left"):
         mask[1, 0, 5:] = 0  # right-padded chunk
     if pad == "mixed":
         mask[1, 2, :] = 0  # a fully padded chunk
+    if pad == "empty_row":
+        mask[1] = 0  # row 1 has no context at all
     ids = np.where(mask == 1, ids, 2)  # pad = EOS, as the spec says
     return ids, mask
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
-@pytest.mark.parametrize("pad", ["none", "left", "right", "mixed"])
+@pytest.mark.parametrize("pad", ["none", "left", "right", "mixed", "empty_row"])
 def test_logits_match_oracle(built, name, pad):
     path, ref = built(name)
     model = cepe.load(path)
@@ -99,6 +101,31 @@ def test_greedy_generation_matches_oracle(built):
     got = model.generate(prompt, 32, eos_token_id=[], encoder_input_ids=ctx, encoder_attention_mask=cmask)
     np.testing.assert_array_equal(got, want)
     assert len(set(got[0].tolist())) > 1
+
+
+def test_fully_masked_context_is_no_context(built):
+    """A row whose encoder_attention_mask is all 0 has no context: exactly the
+    base decoder's logits, in the engine and in the oracle alike."""
+    path, ref = built("all_layers_gqa")
+    model = cepe.load(path)
+    rng = np.random.default_rng(8)
+    ctx, _ = chunks_and_mask(rng)
+    none = np.zeros_like(ctx)
+    ids = rng.integers(3, 101, size=(2, 8))
+    base = model.forward(ids)
+    np.testing.assert_array_equal(model.forward(ids, encoder_input_ids=ctx, encoder_attention_mask=none), base)
+    E = model.encode(ctx)
+    flat = none.reshape(2, -1)
+    for keep in (True, False):
+        got = model.forward(ids, encoder_hidden_states=E, encoder_attention_mask=flat, keep_cross_kv=keep)
+        np.testing.assert_array_equal(got, base)
+    np.testing.assert_array_equal(
+        model.generate(ids, 6, eos_token_id=[], encoder_hidden_states=E, encoder_attention_mask=flat),
+        model.generate(ids, 6, eos_token_id=[]),
+    )
+    want = ref.forward(ids, ref.encode(ctx, none), none)
+    torch.testing.assert_close(want, ref.forward(ids), rtol=0, atol=0)
+    np.testing.assert_allclose(base, want.numpy(), atol=TOL, rtol=0)
 
 
 def test_permuting_chunks_leaves_logits_unchanged(built):

@@ -131,6 +131,37 @@ def test_bench(text_dir):
         (["rag", "q?", "--model", "DIR", "--corpus", "/nonexistent.txt"], "No such file"),
         (["generate", "hi"], "cepe pull smollm2-135m"),
         (["info", "/nonexistent/model"], "no such model directory"),
+        (
+            ["perplexity", "--model", "DIR", "--file", "/dev/zero"],
+            "/dev/zero: --file file must be a regular file, but it is a character device",
+        ),
+        (
+            ["perplexity", "--model", "DIR", "--text", "a b", "--context-file", "/dev/zero"],
+            "/dev/zero: --context-file file must be a regular file",
+        ),
+        (["generate", "hi", "--model", "DIR", "--context-file", "/dev/zero"], "--context-file file must be a regular"),
+        (["encode", "--model", "DIR", "--file", "/dev/zero"], "/dev/zero: --file file must be a regular file"),
+        (["rag", "q?", "--model", "DIR", "--corpus", "/dev/zero"], "/dev/zero: --corpus file must be a regular file"),
+        (["rag", "q?", "--model", "DIR", "--corpus", "/tmp"], "/tmp: --corpus file must be a regular file"),
+        (
+            ["rag", "q?", "--model", "DIR", "--corpus", "/nonexistent.txt", "--in-decoder", "0", "--in-encoder", "0"],
+            "--in-decoder and --in-encoder are both 0",
+        ),
+        (
+            ["rag", "q?", "--model", "DIR", "--corpus", "/nonexistent.txt", "--in-encoder", "-1"],
+            "--in-encoder must be in [0, 2147483647], got -1",
+        ),
+        (["rag", "q?", "--model", "DIR", "--corpus", "/nonexistent.txt", "--words", "0"], "--words must be in [1, "),
+        (["bench", "--model", "DIR", "--prompt-tokens", "-5"], "--prompt-tokens must be in [1, 2147483647], got -5"),
+        (["bench", "--model", "DIR", "--new-tokens", "0"], "--new-tokens must be in [1, 2147483647], got 0"),
+        (
+            ["generate", "hi", "--model", "DIR", "--top-k", str(2**31)],
+            "--top-k must be in [0, 2147483647], got 2147483648",
+        ),
+        (["generate", "hi", "--model", "DIR", "--max-new-tokens", str(2**31)], "--max-new-tokens must be in [0, "),
+        (["generate", "hi", "--model", "DIR", "--max-new-tokens", "-1"], "--max-new-tokens must be in [0, "),
+        (["generate", "hi", "--model", "DIR", "--seed", "-1"], "--seed must be in [0, "),
+        (["perplexity", "--model", "DIR", "--text", "x y", "--eval-window", "0"], "--eval-window must be in [1, "),
     ],
 )
 def test_bad_input_exits_2_with_a_message(text_dir, args, message):
@@ -148,3 +179,82 @@ def test_rag_errors(cepe_dir, tmp_path):
     small.write_text("one passage\ntwo passages\n")
     r = run("rag", "q?", "--model", cepe_dir, "--corpus", str(small), "--one-per-line")
     assert r.returncode == 2 and "larger than the corpus" in r.stderr
+
+
+def last_line_error(r: subprocess.CompletedProcess) -> str:
+    """The CLI ends every failure with one line "cepe: error: ..." and status 2."""
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.rstrip("\n").split("\n")
+    assert lines[-1].startswith("cepe: error: ") and "Traceback" not in r.stderr, r.stderr
+    return lines[-1]
+
+
+def test_invalid_utf8_names_the_file(text_dir, cepe_dir, tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"the quick \xff\xfe brown fox")
+    line = last_line_error(run("perplexity", "--model", text_dir, "--file", str(bad)))
+    assert f"{bad}: --file file is not valid UTF-8" in line
+    line = last_line_error(run("rag", "q?", "--model", cepe_dir, "--corpus", str(bad)))
+    assert f"{bad}: --corpus file is not valid UTF-8" in line
+    line = last_line_error(run("perplexity", "--model", text_dir, "--text", "a b", "--context-file", str(bad)))
+    assert f"{bad}: --context-file file is not valid UTF-8" in line
+    r = subprocess.run(
+        [sys.executable, "-m", "cepe", "perplexity", "--model", text_dir, "--file", "-"],
+        input=b"bad \xff bytes",
+        capture_output=True,
+        timeout=300,
+    )
+    r = subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(), r.stderr.decode())
+    assert "--file -: stdin is not valid UTF-8" in last_line_error(r)
+
+
+def test_undecodable_prompt_is_named(text_dir):
+    """Bytes that are not UTF-8 on the command line reach Python as lone surrogates."""
+    r = subprocess.run(
+        [sys.executable, "-m", "cepe", "generate", b"caf\xe9 au lait", "--model", text_dir, "--raw"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "cepe: error: prompt is not valid UTF-8 text" in last_line_error(r)
+
+
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ("{% for m in messages %}", "(line 1): TemplateSyntaxError: Unexpected end of template"),
+        ("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}", "range() of 100000"),
+        ("{{ raise_exception('bad role') }}", "TemplateError: bad role"),
+    ],
+)
+def test_chat_template_errors_name_the_template(text_dir, tmp_path, template, message):
+    d = tmp_path / "m"
+    shutil.copytree(text_dir, d)
+    conf = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**conf, "chat_template": template}))
+    line = last_line_error(run("generate", "hi", "--model", str(d), "--max-new-tokens", "2"))
+    assert f"cepe: error: chat template of {d / 'tokenizer_config.json'}" in line and message in line, line
+
+
+def test_long_prompt_warns_at_once(text_dir):
+    ids = " ".join(["5"] * 1100)
+    r = run("generate", "--model", text_dir, "--ids", ids, "--max-new-tokens", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.startswith("cepe: warning: the prompt plus max_new_tokens hold 1102 tokens, 1.1x the model's ")
+    assert "CEPE" in r.stderr and "rope_scaling" in r.stderr and "Traceback" not in r.stderr
+    assert len(json.loads(r.stdout)["new_ids"]) == 2
+
+
+def _overcommit_always() -> bool:
+    try:
+        with open("/proc/sys/vm/overcommit_memory") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(_overcommit_always(), reason="the kernel grants any allocation (vm.overcommit_memory = 1)")
+def test_out_of_memory_is_one_line(text_dir):
+    r = run("generate", "--model", text_dir, "--ids", "3 4", "--max-new-tokens", str(2**31 - 10))
+    line = last_line_error(r)
+    assert "out of memory" in line and "lower max_new_tokens" in line, line

@@ -33,6 +33,14 @@ static int by_prob_desc(const void *a, const void *b) {
     return i < j ? -1 : i > j;
 }
 
+/* Whether every logit of a row is finite: a forward that overflowed float32
+ * leaves NaN there, from which greedy or sampled picks would be arbitrary. */
+static int logits_finite(const float *logits, int V) {
+    float acc = 0.0f;
+    for (int i = 0; i < V; i++) acc += logits[i] * 0.0f; /* NaN or inf anywhere makes it NaN */
+    return acc == 0.0f;
+}
+
 /* Samples from logits (V) with temperature > 0 and optional top-k / top-p. */
 static int sample(const float *logits, int V, const cepe_sampling *s, float *probs, int32_t *cand,
                   uint64_t *rng) {
@@ -115,6 +123,11 @@ cepe_status cepe_ctx_generate(cepe_ctx *x, const cepe_sampling *s, int max_new, 
             int tok = s->pad_token_id;
             if (!x->finished[b]) {
                 const float *lg = x->last_logits_h + (long)b * V;
+                if (!logits_finite(lg, V))
+                    return cepe_fail(CEPE_ERR_NUMERIC,
+                                     "the logits of row %d are not finite at new token %d: the forward overflowed "
+                                     "float32 (inputs, context states or weights too large)",
+                                     b, step);
                 tok = s->temperature == 0.0f ? argmax(lg, V) : sample(lg, V, s, x->probs, x->cand, &rng);
                 for (int e = 0; e < s->n_eos; e++)
                     if (tok == s->eos_ids[e]) x->finished[b] = 1;

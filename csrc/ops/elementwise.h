@@ -84,8 +84,13 @@ CEPE_HD float cepe_silu(float x) {
 /* SwiGLU as in LLaMA's MLP: silu(gate) * up. */
 CEPE_HD float cepe_swiglu(float gate, float up) { return cepe_silu(gate) * up; }
 
-/* RMSNorm's scale for a row whose sum of squares is `ss` over `n` items. */
-CEPE_HD float cepe_rms_inv(float ss, int n, float eps) { return 1.0f / sqrtf(ss / (float)n + eps); }
+/* RMSNorm's scale for a row whose sum of squares is `ss` over `n` items.
+ * NaN when ss overflowed float32: 1/sqrt(inf) = 0 would zero the row, and a
+ * forward that overflowed would hand back plausible all-zero logits instead
+ * of non-finite ones its caller can detect. */
+CEPE_HD float cepe_rms_inv(float ss, int n, float eps) {
+    return ss <= 3.40282347e+38f ? 1.0f / sqrtf(ss / (float)n + eps) : cepe_bits_to_float(0x7fc00000);
+}
 
 /* RoPE rotate-half pair (x1 = x[i], x2 = x[i + d/2]) by angle with cos c, sin s. */
 CEPE_HD void cepe_rope_rotate(float *x1, float *x2, float c, float s) {
