@@ -1,0 +1,293 @@
+/* dot_avx2.c — the kernels for CPUs with AVX2 + FMA + F16C (Haswell, Zen 1
+ * and later). Compiled for that instruction set function by function
+ * (target attributes), so one build also runs on CPUs without it: quant.c
+ * only calls these after __builtin_cpu_supports said yes.
+ *
+ * Integer dot products: _mm256_maddubs_epi16 multiplies unsigned by signed
+ * bytes and adds pairs into int16, saturating; every use below stays under
+ * 32767 (at most 2 * 128 * 127 = 32512, Q8_0 through the sign trick), so
+ * the block sums are exact. ggml's AVX2 kernels (ggml-cpu/arch/x86/quants.c)
+ * are the model for the K-quants. */
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#include <immintrin.h>
+
+#include "quant_impl.h"
+
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+
+AVX2 static inline float hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+AVX2 static inline float hsum_ps128(__m128 s) {
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+AVX2 static inline float f16(uint16_t h) { return _cvtsh_ss(h); }
+
+/* 16 bytes of nibbles -> 32 bytes 0..15: low nibbles first, then high (Q4_0 / Q4_1 order). */
+AVX2 static inline __m256i nibbles32(const uint8_t *p) {
+    const __m128i t = _mm_loadu_si128((const __m128i *)p);
+    const __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1);
+    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+
+/* Σ of u8 * s8 products in 8 int32 lanes. */
+AVX2 static inline __m256i dot_us8(__m256i u, __m256i s) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+/* ------------------------------------------------------------ F16 / BF16 */
+
+AVX2 static float dot_f16(int n, const void *row, const void *act) {
+    const uint16_t *w = row;
+    const float *x = act;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i))), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i + 8))), _mm256_loadu_ps(x + i + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i + 16))), _mm256_loadu_ps(x + i + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i + 24))), _mm256_loadu_ps(x + i + 24), a3);
+    }
+    for (; i + 8 <= n; i += 8)
+        a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i))), _mm256_loadu_ps(x + i), a0);
+    float sum = hsum_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; i < n; i++) sum += f16(w[i]) * x[i];
+    return sum;
+}
+
+AVX2 static inline __m256 bf16x8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+AVX2 static float dot_bf16(int n, const void *row, const void *act) {
+    const uint16_t *w = row;
+    const float *x = act;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        a0 = _mm256_fmadd_ps(bf16x8(w + i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(bf16x8(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+        a2 = _mm256_fmadd_ps(bf16x8(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+        a3 = _mm256_fmadd_ps(bf16x8(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+    }
+    for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(bf16x8(w + i), _mm256_loadu_ps(x + i), a0);
+    float sum = hsum_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; i < n; i++) sum += quant_bf16_to_fp32(w[i]) * x[i];
+    return sum;
+}
+
+/* ------------------------------------------------------------ blocks of 32 */
+
+/* Q4_0: Σ (u - 8) y = Σ u y - 8 Σ y, the correction folded into the int32
+ * lanes (each lane takes -Σy, eight lanes -8 Σy) so the block sum stays exact. */
+AVX2 static float dot_q4_0(int n, const void *row, const void *act) {
+    const block_q4_0 *w = row;
+    const act_q8_32 *a = act;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    const int nb = n / QK32;
+    int b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        const __m256i p0 = _mm256_sub_epi32(dot_us8(nibbles32(w[b].qs), _mm256_loadu_si256((const __m256i *)a[b].qs)),
+                                            _mm256_set1_epi32(a[b].sum));
+        const __m256i p1 = _mm256_sub_epi32(
+            dot_us8(nibbles32(w[b + 1].qs), _mm256_loadu_si256((const __m256i *)a[b + 1].qs)), _mm256_set1_epi32(a[b + 1].sum));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w[b].d) * a[b].d), _mm256_cvtepi32_ps(p0), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w[b + 1].d) * a[b + 1].d), _mm256_cvtepi32_ps(p1), acc1);
+    }
+    for (; b < nb; b++) {
+        const __m256i p = _mm256_sub_epi32(dot_us8(nibbles32(w[b].qs), _mm256_loadu_si256((const __m256i *)a[b].qs)),
+                                           _mm256_set1_epi32(a[b].sum));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w[b].d) * a[b].d), _mm256_cvtepi32_ps(p), acc0);
+    }
+    return hsum_ps(_mm256_add_ps(acc0, acc1));
+}
+
+/* Q4_1: Σ (d u + m) dy y = d dy Σ u y + m dy Σ y. */
+AVX2 static float dot_q4_1(int n, const void *row, const void *act) {
+    const block_q4_1 *w = row;
+    const act_q8_32 *a = act;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    float mins = 0.0f;
+    const int nb = n / QK32;
+    int b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        const __m256i p0 = dot_us8(nibbles32(w[b].qs), _mm256_loadu_si256((const __m256i *)a[b].qs));
+        const __m256i p1 = dot_us8(nibbles32(w[b + 1].qs), _mm256_loadu_si256((const __m256i *)a[b + 1].qs));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w[b].d) * a[b].d), _mm256_cvtepi32_ps(p0), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w[b + 1].d) * a[b + 1].d), _mm256_cvtepi32_ps(p1), acc1);
+        mins += f16(w[b].m) * (a[b].d * (float)a[b].sum) + f16(w[b + 1].m) * (a[b + 1].d * (float)a[b + 1].sum);
+    }
+    for (; b < nb; b++) {
+        const __m256i p = dot_us8(nibbles32(w[b].qs), _mm256_loadu_si256((const __m256i *)a[b].qs));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w[b].d) * a[b].d), _mm256_cvtepi32_ps(p), acc0);
+        mins += f16(w[b].m) * (a[b].d * (float)a[b].sum);
+    }
+    return hsum_ps(_mm256_add_ps(acc0, acc1)) + mins;
+}
+
+/* Q8_0: signed by signed through |w| and y carrying w's sign (maddubs wants
+ * one unsigned side); w = -128 gives |w| = 128 as unsigned, still exact. */
+AVX2 static inline __m256i dot_ss8(__m256i w, __m256i y) {
+    return dot_us8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w));
+}
+
+AVX2 static float dot_q8_0(int n, const void *row, const void *act) {
+    const block_q8_0 *w = row;
+    const act_q8_32 *a = act;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    const int nb = n / QK32;
+    int b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        const __m256i p0 = dot_ss8(_mm256_loadu_si256((const __m256i *)w[b].qs), _mm256_loadu_si256((const __m256i *)a[b].qs));
+        const __m256i p1 =
+            dot_ss8(_mm256_loadu_si256((const __m256i *)w[b + 1].qs), _mm256_loadu_si256((const __m256i *)a[b + 1].qs));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w[b].d) * a[b].d), _mm256_cvtepi32_ps(p0), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w[b + 1].d) * a[b + 1].d), _mm256_cvtepi32_ps(p1), acc1);
+    }
+    for (; b < nb; b++) {
+        const __m256i p = dot_ss8(_mm256_loadu_si256((const __m256i *)w[b].qs), _mm256_loadu_si256((const __m256i *)a[b].qs));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w[b].d) * a[b].d), _mm256_cvtepi32_ps(p), acc0);
+    }
+    return hsum_ps(_mm256_add_ps(acc0, acc1));
+}
+
+/* ------------------------------------------------------------ K-quants */
+
+/* Byte shuffle that repeats int16 element i of each 128-bit half (scales
+ * stored as 8 int16, duplicated in both halves). */
+AVX2 static inline __m256i repeat_i16(__m256i v, int i) {
+    return _mm256_shuffle_epi8(v, _mm256_set1_epi16((short)((2 * i + 1) << 8 | 2 * i)));
+}
+
+/* The minimum terms Σ_j m_j Σ_{sub-block j} y of a Q4_K / Q5_K block, as 4 int32 lanes. */
+AVX2 static inline __m128i k4_mins(const uint8_t mins[8], const int16_t bsums[16]) {
+    const __m128i m = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)mins));
+    const __m128i s = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)bsums), _mm_loadu_si128((const __m128i *)(bsums + 8)));
+    return _mm_madd_epi16(m, s);
+}
+
+AVX2 static float dot_q4_K(int n, const void *row, const void *act) {
+    const block_q4_K *w = row;
+    const act_q8_K *a = act;
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256 acc = _mm256_setzero_ps();
+    __m128 acc_m = _mm_setzero_ps();
+    for (int b = 0; b < n / QK_K; b++) {
+        uint8_t sm[16];
+        quant_unpack_k4(w[b].scales, sm);
+        const float d = a[b].d * f16(w[b].d), dmin = -a[b].d * f16(w[b].dmin);
+        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(k4_mins(sm + 8, a[b].bsums)), acc_m);
+        const __m128i sc128 = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sm));
+        const __m256i scales = _mm256_inserti128_si256(_mm256_castsi128_si256(sc128), sc128, 1);
+        const uint8_t *q = w[b].qs;
+        const int8_t *y = a[b].qs;
+        __m256i sumi = _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++, q += 32, y += 64) {
+            const __m256i bits = _mm256_loadu_si256((const __m256i *)q);
+            const __m256i lo = _mm256_and_si256(bits, m4), hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+            const __m256i pl = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)y));
+            const __m256i ph = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(y + 32)));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(repeat_i16(scales, 2 * j), pl));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(repeat_i16(scales, 2 * j + 1), ph));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return hsum_ps(acc) + hsum_ps128(acc_m);
+}
+
+AVX2 static float dot_q5_K(int n, const void *row, const void *act) {
+    const block_q5_K *w = row;
+    const act_q8_K *a = act;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
+    __m256 acc = _mm256_setzero_ps();
+    __m128 acc_m = _mm_setzero_ps();
+    for (int b = 0; b < n / QK_K; b++) {
+        uint8_t sm[16];
+        quant_unpack_k4(w[b].scales, sm);
+        const float d = a[b].d * f16(w[b].d), dmin = -a[b].d * f16(w[b].dmin);
+        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(k4_mins(sm + 8, a[b].bsums)), acc_m);
+        const __m128i sc128 = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sm));
+        const __m256i scales = _mm256_inserti128_si256(_mm256_castsi128_si256(sc128), sc128, 1);
+        const __m256i hbits = _mm256_loadu_si256((const __m256i *)w[b].qh);
+        const uint8_t *q = w[b].qs;
+        const int8_t *y = a[b].qs;
+        __m256i sumi = _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++, q += 32, y += 64) {
+            const __m256i bits = _mm256_loadu_si256((const __m256i *)q);
+            /* bit 2j (2j+1) of each qh byte moved to bit 4: shifting 16-bit
+             * words right never brings a neighbour's bit to bit 0 of a byte */
+            const __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j), one), 4);
+            const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j + 1), one), 4);
+            const __m256i lo = _mm256_or_si256(_mm256_and_si256(bits, m4), h0);
+            const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits, 4), m4), h1);
+            const __m256i pl = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)y));
+            const __m256i ph = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(y + 32)));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(repeat_i16(scales, 2 * j), pl));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(repeat_i16(scales, 2 * j + 1), ph));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return hsum_ps(acc) + hsum_ps128(acc_m);
+}
+
+/* Q6_K: q - 32 with q unsigned 0..63: Σ sc (q - 32) y = Σ sc q y - 32 Σ sc bsum. */
+AVX2 static float dot_q6_K(int n, const void *row, const void *act) {
+    const block_q6_K *w = row;
+    const act_q8_K *a = act;
+    const __m256i m3 = _mm256_set1_epi8(3), m15 = _mm256_set1_epi8(15);
+    __m256 acc = _mm256_setzero_ps();
+    for (int b = 0; b < n / QK_K; b++) {
+        const float d = a[b].d * f16(w[b].d);
+        const __m128i sc8 = _mm_loadu_si128((const __m128i *)w[b].scales);
+        const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
+        const __m256i offset = _mm256_slli_epi32(_mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)a[b].bsums), sc16), 5);
+        const uint8_t *ql = w[b].ql, *qh = w[b].qh;
+        const int8_t *y = a[b].qs;
+        __m256i sumi = _mm256_setzero_si256();
+        for (int half = 0; half < 2; half++, ql += 64, qh += 32, y += 128) {
+            const __m256i l0 = _mm256_loadu_si256((const __m256i *)ql);
+            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+            const __m256i h = _mm256_loadu_si256((const __m256i *)qh);
+            __m256i q[4];
+            q[0] = _mm256_or_si256(_mm256_and_si256(l0, m15), _mm256_slli_epi16(_mm256_and_si256(h, m3), 4));
+            q[1] = _mm256_or_si256(_mm256_and_si256(l1, m15), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), m3), 4));
+            q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m15),
+                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), m3), 4));
+            q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m15),
+                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), m3), 4));
+            for (int k = 0; k < 4; k++) {
+                /* 32 values = two groups of 16: scales 8*half + 2k and 8*half + 2k + 1 */
+                const int s = 8 * half + 2 * k;
+                const __m128i pick = _mm_set_epi8((char)(s + 1), (char)(s + 1), (char)(s + 1), (char)(s + 1), (char)(s + 1),
+                                                  (char)(s + 1), (char)(s + 1), (char)(s + 1), (char)s, (char)s, (char)s,
+                                                  (char)s, (char)s, (char)s, (char)s, (char)s);
+                const __m256i scale = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, pick));
+                const __m256i p = _mm256_maddubs_epi16(q[k], _mm256_loadu_si256((const __m256i *)(y + 32 * k)));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(scale, p));
+            }
+        }
+        sumi = _mm256_sub_epi32(sumi, offset);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return hsum_ps(acc);
+}
+
+void quant_kernels_avx2(quant_kernel t[QT_COUNT]) {
+    t[QT_F16] = (quant_kernel){dot_f16, ACT_F32};
+    t[QT_BF16] = (quant_kernel){dot_bf16, ACT_F32};
+    t[QT_Q4_0] = (quant_kernel){dot_q4_0, ACT_Q8_32};
+    t[QT_Q4_1] = (quant_kernel){dot_q4_1, ACT_Q8_32};
+    t[QT_Q8_0] = (quant_kernel){dot_q8_0, ACT_Q8_32};
+    t[QT_Q4_K] = (quant_kernel){dot_q4_K, ACT_Q8_K};
+    t[QT_Q5_K] = (quant_kernel){dot_q5_K, ACT_Q8_K};
+    t[QT_Q6_K] = (quant_kernel){dot_q6_K, ACT_Q8_K};
+}
+
+#endif

@@ -1,0 +1,316 @@
+/* dot_avx512.c — the kernels for CPUs with AVX-512 F/BW/VL and VNNI (Ice
+ * Lake, Sapphire Rapids, Zen 4 and later), 64 values per register, and the
+ * BF16 kernel for those with AVX512-BF16. Target attributes, as in
+ * dot_avx2.c: one build runs everywhere, these only where the CPU has them.
+ *
+ * VNNI: _mm512_dpbusd_epi32 multiplies unsigned by signed bytes and adds each
+ * four into an int32 lane without saturating, _mm512_dpwssd_epi32 does the
+ * same for int16 pairs; both exact here. Signed weights (Q8_0) are made
+ * unsigned by adding 128 (xor 0x80) and the 128 Σy that adds is taken out
+ * of the lanes' starting value, so the sums stay exact integers. */
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#include <immintrin.h>
+
+#include "quant_impl.h"
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+#define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16,avx2,fma,f16c")))
+
+AVX512 static inline float f16(uint16_t h) { return _cvtsh_ss(h); }
+
+/* Two 256-bit halves into one register. */
+AVX512 static inline __m512i join(__m256i lo, __m256i hi) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+AVX512 static inline __m512 join_ps(float lo, float hi) {
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm256_set1_ps(lo))),
+                                               _mm256_castps_pd(_mm256_set1_ps(hi)), 1));
+}
+
+AVX512 static inline __m512i join_epi32(int lo, int hi) { return join(_mm256_set1_epi32(lo), _mm256_set1_epi32(hi)); }
+
+/* ------------------------------------------------------------ F16 / BF16 */
+
+AVX512 static float dot_f16(int n, const void *row, const void *act) {
+    const uint16_t *w = row;
+    const float *x = act;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 64 <= n; i += 64) {
+        a0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + i))), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + i + 16))), _mm512_loadu_ps(x + i + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + i + 32))), _mm512_loadu_ps(x + i + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + i + 48))), _mm512_loadu_ps(x + i + 48), a3);
+    }
+    for (; i + 16 <= n; i += 16)
+        a0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + i))), _mm512_loadu_ps(x + i), a0);
+    if (i < n) { /* the last n % 16 values, masked */
+        const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        a1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, w + i)), _mm512_maskz_loadu_ps(m, x + i), a1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
+AVX512 static inline __m512 bf16x16(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
+
+/* BF16 weights by fp32 activations (AVX-512 CPUs without AVX512-BF16). */
+AVX512 static float dot_bf16_f32(int n, const void *row, const void *act) {
+    const uint16_t *w = row;
+    const float *x = act;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 64 <= n; i += 64) {
+        a0 = _mm512_fmadd_ps(bf16x16(_mm256_loadu_si256((const __m256i *)(w + i))), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(bf16x16(_mm256_loadu_si256((const __m256i *)(w + i + 16))), _mm512_loadu_ps(x + i + 16), a1);
+        a2 = _mm512_fmadd_ps(bf16x16(_mm256_loadu_si256((const __m256i *)(w + i + 32))), _mm512_loadu_ps(x + i + 32), a2);
+        a3 = _mm512_fmadd_ps(bf16x16(_mm256_loadu_si256((const __m256i *)(w + i + 48))), _mm512_loadu_ps(x + i + 48), a3);
+    }
+    for (; i + 16 <= n; i += 16)
+        a0 = _mm512_fmadd_ps(bf16x16(_mm256_loadu_si256((const __m256i *)(w + i))), _mm512_loadu_ps(x + i), a0);
+    if (i < n) {
+        const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        a1 = _mm512_fmadd_ps(bf16x16(_mm256_maskz_loadu_epi16(m, w + i)), _mm512_maskz_loadu_ps(m, x + i), a1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
+/* BF16 weights by bf16 activations: vdpbf16ps multiplies 32 pairs exactly
+ * (8-bit significands) and adds them in fp32. It treats subnormal inputs and
+ * results as zero (below 1.2e-38, negligible beside any real activation). */
+AVX512BF16 static float dot_bf16_dp(int n, const void *row, const void *act) {
+    const uint16_t *w = row, *x = act;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 64 <= n; i += 64) {
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(x + i));
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + i + 32), (__m512bh)_mm512_loadu_si512(x + i + 32));
+    }
+    for (; i + 32 <= n; i += 32)
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(x + i));
+    if (i < n) { /* masked-off lanes load zeros, which add nothing */
+        const __mmask32 m = (__mmask32)((1ull << (n - i)) - 1);
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_maskz_loadu_epi16(m, w + i), (__m512bh)_mm512_maskz_loadu_epi16(m, x + i));
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+}
+
+/* ------------------------------------------------------------ blocks of 32, two per register */
+
+/* The 32 nibbles of blocks p and q as bytes 0..15, in value order: [p lo, p hi, q lo, q hi]. */
+AVX512 static inline __m512i nibbles64(const uint8_t *p, const uint8_t *q) {
+    const __m512i t = _mm512_castsi256_si512(
+        _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)p)), _mm_loadu_si128((const __m128i *)q), 1));
+    const __m512i dup = _mm512_shuffle_i64x2(t, t, _MM_SHUFFLE(1, 1, 0, 0));
+    const __m512i shifted = _mm512_srlv_epi64(dup, _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0));
+    return _mm512_and_si512(shifted, _mm512_set1_epi8(0x0F));
+}
+
+AVX512 static inline __m256i nibbles32(const uint8_t *p) {
+    const __m128i t = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1), _mm256_set1_epi8(0x0F));
+}
+
+AVX512 static inline __m512i act64(const act_q8_32 *a) {
+    return join(_mm256_loadu_si256((const __m256i *)a[0].qs), _mm256_loadu_si256((const __m256i *)a[1].qs));
+}
+
+AVX512 static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Q4_0: Σ (u - 8) y; each of a block's eight lanes starts at -Σy. */
+AVX512 static float dot_q4_0(int n, const void *row, const void *act) {
+    const block_q4_0 *w = row;
+    const act_q8_32 *a = act;
+    __m512 acc = _mm512_setzero_ps();
+    const int nb = n / QK32;
+    int b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        const __m512i p = _mm512_dpbusd_epi32(join_epi32(-a[b].sum, -a[b + 1].sum), nibbles64(w[b].qs, w[b + 1].qs), act64(a + b));
+        acc = _mm512_fmadd_ps(join_ps(f16(w[b].d) * a[b].d, f16(w[b + 1].d) * a[b + 1].d), _mm512_cvtepi32_ps(p), acc);
+    }
+    float sum = _mm512_reduce_add_ps(acc);
+    if (b < nb) {
+        const __m256i p = _mm256_dpbusd_epi32(_mm256_set1_epi32(-a[b].sum), nibbles32(w[b].qs), _mm256_loadu_si256((const __m256i *)a[b].qs));
+        sum += f16(w[b].d) * a[b].d * hsum256(_mm256_cvtepi32_ps(p));
+    }
+    return sum;
+}
+
+AVX512 static float dot_q4_1(int n, const void *row, const void *act) {
+    const block_q4_1 *w = row;
+    const act_q8_32 *a = act;
+    __m512 acc = _mm512_setzero_ps();
+    float mins = 0.0f;
+    const int nb = n / QK32;
+    int b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), nibbles64(w[b].qs, w[b + 1].qs), act64(a + b));
+        acc = _mm512_fmadd_ps(join_ps(f16(w[b].d) * a[b].d, f16(w[b + 1].d) * a[b + 1].d), _mm512_cvtepi32_ps(p), acc);
+        mins += f16(w[b].m) * (a[b].d * (float)a[b].sum) + f16(w[b + 1].m) * (a[b + 1].d * (float)a[b + 1].sum);
+    }
+    float sum = _mm512_reduce_add_ps(acc) + mins;
+    if (b < nb) {
+        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles32(w[b].qs), _mm256_loadu_si256((const __m256i *)a[b].qs));
+        sum += f16(w[b].d) * a[b].d * hsum256(_mm256_cvtepi32_ps(p)) + f16(w[b].m) * (a[b].d * (float)a[b].sum);
+    }
+    return sum;
+}
+
+/* Q8_0: (w + 128) unsigned; each of a block's eight lanes starts at -16 Σy. */
+AVX512 static float dot_q8_0(int n, const void *row, const void *act) {
+    const block_q8_0 *w = row;
+    const act_q8_32 *a = act;
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512 acc = _mm512_setzero_ps();
+    const int nb = n / QK32;
+    int b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        const __m512i u = _mm512_xor_si512(
+            join(_mm256_loadu_si256((const __m256i *)w[b].qs), _mm256_loadu_si256((const __m256i *)w[b + 1].qs)), flip);
+        const __m512i p = _mm512_dpbusd_epi32(join_epi32(-16 * a[b].sum, -16 * a[b + 1].sum), u, act64(a + b));
+        acc = _mm512_fmadd_ps(join_ps(f16(w[b].d) * a[b].d, f16(w[b + 1].d) * a[b + 1].d), _mm512_cvtepi32_ps(p), acc);
+    }
+    float sum = _mm512_reduce_add_ps(acc);
+    if (b < nb) {
+        const __m256i u = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)w[b].qs), _mm512_castsi512_si256(flip));
+        const __m256i p = _mm256_dpbusd_epi32(_mm256_set1_epi32(-16 * a[b].sum), u, _mm256_loadu_si256((const __m256i *)a[b].qs));
+        sum += f16(w[b].d) * a[b].d * hsum256(_mm256_cvtepi32_ps(p));
+    }
+    return sum;
+}
+
+/* ------------------------------------------------------------ K-quants, 64 values per register
+ * Bytes times activations into int16 pairs (maddubs, below 32767), then
+ * dpwssd multiplies each pair sum by its sub-block's scale into int32. */
+
+/* 32 bytes into both halves, the upper half shifted right by 4 bits: with a
+ * nibble mask, the low nibbles then the high ones (Q4_K / Q5_K order). */
+AVX512 static inline __m512i nibble_pair(const uint8_t *p) {
+    const __m512i dup = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_and_si512(_mm512_srlv_epi64(dup, _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0)), _mm512_set1_epi8(0x0F));
+}
+
+/* int16 lanes 0..15 = s[i], 16..31 = s[i + 1], from 8 int16 scales in s. */
+AVX512 static inline __m512i scales_pair(__m512i s, int i) {
+    const __m512i idx = join(_mm256_set1_epi16((short)i), _mm256_set1_epi16((short)(i + 1)));
+    return _mm512_permutexvar_epi16(idx, s);
+}
+
+AVX512 static inline __m128i k4_mins(const uint8_t mins[8], const int16_t bsums[16]) {
+    const __m128i m = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)mins));
+    const __m128i s = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)bsums), _mm_loadu_si128((const __m128i *)(bsums + 8)));
+    return _mm_madd_epi16(m, s);
+}
+
+AVX512 static inline float hsum128(__m128 s) {
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+AVX512 static float dot_q4_K(int n, const void *row, const void *act) {
+    const block_q4_K *w = row;
+    const act_q8_K *a = act;
+    __m512 acc = _mm512_setzero_ps();
+    __m128 acc_m = _mm_setzero_ps();
+    for (int b = 0; b < n / QK_K; b++) {
+        uint8_t sm[16];
+        quant_unpack_k4(w[b].scales, sm);
+        const float d = a[b].d * f16(w[b].d), dmin = -a[b].d * f16(w[b].dmin);
+        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(k4_mins(sm + 8, a[b].bsums)), acc_m);
+        const __m512i sc = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sm)));
+        __m512i sumi = _mm512_setzero_si512();
+        for (int j = 0; j < 4; j++) {
+            const __m512i p = _mm512_maddubs_epi16(nibble_pair(w[b].qs + 32 * j), _mm512_loadu_si512(a[b].qs + 64 * j));
+            sumi = _mm512_dpwssd_epi32(sumi, p, scales_pair(sc, 2 * j));
+        }
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(sumi), acc);
+    }
+    return _mm512_reduce_add_ps(acc) + hsum128(acc_m);
+}
+
+AVX512 static float dot_q5_K(int n, const void *row, const void *act) {
+    const block_q5_K *w = row;
+    const act_q8_K *a = act;
+    const __m512i sixteen = _mm512_set1_epi8(16);
+    __m512 acc = _mm512_setzero_ps();
+    __m128 acc_m = _mm_setzero_ps();
+    for (int b = 0; b < n / QK_K; b++) {
+        uint8_t sm[16];
+        quant_unpack_k4(w[b].scales, sm);
+        const float d = a[b].d * f16(w[b].d), dmin = -a[b].d * f16(w[b].dmin);
+        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(k4_mins(sm + 8, a[b].bsums)), acc_m);
+        const __m512i sc = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sm)));
+        const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)w[b].qh));
+        __m512i sumi = _mm512_setzero_si512();
+        for (int j = 0; j < 4; j++) {
+            /* bit 2j of qh for the first 32 values, bit 2j + 1 for the next 32 */
+            const __m512i bit = join(_mm256_set1_epi8((char)(1 << (2 * j))), _mm256_set1_epi8((char)(1 << (2 * j + 1))));
+            const __m512i lo = nibble_pair(w[b].qs + 32 * j);
+            const __m512i q = _mm512_mask_add_epi8(lo, _mm512_test_epi8_mask(qh, bit), lo, sixteen);
+            const __m512i p = _mm512_maddubs_epi16(q, _mm512_loadu_si512(a[b].qs + 64 * j));
+            sumi = _mm512_dpwssd_epi32(sumi, p, scales_pair(sc, 2 * j));
+        }
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(sumi), acc);
+    }
+    return _mm512_reduce_add_ps(acc) + hsum128(acc_m);
+}
+
+/* Q6_K: Σ sc (q - 32) y = Σ sc q y - 32 Σ sc bsum, the second term as the
+ * lanes' starting value. 16 values per scale: int16 lanes 8k..8k+7 of a
+ * 64-value register take scale 4g + k. */
+AVX512 static float dot_q6_K(int n, const void *row, const void *act) {
+    const block_q6_K *w = row;
+    const act_q8_K *a = act;
+    const __m512i m15 = _mm512_set1_epi8(15), m3 = _mm512_set1_epi8(3);
+    const __m512i shift_lo = _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0), shift_hi = _mm512_set_epi64(6, 6, 6, 6, 4, 4, 4, 4);
+    __m512 acc = _mm512_setzero_ps();
+    for (int b = 0; b < n / QK_K; b++) {
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w[b].scales));
+        const __m512i sc = _mm512_castsi256_si512(sc16);
+        const __m256i offset = _mm256_slli_epi32(_mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)a[b].bsums), sc16), 5);
+        __m512i sumi = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_sub_epi32(_mm256_setzero_si256(), offset), 0);
+        for (int half = 0; half < 2; half++) {
+            const __m512i l = _mm512_loadu_si512(w[b].ql + 64 * half);
+            const __m512i h = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w[b].qh + 32 * half)));
+            /* values 0..63 of the half: low nibbles + qh bits 0-1 / 2-3; 64..127: high nibbles + bits 4-5 / 6-7 */
+            const __m512i q0 = _mm512_or_si512(_mm512_and_si512(l, m15),
+                                               _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(h, shift_lo), m3), 4));
+            const __m512i q1 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m15),
+                                               _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(h, shift_hi), m3), 4));
+            const int8_t *y = a[b].qs + 128 * half;
+            for (int g = 0; g < 2; g++) {
+                const int s = 8 * half + 4 * g;
+                const __m512i idx = join(_mm256_set_epi16((short)(s + 1), (short)(s + 1), (short)(s + 1), (short)(s + 1), (short)(s + 1),
+                                                          (short)(s + 1), (short)(s + 1), (short)(s + 1), (short)s, (short)s, (short)s,
+                                                          (short)s, (short)s, (short)s, (short)s, (short)s),
+                                         _mm256_set_epi16((short)(s + 3), (short)(s + 3), (short)(s + 3), (short)(s + 3), (short)(s + 3),
+                                                          (short)(s + 3), (short)(s + 3), (short)(s + 3), (short)(s + 2), (short)(s + 2),
+                                                          (short)(s + 2), (short)(s + 2), (short)(s + 2), (short)(s + 2), (short)(s + 2),
+                                                          (short)(s + 2)));
+                const __m512i p = _mm512_maddubs_epi16(g ? q1 : q0, _mm512_loadu_si512(y + 64 * g));
+                sumi = _mm512_dpwssd_epi32(sumi, p, _mm512_permutexvar_epi16(idx, sc));
+            }
+        }
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(a[b].d * f16(w[b].d)), _mm512_cvtepi32_ps(sumi), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+void quant_kernels_avx512(quant_kernel t[QT_COUNT], int has_bf16) {
+    t[QT_F16] = (quant_kernel){dot_f16, ACT_F32};
+    t[QT_BF16] = has_bf16 ? (quant_kernel){dot_bf16_dp, ACT_BF16} : (quant_kernel){dot_bf16_f32, ACT_F32};
+    t[QT_Q4_0] = (quant_kernel){dot_q4_0, ACT_Q8_32};
+    t[QT_Q4_1] = (quant_kernel){dot_q4_1, ACT_Q8_32};
+    t[QT_Q8_0] = (quant_kernel){dot_q8_0, ACT_Q8_32};
+    t[QT_Q4_K] = (quant_kernel){dot_q4_K, ACT_Q8_K};
+    t[QT_Q5_K] = (quant_kernel){dot_q5_K, ACT_Q8_K};
+    t[QT_Q6_K] = (quant_kernel){dot_q6_K, ACT_Q8_K};
+}
+
+#endif

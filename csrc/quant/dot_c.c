@@ -1,0 +1,156 @@
+/* dot_c.c — the portable kernels: one stored row · one activation row.
+ * The reference the SIMD paths are tested against, and the path on CPUs
+ * without AVX2. Each block's dot product is exact integer arithmetic (int32
+ * cannot overflow: at most 256 * 63 * 127 * 63 in Q5_K), then scaled once. */
+#include "quant_impl.h"
+
+/* 16 partial sums, so the compiler can keep them in vector lanes (a float
+ * sum in one variable must be added in order and stays scalar). */
+static float dot_f16(int n, const void *row, const void *act) {
+    const uint16_t *w = row;
+    const float *x = act;
+    float acc[16] = {0};
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; l++) acc[l] += quant_fp16_to_fp32(w[i + l]) * x[i + l];
+    float sum = 0.0f;
+    for (; i < n; i++) sum += quant_fp16_to_fp32(w[i]) * x[i];
+    for (int l = 0; l < 16; l++) sum += acc[l];
+    return sum;
+}
+
+static float dot_bf16(int n, const void *row, const void *act) {
+    const uint16_t *w = row;
+    const float *x = act;
+    float acc[16] = {0};
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; l++) acc[l] += quant_bf16_to_fp32(w[i + l]) * x[i + l];
+    float sum = 0.0f;
+    for (; i < n; i++) sum += quant_bf16_to_fp32(w[i]) * x[i];
+    for (int l = 0; l < 16; l++) sum += acc[l];
+    return sum;
+}
+
+static float dot_q4_0(int n, const void *row, const void *act) {
+    const block_q4_0 *w = row;
+    const act_q8_32 *a = act;
+    float sum = 0.0f;
+    for (int b = 0; b < n / QK32; b++) {
+        int isum = 0;
+        for (int j = 0; j < 16; j++)
+            isum += ((w[b].qs[j] & 0xF) - 8) * a[b].qs[j] + ((w[b].qs[j] >> 4) - 8) * a[b].qs[j + 16];
+        sum += quant_fp16_to_fp32(w[b].d) * a[b].d * (float)isum;
+    }
+    return sum;
+}
+
+static float dot_q4_1(int n, const void *row, const void *act) {
+    const block_q4_1 *w = row;
+    const act_q8_32 *a = act;
+    float sum = 0.0f;
+    for (int b = 0; b < n / QK32; b++) {
+        int isum = 0;
+        for (int j = 0; j < 16; j++) isum += (w[b].qs[j] & 0xF) * a[b].qs[j] + (w[b].qs[j] >> 4) * a[b].qs[j + 16];
+        sum += quant_fp16_to_fp32(w[b].d) * a[b].d * (float)isum +
+               quant_fp16_to_fp32(w[b].m) * (a[b].d * (float)a[b].sum);
+    }
+    return sum;
+}
+
+static float dot_q8_0(int n, const void *row, const void *act) {
+    const block_q8_0 *w = row;
+    const act_q8_32 *a = act;
+    float sum = 0.0f;
+    for (int b = 0; b < n / QK32; b++) {
+        int isum = 0;
+        for (int j = 0; j < QK32; j++) isum += w[b].qs[j] * a[b].qs[j];
+        sum += quant_fp16_to_fp32(w[b].d) * a[b].d * (float)isum;
+    }
+    return sum;
+}
+
+static float dot_q4_K(int n, const void *row, const void *act) {
+    const block_q4_K *w = row;
+    const act_q8_K *a = act;
+    float sum = 0.0f;
+    for (int b = 0; b < n / QK_K; b++) {
+        const uint8_t *q = w[b].qs;
+        const int8_t *y = a[b].qs;
+        int isum = 0, imin = 0;
+        for (int j = 0; j < 8; j += 2, q += 32, y += 64) {
+            uint8_t sc0, m0, sc1, m1;
+            quant_scale_min_k4(j, w[b].scales, &sc0, &m0);
+            quant_scale_min_k4(j + 1, w[b].scales, &sc1, &m1);
+            int s0 = 0, s1 = 0;
+            for (int l = 0; l < 32; l++) {
+                s0 += (q[l] & 0xF) * y[l];
+                s1 += (q[l] >> 4) * y[l + 32];
+            }
+            isum += sc0 * s0 + sc1 * s1;
+            imin += m0 * (a[b].bsums[2 * j] + a[b].bsums[2 * j + 1]) + m1 * (a[b].bsums[2 * j + 2] + a[b].bsums[2 * j + 3]);
+        }
+        sum += quant_fp16_to_fp32(w[b].d) * a[b].d * (float)isum - quant_fp16_to_fp32(w[b].dmin) * a[b].d * (float)imin;
+    }
+    return sum;
+}
+
+static float dot_q5_K(int n, const void *row, const void *act) {
+    const block_q5_K *w = row;
+    const act_q8_K *a = act;
+    float sum = 0.0f;
+    for (int b = 0; b < n / QK_K; b++) {
+        const uint8_t *q = w[b].qs, *qh = w[b].qh;
+        const int8_t *y = a[b].qs;
+        int isum = 0, imin = 0;
+        for (int j = 0; j < 8; j += 2, q += 32, y += 64) {
+            uint8_t sc0, m0, sc1, m1;
+            quant_scale_min_k4(j, w[b].scales, &sc0, &m0);
+            quant_scale_min_k4(j + 1, w[b].scales, &sc1, &m1);
+            int s0 = 0, s1 = 0;
+            for (int l = 0; l < 32; l++) {
+                s0 += ((q[l] & 0xF) | (((qh[l] >> j) & 1) << 4)) * y[l];
+                s1 += ((q[l] >> 4) | (((qh[l] >> (j + 1)) & 1) << 4)) * y[l + 32];
+            }
+            isum += sc0 * s0 + sc1 * s1;
+            imin += m0 * (a[b].bsums[2 * j] + a[b].bsums[2 * j + 1]) + m1 * (a[b].bsums[2 * j + 2] + a[b].bsums[2 * j + 3]);
+        }
+        sum += quant_fp16_to_fp32(w[b].d) * a[b].d * (float)isum - quant_fp16_to_fp32(w[b].dmin) * a[b].d * (float)imin;
+    }
+    return sum;
+}
+
+static float dot_q6_K(int n, const void *row, const void *act) {
+    const block_q6_K *w = row;
+    const act_q8_K *a = act;
+    float sum = 0.0f;
+    for (int b = 0; b < n / QK_K; b++) {
+        const uint8_t *ql = w[b].ql, *qh = w[b].qh;
+        const int8_t *sc = w[b].scales, *y = a[b].qs;
+        int isum = 0;
+        for (int half = 0; half < 2; half++, ql += 64, qh += 32, sc += 8, y += 128) {
+            int s[8] = {0}; /* per 16 values: s[k] covers values 16k..16k+15 of this half */
+            for (int l = 0; l < 32; l++) {
+                const int is = l / 16;
+                s[is + 0] += (((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32) * y[l];
+                s[is + 2] += (((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32) * y[l + 32];
+                s[is + 4] += (((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32) * y[l + 64];
+                s[is + 6] += (((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32) * y[l + 96];
+            }
+            for (int k = 0; k < 8; k++) isum += sc[k] * s[k];
+        }
+        sum += quant_fp16_to_fp32(w[b].d) * a[b].d * (float)isum;
+    }
+    return sum;
+}
+
+void quant_kernels_c(quant_kernel t[QT_COUNT]) {
+    t[QT_F16] = (quant_kernel){dot_f16, ACT_F32};
+    t[QT_BF16] = (quant_kernel){dot_bf16, ACT_F32};
+    t[QT_Q4_0] = (quant_kernel){dot_q4_0, ACT_Q8_32};
+    t[QT_Q4_1] = (quant_kernel){dot_q4_1, ACT_Q8_32};
+    t[QT_Q8_0] = (quant_kernel){dot_q8_0, ACT_Q8_32};
+    t[QT_Q4_K] = (quant_kernel){dot_q4_K, ACT_Q8_K};
+    t[QT_Q5_K] = (quant_kernel){dot_q5_K, ACT_Q8_K};
+    t[QT_Q6_K] = (quant_kernel){dot_q6_K, ACT_Q8_K};
+}

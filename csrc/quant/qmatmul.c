@@ -1,0 +1,165 @@
+/* qmatmul.c — out = x · Wᵀ with W in its stored format, for one row of
+ * activations (decode) or many (prefill).
+ *
+ * Two ways, chosen by the number of activation rows (cepe_qmatmul_uses_sgemm):
+ *   - quantized kernels: each activation row is quantized once, then every
+ *     weight row is dotted with every activation row. The weights are streamed
+ *     once at their stored width; this is what decoding, which is bound by
+ *     memory bandwidth, needs.
+ *   - dequantized tiles + sgemm: each thread widens TILE weight rows to fp32
+ *     and multiplies all activation rows with the BLAS. The dequantization is
+ *     paid once per TILE x rows products, and the BLAS's register-blocked sgemm
+ *     then beats one-row-at-a-time dot products once rows are many (and it
+ *     multiplies unrounded fp32 activations).
+ * The crossover is measured in benchmarks/bench_quant.py (see SGEMM_MIN_ROWS).
+ *
+ * Threading: OpenMP over output rows. The BLAS runs single-threaded inside
+ * each thread, so the two thread pools never compete for the cores. */
+#include <stdlib.h>
+
+#include "../blas.h"
+#include "../ops/ops.h"
+#include "quant_impl.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* Output rows each thread widens per sgemm call: large enough that the BLAS
+ * runs at full speed, small enough that the tile (TILE * n_in floats) stays
+ * in L2 beside the activations. */
+#define TILE 64
+/* Activation rows from which dequantized tiles + sgemm win (bench_quant.py). */
+#define SGEMM_MIN_ROWS 16
+/* Fewer multiply-adds than this do not pay for waking a second thread. */
+#define MIN_PARALLEL_WORK (1 << 17)
+/* Output rows per thread are a multiple of this, so slices keep to cache lines. */
+#define ROW_ALIGN 16
+#define WORK_ALIGN 64
+
+int cepe_qmatmul_uses_sgemm(const cepe_qtensor *w, int rows) {
+    return w->type == CEPE_QTYPE_F32 || rows >= SGEMM_MIN_ROWS;
+}
+
+static int team_size(const cepe_qtensor *w, int rows, int n_threads) {
+    int nt = n_threads < 1 ? 1 : n_threads;
+    if (nt > w->n_out / ROW_ALIGN) nt = w->n_out / ROW_ALIGN;
+    if ((int64_t)rows * w->n_in * w->n_out < MIN_PARALLEL_WORK) nt = 1;
+    return nt < 1 ? 1 : nt;
+}
+
+static size_t act_bytes_per_row(const cepe_qtensor *w) {
+    const quant_kernel k = quant_kernel_for((int)w->type);
+    return k.act == ACT_F32 ? 0 : quant_act_bytes(k.act, w->n_in);
+}
+
+size_t cepe_qmatmul_work_size(const cepe_qtensor *w, int rows, int n_threads) {
+    if (!w || quant_type_index((int)w->type) < 0 || rows <= 0 || w->n_in <= 0) return 0;
+    if (cepe_qmatmul_uses_sgemm(w, rows))
+        return (size_t)team_size(w, rows, n_threads) * TILE * (size_t)w->n_in * sizeof(float) + WORK_ALIGN;
+    const size_t per_row = act_bytes_per_row(w);
+    return per_row ? (size_t)rows * per_row + WORK_ALIGN : 0;
+}
+
+/* The [o0, o1) share of n_out rows of thread t of nt. */
+static void share(int n_out, int t, int nt, int *o0, int *o1) {
+    const int per = ((n_out + nt - 1) / nt + ROW_ALIGN - 1) / ROW_ALIGN * ROW_ALIGN;
+    *o0 = t * per < n_out ? t * per : n_out;
+    *o1 = *o0 + per < n_out ? *o0 + per : n_out;
+}
+
+static void qmatmul_kernels(float *out, const float *x, const cepe_qtensor *w, int rows, int accumulate,
+                            unsigned char *act, int nt) {
+    const quant_kernel k = quant_kernel_for((int)w->type);
+    const size_t ab = act_bytes_per_row(w);
+    const int n_in = w->n_in, n_out = w->n_out;
+    const unsigned char *base = w->data;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+#ifdef _OPENMP
+        const int t = omp_get_thread_num(), n = omp_get_num_threads();
+#else
+        const int t = 0, n = 1;
+#endif
+        if (ab) {
+#pragma omp for schedule(static)
+            for (int r = 0; r < rows; r++) quant_prepare_act(k.act, x + (size_t)r * n_in, act + (size_t)r * ab, n_in);
+        }
+        int o0, o1;
+        share(n_out, t, n, &o0, &o1);
+        for (int o = o0; o < o1; o++) {
+            const void *row = base + (size_t)o * w->row_stride;
+            for (int r = 0; r < rows; r++) {
+                const void *a = ab ? (const void *)(act + (size_t)r * ab) : (const void *)(x + (size_t)r * n_in);
+                const float v = k.dot(n_in, row, a);
+                float *dst = out + (size_t)r * n_out + o;
+                *dst = accumulate ? *dst + v : v;
+            }
+        }
+    }
+}
+
+static void qmatmul_sgemm(float *out, const float *x, const cepe_qtensor *w, int rows, int accumulate, float *tiles,
+                          int nt) {
+    const int n_in = w->n_in, n_out = w->n_out;
+    const unsigned char *base = w->data;
+    const float beta = accumulate ? 1.0f : 0.0f;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+#ifdef _OPENMP
+        const int t = omp_get_thread_num(), n = omp_get_num_threads();
+#else
+        const int t = 0, n = 1;
+#endif
+#ifdef CEPE_MKL_BLAS
+        const int prev = mkl_set_num_threads_local(1);
+#endif
+        float *tile = tiles + (size_t)t * TILE * n_in;
+        int o0, o1;
+        share(n_out, t, n, &o0, &o1);
+        for (int a = o0; a < o1; a += TILE) {
+            const int nr = o1 - a < TILE ? o1 - a : TILE;
+            for (int i = 0; i < nr; i++)
+                quant_dequantize((int)w->type, base + (size_t)(a + i) * w->row_stride, tile + (size_t)i * n_in, n_in);
+            CEPE_SGEMM(CblasRowMajor, CblasNoTrans, CblasTrans, rows, nr, n_in, 1.0f, x, n_in, tile, n_in, beta, out + a,
+                       n_out);
+        }
+#ifdef CEPE_MKL_BLAS
+        mkl_set_num_threads_local(prev);
+#endif
+    }
+}
+
+cepe_status cepe_qmatmul(float *out, const float *x, const cepe_qtensor *w, int rows, int accumulate, void *work,
+                         size_t work_size, int n_threads) {
+    cepe_status st = cepe_qtensor_check(w);
+    if (st != CEPE_OK) return st;
+    if (rows < 0) return cepe_fail(CEPE_ERR_INVALID_ARG, "qmatmul: %d rows", rows);
+    if (rows == 0) return CEPE_OK;
+    if (!out || !x) return cepe_fail(CEPE_ERR_INVALID_ARG, "qmatmul: NULL pointer");
+    if (w->type == CEPE_QTYPE_F32) {
+        if (w->row_stride != (size_t)w->n_in * sizeof(float))
+            return cepe_fail(CEPE_ERR_UNSUPPORTED, "qmatmul: F32 weights with a row stride of %zu bytes (dense rows only)",
+                             w->row_stride);
+        if (matmul_forward(out, x, w->data, rows, w->n_in, w->n_out, accumulate, n_threads) != 0)
+            return cepe_fail(CEPE_ERR_BACKEND, "qmatmul: BLAS matmul failed");
+        return CEPE_OK;
+    }
+    const int nt = team_size(w, rows, n_threads);
+    const size_t need = cepe_qmatmul_work_size(w, rows, n_threads);
+    void *own = NULL;
+    if (need && !work) {
+        own = malloc(need);
+        if (!own) return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "qmatmul: %zu bytes of scratch", need);
+        work = own;
+    } else if (need > work_size) {
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "qmatmul: %zu bytes of scratch given, %zu needed", work_size, need);
+    }
+    unsigned char *aligned = work ? (unsigned char *)(((uintptr_t)work + WORK_ALIGN - 1) & ~(uintptr_t)(WORK_ALIGN - 1)) : NULL;
+    if (cepe_qmatmul_uses_sgemm(w, rows))
+        qmatmul_sgemm(out, x, w, rows, accumulate, (float *)aligned, nt);
+    else
+        qmatmul_kernels(out, x, w, rows, accumulate, aligned, nt);
+    free(own);
+    return CEPE_OK;
+}

@@ -1,0 +1,187 @@
+/* quant_impl.h — what the files of csrc/quant/ share: ggml's block layouts,
+ * the activation blocks, half-precision conversions and the kernels of each
+ * instruction set. Not for model code (quant.h is its API). */
+#ifndef CEPE_QUANT_IMPL_H
+#define CEPE_QUANT_IMPL_H
+
+#include <stdint.h>
+#include <string.h>
+
+#include "../common.h"
+#include "quant.h"
+
+/* ------------------------------------------------------------ stored blocks
+ * Byte for byte as ggml writes them (ggml-common.h); fp16 fields are raw
+ * uint16_t so the structs need only 2-byte alignment and have no padding. */
+
+#define QK32 32 /* values per block of Q4_0, Q4_1, Q8_0 */
+#define QK_K 256 /* values per super-block of the K-quants */
+
+typedef struct {
+    uint16_t d;      /* scale, fp16 */
+    uint8_t qs[16];  /* value j: (qs[j] & 15) - 8, value j+16: (qs[j] >> 4) - 8 */
+} block_q4_0;
+
+typedef struct {
+    uint16_t d, m;   /* scale and minimum, fp16: value = d * q + m */
+    uint8_t qs[16];  /* nibbles as in Q4_0, unsigned 0..15 */
+} block_q4_1;
+
+typedef struct {
+    uint16_t d;      /* scale, fp16 */
+    int8_t qs[32];
+} block_q8_0;
+
+/* K-quants: 256 values in 8 sub-blocks of 32, each with a 6-bit scale and a
+ * 6-bit minimum packed into 12 bytes (quant_scale_min_k4 unpacks them):
+ * value = d * sc * q - dmin * m. */
+typedef struct {
+    uint16_t d, dmin;
+    uint8_t scales[12];
+    uint8_t qs[128]; /* bytes 32i..32i+31: sub-block 2i in the low nibbles, 2i+1 in the high */
+} block_q4_K;
+
+typedef struct {
+    uint16_t d, dmin;
+    uint8_t scales[12];
+    uint8_t qh[32];  /* bit i of qh[l]: the fifth bit of value 32i + l */
+    uint8_t qs[128]; /* low four bits, laid out as in Q4_K */
+} block_q5_K;
+
+/* 16 sub-blocks of 16 with int8 scales: value = d * sc * (q - 32), q 6 bits. */
+typedef struct {
+    uint8_t ql[128]; /* per half (64 bytes): values 0..63 low nibbles, 64..127 high nibbles */
+    uint8_t qh[64];  /* per half (32 bytes): bits 2k..2k+1 of qh[l] are the top bits of value 32k + l */
+    int8_t scales[16];
+    uint16_t d;
+} block_q6_K;
+
+_Static_assert(sizeof(block_q4_0) == 18, "Q4_0 block");
+_Static_assert(sizeof(block_q4_1) == 20, "Q4_1 block");
+_Static_assert(sizeof(block_q8_0) == 34, "Q8_0 block");
+_Static_assert(sizeof(block_q4_K) == 144, "Q4_K block");
+_Static_assert(sizeof(block_q5_K) == 176, "Q5_K block");
+_Static_assert(sizeof(block_q6_K) == 210, "Q6_K block");
+
+/* ------------------------------------------------------------ activation blocks
+ * Never stored in files, so the scale is fp32 (ggml's Q8_0 rounds it to fp16,
+ * which only adds error). */
+
+/* 32 activations as int8 in [-127, 127]: x ≈ d * qs; sum = Σ qs, for the
+ * offset and minimum terms of Q4_0 / Q4_1 / Q8_0 weights. */
+typedef struct {
+    float d;
+    int32_t sum;
+    int8_t qs[32];
+} act_q8_32;
+
+/* 256 activations (ggml's block_q8_K): d = -max/127 for the value of largest
+ * magnitude, qs in [-127, 127], bsums[i] = Σ qs[16i..16i+15]. */
+typedef struct {
+    float d;
+    int8_t qs[256];
+    int16_t bsums[16];
+} act_q8_K;
+
+_Static_assert(sizeof(act_q8_32) == 40, "act_q8_32");
+_Static_assert(sizeof(act_q8_K) == 292, "act_q8_K");
+
+/* What a kernel expects as its activation row. */
+typedef enum {
+    ACT_F32 = 0,  /* the fp32 row itself */
+    ACT_Q8_32 = 1,
+    ACT_Q8_K = 2,
+    ACT_BF16 = 3, /* bf16, rounded to nearest even */
+} act_kind;
+
+/* The dot product of one stored row of n values and one activation row. */
+typedef float (*quant_dot_fn)(int n, const void *row, const void *act);
+
+typedef struct {
+    quant_dot_fn dot;
+    act_kind act;
+} quant_kernel;
+
+/* ------------------------------------------------------------ fp16 / bf16 */
+
+static inline float quant_f32_from_bits(uint32_t w) {
+    float f;
+    memcpy(&f, &w, sizeof f);
+    return f;
+}
+
+static inline uint32_t quant_f32_bits(float f) {
+    uint32_t w;
+    memcpy(&w, &f, sizeof w);
+    return w;
+}
+
+/* IEEE half -> float, exact (normals, subnormals, infinities; NaN stays NaN).
+ * Bit arithmetic, so the portable path needs no F16C. */
+static inline float quant_fp16_to_fp32(uint16_t h) {
+    const uint32_t w = (uint32_t)h << 16;
+    const uint32_t sign = w & 0x80000000u;
+    const uint32_t two_w = w + w;
+    /* normals: move the exponent into place and rebias by a multiply */
+    const float normalized = quant_f32_from_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    /* subnormals: the mantissa as the low bits of 0.5's and subtract 0.5 */
+    const float denormalized = quant_f32_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
+    const uint32_t bits = two_w < (1u << 27) ? quant_f32_bits(denormalized) : quant_f32_bits(normalized);
+    return quant_f32_from_bits(sign | bits);
+}
+
+static inline float quant_bf16_to_fp32(uint16_t h) { return quant_f32_from_bits((uint32_t)h << 16); }
+
+/* float -> bf16, round to nearest even; NaN stays NaN (quiet). */
+static inline uint16_t quant_fp32_to_bf16(float f) {
+    const uint32_t u = quant_f32_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 64);
+    return (uint16_t)((u + (0x7fffu + ((u >> 16) & 1))) >> 16);
+}
+
+/* The 6-bit scale and minimum of sub-block j (0..7) of a Q4_K / Q5_K block. */
+static inline void quant_scale_min_k4(int j, const uint8_t *q, uint8_t *sc, uint8_t *m) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *sc = (uint8_t)((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
+        *m = (uint8_t)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
+    }
+}
+
+/* All 8 scales (out[0..7]) and minimums (out[8..15]) of a Q4_K / Q5_K block
+ * at once: ggml's word-wise unpacking (x86 and other little-endian CPUs). */
+static inline void quant_unpack_k4(const uint8_t q[12], uint8_t out[16]) {
+    uint32_t u[4];
+    memcpy(u, q, 12);
+    u[3] = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+    const uint32_t mins_lo = u[1] & 0x3f3f3f3fu;
+    u[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+    u[2] = mins_lo;
+    u[0] &= 0x3f3f3f3fu;
+    memcpy(out, u, 16);
+}
+
+/* ------------------------------------------------------------ kernels
+ * One table per instruction set, indexed by quant_type_index(); a NULL dot
+ * means "use the path below". */
+
+enum { QT_F16, QT_BF16, QT_Q4_0, QT_Q4_1, QT_Q8_0, QT_Q4_K, QT_Q5_K, QT_Q6_K, QT_COUNT };
+
+void quant_kernels_c(quant_kernel table[QT_COUNT]);
+void quant_kernels_avx2(quant_kernel table[QT_COUNT]);
+/* has_bf16: the CPU has AVX512-BF16 (BF16 then takes bf16 activations). */
+void quant_kernels_avx512(quant_kernel table[QT_COUNT], int has_bf16);
+
+/* The table index of a GGML type id, -1 for F32 and unknown types. */
+int quant_type_index(int type);
+/* The kernel the current ISA uses for a type (type valid, not F32). */
+quant_kernel quant_kernel_for(int type);
+/* Fills act with x[n] in the given form (n a multiple of its block). */
+void quant_prepare_act(act_kind kind, const float *x, void *act, int64_t n);
+size_t quant_act_bytes(act_kind kind, int64_t n);
+/* y[n] = the stored row, unchecked (cepe_dequantize_row checks). */
+void quant_dequantize(int type, const void *row, float *y, int64_t n);
+
+#endif /* CEPE_QUANT_IMPL_H */
