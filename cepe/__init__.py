@@ -8,15 +8,15 @@ new_ids = model.generate(ids, max_new_tokens=32)
 
 from __future__ import annotations
 
+from .attach import attach_encoder
 from .backends import backends
 from .config import DecoderConfig, parse_config
 from .errors import CheckpointError, ConfigError
-from .head import attach_encoder
 from .load import load
 from .model import KVCache, LongInputWarning, Model
-from .pull import pull  # issue 8: cepe.pull("smollm2-135m") (the module is importlib.import_module("cepe.pull"))
-from .tokenizer import Tokenizer  # issue 8
-from .train import Trainer  # issue 5: training in the C core
+from .pull import pull  # cepe.pull("smollm2-135m") (the module is importlib.import_module("cepe.pull"))
+from .tokenizer import Tokenizer
+from .train import Trainer
 
 __version__ = "0.1.0"
 __all__ = [

@@ -67,8 +67,8 @@ def chunk_passages(
         raise ValueError("no passages to chunk")
     out = np.full((len(passages), chunk_len), pad_id, dtype=np.int64)
     mask = np.zeros((len(passages), chunk_len), dtype=np.int64)
-    for i, p in enumerate(passages):
-        p = np.asarray(p, dtype=np.int64).reshape(-1)
+    for i, passage in enumerate(passages):
+        p = np.asarray(passage, dtype=np.int64).reshape(-1)
         if p.size > chunk_len:
             p = p[-chunk_len:] if truncation_side == "left" else p[:chunk_len]
         if padding_side == "left":

@@ -320,7 +320,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_init(args: argparse.Namespace) -> int:
     """A CEPE head attached to a plain decoder (cepe.attach_encoder), saved as a head directory."""
-    from .head import attach_encoder
+    from .attach import attach_encoder
 
     encoder: Any = args.encoder
     decoder = load(args.decoder, n_threads=args.threads)
@@ -338,7 +338,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     summary = {
         "head": path,
         "decoder": c.raw.get("cepe_decoder"),
-        "encoder_layers": c.encoder.num_hidden_layers,
+        "encoder_layers": c.encoder.num_hidden_layers if c.encoder is not None else 0,
         "num_cross_attn_layers": c.num_cross_attn_layers,
         "encoder_shares_embeddings": bool(c.raw.get("encoder_shares_embeddings")),
         "init": args.init,

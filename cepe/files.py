@@ -33,7 +33,8 @@ from __future__ import annotations
 import json
 import os
 import stat
-from typing import Any, BinaryIO
+from io import BufferedReader
+from typing import Any
 
 MiB = 1 << 20
 CONFIG_LIMIT = 16 * MiB
@@ -82,7 +83,7 @@ def check_regular(
 
 def open_regular(
     path: str | os.PathLike[str], what: str, *, limit: int | None = None, error: type[Exception] = ValueError
-) -> BinaryIO:
+) -> BufferedReader:
     """The regular file at `path`, opened for binary reading (the caller closes it). Raises
     `error` naming the file for a directory, FIFO, device or socket, and for a file of more
     than `limit` bytes; never blocks on a FIFO."""

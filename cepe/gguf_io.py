@@ -1,6 +1,6 @@
-"""Reading LLaMA-architecture GGUF files (llama.cpp's format) into a cepe.Model.
+"""Reading LLaMA-architecture GGUF files (llama.cpp's format): metadata, config and tensors.
 
-    model = cepe.load("SmolLM2-135M-Instruct.Q4_1.gguf")   # dispatches here
+    model = cepe.load("SmolLM2-135M-Instruct.Q4_1.gguf")   # reads with this module, builds with cepe.build
 
 The container is parsed here, strictly: every count, length and offset is
 checked against the file, so a truncated or corrupted file raises
@@ -33,14 +33,12 @@ import mmap
 import os
 import re
 import struct
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .config import ROPE_LAYOUT_KEY
+from .config import ROPE_LAYOUT_KEY, DecoderConfig, parse_config
 from .errors import CheckpointError, ConfigError
 from .files import open_regular
 
@@ -551,12 +549,10 @@ def _metadata_error(gf: GGUFFile, msg: str) -> str:
     return f"{gf.path}: bad GGUF metadata: {what}{origin}"
 
 
-def read_config(gf: GGUFFile, rope_scaling: dict[str, Any] | None = None) -> Any:
+def read_config(gf: GGUFFile, rope_scaling: dict[str, Any] | None = None) -> DecoderConfig:
     """The DecoderConfig of a GGUF file (hf_config records the interleaved RoPE layout of GGUF
     weights, so a model saved from it reloads with the same layout). A bad value raises an
     error naming the file and the GGUF key it comes from."""
-    from .config import parse_config
-
     try:
         return parse_config(hf_config(gf), rope_scaling)
     except ConfigError as exc:
@@ -565,29 +561,16 @@ def read_config(gf: GGUFFile, rope_scaling: dict[str, Any] | None = None) -> Any
         raise NotImplementedError(_metadata_error(gf, str(exc))) from None
 
 
-# -------------------------------------------------------------------- load
+# ------------------------------------------------------------------ weights
 
 
-def load_gguf(
-    path: str,
-    *,
-    device: str,
-    n_threads: int,
-    rope_scaling: dict[str, Any] | None = None,
-    check_weights: bool = False,
-    dtype: str = "float32",
-) -> Any:
-    """cepe.load for a .gguf file (device and n_threads already checked)."""
-    from tqdm.auto import tqdm
-
-    import cepe_c
-
-    from .model import Model
-    from .tokenizer import Tokenizer
-
-    gf = GGUFFile(path)
-    cfg = read_config(gf, rope_scaling)
-    bind: list[tuple[str, str]] = []
+def weight_names(gf: GGUFFile, cfg: DecoderConfig) -> dict[str, str]:
+    """{tensor name in the file: the HF name it binds as} for every weight of a llama GGUF file
+    (in the file's order; setting tensors such as rope_freqs.weight left out), after checking
+    that each has an HF name and a type this version dequantizes, and that the file holds
+    tensors for exactly cfg.num_hidden_layers blocks."""
+    path = gf.path
+    names: dict[str, str] = {}
     for name, info in gf.tensors.items():
         if name in _SETTING_TENSORS:
             continue
@@ -599,42 +582,10 @@ def load_gguf(
                 f"{path}: tensor {name} is stored as {info.type_name}, which this version does not dequantize "
                 f"(supported: {', '.join(SUPPORTED_TYPES)})"
             )
-        bind.append((name, target))
+        names[name] = target
     blocks = {int(n.split(".")[1]) for n in gf.tensors if n.startswith("blk.") and n.split(".")[1].isdigit()}
     if len(blocks) != cfg.num_hidden_layers or (blocks and max(blocks) != cfg.num_hidden_layers - 1):
         raise CheckpointError(
             f"{path}: block_count is {cfg.num_hidden_layers} but the file holds tensors for {len(blocks)} blocks"
         )
-    from .load import make_backend
-
-    core = cepe_c.Model(
-        cfg.core_kwargs(), None, n_threads=n_threads, backend=make_backend(device), bf16=dtype == "bfloat16"
-    )
-    # NumPy releases the GIL in the dequantizing loops: a few tensors at a time.
-    with ThreadPoolExecutor(max_workers=max(1, min(n_threads, 4))) as pool:
-        arrays = pool.map(gf.get, [name for name, _ in bind])
-        for (name, target), array in tqdm(
-            zip(bind, arrays, strict=True), total=len(bind), desc="loading", unit="tensor", disable=None, leave=False
-        ):
-            if check_weights:
-                from .load import check_weight
-
-                check_weight(name, array, path)
-            try:
-                core.bind(target, array)
-            except ValueError as exc:  # wrong shape or unexpected name, from the core
-                raise CheckpointError(f"{path}: {name}: {exc}") from None
-    try:
-        core.finalize()
-    except KeyError as exc:
-        raise CheckpointError(f"{path}: {exc.args[0]}") from None
-    model = Model(core, cfg, n_threads=n_threads, path=path, device=device)
-    model.dtype = dtype
-    model.tokenizer = None
-    if "tokenizer.ggml.model" in gf.metadata:
-        try:
-            model.tokenizer = Tokenizer.from_gguf(gf)
-        except NotImplementedError as exc:  # the weights are fine: run without text in/out
-            warnings.warn(f"{path}: no tokenizer: {exc}", stacklevel=3)
-    gf.close()  # the model holds copies: nothing of the file stays mapped
-    return model
+    return names

@@ -1,45 +1,44 @@
-"""cepe.load: a model directory on disk → a ready cepe.Model."""
+"""cepe.load: a model on disk (HF directory, GGUF file, CEPE head directory, pulled name) → a cepe.Model.
+
+Each kind is read by its reader (cepe.safetensors_io, cepe.gguf_io, cepe.config, cepe.tokenizer)
+and assembled by the one builder, cepe.build.
+"""
 
 from __future__ import annotations
 
 import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import cepe_c
 
-from .config import read_config
+from .backends import backends
+from .build import SIM_DEVICE, build, check_weight
+from .config import DecoderConfig, parse_config, read_config
 from .errors import CheckpointError
+from .gguf_io import GGUFFile, is_gguf, weight_names
+from .gguf_io import read_config as read_gguf_config
+from .head import (
+    DECODER_KEY,
+    FINGERPRINT_KEY,
+    HEAD_FILE,
+    SHAPE_KEYS,
+    SHARE_KEY,
+    decoder_reference,
+    fingerprint,
+    is_head_tensor,
+    with_decoder_settings,
+)
 from .model import Model
-from .safetensors_io import Checkpoint
+from .pull import resolve
+from .safetensors_io import Checkpoint, SafetensorsFile
+from .tokenizer import Tokenizer
 
-SIM_DEVICE = "cpu-device-sim"
 MAX_THREADS = 1024  # as the core's CEPE_MAX_THREADS
 # Buffers some checkpoints carry that the math recomputes.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
-
-
-# Weights that may hold only zeros in a sound file: a fresh CEPE head's cross-attention output
-# projection (attach_encoder's init="zero" starts the model as its decoder).
-_MAY_BE_ZERO = (".cross_attn.o_proj.weight",)
-
-
-def check_weight(name: str, array: Any, where: str) -> Any:
-    """array, after checking it holds no NaN/Inf, and is not entirely zero (load(check_weights=True)).
-
-    No trained model has a weight matrix, norm or embedding of only zeros, but a damaged file
-    does (a block of it overwritten with zeros: a zeroed final norm makes every logit 0). Both
-    checks are one pass over the tensor each."""
-    import numpy as np
-
-    if not np.isfinite(array).all():
-        bad = int(np.size(array) - np.isfinite(array).sum())
-        raise CheckpointError(f"{where}: tensor {name} holds {bad} NaN/Inf values")
-    if np.size(array) and not name.endswith(_MAY_BE_ZERO) and not np.any(array):
-        raise CheckpointError(
-            f"{where}: tensor {name} is entirely zero ({np.size(array)} values), which no trained model's weight is: "
-            "the file is damaged"
-        )
-    return array
 
 
 def default_threads() -> int:
@@ -69,8 +68,6 @@ def check_device(device: object) -> str:
         return device
     if device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    from .backends import backends
-
     info = backends()["cuda"]
     if not info["built"]:
         raise RuntimeError(f"device={device!r}: the CUDA extension is not built ({info['reason']})")
@@ -91,18 +88,6 @@ def check_dtype(dtype: object, device: str) -> str:
     if dtype == "bfloat16" and device == "cpu":
         raise NotImplementedError("dtype='bfloat16' keeps the weights in bf16 on a GPU: use device='cuda'")
     return dtype
-
-
-def make_backend(device: str) -> Any:
-    """The op table a model on `device` runs on: None for the CPU, else a
-    fresh backend capsule (one stream and one cuBLAS handle per model)."""
-    if device == "cpu":
-        return None
-    if device == SIM_DEVICE:
-        return cepe_c._sim_backend()
-    import cepe_cuda
-
-    return cepe_cuda.backend(int(device[5:]) if ":" in device else 0)
 
 
 def load(
@@ -138,51 +123,124 @@ def load(
     accumulate in fp32.
     """
     device = check_device(device)
-    dtype = check_dtype(dtype, device)
-    n = check_threads(n_threads)
-    model_dir = os.fspath(path)
-    # --- GGUF files and pulled model names (issue 8) ---
-    from .gguf_io import is_gguf, load_gguf
-    from .pull import resolve
-
-    model_dir = resolve(model_dir)
+    opts = _Options(device, check_dtype(dtype, device), check_threads(n_threads), rope_scaling, check_weights)
+    model_dir = resolve(os.fspath(path))
     if is_gguf(model_dir) and not os.path.isdir(model_dir):
         if not os.path.exists(model_dir):
             raise FileNotFoundError(f"no such GGUF file: {model_dir}")
-        return load_gguf(
-            model_dir, device=device, n_threads=n, rope_scaling=rope_scaling, check_weights=check_weights, dtype=dtype
-        )
-    # --- end GGUF ---
+        return _load_gguf(model_dir, opts)
     if not os.path.exists(model_dir):
         raise FileNotFoundError(f"no such model directory: {model_dir}")
     if not os.path.isdir(model_dir):
         raise NotADirectoryError(f"{model_dir} is not a directory (expected an HF model directory)")
     cfg = read_config(model_dir, rope_scaling)
-    from .head import DECODER_KEY, SHARE_KEY, assemble, load_head
-
     if cfg.raw.get(DECODER_KEY):  # a CEPE head: the decoder it names, plus head.safetensors
-        return load_head(
-            model_dir,
-            cfg.raw,
-            device=device,
-            n_threads=n,
-            rope_scaling=rope_scaling,
-            check_weights=check_weights,
-            dtype=dtype,
-        )
+        return _load_head(model_dir, cfg.raw, opts)
+    return _load_hf(model_dir, cfg, opts)
+
+
+@dataclass(frozen=True)
+class _Options:
+    """load()'s arguments, checked."""
+
+    device: str
+    dtype: str
+    n_threads: int
+    rope_scaling: dict[str, Any] | None
+    check_weights: bool
+
+
+def _load_hf(model_dir: str, cfg: DecoderConfig, opts: _Options) -> Model:
+    """An HF model directory: model.safetensors or its shards, and its tokenizer files."""
     ckpt = Checkpoint(model_dir)
     names = [nm for nm in ckpt.names() if not nm.endswith(_IGNORED_SUFFIXES)]
     if cfg.tie_word_embeddings:  # some tied checkpoints still store the copy
         names = [nm for nm in names if nm != "lm_head.weight"]
     if cfg.raw.get(SHARE_KEY):  # bound from the decoder's table
         names = [nm for nm in names if nm != "encoder.embed_tokens.weight"]
-    arrays = ((nm, check_weight(nm, ckpt.get(nm), model_dir) if check_weights else ckpt.get(nm)) for nm in names)
-    model = assemble(
-        cfg, arrays, n_threads=n, device=device, dtype=dtype, path=model_dir, where=model_dir, progress=len(names)
+    check = opts.check_weights
+    tensors = ((nm, check_weight(nm, ckpt.get(nm), model_dir) if check else ckpt.get(nm)) for nm in names)
+    model = build(
+        cfg, tensors, n_threads=opts.n_threads, device=opts.device, dtype=opts.dtype, path=model_dir, count=len(names)
     )
-    # --- tokenizer (issue 8) ---
-    from .tokenizer import Tokenizer
-
     model.tokenizer = Tokenizer.from_dir(model_dir)
-    # --- end tokenizer ---
     return model
+
+
+def _load_gguf(path: str, opts: _Options) -> Model:
+    """A GGUF file: its weights dequantized to float32, and the tokenizer its metadata describes."""
+    gf = GGUFFile(path)
+    cfg = read_gguf_config(gf, opts.rope_scaling)
+    names = weight_names(gf, cfg)  # file name -> HF name
+    # NumPy releases the GIL in the dequantizing loops: a few tensors at a time.
+    with ThreadPoolExecutor(max_workers=max(1, min(opts.n_threads, 4))) as pool:
+        arrays = pool.map(gf.get, list(names))
+        tensors = (
+            (target, check_weight(name, array, path) if opts.check_weights else array)
+            for (name, target), array in zip(names.items(), arrays, strict=True)
+        )
+        model = build(
+            cfg,
+            tensors,
+            n_threads=opts.n_threads,
+            device=opts.device,
+            dtype=opts.dtype,
+            path=path,
+            file_names={target: name for name, target in names.items()},
+            count=len(names),
+        )
+    if "tokenizer.ggml.model" in gf.metadata:
+        try:
+            model.tokenizer = Tokenizer.from_gguf(gf)
+        except NotImplementedError as exc:  # the weights are fine: run without text in/out
+            warnings.warn(f"{path}: no tokenizer: {exc}", stacklevel=3)
+    gf.close()  # the model holds copies: nothing of the file stays mapped
+    return model
+
+
+def _load_head(head_dir: str, raw: dict[str, Any], opts: _Options) -> Model:
+    """A head directory: its decoder (loaded as cepe.load would) plus head.safetensors."""
+    head_path = os.path.join(head_dir, HEAD_FILE)
+    if not os.path.lexists(head_path):  # anything else there: SafetensorsFile says what is wrong with it
+        raise CheckpointError(f"{head_dir}: config.json names a decoder ({DECODER_KEY}) but there is no {HEAD_FILE}")
+    ref = decoder_reference(raw, head_dir)
+    raw = {**raw, DECODER_KEY: ref}  # resolved: a copy saved elsewhere still finds the decoder
+    if os.path.abspath(ref) == os.path.abspath(head_dir):
+        raise CheckpointError(f"{head_dir}/config.json: {DECODER_KEY!r} names the head directory itself")
+    try:
+        dec = load(ref, **vars(opts))
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{head_dir}: the head's decoder is missing: {exc}") from None
+    if dec.config.is_cepe:
+        raise CheckpointError(f"{head_dir}: the head's decoder {ref} is itself a CEPE model")
+    cfg = with_decoder_settings(parse_config(raw, opts.rope_scaling), dec.config)
+    mismatch = [
+        f"{key} {getattr(cfg, key)} (head) vs {getattr(dec.config, key)} (decoder)"
+        for key in SHAPE_KEYS
+        if getattr(cfg, key) != getattr(dec.config, key)
+    ]
+    if mismatch:
+        raise CheckpointError(f"{head_dir}: the head does not match its decoder {ref}: " + "; ".join(mismatch))
+    dec_w = cepe_c.train_weights(dec._core)
+    if raw.get(FINGERPRINT_KEY) not in (None, fingerprint(dec_w)):
+        warnings.warn(
+            f"{head_dir}: the head was made for another decoder of this shape than {ref} "
+            f"({FINGERPRINT_KEY} differs); its outputs may be poor",
+            stacklevel=3,
+        )
+    head = SafetensorsFile(head_path)
+    weights = dict(dec_w)
+    for name in head.keys():
+        if not is_head_tensor(name):
+            raise CheckpointError(f"{head_path}: tensor {name} is not part of a head (encoder.* or *.cross_attn.*)")
+        weights[name] = check_weight(name, head.get(name), head_path) if opts.check_weights else head.get(name)
+    return build(
+        cfg,
+        weights.items(),
+        n_threads=dec.n_threads,
+        device=dec.device,
+        dtype=dec.dtype,
+        path=head_dir,
+        tokenizer=dec.tokenizer,
+        where=head_path,
+    )

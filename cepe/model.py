@@ -23,6 +23,8 @@ import cepe_c
 
 from .checks import check_seed
 from .config import DecoderConfig
+from .save import save_model
+from .text import check_text, require_tokenizer, stream_text, text_context
 
 _MAX_I32 = 2**31 - 1
 
@@ -294,8 +296,6 @@ class Model:
         generation_config.json). dtype: "float32" (exact), "bfloat16" or "float16" for the
         tensors written. An existing `path` is replaced only with overwrite=True and only if it
         is a saved model directory; anything else raises FileExistsError. Returns the path."""
-        from .save import save_model
-
         return save_model(self, path, head_only=head_only, dtype=dtype, overwrite=overwrite)
 
     def create_cache(self, batch_size: int = 1, capacity: int | None = None) -> KVCache:
@@ -732,8 +732,6 @@ class Model:
         and left-padded, as the paper's QA evaluation). stop: strings that end
         the answer (not included). chat: wrap the prompt in the tokenizer's chat
         template as a user turn."""
-        from .text import stream_text
-
         pieces = stream_text(
             self,
             prompt,
@@ -758,14 +756,12 @@ class Model:
         eval_window: int | None = None,
     ) -> float:
         """perplexity() of a text (with BOS), optionally with a CEPE context."""
-        from .text import check_text, require_tokenizer, text_context
-
         tok = require_tokenizer(self)
         ids = tok.encode(check_text(text, "text"))
         if len(ids) < 2:
             raise ValueError("the text must encode to at least 2 tokens")
         ctx = text_context(self, context, contexts)
-        enc = {} if ctx is None else {"encoder_input_ids": ctx[0], "encoder_attention_mask": ctx[1]}
+        enc: dict[str, Any] = {} if ctx is None else {"encoder_input_ids": ctx[0], "encoder_attention_mask": ctx[1]}
         return self.perplexity(np.asarray(ids)[None], eval_window=eval_window, **enc)
 
     def _eos_ids(self, eos_token_id: int | list[int] | None) -> np.ndarray:

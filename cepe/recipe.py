@@ -26,7 +26,12 @@ import json
 import os
 from typing import Any
 
+from . import corpus
+from .attach import attach_encoder
 from .errors import ConfigError
+from .load import load
+from .pull import MODELS
+from .train_run import parse_config, run
 
 RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
 _TABLE_KEYS = ("model", "tokens", "export", "stages", "output_dir")
@@ -39,10 +44,6 @@ def is_recipe(raw: dict[str, Any]) -> bool:
 
 def _init_model(spec: dict[str, Any], out: str, base: str, source: str, threads: int | None) -> str:
     """The recipe's starting head, made once into <out>/init."""
-    from .head import attach_encoder
-    from .load import load
-    from .pull import MODELS
-
     bad = sorted(set(spec) - _MODEL_KEYS)
     if bad:
         raise ConfigError(f"{source}: model.{bad[0]}: unknown key (known: {', '.join(sorted(_MODEL_KEYS))})")
@@ -67,9 +68,6 @@ def _init_model(spec: dict[str, Any], out: str, base: str, source: str, threads:
 
 def _corpus_tokens(spec: dict[str, Any], out: str, model_path: str, source: str) -> dict[str, str]:
     """The pinned corpus split, tokenized once into <out>/corpus/<split>.npy."""
-    from . import corpus
-    from .load import load
-
     bad = sorted(set(spec) - {"corpus", "split"})
     if bad or spec.get("corpus") != "stdlib":
         key = f"tokens.{bad[0]}" if bad else "tokens.corpus"
@@ -94,9 +92,6 @@ def run_recipe(
     dry_run: bool = False,
 ) -> dict[str, Any]:
     """Runs every stage of a recipe (see the module docstring); returns a summary per stage."""
-    from .load import load
-    from .train_run import parse_config, run
-
     base = os.path.dirname(os.path.abspath(path))
     stages = raw["stages"]
     if not isinstance(stages, list) or not stages or not all(isinstance(s, dict) for s in stages):

@@ -23,7 +23,7 @@ import numpy as np
 from .errors import CheckpointError
 from .files import CONFIG_LIMIT, open_regular, read_text
 
-_DTYPES = {
+_DTYPES: dict[str, np.dtype[Any]] = {
     "F32": np.dtype("<f4"),
     "F16": np.dtype("<f2"),
     "BF16": np.dtype("<u2"),  # widened by hand: NumPy has no bfloat16
@@ -150,7 +150,7 @@ class SafetensorsFile:
     def _read(self, name: str, begin: int, end: int, dtype: np.dtype) -> np.ndarray:
         """The bytes [begin, end) of the data buffer, read into a new array of `dtype`."""
         out = np.empty((end - begin) // dtype.itemsize, dtype=dtype)
-        view = memoryview(out).cast("B")
+        view = out.data.cast("B")
         with open_regular(self.path, "safetensors file", error=CheckpointError) as f:
             if os.fstat(f.fileno()).st_size != self.data_start + self.data_size:
                 raise CheckpointError(f"{self.path}: the file changed size since its header was read")

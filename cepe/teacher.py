@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from .config import read_config
 from .errors import ConfigError
+from .load import load
 from .model import Model
 from .train_run import TrainConfig, open_data
 
@@ -70,8 +72,6 @@ def top_k_table(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.
 
 def _student_vocab(cfg: TrainConfig) -> tuple[int, int]:
     """The student's decoder and encoder vocabulary sizes (from its config.json; no weights read)."""
-    from .config import read_config
-
     if not os.path.isdir(cfg.model):
         raise ConfigError(f"{cfg.source}: model: no such model directory: {cfg.model}")
     try:
@@ -139,8 +139,6 @@ def teacher_tables(
 
     vocab, enc_vocab = _student_vocab(cfg)
     if not isinstance(teacher, Model):
-        from .load import load
-
         teacher = load(teacher, n_threads=cfg.threads, device=cfg.device)
     tv = teacher.config.vocab_size
     if tv != vocab:

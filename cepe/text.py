@@ -63,7 +63,7 @@ def text_context(
     tok = require_tokenizer(model)
     L = int(getattr(model, "chunk_len", DEFAULT_CHUNK_LEN))
     budget = int(getattr(model, "max_context_tokens", 0)) or None
-    if context is not None:
+    if contexts is None:  # one long text
         check_text(context, "context")
         ids = tok.encode(context, add_special_tokens=False)
         if not ids:

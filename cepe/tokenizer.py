@@ -36,6 +36,7 @@ from typing import Any
 
 from .errors import CheckpointError
 from .files import CONFIG_LIMIT, TOKENIZER_LIMIT, read_json, read_small, read_text
+from .gguf_io import GGUFFile
 from .text import check_text
 
 # GGUF token types (llama.cpp's llama_token_type)
@@ -149,7 +150,8 @@ class SentencePieceBackend:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         if skip_special_tokens:
             return self.sp.decode([i for i in ids if i not in self._control])
-        out, run = [], []
+        out: list[str] = []
+        run: list[int] = []
         for i in ids:  # control pieces decode to "" in SentencePiece: spell them out
             if i in self._control:
                 out.append(self.sp.decode(run) + self.sp.id_to_piece(i))
@@ -361,8 +363,6 @@ class Tokenizer:
     def from_gguf(cls, source: Any) -> Tokenizer:
         """The tokenizer a GGUF file's metadata describes. source: a path, a
         cepe.gguf_io.GGUFFile, or a gguf.GGUFReader."""
-        from .gguf_io import GGUFFile
-
         if isinstance(source, (str, os.PathLike)):
             gf = GGUFFile(source)
             meta, where = gf.metadata, gf.path
@@ -425,7 +425,8 @@ class Tokenizer:
                     fuse_unk=False,
                 )
             )
-            split = PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
+            pre: Any = meta.get("tokenizer.ggml.pre")  # any value: a name no split knows means none
+            split = PRE_TOKENIZER_SPLITS.get(pre)
             if split is None:
                 backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
             else:
@@ -494,7 +495,7 @@ class Tokenizer:
         add_eos = meta.get("tokenizer.ggml.add_eos_token", False) and eos is not None
         single = " ".join([f"{bos}:0"] * add_bos + ["$A:0"] + [f"{eos}:0"] * add_eos)
         pair = " ".join([single] + [f"{bos}:1"] * add_bos + ["$B:1"] + [f"{eos}:1"] * add_eos)
-        special_ids = [(t, backend.token_to_id(t)) for t in [bos] * add_bos + [eos] * add_eos]
+        special_ids = [(t, backend.token_to_id(t)) for t in [bos] * add_bos + [eos] * add_eos if t is not None]
         backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special_ids)
 
         template = meta.get("tokenizer.chat_template")
@@ -757,7 +758,8 @@ def render_template(template: str, source: str, limit: int, **variables: Any) ->
     except RecursionError:
         raise ValueError(f"{source}: the template recurses too deeply") from None
     except Exception as exc:  # noqa: BLE001 - a template is untrusted code: any failure is its own
-        where = f" (line {exc.lineno})" if getattr(exc, "lineno", None) else ""
+        lineno = getattr(exc, "lineno", None)
+        where = f" (line {lineno})" if lineno else ""
         kind = "" if type(exc).__name__ == "SecurityError" else f"{type(exc).__name__}: "
         raise ValueError(f"{source}{where}: {kind}{exc}") from None
     finally:

@@ -1,4 +1,4 @@
-"""cepe.Trainer: training a CEPE model in the C core (issue 5; spec CEPE.md §6).
+"""cepe.Trainer: training a CEPE model in the C core (spec CEPE.md §6).
 
     trainer = cepe.Trainer(model, "cross_attn+encoder", lr=5e-4, total_steps=4000, warmup_ratio=0.04)
     stats = trainer.step({"input_ids": ids, "encoder_input_ids": chunks})
@@ -36,10 +36,12 @@ from tqdm.auto import tqdm
 
 import cepe_c
 
+from .build import build_core
 from .checks import check_seed
 from .errors import CheckpointError
 from .files import CONFIG_LIMIT, check_regular, describe, read_json
 from .head import DECODER_KEY, SHARE_KEY, cross_attention_init
+from .load import load
 from .model import Model
 from .rope import e2llm_positions
 from .safetensors_io import SafetensorsFile, write_safetensors
@@ -216,7 +218,7 @@ class Trainer:
         self.grad_accum = _int("grad_accum", grad_accum, 1)
         self.seed = check_seed(seed)
         self.init = init
-        self.config = {
+        self.config: dict[str, Any] = {
             "trainable": trainable,
             "lr": _number("lr", lr, 0.0),
             "weight_decay": _number("weight_decay", weight_decay, 0.0),
@@ -253,21 +255,15 @@ class Trainer:
         self._initialize(weights)
 
         cfg = model.config
-        from .load import make_backend
-
-        core = cepe_c.Model(
-            cfg.core_kwargs(),
-            cfg.encoder.core_kwargs() if cfg.encoder is not None else None,
-            n_threads=model.n_threads,
-            backend=make_backend(model.device),  # on a device, the weights live there and train there
-        )
         trained = {name for name, _, _ in self.layout}
-        bound = {name: self.tensor(name) if name in trained else w for name, w in weights.items()}
-        if cfg.raw.get(SHARE_KEY):  # the encoder reads the decoder's table, as trained or frozen there
-            bound["encoder.embed_tokens.weight"] = bound["model.embed_tokens.weight"]
-        for name, w in bound.items():
-            core.bind(name, w)
-        core.finalize()
+        shares = bool(cfg.raw.get(SHARE_KEY))  # the encoder reads the decoder's table, as trained or frozen there
+        bound = (
+            (name, self.tensor(name) if name in trained else w)
+            for name, w in weights.items()
+            if not (shares and name == "encoder.embed_tokens.weight")
+        )
+        # on a device, the weights live there and train there
+        core = build_core(cfg, bound, n_threads=model.n_threads, device=model.device, where=model.path)
         self._state = cepe_c.train_state(core, self.config, self.params, self.adam_m, self.adam_v)
         model._core = core  # from now on the Model runs on the master weights
 
@@ -356,6 +352,7 @@ class Trainer:
         if batch.get("input_ids") is None:
             raise ValueError("batch['input_ids'] (B, T) is required")
         ids = _ints(batch, "input_ids", 2)
+        assert ids is not None  # present, checked above
         out: dict[str, np.ndarray | None] = {"input_ids": ids}
         out["attention_mask"] = _mask(batch, "attention_mask", ids.shape)
         labels = _ints(batch, "labels", 2)
@@ -385,14 +382,18 @@ class Trainer:
         return out
 
     def _with_positions(self, arrays: dict[str, np.ndarray | None]) -> dict[str, np.ndarray | None]:
-        B, T = arrays["input_ids"].shape
+        ids, mask = arrays["input_ids"], arrays["attention_mask"]
+        assert ids is not None  # _batch requires it
+        B, T = ids.shape
         pos = self._positions(B, T)
-        if pos is not None and arrays["attention_mask"] is not None and not arrays["attention_mask"].all():
+        if pos is not None and mask is not None and not mask.all():
             raise ValueError("e2llm augmentation needs unpadded rows (attention_mask all 1)")
         return {**arrays, "positions": pos}
 
     def _micro(self, arrays: dict[str, np.ndarray | None]) -> list[dict[str, np.ndarray | None]]:
-        B = arrays["input_ids"].shape[0]
+        ids = arrays["input_ids"]
+        assert ids is not None  # _batch requires it
+        B = ids.shape[0]
         if B % self.grad_accum:
             raise ValueError(f"the batch has {B} rows, not divisible into grad_accum={self.grad_accum} micro-batches")
         k = B // self.grad_accum
@@ -433,7 +434,7 @@ class Trainer:
     ) -> list[dict[str, float]]:
         """step() over `batches` (at most `steps` of them) with a progress
         bar; each step's stats are appended to log_path as one JSON line."""
-        out = []
+        out: list[dict[str, float]] = []
         log = open(log_path, "a", encoding="utf-8") if log_path else None  # noqa: SIM115 - closed below
         try:
             with tqdm(total=steps, desc="training", unit="step", disable=None) as bar:
@@ -539,8 +540,6 @@ class Trainer:
         optimizer.safetensors are checked (keys, types, ranges; the moments'
         shape, dtype and values) and any fault raises CheckpointError naming
         the file and the key or tensor."""
-        from .load import load
-
         path = os.path.abspath(os.fspath(path))
         ckpt = path
         if not os.path.lexists(os.path.join(path, STATE_FILE)) and os.path.lexists(

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import stat
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -24,8 +25,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .checks import check_seed
+from .config import read_config
 from .errors import ConfigError
 from .files import CONFIG_LIMIT, describe, read_json, read_small
+from .load import load
+from .train import Trainer
 from .train_data import (
     LAYOUTS,
     TokenFile,
@@ -157,11 +161,11 @@ def read_config_file(path: str) -> dict[str, Any]:
         raise FileNotFoundError(f"--config: no such file: {path}")
     data = read_small(path, what="the training config", limit=CONFIG_LIMIT, error=ConfigError)
     if path.lower().endswith(".toml"):
-        try:
-            import tomllib  # Python >= 3.11
-        except ImportError:  # pragma: no cover - Python 3.10
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover - Python 3.10
             try:
-                import tomli as tomllib  # type: ignore[no-redef]
+                import tomli as tomllib
             except ImportError:
                 raise ConfigError(f"{path}: TOML configs need Python >= 3.11 or `pip install tomli`") from None
         try:
@@ -538,9 +542,6 @@ def _check_resumed_trainer(cfg: TrainConfig, trainer: Any) -> None:
 def run(cfg: TrainConfig, *, max_steps: int | None = None, dry_run: bool = False) -> dict[str, Any]:
     """Trains per `cfg` until total_steps (or `max_steps` more steps), saving checkpoints; returns a
     summary. dry_run: check the config, the model and the data, and return the plan without training."""
-    from .load import load
-    from .train import Trainer
-
     ckpt_from = _resume_from(cfg)
     if ckpt_from is not None:
         _check_resume_config(cfg, ckpt_from)
@@ -554,8 +555,6 @@ def run(cfg: TrainConfig, *, max_steps: int | None = None, dry_run: bool = False
             raise ConfigError(f"{cfg.source}: model: {exc}") from None
         mcfg = model.config
     else:
-        from .config import read_config
-
         mcfg = read_config(ckpt_from if os.path.isdir(ckpt_from) else ckpt_from + ".old")
         model = None
     if not mcfg.is_cepe or mcfg.encoder is None:
