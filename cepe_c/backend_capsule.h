@@ -1,6 +1,6 @@
-/* backend_capsule.h — an op table travels between the two extensions
- * (cepe_cuda makes one, cepe_c runs models on it) as a PyCapsule named
- * "cepe.backend" holding a cepe_backend *. */
+/* backend_capsule.h — an op table travels between extensions (cepe_cuda
+ * makes one, cepe_c runs models on it) as a PyCapsule named "cepe.backend"
+ * holding a cepe_backend *. */
 #ifndef CEPE_BACKEND_CAPSULE_H
 #define CEPE_BACKEND_CAPSULE_H
 
@@ -11,10 +11,9 @@
 
 #define CEPE_BACKEND_CAPSULE "cepe.backend"
 
-/* The table in obj: None gives the CPU table; anything but a "cepe.backend"
- * capsule of this op-table ABI raises (TypeError / ValueError) and gives NULL. */
-static inline const cepe_backend *cepe_backend_from_capsule(PyObject *obj) {
-    if (!obj || obj == Py_None) return cepe_backend_cpu();
+/* The table in a "cepe.backend" capsule of this op-table ABI; anything else
+ * raises (TypeError / ValueError) and gives NULL. */
+static inline const cepe_backend *cepe_backend_capsule_table(PyObject *obj) {
     if (!PyCapsule_IsValid(obj, CEPE_BACKEND_CAPSULE)) {
         PyErr_Format(PyExc_TypeError, "backend must be None or a %s capsule, got %.80s", CEPE_BACKEND_CAPSULE,
                      Py_TYPE(obj)->tp_name);
@@ -23,11 +22,18 @@ static inline const cepe_backend *cepe_backend_from_capsule(PyObject *obj) {
     const cepe_backend *be = PyCapsule_GetPointer(obj, CEPE_BACKEND_CAPSULE);
     if (!be) return NULL;
     if (be->abi != CEPE_BACKEND_ABI) {
-        PyErr_Format(PyExc_ValueError, "backend %.40s was built for op table ABI %d, this cepe_c has %d: rebuild both",
+        PyErr_Format(PyExc_ValueError,
+                     "backend %.40s was built for op table ABI %d, this cepe_c has %d: rebuild both",
                      be->name ? be->name : "?", be->abi, CEPE_BACKEND_ABI);
         return NULL;
     }
     return be;
+}
+
+/* The table in obj: None gives the CPU table, else as above. */
+static inline const cepe_backend *cepe_backend_from_capsule(PyObject *obj) {
+    if (!obj || obj == Py_None) return cepe_backend_cpu();
+    return cepe_backend_capsule_table(obj);
 }
 
 /* Capsule destructor: the capsule owns its backend. */
@@ -43,5 +49,17 @@ static inline PyObject *cepe_backend_capsule_new(cepe_backend *be) {
     if (!capsule && be->destroy) be->destroy(be);
     return capsule;
 }
+
+/* What an extension that does not link the core needs from cepe_c (the
+ * test-only op bindings, tests/ops_ext/): the CPU table and the message of a
+ * failed CPU op. cepe_c exports it as a capsule of this name, which
+ * PyCapsule_Import finds. */
+#define CEPE_CORE_API_CAPSULE "cepe_c._core_api"
+
+typedef struct {
+    int abi; /* CEPE_BACKEND_ABI */
+    const cepe_backend *(*backend_cpu)(void);
+    const char *(*last_error)(void);
+} cepe_core_api;
 
 #endif /* CEPE_BACKEND_CAPSULE_H */

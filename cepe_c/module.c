@@ -10,21 +10,17 @@
  * concurrent call raises RuntimeError instead of corrupting its cache. A
  * Context holds a reference to its Model, and a Model to every weight
  * array, so nothing is freed while still in use. */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#define CEPE_C_IMPORTS_NUMPY /* PyInit_cepe_c imports the shared NumPy API table */
+#include "bind.h"
+
 #include <limits.h>
-#define NPY_NO_DEPRECATED_API NPY_2_0_API_VERSION
-#include <numpy/arrayobject.h>
 
 #include "../csrc/cepe.h"
-#include "errors.h"
 #include "backend_capsule.h"
 
 /* rope_bindings.c: rope_frequencies, e2llm_positions. */
 extern PyMethodDef cepe_rope_methods[];
-/* ops_bindings.c: the test-only _op_* functions (each CPU op and its backward). */
-extern PyMethodDef cepe_ops_methods[];
-/* train_bindings.c: optimizer pieces and the CEPE training state (issue 5). */
+/* train_bindings.c: optimizer pieces and the CEPE training state. */
 extern PyMethodDef cepe_train_methods[];
 
 /* ------------------------------------------------------------------ errors */
@@ -33,12 +29,23 @@ PyObject *raise_status(cepe_status st) {
     PyObject *type = PyExc_RuntimeError;
     switch (st) {
     case CEPE_ERR_INVALID_ARG:
-    case CEPE_ERR_NUMERIC: type = PyExc_ValueError; break;
-    case CEPE_ERR_OUT_OF_MEMORY: type = PyExc_MemoryError; break;
-    case CEPE_ERR_MISSING_WEIGHT: type = PyExc_KeyError; break;
-    case CEPE_ERR_UNSUPPORTED: type = PyExc_NotImplementedError; break;
-    case CEPE_ERR_INTERRUPTED: type = PyExc_KeyboardInterrupt; break;
-    default: break;
+    case CEPE_ERR_NUMERIC:
+        type = PyExc_ValueError;
+        break;
+    case CEPE_ERR_OUT_OF_MEMORY:
+        type = PyExc_MemoryError;
+        break;
+    case CEPE_ERR_MISSING_WEIGHT:
+        type = PyExc_KeyError;
+        break;
+    case CEPE_ERR_UNSUPPORTED:
+        type = PyExc_NotImplementedError;
+        break;
+    case CEPE_ERR_INTERRUPTED:
+        type = PyExc_KeyboardInterrupt;
+        break;
+    default:
+        break;
     }
     if (st == CEPE_ERR_MISSING_WEIGHT) /* KeyError would repr() the message */
         PyErr_SetObject(type, PyUnicode_FromString(cepe_last_error()));
@@ -47,70 +54,7 @@ PyObject *raise_status(cepe_status st) {
     return NULL;
 }
 
-/* Checks `obj` is an ndarray of `type_num`, C-contiguous and aligned, with
- * `ndim` dims; returns it borrowed, or NULL with TypeError/ValueError set. */
-static PyArrayObject *as_array(PyObject *obj, const char *what, int type_num, int ndim) {
-    if (!PyArray_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray, got %s", what, Py_TYPE(obj)->tp_name);
-        return NULL;
-    }
-    PyArrayObject *a = (PyArrayObject *)obj;
-    if (PyArray_TYPE(a) != type_num) {
-        PyArray_Descr *want = PyArray_DescrFromType(type_num);
-        PyErr_Format(PyExc_TypeError, "%s must have dtype %S, got %S", what, (PyObject *)want,
-                     (PyObject *)PyArray_DESCR(a));
-        Py_XDECREF(want);
-        return NULL;
-    }
-    if (ndim >= 0 && PyArray_NDIM(a) != ndim) {
-        PyErr_Format(PyExc_ValueError, "%s must have %d dimensions, got %d", what, ndim, PyArray_NDIM(a));
-        return NULL;
-    }
-    if (!PyArray_ISNOTSWAPPED(a)) {
-        PyErr_Format(PyExc_ValueError, "%s must be in native byte order (use .astype(native dtype))", what);
-        return NULL;
-    }
-    if (!PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISALIGNED(a)) {
-        PyErr_Format(PyExc_ValueError, "%s must be C-contiguous and aligned (use numpy.ascontiguousarray)", what);
-        return NULL;
-    }
-    return a;
-}
-
-/* An int argument (anything with __index__) in [lo, hi] into *out, or -1
- * with TypeError / ValueError naming it (the "i" format's OverflowError
- * names nothing). */
-static int int_arg(PyObject *obj, const char *what, int lo, int hi, int *out) {
-    PyObject *idx = PyNumber_Index(obj);
-    if (!idx) {
-        PyErr_Format(PyExc_TypeError, "%s must be an int, got %s", what, Py_TYPE(obj)->tp_name);
-        return -1;
-    }
-    int overflow = 0;
-    const long long v = PyLong_AsLongLongAndOverflow(idx, &overflow);
-    Py_DECREF(idx);
-    if (v == -1 && !overflow && PyErr_Occurred()) return -1;
-    if (overflow > 0 || v > hi) {
-        PyErr_Format(PyExc_ValueError, "%s must be <= %d, got %S", what, hi, obj);
-        return -1;
-    }
-    if (overflow < 0 || v < lo) {
-        PyErr_Format(PyExc_ValueError, "%s must be >= %d, got %S", what, lo, obj);
-        return -1;
-    }
-    *out = (int)v;
-    return 0;
-}
-
 /* ------------------------------------------------------------------- Model */
-
-typedef struct {
-    PyObject_HEAD
-    cepe_model *model;
-    PyObject *weights; /* list: keeps every bound array alive (the CPU uses them in place) */
-    PyObject *backend; /* the "cepe.backend" capsule the model runs on (kept alive), or NULL: the CPU */
-    int n_threads;
-} ModelObject;
 
 static void Model_dealloc(ModelObject *self) {
     cepe_model_free(self->model); /* before its backend goes */
@@ -131,11 +75,16 @@ static int config_from_dict(PyObject *d, cepe_config *c, const char *what, PyObj
         int *dst;
         int required;
     } ints[] = {
-        {"vocab_size", &c->vocab_size, 1}, {"hidden_size", &c->hidden_size, 1},
-        {"intermediate_size", &c->intermediate_size, 1}, {"num_hidden_layers", &c->n_layers, 1},
-        {"num_attention_heads", &c->n_heads, 1}, {"num_key_value_heads", &c->n_kv_heads, 1},
-        {"head_dim", &c->head_dim, 1}, {"tie_word_embeddings", &c->tie_word_embeddings, 0},
-        {"sliding_window", &c->sliding_window, 0}, {"num_cross_attn_layers", &c->n_cross_layers, 0},
+        {"vocab_size", &c->vocab_size, 1},
+        {"hidden_size", &c->hidden_size, 1},
+        {"intermediate_size", &c->intermediate_size, 1},
+        {"num_hidden_layers", &c->n_layers, 1},
+        {"num_attention_heads", &c->n_heads, 1},
+        {"num_key_value_heads", &c->n_kv_heads, 1},
+        {"head_dim", &c->head_dim, 1},
+        {"tie_word_embeddings", &c->tie_word_embeddings, 0},
+        {"sliding_window", &c->sliding_window, 0},
+        {"num_cross_attn_layers", &c->n_cross_layers, 0},
         {"encoder_hidden_size", &c->encoder_hidden_size, 0},
     };
     for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++) {
@@ -172,7 +121,8 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
     static char *names[] = {"decoder", "encoder", "n_threads", "backend", "bf16", NULL};
     PyObject *dec, *enc = Py_None, *backend = Py_None;
     int n_threads = 1, bf16 = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OiOp:Model", names, &dec, &enc, &n_threads, &backend, &bf16))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OiOp:Model", names, &dec, &enc, &n_threads, &backend,
+                                     &bf16))
         return -1;
     const cepe_backend *be = cepe_backend_from_capsule(backend);
     if (!be) return -1;
@@ -208,12 +158,13 @@ done:
 static PyObject *Model_encode(ModelObject *self, PyObject *args) {
     PyObject *ids_o, *mask_o = Py_None;
     if (!PyArg_ParseTuple(args, "O|O:encode", &ids_o, &mask_o)) return NULL;
-    PyArrayObject *ids = as_array(ids_o, "encoder_input_ids", NPY_INT32, 2), *mask = NULL;
+    PyArrayObject *ids = bind_array(ids_o, "encoder_input_ids", NPY_INT32, 2, 0), *mask = NULL;
     if (!ids) return NULL;
     if (mask_o != Py_None) {
-        if (!(mask = as_array(mask_o, "encoder_attention_mask", NPY_UINT8, 2))) return NULL;
+        if (!(mask = bind_array(mask_o, "encoder_attention_mask", NPY_UINT8, 2, 0))) return NULL;
         if (!PyArray_SAMESHAPE(mask, ids))
-            return PyErr_Format(PyExc_ValueError, "encoder_attention_mask must have the shape of encoder_input_ids");
+            return PyErr_Format(PyExc_ValueError,
+                                "encoder_attention_mask must have the shape of encoder_input_ids");
     }
     const npy_intp n = PyArray_DIM(ids, 0), L = PyArray_DIM(ids, 1);
     if (n < 1 || L < 1 || n > INT32_MAX || L > INT32_MAX)
@@ -240,13 +191,13 @@ static PyObject *Model_bind(ModelObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "sO:bind", &name, &obj)) return NULL;
     char what[160];
     snprintf(what, sizeof what, "tensor %s", name);
-    PyArrayObject *a = as_array(obj, what, NPY_FLOAT32, -1);
+    PyArrayObject *a = bind_array(obj, what, NPY_FLOAT32, -1, 0);
     if (!a) return NULL;
     int64_t shape[NPY_MAXDIMS];
     for (int i = 0; i < PyArray_NDIM(a); i++) shape[i] = (int64_t)PyArray_DIM(a, i);
     cepe_status st;
-    Py_BEGIN_ALLOW_THREADS st = cepe_model_bind(self->model, name, (const float *)PyArray_DATA(a), PyArray_NDIM(a),
-                                                shape);
+    Py_BEGIN_ALLOW_THREADS st =
+        cepe_model_bind(self->model, name, (const float *)PyArray_DATA(a), PyArray_NDIM(a), shape);
     Py_END_ALLOW_THREADS if (st) return raise_status(st);
     /* the CPU reads the array in place; a device backend made its own copy */
     if (!self->backend && PyList_Append(self->weights, obj) < 0) return NULL;
@@ -269,13 +220,15 @@ static PyGetSetDef Model_getset[] = {
 };
 
 static PyMethodDef Model_methods[] = {
-    {"bind", (PyCFunction)Model_bind, METH_VARARGS, "bind(name, float32 array): attach one weight by its HF name"},
+    {"bind", (PyCFunction)Model_bind, METH_VARARGS,
+     "bind(name, float32 array): attach one weight by its HF name"},
     {"finalize", (PyCFunction)Model_finalize, METH_NOARGS, "check that every weight is bound"},
-    {"encode", (PyCFunction)Model_encode, METH_VARARGS, "encode(ids, mask): run the CEPE encoder over chunks"},
+    {"encode", (PyCFunction)Model_encode, METH_VARARGS,
+     "encode(ids, mask): run the CEPE encoder over chunks"},
     {NULL, NULL, 0, NULL},
 };
 
-static PyTypeObject ModelType = {
+PyTypeObject cepe_c_ModelType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "cepe_c.Model",
     .tp_basicsize = sizeof(ModelObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
@@ -290,11 +243,10 @@ static PyTypeObject ModelType = {
 /* ----------------------------------------------------------------- Context */
 
 typedef struct {
-    PyObject_HEAD
-    cepe_ctx *ctx;
+    PyObject_HEAD cepe_ctx *ctx;
     ModelObject *model;
     PyObject *states; /* the attached CEPE context array (kept alive), or NULL */
-    int busy; /* guarded by the GIL: set before releasing it */
+    int busy;         /* guarded by the GIL: set before releasing it */
 } ContextObject;
 
 static void Context_dealloc(ContextObject *self) {
@@ -308,10 +260,11 @@ static int Context_init(ContextObject *self, PyObject *args, PyObject *kw) {
     static char *names[] = {"model", "batch", "capacity", NULL};
     PyObject *model, *batch_o, *capacity_o;
     int batch, capacity;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!OO:Context", names, &ModelType, &model, &batch_o, &capacity_o))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!OO:Context", names, &cepe_c_ModelType, &model, &batch_o,
+                                     &capacity_o))
         return -1;
-    if (int_arg(batch_o, "batch", INT_MIN, INT_MAX, &batch) < 0 ||
-        int_arg(capacity_o, "capacity", INT_MIN, INT_MAX, &capacity) < 0)
+    if (bind_int(batch_o, "batch", INT_MIN, INT_MAX, &batch) < 0 ||
+        bind_int(capacity_o, "capacity", INT_MIN, INT_MAX, &capacity) < 0)
         return -1;
     if (self->ctx) {
         PyErr_SetString(PyExc_RuntimeError, "Context.__init__ called twice");
@@ -358,10 +311,11 @@ typedef struct {
     npy_intp T;
 } call_inputs;
 
-static int parse_call_inputs(ContextObject *self, PyObject *ids_o, PyObject *pos_o, PyObject *mask_o, call_inputs *in) {
+static int parse_call_inputs(ContextObject *self, PyObject *ids_o, PyObject *pos_o, PyObject *mask_o,
+                             call_inputs *in) {
     if (ready(self) < 0) return -1;
     in->pos = in->mask = NULL;
-    if (!(in->ids = as_array(ids_o, "input_ids", NPY_INT32, 2))) return -1;
+    if (!(in->ids = bind_array(ids_o, "input_ids", NPY_INT32, 2, 0))) return -1;
     const int B = cepe_ctx_batch(self->ctx);
     in->T = PyArray_DIM(in->ids, 1);
     if (PyArray_DIM(in->ids, 0) != B) {
@@ -374,14 +328,14 @@ static int parse_call_inputs(ContextObject *self, PyObject *ids_o, PyObject *pos
         return -1;
     }
     if (pos_o != Py_None) {
-        if (!(in->pos = as_array(pos_o, "position_ids", NPY_FLOAT64, 2))) return -1;
+        if (!(in->pos = bind_array(pos_o, "position_ids", NPY_FLOAT64, 2, 0))) return -1;
         if (!PyArray_SAMESHAPE(in->pos, in->ids)) {
             PyErr_Format(PyExc_ValueError, "position_ids must have the shape of input_ids");
             return -1;
         }
     }
     if (mask_o != Py_None) {
-        if (!(in->mask = as_array(mask_o, "attention_mask", NPY_UINT8, 2))) return -1;
+        if (!(in->mask = bind_array(mask_o, "attention_mask", NPY_UINT8, 2, 0))) return -1;
         if (!PyArray_SAMESHAPE(in->mask, in->ids)) {
             PyErr_Format(PyExc_ValueError, "attention_mask must have the shape of input_ids");
             return -1;
@@ -400,7 +354,8 @@ static PyObject *Context_forward(ContextObject *self, PyObject *args) {
     int mode;
     call_inputs in;
     if (!PyArg_ParseTuple(args, "OOOi:forward", &ids_o, &pos_o, &mask_o, &mode)) return NULL;
-    if (mode < 0 || mode > 2) return PyErr_Format(PyExc_ValueError, "logits_mode must be 0, 1 or 2, got %d", mode);
+    if (mode < 0 || mode > 2)
+        return PyErr_Format(PyExc_ValueError, "logits_mode must be 0, 1 or 2, got %d", mode);
     if (parse_call_inputs(self, ids_o, pos_o, mask_o, &in) < 0) return NULL;
     const int B = cepe_ctx_batch(self->ctx);
     PyArrayObject *out = NULL;
@@ -417,8 +372,9 @@ static PyObject *Context_forward(ContextObject *self, PyObject *args) {
         return NULL;
     }
     cepe_status st;
-    Py_BEGIN_ALLOW_THREADS st = cepe_ctx_forward(self->ctx, CALL_IDS(in), CALL_POS(in), CALL_MASK(in), (int)in.T,
-                                                 out ? (float *)PyArray_DATA(out) : NULL, (cepe_logits_mode)mode);
+    Py_BEGIN_ALLOW_THREADS st =
+        cepe_ctx_forward(self->ctx, CALL_IDS(in), CALL_POS(in), CALL_MASK(in), (int)in.T,
+                         out ? (float *)PyArray_DATA(out) : NULL, (cepe_logits_mode)mode);
     Py_END_ALLOW_THREADS self->busy = 0;
     if (st) {
         Py_XDECREF(out);
@@ -435,9 +391,10 @@ static PyObject *Context_forward_nll(ContextObject *self, PyObject *args) {
     call_inputs in;
     if (!PyArg_ParseTuple(args, "OOOO:forward_nll", &ids_o, &pos_o, &mask_o, &tgt_o)) return NULL;
     if (parse_call_inputs(self, ids_o, pos_o, mask_o, &in) < 0) return NULL;
-    PyArrayObject *tgt = as_array(tgt_o, "targets", NPY_INT32, 2);
+    PyArrayObject *tgt = bind_array(tgt_o, "targets", NPY_INT32, 2, 0);
     if (!tgt) return NULL;
-    if (!PyArray_SAMESHAPE(tgt, in.ids)) return PyErr_Format(PyExc_ValueError, "targets must have the shape of input_ids");
+    if (!PyArray_SAMESHAPE(tgt, in.ids))
+        return PyErr_Format(PyExc_ValueError, "targets must have the shape of input_ids");
     PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, PyArray_DIMS(in.ids), NPY_FLOAT32);
     if (!out) return NULL;
     if (claim(self) < 0) {
@@ -445,8 +402,9 @@ static PyObject *Context_forward_nll(ContextObject *self, PyObject *args) {
         return NULL;
     }
     cepe_status st;
-    Py_BEGIN_ALLOW_THREADS st = cepe_ctx_forward_nll(self->ctx, CALL_IDS(in), CALL_POS(in), CALL_MASK(in), (int)in.T,
-                                                     (const int32_t *)PyArray_DATA(tgt), (float *)PyArray_DATA(out));
+    Py_BEGIN_ALLOW_THREADS st =
+        cepe_ctx_forward_nll(self->ctx, CALL_IDS(in), CALL_POS(in), CALL_MASK(in), (int)in.T,
+                             (const int32_t *)PyArray_DATA(tgt), (float *)PyArray_DATA(out));
     Py_END_ALLOW_THREADS self->busy = 0;
     if (st) {
         Py_DECREF(out);
@@ -456,8 +414,8 @@ static PyObject *Context_forward_nll(ContextObject *self, PyObject *args) {
 }
 
 static PyObject *Context_generate(ContextObject *self, PyObject *args, PyObject *kw) {
-    static char *names[] = {"max_new_tokens", "temperature", "top_k", "top_p", "seed", "eos_ids",
-                            "pad_token_id", NULL};
+    static char *names[] = {"max_new_tokens", "temperature", "top_k",        "top_p",
+                            "seed",           "eos_ids",     "pad_token_id", NULL};
     int max_new;
     double temperature = 0.0, top_p = 1.0;
     cepe_sampling s = {0};
@@ -466,20 +424,21 @@ static PyObject *Context_generate(ContextObject *self, PyObject *args, PyObject 
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O|dOdKOO:generate", names, &max_new_o, &temperature, &top_k_o,
                                      &top_p, &seed, &eos_o, &pad_o))
         return NULL;
-    if (int_arg(max_new_o, "max_new_tokens", INT_MIN, INT_MAX, &max_new) < 0 ||
-        (top_k_o && int_arg(top_k_o, "top_k", INT_MIN, INT_MAX, &s.top_k) < 0) ||
-        (pad_o && int_arg(pad_o, "pad_token_id", INT_MIN, INT_MAX, &s.pad_token_id) < 0))
+    if (bind_int(max_new_o, "max_new_tokens", INT_MIN, INT_MAX, &max_new) < 0 ||
+        (top_k_o && bind_int(top_k_o, "top_k", INT_MIN, INT_MAX, &s.top_k) < 0) ||
+        (pad_o && bind_int(pad_o, "pad_token_id", INT_MIN, INT_MAX, &s.pad_token_id) < 0))
         return NULL;
     PyArrayObject *eos = NULL;
     if (eos_o != Py_None) {
-        if (!(eos = as_array(eos_o, "eos_ids", NPY_INT32, 1))) return NULL;
+        if (!(eos = bind_array(eos_o, "eos_ids", NPY_INT32, 1, 0))) return NULL;
         s.eos_ids = (const int32_t *)PyArray_DATA(eos);
         s.n_eos = (int)PyArray_DIM(eos, 0);
     }
     if (ready(self) < 0) return NULL;
     if (max_new < 0) return PyErr_Format(PyExc_ValueError, "max_new_tokens must be >= 0, got %d", max_new);
     if (max_new > cepe_ctx_capacity(self->ctx) - cepe_ctx_length(self->ctx) + 1) /* before allocating out */
-        return PyErr_Format(PyExc_RuntimeError, "context capacity exceeded: %d cached + %d new tokens > capacity %d",
+        return PyErr_Format(PyExc_RuntimeError,
+                            "context capacity exceeded: %d cached + %d new tokens > capacity %d",
                             cepe_ctx_length(self->ctx), max_new - 1, cepe_ctx_capacity(self->ctx));
     s.temperature = (float)temperature;
     s.top_p = (float)top_p;
@@ -495,7 +454,8 @@ static PyObject *Context_generate(ContextObject *self, PyObject *args, PyObject 
     int n = 0;
     cepe_status st = CEPE_OK;
     if (max_new > 0) {
-        Py_BEGIN_ALLOW_THREADS st = cepe_ctx_generate(self->ctx, &s, max_new, (int32_t *)PyArray_DATA(out), &n);
+        Py_BEGIN_ALLOW_THREADS st =
+            cepe_ctx_generate(self->ctx, &s, max_new, (int32_t *)PyArray_DATA(out), &n);
         Py_END_ALLOW_THREADS
     }
     self->busy = 0;
@@ -510,8 +470,8 @@ static PyObject *Context_generate(ContextObject *self, PyObject *args, PyObject 
     PyArrayObject *res = (PyArrayObject *)PyArray_SimpleNew(2, ndims, NPY_INT32);
     if (res) {
         for (int b = 0; b < B; b++)
-            memcpy((int32_t *)PyArray_DATA(res) + (size_t)b * n, (int32_t *)PyArray_DATA(out) + (size_t)b * max_new,
-                   sizeof(int32_t) * (size_t)n);
+            memcpy((int32_t *)PyArray_DATA(res) + (size_t)b * n,
+                   (int32_t *)PyArray_DATA(out) + (size_t)b * max_new, sizeof(int32_t) * (size_t)n);
     }
     Py_DECREF(out);
     return (PyObject *)res;
@@ -526,17 +486,18 @@ static PyObject *Context_set_context(ContextObject *self, PyObject *args) {
     PyArrayObject *states = NULL, *mask = NULL;
     int N = 0;
     if (st_o != Py_None) {
-        if (!(states = as_array(st_o, "encoder_hidden_states", NPY_FLOAT32, 3))) return NULL;
+        if (!(states = bind_array(st_o, "encoder_hidden_states", NPY_FLOAT32, 3, 0))) return NULL;
         const cepe_config *c = cepe_model_config(self->model->model);
-        if (PyArray_DIM(states, 0) != cepe_ctx_batch(self->ctx) || PyArray_DIM(states, 2) != c->encoder_hidden_size)
-            return PyErr_Format(PyExc_ValueError,
-                                "encoder_hidden_states has shape (%zd, %zd, %zd), expected (%d, N, %d)",
-                                (Py_ssize_t)PyArray_DIM(states, 0), (Py_ssize_t)PyArray_DIM(states, 1),
-                                (Py_ssize_t)PyArray_DIM(states, 2), cepe_ctx_batch(self->ctx), c->encoder_hidden_size);
+        if (PyArray_DIM(states, 0) != cepe_ctx_batch(self->ctx) ||
+            PyArray_DIM(states, 2) != c->encoder_hidden_size)
+            return PyErr_Format(
+                PyExc_ValueError, "encoder_hidden_states has shape (%zd, %zd, %zd), expected (%d, N, %d)",
+                (Py_ssize_t)PyArray_DIM(states, 0), (Py_ssize_t)PyArray_DIM(states, 1),
+                (Py_ssize_t)PyArray_DIM(states, 2), cepe_ctx_batch(self->ctx), c->encoder_hidden_size);
         if (PyArray_DIM(states, 1) > INT32_MAX) return PyErr_Format(PyExc_ValueError, "context too long");
         N = (int)PyArray_DIM(states, 1);
         if (mask_o != Py_None) {
-            if (!(mask = as_array(mask_o, "encoder_attention_mask", NPY_UINT8, 2))) return NULL;
+            if (!(mask = bind_array(mask_o, "encoder_attention_mask", NPY_UINT8, 2, 0))) return NULL;
             if (PyArray_DIM(mask, 0) != PyArray_DIM(states, 0) || PyArray_DIM(mask, 1) != N)
                 return PyErr_Format(PyExc_ValueError, "encoder_attention_mask must have shape (%d, %d)",
                                     cepe_ctx_batch(self->ctx), N);
@@ -544,8 +505,9 @@ static PyObject *Context_set_context(ContextObject *self, PyObject *args) {
     }
     if (claim(self) < 0) return NULL;
     cepe_status s;
-    Py_BEGIN_ALLOW_THREADS s = cepe_ctx_set_context(self->ctx, states ? (const float *)PyArray_DATA(states) : NULL,
-                                                    mask ? (const uint8_t *)PyArray_DATA(mask) : NULL, N, keep);
+    Py_BEGIN_ALLOW_THREADS s =
+        cepe_ctx_set_context(self->ctx, states ? (const float *)PyArray_DATA(states) : NULL,
+                             mask ? (const uint8_t *)PyArray_DATA(mask) : NULL, N, keep);
     Py_END_ALLOW_THREADS self->busy = 0;
     Py_CLEAR(self->states);
     if (s) return raise_status(s);
@@ -599,7 +561,8 @@ static PyObject *Context_get_context_length(ContextObject *self, void *Py_UNUSED
 }
 
 static PyGetSetDef Context_getset[] = {
-    {"context_length", (getter)Context_get_context_length, NULL, "attached CEPE context tokens per row", NULL},
+    {"context_length", (getter)Context_get_context_length, NULL, "attached CEPE context tokens per row",
+     NULL},
     {"length", (getter)Context_get_length, NULL, "tokens per row already in the cache", NULL},
     {"capacity", (getter)Context_get_capacity, NULL, "maximum tokens per row", NULL},
     {"batch", (getter)Context_get_batch, NULL, "rows", NULL},
@@ -610,7 +573,8 @@ static PyMethodDef Context_methods[] = {
     {"forward", (PyCFunction)Context_forward, METH_VARARGS,
      "forward(ids, positions, mask, logits_mode): append tokens and run the decoder"},
     {"forward_nll", (PyCFunction)Context_forward_nll, METH_VARARGS,
-     "forward_nll(ids, positions, mask, targets): as forward, returning -log p(targets) (B, T); -100 is not scored"},
+     "forward_nll(ids, positions, mask, targets): as forward, returning -log p(targets) (B, T); -100 is not "
+     "scored"},
     {"generate", (PyCFunction)(void (*)(void))Context_generate, METH_VARARGS | METH_KEYWORDS,
      "generate(max_new_tokens, temperature, top_k, top_p, seed, eos_ids, pad_token_id)"},
     {"reset", (PyCFunction)Context_reset, METH_NOARGS, "empty the KV cache"},
@@ -646,15 +610,9 @@ static PyObject *mod_max_threads(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
 }
 static PyObject *mod_set_blas_threads(PyObject *Py_UNUSED(m), PyObject *arg) {
     long n = PyLong_AsLong(arg);
-    if (n == -1 && PyErr_Occurred()) return NULL;
-    if (n < 1) return PyErr_Format(PyExc_ValueError, "n_threads must be >= 1, got %ld", n);
+    if ((n == -1 && PyErr_Occurred()) || bind_threads(n) < 0) return NULL;
     cepe_set_blas_threads((int)n);
     Py_RETURN_NONE;
-}
-
-static void sim_capsule_free(PyObject *cap) {
-    cepe_backend *be = PyCapsule_GetPointer(cap, CEPE_BACKEND_CAPSULE);
-    if (be) be->destroy(be);
 }
 
 /* A device-simulating CPU backend (csrc/backend.h), for tests of the
@@ -662,10 +620,11 @@ static void sim_capsule_free(PyObject *cap) {
 static PyObject *mod_sim_backend(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a)) {
     cepe_backend *be = cepe_backend_cpu_device_sim();
     if (!be) return PyErr_NoMemory();
-    PyObject *cap = PyCapsule_New(be, CEPE_BACKEND_CAPSULE, sim_capsule_free);
-    if (!cap) be->destroy(be);
-    return cap;
+    return cepe_backend_capsule_new(be);
 }
+
+/* cepe_c's C API for extensions that do not link the core (backend_capsule.h). */
+static const cepe_core_api core_api = {CEPE_BACKEND_ABI, cepe_backend_cpu, cepe_last_error};
 
 static PyMethodDef module_methods[] = {
     {"_sim_backend", mod_sim_backend, METH_NOARGS, "test-only: a CPU backend that behaves like a device"},
@@ -676,24 +635,30 @@ static PyMethodDef module_methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "cepe_c", "C core of cepe (see csrc/cepe.h).", -1, module_methods,
-    NULL, NULL, NULL, NULL,
+    PyModuleDef_HEAD_INIT,
+    "cepe_c",
+    "C core of cepe (see csrc/cepe.h).",
+    -1,
+    module_methods,
+    NULL,
+    NULL,
+    NULL,
+    NULL,
 };
 
 PyMODINIT_FUNC PyInit_cepe_c(void) {
     import_array();
-    if (PyType_Ready(&ModelType) < 0 || PyType_Ready(&ContextType) < 0) return NULL;
+    if (PyType_Ready(&cepe_c_ModelType) < 0 || PyType_Ready(&ContextType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
-    if (PyModule_AddFunctions(m, cepe_rope_methods) < 0 || PyModule_AddFunctions(m, cepe_ops_methods) < 0 ||
-        PyModule_AddFunctions(m, cepe_train_methods) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
-    Py_INCREF(&ModelType);
-    Py_INCREF(&ContextType);
-    if (PyModule_AddObject(m, "Model", (PyObject *)&ModelType) < 0 ||
-        PyModule_AddObject(m, "Context", (PyObject *)&ContextType) < 0) {
+    PyObject *api = PyCapsule_New((void *)&core_api, CEPE_CORE_API_CAPSULE, NULL);
+    const int failed = !api || PyModule_AddFunctions(m, cepe_rope_methods) < 0 ||
+                       PyModule_AddFunctions(m, cepe_train_methods) < 0 ||
+                       PyModule_AddObjectRef(m, "_core_api", api) < 0 ||
+                       PyModule_AddObjectRef(m, "Model", (PyObject *)&cepe_c_ModelType) < 0 ||
+                       PyModule_AddObjectRef(m, "Context", (PyObject *)&ContextType) < 0;
+    Py_XDECREF(api);
+    if (failed) {
         Py_DECREF(m);
         return NULL;
     }

@@ -2,10 +2,7 @@
  * sampler (csrc/rope_freq.c, csrc/e2llm.c), registered into cepe_c by
  * module.c through cepe_rope_methods. Validation of values lives in the core;
  * this file only converts Python objects. cepe/rope.py is the friendly API. */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#define NPY_NO_DEPRECATED_API NPY_2_0_API_VERSION
-#include <numpy/arrayobject.h>
+#include "bind.h"
 
 #include <math.h>
 #include <stddef.h>
@@ -13,11 +10,6 @@
 
 #include "../csrc/cepe.h"
 #include "../csrc/rope.h"
-#include "errors.h"
-
-/* This translation unit has its own (static) NumPy API table: import it on
- * first use (PyArray_ImportNumPyAPI is a no-op once done). */
-static int numpy_ready(void) { return PyArray_ImportNumPyAPI(); }
 
 /* ------------------------------------------------------ settings dict -> C */
 
@@ -131,18 +123,24 @@ static int set_factors(settings *s, int which, PyObject *v, const char *key) {
 static int set_field(settings *s, const field_spec *f, PyObject *v) {
     char *base = (char *)&s->rc;
     switch (f->kind) {
-    case F_DOUBLE: return set_double((double *)(base + f->offset), v, f->key);
-    case F_INT: return set_int((int *)(base + f->offset), v, f->key);
+    case F_DOUBLE:
+        return set_double((double *)(base + f->offset), v, f->key);
+    case F_INT:
+        return set_int((int *)(base + f->offset), v, f->key);
     case F_BOOL: {
         int t = PyObject_IsTrue(v);
         if (t < 0) return -1;
         *(int *)(base + f->offset) = t;
         return 0;
     }
-    case F_TYPE: return set_name(v, f->key, 1, &s->rc);
-    case F_LAYOUT: return set_name(v, f->key, 0, &s->rc);
-    case F_SHORT: return set_factors(s, 0, v, f->key);
-    case F_LONG: return set_factors(s, 1, v, f->key);
+    case F_TYPE:
+        return set_name(v, f->key, 1, &s->rc);
+    case F_LAYOUT:
+        return set_name(v, f->key, 0, &s->rc);
+    case F_SHORT:
+        return set_factors(s, 0, v, f->key);
+    case F_LONG:
+        return set_factors(s, 1, v, f->key);
     }
     return -1;
 }
@@ -164,8 +162,8 @@ static int attach_factors(settings *s) {
         *dst[k] = NULL;
         if (!a) continue;
         if (PyArray_DIM(a, 0) != want) {
-            PyErr_Format(PyExc_ValueError, "rope_scaling.%s must have %zd entries (rotary_dim/2), got %zd", keys[k],
-                         (Py_ssize_t)want, (Py_ssize_t)PyArray_DIM(a, 0));
+            PyErr_Format(PyExc_ValueError, "rope_scaling.%s must have %zd entries (rotary_dim/2), got %zd",
+                         keys[k], (Py_ssize_t)want, (Py_ssize_t)PyArray_DIM(a, 0));
             return -1;
         }
         *dst[k] = (const float *)PyArray_DATA(a);
@@ -199,7 +197,6 @@ static int settings_from_dict(PyObject *d, settings *s) {
 
 int rope_config_from_dict(PyObject *d, cepe_rope_config *rc, PyObject *keep[2]) {
     keep[0] = keep[1] = NULL;
-    if (numpy_ready() < 0) return -1;
     settings s = {0};
     if (settings_from_dict(d, &s) < 0) {
         settings_release(&s);
@@ -217,7 +214,6 @@ static PyObject *rope_frequencies(PyObject *Py_UNUSED(m), PyObject *args) {
     PyObject *d;
     int seq_len = 0;
     if (!PyArg_ParseTuple(args, "O|i:rope_frequencies", &d, &seq_len)) return NULL;
-    if (numpy_ready() < 0) return NULL;
     settings s = {0};
     if (settings_from_dict(d, &s) < 0) {
         settings_release(&s);
@@ -247,7 +243,6 @@ static PyObject *e2llm_positions(PyObject *Py_UNUSED(m), PyObject *args, PyObjec
     unsigned long long seed = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "iii|iK:e2llm_positions", names, &R, &L, &g_max, &n, &seed))
         return NULL;
-    if (numpy_ready() < 0) return NULL;
     cepe_status st = cepe_e2llm_check(R, L, g_max, n);
     if (st) return raise_status(st);
     npy_intp pdims[2] = {n, R}, sdims[1] = {n};
@@ -255,11 +250,10 @@ static PyObject *e2llm_positions(PyObject *Py_UNUSED(m), PyObject *args, PyObjec
     PyArrayObject *scales = (PyArrayObject *)PyArray_SimpleNew(1, sdims, NPY_INT32);
     PyArrayObject *offsets = (PyArrayObject *)PyArray_SimpleNew(1, sdims, NPY_INT32);
     if (!pos || !scales || !offsets) goto fail;
-    Py_BEGIN_ALLOW_THREADS
-    st = cepe_e2llm_positions(R, L, g_max, n, (uint64_t)seed, (double *)PyArray_DATA(pos),
-                              (int32_t *)PyArray_DATA(scales), (int32_t *)PyArray_DATA(offsets));
-    Py_END_ALLOW_THREADS
-    if (st) {
+    Py_BEGIN_ALLOW_THREADS st =
+        cepe_e2llm_positions(R, L, g_max, n, (uint64_t)seed, (double *)PyArray_DATA(pos),
+                             (int32_t *)PyArray_DATA(scales), (int32_t *)PyArray_DATA(offsets));
+    Py_END_ALLOW_THREADS if (st) {
         raise_status(st);
         goto fail;
     }

@@ -2,60 +2,16 @@
  * "training" section of cepe.h), registered into cepe_c by module.c through
  * cepe_train_methods. cepe/train.py is the friendly API (cepe.Trainer).
  *
- * Arrays are taken as they are (exact dtype, C-contiguous, aligned, native
- * byte order, writeable where the core writes): no silent copies, since the
+ * Arrays are taken as they are (bind.h): no silent copies, since the
  * optimizer must update the caller's buffers in place. The GIL is released
  * around every call that computes. */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#define NPY_NO_DEPRECATED_API NPY_2_0_API_VERSION
-#include <numpy/arrayobject.h>
+#include "bind.h"
 
 #include <math.h>
 #include <stddef.h>
 #include <string.h>
 
 #include "../csrc/cepe.h"
-#include "errors.h"
-
-/* This translation unit has its own NumPy API table (see rope_bindings.c). */
-static int numpy_ready(void) { return PyArray_ImportNumPyAPI(); }
-
-/* `obj` as an ndarray of `type` usable by C as is (writeable when `write`);
- * borrowed, or NULL with TypeError/ValueError set. ndim < 0: any. */
-static PyArrayObject *arr(PyObject *obj, const char *what, int type, int ndim, int write) {
-    if (!PyArray_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray, got %s", what, Py_TYPE(obj)->tp_name);
-        return NULL;
-    }
-    PyArrayObject *a = (PyArrayObject *)obj;
-    if (PyArray_TYPE(a) != type) {
-        PyArray_Descr *want = PyArray_DescrFromType(type);
-        PyErr_Format(PyExc_TypeError, "%s must have dtype %S, got %S", what, (PyObject *)want,
-                     (PyObject *)PyArray_DESCR(a));
-        Py_XDECREF(want);
-        return NULL;
-    }
-    if (ndim >= 0 && PyArray_NDIM(a) != ndim) {
-        PyErr_Format(PyExc_ValueError, "%s must have %d dimensions, got %d", what, ndim, PyArray_NDIM(a));
-        return NULL;
-    }
-    if (!PyArray_ISNOTSWAPPED(a) || !PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISALIGNED(a)) {
-        PyErr_Format(PyExc_ValueError, "%s must be C-contiguous, aligned and native-endian", what);
-        return NULL;
-    }
-    if (write && !PyArray_ISWRITEABLE(a)) {
-        PyErr_Format(PyExc_ValueError, "%s must be writeable (it is updated in place)", what);
-        return NULL;
-    }
-    return a;
-}
-
-static int threads_ok(int n_threads) {
-    if (n_threads >= 1 && n_threads <= 1024) return 0;
-    PyErr_Format(PyExc_ValueError, "n_threads must be in [1, 1024], got %d", n_threads);
-    return -1;
-}
 
 /* ---------------------------------------------------------------- optimizer */
 
@@ -72,62 +28,50 @@ static PyObject *py_lr_schedule(PyObject *Py_UNUSED(m), PyObject *args, PyObject
 
 /* adamw_step(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay, clip, n_threads) -> norm */
 static PyObject *py_adamw_step(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kwds) {
-    static char *kw[] = {"params", "grads", "m", "v", "step", "lr", "beta1", "beta2", "eps", "weight_decay",
-                         "clip", "n_threads", NULL};
+    static char *kw[] = {"params", "grads",        "m",    "v",         "step", "lr", "beta1", "beta2",
+                         "eps",    "weight_decay", "clip", "n_threads", NULL};
     PyObject *o[4];
     long step = 0;
-    double lr = NAN, wd = 0.0, clip = 1.0;
-    cepe_adamw_config h = {0.9, 0.999, 1e-8};
+    cepe_train_config d; /* the core's defaults for what is not given */
+    cepe_train_config_init(&d);
+    double lr = NAN, wd = d.weight_decay, clip = d.clip;
+    cepe_adamw_config h = d.adam;
     int nt = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|$lddddddi:adamw_step", kw, &o[0], &o[1], &o[2], &o[3], &step,
-                                     &lr, &h.beta1, &h.beta2, &h.eps, &wd, &clip, &nt) ||
-        numpy_ready() < 0 || threads_ok(nt) < 0)
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|$lddddddi:adamw_step", kw, &o[0], &o[1], &o[2], &o[3],
+                                     &step, &lr, &h.beta1, &h.beta2, &h.eps, &wd, &clip, &nt) ||
+        bind_threads(nt) < 0)
         return NULL;
     static const char *names[4] = {"params", "grads", "m", "v"};
     PyArrayObject *a[4];
     for (int i = 0; i < 4; i++) {
-        if (!(a[i] = arr(o[i], names[i], NPY_FLOAT32, 1, 1))) return NULL;
+        if (!(a[i] = bind_array(o[i], names[i], NPY_FLOAT32, 1, BIND_WRITE))) return NULL;
         if (PyArray_DIM(a[i], 0) != PyArray_DIM(a[0], 0))
             return PyErr_Format(PyExc_ValueError, "%s must have as many entries as params", names[i]);
     }
-    if (step < 1) return PyErr_Format(PyExc_ValueError, "step must be given and >= 1 (AdamW's t), got %ld", step);
+    if (step < 1)
+        return PyErr_Format(PyExc_ValueError, "step must be given and >= 1 (AdamW's t), got %ld", step);
     if (!isfinite(lr) || lr < 0.0) return PyErr_Format(PyExc_ValueError, "lr must be given, finite and >= 0");
-    float *p = PyArray_DATA(a[0]), *g = PyArray_DATA(a[1]), *mm = PyArray_DATA(a[2]), *vv = PyArray_DATA(a[3]);
+    float *p = PyArray_DATA(a[0]), *g = PyArray_DATA(a[1]), *mm = PyArray_DATA(a[2]),
+          *vv = PyArray_DATA(a[3]);
     const size_t n = (size_t)PyArray_DIM(a[0], 0);
     double norm;
-    Py_BEGIN_ALLOW_THREADS
-    norm = cepe_clip_grad_norm(g, n, clip, nt);
+    Py_BEGIN_ALLOW_THREADS norm = cepe_clip_grad_norm(g, n, clip, nt);
     cepe_adamw_update(p, g, mm, vv, n, lr, &h, wd, step, nt);
-    Py_END_ALLOW_THREADS
-    return PyFloat_FromDouble(norm);
+    Py_END_ALLOW_THREADS return PyFloat_FromDouble(norm);
 }
 
 /* ------------------------------------------------------------ model access */
 
-/* The cepe_model behind a cepe_c.Model. module.c's ModelObject begins with
- * PyObject_HEAD and then the cepe_model pointer; only that prefix is relied
- * on, after checking the type by name (module.c does not export it). */
-typedef struct {
-    PyObject_HEAD
-    cepe_model *model;
-} model_prefix;
-
-static cepe_model *core_model(PyObject *obj) {
-    if (strcmp(Py_TYPE(obj)->tp_name, "cepe_c.Model") != 0) {
-        PyErr_Format(PyExc_TypeError, "expected a cepe_c.Model, got %s", Py_TYPE(obj)->tp_name);
-        return NULL;
-    }
-    cepe_model *m = ((model_prefix *)obj)->model;
-    if (!m) PyErr_SetString(PyExc_RuntimeError, "the cepe_c.Model is not initialised");
-    return m;
-}
-
 static int parse_trainable(const char *s, cepe_trainable *out) {
-    if (!strcmp(s, "cross_attn")) *out = CEPE_TRAIN_CROSS_ATTN;
-    else if (!strcmp(s, "cross_attn+encoder")) *out = CEPE_TRAIN_CROSS_ATTN_ENCODER;
-    else if (!strcmp(s, "all")) *out = CEPE_TRAIN_ALL;
+    if (!strcmp(s, "cross_attn"))
+        *out = CEPE_TRAIN_CROSS_ATTN;
+    else if (!strcmp(s, "cross_attn+encoder"))
+        *out = CEPE_TRAIN_CROSS_ATTN_ENCODER;
+    else if (!strcmp(s, "all"))
+        *out = CEPE_TRAIN_ALL;
     else {
-        PyErr_Format(PyExc_ValueError, "trainable must be 'cross_attn', 'cross_attn+encoder' or 'all', got '%s'", s);
+        PyErr_Format(PyExc_ValueError,
+                     "trainable must be 'cross_attn', 'cross_attn+encoder' or 'all', got '%s'", s);
         return -1;
     }
     return 0;
@@ -139,7 +83,7 @@ static PyObject *py_train_layout(PyObject *Py_UNUSED(m), PyObject *args) {
     const char *which_s;
     cepe_trainable which;
     if (!PyArg_ParseTuple(args, "Os:train_layout", &core, &which_s)) return NULL;
-    cepe_model *m = core_model(core);
+    cepe_model *m = bind_model(core);
     if (!m || parse_trainable(which_s, &which) < 0) return NULL;
     int n;
     size_t n_params;
@@ -172,8 +116,8 @@ static PyObject *py_train_layout(PyObject *Py_UNUSED(m), PyObject *args) {
  * The views borrow the model's memory, so each keeps `core` (and with it the
  * arrays it binds) alive. */
 static PyObject *py_train_weights(PyObject *Py_UNUSED(m), PyObject *core) {
-    cepe_model *m = core_model(core);
-    if (!m || numpy_ready() < 0) return NULL;
+    cepe_model *m = bind_model(core);
+    if (!m) return NULL;
     PyObject *d = PyDict_New();
     if (!d) return NULL;
     for (int i = 0;; i++) {
@@ -188,7 +132,8 @@ static PyObject *py_train_weights(PyObject *Py_UNUSED(m), PyObject *core) {
             PyObject *a = PyArray_SimpleNew(ndim, dims, NPY_FLOAT32);
             if (!a) goto fail;
             cepe_status st;
-            Py_BEGIN_ALLOW_THREADS st = cepe_model_read_weight(m, i, (float *)PyArray_DATA((PyArrayObject *)a));
+            Py_BEGIN_ALLOW_THREADS st =
+                cepe_model_read_weight(m, i, (float *)PyArray_DATA((PyArrayObject *)a));
             Py_END_ALLOW_THREADS if (st || PyDict_SetItemString(d, name, a) < 0) {
                 Py_DECREF(a);
                 if (st) raise_status(st);
@@ -197,8 +142,8 @@ static PyObject *py_train_weights(PyObject *Py_UNUSED(m), PyObject *core) {
             Py_DECREF(a);
             continue;
         }
-        PyObject *a = PyArray_New(&PyArray_Type, ndim, dims, NPY_FLOAT32, NULL, (void *)data, 0, NPY_ARRAY_CARRAY_RO,
-                                  NULL);
+        PyObject *a = PyArray_New(&PyArray_Type, ndim, dims, NPY_FLOAT32, NULL, (void *)data, 0,
+                                  NPY_ARRAY_CARRAY_RO, NULL);
         if (!a) goto fail;
         Py_INCREF(core);
         if (PyArray_SetBaseObject((PyArrayObject *)a, core) < 0 || PyDict_SetItemString(d, name, a) < 0) {
@@ -216,8 +161,7 @@ fail:
 /* ------------------------------------------------------------- TrainState */
 
 typedef struct {
-    PyObject_HEAD
-    cepe_train *t;
+    PyObject_HEAD cepe_train *t;
     PyObject *core, *params, *adam_m, *adam_v; /* kept alive: the state borrows them */
     Py_ssize_t n_params;
     int busy; /* guarded by the GIL, as module.c's Context */
@@ -241,54 +185,46 @@ static int claim(TrainStateObject *self) {
     return 0;
 }
 
-/* An optional array argument: None -> NULL (no error), else arr(). */
-static int opt_arr(PyObject *obj, const char *what, int type, int ndim, PyArrayObject **out) {
-    *out = NULL;
-    if (!obj || obj == Py_None) return 0;
-    return (*out = arr(obj, what, type, ndim, 0)) ? 0 : -1;
-}
-
-static int dims_are(PyArrayObject *a, const char *what, int nd, const npy_intp *want) {
-    for (int i = 0; i < nd; i++)
-        if (PyArray_DIM(a, i) != want[i]) {
-            PyErr_Format(PyExc_ValueError, "%s: axis %d has %zd entries, expected %zd", what, i,
-                         (Py_ssize_t)PyArray_DIM(a, i), (Py_ssize_t)want[i]);
-            return -1;
-        }
-    return 0;
-}
-
 static PyObject *stats_dict(const cepe_train_stats *s, int update) {
     if (update) return Py_BuildValue("{s:d,s:d}", "grad_norm", s->grad_norm, "lr", s->lr);
-    return Py_BuildValue("{s:d,s:d,s:d,s:l}", "loss", s->loss, "lm_loss", s->lm_loss, "kl_loss", s->kl_loss, "tokens",
-                         s->tokens);
+    return Py_BuildValue("{s:d,s:d,s:d,s:l}", "loss", s->loss, "lm_loss", s->lm_loss, "kl_loss", s->kl_loss,
+                         "tokens", s->tokens);
 }
 
 /* forward_backward(input_ids, attention_mask, labels, positions, encoder_input_ids,
  *                  encoder_attention_mask, distill_prob, distill_index, grad_scale) -> dict */
 static PyObject *TrainState_forward_backward(TrainStateObject *self, PyObject *args, PyObject *kwds) {
-    static char *kw[] = {"input_ids", "attention_mask", "labels", "positions", "encoder_input_ids",
-                         "encoder_attention_mask", "distill_prob", "distill_index", "grad_scale", NULL};
+    static char *kw[] = {"input_ids",
+                         "attention_mask",
+                         "labels",
+                         "positions",
+                         "encoder_input_ids",
+                         "encoder_attention_mask",
+                         "distill_prob",
+                         "distill_index",
+                         "grad_scale",
+                         NULL};
     PyObject *o[8] = {NULL, Py_None, Py_None, Py_None, Py_None, Py_None, Py_None, Py_None};
     double grad_scale = 1.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OOOOOOOd:forward_backward", kw, &o[0], &o[1], &o[2], &o[3], &o[4],
-                                     &o[5], &o[6], &o[7], &grad_scale) ||
-        numpy_ready() < 0)
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OOOOOOOd:forward_backward", kw, &o[0], &o[1], &o[2],
+                                     &o[3], &o[4], &o[5], &o[6], &o[7], &grad_scale))
         return NULL;
-    PyArrayObject *ids = arr(o[0], "input_ids", NPY_INT32, 2, 0), *mask, *labels, *pos, *eids, *emask, *prob, *idx;
-    if (!ids || opt_arr(o[1], "attention_mask", NPY_UINT8, 2, &mask) < 0 ||
-        opt_arr(o[2], "labels", NPY_INT32, 2, &labels) < 0 || opt_arr(o[3], "positions", NPY_FLOAT64, 2, &pos) < 0 ||
-        opt_arr(o[4], "encoder_input_ids", NPY_INT32, 3, &eids) < 0 ||
-        opt_arr(o[5], "encoder_attention_mask", NPY_UINT8, 3, &emask) < 0 ||
-        opt_arr(o[6], "distill_prob", NPY_UINT16, 3, &prob) < 0 ||
-        opt_arr(o[7], "distill_index", NPY_INT32, 3, &idx) < 0)
+    PyArrayObject *ids = bind_array(o[0], "input_ids", NPY_INT32, 2, 0), *mask, *labels, *pos, *eids, *emask,
+                  *prob, *idx;
+    if (!ids || bind_optional_array(o[1], "attention_mask", NPY_UINT8, 2, &mask) < 0 ||
+        bind_optional_array(o[2], "labels", NPY_INT32, 2, &labels) < 0 ||
+        bind_optional_array(o[3], "positions", NPY_FLOAT64, 2, &pos) < 0 ||
+        bind_optional_array(o[4], "encoder_input_ids", NPY_INT32, 3, &eids) < 0 ||
+        bind_optional_array(o[5], "encoder_attention_mask", NPY_UINT8, 3, &emask) < 0 ||
+        bind_optional_array(o[6], "distill_prob", NPY_UINT16, 3, &prob) < 0 ||
+        bind_optional_array(o[7], "distill_index", NPY_INT32, 3, &idx) < 0)
         return NULL;
     const npy_intp B = PyArray_DIM(ids, 0), T = PyArray_DIM(ids, 1);
     if (B < 1 || T < 1 || B > INT32_MAX || T > INT32_MAX)
         return PyErr_Format(PyExc_ValueError, "input_ids must be (B, T) with B, T >= 1");
     const npy_intp bt[2] = {B, T};
-    if ((mask && dims_are(mask, "attention_mask", 2, bt) < 0) || (labels && dims_are(labels, "labels", 2, bt) < 0) ||
-        (pos && dims_are(pos, "positions", 2, bt) < 0))
+    if ((mask && bind_dims(mask, "attention_mask", 2, bt) < 0) ||
+        (labels && bind_dims(labels, "labels", 2, bt) < 0) || (pos && bind_dims(pos, "positions", 2, bt) < 0))
         return NULL;
     cepe_train_batch b = {.B = (int)B, .T = (int)T, .input_ids = PyArray_DATA(ids)};
     b.attention_mask = mask ? PyArray_DATA(mask) : NULL;
@@ -297,9 +233,10 @@ static PyObject *TrainState_forward_backward(TrainStateObject *self, PyObject *a
     if (eids) {
         const npy_intp *ed = PyArray_DIMS(eids);
         if (ed[0] != B || ed[1] < 1 || ed[2] < 1 || ed[1] > INT32_MAX || ed[2] > INT32_MAX)
-            return PyErr_Format(PyExc_ValueError, "encoder_input_ids must be (B=%zd, n_ctx, L) with n_ctx, L >= 1",
+            return PyErr_Format(PyExc_ValueError,
+                                "encoder_input_ids must be (B=%zd, n_ctx, L) with n_ctx, L >= 1",
                                 (Py_ssize_t)B);
-        if (emask && dims_are(emask, "encoder_attention_mask", 3, ed) < 0) return NULL;
+        if (emask && bind_dims(emask, "encoder_attention_mask", 3, ed) < 0) return NULL;
         b.n_ctx = (int)ed[1], b.L = (int)ed[2];
         b.encoder_input_ids = PyArray_DATA(eids);
         b.encoder_attention_mask = emask ? PyArray_DATA(emask) : NULL;
@@ -309,11 +246,12 @@ static PyObject *TrainState_forward_backward(TrainStateObject *self, PyObject *a
     if (prob) {
         const npy_intp *pd = PyArray_DIMS(prob), *id = PyArray_DIMS(idx);
         if (pd[0] != B || id[0] != B || pd[1] != id[1] || pd[2] != id[2] + 1 || id[2] < 1 || pd[1] > T)
-            return PyErr_Format(PyExc_ValueError,
-                                "distill_prob must be (B, T_kl, K+1) and distill_index (B, T_kl, K) with T_kl <= T = "
-                                "%zd, K >= 1; got (%zd, %zd, %zd) and (%zd, %zd, %zd)",
-                                (Py_ssize_t)T, (Py_ssize_t)pd[0], (Py_ssize_t)pd[1], (Py_ssize_t)pd[2],
-                                (Py_ssize_t)id[0], (Py_ssize_t)id[1], (Py_ssize_t)id[2]);
+            return PyErr_Format(
+                PyExc_ValueError,
+                "distill_prob must be (B, T_kl, K+1) and distill_index (B, T_kl, K) with T_kl <= T = "
+                "%zd, K >= 1; got (%zd, %zd, %zd) and (%zd, %zd, %zd)",
+                (Py_ssize_t)T, (Py_ssize_t)pd[0], (Py_ssize_t)pd[1], (Py_ssize_t)pd[2], (Py_ssize_t)id[0],
+                (Py_ssize_t)id[1], (Py_ssize_t)id[2]);
         b.T_kl = (int)pd[1], b.K = (int)id[2];
         b.distill_prob = PyArray_DATA(prob);
         b.distill_index = PyArray_DATA(idx);
@@ -321,10 +259,8 @@ static PyObject *TrainState_forward_backward(TrainStateObject *self, PyObject *a
     if (claim(self) < 0) return NULL;
     cepe_train_stats stats = {0};
     cepe_status st;
-    Py_BEGIN_ALLOW_THREADS
-    st = cepe_train_forward_backward(self->t, &b, grad_scale, &stats);
-    Py_END_ALLOW_THREADS
-    self->busy = 0;
+    Py_BEGIN_ALLOW_THREADS st = cepe_train_forward_backward(self->t, &b, grad_scale, &stats);
+    Py_END_ALLOW_THREADS self->busy = 0;
     if (st) return raise_status(st);
     return stats_dict(&stats, 0);
 }
@@ -333,10 +269,8 @@ static PyObject *TrainState_update(TrainStateObject *self, PyObject *Py_UNUSED(a
     if (claim(self) < 0) return NULL;
     cepe_train_stats stats = {0};
     cepe_status st;
-    Py_BEGIN_ALLOW_THREADS
-    st = cepe_train_update(self->t, &stats);
-    Py_END_ALLOW_THREADS
-    self->busy = 0;
+    Py_BEGIN_ALLOW_THREADS st = cepe_train_update(self->t, &stats);
+    Py_END_ALLOW_THREADS self->busy = 0;
     if (st) return raise_status(st);
     return stats_dict(&stats, 1);
 }
@@ -403,11 +337,13 @@ static int TrainState_set_step(TrainStateObject *self, PyObject *v, void *Py_UNU
 }
 
 static PyMethodDef TrainState_methods[] = {
-    {"forward_backward", (PyCFunction)(void (*)(void))TrainState_forward_backward, METH_VARARGS | METH_KEYWORDS,
+    {"forward_backward", (PyCFunction)(void (*)(void))TrainState_forward_backward,
+     METH_VARARGS | METH_KEYWORDS,
      "forward_backward(input_ids, attention_mask=None, labels=None, positions=None, encoder_input_ids=None, "
      "encoder_attention_mask=None, distill_prob=None, distill_index=None, grad_scale=1) -> losses; "
      "adds the gradients"},
-    {"update", (PyCFunction)TrainState_update, METH_NOARGS, "clip + AdamW at the scheduled lr -> {grad_norm, lr}"},
+    {"update", (PyCFunction)TrainState_update, METH_NOARGS,
+     "clip + AdamW at the scheduled lr -> {grad_norm, lr}"},
     {"zero_grad", (PyCFunction)TrainState_zero_grad, METH_NOARGS, "set every gradient to zero"},
     {"grads", (PyCFunction)TrainState_grads, METH_NOARGS, "a copy of the flat gradient buffer"},
     {"sync_host", (PyCFunction)TrainState_sync_host, METH_NOARGS,
@@ -444,16 +380,14 @@ static PyObject *py_train_state(PyObject *Py_UNUSED(mod), PyObject *args, PyObje
     static char *kw[] = {"core", "config", "params", "m", "v", "step", NULL};
     PyObject *core, *cfg_d, *o[3];
     long step = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!OOO|l:train_state", kw, &core, &PyDict_Type, &cfg_d, &o[0],
-                                     &o[1], &o[2], &step) ||
-        numpy_ready() < 0)
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!OOO|l:train_state", kw, &core, &PyDict_Type, &cfg_d,
+                                     &o[0], &o[1], &o[2], &step))
         return NULL;
     if (PyType_Ready(&TrainStateType) < 0) return NULL;
-    cepe_model *m = core_model(core);
+    cepe_model *m = bind_model(core);
     if (!m) return NULL;
-    cepe_train_config c = {.trainable = CEPE_TRAIN_CROSS_ATTN, .lr = 1e-4, .total_steps = 1, .clip = 1.0,
-                           .adam = {0.9, 0.999, 1e-8}, .lm_loss_cof = 1.0, .kl_loss_cof = 0.0,
-                           .kl_mode = 0, .kl_delta = 0.0};
+    cepe_train_config c; /* the core's defaults for the keys the dict lacks */
+    cepe_train_config_init(&c);
     PyObject *tr = PyDict_GetItemString(cfg_d, "trainable");
     if (tr) {
         const char *s = PyUnicode_AsUTF8(tr);
@@ -468,7 +402,8 @@ static PyObject *py_train_state(PyObject *Py_UNUSED(mod), PyObject *args, PyObje
         cfg_double(cfg_d, "warmup_ratio", &c.warmup_ratio) < 0 || cfg_double(cfg_d, "clip", &c.clip) < 0 ||
         cfg_double(cfg_d, "beta1", &c.adam.beta1) < 0 || cfg_double(cfg_d, "beta2", &c.adam.beta2) < 0 ||
         cfg_double(cfg_d, "eps", &c.adam.eps) < 0 || cfg_double(cfg_d, "lm_loss_cof", &c.lm_loss_cof) < 0 ||
-        cfg_double(cfg_d, "kl_loss_cof", &c.kl_loss_cof) < 0 || cfg_double(cfg_d, "kl_delta", &c.kl_delta) < 0)
+        cfg_double(cfg_d, "kl_loss_cof", &c.kl_loss_cof) < 0 ||
+        cfg_double(cfg_d, "kl_delta", &c.kl_delta) < 0)
         return NULL;
     int n_tensors;
     size_t n_params;
@@ -477,10 +412,10 @@ static PyObject *py_train_state(PyObject *Py_UNUSED(mod), PyObject *args, PyObje
     static const char *names[3] = {"params", "m", "v"};
     PyArrayObject *a[3];
     for (int i = 0; i < 3; i++) {
-        if (!(a[i] = arr(o[i], names[i], NPY_FLOAT32, 1, 1))) return NULL;
+        if (!(a[i] = bind_array(o[i], names[i], NPY_FLOAT32, 1, BIND_WRITE))) return NULL;
         if ((size_t)PyArray_DIM(a[i], 0) != n_params)
-            return PyErr_Format(PyExc_ValueError, "%s must hold %zu floats (the layout's n_params), got %zd", names[i],
-                                n_params, (Py_ssize_t)PyArray_DIM(a[i], 0));
+            return PyErr_Format(PyExc_ValueError, "%s must hold %zu floats (the layout's n_params), got %zd",
+                                names[i], n_params, (Py_ssize_t)PyArray_DIM(a[i], 0));
     }
     TrainStateObject *self = PyObject_New(TrainStateObject, &TrainStateType);
     if (!self) return NULL;

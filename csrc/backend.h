@@ -25,18 +25,123 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "cepe.h"
 #include "ops/ops.h"
+#include "ops/optim.h"
 
 /* Bumped whenever the table's layout changes: cepe_c refuses a table built
  * against another layout (the two extensions are built separately). */
 #define CEPE_BACKEND_ABI 1
 
-/* Elements per reduction chunk of the gradient norm: partial sums over fixed
- * chunks, added in a fixed order, make the norm independent of the thread
- * count (resume must be bit-exact whatever n_threads is). */
-#define CEPE_NORM_CHUNK 16384
+/* The op list, once: X(name, (parameters), (arguments)). The parameters
+ * follow the backend itself in every op; the arguments name them again,
+ * each marked with where it lives, so wrappers can be generated:
+ *   BUF_W(p)  a buffer in the backend's memory the op writes or adds into
+ *   BUF_R(p)  a buffer in the backend's memory the op only reads
+ *   HOST(x)   a scalar passed by value
+ *   SHAPE(s)  the attention shape, a host struct passed by pointer
+ * A user of the arguments defines the four markers around the expansion.
+ * Users: the struct below, the CPU and device-simulating tables
+ * (backend_cpu.c), the CUDA table (kernels/cuda_backend.cu, prototypes in
+ * kernels/cuda_common.cuh) and the test-only op bindings (tests/ops_ext/).
+ * Adding an op is one line here plus its implementations. */
 
-typedef struct cepe_backend cepe_backend;
+/* ---- forward ops (csrc/ops/ops.h) ---- */
+#define CEPE_FORWARD_OPS(X)                                                                                  \
+    X(embedding, (float *out, const int32_t *ids, const float *wte, int N, int C),                           \
+      (BUF_W(out), BUF_R(ids), BUF_R(wte), HOST(N), HOST(C)))                                                \
+    X(rmsnorm, (float *out, const float *inp, const float *w, int N, int C, float eps, int nt),              \
+      (BUF_W(out), BUF_R(inp), BUF_R(w), HOST(N), HOST(C), HOST(eps), HOST(nt)))                             \
+    X(matmul, (float *out, const float *inp, const float *w, int N, int C, int OC, int accumulate, int nt),  \
+      (BUF_W(out), BUF_R(inp), BUF_R(w), HOST(N), HOST(C), HOST(OC), HOST(accumulate), HOST(nt)))            \
+    X(rope_table,                                                                                            \
+      (float *cos_t, float *sin_t, const double *pos, const float *inv_freq, int N, int half, float mscale), \
+      (BUF_W(cos_t), BUF_W(sin_t), BUF_R(pos), BUF_R(inv_freq), HOST(N), HOST(half), HOST(mscale)))          \
+    X(rope,                                                                                                  \
+      (float *x, const float *cos_t, const float *sin_t, int N, int nh, int hd, int half, int interleaved,   \
+       int nt),                                                                                              \
+      (BUF_W(x), BUF_R(cos_t), BUF_R(sin_t), HOST(N), HOST(nh), HOST(hd), HOST(half), HOST(interleaved),     \
+       HOST(nt)))                                                                                            \
+    X(attention,                                                                                             \
+      (float *out, const float *q, const float *k, const float *v, const uint8_t *key_valid,                 \
+       const attention_shape *s, int nt),                                                                    \
+      (BUF_W(out), BUF_R(q), BUF_R(k), BUF_R(v), BUF_R(key_valid), SHAPE(s), HOST(nt)))                      \
+    X(swiglu, (float *out, const float *gate, const float *up, long N, int nt),                              \
+      (BUF_W(out), BUF_R(gate), BUF_R(up), HOST(N), HOST(nt)))
+
+/* ---- training ops (csrc/ops/ops_backward.h; same shapes and the same
+ * accumulate-into-gradient convention). cross_entropy's targets are
+ * range-checked by the caller (host side). ---- */
+#define CEPE_TRAINING_OPS(X)                                                                                 \
+    X(attention_lse,                                                                                         \
+      (float *out, float *lse, const float *q, const float *k, const float *v, const uint8_t *key_valid,     \
+       const attention_shape *s, int nt),                                                                    \
+      (BUF_W(out), BUF_W(lse), BUF_R(q), BUF_R(k), BUF_R(v), BUF_R(key_valid), SHAPE(s), HOST(nt)))          \
+    X(embedding_backward, (float *dwte, const float *dout, const int32_t *ids, int N, int C),                \
+      (BUF_W(dwte), BUF_R(dout), BUF_R(ids), HOST(N), HOST(C)))                                              \
+    X(rmsnorm_backward,                                                                                      \
+      (float *dinp, float *dweight, const float *dout, const float *inp, const float *weight, int N, int C,  \
+       float eps),                                                                                           \
+      (BUF_W(dinp), BUF_W(dweight), BUF_R(dout), BUF_R(inp), BUF_R(weight), HOST(N), HOST(C), HOST(eps)))    \
+    X(matmul_backward,                                                                                       \
+      (float *dinp, float *dweight, const float *dout, const float *inp, const float *weight, int N, int C,  \
+       int OC, int accumulate, int nt),                                                                      \
+      (BUF_W(dinp), BUF_W(dweight), BUF_R(dout), BUF_R(inp), BUF_R(weight), HOST(N), HOST(C), HOST(OC),      \
+       HOST(accumulate), HOST(nt)))                                                                          \
+    X(rope_backward,                                                                                         \
+      (float *dx, const float *cos_t, const float *sin_t, int N, int nh, int hd, int half, int interleaved), \
+      (BUF_W(dx), BUF_R(cos_t), BUF_R(sin_t), HOST(N), HOST(nh), HOST(hd), HOST(half), HOST(interleaved)))   \
+    X(swiglu_backward,                                                                                       \
+      (float *dgate, float *dup, const float *dout, const float *gate, const float *up, long N),             \
+      (BUF_W(dgate), BUF_W(dup), BUF_R(dout), BUF_R(gate), BUF_R(up), HOST(N)))                              \
+    X(attention_backward,                                                                                    \
+      (float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k, const float *v,   \
+       const float *out, const float *lse, const uint8_t *key_valid, const attention_shape *s, int nt),      \
+      (BUF_W(dq), BUF_W(dk), BUF_W(dv), BUF_R(dout), BUF_R(q), BUF_R(k), BUF_R(v), BUF_R(out), BUF_R(lse),   \
+       BUF_R(key_valid), SHAPE(s), HOST(nt)))                                                                \
+    X(cross_entropy,                                                                                         \
+      (float *losses, float *dlogits, const float *logits, const int32_t *targets, int N, int V,             \
+       float dloss_scale),                                                                                   \
+      (BUF_W(losses), BUF_W(dlogits), BUF_R(logits), BUF_R(targets), HOST(N), HOST(V), HOST(dloss_scale)))   \
+    X(kl_topk,                                                                                               \
+      (float *losses, float *dlogits, const float *logits, const uint16_t *teacher_probs,                    \
+       const int32_t *teacher_index, int N, int V, int K, int mode, float delta, float dloss_scale),         \
+      (BUF_W(losses), BUF_W(dlogits), BUF_R(logits), BUF_R(teacher_probs), BUF_R(teacher_index), HOST(N),    \
+       HOST(V), HOST(K), HOST(mode), HOST(delta), HOST(dloss_scale)))
+
+/* ---- optimizer over flat fp32 buffers (csrc/ops/optim.h) ----
+ * sumsq_chunks: partial[c] = Σ g² over chunk c of CEPE_NORM_CHUNK elements,
+ * in double; partial holds ceil(n / CEPE_NORM_CHUNK) doubles.
+ * adamw: one AdamW step, torch's single-tensor arithmetic: the scalars are
+ * precomputed on the host (cepe_adamw_scalars); decay == 1 means no weight
+ * decay. */
+#define CEPE_OPTIMIZER_OPS(X)                                                                                \
+    X(sumsq_chunks, (double *partial, const float *g, size_t n, int nt),                                     \
+      (BUF_W(partial), BUF_R(g), HOST(n), HOST(nt)))                                                         \
+    X(scale, (float *x, float s, size_t n, int nt), (BUF_W(x), HOST(s), HOST(n), HOST(nt)))                  \
+    X(adamw,                                                                                                 \
+      (float *p, const float *g, float *m, float *v, size_t n, float decay, float w1, float b2, float w2,    \
+       float bc2_sqrt, float neg_step, float eps, int nt),                                                   \
+      (BUF_W(p), BUF_R(g), BUF_W(m), BUF_W(v), HOST(n), HOST(decay), HOST(w1), HOST(b2), HOST(w2),           \
+       HOST(bc2_sqrt), HOST(neg_step), HOST(eps), HOST(nt)))
+
+/* ---- bf16 weights: optional, NULL where unsupported ----
+ * to_bf16: dst (n) = bf16(src), round to nearest even.
+ * matmul_bf16: matmul with bf16 weights (OC, C): the activations are rounded
+ * to bf16, products are accumulated in fp32, out stays fp32. */
+#define CEPE_BF16_OPS(X)                                                                                     \
+    X(to_bf16, (uint16_t *dst, const float *src, size_t n), (BUF_W(dst), BUF_R(src), HOST(n)))               \
+    X(matmul_bf16,                                                                                           \
+      (float *out, const float *inp, const uint16_t *w, int N, int C, int OC, int accumulate, int nt),       \
+      (BUF_W(out), BUF_R(inp), BUF_R(w), HOST(N), HOST(C), HOST(OC), HOST(accumulate), HOST(nt)))
+
+/* Every op, in table order. */
+#define CEPE_BACKEND_OPS(X) CEPE_FORWARD_OPS(X) CEPE_TRAINING_OPS(X) CEPE_OPTIMIZER_OPS(X) CEPE_BF16_OPS(X)
+
+/* The parameters (or arguments) of a list entry without their parentheses. */
+#define CEPE_UNPACK(...) __VA_ARGS__
+
+#define CEPE_OP_FIELD(name, params, args) int (*name)(const cepe_backend *be, CEPE_UNPACK params);
 
 struct cepe_backend {
     int abi;          /* CEPE_BACKEND_ABI */
@@ -55,61 +160,8 @@ struct cepe_backend {
      * sync (a CEPE_ERR_* code) with its message written to msg. */
     int (*sync)(const cepe_backend *be, char *msg, size_t msg_len);
 
-    /* ---- forward ops (csrc/ops/ops.h) ---- */
-    int (*embedding)(const cepe_backend *be, float *out, const int32_t *ids, const float *wte, int N, int C);
-    int (*rmsnorm)(const cepe_backend *be, float *out, const float *inp, const float *w, int N, int C, float eps,
-                   int nt);
-    int (*matmul)(const cepe_backend *be, float *out, const float *inp, const float *w, int N, int C, int OC,
-                  int accumulate, int nt);
-    int (*rope_table)(const cepe_backend *be, float *cos_t, float *sin_t, const double *pos, const float *inv_freq,
-                      int N, int half, float mscale);
-    int (*rope)(const cepe_backend *be, float *x, const float *cos_t, const float *sin_t, int N, int nh, int hd,
-                int half, int interleaved, int nt);
-    int (*attention)(const cepe_backend *be, float *out, const float *q, const float *k, const float *v,
-                     const uint8_t *key_valid, const attention_shape *s, int nt);
-    int (*swiglu)(const cepe_backend *be, float *out, const float *gate, const float *up, long N, int nt);
-
-    /* ---- training ops (csrc/ops/ops_backward.h; same shapes and the same
-     * accumulate-into-gradient convention) ---- */
-    int (*attention_lse)(const cepe_backend *be, float *out, float *lse, const float *q, const float *k,
-                         const float *v, const uint8_t *key_valid, const attention_shape *s, int nt);
-    int (*embedding_backward)(const cepe_backend *be, float *dwte, const float *dout, const int32_t *ids, int N,
-                              int C);
-    int (*rmsnorm_backward)(const cepe_backend *be, float *dinp, float *dweight, const float *dout,
-                            const float *inp, const float *weight, int N, int C, float eps);
-    int (*matmul_backward)(const cepe_backend *be, float *dinp, float *dweight, const float *dout, const float *inp,
-                           const float *weight, int N, int C, int OC, int accumulate, int nt);
-    int (*rope_backward)(const cepe_backend *be, float *dx, const float *cos_t, const float *sin_t, int N, int nh,
-                         int hd, int half, int interleaved);
-    int (*swiglu_backward)(const cepe_backend *be, float *dgate, float *dup, const float *dout, const float *gate,
-                           const float *up, long N);
-    int (*attention_backward)(const cepe_backend *be, float *dq, float *dk, float *dv, const float *dout,
-                              const float *q, const float *k, const float *v, const float *out, const float *lse,
-                              const uint8_t *key_valid, const attention_shape *s, int nt);
-    /* targets are range-checked by the caller (host side) */
-    int (*cross_entropy)(const cepe_backend *be, float *losses, float *dlogits, const float *logits,
-                         const int32_t *targets, int N, int V, float dloss_scale);
-    int (*kl_topk)(const cepe_backend *be, float *losses, float *dlogits, const float *logits,
-                   const uint16_t *teacher_probs_fp16, const int32_t *teacher_index, int N, int V, int K, int mode,
-                   float delta, float dloss_scale);
-
-    /* ---- optimizer over flat fp32 buffers (csrc/train/adamw.c) ---- */
-    /* partial[c] = Σ g² over chunk c of CEPE_NORM_CHUNK elements, in double;
-     * partial holds ceil(n / CEPE_NORM_CHUNK) doubles in the backend's space. */
-    int (*sumsq_chunks)(const cepe_backend *be, double *partial, const float *g, size_t n, int nt);
-    int (*scale)(const cepe_backend *be, float *x, float s, size_t n, int nt);
-    /* One AdamW step, torch's single-tensor arithmetic (adamw.c): the scalars
-     * are precomputed on the host. decay == 1 means no weight decay. */
-    int (*adamw)(const cepe_backend *be, float *p, const float *g, float *m, float *v, size_t n, float decay,
-                 float w1, float b2, float w2, float bc2_sqrt, float neg_step, float eps, int nt);
-
-    /* ---- bf16 weights (optional; NULL where unsupported) ---- */
-    /* dst (n) = bf16(src), round to nearest even; both in the backend's space. */
-    int (*to_bf16)(const cepe_backend *be, uint16_t *dst, const float *src, size_t n);
-    /* matmul with bf16 weights (OC, C): the activations are rounded to bf16,
-     * products are accumulated in fp32, out stays fp32. */
-    int (*matmul_bf16)(const cepe_backend *be, float *out, const float *inp, const uint16_t *w, int N, int C,
-                       int OC, int accumulate, int nt);
+    /* ---- the ops (the list above) ---- */
+    CEPE_BACKEND_OPS(CEPE_OP_FIELD)
 
     /* Frees this backend instance and everything it owns (NULL for the
      * static CPU table). */

@@ -1,5 +1,5 @@
-/* backend_cpu.c — the CPU op table, filled from csrc/ops/ and the optimizer
- * loops of csrc/train/adamw.c, plus a device-simulating twin for tests. */
+/* backend_cpu.c — the CPU op table, filled from csrc/ops/, plus a
+ * device-simulating twin for tests. */
 #include <stdint.h>
 #include <string.h>
 
@@ -7,7 +7,7 @@
 #include "common.h"
 #include "ops/elementwise.h"
 #include "ops/ops_backward.h"
-#include "train/train.h"
+#include "ops/optim.h"
 
 /* ------------------------------------------------------------ host table */
 
@@ -35,7 +35,11 @@ static int cpu_sync(const cepe_backend *be, char *msg, size_t msg_len) {
     return 0;
 }
 
-static int cpu_embedding(const cepe_backend *be, float *out, const int32_t *ids, const float *wte, int N, int C) {
+/* The op wrappers are written out, not generated from the op list: each
+ * adapts a csrc/ops/ function whose name, argument order or return
+ * convention differs (void ops, failures turned into cepe_fail messages). */
+static int cpu_embedding(const cepe_backend *be, float *out, const int32_t *ids, const float *wte, int N,
+                         int C) {
     (void)be;
     embedding_forward(out, ids, wte, N, C);
     return 0;
@@ -46,8 +50,8 @@ static int cpu_rmsnorm(const cepe_backend *be, float *out, const float *inp, con
     rmsnorm_forward(out, inp, w, N, C, eps, nt);
     return 0;
 }
-static int cpu_matmul(const cepe_backend *be, float *out, const float *inp, const float *w, int N, int C, int OC,
-                      int accumulate, int nt) {
+static int cpu_matmul(const cepe_backend *be, float *out, const float *inp, const float *w, int N, int C,
+                      int OC, int accumulate, int nt) {
     (void)be;
     return matmul_forward(out, inp, w, N, C, OC, accumulate, nt);
 }
@@ -57,8 +61,8 @@ static int cpu_rope_table(const cepe_backend *be, float *cos_t, float *sin_t, co
     rope_table(cos_t, sin_t, pos, inv_freq, N, half, mscale);
     return 0;
 }
-static int cpu_rope(const cepe_backend *be, float *x, const float *cos_t, const float *sin_t, int N, int nh, int hd,
-                    int half, int interleaved, int nt) {
+static int cpu_rope(const cepe_backend *be, float *x, const float *cos_t, const float *sin_t, int N, int nh,
+                    int hd, int half, int interleaved, int nt) {
     (void)be;
     rope_forward(x, cos_t, sin_t, N, nh, hd, half, interleaved, nt);
     return 0;
@@ -69,7 +73,8 @@ static int cpu_attention(const cepe_backend *be, float *out, const float *q, con
     attention_forward(out, q, k, v, key_valid, s, nt);
     return 0;
 }
-static int cpu_swiglu(const cepe_backend *be, float *out, const float *gate, const float *up, long N, int nt) {
+static int cpu_swiglu(const cepe_backend *be, float *out, const float *gate, const float *up, long N,
+                      int nt) {
     (void)be;
     swiglu_forward(out, gate, up, N, nt);
     return 0;
@@ -80,8 +85,8 @@ static int cpu_attention_lse(const cepe_backend *be, float *out, float *lse, con
     attention_forward_lse(out, lse, q, k, v, key_valid, s, nt);
     return 0;
 }
-static int cpu_embedding_backward(const cepe_backend *be, float *dwte, const float *dout, const int32_t *ids, int N,
-                                  int C) {
+static int cpu_embedding_backward(const cepe_backend *be, float *dwte, const float *dout, const int32_t *ids,
+                                  int N, int C) {
     (void)be;
     embedding_backward(dwte, dout, ids, N, C);
     return 0;
@@ -93,25 +98,27 @@ static int cpu_rmsnorm_backward(const cepe_backend *be, float *dinp, float *dwei
     return 0;
 }
 static int cpu_matmul_backward(const cepe_backend *be, float *dinp, float *dweight, const float *dout,
-                               const float *inp, const float *weight, int N, int C, int OC, int accumulate, int nt) {
+                               const float *inp, const float *weight, int N, int C, int OC, int accumulate,
+                               int nt) {
     (void)be;
     return matmul_backward(dinp, dweight, dout, inp, weight, N, C, OC, accumulate, nt);
 }
-static int cpu_rope_backward(const cepe_backend *be, float *dx, const float *cos_t, const float *sin_t, int N, int nh,
-                             int hd, int half, int interleaved) {
+static int cpu_rope_backward(const cepe_backend *be, float *dx, const float *cos_t, const float *sin_t, int N,
+                             int nh, int hd, int half, int interleaved) {
     (void)be;
     rope_backward(dx, cos_t, sin_t, N, nh, hd, half, interleaved);
     return 0;
 }
-static int cpu_swiglu_backward(const cepe_backend *be, float *dgate, float *dup, const float *dout, const float *gate,
-                               const float *up, long N) {
+static int cpu_swiglu_backward(const cepe_backend *be, float *dgate, float *dup, const float *dout,
+                               const float *gate, const float *up, long N) {
     (void)be;
     swiglu_backward(dgate, dup, dout, gate, up, N);
     return 0;
 }
 static int cpu_attention_backward(const cepe_backend *be, float *dq, float *dk, float *dv, const float *dout,
-                                  const float *q, const float *k, const float *v, const float *out, const float *lse,
-                                  const uint8_t *key_valid, const attention_shape *s, int nt) {
+                                  const float *q, const float *k, const float *v, const float *out,
+                                  const float *lse, const uint8_t *key_valid, const attention_shape *s,
+                                  int nt) {
     (void)be;
     if (attention_backward(dq, dk, dv, dout, q, k, v, out, lse, key_valid, s, nt))
         return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory in the attention backward");
@@ -125,10 +132,11 @@ static int cpu_cross_entropy(const cepe_backend *be, float *losses, float *dlogi
     return 0;
 }
 static int cpu_kl_topk(const cepe_backend *be, float *losses, float *dlogits, const float *logits,
-                       const uint16_t *probs, const int32_t *index, int N, int V, int K, int mode, float delta,
-                       float dloss_scale) {
+                       const uint16_t *teacher_probs, const int32_t *teacher_index, int N, int V, int K,
+                       int mode, float delta, float dloss_scale) {
     (void)be;
-    if (kl_topk_forward_backward(losses, dlogits, logits, probs, index, N, V, K, mode, delta, dloss_scale))
+    if (kl_topk_forward_backward(losses, dlogits, logits, teacher_probs, teacher_index, N, V, K, mode, delta,
+                                 dloss_scale))
         return cepe_fail(CEPE_ERR_INVALID_ARG, "distillation KL: bad mode, K or teacher index");
     return 0;
 }
@@ -139,12 +147,12 @@ static int cpu_sumsq_chunks(const cepe_backend *be, double *partial, const float
 }
 static int cpu_scale(const cepe_backend *be, float *x, float s, size_t n, int nt) {
     (void)be;
-#pragma omp parallel for simd num_threads(nt) if (n > (size_t)1 << 16)
-    for (size_t i = 0; i < n; i++) x[i] *= s;
+    cepe_scale(x, s, n, nt);
     return 0;
 }
-static int cpu_adamw(const cepe_backend *be, float *p, const float *g, float *m, float *v, size_t n, float decay,
-                     float w1, float b2, float w2, float bc2_sqrt, float neg_step, float eps, int nt) {
+static int cpu_adamw(const cepe_backend *be, float *p, const float *g, float *m, float *v, size_t n,
+                     float decay, float w1, float b2, float w2, float bc2_sqrt, float neg_step, float eps,
+                     int nt) {
     (void)be;
     const cepe_adamw_scalars_t s = {decay, w1, b2, w2, bc2_sqrt, neg_step, eps};
     cepe_adamw_apply(p, g, m, v, n, &s, nt);
@@ -159,8 +167,8 @@ static int cpu_to_bf16(const cepe_backend *be, uint16_t *dst, const float *src, 
     for (size_t i = 0; i < n; i++) dst[i] = cepe_float_to_bf16(src[i]);
     return 0;
 }
-static int cpu_matmul_bf16(const cepe_backend *be, float *out, const float *inp, const uint16_t *w, int N, int C, int OC,
-                           int accumulate, int nt) {
+static int cpu_matmul_bf16(const cepe_backend *be, float *out, const float *inp, const uint16_t *w, int N,
+                           int C, int OC, int accumulate, int nt) {
     float *wf = cepe_calloc(cepe_mul_size((size_t)OC, (size_t)C), sizeof(float));
     float *xf = cepe_calloc(cepe_mul_size((size_t)N, (size_t)C), sizeof(float));
     if (!wf || !xf) {
@@ -174,15 +182,13 @@ static int cpu_matmul_bf16(const cepe_backend *be, float *out, const float *inp,
     return st;
 }
 
-#define CPU_OPS                                                                                                  \
-    .embedding = cpu_embedding, .rmsnorm = cpu_rmsnorm, .matmul = cpu_matmul, .rope_table = cpu_rope_table,      \
-    .rope = cpu_rope, .attention = cpu_attention, .swiglu = cpu_swiglu, .attention_lse = cpu_attention_lse,      \
-    .embedding_backward = cpu_embedding_backward, .rmsnorm_backward = cpu_rmsnorm_backward,                      \
-    .matmul_backward = cpu_matmul_backward, .rope_backward = cpu_rope_backward,                                  \
-    .swiglu_backward = cpu_swiglu_backward, .attention_backward = cpu_attention_backward,                        \
-    .cross_entropy = cpu_cross_entropy, .kl_topk = cpu_kl_topk, .sumsq_chunks = cpu_sumsq_chunks,                \
-    .scale = cpu_scale, .adamw = cpu_adamw
+/* The CPU table leaves the bf16 ops NULL: cpu_to_bf16 / cpu_matmul_bf16
+ * widen the weights at every call, a reference for the device simulation
+ * below, not a CPU path for models. */
+#define CPU_OP(name, params, args) .name = cpu_##name,
 
+/* (not clang-formatted: it cannot see the op lists' trailing commas) */
+/* clang-format off */
 static const cepe_backend cpu_backend = {
     .abi = CEPE_BACKEND_ABI,
     .name = "cpu",
@@ -194,8 +200,11 @@ static const cepe_backend cpu_backend = {
     .copy = cpu_memcpy,
     .fill = cpu_fill,
     .sync = cpu_sync,
-    CPU_OPS,
+    CEPE_FORWARD_OPS(CPU_OP)
+    CEPE_TRAINING_OPS(CPU_OP)
+    CEPE_OPTIMIZER_OPS(CPU_OP)
 };
+/* clang-format on */
 
 const cepe_backend *cepe_backend_cpu(void) { return &cpu_backend; }
 
@@ -225,91 +234,30 @@ static int sim_copy(const cepe_backend *be, void *dst, const void *src, size_t b
 static int sim_fill(const cepe_backend *be, void *dst, int byte, size_t bytes) {
     return cpu_fill(be, H(dst), byte, bytes);
 }
-static int sim_embedding(const cepe_backend *be, float *out, const int32_t *ids, const float *wte, int N, int C) {
-    return cpu_embedding(be, H(out), H(ids), H(wte), N, C);
-}
-static int sim_rmsnorm(const cepe_backend *be, float *out, const float *inp, const float *w, int N, int C, float eps,
-                       int nt) {
-    return cpu_rmsnorm(be, H(out), H(inp), H(w), N, C, eps, nt);
-}
-static int sim_matmul(const cepe_backend *be, float *out, const float *inp, const float *w, int N, int C, int OC,
-                      int accumulate, int nt) {
-    return cpu_matmul(be, H(out), H(inp), H(w), N, C, OC, accumulate, nt);
-}
-static int sim_rope_table(const cepe_backend *be, float *cos_t, float *sin_t, const double *pos,
-                          const float *inv_freq, int N, int half, float mscale) {
-    return cpu_rope_table(be, H(cos_t), H(sin_t), H(pos), H(inv_freq), N, half, mscale);
-}
-static int sim_rope(const cepe_backend *be, float *x, const float *cos_t, const float *sin_t, int N, int nh, int hd,
-                    int half, int interleaved, int nt) {
-    return cpu_rope(be, H(x), H(cos_t), H(sin_t), N, nh, hd, half, interleaved, nt);
-}
-static int sim_attention(const cepe_backend *be, float *out, const float *q, const float *k, const float *v,
-                         const uint8_t *key_valid, const attention_shape *s, int nt) {
-    return cpu_attention(be, H(out), H(q), H(k), H(v), H(key_valid), s, nt);
-}
-static int sim_swiglu(const cepe_backend *be, float *out, const float *gate, const float *up, long N, int nt) {
-    return cpu_swiglu(be, H(out), H(gate), H(up), N, nt);
-}
-static int sim_attention_lse(const cepe_backend *be, float *out, float *lse, const float *q, const float *k,
-                             const float *v, const uint8_t *key_valid, const attention_shape *s, int nt) {
-    return cpu_attention_lse(be, H(out), H(lse), H(q), H(k), H(v), H(key_valid), s, nt);
-}
-static int sim_embedding_backward(const cepe_backend *be, float *dwte, const float *dout, const int32_t *ids, int N,
-                                  int C) {
-    return cpu_embedding_backward(be, H(dwte), H(dout), H(ids), N, C);
-}
-static int sim_rmsnorm_backward(const cepe_backend *be, float *dinp, float *dweight, const float *dout,
-                                const float *inp, const float *weight, int N, int C, float eps) {
-    return cpu_rmsnorm_backward(be, H(dinp), H(dweight), H(dout), H(inp), H(weight), N, C, eps);
-}
-static int sim_matmul_backward(const cepe_backend *be, float *dinp, float *dweight, const float *dout,
-                               const float *inp, const float *weight, int N, int C, int OC, int accumulate, int nt) {
-    return cpu_matmul_backward(be, H(dinp), H(dweight), H(dout), H(inp), H(weight), N, C, OC, accumulate, nt);
-}
-static int sim_rope_backward(const cepe_backend *be, float *dx, const float *cos_t, const float *sin_t, int N, int nh,
-                             int hd, int half, int interleaved) {
-    return cpu_rope_backward(be, H(dx), H(cos_t), H(sin_t), N, nh, hd, half, interleaved);
-}
-static int sim_swiglu_backward(const cepe_backend *be, float *dgate, float *dup, const float *dout, const float *gate,
-                               const float *up, long N) {
-    return cpu_swiglu_backward(be, H(dgate), H(dup), H(dout), H(gate), H(up), N);
-}
-static int sim_attention_backward(const cepe_backend *be, float *dq, float *dk, float *dv, const float *dout,
-                                  const float *q, const float *k, const float *v, const float *out, const float *lse,
-                                  const uint8_t *key_valid, const attention_shape *s, int nt) {
-    return cpu_attention_backward(be, H(dq), H(dk), H(dv), H(dout), H(q), H(k), H(v), H(out), H(lse), H(key_valid), s,
-                                  nt);
-}
-static int sim_cross_entropy(const cepe_backend *be, float *losses, float *dlogits, const float *logits,
-                             const int32_t *targets, int N, int V, float dloss_scale) {
-    return cpu_cross_entropy(be, H(losses), H(dlogits), H(logits), H(targets), N, V, dloss_scale);
-}
-static int sim_kl_topk(const cepe_backend *be, float *losses, float *dlogits, const float *logits,
-                       const uint16_t *probs, const int32_t *index, int N, int V, int K, int mode, float delta,
-                       float dloss_scale) {
-    return cpu_kl_topk(be, H(losses), H(dlogits), H(logits), H(probs), H(index), N, V, K, mode, delta, dloss_scale);
-}
-static int sim_sumsq_chunks(const cepe_backend *be, double *partial, const float *g, size_t n, int nt) {
-    return cpu_sumsq_chunks(be, H(partial), H(g), n, nt);
-}
-static int sim_scale(const cepe_backend *be, float *x, float s, size_t n, int nt) { return cpu_scale(be, H(x), s, n, nt); }
-static int sim_adamw(const cepe_backend *be, float *p, const float *g, float *m, float *v, size_t n, float decay,
-                     float w1, float b2, float w2, float bc2_sqrt, float neg_step, float eps, int nt) {
-    return cpu_adamw(be, H(p), H(g), H(m), H(v), n, decay, w1, b2, w2, bc2_sqrt, neg_step, eps, nt);
-}
-static int sim_to_bf16(const cepe_backend *be, uint16_t *dst, const float *src, size_t n) {
-    return cpu_to_bf16(be, H(dst), H(src), n);
-}
-static int sim_matmul_bf16(const cepe_backend *be, float *out, const float *inp, const uint16_t *w, int N, int C,
-                           int OC, int accumulate, int nt) {
-    return cpu_matmul_bf16(be, H(out), H(inp), H(w), N, C, OC, accumulate, nt);
-}
+
+/* Every op: its buffers moved back to host addresses, then the CPU op. */
+#define BUF_W(p) H(p)
+#define BUF_R(p) H(p)
+#define HOST(x) x
+#define SHAPE(s) s
+#define SIM_OP(name, params, args)                                                                           \
+    static int sim_##name(const cepe_backend *be, CEPE_UNPACK params) {                                      \
+        return cpu_##name(be, CEPE_UNPACK args);                                                             \
+    }
+CEPE_BACKEND_OPS(SIM_OP)
+#undef BUF_W
+#undef BUF_R
+#undef HOST
+#undef SHAPE
+
 static void sim_destroy(cepe_backend *be) { cepe_free(be); }
+
+#define SIM_TABLE_OP(name, params, args) .name = sim_##name,
 
 cepe_backend *cepe_backend_cpu_device_sim(void) {
     cepe_backend *be = cepe_calloc(1, sizeof *be);
     if (!be) return NULL;
+    /* clang-format off */
     *be = (cepe_backend){
         .abi = CEPE_BACKEND_ABI,
         .name = "cpu-device-sim",
@@ -321,28 +269,9 @@ cepe_backend *cepe_backend_cpu_device_sim(void) {
         .copy = sim_copy,
         .fill = sim_fill,
         .sync = cpu_sync,
-        .embedding = sim_embedding,
-        .rmsnorm = sim_rmsnorm,
-        .matmul = sim_matmul,
-        .rope_table = sim_rope_table,
-        .rope = sim_rope,
-        .attention = sim_attention,
-        .swiglu = sim_swiglu,
-        .attention_lse = sim_attention_lse,
-        .embedding_backward = sim_embedding_backward,
-        .rmsnorm_backward = sim_rmsnorm_backward,
-        .matmul_backward = sim_matmul_backward,
-        .rope_backward = sim_rope_backward,
-        .swiglu_backward = sim_swiglu_backward,
-        .attention_backward = sim_attention_backward,
-        .cross_entropy = sim_cross_entropy,
-        .kl_topk = sim_kl_topk,
-        .sumsq_chunks = sim_sumsq_chunks,
-        .scale = sim_scale,
-        .adamw = sim_adamw,
-        .to_bf16 = sim_to_bf16,
-        .matmul_bf16 = sim_matmul_bf16,
+        CEPE_BACKEND_OPS(SIM_TABLE_OP)
         .destroy = sim_destroy,
     };
+    /* clang-format on */
     return be;
 }

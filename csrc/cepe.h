@@ -24,21 +24,21 @@ extern "C" {
 
 typedef enum {
     CEPE_OK = 0,
-    CEPE_ERR_INVALID_ARG = 1,  /* a bad value or shape from the caller */
+    CEPE_ERR_INVALID_ARG = 1, /* a bad value or shape from the caller */
     CEPE_ERR_OUT_OF_MEMORY = 2,
     CEPE_ERR_MISSING_WEIGHT = 3,
-    CEPE_ERR_UNSUPPORTED = 4,  /* valid request this build cannot serve */
-    CEPE_ERR_STATE = 5,        /* call order / capacity problems */
-    CEPE_ERR_INTERRUPTED = 6,  /* cepe_ctx_interrupt() was called */
-    CEPE_ERR_BACKEND = 7,      /* BLAS / CUDA failure */
-    CEPE_ERR_NUMERIC = 8       /* a forward overflowed float32: non-finite logits */
+    CEPE_ERR_UNSUPPORTED = 4, /* valid request this build cannot serve */
+    CEPE_ERR_STATE = 5,       /* call order / capacity problems */
+    CEPE_ERR_INTERRUPTED = 6, /* cepe_ctx_interrupt() was called */
+    CEPE_ERR_BACKEND = 7,     /* BLAS / CUDA failure */
+    CEPE_ERR_NUMERIC = 8      /* a forward overflowed float32: non-finite logits */
 } cepe_status;
 
 /* ---- RoPE types (functions below) ---------------------------------------- */
 typedef enum {
     CEPE_ROPE_DEFAULT = 0,
-    CEPE_ROPE_LINEAR = 1,   /* position interpolation (PI); E2-LLM at inference */
-    CEPE_ROPE_DYNAMIC = 2,  /* dynamic NTK: the base grows with seq_len */
+    CEPE_ROPE_LINEAR = 1,  /* position interpolation (PI); E2-LLM at inference */
+    CEPE_ROPE_DYNAMIC = 2, /* dynamic NTK: the base grows with seq_len */
     CEPE_ROPE_YARN = 3,
     CEPE_ROPE_LLAMA3 = 4,
     CEPE_ROPE_LONGROPE = 5
@@ -52,20 +52,20 @@ typedef enum { CEPE_ROPE_HALF = 0, CEPE_ROPE_INTERLEAVED = 1 } cepe_rope_layout;
 typedef struct {
     cepe_rope_type type;
     cepe_rope_layout layout;
-    double theta;          /* rope_theta */
+    double theta; /* rope_theta */
     int head_dim;
-    int rotary_dim;        /* head_dim * partial_rotary_factor; even; dims past it are not rotated */
-    double factor;         /* s; NAN = unset (yarn/longrope: max_pos / original_max_pos) */
+    int rotary_dim; /* head_dim * partial_rotary_factor; even; dims past it are not rotated */
+    double factor;  /* s; NAN = unset (yarn/longrope: max_pos / original_max_pos) */
     /* L, the pre-training window; <= 0 = max_pos (as HF). For dynamic, HF's L is
      * max_position_embeddings: cepe.rope.parse_rope stores that here. */
     int original_max_pos;
-    int max_pos;           /* max_position_embeddings; 0 = unknown */
-    double low_freq_factor, high_freq_factor;   /* llama3 (required) */
-    double beta_fast, beta_slow;                /* yarn; NAN or 0 = 32 / 1 */
-    double mscale, mscale_all_dim;              /* yarn (DeepSeek); NAN or 0 = unset */
-    double attention_factor;                    /* yarn, longrope: M; NAN = derived from s */
-    int truncate;                               /* yarn: floor/ceil the ramp bounds (default 1) */
-    const float *short_factor, *long_factor;    /* longrope: rotary_dim/2 each, borrowed */
+    int max_pos;                              /* max_position_embeddings; 0 = unknown */
+    double low_freq_factor, high_freq_factor; /* llama3 (required) */
+    double beta_fast, beta_slow;              /* yarn; NAN or 0 = 32 / 1 */
+    double mscale, mscale_all_dim;            /* yarn (DeepSeek); NAN or 0 = unset */
+    double attention_factor;                  /* yarn, longrope: M; NAN = derived from s */
+    int truncate;                             /* yarn: floor/ceil the ramp bounds (default 1) */
+    const float *short_factor, *long_factor;  /* longrope: rotary_dim/2 each, borrowed */
 } cepe_rope_config;
 
 /* Decoder hyper-parameters (the subset of an HF LlamaConfig the math needs). */
@@ -92,12 +92,17 @@ typedef struct {
 
 typedef struct cepe_model cepe_model;
 typedef struct cepe_ctx cepe_ctx;
+/* An op table (its layout is internal: csrc/backend.h). */
+typedef struct cepe_backend cepe_backend;
 
 /* ---- errors ------------------------------------------------------------ */
 const char *cepe_last_error(void);
 const char *cepe_status_name(cepe_status s);
 
 /* ---- build info -------------------------------------------------------- */
+/* The largest n_threads any call accepts: an OpenMP team larger than this
+ * is a typo. */
+#define CEPE_MAX_THREADS 1024
 /* Human-readable BLAS name/config, and the OpenMP thread limit. */
 const char *cepe_blas_info(void);
 int cepe_max_threads(void);
@@ -113,7 +118,6 @@ cepe_status cepe_model_create(const cepe_config *cfg, const cepe_config *encoder
  * must outlive the model. On a device backend, bind copies each tensor to the
  * device (the caller's array need not stay valid) and every call moves its
  * inputs and outputs across. */
-typedef struct cepe_backend cepe_backend;
 cepe_status cepe_model_create_on(const cepe_config *cfg, const cepe_config *encoder_cfg, int n_threads,
                                  const cepe_backend *be, cepe_model **out);
 /* Stores the linear weights as bf16 on the device (rounded to nearest even
@@ -148,7 +152,7 @@ cepe_status cepe_model_encode(const cepe_model *m, const int32_t *ids, const uin
 cepe_status cepe_ctx_create(const cepe_model *m, int batch, int capacity, cepe_ctx **out);
 void cepe_ctx_free(cepe_ctx *c);
 void cepe_ctx_reset(cepe_ctx *c);
-int cepe_ctx_length(const cepe_ctx *c);   /* tokens per row already cached */
+int cepe_ctx_length(const cepe_ctx *c); /* tokens per row already cached */
 int cepe_ctx_capacity(const cepe_ctx *c);
 int cepe_ctx_batch(const cepe_ctx *c);
 /* Attaches CEPE context: encoder states (batch, N, d_enc) and their mask
@@ -184,15 +188,15 @@ typedef enum {
  *             before this one in the row" (HF's cumsum(mask) - 1)
  *  mask:      (batch, T) 1 = real token, 0 = padding (never attended), or NULL
  *  logits:    see cepe_logits_mode; may be NULL with CEPE_LOGITS_NONE */
-cepe_status cepe_ctx_forward(cepe_ctx *c, const int32_t *ids, const double *positions,
-                             const uint8_t *mask, int T, float *logits, cepe_logits_mode mode);
+cepe_status cepe_ctx_forward(cepe_ctx *c, const int32_t *ids, const double *positions, const uint8_t *mask,
+                             int T, float *logits, cepe_logits_mode mode);
 
 /* cepe_ctx_forward that scores instead of returning logits: nll (batch, T)
  * gets -log softmax(logits at (b, t))[targets (b, t)], or 0 where the target
  * is -100 (not scored). Logits are formed a few rows at a time, so scoring a
  * long input never holds a (T, vocab) array. Same cache effects as forward. */
-cepe_status cepe_ctx_forward_nll(cepe_ctx *c, const int32_t *ids, const double *positions, const uint8_t *mask,
-                                 int T, const int32_t *targets, float *nll);
+cepe_status cepe_ctx_forward_nll(cepe_ctx *c, const int32_t *ids, const double *positions,
+                                 const uint8_t *mask, int T, const int32_t *targets, float *nll);
 
 typedef struct {
     float temperature; /* 0 = greedy */
@@ -201,15 +205,14 @@ typedef struct {
     uint64_t seed;
     const int32_t *eos_ids; /* a row stops after emitting any of these */
     int n_eos;
-    int pad_token_id;       /* written after a row finished */
+    int pad_token_id; /* written after a row finished */
 } cepe_sampling;
 
 /* Samples up to max_new tokens per row, starting from the logits the last
  * forward left in the context. out: (batch, max_new). *n_out receives the
  * number of steps taken (all rows stop early once each produced eos). The
  * last sampled token is not fed back: to continue, forward it first. */
-cepe_status cepe_ctx_generate(cepe_ctx *c, const cepe_sampling *s, int max_new, int32_t *out,
-                              int *n_out);
+cepe_status cepe_ctx_generate(cepe_ctx *c, const cepe_sampling *s, int max_new, int32_t *out, int *n_out);
 
 /* ==== RoPE: frequency tables of the scaling variants, E2-LLM positions ====
  *
@@ -217,7 +220,6 @@ cepe_status cepe_ctx_generate(cepe_ctx *c, const cepe_sampling *s, int max_new, 
  * and a magnitude M that multiplies cos and sin (so logits scale by M^2):
  * a token at position p rotates pair j by p * w'_j. The numbers match
  * transformers 5.23 (modeling_rope_utils._compute_*_parameters). */
-
 
 /* Sets the default variant for (theta, head_dim) with every option unset. */
 void cepe_rope_config_init(cepe_rope_config *rc, double theta, int head_dim);
@@ -288,13 +290,18 @@ typedef struct {
     double weight_decay; /* decoupled; applied to 2-D weights only (not norm weights), as HF Trainer */
     double warmup_ratio; /* warmup steps = ceil(total_steps * warmup_ratio) */
     long total_steps;
-    double clip;         /* max global gradient norm; <= 0 = no clipping */
+    double clip; /* max global gradient norm; <= 0 = no clipping */
     cepe_adamw_config adam;
     double lm_loss_cof, kl_loss_cof;
-    int kl_mode;         /* 0 = smooth_δ, 1 = drop (ops_backward.h's CEPE_KL_*) */
-    double kl_delta;     /* δ of smooth_δ */
-    long logit_floats;   /* logits formed at a time (rows x vocab); 0 = 2^21 */
+    int kl_mode;       /* 0 = smooth_δ, 1 = drop (ops_backward.h's CEPE_KL_*) */
+    double kl_delta;   /* δ of smooth_δ */
+    long logit_floats; /* logits formed at a time (rows x vocab); 0 = 2^21 */
 } cepe_train_config;
+
+/* The defaults every field starts from: cross-attention trains at lr 1e-4
+ * for one step, no weight decay or warmup, clipping at 1, AdamW (0.9, 0.999,
+ * 1e-8), the LM loss alone (lm_loss_cof 1, kl_loss_cof 0). */
+void cepe_train_config_init(cepe_train_config *c);
 
 typedef struct cepe_train cepe_train;
 
@@ -322,9 +329,9 @@ cepe_status cepe_model_read_weight(const cepe_model *m, int i, float *dst);
  * the AdamW moments adam_m, adam_v; all three (n_params floats) stay owned by
  * the caller and must outlive the state. On a device backend the model's
  * device copies of the trainable weights are set from params, the moments
- * are copied to the device, and cepe_train_sync_host writes all three back. step: optimizer steps already taken
- * (0, or the step of a resumed checkpoint). While training, the model must
- * not run elsewhere: updates write its weights in place. */
+ * are copied to the device, and cepe_train_sync_host writes all three back. step: optimizer steps already
+ * taken (0, or the step of a resumed checkpoint). While training, the model must not run elsewhere: updates
+ * write its weights in place. */
 cepe_status cepe_train_create(const cepe_model *m, const cepe_train_config *c, float *params, float *adam_m,
                               float *adam_v, long step, cepe_train **out);
 void cepe_train_free(cepe_train *t);
@@ -343,8 +350,8 @@ typedef struct {
     /* CEPED: teacher tables for the last T_kl positions (T_kl = 0: no KL);
      * the KL is the mean over all B*T_kl rows (KLDivLoss "batchmean") */
     int T_kl, K;
-    const uint16_t *distill_prob;  /* (B, T_kl, K+1) IEEE half bits: top-K probabilities + remainder */
-    const int32_t *distill_index;  /* (B, T_kl, K) */
+    const uint16_t *distill_prob; /* (B, T_kl, K+1) IEEE half bits: top-K probabilities + remainder */
+    const int32_t *distill_index; /* (B, T_kl, K) */
 } cepe_train_batch;
 
 typedef struct {

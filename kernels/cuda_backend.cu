@@ -94,7 +94,8 @@ static int cuda_upload(const cepe_backend *be, void *dst, const void *src, size_
         int rc = cuda_check(st, cudaEventSynchronize(st->staging_free), "upload (staging wait)");
         if (rc) return rc;
         memcpy(st->staging, src, bytes);
-        rc = cuda_check(st, cudaMemcpyAsync(dst, st->staging, bytes, cudaMemcpyHostToDevice, st->stream), "upload");
+        rc = cuda_check(st, cudaMemcpyAsync(dst, st->staging, bytes, cudaMemcpyHostToDevice, st->stream),
+                        "upload");
         if (rc) return rc;
         return cuda_check(st, cudaEventRecord(st->staging_free, st->stream), "upload (staging record)");
     }
@@ -132,16 +133,20 @@ static int cuda_sync(const cepe_backend *be, char *msg, size_t msg_len) {
     cuda_state *st = cuda_begin(be);
     if (st) {
         // queued behind every kernel: the flags they set, then a fresh word
-        if (cuda_check(st, cudaMemcpyAsync(st->host_flags, st->dev_flags, sizeof(unsigned), cudaMemcpyDeviceToHost,
-                                           st->stream),
+        if (cuda_check(st,
+                       cudaMemcpyAsync(st->host_flags, st->dev_flags, sizeof(unsigned),
+                                       cudaMemcpyDeviceToHost, st->stream),
                        "sync (flags)") == 0 &&
-            cuda_check(st, cudaMemsetAsync(st->dev_flags, 0, sizeof(unsigned), st->stream), "sync (flags)") == 0 &&
+            cuda_check(st, cudaMemsetAsync(st->dev_flags, 0, sizeof(unsigned), st->stream), "sync (flags)") ==
+                0 &&
             cuda_check(st, cudaStreamSynchronize(st->stream), "sync") == 0) {
             const unsigned flags = *st->host_flags;
             if (flags & CUDA_FLAG_TARGET)
-                cuda_fail(st, CEPE_ERR_INVALID_ARG, "cross-entropy: a target is outside [0, V) (rows skipped)");
+                cuda_fail(st, CEPE_ERR_INVALID_ARG,
+                          "cross-entropy: a target is outside [0, V) (rows skipped)");
             if (flags & CUDA_FLAG_TEACHER)
-                cuda_fail(st, CEPE_ERR_INVALID_ARG, "distillation KL: a teacher index is outside [0, V) (rows skipped)");
+                cuda_fail(st, CEPE_ERR_INVALID_ARG,
+                          "distillation KL: a teacher index is outside [0, V) (rows skipped)");
         }
     } else {
         st = cuda_st(be);
@@ -187,27 +192,9 @@ static void fill_table(cepe_backend *be) {
     be->copy = cuda_copy;
     be->fill = cuda_fill;
     be->sync = cuda_sync;
-    be->embedding = cuda_embedding;
-    be->rmsnorm = cuda_rmsnorm;
-    be->matmul = cuda_matmul;
-    be->rope_table = cuda_rope_table;
-    be->rope = cuda_rope;
-    be->attention = cuda_attention;
-    be->swiglu = cuda_swiglu;
-    be->attention_lse = cuda_attention_lse;
-    be->embedding_backward = cuda_embedding_backward;
-    be->rmsnorm_backward = cuda_rmsnorm_backward;
-    be->matmul_backward = cuda_matmul_backward;
-    be->rope_backward = cuda_rope_backward;
-    be->swiglu_backward = cuda_swiglu_backward;
-    be->attention_backward = cuda_attention_backward;
-    be->cross_entropy = cuda_cross_entropy;
-    be->kl_topk = cuda_kl_topk;
-    be->sumsq_chunks = cuda_sumsq_chunks;
-    be->scale = cuda_scale;
-    be->adamw = cuda_adamw;
-    be->to_bf16 = cuda_to_bf16;
-    be->matmul_bf16 = cuda_matmul_bf16;
+#define CUDA_TABLE_OP(name, params, args) be->name = cuda_##name;
+    CEPE_BACKEND_OPS(CUDA_TABLE_OP)
+#undef CUDA_TABLE_OP
     be->destroy = cuda_destroy;
 }
 
@@ -222,7 +209,8 @@ extern "C" cepe_backend *cepe_cuda_backend_create(int device, char *msg, size_t 
     cudaError_t err = cudaGetDeviceCount(&count);
     if (err != cudaSuccess) {
         cudaGetLastError();
-        snprintf(msg, msg_len, "no usable CUDA driver: %s (%s)", cudaGetErrorString(err), cudaGetErrorName(err));
+        snprintf(msg, msg_len, "no usable CUDA driver: %s (%s)", cudaGetErrorString(err),
+                 cudaGetErrorName(err));
         return nullptr;
     }
     if (device < 0 || device >= count) {
@@ -244,7 +232,8 @@ extern "C" cepe_backend *cepe_cuda_backend_create(int device, char *msg, size_t 
     cublasStatus_t bs = CUBLAS_STATUS_SUCCESS;
     if ((err = cudaSetDevice(device)) != cudaSuccess) goto cuda_failed;
     what = "cudaStreamCreate";
-    if ((err = cudaStreamCreateWithFlags(&st->stream, cudaStreamNonBlocking)) != cudaSuccess) goto cuda_failed;
+    if ((err = cudaStreamCreateWithFlags(&st->stream, cudaStreamNonBlocking)) != cudaSuccess)
+        goto cuda_failed;
     what = "cudaDeviceGetAttribute";
     if ((err = cudaDeviceGetAttribute(&st->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device)) !=
         cudaSuccess)
@@ -255,11 +244,13 @@ extern "C" cepe_backend *cepe_cuda_backend_create(int device, char *msg, size_t 
     if ((err = cudaMalloc(&st->dev_flags, sizeof(unsigned))) != cudaSuccess) goto cuda_failed;
     // on our stream: cudaMemset would go to the legacy stream, which a
     // non-blocking stream does not wait for, racing the first kernels and sync
-    if ((err = cudaMemsetAsync(st->dev_flags, 0, sizeof(unsigned), st->stream)) != cudaSuccess) goto cuda_failed;
+    if ((err = cudaMemsetAsync(st->dev_flags, 0, sizeof(unsigned), st->stream)) != cudaSuccess)
+        goto cuda_failed;
     what = "cudaMallocHost";
     if ((err = cudaMallocHost(&st->host_flags, sizeof(unsigned))) != cudaSuccess) goto cuda_failed;
     what = "cudaEventCreate";
-    if ((err = cudaEventCreateWithFlags(&st->staging_free, cudaEventDisableTiming)) != cudaSuccess) goto cuda_failed;
+    if ((err = cudaEventCreateWithFlags(&st->staging_free, cudaEventDisableTiming)) != cudaSuccess)
+        goto cuda_failed;
     // Without pinned staging, uploads are simply synchronous.
     if (cudaMallocHost(&st->staging, STAGING_BYTES) == cudaSuccess)
         st->staging_bytes = STAGING_BYTES;

@@ -28,11 +28,11 @@ enum {
 
 struct cuda_state {
     int device;
-    cudaStream_t stream; // every op, copy and memset of this backend runs here, in order
-    cublasHandle_t blas; // bound to `stream`
-    int smem_optin;      // the most dynamic shared memory a block may opt in to, bytes
-    int sm_count;        // multiprocessors: how many blocks fill the device
-    unsigned *dev_flags; // CUDA_FLAG_*, set by kernels, collected by sync
+    cudaStream_t stream;  // every op, copy and memset of this backend runs here, in order
+    cublasHandle_t blas;  // bound to `stream`
+    int smem_optin;       // the most dynamic shared memory a block may opt in to, bytes
+    int sm_count;         // multiprocessors: how many blocks fill the device
+    unsigned *dev_flags;  // CUDA_FLAG_*, set by kernels, collected by sync
     unsigned *host_flags; // pinned: where sync copies dev_flags
 
     // caching allocator (cuda_arena.cu); blocks are reused in stream order
@@ -68,7 +68,9 @@ int cuda_check(cuda_state *st, cudaError_t err, const char *what);
 int cublas_check(cuda_state *st, cublasStatus_t status, const char *what);
 // After a launch: a bad configuration shows up here, a fault in the kernel
 // only at the next sync.
-static inline int cuda_launched(cuda_state *st, const char *what) { return cuda_check(st, cudaGetLastError(), what); }
+static inline int cuda_launched(cuda_state *st, const char *what) {
+    return cuda_check(st, cudaGetLastError(), what);
+}
 
 // The backend's state with its device current on the calling host thread;
 // NULL (the failure recorded) if the device cannot be selected.
@@ -146,53 +148,16 @@ __device__ __forceinline__ float block_max(float x, float *shared) {
 #endif // __CUDACC__
 
 // ------------------------------------------------------------------- ops
-// Signatures as in csrc/backend.h; each returns 0 or the recorded CEPE_ERR_*.
+// One per entry of csrc/backend.h's op list, with its signature: cuda_<op>,
+// defined in the kernels/*.cu file of its family (cuda_elementwise.cu:
+// embedding, swiglu, to_bf16; cuda_rope.cu; cuda_rmsnorm.cu; cuda_matmul.cu;
+// cuda_attention.cu; cuda_attention_backward.cu; cuda_loss.cu; cuda_optim.cu).
+// Each returns 0 or the recorded CEPE_ERR_*.
+#define CUDA_OP_DECL(name, params, args) int cuda_##name(const cepe_backend *be, CEPE_UNPACK params);
+CEPE_BACKEND_OPS(CUDA_OP_DECL)
+#undef CUDA_OP_DECL
 
-// cuda_elementwise.cu
-int cuda_embedding(const cepe_backend *be, float *out, const int32_t *ids, const float *wte, int N, int C);
-int cuda_embedding_backward(const cepe_backend *be, float *dwte, const float *dout, const int32_t *ids, int N, int C);
-int cuda_swiglu(const cepe_backend *be, float *out, const float *gate, const float *up, long N, int nt);
-int cuda_swiglu_backward(const cepe_backend *be, float *dgate, float *dup, const float *dout, const float *gate,
-                         const float *up, long N);
-int cuda_to_bf16(const cepe_backend *be, uint16_t *dst, const float *src, size_t n);
-// cuda_rope.cu
-int cuda_rope_table(const cepe_backend *be, float *cos_t, float *sin_t, const double *pos, const float *inv_freq, int N,
-                    int half, float mscale);
-int cuda_rope(const cepe_backend *be, float *x, const float *cos_t, const float *sin_t, int N, int nh, int hd, int half,
-              int interleaved, int nt);
-int cuda_rope_backward(const cepe_backend *be, float *dx, const float *cos_t, const float *sin_t, int N, int nh, int hd,
-                       int half, int interleaved);
-// cuda_rmsnorm.cu
-int cuda_rmsnorm(const cepe_backend *be, float *out, const float *inp, const float *w, int N, int C, float eps, int nt);
-int cuda_rmsnorm_backward(const cepe_backend *be, float *dinp, float *dweight, const float *dout, const float *inp,
-                          const float *weight, int N, int C, float eps);
-// cuda_matmul.cu
-int cuda_matmul(const cepe_backend *be, float *out, const float *inp, const float *w, int N, int C, int OC,
-                int accumulate, int nt);
-int cuda_matmul_backward(const cepe_backend *be, float *dinp, float *dweight, const float *dout, const float *inp,
-                         const float *weight, int N, int C, int OC, int accumulate, int nt);
-int cuda_matmul_bf16(const cepe_backend *be, float *out, const float *inp, const uint16_t *w, int N, int C, int OC,
-                     int accumulate, int nt);
-// cuda_attention.cu
-int cuda_attention(const cepe_backend *be, float *out, const float *q, const float *k, const float *v,
-                   const uint8_t *key_valid, const attention_shape *s, int nt);
-int cuda_attention_lse(const cepe_backend *be, float *out, float *lse, const float *q, const float *k, const float *v,
-                       const uint8_t *key_valid, const attention_shape *s, int nt);
 // the shape checks both attention files apply; 0 or the recorded error
 int cuda_attention_check(cuda_state *st, const attention_shape *s, const char *what);
-// cuda_attention_backward.cu
-int cuda_attention_backward(const cepe_backend *be, float *dq, float *dk, float *dv, const float *dout, const float *q,
-                            const float *k, const float *v, const float *out, const float *lse,
-                            const uint8_t *key_valid, const attention_shape *s, int nt);
-// cuda_loss.cu
-int cuda_cross_entropy(const cepe_backend *be, float *losses, float *dlogits, const float *logits,
-                       const int32_t *targets, int N, int V, float dloss_scale);
-int cuda_kl_topk(const cepe_backend *be, float *losses, float *dlogits, const float *logits, const uint16_t *probs,
-                 const int32_t *index, int N, int V, int K, int mode, float delta, float dloss_scale);
-// cuda_optim.cu
-int cuda_sumsq_chunks(const cepe_backend *be, double *partial, const float *g, size_t n, int nt);
-int cuda_scale(const cepe_backend *be, float *x, float s, size_t n, int nt);
-int cuda_adamw(const cepe_backend *be, float *p, const float *g, float *m, float *v, size_t n, float decay, float w1,
-               float b2, float w2, float bc2_sqrt, float neg_step, float eps, int nt);
 
 #endif // CEPE_CUDA_COMMON_CUH

@@ -1,8 +1,8 @@
-// cuda_optim.cu — the optimizer over flat fp32 buffers (csrc/train/adamw.c):
+// cuda_optim.cu — the optimizer over flat fp32 buffers (csrc/ops/optim.c):
 // the per-chunk sums of squares of the gradient norm, the clipping scale,
 // and the AdamW step through adamw_math.h's cepe_adamw_elem.
 #include "cuda_common.cuh"
-#include "train/adamw_math.h"
+#include "ops/adamw_math.h"
 
 // partial[c] = Σ g² over chunk c of CEPE_NORM_CHUNK elements, in double. One
 // block per chunk, a fixed split and reduction order: the same bits on every
@@ -22,8 +22,8 @@ __global__ void scale_kernel(float *x, float s, size_t n) {
 }
 
 // p, m, v (n) updated in place from g (n); the scalars as adamw.c computes them
-__global__ void adamw_kernel(float *p, const float *g, float *m, float *v, size_t n, float decay, float w1, float b2,
-                             float w2, float bc2_sqrt, float neg_step, float eps) {
+__global__ void adamw_kernel(float *p, const float *g, float *m, float *v, size_t n, float decay, float w1,
+                             float b2, float w2, float bc2_sqrt, float neg_step, float eps) {
     for (size_t i = grid_index(); i < n; i += grid_stride()) {
         float pi = p[i], mi = m[i], vi = v[i];
         cepe_adamw_elem(&pi, g[i], &mi, &vi, decay, w1, b2, w2, bc2_sqrt, neg_step, eps);
@@ -54,13 +54,13 @@ int cuda_scale(const cepe_backend *be, float *x, float s, size_t n, int nt) {
     return cuda_launched(st, "scale");
 }
 
-int cuda_adamw(const cepe_backend *be, float *p, const float *g, float *m, float *v, size_t n, float decay, float w1,
-               float b2, float w2, float bc2_sqrt, float neg_step, float eps, int nt) {
+int cuda_adamw(const cepe_backend *be, float *p, const float *g, float *m, float *v, size_t n, float decay,
+               float w1, float b2, float w2, float bc2_sqrt, float neg_step, float eps, int nt) {
     (void)nt;
     cuda_state *st = cuda_begin(be);
     if (!st) return CEPE_ERR_BACKEND;
     if (n == 0) return 0;
-    adamw_kernel<<<cuda_blocks(n, CUDA_THREADS), CUDA_THREADS, 0, st->stream>>>(p, g, m, v, n, decay, w1, b2, w2,
-                                                                                bc2_sqrt, neg_step, eps);
+    adamw_kernel<<<cuda_blocks(n, CUDA_THREADS), CUDA_THREADS, 0, st->stream>>>(p, g, m, v, n, decay, w1, b2,
+                                                                                w2, bc2_sqrt, neg_step, eps);
     return cuda_launched(st, "adamw");
 }

@@ -1,5 +1,5 @@
 """Every op of the backend table (csrc/backend.h) on a device backend against
-the CPU table, through cepe_c's _op_* bindings (backend=...): forward ops,
+the CPU table, through the test-only op bindings (tests/ops_ext/, backend=...): forward ops,
 backward ops, losses, the optimizer ops and the bf16 ops, on random inputs
 of odd sizes. The reference is always the CPU table run on the same inputs
 (tests/test_ops.py checks the CPU table itself against PyTorch).
@@ -26,7 +26,7 @@ Tolerances (max |got - want| <= atol + rtol * max |want|, per output):
   whose sums run in another order: rtol 1e-4
 - losses (cross-entropy, distillation KL): rtol 1e-5
 - sumsq_chunks (double sums): rtol 1e-12
-- to_bf16: bit-exact against cepe_float_to_bf16 on the host (_op_bf16_round),
+- to_bf16: bit-exact against cepe_float_to_bf16 on the host (ops.bf16_round),
   itself checked against torch's bfloat16 rounding
 - matmul_bf16: against the CPU fp32 matmul of the bf16-rounded inputs (the
   products are exact in fp32; tensor cores may sum in another order): rtol 1e-3
@@ -35,6 +35,7 @@ Tolerances (max |got - want| <= atol + rtol * max |want|, per output):
 from __future__ import annotations
 
 import numpy as np
+import ops_ext as ops
 import pytest
 
 import cepe
@@ -43,7 +44,7 @@ import cepe_c
 ELEM = dict(rtol=1e-5, atol=1e-6)
 GEMM = dict(rtol=1e-4, atol=0.0)
 LOSS = dict(rtol=1e-5, atol=1e-7)
-NORM_CHUNK = 16384  # CEPE_NORM_CHUNK (csrc/backend.h)
+NORM_CHUNK = 16384  # CEPE_NORM_CHUNK (csrc/ops/optim.h)
 
 
 def f32(a) -> np.ndarray:
@@ -110,7 +111,7 @@ def both(op, *args, backend, tol: dict, what: str | None = None, **kw):
 def test_backend_argument_is_checked():
     x, w = f32(np.ones((2, 3))), f32(np.ones(3))
     with pytest.raises(TypeError, match="cepe.backend"):
-        cepe_c._op_rmsnorm_forward(x, w, 1e-5, backend=object())
+        ops.rmsnorm_forward(x, w, 1e-5, backend=object())
 
 
 def test_cuda_backend_without_device_says_why():
@@ -129,7 +130,7 @@ def test_bf16_rounding_matches_torch():
     torch = pytest.importorskip("torch")
     x = bf16_test_values(np.random.default_rng(7))
     want = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    got = cepe_c._op_bf16_round(x)
+    got = ops.bf16_round(x)
     finite = np.isfinite(x)
     np.testing.assert_array_equal(got[finite], want[finite])
     assert (np.isnan(widen_bf16(got)) == np.isnan(x)).all()
@@ -144,8 +145,8 @@ def test_embedding(backend, rng, V, C, N):
     ids = rng.integers(0, V, N).astype(np.int32)
     ids[: N // 3] = ids[0]  # repeated ids add up in the backward
     dout = f32(rng.standard_normal((N, C)))
-    both(cepe_c._op_embedding_forward, ids, wte, backend=backend, tol=ELEM)
-    both(cepe_c._op_embedding_backward, dout, ids, V, init=0.5, backend=backend, tol=ELEM)
+    both(ops.embedding_forward, ids, wte, backend=backend, tol=ELEM)
+    both(ops.embedding_backward, dout, ids, V, init=0.5, backend=backend, tol=ELEM)
 
 
 # -------------------------------------------------------------------- rmsnorm
@@ -156,9 +157,9 @@ def test_rmsnorm(backend, rng, N, C):
     inp = f32(rng.standard_normal((N, C)) * 3)
     weight = f32(rng.uniform(0.5, 1.5, C))
     dout = f32(rng.standard_normal((N, C)))
-    both(cepe_c._op_rmsnorm_forward, inp, weight, 1e-5, backend=backend, tol=ELEM)
-    both(cepe_c._op_rmsnorm_backward, dout, inp, weight, 1e-5, init=0.5, backend=backend, tol=ELEM)
-    both(cepe_c._op_rmsnorm_backward, dout, inp, weight, 1e-5, dweight=False, init=0.5, backend=backend, tol=ELEM)
+    both(ops.rmsnorm_forward, inp, weight, 1e-5, backend=backend, tol=ELEM)
+    both(ops.rmsnorm_backward, dout, inp, weight, 1e-5, init=0.5, backend=backend, tol=ELEM)
+    both(ops.rmsnorm_backward, dout, inp, weight, 1e-5, dweight=False, init=0.5, backend=backend, tol=ELEM)
 
 
 # --------------------------------------------------------------------- matmul
@@ -169,16 +170,16 @@ def test_matmul(backend, rng, N, C, OC):
     inp = f32(rng.standard_normal((N, C)))
     weight = f32(rng.standard_normal((OC, C)) / np.sqrt(C))
     dout = f32(rng.standard_normal((N, OC)))
-    both(cepe_c._op_matmul_forward, inp, weight, backend=backend, tol=GEMM)
-    both(cepe_c._op_matmul_forward, inp, weight, init=0.5, backend=backend, tol=GEMM, what="matmul (accumulate)")
-    both(cepe_c._op_matmul_backward, dout, inp, weight, init=0.5, backend=backend, tol=GEMM)
-    both(cepe_c._op_matmul_backward, dout, inp, weight, dinp=False, backend=backend, tol=GEMM, what="dweight only")
-    both(cepe_c._op_matmul_backward, dout, inp, weight, dweight=False, backend=backend, tol=GEMM, what="dinp only")
+    both(ops.matmul_forward, inp, weight, backend=backend, tol=GEMM)
+    both(ops.matmul_forward, inp, weight, init=0.5, backend=backend, tol=GEMM, what="matmul (accumulate)")
+    both(ops.matmul_backward, dout, inp, weight, init=0.5, backend=backend, tol=GEMM)
+    both(ops.matmul_backward, dout, inp, weight, dinp=False, backend=backend, tol=GEMM, what="dweight only")
+    both(ops.matmul_backward, dout, inp, weight, dweight=False, backend=backend, tol=GEMM, what="dinp only")
     # accumulate = 1 adds dinp into what is there
     base = f32(rng.standard_normal((N, C)))
     want, got = base.copy(), base.copy()
-    cepe_c._op_matmul_backward(dout, inp, weight, dweight=False, dinp_into=want)
-    cepe_c._op_matmul_backward(dout, inp, weight, dweight=False, dinp_into=got, backend=backend)
+    ops.matmul_backward(dout, inp, weight, dweight=False, dinp_into=want)
+    ops.matmul_backward(dout, inp, weight, dweight=False, dinp_into=got, backend=backend)
     close(got, want, "dinp accumulated", **GEMM)
 
 
@@ -190,16 +191,16 @@ def test_rope_table(backend, rng, N, half, theta):
     pos = rng.uniform(0, 1e6, N)  # fractional positions up to 10^6: angles must be taken in double
     pos[:3] = [0.0, 1.0, 131071.0]
     inv_freq = f32(theta ** (-np.arange(half) / half))
-    both(cepe_c._op_rope_table, pos, inv_freq, 1.3, backend=backend, tol=dict(rtol=1e-6, atol=1e-7))
+    both(ops.rope_table, pos, inv_freq, 1.3, backend=backend, tol=dict(rtol=1e-6, atol=1e-7))
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("N,nh,hd,half", [(13, 5, 64, 32), (7, 3, 64, 16), (9, 4, 48, 24), (1, 2, 128, 64)])
 def test_rope(backend, rng, interleaved, N, nh, hd, half):
-    cos, sin = cepe_c._op_rope_table(rng.uniform(0, 5000, N), f32(1e4 ** (-np.arange(half) / half)), 1.3)
+    cos, sin = ops.rope_table(rng.uniform(0, 5000, N), f32(1e4 ** (-np.arange(half) / half)), 1.3)
     x = f32(rng.standard_normal((N, nh, hd)))
-    both(cepe_c._op_rope_forward, x, cos, sin, interleaved=interleaved, backend=backend, tol=ELEM)
-    both(cepe_c._op_rope_backward, x, cos, sin, interleaved=interleaved, backend=backend, tol=ELEM)
+    both(ops.rope_forward, x, cos, sin, interleaved=interleaved, backend=backend, tol=ELEM)
+    both(ops.rope_backward, x, cos, sin, interleaved=interleaved, backend=backend, tol=ELEM)
 
 
 # --------------------------------------------------------------------- swiglu
@@ -211,8 +212,8 @@ def test_swiglu(backend, rng, n):
     gate[:1] = 0.0
     up = f32(rng.standard_normal(n))
     dout = f32(rng.standard_normal(n))
-    both(cepe_c._op_swiglu_forward, gate, up, backend=backend, tol=ELEM)
-    both(cepe_c._op_swiglu_backward, dout, gate, up, init=0.5, backend=backend, tol=ELEM)
+    both(ops.swiglu_forward, gate, up, backend=backend, tol=ELEM)
+    both(ops.swiglu_backward, dout, gate, up, init=0.5, backend=backend, tol=ELEM)
 
 
 # ------------------------------------------------------------------ attention
@@ -266,21 +267,21 @@ def attention_inputs(rng, case: str):
 @pytest.mark.parametrize("case", list(ATTENTION_CASES))
 def test_attention(backend, rng, case):
     q, k, v, dout, opts = attention_inputs(rng, case)
-    out, lse = both(cepe_c._op_attention_forward_lse, q, k, v, **opts, backend=backend, tol=GEMM)
-    both(cepe_c._op_attention_forward, q, k, v, **opts, backend=backend, tol=GEMM)
+    out, lse = both(ops.attention_forward_lse, q, k, v, **opts, backend=backend, tol=GEMM)
+    both(ops.attention_forward, q, k, v, **opts, backend=backend, tol=GEMM)
     for lse_arg in (lse, None):  # saved by the forward, or rebuilt by the backward
         how = f"attention_backward (lse {'given' if lse_arg is not None else 'rebuilt'})"
         args = (dout, out, lse_arg, q, k, v)
-        both(cepe_c._op_attention_backward, *args, **opts, init=0.5, backend=backend, tol=GEMM, what=how)
+        both(ops.attention_backward, *args, **opts, init=0.5, backend=backend, tol=GEMM, what=how)
 
 
 def test_attention_partial_gradients(backend, rng):
     q, k, v, dout, opts = attention_inputs(rng, "causal_gqa_hd64")
-    out, lse = cepe_c._op_attention_forward_lse(q, k, v, **opts)
+    out, lse = ops.attention_forward_lse(q, k, v, **opts)
     args = (dout, out, lse, q, k, v)
     for need in ("q", "k", "v", "kv", "qv"):
         how = f"attention_backward need={need}"
-        both(cepe_c._op_attention_backward, *args, **opts, need=need, init=0.5, backend=backend, tol=GEMM, what=how)
+        both(ops.attention_backward, *args, **opts, need=need, init=0.5, backend=backend, tol=GEMM, what=how)
 
 
 # --------------------------------------------------------------------- losses
@@ -291,10 +292,10 @@ def test_cross_entropy(backend, rng, N, V):
     logits = f32(rng.standard_normal((N, V)) * 5)
     targets = rng.integers(0, V, N).astype(np.int32)
     targets[[1, N - 1]] = -100
-    both(cepe_c._op_cross_entropy, logits, targets, 0.7, init=0.5, backend=backend, tol=LOSS)
-    both(cepe_c._op_cross_entropy, logits, targets, 0.7, grad=False, backend=backend, tol=LOSS, what="losses only")
+    both(ops.cross_entropy, logits, targets, 0.7, init=0.5, backend=backend, tol=LOSS)
+    both(ops.cross_entropy, logits, targets, 0.7, grad=False, backend=backend, tol=LOSS, what="losses only")
     with pytest.raises(ValueError, match="targets"):
-        cepe_c._op_cross_entropy(logits, np.full(N, V, np.int32), backend=backend)
+        ops.cross_entropy(logits, np.full(N, V, np.int32), backend=backend)
 
 
 def teacher_table(rng, N: int, V: int, K: int, sharp: float) -> tuple[np.ndarray, np.ndarray]:
@@ -316,19 +317,19 @@ def test_kl_topk(backend, rng, mode, delta, N, V, K, sharp):
     index[0, -3:] = index[0, 0]  # repeated teacher ids add up, in order
     logits = f32(rng.standard_normal((N, V)) * sharp)
     args = (logits, probs, index, mode, delta)
-    both(cepe_c._op_kl_topk, *args, 2.0 / N, init=0.5, backend=backend, tol=LOSS)
-    both(cepe_c._op_kl_topk, *args, grad=False, backend=backend, tol=LOSS, what="kl losses only")
+    both(ops.kl_topk, *args, 2.0 / N, init=0.5, backend=backend, tol=LOSS)
+    both(ops.kl_topk, *args, grad=False, backend=backend, tol=LOSS, what="kl losses only")
 
 
 def test_kl_topk_rejects_bad_arguments_on_every_backend(backend, rng):
     probs, index = teacher_table(rng, 3, 20, 4, 1.0)
     logits = f32(rng.standard_normal((3, 20)))
     with pytest.raises(ValueError, match="mode"):
-        cepe_c._op_kl_topk(logits, probs, index, 2, backend=backend)
+        ops.kl_topk(logits, probs, index, 2, backend=backend)
     bad = index.copy()
     bad[1, 2] = 20
     with pytest.raises(ValueError, match="teacher_index"):
-        cepe_c._op_kl_topk(logits, probs, bad, 1, backend=backend)
+        ops.kl_topk(logits, probs, bad, 1, backend=backend)
 
 
 # ------------------------------------------------------------------ optimizer
@@ -337,13 +338,13 @@ def test_kl_topk_rejects_bad_arguments_on_every_backend(backend, rng):
 @pytest.mark.parametrize("n", [5, NORM_CHUNK, 3 * NORM_CHUNK + 17])
 def test_sumsq_chunks(backend, rng, n):
     g = f32(rng.standard_normal(n) * 3)
-    partial = both(cepe_c._op_sumsq_chunks, g, backend=backend, tol=dict(rtol=1e-12, atol=0.0))
+    partial = both(ops.sumsq_chunks, g, backend=backend, tol=dict(rtol=1e-12, atol=0.0))
     assert partial.shape == (-(-n // NORM_CHUNK),)
 
 
 def test_scale(backend, rng):
     x = f32(rng.standard_normal(100003))
-    np.testing.assert_array_equal(cepe_c._op_scale(x, 0.37, backend=backend), cepe_c._op_scale(x, 0.37))
+    np.testing.assert_array_equal(ops.scale(x, 0.37, backend=backend), ops.scale(x, 0.37))
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
@@ -361,7 +362,7 @@ def test_adamw(backend, rng, weight_decay):
         np.float32(-lr / (1 - beta1**t)),
         np.float32(eps),
     )
-    both(cepe_c._op_adamw, p, g, m, v, *map(float, scalars), backend=backend, tol=dict(rtol=1e-6, atol=1e-9))
+    both(ops.adamw, p, g, m, v, *map(float, scalars), backend=backend, tol=dict(rtol=1e-6, atol=1e-9))
 
 
 # ----------------------------------------------------------------------- bf16
@@ -387,21 +388,21 @@ def widen_bf16(bits: np.ndarray) -> np.ndarray:
 def test_to_bf16(backend, rng):
     x = bf16_test_values(rng)
     try:
-        got = cepe_c._op_to_bf16(x, backend=backend)
+        got = ops.to_bf16(x, backend=backend)
     except NotImplementedError:
         pytest.skip("this backend has no bf16 ops")
-    np.testing.assert_array_equal(got, cepe_c._op_bf16_round(x))
+    np.testing.assert_array_equal(got, ops.bf16_round(x))
 
 
 @pytest.mark.parametrize("N,C,OC", [(1, 64, 96), (37, 200, 130), (130, 1024, 257)])
 def test_matmul_bf16(backend, rng, N, C, OC):
     inp = f32(rng.standard_normal((N, C)))
-    w_bits = cepe_c._op_bf16_round(f32(rng.standard_normal((OC, C)) / np.sqrt(C)))
+    w_bits = ops.bf16_round(f32(rng.standard_normal((OC, C)) / np.sqrt(C)))
     try:
-        got = cepe_c._op_matmul_bf16(inp, w_bits, backend=backend)
+        got = ops.matmul_bf16(inp, w_bits, backend=backend)
     except NotImplementedError:
         pytest.skip("this backend has no bf16 ops")
-    ref_inp, ref_w = widen_bf16(cepe_c._op_bf16_round(inp)), widen_bf16(w_bits)
-    close(got, cepe_c._op_matmul_forward(ref_inp, ref_w), "matmul_bf16", rtol=1e-3)
-    got = cepe_c._op_matmul_bf16(inp, w_bits, init=0.5, backend=backend)
-    close(got, cepe_c._op_matmul_forward(ref_inp, ref_w, init=0.5), "matmul_bf16 (accumulate)", rtol=1e-3)
+    ref_inp, ref_w = widen_bf16(ops.bf16_round(inp)), widen_bf16(w_bits)
+    close(got, ops.matmul_forward(ref_inp, ref_w), "matmul_bf16", rtol=1e-3)
+    got = ops.matmul_bf16(inp, w_bits, init=0.5, backend=backend)
+    close(got, ops.matmul_forward(ref_inp, ref_w, init=0.5), "matmul_bf16 (accumulate)", rtol=1e-3)

@@ -1,5 +1,5 @@
 """Every CPU op of csrc/ops/ and its backward (csrc/ops/*_backward.c, loss.c),
-called through cepe_c's test-only _op_* bindings, against PyTorch autograd
+called through the test-only op bindings (tests/ops_ext/), against PyTorch autograd
 in float64 on odd sizes; plus directional finite differences of our own
 forwards, the masks attention must honour, and a check that the attention
 backward never holds O(T^2) memory."""
@@ -12,9 +12,8 @@ import sys
 import textwrap
 
 import numpy as np
+import ops_ext as ops
 import pytest
-
-import cepe_c
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -60,12 +59,12 @@ def test_embedding_forward_and_backward_with_repeated_ids(rng):
     wte = f32(rng.standard_normal((V, C)))
     ids = np.array([3, 0, 10, 3, 3, 7, 0], dtype=np.int32)  # repeats must add up
     dout = f32(rng.standard_normal((len(ids), C)))
-    np.testing.assert_array_equal(cepe_c._op_embedding_forward(ids, wte), wte[ids])
+    np.testing.assert_array_equal(ops.embedding_forward(ids, wte), wte[ids])
     w = leaf(wte)
     (dw,) = grads(F.embedding(torch.from_numpy(ids).long(), w), dout, w)
-    close(cepe_c._op_embedding_backward(dout, ids, V), dw, "dwte")
+    close(ops.embedding_backward(dout, ids, V), dw, "dwte")
     with pytest.raises(ValueError, match="outside"):
-        cepe_c._op_embedding_backward(dout, np.array([0, 1, 2, 3, 4, 5, 11], np.int32), V)
+        ops.embedding_backward(dout, np.array([0, 1, 2, 3, 4, 5, 11], np.int32), V)
 
 
 # ----------------------------------------------------------------------- rmsnorm
@@ -83,12 +82,12 @@ def test_rmsnorm(rng, N, C):
     dout = f32(rng.standard_normal((N, C)))
     x, w = leaf(inp), leaf(weight)
     y = torch_rmsnorm(x, w, eps)
-    close(cepe_c._op_rmsnorm_forward(inp, weight, eps), y, "out")
+    close(ops.rmsnorm_forward(inp, weight, eps), y, "out")
     dx, dw = grads(y, dout, x, w)
-    dinp, dweight = cepe_c._op_rmsnorm_backward(dout, inp, weight, eps)
+    dinp, dweight = ops.rmsnorm_backward(dout, inp, weight, eps)
     close(dinp, dx, "dinp")
     close(dweight, dw, "dweight")
-    frozen_dinp, none = cepe_c._op_rmsnorm_backward(dout, inp, weight, eps, dweight=False)  # frozen norm
+    frozen_dinp, none = ops.rmsnorm_backward(dout, inp, weight, eps, dweight=False)  # frozen norm
     assert none is None
     np.testing.assert_array_equal(frozen_dinp, dinp)
 
@@ -105,21 +104,21 @@ def test_matmul(rng, N, C, OC):
     y = x @ w.T
     dx, dw = grads(y, dout, x, w)
     for n_threads in (1, 2):  # (64, 96, 130) is large enough to split columns over 2 threads
-        close(cepe_c._op_matmul_forward(inp, weight, n_threads=n_threads), y, "out")
-        dinp, dweight = cepe_c._op_matmul_backward(dout, inp, weight, n_threads=n_threads)
+        close(ops.matmul_forward(inp, weight, n_threads=n_threads), y, "out")
+        dinp, dweight = ops.matmul_backward(dout, inp, weight, n_threads=n_threads)
         close(dinp, dx, "dinp")
         close(dweight, dw, "dweight")
     # Frozen layer: no weight gradient, the input gradient still flows.
-    dinp_only, none = cepe_c._op_matmul_backward(dout, inp, weight, dweight=False, n_threads=2)
+    dinp_only, none = ops.matmul_backward(dout, inp, weight, dweight=False, n_threads=2)
     assert none is None
     close(dinp_only, dx, "dinp (frozen weight)")
-    none, dweight_only = cepe_c._op_matmul_backward(dout, inp, weight, dinp=False)
+    none, dweight_only = ops.matmul_backward(dout, inp, weight, dinp=False)
     assert none is None
     close(dweight_only, dw, "dweight (no dinp)")
     # accumulate = 1 adds into what is there.
     base = f32(rng.standard_normal((N, C)))
     acc = base.copy()
-    cepe_c._op_matmul_backward(dout, inp, weight, dweight=False, dinp_into=acc, n_threads=2)
+    ops.matmul_backward(dout, inp, weight, dweight=False, dinp_into=acc, n_threads=2)
     close(acc, base + dx.detach().numpy(), "dinp accumulated")
 
 
@@ -155,9 +154,9 @@ def test_rope(rng, hd, half, interleaved):
     dout = f32(rng.standard_normal((N, nh, hd)))
     x = leaf(xin)
     y = torch_rope(x, cos, sin, interleaved)
-    close(cepe_c._op_rope_forward(xin, cos, sin, interleaved=interleaved), y, "rotated")
+    close(ops.rope_forward(xin, cos, sin, interleaved=interleaved), y, "rotated")
     (dx,) = grads(y, dout, x)
-    close(cepe_c._op_rope_backward(dout, cos, sin, interleaved=interleaved), dx, "dx")
+    close(ops.rope_backward(dout, cos, sin, interleaved=interleaved), dx, "dx")
 
 
 # ------------------------------------------------------------------------ swiglu
@@ -170,9 +169,9 @@ def test_swiglu(rng):
     dout = f32(rng.standard_normal(N))
     g, u = leaf(gate), leaf(up)
     y = F.silu(g) * u
-    close(cepe_c._op_swiglu_forward(gate, up), y, "out")
+    close(ops.swiglu_forward(gate, up), y, "out")
     dg, du = grads(y, dout, g, u)
-    dgate, dup = cepe_c._op_swiglu_backward(dout, gate, up)
+    dgate, dup = ops.swiglu_backward(dout, gate, up)
     close(dgate, dg, "dgate")
     close(dup, du, "dup")
 
@@ -245,9 +244,9 @@ def test_attention_forward_and_backward(rng, case):
     ref, ref_lse = torch_attention(q, k, v, valid, causal, q_offset, window, scale)
     dq, dk, dv = grads(ref, dout, q, k, v)
 
-    out, lse = cepe_c._op_attention_forward_lse(qn, kn, vn, **opts, n_threads=2)
+    out, lse = ops.attention_forward_lse(qn, kn, vn, **opts, n_threads=2)
     close(out, ref, "out (forward_lse)")
-    close(cepe_c._op_attention_forward(qn, kn, vn, **opts, n_threads=2), ref, "out (attention_forward)")
+    close(ops.attention_forward(qn, kn, vn, **opts, n_threads=2), ref, "out (attention_forward)")
     want_lse = ref_lse.detach().numpy()
     empty = np.isneginf(want_lse)
     np.testing.assert_array_equal(np.isneginf(lse), empty)
@@ -255,7 +254,7 @@ def test_attention_forward_and_backward(rng, case):
 
     for lse_arg in (lse, None):  # saved by the forward, or recomputed by the backward
         for n_threads in (1, 2):
-            got = cepe_c._op_attention_backward(dout, out, lse_arg, qn, kn, vn, **opts, n_threads=n_threads)
+            got = ops.attention_backward(dout, out, lse_arg, qn, kn, vn, **opts, n_threads=n_threads)
             for name, g, want in zip(("dq", "dk", "dv"), got, (dq, dk, dv), strict=True):
                 how = f"lse {'given' if lse_arg is not None else 'recomputed'}, {n_threads} threads"
                 # inputs are O(1), so are the gradients: dq of one visible key cancels to exactly 0
@@ -275,12 +274,12 @@ def test_attention_fused_qkv_layout(rng, case):
     vn = f32(rng.standard_normal((B, Tk, KVH, hd)))
     dout = f32(rng.standard_normal((B, Tq, H, hd)))
     opts = dict(key_valid=left_padding(B, Tk, pads) if pads else None, causal=causal, q_offset=q_offset, window=window)
-    out, lse = cepe_c._op_attention_forward_lse(qn, kn, vn, **opts)
-    fused_out, fused_lse = cepe_c._op_attention_forward_lse(qn, kn, vn, **opts, fused=True, n_threads=2)
+    out, lse = ops.attention_forward_lse(qn, kn, vn, **opts)
+    fused_out, fused_lse = ops.attention_forward_lse(qn, kn, vn, **opts, fused=True, n_threads=2)
     np.testing.assert_allclose(fused_out, out, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(fused_lse, lse, rtol=1e-6, atol=1e-6)
-    plain = cepe_c._op_attention_backward(dout, out, lse, qn, kn, vn, **opts)
-    fused = cepe_c._op_attention_backward(dout, out, lse, qn, kn, vn, **opts, fused=True, n_threads=2)
+    plain = ops.attention_backward(dout, out, lse, qn, kn, vn, **opts)
+    fused = ops.attention_backward(dout, out, lse, qn, kn, vn, **opts, fused=True, n_threads=2)
     for name, a, b in zip(("dq", "dk", "dv"), plain, fused, strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=name)
 
@@ -293,12 +292,12 @@ def test_attention_backward_split_keys_is_reproducible(rng):
     qn, kn, vn, dout = (
         f32(rng.standard_normal(s)) for s in [(B, T, H, hd), (B, T, KVH, hd), (B, T, KVH, hd), (B, T, H, hd)]
     )
-    out, lse = cepe_c._op_attention_forward_lse(qn, kn, vn, causal=True)
-    runs = [cepe_c._op_attention_backward(dout, out, lse, qn, kn, vn, causal=True, n_threads=2) for _ in range(4)]
+    out, lse = ops.attention_forward_lse(qn, kn, vn, causal=True)
+    runs = [ops.attention_backward(dout, out, lse, qn, kn, vn, causal=True, n_threads=2) for _ in range(4)]
     for again in runs[1:]:
         for a, b in zip(runs[0], again, strict=True):
             np.testing.assert_array_equal(a, b)
-    one = cepe_c._op_attention_backward(dout, out, lse, qn, kn, vn, causal=True, n_threads=1)
+    one = ops.attention_backward(dout, out, lse, qn, kn, vn, causal=True, n_threads=1)
     for a, b in zip(one, runs[0], strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
 
@@ -309,10 +308,10 @@ def test_attention_backward_partial_gradients(rng):
     qn, kn, vn, dout = (
         f32(rng.standard_normal(s)) for s in [(B, T, H, hd), (B, T, KVH, hd), (B, T, KVH, hd), (B, T, H, hd)]
     )
-    out, lse = cepe_c._op_attention_forward_lse(qn, kn, vn, causal=True)
-    full = cepe_c._op_attention_backward(dout, out, lse, qn, kn, vn, causal=True)
+    out, lse = ops.attention_forward_lse(qn, kn, vn, causal=True)
+    full = ops.attention_backward(dout, out, lse, qn, kn, vn, causal=True)
     for need in ("q", "k", "v", "kv", ""):
-        part = cepe_c._op_attention_backward(dout, out, lse, qn, kn, vn, causal=True, need=need)
+        part = ops.attention_backward(dout, out, lse, qn, kn, vn, causal=True, need=need)
         for name, a, b in zip("qkv", full, part, strict=True):
             if name in need:
                 np.testing.assert_array_equal(b, a)
@@ -329,7 +328,7 @@ def test_attention_backward_memory_is_linear_in_t():
         """
         import resource
         import numpy as np
-        import cepe_c
+        import ops_ext as ops
         rng = np.random.default_rng(0)
         def peak():
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -339,19 +338,20 @@ def test_attention_backward_memory_is_linear_in_t():
         v = rng.standard_normal((B, T, KVH, hd), dtype=np.float32)
         dout = rng.standard_normal((B, T, H, hd), dtype=np.float32)
         # warm up BLAS and the OpenMP workers on a small problem first
-        o, l = cepe_c._op_attention_forward_lse(q[:, :256], k[:, :256], v[:, :256], causal=True, n_threads=2)
-        cepe_c._op_attention_backward(dout[:, :256], o, l, q[:, :256].copy(), k[:, :256].copy(),
-                                      v[:, :256].copy(), causal=True, n_threads=2)
-        out, lse = cepe_c._op_attention_forward_lse(q, k, v, causal=True, n_threads=2)
+        o, l = ops.attention_forward_lse(q[:, :256], k[:, :256], v[:, :256], causal=True, n_threads=2)
+        ops.attention_backward(dout[:, :256], o, l, q[:, :256].copy(), k[:, :256].copy(),
+                               v[:, :256].copy(), causal=True, n_threads=2)
+        out, lse = ops.attention_forward_lse(q, k, v, causal=True, n_threads=2)
         before = peak()
-        grads = [cepe_c._op_attention_backward(dout, out, lse_arg, q, k, v, causal=True, n_threads=2)
+        grads = [ops.attention_backward(dout, out, lse_arg, q, k, v, causal=True, n_threads=2)
                  for lse_arg in (lse, None)]
         assert all(np.isfinite(g).all() for gs in grads for g in gs)
         print(peak() - before)
         """
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    tests = os.path.join(root, "tests")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, tests, os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     growth = int(r.stdout.split()[-1])
@@ -371,17 +371,17 @@ def test_cross_entropy_with_ignore_index(rng, N, V):
     z = leaf(logits)
     ref = F.cross_entropy(z, torch.from_numpy(targets).long(), ignore_index=-100, reduction="none")
     (dz,) = grads(ref, np.full(N, 0.7 / n_valid), z)  # dloss_scale = coef / non-ignored tokens
-    losses, dlogits = cepe_c._op_cross_entropy(logits, targets, dloss_scale=0.7 / n_valid)
+    losses, dlogits = ops.cross_entropy(logits, targets, dloss_scale=0.7 / n_valid)
     close(losses, ref, "losses")
     close(dlogits, dz, "dlogits")
     assert losses[1] == 0 and not dlogits[1].any() and not dlogits[N - 1].any()
-    losses_only, none = cepe_c._op_cross_entropy(logits, targets, grad=False)
+    losses_only, none = ops.cross_entropy(logits, targets, grad=False)
     assert none is None
     np.testing.assert_array_equal(losses_only, losses)
     with pytest.raises(ValueError, match="targets"):
-        cepe_c._op_cross_entropy(logits, np.full(N, V, np.int32))
+        ops.cross_entropy(logits, np.full(N, V, np.int32))
     with pytest.raises(ValueError, match="targets"):
-        cepe_c._op_cross_entropy(logits, np.full(N, -1, np.int32))
+        ops.cross_entropy(logits, np.full(N, -1, np.int32))
 
 
 def teacher_table(rng, N: int, V: int, K: int, sharp: float) -> tuple[np.ndarray, np.ndarray]:
@@ -430,7 +430,7 @@ def test_kl_topk(rng, mode_name, N, V, K, sharp):
     z = leaf(logits)
     ref = torch_kl(z, probs, index, mode, delta)
     (dz,) = grads(ref, np.full(N, kl_cof / N), z)  # per-token mean x kl_loss_cof
-    losses, dlogits = cepe_c._op_kl_topk(logits, probs, index, mode, delta, kl_cof / N)
+    losses, dlogits = ops.kl_topk(logits, probs, index, mode, delta, kl_cof / N)
     close(losses, ref, "losses")
     close(dlogits, dz, "dlogits")
     # The reference's reduction: KLDivLoss(batchmean) on the flattened table = the mean of our rows.
@@ -449,20 +449,20 @@ def test_kl_topk_rejects_bad_arguments(rng):
     probs, index = teacher_table(rng, 3, 20, 4, 1.0)
     logits = f32(rng.standard_normal((3, 20)))
     with pytest.raises(ValueError, match="mode"):
-        cepe_c._op_kl_topk(logits, probs, index, 2)
+        ops.kl_topk(logits, probs, index, 2)
     with pytest.raises(ValueError, match="mode"):
-        cepe_c._op_kl_topk(logits, probs, index, 0, -1.0)
+        ops.kl_topk(logits, probs, index, 0, -1.0)
     bad = index.copy()
     bad[1, 2] = 20
     with pytest.raises(ValueError, match="teacher_index"):
-        cepe_c._op_kl_topk(logits, probs, bad, 1)
+        ops.kl_topk(logits, probs, bad, 1)
     with pytest.raises(ValueError, match="axis 1"):
-        cepe_c._op_kl_topk(logits, probs[:, :-1].copy(), index, 1)
+        ops.kl_topk(logits, probs[:, :-1].copy(), index, 1)
 
 
 def test_half_to_float_is_exact_for_every_bit_pattern():
     bits = np.arange(65536, dtype=np.uint16)
-    np.testing.assert_array_equal(cepe_c._op_half_to_float(bits), bits.view(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(ops.half_to_float(bits), bits.view(np.float16).astype(np.float32))
 
 
 # ------------------------------------------------ finite differences of our ops
@@ -485,8 +485,8 @@ def directional_check(forward, backward, inputs: list[np.ndarray], dout: np.ndar
 def fd_rmsnorm(rng):
     x, w, d = f32(rng.standard_normal((6, 37))), f32(rng.uniform(0.5, 1.5, 37)), rng.standard_normal((6, 37))
     return (
-        lambda a, b: cepe_c._op_rmsnorm_forward(a, b, 1e-5),
-        lambda: cepe_c._op_rmsnorm_backward(f32(d), x, w, 1e-5),
+        lambda a, b: ops.rmsnorm_forward(a, b, 1e-5),
+        lambda: ops.rmsnorm_backward(f32(d), x, w, 1e-5),
         [x, w],
         d,
     )
@@ -494,28 +494,28 @@ def fd_rmsnorm(rng):
 
 def fd_matmul(rng):
     x, w, d = f32(rng.standard_normal((6, 37))), f32(rng.standard_normal((21, 37))), rng.standard_normal((6, 21))
-    return cepe_c._op_matmul_forward, lambda: cepe_c._op_matmul_backward(f32(d), x, w), [x, w], d
+    return ops.matmul_forward, lambda: ops.matmul_backward(f32(d), x, w), [x, w], d
 
 
 def fd_swiglu(rng):
     g, u, d = f32(rng.standard_normal(50) * 3), f32(rng.standard_normal(50)), rng.standard_normal(50)
-    return cepe_c._op_swiglu_forward, lambda: cepe_c._op_swiglu_backward(f32(d), g, u), [g, u], d
+    return ops.swiglu_forward, lambda: ops.swiglu_backward(f32(d), g, u), [g, u], d
 
 
 def fd_rope(rng):
     cos, sin = rope_tables(rng, 6, 6)
     x, d = f32(rng.standard_normal((6, 2, 12))), rng.standard_normal((6, 2, 12))
-    return lambda a: cepe_c._op_rope_forward(a, cos, sin), lambda: [cepe_c._op_rope_backward(f32(d), cos, sin)], [x], d
+    return lambda a: ops.rope_forward(a, cos, sin), lambda: [ops.rope_backward(f32(d), cos, sin)], [x], d
 
 
 def fd_attention(rng):
     q, k, v = (f32(rng.standard_normal(s)) for s in [(2, 40, 4, 12), (2, 40, 2, 12), (2, 40, 2, 12)])
     d = rng.standard_normal(q.shape)
     opts = dict(key_valid=left_padding(2, 40, [0, 7]), causal=True)
-    out, lse = cepe_c._op_attention_forward_lse(q, k, v, **opts)
+    out, lse = ops.attention_forward_lse(q, k, v, **opts)
     return (
-        lambda a, b, c: cepe_c._op_attention_forward(a, b, c, **opts),
-        lambda: cepe_c._op_attention_backward(f32(d), out, lse, q, k, v, **opts),
+        lambda a, b, c: ops.attention_forward(a, b, c, **opts),
+        lambda: ops.attention_backward(f32(d), out, lse, q, k, v, **opts),
         [q, k, v],
         d,
     )
@@ -523,7 +523,7 @@ def fd_attention(rng):
 
 def fd_cross_entropy(rng):
     z, t = f32(rng.standard_normal((6, 30))), np.array([1, 2, -100, 4, 5, 29], np.int32)
-    return lambda a: cepe_c._op_cross_entropy(a, t, grad=False)[0], lambda: [cepe_c._op_cross_entropy(z, t)[1]], [z], 1
+    return lambda a: ops.cross_entropy(a, t, grad=False)[0], lambda: [ops.cross_entropy(z, t)[1]], [z], 1
 
 
 def fd_kl(mode: int, delta: float):
@@ -531,8 +531,8 @@ def fd_kl(mode: int, delta: float):
         z = f32(rng.standard_normal((6, 30)))
         probs, index = teacher_table(rng, 6, 30, 5, 2.0)
         return (
-            lambda a: cepe_c._op_kl_topk(a, probs, index, mode, delta, grad=False)[0],
-            lambda: [cepe_c._op_kl_topk(z, probs, index, mode, delta)[1]],
+            lambda a: ops.kl_topk(a, probs, index, mode, delta, grad=False)[0],
+            lambda: [ops.kl_topk(z, probs, index, mode, delta)[1]],
             [z],
             1,
         )
@@ -565,12 +565,12 @@ def test_bindings_reject_wrong_arrays(rng):
     x = f32(rng.standard_normal((4, 8)))
     w = f32(np.ones(8))
     with pytest.raises(TypeError, match="dtype"):
-        cepe_c._op_rmsnorm_forward(x.astype(np.float64), w, 1e-5)
+        ops.rmsnorm_forward(x.astype(np.float64), w, 1e-5)
     with pytest.raises(ValueError, match="C-contiguous"):
-        cepe_c._op_rmsnorm_forward(np.asfortranarray(x), w, 1e-5)
+        ops.rmsnorm_forward(np.asfortranarray(x), w, 1e-5)
     with pytest.raises(ValueError, match="axis 0"):
-        cepe_c._op_rmsnorm_forward(x, f32(np.ones(7)), 1e-5)
+        ops.rmsnorm_forward(x, f32(np.ones(7)), 1e-5)
     q = f32(rng.standard_normal((1, 5, 3, 8)))
     kv = f32(rng.standard_normal((1, 5, 2, 8)))
     with pytest.raises(ValueError, match="KVH"):  # 3 query heads cannot share 2 kv heads
-        cepe_c._op_attention_forward_lse(q, kv, kv)
+        ops.attention_forward_lse(q, kv, kv)

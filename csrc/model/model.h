@@ -10,8 +10,7 @@
 #include "../cepe.h"
 #include "../rope.h"
 
-#define CEPE_MAX_HEAD_DIM 256
-#define CEPE_MAX_THREADS 1024 /* an OpenMP team larger than this is a typo */ /* attention keeps a head's accumulator on the stack */
+#define CEPE_MAX_HEAD_DIM 256 /* attention keeps a head's accumulator on the stack */
 
 typedef struct {
     const float *attn_norm; /* (d) input_layernorm */
@@ -80,7 +79,8 @@ struct cepe_ctx {
     const cepe_model *m;
     int B, cap, len, chunk;
     atomic_int interrupt;
-    atomic_long progress_done, progress_total; /* layer passes of the running forward call (any thread may read) */
+    atomic_long progress_done,
+        progress_total; /* layer passes of the running forward call (any thread may read) */
     /* [dev] KV cache: (n_layers, B, cap, KVH*hd) each; RoPE already applied to K. */
     float *k_cache, *v_cache;
     uint8_t *valid, *valid_h; /* [both] (B, cap) 1 = real token */
@@ -88,18 +88,18 @@ struct cepe_ctx {
     /* run state for one chunk of B*chunk rows */
     float *inv_freq, *inv_freq_h; /* [both] (rope.half) this call's RoPE table (dynamic NTK / LongRoPE) */
     float rope_mscale;
-    int rope_cached_len; /* dynamic NTK: longest sequence seen by this request */
-    int rope_len_hint;   /* cepe_ctx_set_rope_length */
-    double *saved_pos;   /* [host] (B) next_pos at the start of a call, restored if it is stopped */
-    int32_t *ids, *ids_h;  /* [both] (rows) */
-    double *pos, *pos_h;   /* [both] (rows) */
-    float *cos_t, *sin_t;  /* [dev] (rows, rope_half) */
-    float *x, *xn;         /* [dev] (rows, d) residual stream, normed copy */
+    int rope_cached_len;    /* dynamic NTK: longest sequence seen by this request */
+    int rope_len_hint;      /* cepe_ctx_set_rope_length */
+    double *saved_pos;      /* [host] (B) next_pos at the start of a call, restored if it is stopped */
+    int32_t *ids, *ids_h;   /* [both] (rows) */
+    double *pos, *pos_h;    /* [both] (rows) */
+    float *cos_t, *sin_t;   /* [dev] (rows, rope_half) */
+    float *x, *xn;          /* [dev] (rows, d) residual stream, normed copy */
     float *q, *k, *v, *att; /* [dev] (rows, H*hd | KVH*hd) */
-    float *gate, *up;      /* [dev] (rows, ff) */
-    float *last_hidden;    /* [dev] (B, d) */
+    float *gate, *up;       /* [dev] (rows, ff) */
+    float *last_hidden;     /* [dev] (B, d) */
     float *last_logits, *last_logits_h; /* [both] (B, V); the device copy is downloaded */
-    float *logits_d;       /* [dev] (rows, V), device backends asked for every position's logits; lazy */
+    float *logits_d; /* [dev] (rows, V), device backends asked for every position's logits; lazy */
     float *nll_logits, *nll_loss; /* [dev] (NLL_ROWS, V), (NLL_ROWS): cepe_ctx_forward_nll's scratch; lazy */
     int32_t *nll_targets;         /* [dev] (NLL_ROWS) */
     float *nll_x;                 /* [dev] (NLL_ROWS, d) the scored rows' final states */
@@ -111,15 +111,15 @@ struct cepe_ctx {
      * owned device copy on a device (ctx_states_own); mask owned */
     int ctx_N;
     const float *ctx_states;
-    float *ctx_states_own;       /* [dev] */
-    uint8_t *ctx_mask;           /* [dev] (B, ctx_N) */
-    int cross_kept;              /* 1: cross_k/v hold every cross layer's K/V */
-    float *cross_k, *cross_v;    /* [dev] kept: (n_cross, B, N, kvd); else (B, N, kvd) scratch */
+    float *ctx_states_own;    /* [dev] */
+    uint8_t *ctx_mask;        /* [dev] (B, ctx_N) */
+    int cross_kept;           /* 1: cross_k/v hold every cross layer's K/V */
+    float *cross_k, *cross_v; /* [dev] kept: (n_cross, B, N, kvd); else (B, N, kvd) scratch */
     /* [host] sampler scratch */
-    float *probs;          /* (V) */
-    int32_t *cand;         /* (V) */
-    uint8_t *finished;     /* (B) */
-    int32_t *step_ids;     /* (B) */
+    float *probs;      /* (V) */
+    int32_t *cand;     /* (V) */
+    uint8_t *finished; /* (B) */
+    int32_t *step_ids; /* (B) */
 };
 
 /* cepe_ctx_forward without clearing a pending interrupt (the generation loop). */
@@ -132,8 +132,8 @@ int cepe_ctx_reset_checked(cepe_ctx *x);
 
 /* encoder.c: cepe_model_encode with ids / mask on the host and out in the
  * backend's memory when out_on_backend (the training forward's states). */
-cepe_status model_encode_into(const cepe_model *m, const int32_t *ids, const uint8_t *mask, int n_chunks, int L,
-                              float *out, int out_on_backend);
+cepe_status model_encode_into(const cepe_model *m, const int32_t *ids, const uint8_t *mask, int n_chunks,
+                              int L, float *out, int out_on_backend);
 
 /* CEPE_OK, or the backend's first failure since the last check (it waits for
  * queued device work): every public call that ran ops ends with it. */
@@ -148,11 +148,12 @@ typedef struct {
 /* out (N, OC) (+)= inp (N, C) · w (OC, C)ᵀ in the model's weight format:
  * bf16 weights through matmul_bf16 (the embedding table, which a tied
  * lm_head shares, always stays fp32). */
-static inline int model_matmul(const cepe_model *m, float *out, const float *inp, const float *w, int N, int C, int OC,
-                               int accumulate) {
+static inline int model_matmul(const cepe_model *m, float *out, const float *inp, const float *w, int N,
+                               int C, int OC, int accumulate) {
     const cepe_backend *be = m->be;
     if (m->bf16 && w != m->w.embed)
-        return be->matmul_bf16(be, out, inp, (const uint16_t *)(const void *)w, N, C, OC, accumulate, m->n_threads);
+        return be->matmul_bf16(be, out, inp, (const uint16_t *)(const void *)w, N, C, OC, accumulate,
+                               m->n_threads);
     return be->matmul(be, out, inp, w, N, C, OC, accumulate, m->n_threads);
 }
 
@@ -168,6 +169,5 @@ void block_qkv(const cepe_model *m, const layer_weights *w, const cepe_config *c
 /* x += MLP(RMSNorm(x)). */
 void block_mlp(const cepe_model *m, const layer_weights *w, const cepe_config *c, float *x,
                const block_scratch *s, int N, int nt);
-
 
 #endif /* CEPE_MODEL_H */

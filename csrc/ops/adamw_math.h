@@ -1,11 +1,11 @@
 /* adamw_math.h — the per-element AdamW step, shared by the CPU loop
- * (adamw.c) and the CUDA kernel (kernels/). torch.optim.AdamW's single-tensor
+ * (optim.c) and the CUDA kernel (kernels/cuda_optim.cu). torch.optim.AdamW's single-tensor
  * arithmetic in its order; the scalars are precomputed on the host in double
  * and cast to float where torch casts them (see cepe_adamw_update). */
 #ifndef CEPE_ADAMW_MATH_H
 #define CEPE_ADAMW_MATH_H
 
-#include "../ops/elementwise.h"
+#include "elementwise.h"
 
 /* decay == 1.0f: no weight decay (torch skips the multiply, and so do we,
  * which matters for bit-exactness only through the skipped rounding). */

@@ -5,20 +5,7 @@
  * the per-element arithmetic in float in torch's order. */
 #include <math.h>
 
-#include "adamw_math.h"
 #include "train.h"
-
-void cepe_sumsq_chunks(double *partial, const float *g, size_t n, int n_threads) {
-    const long n_chunks = (long)((n + CEPE_NORM_CHUNK - 1) / CEPE_NORM_CHUNK);
-#pragma omp parallel for num_threads(n_threads) if (n_chunks > 1 && n > (size_t)1 << 17)
-    for (long c = 0; c < n_chunks; c++) {
-        const size_t lo = (size_t)c * CEPE_NORM_CHUNK;
-        const size_t hi = lo + CEPE_NORM_CHUNK < n ? lo + CEPE_NORM_CHUNK : n;
-        double s = 0.0;
-        for (size_t i = lo; i < hi; i++) s += (double)g[i] * (double)g[i];
-        partial[c] = s;
-    }
-}
 
 double cepe_grad_norm(const float *g, size_t n, int n_threads) {
     /* Chunk sums in double, then added in chunk order: the same bits for
@@ -38,14 +25,12 @@ double cepe_clip_grad_norm(float *g, size_t n, double max_norm, int n_threads) {
     /* torch: clip_coef = max_norm / (total_norm + 1e-6), clamped to 1, in
      * float32 (the norm is a float32 tensor there). */
     const float coef = (float)(max_norm / ((double)(float)norm + 1e-6));
-    if (coef < 1.0f) {
-#pragma omp parallel for simd num_threads(n_threads) if (n > (size_t)1 << 16)
-        for (size_t i = 0; i < n; i++) g[i] *= coef;
-    }
+    if (coef < 1.0f) cepe_scale(g, coef, n, n_threads);
     return norm;
 }
 
-void cepe_adamw_scalars(double lr, const cepe_adamw_config *h, double weight_decay, long t, cepe_adamw_scalars_t *o) {
+void cepe_adamw_scalars(double lr, const cepe_adamw_config *h, double weight_decay, long t,
+                        cepe_adamw_scalars_t *o) {
     /* torch: param.mul_(1 - lr * wd); exp_avg.lerp_(grad, 1 - beta1);
      * exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2);
      * denom = exp_avg_sq.sqrt() / sqrt(1 - beta2^t) + eps;
@@ -57,13 +42,6 @@ void cepe_adamw_scalars(double lr, const cepe_adamw_config *h, double weight_dec
     o->bc2_sqrt = (float)sqrt(1.0 - pow(h->beta2, (double)t));
     o->neg_step = (float)(-lr / (1.0 - pow(h->beta1, (double)t)));
     o->eps = (float)h->eps;
-}
-
-void cepe_adamw_apply(float *p, const float *g, float *m, float *v, size_t n, const cepe_adamw_scalars_t *s,
-                      int n_threads) {
-#pragma omp parallel for simd num_threads(n_threads) if (n > (size_t)1 << 16)
-    for (size_t i = 0; i < n; i++)
-        cepe_adamw_elem(&p[i], g[i], &m[i], &v[i], s->decay, s->w1, s->b2, s->w2, s->bc2_sqrt, s->neg_step, s->eps);
 }
 
 void cepe_adamw_update(float *p, const float *g, float *m, float *v, size_t n, double lr,

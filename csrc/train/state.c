@@ -36,7 +36,8 @@ static int build_layout(const cepe_model *m, cepe_trainable which, train_tensor 
     for (int i = 0; i < m->n_slots; i++) {
         const weight_slot *s = &m->slots[i];
         if (!is_trainable(s->name, which) || is_shared_embedding(m, s)) continue;
-        if (tensors) tensors[n] = (train_tensor){.slot = i, .offset = off, .n = slot_numel(s), .decay = s->ndim == 2};
+        if (tensors)
+            tensors[n] = (train_tensor){.slot = i, .offset = off, .n = slot_numel(s), .decay = s->ndim == 2};
         off += (slot_numel(s) + CEPE_PARAM_ALIGN - 1) / CEPE_PARAM_ALIGN * CEPE_PARAM_ALIGN;
         n++;
     }
@@ -46,17 +47,20 @@ static int build_layout(const cepe_model *m, cepe_trainable which, train_tensor 
 
 static cepe_status check_which(const cepe_model *m, cepe_trainable which) {
     if (which != CEPE_TRAIN_CROSS_ATTN && which != CEPE_TRAIN_CROSS_ATTN_ENCODER && which != CEPE_TRAIN_ALL)
-        return cepe_fail(CEPE_ERR_INVALID_ARG, "trainable must be cross_attn, cross_attn+encoder or all, got %d",
-                         (int)which);
+        return cepe_fail(CEPE_ERR_INVALID_ARG,
+                         "trainable must be cross_attn, cross_attn+encoder or all, got %d", (int)which);
     if (which != CEPE_TRAIN_ALL && m->cfg.n_cross_layers == 0)
-        return cepe_fail(CEPE_ERR_INVALID_ARG, "this model has no cross-attention layers to train (not a CEPE model)");
+        return cepe_fail(CEPE_ERR_INVALID_ARG,
+                         "this model has no cross-attention layers to train (not a CEPE model)");
     if (which == CEPE_TRAIN_CROSS_ATTN_ENCODER && !m->has_encoder)
-        return cepe_fail(CEPE_ERR_INVALID_ARG, "trainable=cross_attn+encoder, but this model has no CEPE encoder");
+        return cepe_fail(CEPE_ERR_INVALID_ARG,
+                         "trainable=cross_attn+encoder, but this model has no CEPE encoder");
     return CEPE_OK;
 }
 
 cepe_status cepe_train_layout(const cepe_model *m, cepe_trainable which, int *n_tensors, size_t *n_params) {
-    if (!m || !n_tensors || !n_params) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_train_layout: NULL argument");
+    if (!m || !n_tensors || !n_params)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_train_layout: NULL argument");
     cepe_status st = check_which(m, which);
     if (st) return st;
     *n_tensors = build_layout(m, which, NULL, n_params);
@@ -108,7 +112,8 @@ cepe_status cepe_model_read_weight(const cepe_model *m, int i, float *dst) {
         return cepe_fail(CEPE_ERR_INVALID_ARG, "weight index %d is outside [0, %d)", i, m->n_slots);
     const weight_slot *s = &m->slots[i];
     if (!*s->dst) return cepe_fail(CEPE_ERR_STATE, "tensor %s is not bound", s->name);
-    if (m->bf16) return cepe_fail(CEPE_ERR_UNSUPPORTED, "the weights of a bf16 model cannot be read back as float32");
+    if (m->bf16)
+        return cepe_fail(CEPE_ERR_UNSUPPORTED, "the weights of a bf16 model cannot be read back as float32");
     m->be->download(m->be, dst, *s->dst, slot_numel(s) * sizeof(float));
     return backend_check(m->be);
 }
@@ -116,14 +121,17 @@ cepe_status cepe_model_read_weight(const cepe_model *m, int i, float *dst) {
 /* ------------------------------------------------------------------ create */
 
 static cepe_status check_config(const cepe_train_config *c) {
-    if (!(c->lr >= 0.0 && isfinite(c->lr))) return cepe_fail(CEPE_ERR_INVALID_ARG, "lr must be finite and >= 0");
+    if (!(c->lr >= 0.0 && isfinite(c->lr)))
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "lr must be finite and >= 0");
     if (!(c->weight_decay >= 0.0 && isfinite(c->weight_decay)))
         return cepe_fail(CEPE_ERR_INVALID_ARG, "weight_decay must be finite and >= 0");
     if (!(c->warmup_ratio >= 0.0 && c->warmup_ratio <= 1.0))
         return cepe_fail(CEPE_ERR_INVALID_ARG, "warmup_ratio must be in [0, 1], got %g", c->warmup_ratio);
-    if (c->total_steps < 1) return cepe_fail(CEPE_ERR_INVALID_ARG, "total_steps must be >= 1, got %ld", c->total_steps);
+    if (c->total_steps < 1)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "total_steps must be >= 1, got %ld", c->total_steps);
     if (!(c->adam.beta1 >= 0.0 && c->adam.beta1 < 1.0 && c->adam.beta2 >= 0.0 && c->adam.beta2 < 1.0))
-        return cepe_fail(CEPE_ERR_INVALID_ARG, "betas must be in [0, 1), got (%g, %g)", c->adam.beta1, c->adam.beta2);
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "betas must be in [0, 1), got (%g, %g)", c->adam.beta1,
+                         c->adam.beta2);
     if (!(c->adam.eps > 0.0)) return cepe_fail(CEPE_ERR_INVALID_ARG, "eps must be > 0, got %g", c->adam.eps);
     if (isnan(c->clip)) return cepe_fail(CEPE_ERR_INVALID_ARG, "clip must be a number");
     if (!(isfinite(c->lm_loss_cof) && isfinite(c->kl_loss_cof)))
@@ -131,10 +139,21 @@ static cepe_status check_config(const cepe_train_config *c) {
     if (c->kl_mode != 0 && c->kl_mode != 1)
         return cepe_fail(CEPE_ERR_INVALID_ARG, "kl_mode must be 0 (smooth) or 1 (drop), got %d", c->kl_mode);
     if (!(c->kl_delta >= 0.0 && isfinite(c->kl_delta)))
-        return cepe_fail(CEPE_ERR_INVALID_ARG, "the smoothing delta must be finite and >= 0, got %g", c->kl_delta);
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "the smoothing delta must be finite and >= 0, got %g",
+                         c->kl_delta);
     if (c->logit_floats < 0)
-        return cepe_fail(CEPE_ERR_INVALID_ARG, "logit_floats must be >= 0 (0 = default), got %ld", c->logit_floats);
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "logit_floats must be >= 0 (0 = default), got %ld",
+                         c->logit_floats);
     return CEPE_OK;
+}
+
+void cepe_train_config_init(cepe_train_config *c) {
+    *c = (cepe_train_config){.trainable = CEPE_TRAIN_CROSS_ATTN,
+                             .lr = 1e-4,
+                             .total_steps = 1,
+                             .clip = 1.0,
+                             .adam = {0.9, 0.999, 1e-8},
+                             .lm_loss_cof = 1.0};
 }
 
 cepe_status cepe_train_create(const cepe_model *m, const cepe_train_config *c, float *params, float *adam_m,
@@ -144,7 +163,8 @@ cepe_status cepe_train_create(const cepe_model *m, const cepe_train_config *c, f
     *out = NULL;
     if (!m->finalized) return cepe_fail(CEPE_ERR_STATE, "the model has unbound weights (call finalize)");
     if (step < 0) return cepe_fail(CEPE_ERR_INVALID_ARG, "step must be >= 0, got %ld", step);
-    if (m->bf16) return cepe_fail(CEPE_ERR_UNSUPPORTED, "bf16 weights are for inference: train a float32 model");
+    if (m->bf16)
+        return cepe_fail(CEPE_ERR_UNSUPPORTED, "bf16 weights are for inference: train a float32 model");
     cepe_status st = check_which(m, c->trainable);
     if (st || (st = check_config(c))) return st;
 
@@ -162,7 +182,8 @@ cepe_status cepe_train_create(const cepe_model *m, const cepe_train_config *c, f
     const cepe_backend *be = m->be;
     const size_t n_alloc = t->n_params ? t->n_params : 1;
     t->grads = be->alloc(be, cepe_mul_size(n_alloc, sizeof(float)));
-    t->norm_partial = be->alloc(be, cepe_mul_size((n_alloc + CEPE_NORM_CHUNK - 1) / CEPE_NORM_CHUNK, sizeof(double)));
+    t->norm_partial =
+        be->alloc(be, cepe_mul_size((n_alloc + CEPE_NORM_CHUNK - 1) / CEPE_NORM_CHUNK, sizeof(double)));
     t->dm = be->device ? be->alloc(be, cepe_mul_size(n_alloc, sizeof(float))) : adam_m;
     t->dv = be->device ? be->alloc(be, cepe_mul_size(n_alloc, sizeof(float))) : adam_v;
     t->dec = cepe_calloc((size_t)m->cfg.n_layers, sizeof *t->dec);
@@ -185,10 +206,11 @@ cepe_status cepe_train_create(const cepe_model *m, const cepe_train_config *c, f
                 goto fail;
             }
         } else if (*s->dst != params + tt->offset) {
-            st = cepe_fail(CEPE_ERR_INVALID_ARG,
-                           "trainable tensor %s is not bound to the params buffer at offset %zu (bind the model's "
-                           "trainable weights to views of params)",
-                           s->name, tt->offset);
+            st = cepe_fail(
+                CEPE_ERR_INVALID_ARG,
+                "trainable tensor %s is not bound to the params buffer at offset %zu (bind the model's "
+                "trainable weights to views of params)",
+                s->name, tt->offset);
             goto fail;
         }
         if ((st = cepe_model_bind(t->gm, s->name, t->grads + tt->offset, s->ndim, s->shape))) goto fail;
@@ -273,7 +295,8 @@ cepe_status cepe_train_update(cepe_train *t, cepe_train_stats *out) {
     const cepe_train_config *c = &t->cfg;
     const cepe_backend *be = t->m->be;
     const int nt = t->n_threads;
-    const double lr = cepe_lr_at(c->lr, t->step, cepe_warmup_steps(c->warmup_ratio, c->total_steps), c->total_steps);
+    const double lr =
+        cepe_lr_at(c->lr, t->step, cepe_warmup_steps(c->warmup_ratio, c->total_steps), c->total_steps);
     /* the global norm: chunk sums on the backend, added here in chunk order
      * (cepe_grad_norm's order: the same bits on every backend and thread count) */
     const size_t n_chunks = (t->n_params + CEPE_NORM_CHUNK - 1) / CEPE_NORM_CHUNK;
@@ -298,8 +321,8 @@ cepe_status cepe_train_update(cepe_train *t, cepe_train_stats *out) {
         cepe_adamw_scalars_t s;
         cepe_adamw_scalars(lr, &c->adam, tt->decay ? c->weight_decay : 0.0, t->step + 1, &s);
         float *p = (float *)*t->m->slots[tt->slot].dst; /* params + offset on the CPU (checked at create) */
-        be->adamw(be, p, t->grads + tt->offset, t->dm + tt->offset, t->dv + tt->offset, tt->n, s.decay, s.w1, s.b2,
-                  s.w2, s.bc2_sqrt, s.neg_step, s.eps, nt);
+        be->adamw(be, p, t->grads + tt->offset, t->dm + tt->offset, t->dv + tt->offset, tt->n, s.decay, s.w1,
+                  s.b2, s.w2, s.bc2_sqrt, s.neg_step, s.eps, nt);
     }
     if ((st = train_check(t))) return st;
     t->step++;

@@ -41,15 +41,15 @@ typedef struct {
  * The normed inputs (xn) and silu(gate)*up are recomputed in the backward
  * (one cheap elementwise pass each) rather than stored. */
 typedef struct {
-    float *x_in;                 /* (N, d) the block's input (residual stream) */
-    float *q, *k, *v;            /* (N, qd), (N, kvd) x2: after RoPE */
-    float *att, *lse;            /* (N, qd) attention output, (N, H) its log-sum-exp */
-    float *x_post;               /* (N, d) input of post_attention_layernorm */
-    float *gate, *up;            /* (N, ff) pre-activation */
+    float *x_in;      /* (N, d) the block's input (residual stream) */
+    float *q, *k, *v; /* (N, qd), (N, kvd) x2: after RoPE */
+    float *att, *lse; /* (N, qd) attention output, (N, H) its log-sum-exp */
+    float *x_post;    /* (N, d) input of post_attention_layernorm */
+    float *gate, *up; /* (N, ff) pre-activation */
     /* CEPE cross-attention (decoder layers that have it) */
-    float *x_mid;                /* (N, d) input of cross_attn.layernorm */
-    float *qc, *attc, *lsec;     /* (N, qd), (N, qd), (N, H) */
-    float *kc, *vc;              /* (B*Nc, kvd) projections of the encoder states */
+    float *x_mid;            /* (N, d) input of cross_attn.layernorm */
+    float *qc, *attc, *lsec; /* (N, qd), (N, qd), (N, H) */
+    float *kc, *vc;          /* (B*Nc, kvd) projections of the encoder states */
 } block_acts;
 
 /* Gradient scratch of a stack (decoder or encoder), sized for its rows. */
@@ -76,23 +76,24 @@ struct cepe_train {
      * reuses cepe_model's names and shapes, so a gradient lands in the same
      * field as the weight it belongs to. */
     cepe_model *gm;
-    int train_decoder;  /* any decoder tensor besides cross-attention trains */
-    int train_encoder;  /* gradients flow into the encoder (else its output is detached) */
-    int dec_lo;         /* lowest decoder layer the backward must visit */
+    int train_decoder; /* any decoder tensor besides cross-attention trains */
+    int train_encoder; /* gradients flow into the encoder (else its output is detached) */
+    int dec_lo;        /* lowest decoder layer the backward must visit */
     /* activations + scratch, one allocation sized for (B, T, n_ctx, L) */
     void *arena;
     int B, T, n_ctx, L, T_kl; /* the shape the arena was carved for */
     block_acts *dec, *enc;    /* per layer */
     stack_scratch ds, es;
-    float *x, *x_final, *xnf, *dxnf; /* decoder (N, d) */
-    float *logits, *dlogits, *losses; /* (R, V), (R, V), (N) */
+    float *x, *x_final, *xnf, *dxnf;        /* decoder (N, d) */
+    float *logits, *dlogits, *losses;       /* (R, V), (R, V), (N) */
     float *cos_t, *sin_t, *ecos_t, *esin_t; /* RoPE tables (N | Ne, half) */
     double *pos, *epos;
-    int32_t *targets;         /* (N) shifted labels */
-    uint8_t *ctx_mask;        /* (B, Nc) 1 = real context token */
-    float *ex, *ex_final, *E, *dE; /* encoder (Ne, d_enc): stream, before final norm, states, their gradient */
-    float *dkc, *dvc;         /* (B*Nc, kvd) */
-    float *kl_losses;         /* (N) */
+    int32_t *targets;  /* (N) shifted labels */
+    uint8_t *ctx_mask; /* (B, Nc) 1 = real context token */
+    float *ex, *ex_final, *E,
+        *dE;                     /* encoder (Ne, d_enc): stream, before final norm, states, their gradient */
+    float *dkc, *dvc;            /* (B*Nc, kvd) */
+    float *kl_losses;            /* (N) */
     float *inv_freq, *einv_freq; /* (half) this batch's RoPE frequencies, decoder / encoder */
     /* What host code computes (positions, shifted labels, the context mask)
      * or reads back (losses): host mirrors of the arena buffers above, in
@@ -123,17 +124,12 @@ cepe_status train_check(const cepe_train *t);
 
 /* backward.c: the losses from t->xnf, then gradients (scaled by grad_scale)
  * accumulated into t->grads through every trainable tensor. */
-cepe_status train_backward(cepe_train *t, const cepe_train_batch *b, double grad_scale, cepe_train_stats *out);
+cepe_status train_backward(cepe_train *t, const cepe_train_batch *b, double grad_scale,
+                           cepe_train_stats *out);
 
 /* adamw.c: AdamW's per-step scalars (host, double -> float as torch casts
- * them) and the elementwise update they drive (adamw_math.h). */
-typedef struct {
-    float decay, w1, b2, w2, bc2_sqrt, neg_step, eps;
-} cepe_adamw_scalars_t;
-void cepe_adamw_scalars(double lr, const cepe_adamw_config *h, double weight_decay, long t, cepe_adamw_scalars_t *o);
-/* partial[c] = Σ g² over chunk c (CEPE_NORM_CHUNK elements), in double. */
-void cepe_sumsq_chunks(double *partial, const float *g, size_t n, int n_threads);
-void cepe_adamw_apply(float *p, const float *g, float *m, float *v, size_t n, const cepe_adamw_scalars_t *s,
-                      int n_threads);
+ * them), which drive the backend's adamw op (ops/optim.h). */
+void cepe_adamw_scalars(double lr, const cepe_adamw_config *h, double weight_decay, long t,
+                        cepe_adamw_scalars_t *o);
 
 #endif /* CEPE_TRAIN_H */
