@@ -106,6 +106,7 @@ def _load():
         "cepe_vec_dot": (Int, [Int, I64, P, P, P]),
         "cepe_qmatmul_work_size": (Z, [ctypes.POINTER(QTensor), Int, Int]),
         "cepe_qmatmul_uses_sgemm": (Int, [ctypes.POINTER(QTensor), Int]),
+        "cepe_qmatmul_sgemm_rows": (Int, [Int]),
         "cepe_qmatmul": (Int, [P, P, ctypes.POINTER(QTensor), Int, Int, P, Z, Int]),
         "cepe_last_error": (ctypes.c_char_p, []),
     }
@@ -201,7 +202,6 @@ def dequantize(name: str, raw: np.ndarray, n_in: int) -> np.ndarray:
 
 # ------------------------------------------------------------------ activations
 
-ACT_Q8_32 = np.dtype([("d", "<f4"), ("sum", "<i4"), ("qs", "i1", 32)])
 ACT_Q8_K = np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16)])
 
 
@@ -219,9 +219,16 @@ def quantize(name: str, x: np.ndarray):
     if size == 2 * n:
         xh = (act.view(np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
         return act, xh, "bf16", 2.0**-8 * np.abs(x.astype(np.float64))
-    if size == n // 32 * ACT_Q8_32.itemsize:
-        blocks, bs = act.view(ACT_Q8_32), 32
+    if size == n // 32 * 44:  # int8 qs[n], then float d[n/32], float s[n/32] (= d * sum), int32 sum[n/32]
+        nb, bs = n // 32, 32
+        blocks = {
+            "qs": act[:n].view(np.int8).reshape(nb, 32),
+            "d": act[n : n + 4 * nb].view(np.float32),
+            "s": act[n + 4 * nb : n + 8 * nb].view(np.float32),
+            "sum": act[n + 8 * nb :].view(np.int32),
+        }
         assert np.array_equal(blocks["sum"], blocks["qs"].astype(np.int64).sum(axis=1))
+        assert np.array_equal(blocks["s"], blocks["d"] * blocks["sum"].astype(np.float32), equal_nan=True)
     else:
         assert size == n // 256 * ACT_Q8_K.itemsize
         blocks, bs = act.view(ACT_Q8_K), 256
@@ -459,6 +466,34 @@ def test_qmatmul_sgemm_path(name, tmp_path):
         init = rng.normal(size=got.shape).astype(np.float32)
         st, acc = qmatmul(w, x, out=init.copy(), accumulate=1, threads=threads)
         assert st == OK and np.all(np.abs(acc - init - x.astype(np.float64) @ w64.T) <= bound + 4 * U * np.abs(init))
+
+
+@pytest.mark.parametrize("name", ["Q4_1", "Q6_K", "BF16"])
+def test_qmatmul_either_way_at_any_row_count(name, tmp_path):
+    """The crossover moved both ways: many rows through the kernels (equal to vec_dot
+    row by row), two rows through the tiles + sgemm (fp32 bound)."""
+    rng = np.random.default_rng(7)
+    n_in = 768
+    raw = random_rows(name, 96, n_in, rng)
+    w = qtensor(name, raw, n_in)
+    w64 = reference_dequantize(name, raw, tmp_path).astype(np.float64)
+    prev = LIB.cepe_qmatmul_sgemm_rows(1000)
+    try:
+        x = rng.normal(size=(40, n_in)).astype(np.float32)
+        assert not LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(w), 40)
+        st, got = qmatmul(w, x, threads=2)
+        assert st == OK
+        for r in (0, 17, 39):
+            act, *_ = quantize(name, x[r])
+            assert np.array_equal(got[r], np.float32([vec_dot(name, raw[o], act, n_in) for o in range(96)]))
+        assert LIB.cepe_qmatmul_sgemm_rows(1) == 1000
+        assert LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(w), 2)
+        st, got = qmatmul(w, x[:2], threads=2)
+        bound = (n_in + 16) * U * (np.abs(x[:2].astype(np.float64)) @ np.abs(w64).T)
+        assert st == OK and np.all(np.abs(got - x[:2].astype(np.float64) @ w64.T) <= bound)
+    finally:
+        LIB.cepe_qmatmul_sgemm_rows(prev)
+    assert LIB.cepe_qmatmul_sgemm_rows(0) == prev  # 0 only reads it
 
 
 def test_qmatmul_row_stride_and_views(tmp_path):

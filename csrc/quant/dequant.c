@@ -126,6 +126,8 @@ cepe_status cepe_dequantize_row(int type, const void *row, float *y, int64_t n) 
         return cepe_fail(CEPE_ERR_INVALID_ARG, "dequantize: %lld values of %s: not a positive multiple of its %d-value block",
                          (long long)n, cepe_qtype_name(type), bs);
     if (!row || !y) return cepe_fail(CEPE_ERR_INVALID_ARG, "dequantize: NULL pointer");
+    if ((uintptr_t)row % 2 || (uintptr_t)y % 4)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "dequantize: the row must be 2-byte and the output 4-byte aligned");
     quant_dequantize(type, row, y, n);
     return CEPE_OK;
 }

@@ -83,53 +83,75 @@ AVX2 static float dot_bf16(int n, const void *row, const void *act) {
     return sum;
 }
 
-/* ------------------------------------------------------------ blocks of 32 */
+/* ------------------------------------------------------------ blocks of 32
+ * Eight blocks at a time: their fp16 scales converted in one instruction and
+ * multiplied by the activations' eight scales (stored contiguously), then
+ * each block's int32 lanes scaled by its lane of that vector. */
 
-/* Q4_0: Σ (u - 8) y = Σ u y - 8 Σ y, the correction folded into the int32
- * lanes (each lane takes -Σy, eight lanes -8 Σy) so the block sum stays exact. */
+/* The fp16 at p, p + stride, ..., p + 7 stride as 8 floats. */
+AVX2 static inline __m256 halves8(const void *p, size_t stride) {
+    const unsigned char *c = p;
+    uint16_t h[8];
+    for (int k = 0; k < 8; k++) memcpy(&h[k], c + (size_t)k * stride, 2);
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
+}
+
+AVX2 static inline __m256 lane(__m256 v, int k) { return _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(k)); }
+
+AVX2 static inline __m256i load32(const int8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+
+/* Q4_0: Σ (u - 8) y = Σ u y - 8 Σ y, the correction taken from the int32
+ * lanes (each lane -Σy, eight lanes -8 Σy) so the block sum stays exact. */
+AVX2 static inline __m256i q4_0_block(const block_q4_0 *w, const int8_t *y, int32_t sum) {
+    return _mm256_sub_epi32(dot_us8(nibbles32(w->qs), load32(y)), _mm256_set1_epi32(sum));
+}
+
 AVX2 static float dot_q4_0(int n, const void *row, const void *act) {
     const block_q4_0 *w = row;
-    const act_q8_32 *a = act;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    const act_q8_32 a = quant_act_q8_32(act, n);
     const int nb = n / QK32;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        const __m256i p0 = _mm256_sub_epi32(dot_us8(nibbles32(w[b].qs), _mm256_loadu_si256((const __m256i *)a[b].qs)),
-                                            _mm256_set1_epi32(a[b].sum));
-        const __m256i p1 = _mm256_sub_epi32(
-            dot_us8(nibbles32(w[b + 1].qs), _mm256_loadu_si256((const __m256i *)a[b + 1].qs)), _mm256_set1_epi32(a[b + 1].sum));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w[b].d) * a[b].d), _mm256_cvtepi32_ps(p0), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w[b + 1].d) * a[b + 1].d), _mm256_cvtepi32_ps(p1), acc1);
+    for (; b + 8 <= nb; b += 8) {
+        const __m256 scale = _mm256_mul_ps(halves8(&w[b].d, sizeof *w), _mm256_loadu_ps(a.d + b));
+        for (int k = 0; k < 8; k += 2) {
+            const __m256i p0 = q4_0_block(w + b + k, a.qs + QK32 * (b + k), a.sum[b + k]);
+            const __m256i p1 = q4_0_block(w + b + k + 1, a.qs + QK32 * (b + k + 1), a.sum[b + k + 1]);
+            acc0 = _mm256_fmadd_ps(lane(scale, k), _mm256_cvtepi32_ps(p0), acc0);
+            acc1 = _mm256_fmadd_ps(lane(scale, k + 1), _mm256_cvtepi32_ps(p1), acc1);
+        }
     }
     for (; b < nb; b++) {
-        const __m256i p = _mm256_sub_epi32(dot_us8(nibbles32(w[b].qs), _mm256_loadu_si256((const __m256i *)a[b].qs)),
-                                           _mm256_set1_epi32(a[b].sum));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w[b].d) * a[b].d), _mm256_cvtepi32_ps(p), acc0);
+        const __m256i p = q4_0_block(w + b, a.qs + QK32 * b, a.sum[b]);
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w[b].d) * a.d[b]), _mm256_cvtepi32_ps(p), acc0);
     }
     return hsum_ps(_mm256_add_ps(acc0, acc1));
 }
 
-/* Q4_1: Σ (d u + m) dy y = d dy Σ u y + m dy Σ y. */
+/* Q4_1: Σ (d u + m) dy y = d dy Σ u y + m (dy Σ y). */
 AVX2 static float dot_q4_1(int n, const void *row, const void *act) {
     const block_q4_1 *w = row;
-    const act_q8_32 *a = act;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    float mins = 0.0f;
+    const act_q8_32 a = quant_act_q8_32(act, n);
     const int nb = n / QK32;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc_m = _mm256_setzero_ps();
     int b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        const __m256i p0 = dot_us8(nibbles32(w[b].qs), _mm256_loadu_si256((const __m256i *)a[b].qs));
-        const __m256i p1 = dot_us8(nibbles32(w[b + 1].qs), _mm256_loadu_si256((const __m256i *)a[b + 1].qs));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w[b].d) * a[b].d), _mm256_cvtepi32_ps(p0), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w[b + 1].d) * a[b + 1].d), _mm256_cvtepi32_ps(p1), acc1);
-        mins += f16(w[b].m) * (a[b].d * (float)a[b].sum) + f16(w[b + 1].m) * (a[b + 1].d * (float)a[b + 1].sum);
+    for (; b + 8 <= nb; b += 8) {
+        const __m256 scale = _mm256_mul_ps(halves8(&w[b].d, sizeof *w), _mm256_loadu_ps(a.d + b));
+        acc_m = _mm256_fmadd_ps(halves8(&w[b].m, sizeof *w), _mm256_loadu_ps(a.s + b), acc_m);
+        for (int k = 0; k < 8; k += 2) {
+            const __m256i p0 = dot_us8(nibbles32(w[b + k].qs), load32(a.qs + QK32 * (b + k)));
+            const __m256i p1 = dot_us8(nibbles32(w[b + k + 1].qs), load32(a.qs + QK32 * (b + k + 1)));
+            acc0 = _mm256_fmadd_ps(lane(scale, k), _mm256_cvtepi32_ps(p0), acc0);
+            acc1 = _mm256_fmadd_ps(lane(scale, k + 1), _mm256_cvtepi32_ps(p1), acc1);
+        }
     }
+    float mins = 0.0f;
     for (; b < nb; b++) {
-        const __m256i p = dot_us8(nibbles32(w[b].qs), _mm256_loadu_si256((const __m256i *)a[b].qs));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w[b].d) * a[b].d), _mm256_cvtepi32_ps(p), acc0);
-        mins += f16(w[b].m) * (a[b].d * (float)a[b].sum);
+        const __m256i p = dot_us8(nibbles32(w[b].qs), load32(a.qs + QK32 * b));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w[b].d) * a.d[b]), _mm256_cvtepi32_ps(p), acc0);
+        mins += f16(w[b].m) * a.s[b];
     }
-    return hsum_ps(_mm256_add_ps(acc0, acc1)) + mins;
+    return hsum_ps(_mm256_add_ps(acc0, acc1)) + hsum_ps(acc_m) + mins;
 }
 
 /* Q8_0: signed by signed through |w| and y carrying w's sign (maddubs wants
@@ -140,20 +162,22 @@ AVX2 static inline __m256i dot_ss8(__m256i w, __m256i y) {
 
 AVX2 static float dot_q8_0(int n, const void *row, const void *act) {
     const block_q8_0 *w = row;
-    const act_q8_32 *a = act;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    const act_q8_32 a = quant_act_q8_32(act, n);
     const int nb = n / QK32;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        const __m256i p0 = dot_ss8(_mm256_loadu_si256((const __m256i *)w[b].qs), _mm256_loadu_si256((const __m256i *)a[b].qs));
-        const __m256i p1 =
-            dot_ss8(_mm256_loadu_si256((const __m256i *)w[b + 1].qs), _mm256_loadu_si256((const __m256i *)a[b + 1].qs));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w[b].d) * a[b].d), _mm256_cvtepi32_ps(p0), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w[b + 1].d) * a[b + 1].d), _mm256_cvtepi32_ps(p1), acc1);
+    for (; b + 8 <= nb; b += 8) {
+        const __m256 scale = _mm256_mul_ps(halves8(&w[b].d, sizeof *w), _mm256_loadu_ps(a.d + b));
+        for (int k = 0; k < 8; k += 2) {
+            const __m256i p0 = dot_ss8(load32(w[b + k].qs), load32(a.qs + QK32 * (b + k)));
+            const __m256i p1 = dot_ss8(load32(w[b + k + 1].qs), load32(a.qs + QK32 * (b + k + 1)));
+            acc0 = _mm256_fmadd_ps(lane(scale, k), _mm256_cvtepi32_ps(p0), acc0);
+            acc1 = _mm256_fmadd_ps(lane(scale, k + 1), _mm256_cvtepi32_ps(p1), acc1);
+        }
     }
     for (; b < nb; b++) {
-        const __m256i p = dot_ss8(_mm256_loadu_si256((const __m256i *)w[b].qs), _mm256_loadu_si256((const __m256i *)a[b].qs));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w[b].d) * a[b].d), _mm256_cvtepi32_ps(p), acc0);
+        const __m256i p = dot_ss8(load32(w[b].qs), load32(a.qs + QK32 * b));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w[b].d) * a.d[b]), _mm256_cvtepi32_ps(p), acc0);
     }
     return hsum_ps(_mm256_add_ps(acc0, acc1));
 }

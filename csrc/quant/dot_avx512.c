@@ -95,7 +95,9 @@ AVX512BF16 static float dot_bf16_dp(int n, const void *row, const void *act) {
     return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
 
-/* ------------------------------------------------------------ blocks of 32, two per register */
+/* ------------------------------------------------------------ blocks of 32, two per register
+ * Eight blocks at a time, as in dot_avx2.c: their scales in one vector, each
+ * pair of blocks taking its two lanes of it (and of the offset sums). */
 
 /* The 32 nibbles of blocks p and q as bytes 0..15, in value order: [p lo, p hi, q lo, q hi]. */
 AVX512 static inline __m512i nibbles64(const uint8_t *p, const uint8_t *q) {
@@ -111,8 +113,21 @@ AVX512 static inline __m256i nibbles32(const uint8_t *p) {
     return _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1), _mm256_set1_epi8(0x0F));
 }
 
-AVX512 static inline __m512i act64(const act_q8_32 *a) {
-    return join(_mm256_loadu_si256((const __m256i *)a[0].qs), _mm256_loadu_si256((const __m256i *)a[1].qs));
+/* The fp16 at p, p + stride, ..., p + 7 stride as 8 floats. */
+AVX512 static inline __m256 halves8(const void *p, size_t stride) {
+    const unsigned char *c = p;
+    uint16_t h[8];
+    for (int k = 0; k < 8; k++) memcpy(&h[k], c + (size_t)k * stride, 2);
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
+}
+
+/* Lanes 0..7 = v[k], lanes 8..15 = v[k + 1], from 8 values in v. */
+AVX512 static inline __m512 pair_ps(__m256 v, int k) {
+    return _mm512_permutexvar_ps(join_epi32(k, k + 1), _mm512_castps256_ps512(v));
+}
+
+AVX512 static inline __m512i pair_epi32(__m256i v, int k) {
+    return _mm512_permutexvar_epi32(join_epi32(k, k + 1), _mm512_castsi256_si512(v));
 }
 
 AVX512 static inline float hsum256(__m256 v) {
@@ -122,41 +137,52 @@ AVX512 static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+AVX512 static inline __m256i load32(const int8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+
 /* Q4_0: Σ (u - 8) y; each of a block's eight lanes starts at -Σy. */
 AVX512 static float dot_q4_0(int n, const void *row, const void *act) {
     const block_q4_0 *w = row;
-    const act_q8_32 *a = act;
-    __m512 acc = _mm512_setzero_ps();
+    const act_q8_32 a = quant_act_q8_32(act, n);
     const int nb = n / QK32;
+    __m512 acc = _mm512_setzero_ps();
     int b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        const __m512i p = _mm512_dpbusd_epi32(join_epi32(-a[b].sum, -a[b + 1].sum), nibbles64(w[b].qs, w[b + 1].qs), act64(a + b));
-        acc = _mm512_fmadd_ps(join_ps(f16(w[b].d) * a[b].d, f16(w[b + 1].d) * a[b + 1].d), _mm512_cvtepi32_ps(p), acc);
+    for (; b + 8 <= nb; b += 8) {
+        const __m256 scale = _mm256_mul_ps(halves8(&w[b].d, sizeof *w), _mm256_loadu_ps(a.d + b));
+        const __m256i neg_sum = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_loadu_si256((const __m256i *)(a.sum + b)));
+        for (int k = 0; k < 8; k += 2) {
+            const __m512i p = _mm512_dpbusd_epi32(pair_epi32(neg_sum, k), nibbles64(w[b + k].qs, w[b + k + 1].qs),
+                                                  _mm512_loadu_si512(a.qs + QK32 * (b + k)));
+            acc = _mm512_fmadd_ps(pair_ps(scale, k), _mm512_cvtepi32_ps(p), acc);
+        }
     }
     float sum = _mm512_reduce_add_ps(acc);
-    if (b < nb) {
-        const __m256i p = _mm256_dpbusd_epi32(_mm256_set1_epi32(-a[b].sum), nibbles32(w[b].qs), _mm256_loadu_si256((const __m256i *)a[b].qs));
-        sum += f16(w[b].d) * a[b].d * hsum256(_mm256_cvtepi32_ps(p));
+    for (; b < nb; b++) {
+        const __m256i p = _mm256_dpbusd_epi32(_mm256_set1_epi32(-a.sum[b]), nibbles32(w[b].qs), load32(a.qs + QK32 * b));
+        sum += f16(w[b].d) * a.d[b] * hsum256(_mm256_cvtepi32_ps(p));
     }
     return sum;
 }
 
 AVX512 static float dot_q4_1(int n, const void *row, const void *act) {
     const block_q4_1 *w = row;
-    const act_q8_32 *a = act;
-    __m512 acc = _mm512_setzero_ps();
-    float mins = 0.0f;
+    const act_q8_32 a = quant_act_q8_32(act, n);
     const int nb = n / QK32;
+    __m512 acc = _mm512_setzero_ps();
+    __m256 acc_m = _mm256_setzero_ps();
     int b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), nibbles64(w[b].qs, w[b + 1].qs), act64(a + b));
-        acc = _mm512_fmadd_ps(join_ps(f16(w[b].d) * a[b].d, f16(w[b + 1].d) * a[b + 1].d), _mm512_cvtepi32_ps(p), acc);
-        mins += f16(w[b].m) * (a[b].d * (float)a[b].sum) + f16(w[b + 1].m) * (a[b + 1].d * (float)a[b + 1].sum);
+    for (; b + 8 <= nb; b += 8) {
+        const __m256 scale = _mm256_mul_ps(halves8(&w[b].d, sizeof *w), _mm256_loadu_ps(a.d + b));
+        acc_m = _mm256_fmadd_ps(halves8(&w[b].m, sizeof *w), _mm256_loadu_ps(a.s + b), acc_m);
+        for (int k = 0; k < 8; k += 2) {
+            const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), nibbles64(w[b + k].qs, w[b + k + 1].qs),
+                                                  _mm512_loadu_si512(a.qs + QK32 * (b + k)));
+            acc = _mm512_fmadd_ps(pair_ps(scale, k), _mm512_cvtepi32_ps(p), acc);
+        }
     }
-    float sum = _mm512_reduce_add_ps(acc) + mins;
-    if (b < nb) {
-        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles32(w[b].qs), _mm256_loadu_si256((const __m256i *)a[b].qs));
-        sum += f16(w[b].d) * a[b].d * hsum256(_mm256_cvtepi32_ps(p)) + f16(w[b].m) * (a[b].d * (float)a[b].sum);
+    float sum = _mm512_reduce_add_ps(acc) + hsum256(acc_m);
+    for (; b < nb; b++) {
+        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles32(w[b].qs), load32(a.qs + QK32 * b));
+        sum += f16(w[b].d) * a.d[b] * hsum256(_mm256_cvtepi32_ps(p)) + f16(w[b].m) * a.s[b];
     }
     return sum;
 }
@@ -164,22 +190,25 @@ AVX512 static float dot_q4_1(int n, const void *row, const void *act) {
 /* Q8_0: (w + 128) unsigned; each of a block's eight lanes starts at -16 Σy. */
 AVX512 static float dot_q8_0(int n, const void *row, const void *act) {
     const block_q8_0 *w = row;
-    const act_q8_32 *a = act;
+    const act_q8_32 a = quant_act_q8_32(act, n);
+    const int nb = n / QK32;
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     __m512 acc = _mm512_setzero_ps();
-    const int nb = n / QK32;
     int b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        const __m512i u = _mm512_xor_si512(
-            join(_mm256_loadu_si256((const __m256i *)w[b].qs), _mm256_loadu_si256((const __m256i *)w[b + 1].qs)), flip);
-        const __m512i p = _mm512_dpbusd_epi32(join_epi32(-16 * a[b].sum, -16 * a[b + 1].sum), u, act64(a + b));
-        acc = _mm512_fmadd_ps(join_ps(f16(w[b].d) * a[b].d, f16(w[b + 1].d) * a[b + 1].d), _mm512_cvtepi32_ps(p), acc);
+    for (; b + 8 <= nb; b += 8) {
+        const __m256 scale = _mm256_mul_ps(halves8(&w[b].d, sizeof *w), _mm256_loadu_ps(a.d + b));
+        const __m256i offset = _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i *)(a.sum + b)), _mm256_set1_epi32(-16));
+        for (int k = 0; k < 8; k += 2) {
+            const __m512i u = _mm512_xor_si512(join(load32(w[b + k].qs), load32(w[b + k + 1].qs)), flip);
+            const __m512i p = _mm512_dpbusd_epi32(pair_epi32(offset, k), u, _mm512_loadu_si512(a.qs + QK32 * (b + k)));
+            acc = _mm512_fmadd_ps(pair_ps(scale, k), _mm512_cvtepi32_ps(p), acc);
+        }
     }
     float sum = _mm512_reduce_add_ps(acc);
-    if (b < nb) {
-        const __m256i u = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)w[b].qs), _mm512_castsi512_si256(flip));
-        const __m256i p = _mm256_dpbusd_epi32(_mm256_set1_epi32(-16 * a[b].sum), u, _mm256_loadu_si256((const __m256i *)a[b].qs));
-        sum += f16(w[b].d) * a[b].d * hsum256(_mm256_cvtepi32_ps(p));
+    for (; b < nb; b++) {
+        const __m256i u = _mm256_xor_si256(load32(w[b].qs), _mm512_castsi512_si256(flip));
+        const __m256i p = _mm256_dpbusd_epi32(_mm256_set1_epi32(-16 * a.sum[b]), u, load32(a.qs + QK32 * b));
+        sum += f16(w[b].d) * a.d[b] * hsum256(_mm256_cvtepi32_ps(p));
     }
     return sum;
 }

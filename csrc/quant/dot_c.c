@@ -34,38 +34,41 @@ static float dot_bf16(int n, const void *row, const void *act) {
 
 static float dot_q4_0(int n, const void *row, const void *act) {
     const block_q4_0 *w = row;
-    const act_q8_32 *a = act;
+    const act_q8_32 a = quant_act_q8_32(act, n);
     float sum = 0.0f;
     for (int b = 0; b < n / QK32; b++) {
-        int isum = 0;
-        for (int j = 0; j < 16; j++)
-            isum += ((w[b].qs[j] & 0xF) - 8) * a[b].qs[j] + ((w[b].qs[j] >> 4) - 8) * a[b].qs[j + 16];
-        sum += quant_fp16_to_fp32(w[b].d) * a[b].d * (float)isum;
+        const int8_t *y = a.qs + QK32 * b;
+        int isum = 0; /* two loops, one per nibble, so each vectorizes */
+        for (int j = 0; j < 16; j++) isum += ((w[b].qs[j] & 0xF) - 8) * y[j];
+        for (int j = 0; j < 16; j++) isum += ((w[b].qs[j] >> 4) - 8) * y[j + 16];
+        sum += quant_fp16_to_fp32(w[b].d) * a.d[b] * (float)isum;
     }
     return sum;
 }
 
 static float dot_q4_1(int n, const void *row, const void *act) {
     const block_q4_1 *w = row;
-    const act_q8_32 *a = act;
+    const act_q8_32 a = quant_act_q8_32(act, n);
     float sum = 0.0f;
     for (int b = 0; b < n / QK32; b++) {
+        const int8_t *y = a.qs + QK32 * b;
         int isum = 0;
-        for (int j = 0; j < 16; j++) isum += (w[b].qs[j] & 0xF) * a[b].qs[j] + (w[b].qs[j] >> 4) * a[b].qs[j + 16];
-        sum += quant_fp16_to_fp32(w[b].d) * a[b].d * (float)isum +
-               quant_fp16_to_fp32(w[b].m) * (a[b].d * (float)a[b].sum);
+        for (int j = 0; j < 16; j++) isum += (w[b].qs[j] & 0xF) * y[j];
+        for (int j = 0; j < 16; j++) isum += (w[b].qs[j] >> 4) * y[j + 16];
+        sum += quant_fp16_to_fp32(w[b].d) * a.d[b] * (float)isum + quant_fp16_to_fp32(w[b].m) * a.s[b];
     }
     return sum;
 }
 
 static float dot_q8_0(int n, const void *row, const void *act) {
     const block_q8_0 *w = row;
-    const act_q8_32 *a = act;
+    const act_q8_32 a = quant_act_q8_32(act, n);
     float sum = 0.0f;
     for (int b = 0; b < n / QK32; b++) {
+        const int8_t *y = a.qs + QK32 * b;
         int isum = 0;
-        for (int j = 0; j < QK32; j++) isum += w[b].qs[j] * a[b].qs[j];
-        sum += quant_fp16_to_fp32(w[b].d) * a[b].d * (float)isum;
+        for (int j = 0; j < QK32; j++) isum += w[b].qs[j] * y[j];
+        sum += quant_fp16_to_fp32(w[b].d) * a.d[b] * (float)isum;
     }
     return sum;
 }
@@ -125,19 +128,22 @@ static float dot_q6_K(int n, const void *row, const void *act) {
     const act_q8_K *a = act;
     float sum = 0.0f;
     for (int b = 0; b < n / QK_K; b++) {
-        const uint8_t *ql = w[b].ql, *qh = w[b].qh;
-        const int8_t *sc = w[b].scales, *y = a[b].qs;
-        int isum = 0;
-        for (int half = 0; half < 2; half++, ql += 64, qh += 32, sc += 8, y += 128) {
-            int s[8] = {0}; /* per 16 values: s[k] covers values 16k..16k+15 of this half */
+        int8_t q[QK_K]; /* the 256 values, q - 32 */
+        for (int half = 0; half < 2; half++) {
+            const uint8_t *ql = w[b].ql + 64 * half, *qh = w[b].qh + 32 * half;
+            int8_t *o = q + 128 * half;
             for (int l = 0; l < 32; l++) {
-                const int is = l / 16;
-                s[is + 0] += (((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32) * y[l];
-                s[is + 2] += (((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32) * y[l + 32];
-                s[is + 4] += (((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32) * y[l + 64];
-                s[is + 6] += (((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32) * y[l + 96];
+                o[l] = (int8_t)(((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32);
+                o[l + 32] = (int8_t)(((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32);
+                o[l + 64] = (int8_t)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+                o[l + 96] = (int8_t)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
             }
-            for (int k = 0; k < 8; k++) isum += sc[k] * s[k];
+        }
+        int isum = 0;
+        for (int k = 0; k < 16; k++) { /* scale k covers values 16k..16k+15 */
+            int s = 0;
+            for (int l = 0; l < 16; l++) s += q[16 * k + l] * a[b].qs[16 * k + l];
+            isum += w[b].scales[k] * s;
         }
         sum += quant_fp16_to_fp32(w[b].d) * a[b].d * (float)isum;
     }

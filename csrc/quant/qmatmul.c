@@ -31,6 +31,7 @@
 #define TILE 64
 /* Activation rows from which dequantized tiles + sgemm win (bench_quant.py). */
 #define SGEMM_MIN_ROWS 16
+static int sgemm_min_rows = SGEMM_MIN_ROWS;
 /* Fewer multiply-adds than this do not pay for waking a second thread. */
 #define MIN_PARALLEL_WORK (1 << 17)
 /* Output rows per thread are a multiple of this, so slices keep to cache lines. */
@@ -38,7 +39,13 @@
 #define WORK_ALIGN 64
 
 int cepe_qmatmul_uses_sgemm(const cepe_qtensor *w, int rows) {
-    return w->type == CEPE_QTYPE_F32 || rows >= SGEMM_MIN_ROWS;
+    return w->type == CEPE_QTYPE_F32 || rows >= sgemm_min_rows;
+}
+
+int cepe_qmatmul_sgemm_rows(int rows) {
+    const int prev = sgemm_min_rows;
+    if (rows > 0) sgemm_min_rows = rows;
+    return prev;
 }
 
 static int team_size(const cepe_qtensor *w, int rows, int n_threads) {

@@ -98,8 +98,13 @@ static inline int nearest_int(float v) {
 
 static inline int clamp127(int q) { return q < -127 ? -127 : q > 127 ? 127 : q; }
 
-static void quantize_q8_32(const float *x, act_q8_32 *y, int64_t nb) {
-    for (int64_t b = 0; b < nb; b++, x += QK32) {
+/* x[n] -> the act_q8_32 layout at act (n a multiple of 32; act 4-byte aligned). */
+static void quantize_q8_32(const float *x, void *act, int64_t n) {
+    const int64_t nb = n / QK32;
+    int8_t *qs = act;
+    float *d_out = (float *)(qs + n), *s_out = d_out + nb;
+    int32_t *sum_out = (int32_t *)(s_out + nb);
+    for (int64_t b = 0; b < nb; b++, x += QK32, qs += QK32) {
         float amax = 0.0f;
         int finite = 1;
         for (int j = 0; j < QK32; j++) {
@@ -108,28 +113,30 @@ static void quantize_q8_32(const float *x, act_q8_32 *y, int64_t nb) {
             amax = a > amax ? a : amax;
         }
         int sum = 0;
+        float d = 0.0f;
         if (!finite) {
-            y[b].d = NAN; /* the products come out NaN, as in fp32 */
-            memset(y[b].qs, 0, QK32);
+            d = NAN; /* the products come out NaN, as in fp32 */
+            memset(qs, 0, QK32);
         } else {
-            const float d = amax / 127.0f;
+            d = amax / 127.0f;
             const float id = d != 0.0f ? 1.0f / d : 0.0f;
             if (id <= FLT_MAX) {
                 for (int j = 0; j < QK32; j++) {
                     const int q = clamp127(nearest_int(x[j] * id));
-                    y[b].qs[j] = (int8_t)q;
+                    qs[j] = (int8_t)q;
                     sum += q;
                 }
             } else { /* a subnormal scale, whose inverse overflows */
                 for (int j = 0; j < QK32; j++) {
                     const int q = clamp127(nearest_int(x[j] / d));
-                    y[b].qs[j] = (int8_t)q;
+                    qs[j] = (int8_t)q;
                     sum += q;
                 }
             }
-            y[b].d = d;
         }
-        y[b].sum = sum;
+        d_out[b] = d;
+        s_out[b] = d * (float)sum;
+        sum_out[b] = sum;
     }
 }
 
@@ -175,7 +182,7 @@ static void convert_bf16(const float *x, uint16_t *y, int64_t n) {
 size_t quant_act_bytes(act_kind kind, int64_t n) {
     switch (kind) {
     case ACT_F32: return (size_t)n * sizeof(float);
-    case ACT_Q8_32: return (size_t)(n / QK32) * sizeof(act_q8_32);
+    case ACT_Q8_32: return (size_t)(n / QK32) * ACT_Q8_32_BYTES_PER_BLOCK;
     case ACT_Q8_K: return (size_t)(n / QK_K) * sizeof(act_q8_K);
     case ACT_BF16: return (size_t)n * sizeof(uint16_t);
     }
@@ -185,7 +192,7 @@ size_t quant_act_bytes(act_kind kind, int64_t n) {
 void quant_prepare_act(act_kind kind, const float *x, void *act, int64_t n) {
     switch (kind) {
     case ACT_F32: memcpy(act, x, (size_t)n * sizeof(float)); break;
-    case ACT_Q8_32: quantize_q8_32(x, act, n / QK32); break;
+    case ACT_Q8_32: quantize_q8_32(x, act, n); break;
     case ACT_Q8_K: quantize_q8_K(x, act, n / QK_K); break;
     case ACT_BF16: convert_bf16(x, act, n); break;
     }
@@ -295,6 +302,7 @@ cepe_status cepe_quantize_activations(int type, const float *x, void *act, int64
     const cepe_status st = check_row_type("quantize activations", type, n);
     if (st != CEPE_OK) return st;
     if (!x || !act) return cepe_fail(CEPE_ERR_INVALID_ARG, "quantize activations: NULL pointer");
+    if ((uintptr_t)act % 4) return cepe_fail(CEPE_ERR_INVALID_ARG, "quantize activations: the output must be 4-byte aligned");
     quant_prepare_act(quant_kernel_for(type).act, x, act, n);
     return CEPE_OK;
 }
@@ -304,6 +312,8 @@ cepe_status cepe_vec_dot(int type, int64_t n, const void *row, const void *act, 
     if (st != CEPE_OK) return st;
     if (n > INT32_MAX) return cepe_fail(CEPE_ERR_INVALID_ARG, "vec_dot: %lld values per row is too many", (long long)n);
     if (!row || !act || !out) return cepe_fail(CEPE_ERR_INVALID_ARG, "vec_dot: NULL pointer");
+    if ((uintptr_t)row % 2 || (uintptr_t)act % 4)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "vec_dot: the row must be 2-byte and the activations 4-byte aligned");
     *out = quant_kernel_for(type).dot((int)n, row, act);
     return CEPE_OK;
 }

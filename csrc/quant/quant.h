@@ -107,13 +107,15 @@ cepe_isa cepe_quant_isa_best(void);
 cepe_status cepe_quant_set_isa(int isa);
 const char *cepe_isa_name(int isa);
 
-/* Bytes of the activation row that a weight of this type multiplies, prepared
- * by cepe_quantize_activations for the current ISA (0: fp32 used as is). */
+/* Bytes of the activation row that a weight of this type multiplies, as
+ * cepe_quantize_activations prepares it for the current ISA; 0 for a bad
+ * type or length. */
 size_t cepe_act_row_bytes(int type, int64_t n);
-/* act = x[n] in the form the current ISA's kernel for `type` multiplies:
- * int8 blocks of 32 (Q4_0, Q4_1, Q8_0), of 256 (K-quants), bf16 (BF16 with
- * AVX512-BF16) or an fp32 copy. A non-finite x makes the block's scale NaN, so
- * the products come out NaN as they would in fp32. */
+/* act (4-byte aligned) = x[n] in the form the current ISA's kernel for `type`
+ * multiplies: int8 in blocks of 32 (Q4_0, Q4_1, Q8_0; layout in quant_impl.h),
+ * ggml's Q8_K blocks of 256 (K-quants), bf16 (BF16 with AVX512-BF16) or an
+ * fp32 copy. A non-finite x makes its block's scale NaN, so the products come
+ * out NaN as they would in fp32. */
 cepe_status cepe_quantize_activations(int type, const float *x, void *act, int64_t n);
 /* *out = the dot product of one stored row (n values) and an activation row
  * prepared by cepe_quantize_activations, on the current ISA. */
@@ -124,6 +126,10 @@ size_t cepe_qmatmul_work_size(const cepe_qtensor *w, int rows, int n_threads);
 /* Whether cepe_qmatmul multiplies `rows` rows by dequantizing tiles of w and
  * calling the BLAS sgemm (1) or with the quantized kernels (0). */
 int cepe_qmatmul_uses_sgemm(const cepe_qtensor *w, int rows);
+/* Sets the number of rows from which sgemm is used (rows > 0; benchmarks and
+ * tests compare the two ways with it) and returns the previous one. Not to be
+ * called while products are running. */
+int cepe_qmatmul_sgemm_rows(int rows);
 
 /* out[rows, n_out] (+)= x[rows, n_in] · Wᵀ. accumulate: add to out. work:
  * cepe_qmatmul_work_size bytes, or NULL to let the call allocate its own.

@@ -67,13 +67,28 @@ _Static_assert(sizeof(block_q6_K) == 210, "Q6_K block");
  * Never stored in files, so the scale is fp32 (ggml's Q8_0 rounds it to fp16,
  * which only adds error). */
 
-/* 32 activations as int8 in [-127, 127]: x ≈ d * qs; sum = Σ qs, for the
- * offset and minimum terms of Q4_0 / Q4_1 / Q8_0 weights. */
+/* A row of n activations in blocks of 32, as int8 in [-127, 127]: x ≈ d * qs.
+ * Laid out as arrays, not as an array of blocks, so a kernel loads the scales
+ * of 8 or 16 blocks with one instruction (the row is prepared once and
+ * multiplied by every weight row, so its layout is ours to choose):
+ *   int8  qs[n]     the values, block b at qs + 32 b
+ *   float d[n/32]   scales
+ *   float s[n/32]   d * Σ qs, the minimum term of Q4_1 weights
+ *   int   sum[n/32] Σ qs, the offset terms of Q4_0 / Q8_0 weights, kept exact */
 typedef struct {
-    float d;
-    int32_t sum;
-    int8_t qs[32];
+    const int8_t *qs;
+    const float *d, *s;
+    const int32_t *sum;
 } act_q8_32;
+
+#define ACT_Q8_32_BYTES_PER_BLOCK (32 + 3 * 4)
+
+static inline act_q8_32 quant_act_q8_32(const void *act, int n) {
+    const int8_t *qs = act;
+    const float *d = (const float *)(qs + n);
+    act_q8_32 a = {qs, d, d + n / 32, (const int32_t *)(d + 2 * (n / 32))};
+    return a;
+}
 
 /* 256 activations (ggml's block_q8_K): d = -max/127 for the value of largest
  * magnitude, qs in [-127, 127], bsums[i] = Σ qs[16i..16i+15]. */
@@ -83,14 +98,13 @@ typedef struct {
     int16_t bsums[16];
 } act_q8_K;
 
-_Static_assert(sizeof(act_q8_32) == 40, "act_q8_32");
 _Static_assert(sizeof(act_q8_K) == 292, "act_q8_K");
 
 /* What a kernel expects as its activation row. */
 typedef enum {
     ACT_F32 = 0,  /* the fp32 row itself */
-    ACT_Q8_32 = 1,
-    ACT_Q8_K = 2,
+    ACT_Q8_32 = 1, /* act_q8_32 */
+    ACT_Q8_K = 2,  /* act_q8_K blocks */
     ACT_BF16 = 3, /* bf16, rounded to nearest even */
 } act_kind;
 
