@@ -455,7 +455,7 @@ def test_qmatmul_sgemm_path(name, tmp_path):
         raw = random_rows(name, 200, n_in, rng)
         w64 = reference_dequantize(name, raw, tmp_path).astype(np.float64)
     w = qtensor(name, raw, n_in)
-    rows = 37
+    rows = 70  # past every format's crossover
     assert LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(w), rows)
     x = rng.normal(size=(rows, n_in)).astype(np.float32)
     bound = (n_in + 16) * U * (np.abs(x.astype(np.float64)) @ np.abs(w64).T)
@@ -493,7 +493,19 @@ def test_qmatmul_either_way_at_any_row_count(name, tmp_path):
         assert st == OK and np.all(np.abs(got - x[:2].astype(np.float64) @ w64.T) <= bound)
     finally:
         LIB.cepe_qmatmul_sgemm_rows(prev)
-    assert LIB.cepe_qmatmul_sgemm_rows(0) == prev  # 0 only reads it
+    assert LIB.cepe_qmatmul_sgemm_rows(-1) == prev  # < 0 only reads it
+
+
+def test_qmatmul_crossover_per_format():
+    """Each format's measured crossover (csrc/quant/qmatmul.c): the cheaper a format is to
+    widen to fp32, the fewer rows it takes for dequantized tiles + sgemm to win."""
+    assert LIB.cepe_qmatmul_sgemm_rows(-1) == 0
+    raw = np.zeros((16, 4 * 210), np.uint8)
+    for name, rows in (("Q8_0", 8), ("F16", 8), ("Q4_1", 16), ("Q5_K", 32), ("Q6_K", 64)):
+        w = qtensor(name, raw, 1024)
+        assert not LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(w), rows - 1), name
+        assert LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(w), rows), name
+    assert LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(qtensor("F32", raw, 16)), 1)
 
 
 def test_qmatmul_row_stride_and_views(tmp_path):

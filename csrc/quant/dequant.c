@@ -83,23 +83,15 @@ NO_CONTRACT static void dequant_q5_K(const block_q5_K *x, float *y, int64_t nb) 
     }
 }
 
+/* Unpacked to bytes first: the loops then vectorize (16 values per scale). */
 NO_CONTRACT static void dequant_q6_K(const block_q6_K *x, float *y, int64_t nb) {
-    for (int64_t b = 0; b < nb; b++) {
+    for (int64_t b = 0; b < nb; b++, y += QK_K) {
         const float d = quant_fp16_to_fp32(x[b].d);
-        const uint8_t *ql = x[b].ql, *qh = x[b].qh;
-        const int8_t *sc = x[b].scales;
-        for (int half = 0; half < 2; half++, y += 128, ql += 64, qh += 32, sc += 8) {
-            for (int l = 0; l < 32; l++) {
-                const int is = l / 16;
-                const int q1 = ((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
-                const int q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
-                const int q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
-                const int q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
-                y[l] = (d * (float)sc[is]) * (float)q1;
-                y[l + 32] = (d * (float)sc[is + 2]) * (float)q2;
-                y[l + 64] = (d * (float)sc[is + 4]) * (float)q3;
-                y[l + 96] = (d * (float)sc[is + 6]) * (float)q4;
-            }
+        int8_t q[QK_K];
+        quant_unpack_q6_K(&x[b], q);
+        for (int k = 0; k < 16; k++) {
+            const float dk = d * (float)x[b].scales[k];
+            for (int l = 0; l < 16; l++) y[16 * k + l] = dk * (float)q[16 * k + l];
         }
     }
 }

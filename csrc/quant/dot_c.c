@@ -128,17 +128,8 @@ static float dot_q6_K(int n, const void *row, const void *act) {
     const act_q8_K *a = act;
     float sum = 0.0f;
     for (int b = 0; b < n / QK_K; b++) {
-        int8_t q[QK_K]; /* the 256 values, q - 32 */
-        for (int half = 0; half < 2; half++) {
-            const uint8_t *ql = w[b].ql + 64 * half, *qh = w[b].qh + 32 * half;
-            int8_t *o = q + 128 * half;
-            for (int l = 0; l < 32; l++) {
-                o[l] = (int8_t)(((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32);
-                o[l + 32] = (int8_t)(((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32);
-                o[l + 64] = (int8_t)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
-                o[l + 96] = (int8_t)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
-            }
-        }
+        int8_t q[QK_K];
+        quant_unpack_q6_K(&w[b], q);
         int isum = 0;
         for (int k = 0; k < 16; k++) { /* scale k covers values 16k..16k+15 */
             int s = 0;

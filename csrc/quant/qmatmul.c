@@ -6,12 +6,12 @@
  *     weight row is dotted with every activation row. The weights are streamed
  *     once at their stored width; this is what decoding, which is bound by
  *     memory bandwidth, needs.
- *   - dequantized tiles + sgemm: each thread widens TILE weight rows to fp32
- *     and multiplies all activation rows with the BLAS. The dequantization is
- *     paid once per TILE x rows products, and the BLAS's register-blocked sgemm
- *     then beats one-row-at-a-time dot products once rows are many (and it
- *     multiplies unrounded fp32 activations).
- * The crossover is measured in benchmarks/bench_quant.py (see SGEMM_MIN_ROWS).
+ *   - dequantized tiles + sgemm: each thread widens a tile of weight rows to
+ *     fp32 and multiplies all activation rows by it with the BLAS. Widening a
+ *     weight is paid once per `rows` products, and the BLAS's register-blocked
+ *     sgemm then beats one-row-at-a-time dot products once rows are a few
+ *     (and it multiplies unrounded fp32 activations).
+ * The crossover is measured in benchmarks/bench_quant.py (SGEMM_MIN_ROWS).
  *
  * Threading: OpenMP over output rows. The BLAS runs single-threaded inside
  * each thread, so the two thread pools never compete for the cores. */
@@ -25,13 +25,24 @@
 #include <omp.h>
 #endif
 
-/* Output rows each thread widens per sgemm call: large enough that the BLAS
- * runs at full speed, small enough that the tile (TILE * n_in floats) stays
- * in L2 beside the activations. */
-#define TILE 64
-/* Activation rows from which dequantized tiles + sgemm win (bench_quant.py). */
-#define SGEMM_MIN_ROWS 16
-static int sgemm_min_rows = SGEMM_MIN_ROWS;
+/* Output rows each thread widens per sgemm call: 64 while the activation rows
+ * are few (more, smaller calls split the work evenly), 128 from 64 rows on,
+ * where each call's repacking of the activations costs more than the larger
+ * tile (benchmarks/README.md: 7-15 % less time at 512 rows). A tile of 128 rows
+ * of 1536 floats is 768 KB, within L2 beside the activations' panel. */
+#ifndef QMATMUL_TILE
+#define QMATMUL_TILE 64
+#endif
+static int tile_rows(int rows) { return rows >= 64 ? 2 * QMATMUL_TILE : QMATMUL_TILE; }
+
+/* Activation rows from which dequantized tiles + sgemm beat the quantized
+ * kernels, per format (bench_quant.py, benchmarks/README.md). It grows with
+ * the cost of widening a format to fp32: a block copy for F16 and Q8_0, bit
+ * fiddling for the K-quants. */
+static const int SGEMM_MIN_ROWS[QT_COUNT] = {
+    [QT_F16] = 8, [QT_BF16] = 8, [QT_Q4_0] = 8, [QT_Q4_1] = 16, [QT_Q8_0] = 8, [QT_Q4_K] = 16, [QT_Q5_K] = 32, [QT_Q6_K] = 64,
+};
+static int sgemm_rows_override = 0; /* cepe_qmatmul_sgemm_rows; 0: the table */
 /* Fewer multiply-adds than this do not pay for waking a second thread. */
 #define MIN_PARALLEL_WORK (1 << 17)
 /* Output rows per thread are a multiple of this, so slices keep to cache lines. */
@@ -39,12 +50,15 @@ static int sgemm_min_rows = SGEMM_MIN_ROWS;
 #define WORK_ALIGN 64
 
 int cepe_qmatmul_uses_sgemm(const cepe_qtensor *w, int rows) {
-    return w->type == CEPE_QTYPE_F32 || rows >= sgemm_min_rows;
+    if (w->type == CEPE_QTYPE_F32) return 1;
+    const int t = quant_type_index((int)w->type);
+    if (t < 0) return 0;
+    return rows >= (sgemm_rows_override > 0 ? sgemm_rows_override : SGEMM_MIN_ROWS[t]);
 }
 
 int cepe_qmatmul_sgemm_rows(int rows) {
-    const int prev = sgemm_min_rows;
-    if (rows > 0) sgemm_min_rows = rows;
+    const int prev = sgemm_rows_override;
+    if (rows >= 0) sgemm_rows_override = rows;
     return prev;
 }
 
@@ -63,7 +77,8 @@ static size_t act_bytes_per_row(const cepe_qtensor *w) {
 size_t cepe_qmatmul_work_size(const cepe_qtensor *w, int rows, int n_threads) {
     if (!w || quant_type_index((int)w->type) < 0 || rows <= 0 || w->n_in <= 0) return 0;
     if (cepe_qmatmul_uses_sgemm(w, rows))
-        return (size_t)team_size(w, rows, n_threads) * TILE * (size_t)w->n_in * sizeof(float) + WORK_ALIGN;
+        return (size_t)team_size(w, rows, n_threads) * (size_t)tile_rows(rows) * (size_t)w->n_in * sizeof(float) +
+               WORK_ALIGN;
     const size_t per_row = act_bytes_per_row(w);
     return per_row ? (size_t)rows * per_row + WORK_ALIGN : 0;
 }
@@ -121,11 +136,12 @@ static void qmatmul_sgemm(float *out, const float *x, const cepe_qtensor *w, int
 #ifdef CEPE_MKL_BLAS
         const int prev = mkl_set_num_threads_local(1);
 #endif
-        float *tile = tiles + (size_t)t * TILE * n_in;
+        const int tr = tile_rows(rows);
+        float *tile = tiles + (size_t)t * tr * n_in;
         int o0, o1;
         share(n_out, t, n, &o0, &o1);
-        for (int a = o0; a < o1; a += TILE) {
-            const int nr = o1 - a < TILE ? o1 - a : TILE;
+        for (int a = o0; a < o1; a += tr) {
+            const int nr = o1 - a < tr ? o1 - a : tr;
             for (int i = 0; i < nr; i++)
                 quant_dequantize((int)w->type, base + (size_t)(a + i) * w->row_stride, tile + (size_t)i * n_in, n_in);
             CEPE_SGEMM(CblasRowMajor, CblasNoTrans, CblasTrans, rows, nr, n_in, 1.0f, x, n_in, tile, n_in, beta, out + a,

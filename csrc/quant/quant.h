@@ -126,9 +126,11 @@ size_t cepe_qmatmul_work_size(const cepe_qtensor *w, int rows, int n_threads);
 /* Whether cepe_qmatmul multiplies `rows` rows by dequantizing tiles of w and
  * calling the BLAS sgemm (1) or with the quantized kernels (0). */
 int cepe_qmatmul_uses_sgemm(const cepe_qtensor *w, int rows);
-/* Sets the number of rows from which sgemm is used (rows > 0; benchmarks and
- * tests compare the two ways with it) and returns the previous one. Not to be
- * called while products are running. */
+/* The number of rows from which sgemm is used, for every format: rows > 0
+ * sets it (benchmarks and tests compare the two ways with it), 0 goes back to
+ * the measured crossover of each format, rows < 0 only reads. Returns the
+ * setting before the call (0: the measured ones). Not to be called while
+ * products are running. */
 int cepe_qmatmul_sgemm_rows(int rows);
 
 /* out[rows, n_out] (+)= x[rows, n_in] · Wᵀ. accumulate: add to out. work:

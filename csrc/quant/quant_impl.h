@@ -177,6 +177,20 @@ static inline void quant_unpack_k4(const uint8_t q[12], uint8_t out[16]) {
     memcpy(out, u, 16);
 }
 
+/* The 256 values of a Q6_K block as q - 32 (-32..31), in value order. */
+static inline void quant_unpack_q6_K(const block_q6_K *x, int8_t q[256]) {
+    for (int half = 0; half < 2; half++) {
+        const uint8_t *ql = x->ql + 64 * half, *qh = x->qh + 32 * half;
+        int8_t *o = q + 128 * half;
+        for (int l = 0; l < 32; l++) {
+            o[l] = (int8_t)(((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32);
+            o[l + 32] = (int8_t)(((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32);
+            o[l + 64] = (int8_t)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+            o[l + 96] = (int8_t)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+        }
+    }
+}
+
 /* ------------------------------------------------------------ kernels
  * One table per instruction set, indexed by quant_type_index(); a NULL dot
  * means "use the path below". */
