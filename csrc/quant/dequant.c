@@ -78,7 +78,8 @@ NO_CONTRACT static void dequant_q5_K(const block_q5_K *x, float *y, int64_t nb) 
             quant_scale_min_k4(j + 1, x[b].scales, &sc, &m);
             const float d2 = d * sc, m2 = dmin * m;
             for (int l = 0; l < 32; l++) *y++ = d1 * (float)((ql[l] & 0xF) | (((qh[l] >> j) & 1) << 4)) - m1;
-            for (int l = 0; l < 32; l++) *y++ = d2 * (float)((ql[l] >> 4) | (((qh[l] >> (j + 1)) & 1) << 4)) - m2;
+            for (int l = 0; l < 32; l++)
+                *y++ = d2 * (float)((ql[l] >> 4) | (((qh[l] >> (j + 1)) & 1) << 4)) - m2;
         }
     }
 }
@@ -99,15 +100,33 @@ NO_CONTRACT static void dequant_q6_K(const block_q6_K *x, float *y, int64_t nb) 
 void quant_dequantize(int type, const void *row, float *y, int64_t n) {
     const int64_t nb = n / cepe_qtype_block_size(type);
     switch (type) {
-    case CEPE_QTYPE_F32: memcpy(y, row, (size_t)n * sizeof(float)); break;
-    case CEPE_QTYPE_F16: dequant_f16(row, y, n); break;
-    case CEPE_QTYPE_BF16: dequant_bf16(row, y, n); break;
-    case CEPE_QTYPE_Q8_0: dequant_q8_0(row, y, nb); break;
-    case CEPE_QTYPE_Q4_0: dequant_q4_0(row, y, nb); break;
-    case CEPE_QTYPE_Q4_1: dequant_q4_1(row, y, nb); break;
-    case CEPE_QTYPE_Q4_K: dequant_q4_K(row, y, nb); break;
-    case CEPE_QTYPE_Q5_K: dequant_q5_K(row, y, nb); break;
-    case CEPE_QTYPE_Q6_K: dequant_q6_K(row, y, nb); break;
+    case CEPE_QTYPE_F32:
+        memcpy(y, row, (size_t)n * sizeof(float));
+        break;
+    case CEPE_QTYPE_F16:
+        dequant_f16(row, y, n);
+        break;
+    case CEPE_QTYPE_BF16:
+        dequant_bf16(row, y, n);
+        break;
+    case CEPE_QTYPE_Q8_0:
+        dequant_q8_0(row, y, nb);
+        break;
+    case CEPE_QTYPE_Q4_0:
+        dequant_q4_0(row, y, nb);
+        break;
+    case CEPE_QTYPE_Q4_1:
+        dequant_q4_1(row, y, nb);
+        break;
+    case CEPE_QTYPE_Q4_K:
+        dequant_q4_K(row, y, nb);
+        break;
+    case CEPE_QTYPE_Q5_K:
+        dequant_q5_K(row, y, nb);
+        break;
+    case CEPE_QTYPE_Q6_K:
+        dequant_q6_K(row, y, nb);
+        break;
     }
 }
 
@@ -115,11 +134,13 @@ cepe_status cepe_dequantize_row(int type, const void *row, float *y, int64_t n) 
     const int bs = cepe_qtype_block_size(type);
     if (bs == 0) return cepe_fail(CEPE_ERR_INVALID_ARG, "dequantize: unknown weight type %d", type);
     if (n <= 0 || n % bs)
-        return cepe_fail(CEPE_ERR_INVALID_ARG, "dequantize: %lld values of %s: not a positive multiple of its %d-value block",
+        return cepe_fail(CEPE_ERR_INVALID_ARG,
+                         "dequantize: %lld values of %s: not a positive multiple of its %d-value block",
                          (long long)n, cepe_qtype_name(type), bs);
     if (!row || !y) return cepe_fail(CEPE_ERR_INVALID_ARG, "dequantize: NULL pointer");
     if ((uintptr_t)row % 2 || (uintptr_t)y % 4)
-        return cepe_fail(CEPE_ERR_INVALID_ARG, "dequantize: the row must be 2-byte and the output 4-byte aligned");
+        return cepe_fail(CEPE_ERR_INVALID_ARG,
+                         "dequantize: the row must be 2-byte and the output 4-byte aligned");
     quant_dequantize(type, row, y, n);
     return CEPE_OK;
 }

@@ -47,29 +47,37 @@ AVX2 static inline __m256i dot_us8(__m256i u, __m256i s) {
 AVX2 static float dot_f16(int n, const void *row, const void *act) {
     const uint16_t *w = row;
     const float *x = act;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+           a3 = _mm256_setzero_ps();
     int i = 0;
     for (; i + 32 <= n; i += 32) {
-        a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i))), _mm256_loadu_ps(x + i), a0);
-        a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i + 8))), _mm256_loadu_ps(x + i + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i + 16))), _mm256_loadu_ps(x + i + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i + 24))), _mm256_loadu_ps(x + i + 24), a3);
+        a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i))),
+                             _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i + 8))),
+                             _mm256_loadu_ps(x + i + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i + 16))),
+                             _mm256_loadu_ps(x + i + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i + 24))),
+                             _mm256_loadu_ps(x + i + 24), a3);
     }
     for (; i + 8 <= n; i += 8)
-        a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i))), _mm256_loadu_ps(x + i), a0);
+        a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i))),
+                             _mm256_loadu_ps(x + i), a0);
     float sum = hsum_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
     for (; i < n; i++) sum += f16(w[i]) * x[i];
     return sum;
 }
 
 AVX2 static inline __m256 bf16x8(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+    return _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 
 AVX2 static float dot_bf16(int n, const void *row, const void *act) {
     const uint16_t *w = row;
     const float *x = act;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+           a3 = _mm256_setzero_ps();
     int i = 0;
     for (; i + 32 <= n; i += 32) {
         a0 = _mm256_fmadd_ps(bf16x8(w + i), _mm256_loadu_ps(x + i), a0);
@@ -193,7 +201,8 @@ AVX2 static inline __m256i repeat_i16(__m256i v, int i) {
 /* The minimum terms Σ_j m_j Σ_{sub-block j} y of a Q4_K / Q5_K block, as 4 int32 lanes. */
 AVX2 static inline __m128i k4_mins(const uint8_t mins[8], const int16_t bsums[16]) {
     const __m128i m = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)mins));
-    const __m128i s = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)bsums), _mm_loadu_si128((const __m128i *)(bsums + 8)));
+    const __m128i s = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)bsums),
+                                     _mm_loadu_si128((const __m128i *)(bsums + 8)));
     return _mm_madd_epi16(m, s);
 }
 
@@ -215,7 +224,8 @@ AVX2 static float dot_q4_K(int n, const void *row, const void *act) {
         __m256i sumi = _mm256_setzero_si256();
         for (int j = 0; j < 4; j++, q += 32, y += 64) {
             const __m256i bits = _mm256_loadu_si256((const __m256i *)q);
-            const __m256i lo = _mm256_and_si256(bits, m4), hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+            const __m256i lo = _mm256_and_si256(bits, m4),
+                          hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
             const __m256i pl = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)y));
             const __m256i ph = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(y + 32)));
             sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(repeat_i16(scales, 2 * j), pl));
@@ -248,7 +258,8 @@ AVX2 static float dot_q5_K(int n, const void *row, const void *act) {
             /* bit 2j (2j+1) of each qh byte moved to bit 4: shifting 16-bit
              * words right never brings a neighbour's bit to bit 0 of a byte */
             const __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j), one), 4);
-            const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j + 1), one), 4);
+            const __m256i h1 =
+                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j + 1), one), 4);
             const __m256i lo = _mm256_or_si256(_mm256_and_si256(bits, m4), h0);
             const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits, 4), m4), h1);
             const __m256i pl = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)y));
@@ -271,7 +282,8 @@ AVX2 static float dot_q6_K(int n, const void *row, const void *act) {
         const float d = a[b].d * f16(w[b].d);
         const __m128i sc8 = _mm_loadu_si128((const __m128i *)w[b].scales);
         const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
-        const __m256i offset = _mm256_slli_epi32(_mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)a[b].bsums), sc16), 5);
+        const __m256i offset =
+            _mm256_slli_epi32(_mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)a[b].bsums), sc16), 5);
         const uint8_t *ql = w[b].ql, *qh = w[b].qh;
         const int8_t *y = a[b].qs;
         __m256i sumi = _mm256_setzero_si256();
@@ -281,7 +293,8 @@ AVX2 static float dot_q6_K(int n, const void *row, const void *act) {
             const __m256i h = _mm256_loadu_si256((const __m256i *)qh);
             __m256i q[4];
             q[0] = _mm256_or_si256(_mm256_and_si256(l0, m15), _mm256_slli_epi16(_mm256_and_si256(h, m3), 4));
-            q[1] = _mm256_or_si256(_mm256_and_si256(l1, m15), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), m3), 4));
+            q[1] = _mm256_or_si256(_mm256_and_si256(l1, m15),
+                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), m3), 4));
             q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m15),
                                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), m3), 4));
             q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m15),
@@ -289,11 +302,13 @@ AVX2 static float dot_q6_K(int n, const void *row, const void *act) {
             for (int k = 0; k < 4; k++) {
                 /* 32 values = two groups of 16: scales 8*half + 2k and 8*half + 2k + 1 */
                 const int s = 8 * half + 2 * k;
-                const __m128i pick = _mm_set_epi8((char)(s + 1), (char)(s + 1), (char)(s + 1), (char)(s + 1), (char)(s + 1),
-                                                  (char)(s + 1), (char)(s + 1), (char)(s + 1), (char)s, (char)s, (char)s,
-                                                  (char)s, (char)s, (char)s, (char)s, (char)s);
+                const __m128i pick =
+                    _mm_set_epi8((char)(s + 1), (char)(s + 1), (char)(s + 1), (char)(s + 1), (char)(s + 1),
+                                 (char)(s + 1), (char)(s + 1), (char)(s + 1), (char)s, (char)s, (char)s,
+                                 (char)s, (char)s, (char)s, (char)s, (char)s);
                 const __m256i scale = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, pick));
-                const __m256i p = _mm256_maddubs_epi16(q[k], _mm256_loadu_si256((const __m256i *)(y + 32 * k)));
+                const __m256i p =
+                    _mm256_maddubs_epi16(q[k], _mm256_loadu_si256((const __m256i *)(y + 32 * k)));
                 sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(scale, p));
             }
         }

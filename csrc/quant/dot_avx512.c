@@ -28,49 +28,67 @@ AVX512 static inline __m512 join_ps(float lo, float hi) {
                                                _mm256_castps_pd(_mm256_set1_ps(hi)), 1));
 }
 
-AVX512 static inline __m512i join_epi32(int lo, int hi) { return join(_mm256_set1_epi32(lo), _mm256_set1_epi32(hi)); }
+AVX512 static inline __m512i join_epi32(int lo, int hi) {
+    return join(_mm256_set1_epi32(lo), _mm256_set1_epi32(hi));
+}
 
 /* ------------------------------------------------------------ F16 / BF16 */
 
 AVX512 static float dot_f16(int n, const void *row, const void *act) {
     const uint16_t *w = row;
     const float *x = act;
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
+           a3 = _mm512_setzero_ps();
     int i = 0;
     for (; i + 64 <= n; i += 64) {
-        a0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + i))), _mm512_loadu_ps(x + i), a0);
-        a1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + i + 16))), _mm512_loadu_ps(x + i + 16), a1);
-        a2 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + i + 32))), _mm512_loadu_ps(x + i + 32), a2);
-        a3 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + i + 48))), _mm512_loadu_ps(x + i + 48), a3);
+        a0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + i))),
+                             _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + i + 16))),
+                             _mm512_loadu_ps(x + i + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + i + 32))),
+                             _mm512_loadu_ps(x + i + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + i + 48))),
+                             _mm512_loadu_ps(x + i + 48), a3);
     }
     for (; i + 16 <= n; i += 16)
-        a0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + i))), _mm512_loadu_ps(x + i), a0);
+        a0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + i))),
+                             _mm512_loadu_ps(x + i), a0);
     if (i < n) { /* the last n % 16 values, masked */
         const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
-        a1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, w + i)), _mm512_maskz_loadu_ps(m, x + i), a1);
+        a1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, w + i)),
+                             _mm512_maskz_loadu_ps(m, x + i), a1);
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 }
 
-AVX512 static inline __m512 bf16x16(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
+AVX512 static inline __m512 bf16x16(__m256i v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
 
 /* BF16 weights by fp32 activations (AVX-512 CPUs without AVX512-BF16). */
 AVX512 static float dot_bf16_f32(int n, const void *row, const void *act) {
     const uint16_t *w = row;
     const float *x = act;
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
+           a3 = _mm512_setzero_ps();
     int i = 0;
     for (; i + 64 <= n; i += 64) {
-        a0 = _mm512_fmadd_ps(bf16x16(_mm256_loadu_si256((const __m256i *)(w + i))), _mm512_loadu_ps(x + i), a0);
-        a1 = _mm512_fmadd_ps(bf16x16(_mm256_loadu_si256((const __m256i *)(w + i + 16))), _mm512_loadu_ps(x + i + 16), a1);
-        a2 = _mm512_fmadd_ps(bf16x16(_mm256_loadu_si256((const __m256i *)(w + i + 32))), _mm512_loadu_ps(x + i + 32), a2);
-        a3 = _mm512_fmadd_ps(bf16x16(_mm256_loadu_si256((const __m256i *)(w + i + 48))), _mm512_loadu_ps(x + i + 48), a3);
+        a0 = _mm512_fmadd_ps(bf16x16(_mm256_loadu_si256((const __m256i *)(w + i))), _mm512_loadu_ps(x + i),
+                             a0);
+        a1 = _mm512_fmadd_ps(bf16x16(_mm256_loadu_si256((const __m256i *)(w + i + 16))),
+                             _mm512_loadu_ps(x + i + 16), a1);
+        a2 = _mm512_fmadd_ps(bf16x16(_mm256_loadu_si256((const __m256i *)(w + i + 32))),
+                             _mm512_loadu_ps(x + i + 32), a2);
+        a3 = _mm512_fmadd_ps(bf16x16(_mm256_loadu_si256((const __m256i *)(w + i + 48))),
+                             _mm512_loadu_ps(x + i + 48), a3);
     }
     for (; i + 16 <= n; i += 16)
-        a0 = _mm512_fmadd_ps(bf16x16(_mm256_loadu_si256((const __m256i *)(w + i))), _mm512_loadu_ps(x + i), a0);
+        a0 = _mm512_fmadd_ps(bf16x16(_mm256_loadu_si256((const __m256i *)(w + i))), _mm512_loadu_ps(x + i),
+                             a0);
     if (i < n) {
         const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
-        a1 = _mm512_fmadd_ps(bf16x16(_mm256_maskz_loadu_epi16(m, w + i)), _mm512_maskz_loadu_ps(m, x + i), a1);
+        a1 =
+            _mm512_fmadd_ps(bf16x16(_mm256_maskz_loadu_epi16(m, w + i)), _mm512_maskz_loadu_ps(m, x + i), a1);
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 }
@@ -84,13 +102,15 @@ AVX512BF16 static float dot_bf16_dp(int n, const void *row, const void *act) {
     int i = 0;
     for (; i + 64 <= n; i += 64) {
         a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(x + i));
-        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + i + 32), (__m512bh)_mm512_loadu_si512(x + i + 32));
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + i + 32),
+                              (__m512bh)_mm512_loadu_si512(x + i + 32));
     }
     for (; i + 32 <= n; i += 32)
         a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(x + i));
     if (i < n) { /* masked-off lanes load zeros, which add nothing */
         const __mmask32 m = (__mmask32)((1ull << (n - i)) - 1);
-        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_maskz_loadu_epi16(m, w + i), (__m512bh)_mm512_maskz_loadu_epi16(m, x + i));
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_maskz_loadu_epi16(m, w + i),
+                              (__m512bh)_mm512_maskz_loadu_epi16(m, x + i));
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
@@ -101,8 +121,8 @@ AVX512BF16 static float dot_bf16_dp(int n, const void *row, const void *act) {
 
 /* The 32 nibbles of blocks p and q as bytes 0..15, in value order: [p lo, p hi, q lo, q hi]. */
 AVX512 static inline __m512i nibbles64(const uint8_t *p, const uint8_t *q) {
-    const __m512i t = _mm512_castsi256_si512(
-        _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)p)), _mm_loadu_si128((const __m128i *)q), 1));
+    const __m512i t = _mm512_castsi256_si512(_mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)p)), _mm_loadu_si128((const __m128i *)q), 1));
     const __m512i dup = _mm512_shuffle_i64x2(t, t, _MM_SHUFFLE(1, 1, 0, 0));
     const __m512i shifted = _mm512_srlv_epi64(dup, _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0));
     return _mm512_and_si512(shifted, _mm512_set1_epi8(0x0F));
@@ -110,7 +130,8 @@ AVX512 static inline __m512i nibbles64(const uint8_t *p, const uint8_t *q) {
 
 AVX512 static inline __m256i nibbles32(const uint8_t *p) {
     const __m128i t = _mm_loadu_si128((const __m128i *)p);
-    return _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1), _mm256_set1_epi8(0x0F));
+    return _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1),
+                            _mm256_set1_epi8(0x0F));
 }
 
 /* The fp16 at p, p + stride, ..., p + 7 stride as 8 floats. */
@@ -148,16 +169,19 @@ AVX512 static float dot_q4_0(int n, const void *row, const void *act) {
     int b = 0;
     for (; b + 8 <= nb; b += 8) {
         const __m256 scale = _mm256_mul_ps(halves8(&w[b].d, sizeof *w), _mm256_loadu_ps(a.d + b));
-        const __m256i neg_sum = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_loadu_si256((const __m256i *)(a.sum + b)));
+        const __m256i neg_sum =
+            _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_loadu_si256((const __m256i *)(a.sum + b)));
         for (int k = 0; k < 8; k += 2) {
-            const __m512i p = _mm512_dpbusd_epi32(pair_epi32(neg_sum, k), nibbles64(w[b + k].qs, w[b + k + 1].qs),
-                                                  _mm512_loadu_si512(a.qs + QK32 * (b + k)));
+            const __m512i p =
+                _mm512_dpbusd_epi32(pair_epi32(neg_sum, k), nibbles64(w[b + k].qs, w[b + k + 1].qs),
+                                    _mm512_loadu_si512(a.qs + QK32 * (b + k)));
             acc = _mm512_fmadd_ps(pair_ps(scale, k), _mm512_cvtepi32_ps(p), acc);
         }
     }
     float sum = _mm512_reduce_add_ps(acc);
     for (; b < nb; b++) {
-        const __m256i p = _mm256_dpbusd_epi32(_mm256_set1_epi32(-a.sum[b]), nibbles32(w[b].qs), load32(a.qs + QK32 * b));
+        const __m256i p =
+            _mm256_dpbusd_epi32(_mm256_set1_epi32(-a.sum[b]), nibbles32(w[b].qs), load32(a.qs + QK32 * b));
         sum += f16(w[b].d) * a.d[b] * hsum256(_mm256_cvtepi32_ps(p));
     }
     return sum;
@@ -174,14 +198,16 @@ AVX512 static float dot_q4_1(int n, const void *row, const void *act) {
         const __m256 scale = _mm256_mul_ps(halves8(&w[b].d, sizeof *w), _mm256_loadu_ps(a.d + b));
         acc_m = _mm256_fmadd_ps(halves8(&w[b].m, sizeof *w), _mm256_loadu_ps(a.s + b), acc_m);
         for (int k = 0; k < 8; k += 2) {
-            const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), nibbles64(w[b + k].qs, w[b + k + 1].qs),
-                                                  _mm512_loadu_si512(a.qs + QK32 * (b + k)));
+            const __m512i p =
+                _mm512_dpbusd_epi32(_mm512_setzero_si512(), nibbles64(w[b + k].qs, w[b + k + 1].qs),
+                                    _mm512_loadu_si512(a.qs + QK32 * (b + k)));
             acc = _mm512_fmadd_ps(pair_ps(scale, k), _mm512_cvtepi32_ps(p), acc);
         }
     }
     float sum = _mm512_reduce_add_ps(acc) + hsum256(acc_m);
     for (; b < nb; b++) {
-        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles32(w[b].qs), load32(a.qs + QK32 * b));
+        const __m256i p =
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles32(w[b].qs), load32(a.qs + QK32 * b));
         sum += f16(w[b].d) * a.d[b] * hsum256(_mm256_cvtepi32_ps(p)) + f16(w[b].m) * a.s[b];
     }
     return sum;
@@ -197,10 +223,12 @@ AVX512 static float dot_q8_0(int n, const void *row, const void *act) {
     int b = 0;
     for (; b + 8 <= nb; b += 8) {
         const __m256 scale = _mm256_mul_ps(halves8(&w[b].d, sizeof *w), _mm256_loadu_ps(a.d + b));
-        const __m256i offset = _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i *)(a.sum + b)), _mm256_set1_epi32(-16));
+        const __m256i offset =
+            _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i *)(a.sum + b)), _mm256_set1_epi32(-16));
         for (int k = 0; k < 8; k += 2) {
             const __m512i u = _mm512_xor_si512(join(load32(w[b + k].qs), load32(w[b + k + 1].qs)), flip);
-            const __m512i p = _mm512_dpbusd_epi32(pair_epi32(offset, k), u, _mm512_loadu_si512(a.qs + QK32 * (b + k)));
+            const __m512i p =
+                _mm512_dpbusd_epi32(pair_epi32(offset, k), u, _mm512_loadu_si512(a.qs + QK32 * (b + k)));
             acc = _mm512_fmadd_ps(pair_ps(scale, k), _mm512_cvtepi32_ps(p), acc);
         }
     }
@@ -221,7 +249,8 @@ AVX512 static float dot_q8_0(int n, const void *row, const void *act) {
  * nibble mask, the low nibbles then the high ones (Q4_K / Q5_K order). */
 AVX512 static inline __m512i nibble_pair(const uint8_t *p) {
     const __m512i dup = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p));
-    return _mm512_and_si512(_mm512_srlv_epi64(dup, _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0)), _mm512_set1_epi8(0x0F));
+    return _mm512_and_si512(_mm512_srlv_epi64(dup, _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0)),
+                            _mm512_set1_epi8(0x0F));
 }
 
 /* int16 lanes 0..15 = s[i], 16..31 = s[i + 1], from 8 int16 scales in s. */
@@ -232,7 +261,8 @@ AVX512 static inline __m512i scales_pair(__m512i s, int i) {
 
 AVX512 static inline __m128i k4_mins(const uint8_t mins[8], const int16_t bsums[16]) {
     const __m128i m = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)mins));
-    const __m128i s = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)bsums), _mm_loadu_si128((const __m128i *)(bsums + 8)));
+    const __m128i s = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)bsums),
+                                     _mm_loadu_si128((const __m128i *)(bsums + 8)));
     return _mm_madd_epi16(m, s);
 }
 
@@ -255,7 +285,8 @@ AVX512 static float dot_q4_K(int n, const void *row, const void *act) {
         const __m512i sc = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sm)));
         __m512i sumi = _mm512_setzero_si512();
         for (int j = 0; j < 4; j++) {
-            const __m512i p = _mm512_maddubs_epi16(nibble_pair(w[b].qs + 32 * j), _mm512_loadu_si512(a[b].qs + 64 * j));
+            const __m512i p =
+                _mm512_maddubs_epi16(nibble_pair(w[b].qs + 32 * j), _mm512_loadu_si512(a[b].qs + 64 * j));
             sumi = _mm512_dpwssd_epi32(sumi, p, scales_pair(sc, 2 * j));
         }
         acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(sumi), acc);
@@ -279,7 +310,8 @@ AVX512 static float dot_q5_K(int n, const void *row, const void *act) {
         __m512i sumi = _mm512_setzero_si512();
         for (int j = 0; j < 4; j++) {
             /* bit 2j of qh for the first 32 values, bit 2j + 1 for the next 32 */
-            const __m512i bit = join(_mm256_set1_epi8((char)(1 << (2 * j))), _mm256_set1_epi8((char)(1 << (2 * j + 1))));
+            const __m512i bit =
+                join(_mm256_set1_epi8((char)(1 << (2 * j))), _mm256_set1_epi8((char)(1 << (2 * j + 1))));
             const __m512i lo = nibble_pair(w[b].qs + 32 * j);
             const __m512i q = _mm512_mask_add_epi8(lo, _mm512_test_epi8_mask(qh, bit), lo, sixteen);
             const __m512i p = _mm512_maddubs_epi16(q, _mm512_loadu_si512(a[b].qs + 64 * j));
@@ -297,31 +329,39 @@ AVX512 static float dot_q6_K(int n, const void *row, const void *act) {
     const block_q6_K *w = row;
     const act_q8_K *a = act;
     const __m512i m15 = _mm512_set1_epi8(15), m3 = _mm512_set1_epi8(3);
-    const __m512i shift_lo = _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0), shift_hi = _mm512_set_epi64(6, 6, 6, 6, 4, 4, 4, 4);
+    const __m512i shift_lo = _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0),
+                  shift_hi = _mm512_set_epi64(6, 6, 6, 6, 4, 4, 4, 4);
     __m512 acc = _mm512_setzero_ps();
     for (int b = 0; b < n / QK_K; b++) {
         const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w[b].scales));
         const __m512i sc = _mm512_castsi256_si512(sc16);
-        const __m256i offset = _mm256_slli_epi32(_mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)a[b].bsums), sc16), 5);
-        __m512i sumi = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_sub_epi32(_mm256_setzero_si256(), offset), 0);
+        const __m256i offset =
+            _mm256_slli_epi32(_mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)a[b].bsums), sc16), 5);
+        __m512i sumi =
+            _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_sub_epi32(_mm256_setzero_si256(), offset), 0);
         for (int half = 0; half < 2; half++) {
             const __m512i l = _mm512_loadu_si512(w[b].ql + 64 * half);
-            const __m512i h = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w[b].qh + 32 * half)));
-            /* values 0..63 of the half: low nibbles + qh bits 0-1 / 2-3; 64..127: high nibbles + bits 4-5 / 6-7 */
-            const __m512i q0 = _mm512_or_si512(_mm512_and_si512(l, m15),
-                                               _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(h, shift_lo), m3), 4));
-            const __m512i q1 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m15),
-                                               _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(h, shift_hi), m3), 4));
+            const __m512i h =
+                _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w[b].qh + 32 * half)));
+            /* values 0..63 of the half: low nibbles + qh bits 0-1 / 2-3; 64..127: high nibbles + bits 4-5 /
+             * 6-7 */
+            const __m512i q0 =
+                _mm512_or_si512(_mm512_and_si512(l, m15),
+                                _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(h, shift_lo), m3), 4));
+            const __m512i q1 =
+                _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m15),
+                                _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(h, shift_hi), m3), 4));
             const int8_t *y = a[b].qs + 128 * half;
             for (int g = 0; g < 2; g++) {
                 const int s = 8 * half + 4 * g;
-                const __m512i idx = join(_mm256_set_epi16((short)(s + 1), (short)(s + 1), (short)(s + 1), (short)(s + 1), (short)(s + 1),
-                                                          (short)(s + 1), (short)(s + 1), (short)(s + 1), (short)s, (short)s, (short)s,
-                                                          (short)s, (short)s, (short)s, (short)s, (short)s),
-                                         _mm256_set_epi16((short)(s + 3), (short)(s + 3), (short)(s + 3), (short)(s + 3), (short)(s + 3),
-                                                          (short)(s + 3), (short)(s + 3), (short)(s + 3), (short)(s + 2), (short)(s + 2),
-                                                          (short)(s + 2), (short)(s + 2), (short)(s + 2), (short)(s + 2), (short)(s + 2),
-                                                          (short)(s + 2)));
+                const __m512i idx = join(
+                    _mm256_set_epi16((short)(s + 1), (short)(s + 1), (short)(s + 1), (short)(s + 1),
+                                     (short)(s + 1), (short)(s + 1), (short)(s + 1), (short)(s + 1), (short)s,
+                                     (short)s, (short)s, (short)s, (short)s, (short)s, (short)s, (short)s),
+                    _mm256_set_epi16((short)(s + 3), (short)(s + 3), (short)(s + 3), (short)(s + 3),
+                                     (short)(s + 3), (short)(s + 3), (short)(s + 3), (short)(s + 3),
+                                     (short)(s + 2), (short)(s + 2), (short)(s + 2), (short)(s + 2),
+                                     (short)(s + 2), (short)(s + 2), (short)(s + 2), (short)(s + 2)));
                 const __m512i p = _mm512_maddubs_epi16(g ? q1 : q0, _mm512_loadu_si512(y + 64 * g));
                 sumi = _mm512_dpwssd_epi32(sumi, p, _mm512_permutexvar_epi16(idx, sc));
             }

@@ -91,9 +91,11 @@ static float dot_q4_K(int n, const void *row, const void *act) {
                 s1 += (q[l] >> 4) * y[l + 32];
             }
             isum += sc0 * s0 + sc1 * s1;
-            imin += m0 * (a[b].bsums[2 * j] + a[b].bsums[2 * j + 1]) + m1 * (a[b].bsums[2 * j + 2] + a[b].bsums[2 * j + 3]);
+            imin += m0 * (a[b].bsums[2 * j] + a[b].bsums[2 * j + 1]) +
+                    m1 * (a[b].bsums[2 * j + 2] + a[b].bsums[2 * j + 3]);
         }
-        sum += quant_fp16_to_fp32(w[b].d) * a[b].d * (float)isum - quant_fp16_to_fp32(w[b].dmin) * a[b].d * (float)imin;
+        sum += quant_fp16_to_fp32(w[b].d) * a[b].d * (float)isum -
+               quant_fp16_to_fp32(w[b].dmin) * a[b].d * (float)imin;
     }
     return sum;
 }
@@ -116,9 +118,11 @@ static float dot_q5_K(int n, const void *row, const void *act) {
                 s1 += ((q[l] >> 4) | (((qh[l] >> (j + 1)) & 1) << 4)) * y[l + 32];
             }
             isum += sc0 * s0 + sc1 * s1;
-            imin += m0 * (a[b].bsums[2 * j] + a[b].bsums[2 * j + 1]) + m1 * (a[b].bsums[2 * j + 2] + a[b].bsums[2 * j + 3]);
+            imin += m0 * (a[b].bsums[2 * j] + a[b].bsums[2 * j + 1]) +
+                    m1 * (a[b].bsums[2 * j + 2] + a[b].bsums[2 * j + 3]);
         }
-        sum += quant_fp16_to_fp32(w[b].d) * a[b].d * (float)isum - quant_fp16_to_fp32(w[b].dmin) * a[b].d * (float)imin;
+        sum += quant_fp16_to_fp32(w[b].d) * a[b].d * (float)isum -
+               quant_fp16_to_fp32(w[b].dmin) * a[b].d * (float)imin;
     }
     return sum;
 }

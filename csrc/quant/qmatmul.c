@@ -40,7 +40,8 @@ static int tile_rows(int rows) { return rows >= 64 ? 2 * QMATMUL_TILE : QMATMUL_
  * the cost of widening a format to fp32: a block copy for F16 and Q8_0, bit
  * fiddling for the K-quants. */
 static const int SGEMM_MIN_ROWS[QT_COUNT] = {
-    [QT_F16] = 8, [QT_BF16] = 8, [QT_Q4_0] = 8, [QT_Q4_1] = 16, [QT_Q8_0] = 8, [QT_Q4_K] = 16, [QT_Q5_K] = 32, [QT_Q6_K] = 64,
+    [QT_F16] = 8,  [QT_BF16] = 8,  [QT_Q4_0] = 8,  [QT_Q4_1] = 16,
+    [QT_Q8_0] = 8, [QT_Q4_K] = 16, [QT_Q5_K] = 32, [QT_Q6_K] = 64,
 };
 static int sgemm_rows_override = 0; /* cepe_qmatmul_sgemm_rows; 0: the table */
 /* Fewer multiply-adds than this do not pay for waking a second thread. */
@@ -77,7 +78,8 @@ static size_t act_bytes_per_row(const cepe_qtensor *w) {
 size_t cepe_qmatmul_work_size(const cepe_qtensor *w, int rows, int n_threads) {
     if (!w || quant_type_index((int)w->type) < 0 || rows <= 0 || w->n_in <= 0) return 0;
     if (cepe_qmatmul_uses_sgemm(w, rows))
-        return (size_t)team_size(w, rows, n_threads) * (size_t)tile_rows(rows) * (size_t)w->n_in * sizeof(float) +
+        return (size_t)team_size(w, rows, n_threads) * (size_t)tile_rows(rows) * (size_t)w->n_in *
+                   sizeof(float) +
                WORK_ALIGN;
     const size_t per_row = act_bytes_per_row(w);
     return per_row ? (size_t)rows * per_row + WORK_ALIGN : 0;
@@ -105,14 +107,16 @@ static void qmatmul_kernels(float *out, const float *x, const cepe_qtensor *w, i
 #endif
         if (ab) {
 #pragma omp for schedule(static)
-            for (int r = 0; r < rows; r++) quant_prepare_act(k.act, x + (size_t)r * n_in, act + (size_t)r * ab, n_in);
+            for (int r = 0; r < rows; r++)
+                quant_prepare_act(k.act, x + (size_t)r * n_in, act + (size_t)r * ab, n_in);
         }
         int o0, o1;
         share(n_out, t, n, &o0, &o1);
         for (int o = o0; o < o1; o++) {
             const void *row = base + (size_t)o * w->row_stride;
             for (int r = 0; r < rows; r++) {
-                const void *a = ab ? (const void *)(act + (size_t)r * ab) : (const void *)(x + (size_t)r * n_in);
+                const void *a =
+                    ab ? (const void *)(act + (size_t)r * ab) : (const void *)(x + (size_t)r * n_in);
                 const float v = k.dot(n_in, row, a);
                 float *dst = out + (size_t)r * n_out + o;
                 *dst = accumulate ? *dst + v : v;
@@ -121,8 +125,8 @@ static void qmatmul_kernels(float *out, const float *x, const cepe_qtensor *w, i
     }
 }
 
-static void qmatmul_sgemm(float *out, const float *x, const cepe_qtensor *w, int rows, int accumulate, float *tiles,
-                          int nt) {
+static void qmatmul_sgemm(float *out, const float *x, const cepe_qtensor *w, int rows, int accumulate,
+                          float *tiles, int nt) {
     const int n_in = w->n_in, n_out = w->n_out;
     const unsigned char *base = w->data;
     const float beta = accumulate ? 1.0f : 0.0f;
@@ -143,9 +147,10 @@ static void qmatmul_sgemm(float *out, const float *x, const cepe_qtensor *w, int
         for (int a = o0; a < o1; a += tr) {
             const int nr = o1 - a < tr ? o1 - a : tr;
             for (int i = 0; i < nr; i++)
-                quant_dequantize((int)w->type, base + (size_t)(a + i) * w->row_stride, tile + (size_t)i * n_in, n_in);
-            CEPE_SGEMM(CblasRowMajor, CblasNoTrans, CblasTrans, rows, nr, n_in, 1.0f, x, n_in, tile, n_in, beta, out + a,
-                       n_out);
+                quant_dequantize((int)w->type, base + (size_t)(a + i) * w->row_stride,
+                                 tile + (size_t)i * n_in, n_in);
+            CEPE_SGEMM(CblasRowMajor, CblasNoTrans, CblasTrans, rows, nr, n_in, 1.0f, x, n_in, tile, n_in,
+                       beta, out + a, n_out);
         }
 #ifdef CEPE_MKL_BLAS
         mkl_set_num_threads_local(prev);
@@ -153,8 +158,8 @@ static void qmatmul_sgemm(float *out, const float *x, const cepe_qtensor *w, int
     }
 }
 
-cepe_status cepe_qmatmul(float *out, const float *x, const cepe_qtensor *w, int rows, int accumulate, void *work,
-                         size_t work_size, int n_threads) {
+cepe_status cepe_qmatmul(float *out, const float *x, const cepe_qtensor *w, int rows, int accumulate,
+                         void *work, size_t work_size, int n_threads) {
     cepe_status st = cepe_qtensor_check(w);
     if (st != CEPE_OK) return st;
     if (rows < 0) return cepe_fail(CEPE_ERR_INVALID_ARG, "qmatmul: %d rows", rows);
@@ -162,7 +167,8 @@ cepe_status cepe_qmatmul(float *out, const float *x, const cepe_qtensor *w, int 
     if (!out || !x) return cepe_fail(CEPE_ERR_INVALID_ARG, "qmatmul: NULL pointer");
     if (w->type == CEPE_QTYPE_F32) {
         if (w->row_stride != (size_t)w->n_in * sizeof(float))
-            return cepe_fail(CEPE_ERR_UNSUPPORTED, "qmatmul: F32 weights with a row stride of %zu bytes (dense rows only)",
+            return cepe_fail(CEPE_ERR_UNSUPPORTED,
+                             "qmatmul: F32 weights with a row stride of %zu bytes (dense rows only)",
                              w->row_stride);
         if (matmul_forward(out, x, w->data, rows, w->n_in, w->n_out, accumulate, n_threads) != 0)
             return cepe_fail(CEPE_ERR_BACKEND, "qmatmul: BLAS matmul failed");
@@ -176,9 +182,11 @@ cepe_status cepe_qmatmul(float *out, const float *x, const cepe_qtensor *w, int 
         if (!own) return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "qmatmul: %zu bytes of scratch", need);
         work = own;
     } else if (need > work_size) {
-        return cepe_fail(CEPE_ERR_INVALID_ARG, "qmatmul: %zu bytes of scratch given, %zu needed", work_size, need);
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "qmatmul: %zu bytes of scratch given, %zu needed", work_size,
+                         need);
     }
-    unsigned char *aligned = work ? (unsigned char *)(((uintptr_t)work + WORK_ALIGN - 1) & ~(uintptr_t)(WORK_ALIGN - 1)) : NULL;
+    unsigned char *aligned =
+        work ? (unsigned char *)(((uintptr_t)work + WORK_ALIGN - 1) & ~(uintptr_t)(WORK_ALIGN - 1)) : NULL;
     if (cepe_qmatmul_uses_sgemm(w, rows))
         qmatmul_sgemm(out, x, w, rows, accumulate, (float *)aligned, nt);
     else

@@ -54,14 +54,22 @@ size_t cepe_qtype_row_bytes(int type, int64_t n) {
 
 int quant_type_index(int type) {
     switch (type) {
-    case CEPE_QTYPE_F16: return QT_F16;
-    case CEPE_QTYPE_BF16: return QT_BF16;
-    case CEPE_QTYPE_Q4_0: return QT_Q4_0;
-    case CEPE_QTYPE_Q4_1: return QT_Q4_1;
-    case CEPE_QTYPE_Q8_0: return QT_Q8_0;
-    case CEPE_QTYPE_Q4_K: return QT_Q4_K;
-    case CEPE_QTYPE_Q5_K: return QT_Q5_K;
-    case CEPE_QTYPE_Q6_K: return QT_Q6_K;
+    case CEPE_QTYPE_F16:
+        return QT_F16;
+    case CEPE_QTYPE_BF16:
+        return QT_BF16;
+    case CEPE_QTYPE_Q4_0:
+        return QT_Q4_0;
+    case CEPE_QTYPE_Q4_1:
+        return QT_Q4_1;
+    case CEPE_QTYPE_Q8_0:
+        return QT_Q8_0;
+    case CEPE_QTYPE_Q4_K:
+        return QT_Q4_K;
+    case CEPE_QTYPE_Q5_K:
+        return QT_Q5_K;
+    case CEPE_QTYPE_Q6_K:
+        return QT_Q6_K;
     }
     return -1;
 }
@@ -73,15 +81,17 @@ cepe_status cepe_qtensor_check(const cepe_qtensor *w) {
     if (w->n_out <= 0 || w->n_in <= 0)
         return cepe_fail(CEPE_ERR_INVALID_ARG, "weight: shape [%d, %d] must be positive", w->n_out, w->n_in);
     if (w->n_in % t->block)
-        return cepe_fail(CEPE_ERR_INVALID_ARG, "weight: %d values per row of %s: not a multiple of its %d-value block",
-                         w->n_in, t->name, t->block);
+        return cepe_fail(CEPE_ERR_INVALID_ARG,
+                         "weight: %d values per row of %s: not a multiple of its %d-value block", w->n_in,
+                         t->name, t->block);
     if (!w->data) return cepe_fail(CEPE_ERR_INVALID_ARG, "weight: NULL data");
     const size_t row = cepe_qtype_row_bytes((int)w->type, w->n_in);
     if (w->row_stride < row)
-        return cepe_fail(CEPE_ERR_INVALID_ARG, "weight: row stride %zu bytes < %zu bytes of a %s row of %d", w->row_stride,
-                         row, t->name, w->n_in);
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "weight: row stride %zu bytes < %zu bytes of a %s row of %d",
+                         w->row_stride, row, t->name, w->n_in);
     if ((uintptr_t)w->data % (uintptr_t)t->align || w->row_stride % (size_t)t->align)
-        return cepe_fail(CEPE_ERR_INVALID_ARG, "weight: %s data and row stride must be %d-byte aligned", t->name, t->align);
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "weight: %s data and row stride must be %d-byte aligned",
+                         t->name, t->align);
     return CEPE_OK;
 }
 
@@ -181,20 +191,32 @@ static void convert_bf16(const float *x, uint16_t *y, int64_t n) {
 
 size_t quant_act_bytes(act_kind kind, int64_t n) {
     switch (kind) {
-    case ACT_F32: return (size_t)n * sizeof(float);
-    case ACT_Q8_32: return (size_t)(n / QK32) * ACT_Q8_32_BYTES_PER_BLOCK;
-    case ACT_Q8_K: return (size_t)(n / QK_K) * sizeof(act_q8_K);
-    case ACT_BF16: return (size_t)n * sizeof(uint16_t);
+    case ACT_F32:
+        return (size_t)n * sizeof(float);
+    case ACT_Q8_32:
+        return (size_t)(n / QK32) * ACT_Q8_32_BYTES_PER_BLOCK;
+    case ACT_Q8_K:
+        return (size_t)(n / QK_K) * sizeof(act_q8_K);
+    case ACT_BF16:
+        return (size_t)n * sizeof(uint16_t);
     }
     return 0;
 }
 
 void quant_prepare_act(act_kind kind, const float *x, void *act, int64_t n) {
     switch (kind) {
-    case ACT_F32: memcpy(act, x, (size_t)n * sizeof(float)); break;
-    case ACT_Q8_32: quantize_q8_32(x, act, n); break;
-    case ACT_Q8_K: quantize_q8_K(x, act, n / QK_K); break;
-    case ACT_BF16: convert_bf16(x, act, n); break;
+    case ACT_F32:
+        memcpy(act, x, (size_t)n * sizeof(float));
+        break;
+    case ACT_Q8_32:
+        quantize_q8_32(x, act, n);
+        break;
+    case ACT_Q8_K:
+        quantize_q8_K(x, act, n / QK_K);
+        break;
+    case ACT_BF16:
+        convert_bf16(x, act, n);
+        break;
     }
 }
 
@@ -210,7 +232,8 @@ static cepe_isa detect_isa(int *has_bf16) {
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
     __builtin_cpu_init();
     /* __builtin_cpu_supports also checks that the OS saves the AVX / AVX-512 registers */
-    const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    const int avx2 =
+        __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     const int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
     *has_bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
@@ -239,9 +262,12 @@ static void isa_init(void) {
     const char *env = getenv("CEPE_ISA");
     if (env && *env) {
         cepe_isa want = isa_best_;
-        if (!strcmp(env, "c")) want = CEPE_ISA_C;
-        else if (!strcmp(env, "avx2")) want = CEPE_ISA_AVX2;
-        else if (!strcmp(env, "avx512")) want = CEPE_ISA_AVX512;
+        if (!strcmp(env, "c"))
+            want = CEPE_ISA_C;
+        else if (!strcmp(env, "avx2"))
+            want = CEPE_ISA_AVX2;
+        else if (!strcmp(env, "avx512"))
+            want = CEPE_ISA_AVX512;
         isa_now = want < isa_best_ ? want : isa_best_;
     }
 }
@@ -258,9 +284,12 @@ cepe_isa cepe_quant_isa_best(void) {
 
 const char *cepe_isa_name(int isa) {
     switch (isa) {
-    case CEPE_ISA_C: return "c";
-    case CEPE_ISA_AVX2: return "avx2";
-    case CEPE_ISA_AVX512: return "avx512";
+    case CEPE_ISA_C:
+        return "c";
+    case CEPE_ISA_AVX2:
+        return "avx2";
+    case CEPE_ISA_AVX512:
+        return "avx512";
     }
     return NULL;
 }
@@ -269,8 +298,8 @@ cepe_status cepe_quant_set_isa(int isa) {
     pthread_once(&isa_once, isa_init);
     if (!cepe_isa_name(isa)) return cepe_fail(CEPE_ERR_INVALID_ARG, "instruction set: unknown id %d", isa);
     if (isa > (int)isa_best_)
-        return cepe_fail(CEPE_ERR_UNSUPPORTED, "instruction set %s: this CPU supports up to %s", cepe_isa_name(isa),
-                         cepe_isa_name(isa_best_));
+        return cepe_fail(CEPE_ERR_UNSUPPORTED, "instruction set %s: this CPU supports up to %s",
+                         cepe_isa_name(isa), cepe_isa_name(isa_best_));
     isa_now = (cepe_isa)isa;
     return CEPE_OK;
 }
@@ -288,7 +317,8 @@ static cepe_status check_row_type(const char *what, int type, int64_t n) {
                          cepe_qtype_name(type) ? cepe_qtype_name(type) : "(unknown)");
     const int bs = cepe_qtype_block_size(type);
     if (n <= 0 || n % bs)
-        return cepe_fail(CEPE_ERR_INVALID_ARG, "%s: %lld values of %s: not a positive multiple of its %d-value block", what,
+        return cepe_fail(CEPE_ERR_INVALID_ARG,
+                         "%s: %lld values of %s: not a positive multiple of its %d-value block", what,
                          (long long)n, cepe_qtype_name(type), bs);
     return CEPE_OK;
 }
@@ -302,7 +332,8 @@ cepe_status cepe_quantize_activations(int type, const float *x, void *act, int64
     const cepe_status st = check_row_type("quantize activations", type, n);
     if (st != CEPE_OK) return st;
     if (!x || !act) return cepe_fail(CEPE_ERR_INVALID_ARG, "quantize activations: NULL pointer");
-    if ((uintptr_t)act % 4) return cepe_fail(CEPE_ERR_INVALID_ARG, "quantize activations: the output must be 4-byte aligned");
+    if ((uintptr_t)act % 4)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "quantize activations: the output must be 4-byte aligned");
     quant_prepare_act(quant_kernel_for(type).act, x, act, n);
     return CEPE_OK;
 }
@@ -310,10 +341,12 @@ cepe_status cepe_quantize_activations(int type, const float *x, void *act, int64
 cepe_status cepe_vec_dot(int type, int64_t n, const void *row, const void *act, float *out) {
     const cepe_status st = check_row_type("vec_dot", type, n);
     if (st != CEPE_OK) return st;
-    if (n > INT32_MAX) return cepe_fail(CEPE_ERR_INVALID_ARG, "vec_dot: %lld values per row is too many", (long long)n);
+    if (n > INT32_MAX)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "vec_dot: %lld values per row is too many", (long long)n);
     if (!row || !act || !out) return cepe_fail(CEPE_ERR_INVALID_ARG, "vec_dot: NULL pointer");
     if ((uintptr_t)row % 2 || (uintptr_t)act % 4)
-        return cepe_fail(CEPE_ERR_INVALID_ARG, "vec_dot: the row must be 2-byte and the activations 4-byte aligned");
+        return cepe_fail(CEPE_ERR_INVALID_ARG,
+                         "vec_dot: the row must be 2-byte and the activations 4-byte aligned");
     *out = quant_kernel_for(type).dot((int)n, row, act);
     return CEPE_OK;
 }

@@ -61,9 +61,10 @@ typedef enum {
 /* A weight matrix in its stored format: out = x · Wᵀ with W [n_out, n_in]. */
 typedef struct {
     cepe_qtype type;
-    int n_out;         /* rows (output features) */
-    int n_in;          /* values per row (input features): a multiple of the type's block */
-    const void *data;  /* n_out rows, row_stride bytes apart, aligned to the block's alignment (2, or 4 for F32) */
+    int n_out; /* rows (output features) */
+    int n_in;  /* values per row (input features): a multiple of the type's block */
+    const void
+        *data; /* n_out rows, row_stride bytes apart, aligned to the block's alignment (2, or 4 for F32) */
     size_t row_stride; /* bytes from one row to the next, >= cepe_qtype_row_bytes(type, n_in) */
 } cepe_qtensor;
 
@@ -71,9 +72,10 @@ typedef struct {
  * the environment variable CEPE_ISA=c|avx2|avx512 lowers it (a path the CPU
  * lacks is never taken: the best supported one below it is). */
 typedef enum {
-    CEPE_ISA_C = 0,      /* portable C, any CPU */
-    CEPE_ISA_AVX2 = 1,   /* AVX2 + FMA + F16C (Haswell, Zen 1 and later) */
-    CEPE_ISA_AVX512 = 2, /* AVX-512 F/BW/VL + VNNI (Ice Lake, Zen 4 and later); BF16 uses AVX512-BF16 where present */
+    CEPE_ISA_C = 0,    /* portable C, any CPU */
+    CEPE_ISA_AVX2 = 1, /* AVX2 + FMA + F16C (Haswell, Zen 1 and later) */
+    CEPE_ISA_AVX512 =
+        2, /* AVX-512 F/BW/VL + VNNI (Ice Lake, Zen 4 and later); BF16 uses AVX512-BF16 where present */
 } cepe_isa;
 
 /* ------------------------------------------------------------ formats */
@@ -137,7 +139,7 @@ int cepe_qmatmul_sgemm_rows(int rows);
  * cepe_qmatmul_work_size bytes, or NULL to let the call allocate its own.
  * Parallel over output rows with n_threads OpenMP threads; the BLAS it calls
  * runs single-threaded inside them. */
-cepe_status cepe_qmatmul(float *out, const float *x, const cepe_qtensor *w, int rows, int accumulate, void *work,
-                         size_t work_size, int n_threads);
+cepe_status cepe_qmatmul(float *out, const float *x, const cepe_qtensor *w, int rows, int accumulate,
+                         void *work, size_t work_size, int n_threads);
 
 #endif /* CEPE_QUANT_H */

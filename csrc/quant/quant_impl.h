@@ -14,21 +14,21 @@
  * Byte for byte as ggml writes them (ggml-common.h); fp16 fields are raw
  * uint16_t so the structs need only 2-byte alignment and have no padding. */
 
-#define QK32 32 /* values per block of Q4_0, Q4_1, Q8_0 */
+#define QK32 32  /* values per block of Q4_0, Q4_1, Q8_0 */
 #define QK_K 256 /* values per super-block of the K-quants */
 
 typedef struct {
-    uint16_t d;      /* scale, fp16 */
-    uint8_t qs[16];  /* value j: (qs[j] & 15) - 8, value j+16: (qs[j] >> 4) - 8 */
+    uint16_t d;     /* scale, fp16 */
+    uint8_t qs[16]; /* value j: (qs[j] & 15) - 8, value j+16: (qs[j] >> 4) - 8 */
 } block_q4_0;
 
 typedef struct {
-    uint16_t d, m;   /* scale and minimum, fp16: value = d * q + m */
-    uint8_t qs[16];  /* nibbles as in Q4_0, unsigned 0..15 */
+    uint16_t d, m;  /* scale and minimum, fp16: value = d * q + m */
+    uint8_t qs[16]; /* nibbles as in Q4_0, unsigned 0..15 */
 } block_q4_1;
 
 typedef struct {
-    uint16_t d;      /* scale, fp16 */
+    uint16_t d; /* scale, fp16 */
     int8_t qs[32];
 } block_q8_0;
 
@@ -102,10 +102,10 @@ _Static_assert(sizeof(act_q8_K) == 292, "act_q8_K");
 
 /* What a kernel expects as its activation row. */
 typedef enum {
-    ACT_F32 = 0,  /* the fp32 row itself */
+    ACT_F32 = 0,   /* the fp32 row itself */
     ACT_Q8_32 = 1, /* act_q8_32 */
     ACT_Q8_K = 2,  /* act_q8_K blocks */
-    ACT_BF16 = 3, /* bf16, rounded to nearest even */
+    ACT_BF16 = 3,  /* bf16, rounded to nearest even */
 } act_kind;
 
 /* The dot product of one stored row of n values and one activation row. */

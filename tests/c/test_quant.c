@@ -14,13 +14,13 @@
 #include "quant/quant_impl.h"
 
 static int passed = 0;
-#define CHECK(cond)                                                                                                 \
-    do {                                                                                                            \
-        if (!(cond)) {                                                                                              \
-            fprintf(stderr, "%s:%d: CHECK failed: %s (%s)\n", __FILE__, __LINE__, #cond, cepe_last_error());        \
-            exit(1);                                                                                                \
-        }                                                                                                           \
-        passed++;                                                                                                   \
+#define CHECK(cond)                                                                                          \
+    do {                                                                                                     \
+        if (!(cond)) {                                                                                       \
+            fprintf(stderr, "%s:%d: CHECK failed: %s (%s)\n", __FILE__, __LINE__, #cond, cepe_last_error()); \
+            exit(1);                                                                                         \
+        }                                                                                                    \
+        passed++;                                                                                            \
     } while (0)
 
 static uint64_t rng_state = 7;
@@ -60,7 +60,8 @@ static unsigned char *random_rows(int type, int n_out, int n_in) {
             const uint16_t d = to_fp16(ldexpf(1.0f + frand() * 0.5f, -8)), m = to_fp16(ldexpf(1.0f, -9));
             const int d_at = type == CEPE_QTYPE_Q6_K ? 208 : 0;
             memcpy(p + d_at, &d, 2);
-            if (type == CEPE_QTYPE_Q4_1 || type == CEPE_QTYPE_Q4_K || type == CEPE_QTYPE_Q5_K) memcpy(p + 2, &m, 2);
+            if (type == CEPE_QTYPE_Q4_1 || type == CEPE_QTYPE_Q4_K || type == CEPE_QTYPE_Q5_K)
+                memcpy(p + 2, &m, 2);
         }
     return w;
 }
@@ -92,7 +93,8 @@ static void check_dot(int type, int n, const float *w, const double *xh, float y
     const int bs = cepe_qtype_block_size(type);
     const double terms = bs == 1 ? n : 2.0 * n / bs;
     const double bound = 4.0 * (terms + 16) * 0x1p-24 * mag + 1e-30;
-    if (!(fabs(y - ref) <= bound)) fprintf(stderr, "type %d n %d: %g vs %g (bound %g)\n", type, n, y, ref, bound);
+    if (!(fabs(y - ref) <= bound))
+        fprintf(stderr, "type %d n %d: %g vs %g (bound %g)\n", type, n, y, ref, bound);
     CHECK(fabs(y - ref) <= bound);
 }
 
@@ -102,7 +104,8 @@ static void test_format(int type, int isa) {
     unsigned char *w = random_rows(type, n_out, n_in);
     const size_t rb = cepe_qtype_row_bytes(type, n_in);
     float *wf = malloc(sizeof(float) * (size_t)n_out * n_in);
-    for (int o = 0; o < n_out; o++) CHECK(cepe_dequantize_row(type, w + (size_t)o * rb, wf + (size_t)o * n_in, n_in) == CEPE_OK);
+    for (int o = 0; o < n_out; o++)
+        CHECK(cepe_dequantize_row(type, w + (size_t)o * rb, wf + (size_t)o * n_in, n_in) == CEPE_OK);
 
     const int rows = 3;
     float *x = malloc(sizeof(float) * rows * n_in);
@@ -170,13 +173,15 @@ static void test_refusals(void) {
     CHECK(cepe_qmatmul(out, x, &t, 1, 0, NULL, 0, 1) == CEPE_ERR_INVALID_ARG);
     t.type = CEPE_QTYPE_Q8_0;
     unsigned char small[8];
-    CHECK(cepe_qmatmul(out, x, &t, 1, 0, small, sizeof small, 1) == CEPE_ERR_INVALID_ARG); /* scratch too small */
+    CHECK(cepe_qmatmul(out, x, &t, 1, 0, small, sizeof small, 1) ==
+          CEPE_ERR_INVALID_ARG); /* scratch too small */
     CHECK(cepe_qmatmul(out, x, &t, 1, 0, NULL, 0, 1) == CEPE_OK);
     float y;
     CHECK(cepe_vec_dot(CEPE_QTYPE_Q4_K, 300, w, small, &y) == CEPE_ERR_INVALID_ARG);
     CHECK(cepe_dequantize_row(CEPE_QTYPE_Q6_K, w, x, 100) == CEPE_ERR_INVALID_ARG);
     CHECK(cepe_quant_set_isa(9) == CEPE_ERR_INVALID_ARG);
-    if (cepe_quant_isa_best() < CEPE_ISA_AVX512) CHECK(cepe_quant_set_isa(CEPE_ISA_AVX512) == CEPE_ERR_UNSUPPORTED);
+    if (cepe_quant_isa_best() < CEPE_ISA_AVX512)
+        CHECK(cepe_quant_set_isa(CEPE_ISA_AVX512) == CEPE_ERR_UNSUPPORTED);
 }
 
 int main(void) {
