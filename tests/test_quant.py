@@ -20,22 +20,31 @@ w~_i rounds d*sc, the product and the difference separately, so
    so x^_i = d q_i satisfies |x_i - x^_i| <= d (1/2 + 2.01 * 127u) <= d (1/2 + 2^-14).
    K-quants take Q8_K (ggml's: 256 values, iscale = -127/max, d = fl(1/iscale)):
    x_i - d q_i = d (x_i/d - q_i) and x_i/d is within 2.01 * 127u of x_i * iscale,
-   so again |x_i - x^_i| <= |d| (1/2 + 2^-14). BF16 activations (AVX512-BF16):
-   round to nearest with 8 significant bits, |x_i - x^_i| <= 2^-8 |x_i|. F16 and BF16
+   so again |x_i - x^_i| <= |d| (1/2 + 2^-14). (Where the scale is subnormal its
+   reciprocal overflows and q_i = round(x_i / d) with the d kept: the same bound. A block
+   whose largest |x_i| is below 2^-126, the smallest normal float, becomes zeros:
+   |x_i - x^_i| = |x_i| < 2^-126.) BF16 activations (AVX512-BF16):
+   round to nearest with 8 significant bits, |x_i - x^_i| <= 2^-8 |x_i| + 2^-134 (half
+   of bf16's subnormal spacing). F16 and BF16
    weights on the other paths multiply the fp32 activations themselves (x^ = x).
    Checked directly on the activation rows the kernels see.
 
 2. The kernel's arithmetic (the tight check, against sum_i w~_i x^_i). Within a block
-   the products are exact integers (int32 cannot overflow: at most 256 * 63 * 127 * 63
-   in Q5_K; maddubs's int16 pairs stay below 32767), so the float error comes only
-   from the T_B = fl(fl(d_w d_x) * fl(I_B)) terms (relative error <= 3u, fl(I_B)
+   the products are exact integers (int32 cannot overflow: a Q6_K block reaches at most
+   256 * 32 * 127 * 128 < 2^31; maddubs's int16 pairs stay below 32767), so the float
+   error comes only from the T_B = fl(fl(d_w d_x) * fl(I_B)) terms (relative error <= 3u, fl(I_B)
    exact below 2^24) and from adding m of them (m = 2 * number of blocks, counting
    the minimum terms; each term passes through at most m + 5 additions in any
    lane-and-tree order), so |y - sum_B T_B*| <= (m + 8) u sum_B |T_B*|, and
    |T_B*| <= sum_{i in B} |a_i x^_i| (or |b_i x^_i| for a minimum term). With the
    reader's rounding of w~, |y - sum_i w~_i x^_i| <= (m + 16) u S,
    S = sum_i (|w~_i| + 2|b_i|) |x^_i|  (>= sum_i (|a_i| + |b_i|) |x^_i|).
-   F16/BF16 kernels add n exact-or-rounded products: m = n.
+   F16/BF16 kernels add n exact-or-rounded products: m = n. Below 2^-126 float rounding
+   is absolute (subnormal spacing 2^-149), and a subnormal d_w d_x is then multiplied by
+   the block's integer sum (< 2^28), so each bound also takes (m + 16) 2^-121; and
+   vdpbf16ps (AVX512-BF16) treats subnormal inputs and results as zero, which its bound
+   covers with 2^-125 sum_i |w~_i| + (m + 16) 2^-126. (Real activations never come near:
+   these terms only matter in the "tiny" cases below.)
 
 3. End to end (against sum_i w~_i x_i): the tight bound plus the activation error,
    sum_B e_B sum_{i in B} |w~_i| with e_B = |d_B| (1/2 + 2^-14) (int8 activations) or
@@ -218,7 +227,7 @@ def quantize(name: str, x: np.ndarray):
         return act, x.astype(np.float64), "f32", np.zeros(n)
     if size == 2 * n:
         xh = (act.view(np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-        return act, xh, "bf16", 2.0**-8 * np.abs(x.astype(np.float64))
+        return act, xh, "bf16", 2.0**-8 * np.abs(x.astype(np.float64)) + 2.0**-134
     if size == n // 32 * 44:  # int8 qs[n], then float d[n/32], float s[n/32] (= d * sum), int32 sum[n/32]
         nb, bs = n // 32, 32
         blocks = {
@@ -236,7 +245,11 @@ def quantize(name: str, x: np.ndarray):
     assert np.abs(blocks["qs"].astype(np.int64)).max(initial=0) <= 127
     d = blocks["d"].astype(np.float64)
     xh = (blocks["qs"].astype(np.float64) * d[:, None]).reshape(-1)
-    return act, xh, f"q8_{bs}", np.repeat(np.abs(d) * ACT_SLACK, bs)
+    x_err = np.repeat(np.abs(d) * ACT_SLACK, bs)
+    zero = np.repeat(d == 0, bs)  # blocks below the smallest normal float are zeros
+    assert np.all(np.abs(x[zero]) < 2.0**-126)
+    x_err[zero] = np.abs(x[zero])
+    return act, xh, f"q8_{bs}", x_err
 
 
 def vec_dot(name: str, row: np.ndarray, act: np.ndarray, n: int) -> float:
@@ -261,7 +274,10 @@ def check_products(name: str, raw: np.ndarray, x: np.ndarray, tmp_path, what: st
     x64 = x.astype(np.float64)
     assert np.all(np.abs(x64 - xh) <= x_err), f"{what}: activation quantization error beyond its bound"
     ys = np.array([vec_dot(name, raw[r], act, n_in) for r in range(raw.shape[0])])
-    tight = (float_terms(kind, name, n_in) + 16) * U * ((np.abs(w) + 2 * b) @ np.abs(xh))
+    m = float_terms(kind, name, n_in)
+    tight = (m + 16) * (U * ((np.abs(w) + 2 * b) @ np.abs(xh)) + 2.0**-121)
+    if kind == "bf16":  # vdpbf16ps: subnormal inputs and results are zeros
+        tight += 2.0**-125 * np.abs(w).sum(axis=1) + (m + 16) * 2.0**-126
     err_tight = np.abs(ys - w @ xh)
     assert np.all(err_tight <= tight), f"{what}: {err_tight.max()} > tight bound {tight[np.argmax(err_tight - tight)]}"
     loose = tight + np.abs(w) @ x_err
@@ -332,6 +348,8 @@ def test_vec_dot_within_bounds(name, isa, tmp_path):
             ("normal", rng.normal(0, 1, n_in)),
             ("heavy", rng.standard_t(2, n_in) * 30),
             ("outlier", np.where(np.arange(n_in) % 32 == 7, 1e4, rng.normal(0, 1e-3, n_in))),
+            # subnormal scales (max |x| near 2^-126) and blocks below it entirely
+            ("tiny", rng.normal(0, 1, n_in) * np.where(np.arange(n_in) // 32 % 2, 2.0**-124, 2.0**-130)),
         ):
             check_products(name, raw, x.astype(np.float32), tmp_path, f"{name}/{ISA_NAMES[isa]}/{n_in}/{kind}")
 

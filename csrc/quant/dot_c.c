@@ -1,7 +1,8 @@
 /* dot_c.c — the portable kernels: one stored row · one activation row.
  * The reference the SIMD paths are tested against, and the path on CPUs
  * without AVX2. Each block's dot product is exact integer arithmetic (int32
- * cannot overflow: at most 256 * 63 * 127 * 63 in Q5_K), then scaled once. */
+ * cannot overflow: the largest, a Q6_K block, is at most 256 * 32 * 127 * 128,
+ * about 2^28), then scaled once. */
 #include "quant_impl.h"
 
 /* 16 partial sums, so the compiler can keep them in vector lanes (a float

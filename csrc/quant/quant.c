@@ -124,19 +124,21 @@ static void quantize_q8_32(const float *x, void *act, int64_t n) {
         }
         int sum = 0;
         float d = 0.0f;
-        if (!finite) {
-            d = NAN; /* the products come out NaN, as in fp32 */
+        if (!finite || amax < FLT_MIN) {
+            /* non-finite: the products come out NaN, as in fp32; all below the
+             * smallest normal float: zeros (an error below 2^-126 a value) */
+            d = finite ? 0.0f : NAN;
             memset(qs, 0, QK32);
         } else {
             d = amax / 127.0f;
-            const float id = d != 0.0f ? 1.0f / d : 0.0f;
+            const float id = 1.0f / d;
             if (id <= FLT_MAX) {
                 for (int j = 0; j < QK32; j++) {
                     const int q = clamp127(nearest_int(x[j] * id));
                     qs[j] = (int8_t)q;
                     sum += q;
                 }
-            } else { /* a subnormal scale, whose inverse overflows */
+            } else { /* a subnormal scale, whose inverse overflows: divide by the same d */
                 for (int j = 0; j < QK32; j++) {
                     const int q = clamp127(nearest_int(x[j] / d));
                     qs[j] = (int8_t)q;
@@ -163,7 +165,7 @@ static void quantize_q8_K(const float *x, act_q8_K *y, int64_t nb) {
             }
         }
         memset(y[b].bsums, 0, sizeof y[b].bsums);
-        if (!finite || amax == 0.0f) {
+        if (!finite || amax < FLT_MIN) { /* as in quantize_q8_32 */
             y[b].d = finite ? 0.0f : NAN;
             memset(y[b].qs, 0, QK_K);
             continue;
@@ -173,9 +175,10 @@ static void quantize_q8_K(const float *x, act_q8_K *y, int64_t nb) {
         if (fabsf(iscale) <= FLT_MAX) {
             for (int j = 0; j < QK_K; j++) y[b].qs[j] = (int8_t)clamp127(nearest_int(iscale * x[j]));
             y[b].d = 1.0f / iscale;
-        } else { /* a subnormal max */
-            for (int j = 0; j < QK_K; j++) y[b].qs[j] = (int8_t)clamp127(nearest_int(-127.0f * (x[j] / max)));
-            y[b].d = -max / 127.0f;
+        } else { /* max below 2^-121: iscale overflows; divide by the scale kept */
+            const float d = -max / 127.0f;
+            for (int j = 0; j < QK_K; j++) y[b].qs[j] = (int8_t)clamp127(nearest_int(x[j] / d));
+            y[b].d = d;
         }
         for (int j = 0; j < QK_K / 16; j++) {
             int sum = 0;

@@ -8,8 +8,9 @@
  * every weight once per token, reads 6x fewer bytes than from fp32.
  *
  * How the model will use it:
- *   - The weights struct holds a cepe_qtensor where it holds a `const float *`
- *     today (`wq`, `wk`, `wv`, `wo`, `w1`, `w2`, `w3`, the LM head), filled by
+ *   - The weights struct (model/model.h) holds a cepe_qtensor where it holds
+ *     a `const float *` today (`wq`, `wk`, `wv`, `wo`, `w_gate`, `w_up`,
+ *     `w_down`, the cross-attention's, `lm_head`; `embed` too), filled by
  *     cepe_model_bind from the bytes the reader hands over with their GGML type
  *     id (cepe_qtype uses the same numbers). F32 weights are cepe_qtensors of
  *     type CEPE_QTYPE_F32, so model code has one kind of weight and never
