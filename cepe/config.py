@@ -101,7 +101,7 @@ def _float(cfg: dict[str, Any], key: str, default: float) -> float:
         v = default
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ConfigError(f"config.json: {key!r} must be a number, got {v!r}")
-    v = float(v)
+    v = float(v) if isinstance(v, float) or abs(v) < 2**1000 else float("inf")  # an int past float's range
     if not (v > 0.0 and v < float("inf")):
         raise ConfigError(f"config.json: {key!r} must be a finite number > 0, got {v}")
     return v

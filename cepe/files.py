@@ -133,8 +133,8 @@ def read_json(
     error: type[Exception] = ValueError,
     object_pairs_hook: Any = None,
 ) -> Any:
-    """read_text, parsed as JSON. Invalid JSON, and JSON nested too deep for the parser,
-    raise `error` saying "<path> is not valid JSON"."""
+    """read_text, parsed as JSON. Invalid JSON, JSON nested too deep for the parser and
+    integers past Python's digit limit raise `error` saying "<path> is not valid JSON"."""
     p = os.fspath(path)
     text = read_text(p, what=what, limit=limit, error=error)
     try:
@@ -143,3 +143,7 @@ def read_json(
         raise error(f"{p} is not valid JSON: {exc}") from None
     except RecursionError:
         raise error(f"{p} is not valid JSON: nested too deeply") from None
+    except ValueError as exc:
+        if type(exc) is not ValueError:  # object_pairs_hook's own error, naming the file already
+            raise
+        raise error(f"{p} is not valid JSON: {exc}") from None  # a number past Python's int-digit limit

@@ -47,10 +47,16 @@ def _check_int(name: str, value: Any, lo: int, hi: int = _MAX_I32) -> int:
 def _sampling(temperature: Any, top_k: Any, top_p: Any) -> tuple[float, int, float]:
     """(temperature, top_k, top_p) checked, as generate() and generate_stream() take them."""
     top_k = _check_int("top_k", top_k, 0)
-    temperature = float(temperature)
+    try:
+        temperature = float(temperature)
+    except OverflowError:  # an int past float's range
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}") from None
     if not (temperature >= 0.0 and np.isfinite(temperature)):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-    top_p = float(top_p)
+    try:
+        top_p = float(top_p)
+    except OverflowError:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}") from None
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     return temperature, top_k, top_p
@@ -526,6 +532,12 @@ class Model:
                 raise TypeError("cache must be a KVCache made by this model's create_cache()")
             if ids.shape[0] != cache.batch_size:
                 raise ValueError(f"input_ids has batch size {ids.shape[0]}, the cache was made for {cache.batch_size}")
+            if len(cache) + ids.shape[1] > cache.capacity:
+                raise ValueError(
+                    f"input_ids holds {ids.shape[1]} tokens per row, but the cache has room for "
+                    f"{cache.capacity - len(cache)} more ({len(cache)} of its capacity {cache.capacity} used): "
+                    "make it with a larger capacity (create_cache(batch_size, capacity))"
+                )
         context = self._context(ids.shape[0], squeeze, encoder_input_ids, encoder_attention_mask, encoder_hidden_states)
         self._warn_long(ids.shape[1] + (len(cache) if cache is not None else 0), "the input holds")
         call_ctx = (

@@ -125,7 +125,7 @@ def _number(block: dict[str, Any], key: str, where: str) -> float | None:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ConfigError(f"{where}.{key} must be a number, got {v!r}")
-    if not math.isfinite(v):
+    if isinstance(v, int) and abs(v) >= 2**1000 or not math.isfinite(v):  # an int past float's range too
         raise ConfigError(f"{where}.{key} must be a finite number, got {v!r}")
     return float(v)
 
@@ -154,6 +154,8 @@ def _factor_list(block: dict[str, Any], key: str, where: str, n_pairs: int) -> t
         raise ConfigError(f"{where}.{key} is required for rope_type 'longrope'")
     if not isinstance(v, (list, tuple)) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
         raise ConfigError(f"{where}.{key} must be a list of numbers, got {v!r}")
+    if any(isinstance(x, int) and abs(x) >= 2**1000 for x in v):
+        raise ConfigError(f"{where}.{key} holds a number past float's range")
     if len(v) != n_pairs:
         raise ConfigError(f"{where}.{key} must have {n_pairs} entries (rotary_dim/2), got {len(v)}")
     return tuple(float(x) for x in v)

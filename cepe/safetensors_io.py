@@ -44,6 +44,8 @@ _ITEMSIZE = {
     **{k: v.itemsize for k, v in _DTYPES.items()},
 }
 MAX_HEADER = 100 * 1024 * 1024  # as the reference implementation
+MAX_DIMS = 64  # NumPy's limit on dimensions
+MAX_BYTES = 2**63 - 1  # the size of any one array (NumPy's, with a 0 in the shape too)
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -85,10 +87,12 @@ class SafetensorsFile:
             raise CheckpointError(f"{path}: the file shrank while its header was read")
         try:
             header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates(path))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
         except RecursionError:
             raise CheckpointError(f"{path}: corrupt safetensors header (nested too deeply)") from None
+        except CheckpointError:
+            raise
+        except ValueError as exc:  # not UTF-8, not JSON, or an integer past Python's digit limit
+            raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
         metadata = header.pop("__metadata__", None) or {}
@@ -111,6 +115,8 @@ class SafetensorsFile:
             raise CheckpointError(f"{where}: unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise CheckpointError(f"{where}: bad shape {shape!r}")
+        if len(shape) > MAX_DIMS:
+            raise CheckpointError(f"{where}: shape has {len(shape)} dimensions, more than an array's {MAX_DIMS}")
         if (
             not isinstance(offs, list)
             or len(offs) != 2
@@ -125,6 +131,8 @@ class SafetensorsFile:
             raise CheckpointError(
                 f"{where}: {offs[1] - offs[0]} bytes stored, shape {tuple(shape)} of {dtype} needs {want}"
             )
+        if math.prod(d for d in shape if d) * _ITEMSIZE[dtype] > MAX_BYTES:  # a 0 in the shape: no bytes, no array
+            raise CheckpointError(f"{where}: shape {tuple(shape)} is too large for an array (2**63 bytes)")
         return dtype, tuple(shape), offs[0], offs[1]
 
     def _check_layout(self) -> None:
@@ -194,7 +202,7 @@ def _shard_list(index: str, model_dir: str) -> dict[str, str]:
     text = read_text(index, what="shard index", limit=CONFIG_LIMIT, error=CheckpointError)
     try:
         data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: also an integer past Python's digit limit
         raise CheckpointError(f"{index}: corrupt shard index (not valid JSON: {exc})") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict):

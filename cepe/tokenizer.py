@@ -23,12 +23,14 @@ are added by encode() as the file's add_bos_token / add_eos_token flags say.
 
 from __future__ import annotations
 
+import builtins
 import contextvars
 import copy
 import functools
 import json
 import os
 import re
+import types
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from types import SimpleNamespace
@@ -511,8 +513,11 @@ class Tokenizer:
 
 # Limits of one chat-template rendering (see Tokenizer.apply_chat_template).
 TEMPLATE_MAX_RANGE = 10_000  # items of one range()
-TEMPLATE_MAX_STEPS = 1_000_000  # loop iterations, calls (4 steps each) and intercepted operators
-TEMPLATE_MAX_CHARS = 4 << 20  # characters (or items) of any string or list, the output included
+TEMPLATE_MAX_STEPS = 1_000_000  # loop iterations, calls (4 steps each), intercepted operators, generator items
+TEMPLATE_MAX_CHARS = 4 << 20  # the size of any value (see _size), the output included
+TEMPLATE_MAX_INT_BITS = 1 << 14  # integers (4932 digits: past what Python prints)
+TEMPLATE_MAX_VALUES = 100_000  # lists, tuples and dicts whose size one rendering remembers
+TEMPLATE_MAX_BUILT = 16  # all the values one rendering builds, together: 16x the size limit
 
 
 class _Render:
@@ -521,6 +526,11 @@ class _Render:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.steps = 0
+        self.built = 0  # the sizes of the values built so far, together
+        # id -> (value, size) of each list, tuple and dict sized so far; the value is kept so that
+        # its id stays its own (the template cannot change a list or dict: the sandbox is immutable)
+        self.sizes: dict[int, tuple[Any, int]] = {}
+        self.namespaces: dict[int, tuple[Any, dict[str, int]]] = {}  # id -> (namespace, size of each attribute)
 
 
 _RENDER: contextvars.ContextVar[_Render | None] = contextvars.ContextVar("cepe_template_render", default=None)
@@ -545,13 +555,74 @@ def _step(n: int = 1) -> None:
             raise _refuse(f"the template takes more than {TEMPLATE_MAX_STEPS} steps (loop iterations and calls)")
 
 
+def _size(value: Any) -> int:
+    """What printing, serializing, comparing or hashing `value` may cost, in characters: a string
+    its length, an int its digits, a float 24, a list, tuple or dict 1 + the sizes of its items
+    (remembered, so that a list holding the same list twice costs that list twice without walking
+    it again: nesting cannot hide an exponential size), a namespace its attributes'. A list or dict
+    may not hold a namespace (the one mutable value a template makes), so a remembered size stays true."""
+    if isinstance(value, str):
+        return len(value) + 1
+    if isinstance(value, bool) or value is None:
+        return 1
+    if isinstance(value, int):
+        return 1 + value.bit_length() // 3
+    if isinstance(value, float):
+        return 24
+    if isinstance(value, _namespace_class()):
+        return 1 + sum(_budget().namespaces.get(id(value), (None, {}))[1].values())
+    if not isinstance(value, (list, tuple, dict)):
+        return 1
+    r = _budget()
+    known = r.sizes.get(id(value))
+    if known is not None and known[0] is value:
+        return known[1]
+    total = 1
+    for item in value.items() if isinstance(value, dict) else value:
+        for part in item if isinstance(value, dict) else (item,):
+            if isinstance(part, _namespace_class()):
+                raise _refuse("the template puts a namespace() in a list, tuple or dict")
+            total += _size(part)
+    if len(r.sizes) >= TEMPLATE_MAX_VALUES:
+        raise _refuse(f"the template builds more than {TEMPLATE_MAX_VALUES} lists and dicts")
+    r.sizes[id(value)] = (value, total)
+    return total
+
+
+def _chars(value: Any) -> int:
+    """A string's length, any other value's size (_size)."""
+    return len(value) if isinstance(value, str) else _size(value)
+
+
 def _sized(value: Any, what: str = "a value") -> Any:
-    """value, refused when it is a string or list longer than the budget."""
-    if isinstance(value, (str, list, tuple, dict)):
-        limit = _budget().limit
-        if len(value) > limit:
-            raise _refuse(f"the template builds {what} of length {len(value)}, more than the limit of {limit}")
+    """value, refused when its size (_size) is past the limit, or when with it the values this
+    rendering built pass TEMPLATE_MAX_BUILT times the limit (so that time is bounded too: every
+    step may build a value of the limit's size); a generator, wrapped to charge what it yields."""
+    r = _budget()
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > TEMPLATE_MAX_INT_BITS:
+        raise _refuse(f"the template builds an integer of {value.bit_length()} bits, more than {TEMPLATE_MAX_INT_BITS}")
+    n = _chars(value)
+    if n > r.limit:
+        kind = "length" if isinstance(value, str) else "size"
+        raise _refuse(f"the template builds {what} of {kind} {n}, more than the limit of {r.limit}")
+    _charge(r, n)
+    if isinstance(value, types.GeneratorType):
+        return _Charged(value)
     return value
+
+
+def _charge(r: _Render, n: int) -> None:
+    r.built += n
+    if r.built > TEMPLATE_MAX_BUILT * r.limit:
+        raise _refuse(f"the template builds values of more than {TEMPLATE_MAX_BUILT * r.limit} characters in all")
+
+
+def _remember(value: Any, size: int) -> None:
+    """Records the size of a list or tuple made from parts of known size (a + b, a * n), so that
+    it is not walked item by item."""
+    r = _budget()
+    if isinstance(value, (list, tuple)) and len(r.sizes) < TEMPLATE_MAX_VALUES:
+        r.sizes[id(value)] = (value, size)
 
 
 def _check_args(args: Sequence[Any]) -> None:
@@ -570,20 +641,73 @@ def _check_replace(text: Any, old: Any, new: Any) -> None:
 
 def _check_join(sep: Any, items: Any) -> None:
     if isinstance(items, (list, tuple)):
-        total = sum(len(x) if isinstance(x, str) else 16 for x in items)
+        total = sum(len(x) if isinstance(x, str) else _size(x) for x in items)
         _sized_len(total + len(str(sep)) * max(len(items) - 1, 0), "a joined string")
 
 
-def _check_format(fmt: str) -> None:
-    """Refuses a format string with a width or precision of 10**7 or more."""
+def _check_format(fmt: str, args: Any = ()) -> None:
+    """Refuses a format string with a width or precision of 10**7 or more, or one whose fields
+    would copy its arguments past the size limit ("{0}{0}{0}..." of a long string)."""
     if re.search(r"\d{8,}", fmt):
         raise _refuse("the template formats with a width of 10**7 or more")
+    values = (
+        list(args.values()) if isinstance(args, dict) else list(args) if isinstance(args, (list, tuple)) else [args]
+    )
+    if values:
+        fields = fmt.count("{") + fmt.count("%")
+        _sized_len(len(fmt) + fields * max(_chars(v) for v in values), "a formatted string")
+
+
+def _check_indent(text: Any, width: Any) -> None:
+    if isinstance(text, str):
+        w = len(width) if isinstance(width, str) else width if isinstance(width, int) else 4
+        _sized_len(len(text) + (text.count("\n") + 1) * max(w, 0), "an indented string")
+
+
+def _check_wordwrap(text: Any, width: Any, wrapstring: Any) -> None:
+    if isinstance(text, str) and isinstance(wrapstring, str):
+        w = width if isinstance(width, int) and not isinstance(width, bool) and width > 0 else 1
+        lines = len(text) // w + text.count(" ") + text.count("\n") + 1
+        _sized_len(len(text) + lines * len(wrapstring), "a wrapped string")
+
+
+def _check_str_method(owner: str, name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> Sequence[Any]:
+    """The checks of str methods that can build more than their size arguments say; returns the
+    arguments (a generator passed to join, made a list)."""
+    if name == "replace" and len(args) >= 2:
+        _check_replace(owner, args[0], args[1])
+    elif name == "join" and args:
+        items = args[0] if isinstance(args[0], str) else list(args[0])
+        _check_join(owner, items)
+        args = (items, *args[1:])
+    elif name == "expandtabs":
+        size = args[0] if args else kwargs.get("tabsize", 8)
+        if isinstance(size, int):
+            _sized_len(len(owner) + owner.count("\t") * max(size, 0), "a string with tabs expanded")
+    elif name == "translate" and args and isinstance(args[0], dict):
+        longest = max((len(v) for v in args[0].values() if isinstance(v, str)), default=1)
+        _sized_len(len(owner) * max(longest, 1), "a translated string")
+    return args
 
 
 def _sized_len(n: int, what: str) -> None:
     limit = _budget().limit
     if n > limit:
         raise _refuse(f"the template builds {what} of {n} characters, more than the limit of {limit}")
+
+
+def _check_int_op(operator: str, left: Any, right: Any) -> None:
+    """Refuses * and ** of integers whose result would pass TEMPLATE_MAX_INT_BITS (computing it
+    could take minutes), before computing it."""
+    if not (isinstance(left, int) and isinstance(right, int)):
+        return
+    bits = 0
+    if operator == "*":
+        bits = left.bit_length() + right.bit_length()
+    elif operator == "**" and right > 0 and abs(left) > 1:
+        bits = min(right, TEMPLATE_MAX_INT_BITS + 1) * (left.bit_length() - 1)
+    if bits > TEMPLATE_MAX_INT_BITS:
+        raise _refuse(f"the template computes an integer of about {bits} bits, more than {TEMPLATE_MAX_INT_BITS}")
 
 
 class _Counted:
@@ -601,11 +725,72 @@ class _Counted:
         return len(self.items)
 
 
+class _Charged:
+    """A generator a filter or call returned (map, select, batch, ...): each item it yields costs
+    steps by its size, so what a consumer (list, join, sort) gathers from it stays bounded."""
+
+    def __init__(self, gen: Any) -> None:
+        self.gen = gen
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self.gen:
+            _step()
+            _charge(_budget(), _chars(item))
+            yield item
+
+    def __repr__(self) -> str:
+        return repr(self.gen)
+
+
 def _safe_range(*args: int) -> range:
     r = range(*args)
     if len(r) > TEMPLATE_MAX_RANGE:
         raise _refuse(f"range() of {len(r)} items, more than the limit of {TEMPLATE_MAX_RANGE}")
     return r
+
+
+_NAMESPACE: Any = None
+
+
+def _namespace_class() -> Any:
+    """namespace(): jinja2's Namespace, with the size of each attribute tracked (and bounded)
+    as it is set, and no namespace inside another."""
+    global _NAMESPACE
+    if _NAMESPACE is None:
+        from jinja2.utils import Namespace
+
+        def track(ns: Any, name: str, value: Any) -> None:
+            if isinstance(value, Namespace):
+                raise _refuse("the template puts a namespace() in a namespace")
+            r = _budget()
+            entry = r.namespaces.setdefault(id(ns), (ns, {}))
+            entry[1][name] = _size(value)
+            total = sum(entry[1].values())
+            if total > r.limit:
+                raise _refuse(f"the template builds a namespace of size {total}, more than the limit of {r.limit}")
+
+        class TrackedNamespace(Namespace):
+            def __init__(*args: Any, **kwargs: Any) -> None:  # Namespace's own signature
+                Namespace.__init__(*args, **kwargs)
+                self = args[0]
+                for name, value in object.__getattribute__(self, "_Namespace__attrs").items():
+                    track(self, str(name), value)
+
+            def __setitem__(self, name: str, value: Any) -> None:
+                track(self, name, value)
+                super().__setitem__(name, value)
+
+        _NAMESPACE = TrackedNamespace
+    return _NAMESPACE
+
+
+def _lipsum(n: Any = 5, html: Any = True, min: Any = 20, max: Any = 100) -> Any:  # noqa: A002 - jinja2's names
+    """jinja2's lipsum(), refused when its n paragraphs of up to `max` words could pass the size limit."""
+    from jinja2.utils import generate_lorem_ipsum
+
+    if isinstance(n, int) and isinstance(max, int):
+        _sized_len(builtins.max(n, 0) * builtins.max(max, 0) * 16, "lorem ipsum")
+    return generate_lorem_ipsum(n, html, min, max)
 
 
 _ENV: Any = None
@@ -626,7 +811,7 @@ def _environment() -> Any:
         raise ImportError("chat templates need the 'jinja2' package: pip install jinja2") from exc
 
     class Generator(CodeGenerator):
-        """Loops count their iterations; `a ~ b` results are size-checked."""
+        """Loops count their iterations; `a ~ b` results and list, tuple and dict literals are sized."""
 
         def visit_For(self, node: Any, frame: Any) -> None:
             node = copy.copy(node)
@@ -640,11 +825,30 @@ def _environment() -> Any:
             super().visit_Concat(node, frame)
             self.write(")")
 
+        def visit_List(self, node: Any, frame: Any) -> None:
+            self.write("environment.sized_literal(")
+            super().visit_List(node, frame)
+            self.write(")")
+
+        def visit_Dict(self, node: Any, frame: Any) -> None:
+            self.write("environment.sized_literal(")
+            super().visit_Dict(node, frame)
+            self.write(")")
+
+        def visit_Tuple(self, node: Any, frame: Any) -> None:
+            if node.ctx != "load":  # a target of {% set a, b = ... %} or a loop
+                super().visit_Tuple(node, frame)
+                return
+            self.write("environment.sized_literal(")
+            super().visit_Tuple(node, frame)
+            self.write(")")
+
     class Sandbox(ImmutableSandboxedEnvironment):
         code_generator_class = Generator
-        intercepted_binops = frozenset({"+", "*", "**", "%"})
+        intercepted_binops = frozenset({"+", "-", "*", "**", "%"})
         counted = staticmethod(_Counted)
         sized_concat = staticmethod(functools.partial(_sized, what="a string (~)"))
+        sized_literal = staticmethod(functools.partial(_sized, what="a list, tuple or dict"))
 
         @staticmethod
         def concat(parts: Any) -> str:  # the output of a block, macro or {% set %} block
@@ -656,34 +860,47 @@ def _environment() -> Any:
             _step()
             if operator == "**" and isinstance(right, int) and abs(right) > 1024 and left not in (0, 1, -1):
                 raise _refuse(f"the template raises to the power {right}")
+            _check_int_op(operator, left, right)
             if operator == "*":
                 for seq, n in ((left, right), (right, left)):
                     if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
-                        _sized_len(len(seq) * max(n, 0), "a repeated value")
+                        _sized_len(_chars(seq) * max(n, 0), "a repeated value")
             if operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
-                _sized_len(len(left) + len(right), "a concatenation")
+                _sized_len(_chars(left) + _chars(right), "a concatenation")
             if operator == "%" and isinstance(left, str):
-                _check_args(right if isinstance(right, tuple) else (right,))
-                _check_format(left)
-            return _sized(super().call_binop(context, operator, left, right))
+                items = right if isinstance(right, tuple) else (right,)
+                _check_args(items)
+                _check_format(left, right if isinstance(right, dict) else items)
+            out = super().call_binop(context, operator, left, right)
+            if isinstance(out, (list, tuple)):
+                if operator == "+" and isinstance(left, (list, tuple)) and isinstance(right, (list, tuple)):
+                    _remember(out, _size(left) + _size(right) - 1)
+                elif operator == "*":
+                    seq, n = (left, right) if isinstance(left, (list, tuple)) else (right, left)
+                    _remember(out, (_size(seq) - 1) * max(n, 0) + 1)
+            return _sized(out)
 
         def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
             _step(4)
             _check_args([*args, *kwargs.values()])
+            _sized_len(sum(_chars(a) for a in (*args, *kwargs.values())), "a call's arguments")
             owner, name = getattr(__obj, "__self__", None), getattr(__obj, "__name__", "")
-            if isinstance(owner, str) and name == "replace" and len(args) >= 2:
-                _check_replace(owner, args[0], args[1])
-            elif isinstance(owner, str) and name == "join" and args:
-                items = args[0] if isinstance(args[0], str) else list(args[0])
-                _check_join(owner, items)
-                args = (items, *args[1:])
+            if isinstance(owner, str):
+                args = tuple(_check_str_method(owner, name, args, kwargs))
             return _sized(super().call(__context, __obj, *args, **kwargs), "a call's result")
 
         def wrap_str_format(self, value: Any) -> Any:  # str.format / format_map, however reached
-            owner = getattr(value, "__self__", None)
-            if isinstance(owner, str) and getattr(value, "__name__", "") in ("format", "format_map"):
-                _check_format(owner)
-            return super().wrap_str_format(value)
+            wrapped = super().wrap_str_format(value)
+            if wrapped is None:
+                return None
+            owner, name = value.__self__, value.__name__
+            _check_format(owner)
+
+            def checked(*args: Any, **kwargs: Any) -> str:
+                _check_format(owner, [*args, *kwargs.values()] if name == "format" else (args[0] if args else {}))
+                return wrapped(*args, **kwargs)
+
+            return checked
 
     def guarded(name: str, f: Any) -> Any:
         @functools.wraps(f)
@@ -699,7 +916,12 @@ def _environment() -> Any:
                 _check_join(values[1] if len(values) > 1 else kwargs.get("d", ""), items)
                 args = tuple(items if a is values[0] else a for a in args)
             elif name == "format" and values and isinstance(values[0], str):
-                _check_format(values[0])
+                _check_format(values[0], [*values[1:], *kwargs.values()])
+            elif name == "indent" and values:
+                _check_indent(values[0], values[1] if len(values) > 1 else kwargs.get("width", 4))
+            elif name == "wordwrap" and values:
+                width = values[1] if len(values) > 1 else kwargs.get("width", 79)
+                _check_wordwrap(values[0], width, values[3] if len(values) > 3 else kwargs.get("wrapstring"))
             return _sized(f(*args, **kwargs), f"the result of the {name} filter")
 
         return filter_
@@ -721,6 +943,8 @@ def _environment() -> Any:
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
     env.globals["range"] = _safe_range
+    env.globals["namespace"] = _namespace_class()
+    env.globals["lipsum"] = _lipsum
     _ENV = env
     return env
 

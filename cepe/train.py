@@ -116,7 +116,10 @@ def parse_kl_mode(mode: str) -> tuple[int, float]:
 def _number(name: str, v: Any, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a number, got {type(v).__name__}")
-    v = float(v)
+    try:
+        v = float(v)
+    except OverflowError:  # an int past float's range
+        v = math.inf
     if not math.isfinite(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
         bounds = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
         raise ValueError(f"{name} must be a finite number in {bounds}, got {v}")
@@ -416,10 +419,29 @@ class Trainer:
     def step(self, batch: dict[str, Any]) -> dict[str, float]:
         """One optimizer step on a batch: {loss, lm_loss, kl_loss} before the
         update (averaged over the grad_accum micro-batches), grad_norm before
-        clipping, and the lr the update used."""
+        clipping, and the lr the update used. On the CPU, an update that
+        overflows float32 (an lr far too large, or corrupt moments) raises
+        ValueError naming the first tensor it broke; on a device, the next step
+        or save() does."""
         out = self._accumulate(batch)
         out.update(self._state.update())
+        if self.model.device == "cpu":  # the host buffers are the state: one pass over each
+            self._check_finite(f"the update of step {self.step_count}")
         return out
+
+    def _check_finite(self, when: str) -> None:
+        """ValueError when the weights or moments hold NaN or inf (float32 overflowed)."""
+        for what, buf in (("weights", self.params), ("adam_m", self.adam_m), ("adam_v", self.adam_v)):
+            with np.errstate(invalid="ignore"):  # inf - inf in the sum: NaN, which is the answer
+                if np.isfinite(buf.sum(dtype=np.float64)):  # a float32 sum in float64 cannot overflow
+                    continue
+            bad = np.flatnonzero(~np.isfinite(buf))
+            i = int(bad[0])
+            where = next((n for n, s, o in self.layout if o <= i < o + int(np.prod(s))), "?")
+            raise ValueError(
+                f"{when} overflowed float32: {bad.size} of the trainer's {what} are not finite, the first in {where} "
+                f"(lr={self.config['lr']:g}); lower lr, and resume from a checkpoint: these weights are unusable"
+            )
 
     def gradients(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
         """The gradient of the loss on `batch` for every trainable tensor (no
@@ -493,7 +515,9 @@ class Trainer:
         `path` must not exist, be an empty directory, or be a checkpoint an
         earlier save() wrote (a directory holding trainer_state.json and
         nothing but checkpoint files); anything else raises FileExistsError
-        naming what is in the way, and nothing is written.
+        naming what is in the way, and nothing is written. Weights or moments
+        that are not finite (an update overflowed) raise ValueError, and
+        nothing is written.
 
         Atomic: everything is written and fsynced in a temporary sibling
         directory, which then replaces `path` by rename. An earlier checkpoint
@@ -506,6 +530,8 @@ class Trainer:
         parent, base = os.path.split(path)
         old = path + ".old"
         _check_replaceable(path)
+        self._state.sync_host()  # a device's weights and moments into params / adam_m / adam_v
+        self._check_finite(f"save({path!r}): an update before step {self.step_count}")
         if os.path.lexists(old) and not _only_checkpoint_files(old):
             raise FileExistsError(
                 f"{old} is in the way: save() moves the previous checkpoint there while it replaces {path}, "

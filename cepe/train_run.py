@@ -170,12 +170,12 @@ def read_config_file(path: str) -> dict[str, Any]:
                 raise ConfigError(f"{path}: TOML configs need Python >= 3.11 or `pip install tomli`") from None
         try:
             raw = tomllib.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        except ValueError as exc:  # not UTF-8, not TOML, or an integer past Python's digit limit
             raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     else:
         try:
             raw = json.loads(data.decode("utf-8-sig"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except ValueError as exc:  # not UTF-8, not JSON, or an integer past Python's digit limit
             raise ConfigError(f"{path}: not valid JSON ({exc})") from None
         except RecursionError:
             raise ConfigError(f"{path}: not valid JSON (nested too deeply)") from None

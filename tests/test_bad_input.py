@@ -225,8 +225,9 @@ def test_cache_misuse(model, tiny):
     with pytest.raises(ValueError, match="batch size 2, the cache was made for 1"):
         model.forward(np.array([[3, 4], [5, 6]]), cache=cache)
     model.forward(GOOD, cache=cache)
-    with pytest.raises(RuntimeError, match=r"capacity exceeded: 4 cached \+ 3 new tokens > capacity 6"):
+    with pytest.raises(ValueError, match=r"3 tokens per row, but the cache has room for 2 more \(4 of its capacity 6"):
         model.forward(np.array([[3, 4, 5]]), cache=cache)
+    assert len(cache) == 4
     other = cepe.load(tiny[0])
     with pytest.raises(TypeError, match="cache must be a KVCache made by this model"):
         other.forward(GOOD, cache=cache)
@@ -541,7 +542,16 @@ TEMPLATES = [
         "builds a text block of 8388608 characters",
     ),
     ("{{ 'ab' * 50000000 }}", "builds a repeated value of 100000000 characters"),
-    ("{{ (['abcdefgh' * 500000] * 100)|join }}", "builds a joined string"),
+    ("{{ (['abcdefgh' * 500000] * 100)|join }}", "builds a repeated value of 400000200 characters"),
+    ("{{ ['x', 'y', 'z']|join('ab' * 2000000) }}", "builds a joined string"),
+    ("{% set ns = namespace(x=[1]) %}{% for i in range(40) %}{% set ns.x = [ns.x, ns.x] %}{% endfor %}", "of size"),
+    ("{{ ((10 ** 1000) ** 1000) ** 1000 }}", "computes an integer of about"),
+    ("{{ ('a\n' * 1000)|indent(1000000) }}", "builds an indented string"),
+    ("{{ ('\t' * 1000).expandtabs(1000000) }}", "builds a string with tabs expanded"),
+    ("{{ ('{0}' * 10000).format('x' * 100000) }}", "builds a formatted string"),
+    ("{{ lipsum(1000000) }}", "builds lorem ipsum"),
+    ("{% for i in range(10000) %}{% set x = 'a' * 4000000 %}{% endfor %}", "builds values of more than"),
+    ("{% set ns = namespace(x=1) %}{% set l = [ns] %}", r"puts a namespace\(\) in a list"),
     ("{{ 'a'|center(50000000) }}", "passes 50000000 to a call"),
     ("{{ '{:>50000000}'.format(1) }}", "formats with a width of 10\\*\\*7 or more"),
     ("{% for m in messages %}", r"\(line 1\): TemplateSyntaxError"),
