@@ -66,5 +66,7 @@ def test_context_lowers_heldout_perplexity():
             nll[n].append(np.log(model.perplexity(ids, **kw)))
     ppl = {n: float(np.exp(np.mean(v))) for n, v in nll.items()}
     print("held-out perplexity by context tokens:", ppl)
-    assert ppl[1024] < 0.97 * ppl[0]
-    assert ppl[4096] < ppl[1024] * 1.01
+    assert ppl[1024] < 0.97 * ppl[0] and ppl[4096] < 0.97 * ppl[0]
+    # more context must not undo the gain: the benchmark's rule is "no rise beyond the bootstrap
+    # interval" (about +-25 % here); 10 % is far inside it and still catches a head that degrades
+    assert ppl[4096] < ppl[1024] * 1.10
