@@ -15,6 +15,7 @@ from .errors import CheckpointError, ConfigError
 from .load import load
 from .model import KVCache, LongInputWarning, Model
 from .pull import pull  # cepe.pull("smollm2-135m") (the module is importlib.import_module("cepe.pull"))
+from .sampling import Generation, Sampler, StreamToken
 from .tokenizer import Tokenizer
 from .train import Trainer
 
@@ -23,9 +24,12 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DecoderConfig",
+    "Generation",
     "KVCache",
     "LongInputWarning",
     "Model",
+    "Sampler",
+    "StreamToken",
     "Tokenizer",
     "Trainer",
     "backends",

@@ -27,13 +27,14 @@ import json
 import sys
 import time
 import warnings
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from . import __version__, backends, load
 from .files import TEXT_LIMIT, read_text
 from .pull import DEFAULT_MODEL
+from .sampling import TEXT_DEFAULTS
 
 MAX_INT = 2**31 - 1  # the core counts tokens in int32
 
@@ -108,55 +109,108 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _logit_bias(specs: list[str] | None) -> dict[int, float] | None:
+    """--logit-bias ID=BIAS options as a dict (BIAS a number, or -inf to ban the token)."""
+    if not specs:
+        return None
+    out: dict[int, float] = {}
+    for spec in specs:
+        tok, sep, bias = spec.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[int(tok)] = float(bias)
+        except ValueError:
+            raise ValueError(f"--logit-bias must be ID=BIAS (e.g. 13=-inf), got {spec!r}") from None
+    return out
+
+
+def _speed_line(new_tokens: int, prompt_tokens: int | None, start: float, first: float | None, end: float) -> str:
+    """The closing stderr line of `cepe generate`: decoding speed and prompt time."""
+    prompt = f"prompt {prompt_tokens} tokens, " if prompt_tokens is not None else ""
+    if first is None or new_tokens < 2:
+        return f"cepe: {new_tokens} new tokens in {end - start:.2f} s ({prompt}no decoding speed to report)"
+    rate = (new_tokens - 1) / max(end - first, 1e-9)  # the first token came with the prompt
+    return f"cepe: {new_tokens} new tokens, {rate:.1f} tokens/s ({prompt}{first - start:.2f} s to the first token)"
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .text import stream_text
+
     _check_ints(args, max_new_tokens=(0, MAX_INT), top_k=(0, MAX_INT), seed=(0, 2**64 - 1))
     context = None if args.context_file is None else _read_file(args.context_file, "--context-file")
     model = _load(args)
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    sampling = dict(
+        temperature=0.0 if args.greedy else args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        typical_p=args.typical_p,
+        repeat_penalty=args.repeat_penalty,
+        repeat_last_n=args.repeat_last_n,
+        frequency_penalty=args.frequency_penalty,
+        presence_penalty=args.presence_penalty,
+        logit_bias=_logit_bias(args.logit_bias),
+        seed=args.seed,
+    )
+    start = time.perf_counter()
     if args.ids is not None:
         if args.prompt is not None:
             raise ValueError("give a text prompt or --ids, not both")
         ids = _ids(args.ids)
-        new = model.generate(ids, args.max_new_tokens, **sampling)
+        new = model.generate(ids, args.max_new_tokens, stop=args.stop or None, **sampling)
         print(
             json.dumps({"prompt_ids": ids.tolist(), "new_ids": new.tolist()})
             if args.json
             else " ".join(map(str, new.tolist()))
         )
+        print(_speed_line(len(new), len(ids), start, None, time.perf_counter()), file=sys.stderr)
         return 0
     if args.prompt is None:
         raise ValueError("give a prompt (or --ids)")
     chat = not args.raw and model.tokenizer is not None and model.tokenizer.chat_template is not None
-    kw = dict(
+    usage: dict[str, Any] = {}
+    pieces = stream_text(
+        model,
+        args.prompt,
         context=context,
         contexts=args.passage or None,
         max_new_tokens=args.max_new_tokens,
         stop=args.stop or None,
         chat=chat,
+        usage=usage,
         **sampling,
     )
     if args.json:
-        start = time.perf_counter()
-        text = model.generate_text(args.prompt, **kw)
+        text = "".join(pieces)
         print(
             json.dumps(
                 {
                     "prompt": args.prompt,
                     "text": text,
                     "chat_template": chat,
-                    "seconds": round(time.perf_counter() - start, 3),
+                    "prompt_tokens": usage["prompt_tokens"],
+                    "completion_tokens": usage["completion_tokens"],
+                    "finish_reason": usage["finish_reason"],
+                    "seconds": round(usage["end"] - start, 3),
                 }
             )
         )
     else:
-        for piece in model.generate_text(args.prompt, stream=True, **kw):
+        for piece in pieces:
             print(piece, end="", flush=True)
         print()
+    n = usage["completion_tokens"]
+    print(_speed_line(n, usage["prompt_tokens"], start, usage["first_token_at"], usage["end"]), file=sys.stderr)
     return 0
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:
     _check_ints(args, eval_window=(1, MAX_INT))
+    if args.text_arg is not None:
+        if args.text is not None:
+            raise ValueError("give the text as an argument or with --text, not both")
+        args.text = args.text_arg
     text = _read_text(args)
     context = None if args.context_file is None else _read_file(args.context_file, "--context-file")
     model = _load(args)
@@ -399,6 +453,37 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------- parser
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help text that ends with the option's default, unless it names one already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or not _shows_default(action):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+_A = TypeVar("_A", bound=argparse.Action)
+
+
+def _shows_default(action: argparse.Action) -> bool:
+    d = action.default
+    return bool(action.option_strings) and not (d is None or d is False or d is True or d == argparse.SUPPRESS)
+
+
+class _Parser(argparse.ArgumentParser):
+    """The parser of every command: --help shows each option's default."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+    def _add_action(self, action: _A) -> _A:
+        if action.help is None and _shows_default(action):
+            action.help = ""  # shown, with its default, by _DefaultsFormatter
+        return super()._add_action(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cepe",
@@ -407,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `cepe pull` once to fetch the default model (SmolLM2-135M-Instruct, ~100 MB).",
     )
     p.add_argument("--version", action="version", version=f"cepe {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     def common(sp: argparse.ArgumentParser, model_required: bool = False) -> None:
         if model_required:
@@ -424,16 +509,39 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser(
         "generate",
         help="continue a prompt (text or token ids)",
-        description="Generate text; instruct models get their chat template unless --raw.",
+        description="Generate text; instruct models get their chat template unless --raw. Sampling runs the "
+        "C core's chain in llama.cpp's order (logit bias, repeat/frequency/presence penalties, top-k, typical-p, "
+        "top-p, min-p, temperature) with llama.cpp's defaults and a fixed seed; a tokens/s line ends on stderr.",
     )
     gen.add_argument("prompt", nargs="?", help="the prompt text")
     common(gen)
     gen.add_argument("--ids", default=None, help='prompt as token ids instead, e.g. "1 15043 29892"')
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument(
+        "--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=int, default=128, help="new tokens at most"
+    )
+    d = TEXT_DEFAULTS
+    gen.add_argument("--temperature", type=float, default=d["temperature"], help="0 = greedy")
+    gen.add_argument("--greedy", action="store_true", help="temperature 0: the most likely token after the penalties")
+    gen.add_argument("--top-k", type=int, default=d["top_k"], help="keep the k most likely tokens (0 = off)")
+    gen.add_argument("--top-p", type=float, default=d["top_p"], help="keep the most likely tokens holding p (1 = off)")
+    gen.add_argument("--min-p", type=float, default=d["min_p"], help="drop tokens below p x the best one's (0 = off)")
+    gen.add_argument("--typical-p", type=float, default=d["typical_p"], help="locally typical sampling (1 = off)")
+    gen.add_argument("--repeat-penalty", type=float, default=d["repeat_penalty"], help="1 = off")
+    gen.add_argument(
+        "--repeat-last-n",
+        type=int,
+        default=d["repeat_last_n"],
+        help="tokens the penalties look back over, the prompt's included (-1 = all, 0 = no penalties)",
+    )
+    gen.add_argument("--frequency-penalty", type=float, default=d["frequency_penalty"], help="OpenAI's (0 = off)")
+    gen.add_argument("--presence-penalty", type=float, default=d["presence_penalty"], help="OpenAI's (0 = off)")
+    gen.add_argument(
+        "--logit-bias",
+        action="append",
+        metavar="ID=BIAS",
+        help="add BIAS to token ID's logit, -inf bans it (repeatable)",
+    )
+    gen.add_argument("--seed", type=int, default=d["seed"], help="the random stream's seed: same command, same text")
     gen.add_argument("--stop", action="append", help="stop at this string (repeatable)")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.add_argument("--context-file", default=None, help="CEPE: a long context for the encoder")
@@ -441,8 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     ppl = sub.add_parser("perplexity", help="perplexity of a text (optionally with a CEPE context)")
+    ppl.add_argument("text_arg", nargs="?", metavar="TEXT", help="the text (or --text, or --file)")
     common(ppl)
-    ppl.add_argument("--text", default=None)
+    ppl.add_argument("--text", default=None, help="the text")
     ppl.add_argument("--file", default=None, help="read the text from a file ('-' = stdin)")
     ppl.add_argument("--context-file", default=None, help="CEPE: a long context for the encoder")
     ppl.add_argument("--eval-window", type=int, default=None, help="score only the last N tokens")

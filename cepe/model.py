@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -21,8 +22,8 @@ from tqdm.auto import tqdm
 
 import cepe_c
 
-from .checks import check_seed
 from .config import DecoderConfig
+from .sampling import FINISH_REASONS, Generation, SamplingSettings, StreamToken, check_stop
 from .save import save_model
 from .text import check_text, require_tokenizer, stream_text, text_context
 
@@ -44,22 +45,40 @@ def _check_int(name: str, value: Any, lo: int, hi: int = _MAX_I32) -> int:
     return int(value)
 
 
-def _sampling(temperature: Any, top_k: Any, top_p: Any) -> tuple[float, int, float]:
-    """(temperature, top_k, top_p) checked, as generate() and generate_stream() take them."""
-    top_k = _check_int("top_k", top_k, 0)
-    try:
-        temperature = float(temperature)
-    except OverflowError:  # an int past float's range
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}") from None
-    if not (temperature >= 0.0 and np.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-    try:
-        top_p = float(top_p)
-    except OverflowError:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}") from None
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    return temperature, top_k, top_p
+def _max_new(max_new_tokens: Any, max_tokens: Any, default: int) -> int:
+    """max_new_tokens, or its OpenAI name max_tokens, checked (default when neither is given)."""
+    if max_new_tokens is not None and max_tokens is not None:
+        raise ValueError("give max_new_tokens or max_tokens (its OpenAI name), not both")
+    if max_tokens is not None:
+        return _check_int("max_tokens", max_tokens, 0)
+    return _check_int("max_new_tokens", default if max_new_tokens is None else max_new_tokens, 0)
+
+
+def _logprobs(logprobs: Any, top_logprobs: Any, vocab_size: int) -> int:
+    """The alternatives per token to report, or -1 for no log-probabilities."""
+    if not isinstance(logprobs, (bool, np.bool_)):
+        raise TypeError(f"logprobs must be a bool, got {type(logprobs).__name__}")
+    k = _check_int("top_logprobs", top_logprobs, 0, vocab_size)
+    if k and not logprobs:
+        raise ValueError("top_logprobs needs logprobs=True")
+    return k if logprobs else -1
+
+
+def _generation(out: Any, sampler: Any, B: int, squeeze: bool, k: int) -> Generation:
+    """A Generation from Context.generate's output and the sampler's row states."""
+    ids, lp, top_ids, top_lp = out if k >= 0 else (out, None, None, None)
+    lengths = np.array([sampler.generated(b) for b in range(B)], dtype=np.int64)
+    reasons = [FINISH_REASONS[sampler.finished(b)] for b in range(B)]
+    if not squeeze:
+        return Generation(ids, lengths, reasons, lp, top_ids, top_lp)
+    return Generation(
+        ids[0],
+        lengths[0],
+        reasons[0],
+        None if lp is None else lp[0],
+        None if top_ids is None else top_ids[0],
+        None if top_lp is None else top_lp[0],
+    )
 
 
 def _check_total(T: int, max_new_tokens: int) -> None:
@@ -227,6 +246,66 @@ def _interruptible(ctx: cepe_c.Context, fn: Any, *args: Any, progress: str | Non
     if "err" in box:
         raise box["err"]
     return box.get("out")
+
+
+_DONE = object()
+
+
+def _decode_in_worker(
+    ctx: cepe_c.Context, sampler: Any, ids: np.ndarray, mask: np.ndarray | None, max_new_tokens: int, k: int
+) -> Iterator[tuple[Any, int, bool]]:
+    """A one-row decode (the prompt, then one token per step) on one worker
+    thread: yields each step's Context.generate output, the row's finish code
+    and whether it is the last step.
+
+    One thread for the whole decode, not one per call (as _interruptible
+    would): the core's OpenMP team is made once per calling thread, and a new
+    team per token cost a fifth of the decoding speed. The worker runs ahead of
+    a slow consumer; closing the iterator early, an error or Ctrl-C on the
+    consuming thread stops it (the core checks between layers) and waits for it."""
+    items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            ctx.forward(ids, None, mask, 0)
+            for step in range(max_new_tokens):
+                out = ctx.generate(sampler, 1, k)
+                code = int(sampler.finished(0))
+                last = code != 0 or step + 1 == max_new_tokens
+                items.put((out, code, last))
+                if last or stop.is_set():
+                    return
+                ctx.forward(np.ascontiguousarray((out[0] if k >= 0 else out)[:, :1]), None, None, 0)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            items.put(exc)
+        finally:
+            items.put(_DONE)
+
+    threading.Thread(target=work, name="cepe-stream", daemon=True).start()
+    done = False
+    try:
+        while not done:
+            try:
+                item = items.get(timeout=0.05)  # short waits: Ctrl-C gets in between
+            except queue.Empty:
+                continue
+            if item is _DONE:
+                done = True
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        if not done:  # closed early, failed or interrupted: stop the worker, then wait for it
+            stop.set()
+            ctx.interrupt()
+            while True:
+                try:
+                    if items.get() is _DONE:
+                        break
+                except KeyboardInterrupt:
+                    ctx.interrupt()
 
 
 class KVCache:
@@ -605,120 +684,190 @@ class Model:
             raise ValueError("a row has no real tokens in its evaluation window")
         return float(np.exp(np.mean(nll / count)))
 
+    def _sampler(self, settings: SamplingSettings, B: int, seed: int | None, eos: np.ndarray, stops: list[str]) -> Any:
+        """The core sampler of one generate/generate_stream call."""
+        pad = self.config.pad_token_id
+        if pad is None or pad >= self.config.vocab_size:
+            pad = int(eos[0]) if len(eos) else 0
+        table = None
+        if stops:
+            if self.tokenizer is None:
+                raise ValueError(
+                    f"{self.path} has no tokenizer: stop strings need one (to read the generated text); "
+                    "end on token ids with eos_token_id instead"
+                )
+            table = self.tokenizer.token_bytes(self.config.vocab_size)
+        return settings.core_sampler(
+            B, self.config.vocab_size, seed=seed, eos_ids=eos, pad_token_id=pad, stop=stops, token_text=table
+        )
+
     def generate(
         self,
         input_ids: Any,
-        max_new_tokens: int = 32,
+        max_new_tokens: int | None = None,
         *,
         attention_mask: Any = None,
         temperature: float = 0.0,
         top_k: int = 0,
         top_p: float = 1.0,
+        min_p: float = 0.0,
+        typical_p: float = 1.0,
+        repeat_penalty: float = 1.0,
+        repeat_last_n: int = 64,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        logit_bias: Mapping[Any, float] | None = None,
         seed: int | None = None,
         eos_token_id: int | list[int] | None = None,
+        stop: str | Sequence[str] | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
+        details: bool = False,
+        max_tokens: int | None = None,
         encoder_input_ids: Any = None,
         encoder_attention_mask: Any = None,
         encoder_hidden_states: Any = None,
         keep_cross_kv: bool | None = None,
-    ) -> np.ndarray:
+    ) -> np.ndarray | Generation:
         """New token ids, (B, n) for (B, T) input or (n,) for (T,) input.
 
-        Greedy at temperature 0; otherwise samples (top_k, top_p), reproducibly
-        for a given seed. A row stops at an eos token (eos_token_id, default:
-        the model's generation_config/config; [] never stops); finished rows
-        are padded with the pad token. n < max_new_tokens once every row stopped.
-        The CEPE context arguments are those of forward(); the encoder runs
-        once per call.
+        Each token comes from the C core's sampler chain (cepe.sampling has
+        the steps and their order): logit_bias, the repeat / frequency /
+        presence penalties over each row's last repeat_last_n tokens (the
+        prompt's included; -1: all), top_k, typical_p, top_p, min_p, then
+        temperature. The defaults are greedy decoding with every step off;
+        temperature 0 is greedy over what the steps before leave. Sampling is
+        reproducible for a given seed (None: a random one). A row stops at an
+        eos token (eos_token_id, default: the model's generation_config/config;
+        [] never stops) or once its text holds a stop string (needs the
+        tokenizer; the token completing it is kept); finished rows are padded
+        with the pad token, and n < max_new_tokens once every row stopped.
+        max_tokens is max_new_tokens's OpenAI name (default 32).
+
+        details=True returns a cepe.Generation (ids, per-row lengths and
+        finish reasons); logprobs=True adds each token's log-probability and
+        top_logprobs alternatives (the raw log-softmax, before bias and
+        penalties). The CEPE context arguments are those of forward(); the
+        encoder runs once per call.
         """
-        max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 0)
-        temperature, top_k, top_p = _sampling(temperature, top_k, top_p)
-        seed = int.from_bytes(os.urandom(8), "little") if seed is None else check_seed(seed)
+        max_new_tokens = _max_new(max_new_tokens, max_tokens, 32)
+        settings = SamplingSettings(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            typical_p=typical_p,
+            repeat_penalty=repeat_penalty,
+            repeat_last_n=repeat_last_n,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            logit_bias=logit_bias,
+        )
+        k = _logprobs(logprobs, top_logprobs, self.config.vocab_size)
+        rich = bool(details) or k >= 0
         eos = self._eos_ids(eos_token_id)
+        stops = check_stop(stop)
         ids, squeeze = _as_ids(input_ids, self.config.vocab_size)
         mask = _as_mask(attention_mask, ids.shape, squeeze)
         B, T = ids.shape
         _check_total(T, max_new_tokens)
         context = self._context(B, squeeze, encoder_input_ids, encoder_attention_mask, encoder_hidden_states)
+        sampler = self._sampler(settings, B, seed, eos, stops)
         if max_new_tokens == 0:
-            out = np.zeros((B, 0), dtype=np.int32)
-            return out[0] if squeeze else out
+            out: Any = np.zeros((B, 0), dtype=np.int32)
+            if k >= 0:
+                empty = np.zeros((B, 0, k), np.float32)
+                out = (out, np.zeros((B, 0), np.float32), empty.astype(np.int32), empty)
+            return _generation(out, sampler, B, squeeze, k) if rich else (out[0] if squeeze else out)
         self._warn_long(T + max_new_tokens, "the prompt plus max_new_tokens hold")
-        pad = self.config.pad_token_id
-        if pad is None or pad >= self.config.vocab_size:
-            pad = int(eos[0]) if len(eos) else 0
+        if settings.penalized:
+            sampler.accept(ids, mask)
         with (
             _kv_memory(B, T, max_new_tokens),
             self._call_context(B, T + max_new_tokens, keepable=context is None) as ctx,
         ):
             self._attach(ctx, context, keep_cross_kv)
             _interruptible(ctx, ctx.forward, ids, None, mask, 0, progress="prompt")
-            out = _interruptible(
-                ctx,
-                ctx.generate,
-                max_new_tokens,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                seed=int(seed) & (2**64 - 1),
-                eos_ids=eos,
-                pad_token_id=pad,
-            )
+            out = _interruptible(ctx, ctx.generate, sampler, max_new_tokens, k)
+        if rich:
+            return _generation(out, sampler, B, squeeze, k)
         return out[0] if squeeze else out
 
     def generate_stream(
         self,
         input_ids: Any,
-        max_new_tokens: int = 32,
+        max_new_tokens: int | None = None,
         *,
         attention_mask: Any = None,
         temperature: float = 0.0,
         top_k: int = 0,
         top_p: float = 1.0,
+        min_p: float = 0.0,
+        typical_p: float = 1.0,
+        repeat_penalty: float = 1.0,
+        repeat_last_n: int = 64,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        logit_bias: Mapping[Any, float] | None = None,
         seed: int | None = None,
         eos_token_id: int | list[int] | None = None,
+        stop: str | Sequence[str] | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
+        details: bool = False,
+        max_tokens: int | None = None,
         encoder_input_ids: Any = None,
         encoder_attention_mask: Any = None,
         encoder_hidden_states: Any = None,
         keep_cross_kv: bool | None = None,
-    ) -> Iterator[int]:
+    ) -> Iterator[int | StreamToken]:
         """Yields new token ids one at a time (batch of one row), stopping at
-        eos. Greedy output equals generate(); sampling is reproducible per seed
-        (a different random stream than generate's)."""
+        eos or a stop string: the tokens generate() gives for the same
+        settings and seed. With details=True or logprobs=True it yields
+        cepe.StreamToken(id, logprob, top_logprobs, finish_reason), the
+        finish reason on the last one."""
         ids, _ = _as_ids(input_ids, self.config.vocab_size)
         if ids.shape[0] != 1:
             raise ValueError(f"generate_stream takes one row, got {ids.shape[0]}")
-        max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 0)
-        temperature, top_k, top_p = _sampling(temperature, top_k, top_p)
+        max_new_tokens = _max_new(max_new_tokens, max_tokens, 32)
+        settings = SamplingSettings(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            typical_p=typical_p,
+            repeat_penalty=repeat_penalty,
+            repeat_last_n=repeat_last_n,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            logit_bias=logit_bias,
+        )
+        k = _logprobs(logprobs, top_logprobs, self.config.vocab_size)
+        rich = bool(details) or k >= 0
         T = ids.shape[1]
         _check_total(T, max_new_tokens)
         mask = _as_mask(attention_mask, ids.shape, False)
         eos = self._eos_ids(eos_token_id)
-        seed = int.from_bytes(os.urandom(8), "little") if seed is None else check_seed(seed)
+        stops = check_stop(stop)
         context = self._context(1, False, encoder_input_ids, encoder_attention_mask, encoder_hidden_states)
+        sampler = self._sampler(settings, 1, seed, eos, stops)
         if max_new_tokens == 0:
             return
         self._warn_long(T + max_new_tokens, "the prompt plus max_new_tokens hold")
+        if settings.penalized:
+            sampler.accept(ids, mask)
         with _kv_memory(1, T, max_new_tokens):
             ctx = cepe_c.Context(self._core, 1, T + max_new_tokens)
         self._attach(ctx, context, keep_cross_kv)
-        _interruptible(ctx, ctx.forward, ids, None, mask, 0)
-        pad = int(eos[0]) if len(eos) else 0
-        for step in range(max_new_tokens):
-            tok = _interruptible(
-                ctx,
-                ctx.generate,
-                1,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                seed=(int(seed) + step) & (2**64 - 1),
-                eos_ids=eos,
-                pad_token_id=pad,
-            )[0, 0]
-            yield int(tok)
-            if int(tok) in eos.tolist() or step + 1 == max_new_tokens:
-                return
-            _interruptible(ctx, ctx.forward, np.array([[tok]], dtype=np.int32), None, None, 0)
+        for out, code, last in _decode_in_worker(ctx, sampler, ids, mask, max_new_tokens, k):
+            tok = int((out[0] if k >= 0 else out)[0, 0])
+            if rich:
+                top = list(zip(out[2][0, 0].tolist(), out[3][0, 0].tolist(), strict=True)) if k >= 0 else []
+                yield StreamToken(
+                    tok, float(out[1][0, 0]) if k >= 0 else None, top, FINISH_REASONS[code] if last else None
+                )
+            else:
+                yield tok
 
     def generate_text(
         self,
@@ -726,36 +875,58 @@ class Model:
         *,
         context: str | None = None,
         contexts: list[str] | None = None,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.8,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        typical_p: float = 1.0,
+        repeat_penalty: float = 1.1,
+        repeat_last_n: int = 64,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        logit_bias: Mapping[Any, float] | None = None,
+        seed: int | None = 0,
         stop: str | list[str] | None = None,
         stream: bool = False,
-        chat: bool = False,
+        chat: bool | None = None,
+        max_tokens: int | None = None,
     ) -> str | Iterator[str]:
         """Continues a text prompt; returns the new text, or with stream=True an
         iterator of text pieces as they are decoded.
+
+        The sampling defaults are llama.cpp's (cepe.sampling.TEXT_DEFAULTS:
+        temperature 0.8, top_k 40, top_p 0.95, min_p 0.05, repeat_penalty 1.1
+        over the last 64 tokens) with seed 0, so a call is reproducible (seed
+        None draws a random seed); temperature=0 is greedy. The settings are
+        generate()'s. max_new_tokens (max_tokens) defaults to 128.
 
         context: one long text for the CEPE encoder, split into chunk_len-token
         chunks (no BOS, padded with EOS, oldest tokens dropped beyond
         max_context_tokens); contexts: passages, one chunk each (left-truncated
         and left-padded, as the paper's QA evaluation). stop: strings that end
         the answer (not included). chat: wrap the prompt in the tokenizer's chat
-        template as a user turn."""
+        template as a user turn (None: when the tokenizer has one, i.e. for
+        instruct models)."""
         pieces = stream_text(
             self,
             prompt,
             context=context,
             contexts=contexts,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=_max_new(max_new_tokens, max_tokens, 128),
+            stop=stop,
+            chat=chat,
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
+            min_p=min_p,
+            typical_p=typical_p,
+            repeat_penalty=repeat_penalty,
+            repeat_last_n=repeat_last_n,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            logit_bias=logit_bias,
             seed=seed,
-            stop=stop,
-            chat=chat,
         )
         return pieces if stream else "".join(pieces)
 

@@ -65,7 +65,13 @@ def answer(
     if rest and not getattr(model.config, "is_cepe", False):
         raise ValueError("in_encoder > 0 needs a CEPE model (with cross-attention); use in_encoder=0 otherwise")
     prompt = build_prompt(question, top, demos)
-    text = model.generate_text(
-        prompt, contexts=[p.text for p in rest] or None, max_new_tokens=max_new_tokens, stop=["\n"]
+    text = model.generate_text(  # greedy, on the raw prompt: the paper's QA protocol
+        prompt,
+        contexts=[p.text for p in rest] or None,
+        max_new_tokens=max_new_tokens,
+        stop=["\n"],
+        chat=False,
+        temperature=0.0,
+        repeat_penalty=1.0,
     )
     return Answer(text.strip(), top, rest, prompt)

@@ -7,12 +7,14 @@ padded with EOS and masked; a long context is cut into chunks from its end
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from .chunking import DEFAULT_CHUNK_LEN, chunk_long_context, chunk_passages
+from .sampling import check_stop
 
 
 def check_text(value: Any, name: str) -> str:
@@ -87,7 +89,7 @@ def text_context(
     return chunks[None], mask[None]
 
 
-def _held_back(text: str, stops: Sequence[str]) -> int:
+def held_back(text: str, stops: Sequence[str]) -> int:
     """How many trailing characters might still grow into a stop string or are
     an incomplete UTF-8 sequence, so must not be emitted yet."""
     hold = 0
@@ -101,6 +103,53 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return hold
 
 
+class Detokenizer:
+    """Turns token ids into text as they arrive, decoding only a short window
+    each step (the tokens of the last emitted piece and the new ones), so a
+    long answer costs O(1) per token; an incomplete UTF-8 sequence waits for
+    its end."""
+
+    def __init__(self, tok: Any) -> None:
+        self.tok = tok
+        self.ids: list[int] = []
+        self.prefix = 0  # the window's start: tokens before it are settled
+        self.read = 0  # the end of what is emitted
+
+    def add(self, token: int) -> str:
+        """The text token adds (may be "", the rest coming with later tokens)."""
+        self.ids.append(int(token))
+        done = self.tok.decode(self.ids[self.prefix : self.read])
+        text = self.tok.decode(self.ids[self.prefix :])
+        if len(text) > len(done) and not text.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return str(text[len(done) :])
+        return ""
+
+    def flush(self) -> str:
+        """What add() held back, at the end (an incomplete sequence as U+FFFD)."""
+        done = self.tok.decode(self.ids[self.prefix : self.read])
+        text = self.tok.decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return str(text[len(done) :])
+
+
+def prompt_ids(model: Any, prompt: str, chat: bool | None) -> list[int]:
+    """The prompt's token ids: wrapped in the chat template as a user turn
+    when chat (None: when the tokenizer has a template), else with BOS."""
+    tok = require_tokenizer(model)
+    check_text(prompt, "prompt")
+    if chat is None:
+        chat = tok.chat_template is not None
+    if chat:
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        ids = tok.encode(text, add_special_tokens=False)
+    else:
+        ids = tok.encode(prompt)
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens")
+    return list(ids)
+
+
 def stream_text(
     model: Any,
     prompt: str,
@@ -108,42 +157,51 @@ def stream_text(
     context: str | None = None,
     contexts: Sequence[str] | None = None,
     max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    stop: Sequence[str] | None = None,
-    chat: bool = False,
+    stop: str | Sequence[str] | None = None,
+    chat: bool | None = None,
+    usage: dict[str, Any] | None = None,
+    **sampling: Any,
 ) -> Iterator[str]:
-    """Yields the generated text piece by piece (see Model.generate_text)."""
-    tok = require_tokenizer(model)
-    check_text(prompt, "prompt")
-    stops = [s for s in ([stop] if isinstance(stop, str) else (stop or [])) if s]
-    if chat:
-        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        ids = tok.encode(prompt, add_special_tokens=False)
-    else:
-        ids = tok.encode(prompt)
-    if not ids:
-        raise ValueError("the prompt encodes to no tokens")
+    """Yields the generated text piece by piece (see Model.generate_text);
+    sampling: generate_stream()'s settings. usage, if given, receives
+    prompt_tokens, completion_tokens, finish_reason ("eos", "stop" or
+    "length") and the time.perf_counter() of the call's start and of the
+    first and last new token (start, first_token_at, end)."""
+    start = time.perf_counter()
+    stops = check_stop(stop)
+    ids = prompt_ids(model, prompt, chat)
     ctx_ids = text_context(model, context, contexts)
     enc = {} if ctx_ids is None else {"encoder_input_ids": ctx_ids[0], "encoder_attention_mask": ctx_ids[1]}
-    new: list[int] = []
-    emitted = 0
-    for tok_id in model.generate_stream(
-        np.asarray(ids)[None], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, **enc
-    ):
-        new.append(int(tok_id))
-        text = tok.decode(new)
-        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-        if cut >= 0:
-            if cut > emitted:
-                yield text[emitted:cut]
-            return
-        upto = len(text) - _held_back(text, stops)
-        if upto > emitted:
-            yield text[emitted:upto]
-            emitted = upto
-    text = tok.decode(new)
-    if len(text) > emitted:
-        yield text[emitted:]
+    info: dict[str, Any] = usage if usage is not None else {}
+    info.update(prompt_tokens=len(ids), completion_tokens=0, finish_reason="length")
+    info.update(start=start, first_token_at=None, end=start)
+    detok = Detokenizer(require_tokenizer(model))
+    pending = ""  # decoded, not yet emitted: a stop string can only begin here
+    tokens = model.generate_stream(
+        np.asarray(ids)[None], max_new_tokens, stop=stops or None, details=True, **sampling, **enc
+    )
+    try:
+        for t in tokens:
+            info["end"] = time.perf_counter()
+            if info["first_token_at"] is None:
+                info["first_token_at"] = info["end"]
+            info["completion_tokens"] += 1
+            pending += detok.add(t.id)
+            if t.finish_reason is not None:
+                info["finish_reason"] = t.finish_reason
+                pending += detok.flush()
+            cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                info["finish_reason"] = "stop"
+                if cut > 0:
+                    yield pending[:cut]
+                return
+            upto = len(pending) - held_back(pending, stops)
+            if upto > 0:
+                yield pending[:upto]
+                pending = pending[upto:]
+        pending += detok.flush()
+        if pending:
+            yield pending
+    finally:
+        tokens.close()

@@ -102,6 +102,20 @@ def _token_str(v: Any) -> str | None:
     return v if isinstance(v, str) else None
 
 
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _piece_bytes(piece: str, byte_level: dict[str, int] | None) -> bytes:
+    """A vocabulary entry's text as bytes: byte-level BPE maps characters back
+    to bytes; SentencePiece-style pieces spell spaces as U+2581 and bytes as <0xXX>."""
+    if byte_level is not None and all(c in byte_level for c in piece):
+        return bytes(byte_level[c] for c in piece)
+    m = _BYTE_PIECE.fullmatch(piece)
+    if m:
+        return bytes([int(m.group(1), 16)])
+    return piece.replace("\u2581", " ").encode("utf-8")
+
+
 class SentencePieceBackend:
     """A SentencePiece model (tokenizer.model, LLaMA-2's format) behind the few
     methods Tokenizer uses of a tokenizers.Tokenizer, with the slow HF
@@ -235,6 +249,45 @@ class Tokenizer:
             if not 0 <= i < n:
                 raise ValueError(f"token id {i} is outside the vocabulary [0, {n})")
         return str(self.backend.decode(items, skip_special_tokens=skip_special_tokens))
+
+    def token_bytes(self, vocab_size: int | None = None) -> tuple[Any, Any]:
+        """Each token's bytes as they appear inside a decoded text (none for the
+        special tokens decode skips, nor for ids from the tokenizer's vocabulary
+        up to vocab_size): (bytes uint8, offsets int32 (vocab_size + 1)), token
+        i being bytes[offsets[i]:offsets[i + 1]]. The core matches stop strings
+        on them. Computed once per vocab_size."""
+        import numpy as np
+
+        n = self.vocab_size if vocab_size is None else int(vocab_size)
+        cache = self.__dict__.setdefault("_token_bytes", {})
+        if n in cache:
+            return cache[n]
+        backend = self.backend
+        pieces: list[bytes] = []
+        sp = getattr(backend, "sp", None)
+        if sp is not None:  # a SentencePiece model
+            for i in range(min(int(sp.get_piece_size()), n)):
+                skip = sp.is_control(i) or sp.is_unknown(i)
+                pieces.append(b"" if skip else _piece_bytes(sp.id_to_piece(i), None))
+        else:  # a tokenizers.Tokenizer
+            decoder = getattr(backend, "decoder", None)
+            state = json.loads(decoder.__getstate__()) if decoder is not None else {}
+            kinds = {state.get("type")} | {d.get("type") for d in state.get("decoders", [])}
+            byte_level = {c: b for b, c in bytes_to_unicode().items()} if "ByteLevel" in kinds else None
+            added = backend.get_added_tokens_decoder()
+            for i in range(min(int(backend.get_vocab_size(with_added_tokens=True)), n)):
+                if i in added:
+                    pieces.append(b"" if added[i].special else str(added[i].content).encode("utf-8"))
+                    continue
+                piece = backend.id_to_token(i)
+                pieces.append(b"" if piece is None else _piece_bytes(piece, byte_level))
+        pieces += [b""] * (n - len(pieces))
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum([len(p) for p in pieces], out=offsets[1:])
+        if offsets[-1] > 2**31 - 1:
+            raise ValueError("the vocabulary's text exceeds 2 GiB")
+        cache[n] = (np.frombuffer(b"".join(pieces), np.uint8).copy(), offsets.astype(np.int32))
+        return cache[n]
 
     def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any

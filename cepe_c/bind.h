@@ -61,6 +61,22 @@ extern PyTypeObject cepe_c_ModelType;
  * RuntimeError. */
 cepe_model *bind_model(PyObject *obj);
 
+/* ----------------------------------------------------- Sampler object */
+
+typedef struct {
+    PyObject_HEAD cepe_sampler *sampler;
+    int batch, vocab_size;
+    int busy; /* guarded by the GIL: set before releasing it */
+} SamplerObject;
+
+extern PyTypeObject cepe_c_SamplerType;
+
+/* sampler_bindings.c: the cepe_sampler behind a cepe_c.Sampler, marked busy
+ * for one call (bind_sampler_release ends it), or NULL with TypeError /
+ * RuntimeError. */
+cepe_sampler *bind_sampler(PyObject *obj);
+void bind_sampler_release(PyObject *obj);
+
 /* ------------------------------------------------------------- RoPE */
 
 /* rope_bindings.c: a RoPE settings dict (cepe.rope.RopeSettings.to_core())

@@ -413,68 +413,94 @@ static PyObject *Context_forward_nll(ContextObject *self, PyObject *args) {
     return (PyObject *)out;
 }
 
+/* The first n of max_new columns of a (B, max_new, ...) array, as a new array
+ * (so the unused tail is not kept alive). */
+static PyObject *first_columns(PyArrayObject *a, int n) {
+    npy_intp dims[3];
+    const int nd = PyArray_NDIM(a);
+    for (int i = 0; i < nd; i++) dims[i] = PyArray_DIM(a, i);
+    const npy_intp max_new = dims[1];
+    dims[1] = n;
+    PyArrayObject *res = (PyArrayObject *)PyArray_SimpleNew(nd, dims, PyArray_TYPE(a));
+    if (!res) return NULL;
+    const size_t row_in = (size_t)PyArray_STRIDE(a, 0), row_out = row_in / (size_t)(max_new ? max_new : 1) * (size_t)n;
+    for (npy_intp b = 0; b < dims[0]; b++)
+        memcpy((char *)PyArray_DATA(res) + (size_t)b * row_out, (char *)PyArray_DATA(a) + (size_t)b * row_in, row_out);
+    return (PyObject *)res;
+}
+
+/* generate(sampler, max_new_tokens, top_logprobs=-1) -> ids int32 (B, n), or
+ * with top_logprobs >= 0 (ids, logprobs float32 (B, n), top_ids int32
+ * (B, n, k), top_logprobs float32 (B, n, k)); n < max_new_tokens once every
+ * row finished. */
 static PyObject *Context_generate(ContextObject *self, PyObject *args, PyObject *kw) {
-    static char *names[] = {"max_new_tokens", "temperature", "top_k",        "top_p",
-                            "seed",           "eos_ids",     "pad_token_id", NULL};
-    int max_new;
-    double temperature = 0.0, top_p = 1.0;
-    cepe_sampling s = {0};
-    unsigned long long seed = 0;
-    PyObject *max_new_o, *eos_o = Py_None, *top_k_o = NULL, *pad_o = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|dOdKOO:generate", names, &max_new_o, &temperature, &top_k_o,
-                                     &top_p, &seed, &eos_o, &pad_o))
-        return NULL;
+    static char *names[] = {"sampler", "max_new_tokens", "top_logprobs", NULL};
+    PyObject *sampler_o, *max_new_o, *k_o = NULL;
+    int max_new, k = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O:generate", names, &sampler_o, &max_new_o, &k_o)) return NULL;
     if (bind_int(max_new_o, "max_new_tokens", INT_MIN, INT_MAX, &max_new) < 0 ||
-        (top_k_o && bind_int(top_k_o, "top_k", INT_MIN, INT_MAX, &s.top_k) < 0) ||
-        (pad_o && bind_int(pad_o, "pad_token_id", INT_MIN, INT_MAX, &s.pad_token_id) < 0))
+        (k_o && bind_int(k_o, "top_logprobs", -1, INT_MAX, &k) < 0))
         return NULL;
-    PyArrayObject *eos = NULL;
-    if (eos_o != Py_None) {
-        if (!(eos = bind_array(eos_o, "eos_ids", NPY_INT32, 1, 0))) return NULL;
-        s.eos_ids = (const int32_t *)PyArray_DATA(eos);
-        s.n_eos = (int)PyArray_DIM(eos, 0);
-    }
+    if (!PyObject_TypeCheck(sampler_o, &cepe_c_SamplerType))
+        return PyErr_Format(PyExc_TypeError, "sampler must be a cepe_c.Sampler, got %s", Py_TYPE(sampler_o)->tp_name);
     if (ready(self) < 0) return NULL;
     if (max_new < 0) return PyErr_Format(PyExc_ValueError, "max_new_tokens must be >= 0, got %d", max_new);
     if (max_new > cepe_ctx_capacity(self->ctx) - cepe_ctx_length(self->ctx) + 1) /* before allocating out */
         return PyErr_Format(PyExc_RuntimeError,
                             "context capacity exceeded: %d cached + %d new tokens > capacity %d",
                             cepe_ctx_length(self->ctx), max_new - 1, cepe_ctx_capacity(self->ctx));
-    s.temperature = (float)temperature;
-    s.top_p = (float)top_p;
-    s.seed = seed;
+    if (k > ((SamplerObject *)sampler_o)->vocab_size)
+        return PyErr_Format(PyExc_ValueError, "top_logprobs must be <= %d, got %d",
+                            ((SamplerObject *)sampler_o)->vocab_size, k);
     const int B = cepe_ctx_batch(self->ctx);
-    npy_intp dims[2] = {B, max_new};
-    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_INT32);
-    if (!out) return NULL;
-    if (claim(self) < 0) {
-        Py_DECREF(out);
-        return NULL;
+    npy_intp dims[3] = {B, max_new, k > 0 ? k : 0};
+    PyArrayObject *arr[4] = {(PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_INT32), NULL, NULL, NULL};
+    if (k >= 0) {
+        arr[1] = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+        arr[2] = (PyArrayObject *)PyArray_SimpleNew(3, dims, NPY_INT32);
+        arr[3] = (PyArrayObject *)PyArray_SimpleNew(3, dims, NPY_FLOAT32);
     }
+    PyObject *res = NULL;
+    cepe_sampler *s = NULL;
+    if (!arr[0] || (k >= 0 && (!arr[1] || !arr[2] || !arr[3]))) goto done;
+    if (claim(self) < 0) goto done;
+    if (!(s = bind_sampler(sampler_o))) {
+        self->busy = 0;
+        goto done;
+    }
+    cepe_logprobs lp = {0};
+    if (k >= 0)
+        lp = (cepe_logprobs){(float *)PyArray_DATA(arr[1]), k, (int32_t *)PyArray_DATA(arr[2]),
+                             (float *)PyArray_DATA(arr[3])};
     int n = 0;
-    cepe_status st = CEPE_OK;
-    if (max_new > 0) {
-        Py_BEGIN_ALLOW_THREADS st =
-            cepe_ctx_generate(self->ctx, &s, max_new, (int32_t *)PyArray_DATA(out), &n);
-        Py_END_ALLOW_THREADS
-    }
-    self->busy = 0;
+    cepe_status st;
+    Py_BEGIN_ALLOW_THREADS st =
+        cepe_ctx_generate(self->ctx, s, max_new, (int32_t *)PyArray_DATA(arr[0]), &n, k >= 0 ? &lp : NULL);
+    Py_END_ALLOW_THREADS self->busy = 0;
+    bind_sampler_release(sampler_o);
     if (st) {
-        Py_DECREF(out);
-        return raise_status(st);
+        raise_status(st);
+        goto done;
     }
-    if (n == max_new) return (PyObject *)out;
-    /* Stopped early: hand back the first n columns (a copy, so the unused
-     * tail is not kept alive). */
-    npy_intp ndims[2] = {B, n};
-    PyArrayObject *res = (PyArrayObject *)PyArray_SimpleNew(2, ndims, NPY_INT32);
-    if (res) {
-        for (int b = 0; b < B; b++)
-            memcpy((int32_t *)PyArray_DATA(res) + (size_t)b * n,
-                   (int32_t *)PyArray_DATA(out) + (size_t)b * max_new, sizeof(int32_t) * (size_t)n);
+    const int n_out = k >= 0 ? 4 : 1;
+    if (!(res = PyTuple_New(n_out))) goto done;
+    for (int i = 0; i < n_out; i++) {
+        PyObject *item = n == max_new ? (Py_INCREF(arr[i]), (PyObject *)arr[i]) : first_columns(arr[i], n);
+        if (!item) {
+            Py_CLEAR(res);
+            goto done;
+        }
+        PyTuple_SET_ITEM(res, i, item);
     }
-    Py_DECREF(out);
-    return (PyObject *)res;
+    if (k < 0) { /* just the ids */
+        PyObject *ids = PyTuple_GET_ITEM(res, 0);
+        Py_INCREF(ids);
+        Py_DECREF(res);
+        res = ids;
+    }
+done:
+    for (int i = 0; i < 4; i++) Py_XDECREF(arr[i]);
+    return res;
 }
 
 /* set_context(states float32 (B, N, d_enc) | None, mask uint8 (B, N) | None, keep_kv bool) */
@@ -576,7 +602,7 @@ static PyMethodDef Context_methods[] = {
      "forward_nll(ids, positions, mask, targets): as forward, returning -log p(targets) (B, T); -100 is not "
      "scored"},
     {"generate", (PyCFunction)(void (*)(void))Context_generate, METH_VARARGS | METH_KEYWORDS,
-     "generate(max_new_tokens, temperature, top_k, top_p, seed, eos_ids, pad_token_id)"},
+     "generate(sampler, max_new_tokens, top_logprobs=-1): sample up to max_new_tokens per row with a Sampler"},
     {"reset", (PyCFunction)Context_reset, METH_NOARGS, "empty the KV cache"},
     {"set_rope_length", (PyCFunction)Context_set_rope_length, METH_O,
      "pin the length dynamic-NTK/LongRoPE tables are computed for (0 = per call)"},
@@ -648,7 +674,9 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit_cepe_c(void) {
     import_array();
-    if (PyType_Ready(&cepe_c_ModelType) < 0 || PyType_Ready(&ContextType) < 0) return NULL;
+    if (PyType_Ready(&cepe_c_ModelType) < 0 || PyType_Ready(&ContextType) < 0 ||
+        PyType_Ready(&cepe_c_SamplerType) < 0)
+        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
     PyObject *api = PyCapsule_New((void *)&core_api, CEPE_CORE_API_CAPSULE, NULL);
@@ -656,7 +684,8 @@ PyMODINIT_FUNC PyInit_cepe_c(void) {
                        PyModule_AddFunctions(m, cepe_train_methods) < 0 ||
                        PyModule_AddObjectRef(m, "_core_api", api) < 0 ||
                        PyModule_AddObjectRef(m, "Model", (PyObject *)&cepe_c_ModelType) < 0 ||
-                       PyModule_AddObjectRef(m, "Context", (PyObject *)&ContextType) < 0;
+                       PyModule_AddObjectRef(m, "Context", (PyObject *)&ContextType) < 0 ||
+                       PyModule_AddObjectRef(m, "Sampler", (PyObject *)&cepe_c_SamplerType) < 0;
     Py_XDECREF(api);
     if (failed) {
         Py_DECREF(m);

@@ -198,21 +198,102 @@ cepe_status cepe_ctx_forward(cepe_ctx *c, const int32_t *ids, const double *posi
 cepe_status cepe_ctx_forward_nll(cepe_ctx *c, const int32_t *ids, const double *positions,
                                  const uint8_t *mask, int T, const int32_t *targets, float *nll);
 
+/* ---- sampling -------------------------------------------------------------
+ * A sampler turns a row's logits into its next token through one chain, in
+ * llama.cpp's order (common/sampling.cpp, common_sampler_init: the logit bias,
+ * then common_params_sampling.samplers):
+ *   1. logit bias    z[i] += bias[i] (-INFINITY bans a token)
+ *   2. penalties     for each token i seen c[i] > 0 times in the row's last
+ *                    repeat_last_n tokens: z[i] /= repeat_penalty if z[i] > 0,
+ *                    else z[i] *= repeat_penalty; then
+ *                    z[i] -= c[i] * frequency_penalty + presence_penalty
+ *   3. top-k         the k largest z
+ *   4. typical-p     Meister et al.'s locally typical set: tokens by |-log p - H|
+ *                    ascending, the shortest prefix holding mass >= typical_p
+ *   5. top-p         tokens by p descending, the shortest prefix holding mass >= top_p
+ *   6. min-p         tokens with p >= min_p * max p
+ *   7. temperature   p = softmax(z / T) over what is left; T = 0: the largest z left
+ *   8. draw          one uniform per token from a splitmix64 stream seeded by seed
+ * p in steps 4-6 is softmax(z) over the tokens the earlier steps left (the
+ * temperature only shapes the final draw, as in llama.cpp). Each filter keeps
+ * at least one token; an off setting skips its step. */
 typedef struct {
-    float temperature; /* 0 = greedy */
-    int top_k;         /* 0 = off */
-    float top_p;       /* 1 = off */
+    float temperature;       /* 0 = greedy */
+    int top_k;               /* 0 = off */
+    float top_p;             /* 1 = off */
+    float min_p;             /* 0 = off */
+    float typical_p;         /* 1 = off */
+    float repeat_penalty;    /* 1 = off */
+    float frequency_penalty; /* 0 = off */
+    float presence_penalty;  /* 0 = off */
+    int repeat_last_n;       /* the penalties' window: 0 = no penalties, -1 = every token accepted */
+    const int32_t *bias_ids; /* (n_bias) token ids */
+    const float *bias;       /* (n_bias) added to their logits; finite or -INFINITY */
+    int n_bias;
     uint64_t seed;
-    const int32_t *eos_ids; /* a row stops after emitting any of these */
+    const int32_t *eos_ids; /* a row finishes after emitting any of these */
     int n_eos;
     int pad_token_id; /* written after a row finished */
+    /* Stop strings: a row finishes once its generated text contains one. The
+     * text is matched as bytes: token i's are token_text[token_offsets[i] ..
+     * token_offsets[i + 1]) (vocab_size + 1 offsets); stop string j is
+     * stop_text[stop_offsets[j] .. stop_offsets[j + 1]) (n_stop + 1 offsets). */
+    const uint8_t *token_text;
+    const int32_t *token_offsets;
+    const uint8_t *stop_text;
+    const int32_t *stop_offsets;
+    int n_stop;
 } cepe_sampling;
 
-/* Samples up to max_new tokens per row, starting from the logits the last
- * forward left in the context. out: (batch, max_new). *n_out receives the
- * number of steps taken (all rows stop early once each produced eos). The
- * last sampled token is not fed back: to continue, forward it first. */
-cepe_status cepe_ctx_generate(cepe_ctx *c, const cepe_sampling *s, int max_new, int32_t *out, int *n_out);
+typedef struct cepe_sampler cepe_sampler;
+
+typedef enum {
+    CEPE_FINISH_NONE = 0, /* still generating */
+    CEPE_FINISH_EOS = 1,  /* emitted an eos token */
+    CEPE_FINISH_STOP = 2  /* its text reached a stop string */
+} cepe_finish;
+
+/* A sampler for `batch` rows over a vocabulary of vocab_size: the settings
+ * (checked; the arrays are copied), one random stream and each row's token
+ * window and finish state. One thread at a time. */
+cepe_status cepe_sampler_create(const cepe_sampling *s, int batch, int vocab_size, cepe_sampler **out);
+void cepe_sampler_free(cepe_sampler *s);
+/* Adds tokens to each row's penalty window (the prompt, before generating):
+ * ids (batch, T); mask (batch, T) 1 = real, or NULL. */
+cepe_status cepe_sampler_accept(cepe_sampler *s, const int32_t *ids, const uint8_t *mask, int T);
+/* The distribution row's next token would be drawn from, given its logits
+ * (vocab_size): probs (vocab_size), 0 for every token the chain removed, one
+ * 1 at temperature 0. Changes no state. */
+cepe_status cepe_sampler_distribution(cepe_sampler *s, int row, const float *logits, float *probs);
+
+/* Log-probabilities to report with sampled tokens: those of the raw logits'
+ * log-softmax (before bias and penalties). Any pointer may be NULL. */
+typedef struct {
+    float *logprob;      /* the chosen token's */
+    int n_top;           /* alternatives per token, 0..vocab_size */
+    int32_t *top_ids;    /* (n_top) the most likely tokens, best first (ties: lower id) */
+    float *top_logprobs; /* (n_top) theirs */
+} cepe_logprobs;
+
+/* Picks row's next token from its logits (vocab_size), then accepts it: its
+ * window, its text for the stop strings, its finish state. lp may be NULL. */
+cepe_status cepe_sampler_sample(cepe_sampler *s, int row, const float *logits, int32_t *token,
+                                const cepe_logprobs *lp);
+/* A cepe_finish: why row stopped, or CEPE_FINISH_NONE. */
+int cepe_sampler_finished(const cepe_sampler *s, int row);
+/* How many tokens row has sampled (its finishing token included). */
+long cepe_sampler_generated(const cepe_sampler *s, int row);
+
+/* Samples up to max_new tokens per row with s (made for this context's batch
+ * and the model's vocabulary), starting from the logits the last forward left
+ * in the context. out: (batch, max_new). *n_out receives the number of steps
+ * taken (fewer once every row finished; 0 if all had finished before the
+ * call). Finished rows get pad_token_id. lp, if not NULL, points into arrays
+ * laid out (batch, max_new) and (batch, max_new, n_top); padded steps get
+ * logprob NaN and ids -1. The last sampled token is not fed back: to
+ * continue, forward it first. */
+cepe_status cepe_ctx_generate(cepe_ctx *c, cepe_sampler *s, int max_new, int32_t *out, int *n_out,
+                              const cepe_logprobs *lp);
 
 /* ==== RoPE: frequency tables of the scaling variants, E2-LLM positions ====
  *

@@ -133,9 +133,10 @@ def test_create_cache_bad_input(model, kwargs, exc, match):
         (lambda m: cepe_c.Context(m._core, 1, 2**40), ValueError, "capacity must be <= 2147483647"),
         (lambda m: cepe_c.Context(m._core, 1, -(2**40)), ValueError, "capacity must be >= "),
         (lambda m: cepe_c.Context(m._core, 1, "8"), TypeError, "capacity must be an int, got str"),
-        (lambda m: cepe_c.Context(m._core, 1, 8).generate(2**31), ValueError, "max_new_tokens must be <= 2147483647"),
-        (lambda m: _prompted(m).generate(2, top_k=2**31), ValueError, "top_k must be <= 2147483647"),
-        (lambda m: _prompted(m).generate(2, pad_token_id=2**31), ValueError, "pad_token_id must be <= 2147483647"),
+        (lambda m: cepe_c.Context(m._core, 1, 8).generate(_sampler(m), 2**31), ValueError, "max_new_tokens must be <="),
+        (lambda m: cepe_c.Sampler(1, 8, top_k=2**31), ValueError, "top_k must be <= 2147483647"),
+        (lambda m: cepe_c.Sampler(1, 8, pad_token_id=2**31), ValueError, "pad_token_id must be <= 2147483647"),
+        (lambda m: cepe_c.Sampler(1, 8, repeat_last_n=-(2**31) - 1), ValueError, "repeat_last_n must be >= "),
     ],
 )
 def test_core_module_names_int_arguments(model, call, exc, match):
@@ -144,10 +145,9 @@ def test_core_module_names_int_arguments(model, call, exc, match):
         call(model)
 
 
-def _prompted(model):
-    ctx = cepe_c.Context(model._core, 1, 8)
-    ctx.forward(np.array([[3, 4]], dtype=np.int32), None, None, 0)
-    return ctx
+def _sampler(model, batch=1):
+    """A greedy core sampler for the model's vocabulary."""
+    return cepe_c.Sampler(batch, model.config.vocab_size)
 
 
 def _overcommit_always() -> bool:
@@ -255,7 +255,12 @@ def test_core_module_rejects_bad_arrays(model):
     with pytest.raises(ValueError, match="logits_mode must be 0, 1 or 2"):
         ctx.forward(np.array([[3, 4]], dtype=np.int32), None, None, 7)
     with pytest.raises(RuntimeError, match="generate needs a prompt"):
-        ctx.generate(3)
+        ctx.generate(_sampler(model), 3)
+    with pytest.raises(TypeError, match="sampler must be a cepe_c.Sampler"):
+        ctx.generate(3, 3)
+    with pytest.raises(ValueError, match="the sampler is for 2 rows"):
+        ctx.forward(np.array([[3, 4]], dtype=np.int32), None, None, 0)
+        ctx.generate(cepe_c.Sampler(2, model.config.vocab_size), 3)
     with pytest.raises(ValueError, match="batch size must be >= 1"):
         cepe_c.Context(model._core, 0, 8)
     with pytest.raises(MemoryError, match="out of memory"):
@@ -306,7 +311,7 @@ def test_uninitialised_context_raises(model):
     with pytest.raises(RuntimeError, match="not initialised"):
         ctx.set_context(np.zeros((1, 1, 4), np.float32), None)
     with pytest.raises(RuntimeError, match="not initialised"):
-        ctx.generate(2)
+        ctx.generate(_sampler(model), 2)
 
 
 def test_byte_swapped_arrays_are_rejected(model):
@@ -321,16 +326,17 @@ def test_generate_capacity_checked_before_allocating(model):
     ctx = cepe_c.Context(model._core, 1, 8)
     ctx.forward(np.array([[3, 4]], dtype=np.int32), None, None, 0)
     with pytest.raises(RuntimeError, match="capacity exceeded"):
-        ctx.generate(2**31 - 1)
+        ctx.generate(_sampler(model), 2**31 - 1)
 
 
 def test_generate_leaves_no_stale_logits(model):
     ctx = cepe_c.Context(model._core, 1, 16)
     ctx.forward(np.array([[3, 4, 5]], dtype=np.int32), None, None, 0)
-    ctx.generate(3)
+    sampler = _sampler(model)
+    ctx.generate(sampler, 3)
     assert ctx.length == 5  # the last sampled token is not in the cache ...
     with pytest.raises(RuntimeError, match="generate needs a prompt"):
-        ctx.generate(3)  # ... so continuing needs it fed back first
+        ctx.generate(sampler, 3)  # ... so continuing needs it fed back first
 
 
 def test_tiny_temperature_and_nan_logits_are_greedy(model):

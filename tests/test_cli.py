@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,13 +61,49 @@ def test_info(text_dir):
 
 
 def test_generate_text_and_ids(text_dir):
+    """The defaults are generate_text's (llama.cpp's sampling, seed 0): the same
+    text from the CLI, streamed or not, and from Python; --greedy is temperature 0."""
+    from cepe.sampling import TEXT_DEFAULTS
+
     model = cepe.load(text_dir)
     out = ok_json("generate", "the early bird", "--model", text_dir, "--max-new-tokens", "12")
     assert out["text"] == model.generate_text("the early bird", max_new_tokens=12)
+    assert out["completion_tokens"] <= 12 and out["finish_reason"] in ("eos", "stop", "length")
     streamed = run("generate", "the early bird", "--model", text_dir, "--max-new-tokens", "12")
     assert streamed.returncode == 0 and streamed.stdout.rstrip("\n") == out["text"]
+    assert re.fullmatch(
+        r"cepe: \d+ new tokens, [\d.]+ tokens/s \(prompt \d+ tokens, [\d.]+ s to the first token\)\n", streamed.stderr
+    )
     ids = ok_json("generate", "--model", text_dir, "--ids", "3 4 5", "--max-new-tokens", "5")
-    assert ids["new_ids"] == model.generate(np.array([3, 4, 5]), 5).tolist()
+    assert ids["new_ids"] == model.generate(np.array([3, 4, 5]), 5, **TEXT_DEFAULTS).tolist()
+    greedy = ok_json(
+        "generate", "--model", text_dir, "--ids", "3 4 5", "--max-new-tokens", "5", "--greedy", "--repeat-penalty", "1"
+    )
+    assert greedy["new_ids"] == model.generate(np.array([3, 4, 5]), 5).tolist()
+    biased = ok_json(
+        "generate", "--model", text_dir, "--ids", "3 4 5", "--max-new-tokens", "3", "--logit-bias", "7=100"
+    )
+    assert biased["new_ids"] == [7, 7, 7]
+
+
+def test_help_shows_every_default():
+    r = run("generate", "--help")
+    help_text = " ".join(r.stdout.split("options:")[1].split())  # each option's own entry
+    for option, default in [
+        ("--temperature", "0.8"),
+        ("--top-k", "40"),
+        ("--top-p", "0.95"),
+        ("--min-p", "0.05"),
+        ("--repeat-penalty", "1.1"),
+        ("--repeat-last-n", "64"),
+        ("--seed", "0"),
+        ("--max-tokens", "128"),  # the entry of --max-new-tokens, --max-tokens
+        ("--typical-p", "1.0"),
+    ]:
+        entry = re.escape(option) + r" [A-Z_]+(?:(?! --).)*?\(default: " + re.escape(default) + r"\)"
+        assert re.search(entry, help_text), option
+    for cmd in ("perplexity", "rag", "bench", "init", "teacher"):
+        assert "(default:" in run(cmd, "--help").stdout, cmd
 
 
 def test_perplexity(text_dir, tmp_path):
@@ -74,6 +111,7 @@ def test_perplexity(text_dir, tmp_path):
     f.write_text(TEXT[:150])
     out = ok_json("perplexity", "--model", text_dir, "--file", str(f))
     assert out["perplexity"] == pytest.approx(cepe.load(text_dir).perplexity_text(TEXT[:150]), rel=1e-6)
+    assert ok_json("perplexity", TEXT[:150], "--model", text_dir)["perplexity"] == pytest.approx(out["perplexity"])
     assert ok_json("perplexity", "--model", text_dir, "--file", "-", stdin=TEXT[:150])["perplexity"] == pytest.approx(
         out["perplexity"], rel=1e-9
     )
@@ -124,6 +162,10 @@ def test_bench(text_dir):
         (["generate", "--model", "DIR", "--ids", "3 1000"], "outside the vocabulary"),
         (["generate", "--model", "DIR"], "give a prompt"),
         (["generate", "hi", "--model", "DIR", "--temperature", "-1"], "temperature must be"),
+        (["generate", "hi", "--model", "DIR", "--min-p", "2"], "min_p must be in [0, 1], got 2.0"),
+        (["generate", "hi", "--model", "DIR", "--logit-bias", "7"], "--logit-bias must be ID=BIAS"),
+        (["generate", "hi", "--model", "DIR", "--logit-bias", "1000=1"], "logit_bias token 1000 is outside"),
+        (["perplexity", "x", "--model", "DIR", "--text", "y"], "as an argument or with --text, not both"),
         (["generate", "hi", "--model", "DIR", "--threads", "0"], "n_threads must be in"),
         (["perplexity", "--model", "DIR"], "give the text with --text or --file"),
         (["perplexity", "--model", "DIR", "--file", "/nonexistent.txt"], "No such file"),

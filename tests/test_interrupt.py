@@ -22,7 +22,7 @@ def _send_sigint_after(seconds: float) -> threading.Timer:
 
 
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals go to main")
-@pytest.mark.parametrize("call", ["forward", "generate"])
+@pytest.mark.parametrize("call", ["forward", "generate", "generate_stream"])
 def test_ctrl_c_interrupts_a_long_call(tiny, call):
     model = cepe.load(tiny[0], n_threads=1)
     n = 12000 if call == "forward" else 5000  # prompt tokens / new tokens, grown until a call takes > 1 s
@@ -31,6 +31,7 @@ def test_ctrl_c_interrupts_a_long_call(tiny, call):
         run = {
             "forward": lambda ids=ids: model.forward(ids, logits="last"),
             "generate": lambda ids=ids, n=n: model.generate(ids, n, eos_token_id=[]),
+            "generate_stream": lambda ids=ids, n=n: list(model.generate_stream(ids, n, eos_token_id=[])),
         }[call]
         start = time.perf_counter()
         run()

@@ -12,6 +12,7 @@ from conftest import TEXT, write_tokenizer
 
 import cepe
 from cepe.chunking import chunk_long_context, chunk_passages
+from cepe.sampling import TEXT_DEFAULTS
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_generate_text_equals_the_id_api(text_model):
     tok = text_model.tokenizer
     prompt = "the early bird"
     ids = tok.encode(prompt)
-    want = text_model.generate(np.array(ids), 20, eos_token_id=[])
+    want = text_model.generate(np.array(ids), 20, eos_token_id=[], **TEXT_DEFAULTS)  # generate_text's defaults
     got = text_model.generate_text(prompt, max_new_tokens=20)
     expected = tok.decode([t for t in want.tolist()])
     # generation stops at eos (2) in the text API: compare up to it
@@ -88,7 +89,9 @@ def test_cepe_text_contexts(cepe_text_model):
     passages = ["the lazy dog", "all that glitters is not gold and never was", "smoke and fire"]
     ids, mask = chunk_passages([tok.encode(p, add_special_tokens=False) for p in passages], chunk_len=8, pad_id=2)
     prompt_ids = np.array(tok.encode("actions speak"))
-    want = m.generate(prompt_ids, 12, eos_token_id=[2], encoder_input_ids=ids, encoder_attention_mask=mask)
+    want = m.generate(
+        prompt_ids, 12, eos_token_id=[2], encoder_input_ids=ids, encoder_attention_mask=mask, **TEXT_DEFAULTS
+    )
     got = m.generate_text("actions speak", contexts=passages, max_new_tokens=12)
     assert got == tok.decode(want.tolist())
     long_ids, long_mask = chunk_long_context(tok.encode(TEXT, add_special_tokens=False), chunk_len=8, pad_id=2)

@@ -67,9 +67,6 @@ cepe_status cepe_ctx_create(const cepe_model *m, int batch, int capacity, cepe_c
     DEV(last_hidden, (size_t)batch * (size_t)c->hidden_size, float);
     DEV(last_logits, (size_t)batch * (size_t)c->vocab_size, float);
     HOST(last_logits_h, (size_t)batch * (size_t)c->vocab_size, float);
-    HOST(probs, c->vocab_size, float);
-    HOST(cand, c->vocab_size, int32_t);
-    HOST(finished, batch, uint8_t);
     HOST(step_ids, batch, int32_t);
 #undef DEV
 #undef HOST
@@ -96,7 +93,7 @@ void cepe_ctx_free(cepe_ctx *x) {
                    x->ctx_mask, x->cross_k, x->cross_v, x->ctx_states_own, x->nll_logits, x->nll_loss,
                    x->nll_targets, x->nll_x};
     void *host[] = {x->valid_h, x->next_pos, x->saved_pos, x->ids_h, x->pos_h, x->inv_freq_h, x->last_logits_h,
-                    x->probs, x->cand, x->finished, x->step_ids, x->nll_targets_h, x->nll_loss_h, x->nll_rows_h};
+                    x->step_ids, x->nll_targets_h, x->nll_loss_h, x->nll_rows_h};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) be->free(be, dev[i]);
     for (size_t i = 0; i < sizeof host / sizeof host[0]; i++) cepe_free(host[i]);
     cepe_free(x);

@@ -115,11 +115,7 @@ struct cepe_ctx {
     uint8_t *ctx_mask;        /* [dev] (B, ctx_N) */
     int cross_kept;           /* 1: cross_k/v hold every cross layer's K/V */
     float *cross_k, *cross_v; /* [dev] kept: (n_cross, B, N, kvd); else (B, N, kvd) scratch */
-    /* [host] sampler scratch */
-    float *probs;      /* (V) */
-    int32_t *cand;     /* (V) */
-    uint8_t *finished; /* (B) */
-    int32_t *step_ids; /* (B) */
+    int32_t *step_ids; /* [host] (B) the tokens generate just picked */
 };
 
 /* cepe_ctx_forward without clearing a pending interrupt (the generation loop). */

@@ -177,24 +177,52 @@ int main(void) {
     int32_t out1[2 * 6], out2[2 * 6];
     int n1 = 0, n2 = 0;
     const int32_t eos[1] = {2};
-    cepe_sampling s = {.temperature = 0.0f, .top_k = 0, .top_p = 1.0f, .seed = 7, .eos_ids = eos, .n_eos = 0,
-                       .pad_token_id = 0};
+    cepe_sampling s = {.temperature = 0.0f, .top_p = 1.0f, .typical_p = 1.0f, .repeat_penalty = 1.0f, .seed = 7,
+                       .eos_ids = eos, .n_eos = 0, .pad_token_id = 0};
+    cepe_sampler *smp = NULL;
+    CHECK(cepe_sampler_create(&s, B, V, &smp) == CEPE_OK);
     cepe_ctx_reset(c);
-    CHECK(cepe_ctx_generate(c, &s, 6, out1, &n1) == CEPE_ERR_STATE); /* no prompt yet */
+    CHECK(cepe_ctx_generate(c, smp, 6, out1, &n1, NULL) == CEPE_ERR_STATE); /* no prompt yet */
     CHECK(cepe_ctx_forward(c, ids, NULL, mask, T, NULL, CEPE_LOGITS_NONE) == CEPE_OK);
-    CHECK(cepe_ctx_generate(c, &s, 6, out1, &n1) == CEPE_OK && n1 == 6);
-    s.temperature = 0.9f, s.top_k = 5, s.top_p = 0.9f, s.n_eos = 1;
+    CHECK(cepe_ctx_generate(c, smp, 6, out1, &n1, NULL) == CEPE_OK && n1 == 6);
+    CHECK(cepe_sampler_generated(smp, 0) == 6 && cepe_sampler_finished(smp, 1) == CEPE_FINISH_NONE);
+    cepe_sampler_free(smp);
+    s.temperature = 0.9f, s.top_k = 5, s.top_p = 0.9f, s.min_p = 0.05f, s.n_eos = 1;
+    s.repeat_penalty = 1.1f, s.presence_penalty = 0.5f, s.repeat_last_n = 4;
+    const int32_t bias_ids[1] = {4};
+    const float bias[1] = {-INFINITY};
+    s.bias_ids = bias_ids, s.bias = bias, s.n_bias = 1;
+    float lp[2][2 * 6], top_lp[2][2 * 6 * 3];
+    int32_t top_ids[2][2 * 6 * 3];
     for (int rep = 0; rep < 2; rep++) {
+        cepe_logprobs want = {lp[rep], 3, top_ids[rep], top_lp[rep]};
+        CHECK(cepe_sampler_create(&s, B, V, &smp) == CEPE_OK);
         cepe_ctx_reset(c);
         CHECK(cepe_ctx_forward(c, ids, NULL, mask, T, NULL, CEPE_LOGITS_NONE) == CEPE_OK);
-        CHECK(cepe_ctx_generate(c, &s, 6, rep ? out2 : out1, rep ? &n2 : &n1) == CEPE_OK);
+        CHECK(cepe_sampler_accept(smp, ids, mask, T) == CEPE_OK);
+        CHECK(cepe_ctx_generate(c, smp, 6, rep ? out2 : out1, rep ? &n2 : &n1, &want) == CEPE_OK);
+        int32_t spare[2 * 2];
+        int n_spare = 0;
+        if (rep) CHECK(cepe_ctx_generate(c, smp, 2, spare, &n_spare, NULL) == CEPE_ERR_STATE); /* not fed back */
+        cepe_sampler_free(smp);
     }
     CHECK(n1 == n2 && memcmp(out1, out2, sizeof(int32_t) * 2 * 6) == 0);
-    CHECK(cepe_ctx_generate(c, &s, 2, out1, &n1) == CEPE_ERR_STATE); /* last token not fed back */
+    for (int i = 0; i < B * n1; i++) {
+        CHECK(out1[i] != 4); /* banned */
+        if (isnan(lp[0][i])) continue; /* a padded step */
+        const float *t = top_lp[0] + i * 3;
+        CHECK(lp[0][i] <= 0.0f && t[0] >= t[1] && t[1] >= t[2]);
+        CHECK(lp[0][i] <= t[0] && lp[0][i] == lp[1][i]);
+    }
+    /* bad settings and a sampler of another shape */
+    s.top_p = 0.0f;
+    CHECK(cepe_sampler_create(&s, B, V, &smp) == CEPE_ERR_INVALID_ARG && strstr(cepe_last_error(), "top_p"));
+    s.top_p = 0.9f;
+    CHECK(cepe_sampler_create(&s, 1, V, &smp) == CEPE_OK);
     cepe_ctx_reset(c);
     CHECK(cepe_ctx_forward(c, ids, NULL, mask, T, NULL, CEPE_LOGITS_NONE) == CEPE_OK);
-    s.top_p = 0.0f;
-    CHECK(cepe_ctx_generate(c, &s, 2, out1, &n1) == CEPE_ERR_INVALID_ARG);
+    CHECK(cepe_ctx_generate(c, smp, 2, out1, &n1, NULL) == CEPE_ERR_INVALID_ARG);
+    cepe_sampler_free(smp);
 
     /* a stopped forward rolls back to where the call started */
     cepe_ctx_reset(c);
