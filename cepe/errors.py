@@ -1,4 +1,4 @@
-"""Exception types raised by cepe (all subclass the builtin a user would catch)."""
+"""Exception and warning types raised by cepe (all subclass the builtin a user would catch)."""
 
 from __future__ import annotations
 
@@ -9,3 +9,7 @@ class ConfigError(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt, truncated, or does not fit the config."""
+
+
+class LongInputWarning(UserWarning):
+    """A call's tokens run past the model's window (Model.window)."""

@@ -22,7 +22,9 @@ from tqdm.auto import tqdm
 
 import cepe_c
 
+from .completions import TEXT_DEFAULTS, chat_reply, create_chat_completion, create_completion
 from .config import DecoderConfig
+from .errors import LongInputWarning
 from .sampling import FINISH_REASONS, Generation, SamplingSettings, StreamToken, check_stop
 from .save import save_model
 from .text import check_text, require_tokenizer, stream_text, text_context
@@ -30,10 +32,6 @@ from .text import check_text, require_tokenizer, stream_text, text_context
 _MAX_I32 = 2**31 - 1
 
 STATES_LIMIT = float(np.sqrt(np.finfo(np.float32).max))  # ~1.8e19: larger values square to inf in float32
-
-
-class LongInputWarning(UserWarning):
-    """A call's tokens run past the model's window (Model.window)."""
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int = _MAX_I32) -> int:
@@ -929,6 +927,164 @@ class Model:
             seed=seed,
         )
         return pieces if stream else "".join(pieces)
+
+    def chat(
+        self,
+        messages: str | list[dict[str, Any]],
+        *,
+        max_new_tokens: int = 512,
+        temperature: float = TEXT_DEFAULTS["temperature"],
+        top_k: int = TEXT_DEFAULTS["top_k"],
+        top_p: float = TEXT_DEFAULTS["top_p"],
+        min_p: float = TEXT_DEFAULTS["min_p"],
+        typical_p: float = TEXT_DEFAULTS["typical_p"],
+        repeat_penalty: float = TEXT_DEFAULTS["repeat_penalty"],
+        repeat_last_n: int = TEXT_DEFAULTS["repeat_last_n"],
+        frequency_penalty: float = TEXT_DEFAULTS["frequency_penalty"],
+        presence_penalty: float = TEXT_DEFAULTS["presence_penalty"],
+        logit_bias: Mapping[Any, float] | None = None,
+        seed: int | None = TEXT_DEFAULTS["seed"],
+        stop: str | list[str] | None = None,
+        context: str | None = None,
+        contexts: list[str] | None = None,
+        stream: bool = False,
+    ) -> str | Iterator[str]:
+        """The assistant's reply to a conversation ([{"role": "system"|"user"|"assistant",
+        "content": str}, ...], or one user message as a str), rendered with the model's chat
+        template; with stream=True an iterator of text pieces as they are decoded.
+
+        The sampling settings and their defaults are generate_text's (cepe.sampling's
+        TEXT_DEFAULTS; temperature=0 is greedy). stop: strings that end the reply (not
+        included). context / contexts: a CEPE context, as generate_text takes it. Runs on
+        cepe.batching's decoder, as `cepe serve` does. Bad values raise ValueError naming
+        the argument."""
+        return chat_reply(
+            self,
+            messages,
+            max_new_tokens=max_new_tokens,
+            stop=stop,
+            context=context,
+            contexts=contexts,
+            stream=stream,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            typical_p=typical_p,
+            repeat_penalty=repeat_penalty,
+            repeat_last_n=repeat_last_n,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            logit_bias=logit_bias,
+            seed=seed,
+        )
+
+    def create_chat_completion(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        n: int | None = None,
+        stream: bool = False,
+        stream_options: dict[str, Any] | None = None,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        logit_bias: dict[str, float] | None = None,
+        logprobs: bool | None = None,
+        top_logprobs: int | None = None,
+        top_k: int | None = None,
+        min_p: float | None = None,
+        typical_p: float | None = None,
+        repeat_penalty: float | None = None,
+        repeat_last_n: int | None = None,
+        cepe_context: str | list[str] | None = None,
+    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        """An OpenAI chat completion: the fields of a /v1/chat/completions request (None:
+        OpenAI's default, so temperature 1), the result as a "chat.completion" dict, or with
+        stream=True an iterator of "chat.completion.chunk" dicts. cepe_context: documents
+        for a CEPE model's encoder. See cepe.completions; `cepe serve` answers the same."""
+        return create_chat_completion(
+            self,
+            dict(
+                messages=messages,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                n=n,
+                stream=stream,
+                stream_options=stream_options,
+                stop=stop,
+                seed=seed,
+                presence_penalty=presence_penalty,
+                frequency_penalty=frequency_penalty,
+                logit_bias=logit_bias,
+                logprobs=logprobs,
+                top_logprobs=top_logprobs,
+                top_k=top_k,
+                min_p=min_p,
+                typical_p=typical_p,
+                repeat_penalty=repeat_penalty,
+                repeat_last_n=repeat_last_n,
+                cepe_context=cepe_context,
+            ),
+        )
+
+    def create_completion(
+        self,
+        prompt: str | list[str] | list[int] | list[list[int]],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        n: int | None = None,
+        stream: bool = False,
+        stream_options: dict[str, Any] | None = None,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+        echo: bool | None = None,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        logit_bias: dict[str, float] | None = None,
+        logprobs: int | None = None,
+        top_k: int | None = None,
+        min_p: float | None = None,
+        typical_p: float | None = None,
+        repeat_penalty: float | None = None,
+        repeat_last_n: int | None = None,
+        cepe_context: str | list[str] | None = None,
+    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        """An OpenAI (legacy) completion of a text prompt (with BOS) or of token ids: the
+        fields of a /v1/completions request (max_tokens defaults to 16, temperature to 1),
+        the result as a "text_completion" dict, or with stream=True an iterator of chunks."""
+        return create_completion(
+            self,
+            dict(
+                prompt=prompt,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                n=n,
+                stream=stream,
+                stream_options=stream_options,
+                stop=stop,
+                seed=seed,
+                echo=echo,
+                presence_penalty=presence_penalty,
+                frequency_penalty=frequency_penalty,
+                logit_bias=logit_bias,
+                logprobs=logprobs,
+                top_k=top_k,
+                min_p=min_p,
+                typical_p=typical_p,
+                repeat_penalty=repeat_penalty,
+                repeat_last_n=repeat_last_n,
+                cepe_context=cepe_context,
+            ),
+        )
 
     def perplexity_text(
         self,

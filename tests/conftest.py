@@ -117,4 +117,17 @@ def write_tokenizer(path, vocab_size: int) -> None:
     )
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+def write_chat_tokenizer(path, vocab_size: int) -> None:
+    """write_tokenizer's files plus a small chat template (ChatML-like, with <s> and </s>)."""
+    write_tokenizer(path, vocab_size)
+    conf = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**conf, "chat_template": CHAT_TEMPLATE}))
+
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
