@@ -69,7 +69,7 @@
     X(swiglu, (float *out, const float *gate, const float *up, long N, int nt),                              \
       (BUF_W(out), BUF_R(gate), BUF_R(up), HOST(N), HOST(nt)))
 
-/* ---- training ops (csrc/ops/ops_backward.h; same shapes and the same
+/* ---- training ops (the backward half of csrc/ops/ops.h; same shapes and the same
  * accumulate-into-gradient convention). cross_entropy's targets are
  * range-checked by the caller (host side). ---- */
 #define CEPE_TRAINING_OPS(X)                                                                                 \

@@ -374,7 +374,7 @@ typedef struct {
     double clip; /* max global gradient norm; <= 0 = no clipping */
     cepe_adamw_config adam;
     double lm_loss_cof, kl_loss_cof;
-    int kl_mode;       /* 0 = smooth_δ, 1 = drop (ops_backward.h's CEPE_KL_*) */
+    int kl_mode;       /* 0 = smooth_δ, 1 = drop (ops.h's CEPE_KL_*) */
     double kl_delta;   /* δ of smooth_δ */
     long logit_floats; /* logits formed at a time (rows x vocab); 0 = 2^21 */
 } cepe_train_config;

@@ -1,4 +1,4 @@
-"""Every CPU op of csrc/ops/ and its backward (csrc/ops/*_backward.c, loss.c),
+"""Every CPU op of csrc/ops/ and its backward (in the forward's file; the losses in loss.c),
 called through the test-only op bindings (tests/ops_ext/), against PyTorch autograd
 in float64 on odd sizes; plus directional finite differences of our own
 forwards, the masks attention must honour, and a check that the attention

@@ -7,7 +7,7 @@
 #include <string.h>
 
 #include "../common.h"
-#include "../ops/ops_backward.h" /* CEPE_IGNORE_INDEX */
+#include "../ops/ops.h" /* CEPE_IGNORE_INDEX */
 #include "model.h"
 
 /* The backend's error, or a generic one when it reported none. */

@@ -8,7 +8,7 @@
 
 #include "../backend.h"
 #include "../cepe.h"
-#include "../rope.h"
+#include "../rope/rope.h"
 
 #define CEPE_MAX_HEAD_DIM 256 /* attention keeps a head's accumulator on the stack */
 

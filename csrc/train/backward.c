@@ -8,7 +8,7 @@
 #include <string.h>
 
 #include "../common.h"
-#include "../ops/ops_backward.h"
+#include "../ops/ops.h"
 #include "train.h"
 
 /* The gradient buffer behind a view (a model's weight pointers are const;

@@ -13,7 +13,7 @@
 #include <string.h>
 
 #include "../common.h"
-#include "../ops/ops_backward.h"
+#include "../ops/ops.h"
 #include "train.h"
 
 /* ------------------------------------------------------------------- arena */

@@ -28,8 +28,8 @@
 
 #include "backend.h"
 #include "backend_capsule.h"
-#include "ops/elementwise_backward.h"
-#include "ops/ops_backward.h"
+#include "ops/elementwise.h"
+#include "ops/ops.h"
 
 static const cepe_core_api *core;
 
