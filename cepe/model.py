@@ -15,7 +15,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -177,6 +177,17 @@ def _as_chunks(encoder_input_ids: Any, vocab_size: int) -> tuple[np.ndarray, boo
         bad = lo if lo < 0 else hi
         raise ValueError(f"encoder_input_ids holds token id {bad}, outside the encoder vocabulary [0, {vocab_size})")
     return np.ascontiguousarray(ids, dtype=np.int32), squeeze
+
+
+class _Context(NamedTuple):
+    """A call's CEPE context: chunk ids (B, n_ctx, L) to encode (encode=True)
+    or encoder states (B, N, d_enc); the mask in the same layout (or None);
+    the context tokens per row."""
+
+    array: np.ndarray
+    mask: np.ndarray | None
+    tokens: int
+    encode: bool
 
 
 def _as_context_mask(mask: Any, shape: tuple[int, ...], name: str = "encoder_attention_mask") -> np.ndarray:
@@ -493,8 +504,10 @@ class Model:
 
     def _context(
         self, B: int, squeeze: bool, encoder_input_ids: Any, encoder_attention_mask: Any, encoder_hidden_states: Any
-    ) -> tuple[np.ndarray, np.ndarray | None] | None:
-        """The (states (B, N, d_enc), mask (B, N) | None) a call attends to, or None."""
+    ) -> _Context | None:
+        """What a call attends to, or None: chunk ids that the core encodes
+        where the decoder reads them (no round trip through Python), or
+        states the caller passed."""
         if encoder_input_ids is None and encoder_hidden_states is None:
             if encoder_attention_mask is not None:
                 raise ValueError("encoder_attention_mask given without encoder_input_ids or encoder_hidden_states")
@@ -512,8 +525,7 @@ class Model:
             mask = None
             if encoder_attention_mask is not None:
                 mask = _as_context_mask(encoder_attention_mask, chunks.shape)
-            states = self.encode(chunks, mask)
-            return states, None if mask is None else mask.reshape(B, -1)
+            return _Context(chunks, mask, chunks.shape[1] * chunks.shape[2], encode=True)
         states = np.asarray(encoder_hidden_states)
         if states.ndim == 2:
             states = states[None]
@@ -541,7 +553,7 @@ class Model:
         if encoder_attention_mask is not None:
             m = np.asarray(encoder_attention_mask)
             mask = _as_context_mask(m.reshape(m.shape[0], -1) if m.ndim == 3 else m, states.shape[:2])
-        return states, mask
+        return _Context(states, mask, states.shape[1], encode=False)
 
     def _keep_cross_kv(self, B: int, N: int, keep_cross_kv: bool | None, single_pass: bool = False) -> bool:
         if keep_cross_kv is not None:
@@ -554,14 +566,17 @@ class Model:
     def _attach(
         self,
         ctx: cepe_c.Context,
-        context: tuple[np.ndarray, np.ndarray | None] | None,
+        context: _Context | None,
         keep_cross_kv: bool | None,
         single_pass: bool = False,
     ) -> None:
-        if context is not None:
-            states, mask = context
-            keep = self._keep_cross_kv(states.shape[0], states.shape[1], keep_cross_kv, single_pass)
-            ctx.set_context(states, mask, keep)
+        if context is None:
+            return
+        keep = self._keep_cross_kv(ctx.batch, context.tokens, keep_cross_kv, single_pass)
+        if context.encode:
+            _interruptible(ctx, ctx.encode_context, context.array, context.mask, keep, progress="encoding")
+        else:
+            ctx.set_context(context.array, context.mask, keep)
 
     # --------------------------------------------------------------- decoding
     def forward(

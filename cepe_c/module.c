@@ -423,9 +423,11 @@ static PyObject *first_columns(PyArrayObject *a, int n) {
     dims[1] = n;
     PyArrayObject *res = (PyArrayObject *)PyArray_SimpleNew(nd, dims, PyArray_TYPE(a));
     if (!res) return NULL;
-    const size_t row_in = (size_t)PyArray_STRIDE(a, 0), row_out = row_in / (size_t)(max_new ? max_new : 1) * (size_t)n;
+    const size_t row_in = (size_t)PyArray_STRIDE(a, 0),
+                 row_out = row_in / (size_t)(max_new ? max_new : 1) * (size_t)n;
     for (npy_intp b = 0; b < dims[0]; b++)
-        memcpy((char *)PyArray_DATA(res) + (size_t)b * row_out, (char *)PyArray_DATA(a) + (size_t)b * row_in, row_out);
+        memcpy((char *)PyArray_DATA(res) + (size_t)b * row_out, (char *)PyArray_DATA(a) + (size_t)b * row_in,
+               row_out);
     return (PyObject *)res;
 }
 
@@ -437,12 +439,14 @@ static PyObject *Context_generate(ContextObject *self, PyObject *args, PyObject 
     static char *names[] = {"sampler", "max_new_tokens", "top_logprobs", NULL};
     PyObject *sampler_o, *max_new_o, *k_o = NULL;
     int max_new, k = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O:generate", names, &sampler_o, &max_new_o, &k_o)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O:generate", names, &sampler_o, &max_new_o, &k_o))
+        return NULL;
     if (bind_int(max_new_o, "max_new_tokens", INT_MIN, INT_MAX, &max_new) < 0 ||
         (k_o && bind_int(k_o, "top_logprobs", -1, INT_MAX, &k) < 0))
         return NULL;
     if (!PyObject_TypeCheck(sampler_o, &cepe_c_SamplerType))
-        return PyErr_Format(PyExc_TypeError, "sampler must be a cepe_c.Sampler, got %s", Py_TYPE(sampler_o)->tp_name);
+        return PyErr_Format(PyExc_TypeError, "sampler must be a cepe_c.Sampler, got %s",
+                            Py_TYPE(sampler_o)->tp_name);
     if (ready(self) < 0) return NULL;
     if (max_new < 0) return PyErr_Format(PyExc_ValueError, "max_new_tokens must be >= 0, got %d", max_new);
     if (max_new > cepe_ctx_capacity(self->ctx) - cepe_ctx_length(self->ctx) + 1) /* before allocating out */
@@ -544,6 +548,38 @@ static PyObject *Context_set_context(ContextObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* encode_context(ids int32 (B, n_chunks, L), mask uint8 (B, n_chunks, L) | None, keep_kv bool):
+ * the CEPE encoder's states made and attached inside the core, never returned */
+static PyObject *Context_encode_context(ContextObject *self, PyObject *args) {
+    PyObject *ids_o, *mask_o;
+    int keep = 1;
+    if (!PyArg_ParseTuple(args, "OO|p:encode_context", &ids_o, &mask_o, &keep)) return NULL;
+    if (ready(self) < 0) return NULL;
+    PyArrayObject *ids = bind_array(ids_o, "encoder_input_ids", NPY_INT32, 3, 0), *mask = NULL;
+    if (!ids) return NULL;
+    if (PyArray_DIM(ids, 0) != cepe_ctx_batch(self->ctx))
+        return PyErr_Format(PyExc_ValueError, "encoder_input_ids has batch size %zd, the request has %d",
+                            (Py_ssize_t)PyArray_DIM(ids, 0), cepe_ctx_batch(self->ctx));
+    if (PyArray_DIM(ids, 1) < 1 || PyArray_DIM(ids, 2) < 1 || PyArray_DIM(ids, 1) > INT32_MAX ||
+        PyArray_DIM(ids, 2) > INT32_MAX)
+        return PyErr_Format(PyExc_ValueError, "encoder_input_ids must hold at least one chunk of one token");
+    if (mask_o != Py_None) {
+        if (!(mask = bind_array(mask_o, "encoder_attention_mask", NPY_UINT8, 3, 0))) return NULL;
+        if (!PyArray_SAMESHAPE(mask, ids))
+            return PyErr_Format(PyExc_ValueError,
+                                "encoder_attention_mask must have the shape of encoder_input_ids");
+    }
+    if (claim(self) < 0) return NULL;
+    cepe_status s;
+    Py_BEGIN_ALLOW_THREADS s = cepe_ctx_encode_context(
+        self->ctx, (const int32_t *)PyArray_DATA(ids), mask ? (const uint8_t *)PyArray_DATA(mask) : NULL,
+        (int)PyArray_DIM(ids, 1), (int)PyArray_DIM(ids, 2), keep);
+    Py_END_ALLOW_THREADS self->busy = 0;
+    Py_CLEAR(self->states); /* the states, kept or not, are the core's own */
+    if (s) return raise_status(s);
+    Py_RETURN_NONE;
+}
+
 static PyObject *Context_set_rope_length(ContextObject *self, PyObject *arg) {
     long n = PyLong_AsLong(arg);
     if (n == -1 && PyErr_Occurred()) return NULL;
@@ -602,12 +638,15 @@ static PyMethodDef Context_methods[] = {
      "forward_nll(ids, positions, mask, targets): as forward, returning -log p(targets) (B, T); -100 is not "
      "scored"},
     {"generate", (PyCFunction)(void (*)(void))Context_generate, METH_VARARGS | METH_KEYWORDS,
-     "generate(sampler, max_new_tokens, top_logprobs=-1): sample up to max_new_tokens per row with a Sampler"},
+     "generate(sampler, max_new_tokens, top_logprobs=-1): sample up to max_new_tokens per row with a "
+     "Sampler"},
     {"reset", (PyCFunction)Context_reset, METH_NOARGS, "empty the KV cache"},
     {"set_rope_length", (PyCFunction)Context_set_rope_length, METH_O,
      "pin the length dynamic-NTK/LongRoPE tables are computed for (0 = per call)"},
     {"set_context", (PyCFunction)Context_set_context, METH_VARARGS,
      "set_context(states, mask, keep_kv=True): attach CEPE encoder states (None detaches)"},
+    {"encode_context", (PyCFunction)Context_encode_context, METH_VARARGS,
+     "encode_context(ids, mask, keep_kv=True): encode CEPE context chunks (B, n_chunks, L) and attach them"},
     {"interrupt", (PyCFunction)Context_interrupt, METH_NOARGS, "ask a running call to stop"},
     {"progress", (PyCFunction)Context_progress, METH_NOARGS,
      "(done, total) layer passes of the running or last forward call"},

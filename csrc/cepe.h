@@ -162,6 +162,14 @@ int cepe_ctx_batch(const cepe_ctx *c);
  * states must stay valid while attached and K/V are recomputed at every call
  * (memory-lean, identical results). N = 0 detaches. */
 cepe_status cepe_ctx_set_context(cepe_ctx *c, const float *states, const uint8_t *mask, int N, int keep_kv);
+/* Encodes the context and attaches it where the decoder reads it (device
+ * memory on a GPU): ids (batch, n_chunks, L) chunks as cepe_model_encode
+ * takes them, mask the same shape (1 = real) or NULL, keep_kv as above. The
+ * states never cross to the caller (with keep_kv they are freed once the K/V
+ * are made); progress counts batches of chunks and cepe_ctx_interrupt stops
+ * it. On the CPU non-finite states are CEPE_ERR_NUMERIC. */
+cepe_status cepe_ctx_encode_context(cepe_ctx *c, const int32_t *ids, const uint8_t *mask, int n_chunks, int L,
+                                    int keep_kv);
 int cepe_ctx_context_length(const cepe_ctx *c);
 
 /* Pins the sequence length that length-dependent RoPE (dynamic NTK,

@@ -108,14 +108,15 @@ struct cepe_ctx {
     float *nll_loss_h;            /* [host] (NLL_ROWS) */
     int has_logits;
     /* CEPE context: encoder states (B, ctx_N, d_enc): borrowed on the CPU, an
-     * owned device copy on a device (ctx_states_own); mask owned */
+     * owned device copy on a device, or owned where cepe_ctx_encode_context
+     * encoded them (ctx_states_own); mask owned */
     int ctx_N;
     const float *ctx_states;
     float *ctx_states_own;    /* [dev] */
     uint8_t *ctx_mask;        /* [dev] (B, ctx_N) */
     int cross_kept;           /* 1: cross_k/v hold every cross layer's K/V */
     float *cross_k, *cross_v; /* [dev] kept: (n_cross, B, N, kvd); else (B, N, kvd) scratch */
-    int32_t *step_ids; /* [host] (B) the tokens generate just picked */
+    int32_t *step_ids;        /* [host] (B) the tokens generate just picked */
 };
 
 /* cepe_ctx_forward without clearing a pending interrupt (the generation loop). */
@@ -127,9 +128,11 @@ cepe_status cepe_ctx_forward_continue(cepe_ctx *x, const int32_t *ids, const dou
 int cepe_ctx_reset_checked(cepe_ctx *x);
 
 /* encoder.c: cepe_model_encode with ids / mask on the host and out in the
- * backend's memory when out_on_backend (the training forward's states). */
+ * backend's memory when out_on_backend (the training forward's states, a
+ * context encoded where the decoder reads it). progress: NULL, or the
+ * request whose progress counts chunk batches and whose interrupt stops it. */
 cepe_status model_encode_into(const cepe_model *m, const int32_t *ids, const uint8_t *mask, int n_chunks,
-                              int L, float *out, int out_on_backend);
+                              int L, float *out, int out_on_backend, cepe_ctx *progress);
 
 /* CEPE_OK, or the backend's first failure since the last check (it waits for
  * queued device work): every public call that ran ops ends with it. */

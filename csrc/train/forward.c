@@ -161,7 +161,7 @@ static cepe_status encoder_forward(cepe_train *t, const cepe_train_batch *b) {
         t->ctx_mask_h[i] = b->encoder_attention_mask ? b->encoder_attention_mask[i] != 0 : 1;
     be->upload(be, t->ctx_mask, t->ctx_mask_h, (size_t)Ne);
     if (!t->train_encoder) /* detached: the inference encoder, nothing kept */
-        return model_encode_into(m, b->encoder_input_ids, b->encoder_attention_mask, n_chunks, L, t->E, be->device);
+        return model_encode_into(m, b->encoder_input_ids, b->encoder_attention_mask, n_chunks, L, t->E, be->device, NULL);
 
     for (int i = 0; i < Ne; i++) t->epos_h[i] = (double)(i % L); /* slot index in its chunk, as encoder.c */
     float inv_freq[CEPE_MAX_HEAD_DIM / 2], mscale;
