@@ -117,7 +117,9 @@ CEPE_NOINLINE static float row_exp_sum(float *row, int n, float m) {
 
 /* A block of queries as two small GEMMs per key block (S = Q·Kᵀ, then
  * O += P·V), flash-attention style, with the online softmax between them. */
-static void attend_block_gemm(float *out, const float *q, const float *k, const float *v,
+/* out may be NULL (only lse wanted: no P·V, so no bound on hd); lse (B, Tq, H)
+ * may be NULL (inference). */
+static void attend_block_gemm(float *out, float *lse, const float *q, const float *k, const float *v,
                               const uint8_t *valid, const attention_shape *s, int b, int h, int t0, int nq,
                               att_scratch *w) {
     const int hd = s->hd, kvh = h / (s->H / s->KVH);
@@ -131,7 +133,7 @@ static void attend_block_gemm(float *out, const float *q, const float *k, const 
         hi_all = hi[i] > hi_all ? hi[i] : hi_all;
         w->m[i] = -INFINITY;
         w->l[i] = 0.0f;
-        memset(w->acc[i], 0, sizeof(float) * (size_t)hd);
+        if (out) memset(w->acc[i], 0, sizeof(float) * (size_t)hd);
     }
     for (int j0 = lo_all; j0 < hi_all; j0 += ATT_KBLOCK) {
         const int nk = hi_all - j0 < ATT_KBLOCK ? hi_all - j0 : ATT_KBLOCK;
@@ -173,10 +175,11 @@ static void attend_block_gemm(float *out, const float *q, const float *k, const 
                 continue;
             }
             const float corr = cepe_online_softmax_rescale(&w->m[i], &w->l[i], bmax);
-            if (corr != 1.0f)
+            if (out && corr != 1.0f)
                 for (int d = 0; d < hd; d++) w->acc[i][d] *= corr;
             w->l[i] += row_exp_sum(row, n, w->m[i]);
         }
+        if (!out) continue;
         if (split && nk_lo > 0)
             CEPE_SGEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, split, hd, nk_lo, 1.0f, &w->S[0][0],
                        ATT_KBLOCK, vb + (long)j0 * s->kv_rstride, (int)s->kv_rstride, 1.0f, &w->acc[0][0],
@@ -186,13 +189,17 @@ static void attend_block_gemm(float *out, const float *q, const float *k, const 
                    ATT_MAX_HD);
     }
     for (int i = 0; i < nq; i++) {
-        float *o = out + ((long)b * s->Tq + t0 + i) * (long)s->H * hd + (long)h * hd;
+        const long row = (long)b * s->Tq + t0 + i;
+        if (lse) lse[row * s->H + h] = w->l[i] > 0.0f ? w->m[i] + logf(w->l[i]) : -INFINITY;
+        if (!out) continue;
+        float *o = out + row * s->H * hd + (long)h * hd;
         const float inv = w->l[i] > 0.0f ? 1.0f / w->l[i] : 0.0f; /* no visible key: zero output */
         for (int d = 0; d < hd; d++) o[d] = w->acc[i][d] * inv;
     }
 }
 
-/* One (batch row, head, block of queries) task. */
+/* One (batch row, head, block of queries) task, for few queries (decoding):
+ * dot products instead of GEMMs. */
 static void attend_block(float *out, const float *q, const float *k, const float *v, const uint8_t *key_valid,
                          const attention_shape *s, int b, int h, int t0, int nq, att_scratch *w) {
     const int hd = s->hd, kvh = h / (s->H / s->KVH);
@@ -252,8 +259,9 @@ static void attend_block(float *out, const float *q, const float *k, const float
 static _Thread_local att_scratch tls_scratch;
 CEPE_OPAQUE static att_scratch *thread_scratch(void) { return &tls_scratch; }
 
-void attention_forward(float *out, const float *q, const float *k, const float *v, const uint8_t *key_valid,
-                       const attention_shape *s, int n_threads) {
+/* The one attention forward: lse wanted (training) or not (inference). */
+static void attention_run(float *out, float *lse, const float *q, const float *k, const float *v,
+                          const uint8_t *key_valid, const attention_shape *s, int n_threads) {
     const int n_qblocks = (s->Tq + ATT_QBLOCK - 1) / ATT_QBLOCK;
     const long n_tasks = (long)s->B * s->H * n_qblocks;
 #pragma omp parallel num_threads(n_threads) if (n_tasks > 1 && (long)s -> Tq * s->Tk > 4096)
@@ -270,21 +278,28 @@ void attention_forward(float *out, const float *q, const float *k, const float *
             const int b = (int)(task / ((long)n_qblocks * s->H));
             const int t0 = qb * ATT_QBLOCK;
             const int nq = s->Tq - t0 < ATT_QBLOCK ? s->Tq - t0 : ATT_QBLOCK;
-            if (nq >= 8)
-                attend_block_gemm(out, q, k, v, key_valid ? key_valid + b * s->valid_bstride : NULL, s, b, h,
-                                  t0, nq, w);
+            if (nq >= 8 || lse) /* the log-sum-exp comes from the GEMM path alone */
+                attend_block_gemm(out, lse, q, k, v, key_valid ? key_valid + b * s->valid_bstride : NULL, s,
+                                  b, h, t0, nq, w);
             else
                 attend_block(out, q, k, v, key_valid, s, b, h, t0, nq, w);
         }
     }
 }
 
+void attention_forward(float *out, const float *q, const float *k, const float *v, const uint8_t *key_valid,
+                       const attention_shape *s, int n_threads) {
+    attention_run(out, NULL, q, k, v, key_valid, s, n_threads);
+}
+
+void attention_forward_lse(float *out, float *lse, const float *q, const float *k, const float *v,
+                           const uint8_t *key_valid, const attention_shape *s, int n_threads) {
+    attention_run(out, lse, q, k, v, key_valid, s, n_threads);
+}
+
 /* ------------------------------------------------------------ backward */
 
-/* The backward of attention_forward, and
- * a forward variant that also returns each query's log-sum-exp (lse).
- *
- * FlashAttention-2's backward on the CPU. For a query block Q_i and a key
+/* The backward of attention_forward: FlashAttention-2's backward on the CPU. For a query block Q_i and a key
  * block K_j (64 x 64, as small GEMMs through the single-threaded BLAS):
  *   S  = scale Q_i K_jᵀ            (masked entries: probability 0)
  *   P  = exp(S - lse_i)            (the forward's softmax, rebuilt exactly)
@@ -301,111 +316,10 @@ void attention_forward(float *out, const float *q, const float *k, const float *
  * two threads ever add into the same gradient and no atomics are needed.
  * Masks are attention_forward's: causal with q_offset, sliding window, key
  * padding; a row that sees no key has lse = -inf, zero output, zero gradient. */
-#define AB_QBLOCK                                                                                            \
-    64 /* 64 queries x 128 keys: measured best of 64..256 on the training shapes (cross 512 x 1024: 44 -> 29 \
-          ms backward) */
+/* 64 queries x 128 keys: measured best of 64..256 on the training shapes
+ * (cross 512 x 1024: 44 -> 29 ms backward). */
+#define AB_QBLOCK 64
 #define AB_KBLOCK 128
-#define AB_MAX_HD ATT_MAX_HD
-
-/* ------------------------------------------------------ forward with lse */
-
-typedef struct {
-    float S[AB_QBLOCK][AB_KBLOCK]; /* scores, then unnormalized probabilities */
-    float acc[AB_QBLOCK][AB_MAX_HD];
-    float m[AB_QBLOCK], l[AB_QBLOCK];
-    int lo[AB_QBLOCK], hi[AB_QBLOCK];
-    int kvalid[AB_KBLOCK];
-} fwd_scratch;
-
-/* Thread-local (~80 KB: too big for comfort on a worker's stack; no malloc
- * per call), as attention.c does. */
-static _Thread_local fwd_scratch tls_fwd;
-CEPE_OPAQUE static fwd_scratch *thread_fwd_scratch(void) { return &tls_fwd; }
-
-/* One (batch row, head, query block): online softmax over key blocks, as
- * attend_block_gemm, keeping m + log(l) at the end. */
-static void forward_block(float *out, float *lse, const float *q, const float *k, const float *v,
-                          const uint8_t *valid, const attention_shape *s, int b, int h, int t0, int nq,
-                          fwd_scratch *w) {
-    const int hd = s->hd, kvh = h / (s->H / s->KVH);
-    const float *qb = q + b * s->q_bstride + (long)t0 * s->q_rstride + (long)h * hd;
-    const float *kb = k + b * s->kv_bstride + (long)kvh * hd;
-    const float *vb = v + b * s->kv_bstride + (long)kvh * hd;
-    int lo_all = s->Tk, hi_all = 0;
-    for (int i = 0; i < nq; i++) {
-        key_range(s, s->q_offset + t0 + i, &w->lo[i], &w->hi[i]);
-        lo_all = w->lo[i] < lo_all ? w->lo[i] : lo_all;
-        hi_all = w->hi[i] > hi_all ? w->hi[i] : hi_all;
-        w->m[i] = -INFINITY;
-        w->l[i] = 0.0f;
-        if (out) memset(w->acc[i], 0, sizeof(float) * (size_t)hd);
-    }
-    for (int j0 = lo_all; j0 < hi_all; j0 += AB_KBLOCK) {
-        const int nk = hi_all - j0 < AB_KBLOCK ? hi_all - j0 : AB_KBLOCK;
-        for (int jj = 0; jj < nk; jj++) w->kvalid[jj] = valid ? valid[j0 + jj] != 0 : 1;
-        CEPE_SGEMM(CblasRowMajor, CblasNoTrans, CblasTrans, nq, nk, hd, s->scale, qb, (int)s->q_rstride,
-                   kb + (long)j0 * s->kv_rstride, (int)s->kv_rstride, 0.0f, &w->S[0][0], AB_KBLOCK);
-        for (int i = 0; i < nq; i++) {
-            float *row = w->S[i];
-            const int l0 = w->lo[i], h0 = w->hi[i];
-            float bmax = -INFINITY;
-#pragma omp simd reduction(max : bmax)
-            for (int jj = 0; jj < nk; jj++) {
-                const int j = j0 + jj;
-                const int ok = (j >= l0) & (j < h0) & w->kvalid[jj];
-                row[jj] = ok ? row[jj] : -INFINITY;
-                bmax = row[jj] > bmax ? row[jj] : bmax;
-            }
-            if (bmax == -INFINITY) { /* nothing visible here: the row adds nothing to P·V */
-                memset(row, 0, sizeof(float) * (size_t)nk);
-                continue;
-            }
-            const float corr = cepe_online_softmax_rescale(&w->m[i], &w->l[i], bmax);
-            if (out && corr != 1.0f)
-                for (int d = 0; d < hd; d++) w->acc[i][d] *= corr;
-            const float mi = w->m[i];
-            float psum = 0.0f;
-#pragma omp simd reduction(+ : psum)
-            for (int jj = 0; jj < nk; jj++) {
-                row[jj] = cepe_exp_neg(row[jj] - mi); /* masked: exp(-inf) = 0 */
-                psum += row[jj];
-            }
-            w->l[i] += psum;
-        }
-        if (out)
-            CEPE_SGEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, nq, hd, nk, 1.0f, &w->S[0][0], AB_KBLOCK,
-                       vb + (long)j0 * s->kv_rstride, (int)s->kv_rstride, 1.0f, &w->acc[0][0], AB_MAX_HD);
-    }
-    for (int i = 0; i < nq; i++) {
-        const long row = (long)b * s->Tq + t0 + i;
-        const float li = w->l[i];
-        lse[row * s->H + h] = li > 0.0f ? w->m[i] + logf(li) : -INFINITY;
-        if (out) {
-            float *o = out + row * s->H * hd + (long)h * hd;
-            const float inv = li > 0.0f ? 1.0f / li : 0.0f; /* no visible key: zero output */
-            for (int d = 0; d < hd; d++) o[d] = w->acc[i][d] * inv;
-        }
-    }
-}
-
-void attention_forward_lse(float *out, float *lse, const float *q, const float *k, const float *v,
-                           const uint8_t *key_valid, const attention_shape *s, int n_threads) {
-    const int n_qblocks = (s->Tq + AB_QBLOCK - 1) / AB_QBLOCK;
-    const long n_tasks = (long)s->B * s->H * n_qblocks;
-#pragma omp parallel for schedule(dynamic, 1)                                                                \
-    num_threads(n_threads) if (n_tasks > 1 && (long)s->Tq * s->Tk > 4096)
-    for (long task = 0; task < n_tasks; task++) {
-        const int qb = (int)(task % n_qblocks);
-        const int h = (int)((task / n_qblocks) % s->H);
-        const int b = (int)(task / ((long)n_qblocks * s->H));
-        const int t0 = qb * AB_QBLOCK;
-        const int nq = s->Tq - t0 < AB_QBLOCK ? s->Tq - t0 : AB_QBLOCK;
-        forward_block(out, lse, q, k, v, key_valid ? key_valid + b * s->valid_bstride : NULL, s, b, h, t0, nq,
-                      thread_fwd_scratch());
-    }
-}
-
-/* ---------------------------------------------------------------- backward */
 
 typedef struct {
     float P[AB_QBLOCK][AB_KBLOCK]; /* probabilities, then dS */

@@ -111,11 +111,12 @@ void rope_backward(float *dx, const float *cos_t, const float *sin_t, int N, int
  * dgate += dout * up * silu'(gate); dup += dout * silu(gate). */
 void swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate, const float *up, long N);
 
-/* attention_forward, also returning lse (B, Tq, H): the log-sum-exp of each
- * query's scaled, masked scores (-inf where no key is visible), which is all
- * the backward needs to rebuild the probabilities block by block. out may be
- * NULL (lse only). Same shapes, masks, memory bound and hd <= 256 limit as
- * attention_forward (the lse-only pass has no hd limit). */
+/* attention_forward (the same code), also returning lse (B, Tq, H): the
+ * log-sum-exp of each query's scaled, masked scores (-inf where no key is
+ * visible), which is all the backward needs to rebuild the probabilities
+ * block by block. out may be NULL (lse only). Same shapes, masks, memory
+ * bound and hd <= 256 limit as attention_forward (the lse-only pass has no hd
+ * limit). */
 void attention_forward_lse(float *out, float *lse, const float *q, const float *k, const float *v,
                            const uint8_t *key_valid, const attention_shape *s, int n_threads);
 
