@@ -16,6 +16,7 @@
 #include <limits.h>
 
 #include "../csrc/cepe.h"
+#include "../csrc/quant/quant.h"
 #include "backend_capsule.h"
 
 /* rope_bindings.c: rope_frequencies, e2llm_positions. */
@@ -185,19 +186,34 @@ static PyObject *Model_encode(ModelObject *self, PyObject *args) {
     return (PyObject *)out;
 }
 
+/* bind(name, array, qtype=0, n_in=0): a float32 array (qtype 0), or the
+ * stored rows of a matrix in GGML format qtype as uint8 (n_out, row bytes)
+ * holding n_in values a row. */
 static PyObject *Model_bind(ModelObject *self, PyObject *args) {
     const char *name;
     PyObject *obj;
-    if (!PyArg_ParseTuple(args, "sO:bind", &name, &obj)) return NULL;
+    int qtype = 0;
+    long long n_in = 0;
+    if (!PyArg_ParseTuple(args, "sO|iL:bind", &name, &obj, &qtype, &n_in)) return NULL;
     char what[160];
     snprintf(what, sizeof what, "tensor %s", name);
-    PyArrayObject *a = bind_array(obj, what, NPY_FLOAT32, -1, 0);
+    PyArrayObject *a = bind_array(obj, what, qtype ? NPY_UINT8 : NPY_FLOAT32, qtype ? 2 : -1, 0);
     if (!a) return NULL;
     int64_t shape[NPY_MAXDIMS];
     for (int i = 0; i < PyArray_NDIM(a); i++) shape[i] = (int64_t)PyArray_DIM(a, i);
+    if (qtype) {
+        const size_t rb = cepe_qtype_row_bytes(qtype, n_in);
+        if (!cepe_qtype_name(qtype))
+            return PyErr_Format(PyExc_ValueError, "tensor %s: unsupported weight type id %d", name, qtype);
+        if (rb == 0 || (int64_t)rb != shape[1])
+            return PyErr_Format(PyExc_ValueError,
+                                "tensor %s: %lld bytes a row do not hold %lld values of %s (%zu bytes)", name,
+                                (long long)shape[1], n_in, cepe_qtype_name(qtype), rb);
+        shape[1] = n_in;
+    }
     cepe_status st;
     Py_BEGIN_ALLOW_THREADS st =
-        cepe_model_bind(self->model, name, (const float *)PyArray_DATA(a), PyArray_NDIM(a), shape);
+        cepe_model_bind_q(self->model, name, PyArray_DATA(a), qtype, PyArray_NDIM(a), shape);
     Py_END_ALLOW_THREADS if (st) return raise_status(st);
     /* the CPU reads the array in place; a device backend made its own copy */
     if (!self->backend && PyList_Append(self->weights, obj) < 0) return NULL;
@@ -221,7 +237,8 @@ static PyGetSetDef Model_getset[] = {
 
 static PyMethodDef Model_methods[] = {
     {"bind", (PyCFunction)Model_bind, METH_VARARGS,
-     "bind(name, float32 array): attach one weight by its HF name"},
+     "bind(name, array, qtype=0, n_in=0): attach one weight by its HF name: float32, or a matrix's stored "
+     "rows (uint8, GGML type qtype)"},
     {"finalize", (PyCFunction)Model_finalize, METH_NOARGS, "check that every weight is bound"},
     {"encode", (PyCFunction)Model_encode, METH_VARARGS,
      "encode(ids, mask): run the CEPE encoder over chunks"},
@@ -423,9 +440,11 @@ static PyObject *first_columns(PyArrayObject *a, int n) {
     dims[1] = n;
     PyArrayObject *res = (PyArrayObject *)PyArray_SimpleNew(nd, dims, PyArray_TYPE(a));
     if (!res) return NULL;
-    const size_t row_in = (size_t)PyArray_STRIDE(a, 0), row_out = row_in / (size_t)(max_new ? max_new : 1) * (size_t)n;
+    const size_t row_in = (size_t)PyArray_STRIDE(a, 0),
+                 row_out = row_in / (size_t)(max_new ? max_new : 1) * (size_t)n;
     for (npy_intp b = 0; b < dims[0]; b++)
-        memcpy((char *)PyArray_DATA(res) + (size_t)b * row_out, (char *)PyArray_DATA(a) + (size_t)b * row_in, row_out);
+        memcpy((char *)PyArray_DATA(res) + (size_t)b * row_out, (char *)PyArray_DATA(a) + (size_t)b * row_in,
+               row_out);
     return (PyObject *)res;
 }
 
@@ -437,12 +456,14 @@ static PyObject *Context_generate(ContextObject *self, PyObject *args, PyObject 
     static char *names[] = {"sampler", "max_new_tokens", "top_logprobs", NULL};
     PyObject *sampler_o, *max_new_o, *k_o = NULL;
     int max_new, k = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O:generate", names, &sampler_o, &max_new_o, &k_o)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O:generate", names, &sampler_o, &max_new_o, &k_o))
+        return NULL;
     if (bind_int(max_new_o, "max_new_tokens", INT_MIN, INT_MAX, &max_new) < 0 ||
         (k_o && bind_int(k_o, "top_logprobs", -1, INT_MAX, &k) < 0))
         return NULL;
     if (!PyObject_TypeCheck(sampler_o, &cepe_c_SamplerType))
-        return PyErr_Format(PyExc_TypeError, "sampler must be a cepe_c.Sampler, got %s", Py_TYPE(sampler_o)->tp_name);
+        return PyErr_Format(PyExc_TypeError, "sampler must be a cepe_c.Sampler, got %s",
+                            Py_TYPE(sampler_o)->tp_name);
     if (ready(self) < 0) return NULL;
     if (max_new < 0) return PyErr_Format(PyExc_ValueError, "max_new_tokens must be >= 0, got %d", max_new);
     if (max_new > cepe_ctx_capacity(self->ctx) - cepe_ctx_length(self->ctx) + 1) /* before allocating out */
@@ -602,7 +623,8 @@ static PyMethodDef Context_methods[] = {
      "forward_nll(ids, positions, mask, targets): as forward, returning -log p(targets) (B, T); -100 is not "
      "scored"},
     {"generate", (PyCFunction)(void (*)(void))Context_generate, METH_VARARGS | METH_KEYWORDS,
-     "generate(sampler, max_new_tokens, top_logprobs=-1): sample up to max_new_tokens per row with a Sampler"},
+     "generate(sampler, max_new_tokens, top_logprobs=-1): sample up to max_new_tokens per row with a "
+     "Sampler"},
     {"reset", (PyCFunction)Context_reset, METH_NOARGS, "empty the KV cache"},
     {"set_rope_length", (PyCFunction)Context_set_rope_length, METH_O,
      "pin the length dynamic-NTK/LongRoPE tables are computed for (0 = per call)"},

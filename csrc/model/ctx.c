@@ -36,11 +36,11 @@ cepe_status cepe_ctx_create(const cepe_model *m, int batch, int capacity, cepe_c
                                        kvd * sizeof(float));
     if (cache == SIZE_MAX) goto oom;
     /* [dev] buffers come from the backend, [host] ones from the heap */
-#define DEV(field, count, type)                                                   \
-    x->field = be->alloc(be, cepe_mul_size((size_t)(count), sizeof(type))); \
+#define DEV(field, count, type)                                                                              \
+    x->field = be->alloc(be, cepe_mul_size((size_t)(count), sizeof(type)));                                  \
     if (!x->field) goto oom
-#define HOST(field, count, type)                                 \
-    x->field = cepe_calloc(cepe_mul_size((size_t)(count), 1), sizeof(type)); \
+#define HOST(field, count, type)                                                                             \
+    x->field = cepe_calloc(cepe_mul_size((size_t)(count), 1), sizeof(type));                                 \
     if (!x->field) goto oom
     DEV(k_cache, cache / sizeof(float), float);
     DEV(v_cache, cache / sizeof(float), float);
@@ -68,6 +68,9 @@ cepe_status cepe_ctx_create(const cepe_model *m, int batch, int capacity, cepe_c
     DEV(last_logits, (size_t)batch * (size_t)c->vocab_size, float);
     HOST(last_logits_h, (size_t)batch * (size_t)c->vocab_size, float);
     HOST(step_ids, batch, int32_t);
+    if (m->qwork_size) {
+        HOST(qwork, m->qwork_size, unsigned char);
+    }
 #undef DEV
 #undef HOST
     if (cepe_ctx_reset_checked(x)) goto fail;
@@ -75,8 +78,8 @@ cepe_status cepe_ctx_create(const cepe_model *m, int batch, int capacity, cepe_c
     return CEPE_OK;
 oom:
     cepe_ctx_free(x);
-    return cepe_fail(CEPE_ERR_OUT_OF_MEMORY,
-                     "out of memory allocating a context for batch %d x %d tokens", batch, capacity);
+    return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory allocating a context for batch %d x %d tokens",
+                     batch, capacity);
 fail:
     {
         const cepe_status st = backend_check(be);
@@ -88,12 +91,36 @@ fail:
 void cepe_ctx_free(cepe_ctx *x) {
     if (!x) return;
     const cepe_backend *be = x->m->be;
-    void *dev[] = {x->inv_freq, x->k_cache, x->v_cache, x->valid, x->ids, x->pos, x->cos_t, x->sin_t, x->x,
-                   x->xn, x->q, x->k, x->v, x->att, x->gate, x->up, x->last_hidden, x->last_logits, x->logits_d,
-                   x->ctx_mask, x->cross_k, x->cross_v, x->ctx_states_own, x->nll_logits, x->nll_loss,
-                   x->nll_targets, x->nll_x};
-    void *host[] = {x->valid_h, x->next_pos, x->saved_pos, x->ids_h, x->pos_h, x->inv_freq_h, x->last_logits_h,
-                    x->step_ids, x->nll_targets_h, x->nll_loss_h, x->nll_rows_h};
+    void *dev[] = {x->inv_freq,
+                   x->k_cache,
+                   x->v_cache,
+                   x->valid,
+                   x->ids,
+                   x->pos,
+                   x->cos_t,
+                   x->sin_t,
+                   x->x,
+                   x->xn,
+                   x->q,
+                   x->k,
+                   x->v,
+                   x->att,
+                   x->gate,
+                   x->up,
+                   x->last_hidden,
+                   x->last_logits,
+                   x->logits_d,
+                   x->ctx_mask,
+                   x->cross_k,
+                   x->cross_v,
+                   x->ctx_states_own,
+                   x->nll_logits,
+                   x->nll_loss,
+                   x->nll_targets,
+                   x->nll_x};
+    void *host[] = {x->valid_h,       x->next_pos,   x->saved_pos,     x->ids_h,
+                    x->pos_h,         x->inv_freq_h, x->last_logits_h, x->step_ids,
+                    x->nll_targets_h, x->nll_loss_h, x->nll_rows_h,    x->qwork};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) be->free(be, dev[i]);
     for (size_t i = 0; i < sizeof host / sizeof host[0]; i++) cepe_free(host[i]);
     cepe_free(x);
@@ -133,9 +160,11 @@ cepe_status cepe_ctx_set_context(cepe_ctx *x, const float *states, const uint8_t
     if (N == 0) return CEPE_OK;
     const cepe_model *m = x->m;
     const cepe_config *c = &m->cfg;
-    if (N < 0 || !states) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_ctx_set_context: bad context (N=%d)", N);
+    if (N < 0 || !states)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_ctx_set_context: bad context (N=%d)", N);
     if (c->n_cross_layers == 0)
-        return cepe_fail(CEPE_ERR_STATE, "this model has no cross-attention layers: it cannot take a context");
+        return cepe_fail(CEPE_ERR_STATE,
+                         "this model has no cross-attention layers: it cannot take a context");
     const cepe_backend *be = m->be;
     const size_t kvd = (size_t)c->n_kv_heads * c->head_dim;
     const size_t rows = (size_t)x->B * (size_t)N;
@@ -174,10 +203,8 @@ cepe_status cepe_ctx_set_context(cepe_ctx *x, const float *states, const uint8_t
         for (int l = m->first_cross; l < c->n_layers && !bad; l++) {
             const layer_weights *w = &m->w.layers[l];
             const size_t off = (size_t)(l - m->first_cross) * rows * kvd;
-            bad |= model_matmul(m, x->cross_k + off, dev_states, w->cross_wk, (int)rows, c->encoder_hidden_size,
-                              (int)kvd, 0);
-            bad |= model_matmul(m, x->cross_v + off, dev_states, w->cross_wv, (int)rows, c->encoder_hidden_size,
-                              (int)kvd, 0);
+            bad |= model_matmul(m, x->qwork, x->cross_k + off, dev_states, &w->cross_wk, (int)rows, 0);
+            bad |= model_matmul(m, x->qwork, x->cross_v + off, dev_states, &w->cross_wv, (int)rows, 0);
         }
         x->ctx_states = NULL; /* never read again: the caller may free them */
     }
