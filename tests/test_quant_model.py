@@ -31,6 +31,8 @@ is printed and recorded in benchmarks/README.md).
 from __future__ import annotations
 
 import ctypes
+import os
+import textwrap
 
 import numpy as np
 import pytest
@@ -44,6 +46,7 @@ torch = pytest.importorskip("torch")
 from test_gguf import make_bpe_vocab, write_gguf  # noqa: E402
 
 import cepe  # noqa: E402
+from cepe.pull import resolve  # noqa: E402
 from cepe.qtensor import QTensor, convert, core_weights  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -227,3 +230,98 @@ def test_save_reload_keeps_the_format(files, tmp_path):
         r = cepe.load(saved, n_threads=1)
         assert core_weights(r._core)["model.layers.0.mlp.down_proj.weight"].type_name == fmt
         assert np.array_equal(r.forward(IDS), want)
+
+
+# ------------------------------------------------------------ the default model
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Water boils at a temperature of",
+    "The three primary colors are",
+    "Once upon a time, in a small village,",
+    "import numpy as np\n\nx = np.",
+    "The largest planet in the solar system is",
+    "To make a cup of tea, first",
+    "Photosynthesis is the process by which",
+    "The quick brown fox",
+]
+
+
+@pytest.fixture(scope="module")
+def default_models():
+    if not os.path.exists(resolve("smollm2-135m")):
+        pytest.skip("the default model is not pulled")
+    native = cepe.load("smollm2-135m", n_threads=2)
+    assert core_weights(native._core)["model.layers.0.mlp.up_proj.weight"].type_name == "Q4_1"
+    return native, cepe.load("smollm2-135m", n_threads=2, dtype="float32")
+
+
+def test_default_model_perplexity_within_half_a_percent(default_models):
+    native, f32 = default_models
+    ids = np.array(native.tokenizer.encode(open(textwrap.__file__, encoding="utf-8").read())[:512])
+    want = f32.perplexity(ids)
+    assert abs(native.perplexity(ids) / want - 1) <= 0.005  # prefill: dequantized tiles
+    with kernels_forced():  # what decoding computes: int8 activations
+        got = native.perplexity(ids)
+    print(f"perplexity: float32 {want:.4f}, Q4_1 kernels {got:.4f} ({100 * (got / want - 1):+.3f} %)")
+    assert abs(got / want - 1) <= 0.005
+
+
+def test_default_model_greedy_output_agrees_on_most_prompts(default_models):
+    native, f32 = default_models
+    same = 0
+    for prompt in PROMPTS:
+        ids = np.array([native.tokenizer.encode(prompt)])
+        a = native.generate(ids, 16, eos_token_id=[])
+        b = f32.generate(ids, 16, eos_token_id=[])
+        same += int(np.array_equal(a, b))
+    print(f"greedy: {same} of {len(PROMPTS)} prompts give the same 16 tokens")
+    assert same >= 6  # most; 7 of 10 on this machine (AVX-512 VNNI), benchmarks/README.md
+
+
+# ------------------------------------------------------------ training
+
+
+@pytest.mark.parametrize("fmt", ["BF16", "Q8_0"])
+def test_training_with_a_frozen_low_precision_decoder(fmt, tmp_path):
+    """cepe.Trainer over a CEPE model whose decoder is held in fmt: the trainable cross-attention
+    stays float32 (master weights, AdamW moments), the frozen products run in fmt and their input
+    gradients through widened tiles. Oracle: the same Trainer over the float32 model of the
+    widened weights. With the sgemm path (18 rows) the products are the same fp32 sums; with the
+    kernels forced the activations are rounded (eps_F, module docstring) and the gradients move
+    to first order by at most the forward's bound, P * eps_F relative."""
+    from cepe_reference import make_reference
+    from test_train import make_batch, rel
+
+    from cepe.build import build
+
+    ref = make_reference(11, n_cross=2, hidden_size=64, intermediate_size=128)
+    path = ref.save(str(tmp_path / "m"))
+    f32 = cepe.load(path, n_threads=2, dtype="float32")
+
+    def frozen_decoder(name: str, w: np.ndarray) -> bool:
+        return w.ndim == 2 and not name.startswith("encoder.") and ".cross_attn." not in name
+
+    stored = {n: (convert(w, fmt) if frozen_decoder(n, w) else w) for n, w in core_weights(f32._core).items()}
+    widened = {n: (w.dequantize() if isinstance(w, QTensor) else w) for n, w in stored.items()}
+    low = build(f32.config, stored.items(), n_threads=2, device="cpu", path=path)
+    oracle = build(f32.config, widened.items(), n_threads=2, device="cpu", path=path)
+    t_low = cepe.Trainer(low, "cross_attn", total_steps=10)
+    t_ref = cepe.Trainer(oracle, "cross_attn", total_steps=10)
+    frozen = core_weights(low._core)["model.layers.0.mlp.up_proj.weight"]
+    assert isinstance(frozen, QTensor) and frozen.type_name == fmt, "the frozen decoder stays in its format"
+    assert t_low.params.dtype == np.float32 and t_low.adam_m.dtype == np.float32
+    batch = make_batch(np.random.default_rng(0), ref)
+    want = t_ref.gradients(batch)
+    got = t_low.gradients(batch)
+    assert set(got) == set(want)
+    errors = {n: rel(got[n], want[n]) for n in want}
+    assert max(errors.values()) <= 1e-4, errors
+    with kernels_forced():
+        got = t_low.gradients(batch)
+    bound = (3 * 7 + 1) * eps_of(fmt) + 1e-4
+    errors = {n: rel(got[n], want[n]) for n in want}
+    assert max(errors.values()) <= bound, (errors, bound)
+    stats = t_low.step(batch)
+    assert np.isfinite(stats["loss"])
