@@ -404,8 +404,10 @@ cepe_status cepe_train_tensor(const cepe_model *m, cepe_trainable which, int i, 
                               int64_t shape[2], size_t *offset);
 
 /* Weight i of a model, in its binding order (i >= the count: INVALID_ARG):
- * HF name (owned by the model), data (NULL while unbound) and shape (shape[1]
- * = 0 for 1-D). A tied lm_head is not a weight of its own. */
+ * HF name (owned by the model), data (NULL while unbound; float32 values, or
+ * the stored rows of a matrix bound with cepe_model_bind_q: see
+ * cepe_model_weight_format) and shape (shape[1] = 0 for 1-D). A tied lm_head
+ * is not a weight of its own. */
 cepe_status cepe_model_weight_at(const cepe_model *m, int i, const char **name, const float **data, int *ndim,
                                  int64_t shape[2]);
 /* 1 when the model's weights live in device memory (data above is then a
