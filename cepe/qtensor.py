@@ -81,6 +81,11 @@ def convert(w: Weight, type_name: str) -> Weight:
     if isinstance(w, QTensor) and w.type_name == type_name:
         return w
     a = np.ascontiguousarray(as_float32(w), dtype=np.float32)
+    block = 256 if type_name.endswith("_K") else 32 if type_name.startswith("Q") else 1
+    if a.shape[1] % block:
+        raise ValueError(
+            f"dtype={type_name.lower()!r}: rows of {a.shape[1]} values do not fill {type_name}'s {block}-value blocks"
+        )
     if type_name == "BF16":
         from .safetensors_io import encode_bf16
 

@@ -207,7 +207,7 @@ class Trainer:
             raise TypeError(f"model must be a cepe.Model, got {type(model).__name__}")
         if model.device != "cpu" and model.dtype == "bfloat16":
             raise NotImplementedError(
-                f"training on {model.device} needs float32 weights; this model was loaded with dtype='bfloat16' "
+                f"training needs float32 weights on {model.device}; this model was loaded with dtype='bfloat16' "
                 "(on the CPU a bf16 or Q8_0 decoder trains with its frozen weights as they are)"
             )
         if trainable not in TRAINABLE:
