@@ -96,7 +96,8 @@ def _ids(spec: str) -> np.ndarray:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    return load(args.model, n_threads=args.threads)
+    dtype = getattr(args, "dtype", "stored")
+    return load(args.model, n_threads=args.threads, dtype=None if dtype == "stored" else dtype)
 
 
 # ------------------------------------------------------------------ commands
@@ -302,6 +303,12 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """A quick prefill / decode speed check of one model (benchmarks/ has the real comparisons)."""
     _check_ints(args, prompt_tokens=(1, MAX_INT), new_tokens=(1, MAX_INT))
@@ -322,6 +329,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "threads": model.n_threads,
             f"prefill_{args.prompt_tokens}_tok_s": round(args.prompt_tokens / pp, 1),
             f"decode_{args.new_tokens}_tok_s": round(args.new_tokens / tg, 1),
+            "peak_rss_mb": round(_peak_rss_mb(), 1),
         },
         args.json,
     )
@@ -558,6 +566,12 @@ def build_parser() -> argparse.ArgumentParser:
                 help=f"HF model directory, .gguf file or pulled name (default: {DEFAULT_MODEL})",
             )
         sp.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+        sp.add_argument(
+            "--dtype",
+            choices=("stored", "float32", "bfloat16", "q8_0"),
+            default="stored",
+            help="weight format in memory: as the file stores it (default), or converted at load",
+        )
         sp.add_argument("--json", action="store_true", help="print JSON")
 
     gen = sub.add_parser(

@@ -361,7 +361,7 @@ class Model:
         self.n_threads = n_threads
         self.path = path
         self.device = device
-        self.dtype = "float32"  # cepe.load sets "bfloat16" for bf16 weights on a GPU
+        self.dtype: str | None = None  # cepe.load's dtype: None = the formats as stored
         self._kept_ctx: cepe_c.Context | None = None  # forward()'s context, kept between calls
         self._kept_core: cepe_c.Model | None = None  # the core _kept_ctx was made for
         self._kept_lock = threading.Lock()  # held by the one call using _kept_ctx

@@ -43,6 +43,7 @@ from .files import CONFIG_LIMIT, check_regular, describe, read_json
 from .head import DECODER_KEY, SHARE_KEY, cross_attention_init
 from .load import load
 from .model import Model
+from .qtensor import Weight, as_float32, core_weights
 from .rope import e2llm_positions
 from .safetensors_io import SafetensorsFile, write_safetensors
 from .save import MODEL_FILES, fsync_path, write_json, write_model
@@ -204,9 +205,10 @@ class Trainer:
     ) -> None:
         if not isinstance(model, Model):
             raise TypeError(f"model must be a cepe.Model, got {type(model).__name__}")
-        if model.dtype != "float32":
+        if model.device != "cpu" and model.dtype == "bfloat16":
             raise NotImplementedError(
-                f"training needs float32 weights; this model was loaded with dtype={model.dtype!r}"
+                f"training needs float32 weights on {model.device}; this model was loaded with dtype='bfloat16' "
+                "(on the CPU a bf16 or Q8_0 decoder trains with its frozen weights as they are)"
             )
         if trainable not in TRAINABLE:
             raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
@@ -248,13 +250,13 @@ class Trainer:
             )
         old = model._core
         layout, n_params = cepe_c.train_layout(old, trainable)
-        weights = cepe_c.train_weights(old)  # read-only views of what the old core binds
+        weights = core_weights(old)  # read-only views of what the old core binds
         self.layout: list[tuple[str, tuple[int, ...], int]] = [(n, tuple(s), o) for n, s, o in layout]
         self.params = np.zeros(n_params, dtype=np.float32)  # the fp32 master weights
         self.adam_m = np.zeros(n_params, dtype=np.float32)
         self.adam_v = np.zeros(n_params, dtype=np.float32)
         for name, _, _ in self.layout:
-            self.tensor(name)[...] = weights[name]
+            self.tensor(name)[...] = as_float32(weights[name])
         self._initialize(weights)
 
         cfg = model.config
@@ -296,7 +298,7 @@ class Trainer:
     def trainable_names(self) -> list[str]:
         return [n for n, _, _ in self.layout]
 
-    def _initialize(self, weights: dict[str, np.ndarray]) -> None:
+    def _initialize(self, weights: dict[str, Weight]) -> None:
         """Cross-attention initialisation (init: "copy", "zero", "normal", or "none" for the
         weights as loaded): cepe.head.cross_attention_init, drawn from `seed`."""
         if self.init == "none":

@@ -16,6 +16,7 @@
 #include <limits.h>
 
 #include "../csrc/cepe.h"
+#include "../csrc/quant/quant.h"
 #include "backend_capsule.h"
 
 /* rope_bindings.c: rope_frequencies, e2llm_positions. */
@@ -185,19 +186,34 @@ static PyObject *Model_encode(ModelObject *self, PyObject *args) {
     return (PyObject *)out;
 }
 
+/* bind(name, array, qtype=0, n_in=0): a float32 array (qtype 0), or the
+ * stored rows of a matrix in GGML format qtype as uint8 (n_out, row bytes)
+ * holding n_in values a row. */
 static PyObject *Model_bind(ModelObject *self, PyObject *args) {
     const char *name;
     PyObject *obj;
-    if (!PyArg_ParseTuple(args, "sO:bind", &name, &obj)) return NULL;
+    int qtype = 0;
+    long long n_in = 0;
+    if (!PyArg_ParseTuple(args, "sO|iL:bind", &name, &obj, &qtype, &n_in)) return NULL;
     char what[160];
     snprintf(what, sizeof what, "tensor %s", name);
-    PyArrayObject *a = bind_array(obj, what, NPY_FLOAT32, -1, 0);
+    PyArrayObject *a = bind_array(obj, what, qtype ? NPY_UINT8 : NPY_FLOAT32, qtype ? 2 : -1, 0);
     if (!a) return NULL;
     int64_t shape[NPY_MAXDIMS];
     for (int i = 0; i < PyArray_NDIM(a); i++) shape[i] = (int64_t)PyArray_DIM(a, i);
+    if (qtype) {
+        const size_t rb = cepe_qtype_row_bytes(qtype, n_in);
+        if (!cepe_qtype_name(qtype))
+            return PyErr_Format(PyExc_ValueError, "tensor %s: unsupported weight type id %d", name, qtype);
+        if (rb == 0 || (int64_t)rb != shape[1])
+            return PyErr_Format(PyExc_ValueError,
+                                "tensor %s: %lld bytes a row do not hold %lld values of %s (%zu bytes)", name,
+                                (long long)shape[1], n_in, cepe_qtype_name(qtype), rb);
+        shape[1] = n_in;
+    }
     cepe_status st;
     Py_BEGIN_ALLOW_THREADS st =
-        cepe_model_bind(self->model, name, (const float *)PyArray_DATA(a), PyArray_NDIM(a), shape);
+        cepe_model_bind_q(self->model, name, PyArray_DATA(a), qtype, PyArray_NDIM(a), shape);
     Py_END_ALLOW_THREADS if (st) return raise_status(st);
     /* the CPU reads the array in place; a device backend made its own copy */
     if (!self->backend && PyList_Append(self->weights, obj) < 0) return NULL;
@@ -221,7 +237,8 @@ static PyGetSetDef Model_getset[] = {
 
 static PyMethodDef Model_methods[] = {
     {"bind", (PyCFunction)Model_bind, METH_VARARGS,
-     "bind(name, float32 array): attach one weight by its HF name"},
+     "bind(name, array, qtype=0, n_in=0): attach one weight by its HF name: float32, or a matrix's stored "
+     "rows (uint8, GGML type qtype)"},
     {"finalize", (PyCFunction)Model_finalize, METH_NOARGS, "check that every weight is bound"},
     {"encode", (PyCFunction)Model_encode, METH_VARARGS,
      "encode(ids, mask): run the CEPE encoder over chunks"},

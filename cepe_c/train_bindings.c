@@ -112,9 +112,11 @@ static PyObject *py_train_layout(PyObject *Py_UNUSED(m), PyObject *args) {
     return Py_BuildValue("(Nn)", list, (Py_ssize_t)n_params);
 }
 
-/* train_weights(core) -> {name: read-only float32 view}, every bound weight.
- * The views borrow the model's memory, so each keeps `core` (and with it the
- * arrays it binds) alive. */
+/* train_weights(core) -> {name: read-only float32 view}, every bound weight;
+ * a matrix held in a stored format (quant/quant.h) as (read-only uint8 view
+ * (n_out, row bytes), GGML type id, n_in) instead. The views borrow the
+ * model's memory, so each keeps `core` (and with it the arrays it binds)
+ * alive. */
 static PyObject *py_train_weights(PyObject *Py_UNUSED(m), PyObject *core) {
     cepe_model *m = bind_model(core);
     if (!m) return NULL;
@@ -142,15 +144,25 @@ static PyObject *py_train_weights(PyObject *Py_UNUSED(m), PyObject *core) {
             Py_DECREF(a);
             continue;
         }
-        PyObject *a = PyArray_New(&PyArray_Type, ndim, dims, NPY_FLOAT32, NULL, (void *)data, 0,
-                                  NPY_ARRAY_CARRAY_RO, NULL);
+        int qtype = 0;
+        size_t nbytes = 0;
+        if (cepe_model_weight_format(m, i, &qtype, &nbytes) != CEPE_OK) goto fail;
+        const npy_intp n_in = dims[1];
+        if (qtype) dims[1] = (npy_intp)(nbytes / (size_t)dims[0]);
+        PyObject *a = PyArray_New(&PyArray_Type, ndim, dims, qtype ? NPY_UINT8 : NPY_FLOAT32, NULL,
+                                  (void *)data, 0, NPY_ARRAY_CARRAY_RO, NULL);
         if (!a) goto fail;
         Py_INCREF(core);
-        if (PyArray_SetBaseObject((PyArrayObject *)a, core) < 0 || PyDict_SetItemString(d, name, a) < 0) {
+        if (PyArray_SetBaseObject((PyArrayObject *)a, core) < 0) {
             Py_DECREF(a);
             goto fail;
         }
-        Py_DECREF(a);
+        PyObject *item = qtype ? Py_BuildValue("(Nin)", a, qtype, (Py_ssize_t)n_in) : a;
+        if (!item || PyDict_SetItemString(d, name, item) < 0) {
+            Py_XDECREF(item);
+            goto fail;
+        }
+        Py_DECREF(item);
     }
     return d;
 fail:

@@ -133,6 +133,15 @@ void cepe_model_free(cepe_model *m);
  * valid (it is used in place), on a device it is copied. */
 cepe_status cepe_model_bind(cepe_model *m, const char *name, const float *data, int ndim,
                             const int64_t *shape);
+/* cepe_model_bind for a weight in a stored format: qtype a GGML type id
+ * (quant/quant.h's cepe_qtype: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K,
+ * Q6_K), data the rows as the file stores them (cepe_qtype_row_bytes each,
+ * back to back, 2-byte aligned), shape the values' (n_out, n_in). Matrices
+ * only (norms are float32). The CPU multiplies the weights as they are; a
+ * device backend widens them to fp32 (or bf16, see cepe_model_set_bf16) at
+ * bind. */
+cepe_status cepe_model_bind_q(cepe_model *m, const char *name, const void *data, int qtype, int ndim,
+                              const int64_t *shape);
 /* Checks every required weight is bound; after this the model is usable. */
 cepe_status cepe_model_finalize(cepe_model *m);
 const cepe_config *cepe_model_config(const cepe_model *m);
@@ -403,14 +412,20 @@ cepe_status cepe_train_tensor(const cepe_model *m, cepe_trainable which, int i, 
                               int64_t shape[2], size_t *offset);
 
 /* Weight i of a model, in its binding order (i >= the count: INVALID_ARG):
- * HF name (owned by the model), data (NULL while unbound) and shape (shape[1]
- * = 0 for 1-D). A tied lm_head is not a weight of its own. */
+ * HF name (owned by the model), data (NULL while unbound; float32 values, or
+ * the stored rows of a matrix bound with cepe_model_bind_q: see
+ * cepe_model_weight_format) and shape (shape[1] = 0 for 1-D). A tied lm_head
+ * is not a weight of its own. */
 cepe_status cepe_model_weight_at(const cepe_model *m, int i, const char **name, const float **data, int *ndim,
                                  int64_t shape[2]);
 /* 1 when the model's weights live in device memory (data above is then a
  * device pointer: read it with cepe_model_read_weight). */
 int cepe_model_on_device(const cepe_model *m);
-/* Copies weight i (as cepe_model_weight_at numbers them) to host memory. */
+/* Weight i's stored format: its GGML type id (0 = F32) and the bytes of its
+ * data (rows back to back). */
+cepe_status cepe_model_weight_format(const cepe_model *m, int i, int *qtype, size_t *nbytes);
+/* Copies weight i (as cepe_model_weight_at numbers them) to host memory as
+ * float32 (a stored format widened exactly). */
 cepe_status cepe_model_read_weight(const cepe_model *m, int i, float *dst);
 
 /* A training state over a finalized model whose trainable weights are bound

@@ -69,6 +69,9 @@ cepe_status cepe_ctx_create(const cepe_model *m, int batch, int capacity, cepe_c
     DEV(last_logits, (size_t)batch * (size_t)c->vocab_size, float);
     HOST(last_logits_h, (size_t)batch * (size_t)c->vocab_size, float);
     HOST(step_ids, batch, int32_t);
+    if (m->qwork_size) {
+        HOST(qwork, m->qwork_size, unsigned char);
+    }
 #undef DEV
 #undef HOST
     if (cepe_ctx_reset_checked(x)) goto fail;
@@ -118,7 +121,7 @@ void cepe_ctx_free(cepe_ctx *x) {
                    x->nll_x};
     void *host[] = {x->valid_h,       x->next_pos,   x->saved_pos,     x->ids_h,
                     x->pos_h,         x->inv_freq_h, x->last_logits_h, x->step_ids,
-                    x->nll_targets_h, x->nll_loss_h, x->nll_rows_h};
+                    x->nll_targets_h, x->nll_loss_h, x->nll_rows_h,    x->qwork};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) be->free(be, dev[i]);
     for (size_t i = 0; i < sizeof host / sizeof host[0]; i++) cepe_free(host[i]);
     cepe_free(x);
@@ -201,10 +204,8 @@ static cepe_status attach_context(cepe_ctx *x, const float *states, float *owned
         for (int l = m->first_cross; l < c->n_layers && !bad; l++) {
             const layer_weights *w = &m->w.layers[l];
             const size_t off = (size_t)(l - m->first_cross) * rows * kvd;
-            bad |= model_matmul(m, x->cross_k + off, dev_states, w->cross_wk, (int)rows,
-                                c->encoder_hidden_size, (int)kvd, 0);
-            bad |= model_matmul(m, x->cross_v + off, dev_states, w->cross_wv, (int)rows,
-                                c->encoder_hidden_size, (int)kvd, 0);
+            bad |= model_matmul(m, x->qwork, x->cross_k + off, dev_states, &w->cross_wk, (int)rows, 0);
+            bad |= model_matmul(m, x->qwork, x->cross_v + off, dev_states, &w->cross_wv, (int)rows, 0);
         }
         x->ctx_states = NULL; /* never read again: the caller may free them */
     }

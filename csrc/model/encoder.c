@@ -54,8 +54,10 @@ cepe_status model_encode_into(const cepe_model *m, const int32_t *ids, const uin
     float *out_d = dev && !out_on_backend ? DEV(rows * d, float) : NULL;
 #undef DEV
     double *pos_h = cepe_calloc(rows, sizeof(double));
-    if (!x || !xn || !q || !att || !k || !v || !gate || !up || !cos_t || !sin_t || !pos || !inv_freq_d ||
-        !pos_h || (dev && (!ids_d || (mask && !mask_d) || (!out_on_backend && !out_d)))) {
+    void *qwork = m->qwork_size ? cepe_calloc(m->qwork_size, 1) : NULL;
+    if ((m->qwork_size && !qwork) || !x || !xn || !q || !att || !k || !v || !gate || !up || !cos_t ||
+        !sin_t || !pos || !inv_freq_d || !pos_h ||
+        (dev && (!ids_d || (mask && !mask_d) || (!out_on_backend && !out_d)))) {
         st = cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of %s memory for encoder scratch (%zu rows)", be->name,
                        rows);
         goto done;
@@ -71,8 +73,16 @@ cepe_status model_encode_into(const cepe_model *m, const int32_t *ids, const uin
         atomic_store(&progress->progress_done, 0);
         atomic_store(&progress->progress_total, (long)((n_chunks + cb - 1) / cb));
     }
-    const block_scratch s = {
-        .xn = xn, .q = q, .k = k, .v = v, .att = att, .gate = gate, .up = up, .cos_t = cos_t, .sin_t = sin_t};
+    const block_scratch s = {.xn = xn,
+                             .q = q,
+                             .k = k,
+                             .v = v,
+                             .att = att,
+                             .gate = gate,
+                             .up = up,
+                             .cos_t = cos_t,
+                             .sin_t = sin_t,
+                             .qwork = qwork};
 
     for (int c0 = 0; c0 < n_chunks && !bad; c0 += cb) {
         const int nb = n_chunks - c0 < cb ? n_chunks - c0 : cb;
@@ -86,7 +96,7 @@ cepe_status model_encode_into(const cepe_model *m, const int32_t *ids, const uin
             if (mask) bad |= be->upload(be, mask_d, mask_b, (size_t)N);
             ids_b = ids_d, mask_b = mask_d;
         }
-        be->embedding(be, x, ids_b, m->enc.embed, N, (int)d);
+        model_embedding(m, x, ids_b, &m->enc.embed, N);
         const attention_shape shape = {
             .B = nb,
             .Tq = L,
@@ -108,7 +118,7 @@ cepe_status model_encode_into(const cepe_model *m, const int32_t *ids, const uin
             const layer_weights *w = &m->enc.layers[l];
             block_qkv(m, w, c, x, &s, N, &m->enc_rope, nt);
             be->attention(be, att, q, k, v, mask_b, &shape, nt);
-            model_matmul(m, x, att, w->wo, N, (int)qd, (int)d, 1);
+            model_matmul(m, qwork, x, att, &w->wo, N, 1);
             block_mlp(m, w, c, x, &s, N, nt);
         }
         be->rmsnorm(be, out_b, x, m->enc.final_norm, N, (int)d, c->rms_norm_eps, nt);
@@ -129,5 +139,6 @@ done:
     be->free(be, gate), be->free(be, up), be->free(be, cos_t), be->free(be, sin_t), be->free(be, pos);
     be->free(be, inv_freq_d), be->free(be, ids_d), be->free(be, mask_d), be->free(be, out_d);
     cepe_free(pos_h);
+    cepe_free(qwork);
     return st;
 }
