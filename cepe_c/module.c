@@ -22,6 +22,9 @@
 extern PyMethodDef cepe_rope_methods[];
 /* train_bindings.c: optimizer pieces and the CEPE training state. */
 extern PyMethodDef cepe_train_methods[];
+/* ops_bindings.c: the op table by name (cepe.ops) and its constants. */
+extern PyMethodDef cepe_ops_methods[];
+int cepe_ops_add_constants(PyObject *m);
 
 /* ------------------------------------------------------------------ errors */
 
@@ -423,9 +426,11 @@ static PyObject *first_columns(PyArrayObject *a, int n) {
     dims[1] = n;
     PyArrayObject *res = (PyArrayObject *)PyArray_SimpleNew(nd, dims, PyArray_TYPE(a));
     if (!res) return NULL;
-    const size_t row_in = (size_t)PyArray_STRIDE(a, 0), row_out = row_in / (size_t)(max_new ? max_new : 1) * (size_t)n;
+    const size_t row_in = (size_t)PyArray_STRIDE(a, 0),
+                 row_out = row_in / (size_t)(max_new ? max_new : 1) * (size_t)n;
     for (npy_intp b = 0; b < dims[0]; b++)
-        memcpy((char *)PyArray_DATA(res) + (size_t)b * row_out, (char *)PyArray_DATA(a) + (size_t)b * row_in, row_out);
+        memcpy((char *)PyArray_DATA(res) + (size_t)b * row_out, (char *)PyArray_DATA(a) + (size_t)b * row_in,
+               row_out);
     return (PyObject *)res;
 }
 
@@ -437,12 +442,14 @@ static PyObject *Context_generate(ContextObject *self, PyObject *args, PyObject 
     static char *names[] = {"sampler", "max_new_tokens", "top_logprobs", NULL};
     PyObject *sampler_o, *max_new_o, *k_o = NULL;
     int max_new, k = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O:generate", names, &sampler_o, &max_new_o, &k_o)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O:generate", names, &sampler_o, &max_new_o, &k_o))
+        return NULL;
     if (bind_int(max_new_o, "max_new_tokens", INT_MIN, INT_MAX, &max_new) < 0 ||
         (k_o && bind_int(k_o, "top_logprobs", -1, INT_MAX, &k) < 0))
         return NULL;
     if (!PyObject_TypeCheck(sampler_o, &cepe_c_SamplerType))
-        return PyErr_Format(PyExc_TypeError, "sampler must be a cepe_c.Sampler, got %s", Py_TYPE(sampler_o)->tp_name);
+        return PyErr_Format(PyExc_TypeError, "sampler must be a cepe_c.Sampler, got %s",
+                            Py_TYPE(sampler_o)->tp_name);
     if (ready(self) < 0) return NULL;
     if (max_new < 0) return PyErr_Format(PyExc_ValueError, "max_new_tokens must be >= 0, got %d", max_new);
     if (max_new > cepe_ctx_capacity(self->ctx) - cepe_ctx_length(self->ctx) + 1) /* before allocating out */
@@ -602,7 +609,8 @@ static PyMethodDef Context_methods[] = {
      "forward_nll(ids, positions, mask, targets): as forward, returning -log p(targets) (B, T); -100 is not "
      "scored"},
     {"generate", (PyCFunction)(void (*)(void))Context_generate, METH_VARARGS | METH_KEYWORDS,
-     "generate(sampler, max_new_tokens, top_logprobs=-1): sample up to max_new_tokens per row with a Sampler"},
+     "generate(sampler, max_new_tokens, top_logprobs=-1): sample up to max_new_tokens per row with a "
+     "Sampler"},
     {"reset", (PyCFunction)Context_reset, METH_NOARGS, "empty the KV cache"},
     {"set_rope_length", (PyCFunction)Context_set_rope_length, METH_O,
      "pin the length dynamic-NTK/LongRoPE tables are computed for (0 = per call)"},
@@ -649,9 +657,6 @@ static PyObject *mod_sim_backend(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
     return cepe_backend_capsule_new(be);
 }
 
-/* cepe_c's C API for extensions that do not link the core (backend_capsule.h). */
-static const cepe_core_api core_api = {CEPE_BACKEND_ABI, cepe_backend_cpu, cepe_last_error};
-
 static PyMethodDef module_methods[] = {
     {"_sim_backend", mod_sim_backend, METH_NOARGS, "test-only: a CPU backend that behaves like a device"},
     {"blas_info", mod_blas_info, METH_NOARGS, "the linked BLAS and its build configuration"},
@@ -679,14 +684,12 @@ PyMODINIT_FUNC PyInit_cepe_c(void) {
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
-    PyObject *api = PyCapsule_New((void *)&core_api, CEPE_CORE_API_CAPSULE, NULL);
-    const int failed = !api || PyModule_AddFunctions(m, cepe_rope_methods) < 0 ||
+    const int failed = PyModule_AddFunctions(m, cepe_rope_methods) < 0 ||
                        PyModule_AddFunctions(m, cepe_train_methods) < 0 ||
-                       PyModule_AddObjectRef(m, "_core_api", api) < 0 ||
+                       PyModule_AddFunctions(m, cepe_ops_methods) < 0 || cepe_ops_add_constants(m) < 0 ||
                        PyModule_AddObjectRef(m, "Model", (PyObject *)&cepe_c_ModelType) < 0 ||
                        PyModule_AddObjectRef(m, "Context", (PyObject *)&ContextType) < 0 ||
                        PyModule_AddObjectRef(m, "Sampler", (PyObject *)&cepe_c_SamplerType) < 0;
-    Py_XDECREF(api);
     if (failed) {
         Py_DECREF(m);
         return NULL;

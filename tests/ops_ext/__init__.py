@@ -1,13 +1,10 @@
-"""Test-only bindings of the op table (csrc/backend.h): every forward and
+"""Test helpers over the op table (csrc/backend.h): every forward and
 backward op, the losses, the optimizer ops and the bf16 ops, so
 tests/test_ops.py can check the CPU ops against PyTorch and
 tests/test_cuda_ops.py a device backend against the CPU.
 
-The C part, cepe_ops_test.c, runs any op of the list by name through a table;
-it is compiled here on first import (cached under build/ops_ext/, keyed by
-its sources and the core's headers) against whichever cepe_c is importable,
-and is never installed. The functions below check their arguments and make
-the outputs:
+They run the ops through cepe_c._op, the binding cepe.ops is built on, and
+add what only tests want:
 
 - each takes backend=None (the static CPU table) or a "cepe.backend" capsule
   (cepe_c._sim_backend(), cepe_cuda.backend()) and runs the op through that
@@ -22,87 +19,15 @@ the outputs:
 
 from __future__ import annotations
 
-import hashlib
-import importlib.machinery
-import importlib.util
 import math
 import operator
-import os
-import shutil
-import sys
-import tempfile
-from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 
-import cepe_c  # noqa: F401 - the extension imports its core API capsule
+import cepe_c
 
-_HERE = Path(__file__).resolve().parent
-_ROOT = _HERE.parent.parent
 _INT_MAX = 2**31 - 1
-
-
-# --------------------------------------------------------------------------- build
-
-
-def _build_dir(key: str) -> Path:
-    """build/ops_ext/<key> in the checkout, or the temporary directory where
-    the checkout is read-only."""
-    for base in (_ROOT / "build" / "ops_ext", Path(tempfile.gettempdir()) / "cepe_ops_ext"):
-        try:
-            base.mkdir(parents=True, exist_ok=True)
-            probe = tempfile.mkdtemp(prefix="probe-", dir=base)
-            os.rmdir(probe)
-            return base / key
-        except OSError:
-            continue
-    raise OSError("no writable directory to build the op bindings in")
-
-
-def _build(src: Path, lib: Path) -> None:
-    """Compiles src into lib with setuptools (the compiler and flags Python was
-    built with), in a private directory first: concurrent test runs each
-    build, and the last rename wins with the same bytes."""
-    from setuptools import Distribution, Extension
-
-    lib.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="tmp-", dir=lib.parent))
-    try:
-        ext = Extension(
-            "cepe_ops_test",
-            sources=[str(src)],
-            include_dirs=[str(_ROOT / "csrc"), str(_ROOT / "cepe_c")],
-            extra_compile_args=["-std=c11", "-O2", "-Wall", "-Wextra"],
-        )
-        dist = Distribution({"name": "cepe_ops_test", "ext_modules": [ext]})
-        cmd = dist.get_command_obj("build_ext")
-        cmd.build_lib = str(tmp)
-        cmd.build_temp = str(tmp / "obj")
-        cmd.ensure_finalized()
-        cmd.run()
-        os.replace(tmp / lib.name, lib)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _load() -> ModuleType:
-    src = _HERE / "cepe_ops_test.c"
-    inputs = [src, *sorted((_ROOT / "csrc").rglob("*.h")), _ROOT / "cepe_c" / "backend_capsule.h"]
-    key = hashlib.sha256(sys.version.encode())
-    for path in inputs:
-        key.update(str(path.relative_to(_ROOT)).encode() + b"\0" + path.read_bytes())
-    lib = _build_dir(key.hexdigest()[:20]) / ("cepe_ops_test" + importlib.machinery.EXTENSION_SUFFIXES[0])
-    if not lib.exists():
-        _build(src, lib)
-    spec = importlib.util.spec_from_file_location("cepe_ops_test", lib)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_ext = _load()
-NORM_CHUNK = _ext.NORM_CHUNK
+NORM_CHUNK = cepe_c.NORM_CHUNK
 
 
 # ------------------------------------------------------------------ argument checks
@@ -162,7 +87,11 @@ def _seed(a: np.ndarray | None, init: float) -> None:
 
 
 def _call(op: str, backend, **args) -> None:
-    _ext.call(op, backend, **args)
+    """cepe_c._op with (array, offset in items) pointers turned into byte offsets."""
+    for k, v in args.items():
+        if isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], np.ndarray):
+            args[k] = (v[0], v[1] * v[0].itemsize)
+    cepe_c._op(op, backend, **args)
 
 
 # ----------------------------------------------------------------------- embedding
@@ -503,7 +432,7 @@ def cross_entropy(logits, targets, dloss_scale=1.0, grad=True, *, init=0.0, back
     t = _arr(targets, "targets", np.int32, 1)
     _dim_is(t, "targets", 0, z.shape[0])
     N, V = z.shape
-    ignore = _ext.IGNORE_INDEX
+    ignore = cepe_c.IGNORE_INDEX
     if ((t != ignore) & ((t < 0) | (t >= V))).any():  # the table's contract: the caller range-checks targets
         raise ValueError(f"targets must be in [0, {V}) or {ignore}")
     losses, dz = _zeros(N), _zeros(z.shape) if grad else None
@@ -523,7 +452,7 @@ def kl_topk(logits, teacher_probs, teacher_index, mode, delta=0.0, dloss_scale=1
     _dim_is(ix, "teacher_index", 0, N)
     _dim_is(p, "teacher_probs", 0, N)
     _dim_is(p, "teacher_probs", 1, K + 1)
-    smooth, drop = _ext.KL_SMOOTH, _ext.KL_DROP
+    smooth, drop = cepe_c.KL_SMOOTH, cepe_c.KL_DROP
     # what the CPU op refuses, refused here for every backend (a device backend sees the indices only on the device)
     bad = K < 1 or mode not in (smooth, drop) or (mode == smooth and not np.float32(delta) >= 0)
     if bad or ((ix < 0) | (ix >= V)).any():
@@ -543,7 +472,7 @@ def half_to_float(bits) -> np.ndarray:
     """(uint16 or float16 array) -> float32, via cepe_half_to_float"""
     h = _arr(bits, "bits", np.uint16, alt=np.float16)
     out = _zeros(h.shape)
-    _ext.half_to_float(h, out)
+    cepe_c._half_to_float(h, out)
     return out
 
 
@@ -600,7 +529,7 @@ def bf16_round(x) -> np.ndarray:
     function the CUDA kernel runs; the CPU table has no bf16 ops)"""
     x = _arr(x, "x", np.float32)
     y = np.zeros(x.shape, np.uint16)
-    _ext.float_to_bf16(x, y)
+    cepe_c._float_to_bf16(x, y)
     return y
 
 
