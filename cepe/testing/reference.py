@@ -1,19 +1,34 @@
-"""A PyTorch oracle for CEPE written from the spec (../shared/spec/CEPE.md §2-§4),
-built from transformers' LLaMA modules: the decoder and encoder blocks are
-transformers' own; cross-attention is added between self-attention and the MLP
-of the last k layers, as the official LlamaForCausalContextLM does. It also
-writes checkpoints in the official layout."""
+"""A PyTorch oracle for CEPE written from the spec (CEPE.md §2-§4), built from
+transformers' LLaMA modules: the decoder and encoder blocks are transformers'
+own; cross-attention is added between self-attention and the MLP of the last k
+layers, as the official LlamaForCausalContextLM does. It also writes
+checkpoints in the official layout, which cepe.load reads.
+
+    from cepe.testing.reference import make_reference
+    ref = make_reference(seed=0)            # a tiny random CEPE model
+    path = ref.save(tmp_dir)                # cepe.load(path) computes the same
+    logits = ref(ids, ref.encode(chunks))   # the oracle's logits
+
+It needs torch, transformers and safetensors (the test extra); nothing else in
+cepe imports it, so cepe itself never needs torch."""
 
 from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import numpy as np
-import torch
-from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
-from transformers.models.llama.modeling_llama import LlamaRMSNorm, repeat_kv
+
+try:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, repeat_kv
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        f"cepe.testing.reference needs torch, transformers and safetensors ({exc}): pip install 'cepe[test]'"
+    ) from exc
 
 NEG = torch.finfo(torch.float32).min  # the reference's additive mask value
 
@@ -119,7 +134,9 @@ class CepeReference(torch.nn.Module):
         return self.lm.lm_head(model.norm(h))
 
     @torch.no_grad()
-    def greedy(self, ids: np.ndarray, n: int, E: torch.Tensor | None = None, emask=None) -> np.ndarray:
+    def greedy(
+        self, ids: np.ndarray, n: int, E: torch.Tensor | None = None, emask: np.ndarray | None = None
+    ) -> np.ndarray:
         seq = np.asarray(ids)
         out = []
         for _ in range(n):
@@ -162,7 +179,7 @@ class CepeReference(torch.nn.Module):
         return path
 
 
-def make_reference(seed: int = 0, n_cross: int | None = None, **dec_over) -> CepeReference:
+def make_reference(seed: int = 0, n_cross: int | None = None, **dec_over: Any) -> CepeReference:
     dec = dict(
         vocab_size=101,
         hidden_size=48,
