@@ -123,25 +123,30 @@ def _contiguous(a: np.ndarray) -> np.ndarray:
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
-def _place(a: np.ndarray) -> tuple[np.ndarray, int]:
+def _place(a: np.ndarray) -> tuple[np.ndarray, int] | None:
     """(the C-contiguous array owning a's memory, a's byte offset into it): what cepe_c._op
-    reads a through, so that views of one buffer are one buffer on a device."""
+    reads a through, so that views of one buffer are one buffer on a device; None when a's
+    memory has no such owner (then a must be copied)."""
     root = a
     while isinstance(root.base, np.ndarray):
         root = root.base
     if not root.flags.c_contiguous and root.flags.f_contiguous:
         root = root.T
-    lo, hi = byte_bounds(a)
-    rlo, rhi = byte_bounds(root) if root.flags.c_contiguous else (0, -1)
-    if a.size == 0 or not (rlo <= lo and hi <= rhi):
-        if not a.flags.c_contiguous:
-            raise AssertionError("only C-contiguous arrays are passed without their owner")
-        return a, 0
-    return root, lo - rlo
+    if a.size and root.flags.c_contiguous and min(a.strides, default=0) >= 0:
+        lo, hi = byte_bounds(a)
+        rlo, rhi = byte_bounds(root)
+        if rlo <= lo and hi <= rhi:
+            return root, lo - rlo
+    return (a, 0) if a.flags.c_contiguous else None
 
 
 def _arg(a: np.ndarray | None) -> tuple[np.ndarray, int] | None:
-    return None if a is None else _place(a)
+    if a is None:
+        return None
+    placed = _place(a)
+    if placed is None:
+        raise AssertionError("an array without a C-contiguous owner reached cepe_c._op")
+    return placed
 
 
 def _run(op: str, backend: Backend, **args: Any) -> None:
@@ -312,13 +317,23 @@ def _linear_args(x: object, weight: object) -> tuple[F32, F32, int, int, int]:
 
 
 def linear(
-    x: F32, weight: F32, *, out: F32 | None = None, n_threads: int | None = None, backend: Backend = None
+    x: F32,
+    weight: F32,
+    *,
+    out: F32 | None = None,
+    accumulate: bool = False,
+    n_threads: int | None = None,
+    backend: Backend = None,
 ) -> F32:
-    """x @ weight.T, for x (..., C) and weight (OC, C) as a checkpoint stores it -> (..., OC)."""
+    """x @ weight.T, for x (..., C) and weight (OC, C) as a checkpoint stores it -> (..., OC);
+    accumulate=True adds it into out."""
     x, weight, N, C, OC = _linear_args(x, weight)
-    o = _Out(out, (*x.shape[:-1], OC), "out", False, (x, weight))
+    o = _Out(out, (*x.shape[:-1], OC), "out", accumulate, (x, weight))
     if N and C and OC:
-        _run("matmul", backend, out=o.buf, inp=x, w=weight, N=N, C=C, OC=OC, accumulate=0, nt=_threads(n_threads))
+        _run(
+            "matmul", backend, out=o.buf, inp=x, w=weight, N=N, C=C, OC=OC, accumulate=int(accumulate),
+            nt=_threads(n_threads),
+        )  # fmt: skip
     return o.finish()
 
 
@@ -339,13 +354,16 @@ def linear_backward(
     dout = _contiguous(_array(dout, "dout"))
     if dout.shape != (*x.shape[:-1], OC):
         raise ValueError(f"dout must have shape {(*x.shape[:-1], OC)}, got {dout.shape}")
-    ox = _Out(dx, x.shape, "dx", accumulate, (x, weight, dout))
+    # d x is written (the op's accumulate=0) unless accumulating: no zeroing pass needed
+    ox = _Out(dx, x.shape, "dx", True, (x, weight, dout))
     ow = _Out(dweight, weight.shape, "dweight", accumulate, (x, weight, dout)) if weight_grad else None
     if N and C and OC:
         _run(
             "matmul_backward", backend, dinp=ox.buf, dweight=None if ow is None else ow.buf, dout=dout,
-            inp=x, weight=weight, N=N, C=C, OC=OC, accumulate=1, nt=_threads(n_threads),
+            inp=x, weight=weight, N=N, C=C, OC=OC, accumulate=int(accumulate), nt=_threads(n_threads),
         )  # fmt: skip
+    elif not accumulate:
+        ox.buf[...] = 0
     return ox.finish(), None if ow is None else ow.finish()
 
 
@@ -533,11 +551,25 @@ _SHAPE_FIELDS = (
 )  # fmt: skip
 
 
+def _bcast(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    return a if a.shape == shape else np.broadcast_to(a, shape)
+
+
 def _rows_ok(a: np.ndarray) -> bool:
     """Heads contiguous within a row; row and batch strides whole floats, >= 0."""
     _, _, H, hd = a.shape
     s = a.strides
-    return (s[3] == 4 or hd == 1) and (s[2] == 4 * hd or H == 1) and s[1] >= 0 and s[0] >= 0 and s[1] % 4 == 0
+    heads_ok = (s[3] == 4 or hd == 1) and (s[2] == 4 * hd or H == 1)
+    rows_apart = a.shape[1] == 1 or s[1] >= 4 * H * hd  # BLAS reads each row's H*hd floats
+    return (
+        heads_ok
+        and rows_apart
+        and s[1] >= 0
+        and s[0] >= 0
+        and s[1] % 4 == 0
+        and s[0] % 4 == 0
+        and _place(a) is not None
+    )
 
 
 class _Attn:
@@ -545,7 +577,7 @@ class _Attn:
 
     def __init__(
         self, q: object, k: object, v: object, key_mask: object, causal: bool, q_offset: int | None, window: int,
-        scale: float | None, n_threads: int | None, copy: bool,
+        scale: float | None, n_threads: int | None, writable_layout: bool,
     ) -> None:  # fmt: skip
         q, k, v = _array(q, "q", 4), _array(k, "k", 4), _array(v, "v", 4)
         if k.shape != v.shape:
@@ -567,12 +599,16 @@ class _Attn:
         if q_off < 0 or win < 0:
             raise ValueError(f"q_offset and window must be >= 0, got {q_off} and {win}")
         self.q_shape, self.kv_shape = q.shape, k.shape
-        q = np.broadcast_to(q, (B, Tq, H, hd))
-        k = np.broadcast_to(k, (B, Tk, KVH, hd))
-        v = np.broadcast_to(v, (B, Tk, KVH, hd))
-        if copy or not _rows_ok(q):
+        q, k, v = _bcast(q, (B, Tq, H, hd)), _bcast(k, (B, Tk, KVH, hd)), _bcast(v, (B, Tk, KVH, hd))
+
+        # the backward writes gradients laid out like q, k, v: no two elements may share memory
+        def ok(a: np.ndarray) -> bool:
+            shared = any(st == 0 and n > 1 for st, n in zip(a.strides, a.shape, strict=True))
+            return _rows_ok(a) and not (writable_layout and shared)
+
+        if not ok(q):
             q = _contiguous(q)
-        if copy or not (_rows_ok(k) and _rows_ok(v) and k.strides[:2] == v.strides[:2]):
+        if not (ok(k) and ok(v) and k.strides[:2] == v.strides[:2]):
             k, v = _contiguous(k), _contiguous(v)
         mask = None
         if key_mask is not None:
@@ -582,15 +618,17 @@ class _Attn:
                 raise TypeError(f"key_mask must have dtype bool or uint8, got {key_mask.dtype}")
             if key_mask.ndim != 2 or key_mask.shape[1] != Tk or key_mask.shape[0] not in (1, B):
                 raise ValueError(f"key_mask must have shape ({B}, {Tk}) or (1, {Tk}), got {key_mask.shape}")
-            mask = np.broadcast_to(key_mask.view(np.uint8), (B, Tk))
-            if mask.strides[1] != 1 or (copy and mask.strides[0] == 0):
+            mask = _bcast(key_mask.view(np.uint8), (B, Tk))
+            if mask.strides[1] != 1 or _place(mask) is None:
                 mask = _contiguous(mask)
         self.q, self.k, self.v, self.mask = q, k, v, mask
         self.nt = _threads(n_threads)
         self.s = dict(
-            B=B, Tq=Tq, Tk=Tk, H=H, KVH=KVH, hd=hd, q_rstride=q.strides[1] // 4, q_bstride=q.strides[0] // 4,
-            kv_rstride=k.strides[1] // 4, kv_bstride=k.strides[0] // 4,
-            valid_bstride=0 if mask is None else mask.strides[0], causal=int(bool(causal)), q_offset=q_off,
+            B=B, Tq=Tq, Tk=Tk, H=H, KVH=KVH, hd=hd,
+            # the stride of a length-1 axis is never stepped (numpy may give it any value)
+            q_rstride=q.strides[1] // 4 if Tq > 1 else H * hd, q_bstride=q.strides[0] // 4 if B > 1 else 0,
+            kv_rstride=k.strides[1] // 4 if Tk > 1 else KVH * hd, kv_bstride=k.strides[0] // 4 if B > 1 else 0,
+            valid_bstride=0 if mask is None or B == 1 else mask.strides[0], causal=int(bool(causal)), q_offset=q_off,
             window=win, scale=1.0 / math.sqrt(hd) if scale is None else float(scale),
         )  # fmt: skip
         self.empty = B * Tq * H == 0
@@ -674,6 +712,9 @@ def attention_backward(
     if not set(need) <= set("qkv"):
         raise ValueError(f"need must name some of q, k, v, got {need!r}")
     a = _Attn(q, k, v, key_mask, causal, q_offset, window, scale, n_threads, True)
+    for name, user in (("dq", dq), ("dk", dk), ("dv", dv)):
+        if user is not None and not isinstance(user, np.ndarray):
+            raise TypeError(f"{name} must be a numpy.ndarray or None, got {type(user).__name__}")
     B, Tq, H, hd = a.s["B"], a.s["Tq"], a.s["H"], a.s["hd"]
     dout = _contiguous(_array(dout, "dout", 4))
     out = _contiguous(_array(out, "out", 4))
@@ -684,16 +725,47 @@ def attention_backward(
         lse = _contiguous(_array(lse, "lse", 3))
         if lse.shape != (B, Tq, H):
             raise ValueError(f"lse must have shape {(B, Tq, H)}, got {lse.shape}")
+    users = dict(q=dq, k=dk, v=dv)
     grads: dict[str, F32 | None] = {}
-    for name, shape in (("q", a.q.shape), ("k", a.k.shape), ("v", a.v.shape)):
-        grads["d" + name] = np.zeros(shape, np.float32) if name in need else None
+    direct: dict[str, bool] = {}
+    for name, x in (("q", a.q), ("k", a.k), ("v", a.v)):
+        user = users[name]
+        direct[name] = (
+            name in need
+            and isinstance(user, np.ndarray)
+            and user.dtype == np.float32
+            and user.shape == x.shape
+            and user.strides == x.strides
+            and user.flags.writeable
+            and _place(user) is not None
+            and not any(np.may_share_memory(user, i) for i in (a.q, a.k, a.v, dout, out))
+        )
+        if direct[name]:
+            assert user is not None
+            if not accumulate:
+                user[...] = 0
+            grads["d" + name] = user
+        else:
+            grads["d" + name] = _zeros_laid_out_like(x) if name in need else None
     if not a.empty:
         _run("attention_backward", backend, dout=dout, out=out, lse=lse, **grads, **a.inputs())
-    result = []
-    for name, orig, user in (("q", a.q_shape, dq), ("k", a.kv_shape, dk), ("v", a.kv_shape, dv)):
+    result: list[F32 | None] = []
+    for name, orig in (("q", a.q_shape), ("k", a.kv_shape), ("v", a.kv_shape)):
         g = grads["d" + name]
-        result.append(None if g is None else _grad_out(g, orig, user, "d" + name, accumulate))
+        if g is None or direct[name]:
+            result.append(g)
+        else:
+            result.append(_grad_out(np.ascontiguousarray(g), orig, users[name], "d" + name, accumulate))
     return result[0], result[1], result[2]
+
+
+def _zeros_laid_out_like(a: np.ndarray) -> F32:
+    """Zeros of a's shape and strides (the backward writes each gradient laid out like its input)."""
+    if a.flags.c_contiguous:
+        return np.zeros(a.shape, np.float32)
+    lo, hi = byte_bounds(a)
+    buf = np.zeros((hi - lo + 3) // 4, np.float32)
+    return np.ndarray(a.shape, np.float32, buffer=buf, strides=a.strides)
 
 
 # ------------------------------------------------------------ cross-attention

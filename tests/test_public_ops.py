@@ -438,3 +438,30 @@ def test_bad_arguments_raise_clear_errors(rng):
     ro.flags.writeable = False
     with pytest.raises(ValueError, match="out must be writeable"):
         ops.rmsnorm(x, w, out=ro)
+
+
+def test_device_style_backend_reads_views_of_one_buffer(rng):
+    """On a backend with its own memory (cepe_c._sim_backend(), as CUDA) the views of a fused QKV
+    buffer travel as one buffer, and the gradients come back into views of one buffer too."""
+    import cepe_c
+
+    sim = cepe_c._sim_backend()
+    B, T, H, KVH, hd = 2, 9, 4, 2, 8
+    qkv = f32(rng.standard_normal((B, T, H + 2 * KVH, hd)))
+    q, k, v = qkv[:, :, :H], qkv[:, :, H : H + KVH], qkv[:, :, H + KVH :]
+    want, want_lse = ops.attention(q, k, v, causal=True, return_lse=True)
+    got, lse = ops.attention(q, k, v, causal=True, return_lse=True, backend=sim)
+    close(got, want, "out on the device-style backend")
+    close(lse, want_lse, "lse on the device-style backend")
+    dout = f32(rng.standard_normal(want.shape))
+    g = np.zeros_like(qkv)
+    dq, dk, dv = g[:, :, :H], g[:, :, H : H + KVH], g[:, :, H + KVH :]
+    ops.attention_backward(dout, q, k, v, want, want_lse, causal=True, dq=dq, dk=dk, dv=dv, backend=sim)
+    for name, a, b in zip("qkv", (dq, dk, dv), ops.attention_backward(dout, q, k, v, want, causal=True), strict=True):
+        close(a, b, f"d{name} on the device-style backend")
+    x = f32(rng.standard_normal((3, 16)))
+    close(
+        ops.rmsnorm(x[:, ::2], np.ones(8, np.float32), backend=sim),
+        ops.rmsnorm(x[:, ::2], np.ones(8, np.float32)),
+        "rmsnorm",
+    )
