@@ -211,3 +211,44 @@ def make_reference(seed: int = 0, n_cross: int | None = None, **dec_over: Any) -
     dcfg, ecfg = LlamaConfig(**dec), LlamaConfig(**enc)
     k = dcfg.num_hidden_layers if n_cross is None else n_cross
     return CepeReference(dcfg, ecfg, k).randomize(seed)
+
+
+_LLAMA_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings",
+    "tie_word_embeddings", "bos_token_id", "eos_token_id",
+)  # fmt: skip
+
+
+def load_reference(path: str | os.PathLike[str]) -> CepeReference:
+    """The reference holding a CEPE checkpoint's weights (official layout: config.json and
+    model.safetensors, as CepeReference.save and cepe.testing.write_tiny_cepe write them)."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    dec = LlamaConfig(**{k: cfg[k] for k in _LLAMA_KEYS if k in cfg})
+    enc_raw = cfg["encoder_config"]
+    enc = LlamaConfig(**{k: enc_raw[k] for k in _LLAMA_KEYS if k in enc_raw})
+    ref = CepeReference(dec, enc, int(cfg["num_cross_attn_layers"]))
+    sd = load_file(os.path.join(path, "model.safetensors"))
+    state: dict[str, torch.Tensor] = {}
+    for name, t in sd.items():
+        if name.startswith("encoder."):
+            state["encoder." + name[len("encoder.") :]] = t
+        elif ".cross_attn." in name:
+            layer, rest = name[len("model.layers.") :].split(".cross_attn.")
+            state[f"cross.{layer}.{rest}"] = t
+        elif name == "lm_head.weight":
+            state["lm.lm_head.weight"] = t
+        else:
+            state["lm." + name] = t
+    if dec.tie_word_embeddings and "lm.lm_head.weight" not in state:
+        state["lm.lm_head.weight"] = state["lm.model.embed_tokens.weight"]
+    if enc.tie_word_embeddings:
+        state.pop("encoder.lm_head.weight", None)
+    missing, unexpected = ref.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    missing = [m for m in missing if not m.endswith("inv_freq")]
+    if missing or unexpected:
+        raise KeyError(f"{path}: missing {missing}, unexpected {unexpected}")
+    return ref.eval()
