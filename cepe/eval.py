@@ -12,6 +12,8 @@ Methods (call_shape gives each call's decoder length and context size):
   cepe        decoder input x[-W:]; the N tokens before it go to the encoder as N/256 chunks
   truncation  the decoder alone on x[-W:] (the same value for every N)
   full        all W+N tokens in the decoder, while W+N <= max_position_embeddings
+  streaming   StreamingLLM: x[-W-N:] token by token through a W-entry KV cache (4 attention
+              sinks + the W-4 most recent tokens; cepe.baselines), at N = 0 the same as truncation
 
 Identical calls (cepe at N=0, truncation, full at N=0) run once per document.
 With log_path, every call's result is appended to a JSON-lines file as it
@@ -33,9 +35,12 @@ from typing import Any
 import numpy as np
 
 CHUNK = 256  # encoder chunk length
-METHODS = ("cepe", "truncation", "full")
+METHODS = ("cepe", "truncation", "full")  # the default set; also "streaming"
+ALL_METHODS = (*METHODS, "streaming")
+STREAMING_SINKS = 4
 
 __all__ = [
+    "ALL_METHODS",
     "CHUNK",
     "METHODS",
     "LMCalls",
@@ -61,9 +66,15 @@ def call_shape(method: str, n: int, window: int) -> tuple[int, int]:
         return window, n
     if method == "truncation":
         return window, 0
-    if method == "full":
+    if method in ("full", "streaming"):
         return window + n, 0
-    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
+
+
+def _kind(method: str, n: int) -> str:
+    """Which computation a call is: the engine's forward, or a baseline composed from cepe.ops (at
+    N = 0 StreamingLLM's cache never evicts, so it is the engine's truncation call)."""
+    return "streaming" if method == "streaming" and n > 0 else "engine"
 
 
 # ------------------------------------------------------------------ statistics
@@ -141,8 +152,9 @@ class LMCalls:
         self, model: Any, docs: Sequence[np.ndarray], window: int, *, log_path: str | os.PathLike[str] | None = None
     ) -> None:
         self.model, self.docs, self.window = model, docs, window
-        self.cache: dict[tuple[int, int, int], tuple[float, float]] = {}
+        self.cache: dict[tuple[int, int, int, str], tuple[float, float]] = {}
         self.log_path = None if log_path is None else os.fspath(log_path)
+        self._ops_decoder: Any = None
         self.resumed = 0
         if self.log_path and os.path.exists(self.log_path):
             self._resume()
@@ -167,26 +179,34 @@ class LMCalls:
                         f"{self.log_path}: line {n} is from another run (window {rec.get('window')}, a document of "
                         f"{rec.get('doc_tokens')} tokens); use another file or delete it"
                     )
-                self.cache[(rec["doc"], rec["decoder_tokens"], rec["context_tokens"])] = (rec["nll"], rec["seconds"])
+                key = (rec["doc"], rec["decoder_tokens"], rec["context_tokens"], rec.get("kind", "engine"))
+                self.cache[key] = (rec["nll"], rec["seconds"])
                 self.resumed += 1
 
-    def run(self, d: int, dec_len: int, n_ctx: int) -> tuple[float, float]:
+    def run(self, d: int, dec_len: int, n_ctx: int, kind: str = "engine") -> tuple[float, float]:
         """(mean NLL of the last window-1 tokens of document d, seconds of the call)."""
-        key = (d, dec_len, n_ctx)
+        key = (d, dec_len, n_ctx, kind)
         if key in self.cache:
             return self.cache[key]
         x = self.docs[d]
         dec = np.ascontiguousarray(x[len(x) - dec_len :], dtype=np.int64)
-        kw: dict[str, Any] = {}
-        if n_ctx:
-            ctx = x[len(x) - dec_len - n_ctx : len(x) - dec_len]
-            kw["encoder_input_ids"] = np.ascontiguousarray(ctx, dtype=np.int64).reshape(-1, CHUNK)
         t0 = time.perf_counter()
-        ppl = self.model.perplexity(dec, eval_window=self.window - 1, **kw)
-        self.cache[key] = (math.log(ppl), time.perf_counter() - t0)
+        if kind == "streaming":
+            if self._ops_decoder is None:
+                from .baselines import OpsDecoder
+
+                self._ops_decoder = OpsDecoder.from_model(self.model, getattr(self.model, "n_threads", 1))
+            nll = self._ops_decoder.streaming_nll(dec, self.window, self.window - 1, sinks=STREAMING_SINKS)
+        else:
+            kw: dict[str, Any] = {}
+            if n_ctx:
+                ctx = x[len(x) - dec_len - n_ctx : len(x) - dec_len]
+                kw["encoder_input_ids"] = np.ascontiguousarray(ctx, dtype=np.int64).reshape(-1, CHUNK)
+            nll = math.log(self.model.perplexity(dec, eval_window=self.window - 1, **kw))
+        self.cache[key] = (nll, time.perf_counter() - t0)
         if self.log_path:
             rec = {
-                "doc": d, "decoder_tokens": dec_len, "context_tokens": n_ctx, "nll": self.cache[key][0],
+                "doc": d, "decoder_tokens": dec_len, "context_tokens": n_ctx, "kind": kind, "nll": self.cache[key][0],
                 "seconds": self.cache[key][1], "window": self.window, "doc_tokens": len(x),
             }  # fmt: skip
             with open(self.log_path, "a", encoding="utf-8") as f:
@@ -254,18 +274,21 @@ def evaluate_lm(
     rows: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     for method, n in plan:
         dec_len, n_ctx = call_shape(method, n, window)
-        if method == "full" and dec_len > max_pos:
-            row: dict[str, Any] = {
-                "N": n,
-                "ppl": None,
-                "reason": f"W+N = {dec_len} > max_position_embeddings {max_pos}",
-            }
+        kind = _kind(method, n)
+        skip = None
+        if kind == "streaming" and window > max_pos:
+            skip = f"W = {window} > max_position_embeddings {max_pos}"
+        elif method == "full" and dec_len > max_pos:
+            skip = f"W+N = {dec_len} > max_position_embeddings {max_pos}"
+        row: dict[str, Any]
+        if skip is not None:
+            row = {"N": n, "ppl": None, "reason": skip}
             if bar is not None:
                 bar.update(D)
         else:
             res = []
             for d in range(D):
-                res.append(calls.run(d, dec_len, n_ctx))
+                res.append(calls.run(d, dec_len, n_ctx, kind))
                 if bar is not None:
                     bar.update(1)
             row = {"N": n, "decoder_tokens": dec_len, "encoder_chunks": n_ctx // CHUNK}
@@ -410,7 +433,11 @@ def plot_perplexity(ax: Any, result: dict[str, Any]) -> None:
         ax.axhline(t["ppl"], color="tab:gray", ls="--", lw=1.2, label=f"truncation (decoder, {result['window']} tok)")
         if t["ci95"]:
             ax.axhspan(t["ci95"][0], t["ci95"][1], color="tab:gray", alpha=0.12)
-    styles = {"full": ("tab:orange", "full attention (W+N in decoder)"), "cepe": ("tab:blue", "CEPE (N in encoder)")}
+    styles = {
+        "full": ("tab:orange", "full attention (W+N in decoder)"),
+        "cepe": ("tab:blue", "CEPE (N in encoder)"),
+        "streaming": ("tab:green", "StreamingLLM (W-entry cache)"),
+    }
     for method in [m for m in rows if m != "truncation"]:
         color, label = styles.get(method, (None, method))
         rs = ok(method)

@@ -29,9 +29,9 @@ def _ints(spec: str, what: str) -> list[int]:
 def cmd_eval_lm(args: argparse.Namespace) -> int:
     contexts = _ints(args.context, "--context")
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
-    bad = [m for m in methods if m not in ev.METHODS]
+    bad = [m for m in methods if m not in ev.ALL_METHODS]
     if bad or not methods:
-        raise ValueError(f"--method: unknown {bad or 'none given'}; choose from {','.join(ev.METHODS)}")
+        raise ValueError(f"--method: unknown {bad or 'none given'}; choose from {','.join(ev.ALL_METHODS)}")
     if args.docs is not None and args.docs < 1:
         raise ValueError(f"--docs must be >= 1, got {args.docs}")
     model = load(args.model, n_threads=args.threads)
@@ -83,7 +83,7 @@ def add_parser(sub: Any, common: Callable[..., None]) -> None:
     lm.add_argument("--docs", type=int, default=None, help="use the first K documents")
     lm.add_argument("--decoder-window", type=int, default=256, help="decoder window W (W-1 tokens are scored)")
     lm.add_argument("--context", default="0,1024,4096", help="context lengths N, multiples of 256")
-    lm.add_argument("--method", default=",".join(ev.METHODS), help=f"comma-separated, of {','.join(ev.METHODS)}")
+    lm.add_argument("--method", default=",".join(ev.METHODS), help=f"comma-separated, of {','.join(ev.ALL_METHODS)}")
     lm.add_argument("--bootstrap", type=int, default=2000, help="bootstrap draws")
     lm.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     lm.add_argument("--out-dir", default="cepe_eval", help="where calls.jsonl, lm.json, lm.csv and lm.png go")

@@ -1,0 +1,128 @@
+"""Training-free long-context baselines that the C forward cannot express,
+composed from cepe.ops on a model's own weights (so a comparison runs in one
+process on one set of weights):
+
+- StreamingLLM (Xiao et al., 2023): attention sinks (the first `sinks` tokens)
+  plus the most recent tokens in a fixed-size KV cache; keys are cached before
+  RoPE and rotated by their slot in the cache at every step ("positions
+  re-assigned within the cache"); evaluated token by token, as its paper does.
+
+    dec = OpsDecoder.from_model(model)
+    nll = dec.streaming_nll(tokens, cache_size=256, scored=255)   # mean NLL of the last 255 tokens
+
+OpsDecoder is the LLaMA decoder as cepe.ops calls, one token at a time; with a
+cache that never evicts it computes what Model.perplexity computes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from . import ops
+from .config import DecoderConfig
+from .rope import RopeSettings
+
+__all__ = ["OpsDecoder"]
+
+
+def _read_weights(path: str, cfg: DecoderConfig) -> dict[str, np.ndarray]:
+    """The decoder's float32 weights under their HF names, from an HF directory or a GGUF file."""
+    from .gguf_io import GGUFFile, is_gguf, weight_names
+
+    if is_gguf(path):
+        gf = GGUFFile(path)
+        try:
+            return {target: gf.get(name) for name, target in weight_names(gf, cfg).items()}
+        finally:
+            gf.close()
+    from .safetensors_io import Checkpoint
+
+    ckpt = Checkpoint(path)
+    return {nm: ckpt.get(nm) for nm in ckpt.names() if nm.startswith(("model.", "lm_head."))}
+
+
+class OpsDecoder:
+    """A LLaMA decoder run layer by layer with cepe.ops on its weights."""
+
+    def __init__(self, cfg: DecoderConfig, weights: dict[str, np.ndarray], n_threads: int | None = 1) -> None:
+        self.cfg, self.w, self.nt = cfg, weights, n_threads
+        self.H, self.KVH, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        if cfg.sliding_window:
+            raise NotImplementedError("OpsDecoder: sliding-window models are not supported")
+        self.rope = cfg.rope or RopeSettings(
+            rope_theta=cfg.rope_theta, head_dim=self.hd, rotary_dim=self.hd,
+            max_position_embeddings=cfg.max_position_embeddings,
+            original_max_position_embeddings=cfg.max_position_embeddings,
+        )  # fmt: skip
+        head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        missing = [n for n in ("model.embed_tokens.weight", "model.norm.weight", head) if n not in weights]
+        if missing:
+            raise KeyError(f"OpsDecoder: missing weights {missing}")
+        self.lm_head = weights[head]
+
+    @classmethod
+    def from_model(cls, model: Any, n_threads: int | None = 1) -> OpsDecoder:
+        """The decoder of a loaded cepe.Model, its weights read again from model.path."""
+        path = getattr(model, "path", None)
+        if not path or not os.path.exists(path):
+            raise ValueError(f"OpsDecoder.from_model: the model's files are not at {path!r}")
+        return cls(model.config, _read_weights(path, model.config), n_threads)
+
+    def _layer(self, i: int, name: str) -> np.ndarray:
+        return self.w[f"model.layers.{i}.{name}.weight"]
+
+    def _logits(self, h: np.ndarray) -> np.ndarray:
+        x = ops.rmsnorm(h, self.w["model.norm.weight"], self.cfg.rms_norm_eps, n_threads=self.nt)
+        return ops.linear(x, self.lm_head, n_threads=self.nt)
+
+    def streaming_nll(self, tokens: Any, cache_size: int, scored: int, sinks: int = 4) -> float:
+        """Mean NLL of the last `scored` tokens of `tokens`, each predicted from the tokens before
+        it through a StreamingLLM cache of cache_size entries: the first `sinks` tokens and the
+        most recent cache_size - sinks ones, keys rotated by their slot in the cache."""
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        T = ids.size
+        if not 1 <= scored <= T - 1:
+            raise ValueError(f"scored must be in [1, {T - 1}], got {scored}")
+        if not 0 <= sinks < cache_size:
+            raise ValueError(f"need 0 <= sinks < cache_size, got sinks={sinks}, cache_size={cache_size}")
+        if ((ids < 0) | (ids >= self.cfg.vocab_size)).any():
+            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size})")
+        L, eps, nt = self.cfg.num_hidden_layers, self.cfg.rms_norm_eps, self.nt
+        KVH, H, hd = self.KVH, self.H, self.hd
+        kc = np.zeros((L, cache_size, KVH, hd), np.float32)  # pre-RoPE keys, by slot
+        vc = np.zeros((L, cache_size, KVH, hd), np.float32)
+        n = 0  # entries in the cache
+        positions = np.arange(cache_size, dtype=np.float64)
+        cos, sin = ops.rope_tables(positions, self.rope, seq_len=cache_size)
+        total = 0.0
+        first_scored = T - scored  # targets t >= first_scored, predicted at t - 1
+        for t in range(T - 1):
+            if n == cache_size:  # evict the oldest token after the sinks
+                kc[:, sinks:-1] = kc[:, sinks + 1 :]
+                vc[:, sinks:-1] = vc[:, sinks + 1 :]
+                n -= 1
+            h = ops.embedding(ids[t : t + 1], self.w["model.embed_tokens.weight"])  # (1, C)
+            for i in range(L):
+                x = ops.rmsnorm(h, self._layer(i, "input_layernorm"), eps, n_threads=nt)
+                q = ops.linear(x, self._layer(i, "self_attn.q_proj"), n_threads=nt).reshape(1, 1, H, hd)
+                kc[i, n] = ops.linear(x, self._layer(i, "self_attn.k_proj"), n_threads=nt).reshape(KVH, hd)
+                vc[i, n] = ops.linear(x, self._layer(i, "self_attn.v_proj"), n_threads=nt).reshape(KVH, hd)
+                k = ops.rope_apply(kc[i, : n + 1], cos[: n + 1], sin[: n + 1], layout=self.rope.layout)  # type: ignore[arg-type]
+                q = ops.rope_apply(q, cos[n : n + 1], sin[n : n + 1], layout=self.rope.layout)  # type: ignore[arg-type]
+                a = ops.attention(q, k[None], vc[i, : n + 1][None], n_threads=nt)
+                assert isinstance(a, np.ndarray)
+                h = h + ops.linear(a.reshape(1, H * hd), self._layer(i, "self_attn.o_proj"), n_threads=nt)
+                x = ops.rmsnorm(h, self._layer(i, "post_attention_layernorm"), eps, n_threads=nt)
+                g = ops.linear(x, self._layer(i, "mlp.gate_proj"), n_threads=nt)
+                u = ops.linear(x, self._layer(i, "mlp.up_proj"), n_threads=nt)
+                h = h + ops.linear(ops.swiglu(g, u), self._layer(i, "mlp.down_proj"), n_threads=nt)
+            n += 1
+            if t + 1 >= first_scored:
+                z = self._logits(h).astype(np.float64)[0]
+                m = z.max()
+                total += m + math.log(np.exp(z - m).sum()) - z[ids[t + 1]]
+        return total / scored

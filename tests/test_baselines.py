@@ -1,0 +1,88 @@
+"""Training-free baselines composed from cepe.ops (cepe.baselines), each
+against a PyTorch reference written here from its paper, on tiny models."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+import cepe.eval as ev
+from cepe.baselines import OpsDecoder
+
+
+@torch.no_grad()
+def torch_streaming_nll(hf, ids: np.ndarray, cache_size: int, scored: int, sinks: int = 4) -> float:
+    """StreamingLLM (Xiao et al. 2023, with its position shift): token by token, a cache of the
+    first `sinks` tokens and the most recent others; keys kept before RoPE and rotated by their
+    slot in the cache, the query by the last slot."""
+    model, cfg = hf.model, hf.config
+    H, KVH = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = cfg.head_dim
+    K: list[list[torch.Tensor]] = [[] for _ in model.layers]
+    V: list[list[torch.Tensor]] = [[] for _ in model.layers]
+    nll = []
+    for t in range(len(ids) - 1):
+        h = model.embed_tokens(torch.tensor([[int(ids[t])]]))
+        for i, layer in enumerate(model.layers):
+            if len(K[i]) == cache_size:
+                del K[i][sinks], V[i][sinks]
+            att = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = att.q_proj(x).view(1, 1, H, hd).transpose(1, 2)
+            K[i].append(att.k_proj(x).view(1, 1, KVH, hd).transpose(1, 2))
+            V[i].append(att.v_proj(x).view(1, 1, KVH, hd).transpose(1, 2))
+            ks, vs = torch.cat(K[i], dim=2), torch.cat(V[i], dim=2)
+            S = ks.shape[2]
+            cos, sin = model.rotary_emb(vs, torch.arange(S)[None])
+            qr, _ = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
+            _, kr = apply_rotary_pos_emb(ks, ks, cos, sin)
+            p = torch.softmax(qr @ repeat_kv(kr, H // KVH).transpose(2, 3) / math.sqrt(hd), dim=-1)
+            a = p @ repeat_kv(vs, H // KVH)
+            h = h + att.o_proj(a.transpose(1, 2).reshape(1, 1, H * hd))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if t + 1 >= len(ids) - scored:
+            logp = torch.log_softmax(hf.lm_head(model.norm(h))[0, -1].double(), -1)
+            nll.append(-float(logp[int(ids[t + 1])]))
+    return float(np.mean(nll))
+
+
+@pytest.mark.parametrize("cache_size,sinks", [(12, 4), (9, 1), (6, 0)])
+def test_streaming_matches_the_torch_reference(tiny_llama, cache_size, sinks):
+    hf = LlamaForCausalLM.from_pretrained(tiny_llama.path, dtype=torch.float32).eval()
+    dec = OpsDecoder.from_model(tiny_llama.load())
+    ids = np.random.default_rng(cache_size).integers(3, 101, size=30)
+    got = dec.streaming_nll(ids, cache_size=cache_size, scored=11, sinks=sinks)
+    assert got == pytest.approx(torch_streaming_nll(hf, ids, cache_size, 11, sinks), abs=1e-4)
+
+
+def test_streaming_without_eviction_is_the_engines_forward(tiny_llama):
+    model = tiny_llama.load()
+    dec = OpsDecoder.from_model(model)
+    ids = np.random.default_rng(5).integers(3, 101, size=25)
+    assert dec.streaming_nll(ids, cache_size=25, scored=10) == pytest.approx(
+        math.log(model.perplexity(ids, eval_window=10)), abs=1e-5
+    )
+    with pytest.raises(ValueError, match="sinks"):
+        dec.streaming_nll(ids, cache_size=4, scored=3, sinks=4)
+    with pytest.raises(ValueError, match="scored"):
+        dec.streaming_nll(ids, cache_size=8, scored=25)
+
+
+def test_streaming_in_the_lm_protocol(tiny_cepe):
+    """--method streaming: x[-W-N:] streamed through a W-entry cache; at N = 0 it is truncation."""
+    model = tiny_cepe.load()
+    W = 12
+    docs = [np.random.default_rng(d).integers(3, 101, size=W + 256 + d) for d in range(2)]
+    result = ev.evaluate_lm(model, docs, window=W, contexts=[0, 256], methods=["truncation", "streaming"], bootstrap=50)
+    trunc, stream = result["results"]["truncation"], result["results"]["streaming"]
+    assert stream[0]["nll_per_doc"] == trunc[0]["nll_per_doc"]
+    dec = OpsDecoder.from_model(model)
+    for d, x in enumerate(docs):
+        want = dec.streaming_nll(x[-W - 256 :], cache_size=W, scored=W - 1)
+        assert stream[1]["nll_per_doc"][d] == pytest.approx(want, abs=1e-9)
+    assert stream[1]["nll_per_doc"] != trunc[1]["nll_per_doc"]
