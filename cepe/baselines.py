@@ -10,6 +10,12 @@ process on one set of weights):
     dec = OpsDecoder.from_model(model)
     nll = dec.streaming_nll(tokens, cache_size=256, scored=255)   # mean NLL of the last 255 tokens
 
+- REPLUG (Shi et al., 2023): each passage prepended to the input separately,
+  the next-token distributions ensembled with weights softmax(retrieval
+  scores) (uniform without scores). It runs on the engine's forward:
+
+    nll = replug_nll(model, passages, tokens, scored=255, scores=None)
+
 OpsDecoder is the LLaMA decoder as cepe.ops calls, one token at a time; with a
 cache that never evicts it computes what Model.perplexity computes.
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -26,7 +33,39 @@ from . import ops
 from .config import DecoderConfig
 from .rope import RopeSettings
 
-__all__ = ["OpsDecoder"]
+__all__ = ["OpsDecoder", "replug_nll"]
+
+
+def replug_nll(
+    model: Any, passages: Sequence[Any], tokens: Any, scored: int, scores: Sequence[float] | None = None
+) -> float:
+    """Mean NLL of the last `scored` tokens of `tokens` under REPLUG's ensemble: for each passage
+    k (a 1-D token array), the decoder reads passage_k + tokens, and the target's probability is
+    sum_k w_k p(target | passage_k, tokens before it), w = softmax(scores) (uniform if None)."""
+    ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    if not 1 <= scored <= ids.size - 1:
+        raise ValueError(f"scored must be in [1, {ids.size - 1}], got {scored}")
+    if not passages:
+        raise ValueError("REPLUG needs at least one passage")
+    if scores is None:
+        logw = np.full(len(passages), -math.log(len(passages)))
+    else:
+        s = np.asarray(scores, dtype=np.float64)
+        if s.shape != (len(passages),) or not np.isfinite(s).all():
+            raise ValueError(f"scores must be {len(passages)} finite numbers, one per passage")
+        logw = s - s.max() - math.log(np.exp(s - s.max()).sum())
+    targets = ids[-scored:]
+    per_passage = []
+    for p in passages:
+        seq = np.concatenate([np.asarray(p, dtype=np.int64).reshape(-1), ids])
+        # the logits at the positions that predict the scored tokens: the last scored + 1 but one
+        z = model.forward(seq[None])[0, -scored - 1 : -1].astype(np.float64)
+        m = z.max(axis=1, keepdims=True)
+        logp = z - m - np.log(np.exp(z - m).sum(axis=1, keepdims=True))
+        per_passage.append(logp[np.arange(scored), targets])
+    lp = np.stack(per_passage) + logw[:, None]  # (K, scored)
+    top = lp.max(axis=0)
+    return float(-(top + np.log(np.exp(lp - top).sum(axis=0))).mean())
 
 
 def _read_weights(path: str, cfg: DecoderConfig) -> dict[str, np.ndarray]:

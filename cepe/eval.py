@@ -14,6 +14,9 @@ Methods (call_shape gives each call's decoder length and context size):
   full        all W+N tokens in the decoder, while W+N <= max_position_embeddings
   streaming   StreamingLLM: x[-W-N:] token by token through a W-entry KV cache (4 attention
               sinks + the W-4 most recent tokens; cepe.baselines), at N = 0 the same as truncation
+  replug      REPLUG: each 256-token chunk of the context prepended to x[-W:] separately, the
+              next-token distributions averaged (uniform weights: no retriever scores the chunks);
+              at N = 0 the same as truncation
 
 Identical calls (cepe at N=0, truncation, full at N=0) run once per document.
 With log_path, every call's result is appended to a JSON-lines file as it
@@ -36,7 +39,7 @@ import numpy as np
 
 CHUNK = 256  # encoder chunk length
 METHODS = ("cepe", "truncation", "full")  # the default set; also "streaming"
-ALL_METHODS = (*METHODS, "streaming")
+ALL_METHODS = (*METHODS, "streaming", "replug")
 STREAMING_SINKS = 4
 
 __all__ = [
@@ -62,7 +65,7 @@ __all__ = [
 
 def call_shape(method: str, n: int, window: int) -> tuple[int, int]:
     """(decoder length, context size) of a method's call at context size n."""
-    if method == "cepe":
+    if method in ("cepe", "replug"):
         return window, n
     if method == "truncation":
         return window, 0
@@ -74,7 +77,7 @@ def call_shape(method: str, n: int, window: int) -> tuple[int, int]:
 def _kind(method: str, n: int) -> str:
     """Which computation a call is: the engine's forward, or a baseline composed from cepe.ops (at
     N = 0 StreamingLLM's cache never evicts, so it is the engine's truncation call)."""
-    return "streaming" if method == "streaming" and n > 0 else "engine"
+    return method if method in ("streaming", "replug") and n > 0 else "engine"
 
 
 # ------------------------------------------------------------------ statistics
@@ -195,8 +198,14 @@ class LMCalls:
             if self._ops_decoder is None:
                 from .baselines import OpsDecoder
 
-                self._ops_decoder = OpsDecoder.from_model(self.model, getattr(self.model, "n_threads", 1))
+                # one token at a time: an OpenMP team costs more than it saves
+                self._ops_decoder = OpsDecoder.from_model(self.model, n_threads=1)
             nll = self._ops_decoder.streaming_nll(dec, self.window, self.window - 1, sinks=STREAMING_SINKS)
+        elif kind == "replug":
+            from .baselines import replug_nll
+
+            ctx = x[len(x) - dec_len - n_ctx : len(x) - dec_len]
+            nll = replug_nll(self.model, list(ctx.reshape(-1, CHUNK)), dec, self.window - 1)
         else:
             kw: dict[str, Any] = {}
             if n_ctx:
@@ -278,6 +287,8 @@ def evaluate_lm(
         skip = None
         if kind == "streaming" and window > max_pos:
             skip = f"W = {window} > max_position_embeddings {max_pos}"
+        elif kind == "replug" and window + CHUNK > max_pos:
+            skip = f"W + {CHUNK} = {window + CHUNK} > max_position_embeddings {max_pos}"
         elif method == "full" and dec_len > max_pos:
             skip = f"W+N = {dec_len} > max_position_embeddings {max_pos}"
         row: dict[str, Any]
@@ -437,6 +448,7 @@ def plot_perplexity(ax: Any, result: dict[str, Any]) -> None:
         "full": ("tab:orange", "full attention (W+N in decoder)"),
         "cepe": ("tab:blue", "CEPE (N in encoder)"),
         "streaming": ("tab:green", "StreamingLLM (W-entry cache)"),
+        "replug": ("tab:purple", "REPLUG (256-token chunks, uniform)"),
     }
     for method in [m for m in rows if m != "truncation"]:
         color, label = styles.get(method, (None, method))

@@ -86,3 +86,44 @@ def test_streaming_in_the_lm_protocol(tiny_cepe):
         want = dec.streaming_nll(x[-W - 256 :], cache_size=W, scored=W - 1)
         assert stream[1]["nll_per_doc"][d] == pytest.approx(want, abs=1e-9)
     assert stream[1]["nll_per_doc"] != trunc[1]["nll_per_doc"]
+
+
+@torch.no_grad()
+def torch_replug_nll(hf, passages, ids: np.ndarray, scored: int, scores=None) -> float:
+    """REPLUG (Shi et al. 2023): p(y) = sum_k softmax(scores)_k p(y | passage_k ++ x)."""
+    w = torch.full((len(passages),), 1.0 / len(passages)) if scores is None else torch.softmax(torch.tensor(scores), 0)
+    probs = 0
+    for p, wk in zip(passages, w, strict=True):
+        seq = torch.as_tensor(np.concatenate([p, ids]))[None]
+        logits = hf(seq).logits[0].double()
+        logp = torch.log_softmax(logits[-scored - 1 : -1], -1)
+        probs = probs + wk.double() * logp[torch.arange(scored), torch.as_tensor(ids[-scored:])].exp()
+    return float(-torch.log(probs).mean())
+
+
+@pytest.mark.parametrize("scores", [None, [0.5, -1.0, 2.0]])
+def test_replug_matches_the_torch_reference(tiny_llama, scores):
+    from cepe.baselines import replug_nll
+
+    hf = LlamaForCausalLM.from_pretrained(tiny_llama.path, dtype=torch.float32).eval()
+    rng = np.random.default_rng(7)
+    passages = [rng.integers(3, 101, size=n) for n in (5, 9, 7)]
+    ids = rng.integers(3, 101, size=14)
+    got = replug_nll(tiny_llama.load(), passages, ids, scored=10, scores=scores)
+    assert got == pytest.approx(torch_replug_nll(hf, passages, ids, 10, scores), abs=1e-4)
+    with pytest.raises(ValueError, match="scores"):
+        replug_nll(tiny_llama.load(), passages, ids, scored=10, scores=[1.0])
+
+
+def test_replug_in_the_lm_protocol(tiny_cepe):
+    from cepe.baselines import replug_nll
+
+    model = tiny_cepe.load()
+    W = 12
+    docs = [np.random.default_rng(10 + d).integers(3, 101, size=W + 512) for d in range(2)]
+    result = ev.evaluate_lm(model, docs, window=W, contexts=[0, 512], methods=["truncation", "replug"], bootstrap=50)
+    trunc, rep = result["results"]["truncation"], result["results"]["replug"]
+    assert rep[0]["nll_per_doc"] == trunc[0]["nll_per_doc"]
+    for d, x in enumerate(docs):
+        chunks = [x[-W - 512 : -W - 256], x[-W - 256 : -W]]
+        assert rep[1]["nll_per_doc"][d] == pytest.approx(replug_nll(model, chunks, x[-W:], W - 1), abs=1e-9)
