@@ -10,6 +10,11 @@ process on one set of weights):
     dec = OpsDecoder.from_model(model)
     nll = dec.streaming_nll(tokens, cache_size=256, scored=255)   # mean NLL of the last 255 tokens
 
+- Parallel context windows (PCW, Ratner et al., 2023): the context's chunks
+  share position ids 0..L-1 and each attends only within itself; the task
+  tokens take positions from L on and attend to every chunk and, causally, to
+  each other (OpsDecoder.pcw_nll).
+
 - REPLUG (Shi et al., 2023): each passage prepended to the input separately,
   the next-token distributions ensembled with weights softmax(retrieval
   scores) (uniform without scores). It runs on the engine's forward:
@@ -113,6 +118,63 @@ class OpsDecoder:
 
     def _layer(self, i: int, name: str) -> np.ndarray:
         return self.w[f"model.layers.{i}.{name}.weight"]
+
+    def _qkv(self, i: int, h: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Layer i's rotated q, k and v of hidden states h (B, T, C), tables (T, half)."""
+        B, T, _ = h.shape
+        x = ops.rmsnorm(h, self._layer(i, "input_layernorm"), self.cfg.rms_norm_eps, n_threads=self.nt)
+        q = ops.linear(x, self._layer(i, "self_attn.q_proj"), n_threads=self.nt).reshape(B, T, self.H, self.hd)
+        k = ops.linear(x, self._layer(i, "self_attn.k_proj"), n_threads=self.nt).reshape(B, T, self.KVH, self.hd)
+        v = ops.linear(x, self._layer(i, "self_attn.v_proj"), n_threads=self.nt).reshape(B, T, self.KVH, self.hd)
+        layout = self.rope.layout
+        q = ops.rope_apply(q, cos, sin, layout=layout, out=q, n_threads=self.nt)  # type: ignore[arg-type]
+        k = ops.rope_apply(k, cos, sin, layout=layout, out=k, n_threads=self.nt)  # type: ignore[arg-type]
+        return q, k, v
+
+    def _finish_layer(self, i: int, h: np.ndarray, a: np.ndarray) -> np.ndarray:
+        """h + o_proj(a), then the MLP block."""
+        nt, eps = self.nt, self.cfg.rms_norm_eps
+        h = h + ops.linear(a.reshape(*h.shape[:2], -1), self._layer(i, "self_attn.o_proj"), n_threads=nt)
+        x = ops.rmsnorm(h, self._layer(i, "post_attention_layernorm"), eps, n_threads=nt)
+        g = ops.linear(x, self._layer(i, "mlp.gate_proj"), n_threads=nt)
+        u = ops.linear(x, self._layer(i, "mlp.up_proj"), n_threads=nt)
+        return h + ops.linear(ops.swiglu(g, u, n_threads=nt), self._layer(i, "mlp.down_proj"), n_threads=nt)
+
+    def _nll(self, h: np.ndarray, targets: np.ndarray) -> float:
+        """Mean NLL of targets (n,) under the logits of hidden states h (n, C)."""
+        z = self._logits(h).astype(np.float64)
+        m = z.max(axis=1, keepdims=True)
+        logp = z - m - np.log(np.exp(z - m).sum(axis=1, keepdims=True))
+        return float(-logp[np.arange(len(targets)), targets].mean())
+
+    def pcw_nll(self, chunks: Any, tokens: Any, scored: int) -> float:
+        """Mean NLL of the last `scored` tokens of `tokens` under parallel context windows:
+        chunks (n, L) each at positions 0..L-1, attending only within itself; the tokens at
+        positions L.. attend to every chunk token and causally to each other."""
+        ctx = np.asarray(chunks, dtype=np.int64)
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if ctx.ndim != 2 or ctx.shape[0] < 1 or ctx.shape[1] < 1:
+            raise ValueError(f"chunks must be an (n, L) token array with n, L >= 1, got shape {ctx.shape}")
+        T = ids.size
+        if not 1 <= scored <= T - 1:
+            raise ValueError(f"scored must be in [1, {T - 1}], got {scored}")
+        V = self.cfg.vocab_size
+        if ((ctx < 0) | (ctx >= V)).any() or ((ids < 0) | (ids >= V)).any():
+            raise ValueError(f"token ids must be in [0, {V})")
+        n, L = ctx.shape
+        cos, sin = ops.rope_tables(np.arange(L + T, dtype=np.float64), self.rope)
+        emb = self.w["model.embed_tokens.weight"]
+        hc, ht = ops.embedding(ctx, emb), ops.embedding(ids[None], emb)
+        for i in range(self.cfg.num_hidden_layers):
+            qc, kc, vc = self._qkv(i, hc, cos[:L], sin[:L])
+            qt, kt, vt = self._qkv(i, ht, cos[L:], sin[L:])
+            ac = ops.attention(qc, kc, vc, causal=True, n_threads=self.nt)
+            keys = np.concatenate([kc.reshape(1, n * L, self.KVH, self.hd), kt], axis=1)
+            values = np.concatenate([vc.reshape(1, n * L, self.KVH, self.hd), vt], axis=1)
+            at = ops.attention(qt, keys, values, causal=True, q_offset=n * L, n_threads=self.nt)
+            assert isinstance(ac, np.ndarray) and isinstance(at, np.ndarray)
+            hc, ht = self._finish_layer(i, hc, ac), self._finish_layer(i, ht, at)
+        return self._nll(ht[0, T - scored - 1 : T - 1], ids[T - scored :])
 
     def _logits(self, h: np.ndarray) -> np.ndarray:
         x = ops.rmsnorm(h, self.w["model.norm.weight"], self.cfg.rms_norm_eps, n_threads=self.nt)

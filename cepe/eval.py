@@ -17,6 +17,8 @@ Methods (call_shape gives each call's decoder length and context size):
   replug      REPLUG: each 256-token chunk of the context prepended to x[-W:] separately, the
               next-token distributions averaged (uniform weights: no retriever scores the chunks);
               at N = 0 the same as truncation
+  pcw         parallel context windows: the context's 256-token chunks share positions 0..255 and
+              each attends within itself, x[-W:] follows at 256.. and attends to all (cepe.baselines)
 
 Identical calls (cepe at N=0, truncation, full at N=0) run once per document.
 With log_path, every call's result is appended to a JSON-lines file as it
@@ -39,7 +41,8 @@ import numpy as np
 
 CHUNK = 256  # encoder chunk length
 METHODS = ("cepe", "truncation", "full")  # the default set; also "streaming"
-ALL_METHODS = (*METHODS, "streaming", "replug")
+ALL_METHODS = (*METHODS, "streaming", "replug", "pcw")
+_BASELINES = ("streaming", "replug", "pcw")
 STREAMING_SINKS = 4
 
 __all__ = [
@@ -65,7 +68,7 @@ __all__ = [
 
 def call_shape(method: str, n: int, window: int) -> tuple[int, int]:
     """(decoder length, context size) of a method's call at context size n."""
-    if method in ("cepe", "replug"):
+    if method in ("cepe", "replug", "pcw"):
         return window, n
     if method == "truncation":
         return window, 0
@@ -77,7 +80,7 @@ def call_shape(method: str, n: int, window: int) -> tuple[int, int]:
 def _kind(method: str, n: int) -> str:
     """Which computation a call is: the engine's forward, or a baseline composed from cepe.ops (at
     N = 0 StreamingLLM's cache never evicts, so it is the engine's truncation call)."""
-    return method if method in ("streaming", "replug") and n > 0 else "engine"
+    return method if method in _BASELINES and n > 0 else "engine"
 
 
 # ------------------------------------------------------------------ statistics
@@ -194,13 +197,17 @@ class LMCalls:
         x = self.docs[d]
         dec = np.ascontiguousarray(x[len(x) - dec_len :], dtype=np.int64)
         t0 = time.perf_counter()
-        if kind == "streaming":
+        if kind in ("streaming", "pcw"):
             if self._ops_decoder is None:
                 from .baselines import OpsDecoder
 
-                # one token at a time: an OpenMP team costs more than it saves
+                # small ops (one token at a time for StreamingLLM): an OpenMP team costs more than it saves
                 self._ops_decoder = OpsDecoder.from_model(self.model, n_threads=1)
-            nll = self._ops_decoder.streaming_nll(dec, self.window, self.window - 1, sinks=STREAMING_SINKS)
+            if kind == "streaming":
+                nll = self._ops_decoder.streaming_nll(dec, self.window, self.window - 1, sinks=STREAMING_SINKS)
+            else:
+                ctx = x[len(x) - dec_len - n_ctx : len(x) - dec_len]
+                nll = self._ops_decoder.pcw_nll(ctx.reshape(-1, CHUNK), dec, self.window - 1)
         elif kind == "replug":
             from .baselines import replug_nll
 
@@ -287,7 +294,7 @@ def evaluate_lm(
         skip = None
         if kind == "streaming" and window > max_pos:
             skip = f"W = {window} > max_position_embeddings {max_pos}"
-        elif kind == "replug" and window + CHUNK > max_pos:
+        elif kind in ("replug", "pcw") and window + CHUNK > max_pos:
             skip = f"W + {CHUNK} = {window + CHUNK} > max_position_embeddings {max_pos}"
         elif method == "full" and dec_len > max_pos:
             skip = f"W+N = {dec_len} > max_position_embeddings {max_pos}"
@@ -449,6 +456,7 @@ def plot_perplexity(ax: Any, result: dict[str, Any]) -> None:
         "cepe": ("tab:blue", "CEPE (N in encoder)"),
         "streaming": ("tab:green", "StreamingLLM (W-entry cache)"),
         "replug": ("tab:purple", "REPLUG (256-token chunks, uniform)"),
+        "pcw": ("tab:brown", "parallel context windows (256)"),
     }
     for method in [m for m in rows if m != "truncation"]:
         color, label = styles.get(method, (None, method))

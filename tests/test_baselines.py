@@ -127,3 +127,58 @@ def test_replug_in_the_lm_protocol(tiny_cepe):
     for d, x in enumerate(docs):
         chunks = [x[-W - 512 : -W - 256], x[-W - 256 : -W]]
         assert rep[1]["nll_per_doc"][d] == pytest.approx(replug_nll(model, chunks, x[-W:], W - 1), abs=1e-9)
+
+
+@torch.no_grad()
+def torch_pcw_nll(hf, chunks: np.ndarray, ids: np.ndarray, scored: int) -> float:
+    """Parallel context windows (Ratner et al. 2023) as one sequence with a block mask: chunk i
+    at positions 0..L-1 sees its own earlier tokens; the task tokens at L.. see every chunk
+    token and their own earlier tokens."""
+    n, L = chunks.shape
+    T = len(ids)
+    seq = torch.as_tensor(np.concatenate([chunks.reshape(-1), ids]))[None]
+    pos = torch.as_tensor(np.concatenate([np.tile(np.arange(L), n), L + np.arange(T)]))[None]
+    S = n * L + T
+    owner = torch.as_tensor(np.concatenate([np.repeat(np.arange(n), L), np.full(T, n)]))
+    i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
+    allowed = (j <= i) & ((owner[:, None] == owner[None, :]) | ((owner[:, None] == n) & (owner[None, :] < n)))
+    mask = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[None, None]
+    model = hf.model
+    h = model.embed_tokens(seq)
+    cos_sin = model.rotary_emb(h, pos)
+    for layer in model.layers:
+        a, _ = layer.self_attn(layer.input_layernorm(h), position_embeddings=cos_sin, attention_mask=mask)
+        h = h + a
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    logp = torch.log_softmax(hf.lm_head(model.norm(h))[0].double(), -1)
+    rows = torch.arange(S - scored - 1, S - 1)
+    return float(-logp[rows, torch.as_tensor(ids[-scored:])].mean())
+
+
+def test_pcw_matches_the_torch_reference(tiny_llama):
+    hf = LlamaForCausalLM.from_pretrained(tiny_llama.path, dtype=torch.float32).eval()
+    hf.config._attn_implementation = "eager"
+    dec = OpsDecoder.from_model(tiny_llama.load())
+    rng = np.random.default_rng(11)
+    chunks, ids = rng.integers(3, 101, size=(3, 8)), rng.integers(3, 101, size=13)
+    got = dec.pcw_nll(chunks, ids, scored=12)
+    assert got == pytest.approx(torch_pcw_nll(hf, chunks, ids, 12), abs=1e-4)
+    # one window is plain causal attention over chunk + tokens: the engine's forward
+    model = tiny_llama.load()
+    one = dec.pcw_nll(chunks[:1], ids, scored=12)
+    assert one == pytest.approx(math.log(model.perplexity(np.concatenate([chunks[0], ids]), eval_window=12)), abs=1e-5)
+    with pytest.raises(ValueError, match="chunks"):
+        dec.pcw_nll(chunks[0], ids, scored=12)
+
+
+def test_pcw_in_the_lm_protocol(tiny_cepe):
+    model = tiny_cepe.load()
+    W = 12
+    docs = [np.random.default_rng(20 + d).integers(3, 101, size=W + 512) for d in range(2)]
+    result = ev.evaluate_lm(model, docs, window=W, contexts=[0, 512], methods=["truncation", "pcw"], bootstrap=50)
+    trunc, pcw = result["results"]["truncation"], result["results"]["pcw"]
+    assert pcw[0]["nll_per_doc"] == trunc[0]["nll_per_doc"]
+    dec = OpsDecoder.from_model(model)
+    for d, x in enumerate(docs):
+        want = dec.pcw_nll(x[-W - 512 : -W].reshape(2, 256), x[-W:], W - 1)
+        assert pcw[1]["nll_per_doc"][d] == pytest.approx(want, abs=1e-9)
