@@ -17,6 +17,9 @@ Methods (call_shape gives each call's decoder length and context size):
   replug      REPLUG: each 256-token chunk of the context prepended to x[-W:] separately, the
               next-token distributions averaged (uniform weights: no retriever scores the chunks);
               at N = 0 the same as truncation
+  e2llm-cepe  E2-LLM + CEPE: the decoder reads the last 2W tokens with RoPE scaled linearly by 2 (as
+              E2-LLM runs a model on twice its window), the rest of the context goes to the encoder
+              (N below W: the decoder reads all W+N tokens, scaled the same)
   pcw         parallel context windows: the context's 256-token chunks share positions 0..255 and
               each attends within itself, x[-W:] follows at 256.. and attends to all (cepe.baselines)
 
@@ -41,7 +44,8 @@ import numpy as np
 
 CHUNK = 256  # encoder chunk length
 METHODS = ("cepe", "truncation", "full")  # the default set; also "streaming"
-ALL_METHODS = (*METHODS, "streaming", "replug", "pcw")
+ALL_METHODS = (*METHODS, "streaming", "replug", "pcw", "e2llm-cepe")
+E2LLM_FACTOR = 2  # e2llm-cepe: the decoder's window and RoPE scale
 _BASELINES = ("streaming", "replug", "pcw")
 STREAMING_SINKS = 4
 
@@ -74,12 +78,17 @@ def call_shape(method: str, n: int, window: int) -> tuple[int, int]:
         return window, 0
     if method in ("full", "streaming"):
         return window + n, 0
+    if method == "e2llm-cepe":
+        extra = min(n, (E2LLM_FACTOR - 1) * window)
+        return window + extra, n - extra
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
 
 
 def _kind(method: str, n: int) -> str:
     """Which computation a call is: the engine's forward, or a baseline composed from cepe.ops (at
     N = 0 StreamingLLM's cache never evicts, so it is the engine's truncation call)."""
+    if method == "e2llm-cepe":
+        return method  # another RoPE: never the engine's unscaled call
     return method if method in _BASELINES and n > 0 else "engine"
 
 
@@ -161,6 +170,7 @@ class LMCalls:
         self.cache: dict[tuple[int, int, int, str], tuple[float, float]] = {}
         self.log_path = None if log_path is None else os.fspath(log_path)
         self._ops_decoder: Any = None
+        self._scaled: Any = None
         self.resumed = 0
         if self.log_path and os.path.exists(self.log_path):
             self._resume()
@@ -208,13 +218,26 @@ class LMCalls:
             else:
                 ctx = x[len(x) - dec_len - n_ctx : len(x) - dec_len]
                 nll = self._ops_decoder.pcw_nll(ctx.reshape(-1, CHUNK), dec, self.window - 1)
+        elif kind == "e2llm-cepe":
+            if self._scaled is None:
+                from .load import load
+
+                scaling = {"rope_type": "linear", "factor": float(E2LLM_FACTOR)}
+                self._scaled = load(
+                    self.model.path, rope_scaling=scaling, n_threads=getattr(self.model, "n_threads", None)
+                )
+            kw: dict[str, Any] = {}
+            if n_ctx:
+                ctx = x[len(x) - dec_len - n_ctx : len(x) - dec_len]
+                kw["encoder_input_ids"] = np.ascontiguousarray(ctx, dtype=np.int64).reshape(-1, CHUNK)
+            nll = math.log(self._scaled.perplexity(dec, eval_window=self.window - 1, **kw))
         elif kind == "replug":
             from .baselines import replug_nll
 
             ctx = x[len(x) - dec_len - n_ctx : len(x) - dec_len]
             nll = replug_nll(self.model, list(ctx.reshape(-1, CHUNK)), dec, self.window - 1)
         else:
-            kw: dict[str, Any] = {}
+            kw = {}
             if n_ctx:
                 ctx = x[len(x) - dec_len - n_ctx : len(x) - dec_len]
                 kw["encoder_input_ids"] = np.ascontiguousarray(ctx, dtype=np.int64).reshape(-1, CHUNK)
@@ -250,6 +273,12 @@ def _check(
     short = [i for i, d in enumerate(docs) if len(d) < need]
     if short:
         raise ValueError(f"documents {short} hold fewer than window + max(contexts) = {need} tokens")
+    extra = (E2LLM_FACTOR - 1) * window
+    if "e2llm-cepe" in methods and any(n > extra for n in contexts):
+        if extra % CHUNK:
+            raise ValueError(f"e2llm-cepe: {E2LLM_FACTOR - 1} x window = {extra} must be a multiple of {CHUNK}")
+        if not model.config.is_cepe:
+            raise ValueError("e2llm-cepe: the model is not a CEPE model (no cross-attention)")
     if "cepe" in methods and any(contexts) and not model.config.is_cepe:
         raise ValueError("the model is not a CEPE model (no cross-attention): method 'cepe' cannot take a context")
 

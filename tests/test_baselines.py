@@ -182,3 +182,25 @@ def test_pcw_in_the_lm_protocol(tiny_cepe):
     for d, x in enumerate(docs):
         want = dec.pcw_nll(x[-W - 512 : -W].reshape(2, 256), x[-W:], W - 1)
         assert pcw[1]["nll_per_doc"][d] == pytest.approx(want, abs=1e-9)
+
+
+def test_e2llm_cepe_in_the_lm_protocol_matches_the_reference(tiny_cepe, reference):
+    """e2llm-cepe: the decoder reads the last 2W tokens with RoPE scaled linearly by 2, the rest of
+    the context through the encoder; the reference runs the same with transformers' linear RoPE."""
+    W = 256
+    ref = reference.load_reference(tiny_cepe.path, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    model = tiny_cepe.load()
+    docs = [np.random.default_rng(30 + d).integers(3, 101, size=W + 768) for d in range(2)]
+    result = ev.evaluate_lm(model, docs, window=W, contexts=[0, 256, 768], methods=["e2llm-cepe"], bootstrap=50)
+    rows = {r["N"]: r for r in result["results"]["e2llm-cepe"]}
+    for d, x in enumerate(docs):
+        for n, (dec_len, n_ctx) in {0: (W, 0), 256: (W + 256, 0), 768: (2 * W, 512)}.items():
+            dec = x[-dec_len:]
+            E = None if not n_ctx else ref.encode(x[-dec_len - n_ctx : -dec_len].reshape(1, -1, 256))
+            logp = torch.log_softmax(ref.forward(dec[None], E)[0].double()[-W:-1], -1)
+            want = float(-logp[torch.arange(W - 1), torch.as_tensor(dec[-(W - 1) :])].mean())
+            assert rows[n]["nll_per_doc"][d] == pytest.approx(want, abs=1e-4), (d, n)
+    unscaled = math.log(model.perplexity(docs[0][-W:], eval_window=W - 1))
+    assert abs(rows[0]["nll_per_doc"][0] - unscaled) > 1e-3  # the scale is in effect
+    with pytest.raises(ValueError, match="multiple of 256"):
+        ev.evaluate_lm(model, docs, window=100, contexts=[256], methods=["e2llm-cepe"])

@@ -220,14 +220,16 @@ _LLAMA_KEYS = (
 )  # fmt: skip
 
 
-def load_reference(path: str | os.PathLike[str]) -> CepeReference:
+def load_reference(path: str | os.PathLike[str], rope_scaling: dict[str, Any] | None = None) -> CepeReference:
     """The reference holding a CEPE checkpoint's weights (official layout: config.json and
-    model.safetensors, as CepeReference.save and cepe.testing.write_tiny_cepe write them)."""
+    model.safetensors, as CepeReference.save and cepe.testing.write_tiny_cepe write them);
+    rope_scaling (e.g. {"rope_type": "linear", "factor": 2.0}) replaces the decoder's RoPE."""
     from safetensors.torch import load_file
 
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         cfg = json.load(f)
-    dec = LlamaConfig(**{k: cfg[k] for k in _LLAMA_KEYS if k in cfg})
+    dec_kw = {k: cfg[k] for k in _LLAMA_KEYS if k in cfg}
+    dec = LlamaConfig(**dec_kw) if rope_scaling is None else LlamaConfig(**dec_kw, rope_scaling=dict(rope_scaling))
     enc_raw = cfg["encoder_config"]
     enc = LlamaConfig(**{k: enc_raw[k] for k in _LLAMA_KEYS if k in enc_raw})
     ref = CepeReference(dec, enc, int(cfg["num_cross_attn_layers"]))
