@@ -13,7 +13,9 @@ process on one set of weights):
 - Parallel context windows (PCW, Ratner et al., 2023): the context's chunks
   share position ids 0..L-1 and each attends only within itself; the task
   tokens take positions from L on and attend to every chunk and, causally, to
-  each other (OpsDecoder.pcw_nll).
+  each other (OpsDecoder.pcw_nll); with APE's refinement (Yang et al., 2025): a
+  shared prefix before every chunk, and a temperature and a scale on the task
+  tokens' attention to the chunks.
 
 - REPLUG (Shi et al., 2023): each passage prepended to the input separately,
   the next-token distributions ensembled with weights softmax(retrieval
@@ -28,7 +30,6 @@ cache that never evicts it computes what Model.perplexity computes.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -73,22 +74,6 @@ def replug_nll(
     return float(-(top + np.log(np.exp(lp - top).sum(axis=0))).mean())
 
 
-def _read_weights(path: str, cfg: DecoderConfig) -> dict[str, np.ndarray]:
-    """The decoder's float32 weights under their HF names, from an HF directory or a GGUF file."""
-    from .gguf_io import GGUFFile, is_gguf, weight_names
-
-    if is_gguf(path):
-        gf = GGUFFile(path)
-        try:
-            return {target: gf.get(name) for name, target in weight_names(gf, cfg).items()}
-        finally:
-            gf.close()
-    from .safetensors_io import Checkpoint
-
-    ckpt = Checkpoint(path)
-    return {nm: ckpt.get(nm) for nm in ckpt.names() if nm.startswith(("model.", "lm_head."))}
-
-
 class OpsDecoder:
     """A LLaMA decoder run layer by layer with cepe.ops on its weights."""
 
@@ -110,11 +95,12 @@ class OpsDecoder:
 
     @classmethod
     def from_model(cls, model: Any, n_threads: int | None = 1) -> OpsDecoder:
-        """The decoder of a loaded cepe.Model, its weights read again from model.path."""
-        path = getattr(model, "path", None)
-        if not path or not os.path.exists(path):
-            raise ValueError(f"OpsDecoder.from_model: the model's files are not at {path!r}")
-        return cls(model.config, _read_weights(path, model.config), n_threads)
+        """The decoder of a loaded cepe.Model, on the very arrays the model computes with
+        (read-only views: nothing is copied or read again)."""
+        import cepe_c
+
+        weights = cepe_c.train_weights(model._core)
+        return cls(model.config, {k: v for k, v in weights.items() if k.startswith(("model.", "lm_head."))}, n_threads)
 
     def _layer(self, i: int, name: str) -> np.ndarray:
         return self.w[f"model.layers.{i}.{name}.weight"]
@@ -147,33 +133,69 @@ class OpsDecoder:
         logp = z - m - np.log(np.exp(z - m).sum(axis=1, keepdims=True))
         return float(-logp[np.arange(len(targets)), targets].mean())
 
-    def pcw_nll(self, chunks: Any, tokens: Any, scored: int) -> float:
+    def pcw_nll(
+        self,
+        chunks: Any,
+        tokens: Any,
+        scored: int,
+        *,
+        prefix: Any = None,
+        temperature: float = 1.0,
+        scale: float = 1.0,
+    ) -> float:
         """Mean NLL of the last `scored` tokens of `tokens` under parallel context windows:
-        chunks (n, L) each at positions 0..L-1, attending only within itself; the tokens at
-        positions L.. attend to every chunk token and causally to each other."""
+        chunks (n, L) each at positions P..P+L-1 after a shared prefix (P tokens at 0..P-1,
+        none by default), attending to the prefix and within itself; the tokens at positions
+        P+L.. attend to the prefix, every chunk token and causally to each other.
+
+        APE's refinement (Yang et al., 2025) with temperature T and scale S: a task token's
+        attention to the chunk tokens uses scores / T and their softmax mass times S, i.e. the
+        output is (Σ_prefix e^s v + S Σ_chunks e^(s/T) v + Σ_task e^s v) / (the same sums without
+        v). T = S = 1 and no prefix is plain PCW."""
         ctx = np.asarray(chunks, dtype=np.int64)
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        pre = np.zeros(0, np.int64) if prefix is None else np.asarray(prefix, dtype=np.int64).reshape(-1)
         if ctx.ndim != 2 or ctx.shape[0] < 1 or ctx.shape[1] < 1:
             raise ValueError(f"chunks must be an (n, L) token array with n, L >= 1, got shape {ctx.shape}")
         T = ids.size
         if not 1 <= scored <= T - 1:
             raise ValueError(f"scored must be in [1, {T - 1}], got {scored}")
+        if not (temperature > 0 and scale > 0 and math.isfinite(temperature) and math.isfinite(scale)):
+            raise ValueError(f"temperature and scale must be finite and > 0, got {temperature} and {scale}")
         V = self.cfg.vocab_size
-        if ((ctx < 0) | (ctx >= V)).any() or ((ids < 0) | (ids >= V)).any():
+        if any(((a < 0) | (a >= V)).any() for a in (ctx, ids, pre)):
             raise ValueError(f"token ids must be in [0, {V})")
         n, L = ctx.shape
-        cos, sin = ops.rope_tables(np.arange(L + T, dtype=np.float64), self.rope)
+        P = pre.size
+        rows = np.concatenate([np.broadcast_to(pre, (n, P)), ctx], axis=1)  # (n, P+L)
+        cos, sin = ops.rope_tables(np.arange(P + L + T, dtype=np.float64), self.rope)
         emb = self.w["model.embed_tokens.weight"]
-        hc, ht = ops.embedding(ctx, emb), ops.embedding(ids[None], emb)
+        hc, ht = ops.embedding(rows, emb), ops.embedding(ids[None], emb)
+        KVH, hd = self.KVH, self.hd
+        qk_scale = hd**-0.5
         for i in range(self.cfg.num_hidden_layers):
-            qc, kc, vc = self._qkv(i, hc, cos[:L], sin[:L])
-            qt, kt, vt = self._qkv(i, ht, cos[L:], sin[L:])
+            qc, kc, vc = self._qkv(i, hc, cos[: P + L], sin[: P + L])
+            qt, kt, vt = self._qkv(i, ht, cos[P + L :], sin[P + L :])
             ac = ops.attention(qc, kc, vc, causal=True, n_threads=self.nt)
-            keys = np.concatenate([kc.reshape(1, n * L, self.KVH, self.hd), kt], axis=1)
-            values = np.concatenate([vc.reshape(1, n * L, self.KVH, self.hd), vt], axis=1)
-            at = ops.attention(qt, keys, values, causal=True, q_offset=n * L, n_threads=self.nt)
-            assert isinstance(ac, np.ndarray) and isinstance(at, np.ndarray)
-            hc, ht = self._finish_layer(i, hc, ac), self._finish_layer(i, ht, at)
+            assert isinstance(ac, np.ndarray)
+            parts = [  # (keys, values, score scale, log weight, causal)
+                (kc[:, P:].reshape(1, n * L, KVH, hd), vc[:, P:].reshape(1, n * L, KVH, hd),
+                 qk_scale / temperature, math.log(scale), False),
+                (kt, vt, qk_scale, 0.0, True),
+            ]  # fmt: skip
+            if P:
+                parts.append((kc[:1, :P], vc[:1, :P], qk_scale, 0.0, False))
+            outs, lses = [], []
+            for k, v, sc, logw, causal in parts:
+                o, lse = ops.attention(
+                    qt, k, v, causal=causal, q_offset=0, scale=sc, return_lse=True, n_threads=self.nt
+                )
+                outs.append(o)
+                lses.append(lse + logw)
+            top = np.max(lses, axis=0)
+            w = [np.exp(lse - top)[..., None] for lse in lses]  # (1, T, H, 1) each
+            at = sum(wi * o for wi, o in zip(w, outs, strict=True)) / sum(w)
+            hc, ht = self._finish_layer(i, hc, ac), self._finish_layer(i, ht, at.astype(np.float32))
         return self._nll(ht[0, T - scored - 1 : T - 1], ids[T - scored :])
 
     def _logits(self, h: np.ndarray) -> np.ndarray:

@@ -204,3 +204,65 @@ def test_e2llm_cepe_in_the_lm_protocol_matches_the_reference(tiny_cepe, referenc
     assert abs(rows[0]["nll_per_doc"][0] - unscaled) > 1e-3  # the scale is in effect
     with pytest.raises(ValueError, match="multiple of 256"):
         ev.evaluate_lm(model, docs, window=100, contexts=[256], methods=["e2llm-cepe"])
+
+
+@torch.no_grad()
+def torch_ape_nll(hf, prefix, chunks, ids, scored: int, temp: float, scale: float) -> float:
+    """APE (Yang et al. 2025) written out: every chunk after the same prefix (positions 0..P-1,
+    the chunk P..P+L-1, causal within); the task tokens (P+L..) weigh the prefix's exp(score),
+    the chunks' exp(score / temp) times scale, and their own causal exp(score)."""
+    model, cfg = hf.model, hf.config
+    H, KVH, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    n, L = chunks.shape
+    P, T = len(prefix), len(ids)
+    rows = torch.as_tensor(np.concatenate([np.tile(prefix, (n, 1)), chunks], axis=1))
+    hc, ht = model.embed_tokens(rows), model.embed_tokens(torch.as_tensor(ids)[None])
+    cs_c = model.rotary_emb(hc, torch.arange(P + L)[None])
+    cs_t = model.rotary_emb(ht, torch.arange(P + L, P + L + T)[None])
+    sc = hd**-0.5
+
+    def proj(layer, h, cs):
+        B, S, _ = h.shape
+        att, x = layer.self_attn, layer.input_layernorm(h)
+        q = att.q_proj(x).view(B, S, H, hd).transpose(1, 2)
+        k = att.k_proj(x).view(B, S, KVH, hd).transpose(1, 2)
+        v = att.v_proj(x).view(B, S, KVH, hd).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *cs)
+        return q, repeat_kv(k, H // KVH), repeat_kv(v, H // KVH)
+
+    def finish(layer, h, a):
+        h = h + layer.self_attn.o_proj(a.transpose(1, 2).reshape(*h.shape[:2], H * hd))
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    for layer in model.layers:
+        qc, kc, vc = proj(layer, hc, cs_c)
+        s = (qc @ kc.transpose(2, 3)) * sc
+        s = s.masked_fill(torch.triu(torch.ones(P + L, P + L, dtype=torch.bool), 1), float("-inf"))
+        ac = torch.softmax(s, -1) @ vc
+        qt, kt, vt = proj(layer, ht, cs_t)
+        kp, vp = kc[:1, :, :P], vc[:1, :, :P]
+        kx = kc[:, :, P:].permute(1, 0, 2, 3).reshape(1, H, n * L, hd)
+        vx = vc[:, :, P:].permute(1, 0, 2, 3).reshape(1, H, n * L, hd)
+        s_p, s_x = (qt @ kp.transpose(2, 3)) * sc, (qt @ kx.transpose(2, 3)) * sc / temp
+        s_t = ((qt @ kt.transpose(2, 3)) * sc).masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), -1e30)
+        m = torch.cat([s_p, s_x, s_t], -1).amax(-1, keepdim=True)
+        e_p, e_x, e_t = (s_p - m).exp(), scale * (s_x - m).exp(), (s_t - m).exp()
+        num = e_p @ vp + e_x @ vx + e_t @ vt
+        at = num / (e_p.sum(-1, keepdim=True) + e_x.sum(-1, keepdim=True) + e_t.sum(-1, keepdim=True))
+        hc, ht = finish(layer, hc, ac), finish(layer, ht, at)
+    logp = torch.log_softmax(hf.lm_head(model.norm(ht))[0].double(), -1)
+    return float(-logp[torch.arange(T - scored - 1, T - 1), torch.as_tensor(ids[-scored:])].mean())
+
+
+@pytest.mark.parametrize("temp,scale", [(1.0, 1.0), (0.7, 0.8)])
+def test_ape_matches_the_torch_reference(tiny_llama, temp, scale):
+    hf = LlamaForCausalLM.from_pretrained(tiny_llama.path, dtype=torch.float32).eval()
+    dec = OpsDecoder.from_model(tiny_llama.load())
+    rng = np.random.default_rng(12)
+    prefix, chunks, ids = rng.integers(3, 101, size=3), rng.integers(3, 101, size=(3, 6)), rng.integers(3, 101, size=9)
+    got = dec.pcw_nll(chunks, ids, scored=8, prefix=prefix, temperature=temp, scale=scale)
+    assert got == pytest.approx(torch_ape_nll(hf, prefix, chunks, ids, 8, temp, scale), abs=1e-4)
+    if (temp, scale) != (1.0, 1.0):
+        assert abs(got - dec.pcw_nll(chunks, ids, scored=8, prefix=prefix)) > 1e-4
+    with pytest.raises(ValueError, match="temperature"):
+        dec.pcw_nll(chunks, ids, scored=8, temperature=0.0)
