@@ -42,6 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from .eval_qa import evaluate_qa, exact_match, f1_score  # noqa: E402 - the QA protocol, cepe.eval's too
+
 CHUNK = 256  # encoder chunk length
 METHODS = ("cepe", "truncation", "full")  # the default set; also "streaming"
 ALL_METHODS = (*METHODS, "streaming", "replug", "pcw", "e2llm-cepe")
@@ -58,6 +60,9 @@ __all__ = [
     "bootstrap_indices",
     "call_shape",
     "evaluate_lm",
+    "evaluate_qa",
+    "exact_match",
+    "f1_score",
     "interval",
     "load_documents",
     "paired",

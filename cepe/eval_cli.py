@@ -65,9 +65,35 @@ def cmd_eval_lm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_qa(args: argparse.Namespace) -> int:
+    from .eval_qa import evaluate_qa
+
+    for name in ("k_decoder", "k_encoder", "shots", "max_new_tokens"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    model = load(args.model, n_threads=args.threads)
+    corpus = None
+    if args.corpus:
+        from .retrieval import split_passages
+
+        with open(args.corpus, encoding="utf-8") as f:
+            corpus = split_passages(f.read())
+    os.makedirs(args.out_dir, exist_ok=True)
+    result = evaluate_qa(
+        model, args.data, k_decoder=args.k_decoder, k_encoder=args.k_encoder, shots=args.shots, corpus=corpus,
+        max_new_tokens=args.max_new_tokens, log_path=os.path.join(args.out_dir, "answers.jsonl"),
+    )  # fmt: skip
+    result = {"model": args.model, "data": args.data, **result}
+    with open(os.path.join(args.out_dir, "qa.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    summary = {k: v for k, v in result.items() if k != "predictions"}
+    print(json.dumps(summary, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in summary.items()))
+    return 0
+
+
 def add_parser(sub: Any, common: Callable[..., None]) -> None:
     """`cepe eval` and its protocols, under the main parser's subcommands."""
-    ev_p = sub.add_parser("eval", help="the CEPE paper's evaluation protocols (lm)")
+    ev_p = sub.add_parser("eval", help="the CEPE paper's evaluation protocols (lm, qa)")
     ev_sub = ev_p.add_subparsers(dest="protocol", required=True, metavar="PROTOCOL")
     lm = ev_sub.add_parser(
         "lm",
@@ -88,3 +114,21 @@ def add_parser(sub: Any, common: Callable[..., None]) -> None:
     lm.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     lm.add_argument("--out-dir", default="cepe_eval", help="where calls.jsonl, lm.json, lm.csv and lm.png go")
     lm.set_defaults(func=cmd_eval_lm)
+
+    qa = ev_sub.add_parser(
+        "qa",
+        help="open-domain QA: exact match and F1 with passages in the decoder and the encoder",
+        description="The CEPE paper's open-domain QA protocol: the top --k-decoder passages in the prompt, the "
+        "next --k-encoder in the encoder, --shots demonstrations (the file's first examples), greedy answers of "
+        "at most --max-new-tokens tokens; exact match and F1 with SQuAD's answer normalisation. Resumable: "
+        "answers.jsonl in --out-dir keeps every answer.",
+    )
+    common(qa)
+    qa.add_argument("--data", required=True, help="QA JSON lines: question, answers, passages ({title, text})")
+    qa.add_argument("--corpus", default=None, help="a text file to retrieve from (BM25) for lines without passages")
+    qa.add_argument("--k-decoder", type=int, default=5, help="passages in the decoder's prompt")
+    qa.add_argument("--k-encoder", type=int, default=0, help="further passages through the encoder")
+    qa.add_argument("--shots", type=int, default=2, help="demonstrations (the first examples, not scored)")
+    qa.add_argument("--max-new-tokens", type=int, default=25, help="the longest answer")
+    qa.add_argument("--out-dir", default="cepe_eval", help="where answers.jsonl and qa.json go")
+    qa.set_defaults(func=cmd_eval_qa)
