@@ -42,7 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from .eval_qa import evaluate_qa, exact_match, f1_score  # noqa: E402 - the QA protocol, cepe.eval's too
+from .bootstrap import boot_ppl, bootstrap_indices, interval
+from .eval_qa import evaluate_qa, exact_match, f1_score  # the QA protocol, cepe.eval's too
 
 CHUNK = 256  # encoder chunk length
 METHODS = ("cepe", "truncation", "full")  # the default set; also "streaming"
@@ -98,26 +99,6 @@ def _kind(method: str, n: int) -> str:
 
 
 # ------------------------------------------------------------------ statistics
-
-
-def bootstrap_indices(n_docs: int, draws: int, seed: int) -> np.ndarray:
-    """(draws, n_docs) document indices resampled with replacement: the same draws serve every
-    method and N, so differences between them are paired."""
-    return np.random.default_rng(seed).integers(0, n_docs, size=(draws, n_docs))
-
-
-def boot_ppl(nll: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Perplexity of each bootstrap draw (rows of idx index the documents)."""
-    return np.exp(np.asarray(nll)[idx].mean(axis=1))
-
-
-def interval(draws: np.ndarray) -> list[float] | None:
-    """The 2.5 / 97.5 percentiles of the finite draws (None if there are none)."""
-    draws = draws[np.isfinite(draws)]
-    if draws.size == 0:
-        return None
-    lo, hi = np.percentile(draws, [2.5, 97.5])
-    return [float(lo), float(hi)]
 
 
 def summarize(nll: Sequence[float], seconds: Sequence[float], idx: np.ndarray) -> dict[str, Any]:

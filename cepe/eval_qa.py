@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from .bootstrap import bootstrap_indices, interval
+
 __all__ = ["evaluate_qa", "exact_match", "f1_score", "normalize_answer", "read_qa"]
 
 
@@ -121,7 +123,6 @@ def evaluate_qa(
 ) -> dict[str, Any]:
     """Exact match and F1 (means, with 95 % bootstrap intervals) and each prediction. With
     log_path every answer is appended to that JSON-lines file and a rerun skips those done."""
-    from .eval import bootstrap_indices, interval
     from .rag import answer
 
     examples = read_qa(data) if isinstance(data, (str, os.PathLike)) else list(data)
