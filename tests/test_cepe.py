@@ -8,10 +8,10 @@ import os
 import numpy as np
 import pytest
 import torch
-from cepe_reference import make_reference
 
 import cepe
 from cepe import ConfigError
+from cepe.testing.reference import make_reference
 
 TOL = 1e-4
 

@@ -12,10 +12,10 @@ import sys
 
 import numpy as np
 import pytest
-from cepe_reference import make_reference
 from conftest import TEXT, write_tokenizer
 
 import cepe
+from cepe.testing.reference import make_reference
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cepe_reference import make_reference
 
 import cepe
+from cepe.testing.reference import make_reference
 
 SIM = "cpu-device-sim"
 

@@ -25,8 +25,9 @@ import pytest
 import cepe
 
 torch = pytest.importorskip("torch")
-from cepe_reference import CepeReference  # noqa: E402 (needs torch)
 from transformers import LlamaConfig  # noqa: E402
+
+from cepe.testing.reference import CepeReference  # noqa: E402 (needs torch)
 
 V = 64  # token ids 3..63 are drawn
 T, N_CTX = 16, 4  # decoder window; the encoder reads it as 4 chunks of 4
