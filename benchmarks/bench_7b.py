@@ -194,12 +194,19 @@ def disk_bytes(path: str) -> int:
 # ------------------------------------------------------------------ measuring
 
 
-def rss_now() -> int:
+def status(key: str) -> int:
+    """A /proc/self/status figure (VmRSS, VmHWM: the peak RSS) in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def reset_peak() -> None:
+    """Restarts VmHWM from the current RSS (Linux >= 4.0), so the next peak is the measurement's own."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def worker(what: str, path: str, a: argparse.Namespace) -> None:
@@ -207,10 +214,12 @@ def worker(what: str, path: str, a: argparse.Namespace) -> None:
         sys.path.insert(0, REPO_ROOT)
     import cepe
 
-    base = rss_now()
+    base = status("VmRSS")
     start = time.perf_counter()
     model = cepe.load(path, n_threads=a.threads)
-    out: dict = {"load_s": time.perf_counter() - start, "rss_base": base, "rss_loaded": rss_now()}
+    out: dict = {"load_s": time.perf_counter() - start, "rss_base": base}
+    out.update(load_peak=status("VmHWM"), rss_loaded=status("VmRSS"))
+    reset_peak()
     rng = np.random.default_rng(0)
     if what == "decode":
         prompt = rng.integers(3, 32000, size=(1, 16))
@@ -224,6 +233,7 @@ def worker(what: str, path: str, a: argparse.Namespace) -> None:
         start = time.perf_counter()
         model.forward(ids, encoder_input_ids=chunks, logits="last")
         out["cepe_forward_s"] = time.perf_counter() - start
+    out["run_peak"] = status("VmHWM")
     print(json.dumps(out))
 
 
@@ -250,10 +260,14 @@ def mem_available() -> int:
 
 
 def estimate(probe: dict, probe_params: int, probe_layers: int, params: int, layers: int) -> float:
-    """Peak bytes of the full model's `cepe` measurement, from the probe's figures."""
-    per_weight = (probe["rss_loaded"] - probe["rss_base"]) / probe_params
-    activations = max(0.0, probe["peak_rss_gb"] * GB - probe["rss_loaded"])
-    return probe["rss_base"] + per_weight * params + activations * layers / probe_layers
+    """Peak bytes of a model of `params` parameters and `layers` decoder layers in the probe's form:
+    the larger of the load's peak and the CEPE forward's, each scaled from the probe's (the
+    weights by the parameter count, the forward's activations, conservatively, by the layers)."""
+    base, w = probe["rss_base"], params / probe_params
+    load = base + (probe["load_peak"] - base) * w
+    activations = max(0, probe["run_peak"] - probe["rss_loaded"])
+    run = base + (probe["rss_loaded"] - base) * w + activations * layers / probe_layers
+    return max(load, run)
 
 
 def main() -> None:
@@ -297,7 +311,8 @@ def main() -> None:
     for form in forms:
         probes[form] = child("cepe", probe_paths[form], a)
         log(f"probe {form}: {probes[form]}")
-    target_dir = os.path.join(root, f"scale{a.scale}")
+    same = (dec, enc) == (pdec, penc)  # the probe's own shape: its files serve
+    target_dir = os.path.join(root, "probe" if same else f"scale{a.scale}")
     for form in forms:
         row: dict = {}
         pr = probes[form]

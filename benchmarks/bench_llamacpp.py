@@ -128,7 +128,11 @@ def model_files(tools: dict[str, str], cache: str, source: str, formats: list[st
         dst = os.path.join(out_dir, f"{stem}.{fmt}.gguf")
         if not os.path.exists(dst):
             tmp = dst + ".tmp"
-            run([tools["llama-quantize"], "--allow-requantize", source, tmp, fmt, "2"], stdout=subprocess.DEVNULL)
+            cmd = [tools["llama-quantize"], "--allow-requantize", source, tmp, fmt, "2"]
+            log("$ " + " ".join(cmd))
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"llama-quantize failed ({done.returncode}): {done.stderr[-2000:]}")
             os.replace(tmp, dst)
         files[fmt] = dst
     return files

@@ -27,7 +27,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -432,10 +432,29 @@ def _write_gguf(src: _Source, path: str, qtype: str, log: Callable[[str], None])
     return fallback
 
 
+class _Lazy(Mapping[str, np.ndarray]):
+    """The source's tensors, read on lookup: a 7B model's head (1.8B parameters) never sits in memory whole."""
+
+    def __init__(self, src: _Source, names: list[str]) -> None:
+        self.src, self.names = src, names
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.names:
+            raise KeyError(name)
+        return self.src.get(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 def _write_head(src: _Source, directory: str, decoder_file: str, head_dtype: str) -> None:
 
-    head = {n: src.get(n) for n in src.names if is_head_tensor(n)}
-    write_safetensors(os.path.join(directory, HEAD_FILE), head, head_dtype)
+    write_safetensors(
+        os.path.join(directory, HEAD_FILE), _Lazy(src, [n for n in src.names if is_head_tensor(n)]), head_dtype
+    )
     raw = copy.deepcopy(src.cfg.raw)
     raw.pop(ROPE_LAYOUT_KEY, None)  # the decoder file's layout applies
     raw[DECODER_KEY] = decoder_file  # relative to the head directory: the two travel together
