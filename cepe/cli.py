@@ -9,6 +9,7 @@
     cepe rag "Who wrote Hamlet?" --model CEPE_DIR --corpus passages.txt [--in-decoder 10 --in-encoder 10]
     cepe convert SRC_DIR [--out DST_DIR]        # official .bin shards -> safetensors (needs torch)
     cepe info [MODEL] [--json]
+    cepe quantize SRC DST --type q8_0          # a GGUF decoder (q8_0, q4_0, q4_1, bf16, f16, f32); CEPE: + head
     cepe bench [--model M] [--prompt-tokens 256 --new-tokens 32]
     cepe init --decoder smollm2-135m --out head/ [--encoder-layers 2 --cross-layers 10]  # attach a CEPE head
     cepe corpus --out data/                     # the pinned standard-library corpus, tokenized
@@ -36,6 +37,7 @@ import numpy as np
 from . import __version__, backends, load
 from .files import TEXT_LIMIT, read_text
 from .pull import DEFAULT_MODEL
+from .quantize import TYPES as QUANT_TYPES
 from .sampling import TEXT_DEFAULTS
 
 MAX_INT = 2**31 - 1  # the core counts tokens in int32
@@ -286,6 +288,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     out = convert(args.src, args.out)
     print(json.dumps({"converted": out}) if args.json else f"wrote safetensors to {out}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .quantize import quantize
+
+    log = (lambda _m: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
+    r = quantize(args.src, args.dst, args.type, force=args.force, head_dtype=args.head_dtype, log=log)
+    out = {"decoder": r.decoder, "head": r.head, "type": r.type, "bytes": r.bytes, "f16_fallback": list(r.fallback)}
+    print(json.dumps(out) if args.json else f"wrote {r.head or r.decoder} ({r.bytes / 1e6:.1f} MB decoder, {r.type})")
     return 0
 
 
@@ -648,6 +660,15 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--out", default=None, help="output directory (default: next to the .bin files)")
     conv.add_argument("--json", action="store_true", help="print JSON")
     conv.set_defaults(func=cmd_convert)
+
+    qz = sub.add_parser("quantize", help="write a model's decoder as a GGUF file in a low-precision format")
+    qz.add_argument("src", help="HF model directory, .gguf file, CEPE head directory or pulled name")
+    qz.add_argument("dst", help="the .gguf file to write (a directory for a CEPE model: decoder.gguf + its head)")
+    qz.add_argument("--type", required=True, choices=tuple(QUANT_TYPES))
+    qz.add_argument("--head-dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    qz.add_argument("--force", action="store_true", help="replace DST if it is a GGUF file (a quantized CEPE dir)")
+    qz.add_argument("--json", action="store_true", help="print JSON (and no progress)")
+    qz.set_defaults(func=cmd_quantize)
 
     info = sub.add_parser("info", help="the backends and, given a model, its config")
     info.add_argument("model", nargs="?", help="HF model directory, .gguf file or pulled name")

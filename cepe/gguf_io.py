@@ -424,6 +424,19 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
+def gguf_name(hf: str) -> str | None:
+    """The GGUF llama tensor name of an HF parameter name (hf_name's inverse), None if it has none."""
+    for g, h in _GLOBAL_NAMES.items():
+        if h == hf:
+            return g
+    m = re.match(r"^model\.layers\.(\d+)\.([\w.]+)\.weight$", hf)
+    if m:
+        for g, h in _LAYER_NAMES.items():
+            if h == m.group(2):
+                return f"blk.{m.group(1)}.{g}.weight"
+    return None
+
+
 def _key(gf: GGUFFile, key: str, kinds: type | tuple[type, ...], default: Any = None, required: bool = False) -> Any:
     if key not in gf.metadata:
         if required:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -349,12 +349,14 @@ def _stored_bytes(w: Weight, dtype: str) -> np.ndarray:
     return w.rows if isinstance(w, QTensor) else _encode(w, dtype)
 
 
-def write_safetensors(path: str, tensors: dict[str, Weight], dtype: str = "float32") -> None:
+def write_safetensors(path: str, tensors: Mapping[str, Weight], dtype: str = "float32") -> None:
     """Float tensors in the safetensors format, each stored as `dtype` ("float32", "float16" or
     "bfloat16"): an 8-byte little-endian header length, the JSON header (space-padded so the
     data starts 64-byte aligned), then every tensor's bytes back to back (the format allows no
     gaps between them). Flushed and fsynced. A QTensor keeps its format, whatever `dtype`: F16
-    and BF16 as those dtypes, block formats as U8 rows named in __metadata__[FORMATS_KEY]."""
+    and BF16 as those dtypes, block formats as U8 rows named in __metadata__[FORMATS_KEY]. Each
+    tensor is looked up twice (its shape, then its bytes) and not kept: a Mapping that reads on
+    lookup writes a file larger than memory."""
     if dtype not in WRITE_DTYPES:
         raise ValueError(f"dtype must be one of {WRITE_DTYPES}, got {dtype!r}")
     header: dict[str, object] = {}
