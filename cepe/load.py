@@ -32,7 +32,7 @@ from .head import (
     with_decoder_settings,
 )
 from .model import Model
-from .pull import resolve
+from .resolve import resolve
 from .safetensors_io import Checkpoint, SafetensorsFile
 from .tokenizer import Tokenizer
 
