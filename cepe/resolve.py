@@ -80,22 +80,26 @@ def _unknown(name: str) -> FileNotFoundError:
     )
 
 
-def _one_gguf(repo_id: str, files: list[str]) -> str:
+def _one_gguf(where: str, prefix: str, files: list[str]) -> str:
+    """The one GGUF file among a repo's or a directory's files (where: what holds them, for
+    errors; prefix: what names a file of them)."""
     ggufs = sorted(f for f in files if f.endswith(".gguf"))
     if not ggufs:
-        raise FileNotFoundError(f"Hugging Face repo {repo_id} holds no config.json and no GGUF file: not a model")
+        raise FileNotFoundError(f"{where} holds no config.json and no GGUF file: not a model cepe reads")
     if len(ggufs) > 1:
-        names = ", ".join(f"{repo_id}/{f}" for f in ggufs[:20])
-        raise FileNotFoundError(f"Hugging Face repo {repo_id} holds {len(ggufs)} GGUF files: name one ({names})")
+        names = ", ".join(os.path.join(prefix, f) for f in ggufs[:20])
+        raise FileNotFoundError(f"{where} holds {len(ggufs)} GGUF files and no config.json: name one ({names})")
     return ggufs[0]
 
 
-def _from_snapshot(repo_id: str, snapshot: str) -> str:
-    """An HF model directory (the snapshot) or, for a GGUF repo, its one GGUF file."""
-    if os.path.isfile(os.path.join(snapshot, "config.json")):
-        return snapshot
-    files = [os.path.relpath(os.path.join(d, f), snapshot) for d, _, fs in os.walk(snapshot) for f in fs]
-    return os.path.join(snapshot, _one_gguf(repo_id, files))
+def _in_dir(where: str, prefix: str, directory: str) -> str:
+    """An HF model directory as is; a directory of GGUF files without config.json: its one GGUF file."""
+    if os.path.lexists(os.path.join(directory, "config.json")):
+        return directory
+    files = [os.path.relpath(os.path.join(d, f), directory) for d, _, fs in os.walk(directory) for f in fs]
+    if not any(f.endswith(".gguf") for f in files):
+        return directory  # cepe.load says what an HF model directory lacks
+    return os.path.join(directory, _one_gguf(where, prefix, files))
 
 
 def _offline_hint(hub: Any, repo_id: str, exc: BaseException) -> FileNotFoundError:
@@ -117,7 +121,8 @@ def resolve_hub(repo_id: str, filename: str | None = None) -> str:
     try:
         if filename is not None:
             return str(hub.hf_hub_download(repo_id, filename, cache_dir=cache, local_files_only=True))
-        return _from_snapshot(repo_id, str(hub.snapshot_download(repo_id, cache_dir=cache, local_files_only=True)))
+        snapshot = str(hub.snapshot_download(repo_id, cache_dir=cache, local_files_only=True))
+        return _in_dir(f"Hugging Face repo {repo_id}", repo_id, snapshot)
     except hub.errors.LocalEntryNotFoundError:
         pass  # not cached: fetch it below
     except hub.errors.HFValidationError as exc:
@@ -138,7 +143,7 @@ def resolve_hub(repo_id: str, filename: str | None = None) -> str:
     if filename is not None and filename not in files:
         raise FileNotFoundError(f"Hugging Face repo {repo_id} has no file {filename}")
     if filename is None and "config.json" not in files:  # a GGUF repo: only its one GGUF file
-        filename = _one_gguf(repo_id, files)
+        filename = _one_gguf(f"Hugging Face repo {repo_id}", repo_id, files)
     endpoint = hub.constants.ENDPOINT
     if filename is not None:
         return str(hub.hf_hub_download(repo_id, filename, cache_dir=cache, endpoint=endpoint))
@@ -146,11 +151,14 @@ def resolve_hub(repo_id: str, filename: str | None = None) -> str:
 
 
 def resolve(path_or_name: str) -> str:
-    """cepe.load's view of its argument: an existing path as is; a pulled or shipped
+    """cepe.load's view of its argument: an existing path as is (a directory of GGUF files
+    without config.json: its one GGUF file); a pulled or shipped
     model's name (cepe.pull.resolve); a Hugging Face repo id ("org/name", or
     "org/name/file.gguf") as its local copy; a path-like argument that does not
     exist as is (cepe.load says it is missing); anything else FileNotFoundError
     listing the close names."""
+    if os.path.isdir(path_or_name):
+        return _in_dir(path_or_name, path_or_name, path_or_name)
     if os.path.exists(path_or_name):
         return path_or_name
     if path_or_name in MODELS or path_or_name in SHIPPED:

@@ -71,7 +71,7 @@ def test_gguf_repo_picks_its_one_file_or_asks(hf_cache, tmp_path):
     snap = add_repo(hf_cache, "org/one-gguf", {"a.Q4_0.gguf": str(one), "README.md": str(one)})
     assert resolve("org/one-gguf") == os.path.join(snap, "a.Q4_0.gguf")
     snap2 = add_repo(hf_cache, "org/two-gguf", {"a.Q4_0.gguf": str(one), "a.Q8_0.gguf": str(two)})
-    with pytest.raises(FileNotFoundError, match=r"holds 2 GGUF files: name one.*org/two-gguf/a\.Q8_0\.gguf"):
+    with pytest.raises(FileNotFoundError, match=r"holds 2 GGUF files and no config.json: name one.*two-gguf/a\.Q8_0"):
         resolve("org/two-gguf")
     assert resolve("org/two-gguf/a.Q8_0.gguf") == os.path.join(snap2, "a.Q8_0.gguf")
 
@@ -117,3 +117,18 @@ def test_paths_are_not_names(tmp_path, hf_cache):
     with pytest.raises(FileNotFoundError, match="no such model directory"):
         cepe.load(missing)
     assert resolve("./a/b") == "./a/b" and resolve("m.gguf") == "m.gguf"
+
+
+def test_directory_of_gguf_files_never_asks_for_config_json(tmp_path, hf_cache):
+    d = tmp_path / "models"
+    d.mkdir()
+    (d / "a.Q4_0.gguf").write_bytes(b"GGUF1")
+    assert resolve(str(d)) == str(d / "a.Q4_0.gguf")
+    (d / "a.Q8_0.gguf").write_bytes(b"GGUF2")
+    with pytest.raises(FileNotFoundError) as err:
+        cepe.load(str(d))
+    msg = str(err.value)
+    assert f"{d} holds 2 GGUF files and no config.json: name one ({d / 'a.Q4_0.gguf'}, " in msg
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert resolve(str(empty)) == str(empty)  # not a GGUF directory: cepe.load names what is missing
