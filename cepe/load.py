@@ -32,6 +32,7 @@ from .head import (
     with_decoder_settings,
 )
 from .model import Model
+from .pickling import remember_load
 from .resolve import resolve
 from .safetensors_io import Checkpoint, SafetensorsFile
 from .tokenizer import Tokenizer
@@ -90,6 +91,7 @@ def check_dtype(dtype: object, device: str) -> str:
     return dtype
 
 
+@remember_load
 def load(
     path: str | os.PathLike[str],
     *,
