@@ -6,7 +6,7 @@
     cepe generate --model DIR --ids "1 450 4996"  # token ids in and out
     cepe perplexity --model M --file text.txt [--context-file long.txt] [--eval-window 256]
     cepe encode --model CEPE_DIR --file context.txt --out states.npy
-    cepe rag "Who wrote Hamlet?" --model CEPE_DIR --corpus passages.txt [--in-decoder 10 --in-encoder 10]
+    cepe rag "Who wrote Hamlet?" --corpus facts.txt [--model CEPE_DIR --in-decoder 10 --in-encoder 10]
     cepe convert SRC_DIR [--out DST_DIR]        # official .bin shards -> safetensors (needs torch)
     cepe info [MODEL] [--json]
     cepe quantize SRC DST --type q8_0          # a GGUF decoder (q8_0, q4_0, q4_1, bf16, f16, f32); CEPE: + head
@@ -105,12 +105,58 @@ def _load(args: argparse.Namespace) -> Any:
 # ------------------------------------------------------------------ commands
 
 
+def _backend_line(name: str, b: dict[str, Any]) -> str:
+    if not b.get("built"):
+        return f"  {name:<5} not built ({b.get('reason', 'unknown')})"
+    if not b.get("available"):
+        return f"  {name:<5} built, not usable here: {b.get('reason', 'unknown')}"
+    facts = [b[k] for k in ("blas", "name") if b.get(k)]
+    facts += [f"{b['max_threads']} threads"] if "max_threads" in b else []
+    facts += [f"{b['devices']} device(s)"] if "devices" in b else []
+    return f"  {name:<5} available: {', '.join(map(str, facts))}"
+
+
+def _model_lines(model: Any) -> list[str]:
+    c = model.config
+    tok = model.tokenizer
+    rope = c.rope
+    lines = [
+        f"model: {model.path}",
+        f"  decoder     {c.model_type}, {c.num_hidden_layers} layers, hidden {c.hidden_size}, MLP "
+        f"{c.intermediate_size}, {c.num_attention_heads} heads ({c.num_key_value_heads} KV) of {c.head_dim}",
+        f"  context     {model.window} tokens"
+        + (f" (RoPE {rope.rope_type}, theta {rope.rope_theta:g})" if rope is not None else ""),
+        f"  vocabulary  {c.vocab_size} tokens, "
+        + (
+            f"tokenizer with BOS {tok.bos_token!r}, EOS {tok.eos_token!r}, chat template "
+            + ("yes" if tok.chat_template else "no")
+            if tok is not None
+            else "no tokenizer (token ids only)"
+        ),
+    ]
+    if c.is_cepe and c.encoder is not None:
+        lines.append(
+            f"  CEPE        encoder of {c.encoder.num_hidden_layers} layers (hidden {c.encoder_hidden_size}), "
+            f"cross-attention in the last {c.num_cross_attn_layers} layers"
+        )
+    else:
+        lines.append("  CEPE        no (a plain decoder: long text needs RoPE scaling, or a head from `cepe init`)")
+    lines.append(f"  runs on     {model.device}, {model.dtype}, {model.n_threads} threads")
+    return lines
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {"version": __version__, "backends": backends()}
-    if args.model:
-        model = _load(args)
+    model = _load(args) if args.model else None
+    if model is not None:
         out["model"] = {"path": model.path, "tokenizer": repr(model.tokenizer), **model.config.to_dict()}
-    _print(out, args.json)
+    if args.json:
+        _print(out, True)
+        return 0
+    lines = [f"cepe {__version__}", "backends:"]
+    lines += [_backend_line(name, b) for name, b in out["backends"].items()]
+    lines += _model_lines(model) if model is not None else []
+    print("\n".join(lines))
     return 0
 
 
@@ -646,12 +692,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     rag = sub.add_parser("rag", help="answer a question from a corpus (the paper's open-domain QA protocol)")
     rag.add_argument("question")
-    common(rag, model_required=True)
-    rag.add_argument("--corpus", required=True, help="a text file: split into passages, or one per line")
+    common(rag)
+    rag.add_argument(
+        "--corpus",
+        required=True,
+        help="a text file: passages of up to --words words within a paragraph (a line, in a file without blank lines)",
+    )
     rag.add_argument("--one-per-line", action="store_true", help="each non-empty line is a passage")
     rag.add_argument("--words", type=int, default=100, help="words per passage when splitting (default 100)")
     rag.add_argument("--in-decoder", type=int, default=10, help="top passages in the prompt")
-    rag.add_argument("--in-encoder", type=int, default=10, help="next passages in the encoder")
+    rag.add_argument(
+        "--in-encoder", type=int, default=None, help="next passages in the encoder (default: 10, 0 without CEPE)"
+    )
     rag.add_argument("--max-new-tokens", type=int, default=25)
     rag.set_defaults(func=cmd_rag)
 

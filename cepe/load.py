@@ -30,8 +30,9 @@ from .head import (
     with_decoder_settings,
 )
 from .model import Model
-from .pull import resolve
+from .pickling import remember_load
 from .qtensor import core_weights
+from .resolve import resolve
 from .safetensors_io import Checkpoint, SafetensorsFile
 from .tokenizer import Tokenizer
 
@@ -94,6 +95,7 @@ def check_dtype(dtype: object, device: str) -> str | None:
     return dtype
 
 
+@remember_load
 def load(
     path: str | os.PathLike[str],
     *,

@@ -25,6 +25,7 @@ import cepe_c
 from .completions import TEXT_DEFAULTS, chat_reply, create_chat_completion, create_completion
 from .config import DecoderConfig
 from .errors import LongInputWarning
+from .pickling import LoadSource, reduce_cache, reduce_model
 from .sampling import FINISH_REASONS, Generation, SamplingSettings, StreamToken, check_stop
 from .save import save_model
 from .text import check_text, require_tokenizer, stream_text, text_context
@@ -329,6 +330,11 @@ class KVCache:
     def __init__(self, model: Model, batch_size: int, capacity: int) -> None:
         self.model = model
         self._ctx = cepe_c.Context(model._core, batch_size, capacity)
+        self._attached: tuple[Any, bool | None] | None = None  # the CEPE context attached, for pickling
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """By value: its model (by reference), keys, values and attached context (see cepe.pickling)."""
+        return reduce_cache(self)
 
     @property
     def batch_size(self) -> int:
@@ -356,6 +362,7 @@ class Model:
     max_context_tokens: int = 0  # text contexts beyond this many tokens: left-truncated / refused (0 = no limit)
 
     def __init__(self, core: cepe_c.Model, config: DecoderConfig, *, n_threads: int, path: str, device: str) -> None:
+        self._load_source: LoadSource | None = None  # what cepe.load was given (pickling by reference)
         self._core = core
         self.config = config
         self.n_threads = n_threads
@@ -365,6 +372,28 @@ class Model:
         self._kept_ctx: cepe_c.Context | None = None  # forward()'s context, kept between calls
         self._kept_core: cepe_c.Model | None = None  # the core _kept_ctx was made for
         self._kept_lock = threading.Lock()  # held by the one call using _kept_ctx
+
+    @property
+    def _core(self) -> cepe_c.Model:
+        return self.__core
+
+    @_core.setter
+    def _core(self, core: cepe_c.Model) -> None:
+        self.__core = core
+        self._load_source = None  # new weights (a Trainer's): no longer what the files hold
+
+    def _set_source(self, source: LoadSource) -> None:
+        self._load_source = source
+
+    def _sibling(self) -> Model:
+        """Another Model on the same (immutable) weights, with the class's default settings."""
+        m = Model(self._core, self.config, n_threads=self.n_threads, path=self.path, device=self.device)
+        m.dtype, m.tokenizer, m._load_source = self.dtype, self.tokenizer, self._load_source
+        return m
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """By reference: the path and cepe.load's arguments (see cepe.pickling)."""
+        return reduce_model(self)
 
     def __repr__(self) -> str:
         c = self.config
@@ -640,6 +669,8 @@ class Model:
         with call_ctx as ctx:
             try:
                 self._attach(ctx, context, keep_cross_kv, single_pass=cache is None)
+                if cache is not None and context is not None:
+                    cache._attached = (context, keep_cross_kv)
                 out = _interruptible(ctx, ctx.forward, ids, pos, mask, 2 if logits == "all" else 1, progress="forward")
             except KeyboardInterrupt:
                 if cache is not None:  # its tokens were half appended: start it afresh

@@ -600,6 +600,99 @@ static PyObject *Context_encode_context(ContextObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* save_state() -> (len, k, v, valid, next_pos, inv_freq, last_logits, rope_mscale, rope_cached_len,
+ * rope_len_hint, has_logits): the cache by value (cepe_ctx_save), NumPy arrays it owns. */
+static PyObject *Context_save_state(ContextObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (claim(self) < 0) return NULL;
+    int L = 0, kvd = 0, half = 0;
+    cepe_ctx_state_sizes(self->ctx, &L, &kvd, &half);
+    const cepe_config *c = cepe_model_config(self->model->model);
+    const int B = cepe_ctx_batch(self->ctx), T = cepe_ctx_length(self->ctx);
+    PyObject *out = NULL;
+    const npy_intp kv_dims[4] = {L, B, T, kvd}, valid_dims[2] = {B, T}, pos_dims[1] = {B},
+                   freq_dims[1] = {half}, logit_dims[2] = {B, c->vocab_size};
+    PyArrayObject *k = (PyArrayObject *)PyArray_SimpleNew(4, kv_dims, NPY_FLOAT32);
+    PyArrayObject *v = (PyArrayObject *)PyArray_SimpleNew(4, kv_dims, NPY_FLOAT32);
+    PyArrayObject *valid = (PyArrayObject *)PyArray_SimpleNew(2, valid_dims, NPY_UINT8);
+    PyArrayObject *pos = (PyArrayObject *)PyArray_SimpleNew(1, pos_dims, NPY_FLOAT64);
+    PyArrayObject *freq = (PyArrayObject *)PyArray_SimpleNew(1, freq_dims, NPY_FLOAT32);
+    PyArrayObject *logits = (PyArrayObject *)PyArray_SimpleNew(2, logit_dims, NPY_FLOAT32);
+    if (!k || !v || !valid || !pos || !freq || !logits) goto fail;
+    cepe_ctx_state st = {.len = T,
+                         .k = PyArray_DATA(k),
+                         .v = PyArray_DATA(v),
+                         .valid = PyArray_DATA(valid),
+                         .next_pos = PyArray_DATA(pos),
+                         .inv_freq = PyArray_DATA(freq),
+                         .last_logits = PyArray_DATA(logits)};
+    cepe_status s;
+    Py_BEGIN_ALLOW_THREADS s = cepe_ctx_save(self->ctx, &st);
+    Py_END_ALLOW_THREADS self->busy = 0;
+    if (s) {
+        raise_status(s);
+        goto fail;
+    }
+    out = Py_BuildValue("(iOOOOOOdiii)", T, k, v, valid, pos, freq, logits, (double)st.rope_mscale,
+                        st.rope_cached_len, st.rope_len_hint, st.has_logits);
+fail:
+    self->busy = 0;
+    Py_XDECREF(k), Py_XDECREF(v), Py_XDECREF(valid), Py_XDECREF(pos), Py_XDECREF(freq), Py_XDECREF(logits);
+    return out;
+}
+
+/* load_state(len, k, v, valid, next_pos, inv_freq, last_logits, rope_mscale, rope_cached_len,
+ * rope_len_hint, has_logits): replaces the cache with what save_state gave (cepe_ctx_load). */
+static PyObject *Context_load_state(ContextObject *self, PyObject *args) {
+    int T, cached, hint, has_logits;
+    double mscale;
+    PyObject *k_o, *v_o, *valid_o, *pos_o, *freq_o, *logits_o;
+    if (!PyArg_ParseTuple(args, "iOOOOOOdiii:load_state", &T, &k_o, &v_o, &valid_o, &pos_o, &freq_o,
+                          &logits_o, &mscale, &cached, &hint, &has_logits))
+        return NULL;
+    if (ready(self) < 0) return NULL;
+    if (T < 0 || T > cepe_ctx_capacity(self->ctx))
+        return PyErr_Format(PyExc_ValueError, "a cache of %d tokens does not fit the capacity %d", T,
+                            cepe_ctx_capacity(self->ctx));
+    int L = 0, kvd = 0, half = 0;
+    cepe_ctx_state_sizes(self->ctx, &L, &kvd, &half);
+    const cepe_config *c = cepe_model_config(self->model->model);
+    const int B = cepe_ctx_batch(self->ctx);
+    const npy_intp kv_dims[4] = {L, B, T, kvd}, valid_dims[2] = {B, T}, pos_dims[1] = {B},
+                   freq_dims[1] = {half}, logit_dims[2] = {B, c->vocab_size};
+    PyArrayObject *k, *v, *valid, *pos, *freq, *logits;
+    if (!(k = bind_array(k_o, "k", NPY_FLOAT32, 4, 0)) || bind_dims(k, "k", 4, kv_dims) < 0) return NULL;
+    if (!(v = bind_array(v_o, "v", NPY_FLOAT32, 4, 0)) || bind_dims(v, "v", 4, kv_dims) < 0) return NULL;
+    if (!(valid = bind_array(valid_o, "valid", NPY_UINT8, 2, 0)) ||
+        bind_dims(valid, "valid", 2, valid_dims) < 0)
+        return NULL;
+    if (!(pos = bind_array(pos_o, "next_pos", NPY_FLOAT64, 1, 0)) ||
+        bind_dims(pos, "next_pos", 1, pos_dims) < 0)
+        return NULL;
+    if (!(freq = bind_array(freq_o, "inv_freq", NPY_FLOAT32, 1, 0)) ||
+        bind_dims(freq, "inv_freq", 1, freq_dims) < 0)
+        return NULL;
+    if (!(logits = bind_array(logits_o, "last_logits", NPY_FLOAT32, 2, 0)) ||
+        bind_dims(logits, "last_logits", 2, logit_dims) < 0)
+        return NULL;
+    cepe_ctx_state st = {.len = T,
+                         .k = PyArray_DATA(k),
+                         .v = PyArray_DATA(v),
+                         .valid = PyArray_DATA(valid),
+                         .next_pos = PyArray_DATA(pos),
+                         .inv_freq = PyArray_DATA(freq),
+                         .last_logits = PyArray_DATA(logits),
+                         .rope_mscale = (float)mscale,
+                         .rope_cached_len = cached,
+                         .rope_len_hint = hint,
+                         .has_logits = has_logits};
+    if (claim(self) < 0) return NULL;
+    cepe_status s;
+    Py_BEGIN_ALLOW_THREADS s = cepe_ctx_load(self->ctx, &st);
+    Py_END_ALLOW_THREADS self->busy = 0;
+    if (s) return raise_status(s);
+    Py_RETURN_NONE;
+}
+
 static PyObject *Context_set_rope_length(ContextObject *self, PyObject *arg) {
     long n = PyLong_AsLong(arg);
     if (n == -1 && PyErr_Occurred()) return NULL;
@@ -661,6 +754,12 @@ static PyMethodDef Context_methods[] = {
      "generate(sampler, max_new_tokens, top_logprobs=-1): sample up to max_new_tokens per row with a "
      "Sampler"},
     {"reset", (PyCFunction)Context_reset, METH_NOARGS, "empty the KV cache"},
+    {"save_state", (PyCFunction)Context_save_state, METH_NOARGS,
+     "the KV cache by value: (len, k, v, valid, next_pos, inv_freq, last_logits, rope_mscale, "
+     "rope_cached_len, "
+     "rope_len_hint, has_logits)"},
+    {"load_state", (PyCFunction)Context_load_state, METH_VARARGS,
+     "load_state(*save_state()): replace the cache"},
     {"set_rope_length", (PyCFunction)Context_set_rope_length, METH_O,
      "pin the length dynamic-NTK/LongRoPE tables are computed for (0 = per call)"},
     {"set_context", (PyCFunction)Context_set_context, METH_VARARGS,

@@ -181,6 +181,30 @@ cepe_status cepe_ctx_encode_context(cepe_ctx *c, const int32_t *ids, const uint8
                                     int keep_kv);
 int cepe_ctx_context_length(const cepe_ctx *c);
 
+/* A request's cache by value (cepe_ctx_save / cepe_ctx_load), e.g. to pickle
+ * it: the first len positions of every layer's K (RoPE applied) and V, which
+ * of them are real tokens, each row's next position, the RoPE table the
+ * request has grown to and the last logits. Sizes: cepe_ctx_state_sizes. An
+ * attached CEPE context is not part of it (attach it again). */
+typedef struct {
+    int len;            /* tokens per row */
+    float *k, *v;       /* (n_layers, batch, len, kv_dim) each */
+    uint8_t *valid;     /* (batch, len) 1 = real token */
+    double *next_pos;   /* (batch) */
+    float *inv_freq;    /* (rope_half) */
+    float *last_logits; /* (batch, vocab) */
+    float rope_mscale;
+    int rope_cached_len; /* dynamic NTK: the longest sequence seen */
+    int rope_len_hint;   /* cepe_ctx_set_rope_length */
+    int has_logits;      /* 1 after a forward call: generate may continue */
+} cepe_ctx_state;
+/* n_layers, kv_dim (n_kv_heads * head_dim) and rope_half of the arrays above. */
+void cepe_ctx_state_sizes(const cepe_ctx *c, int *n_layers, int *kv_dim, int *rope_half);
+/* Copies c's state into st's arrays, sized for st->len = cepe_ctx_length(c). */
+cepe_status cepe_ctx_save(const cepe_ctx *c, cepe_ctx_state *st);
+/* Replaces c's cache with st (st->len <= capacity; same batch and model shape). */
+cepe_status cepe_ctx_load(cepe_ctx *c, const cepe_ctx_state *st);
+
 /* Pins the sequence length that length-dependent RoPE (dynamic NTK,
  * LongRoPE) sees to at least seq_len, so a long input fed in slices gets the
  * table the whole input would get (0 = each call's own length). */

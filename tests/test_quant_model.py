@@ -291,10 +291,10 @@ def test_training_with_a_frozen_low_precision_decoder(fmt, tmp_path):
     widened weights. With the sgemm path (18 rows) the products are the same fp32 sums; with the
     kernels forced the activations are rounded (eps_F, module docstring) and the gradients move
     to first order by at most the forward's bound, P * eps_F relative."""
-    from cepe_reference import make_reference
     from test_train import make_batch, rel
 
     from cepe.build import build
+    from cepe.testing.reference import make_reference
 
     ref = make_reference(11, n_cross=2, hidden_size=64, intermediate_size=128)
     path = ref.save(str(tmp_path / "m"))

@@ -277,6 +277,80 @@ void cepe_ctx_set_rope_length(cepe_ctx *x, int seq_len) {
     if (x) x->rope_len_hint = seq_len > 0 ? seq_len : 0;
 }
 
+void cepe_ctx_state_sizes(const cepe_ctx *x, int *n_layers, int *kv_dim, int *rope_half) {
+    const cepe_config *c = &x->m->cfg;
+    *n_layers = c->n_layers;
+    *kv_dim = c->n_kv_heads * c->head_dim;
+    *rope_half = x->m->rope.half;
+}
+
+/* Moves the first len positions of every (layer, row) block of the KV cache
+ * between the context's memory and (n_layers, B, len, kvd) host arrays. */
+static int copy_kv(cepe_ctx *x, float *k, float *v, int len, int to_host) {
+    const cepe_backend *be = x->m->be;
+    const size_t kvd = (size_t)x->m->cfg.n_kv_heads * (size_t)x->m->cfg.head_dim;
+    const size_t rows = (size_t)x->m->cfg.n_layers * (size_t)x->B, bytes = (size_t)len * kvd * sizeof(float);
+    for (size_t r = 0; r < rows && bytes; r++) {
+        float *kc = x->k_cache + r * (size_t)x->cap * kvd, *vc = x->v_cache + r * (size_t)x->cap * kvd;
+        float *kh = k + r * (size_t)len * kvd, *vh = v + r * (size_t)len * kvd;
+        if (to_host ? be->download(be, kh, kc, bytes) || be->download(be, vh, vc, bytes)
+                    : be->upload(be, kc, kh, bytes) || be->upload(be, vc, vh, bytes))
+            return -1;
+    }
+    return 0;
+}
+
+cepe_status cepe_ctx_save(const cepe_ctx *c, cepe_ctx_state *st) {
+    if (!c || !st) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_ctx_save: NULL argument");
+    cepe_ctx *x = (cepe_ctx *)c; /* copy_kv only reads through it */
+    const cepe_backend *be = x->m->be;
+    if (st->len != x->len)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_ctx_save: the state holds %d tokens, the cache %d",
+                         st->len, x->len);
+    if (copy_kv(x, st->k, st->v, x->len, 1)) return backend_fail(be);
+    for (int b = 0; b < x->B; b++)
+        if (x->len && be->download(be, st->valid + (size_t)b * x->len, x->valid + (size_t)b * x->cap, x->len))
+            return backend_fail(be);
+    memcpy(st->next_pos, x->next_pos, sizeof(double) * (size_t)x->B);
+    memcpy(st->inv_freq, x->inv_freq_h, sizeof(float) * (size_t)x->m->rope.half);
+    memcpy(st->last_logits, x->last_logits_h, sizeof(float) * (size_t)x->B * (size_t)x->m->cfg.vocab_size);
+    st->rope_mscale = x->rope_mscale;
+    st->rope_cached_len = x->rope_cached_len;
+    st->rope_len_hint = x->rope_len_hint;
+    st->has_logits = x->has_logits;
+    return backend_check(be);
+}
+
+cepe_status cepe_ctx_load(cepe_ctx *x, const cepe_ctx_state *st) {
+    if (!x || !st) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_ctx_load: NULL argument");
+    if (st->len < 0 || st->len > x->cap)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "a cache of %d tokens does not fit the capacity %d", st->len,
+                         x->cap);
+    const cepe_backend *be = x->m->be;
+    x->len = 0; /* empty until every copy has succeeded */
+    x->has_logits = 0;
+    if (copy_kv(x, st->k, st->v, st->len, 0)) return backend_fail(be);
+    memset(x->valid_h, 0, (size_t)x->B * (size_t)x->cap);
+    for (int b = 0; b < x->B; b++)
+        memcpy(x->valid_h + (size_t)b * x->cap, st->valid + (size_t)b * st->len, (size_t)st->len);
+    const size_t half = (size_t)x->m->rope.half, logits = (size_t)x->B * (size_t)x->m->cfg.vocab_size;
+    memcpy(x->inv_freq_h, st->inv_freq, sizeof(float) * half);
+    memcpy(x->last_logits_h, st->last_logits, sizeof(float) * logits);
+    if (be->upload(be, x->valid, x->valid_h, (size_t)x->B * (size_t)x->cap) ||
+        be->upload(be, x->inv_freq, x->inv_freq_h, sizeof(float) * half) ||
+        be->upload(be, x->last_logits, x->last_logits_h, sizeof(float) * logits))
+        return backend_fail(be);
+    cepe_status s = backend_check(be);
+    if (s) return s;
+    memcpy(x->next_pos, st->next_pos, sizeof(double) * (size_t)x->B);
+    x->rope_mscale = st->rope_mscale;
+    x->rope_cached_len = st->rope_cached_len;
+    x->rope_len_hint = st->rope_len_hint;
+    x->has_logits = st->has_logits != 0;
+    x->len = st->len;
+    return CEPE_OK;
+}
+
 int cepe_ctx_context_length(const cepe_ctx *x) { return x ? x->ctx_N : 0; }
 
 int cepe_ctx_length(const cepe_ctx *x) { return x ? x->len : 0; }

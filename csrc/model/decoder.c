@@ -10,12 +10,6 @@
 #include "../ops/ops.h" /* CEPE_IGNORE_INDEX */
 #include "model.h"
 
-/* The backend's error, or a generic one when it reported none. */
-static cepe_status backend_fail(const cepe_backend *be) {
-    const cepe_status st = backend_check(be);
-    return st ? st : cepe_fail(CEPE_ERR_BACKEND, "%s backend: an op failed", be->name);
-}
-
 static int interrupted(cepe_ctx *x) { return atomic_load_explicit(&x->interrupt, memory_order_relaxed); }
 
 static int nt_of(const cepe_ctx *x) { return x->m->n_threads; }

@@ -122,6 +122,11 @@ cepe_status backend_check(const cepe_backend *be) {
                      be->name, msg[0] ? msg : "unknown failure");
 }
 
+cepe_status backend_fail(const cepe_backend *be) {
+    const cepe_status st = backend_check(be);
+    return st ? st : cepe_fail(CEPE_ERR_BACKEND, "%s backend: an op failed", be->name);
+}
+
 cepe_status cepe_model_create(const cepe_config *cfg, const cepe_config *encoder_cfg, int n_threads,
                               cepe_model **out) {
     return cepe_model_create_on(cfg, encoder_cfg, n_threads, NULL, out);

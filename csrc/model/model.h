@@ -145,6 +145,8 @@ cepe_status model_encode_into(const cepe_model *m, const int32_t *ids, const uin
 /* CEPE_OK, or the backend's first failure since the last check (it waits for
  * queued device work): every public call that ran ops ends with it. */
 cepe_status backend_check(const cepe_backend *be);
+/* The backend's error, or a generic one when it reported none (after an op failed). */
+cepe_status backend_fail(const cepe_backend *be);
 
 /* Scratch views one block needs for N rows (block.c). */
 typedef struct {
