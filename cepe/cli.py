@@ -331,13 +331,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """The CEPE training stages (warmup, stage2) from a JSON/TOML config, or a multi-stage
     recipe (a config with `stages`); see cepe.train_run and cepe.recipe."""
+    from .distributed import env_world_size
     from .recipe import is_recipe, run_recipe
     from .train_run import load_config, read_config_file, run
 
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.nproc is not None and not args.dry_run:
+        return _train_nproc(args)
     raw = read_config_file(args.config)
     if is_recipe(raw):
+        if env_world_size() > 1:
+            raise ValueError(f"{args.config}: recipes run in one process; train their stages' configs with --nproc")
         out = run_recipe(
             args.config,
             raw,
@@ -359,6 +364,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("--output-dir applies to recipes (configs with `stages`); set output_dir in the config")
     cfg = load_config(args.config, threads=args.threads, resume=True if args.resume else None)
     out = run(cfg, max_steps=args.steps, dry_run=args.dry_run)
+    if out.get("rank", 0) != 0:
+        return 0  # rank 0 reports for the run
     if args.json:
         print(json.dumps(out, indent=2, default=str))
     elif args.dry_run:
@@ -372,6 +379,35 @@ def cmd_train(args: argparse.Namespace) -> int:
             + f"; checkpoint {out['checkpoint']}; metrics {out['log']}"
         )
     return 0
+
+
+def _train_nproc(args: argparse.Namespace) -> int:
+    """`cepe train --nproc N`: this command again, as N data-parallel processes under torchrun
+    (one node), each with its share of the CPU threads unless --threads says otherwise."""
+    import os
+    import subprocess
+
+    from .distributed import launched
+
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if launched():
+        raise ValueError("--nproc starts torchrun itself: drop it when running under torchrun")
+    threads = args.threads if args.threads is not None else max(1, (os.cpu_count() or 1) // args.nproc)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc)]
+    cmd += ["--max-restarts", "0", "-m", "cepe", "train", "--config", args.config, "--threads", str(threads)]
+    for flag, on in (("--resume", args.resume), ("--json", args.json)):
+        if on:
+            cmd.append(flag)
+    if args.steps is not None:
+        cmd += ["--steps", str(args.steps)]
+    if args.output_dir is not None:
+        cmd += ["--output-dir", args.output_dir]
+    try:
+        import torch.distributed.run  # noqa: F401 - only its presence is checked here
+    except ImportError:
+        raise ImportError('--nproc runs torchrun: pip install "cepe[distributed]"') from None
+    return subprocess.run(cmd, check=False).returncode
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -661,6 +697,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--threads", type=int, default=None, help="CPU threads (default: the config's, else all)")
     tr.add_argument("--output-dir", default=None, help="a recipe's output directory (overrides its output_dir)")
     tr.add_argument("--json", action="store_true", help="print a JSON summary")
+    tr.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="train data-parallel in N processes on this node (runs torchrun; needs cepe[distributed])",
+    )
     tr.set_defaults(func=cmd_train)
 
     ini = sub.add_parser(
