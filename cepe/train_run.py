@@ -343,11 +343,12 @@ def parse_config(
     return TrainConfig(**out)
 
 
-def load_config(path: str, **overrides: Any) -> TrainConfig:
-    """Reads and validates a config file; `overrides` (e.g. threads=2, resume=True) replace its keys."""
+def load_config(path: str, *, world_size: int | None = None, **overrides: Any) -> TrainConfig:
+    """Reads and validates a config file; `overrides` (e.g. threads=2, resume=True) replace its keys.
+    world_size: as parse_config's."""
     raw = read_config_file(path)
     raw.update({k: v for k, v in overrides.items() if v is not None})
-    return parse_config(raw, source=path)
+    return parse_config(raw, source=path, world_size=world_size)
 
 
 # ------------------------------------------------------------------ the run
