@@ -442,14 +442,20 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_corpus(args: argparse.Namespace) -> int:
     """The pinned standard-library corpus, tokenized into packed .npy files (cepe.corpus)."""
     from . import corpus
+    from .work_shards import parse_shard
 
+    shard = parse_shard(args.shard) if args.shard is not None else None
     model = load(args.model, n_threads=args.threads)
     if model.tokenizer is None:
         raise ValueError(f"--model {args.model} has no tokenizer")
     tok = model.tokenizer
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     paths = corpus.build(
-        args.out, lambda text: tok.encode(text, add_special_tokens=False), splits=splits, progress=not args.json
+        args.out,
+        lambda text: tok.encode(text, add_special_tokens=False),
+        splits=splits,
+        progress=not args.json,
+        shard=shard,
     )
     import numpy as np
 
@@ -463,10 +469,21 @@ def cmd_corpus(args: argparse.Namespace) -> int:
 
 def cmd_teacher(args: argparse.Namespace) -> int:
     """CEPED teacher tables (distill_prob / distill_index) for a training config; see cepe.teacher."""
-    from .teacher import teacher_tables
+    from .teacher import merge_shards, teacher_tables
     from .train_run import load_config
+    from .work_shards import parse_shard
 
+    if args.shard is not None and args.merge is not None:
+        raise ValueError("--shard (compute one shard) and --merge (join the shards) go separately")
+    shard = parse_shard(args.shard) if args.shard is not None else None
     cfg = load_config(args.config, threads=args.threads)
+    if args.merge is not None:
+        merged = merge_shards(cfg, args.merge, out_prob=args.out_prob, out_index=args.out_index)
+        if args.json:
+            print(json.dumps(merged, indent=2))
+        else:
+            print(f"{merged['shards']} shards joined: {merged['distill_prob']}, {merged['distill_index']}")
+        return 0
     out = teacher_tables(
         args.teacher,  # loaded with the config's threads and device, after the cheap checks
         cfg,
@@ -475,6 +492,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
         out_prob=args.out_prob,
         out_index=args.out_index,
         progress=not args.json,
+        shard=shard,
     )
     if args.json:
         print(json.dumps(out, indent=2, default=str))
@@ -749,6 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(cor)
     cor.add_argument("--out", required=True, help="directory for <split>.npy")
     cor.add_argument("--splits", default="train,heldout", help="comma-separated splits (default: train,heldout)")
+    cor.add_argument("--shard", default=None, metavar="I/N", help="only shard I of N of the documents (from 0)")
     cor.set_defaults(func=cmd_corpus)
 
     te = sub.add_parser(
@@ -773,6 +792,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the token ids' .npy (default: the config's distill_index, else <output_dir>/distill_index.npy)",
     )
+    te.add_argument("--shard", default=None, metavar="I/N", help="only shard I of N of the windows (from 0)")
+    te.add_argument("--merge", type=int, default=None, metavar="N", help="join the N shards' tables into one")
     te.add_argument("--threads", type=int, default=None, help="CPU threads (default: the config's, else all)")
     te.add_argument("--json", action="store_true", help="print a JSON summary (and no progress bar)")
     te.set_defaults(func=cmd_teacher)
