@@ -579,8 +579,56 @@ def op_summary(ops: dict) -> dict:
     return {"ops": ops, "groups": groups, "total_s": total}
 
 
+# --------------------------------------------------------------------------- child: data-parallel rank
+
+
+def phase_dp(args: argparse.Namespace) -> dict:
+    """One rank of `--nproc N` (started by torchrun): cepe.distributed.DataParallel over gloo, one
+    sequence per rank per step (the global batch is N sequences). Per step: the step's wall time and
+    the gradient all-reduce's (waiting for the slower rank included); then the all-reduce alone,
+    after a barrier, --steps + 2 times. Rank 0 writes the result."""
+    import torch
+
+    import cepe
+    import cepe.distributed as cd
+
+    ctx = cd.init("cpu")
+    dec, enc = model_configs(args.quick)
+    batch = make_batch(dec["vocab_size"], sizes(args.quick))
+    model = cepe.load(args.model_dir, n_threads=args.threads)
+    trainer = cepe.Trainer(
+        model, "cross_attn+encoder", lr=LR, warmup_ratio=WARMUP_RATIO, total_steps=TOTAL_STEPS, clip=CLIP
+    )
+    dp = cd.DataParallel(trainer, ctx)
+    steps = []
+    for _ in range(args.steps + 1):  # step 0: the untimed warm-up
+        t0 = time.perf_counter()
+        st = dp.step(batch)
+        steps.append({"step_s": time.perf_counter() - t0, "allreduce_s": dp.allreduce_seconds, "loss": st["loss"]})
+    buf = torch.from_numpy(trainer.grad_buffer.copy())
+    alone = []
+    for _ in range(args.steps + 2):
+        dp.barrier()
+        t0 = time.perf_counter()
+        torch.distributed.all_reduce(buf)
+        alone.append(time.perf_counter() - t0)
+    out = {
+        "rank": ctx.rank,
+        "world_size": ctx.world_size,
+        "steps": steps,
+        "allreduce_alone_s": alone,
+        "buffer_bytes": int(trainer.grad_buffer.nbytes),
+        "n_trainable": int(trainer.params.size),
+    }
+    cd.shutdown()
+    if ctx.rank != 0:
+        sys.exit(0)  # rank 0 writes the phase's JSON
+    return out
+
+
 PHASES = {
     "cepe": phase_cepe,
+    "dp": phase_dp,
     "torch": phase_torch,
     "cepe_ops": lambda a: phase_ops(a, "cepe"),
     "torch_ops": lambda a: phase_ops(a, "torch"),
@@ -733,6 +781,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="skip timing each op of the step alone in both engines (the profile behind the ratio)",
     )
     p.add_argument("--device", default="cpu", help="device of both engines: cpu, cuda or cuda:N")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="data-parallel instead: N cepe processes (gloo, torchrun) against one, all-reduce share of the step",
+    )
     p.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
     p.add_argument("--scratch", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -749,6 +803,73 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def main_dp(args: argparse.Namespace) -> int:
+    """`--nproc N`: rounds of (N data-parallel ranks, one process) with the same threads and
+    sequence per process; the all-reduce's share of the step and its bandwidth."""
+    n = args.nproc
+    threads = max(1, args.threads // n)
+    dec, enc = model_configs(args.quick)
+    s = sizes(args.quick)
+    one_args = argparse.Namespace(**{**vars(args), "threads": threads, "device": "cpu"})
+    rounds: dict[str, list[dict]] = {"dp": [], "one": []}
+    with tempfile.TemporaryDirectory(prefix="cepe_bench_train_dp_") as tmp:
+        model_dir = args.model_dir or os.path.join(tmp, "model")
+        scratch = os.path.join(tmp, "scratch")
+        os.makedirs(scratch)
+        ensure_cepe_model(model_dir, dec, enc, SEED, log)
+        for r in range(args.repeats):
+            for what in ("dp", "one") if r % 2 == 0 else ("one", "dp"):
+                log(f"round {r + 1}/{args.repeats}: {what}")
+                if what == "one":
+                    res = run_child("cepe", one_args, model_dir, scratch)
+                    rounds["one"].append([x["fwd_bwd_s"] + x["update_s"] for x in res["steps"][1:]])
+                    continue
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n)]
+                cmd += [os.path.abspath(__file__), "--phase", "dp", "--scratch", scratch, "--model-dir", model_dir]
+                cmd += ["--threads", str(threads), "--steps", str(args.steps)] + (["--quick"] if args.quick else [])
+                time.sleep(PAUSE_S)
+                env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+                if subprocess.run(cmd, stdout=sys.stderr, env=env).returncode != 0:
+                    sys.exit("bench_train: the data-parallel run failed")
+                with open(os.path.join(scratch, "dp.json")) as f:
+                    rounds["dp"].append(json.load(f))
+    dp_steps = [x for r in rounds["dp"] for x in r["steps"][1:]]
+    step_s = statistics.median(x["step_s"] for x in dp_steps)
+    ar_s = statistics.median(x["allreduce_s"] for x in dp_steps)
+    alone_s = statistics.median(t for r in rounds["dp"] for t in r["allreduce_alone_s"])
+    one_s = statistics.median(t for r in rounds["one"] for t in r)
+    nbytes = rounds["dp"][0]["buffer_bytes"]
+    result = {
+        "benchmark": "bench_train --nproc",
+        "quick": args.quick,
+        "nproc": n,
+        "threads_per_process": threads,
+        "repeats": args.repeats,
+        "timed_steps_per_run": args.steps,
+        "sizes": {**s, "sequences_per_rank": 1, "global_batch": n},
+        "buffer_bytes": nbytes,
+        "n_trainable": rounds["dp"][0]["n_trainable"],
+        "dp_step_s_median": step_s,
+        "dp_step_s_all": [round(x["step_s"], 4) for x in dp_steps],
+        "allreduce_in_step_s_median": ar_s,
+        "allreduce_in_step_s_all": [round(x["allreduce_s"], 5) for x in dp_steps],
+        "allreduce_alone_s_median": alone_s,
+        "allreduce_alone_busbw_GBps": nbytes * 2 * (n - 1) / n / alone_s / 1e9,
+        "one_process_step_s_median": one_s,
+        "ratios": {
+            "allreduce_in_step_over_step": ar_s / step_s,
+            "allreduce_alone_over_step": alone_s / step_s,
+            "dp_step_over_one_process_step": step_s / one_s,
+        },
+        "target": {"allreduce_in_step_over_step": 0.05},
+        "met": ar_s / step_s < 0.05,
+        "machine": {"cpu": cpu_model_name(), "cpus_usable": usable_cpus(), "loadavg_end": os.getloadavg()},
+        "versions": {"git": git_state(), "python": platform.python_version(), "numpy": np.__version__},
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.phase is not None:  # child process
@@ -756,6 +877,10 @@ def main(argv: list[str] | None = None) -> int:
         with open(os.path.join(args.scratch, f"{args.phase}.json"), "w") as f:
             json.dump(out, f)
         return 0
+    if args.nproc is not None:
+        if args.nproc < 1 or args.device != "cpu":
+            sys.exit("bench_train: --nproc needs N >= 1 and runs on the CPU (gloo)")
+        return main_dp(args)
 
     dec, enc = model_configs(args.quick)
     s = sizes(args.quick)
