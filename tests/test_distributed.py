@@ -289,6 +289,28 @@ def test_one_gpu_through_the_same_path(cepe_dir, tmp_path):
     assert rel_err(np.load(tmp_path / "params0.npy"), one.params) < 1e-3
 
 
+def test_world_size_one_in_process_is_the_plain_step(cepe_dir, monkeypatch):
+    """One rank (gloo, in this process) goes through the same path as many: its steps equal
+    Trainer.step bit for bit; a trainer saved by a run of another world size is refused."""
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(k, v)
+    ctx = cd.init("cpu", timeout_s=30)
+    try:
+        assert (ctx.rank, ctx.world_size, ctx.backend, ctx.device) == (0, 1, "gloo", "cpu")
+        a = cepe.Trainer(cepe.load(cepe_dir, n_threads=1), "cross_attn+encoder", grad_accum=2, **TRAINER)
+        b = cepe.Trainer(cepe.load(cepe_dir, n_threads=1), "cross_attn+encoder", grad_accum=2, **TRAINER)
+        dp = cd.DataParallel(b, ctx)
+        for k in range(2):
+            assert dp.step(global_batch(k, 4)) == a.step(global_batch(k, 4))
+        np.testing.assert_array_equal(a.params, b.params)
+        assert b.world_size == 1 and b._state_dict()["world_size"] == 1
+        a.world_size = 2  # as if resumed from a 2-process checkpoint
+        with pytest.raises(cd.DistributedError, match="saved by a run of world size 2 at step 2.*resume with 2"):
+            cd.DataParallel(a, ctx)
+    finally:
+        cd.shutdown()
+
+
 def test_outside_a_launcher_init_says_how_to_start(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
