@@ -383,19 +383,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train_nproc(args: argparse.Namespace) -> int:
     """`cepe train --nproc N`: this command again, as N data-parallel processes under torchrun
-    (one node), each with its share of the CPU threads unless --threads says otherwise."""
+    (one node), each with --threads, else the config's threads, else its share of the CPUs."""
     import os
     import subprocess
 
     from .distributed import launched
+    from .train_run import read_config_file
 
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     if launched():
         raise ValueError("--nproc starts torchrun itself: drop it when running under torchrun")
-    threads = args.threads if args.threads is not None else max(1, (os.cpu_count() or 1) // args.nproc)
+    threads = args.threads
+    if threads is None and "threads" not in read_config_file(args.config):  # the config's, else a share
+        threads = max(1, (os.cpu_count() or 1) // args.nproc)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc)]
-    cmd += ["--max-restarts", "0", "-m", "cepe", "train", "--config", args.config, "--threads", str(threads)]
+    cmd += ["--max-restarts", "0", "-m", "cepe", "train", "--config", args.config]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
     for flag, on in (("--resume", args.resume), ("--json", args.json)):
         if on:
             cmd.append(flag)

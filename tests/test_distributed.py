@@ -222,13 +222,17 @@ def test_two_ranks_equal_one_process(cepe_dir, tmp_path, accum):
 
 
 def test_cli_two_ranks_and_resume(cepe_dir, tokens, tmp_path):
-    """`cepe train` under torchrun's environment: rank 0 writes metrics.jsonl (world_size on each
-    line) and the checkpoint, equal to one process's within 1e-6; a run stopped after 3 steps
+    """`cepe train --nproc 2` (torchrun) and `cepe train` under torchrun's environment: rank 0
+    writes metrics.jsonl (world_size on each line) and the checkpoint, equal to one process's
+    within 1e-6; a run stopped after 3 steps
     and resumed with the same world size continues exactly; resuming it in one process is refused."""
     one = train_config(tmp_path / "one.json", cepe_dir, tokens, tmp_path / "one", total_steps=6)
     run(load_config(one, world_size=1))
     two = train_config(tmp_path / "two.json", cepe_dir, tokens, tmp_path / "two", total_steps=6)
-    check_ok(wait_all(launch(cli(two))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([*cli(two), "--nproc", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["world_size"] == 2  # one summary: rank 0's
     part = train_config(tmp_path / "part.json", cepe_dir, tokens, tmp_path / "part", total_steps=6, save_every=3)
     res = wait_all(launch(cli(part, "--steps", "3")))
     check_ok(res)
