@@ -179,6 +179,11 @@ class Trainer:
     the decoder's self-attention at E2-LLM positions. seed: the init="normal"
     and E2-LLM draws. init: see _initialize. logit_floats: how many logits
     (rows x vocab) are formed at a time (0: 2^21), a memory knob.
+
+    step() is zero_grad(), compute_gradients() and apply_update(); between the
+    last two the gradients sit in one flat fp32 buffer (grad_buffer, or
+    grad_dlpack() on a GPU, both without a copy), which a data-parallel run
+    averages in place (cepe.distributed).
     """
 
     def __init__(
