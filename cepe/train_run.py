@@ -194,6 +194,14 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _split_error(batch_size: int, world_size: int, grad_accum: int) -> str | None:
+    """Why a global batch does not split into world_size x grad_accum equal micro-batches, or None."""
+    if batch_size % (world_size * grad_accum) == 0:
+        return None
+    split = f"world_size ({world_size}) x grad_accum" if world_size > 1 else "grad_accum"
+    return f"batch_size ({batch_size}) must split into {split} ({grad_accum}) equal micro-batches"
+
+
 def parse_config(
     raw: dict[str, Any], source: str = "<config>", base_dir: str | None = None, world_size: int | None = None
 ) -> TrainConfig:
@@ -280,12 +288,9 @@ def parse_config(
     per_rank, rest = divmod(out["batch_size"], world_size)
     default_accum = per_rank // micro if rest == 0 and per_rank % micro == 0 else max(per_rank, 1)
     out["grad_accum"] = get_int("grad_accum", default_accum)
-    if out["batch_size"] % (world_size * out["grad_accum"]):
-        split = f"world_size ({world_size}) x grad_accum" if world_size > 1 else "grad_accum"
-        raise err(
-            "grad_accum",
-            f"batch_size ({out['batch_size']}) must split into {split} ({out['grad_accum']}) equal micro-batches",
-        )
+    bad_split = _split_error(out["batch_size"], world_size, out["grad_accum"])
+    if bad_split:
+        raise err("grad_accum", bad_split)
     out["total_steps"] = get_int("total_steps", d["total_steps"])
     out["save_every"] = get_int("save_every", 500, 0)
     out["logit_floats"] = get_int("logit_floats", 0, 0)
@@ -583,6 +588,9 @@ def run(cfg: TrainConfig, *, max_steps: int | None = None, dry_run: bool = False
     parallel = distributed.launched() and not dry_run
     world_size = distributed.env_world_size() if parallel else 1
     device = distributed.rank_device(cfg.device) if parallel else cfg.device
+    bad_split = _split_error(cfg.batch_size, world_size, cfg.grad_accum)
+    if bad_split:
+        raise ConfigError(f"{cfg.source}: grad_accum: {bad_split}")
     ckpt_from = _resume_from(cfg)
     if ckpt_from is not None:
         _check_world_size(cfg, ckpt_from, world_size)
