@@ -397,13 +397,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """The CEPE training stages (warmup, stage2) from a JSON/TOML config, or a multi-stage
     recipe (a config with `stages`); see cepe.train_run and cepe.recipe."""
+    from .distributed import env_world_size
     from .recipe import is_recipe, run_recipe
     from .train_run import load_config, read_config_file, run
 
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.nproc is not None and not args.dry_run:
+        return _train_nproc(args)
     raw = read_config_file(args.config)
     if is_recipe(raw):
+        if env_world_size() > 1:
+            raise ValueError(f"{args.config}: recipes run in one process; train their stages' configs with --nproc")
         out = run_recipe(
             args.config,
             raw,
@@ -425,6 +430,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("--output-dir applies to recipes (configs with `stages`); set output_dir in the config")
     cfg = load_config(args.config, threads=args.threads, resume=True if args.resume else None)
     out = run(cfg, max_steps=args.steps, dry_run=args.dry_run)
+    if out.get("rank", 0) != 0:
+        return 0  # rank 0 reports for the run
     if args.json:
         print(json.dumps(out, indent=2, default=str))
     elif args.dry_run:
@@ -438,6 +445,40 @@ def cmd_train(args: argparse.Namespace) -> int:
             + f"; checkpoint {out['checkpoint']}; metrics {out['log']}"
         )
     return 0
+
+
+def _train_nproc(args: argparse.Namespace) -> int:
+    """`cepe train --nproc N`: this command again, as N data-parallel processes under torchrun
+    (one node), each with --threads, else the config's threads, else its share of the CPUs."""
+    import os
+    import subprocess
+
+    from .distributed import launched
+    from .train_run import read_config_file
+
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if launched():
+        raise ValueError("--nproc starts torchrun itself: drop it when running under torchrun")
+    threads = args.threads
+    if threads is None and "threads" not in read_config_file(args.config):  # the config's, else a share
+        threads = max(1, (os.cpu_count() or 1) // args.nproc)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc)]
+    cmd += ["--max-restarts", "0", "-m", "cepe", "train", "--config", args.config]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
+    for flag, on in (("--resume", args.resume), ("--json", args.json)):
+        if on:
+            cmd.append(flag)
+    if args.steps is not None:
+        cmd += ["--steps", str(args.steps)]
+    if args.output_dir is not None:
+        cmd += ["--output-dir", args.output_dir]
+    try:
+        import torch.distributed.run  # noqa: F401 - only its presence is checked here
+    except ImportError:
+        raise ImportError('--nproc runs torchrun: pip install "cepe[distributed]"') from None
+    return subprocess.run(cmd, check=False).returncode
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -472,14 +513,20 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_corpus(args: argparse.Namespace) -> int:
     """The pinned standard-library corpus, tokenized into packed .npy files (cepe.corpus)."""
     from . import corpus
+    from .work_shards import parse_shard
 
+    shard = parse_shard(args.shard) if args.shard is not None else None
     model = load(args.model, n_threads=args.threads)
     if model.tokenizer is None:
         raise ValueError(f"--model {args.model} has no tokenizer")
     tok = model.tokenizer
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     paths = corpus.build(
-        args.out, lambda text: tok.encode(text, add_special_tokens=False), splits=splits, progress=not args.json
+        args.out,
+        lambda text: tok.encode(text, add_special_tokens=False),
+        splits=splits,
+        progress=not args.json,
+        shard=shard,
     )
     import numpy as np
 
@@ -493,10 +540,21 @@ def cmd_corpus(args: argparse.Namespace) -> int:
 
 def cmd_teacher(args: argparse.Namespace) -> int:
     """CEPED teacher tables (distill_prob / distill_index) for a training config; see cepe.teacher."""
-    from .teacher import teacher_tables
+    from .teacher import merge_shards, teacher_tables
     from .train_run import load_config
+    from .work_shards import parse_shard
 
+    if args.shard is not None and args.merge is not None:
+        raise ValueError("--shard (compute one shard) and --merge (join the shards) go separately")
+    shard = parse_shard(args.shard) if args.shard is not None else None
     cfg = load_config(args.config, threads=args.threads)
+    if args.merge is not None:
+        merged = merge_shards(cfg, args.merge, out_prob=args.out_prob, out_index=args.out_index)
+        if args.json:
+            print(json.dumps(merged, indent=2))
+        else:
+            print(f"{merged['shards']} shards joined: {merged['distill_prob']}, {merged['distill_index']}")
+        return 0
     out = teacher_tables(
         args.teacher,  # loaded with the config's threads and device, after the cheap checks
         cfg,
@@ -505,6 +563,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
         out_prob=args.out_prob,
         out_index=args.out_index,
         progress=not args.json,
+        shard=shard,
     )
     if args.json:
         print(json.dumps(out, indent=2, default=str))
@@ -748,6 +807,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--threads", type=int, default=None, help="CPU threads (default: the config's, else all)")
     tr.add_argument("--output-dir", default=None, help="a recipe's output directory (overrides its output_dir)")
     tr.add_argument("--json", action="store_true", help="print a JSON summary")
+    tr.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="train data-parallel in N processes on this node (runs torchrun; needs cepe[distributed])",
+    )
     tr.set_defaults(func=cmd_train)
 
     ini = sub.add_parser(
@@ -794,6 +859,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(cor)
     cor.add_argument("--out", required=True, help="directory for <split>.npy")
     cor.add_argument("--splits", default="train,heldout", help="comma-separated splits (default: train,heldout)")
+    cor.add_argument("--shard", default=None, metavar="I/N", help="only shard I of N of the documents (from 0)")
     cor.set_defaults(func=cmd_corpus)
 
     te = sub.add_parser(
@@ -818,6 +884,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the token ids' .npy (default: the config's distill_index, else <output_dir>/distill_index.npy)",
     )
+    te.add_argument("--shard", default=None, metavar="I/N", help="only shard I of N of the windows (from 0)")
+    te.add_argument("--merge", type=int, default=None, metavar="N", help="join the N shards' tables into one")
     te.add_argument("--threads", type=int, default=None, help="CPU threads (default: the config's, else all)")
     te.add_argument("--json", action="store_true", help="print a JSON summary (and no progress bar)")
     te.set_defaults(func=cmd_teacher)

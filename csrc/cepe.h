@@ -503,6 +503,11 @@ cepe_status cepe_train_forward_backward(cepe_train *t, const cepe_train_batch *b
 cepe_status cepe_train_update(cepe_train *t, cepe_train_stats *out);
 /* Copies the flat gradient buffer (n_params floats) to dst. */
 cepe_status cepe_train_copy_grads(const cepe_train *t, float *dst);
+/* The flat gradient buffer itself (n_params floats, the layout's order), in
+ * backend memory (*on_device = 1: device memory, reached only through that
+ * device's API). It lives as long as t; between the last forward_backward
+ * and cepe_train_update a data-parallel caller may average it in place. */
+cepe_status cepe_train_grad_buffer(cepe_train *t, float **grads, size_t *n, int *on_device);
 /* On a device backend, copies the trainable weights, and the moments, back
  * into the caller's params / adam_m / adam_v (the state of record for saving);
  * on the CPU they are the state already (no-op). */

@@ -286,6 +286,15 @@ cepe_status cepe_train_copy_grads(const cepe_train *t, float *dst) {
     return train_check(t);
 }
 
+cepe_status cepe_train_grad_buffer(cepe_train *t, float **grads, size_t *n, int *on_device) {
+    if (!t || !grads || !n || !on_device)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_train_grad_buffer: NULL argument");
+    *grads = t->grads;
+    *n = t->n_params;
+    *on_device = t->m->be->device;
+    return CEPE_OK;
+}
+
 cepe_status cepe_train_sync_device(cepe_train *t) {
     if (!t) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_train_sync_device: NULL state");
     const cepe_backend *be = t->m->be;
