@@ -96,11 +96,13 @@ class OpsDecoder:
     @classmethod
     def from_model(cls, model: Any, n_threads: int | None = 1) -> OpsDecoder:
         """The decoder of a loaded cepe.Model, on the very arrays the model computes with
-        (read-only views: nothing is copied or read again)."""
-        import cepe_c
+        (read-only views: nothing is copied or read again) where they are float32; a matrix
+        held in another format (GGUF blocks, bf16) is widened to float32 once here."""
+        from .qtensor import as_float32, core_weights
 
-        weights = cepe_c.train_weights(model._core)
-        return cls(model.config, {k: v for k, v in weights.items() if k.startswith(("model.", "lm_head."))}, n_threads)
+        weights = core_weights(model._core)
+        decoder = {k: as_float32(v) for k, v in weights.items() if k.startswith(("model.", "lm_head."))}
+        return cls(model.config, decoder, n_threads)
 
     def _layer(self, i: int, name: str) -> np.ndarray:
         return self.w[f"model.layers.{i}.{name}.weight"]

@@ -11,6 +11,7 @@ import torch
 from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
+import cepe
 import cepe.eval as ev
 from cepe.baselines import OpsDecoder
 
@@ -71,6 +72,23 @@ def test_streaming_without_eviction_is_the_engines_forward(tiny_llama):
         dec.streaming_nll(ids, cache_size=4, scored=3, sinks=4)
     with pytest.raises(ValueError, match="scored"):
         dec.streaming_nll(ids, cache_size=8, scored=25)
+
+
+@pytest.mark.cepe_config(hidden_size=64, intermediate_size=128)
+def test_ops_decoder_of_a_model_held_in_q8_0_runs_on_its_widened_weights(tiny_llama):
+    """A model whose matrices stay in a block format: the baselines run on them widened
+    (exactly gguf's dequantization), so they agree with the float32 model of those weights."""
+    from gguf import GGMLQuantizationType, dequantize, quantize
+
+    q8 = OpsDecoder.from_model(cepe.load(tiny_llama.path, dtype="q8_0"))
+    f32 = OpsDecoder.from_model(tiny_llama.load())
+    name = "model.layers.0.mlp.down_proj.weight"
+    want = dequantize(quantize(f32.w[name], GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0)
+    np.testing.assert_array_equal(q8.w[name], want)
+    ids = np.random.default_rng(6).integers(3, 101, size=20)
+    assert q8.streaming_nll(ids, cache_size=20, scored=8) == pytest.approx(
+        f32.streaming_nll(ids, cache_size=20, scored=8), abs=2e-2
+    )
 
 
 def test_streaming_in_the_lm_protocol(tiny_cepe):
