@@ -230,24 +230,21 @@ class OpsDecoder:
                 kc[:, sinks:-1] = kc[:, sinks + 1 :]
                 vc[:, sinks:-1] = vc[:, sinks + 1 :]
                 n -= 1
-            h = ops.embedding(ids[t : t + 1], self.w["model.embed_tokens.weight"])  # (1, C)
+            h = ops.embedding(ids[None, t : t + 1], self.w["model.embed_tokens.weight"])  # (1, 1, C)
             for i in range(L):
                 x = ops.rmsnorm(h, self._layer(i, "input_layernorm"), eps, n_threads=nt)
                 q = ops.linear(x, self._layer(i, "self_attn.q_proj"), n_threads=nt).reshape(1, 1, H, hd)
                 kc[i, n] = ops.linear(x, self._layer(i, "self_attn.k_proj"), n_threads=nt).reshape(KVH, hd)
                 vc[i, n] = ops.linear(x, self._layer(i, "self_attn.v_proj"), n_threads=nt).reshape(KVH, hd)
-                k = ops.rope_apply(kc[i, : n + 1], cos[: n + 1], sin[: n + 1], layout=self.rope.layout)  # type: ignore[arg-type]
-                q = ops.rope_apply(q, cos[n : n + 1], sin[n : n + 1], layout=self.rope.layout)  # type: ignore[arg-type]
+                layout = self.rope.layout
+                k = ops.rope_apply(kc[i, : n + 1], cos[: n + 1], sin[: n + 1], layout=layout, n_threads=nt)  # type: ignore[arg-type]
+                q = ops.rope_apply(q, cos[n : n + 1], sin[n : n + 1], layout=layout, n_threads=nt)  # type: ignore[arg-type]
                 a = ops.attention(q, k[None], vc[i, : n + 1][None], n_threads=nt)
                 assert isinstance(a, np.ndarray)
-                h = h + ops.linear(a.reshape(1, H * hd), self._layer(i, "self_attn.o_proj"), n_threads=nt)
-                x = ops.rmsnorm(h, self._layer(i, "post_attention_layernorm"), eps, n_threads=nt)
-                g = ops.linear(x, self._layer(i, "mlp.gate_proj"), n_threads=nt)
-                u = ops.linear(x, self._layer(i, "mlp.up_proj"), n_threads=nt)
-                h = h + ops.linear(ops.swiglu(g, u), self._layer(i, "mlp.down_proj"), n_threads=nt)
+                h = self._finish_layer(i, h, a)
             n += 1
             if t + 1 >= first_scored:
-                z = self._logits(h).astype(np.float64)[0]
+                z = self._logits(h[0]).astype(np.float64)[0]
                 m = z.max()
                 total += m + math.log(np.exp(z - m).sum()) - z[ids[t + 1]]
         return total / scored

@@ -472,6 +472,7 @@ def plot_perplexity(ax: Any, result: dict[str, Any]) -> None:
         "streaming": ("tab:green", "StreamingLLM (W-entry cache)"),
         "replug": ("tab:purple", "REPLUG (256-token chunks, uniform)"),
         "pcw": ("tab:brown", "parallel context windows (256)"),
+        "e2llm-cepe": ("tab:cyan", "E2-LLM (2W, scale 2) + CEPE"),
     }
     for method in [m for m in rows if m != "truncation"]:
         color, label = styles.get(method, (None, method))

@@ -4,6 +4,7 @@ reference on a tiny CEPE model, resuming from the calls log, and the outputs."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 
@@ -128,7 +129,8 @@ def test_cli_writes_json_csv_plot_and_resumes(tiny_cepe, tmp_path, capsys):
     with open(out / "lm.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and {r["method"] for r in rows} == set(ev.METHODS)
-    assert os.path.getsize(out / "lm.png") > 1000
+    if importlib.util.find_spec("matplotlib"):  # an optional dependency: no plot without it
+        assert os.path.getsize(out / "lm.png") > 1000
     n_lines = len((out / "calls.jsonl").read_text().splitlines())
     assert main([*argv, "--json"]) == 0  # the rerun takes every call from the log
     again = json.loads(capsys.readouterr().out)

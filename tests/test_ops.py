@@ -1,5 +1,5 @@
 """Every CPU op of csrc/ops/ and its backward (in the forward's file; the losses in loss.c),
-called through the test-only op bindings (tests/ops_ext/), against PyTorch autograd
+called through cepe.ops and the test helpers over it (tests/ops_ext/), against PyTorch autograd
 in float64 on odd sizes; plus directional finite differences of our own
 forwards, the masks attention must honour, and a check that the attention
 backward never holds O(T^2) memory."""
