@@ -325,3 +325,34 @@ def test_training_with_a_frozen_low_precision_decoder(fmt, tmp_path):
     assert max(errors.values()) <= bound, (errors, bound)
     stats = t_low.step(batch)
     assert np.isfinite(stats["loss"])
+
+
+# ------------------------------------------------------------ bad input
+
+
+def test_stored_format_bad_input_names_the_fault(files, tmp_path):
+    from cepe.safetensors_io import FORMATS_KEY, SafetensorsFile
+
+    m = cepe.load(files("Q8_0"), n_threads=1)
+    w = core_weights(m._core)["model.layers.0.mlp.up_proj.weight"]
+    assert isinstance(w, QTensor)
+    core = cepe_c.Model(m.config.core_kwargs(), None, n_threads=1)
+    name = "model.layers.0.mlp.up_proj.weight"
+    with pytest.raises(ValueError, match=f"tensor {name}: .* bytes a row do not hold 256 values of Q8_0"):
+        core.bind(name, np.ascontiguousarray(w.rows[:, :-2]), w.qtype, w.n_in)
+    with pytest.raises(ValueError, match="unsupported weight type id 7"):
+        core.bind(name, w.rows, 7, w.n_in)
+    with pytest.raises(ValueError, match=r"model.norm.weight has shape \(1, 256\), the config implies \(256,\)"):
+        core.bind("model.norm.weight", np.zeros((1, 34 * 8), np.uint8), 8, 256)
+    # a saved block format whose metadata is damaged
+    saved = m.save(tmp_path / "saved")
+    st = os.path.join(saved, "model.safetensors")
+    blob = open(st, "rb").read()
+    n = int.from_bytes(blob[:8], "little")
+    header = blob[8 : 8 + n].replace(b'\\"Q8_0\\", 256]', b'\\"Q8_0\\", 224]')
+    assert header != blob[8 : 8 + n]
+    with open(st, "wb") as f:
+        f.write(blob[:8] + header + blob[8 + n :])
+    with pytest.raises(cepe.CheckpointError, match="bytes a row do not hold 224 values of Q8_0"):
+        SafetensorsFile(st)
+    assert FORMATS_KEY in open(st, "rb").read(8 + n).decode("utf-8", "replace")
