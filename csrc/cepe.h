@@ -367,7 +367,7 @@ cepe_status cepe_e2llm_positions(int R, int L, int g_max, int n_samples, uint64_
                                  int32_t *scales, int32_t *offsets);
 /* ==== end RoPE ============================================================ */
 
-/* ==== training (issue 5): AdamW, clipping, schedule, CEPE backward =========
+/* ==== training: AdamW, clipping, schedule, CEPE backward =========
  * Everything here works on flat fp32 buffers (llm.c style): the trainable
  * weights, their gradients and the two AdamW moments each live in one array,
  * tensor after tensor. Written to reproduce torch.optim.AdamW,

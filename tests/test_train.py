@@ -1,4 +1,4 @@
-"""Training in the C core (issue 5): the optimizer pieces against PyTorch
+"""Training in the C core: the optimizer pieces against PyTorch
 (AdamW, clip_grad_norm_, HF's cosine schedule), the CEPE backward against
 torch autograd on the oracle of cepe.testing.reference, and cepe.Trainer
 against a torch training loop from the same weights."""

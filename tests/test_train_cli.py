@@ -1,4 +1,4 @@
-"""`cepe train --config FILE` (issue 5): the warmup and stage-2 recipes from .npy token files, JSON
+"""`cepe train --config FILE`: the warmup and stage-2 recipes from .npy token files, JSON
 and TOML configs, the per-stage defaults, checkpoints, the JSONL log, resume, and clear errors
 (exit status 2, the key named) for bad configs. Tiny random CEPE models from cepe.testing.reference."""
 

@@ -1,4 +1,4 @@
-"""Issue 5's acceptance: the warmup (copy) stage on a tiny model drives the loss on text the encoder
+"""The training acceptance test: the warmup (copy) stage on a tiny model drives the loss on text the encoder
 has seen far below the no-context loss — the cross-attention learns to use the context.
 
 End to end through `cepe train`: a tiny random-init CEPE model whose frozen decoder cannot predict
