@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -15,3 +17,13 @@ def check_seed(seed: Any, name: str = "seed") -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"{name} must be a non-negative int, got {seed!r}")
     return int(seed)
+
+
+def check_keywords(where: str, given: Mapping[str, Any], allowed: Collection[str]) -> None:
+    """TypeError for a keyword argument of `where` that is not one of `allowed` (as Python's own,
+    with the close names: a misspelt option of a **kwargs API would otherwise pass unseen)."""
+    for key in given:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, list(allowed), n=3)
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise TypeError(f"{where}() got an unexpected keyword argument {key!r}{hint}")

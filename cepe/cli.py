@@ -26,11 +26,12 @@ Errors print one line "cepe: error: ..." and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 import time
 import warnings
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import numpy as np
 
@@ -662,9 +663,36 @@ class _Parser(argparse.ArgumentParser):
             action.help = ""  # shown, with its default, by _DefaultsFormatter
         return super()._add_action(action)
 
+    def error(self, message: str) -> NoReturn:
+        super().error(message + _did_you_mean(self, message))
+
+
+def _options(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string of a parser and of its subcommands."""
+    out: set[str] = set()
+    for action in parser._actions:
+        out.update(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                out |= _options(sub)
+    return out
+
+
+def _did_you_mean(parser: argparse.ArgumentParser, message: str) -> str:
+    """ "; did you mean --temperature?" for a misspelt option in argparse's error message."""
+    if not message.startswith("unrecognized arguments: "):
+        return ""
+    known = sorted(_options(parser))
+    hints = [
+        f"{arg} -> {close[0]}"
+        for arg in message.split(": ", 1)[1].split()
+        if arg.startswith("--") and (close := difflib.get_close_matches(arg.split("=")[0], known, n=1))
+    ]
+    return f" (did you mean: {', '.join(hints)}?)" if hints else ""
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="cepe",
         description="Long-context LLaMA-family models on the CPU: CEPE parallel context encoding, "
         "RoPE scaling and E2-LLM, from a C core.",

@@ -28,11 +28,12 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import numpy as np
 
 from .batching import ParamError, Row, Step, TokenLogprob, checked_settings, decode_batch
+from .checks import check_keywords
 from .chunking import DEFAULT_CHUNK_LEN, chunk_long_context
 from .sampling import TEXT_DEFAULTS as TEXT_DEFAULTS  # Model.chat's defaults, generate_text's
 from .sampling import SamplingSettings
@@ -105,6 +106,39 @@ def _unsupported(body: dict[str, Any]) -> None:
     fmt = body.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise ParamError("response_format", "only response_format {'type': 'text'} is supported")
+
+
+class RequestFields(TypedDict, total=False):
+    """The fields both OpenAI requests take, as Model.create_completion and
+    Model.create_chat_completion's keyword arguments (None or absent: the default)."""
+
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    n: int | None
+    stream: bool
+    stream_options: dict[str, Any] | None
+    stop: str | list[str] | None
+    seed: int | None
+    presence_penalty: float | None
+    frequency_penalty: float | None
+    logit_bias: dict[str, float] | None
+    top_k: int | None  # cepe's extensions from here on
+    min_p: float | None
+    typical_p: float | None
+    repeat_penalty: float | None
+    repeat_last_n: int | None
+    cepe_context: str | list[str] | None  # documents for a CEPE model's encoder
+
+
+class ChatCompletionFields(RequestFields, total=False):
+    logprobs: bool | None
+    top_logprobs: int | None
+
+
+class CompletionFields(RequestFields, total=False):
+    echo: bool | None
+    logprobs: int | None  # the number of alternatives, in the legacy API
 
 
 SAMPLING_FIELDS = {  # request field -> its default (OpenAI's where OpenAI has the field)
@@ -645,11 +679,15 @@ def _request(model: Any, make: Any, body: dict[str, Any]) -> dict[str, Any] | It
     return respond(model, job)
 
 
-def create_completion(model: Any, body: dict[str, Any]) -> dict[str, Any] | Iterator[dict[str, Any]]:
+def create_completion(model: Any, prompt: Any, fields: CompletionFields) -> dict[str, Any] | Iterator[dict[str, Any]]:
     """Model.create_completion: an OpenAI /v1/completions request's fields, in Python."""
-    return _request(model, completion_job, body)
+    check_keywords("create_completion", fields, CompletionFields.__annotations__)
+    return _request(model, completion_job, {"prompt": prompt, **fields})
 
 
-def create_chat_completion(model: Any, body: dict[str, Any]) -> dict[str, Any] | Iterator[dict[str, Any]]:
+def create_chat_completion(
+    model: Any, messages: Any, fields: ChatCompletionFields
+) -> dict[str, Any] | Iterator[dict[str, Any]]:
     """Model.create_chat_completion: an OpenAI /v1/chat/completions request's fields, in Python."""
-    return _request(model, chat_job, body)
+    check_keywords("create_chat_completion", fields, ChatCompletionFields.__annotations__)
+    return _request(model, chat_job, {"messages": messages, **fields})

@@ -15,20 +15,30 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
 
 import cepe_c
 
-from .completions import TEXT_DEFAULTS, chat_reply, create_chat_completion, create_completion
+from .completions import (
+    TEXT_DEFAULTS,
+    ChatCompletionFields,
+    CompletionFields,
+    chat_reply,
+    create_chat_completion,
+    create_completion,
+)
 from .config import DecoderConfig
 from .errors import LongInputWarning
 from .pickling import LoadSource, reduce_cache, reduce_model
 from .sampling import FINISH_REASONS, Generation, SamplingSettings, StreamToken, check_stop
 from .save import save_model
 from .text import check_text, require_tokenizer, stream_text, text_context
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 _MAX_I32 = 2**31 - 1
 
@@ -205,6 +215,31 @@ def _as_context_mask(mask: Any, shape: tuple[int, ...], name: str = "encoder_att
 PROGRESS_AFTER_S = 2.0  # a forward call running longer than this shows a progress bar
 
 
+_worker: tuple[int, queue.SimpleQueue[Any]] | None = None
+_worker_lock = threading.Lock()
+
+
+def _core_worker() -> queue.SimpleQueue[Any]:
+    """The queue of the one thread that runs the main thread's core calls (_interruptible).
+
+    One thread for the process's life, not one per call: the core's OpenMP team is made once
+    per calling thread, and a new thread and team per call cost ~3.5 ms, a tenth of a token
+    step of a 135M model decoded with forward(cache=) in a loop. Only the main thread hands it
+    work, one call at a time (it waits for each, Ctrl-C included). A forked child starts its own."""
+    global _worker
+    with _worker_lock:
+        if _worker is None or _worker[0] != os.getpid():
+            jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+            def serve() -> None:
+                while True:
+                    jobs.get()()
+
+            threading.Thread(target=serve, name="cepe-core", daemon=True).start()
+            _worker = (os.getpid(), jobs)
+        return _worker[1]
+
+
 def _interruptible(ctx: cepe_c.Context, fn: Any, *args: Any, progress: str | None = None, **kw: Any) -> Any:
     """Runs fn (a call into the C core on ctx) so that Ctrl-C stops it.
 
@@ -228,7 +263,7 @@ def _interruptible(ctx: cepe_c.Context, fn: Any, *args: Any, progress: str | Non
         finally:
             done.set()
 
-    threading.Thread(target=work, name="cepe-core", daemon=True).start()
+    _core_worker().put(work)
     start = time.monotonic()
     bar = None
     try:
@@ -1026,111 +1061,26 @@ class Model:
         )
 
     def create_chat_completion(
-        self,
-        messages: list[dict[str, Any]],
-        *,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        n: int | None = None,
-        stream: bool = False,
-        stream_options: dict[str, Any] | None = None,
-        stop: str | list[str] | None = None,
-        seed: int | None = None,
-        presence_penalty: float | None = None,
-        frequency_penalty: float | None = None,
-        logit_bias: dict[str, float] | None = None,
-        logprobs: bool | None = None,
-        top_logprobs: int | None = None,
-        top_k: int | None = None,
-        min_p: float | None = None,
-        typical_p: float | None = None,
-        repeat_penalty: float | None = None,
-        repeat_last_n: int | None = None,
-        cepe_context: str | list[str] | None = None,
+        self, messages: list[dict[str, Any]], **fields: Unpack[ChatCompletionFields]
     ) -> dict[str, Any] | Iterator[dict[str, Any]]:
-        """An OpenAI chat completion: the fields of a /v1/chat/completions request (None:
-        OpenAI's default, so temperature 1), the result as a "chat.completion" dict, or with
-        stream=True an iterator of "chat.completion.chunk" dicts. cepe_context: documents
-        for a CEPE model's encoder. See cepe.completions; `cepe serve` answers the same."""
-        return create_chat_completion(
-            self,
-            dict(
-                messages=messages,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                n=n,
-                stream=stream,
-                stream_options=stream_options,
-                stop=stop,
-                seed=seed,
-                presence_penalty=presence_penalty,
-                frequency_penalty=frequency_penalty,
-                logit_bias=logit_bias,
-                logprobs=logprobs,
-                top_logprobs=top_logprobs,
-                top_k=top_k,
-                min_p=min_p,
-                typical_p=typical_p,
-                repeat_penalty=repeat_penalty,
-                repeat_last_n=repeat_last_n,
-                cepe_context=cepe_context,
-            ),
-        )
+        """An OpenAI chat completion: the fields of a /v1/chat/completions request
+        (cepe.completions.ChatCompletionFields: max_tokens, temperature, top_p, n, stream,
+        stream_options, stop, seed, presence/frequency_penalty, logit_bias, logprobs,
+        top_logprobs, and cepe's top_k, min_p, typical_p, repeat_penalty, repeat_last_n;
+        absent or None: OpenAI's default, so temperature 1), the result as a
+        "chat.completion" dict, or with stream=True an iterator of "chat.completion.chunk"
+        dicts. cepe_context: documents for a CEPE model's encoder. `cepe serve` answers the same."""
+        return create_chat_completion(self, messages, fields)
 
     def create_completion(
-        self,
-        prompt: str | list[str] | list[int] | list[list[int]],
-        *,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        n: int | None = None,
-        stream: bool = False,
-        stream_options: dict[str, Any] | None = None,
-        stop: str | list[str] | None = None,
-        seed: int | None = None,
-        echo: bool | None = None,
-        presence_penalty: float | None = None,
-        frequency_penalty: float | None = None,
-        logit_bias: dict[str, float] | None = None,
-        logprobs: int | None = None,
-        top_k: int | None = None,
-        min_p: float | None = None,
-        typical_p: float | None = None,
-        repeat_penalty: float | None = None,
-        repeat_last_n: int | None = None,
-        cepe_context: str | list[str] | None = None,
+        self, prompt: str | list[str] | list[int] | list[list[int]], **fields: Unpack[CompletionFields]
     ) -> dict[str, Any] | Iterator[dict[str, Any]]:
         """An OpenAI (legacy) completion of a text prompt (with BOS) or of token ids: the
-        fields of a /v1/completions request (max_tokens defaults to 16, temperature to 1),
-        the result as a "text_completion" dict, or with stream=True an iterator of chunks."""
-        return create_completion(
-            self,
-            dict(
-                prompt=prompt,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                n=n,
-                stream=stream,
-                stream_options=stream_options,
-                stop=stop,
-                seed=seed,
-                echo=echo,
-                presence_penalty=presence_penalty,
-                frequency_penalty=frequency_penalty,
-                logit_bias=logit_bias,
-                logprobs=logprobs,
-                top_k=top_k,
-                min_p=min_p,
-                typical_p=typical_p,
-                repeat_penalty=repeat_penalty,
-                repeat_last_n=repeat_last_n,
-                cepe_context=cepe_context,
-            ),
-        )
+        fields of a /v1/completions request (cepe.completions.CompletionFields: those of
+        create_chat_completion with echo, and logprobs as a count; max_tokens defaults to 16,
+        temperature to 1), the result as a "text_completion" dict, or with stream=True an
+        iterator of chunks."""
+        return create_completion(self, prompt, fields)
 
     def perplexity_text(
         self,

@@ -60,6 +60,7 @@ class LoadSource:
 
 _alive: weakref.WeakValueDictionary[str, Model] = weakref.WeakValueDictionary()
 _last: list[Model] = []  # the model unpickled last, kept alive (a pool worker's next task reuses it)
+_loader: list[Callable[..., Model]] = []  # cepe.load
 _lock = threading.RLock()  # load_model calls cepe.load, which registers its model
 
 
@@ -80,6 +81,7 @@ def remember_load(load: Callable[P, Model]) -> Callable[P, Model]:
             _alive[source.key()] = model
         return model
 
+    _loader[:] = [wrapper]
     return wrapper
 
 
@@ -97,8 +99,7 @@ def reduce_model(model: Model) -> tuple[Any, ...]:
 
 def load_model(path: str, kwargs: dict[str, Any]) -> Model:
     """A Model from its pickle: the weights of a live Model loaded the same way, else cepe.load."""
-    from .load import load
-
+    load = _loader[0]  # cepe.load, as remember_load wrapped it (no import: load imports this module)
     key = LoadSource(path, tuple(sorted(kwargs.items()))).key()
     with _lock:
         found = _alive.get(key)

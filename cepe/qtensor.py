@@ -107,8 +107,9 @@ def core_weights(core: Any) -> dict[str, Weight]:
     for name, w in cepe_c.train_weights(core).items():
         if isinstance(w, tuple):
             rows, qtype, n_in = w
-            w = QTensor(rows, names[qtype], (int(rows.shape[0]), int(n_in)))
-        out[name] = w
+            out[name] = QTensor(rows, names[qtype], (int(rows.shape[0]), int(n_in)))
+        else:
+            out[name] = w
     return out
 
 

@@ -37,13 +37,16 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 
 import numpy as np
 
 import cepe_c
 
-from .checks import check_seed
+from .checks import check_keywords, check_seed
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 _MAX_I32 = 2**31 - 1
 
@@ -121,6 +124,21 @@ def check_stop(stop: Any) -> list[str]:
     if not isinstance(items, Sequence) or not all(isinstance(s, str) for s in items):
         raise TypeError(f"stop must be a string or a list of strings, got {stop!r}")
     return [s for s in items if s]
+
+
+class SamplingOptions(TypedDict, total=False):
+    """The chain's settings as keyword arguments (SamplingSettings' fields, the same defaults)."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    typical_p: float
+    repeat_penalty: float
+    repeat_last_n: int
+    frequency_penalty: float
+    presence_penalty: float
+    logit_bias: Mapping[Any, float] | None
 
 
 @dataclass(frozen=True)
@@ -251,39 +269,16 @@ class Sampler:
     tok = s.sample(logits[-1])         # picks, then accepts, the next token
     p = s.distribution(logits[-1])     # the distribution sample() draws from
 
-    The settings are those of Model.generate (see the module doc)."""
+    The settings (SamplingOptions: temperature, top_k, ... logit_bias) are those of
+    Model.generate, each off by default (see the module doc)."""
 
     def __init__(
-        self,
-        vocab_size: int,
-        *,
-        batch_size: int = 1,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        typical_p: float = 1.0,
-        repeat_penalty: float = 1.0,
-        repeat_last_n: int = 64,
-        frequency_penalty: float = 0.0,
-        presence_penalty: float = 0.0,
-        logit_bias: Mapping[Any, float] | None = None,
-        seed: int | None = None,
+        self, vocab_size: int, *, batch_size: int = 1, seed: int | None = None, **settings: Unpack[SamplingOptions]
     ) -> None:
         self.vocab_size = _check_int("vocab_size", vocab_size, 1)
         self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.settings = SamplingSettings(
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            typical_p=typical_p,
-            repeat_penalty=repeat_penalty,
-            repeat_last_n=repeat_last_n,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            logit_bias=logit_bias,
-        )
+        check_keywords("Sampler", settings, SamplingOptions.__annotations__)
+        self.settings = SamplingSettings(**settings)
         self._core = self.settings.core_sampler(self.batch_size, self.vocab_size, seed=seed)
 
     def _logits(self, logits: Any, row: int) -> tuple[np.ndarray, int]:

@@ -126,7 +126,7 @@ class SentencePieceBackend:
         try:
             import sentencepiece as spm
         except ImportError:
-            raise ImportError(f"{path} is a SentencePiece model: pip install sentencepiece") from None
+            raise ImportError(f'{path} is a SentencePiece model: pip install "cepe[sentencepiece]"') from None
         self.proto = read_small(path, what="SentencePiece model", limit=TOKENIZER_LIMIT, error=CheckpointError)
         try:
             self.sp = spm.SentencePieceProcessor(model_proto=self.proto)

@@ -56,7 +56,8 @@ def head_entropy(q: np.ndarray, k: np.ndarray, key_mask: np.ndarray) -> np.ndarr
     mean_k, lse = ops.attention(q, k, k, key_mask=key_mask, return_lse=True)
     H = q.shape[2]
     expected_score = scale * np.einsum("bthd,bthd->bth", q, mean_k.reshape(q.shape[0], q.shape[1], H, -1))
-    return lse - expected_score
+    entropy: np.ndarray = lse - expected_score
+    return entropy
 
 
 @pytest.mark.cepe_config(num_cross_attn_layers=1)

@@ -349,3 +349,11 @@ def test_out_of_memory_is_one_line(text_dir):
     r = run("generate", "--model", text_dir, "--ids", "3 4", "--max-new-tokens", str(2**31 - 10))
     line = last_line_error(r)
     assert "out of memory" in line and "lower max_new_tokens" in line, line
+
+
+def test_misspelt_option_names_the_close_one():
+    r = run("generate", "hi", "--temprature", "0.5")
+    assert r.returncode == 2
+    assert "unrecognized arguments: --temprature 0.5 (did you mean: --temprature -> --temperature?)" in r.stderr
+    r = run("rag", "q?", "--corpus", "x.txt", "--in-encodr", "3")
+    assert r.returncode == 2 and "--in-encodr -> --in-encoder" in r.stderr
