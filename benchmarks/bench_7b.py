@@ -248,7 +248,9 @@ def child(what: str, path: str, a: argparse.Namespace) -> dict:
     _, status, ru = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         return {"error": f"the {what} child failed with status {os.waitstatus_to_exitcode(status)}"}
-    return {**json.loads(out), "peak_rss_gb": ru.ru_maxrss * 1024 / GB}
+    r = json.loads(out)
+    # reset_peak also restarts ru_maxrss: the load's peak is the worker's own figure
+    return {**r, "peak_rss_gb": max(ru.ru_maxrss * 1024, r["load_peak"], r["run_peak"]) / GB}
 
 
 def mem_available() -> int:
