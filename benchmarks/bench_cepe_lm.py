@@ -58,9 +58,22 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-CHUNK = 256  # encoder chunk length
+# the protocol itself (calls, shared calls, bootstrap, paired differences, the perplexity panel) is cepe.eval's
+from cepe.eval import (  # noqa: E402
+    CHUNK,
+    METHODS,
+    LMCalls,
+    boot_ppl,
+    call_shape,
+    fmt_n,
+    interval,
+    paired,
+    plot_perplexity,
+    row_at,
+    summarize,
+)
+
 DEFAULT_CONTEXTS = "0,1024,2048,4096,7680,16384,32768"
-METHODS = ("cepe", "truncation", "full")
 MILLION = 1 << 20
 CONTENDED = 0.25  # other_load (CPUs other processes kept busy on average) above which times are inflated
 TARGETS = {
@@ -75,10 +88,6 @@ KB = 1024
 
 def log(msg: str) -> None:
     print(f"[bench_cepe_lm] {msg}", file=sys.stderr, flush=True)
-
-
-def fmt_n(n: int) -> str:
-    return f"{n // 1024}K" if n and n % 1024 == 0 else str(n)
 
 
 def own_cpu_s() -> float:
@@ -137,19 +146,6 @@ def heldout_ids(n_docs: int) -> list[str] | None:
 # --------------------------------------------------------------------------- statistics
 
 
-def boot_ppl(nll: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Perplexity of each bootstrap draw (rows of idx index the documents)."""
-    return np.exp(nll[idx].mean(axis=1))
-
-
-def interval(draws: np.ndarray) -> list[float] | None:
-    draws = draws[np.isfinite(draws)]
-    if draws.size == 0:
-        return None
-    lo, hi = np.percentile(draws, [2.5, 97.5])
-    return [float(lo), float(hi)]
-
-
 def loglog_fit(ns: list[int], ts: list[float]) -> float | None:
     if len(ns) < 2:
         return None
@@ -157,29 +153,6 @@ def loglog_fit(ns: list[int], ts: list[float]) -> float | None:
 
 
 # --------------------------------------------------------------------------- the protocol
-
-
-class Calls:
-    """Runs (and caches) one perplexity call per (document, decoder length, context size)."""
-
-    def __init__(self, model: object, docs: list[np.ndarray], window: int) -> None:
-        self.model, self.docs, self.window = model, docs, window
-        self.cache: dict[tuple[int, int, int], tuple[float, float]] = {}
-
-    def run(self, d: int, dec_len: int, n_ctx: int) -> tuple[float, float]:
-        """(mean NLL of the last window-1 tokens, seconds of the call)."""
-        key = (d, dec_len, n_ctx)
-        if key not in self.cache:
-            x = self.docs[d]
-            dec = np.ascontiguousarray(x[len(x) - dec_len :], dtype=np.int64)
-            kw = {}
-            if n_ctx:
-                ctx = x[len(x) - dec_len - n_ctx : len(x) - dec_len]
-                kw["encoder_input_ids"] = np.ascontiguousarray(ctx, dtype=np.int64).reshape(-1, CHUNK)
-            t0 = time.perf_counter()
-            ppl = self.model.perplexity(dec, eval_window=self.window - 1, **kw)
-            self.cache[key] = (math.log(ppl), time.perf_counter() - t0)
-        return self.cache[key]
 
 
 def reusable_calls(path: str, summary: dict, docs: list[np.ndarray], args: argparse.Namespace) -> dict:
@@ -225,15 +198,6 @@ def reused_million(path: str, summary: dict) -> dict | None:
     return {**old["million"], "reused_from": path, "perplexity_of": "the head measured in that run"}
 
 
-def call_shape(method: str, n: int, window: int) -> tuple[int, int]:
-    """(decoder length, context size) of a method's call at context size n."""
-    if method == "cepe":
-        return window, n
-    if method == "truncation":
-        return window, 0
-    return window + n, 0  # full
-
-
 def evaluate(
     args: argparse.Namespace, model: object, docs: list[np.ndarray], reused: dict | None = None
 ) -> tuple[dict, dict]:
@@ -241,7 +205,7 @@ def evaluate(
     W, D = args.window, len(docs)
     max_pos = model.config.max_position_embeddings
     idx = np.random.default_rng(args.seed).integers(0, D, size=(args.bootstrap, D))
-    calls = Calls(model, docs, W)
+    calls = LMCalls(model, docs, W)
     calls.cache.update(reused or {})
     # warm-up (untimed): thread pool start, first-touch of weight pages
     warm = docs[0][-W - CHUNK :] if "cepe" in args.methods and model.config.is_cepe else None
@@ -268,16 +232,7 @@ def evaluate(
             busy1, own1, wall = machine_busy_s(), own_cpu_s(), time.perf_counter() - w0
             nll = np.array([r[0] for r in res])
             secs = [r[1] for r in res]
-            row = {
-                "N": n,
-                "decoder_tokens": dec_len,
-                "encoder_chunks": n_ctx // CHUNK,
-                "ppl": float(np.exp(nll.mean())),
-                "ci95": interval(boot_ppl(nll, idx)),
-                "nll_per_doc": nll.tolist(),
-                "median_s_per_doc": float(np.median(secs)),
-                "s_per_doc": secs,
-            }
+            row = {"N": n, "decoder_tokens": dec_len, "encoder_chunks": n_ctx // CHUNK, **summarize(nll, secs, idx)}
             if was_reused:
                 row["reused_from"] = args.reuse
             elif wall > 0.05 and busy0 is not None and busy1 is not None:
@@ -292,38 +247,10 @@ def evaluate(
     return rows, {"idx": idx}
 
 
-def row_at(rows: dict, method: str, n: int) -> dict | None:
-    for r in rows.get(method, []):
-        if r["N"] == n and r.get("ppl") is not None:
-            return r
-    return None
-
-
 def trunc_row(rows: dict) -> dict | None:
     """Truncation's row (the same at every N)."""
     rs = [r for r in rows.get("truncation", []) if r.get("ppl") is not None]
     return rs[0] if rs else None
-
-
-def paired(rows: dict, idx: np.ndarray, a: str, b: str) -> list[dict]:
-    """ppl(a) - ppl(b) at each N where both ran, with its bootstrap interval (the same resampled docs)."""
-    out = []
-    for ra in rows.get(a, []):
-        rb = row_at(rows, b, ra["N"])
-        if ra.get("ppl") is None or rb is None:
-            continue
-        na, nb = np.array(ra["nll_per_doc"]), np.array(rb["nll_per_doc"])
-        draws = boot_ppl(na, idx) - boot_ppl(nb, idx)
-        out.append(
-            {
-                "N": ra["N"],
-                "diff": ra["ppl"] - rb["ppl"],
-                "ci95": interval(draws),
-                "docs_where_a_is_lower": int((na < nb).sum()),
-                "docs": len(na),
-            }
-        )
-    return out
 
 
 def targets(rows: dict, idx: np.ndarray, max_pos: int, window: int) -> dict:
@@ -551,21 +478,7 @@ def write_plot(result: dict, path: str) -> str | None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     ax = axes[0]
-    xs_all = [x(n) for n in ns]
-    if ok("truncation"):
-        t = ok("truncation")[0]
-        ax.axhline(t["ppl"], color="tab:gray", ls="--", lw=1.2, label=f"truncation (decoder, {result['window']} tok)")
-        ax.axhspan(t["ci95"][0], t["ci95"][1], color="tab:gray", alpha=0.12)
-    for method, color, label in (
-        ("full", "tab:orange", "full attention (W+N in decoder)"),
-        ("cepe", "tab:blue", "CEPE (N in encoder)"),
-    ):
-        rs = ok(method)
-        if not rs:
-            continue
-        xs = [x(r["N"]) for r in rs]
-        ax.plot(xs, [r["ppl"] for r in rs], "o-", color=color, ms=4, label=label)
-        ax.fill_between(xs, [r["ci95"][0] for r in rs], [r["ci95"][1] for r in rs], color=color, alpha=0.18)
+    plot_perplexity(ax, {**result, "results": {m: rows[m] for m in ("truncation", "full", "cepe") if m in rows}})
     limit = result["model"]["max_position_embeddings"] - result["window"]
     if "full" in rows and pos and limit < max(pos):
         ax.axvline(limit, color="tab:orange", ls=":", lw=1)
@@ -573,7 +486,6 @@ def write_plot(result: dict, path: str) -> str | None:
             "full attention's limit", (limit, 0.98), xycoords=("data", "axes fraction"), ha="right", va="top",
             fontsize=7, color="tab:orange", rotation=90,
         )  # fmt: skip
-    ax.set_ylabel(f"perplexity, last {result['window'] - 1} tokens (95% band)")
     ax.set_title(f"{result['data']['docs']} held-out stdlib documents", fontsize=9)
 
     ax = axes[1]
@@ -609,14 +521,13 @@ def write_plot(result: dict, path: str) -> str | None:
     ax.set_ylabel("seconds per document (median)")
     ax.set_title(f"{result['threads']} threads, {result['machine']['cpu']}", fontsize=9)
 
-    for ax in axes:
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(xs_all)
-        ax.set_xticklabels([fmt_n(n) for n in ns])
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.set_xlabel("context tokens N" + (" (0 drawn at the left end)" if 0 in ns else ""))
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([x(n) for n in ns])
+    ax.set_xticklabels([fmt_n(n) for n in ns])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xlabel("context tokens N" + (" (0 drawn at the left end)" if 0 in ns else ""))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
     tg = result["targets"]
 
     def mark(t: dict) -> str:

@@ -492,29 +492,27 @@ def phase_ops(args: argparse.Namespace, engine: str) -> dict:
 
     out: dict = {}
     if engine == "cepe":
+        import cepe.ops as ops
         import cepe_c
-
-        # the op bindings are test-only: built by tests/ops_ext/ on first import
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-        import ops_ext
 
         cepe_c.set_blas_threads(1)  # as cepe.load does: threads come from the OpenMP team
         nt = args.threads
         for name, (N, C, OC, cnt, g) in inv["linear"].items():
             x, w, dy = f32(N, C), f32(OC, C), f32(N, OC)
-            fw = _best(ops_ext.matmul_forward, x, w, n_threads=nt)
-            bw = _best(ops_ext.matmul_backward, dy, x, w, dweight=g == "both", n_threads=nt)
+            fw = _best(ops.linear, x, w, n_threads=nt)
+            bw = _best(ops.linear_backward, dy, x, w, weight_grad=g == "both", n_threads=nt)
             out[name] = {"group": "linear", "fwd_s": fw, "bwd_s": bw, "count": cnt}
         for name, (B, Tq, Tk, H, KVH, hd, causal, cnt) in inv["attention"].items():
             q, k, v, do = f32(B, Tq, H, hd), f32(B, Tk, KVH, hd), f32(B, Tk, KVH, hd), f32(B, Tq, H, hd)
-            o, lse = ops_ext.attention_forward_lse(q, k, v, causal=causal, n_threads=nt)
-            fw = _best(ops_ext.attention_forward_lse, q, k, v, causal=causal, n_threads=nt)
-            bw = _best(ops_ext.attention_backward, do, o, lse, q, k, v, causal=causal, n_threads=nt)
+            q_offset = 0  # the training forward's queries start at the first key
+            o, lse = ops.attention(q, k, v, causal=causal, q_offset=q_offset, return_lse=True, n_threads=nt)
+            fw = _best(ops.attention, q, k, v, causal=causal, q_offset=q_offset, return_lse=True, n_threads=nt)
+            bw = _best(ops.attention_backward, do, q, k, v, o, lse, causal=causal, q_offset=q_offset, n_threads=nt)
             out[name] = {"group": "attention", "fwd_s": fw, "bwd_s": bw, "count": cnt}
         for name, (N, cnt) in inv["swiglu"].items():
             gt, up, dy = f32(N), f32(N), f32(N)
-            fw = _best(ops_ext.swiglu_forward, gt, up)
-            bw = _best(ops_ext.swiglu_backward, dy, gt, up)
+            fw = _best(ops.swiglu, gt, up)
+            bw = _best(ops.swiglu_backward, dy, gt, up)
             # the core's MLP backward recomputes silu(gate) * up (not kept from the forward)
             out[name] = {"group": "swiglu", "fwd_s": fw, "bwd_s": bw + fw, "count": cnt}
         return out
@@ -579,8 +577,63 @@ def op_summary(ops: dict) -> dict:
     return {"ops": ops, "groups": groups, "total_s": total}
 
 
+# --------------------------------------------------------------------------- child: data-parallel rank
+
+
+def phase_dp(args: argparse.Namespace) -> dict:
+    """One rank of `--nproc N` (started by torchrun): one sequence per rank per step (the global
+    batch is N sequences). The warm-up step is cepe.distributed.DataParallel.step; each timed step
+    runs its pieces with clocks between them: the rank's forward + backward, a barrier (the wait
+    for the slower rank: contention, not communication), the gradient all-reduce (gloo), the
+    update. Rank 0 writes the result."""
+    import torch
+
+    import cepe
+    import cepe.distributed as cd
+
+    ctx = cd.init("cpu")
+    dec, enc = model_configs(args.quick)
+    batch = make_batch(dec["vocab_size"], sizes(args.quick))
+    model = cepe.load(args.model_dir, n_threads=args.threads)
+    trainer = cepe.Trainer(
+        model, "cross_attn+encoder", lr=LR, warmup_ratio=WARMUP_RATIO, total_steps=TOTAL_STEPS, clip=CLIP
+    )
+    dp = cd.DataParallel(trainer, ctx)
+    dp.step(batch)  # the untimed warm-up, through the library's step
+    grads = torch.from_numpy(trainer.grad_buffer)
+    rows = (ctx.rank, ctx.world_size)
+    steps = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        trainer.zero_grad()
+        st = trainer.compute_gradients(batch, scale=1.0 / ctx.world_size, rows=rows)
+        t1 = time.perf_counter()
+        dp.barrier()
+        t2 = time.perf_counter()
+        torch.distributed.all_reduce(grads)
+        t3 = time.perf_counter()
+        trainer.apply_update()
+        t4 = time.perf_counter()
+        steps.append(
+            {"step_s": t4 - t0, "fwd_bwd_s": t1 - t0, "wait_s": t2 - t1, "allreduce_s": t3 - t2, "update_s": t4 - t3}
+        )
+        steps[-1]["loss"] = st["loss"]
+    out = {
+        "rank": ctx.rank,
+        "world_size": ctx.world_size,
+        "steps": steps,
+        "buffer_bytes": int(trainer.grad_buffer.nbytes),
+        "n_trainable": int(trainer.params.size),
+    }
+    cd.shutdown()
+    if ctx.rank != 0:
+        sys.exit(0)  # rank 0 writes the phase's JSON
+    return out
+
+
 PHASES = {
     "cepe": phase_cepe,
+    "dp": phase_dp,
     "torch": phase_torch,
     "cepe_ops": lambda a: phase_ops(a, "cepe"),
     "torch_ops": lambda a: phase_ops(a, "torch"),
@@ -733,6 +786,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="skip timing each op of the step alone in both engines (the profile behind the ratio)",
     )
     p.add_argument("--device", default="cpu", help="device of both engines: cpu, cuda or cuda:N")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="data-parallel instead: N cepe processes (gloo, torchrun) against one, all-reduce share of the step",
+    )
     p.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
     p.add_argument("--scratch", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -749,6 +808,70 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def main_dp(args: argparse.Namespace) -> int:
+    """`--nproc N`: rounds of (N data-parallel ranks, one process) with the same threads and
+    sequence per process; the all-reduce's share of the step and its bandwidth."""
+    n = args.nproc
+    threads = max(1, args.threads // n)
+    dec, enc = model_configs(args.quick)
+    s = sizes(args.quick)
+    one_args = argparse.Namespace(**{**vars(args), "threads": threads, "device": "cpu"})
+    rounds: dict[str, list[dict]] = {"dp": [], "one": []}
+    with tempfile.TemporaryDirectory(prefix="cepe_bench_train_dp_") as tmp:
+        model_dir = args.model_dir or os.path.join(tmp, "model")
+        scratch = os.path.join(tmp, "scratch")
+        os.makedirs(scratch)
+        ensure_cepe_model(model_dir, dec, enc, SEED, log)
+        for r in range(args.repeats):
+            for what in ("dp", "one") if r % 2 == 0 else ("one", "dp"):
+                log(f"round {r + 1}/{args.repeats}: {what}")
+                if what == "one":
+                    res = run_child("cepe", one_args, model_dir, scratch)
+                    rounds["one"].append([x["fwd_bwd_s"] + x["update_s"] for x in res["steps"][1:]])
+                    continue
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n)]
+                cmd += [os.path.abspath(__file__), "--phase", "dp", "--scratch", scratch, "--model-dir", model_dir]
+                cmd += ["--threads", str(threads), "--steps", str(args.steps)] + (["--quick"] if args.quick else [])
+                time.sleep(PAUSE_S)
+                env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+                if subprocess.run(cmd, stdout=sys.stderr, env=env).returncode != 0:
+                    sys.exit("bench_train: the data-parallel run failed")
+                with open(os.path.join(scratch, "dp.json")) as f:
+                    rounds["dp"].append(json.load(f))
+    dp_steps = [x for r in rounds["dp"] for x in r["steps"]]
+    med = {k: statistics.median(x[k] for x in dp_steps) for k in ("step_s", "fwd_bwd_s", "wait_s", "allreduce_s")}
+    one_s = statistics.median(t for r in rounds["one"] for t in r)
+    nbytes = rounds["dp"][0]["buffer_bytes"]
+    ar = [x["allreduce_s"] / x["step_s"] for x in dp_steps]
+    result = {
+        "benchmark": "bench_train --nproc",
+        "quick": args.quick,
+        "nproc": n,
+        "threads_per_process": threads,
+        "repeats": args.repeats,
+        "timed_steps_per_run": args.steps,
+        "sizes": {**s, "sequences_per_rank": 1, "global_batch": n},
+        "buffer_bytes": nbytes,
+        "n_trainable": rounds["dp"][0]["n_trainable"],
+        "dp_median_s": med,
+        "dp_steps": [{k: round(v, 4) for k, v in x.items()} for x in dp_steps],
+        "allreduce_busbw_GBps": nbytes * 2 * (n - 1) / n / med["allreduce_s"] / 1e9,
+        "one_process_step_s_median": one_s,
+        "ratios": {
+            "allreduce_over_step_median": statistics.median(ar),
+            "allreduce_over_step_max": max(ar),
+            "wait_over_step_median": med["wait_s"] / med["step_s"],
+            "dp_step_over_one_process_step": med["step_s"] / one_s,
+        },
+        "target": {"allreduce_over_step": 0.05},
+        "met": statistics.median(ar) < 0.05,
+        "machine": {"cpu": cpu_model_name(), "cpus_usable": usable_cpus(), "loadavg_end": os.getloadavg()},
+        "versions": {"git": git_state(), "python": platform.python_version(), "numpy": np.__version__},
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.phase is not None:  # child process
@@ -756,6 +879,10 @@ def main(argv: list[str] | None = None) -> int:
         with open(os.path.join(args.scratch, f"{args.phase}.json"), "w") as f:
             json.dump(out, f)
         return 0
+    if args.nproc is not None:
+        if args.nproc < 1 or args.device != "cpu":
+            sys.exit("bench_train: --nproc needs N >= 1 and runs on the CPU (gloo)")
+        return main_dp(args)
 
     dec, enc = model_configs(args.quick)
     s = sizes(args.quick)

@@ -13,8 +13,6 @@ from typing import Any
 
 import numpy as np
 
-import cepe_c
-
 from .build import build
 from .checks import check_seed
 from .config import parse_config
@@ -32,6 +30,7 @@ from .head import (
 )
 from .load import load
 from .model import Model
+from .qtensor import Weight, core_weights
 
 
 def _like(model: Model) -> dict[str, Any]:
@@ -74,11 +73,12 @@ def attach_encoder(
     k = max(1, L // 3) if num_cross_attn_layers is None else num_cross_attn_layers
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= L:
         raise ValueError(f"num_cross_attn_layers must be an int in [1, {L}], got {num_cross_attn_layers!r}")
-    dec_w = cepe_c.train_weights(dec._core)
+    dec_w = core_weights(dec._core)
     raw = dec.config.raw
     if not raw:
         raise ValueError("the decoder has no config dict to extend")
 
+    enc_w: dict[str, Weight]
     if isinstance(encoder, str) and encoder == "copy":
         if encoder_layers > L:
             raise ValueError(f"encoder_layers={encoder_layers} but the decoder has only {L} layers to copy")
@@ -90,7 +90,7 @@ def attach_encoder(
         enc_w = random_encoder(parse_config(enc_raw), seed)
     else:
         src = encoder if isinstance(encoder, Model) else load(encoder)
-        src_w = cepe_c.train_weights(src._core)
+        src_w = core_weights(src._core)
         if src.config.encoder is not None:
             enc_raw = {k2: v for k2, v in src.config.raw["encoder_config"].items()}
             enc_w = {n: w for n, w in src_w.items() if n.startswith("encoder.")}

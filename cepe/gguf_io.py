@@ -10,9 +10,12 @@ item, which takes ~4 s for the 100k strings of a 49k-token vocabulary; this
 parser takes a fraction of a second. The gguf package still supplies the
 format's constants and the dequantization (gguf.quants.dequantize).
 
-Weights are dequantized to float32 once, at load, and F32 tensors copied out
-of the mapping, so a loaded model owns its memory: rewriting or truncating the
-file later changes nothing (the file is unmapped when loading ends). The
+Weight matrices are read in their stored format (GGUFFile.stored: the core
+multiplies the blocks as they are, see cepe.qtensor), norms and F32 tensors as
+float32; GGUFFile.get widens any tensor to float32. Either way the bytes are
+copied out of the mapping, so a loaded model owns its memory: rewriting or
+truncating the file later changes nothing (the file is unmapped when loading
+ends, and each tensor's pages are released as soon as it is copied). The
 metadata is bounded: at most _MAX_METADATA bytes from the file's start, arrays
 nested at most _MAX_NESTING deep and _MAX_ITEMS array items in all. Two
 conventions differ from HF safetensors:
@@ -41,11 +44,12 @@ import numpy as np
 from .config import ROPE_LAYOUT_KEY, DecoderConfig, parse_config
 from .errors import CheckpointError, ConfigError
 from .files import open_regular
+from .qtensor import QTYPES, QTensor
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_ARCHITECTURES = ("llama",)
 # GGML type ids (ggml.h) this loader dequantizes; names as gguf.GGMLQuantizationType.
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 _DEFAULT_ALIGNMENT = 32
 _MAX_DIMS = 4
 # Bounds on the metadata and tensor table, far above any real file's (a 262k-token
@@ -310,6 +314,28 @@ class GGUFFile:
         if np.shares_memory(out, raw):  # never a view of the mapping
             out = out.copy()
         return np.ascontiguousarray(out, dtype=np.float32).reshape(t.shape)
+
+    def stored(self, name: str) -> np.ndarray | QTensor:
+        """A matrix in its stored format (a QTensor holding a copy of its bytes; F32 as a float32
+        array), anything else as get() gives it. The copied pages of the mapping are released."""
+        t = self.tensors[name]
+        out: np.ndarray | QTensor
+        if len(t.shape) != 2 or t.type_name == "F32" or t.type_name not in QTYPES:
+            out = self.get(name)
+        else:
+            out = QTensor(self.raw(name).copy(), t.type_name, (int(t.shape[0]), int(t.shape[1])))
+        self._release(t)
+        return out
+
+    def _release(self, t: TensorInfo) -> None:
+        """Drops the mapping's pages of a tensor already copied (they would otherwise count
+        towards this process's memory until the file is closed)."""
+        page = mmap.PAGESIZE
+        start = t.offset // page * page
+        try:
+            self._map.madvise(mmap.MADV_DONTNEED, start, t.offset + t.nbytes - start)
+        except (AttributeError, OSError, ValueError):  # not on this platform: only memory is lost
+            pass
 
     def close(self) -> None:
         """Unmaps the file (only once no view from raw() is alive)."""

@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,7 @@ import numpy as np
 from .config import ROPE_LAYOUT_KEY, DecoderConfig
 from .errors import CheckpointError
 from .pull import MODELS, model_path
+from .qtensor import Weight, as_float32
 
 HEAD_FILE = "head.safetensors"
 DECODER_KEY = "cepe_decoder"
@@ -77,8 +79,10 @@ def is_head_tensor(name: str) -> bool:
     return name.startswith("encoder.") or ".cross_attn." in name
 
 
-def fingerprint(weights: dict[str, np.ndarray]) -> str:
-    return hashlib.sha256(np.ascontiguousarray(weights["model.norm.weight"], dtype="<f4").tobytes()).hexdigest()
+def fingerprint(weights: Mapping[str, Weight]) -> str:
+    return hashlib.sha256(
+        np.ascontiguousarray(as_float32(weights["model.norm.weight"]), dtype="<f4").tobytes()
+    ).hexdigest()
 
 
 def half_layout(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -93,7 +97,7 @@ def half_layout(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def cross_attention_init(
-    cfg: DecoderConfig, decoder: dict[str, np.ndarray], mode: str, seed: int = 0
+    cfg: DecoderConfig, decoder: Mapping[str, Weight], mode: str, seed: int = 0
 ) -> dict[str, np.ndarray]:
     """Cross-attention weights initialised as the reference's train.py init_mode (spec §3):
     "copy": q_proj <- self_attn.q_proj; k_proj, v_proj <- the first encoder_hidden_size input
@@ -113,17 +117,19 @@ def cross_attention_init(
     out: dict[str, np.ndarray] = {}
     for i in range(cfg.num_hidden_layers - cfg.num_cross_attn_layers, cfg.num_hidden_layers):
         pre = f"model.layers.{i}."
-        out[f"{pre}cross_attn.q_proj.weight"] = np.array(decoder[f"{pre}self_attn.q_proj.weight"], np.float32)
+        out[f"{pre}cross_attn.q_proj.weight"] = np.array(
+            as_float32(decoder[f"{pre}self_attn.q_proj.weight"]), np.float32
+        )
         out[f"{pre}cross_attn.k_proj.weight"] = np.array(
-            decoder[f"{pre}self_attn.k_proj.weight"][:, :d_enc], np.float32
+            as_float32(decoder[f"{pre}self_attn.k_proj.weight"])[:, :d_enc], np.float32
         )
         out[f"{pre}cross_attn.v_proj.weight"] = np.array(
-            decoder[f"{pre}self_attn.v_proj.weight"][:, :d_enc], np.float32
+            as_float32(decoder[f"{pre}self_attn.v_proj.weight"])[:, :d_enc], np.float32
         )
         out[f"{pre}cross_attn.layernorm.weight"] = np.array(
             decoder[f"{pre}post_attention_layernorm.weight"], np.float32
         )
-        o = np.array(decoder[f"{pre}self_attn.o_proj.weight"], np.float32)
+        o = np.array(as_float32(decoder[f"{pre}self_attn.o_proj.weight"]), np.float32)
         if mode == "zero":
             o[...] = 0.0
         elif mode == "normal":  # torch.nn.init.kaiming_normal_: a=0, fan_in, leaky_relu gain sqrt(2)
@@ -133,17 +139,17 @@ def cross_attention_init(
 
 
 def encoder_from_layers(
-    source: dict[str, np.ndarray], source_cfg: DecoderConfig, n_layers: int, prefix: str = "model."
-) -> dict[str, np.ndarray]:
+    source: Mapping[str, Weight], source_cfg: DecoderConfig, n_layers: int, prefix: str = "model."
+) -> dict[str, Weight]:
     """encoder.* tensors from the first n_layers blocks of a decoder (in HF's RoPE layout)."""
     interleaved = source_cfg.rope is not None and source_cfg.rope.layout == "interleaved"
-    out = {"encoder.norm.weight": np.array(source[f"{prefix}norm.weight"], np.float32)}
+    out: dict[str, Weight] = {"encoder.norm.weight": np.array(as_float32(source[f"{prefix}norm.weight"]), np.float32)}
     for j in range(n_layers):
         for name, w in source.items():
             head = f"{prefix}layers.{j}."
             if not name.startswith(head) or ".cross_attn." in name:
                 continue
-            w = np.array(w, np.float32)
+            w = np.array(as_float32(w), np.float32)
             if interleaved and name.endswith("self_attn.q_proj.weight"):
                 w = half_layout(w, source_cfg.num_attention_heads)
             elif interleaved and name.endswith("self_attn.k_proj.weight"):
@@ -159,7 +165,7 @@ def encoder_config_of(decoder_raw: dict[str, Any], **overrides: Any) -> dict[str
     return raw
 
 
-def random_encoder(enc_cfg: DecoderConfig, seed: int) -> dict[str, np.ndarray]:
+def random_encoder(enc_cfg: DecoderConfig, seed: int) -> dict[str, Weight]:
     """A random encoder as transformers initialises a LlamaModel: normal(0, 0.02) matrices, unit norms."""
     rng = np.random.default_rng(seed)
     d, ff = enc_cfg.hidden_size, enc_cfg.intermediate_size
@@ -168,7 +174,10 @@ def random_encoder(enc_cfg: DecoderConfig, seed: int) -> dict[str, np.ndarray]:
     def normal(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) * 0.02).astype(np.float32)
 
-    out = {"encoder.embed_tokens.weight": normal(enc_cfg.vocab_size, d), "encoder.norm.weight": np.ones(d, np.float32)}
+    out: dict[str, Weight] = {
+        "encoder.embed_tokens.weight": normal(enc_cfg.vocab_size, d),
+        "encoder.norm.weight": np.ones(d, np.float32),
+    }
     for j in range(enc_cfg.num_hidden_layers):
         p = f"encoder.layers.{j}."
         out.update(

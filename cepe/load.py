@@ -12,8 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import cepe_c
-
 from .backends import backends
 from .build import SIM_DEVICE, build, check_weight
 from .config import DecoderConfig, parse_config, read_config
@@ -32,7 +30,9 @@ from .head import (
     with_decoder_settings,
 )
 from .model import Model
-from .pull import resolve
+from .pickling import remember_load
+from .qtensor import core_weights
+from .resolve import resolve
 from .safetensors_io import Checkpoint, SafetensorsFile
 from .tokenizer import Tokenizer
 
@@ -79,17 +79,23 @@ def check_device(device: object) -> str:
     return device
 
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = (None, "float32", "bfloat16", "q8_0")
+# What a device multiplies: float32, or bf16 where its backend has bf16 GEMMs (the CUDA one).
+DEVICE_DTYPES = (None, "float32", "bfloat16")
 
 
-def check_dtype(dtype: object, device: str) -> str:
-    if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
-    if dtype == "bfloat16" and device == "cpu":
-        raise NotImplementedError("dtype='bfloat16' keeps the weights in bf16 on a GPU: use device='cuda'")
+def check_dtype(dtype: object, device: str) -> str | None:
+    if dtype is not None and (not isinstance(dtype, str) or dtype not in DTYPES):
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if device != "cpu" and dtype not in DEVICE_DTYPES:
+        raise NotImplementedError(
+            f"dtype={dtype!r} runs on the CPU only: on device={device!r} the weights are multiplied as "
+            "float32 or bfloat16 (dtype=None or 'float32' widens them at upload, 'bfloat16' rounds them)"
+        )
     return dtype
 
 
+@remember_load
 def load(
     path: str | os.PathLike[str],
     *,
@@ -97,17 +103,15 @@ def load(
     n_threads: int | None = None,
     rope_scaling: dict[str, Any] | None = None,
     check_weights: bool = False,
-    dtype: str = "float32",
+    dtype: str | None = None,
 ) -> Model:
     """Loads an HF LLaMA-family checkpoint directory (config.json + safetensors),
-    a LLaMA GGUF file (path ending in .gguf or starting with b"GGUF"; quantized
-    weights are dequantized to float32), or a model fetched with `cepe pull`
+    a LLaMA GGUF file (path ending in .gguf or starting with b"GGUF"), or a model fetched with `cepe pull`
     by its name (e.g. "smollm2-135m"), or a CEPE head directory (config.json
     naming its decoder + head.safetensors; see cepe.head). The model's
     tokenizer, if the checkpoint has one, is model.tokenizer (else None).
 
-    The model owns its weights (read into memory, fp16/bf16 widened to float32
-    once, quantized GGUF tensors dequantized): rewriting, truncating or removing
+    The model owns its weights (read into memory): rewriting, truncating or removing
     its files later does not change it. rope_scaling overrides the checkpoint's RoPE settings
     without editing config.json, e.g. {"rope_type": "linear", "factor": 4} for
     an E2-LLM model run at 4x its training length (see
@@ -118,9 +122,16 @@ def load(
     runs single-threaded inside it.
 
     device: "cpu", "cuda" / "cuda:N" (the weights are copied to the GPU), or
-    "cpu-device-sim" (tests). dtype="bfloat16" (GPU only, inference only)
-    keeps the linear weights in bf16 there, half the memory; products still
-    accumulate in fp32.
+    "cpu-device-sim" (tests).
+
+    dtype: the format the weight matrices are held and multiplied in. None (default) keeps
+    each as the file stores it: on the CPU, GGUF Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K and F16/BF16
+    matrices (GGUF or safetensors) are multiplied natively (csrc/quant/), norms are float32; on
+    a device they are widened to float32 at upload. "float32" widens every weight at load;
+    "bfloat16" and "q8_0" convert the matrices at load (round to nearest even; llama.cpp's
+    Q8_0). On a GPU, "bfloat16" keeps the linear weights in bf16 there (inference only); "q8_0"
+    is CPU-only. Training (cepe.Trainer) keeps its trainable tensors in float32 and runs the
+    frozen ones in their format, on the CPU.
     """
     device = check_device(device)
     opts = _Options(device, check_dtype(dtype, device), check_threads(n_threads), rope_scaling, check_weights)
@@ -144,7 +155,7 @@ class _Options:
     """load()'s arguments, checked."""
 
     device: str
-    dtype: str
+    dtype: str | None
     n_threads: int
     rope_scaling: dict[str, Any] | None
     check_weights: bool
@@ -159,7 +170,8 @@ def _load_hf(model_dir: str, cfg: DecoderConfig, opts: _Options) -> Model:
     if cfg.raw.get(SHARE_KEY):  # bound from the decoder's table
         names = [nm for nm in names if nm != "encoder.embed_tokens.weight"]
     check = opts.check_weights
-    tensors = ((nm, check_weight(nm, ckpt.get(nm), model_dir) if check else ckpt.get(nm)) for nm in names)
+    read = ckpt.get if opts.dtype == "float32" else ckpt.stored
+    tensors = ((nm, check_weight(nm, read(nm), model_dir) if check else read(nm)) for nm in names)
     model = build(
         cfg, tensors, n_threads=opts.n_threads, device=opts.device, dtype=opts.dtype, path=model_dir, count=len(names)
     )
@@ -168,13 +180,14 @@ def _load_hf(model_dir: str, cfg: DecoderConfig, opts: _Options) -> Model:
 
 
 def _load_gguf(path: str, opts: _Options) -> Model:
-    """A GGUF file: its weights dequantized to float32, and the tokenizer its metadata describes."""
+    """A GGUF file: its weights (as stored, or widened for dtype="float32"), and the tokenizer its
+    metadata describes."""
     gf = GGUFFile(path)
     cfg = read_gguf_config(gf, opts.rope_scaling)
     names = weight_names(gf, cfg)  # file name -> HF name
     # NumPy releases the GIL in the dequantizing loops: a few tensors at a time.
     with ThreadPoolExecutor(max_workers=max(1, min(opts.n_threads, 4))) as pool:
-        arrays = pool.map(gf.get, list(names))
+        arrays = pool.map(gf.get if opts.dtype == "float32" else gf.stored, list(names))
         tensors = (
             (target, check_weight(name, array, path) if opts.check_weights else array)
             for (name, target), array in zip(names.items(), arrays, strict=True)
@@ -221,7 +234,7 @@ def _load_head(head_dir: str, raw: dict[str, Any], opts: _Options) -> Model:
     ]
     if mismatch:
         raise CheckpointError(f"{head_dir}: the head does not match its decoder {ref}: " + "; ".join(mismatch))
-    dec_w = cepe_c.train_weights(dec._core)
+    dec_w = core_weights(dec._core)
     if raw.get(FINGERPRINT_KEY) not in (None, fingerprint(dec_w)):
         warnings.warn(
             f"{head_dir}: the head was made for another decoder of this shape than {ref} "
@@ -233,7 +246,8 @@ def _load_head(head_dir: str, raw: dict[str, Any], opts: _Options) -> Model:
     for name in head.keys():
         if not is_head_tensor(name):
             raise CheckpointError(f"{head_path}: tensor {name} is not part of a head (encoder.* or *.cross_attn.*)")
-        weights[name] = check_weight(name, head.get(name), head_path) if opts.check_weights else head.get(name)
+        w = head.get(name) if opts.dtype == "float32" else head.stored(name)
+        weights[name] = check_weight(name, w, head_path) if opts.check_weights else w
     return build(
         cfg,
         weights.items(),

@@ -15,7 +15,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -25,6 +25,7 @@ import cepe_c
 from .completions import TEXT_DEFAULTS, chat_reply, create_chat_completion, create_completion
 from .config import DecoderConfig
 from .errors import LongInputWarning
+from .pickling import LoadSource, reduce_cache, reduce_model
 from .sampling import FINISH_REASONS, Generation, SamplingSettings, StreamToken, check_stop
 from .save import save_model
 from .text import check_text, require_tokenizer, stream_text, text_context
@@ -179,6 +180,17 @@ def _as_chunks(encoder_input_ids: Any, vocab_size: int) -> tuple[np.ndarray, boo
     return np.ascontiguousarray(ids, dtype=np.int32), squeeze
 
 
+class _Context(NamedTuple):
+    """A call's CEPE context: chunk ids (B, n_ctx, L) to encode (encode=True)
+    or encoder states (B, N, d_enc); the mask in the same layout (or None);
+    the context tokens per row."""
+
+    array: np.ndarray
+    mask: np.ndarray | None
+    tokens: int
+    encode: bool
+
+
 def _as_context_mask(mask: Any, shape: tuple[int, ...], name: str = "encoder_attention_mask") -> np.ndarray:
     m = np.asarray(mask)
     if m.dtype != np.bool_ and not np.issubdtype(m.dtype, np.number):
@@ -318,6 +330,11 @@ class KVCache:
     def __init__(self, model: Model, batch_size: int, capacity: int) -> None:
         self.model = model
         self._ctx = cepe_c.Context(model._core, batch_size, capacity)
+        self._attached: tuple[Any, bool | None] | None = None  # the CEPE context attached, for pickling
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """By value: its model (by reference), keys, values and attached context (see cepe.pickling)."""
+        return reduce_cache(self)
 
     @property
     def batch_size(self) -> int:
@@ -345,15 +362,38 @@ class Model:
     max_context_tokens: int = 0  # text contexts beyond this many tokens: left-truncated / refused (0 = no limit)
 
     def __init__(self, core: cepe_c.Model, config: DecoderConfig, *, n_threads: int, path: str, device: str) -> None:
+        self._load_source: LoadSource | None = None  # what cepe.load was given (pickling by reference)
         self._core = core
         self.config = config
         self.n_threads = n_threads
         self.path = path
         self.device = device
-        self.dtype = "float32"  # cepe.load sets "bfloat16" for bf16 weights on a GPU
+        self.dtype: str | None = None  # cepe.load's dtype: None = the formats as stored
         self._kept_ctx: cepe_c.Context | None = None  # forward()'s context, kept between calls
         self._kept_core: cepe_c.Model | None = None  # the core _kept_ctx was made for
         self._kept_lock = threading.Lock()  # held by the one call using _kept_ctx
+
+    @property
+    def _core(self) -> cepe_c.Model:
+        return self.__core
+
+    @_core.setter
+    def _core(self, core: cepe_c.Model) -> None:
+        self.__core = core
+        self._load_source = None  # new weights (a Trainer's): no longer what the files hold
+
+    def _set_source(self, source: LoadSource) -> None:
+        self._load_source = source
+
+    def _sibling(self) -> Model:
+        """Another Model on the same (immutable) weights, with the class's default settings."""
+        m = Model(self._core, self.config, n_threads=self.n_threads, path=self.path, device=self.device)
+        m.dtype, m.tokenizer, m._load_source = self.dtype, self.tokenizer, self._load_source
+        return m
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """By reference: the path and cepe.load's arguments (see cepe.pickling)."""
+        return reduce_model(self)
 
     def __repr__(self) -> str:
         c = self.config
@@ -493,8 +533,10 @@ class Model:
 
     def _context(
         self, B: int, squeeze: bool, encoder_input_ids: Any, encoder_attention_mask: Any, encoder_hidden_states: Any
-    ) -> tuple[np.ndarray, np.ndarray | None] | None:
-        """The (states (B, N, d_enc), mask (B, N) | None) a call attends to, or None."""
+    ) -> _Context | None:
+        """What a call attends to, or None: chunk ids that the core encodes
+        where the decoder reads them (no round trip through Python), or
+        states the caller passed."""
         if encoder_input_ids is None and encoder_hidden_states is None:
             if encoder_attention_mask is not None:
                 raise ValueError("encoder_attention_mask given without encoder_input_ids or encoder_hidden_states")
@@ -512,8 +554,7 @@ class Model:
             mask = None
             if encoder_attention_mask is not None:
                 mask = _as_context_mask(encoder_attention_mask, chunks.shape)
-            states = self.encode(chunks, mask)
-            return states, None if mask is None else mask.reshape(B, -1)
+            return _Context(chunks, mask, chunks.shape[1] * chunks.shape[2], encode=True)
         states = np.asarray(encoder_hidden_states)
         if states.ndim == 2:
             states = states[None]
@@ -541,7 +582,7 @@ class Model:
         if encoder_attention_mask is not None:
             m = np.asarray(encoder_attention_mask)
             mask = _as_context_mask(m.reshape(m.shape[0], -1) if m.ndim == 3 else m, states.shape[:2])
-        return states, mask
+        return _Context(states, mask, states.shape[1], encode=False)
 
     def _keep_cross_kv(self, B: int, N: int, keep_cross_kv: bool | None, single_pass: bool = False) -> bool:
         if keep_cross_kv is not None:
@@ -554,14 +595,17 @@ class Model:
     def _attach(
         self,
         ctx: cepe_c.Context,
-        context: tuple[np.ndarray, np.ndarray | None] | None,
+        context: _Context | None,
         keep_cross_kv: bool | None,
         single_pass: bool = False,
     ) -> None:
-        if context is not None:
-            states, mask = context
-            keep = self._keep_cross_kv(states.shape[0], states.shape[1], keep_cross_kv, single_pass)
-            ctx.set_context(states, mask, keep)
+        if context is None:
+            return
+        keep = self._keep_cross_kv(ctx.batch, context.tokens, keep_cross_kv, single_pass)
+        if context.encode:
+            _interruptible(ctx, ctx.encode_context, context.array, context.mask, keep, progress="encoding")
+        else:
+            ctx.set_context(context.array, context.mask, keep)
 
     # --------------------------------------------------------------- decoding
     def forward(
@@ -625,6 +669,8 @@ class Model:
         with call_ctx as ctx:
             try:
                 self._attach(ctx, context, keep_cross_kv, single_pass=cache is None)
+                if cache is not None and context is not None:
+                    cache._attached = (context, keep_cross_kv)
                 out = _interruptible(ctx, ctx.forward, ids, pos, mask, 2 if logits == "all" else 1, progress="forward")
             except KeyboardInterrupt:
                 if cache is not None:  # its tokens were half appended: start it afresh

@@ -48,7 +48,7 @@ from .head import (
     is_head_tensor,
     with_decoder_settings,
 )
-from .pull import resolve
+from .resolve import resolve
 from .safetensors_io import WRITE_DTYPES, Checkpoint, SafetensorsFile, write_safetensors
 from .save import MODEL_FILES, fsync_path, write_json
 

@@ -9,6 +9,7 @@ all.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -28,9 +29,18 @@ class Retriever(Protocol):
     def __call__(self, query: str, k: int) -> list[Any]: ...
 
 
+def _paragraphs(doc: str) -> list[str]:
+    """A document's blocks: its paragraphs (split at blank lines), or, in a text without a
+    blank line, its lines (a list of facts, one a line)."""
+    blocks = re.split(r"\n[ \t\r\f\v]*\n", doc)
+    return blocks if len(blocks) > 1 else doc.splitlines()
+
+
 def split_passages(docs: str | Iterable[str], *, words: int = 100, stride: int | None = None) -> list[str]:
-    """Splits documents into passages of `words` whitespace-separated words
-    (DPR's 100-word passages), overlapping when stride < words."""
+    """Splits documents into passages of at most `words` whitespace-separated words
+    (DPR's 100-word passages), overlapping when stride < words. A passage never spans two
+    paragraphs (blank-line separated), nor, in a text without blank lines, two lines: short
+    one-line facts stay passages of their own."""
     if isinstance(words, bool) or not isinstance(words, int) or words < 1:
         raise ValueError(f"words must be an int >= 1, got {words!r}")
     stride = words if stride is None else stride
@@ -38,13 +48,14 @@ def split_passages(docs: str | Iterable[str], *, words: int = 100, stride: int |
         raise ValueError(f"stride must be in [1, words], got {stride}")
     out: list[str] = []
     for doc in [docs] if isinstance(docs, str) else docs:
-        toks = doc.split()
-        if not toks:
-            continue
-        starts = list(range(0, max(len(toks) - words, 0) + 1, stride))
-        if starts[-1] + words < len(toks):  # the tail the stride would skip
-            starts.append(len(toks) - words)
-        out += [" ".join(toks[s : s + words]) for s in starts]
+        for block in _paragraphs(doc):
+            toks = block.split()
+            if not toks:
+                continue
+            starts = list(range(0, max(len(toks) - words, 0) + 1, stride))
+            if starts[-1] + words < len(toks):  # the tail the stride would skip
+                starts.append(len(toks) - words)
+            out += [" ".join(toks[s : s + words]) for s in starts]
     return out
 
 
@@ -91,6 +102,8 @@ class BM25Retriever:
     def scores(self, query: str) -> np.ndarray:
         """BM25 score of every passage for the query."""
         q = self._bm25s.tokenize([query], stopwords=self.stopwords, show_progress=False, return_ids=False)[0]
+        if not q:  # no indexable word (e.g. "q?"): every passage scores 0 (bm25s itself fails on it)
+            return np.zeros(len(self.passages))
         return np.asarray(self.index.get_scores(q), dtype=np.float64)
 
     def __call__(self, query: str, k: int = 10) -> list[Passage]:

@@ -3,7 +3,7 @@
 parse_rope() reads the RoPE part of an HF config.json (transformers 5's
 `rope_parameters`, or 4.x's `rope_scaling` + `rope_theta`) into a RopeSettings,
 optionally replaced by a user's override (`cepe.load(path, rope_scaling={...})`).
-The numbers themselves come from the C core (csrc/rope_freq.c), which matches
+The numbers themselves come from the C core (csrc/rope/frequencies.c), which matches
 transformers 5.23's rope init functions:
 
     inv_freq, magnitude = cepe.rope.rope_frequencies(config_dict, seq_len=8192)

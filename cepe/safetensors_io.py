@@ -22,6 +22,7 @@ import numpy as np
 
 from .errors import CheckpointError
 from .files import CONFIG_LIMIT, open_regular, read_text
+from .qtensor import QTYPES, QTensor, Weight
 
 _DTYPES: dict[str, np.dtype[Any]] = {
     "F32": np.dtype("<f4"),
@@ -47,6 +48,9 @@ MAX_HEADER = 100 * 1024 * 1024  # as the reference implementation
 MAX_DIMS = 64  # NumPy's limit on dimensions
 MAX_BYTES = 2**63 - 1  # the size of any one array (NumPy's, with a 0 in the shape too)
 INDEX_FILE = "model.safetensors.index.json"
+# __metadata__ key of a cepe-written file holding matrices in a GGUF block format: a JSON object
+# {tensor name: [format, values a row]}; each such tensor is stored as U8 (rows, bytes a row).
+FORMATS_KEY = "cepe.formats"
 
 
 def _no_duplicates(path: str) -> Any:
@@ -99,12 +103,35 @@ class SafetensorsFile:
         if not isinstance(metadata, dict):
             raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
         self.metadata: dict[str, Any] = metadata
+        self.formats = self._formats(metadata.get(FORMATS_KEY))
         self.data_start = 8 + n
         self.data_size = size - self.data_start
         self.tensors: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
             self.tensors[name] = self._check_entry(name, info)
         self._check_layout()
+        for name, (fmt, n_in) in self.formats.items():
+            info = self.tensors.get(name)
+            if info is None or info[0] != "U8" or len(info[1]) != 2:
+                raise CheckpointError(f"{path}: {FORMATS_KEY} names {name}, which is not a 2-D U8 tensor here")
+            if _row_bytes(fmt, n_in) != info[1][1]:
+                raise CheckpointError(
+                    f"{path}: tensor {name}: {info[1][1]} bytes a row do not hold {n_in} values of {fmt}"
+                )
+
+    def _formats(self, value: object) -> dict[str, tuple[str, int]]:
+        if value is None:
+            return {}
+        try:
+            table = json.loads(value) if isinstance(value, str) else None
+        except ValueError:
+            table = None
+        if not isinstance(table, dict) or not all(
+            isinstance(v, list) and len(v) == 2 and v[0] in QTYPES and v[0] != "F32" and type(v[1]) is int and v[1] > 0
+            for v in table.values()
+        ):
+            raise CheckpointError(f"{self.path}: corrupt __metadata__[{FORMATS_KEY!r}]: {str(value)[:200]}")
+        return {str(k): (v[0], v[1]) for k, v in table.items()}
 
     def _check_entry(self, name: str, info: object) -> tuple[str, tuple[int, ...], int, int]:
         where = f"{self.path}: tensor {name}"
@@ -173,9 +200,25 @@ class SafetensorsFile:
                 got += k
         return out
 
+    def stored(self, name: str) -> Weight:
+        """A matrix in its stored format (F16, BF16, or a block format cepe wrote) as a QTensor
+        of its own bytes; anything else as get() gives it."""
+        dtype, shape, begin, end = self.tensors[name]
+        if name in self.formats:
+            fmt, n_in = self.formats[name]
+            return QTensor(self._read(name, begin, end, np.dtype(np.uint8)).reshape(shape), fmt, (shape[0], n_in))
+        if dtype in ("F16", "BF16") and len(shape) == 2:
+            rows = self._read(name, begin, end, np.dtype(np.uint8)).reshape(shape[0], -1)
+            return QTensor(rows, dtype, (shape[0], shape[1]))
+        return self.get(name)
+
     def get(self, name: str) -> np.ndarray:
         """The tensor as a float32 array of its own (read from the file, not mapped)."""
         dtype, shape, begin, end = self.tensors[name]
+        if name in self.formats:
+            w = self.stored(name)
+            assert isinstance(w, QTensor)
+            return w.dequantize()
         if dtype not in _DTYPES:
             raise CheckpointError(
                 f"{self.path}: tensor {name} has dtype {dtype}; only F32, F16, BF16 and F64 weights are supported"
@@ -257,6 +300,9 @@ class Checkpoint:
     def get(self, name: str) -> np.ndarray:
         return self.files[self.where[name]].get(name)
 
+    def stored(self, name: str) -> Weight:
+        return self.files[self.where[name]].stored(name)
+
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         for name in self.where:
             yield name, self.get(name)
@@ -279,7 +325,11 @@ def _encode(a: np.ndarray, dtype: str) -> np.ndarray:
         if np.isinf(h).any() and not np.isinf(a[np.isinf(h)]).all():
             raise ValueError("a value is beyond float16's range (|x| > 65504): save as float32 or bfloat16")
         return h
-    # bfloat16: round to nearest even on the upper 16 bits (NaN stays NaN)
+    return encode_bf16(a)
+
+
+def encode_bf16(a: np.ndarray) -> np.ndarray:
+    """a (float32, contiguous) as bf16 bits: round to nearest even on the upper 16 bits (NaN stays NaN)."""
     u = a.view(np.uint32).astype(np.uint64)
     rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2")
     nan = np.isnan(a)
@@ -288,30 +338,58 @@ def _encode(a: np.ndarray, dtype: str) -> np.ndarray:
     return rounded
 
 
-def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], dtype: str = "float32") -> None:
+def _row_bytes(fmt: str, n_in: int) -> int:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[fmt]]
+    return n_in // block * size if n_in % block == 0 else -1
+
+
+def _stored_bytes(w: Weight, dtype: str) -> np.ndarray:
+    return w.rows if isinstance(w, QTensor) else _encode(w, dtype)
+
+
+def write_safetensors(path: str, tensors: Mapping[str, Weight], dtype: str = "float32") -> None:
     """Float tensors in the safetensors format, each stored as `dtype` ("float32", "float16" or
     "bfloat16"): an 8-byte little-endian header length, the JSON header (space-padded so the
     data starts 64-byte aligned), then every tensor's bytes back to back (the format allows no
-    gaps between them). Flushed and fsynced. Each tensor is looked up twice (its shape, then its
-    bytes) and not kept: a Mapping that reads on lookup writes a file larger than memory."""
+    gaps between them). Flushed and fsynced. A QTensor keeps its format, whatever `dtype`: F16
+    and BF16 as those dtypes, block formats as U8 rows named in __metadata__[FORMATS_KEY]. Each
+    tensor is looked up twice (its shape, then its bytes) and not kept: a Mapping that reads on
+    lookup writes a file larger than memory."""
     if dtype not in WRITE_DTYPES:
         raise ValueError(f"dtype must be one of {WRITE_DTYPES}, got {dtype!r}")
     header: dict[str, object] = {}
+    formats: dict[str, list[object]] = {}
     off = 0
     names = sorted(tensors)
     size = np.dtype(np.float32).itemsize if dtype == "float32" else 2
     for name in names:
         a = tensors[name]
+        if isinstance(a, QTensor):
+            plain = a.type_name in ("F16", "BF16")
+            if not plain:
+                formats[name] = [a.type_name, a.n_in]
+            shape = list(a.shape) if plain else list(a.rows.shape)
+            header[name] = {
+                "dtype": a.type_name if plain else "U8",
+                "shape": shape,
+                "data_offsets": [off, off + a.nbytes],
+            }
+            off += a.nbytes
+            continue
         if a.dtype != np.float32:
             raise TypeError(f"{name}: only float32 tensors are written, got {a.dtype}")
         header[name] = {"dtype": _TAGS[dtype], "shape": list(a.shape), "data_offsets": [off, off + a.size * size]}
         off += a.size * size
+    if formats:
+        header = {"__metadata__": {FORMATS_KEY: json.dumps(formats)}, **header}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-(8 + len(blob)) % 64)
     with open(path, "wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
         for name in names:
-            f.write(_encode(tensors[name], dtype).tobytes())
+            f.write(_stored_bytes(tensors[name], dtype).tobytes())
         f.flush()
         os.fsync(f.fileno())

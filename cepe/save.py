@@ -17,13 +17,10 @@ import os
 import shutil
 from typing import Any
 
-import numpy as np
-
-import cepe_c
-
 from .errors import ConfigError
 from .files import CONFIG_LIMIT, read_json
 from .head import DECODER_KEY, HEAD_FILE, SHARE_KEY, is_head_tensor
+from .qtensor import Weight, core_weights
 from .safetensors_io import WRITE_DTYPES, write_safetensors
 
 MODEL_FILE = "model.safetensors"
@@ -73,7 +70,7 @@ def _generation_config(model: Any) -> dict[str, Any]:
 
 
 def write_model(
-    model: Any, directory: str, *, head_only: bool, dtype: str = "float32", weights: dict[str, np.ndarray] | None = None
+    model: Any, directory: str, *, head_only: bool, dtype: str = "float32", weights: dict[str, Weight] | None = None
 ) -> list[str]:
     """Writes the model's files into `directory` (which exists); returns the file names written.
     weights: the tensors to write (default: every weight the model's core binds)."""
@@ -82,7 +79,7 @@ def write_model(
     raw = copy.deepcopy(model.config.raw)
     if not raw:
         raise ValueError("this model has no config to save")
-    weights = cepe_c.train_weights(model._core) if weights is None else weights
+    weights = core_weights(model._core) if weights is None else weights
     if raw.get(SHARE_KEY):  # the decoder's table, bound twice, is written once
         weights = {n: w for n, w in weights.items() if n != "encoder.embed_tokens.weight"}
     written = ["config.json"]

@@ -33,6 +33,7 @@ from .errors import ConfigError
 from .load import load
 from .model import Model
 from .train_run import TrainConfig, open_data
+from .work_shards import shard_path, shard_range
 
 SLICE = 128  # scored positions per teacher call (bounds the logits held at once)
 
@@ -101,6 +102,7 @@ def teacher_tables(
     out_prob: str | os.PathLike[str] | None = None,
     out_index: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Writes the CEPED teacher tables of `cfg`'s training windows (see the module docstring).
 
@@ -113,6 +115,8 @@ def teacher_tables(
         in [1, decoder_len].
     out_prob, out_index: the .npy files (default: see default_paths). They are written to
         temporary files next to them and renamed into place when complete.
+    shard: (i, n): only shard i of n of the windows (cepe.work_shards), into
+        <out_prob>-0000i-of-0000n.npy and the same for out_index; merge_shards joins the n.
 
     Returns {n_windows, T_kl, K, distill_prob, distill_index, prob_shape, index_shape,
     mean_rest_mass, seconds}.
@@ -152,7 +156,11 @@ def teacher_tables(
     # the data as `cepe train` reads it (the tables themselves are what we are making: not opened)
     data = open_data(dataclasses.replace(cfg, distill_prob=None, distill_index=None), vocab, enc_vocab)
     sampler = data.sampler
-    n, W = len(sampler), cfg.window
+    W = cfg.window
+    first_w, end_w = shard_range(len(sampler), *shard) if shard is not None else (0, len(sampler))
+    if shard is not None:
+        prob_path, index_path = shard_path(prob_path, *shard), shard_path(index_path, *shard)
+    n = end_w - first_w
     if W > teacher.config.max_position_embeddings:
         warnings.warn(
             f"teacher: a window holds {W} tokens, beyond the teacher's max_position_embeddings "
@@ -174,7 +182,7 @@ def teacher_tables(
         first = W - t_kl  # the window position of table row 0
         with tqdm(total=n, desc="cepe teacher", unit="window", disable=None if progress else True) as bar:
             for i in range(n):
-                ids = sampler.window_tokens(i)
+                ids = sampler.window_tokens(first_w + i)
                 cache.reset()
                 if first > 0:
                     teacher.forward(ids[None, :first], cache=cache, logits="last")
@@ -200,12 +208,69 @@ def teacher_tables(
                 os.remove(t)
     return {
         "n_windows": n,
+        "windows": [first_w, end_w],
         "T_kl": t_kl,
         "K": top_k,
         "distill_prob": prob_path,
         "distill_index": index_path,
         "prob_shape": [n, t_kl, top_k + 1],
         "index_shape": [n, t_kl, top_k],
-        "mean_rest_mass": rest_sum / (n * t_kl),
+        "mean_rest_mass": rest_sum / max(n * t_kl, 1),
         "seconds": time.perf_counter() - t0,
     }
+
+
+def merge_shards(
+    cfg: TrainConfig,
+    n_shards: int,
+    *,
+    out_prob: str | os.PathLike[str] | None = None,
+    out_index: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Joins the n_shards tables that teacher_tables(..., shard=(i, n_shards)) wrote (paths as
+    there) into out_prob / out_index, in shard order: the tables an unsharded run writes. The
+    shards must all be present, agree on T_kl and K, and together hold one row per window."""
+    if not _is_int(n_shards) or n_shards < 1:
+        raise ValueError(f"n_shards must be an int >= 1, got {n_shards!r}")
+    default_prob, default_index = default_paths(cfg)
+    vocab, enc_vocab = _student_vocab(cfg)
+    n_windows = len(
+        open_data(dataclasses.replace(cfg, distill_prob=None, distill_index=None), vocab, enc_vocab).sampler
+    )
+    out: dict[str, Any] = {"n_windows": n_windows, "shards": n_shards}
+    for key, path, default, last in (
+        ("distill_prob", out_prob, default_prob, 1),
+        ("distill_index", out_index, default_index, 0),
+    ):
+        final = os.path.abspath(os.fspath(path if path is not None else default))
+        parts: list[np.ndarray] = []
+        for i in range(n_shards):
+            p = shard_path(final, i, n_shards)
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"{key}: shard {i} of {n_shards} is missing: {p}")
+            a = np.load(p, mmap_mode="r", allow_pickle=False)
+            lo, hi = shard_range(n_windows, i, n_shards)
+            if a.ndim != 3 or a.shape[0] != hi - lo or (parts and a.shape[1:] != parts[0].shape[1:]):
+                raise ValueError(
+                    f"{key}: {p} has shape {a.shape}; shard {i} of {n_shards} holds windows [{lo}, {hi}) "
+                    f"({hi - lo} rows) of the same T_kl and K as shard 0"
+                )
+            parts.append(a)
+        tmp = f"{final}.tmp{os.getpid()}"
+        try:
+            merged = np.lib.format.open_memmap(
+                tmp, mode="w+", dtype=parts[0].dtype, shape=(n_windows, *parts[0].shape[1:])
+            )
+            row = 0
+            for a in parts:
+                merged[row : row + a.shape[0]] = a
+                row += a.shape[0]
+            merged.flush()
+            del merged
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        out[key] = final
+        out["T_kl"], out["K"] = parts[0].shape[1], parts[0].shape[2] - last
+    return out

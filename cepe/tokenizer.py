@@ -304,8 +304,10 @@ class Tokenizer:
         (TEMPLATE_MAX_CHARS plus 4x the messages' length). A template that
         breaks them, or fails in any other way, raises ValueError naming the
         template's file."""
-        if not self.chat_template:
+        if self.chat_template is None:
             raise ValueError("this tokenizer has no chat template")
+        if not self.chat_template.strip():
+            raise ValueError(f"the {self.chat_template_source or 'chat template'} is empty")
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise TypeError("messages must be a list of dicts like {'role': 'user', 'content': '...'}")
         special = {

@@ -43,6 +43,7 @@ from .files import CONFIG_LIMIT, check_regular, describe, read_json
 from .head import DECODER_KEY, SHARE_KEY, cross_attention_init
 from .load import load
 from .model import Model
+from .qtensor import Weight, as_float32, core_weights
 from .rope import e2llm_positions
 from .safetensors_io import SafetensorsFile, write_safetensors
 from .save import MODEL_FILES, fsync_path, write_json, write_model
@@ -179,6 +180,11 @@ class Trainer:
     the decoder's self-attention at E2-LLM positions. seed: the init="normal"
     and E2-LLM draws. init: see _initialize. logit_floats: how many logits
     (rows x vocab) are formed at a time (0: 2^21), a memory knob.
+
+    step() is zero_grad(), compute_gradients() and apply_update(); between the
+    last two the gradients sit in one flat fp32 buffer (grad_buffer, or
+    grad_dlpack() on a GPU, both without a copy), which a data-parallel run
+    averages in place (cepe.distributed).
     """
 
     def __init__(
@@ -204,9 +210,10 @@ class Trainer:
     ) -> None:
         if not isinstance(model, Model):
             raise TypeError(f"model must be a cepe.Model, got {type(model).__name__}")
-        if model.dtype != "float32":
+        if model.device != "cpu" and model.dtype == "bfloat16":
             raise NotImplementedError(
-                f"training needs float32 weights; this model was loaded with dtype={model.dtype!r}"
+                f"training needs float32 weights on {model.device}; this model was loaded with dtype='bfloat16' "
+                "(on the CPU a bf16 or Q8_0 decoder trains with its frozen weights as they are)"
             )
         if trainable not in TRAINABLE:
             raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
@@ -221,6 +228,9 @@ class Trainer:
         self.grad_accum = _int("grad_accum", grad_accum, 1)
         self.seed = check_seed(seed)
         self.init = init
+        # processes whose averaged gradients make each step (cepe.distributed sets it); saved, so
+        # that a run resumes only with the micro-batches and reduction it started with
+        self.world_size = 1
         self.config: dict[str, Any] = {
             "trainable": trainable,
             "lr": _number("lr", lr, 0.0),
@@ -248,13 +258,13 @@ class Trainer:
             )
         old = model._core
         layout, n_params = cepe_c.train_layout(old, trainable)
-        weights = cepe_c.train_weights(old)  # read-only views of what the old core binds
+        weights = core_weights(old)  # read-only views of what the old core binds
         self.layout: list[tuple[str, tuple[int, ...], int]] = [(n, tuple(s), o) for n, s, o in layout]
         self.params = np.zeros(n_params, dtype=np.float32)  # the fp32 master weights
         self.adam_m = np.zeros(n_params, dtype=np.float32)
         self.adam_v = np.zeros(n_params, dtype=np.float32)
         for name, _, _ in self.layout:
-            self.tensor(name)[...] = weights[name]
+            self.tensor(name)[...] = as_float32(weights[name])
         self._initialize(weights)
 
         cfg = model.config
@@ -296,7 +306,7 @@ class Trainer:
     def trainable_names(self) -> list[str]:
         return [n for n, _, _ in self.layout]
 
-    def _initialize(self, weights: dict[str, np.ndarray]) -> None:
+    def _initialize(self, weights: dict[str, Weight]) -> None:
         """Cross-attention initialisation (init: "copy", "zero", "normal", or "none" for the
         weights as loaded): cepe.head.cross_attention_init, drawn from `seed`."""
         if self.init == "none":
@@ -326,18 +336,23 @@ class Trainer:
             raise ValueError("e2llm: g_max * L must fit in int32")
         return out
 
-    def _positions(self, B: int, T: int) -> np.ndarray | None:
+    def _positions(self, B: int, T: int, rows: tuple[int, int] | None = None) -> np.ndarray | None:
         """This step's E2-LLM positions (B, T), or None. The draw is seeded by
         (seed, step) alone, so a resumed run draws exactly what an
         uninterrupted one would, with no generator state to save. Default:
         one (g, t) per optimizer step shared by the batch (the paper's "per
-        iteration"); per_sequence: one per row."""
+        iteration"); per_sequence: one per row, drawn for the whole batch of
+        rows[1] rows of which these are rows[0]..rows[0] + B - 1 (a rank's share
+        of a data-parallel batch gets the rows it would get in one process)."""
         if self.e2llm is None:
             return None
         e = self.e2llm
+        first, total = rows if rows is not None else (0, B)
         seed = (self.seed * 0x9E3779B97F4A7C15 + self._state.step + 1) % 2**64
-        n = B if e["per_sequence"] else 1
+        n = total if e["per_sequence"] else 1
         pos = e2llm_positions(T, e["L"], e["g_max"], n, seed).positions
+        if e["per_sequence"]:
+            pos = pos[first : first + B]
         return np.array(np.broadcast_to(pos, (B, T)), dtype=np.float64)  # a fresh, writable copy
 
     @property
@@ -384,11 +399,17 @@ class Trainer:
             out["distill_prob"] = out["distill_index"] = None
         return out
 
-    def _with_positions(self, arrays: dict[str, np.ndarray | None]) -> dict[str, np.ndarray | None]:
+    def _with_positions(
+        self, arrays: dict[str, np.ndarray | None], rows: tuple[int, int] | None = None
+    ) -> dict[str, np.ndarray | None]:
         ids, mask = arrays["input_ids"], arrays["attention_mask"]
         assert ids is not None  # _batch requires it
         B, T = ids.shape
-        pos = self._positions(B, T)
+        if rows is not None:
+            first, total = (_int("rows[0]", rows[0], 0), _int("rows[1]", rows[1], 1))
+            if first + B > total:
+                raise ValueError(f"rows=({first}, {total}): a batch of {B} rows does not fit at row {first}")
+        pos = self._positions(B, T, rows)
         if pos is not None and mask is not None and not mask.all():
             raise ValueError("e2llm augmentation needs unpadded rows (attention_mask all 1)")
         return {**arrays, "positions": pos}
@@ -406,27 +427,68 @@ class Trainer:
         ]
 
     # ---------------------------------------------------------------- step
-    def _accumulate(self, batch: dict[str, Any]) -> dict[str, float]:
-        micro = self._micro(self._with_positions(self._batch(batch)))
+    # A step is zero_grad(), compute_gradients() and apply_update(); between the
+    # last two, the gradients sit in one flat fp32 buffer (grad_buffer or
+    # grad_dlpack) that a data-parallel run averages in place (cepe.distributed).
+    def zero_grad(self) -> None:
+        """Sets the gradient buffer to zero (the start of an optimizer step)."""
         self._state.zero_grad()
+
+    def compute_gradients(
+        self, batch: dict[str, Any], *, scale: float = 1.0, rows: tuple[int, int] | None = None
+    ) -> dict[str, float]:
+        """Forward and backward over `batch` (split into grad_accum micro-batches,
+        each weighted 1 / grad_accum, as HF accumulates): scale times the
+        gradient of its mean loss is ADDED to the gradient buffer; no update.
+        Returns {loss, lm_loss, kl_loss} averaged over the micro-batches.
+        rows=(first, total): the batch is rows first.. of a batch of `total`
+        rows spread over processes (the E2-LLM per_sequence draws follow the
+        whole batch); scale: 1 / world_size there."""
+        scale = _number("scale", scale)
+        micro = self._micro(self._with_positions(self._batch(batch), rows))
         total = {"loss": 0.0, "lm_loss": 0.0, "kl_loss": 0.0}
         for mb in micro:  # HF: each micro-batch's loss / grad_accum
-            st = self._state.forward_backward(**mb, grad_scale=1.0 / len(micro))
+            st = self._state.forward_backward(**mb, grad_scale=scale / len(micro))
             for key in total:
                 total[key] += st[key] / len(micro)
         return total
 
+    def apply_update(self) -> dict[str, float]:
+        """Clips the gradient buffer to `clip`, runs AdamW at the scheduled lr
+        and counts the step: {grad_norm (before clipping), lr}. On the CPU, an
+        update that overflows float32 (an lr far too large, or corrupt moments)
+        raises ValueError naming the first tensor it broke; on a device, the
+        next step or save() does."""
+        out: dict[str, float] = self._state.update()
+        if self.model.device == "cpu":  # the host buffers are the state: one pass over each
+            self._check_finite(f"the update of step {self.step_count}")
+        return out
+
+    @property
+    def grad_buffer(self) -> np.ndarray:
+        """The flat fp32 gradient buffer itself (n_params floats, in `layout`),
+        a writable view without a copy: what compute_gradients() adds to and
+        apply_update() reads. CPU models only (on a device: grad_dlpack())."""
+        buf: np.ndarray = self._state.grad_buffer()
+        return buf
+
+    def grad_dlpack(self) -> Any:
+        """The gradient buffer as a DLPack capsule where it lives (a GPU's
+        memory for a model on 'cuda:N', host memory on the CPU), without a
+        copy: torch.from_dlpack(trainer.grad_dlpack()) aliases it."""
+        dev = self.model.device
+        return self._state.grad_dlpack(int(dev[5:]) if dev.startswith("cuda:") else 0)
+
+    def _accumulate(self, batch: dict[str, Any]) -> dict[str, float]:
+        self.zero_grad()
+        return self.compute_gradients(batch)
+
     def step(self, batch: dict[str, Any]) -> dict[str, float]:
         """One optimizer step on a batch: {loss, lm_loss, kl_loss} before the
         update (averaged over the grad_accum micro-batches), grad_norm before
-        clipping, and the lr the update used. On the CPU, an update that
-        overflows float32 (an lr far too large, or corrupt moments) raises
-        ValueError naming the first tensor it broke; on a device, the next step
-        or save() does."""
+        clipping, and the lr the update used (see apply_update)."""
         out = self._accumulate(batch)
-        out.update(self._state.update())
-        if self.model.device == "cpu":  # the host buffers are the state: one pass over each
-            self._check_finite(f"the update of step {self.step_count}")
+        out.update(self.apply_update())
         return out
 
     def _check_finite(self, when: str) -> None:
@@ -501,6 +563,7 @@ class Trainer:
             "logit_floats": c["logit_floats"],
             "layout": [[n, list(s), o] for n, s, o in self.layout],
             "n_params": int(self.params.size),
+            "world_size": self.world_size,
         }
 
     def save(self, path: str | os.PathLike[str]) -> str:
@@ -566,16 +629,9 @@ class Trainer:
         optimizer.safetensors are checked (keys, types, ranges; the moments'
         shape, dtype and values) and any fault raises CheckpointError naming
         the file and the key or tensor."""
-        path = os.path.abspath(os.fspath(path))
-        ckpt = path
-        if not os.path.lexists(os.path.join(path, STATE_FILE)) and os.path.lexists(
-            os.path.join(path + ".old", STATE_FILE)
-        ):
-            path = path + ".old"  # a save was interrupted between its two renames
-        state_path = os.path.join(path, STATE_FILE)
-        if not os.path.lexists(state_path):
-            raise FileNotFoundError(f"no trainer checkpoint ({STATE_FILE}) in {path}")
-        st = _read_state(state_path)
+        ckpt = os.path.abspath(os.fspath(path))
+        st, state_path = read_checkpoint_state(ckpt)
+        path = os.path.dirname(state_path)  # ckpt, or ckpt.old
         opt_path = os.path.join(path, OPTIMIZER_FILE)
         if not os.path.lexists(opt_path):
             raise CheckpointError(f"{path}: no {OPTIMIZER_FILE} (the AdamW moments) beside {STATE_FILE}")
@@ -605,6 +661,7 @@ class Trainer:
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{state_path}: {exc}") from None
         trainer.init = st["init"]
+        trainer.world_size = checkpoint_world_size(st, state_path)
         if [[n, list(s), o] for n, s, o in trainer.layout] != st["layout"]:
             raise CheckpointError(f"{state_path}: the checkpoint's parameter layout does not match its model")
         trainer._load_moments(opt_path)
@@ -671,6 +728,25 @@ def _read_state(state_path: str) -> dict[str, Any]:
     if not isinstance(st["layout"], list):
         raise CheckpointError(f"{state_path}: layout must be a list, got {type(st['layout']).__name__}")
     return st
+
+
+def checkpoint_world_size(st: dict[str, Any], state_path: str) -> int:
+    """The world size a checkpoint's trainer_state.json records (1 when absent: written by one process)."""
+    ws = st.get("world_size", 1)
+    if isinstance(ws, bool) or not isinstance(ws, int) or not 1 <= ws <= 2**31 - 1:
+        raise CheckpointError(f"{state_path}: world_size must be an int >= 1, got {ws!r}")
+    return ws
+
+
+def read_checkpoint_state(path: str) -> tuple[dict[str, Any], str]:
+    """trainer_state.json of the checkpoint directory `path` (or of path.old, where a save was
+    interrupted between its two renames), read and checked, and the file it came from."""
+    if not os.path.lexists(os.path.join(path, STATE_FILE)) and os.path.lexists(os.path.join(path + ".old", STATE_FILE)):
+        path = path + ".old"
+    state_path = os.path.join(path, STATE_FILE)
+    if not os.path.lexists(state_path):
+        raise FileNotFoundError(f"no trainer checkpoint ({STATE_FILE}) in {path}")
+    return _read_state(state_path), state_path
 
 
 def _what_is_in(path: str, limit: int = 5) -> str:

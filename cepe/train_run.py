@@ -12,6 +12,7 @@ Every problem with the config raises cepe.ConfigError naming the key (the CLI ex
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -26,10 +27,11 @@ from tqdm.auto import tqdm
 
 from .checks import check_seed
 from .config import read_config
+from .distributed import env_world_size
 from .errors import ConfigError
 from .files import CONFIG_LIMIT, describe, read_json, read_small
 from .load import load
-from .train import Trainer
+from .train import Trainer, checkpoint_world_size, read_checkpoint_state
 from .train_data import (
     LAYOUTS,
     TokenFile,
@@ -192,10 +194,24 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def parse_config(raw: dict[str, Any], source: str = "<config>", base_dir: str | None = None) -> TrainConfig:
+def _split_error(batch_size: int, world_size: int, grad_accum: int) -> str | None:
+    """Why a global batch does not split into world_size x grad_accum equal micro-batches, or None."""
+    if batch_size % (world_size * grad_accum) == 0:
+        return None
+    split = f"world_size ({world_size}) x grad_accum" if world_size > 1 else "grad_accum"
+    return f"batch_size ({batch_size}) must split into {split} ({grad_accum}) equal micro-batches"
+
+
+def parse_config(
+    raw: dict[str, Any], source: str = "<config>", base_dir: str | None = None, world_size: int | None = None
+) -> TrainConfig:
     """Validates a raw config table and fills in the stage's defaults. Relative paths are taken
-    relative to base_dir (default: the directory of `source`)."""
+    relative to base_dir (default: the directory of `source`). world_size: the data-parallel
+    processes (default: torchrun's WORLD_SIZE, else 1); batch_size is the global batch and
+    grad_accum the micro-batches of each process."""
     where = source
+    if world_size is None:
+        world_size = env_world_size()
 
     def err(key: str, msg: str) -> ConfigError:
         return ConfigError(f"{where}: {key}: {msg}")
@@ -269,13 +285,12 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base_dir: str | 
     out["stride"] = get_int("stride", out["decoder_len"])
     out["batch_size"] = get_int("batch_size", d["batch_size"])
     micro = d["micro_batch"]
-    default_accum = out["batch_size"] // micro if out["batch_size"] % micro == 0 else out["batch_size"]
+    per_rank, rest = divmod(out["batch_size"], world_size)
+    default_accum = per_rank // micro if rest == 0 and per_rank % micro == 0 else max(per_rank, 1)
     out["grad_accum"] = get_int("grad_accum", default_accum)
-    if out["batch_size"] % out["grad_accum"]:
-        raise err(
-            "grad_accum",
-            f"batch_size ({out['batch_size']}) must split into grad_accum ({out['grad_accum']}) equal micro-batches",
-        )
+    bad_split = _split_error(out["batch_size"], world_size, out["grad_accum"])
+    if bad_split:
+        raise err("grad_accum", bad_split)
     out["total_steps"] = get_int("total_steps", d["total_steps"])
     out["save_every"] = get_int("save_every", 500, 0)
     out["logit_floats"] = get_int("logit_floats", 0, 0)
@@ -333,11 +348,12 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base_dir: str | 
     return TrainConfig(**out)
 
 
-def load_config(path: str, **overrides: Any) -> TrainConfig:
-    """Reads and validates a config file; `overrides` (e.g. threads=2, resume=True) replace its keys."""
+def load_config(path: str, *, world_size: int | None = None, **overrides: Any) -> TrainConfig:
+    """Reads and validates a config file; `overrides` (e.g. threads=2, resume=True) replace its keys.
+    world_size: as parse_config's."""
     raw = read_config_file(path)
     raw.update({k: v for k, v in overrides.items() if v is not None})
-    return parse_config(raw, source=path)
+    return parse_config(raw, source=path, world_size=world_size)
 
 
 # ------------------------------------------------------------------ the run
@@ -352,8 +368,11 @@ class Data:
     distill_prob: np.ndarray | None = None
     distill_index: np.ndarray | None = None
 
-    def batch(self, cfg: TrainConfig, step: int) -> dict[str, np.ndarray]:
-        idx = self.sampler.batch_indices(step, cfg.batch_size)
+    def batch(self, cfg: TrainConfig, step: int, rank: int = 0, world_size: int = 1) -> dict[str, np.ndarray]:
+        """Rank `rank`'s rows of optimizer step `step`'s global batch: a pure function of
+        (seed, step, rank, world_size), so a resumed run reads what an uninterrupted one would."""
+        n = cfg.batch_size // world_size
+        idx = self.sampler.batch_indices(step, cfg.batch_size)[rank * n : (rank + 1) * n]
         out = make_batch(cfg.stage, self.sampler.windows(idx), cfg.n_ctx, cfg.ctx_len)
         if self.distill_prob is not None and self.distill_index is not None:
             out["distill_prob"] = np.asarray(self.distill_prob[idx])
@@ -539,18 +558,49 @@ def _check_resumed_trainer(cfg: TrainConfig, trainer: Any) -> None:
             raise ConfigError(f"{cfg.source}: {k}: the checkpoint being resumed has {got!r}, the config says {v!r}")
 
 
+def _check_world_size(cfg: TrainConfig, ckpt: str, world_size: int) -> None:
+    """A run continues only with the world size that wrote its checkpoint: another one changes the
+    micro-batches and the order of the gradient sums, so the steps would not be those of the
+    uninterrupted run."""
+    try:
+        st, state_path = read_checkpoint_state(ckpt)
+        saved = checkpoint_world_size(st, state_path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{cfg.source}: resume: {exc}") from None
+    if saved != world_size:
+        how = "one process (no torchrun, no --nproc)" if saved == 1 else f"{saved} processes (--nproc {saved})"
+        raise ConfigError(
+            f"{cfg.source}: resume: the checkpoint {ckpt} was written by a run of world size {saved}, this run has "
+            f"world size {world_size}; resume it with {how}: another world size changes the micro-batches and the "
+            "order of the gradient sums, so the run would not continue exactly"
+        )
+
+
 def run(cfg: TrainConfig, *, max_steps: int | None = None, dry_run: bool = False) -> dict[str, Any]:
     """Trains per `cfg` until total_steps (or `max_steps` more steps), saving checkpoints; returns a
-    summary. dry_run: check the config, the model and the data, and return the plan without training."""
+    summary. dry_run: check the config, the model and the data, and return the plan without training.
+
+    Under torchrun (RANK and WORLD_SIZE set) the run is data-parallel (cepe.distributed): each rank
+    trains on its rows of every global batch; rank 0 alone writes the checkpoints, the log and
+    train_config.json, while the others wait at a barrier."""
+    from . import distributed
+
+    parallel = distributed.launched() and not dry_run
+    world_size = distributed.env_world_size() if parallel else 1
+    device = distributed.rank_device(cfg.device) if parallel else cfg.device
+    bad_split = _split_error(cfg.batch_size, world_size, cfg.grad_accum)
+    if bad_split:
+        raise ConfigError(f"{cfg.source}: grad_accum: {bad_split}")
     ckpt_from = _resume_from(cfg)
     if ckpt_from is not None:
+        _check_world_size(cfg, ckpt_from, world_size)
         _check_resume_config(cfg, ckpt_from)
     model_path = ckpt_from if ckpt_from is not None else cfg.model
     if not os.path.exists(model_path):
         raise ConfigError(f"{cfg.source}: model: no such model directory: {model_path}")
     if ckpt_from is None:
         try:
-            model = load(cfg.model, n_threads=cfg.threads, device=cfg.device)
+            model = load(cfg.model, n_threads=cfg.threads, device=device)
         except (ValueError, OSError) as exc:
             raise ConfigError(f"{cfg.source}: model: {exc}") from None
         mcfg = model.config
@@ -580,8 +630,9 @@ def run(cfg: TrainConfig, *, max_steps: int | None = None, dry_run: bool = False
     if dry_run:
         return plan
 
+    ctx = distributed.init(cfg.device) if parallel else None
     if ckpt_from is not None:
-        trainer = Trainer.resume(ckpt_from, n_threads=cfg.threads, device=cfg.device)
+        trainer = Trainer.resume(ckpt_from, n_threads=cfg.threads, device=device)
         _check_resumed_trainer(cfg, trainer)
     else:
         assert model is not None
@@ -589,28 +640,49 @@ def run(cfg: TrainConfig, *, max_steps: int | None = None, dry_run: bool = False
             trainer = Trainer(model, cfg.trainable, **_trainer_kwargs(cfg))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{cfg.source}: {exc}") from None
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    _write_json_atomic(os.path.join(cfg.output_dir, CONFIG_FILE), cfg.data_dict())
+    dp = distributed.DataParallel(trainer, ctx) if ctx is not None else None
+    rank = ctx.rank if ctx is not None else 0
     start = trainer.step_count
-    if ckpt_from is None:
-        if os.path.exists(cfg.log):
-            os.remove(cfg.log)
-    else:
-        _trim_log(cfg.log, start)
+    if rank == 0:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        _write_json_atomic(os.path.join(cfg.output_dir, CONFIG_FILE), cfg.data_dict())
+        if ckpt_from is None:
+            if os.path.exists(cfg.log):
+                os.remove(cfg.log)
+        else:
+            _trim_log(cfg.log, start)
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.log)), exist_ok=True)
     end = cfg.total_steps if max_steps is None else min(cfg.total_steps, start + max_steps)
     ckpt = _checkpoint_dir(cfg)
     saved_at = start if ckpt_from is not None else -1
     losses: list[float] = []
     t_run = time.perf_counter()
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.log)), exist_ok=True)
+
+    def save() -> None:  # rank 0 writes; the others wait for it
+        nonlocal saved_at
+        if rank == 0:
+            trainer.save(ckpt)
+        saved_at = trainer.step_count
+        if dp is not None:
+            dp.barrier(f"the checkpoint of step {trainer.step_count}")
+
     with (
-        open(cfg.log, "a", encoding="utf-8") as log,
-        tqdm(total=cfg.total_steps, initial=start, desc=f"cepe train ({cfg.stage})", unit="step", disable=None) as bar,
+        open(cfg.log, "a", encoding="utf-8") if rank == 0 else contextlib.nullcontext() as log,
+        tqdm(
+            total=cfg.total_steps,
+            initial=start,
+            desc=f"cepe train ({cfg.stage})",
+            unit="step",
+            disable=None if rank == 0 else True,
+        ) as bar,
     ):
         try:
             for step in range(start, end):
                 t0 = time.perf_counter()
-                st = trainer.step(data.batch(cfg, step))
+                if dp is None:
+                    st = trainer.step(data.batch(cfg, step))
+                else:
+                    st = dp.step(data.batch(cfg, step, rank, world_size), batch_rows=cfg.batch_size)
                 dt = time.perf_counter() - t0
                 losses.append(st["loss"])
                 rec = {
@@ -620,21 +692,26 @@ def run(cfg: TrainConfig, *, max_steps: int | None = None, dry_run: bool = False
                     "tokens": cfg.tokens_per_step,
                     "tokens_per_s": cfg.tokens_per_step / dt if dt > 0 else None,
                     "epoch": (step + 1) * cfg.batch_size / n_windows,
+                    "world_size": world_size,
                 }
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
+                if dp is not None:
+                    rec["allreduce_seconds"] = dp.allreduce_seconds
+                if log is not None:
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
                 bar.set_postfix(loss=f"{st['loss']:.4f}", lr=f"{st['lr']:.2e}")
                 bar.update(1)
                 if cfg.save_every and trainer.step_count % cfg.save_every == 0 and trainer.step_count < end:
-                    trainer.save(ckpt)
-                    saved_at = trainer.step_count
+                    save()
         except KeyboardInterrupt:
-            if trainer.step_count != saved_at:
+            # the weights are those of the last completed step on every rank: rank 0 saves them
+            # without waiting for ranks that are being interrupted too
+            if rank == 0 and trainer.step_count != saved_at:
                 bar.write(f"interrupted: saving the checkpoint of step {trainer.step_count} to {ckpt}")
                 trainer.save(ckpt)
             raise
     if trainer.step_count != saved_at:
-        trainer.save(ckpt)
+        save()
     seconds = time.perf_counter() - t_run
     n = len(losses)
     return {
@@ -647,4 +724,6 @@ def run(cfg: TrainConfig, *, max_steps: int | None = None, dry_run: bool = False
         "loss_last_10_mean": float(np.mean(losses[-10:])) if n else None,
         "seconds": seconds,
         "tokens_per_s": n * cfg.tokens_per_step / seconds if n and seconds > 0 else None,
+        "world_size": world_size,
+        "rank": rank,
     }

@@ -50,16 +50,4 @@ static inline PyObject *cepe_backend_capsule_new(cepe_backend *be) {
     return capsule;
 }
 
-/* What an extension that does not link the core needs from cepe_c (the
- * test-only op bindings, tests/ops_ext/): the CPU table and the message of a
- * failed CPU op. cepe_c exports it as a capsule of this name, which
- * PyCapsule_Import finds. */
-#define CEPE_CORE_API_CAPSULE "cepe_c._core_api"
-
-typedef struct {
-    int abi; /* CEPE_BACKEND_ABI */
-    const cepe_backend *(*backend_cpu)(void);
-    const char *(*last_error)(void);
-} cepe_core_api;
-
 #endif /* CEPE_BACKEND_CAPSULE_H */

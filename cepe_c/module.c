@@ -16,12 +16,16 @@
 #include <limits.h>
 
 #include "../csrc/cepe.h"
+#include "../csrc/quant/quant.h"
 #include "backend_capsule.h"
 
 /* rope_bindings.c: rope_frequencies, e2llm_positions. */
 extern PyMethodDef cepe_rope_methods[];
 /* train_bindings.c: optimizer pieces and the CEPE training state. */
 extern PyMethodDef cepe_train_methods[];
+/* ops_bindings.c: the op table by name (cepe.ops) and its constants. */
+extern PyMethodDef cepe_ops_methods[];
+int cepe_ops_add_constants(PyObject *m);
 
 /* ------------------------------------------------------------------ errors */
 
@@ -185,19 +189,34 @@ static PyObject *Model_encode(ModelObject *self, PyObject *args) {
     return (PyObject *)out;
 }
 
+/* bind(name, array, qtype=0, n_in=0): a float32 array (qtype 0), or the
+ * stored rows of a matrix in GGML format qtype as uint8 (n_out, row bytes)
+ * holding n_in values a row. */
 static PyObject *Model_bind(ModelObject *self, PyObject *args) {
     const char *name;
     PyObject *obj;
-    if (!PyArg_ParseTuple(args, "sO:bind", &name, &obj)) return NULL;
+    int qtype = 0;
+    long long n_in = 0;
+    if (!PyArg_ParseTuple(args, "sO|iL:bind", &name, &obj, &qtype, &n_in)) return NULL;
     char what[160];
     snprintf(what, sizeof what, "tensor %s", name);
-    PyArrayObject *a = bind_array(obj, what, NPY_FLOAT32, -1, 0);
+    PyArrayObject *a = bind_array(obj, what, qtype ? NPY_UINT8 : NPY_FLOAT32, qtype ? 2 : -1, 0);
     if (!a) return NULL;
     int64_t shape[NPY_MAXDIMS];
     for (int i = 0; i < PyArray_NDIM(a); i++) shape[i] = (int64_t)PyArray_DIM(a, i);
+    if (qtype) {
+        const size_t rb = cepe_qtype_row_bytes(qtype, n_in);
+        if (!cepe_qtype_name(qtype))
+            return PyErr_Format(PyExc_ValueError, "tensor %s: unsupported weight type id %d", name, qtype);
+        if (rb == 0 || (int64_t)rb != shape[1])
+            return PyErr_Format(PyExc_ValueError,
+                                "tensor %s: %lld bytes a row do not hold %lld values of %s (%zu bytes)", name,
+                                (long long)shape[1], n_in, cepe_qtype_name(qtype), rb);
+        shape[1] = n_in;
+    }
     cepe_status st;
     Py_BEGIN_ALLOW_THREADS st =
-        cepe_model_bind(self->model, name, (const float *)PyArray_DATA(a), PyArray_NDIM(a), shape);
+        cepe_model_bind_q(self->model, name, PyArray_DATA(a), qtype, PyArray_NDIM(a), shape);
     Py_END_ALLOW_THREADS if (st) return raise_status(st);
     /* the CPU reads the array in place; a device backend made its own copy */
     if (!self->backend && PyList_Append(self->weights, obj) < 0) return NULL;
@@ -221,7 +240,8 @@ static PyGetSetDef Model_getset[] = {
 
 static PyMethodDef Model_methods[] = {
     {"bind", (PyCFunction)Model_bind, METH_VARARGS,
-     "bind(name, float32 array): attach one weight by its HF name"},
+     "bind(name, array, qtype=0, n_in=0): attach one weight by its HF name: float32, or a matrix's stored "
+     "rows (uint8, GGML type qtype)"},
     {"finalize", (PyCFunction)Model_finalize, METH_NOARGS, "check that every weight is bound"},
     {"encode", (PyCFunction)Model_encode, METH_VARARGS,
      "encode(ids, mask): run the CEPE encoder over chunks"},
@@ -423,9 +443,11 @@ static PyObject *first_columns(PyArrayObject *a, int n) {
     dims[1] = n;
     PyArrayObject *res = (PyArrayObject *)PyArray_SimpleNew(nd, dims, PyArray_TYPE(a));
     if (!res) return NULL;
-    const size_t row_in = (size_t)PyArray_STRIDE(a, 0), row_out = row_in / (size_t)(max_new ? max_new : 1) * (size_t)n;
+    const size_t row_in = (size_t)PyArray_STRIDE(a, 0),
+                 row_out = row_in / (size_t)(max_new ? max_new : 1) * (size_t)n;
     for (npy_intp b = 0; b < dims[0]; b++)
-        memcpy((char *)PyArray_DATA(res) + (size_t)b * row_out, (char *)PyArray_DATA(a) + (size_t)b * row_in, row_out);
+        memcpy((char *)PyArray_DATA(res) + (size_t)b * row_out, (char *)PyArray_DATA(a) + (size_t)b * row_in,
+               row_out);
     return (PyObject *)res;
 }
 
@@ -437,12 +459,14 @@ static PyObject *Context_generate(ContextObject *self, PyObject *args, PyObject 
     static char *names[] = {"sampler", "max_new_tokens", "top_logprobs", NULL};
     PyObject *sampler_o, *max_new_o, *k_o = NULL;
     int max_new, k = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O:generate", names, &sampler_o, &max_new_o, &k_o)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O:generate", names, &sampler_o, &max_new_o, &k_o))
+        return NULL;
     if (bind_int(max_new_o, "max_new_tokens", INT_MIN, INT_MAX, &max_new) < 0 ||
         (k_o && bind_int(k_o, "top_logprobs", -1, INT_MAX, &k) < 0))
         return NULL;
     if (!PyObject_TypeCheck(sampler_o, &cepe_c_SamplerType))
-        return PyErr_Format(PyExc_TypeError, "sampler must be a cepe_c.Sampler, got %s", Py_TYPE(sampler_o)->tp_name);
+        return PyErr_Format(PyExc_TypeError, "sampler must be a cepe_c.Sampler, got %s",
+                            Py_TYPE(sampler_o)->tp_name);
     if (ready(self) < 0) return NULL;
     if (max_new < 0) return PyErr_Format(PyExc_ValueError, "max_new_tokens must be >= 0, got %d", max_new);
     if (max_new > cepe_ctx_capacity(self->ctx) - cepe_ctx_length(self->ctx) + 1) /* before allocating out */
@@ -544,6 +568,131 @@ static PyObject *Context_set_context(ContextObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* encode_context(ids int32 (B, n_chunks, L), mask uint8 (B, n_chunks, L) | None, keep_kv bool):
+ * the CEPE encoder's states made and attached inside the core, never returned */
+static PyObject *Context_encode_context(ContextObject *self, PyObject *args) {
+    PyObject *ids_o, *mask_o;
+    int keep = 1;
+    if (!PyArg_ParseTuple(args, "OO|p:encode_context", &ids_o, &mask_o, &keep)) return NULL;
+    if (ready(self) < 0) return NULL;
+    PyArrayObject *ids = bind_array(ids_o, "encoder_input_ids", NPY_INT32, 3, 0), *mask = NULL;
+    if (!ids) return NULL;
+    if (PyArray_DIM(ids, 0) != cepe_ctx_batch(self->ctx))
+        return PyErr_Format(PyExc_ValueError, "encoder_input_ids has batch size %zd, the request has %d",
+                            (Py_ssize_t)PyArray_DIM(ids, 0), cepe_ctx_batch(self->ctx));
+    if (PyArray_DIM(ids, 1) < 1 || PyArray_DIM(ids, 2) < 1 || PyArray_DIM(ids, 1) > INT32_MAX ||
+        PyArray_DIM(ids, 2) > INT32_MAX)
+        return PyErr_Format(PyExc_ValueError, "encoder_input_ids must hold at least one chunk of one token");
+    if (mask_o != Py_None) {
+        if (!(mask = bind_array(mask_o, "encoder_attention_mask", NPY_UINT8, 3, 0))) return NULL;
+        if (!PyArray_SAMESHAPE(mask, ids))
+            return PyErr_Format(PyExc_ValueError,
+                                "encoder_attention_mask must have the shape of encoder_input_ids");
+    }
+    if (claim(self) < 0) return NULL;
+    cepe_status s;
+    Py_BEGIN_ALLOW_THREADS s = cepe_ctx_encode_context(
+        self->ctx, (const int32_t *)PyArray_DATA(ids), mask ? (const uint8_t *)PyArray_DATA(mask) : NULL,
+        (int)PyArray_DIM(ids, 1), (int)PyArray_DIM(ids, 2), keep);
+    Py_END_ALLOW_THREADS self->busy = 0;
+    Py_CLEAR(self->states); /* the states, kept or not, are the core's own */
+    if (s) return raise_status(s);
+    Py_RETURN_NONE;
+}
+
+/* save_state() -> (len, k, v, valid, next_pos, inv_freq, last_logits, rope_mscale, rope_cached_len,
+ * rope_len_hint, has_logits): the cache by value (cepe_ctx_save), NumPy arrays it owns. */
+static PyObject *Context_save_state(ContextObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (claim(self) < 0) return NULL;
+    int L = 0, kvd = 0, half = 0;
+    cepe_ctx_state_sizes(self->ctx, &L, &kvd, &half);
+    const cepe_config *c = cepe_model_config(self->model->model);
+    const int B = cepe_ctx_batch(self->ctx), T = cepe_ctx_length(self->ctx);
+    PyObject *out = NULL;
+    const npy_intp kv_dims[4] = {L, B, T, kvd}, valid_dims[2] = {B, T}, pos_dims[1] = {B},
+                   freq_dims[1] = {half}, logit_dims[2] = {B, c->vocab_size};
+    PyArrayObject *k = (PyArrayObject *)PyArray_SimpleNew(4, kv_dims, NPY_FLOAT32);
+    PyArrayObject *v = (PyArrayObject *)PyArray_SimpleNew(4, kv_dims, NPY_FLOAT32);
+    PyArrayObject *valid = (PyArrayObject *)PyArray_SimpleNew(2, valid_dims, NPY_UINT8);
+    PyArrayObject *pos = (PyArrayObject *)PyArray_SimpleNew(1, pos_dims, NPY_FLOAT64);
+    PyArrayObject *freq = (PyArrayObject *)PyArray_SimpleNew(1, freq_dims, NPY_FLOAT32);
+    PyArrayObject *logits = (PyArrayObject *)PyArray_SimpleNew(2, logit_dims, NPY_FLOAT32);
+    if (!k || !v || !valid || !pos || !freq || !logits) goto fail;
+    cepe_ctx_state st = {.len = T,
+                         .k = PyArray_DATA(k),
+                         .v = PyArray_DATA(v),
+                         .valid = PyArray_DATA(valid),
+                         .next_pos = PyArray_DATA(pos),
+                         .inv_freq = PyArray_DATA(freq),
+                         .last_logits = PyArray_DATA(logits)};
+    cepe_status s;
+    Py_BEGIN_ALLOW_THREADS s = cepe_ctx_save(self->ctx, &st);
+    Py_END_ALLOW_THREADS self->busy = 0;
+    if (s) {
+        raise_status(s);
+        goto fail;
+    }
+    out = Py_BuildValue("(iOOOOOOdiii)", T, k, v, valid, pos, freq, logits, (double)st.rope_mscale,
+                        st.rope_cached_len, st.rope_len_hint, st.has_logits);
+fail:
+    self->busy = 0;
+    Py_XDECREF(k), Py_XDECREF(v), Py_XDECREF(valid), Py_XDECREF(pos), Py_XDECREF(freq), Py_XDECREF(logits);
+    return out;
+}
+
+/* load_state(len, k, v, valid, next_pos, inv_freq, last_logits, rope_mscale, rope_cached_len,
+ * rope_len_hint, has_logits): replaces the cache with what save_state gave (cepe_ctx_load). */
+static PyObject *Context_load_state(ContextObject *self, PyObject *args) {
+    int T, cached, hint, has_logits;
+    double mscale;
+    PyObject *k_o, *v_o, *valid_o, *pos_o, *freq_o, *logits_o;
+    if (!PyArg_ParseTuple(args, "iOOOOOOdiii:load_state", &T, &k_o, &v_o, &valid_o, &pos_o, &freq_o,
+                          &logits_o, &mscale, &cached, &hint, &has_logits))
+        return NULL;
+    if (ready(self) < 0) return NULL;
+    if (T < 0 || T > cepe_ctx_capacity(self->ctx))
+        return PyErr_Format(PyExc_ValueError, "a cache of %d tokens does not fit the capacity %d", T,
+                            cepe_ctx_capacity(self->ctx));
+    int L = 0, kvd = 0, half = 0;
+    cepe_ctx_state_sizes(self->ctx, &L, &kvd, &half);
+    const cepe_config *c = cepe_model_config(self->model->model);
+    const int B = cepe_ctx_batch(self->ctx);
+    const npy_intp kv_dims[4] = {L, B, T, kvd}, valid_dims[2] = {B, T}, pos_dims[1] = {B},
+                   freq_dims[1] = {half}, logit_dims[2] = {B, c->vocab_size};
+    PyArrayObject *k, *v, *valid, *pos, *freq, *logits;
+    if (!(k = bind_array(k_o, "k", NPY_FLOAT32, 4, 0)) || bind_dims(k, "k", 4, kv_dims) < 0) return NULL;
+    if (!(v = bind_array(v_o, "v", NPY_FLOAT32, 4, 0)) || bind_dims(v, "v", 4, kv_dims) < 0) return NULL;
+    if (!(valid = bind_array(valid_o, "valid", NPY_UINT8, 2, 0)) ||
+        bind_dims(valid, "valid", 2, valid_dims) < 0)
+        return NULL;
+    if (!(pos = bind_array(pos_o, "next_pos", NPY_FLOAT64, 1, 0)) ||
+        bind_dims(pos, "next_pos", 1, pos_dims) < 0)
+        return NULL;
+    if (!(freq = bind_array(freq_o, "inv_freq", NPY_FLOAT32, 1, 0)) ||
+        bind_dims(freq, "inv_freq", 1, freq_dims) < 0)
+        return NULL;
+    if (!(logits = bind_array(logits_o, "last_logits", NPY_FLOAT32, 2, 0)) ||
+        bind_dims(logits, "last_logits", 2, logit_dims) < 0)
+        return NULL;
+    cepe_ctx_state st = {.len = T,
+                         .k = PyArray_DATA(k),
+                         .v = PyArray_DATA(v),
+                         .valid = PyArray_DATA(valid),
+                         .next_pos = PyArray_DATA(pos),
+                         .inv_freq = PyArray_DATA(freq),
+                         .last_logits = PyArray_DATA(logits),
+                         .rope_mscale = (float)mscale,
+                         .rope_cached_len = cached,
+                         .rope_len_hint = hint,
+                         .has_logits = has_logits};
+    if (claim(self) < 0) return NULL;
+    cepe_status s;
+    Py_BEGIN_ALLOW_THREADS s = cepe_ctx_load(self->ctx, &st);
+    Py_END_ALLOW_THREADS self->busy = 0;
+    if (s) return raise_status(s);
+    Py_RETURN_NONE;
+}
+
 static PyObject *Context_set_rope_length(ContextObject *self, PyObject *arg) {
     long n = PyLong_AsLong(arg);
     if (n == -1 && PyErr_Occurred()) return NULL;
@@ -602,12 +751,21 @@ static PyMethodDef Context_methods[] = {
      "forward_nll(ids, positions, mask, targets): as forward, returning -log p(targets) (B, T); -100 is not "
      "scored"},
     {"generate", (PyCFunction)(void (*)(void))Context_generate, METH_VARARGS | METH_KEYWORDS,
-     "generate(sampler, max_new_tokens, top_logprobs=-1): sample up to max_new_tokens per row with a Sampler"},
+     "generate(sampler, max_new_tokens, top_logprobs=-1): sample up to max_new_tokens per row with a "
+     "Sampler"},
     {"reset", (PyCFunction)Context_reset, METH_NOARGS, "empty the KV cache"},
+    {"save_state", (PyCFunction)Context_save_state, METH_NOARGS,
+     "the KV cache by value: (len, k, v, valid, next_pos, inv_freq, last_logits, rope_mscale, "
+     "rope_cached_len, "
+     "rope_len_hint, has_logits)"},
+    {"load_state", (PyCFunction)Context_load_state, METH_VARARGS,
+     "load_state(*save_state()): replace the cache"},
     {"set_rope_length", (PyCFunction)Context_set_rope_length, METH_O,
      "pin the length dynamic-NTK/LongRoPE tables are computed for (0 = per call)"},
     {"set_context", (PyCFunction)Context_set_context, METH_VARARGS,
      "set_context(states, mask, keep_kv=True): attach CEPE encoder states (None detaches)"},
+    {"encode_context", (PyCFunction)Context_encode_context, METH_VARARGS,
+     "encode_context(ids, mask, keep_kv=True): encode CEPE context chunks (B, n_chunks, L) and attach them"},
     {"interrupt", (PyCFunction)Context_interrupt, METH_NOARGS, "ask a running call to stop"},
     {"progress", (PyCFunction)Context_progress, METH_NOARGS,
      "(done, total) layer passes of the running or last forward call"},
@@ -649,9 +807,6 @@ static PyObject *mod_sim_backend(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
     return cepe_backend_capsule_new(be);
 }
 
-/* cepe_c's C API for extensions that do not link the core (backend_capsule.h). */
-static const cepe_core_api core_api = {CEPE_BACKEND_ABI, cepe_backend_cpu, cepe_last_error};
-
 static PyMethodDef module_methods[] = {
     {"_sim_backend", mod_sim_backend, METH_NOARGS, "test-only: a CPU backend that behaves like a device"},
     {"blas_info", mod_blas_info, METH_NOARGS, "the linked BLAS and its build configuration"},
@@ -679,14 +834,12 @@ PyMODINIT_FUNC PyInit_cepe_c(void) {
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
-    PyObject *api = PyCapsule_New((void *)&core_api, CEPE_CORE_API_CAPSULE, NULL);
-    const int failed = !api || PyModule_AddFunctions(m, cepe_rope_methods) < 0 ||
+    const int failed = PyModule_AddFunctions(m, cepe_rope_methods) < 0 ||
                        PyModule_AddFunctions(m, cepe_train_methods) < 0 ||
-                       PyModule_AddObjectRef(m, "_core_api", api) < 0 ||
+                       PyModule_AddFunctions(m, cepe_ops_methods) < 0 || cepe_ops_add_constants(m) < 0 ||
                        PyModule_AddObjectRef(m, "Model", (PyObject *)&cepe_c_ModelType) < 0 ||
                        PyModule_AddObjectRef(m, "Context", (PyObject *)&ContextType) < 0 ||
                        PyModule_AddObjectRef(m, "Sampler", (PyObject *)&cepe_c_SamplerType) < 0;
-    Py_XDECREF(api);
     if (failed) {
         Py_DECREF(m);
         return NULL;

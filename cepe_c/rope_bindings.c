@@ -1,5 +1,5 @@
 /* rope_bindings.c — CPython face of the RoPE frequency code and the E2-LLM
- * sampler (csrc/rope_freq.c, csrc/e2llm.c), registered into cepe_c by
+ * sampler (csrc/rope/), registered into cepe_c by
  * module.c through cepe_rope_methods. Validation of values lives in the core;
  * this file only converts Python objects. cepe/rope.py is the friendly API. */
 #include "bind.h"
@@ -9,7 +9,7 @@
 #include <string.h>
 
 #include "../csrc/cepe.h"
-#include "../csrc/rope.h"
+#include "../csrc/rope/rope.h"
 
 /* ------------------------------------------------------ settings dict -> C */
 

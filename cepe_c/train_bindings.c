@@ -112,9 +112,11 @@ static PyObject *py_train_layout(PyObject *Py_UNUSED(m), PyObject *args) {
     return Py_BuildValue("(Nn)", list, (Py_ssize_t)n_params);
 }
 
-/* train_weights(core) -> {name: read-only float32 view}, every bound weight.
- * The views borrow the model's memory, so each keeps `core` (and with it the
- * arrays it binds) alive. */
+/* train_weights(core) -> {name: read-only float32 view}, every bound weight;
+ * a matrix held in a stored format (quant/quant.h) as (read-only uint8 view
+ * (n_out, row bytes), GGML type id, n_in) instead. The views borrow the
+ * model's memory, so each keeps `core` (and with it the arrays it binds)
+ * alive. */
 static PyObject *py_train_weights(PyObject *Py_UNUSED(m), PyObject *core) {
     cepe_model *m = bind_model(core);
     if (!m) return NULL;
@@ -142,15 +144,25 @@ static PyObject *py_train_weights(PyObject *Py_UNUSED(m), PyObject *core) {
             Py_DECREF(a);
             continue;
         }
-        PyObject *a = PyArray_New(&PyArray_Type, ndim, dims, NPY_FLOAT32, NULL, (void *)data, 0,
-                                  NPY_ARRAY_CARRAY_RO, NULL);
+        int qtype = 0;
+        size_t nbytes = 0;
+        if (cepe_model_weight_format(m, i, &qtype, &nbytes) != CEPE_OK) goto fail;
+        const npy_intp n_in = dims[1];
+        if (qtype) dims[1] = (npy_intp)(nbytes / (size_t)dims[0]);
+        PyObject *a = PyArray_New(&PyArray_Type, ndim, dims, qtype ? NPY_UINT8 : NPY_FLOAT32, NULL,
+                                  (void *)data, 0, NPY_ARRAY_CARRAY_RO, NULL);
         if (!a) goto fail;
         Py_INCREF(core);
-        if (PyArray_SetBaseObject((PyArrayObject *)a, core) < 0 || PyDict_SetItemString(d, name, a) < 0) {
+        if (PyArray_SetBaseObject((PyArrayObject *)a, core) < 0) {
             Py_DECREF(a);
             goto fail;
         }
-        Py_DECREF(a);
+        PyObject *item = qtype ? Py_BuildValue("(Nin)", a, qtype, (Py_ssize_t)n_in) : a;
+        if (!item || PyDict_SetItemString(d, name, item) < 0) {
+            Py_XDECREF(item);
+            goto fail;
+        }
+        Py_DECREF(item);
     }
     return d;
 fail:
@@ -301,6 +313,107 @@ static PyObject *TrainState_grads(TrainStateObject *self, PyObject *Py_UNUSED(a)
     return out;
 }
 
+/* grad_buffer() -> the flat gradient buffer itself, a writable float32 view
+ * (n_params,) that keeps this state alive: an all-reduce averages it in place
+ * between the backward passes and update(). CPU states only (a device's
+ * buffer is device memory: grad_dlpack). */
+static PyObject *TrainState_grad_buffer(TrainStateObject *self, PyObject *Py_UNUSED(a)) {
+    float *g;
+    size_t n;
+    int on_device;
+    cepe_status st = cepe_train_grad_buffer(self->t, &g, &n, &on_device);
+    if (st) return raise_status(st);
+    if (on_device)
+        return PyErr_Format(PyExc_RuntimeError,
+                            "the gradients of a model on a device live in device memory: use grad_dlpack()");
+    npy_intp dims[1] = {(npy_intp)n};
+    PyObject *a = PyArray_New(&PyArray_Type, 1, dims, NPY_FLOAT32, NULL, g, 0, NPY_ARRAY_CARRAY, NULL);
+    if (!a) return NULL;
+    Py_INCREF(self);
+    if (PyArray_SetBaseObject((PyArrayObject *)a, (PyObject *)self) < 0) {
+        Py_DECREF(a);
+        return NULL;
+    }
+    return a;
+}
+
+/* DLPack's C ABI (dmlc/dlpack, dlpack.h v0.8: the unversioned DLManagedTensor
+ * that a "dltensor" capsule carries), declared here so that the build does
+ * not need the header of any one framework. */
+typedef struct {
+    int32_t device_type; /* DLDeviceType: kDLCPU = 1, kDLCUDA = 2 */
+    int32_t device_id;
+} DLDevice;
+typedef struct {
+    uint8_t code; /* kDLFloat = 2 */
+    uint8_t bits;
+    uint16_t lanes;
+} DLDataType;
+typedef struct {
+    void *data;
+    DLDevice device;
+    int32_t ndim;
+    DLDataType dtype;
+    int64_t *shape;
+    int64_t *strides; /* NULL: compact, row-major */
+    uint64_t byte_offset;
+} DLTensor;
+typedef struct DLManagedTensor {
+    DLTensor dl_tensor;
+    void *manager_ctx;
+    void (*deleter)(struct DLManagedTensor *self);
+} DLManagedTensor;
+
+typedef struct {
+    DLManagedTensor mt; /* first: the consumer frees through its address */
+    int64_t shape[1];
+} GradTensor;
+
+/* Called by the consumer (any thread) when it drops the tensor: releases the state. */
+static void grad_tensor_delete(DLManagedTensor *mt) {
+    PyGILState_STATE g = PyGILState_Ensure();
+    Py_XDECREF((PyObject *)mt->manager_ctx);
+    PyMem_RawFree(mt);
+    PyGILState_Release(g);
+}
+
+/* A capsule nobody consumed still owns its tensor (a consumer renames it "used_dltensor"). */
+static void grad_capsule_destroy(PyObject *cap) {
+    if (!PyCapsule_IsValid(cap, "dltensor")) return;
+    DLManagedTensor *mt = PyCapsule_GetPointer(cap, "dltensor");
+    if (mt && mt->deleter) mt->deleter(mt);
+}
+
+/* grad_dlpack(device_id=0) -> a "dltensor" capsule over the flat gradient
+ * buffer (float32, (n_params,)), where it lives: device memory of CUDA device
+ * device_id for a model on a GPU, host memory (kDLCPU) otherwise. No copy:
+ * torch.from_dlpack(capsule) aliases the buffer and keeps this state alive. */
+static PyObject *TrainState_grad_dlpack(TrainStateObject *self, PyObject *args, PyObject *kwds) {
+    static char *kw[] = {"device_id", NULL};
+    int device_id = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|i:grad_dlpack", kw, &device_id)) return NULL;
+    if (device_id < 0) return PyErr_Format(PyExc_ValueError, "device_id must be >= 0, got %d", device_id);
+    float *g;
+    size_t n;
+    int on_device;
+    cepe_status st = cepe_train_grad_buffer(self->t, &g, &n, &on_device);
+    if (st) return raise_status(st);
+    GradTensor *gt = PyMem_RawCalloc(1, sizeof *gt);
+    if (!gt) return PyErr_NoMemory();
+    gt->shape[0] = (int64_t)n;
+    gt->mt.dl_tensor = (DLTensor){.data = g,
+                                  .device = {on_device ? 2 : 1, on_device ? device_id : 0},
+                                  .ndim = 1,
+                                  .dtype = {2, 32, 1},
+                                  .shape = gt->shape};
+    gt->mt.manager_ctx = self;
+    gt->mt.deleter = grad_tensor_delete;
+    Py_INCREF(self);
+    PyObject *cap = PyCapsule_New(&gt->mt, "dltensor", grad_capsule_destroy);
+    if (!cap) grad_tensor_delete(&gt->mt);
+    return cap;
+}
+
 /* Runs one of the host <-> device copies of the training state, GIL released. */
 static PyObject *run_sync(TrainStateObject *self, cepe_status (*fn)(cepe_train *)) {
     if (claim(self) < 0) return NULL;
@@ -346,6 +459,10 @@ static PyMethodDef TrainState_methods[] = {
      "clip + AdamW at the scheduled lr -> {grad_norm, lr}"},
     {"zero_grad", (PyCFunction)TrainState_zero_grad, METH_NOARGS, "set every gradient to zero"},
     {"grads", (PyCFunction)TrainState_grads, METH_NOARGS, "a copy of the flat gradient buffer"},
+    {"grad_buffer", (PyCFunction)TrainState_grad_buffer, METH_NOARGS,
+     "the flat gradient buffer itself (a writable float32 view; CPU states)"},
+    {"grad_dlpack", (PyCFunction)(void (*)(void))TrainState_grad_dlpack, METH_VARARGS | METH_KEYWORDS,
+     "grad_dlpack(device_id=0) -> a DLPack capsule over the flat gradient buffer where it lives (no copy)"},
     {"sync_host", (PyCFunction)TrainState_sync_host, METH_NOARGS,
      "device backends: copy the weights and moments back into params / m / v"},
     {"sync_device", (PyCFunction)TrainState_sync_device, METH_NOARGS,

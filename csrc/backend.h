@@ -43,7 +43,7 @@
  * A user of the arguments defines the four markers around the expansion.
  * Users: the struct below, the CPU and device-simulating tables
  * (backend_cpu.c), the CUDA table (kernels/cuda_backend.cu, prototypes in
- * kernels/cuda_common.cuh) and the test-only op bindings (tests/ops_ext/).
+ * kernels/cuda_common.cuh) and cepe_c's op bindings (cepe_c/ops_bindings.c).
  * Adding an op is one line here plus its implementations. */
 
 /* ---- forward ops (csrc/ops/ops.h) ---- */
@@ -69,7 +69,7 @@
     X(swiglu, (float *out, const float *gate, const float *up, long N, int nt),                              \
       (BUF_W(out), BUF_R(gate), BUF_R(up), HOST(N), HOST(nt)))
 
-/* ---- training ops (csrc/ops/ops_backward.h; same shapes and the same
+/* ---- training ops (the backward half of csrc/ops/ops.h; same shapes and the same
  * accumulate-into-gradient convention). cross_entropy's targets are
  * range-checked by the caller (host side). ---- */
 #define CEPE_TRAINING_OPS(X)                                                                                 \

@@ -6,7 +6,7 @@
 #include "backend.h"
 #include "common.h"
 #include "ops/elementwise.h"
-#include "ops/ops_backward.h"
+#include "ops/ops.h"
 #include "ops/optim.h"
 
 /* ------------------------------------------------------------ host table */

@@ -133,6 +133,15 @@ void cepe_model_free(cepe_model *m);
  * valid (it is used in place), on a device it is copied. */
 cepe_status cepe_model_bind(cepe_model *m, const char *name, const float *data, int ndim,
                             const int64_t *shape);
+/* cepe_model_bind for a weight in a stored format: qtype a GGML type id
+ * (quant/quant.h's cepe_qtype: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K,
+ * Q6_K), data the rows as the file stores them (cepe_qtype_row_bytes each,
+ * back to back, 2-byte aligned), shape the values' (n_out, n_in). Matrices
+ * only (norms are float32). The CPU multiplies the weights as they are; a
+ * device backend widens them to fp32 (or bf16, see cepe_model_set_bf16) at
+ * bind. */
+cepe_status cepe_model_bind_q(cepe_model *m, const char *name, const void *data, int qtype, int ndim,
+                              const int64_t *shape);
 /* Checks every required weight is bound; after this the model is usable. */
 cepe_status cepe_model_finalize(cepe_model *m);
 const cepe_config *cepe_model_config(const cepe_model *m);
@@ -162,7 +171,39 @@ int cepe_ctx_batch(const cepe_ctx *c);
  * states must stay valid while attached and K/V are recomputed at every call
  * (memory-lean, identical results). N = 0 detaches. */
 cepe_status cepe_ctx_set_context(cepe_ctx *c, const float *states, const uint8_t *mask, int N, int keep_kv);
+/* Encodes the context and attaches it where the decoder reads it (device
+ * memory on a GPU): ids (batch, n_chunks, L) chunks as cepe_model_encode
+ * takes them, mask the same shape (1 = real) or NULL, keep_kv as above. The
+ * states never cross to the caller (with keep_kv they are freed once the K/V
+ * are made); progress counts batches of chunks and cepe_ctx_interrupt stops
+ * it. On the CPU non-finite states are CEPE_ERR_NUMERIC. */
+cepe_status cepe_ctx_encode_context(cepe_ctx *c, const int32_t *ids, const uint8_t *mask, int n_chunks, int L,
+                                    int keep_kv);
 int cepe_ctx_context_length(const cepe_ctx *c);
+
+/* A request's cache by value (cepe_ctx_save / cepe_ctx_load), e.g. to pickle
+ * it: the first len positions of every layer's K (RoPE applied) and V, which
+ * of them are real tokens, each row's next position, the RoPE table the
+ * request has grown to and the last logits. Sizes: cepe_ctx_state_sizes. An
+ * attached CEPE context is not part of it (attach it again). */
+typedef struct {
+    int len;            /* tokens per row */
+    float *k, *v;       /* (n_layers, batch, len, kv_dim) each */
+    uint8_t *valid;     /* (batch, len) 1 = real token */
+    double *next_pos;   /* (batch) */
+    float *inv_freq;    /* (rope_half) */
+    float *last_logits; /* (batch, vocab) */
+    float rope_mscale;
+    int rope_cached_len; /* dynamic NTK: the longest sequence seen */
+    int rope_len_hint;   /* cepe_ctx_set_rope_length */
+    int has_logits;      /* 1 after a forward call: generate may continue */
+} cepe_ctx_state;
+/* n_layers, kv_dim (n_kv_heads * head_dim) and rope_half of the arrays above. */
+void cepe_ctx_state_sizes(const cepe_ctx *c, int *n_layers, int *kv_dim, int *rope_half);
+/* Copies c's state into st's arrays, sized for st->len = cepe_ctx_length(c). */
+cepe_status cepe_ctx_save(const cepe_ctx *c, cepe_ctx_state *st);
+/* Replaces c's cache with st (st->len <= capacity; same batch and model shape). */
+cepe_status cepe_ctx_load(cepe_ctx *c, const cepe_ctx_state *st);
 
 /* Pins the sequence length that length-dependent RoPE (dynamic NTK,
  * LongRoPE) sees to at least seq_len, so a long input fed in slices gets the
@@ -326,7 +367,7 @@ cepe_status cepe_e2llm_positions(int R, int L, int g_max, int n_samples, uint64_
                                  int32_t *scales, int32_t *offsets);
 /* ==== end RoPE ============================================================ */
 
-/* ==== training (issue 5): AdamW, clipping, schedule, CEPE backward =========
+/* ==== training: AdamW, clipping, schedule, CEPE backward =========
  * Everything here works on flat fp32 buffers (llm.c style): the trainable
  * weights, their gradients and the two AdamW moments each live in one array,
  * tensor after tensor. Written to reproduce torch.optim.AdamW,
@@ -374,7 +415,7 @@ typedef struct {
     double clip; /* max global gradient norm; <= 0 = no clipping */
     cepe_adamw_config adam;
     double lm_loss_cof, kl_loss_cof;
-    int kl_mode;       /* 0 = smooth_δ, 1 = drop (ops_backward.h's CEPE_KL_*) */
+    int kl_mode;       /* 0 = smooth_δ, 1 = drop (ops.h's CEPE_KL_*) */
     double kl_delta;   /* δ of smooth_δ */
     long logit_floats; /* logits formed at a time (rows x vocab); 0 = 2^21 */
 } cepe_train_config;
@@ -395,14 +436,20 @@ cepe_status cepe_train_tensor(const cepe_model *m, cepe_trainable which, int i, 
                               int64_t shape[2], size_t *offset);
 
 /* Weight i of a model, in its binding order (i >= the count: INVALID_ARG):
- * HF name (owned by the model), data (NULL while unbound) and shape (shape[1]
- * = 0 for 1-D). A tied lm_head is not a weight of its own. */
+ * HF name (owned by the model), data (NULL while unbound; float32 values, or
+ * the stored rows of a matrix bound with cepe_model_bind_q: see
+ * cepe_model_weight_format) and shape (shape[1] = 0 for 1-D). A tied lm_head
+ * is not a weight of its own. */
 cepe_status cepe_model_weight_at(const cepe_model *m, int i, const char **name, const float **data, int *ndim,
                                  int64_t shape[2]);
 /* 1 when the model's weights live in device memory (data above is then a
  * device pointer: read it with cepe_model_read_weight). */
 int cepe_model_on_device(const cepe_model *m);
-/* Copies weight i (as cepe_model_weight_at numbers them) to host memory. */
+/* Weight i's stored format: its GGML type id (0 = F32) and the bytes of its
+ * data (rows back to back). */
+cepe_status cepe_model_weight_format(const cepe_model *m, int i, int *qtype, size_t *nbytes);
+/* Copies weight i (as cepe_model_weight_at numbers them) to host memory as
+ * float32 (a stored format widened exactly). */
 cepe_status cepe_model_read_weight(const cepe_model *m, int i, float *dst);
 
 /* A training state over a finalized model whose trainable weights are bound
@@ -456,6 +503,11 @@ cepe_status cepe_train_forward_backward(cepe_train *t, const cepe_train_batch *b
 cepe_status cepe_train_update(cepe_train *t, cepe_train_stats *out);
 /* Copies the flat gradient buffer (n_params floats) to dst. */
 cepe_status cepe_train_copy_grads(const cepe_train *t, float *dst);
+/* The flat gradient buffer itself (n_params floats, the layout's order), in
+ * backend memory (*on_device = 1: device memory, reached only through that
+ * device's API). It lives as long as t; between the last forward_backward
+ * and cepe_train_update a data-parallel caller may average it in place. */
+cepe_status cepe_train_grad_buffer(cepe_train *t, float **grads, size_t *n, int *on_device);
 /* On a device backend, copies the trainable weights, and the moments, back
  * into the caller's params / adam_m / adam_v (the state of record for saving);
  * on the CPU they are the state already (no-op). */

@@ -1,6 +1,6 @@
 // cuda_attention.cu — scaled dot-product attention with an online softmax
 // (attention.c), optionally returning each query's log-sum-exp for the
-// backward (attention_backward.c's attention_forward_lse).
+// backward (attention.c's attention_forward_lse).
 //
 // Same shapes and masks as the CPU (ops.h, attention_shape): causal with
 // q_offset, sliding window, key padding (key_valid), GQA, arbitrary row and

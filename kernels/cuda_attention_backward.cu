@@ -1,4 +1,4 @@
-// cuda_attention_backward.cu — attention's backward (attention_backward.c),
+// cuda_attention_backward.cu — attention's backward (attention.c),
 // FlashAttention-2 style: nothing of size Tq x Tk is ever stored. For a tile
 // of BR query rows and BC keys the probabilities are rebuilt from the
 // forward's lse, and D = rowsum(dO ∘ O) stands in for the softmax's Jacobian:

@@ -1,8 +1,8 @@
 // cuda_elementwise.cu — the per-element ops: embedding lookup and its
 // scatter-add backward, SwiGLU and its backward, and the bf16 rounding. The
-// arithmetic is elementwise.h's / elementwise_backward.h's, as on the CPU.
+// arithmetic is elementwise.h's / elementwise.h's, as on the CPU.
 #include "cuda_common.cuh"
-#include "ops/elementwise_backward.h"
+#include "ops/elementwise.h"
 
 // out (N, C) = wte[ids]; ids (N) already range-checked by the caller
 __global__ void embedding_kernel(float *out, const int32_t *ids, const float *wte, int N, int C) {

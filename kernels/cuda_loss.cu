@@ -5,8 +5,8 @@
 // double; the K teacher buckets are walked by one thread in the CPU's order,
 // so repeated teacher ids add up exactly as there.
 #include "cuda_common.cuh"
-#include "ops/elementwise_backward.h"
-#include "ops/ops_backward.h"
+#include "ops/elementwise.h"
+#include "ops/ops.h"
 
 // Row max and Σ exp(z - max) in double over the block; every thread gets both.
 static __device__ void row_exp_sum(const float *z, int V, float *max_out, double *sum_out) {

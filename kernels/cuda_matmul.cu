@@ -1,5 +1,5 @@
 // cuda_matmul.cu — the linear layers through cuBLAS: y = x·Wᵀ with W stored
-// [out, in] (matmul.c), its backward (matmul_backward.c), and the bf16-weight
+// [out, in] (matmul.c), its backward (also matmul.c), and the bf16-weight
 // variant. cuBLAS is column-major: a row-major (R, K) matrix is its (K, R)
 // transpose there, so out (N, OC) row-major = outᵀ (OC, N) column-major =
 // W · inpᵀ, i.e. gemm(T, N) of W (C x OC, ld C) and inp (C x N, ld C).

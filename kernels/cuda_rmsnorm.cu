@@ -1,5 +1,5 @@
-// cuda_rmsnorm.cu — LLaMA RMSNorm and its backward (rmsnorm.c,
-// rmsnorm_backward.c): one block per row, the scale from elementwise.h's
+// cuda_rmsnorm.cu — LLaMA RMSNorm and its backward (both in rmsnorm.c on
+// the CPU): one block per row, the scale from elementwise.h's
 // cepe_rms_inv. The weight gradient, a sum over rows, is a second kernel
 // that walks columns, so it needs no atomics and adds in a fixed order.
 #include "cuda_common.cuh"

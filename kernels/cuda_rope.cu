@@ -1,9 +1,9 @@
 // cuda_rope.cu — rotary position embeddings: the cos/sin table (angles in
-// double, as rope.c: positions reach 10^5..10^6 where fp32 products lose
+// double, as csrc/rope/apply.c: positions reach 10^5..10^6 where fp32 products lose
 // whole radians) and the rotation and its backward in both pair layouts,
 // through elementwise.h's cepe_rope_rotate / cepe_rope_rotate_backward.
 #include "cuda_common.cuh"
-#include "ops/elementwise_backward.h"
+#include "ops/elementwise.h"
 
 // cos/sin (N, half) = mscale * cos/sin(pos (N) * inv_freq (half))
 __global__ void rope_table_kernel(float *cos_t, float *sin_t, const double *pos, const float *inv_freq, int N, int half,
@@ -18,7 +18,7 @@ __global__ void rope_table_kernel(float *cos_t, float *sin_t, const double *pos,
 
 // x (N, nh, hd) rotated in place over its first 2*half dims, one thread per
 // pair: (j, j + half) when interleaved == 0 (HF), (2j, 2j + 1) when 1.
-// backward: multiplies by the transpose instead (rope_backward.c).
+// backward: multiplies by the transpose instead (csrc/rope/apply.c).
 __global__ void rope_kernel(float *x, const float *cos_t, const float *sin_t, int N, int nh, int hd, int half,
                             int interleaved, int backward) {
     const int step = interleaved ? 2 : 1, other = interleaved ? 1 : half;

@@ -9,6 +9,10 @@ import os
 import numpy as np
 import pytest
 
+# the plugin's fixtures (tiny_llama, tiny_cepe, default_model, reference) also where cepe is
+# not installed with its pytest11 entry point (an in-place build)
+pytest_plugins = ["cepe.testing.plugin"]
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 

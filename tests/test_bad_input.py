@@ -411,7 +411,7 @@ def test_config_token_ids(tiny, tmp_path):
 
 @pytest.fixture(scope="module")
 def cepe_model(tmp_path_factory):
-    from cepe_reference import make_reference
+    from cepe.testing.reference import make_reference
 
     return cepe.load(make_reference(seed=3).save(str(tmp_path_factory.mktemp("bad_cepe"))))
 
@@ -469,7 +469,7 @@ def test_overflowing_weights_raise(tiny, tmp_path):
 
 
 def test_overflowing_encoder_raises(tmp_path):
-    from cepe_reference import make_reference
+    from cepe.testing.reference import make_reference
 
     ref = make_reference(seed=4)
     path = _scaled_copy(ref.save(str(tmp_path / "src")), tmp_path / "m", "encoder.embed_tokens.weight", 1e20)

@@ -481,3 +481,15 @@ def test_shrinking_the_file_does_not_kill_a_loaded_model(model_files, kind, how)
     )
     assert r.returncode != -7, f"SIGBUS: the model read its weights from the shrunk file\n{r.stderr[-2000:]}"
     assert r.returncode == 0, f"exit {r.returncode} (3: the logits changed)\n{r.stderr[-2000:]}"
+
+
+@pytest.mark.parametrize("content", ["", " \n\t"])
+def test_empty_chat_template_names_its_file(copy_of, content):
+    p = copy_of()
+    write_tokenizer(pathlib.Path(p), 97)
+    path = os.path.join(p, "chat_template.jinja")
+    with open(path, "w") as fh:
+        fh.write(content)
+    tok = cepe.load(p).tokenizer
+    with pytest.raises(ValueError, match=re.escape(path) + " is empty"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])

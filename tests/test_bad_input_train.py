@@ -13,11 +13,11 @@ import threading
 
 import numpy as np
 import pytest
-from cepe_reference import make_reference
 from safetensors.numpy import load_file, save_file
 
 import cepe
 from cepe import CheckpointError, ConfigError
+from cepe.testing.reference import make_reference
 from cepe.train_data import open_tokens
 from cepe.train_run import open_data, parse_config
 

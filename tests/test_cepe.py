@@ -8,10 +8,10 @@ import os
 import numpy as np
 import pytest
 import torch
-from cepe_reference import make_reference
 
 import cepe
 from cepe import ConfigError
+from cepe.testing.reference import make_reference
 
 TOL = 1e-4
 
@@ -453,3 +453,40 @@ def test_encoder_width_differs_from_decoder_without_cross_layers(built, tmp_path
     model = cepe.load(p)
     out = model.encode(np.full((4, 16), 5))
     assert out.shape == (64, 40) and np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_context_encoded_in_the_core_equals_passed_states(built, keep):
+    """encoder_input_ids are encoded inside the core, where the decoder reads
+    them; the logits equal those of the same states passed in from encode()."""
+    path, _ = built("last_two_layers")
+    model = cepe.load(path)
+    rng = np.random.default_rng(11)
+    ctx, cmask = chunks_and_mask(rng, pad="mixed")
+    ids = rng.integers(3, 101, size=(2, 6))
+    states = model.encode(ctx, cmask)
+    flat_mask = cmask.reshape(2, -1)
+    want = model.forward(ids, keep_cross_kv=keep, encoder_hidden_states=states, encoder_attention_mask=flat_mask)
+    got = model.forward(ids, keep_cross_kv=keep, encoder_input_ids=ctx, encoder_attention_mask=cmask)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_encode_context_checks_its_arguments(built):
+    import cepe_c
+
+    path, _ = built("last_two_layers")
+    model = cepe.load(path)
+    ctx = cepe_c.Context(model._core, 2, 16)
+    ids = np.full((2, 3, 4), 5, dtype=np.int32)
+    with pytest.raises(ValueError, match="batch size 1, the request has 2"):
+        ctx.encode_context(ids[:1], None)
+    with pytest.raises(ValueError, match="at least one chunk"):
+        ctx.encode_context(ids[:, :0], None)
+    with pytest.raises(ValueError, match="shape of encoder_input_ids"):
+        ctx.encode_context(ids, np.ones((2, 3, 5), dtype=np.uint8))
+    with pytest.raises(ValueError, match="out of range"):
+        ctx.encode_context(np.full((2, 3, 4), 10**6, dtype=np.int32), None)
+    with pytest.raises(TypeError, match="encoder_input_ids"):
+        ctx.encode_context(ids.astype(np.float32), None)
+    ctx.encode_context(ids, None)
+    assert ctx.context_length == 12

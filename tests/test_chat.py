@@ -12,7 +12,6 @@ import sys
 
 import numpy as np
 import pytest
-from cepe_reference import make_reference
 from conftest import TEXT, write_chat_tokenizer
 
 import cepe
@@ -20,6 +19,7 @@ from cepe.batching import ParamError, Row, checked_settings, decode_batch
 from cepe.chat import run_chat
 from cepe.completions import context_from, embed
 from cepe.sampling import SamplingSettings
+from cepe.testing.reference import make_reference
 
 
 @pytest.fixture(scope="module")

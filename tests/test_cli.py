@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -12,10 +13,10 @@ import sys
 
 import numpy as np
 import pytest
-from cepe_reference import make_reference
 from conftest import TEXT, write_tokenizer
 
 import cepe
+from cepe.testing.reference import make_reference
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,51 @@ def test_info(text_dir):
     out = ok_json("info", text_dir)
     assert out["model"]["hidden_size"] == 48 and out["backends"]["cpu"]["available"]
     assert "Tokenizer" in out["model"]["tokenizer"]
+
+
+def test_info_reads_as_text(text_dir, cepe_dir):
+    r = run("info", text_dir)
+    assert r.returncode == 0, r.stderr
+    c = cepe.load(text_dir).config
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"cepe {cepe.__version__}" and lines[1] == "backends:"
+    assert lines[2].startswith("  cpu   available: ")
+    assert f"model: {text_dir}" in lines
+    assert (
+        f"  decoder     llama, {c.num_hidden_layers} layers, hidden {c.hidden_size}, MLP {c.intermediate_size}, "
+        f"{c.num_attention_heads} heads ({c.num_key_value_heads} KV) of {c.head_dim}"
+    ) in lines
+    assert any(ln.startswith("  CEPE        no (a plain decoder") for ln in lines)
+    assert "{" not in r.stdout  # no dict reprs
+    cfg = cepe.load(cepe_dir).config
+    out = run("info", cepe_dir).stdout
+    assert (
+        f"  CEPE        encoder of {cfg.encoder.num_hidden_layers} layers (hidden {cfg.encoder_hidden_size}), "
+        f"cross-attention in the last {cfg.num_cross_attn_layers} layers"
+    ) in out.splitlines()
+
+
+@pytest.mark.skipif(not importlib.import_module("cepe.pull").is_pulled(), reason="the default model is not pulled")
+def test_rag_with_the_default_model(tmp_path):
+    """`cepe rag` without --model: the default (plain) model, no encoder, k clamped with a notice,
+    one passage per one-line fact."""
+    facts = tmp_path / "facts.txt"
+    facts.write_text(
+        "Paris is the capital of France.\nThe Nile is a river in Africa.\n"
+        "Mount Everest is the highest mountain on Earth.\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "cepe", "rag", "What is the capital of France?", "--corpus", str(facts), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "cepe: warning: 10 passages asked for, but the corpus has 3: using them all" in r.stderr
+    out = json.loads(r.stdout)
+    assert out["in_encoder"] == [] and len(out["in_decoder"]) == 3
+    assert out["in_decoder"][0] == "Paris is the capital of France."
+    assert "Paris" in out["answer"]
 
 
 def test_generate_text_and_ids(text_dir):
@@ -219,8 +265,11 @@ def test_rag_errors(cepe_dir, tmp_path):
     assert r.returncode == 2 and "the corpus is empty" in r.stderr
     small = tmp_path / "small.txt"
     small.write_text("one passage\ntwo passages\n")
-    r = run("rag", "q?", "--model", cepe_dir, "--corpus", str(small), "--one-per-line")
-    assert r.returncode == 2 and "larger than the corpus" in r.stderr
+    r = run("rag", "q?", "--model", cepe_dir, "--corpus", str(small), "--one-per-line", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "cepe: warning: 20 passages asked for, but the corpus has 2: using them all" in r.stderr
+    out = json.loads(r.stdout)
+    assert sorted(out["in_decoder"] + out["in_encoder"]) == ["one passage", "two passages"]
 
 
 def last_line_error(r: subprocess.CompletedProcess) -> str:

@@ -1,5 +1,5 @@
 """Every op of the backend table (csrc/backend.h) on a device backend against
-the CPU table, through the test-only op bindings (tests/ops_ext/, backend=...): forward ops,
+the CPU table, through cepe.ops and the test helpers over it (tests/ops_ext/, backend=...): forward ops,
 backward ops, losses, the optimizer ops and the bf16 ops, on random inputs
 of odd sizes. The reference is always the CPU table run on the same inputs
 (tests/test_ops.py checks the CPU table itself against PyTorch).

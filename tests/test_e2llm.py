@@ -1,4 +1,4 @@
-"""E2-LLM training positions (csrc/e2llm.c via cepe.rope.e2llm_positions):
+"""E2-LLM training positions (csrc/rope/e2llm.c via cepe.rope.e2llm_positions):
 the shape of each window, the ranges and uniformity of the scale g and the
 offset t, reproducibility, and argument errors."""
 

@@ -9,10 +9,10 @@ import threading
 import numpy as np
 import pytest
 import torch
-from cepe_reference import make_reference
 from conftest import hf_logits
 
 import cepe
+from cepe.testing.reference import make_reference
 
 TOL = 1e-4
 

@@ -1,5 +1,5 @@
 """cepe.attach_encoder and CEPE head directories, against a PyTorch oracle written from the spec
-(tests/cepe_reference.py): the encoder is the decoder's first layers run bidirectionally, and
+(cepe.testing.reference): the encoder is the decoder's first layers run bidirectionally, and
 cross-attention is initialised as the reference's train.py init_mode (spec CEPE.md §3)."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import os
 import numpy as np
 import pytest
 import torch
-from cepe_reference import CepeReference
 from conftest import build_hf_model, save_model
 from transformers import LlamaConfig
 
 import cepe
 import cepe_c
+from cepe.testing.reference import CepeReference
 
 DEC = dict(
     vocab_size=101,

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cepe_reference import make_reference
 from conftest import write_tokenizer
 
 import cepe
+from cepe.testing.reference import make_reference
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, event, given, settings  # noqa: E402

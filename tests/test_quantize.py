@@ -13,8 +13,9 @@ import shutil
 
 import numpy as np
 import pytest
-from cepe_reference import make_reference
 from conftest import TEXT, build_hf_model, hf_logits
+
+from cepe.testing.reference import make_reference
 
 gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")

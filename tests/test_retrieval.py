@@ -145,6 +145,48 @@ class FakeModel:
         return " Paris\n"
 
 
+class PlainModel(FakeModel):
+    class config:  # noqa: N801
+        is_cepe = False
+
+
+def test_bm25_query_without_words_scores_zero():
+    r = BM25Retriever(CORPUS)
+    assert [p.index for p in r("q?", 3)] == [0, 1, 2] and all(p.score == 0 for p in r("?!", 3))
+
+
+def test_rag_clamps_k_to_the_corpus_with_a_warning():
+    model = FakeModel()
+    with pytest.warns(UserWarning, match=f"20 passages asked for, but the corpus has {len(CORPUS)}: using them all"):
+        out = rag.answer("Where is the Eiffel Tower?", CORPUS, model=model)  # 10 + 10 by default
+    ranked = BM25Retriever(CORPUS)("Where is the Eiffel Tower?", k=len(CORPUS))
+    assert [p.text for p in out.in_decoder + out.in_encoder] == [p.text for p in ranked]
+
+
+def test_rag_without_cepe_puts_nothing_in_an_encoder():
+    model = PlainModel()
+    out = rag.answer("Where is the Eiffel Tower?", CORPUS, in_decoder=2, model=model)
+    assert out.in_encoder == [] and model.calls[0]["contexts"] is None
+    assert [p.text for p in out.in_decoder] == [p.text for p in BM25Retriever(CORPUS)("Where is the Eiffel Tower?", 2)]
+
+
+def test_split_passages_keeps_one_line_facts_apart():
+    facts = "Paris is the capital of France.\nThe Nile is a river in Africa.\n\nMount Everest is the highest mountain."
+    # blank lines present: paragraphs are the units, so the first two lines form one passage
+    assert split_passages(facts) == [
+        "Paris is the capital of France. The Nile is a river in Africa.",
+        "Mount Everest is the highest mountain.",
+    ]
+    lines = facts.replace("\n\n", "\n")  # no blank line: one fact a line
+    assert split_passages(lines) == [ln for ln in lines.splitlines()]
+    long_para = " ".join(f"w{i}" for i in range(15)) + "\n\nshort one"
+    assert split_passages(long_para, words=10) == [
+        " ".join(f"w{i}" for i in range(10)),
+        " ".join(f"w{i}" for i in range(5, 15)),
+        "short one",
+    ]
+
+
 def test_rag_protocol_top_in_decoder_next_in_encoder():
     model = FakeModel()
     out = rag.answer("Where is the Eiffel Tower?", CORPUS, in_decoder=2, in_encoder=3, model=model)
@@ -167,5 +209,5 @@ def test_rag_errors():
         rag.answer("  ", CORPUS, model=FakeModel())
     with pytest.raises(ValueError, match="the corpus is empty"):
         rag.answer("q", [], model=FakeModel())
-    with pytest.raises(ValueError, match="larger than the corpus"):
-        rag.answer("q", CORPUS, in_decoder=5, in_encoder=5, model=FakeModel())
+    with pytest.raises(ValueError, match="in_encoder > 0 needs a CEPE model"):
+        rag.answer("q", CORPUS, in_encoder=1, model=PlainModel())

@@ -22,11 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from cepe_reference import make_reference
 from conftest import TEXT, write_chat_tokenizer
 
 import cepe
 from cepe.completions import Limits, context_from, embed
+from cepe.testing.reference import make_reference
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")

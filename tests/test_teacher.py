@@ -1,7 +1,7 @@
 """cepe.teacher / `cepe teacher`: the CEPED teacher tables (spec CEPE.md §6.4, the reference's
 data/calculate_logits.py), checked against transformers' logits of the whole window, then fed
 to `cepe train` with kl_loss_cof > 0. The teacher is a tiny random LlamaForCausalLM (conftest),
-and the student is a tiny CEPE model (tests/cepe_reference.py) that shares its vocabulary."""
+and the student is a tiny CEPE model (cepe.testing.reference) that shares its vocabulary."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from cepe_reference import make_reference
 
 import cepe
 import cepe.teacher as ct
 from cepe.teacher import teacher_tables, top_k_table
+from cepe.testing.reference import make_reference
 from cepe.train_run import load_config
 
 V = 101  # make_reference's decoder vocabulary; the teacher's too

@@ -7,12 +7,12 @@ import shutil
 
 import numpy as np
 import pytest
-from cepe_reference import make_reference
 from conftest import TEXT, write_tokenizer
 
 import cepe
 from cepe.chunking import chunk_long_context, chunk_passages
 from cepe.sampling import TEXT_DEFAULTS
+from cepe.testing.reference import make_reference
 
 
 @pytest.fixture(scope="module")

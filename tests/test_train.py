@@ -1,6 +1,6 @@
-"""Training in the C core (issue 5): the optimizer pieces against PyTorch
+"""Training in the C core: the optimizer pieces against PyTorch
 (AdamW, clip_grad_norm_, HF's cosine schedule), the CEPE backward against
-torch autograd on the oracle of tests/cepe_reference.py, and cepe.Trainer
+torch autograd on the oracle of cepe.testing.reference, and cepe.Trainer
 against a torch training loop from the same weights."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import cepe_c
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-from cepe_reference import CepeReference, make_reference  # noqa: E402 (needs torch)
+from cepe.testing.reference import CepeReference, make_reference  # noqa: E402 (needs torch)
 
 
 def rel(got, want) -> float:

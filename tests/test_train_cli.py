@@ -1,6 +1,6 @@
-"""`cepe train --config FILE` (issue 5): the warmup and stage-2 recipes from .npy token files, JSON
+"""`cepe train --config FILE`: the warmup and stage-2 recipes from .npy token files, JSON
 and TOML configs, the per-stage defaults, checkpoints, the JSONL log, resume, and clear errors
-(exit status 2, the key named) for bad configs. Tiny random CEPE models from tests/cepe_reference.py."""
+(exit status 2, the key named) for bad configs. Tiny random CEPE models from cepe.testing.reference."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import sys
 
 import numpy as np
 import pytest
-from cepe_reference import make_reference
 
 import cepe
 from cepe.errors import ConfigError
+from cepe.testing.reference import make_reference
 from cepe.train_run import STAGE_DEFAULTS, Data, load_config, open_data, parse_config
 
 DEC_V, ENC_V = 101, 103  # make_reference's vocabularies

@@ -1,4 +1,4 @@
-"""Issue 5's acceptance: the warmup (copy) stage on a tiny model drives the loss on text the encoder
+"""The training acceptance test: the warmup (copy) stage on a tiny model drives the loss on text the encoder
 has seen far below the no-context loss — the cross-attention learns to use the context.
 
 End to end through `cepe train`: a tiny random-init CEPE model whose frozen decoder cannot predict
@@ -25,8 +25,9 @@ import pytest
 import cepe
 
 torch = pytest.importorskip("torch")
-from cepe_reference import CepeReference  # noqa: E402 (needs torch)
 from transformers import LlamaConfig  # noqa: E402
+
+from cepe.testing.reference import CepeReference  # noqa: E402 (needs torch)
 
 V = 64  # token ids 3..63 are drawn
 T, N_CTX = 16, 4  # decoder window; the encoder reads it as 4 chunks of 4

@@ -5,10 +5,10 @@
 void block_kv(const cepe_model *m, const layer_weights *w, const cepe_config *c, const float *x,
               const block_scratch *s, int N, const rope_state *rope, int nt) {
     const cepe_backend *be = m->be;
-    const int d = c->hidden_size, kvd = c->n_kv_heads * c->head_dim;
+    const int d = c->hidden_size;
     be->rmsnorm(be, s->xn, x, w->attn_norm, N, d, c->rms_norm_eps, nt);
-    model_matmul(m, s->k, s->xn, w->wk, N, d, kvd, 0);
-    model_matmul(m, s->v, s->xn, w->wv, N, d, kvd, 0);
+    model_matmul(m, s->qwork, s->k, s->xn, &w->wk, N, 0);
+    model_matmul(m, s->qwork, s->v, s->xn, &w->wv, N, 0);
     be->rope(be, s->k, s->cos_t, s->sin_t, N, c->n_kv_heads, c->head_dim, rope->half,
              rope->rc.layout == CEPE_ROPE_INTERLEAVED, nt);
 }
@@ -16,7 +16,7 @@ void block_kv(const cepe_model *m, const layer_weights *w, const cepe_config *c,
 void block_q(const cepe_model *m, const layer_weights *w, const cepe_config *c, const block_scratch *s, int N,
              const rope_state *rope, int nt) {
     const cepe_backend *be = m->be;
-    model_matmul(m, s->q, s->xn, w->wq, N, c->hidden_size, c->n_heads * c->head_dim, 0);
+    model_matmul(m, s->qwork, s->q, s->xn, &w->wq, N, 0);
     be->rope(be, s->q, s->cos_t, s->sin_t, N, c->n_heads, c->head_dim, rope->half,
              rope->rc.layout == CEPE_ROPE_INTERLEAVED, nt);
 }
@@ -32,8 +32,8 @@ void block_mlp(const cepe_model *m, const layer_weights *w, const cepe_config *c
     const cepe_backend *be = m->be;
     const int d = c->hidden_size, ff = c->intermediate_size;
     be->rmsnorm(be, s->xn, x, w->ffn_norm, N, d, c->rms_norm_eps, nt);
-    model_matmul(m, s->gate, s->xn, w->w_gate, N, d, ff, 0);
-    model_matmul(m, s->up, s->xn, w->w_up, N, d, ff, 0);
+    model_matmul(m, s->qwork, s->gate, s->xn, &w->w_gate, N, 0);
+    model_matmul(m, s->qwork, s->up, s->xn, &w->w_up, N, 0);
     be->swiglu(be, s->gate, s->gate, s->up, (long)N * ff, nt);
-    model_matmul(m, x, s->gate, w->w_down, N, ff, d, 1); /* x += down(silu(gate) * up) */
+    model_matmul(m, s->qwork, x, s->gate, &w->w_down, N, 1); /* x += down(silu(gate) * up) */
 }

@@ -1,5 +1,6 @@
 /* ctx.c — per-request state: the KV cache and every scratch buffer, sized
  * once here so the per-token loop never allocates. */
+#include <math.h>
 #include <string.h>
 
 #include "../common.h"
@@ -36,11 +37,11 @@ cepe_status cepe_ctx_create(const cepe_model *m, int batch, int capacity, cepe_c
                                        kvd * sizeof(float));
     if (cache == SIZE_MAX) goto oom;
     /* [dev] buffers come from the backend, [host] ones from the heap */
-#define DEV(field, count, type)                                                   \
-    x->field = be->alloc(be, cepe_mul_size((size_t)(count), sizeof(type))); \
+#define DEV(field, count, type)                                                                              \
+    x->field = be->alloc(be, cepe_mul_size((size_t)(count), sizeof(type)));                                  \
     if (!x->field) goto oom
-#define HOST(field, count, type)                                 \
-    x->field = cepe_calloc(cepe_mul_size((size_t)(count), 1), sizeof(type)); \
+#define HOST(field, count, type)                                                                             \
+    x->field = cepe_calloc(cepe_mul_size((size_t)(count), 1), sizeof(type));                                 \
     if (!x->field) goto oom
     DEV(k_cache, cache / sizeof(float), float);
     DEV(v_cache, cache / sizeof(float), float);
@@ -68,6 +69,9 @@ cepe_status cepe_ctx_create(const cepe_model *m, int batch, int capacity, cepe_c
     DEV(last_logits, (size_t)batch * (size_t)c->vocab_size, float);
     HOST(last_logits_h, (size_t)batch * (size_t)c->vocab_size, float);
     HOST(step_ids, batch, int32_t);
+    if (m->qwork_size) {
+        HOST(qwork, m->qwork_size, unsigned char);
+    }
 #undef DEV
 #undef HOST
     if (cepe_ctx_reset_checked(x)) goto fail;
@@ -75,8 +79,8 @@ cepe_status cepe_ctx_create(const cepe_model *m, int batch, int capacity, cepe_c
     return CEPE_OK;
 oom:
     cepe_ctx_free(x);
-    return cepe_fail(CEPE_ERR_OUT_OF_MEMORY,
-                     "out of memory allocating a context for batch %d x %d tokens", batch, capacity);
+    return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory allocating a context for batch %d x %d tokens",
+                     batch, capacity);
 fail:
     {
         const cepe_status st = backend_check(be);
@@ -88,12 +92,36 @@ fail:
 void cepe_ctx_free(cepe_ctx *x) {
     if (!x) return;
     const cepe_backend *be = x->m->be;
-    void *dev[] = {x->inv_freq, x->k_cache, x->v_cache, x->valid, x->ids, x->pos, x->cos_t, x->sin_t, x->x,
-                   x->xn, x->q, x->k, x->v, x->att, x->gate, x->up, x->last_hidden, x->last_logits, x->logits_d,
-                   x->ctx_mask, x->cross_k, x->cross_v, x->ctx_states_own, x->nll_logits, x->nll_loss,
-                   x->nll_targets, x->nll_x};
-    void *host[] = {x->valid_h, x->next_pos, x->saved_pos, x->ids_h, x->pos_h, x->inv_freq_h, x->last_logits_h,
-                    x->step_ids, x->nll_targets_h, x->nll_loss_h, x->nll_rows_h};
+    void *dev[] = {x->inv_freq,
+                   x->k_cache,
+                   x->v_cache,
+                   x->valid,
+                   x->ids,
+                   x->pos,
+                   x->cos_t,
+                   x->sin_t,
+                   x->x,
+                   x->xn,
+                   x->q,
+                   x->k,
+                   x->v,
+                   x->att,
+                   x->gate,
+                   x->up,
+                   x->last_hidden,
+                   x->last_logits,
+                   x->logits_d,
+                   x->ctx_mask,
+                   x->cross_k,
+                   x->cross_v,
+                   x->ctx_states_own,
+                   x->nll_logits,
+                   x->nll_loss,
+                   x->nll_targets,
+                   x->nll_x};
+    void *host[] = {x->valid_h,       x->next_pos,   x->saved_pos,     x->ids_h,
+                    x->pos_h,         x->inv_freq_h, x->last_logits_h, x->step_ids,
+                    x->nll_targets_h, x->nll_loss_h, x->nll_rows_h,    x->qwork};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) be->free(be, dev[i]);
     for (size_t i = 0; i < sizeof host / sizeof host[0]; i++) cepe_free(host[i]);
     cepe_free(x);
@@ -127,20 +155,22 @@ static void drop_context(cepe_ctx *x) {
     x->cross_kept = 0;
 }
 
-cepe_status cepe_ctx_set_context(cepe_ctx *x, const float *states, const uint8_t *mask, int N, int keep_kv) {
-    if (!x) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_ctx_set_context: NULL context");
-    drop_context(x);
-    if (N == 0) return CEPE_OK;
+/* Attaches N context tokens per row whose states are either on the host
+ * (states) or already in a backend buffer this context now owns (owned, from
+ * cepe_ctx_encode_context). Any previous context is dropped first. */
+static cepe_status attach_context(cepe_ctx *x, const float *states, float *owned, const uint8_t *mask, int N,
+                                  int keep_kv) {
     const cepe_model *m = x->m;
     const cepe_config *c = &m->cfg;
-    if (N < 0 || !states) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_ctx_set_context: bad context (N=%d)", N);
-    if (c->n_cross_layers == 0)
-        return cepe_fail(CEPE_ERR_STATE, "this model has no cross-attention layers: it cannot take a context");
     const cepe_backend *be = m->be;
+    drop_context(x);
+    x->ctx_states_own = owned;
     const size_t kvd = (size_t)c->n_kv_heads * c->head_dim;
     const size_t rows = (size_t)x->B * (size_t)N;
-    if (rows > INT32_MAX)
+    if (rows > INT32_MAX) {
+        drop_context(x);
         return cepe_fail(CEPE_ERR_INVALID_ARG, "context too large: %d rows x %d tokens", x->B, N);
+    }
     const size_t layers = keep_kv ? (size_t)c->n_cross_layers : 1;
     x->ctx_mask = be->alloc(be, rows);
     x->cross_k = be->alloc(be, cepe_mul_size(cepe_mul_size(layers, rows), kvd * sizeof(float)));
@@ -158,9 +188,9 @@ cepe_status cepe_ctx_set_context(cepe_ctx *x, const float *states, const uint8_t
         bad |= be->fill(be, x->ctx_mask, 1, rows);
     x->ctx_N = N;
     x->cross_kept = keep_kv != 0;
-    const float *dev_states = states; /* the states where the ops can read them */
+    const float *dev_states = owned ? owned : states; /* the states where the ops can read them */
     const size_t state_bytes = cepe_mul_size(rows, (size_t)c->encoder_hidden_size * sizeof(float));
-    if (be->device) { /* kept K/V: a temporary device copy; recomputed: one for the request */
+    if (be->device && !owned) { /* kept K/V: a temporary device copy; recomputed: one for the request */
         x->ctx_states_own = state_bytes == SIZE_MAX ? NULL : be->alloc(be, state_bytes);
         if (!x->ctx_states_own) {
             drop_context(x);
@@ -174,16 +204,14 @@ cepe_status cepe_ctx_set_context(cepe_ctx *x, const float *states, const uint8_t
         for (int l = m->first_cross; l < c->n_layers && !bad; l++) {
             const layer_weights *w = &m->w.layers[l];
             const size_t off = (size_t)(l - m->first_cross) * rows * kvd;
-            bad |= model_matmul(m, x->cross_k + off, dev_states, w->cross_wk, (int)rows, c->encoder_hidden_size,
-                              (int)kvd, 0);
-            bad |= model_matmul(m, x->cross_v + off, dev_states, w->cross_wv, (int)rows, c->encoder_hidden_size,
-                              (int)kvd, 0);
+            bad |= model_matmul(m, x->qwork, x->cross_k + off, dev_states, &w->cross_wk, (int)rows, 0);
+            bad |= model_matmul(m, x->qwork, x->cross_v + off, dev_states, &w->cross_wv, (int)rows, 0);
         }
         x->ctx_states = NULL; /* never read again: the caller may free them */
     }
     cepe_status st = backend_check(be);
     if (!st && bad) st = cepe_fail(CEPE_ERR_BACKEND, "%s backend: setting the context failed", be->name);
-    if (keep_kv && be->device && !st) { /* the K/V are made: the device copy of the states can go */
+    if (keep_kv && x->ctx_states_own && !st) { /* the K/V are made: the owned states can go */
         be->free(be, x->ctx_states_own);
         x->ctx_states_own = NULL;
     }
@@ -191,8 +219,136 @@ cepe_status cepe_ctx_set_context(cepe_ctx *x, const float *states, const uint8_t
     return st;
 }
 
+cepe_status cepe_ctx_set_context(cepe_ctx *x, const float *states, const uint8_t *mask, int N, int keep_kv) {
+    if (!x) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_ctx_set_context: NULL context");
+    if (N == 0) {
+        drop_context(x);
+        return CEPE_OK;
+    }
+    if (N < 0 || !states)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_ctx_set_context: bad context (N=%d)", N);
+    if (x->m->cfg.n_cross_layers == 0)
+        return cepe_fail(CEPE_ERR_STATE,
+                         "this model has no cross-attention layers: it cannot take a context");
+    return attach_context(x, states, NULL, mask, N, keep_kv);
+}
+
+cepe_status cepe_ctx_encode_context(cepe_ctx *x, const int32_t *ids, const uint8_t *mask, int n_chunks, int L,
+                                    int keep_kv) {
+    if (!x || !ids) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_ctx_encode_context: NULL argument");
+    const cepe_model *m = x->m;
+    if (m->cfg.n_cross_layers == 0)
+        return cepe_fail(CEPE_ERR_STATE,
+                         "this model has no cross-attention layers: it cannot take a context");
+    if (n_chunks < 1 || L < 1 || (long)n_chunks * L > INT32_MAX)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_ctx_encode_context: bad context shape %d x %d", n_chunks,
+                         L);
+    const long rows_per_batch = (long)n_chunks * L;
+    if ((long)x->B * n_chunks > INT32_MAX)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "context too large: %d rows x %d chunks", x->B, n_chunks);
+    drop_context(x); /* the old context's memory goes before the new states are made */
+    const cepe_backend *be = m->be;
+    const size_t bytes = cepe_mul_size(cepe_mul_size((size_t)x->B, (size_t)rows_per_batch),
+                                       (size_t)m->enc_cfg.hidden_size * sizeof(float));
+    float *states = bytes == SIZE_MAX ? NULL : be->alloc(be, bytes);
+    if (!states)
+        return cepe_fail(CEPE_ERR_OUT_OF_MEMORY,
+                         "out of %s memory for the encoder states of %ld context tokens x %d rows", be->name,
+                         rows_per_batch, x->B);
+    cepe_status st = model_encode_into(m, ids, mask, x->B * n_chunks, L, states, 1, x);
+    if (!st && !be->device) { /* on the host the states are cheap to check; on a device a non-finite
+                               * state surfaces in the logits the caller checks */
+        const size_t n = bytes / sizeof(float);
+        float sum = 0.0f;
+        for (size_t i = 0; i < n; i++) sum += states[i]; /* final-normed: the sum cannot overflow by itself */
+        if (!isfinite(sum))
+            st = cepe_fail(CEPE_ERR_NUMERIC,
+                           "the encoder overflowed float32: its states of encoder_input_ids are not "
+                           "finite (NaN or inf); check the encoder's weights");
+    }
+    if (st) {
+        be->free(be, states);
+        return st;
+    }
+    return attach_context(x, NULL, states, mask, (int)rows_per_batch, keep_kv);
+}
+
 void cepe_ctx_set_rope_length(cepe_ctx *x, int seq_len) {
     if (x) x->rope_len_hint = seq_len > 0 ? seq_len : 0;
+}
+
+void cepe_ctx_state_sizes(const cepe_ctx *x, int *n_layers, int *kv_dim, int *rope_half) {
+    const cepe_config *c = &x->m->cfg;
+    *n_layers = c->n_layers;
+    *kv_dim = c->n_kv_heads * c->head_dim;
+    *rope_half = x->m->rope.half;
+}
+
+/* Moves the first len positions of every (layer, row) block of the KV cache
+ * between the context's memory and (n_layers, B, len, kvd) host arrays. */
+static int copy_kv(cepe_ctx *x, float *k, float *v, int len, int to_host) {
+    const cepe_backend *be = x->m->be;
+    const size_t kvd = (size_t)x->m->cfg.n_kv_heads * (size_t)x->m->cfg.head_dim;
+    const size_t rows = (size_t)x->m->cfg.n_layers * (size_t)x->B, bytes = (size_t)len * kvd * sizeof(float);
+    for (size_t r = 0; r < rows && bytes; r++) {
+        float *kc = x->k_cache + r * (size_t)x->cap * kvd, *vc = x->v_cache + r * (size_t)x->cap * kvd;
+        float *kh = k + r * (size_t)len * kvd, *vh = v + r * (size_t)len * kvd;
+        if (to_host ? be->download(be, kh, kc, bytes) || be->download(be, vh, vc, bytes)
+                    : be->upload(be, kc, kh, bytes) || be->upload(be, vc, vh, bytes))
+            return -1;
+    }
+    return 0;
+}
+
+cepe_status cepe_ctx_save(const cepe_ctx *c, cepe_ctx_state *st) {
+    if (!c || !st) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_ctx_save: NULL argument");
+    cepe_ctx *x = (cepe_ctx *)c; /* copy_kv only reads through it */
+    const cepe_backend *be = x->m->be;
+    if (st->len != x->len)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_ctx_save: the state holds %d tokens, the cache %d",
+                         st->len, x->len);
+    if (copy_kv(x, st->k, st->v, x->len, 1)) return backend_fail(be);
+    for (int b = 0; b < x->B; b++)
+        if (x->len && be->download(be, st->valid + (size_t)b * x->len, x->valid + (size_t)b * x->cap, x->len))
+            return backend_fail(be);
+    memcpy(st->next_pos, x->next_pos, sizeof(double) * (size_t)x->B);
+    memcpy(st->inv_freq, x->inv_freq_h, sizeof(float) * (size_t)x->m->rope.half);
+    memcpy(st->last_logits, x->last_logits_h, sizeof(float) * (size_t)x->B * (size_t)x->m->cfg.vocab_size);
+    st->rope_mscale = x->rope_mscale;
+    st->rope_cached_len = x->rope_cached_len;
+    st->rope_len_hint = x->rope_len_hint;
+    st->has_logits = x->has_logits;
+    return backend_check(be);
+}
+
+cepe_status cepe_ctx_load(cepe_ctx *x, const cepe_ctx_state *st) {
+    if (!x || !st) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_ctx_load: NULL argument");
+    if (st->len < 0 || st->len > x->cap)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "a cache of %d tokens does not fit the capacity %d", st->len,
+                         x->cap);
+    const cepe_backend *be = x->m->be;
+    x->len = 0; /* empty until every copy has succeeded */
+    x->has_logits = 0;
+    if (copy_kv(x, st->k, st->v, st->len, 0)) return backend_fail(be);
+    memset(x->valid_h, 0, (size_t)x->B * (size_t)x->cap);
+    for (int b = 0; b < x->B; b++)
+        memcpy(x->valid_h + (size_t)b * x->cap, st->valid + (size_t)b * st->len, (size_t)st->len);
+    const size_t half = (size_t)x->m->rope.half, logits = (size_t)x->B * (size_t)x->m->cfg.vocab_size;
+    memcpy(x->inv_freq_h, st->inv_freq, sizeof(float) * half);
+    memcpy(x->last_logits_h, st->last_logits, sizeof(float) * logits);
+    if (be->upload(be, x->valid, x->valid_h, (size_t)x->B * (size_t)x->cap) ||
+        be->upload(be, x->inv_freq, x->inv_freq_h, sizeof(float) * half) ||
+        be->upload(be, x->last_logits, x->last_logits_h, sizeof(float) * logits))
+        return backend_fail(be);
+    cepe_status s = backend_check(be);
+    if (s) return s;
+    memcpy(x->next_pos, st->next_pos, sizeof(double) * (size_t)x->B);
+    x->rope_mscale = st->rope_mscale;
+    x->rope_cached_len = st->rope_cached_len;
+    x->rope_len_hint = st->rope_len_hint;
+    x->has_logits = st->has_logits != 0;
+    x->len = st->len;
+    return CEPE_OK;
 }
 
 int cepe_ctx_context_length(const cepe_ctx *x) { return x ? x->ctx_N : 0; }

@@ -7,14 +7,8 @@
 #include <string.h>
 
 #include "../common.h"
-#include "../ops/ops_backward.h" /* CEPE_IGNORE_INDEX */
+#include "../ops/ops.h" /* CEPE_IGNORE_INDEX */
 #include "model.h"
-
-/* The backend's error, or a generic one when it reported none. */
-static cepe_status backend_fail(const cepe_backend *be) {
-    const cepe_status st = backend_check(be);
-    return st ? st : cepe_fail(CEPE_ERR_BACKEND, "%s backend: an op failed", be->name);
-}
 
 static int interrupted(cepe_ctx *x) { return atomic_load_explicit(&x->interrupt, memory_order_relaxed); }
 
@@ -23,8 +17,8 @@ static int nt_of(const cepe_ctx *x) { return x->m->n_threads; }
 /* One chunk of the call while it runs through a layer: B rows of c tokens,
  * laid out (B, c, ·), with `len` tokens already in the cache before them. */
 typedef struct {
-    float *x;                   /* (B*c, d) residual stream */
-    float *cos_t, *sin_t;       /* (B*c, rope half) */
+    float *x;             /* (B*c, d) residual stream */
+    float *cos_t, *sin_t; /* (B*c, rope half) */
     int c, len;
 } chunk_view;
 
@@ -41,8 +35,8 @@ static void cross_kv(cepe_ctx *x, int l, const float **kc, const float **vc) {
         *vc = x->cross_v + (long)(l - m->first_cross) * ctx_rows * kvd;
         return;
     }
-    model_matmul(m, x->cross_k, x->ctx_states, w->cross_wk, (int)ctx_rows, cfg->encoder_hidden_size, kvd, 0);
-    model_matmul(m, x->cross_v, x->ctx_states, w->cross_wv, (int)ctx_rows, cfg->encoder_hidden_size, kvd, 0);
+    model_matmul(m, x->qwork, x->cross_k, x->ctx_states, &w->cross_wk, (int)ctx_rows, 0);
+    model_matmul(m, x->qwork, x->cross_v, x->ctx_states, &w->cross_wv, (int)ctx_rows, 0);
     *kc = x->cross_k;
     *vc = x->cross_v;
 }
@@ -58,15 +52,26 @@ static void cross_attention(cepe_ctx *x, int l, const chunk_view *cv, const floa
     const int B = x->B, c = cv->c, N = B * c, d = cfg->hidden_size, hd = cfg->head_dim;
     const int qd = cfg->n_heads * hd, kvd = cfg->n_kv_heads * hd, nt = m->n_threads;
     const attention_shape shape = {
-        .B = B, .Tq = c, .Tk = x->ctx_N, .H = cfg->n_heads, .KVH = cfg->n_kv_heads, .hd = hd,
-        .q_rstride = qd, .q_bstride = (long)c * qd,
-        .kv_rstride = kvd, .kv_bstride = (long)x->ctx_N * kvd, .valid_bstride = x->ctx_N,
-        .causal = 0, .q_offset = 0, .window = 0, .scale = 1.0f / sqrtf((float)hd),
+        .B = B,
+        .Tq = c,
+        .Tk = x->ctx_N,
+        .H = cfg->n_heads,
+        .KVH = cfg->n_kv_heads,
+        .hd = hd,
+        .q_rstride = qd,
+        .q_bstride = (long)c * qd,
+        .kv_rstride = kvd,
+        .kv_bstride = (long)x->ctx_N * kvd,
+        .valid_bstride = x->ctx_N,
+        .causal = 0,
+        .q_offset = 0,
+        .window = 0,
+        .scale = 1.0f / sqrtf((float)hd),
     };
     be->rmsnorm(be, x->xn, cv->x, w->cross_norm, N, d, cfg->rms_norm_eps, nt);
-    model_matmul(m, x->q, x->xn, w->cross_wq, N, d, qd, 0);
+    model_matmul(m, x->qwork, x->q, x->xn, &w->cross_wq, N, 0);
     be->attention(be, x->att, x->q, kc, vc, x->ctx_mask, &shape, nt);
-    model_matmul(m, cv->x, x->att, w->cross_wo, N, qd, d, 1);
+    model_matmul(m, x->qwork, cv->x, x->att, &w->cross_wo, N, 1);
 }
 
 /* Each row's last token moved to rows 0..B-1 of a (B*c, width) buffer, in
@@ -74,7 +79,8 @@ static void cross_attention(cepe_ctx *x, int l, const chunk_view *cv, const floa
  * source lies past every earlier destination. */
 static void keep_last_rows(const cepe_backend *be, float *buf, int B, int c, int width) {
     for (int b = 0; b < B; b++)
-        be->copy(be, buf + (long)b * width, buf + ((long)b * c + c - 1) * width, sizeof(float) * (size_t)width);
+        be->copy(be, buf + (long)b * width, buf + ((long)b * c + c - 1) * width,
+                 sizeof(float) * (size_t)width);
 }
 
 /* Decoder layer l over one chunk: causal self-attention over the cache (the
@@ -97,8 +103,16 @@ static void layer_forward(cepe_ctx *x, int l, const chunk_view *cv, const float 
     const int qd = H * hd, kvd = KVH * hd, nt = m->n_threads;
     const long layer_stride = (long)B * x->cap * kvd;
     float *kc = x->k_cache + l * layer_stride, *vc = x->v_cache + l * layer_stride;
-    const block_scratch s = {.xn = x->xn, .q = x->q, .k = x->k, .v = x->v, .att = x->att,
-                             .gate = x->gate, .up = x->up, .cos_t = cv->cos_t, .sin_t = cv->sin_t};
+    const block_scratch s = {.xn = x->xn,
+                             .q = x->q,
+                             .k = x->k,
+                             .v = x->v,
+                             .att = x->att,
+                             .gate = x->gate,
+                             .up = x->up,
+                             .cos_t = cv->cos_t,
+                             .sin_t = cv->sin_t,
+                             .qwork = x->qwork};
     block_kv(m, w, cfg, cv->x, &s, B * c, &m->rope, nt);
     for (int b = 0; b < B; b++) { /* append this chunk's keys/values */
         const size_t bytes = sizeof(float) * (size_t)c * kvd;
@@ -114,16 +128,27 @@ static void layer_forward(cepe_ctx *x, int l, const chunk_view *cv, const float 
     }
     const int nq = last_only ? 1 : c, N = B * nq; /* query rows per batch row, in all */
     const attention_shape shape = {
-        .B = B, .Tq = nq, .Tk = cv->len + c, .H = H, .KVH = KVH, .hd = hd,
-        .q_rstride = qd, .q_bstride = (long)nq * qd,
-        .kv_rstride = kvd, .kv_bstride = (long)x->cap * kvd, .valid_bstride = x->cap,
-        .causal = 1, .q_offset = cv->len + c - nq, .window = cfg->sliding_window,
+        .B = B,
+        .Tq = nq,
+        .Tk = cv->len + c,
+        .H = H,
+        .KVH = KVH,
+        .hd = hd,
+        .q_rstride = qd,
+        .q_bstride = (long)nq * qd,
+        .kv_rstride = kvd,
+        .kv_bstride = (long)x->cap * kvd,
+        .valid_bstride = x->cap,
+        .causal = 1,
+        .q_offset = cv->len + c - nq,
+        .window = cfg->sliding_window,
         .scale = 1.0f / sqrtf((float)hd),
     };
     block_q(m, w, cfg, &s, N, &m->rope, nt);
     be->attention(be, x->att, x->q, kc, vc, x->valid, &shape, nt);
-    model_matmul(m, cv->x, x->att, w->wo, N, qd, d, 1); /* x += o_proj(att) */
-    const chunk_view qv = {.x = cv->x, .cos_t = cv->cos_t, .sin_t = cv->sin_t, .c = nq, .len = cv->len + c - nq};
+    model_matmul(m, x->qwork, cv->x, x->att, &w->wo, N, 1); /* x += o_proj(att) */
+    const chunk_view qv = {
+        .x = cv->x, .cos_t = cv->cos_t, .sin_t = cv->sin_t, .c = nq, .len = cv->len + c - nq};
     if (ck) cross_attention(x, l, &qv, ck, cv_); /* between self-attention and the MLP */
     block_mlp(m, w, cfg, cv->x, &s, N, nt);
 }
@@ -137,7 +162,7 @@ static cepe_status run_layers(cepe_ctx *x, int c, int last_only) {
     const cepe_config *cfg = &m->cfg;
     const cepe_backend *be = m->be;
     const int N = x->B * c, d = cfg->hidden_size;
-    be->embedding(be, x->x, x->ids, m->w.embed, N, d);
+    model_embedding(m, x->x, x->ids, &m->w.embed, N);
     be->rope_table(be, x->cos_t, x->sin_t, x->pos, x->inv_freq, N, m->rope.half, x->rope_mscale);
     const chunk_view cv = {.x = x->x, .cos_t = x->cos_t, .sin_t = x->sin_t, .c = c, .len = x->len};
     for (int l = 0; l < cfg->n_layers; l++) {
@@ -188,8 +213,8 @@ static int gather_chunk(cepe_ctx *x, const int32_t *ids, const double *positions
  * memory-lean mode that projection costs more than the decoder itself.
  * resid (B·T, d) and cos/sin (B·T, half) hold chunk k at row B·k·chunk, each
  * chunk laid out (B, c, ·) as chunk-major's buffers are. */
-static cepe_status run_layer_major(cepe_ctx *x, const int32_t *ids, const double *positions, const uint8_t *mask,
-                                   int T, float *resid, float *cos_t, float *sin_t) {
+static cepe_status run_layer_major(cepe_ctx *x, const int32_t *ids, const double *positions,
+                                   const uint8_t *mask, int T, float *resid, float *cos_t, float *sin_t) {
     const cepe_model *m = x->m;
     const cepe_config *cfg = &m->cfg;
     const cepe_backend *be = m->be;
@@ -198,7 +223,7 @@ static cepe_status run_layer_major(cepe_ctx *x, const int32_t *ids, const double
         const int c = T - t0 < x->chunk ? T - t0 : x->chunk;
         const long row0 = (long)B * t0;
         if (gather_chunk(x, ids, positions, mask, T, t0, c, x->len + t0)) return CEPE_ERR_BACKEND;
-        be->embedding(be, resid + row0 * d, x->ids, m->w.embed, B * c, d);
+        model_embedding(m, resid + row0 * d, x->ids, &m->w.embed, B * c);
         be->rope_table(be, cos_t + row0 * half, sin_t + row0 * half, x->pos, x->inv_freq, B * c, half,
                        x->rope_mscale);
     }
@@ -207,8 +232,11 @@ static cepe_status run_layer_major(cepe_ctx *x, const int32_t *ids, const double
         if (l >= m->first_cross && x->ctx_N > 0) cross_kv(x, l, &ck, &cvv);
         for (int t0 = 0; t0 < T; t0 += x->chunk) {
             const long row0 = (long)B * t0;
-            const chunk_view cv = {.x = resid + row0 * d, .cos_t = cos_t + row0 * half, .sin_t = sin_t + row0 * half,
-                                   .c = T - t0 < x->chunk ? T - t0 : x->chunk, .len = x->len + t0};
+            const chunk_view cv = {.x = resid + row0 * d,
+                                   .cos_t = cos_t + row0 * half,
+                                   .sin_t = sin_t + row0 * half,
+                                   .c = T - t0 < x->chunk ? T - t0 : x->chunk,
+                                   .len = x->len + t0};
             layer_forward(x, l, &cv, ck, cvv, 0);
             atomic_fetch_add_explicit(&x->progress_done, 1, memory_order_relaxed);
         }
@@ -233,9 +261,9 @@ typedef struct {
 static int flush_nll(cepe_ctx *x, const call_outputs *o, int n) {
     const cepe_model *m = x->m;
     const cepe_backend *be = m->be;
-    const int V = m->cfg.vocab_size, d = m->cfg.hidden_size;
+    const int V = m->cfg.vocab_size;
     int bad = be->upload(be, x->nll_targets, x->nll_targets_h, sizeof(int32_t) * (size_t)n);
-    bad |= model_matmul(m, x->nll_logits, x->nll_x, m->w.lm_head, n, d, V, 0);
+    bad |= model_matmul(m, x->qwork, x->nll_logits, x->nll_x, &m->w.lm_head, n, 0);
     bad |= be->cross_entropy(be, x->nll_loss, NULL, x->nll_logits, x->nll_targets, n, V, 1.0f);
     bad |= be->download(be, x->nll_loss_h, x->nll_loss, sizeof(float) * (size_t)n);
     if (!bad) bad |= backend_check(be) != CEPE_OK; /* a device download may still be queued */
@@ -278,20 +306,20 @@ static int chunk_outputs(cepe_ctx *x, const call_outputs *o, int T, int t0, int 
     if (o->nll) bad |= chunk_nll(x, o, T, t0, c);
     if (all) {
         if (be->device) { /* one GEMM over the chunk's rows, then each row's slice comes back */
-            bad |= model_matmul(m, x->logits_d, x->xn, m->w.lm_head, B * c, d, V, 0);
+            bad |= model_matmul(m, x->qwork, x->logits_d, x->xn, &m->w.lm_head, B * c, 0);
             for (int b = 0; b < B; b++)
                 bad |= be->download(be, o->logits + ((long)b * T + t0) * V, x->logits_d + (long)b * c * V,
                                     sizeof(float) * (size_t)c * V);
         } else { /* straight into the caller's array */
             for (int b = 0; b < B; b++)
-                bad |= model_matmul(m, o->logits + ((long)b * T + t0) * V, x->xn + (long)b * c * d, m->w.lm_head, c,
-                                    d, V, 0);
+                bad |= model_matmul(m, x->qwork, o->logits + ((long)b * T + t0) * V, x->xn + (long)b * c * d,
+                                    &m->w.lm_head, c, 0);
         }
     }
     if (t0 + c == T) { /* last chunk: keep each row's final hidden state and logits */
         for (int b = 0; b < B; b++)
-            bad |= be->copy(be, x->last_hidden + (long)b * d, x->xn + (last_only ? b : (long)b * c + c - 1) * d,
-                            sizeof(float) * d);
+            bad |= be->copy(be, x->last_hidden + (long)b * d,
+                            x->xn + (last_only ? b : (long)b * c + c - 1) * d, sizeof(float) * d);
         if (all && be->device)
             for (int b = 0; b < B; b++)
                 bad |= be->copy(be, x->last_logits + (long)b * V, x->logits_d + ((long)b * c + c - 1) * V,
@@ -301,7 +329,7 @@ static int chunk_outputs(cepe_ctx *x, const call_outputs *o, int T, int t0, int 
                 bad |= be->upload(be, x->last_logits + (long)b * V, o->logits + ((long)b * T + T - 1) * V,
                                   sizeof(float) * V);
         else
-            bad |= model_matmul(m, x->last_logits, x->last_hidden, m->w.lm_head, B, d, V, 0);
+            bad |= model_matmul(m, x->qwork, x->last_logits, x->last_hidden, &m->w.lm_head, B, 0);
         bad |= be->download(be, x->last_logits_h, x->last_logits, sizeof(float) * (size_t)B * V);
     }
     return bad;
@@ -312,7 +340,8 @@ static int call_seq_len(const cepe_ctx *x, const double *positions, const uint8_
     double mx = 0.0;
     for (int b = 0; b < x->B; b++) {
         if (positions) {
-            for (int t = 0; t < T; t++) mx = positions[(long)b * T + t] > mx ? positions[(long)b * T + t] : mx;
+            for (int t = 0; t < T; t++)
+                mx = positions[(long)b * T + t] > mx ? positions[(long)b * T + t] : mx;
             continue;
         }
         int real = 0;
@@ -341,15 +370,16 @@ static cepe_status ensure_output_scratch(cepe_ctx *x, const call_outputs *o) {
         x->nll_loss = be->alloc(be, NLL_ROWS * sizeof(float));
         x->nll_targets_h = cepe_calloc(NLL_ROWS, sizeof(int32_t));
         x->nll_loss_h = cepe_calloc(NLL_ROWS, sizeof(float));
-        if (!x->nll_x || !x->nll_rows_h || !x->nll_logits || !x->nll_targets || !x->nll_loss || !x->nll_targets_h ||
-            !x->nll_loss_h)
-            return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory for %d x %zu scoring logits", NLL_ROWS, V);
+        if (!x->nll_x || !x->nll_rows_h || !x->nll_logits || !x->nll_targets || !x->nll_loss ||
+            !x->nll_targets_h || !x->nll_loss_h)
+            return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory for %d x %zu scoring logits", NLL_ROWS,
+                             V);
     }
     return CEPE_OK;
 }
 
-static cepe_status forward_call(cepe_ctx *x, const int32_t *ids, const double *positions, const uint8_t *mask, int T,
-                                const call_outputs *o) {
+static cepe_status forward_call(cepe_ctx *x, const int32_t *ids, const double *positions, const uint8_t *mask,
+                                int T, const call_outputs *o) {
     if (!x || !ids) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_ctx_forward: NULL argument");
     if (T < 1) return cepe_fail(CEPE_ERR_INVALID_ARG, "input must hold at least one token, got %d", T);
     if (o->mode != CEPE_LOGITS_NONE && !o->logits)
@@ -357,20 +387,20 @@ static cepe_status forward_call(cepe_ctx *x, const int32_t *ids, const double *p
     const cepe_model *m = x->m;
     const int V = m->cfg.vocab_size, d = m->cfg.hidden_size, B = x->B;
     if (T > x->cap - x->len)
-        return cepe_fail(CEPE_ERR_STATE,
-                         "context capacity exceeded: %d cached + %d new tokens > capacity %d", x->len,
-                         T, x->cap);
+        return cepe_fail(CEPE_ERR_STATE, "context capacity exceeded: %d cached + %d new tokens > capacity %d",
+                         x->len, T, x->cap);
     for (long i = 0; i < (long)B * T; i++)
         if (ids[i] < 0 || ids[i] >= V)
             return cepe_fail(CEPE_ERR_INVALID_ARG,
-                             "token id %d at (row %ld, position %ld) is out of range [0, %d)", ids[i],
-                             i / T, i % T, V);
+                             "token id %d at (row %ld, position %ld) is out of range [0, %d)", ids[i], i / T,
+                             i % T, V);
     if (o->nll)
         for (long i = 0; i < (long)B * T; i++)
             if (o->targets[i] != CEPE_IGNORE_INDEX && (o->targets[i] < 0 || o->targets[i] >= V))
-                return cepe_fail(CEPE_ERR_INVALID_ARG,
-                                 "target id %d at (row %ld, position %ld) is out of range [0, %d) (%d: not scored)",
-                                 o->targets[i], i / T, i % T, V, CEPE_IGNORE_INDEX);
+                return cepe_fail(
+                    CEPE_ERR_INVALID_ARG,
+                    "target id %d at (row %ld, position %ld) is out of range [0, %d) (%d: not scored)",
+                    o->targets[i], i / T, i % T, V, CEPE_IGNORE_INDEX);
     if (positions)
         for (long i = 0; i < (long)B * T; i++)
             if (!(positions[i] >= 0.0 && positions[i] < 1e15))
@@ -383,7 +413,8 @@ static cepe_status forward_call(cepe_ctx *x, const int32_t *ids, const double *p
     if (m->rope.length_dependent) { /* dynamic NTK / LongRoPE: the table follows the call's length */
         int seq_len = call_seq_len(x, positions, mask, T);
         seq_len = seq_len > x->rope_len_hint ? seq_len : x->rope_len_hint;
-        cepe_status st = cepe_rope_for_call(&m->rope, seq_len, &x->rope_cached_len, x->inv_freq_h, &x->rope_mscale);
+        cepe_status st =
+            cepe_rope_for_call(&m->rope, seq_len, &x->rope_cached_len, x->inv_freq_h, &x->rope_mscale);
         if (st) return st;
         if (m->be->upload(m->be, x->inv_freq, x->inv_freq_h, sizeof(float) * (size_t)m->rope.half))
             return backend_fail(m->be);
@@ -404,8 +435,8 @@ static cepe_status forward_call(cepe_ctx *x, const int32_t *ids, const double *p
         cos_t = be->alloc(be, cepe_mul_size(rows, half * sizeof(float)));
         sin_t = be->alloc(be, cepe_mul_size(rows, half * sizeof(float)));
         if (!resid || !cos_t || !sin_t)
-            st = cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of %s memory for the residual stream of %d x %d tokens",
-                           be->name, B, T);
+            st = cepe_fail(CEPE_ERR_OUT_OF_MEMORY,
+                           "out of %s memory for the residual stream of %d x %d tokens", be->name, B, T);
         if (!st) st = run_layer_major(x, ids, positions, mask, T, resid, cos_t, sin_t);
         if (st == CEPE_ERR_BACKEND) st = backend_fail(be);
     }
@@ -442,8 +473,8 @@ static cepe_status forward_call(cepe_ctx *x, const int32_t *ids, const double *p
     return CEPE_OK;
 }
 
-cepe_status cepe_ctx_forward(cepe_ctx *x, const int32_t *ids, const double *positions,
-                             const uint8_t *mask, int T, float *logits, cepe_logits_mode mode) {
+cepe_status cepe_ctx_forward(cepe_ctx *x, const int32_t *ids, const double *positions, const uint8_t *mask,
+                             int T, float *logits, cepe_logits_mode mode) {
     if (x) atomic_store(&x->interrupt, 0); /* a new request: forget an old Ctrl-C */
     return cepe_ctx_forward_continue(x, ids, positions, mask, T, logits, mode);
 }
@@ -454,8 +485,8 @@ cepe_status cepe_ctx_forward_continue(cepe_ctx *x, const int32_t *ids, const dou
     return forward_call(x, ids, positions, mask, T, &o);
 }
 
-cepe_status cepe_ctx_forward_nll(cepe_ctx *x, const int32_t *ids, const double *positions, const uint8_t *mask,
-                                 int T, const int32_t *targets, float *nll) {
+cepe_status cepe_ctx_forward_nll(cepe_ctx *x, const int32_t *ids, const double *positions,
+                                 const uint8_t *mask, int T, const int32_t *targets, float *nll) {
     if (!targets || !nll) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_ctx_forward_nll: NULL argument");
     if (x) atomic_store(&x->interrupt, 0);
     const call_outputs o = {.mode = CEPE_LOGITS_NONE, .targets = targets, .nll = nll};

@@ -11,27 +11,27 @@
  * that scratch stays a few MB whatever the context length. */
 #define ENCODE_ROWS 1024
 
-cepe_status cepe_model_encode(const cepe_model *m, const int32_t *ids, const uint8_t *mask, int n_chunks, int L,
-                              float *out) {
-    return model_encode_into(m, ids, mask, n_chunks, L, out, 0);
+cepe_status cepe_model_encode(const cepe_model *m, const int32_t *ids, const uint8_t *mask, int n_chunks,
+                              int L, float *out) {
+    return model_encode_into(m, ids, mask, n_chunks, L, out, 0, NULL);
 }
 
-cepe_status model_encode_into(const cepe_model *m, const int32_t *ids, const uint8_t *mask, int n_chunks, int L,
-                              float *out, int out_on_backend) {
+cepe_status model_encode_into(const cepe_model *m, const int32_t *ids, const uint8_t *mask, int n_chunks,
+                              int L, float *out, int out_on_backend, cepe_ctx *progress) {
     if (!m || !ids || !out) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_model_encode: NULL argument");
     if (!m->finalized) return cepe_fail(CEPE_ERR_STATE, "the model has unbound weights (call finalize)");
     if (!m->has_encoder) return cepe_fail(CEPE_ERR_STATE, "this model has no CEPE encoder");
     if (n_chunks < 1 || L < 1)
-        return cepe_fail(CEPE_ERR_INVALID_ARG, "encoder input must hold at least one chunk of one token, got %d x %d",
-                         n_chunks, L);
+        return cepe_fail(CEPE_ERR_INVALID_ARG,
+                         "encoder input must hold at least one chunk of one token, got %d x %d", n_chunks, L);
     const cepe_config *c = &m->enc_cfg;
     const cepe_backend *be = m->be;
     const long total = (long)n_chunks * L;
     for (long i = 0; i < total; i++)
         if (ids[i] < 0 || ids[i] >= c->vocab_size)
             return cepe_fail(CEPE_ERR_INVALID_ARG,
-                             "encoder token id %d at (chunk %ld, position %ld) is out of range [0, %d)", ids[i],
-                             i / L, i % L, c->vocab_size);
+                             "encoder token id %d at (chunk %ld, position %ld) is out of range [0, %d)",
+                             ids[i], i / L, i % L, c->vocab_size);
 
     const int cb = L >= ENCODE_ROWS ? 1 : (ENCODE_ROWS / L < n_chunks ? ENCODE_ROWS / L : n_chunks);
     const size_t rows = (size_t)cb * (size_t)L;
@@ -54,9 +54,12 @@ cepe_status model_encode_into(const cepe_model *m, const int32_t *ids, const uin
     float *out_d = dev && !out_on_backend ? DEV(rows * d, float) : NULL;
 #undef DEV
     double *pos_h = cepe_calloc(rows, sizeof(double));
-    if (!x || !xn || !q || !att || !k || !v || !gate || !up || !cos_t || !sin_t || !pos || !inv_freq_d || !pos_h ||
+    void *qwork = m->qwork_size ? cepe_calloc(m->qwork_size, 1) : NULL;
+    if ((m->qwork_size && !qwork) || !x || !xn || !q || !att || !k || !v || !gate || !up || !cos_t ||
+        !sin_t || !pos || !inv_freq_d || !pos_h ||
         (dev && (!ids_d || (mask && !mask_d) || (!out_on_backend && !out_d)))) {
-        st = cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of %s memory for encoder scratch (%zu rows)", be->name, rows);
+        st = cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of %s memory for encoder scratch (%zu rows)", be->name,
+                       rows);
         goto done;
     }
     for (size_t i = 0; i < rows; i++) pos_h[i] = (double)(i % (size_t)L); /* slot index in its chunk */
@@ -66,8 +69,20 @@ cepe_status model_encode_into(const cepe_model *m, const int32_t *ids, const uin
     bad |= be->upload(be, pos, pos_h, rows * sizeof(double));
     bad |= be->upload(be, inv_freq_d, inv_freq, (size_t)half * sizeof(float));
     bad |= be->rope_table(be, cos_t, sin_t, pos, inv_freq_d, (int)rows, half, mscale);
-    const block_scratch s = {.xn = xn, .q = q, .k = k, .v = v, .att = att, .gate = gate, .up = up,
-                             .cos_t = cos_t, .sin_t = sin_t};
+    if (progress) {
+        atomic_store(&progress->progress_done, 0);
+        atomic_store(&progress->progress_total, (long)((n_chunks + cb - 1) / cb));
+    }
+    const block_scratch s = {.xn = xn,
+                             .q = q,
+                             .k = k,
+                             .v = v,
+                             .att = att,
+                             .gate = gate,
+                             .up = up,
+                             .cos_t = cos_t,
+                             .sin_t = sin_t,
+                             .qwork = qwork};
 
     for (int c0 = 0; c0 < n_chunks && !bad; c0 += cb) {
         const int nb = n_chunks - c0 < cb ? n_chunks - c0 : cb;
@@ -81,22 +96,41 @@ cepe_status model_encode_into(const cepe_model *m, const int32_t *ids, const uin
             if (mask) bad |= be->upload(be, mask_d, mask_b, (size_t)N);
             ids_b = ids_d, mask_b = mask_d;
         }
-        be->embedding(be, x, ids_b, m->enc.embed, N, (int)d);
+        model_embedding(m, x, ids_b, &m->enc.embed, N);
         const attention_shape shape = {
-            .B = nb, .Tq = L, .Tk = L, .H = c->n_heads, .KVH = c->n_kv_heads, .hd = c->head_dim,
-            .q_rstride = (long)qd, .q_bstride = (long)L * qd,
-            .kv_rstride = (long)kvd, .kv_bstride = (long)L * kvd, .valid_bstride = L,
-            .causal = 0, .q_offset = 0, .window = 0, .scale = 1.0f / sqrtf((float)c->head_dim),
+            .B = nb,
+            .Tq = L,
+            .Tk = L,
+            .H = c->n_heads,
+            .KVH = c->n_kv_heads,
+            .hd = c->head_dim,
+            .q_rstride = (long)qd,
+            .q_bstride = (long)L * qd,
+            .kv_rstride = (long)kvd,
+            .kv_bstride = (long)L * kvd,
+            .valid_bstride = L,
+            .causal = 0,
+            .q_offset = 0,
+            .window = 0,
+            .scale = 1.0f / sqrtf((float)c->head_dim),
         };
         for (int l = 0; l < c->n_layers; l++) {
             const layer_weights *w = &m->enc.layers[l];
             block_qkv(m, w, c, x, &s, N, &m->enc_rope, nt);
             be->attention(be, att, q, k, v, mask_b, &shape, nt);
-            model_matmul(m, x, att, w->wo, N, (int)qd, (int)d, 1);
+            model_matmul(m, qwork, x, att, &w->wo, N, 1);
             block_mlp(m, w, c, x, &s, N, nt);
         }
         be->rmsnorm(be, out_b, x, m->enc.final_norm, N, (int)d, c->rms_norm_eps, nt);
         if (out_d) bad |= be->download(be, out + off * (long)d, out_d, (size_t)N * d * sizeof(float));
+        if (progress) {
+            atomic_fetch_add_explicit(&progress->progress_done, 1, memory_order_relaxed);
+            if (atomic_load_explicit(&progress->interrupt, memory_order_relaxed)) {
+                (void)backend_check(be); /* queued device work ends before its buffers are freed */
+                st = cepe_fail(CEPE_ERR_INTERRUPTED, "interrupted");
+                goto done;
+            }
+        }
     }
     st = backend_check(be);
     if (!st && bad) st = cepe_fail(CEPE_ERR_BACKEND, "%s backend: the encoder failed", be->name);
@@ -105,5 +139,6 @@ done:
     be->free(be, gate), be->free(be, up), be->free(be, cos_t), be->free(be, sin_t), be->free(be, pos);
     be->free(be, inv_freq_d), be->free(be, ids_d), be->free(be, mask_d), be->free(be, out_d);
     cepe_free(pos_h);
+    cepe_free(qwork);
     return st;
 }

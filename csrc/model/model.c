@@ -7,8 +7,9 @@
 #include "model.h"
 
 static cepe_status check_config(const cepe_config *c) {
-#define POSITIVE(field)                                                                        \
-    if (c->field < 1) return cepe_fail(CEPE_ERR_INVALID_ARG, "config: " #field " must be >= 1, got %d", c->field)
+#define POSITIVE(field)                                                                                      \
+    if (c->field < 1)                                                                                        \
+    return cepe_fail(CEPE_ERR_INVALID_ARG, "config: " #field " must be >= 1, got %d", c->field)
     POSITIVE(vocab_size);
     POSITIVE(hidden_size);
     POSITIVE(intermediate_size);
@@ -27,9 +28,11 @@ static cepe_status check_config(const cepe_config *c) {
         return cepe_fail(CEPE_ERR_UNSUPPORTED, "config: head_dim %d is larger than the supported %d",
                          c->head_dim, CEPE_MAX_HEAD_DIM);
     if (!(c->rms_norm_eps > 0.0f))
-        return cepe_fail(CEPE_ERR_INVALID_ARG, "config: rms_norm_eps must be > 0, got %g", (double)c->rms_norm_eps);
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "config: rms_norm_eps must be > 0, got %g",
+                         (double)c->rms_norm_eps);
     if (c->sliding_window < 0)
-        return cepe_fail(CEPE_ERR_INVALID_ARG, "config: sliding_window must be >= 0, got %d", c->sliding_window);
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "config: sliding_window must be >= 0, got %d",
+                         c->sliding_window);
     if (c->n_cross_layers < 0 || c->n_cross_layers > c->n_layers)
         return cepe_fail(CEPE_ERR_INVALID_ARG, "config: num_cross_attn_layers must be in [0, %d], got %d",
                          c->n_layers, c->n_cross_layers);
@@ -39,13 +42,21 @@ static cepe_status check_config(const cepe_config *c) {
     return CEPE_OK;
 }
 
-static void add_slot(cepe_model *m, const char *name, int64_t d0, int64_t d1, const float **dst) {
+static weight_slot *new_slot(cepe_model *m, const char *name, int64_t d0, int64_t d1) {
     weight_slot *s = &m->slots[m->n_slots++];
     snprintf(s->name, sizeof s->name, "%s", name);
     s->ndim = d1 > 0 ? 2 : 1;
     s->shape[0] = d0;
     s->shape[1] = d1;
-    s->dst = dst;
+    return s;
+}
+
+static void add_slot(cepe_model *m, const char *name, int64_t d0, const float **dst) {
+    new_slot(m, name, d0, 0)->dst = dst;
+}
+
+static void add_matrix(cepe_model *m, const char *name, int64_t d0, int64_t d1, cepe_qtensor *q) {
+    new_slot(m, name, d0, d1)->q = q;
 }
 
 /* Slots of one LLaMA block's weights under `prefix` ("model.layers.3."). */
@@ -53,9 +64,12 @@ static void add_block_slots(cepe_model *m, const char *prefix, const cepe_config
     const int d = c->hidden_size, ff = c->intermediate_size;
     const int qd = c->n_heads * c->head_dim, kvd = c->n_kv_heads * c->head_dim;
     char name[96];
-#define SLOT(suffix, d0, d1, field)                          \
-    snprintf(name, sizeof name, "%s%s", prefix, suffix); \
-    add_slot(m, name, d0, d1, &lw->field)
+#define SLOT(suffix, d0, d1, field)                                                                          \
+    snprintf(name, sizeof name, "%s%s", prefix, suffix);                                                     \
+    if (d1)                                                                                                  \
+        add_matrix(m, name, d0, d1, (cepe_qtensor *)&lw->field);                                             \
+    else                                                                                                     \
+        add_slot(m, name, d0, (const float **)&lw->field)
     SLOT("input_layernorm.weight", d, 0, attn_norm);
     SLOT("self_attn.q_proj.weight", qd, d, wq);
     SLOT("self_attn.k_proj.weight", kvd, d, wk);
@@ -90,8 +104,8 @@ static cepe_status add_encoder(cepe_model *m, const cepe_config *ec) {
     if (!m->enc.layers) return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory creating the encoder");
     st = cepe_rope_setup(&c, &m->enc_rope);
     if (st) return cepe_fail(st, "encoder_config: %.400s", cepe_last_error());
-    add_slot(m, "encoder.embed_tokens.weight", c.vocab_size, c.hidden_size, &m->enc.embed);
-    add_slot(m, "encoder.norm.weight", c.hidden_size, 0, &m->enc.final_norm);
+    add_matrix(m, "encoder.embed_tokens.weight", c.vocab_size, c.hidden_size, &m->enc.embed);
+    add_slot(m, "encoder.norm.weight", c.hidden_size, &m->enc.final_norm);
     char prefix[64];
     for (int j = 0; j < c.n_layers; j++) {
         snprintf(prefix, sizeof prefix, "encoder.layers.%d.", j);
@@ -106,6 +120,11 @@ cepe_status backend_check(const cepe_backend *be) {
     if (!st) return CEPE_OK;
     return cepe_fail(st > 0 && st <= CEPE_ERR_BACKEND ? (cepe_status)st : CEPE_ERR_BACKEND, "%s backend: %s",
                      be->name, msg[0] ? msg : "unknown failure");
+}
+
+cepe_status backend_fail(const cepe_backend *be) {
+    const cepe_status st = backend_check(be);
+    return st ? st : cepe_fail(CEPE_ERR_BACKEND, "%s backend: an op failed", be->name);
 }
 
 cepe_status cepe_model_create(const cepe_config *cfg, const cepe_config *encoder_cfg, int n_threads,
@@ -123,7 +142,8 @@ cepe_status cepe_model_create_on(const cepe_config *cfg, const cepe_config *enco
                          be->name ? be->name : "?", be->abi, CEPE_BACKEND_ABI);
     *out = NULL;
     if (n_threads < 1 || n_threads > CEPE_MAX_THREADS)
-        return cepe_fail(CEPE_ERR_INVALID_ARG, "n_threads must be in [1, %d], got %d", CEPE_MAX_THREADS, n_threads);
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "n_threads must be in [1, %d], got %d", CEPE_MAX_THREADS,
+                         n_threads);
     cepe_status st = check_config(cfg);
     if (st) return st;
     if (encoder_cfg) { /* before its sizes are used to count weight slots */
@@ -157,9 +177,9 @@ cepe_status cepe_model_create_on(const cepe_config *cfg, const cepe_config *enco
     st = cepe_rope_setup(cfg, &m->rope);
     if (st) goto fail;
 
-    add_slot(m, "model.embed_tokens.weight", cfg->vocab_size, d, &m->w.embed);
-    add_slot(m, "model.norm.weight", d, 0, &m->w.final_norm);
-    if (!cfg->tie_word_embeddings) add_slot(m, "lm_head.weight", cfg->vocab_size, d, &m->w.lm_head);
+    add_matrix(m, "model.embed_tokens.weight", cfg->vocab_size, d, &m->w.embed);
+    add_slot(m, "model.norm.weight", d, &m->w.final_norm);
+    if (!cfg->tie_word_embeddings) add_matrix(m, "lm_head.weight", cfg->vocab_size, d, &m->w.lm_head);
     m->first_cross = L - cfg->n_cross_layers;
     char name[96];
     for (int i = 0; i < L; i++) {
@@ -167,9 +187,12 @@ cepe_status cepe_model_create_on(const cepe_config *cfg, const cepe_config *enco
         snprintf(name, sizeof name, "model.layers.%d.", i);
         add_block_slots(m, name, cfg, lw);
         if (i < m->first_cross) continue;
-#define SLOT(suffix, d0, d1, field)                                            \
-    snprintf(name, sizeof name, "model.layers.%d.cross_attn.%s", i, suffix); \
-    add_slot(m, name, d0, d1, &lw->field)
+#define SLOT(suffix, d0, d1, field)                                                                          \
+    snprintf(name, sizeof name, "model.layers.%d.cross_attn.%s", i, suffix);                                 \
+    if (d1)                                                                                                  \
+        add_matrix(m, name, d0, d1, (cepe_qtensor *)&lw->field);                                             \
+    else                                                                                                     \
+        add_slot(m, name, d0, (const float **)&lw->field)
         SLOT("layernorm.weight", d, 0, cross_norm);
         SLOT("q_proj.weight", qd, d, cross_wq);
         SLOT("k_proj.weight", kvd, de, cross_wk);
@@ -210,22 +233,37 @@ static int keeps_fp32(const weight_slot *s) {
 }
 
 /* The device copy of one tensor into s->owned: fp32, or bf16 (rounded on the
- * device) for a bf16 model's linear weights. */
-static cepe_status upload_slot(cepe_model *m, weight_slot *s, const float *data, int ndim, const int64_t *shape) {
+ * device) for a bf16 model's linear weights. A stored format is widened to
+ * fp32 on the host first: device kernels multiply fp32 or bf16. */
+static cepe_status upload_slot(cepe_model *m, weight_slot *s, const void *data, int qtype, size_t n) {
     const cepe_backend *be = m->be;
-    size_t n = 1;
-    for (int k = 0; k < ndim; k++) n = cepe_mul_size(n, (size_t)shape[k]);
     const size_t bytes = cepe_mul_size(n, sizeof(float));
     const int half = m->bf16 && !keeps_fp32(s);
+    float *wide = NULL;
+    if (qtype != CEPE_QTYPE_F32) {
+        const int64_t n_in = s->shape[1];
+        wide = bytes == SIZE_MAX ? NULL : cepe_calloc(n, sizeof(float));
+        if (!wide) return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory widening tensor %s", s->name);
+        const size_t rb = cepe_qtype_row_bytes(qtype, n_in);
+        for (int64_t r = 0; r < s->shape[0]; r++)
+            if (cepe_dequantize_row(qtype, (const unsigned char *)data + (size_t)r * rb,
+                                    wide + (size_t)r * n_in, n_in)) {
+                cepe_free(wide);
+                return cepe_fail(CEPE_ERR_INVALID_ARG, "tensor %s: %s", s->name, cepe_last_error());
+            }
+        data = wide;
+    }
     float *dev = bytes == SIZE_MAX ? NULL : be->alloc(be, bytes);
     uint16_t *dev16 = half && dev ? be->alloc(be, n * sizeof(uint16_t)) : NULL;
     if (!dev || (half && !dev16)) {
         be->free(be, dev);
+        cepe_free(wide);
         return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of %s memory for tensor %s", be->name, s->name);
     }
     int bad = be->upload(be, dev, data, bytes);
     if (half && !bad) bad = be->to_bf16(be, dev16, dev, n);
     cepe_status st = backend_check(be); /* waits: the fp32 staging copy may go */
+    cepe_free(wide);
     if (!st && bad) st = cepe_fail(CEPE_ERR_BACKEND, "copying tensor %s to the device failed", s->name);
     if (half) be->free(be, dev);
     if (st) {
@@ -233,23 +271,33 @@ static cepe_status upload_slot(cepe_model *m, weight_slot *s, const float *data,
         return st;
     }
     be->free(be, s->owned);
-    s->owned = half ? (float *)(void *)dev16 : dev;
+    s->owned = half ? (void *)dev16 : (void *)dev;
+    if (s->q) {
+        s->q->type = half ? CEPE_QTYPE_BF16 : CEPE_QTYPE_F32;
+        s->q->row_stride = (size_t)s->shape[1] * (half ? sizeof(uint16_t) : sizeof(float));
+    }
     return CEPE_OK;
 }
 
 cepe_status cepe_model_set_bf16(cepe_model *m) {
     if (!m) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_model_set_bf16: NULL model");
     for (int i = 0; i < m->n_slots; i++)
-        if (*m->slots[i].dst) return cepe_fail(CEPE_ERR_STATE, "cepe_model_set_bf16: call it before binding weights");
+        if (slot_data(&m->slots[i]))
+            return cepe_fail(CEPE_ERR_STATE, "cepe_model_set_bf16: call it before binding weights");
     if (!m->be->device || !m->be->to_bf16 || !m->be->matmul_bf16)
-        return cepe_fail(CEPE_ERR_UNSUPPORTED, "bf16 weights need a device backend with bf16 GEMMs (%s has none)",
-                         m->be->name);
+        return cepe_fail(CEPE_ERR_UNSUPPORTED,
+                         "bf16 weights need a device backend with bf16 GEMMs (%s has none)", m->be->name);
     m->bf16 = 1;
     return CEPE_OK;
 }
 
 cepe_status cepe_model_bind(cepe_model *m, const char *name, const float *data, int ndim,
                             const int64_t *shape) {
+    return cepe_model_bind_q(m, name, data, CEPE_QTYPE_F32, ndim, shape);
+}
+
+cepe_status cepe_model_bind_q(cepe_model *m, const char *name, const void *data, int qtype, int ndim,
+                              const int64_t *shape) {
     if (!m || !name || !data || (ndim > 0 && !shape))
         return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_model_bind: NULL argument");
     if (m->finalized) return cepe_fail(CEPE_ERR_STATE, "cepe_model_bind: the model is already finalized");
@@ -262,15 +310,31 @@ cepe_status cepe_model_bind(cepe_model *m, const char *name, const float *data, 
             char want[64], got[64];
             format_shape(want, sizeof want, s->ndim, s->shape);
             format_shape(got, sizeof got, ndim < 0 ? 0 : (ndim > 8 ? 8 : ndim), shape);
-            return cepe_fail(CEPE_ERR_INVALID_ARG, "tensor %s has shape %s, the config implies %s", name,
-                             got, want);
+            return cepe_fail(CEPE_ERR_INVALID_ARG, "tensor %s has shape %s, the config implies %s", name, got,
+                             want);
         }
+        if (qtype != CEPE_QTYPE_F32 && !s->q)
+            return cepe_fail(CEPE_ERR_INVALID_ARG, "tensor %s is 1-D and must be bound as float32, not %s",
+                             name, cepe_qtype_name(qtype) ? cepe_qtype_name(qtype) : "an unknown type");
+        cepe_qtensor q = {.type = (cepe_qtype)qtype,
+                          .n_out = (int)s->shape[0],
+                          .n_in = s->q ? (int)s->shape[1] : (int)s->shape[0],
+                          .data = data};
+        q.row_stride = cepe_qtype_row_bytes(qtype, q.n_in);
+        cepe_status st = cepe_qtensor_check(&q);
+        if (st) return cepe_fail(st, "tensor %s: %s", name, cepe_last_error());
         if (m->be->device) { /* a device copy, owned by the slot */
-            cepe_status st = upload_slot(m, s, data, ndim, shape);
-            if (st) return st;
+            if (s->q) *s->q = q;
+            size_t n = (size_t)s->shape[0] * (s->ndim == 2 ? (size_t)s->shape[1] : 1);
+            if ((st = upload_slot(m, s, data, qtype, n))) return st;
             data = s->owned;
+            q = s->q ? *s->q : q;
+            q.data = data;
         }
-        *s->dst = data;
+        if (s->q)
+            *s->q = q;
+        else
+            *s->dst = data;
         return CEPE_OK;
     }
     return cepe_fail(CEPE_ERR_INVALID_ARG, "unexpected tensor %s: no such weight in this model", name);
@@ -279,9 +343,10 @@ cepe_status cepe_model_bind(cepe_model *m, const char *name, const float *data, 
 cepe_status cepe_model_finalize(cepe_model *m) {
     if (!m) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_model_finalize: NULL model");
     for (int i = 0; i < m->n_slots; i++)
-        if (!*m->slots[i].dst)
+        if (!slot_data(&m->slots[i]))
             return cepe_fail(CEPE_ERR_MISSING_WEIGHT, "missing tensor %s", m->slots[i].name);
     if (m->cfg.tie_word_embeddings) m->w.lm_head = m->w.embed;
+    m->qwork_size = model_qwork_size(m);
     m->finalized = 1;
     return CEPE_OK;
 }

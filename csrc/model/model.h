@@ -8,38 +8,42 @@
 
 #include "../backend.h"
 #include "../cepe.h"
-#include "../rope.h"
+#include "../quant/quant.h"
+#include "../rope/rope.h"
 
 #define CEPE_MAX_HEAD_DIM 256 /* attention keeps a head's accumulator on the stack */
 
+/* Weight matrices are cepe_qtensors in the format they were bound in (F32,
+ * F16, BF16 or a GGUF block format on the CPU; F32, or BF16 for a bf16
+ * model, on a device); norms are always fp32. */
 typedef struct {
     const float *attn_norm; /* (d) input_layernorm */
-    const float *wq;        /* (H*hd, d) */
-    const float *wk;        /* (KVH*hd, d) */
-    const float *wv;        /* (KVH*hd, d) */
-    const float *wo;        /* (d, H*hd) */
+    cepe_qtensor wq;        /* (H*hd, d) */
+    cepe_qtensor wk;        /* (KVH*hd, d) */
+    cepe_qtensor wv;        /* (KVH*hd, d) */
+    cepe_qtensor wo;        /* (d, H*hd) */
     const float *ffn_norm;  /* (d) post_attention_layernorm */
-    const float *w_gate;    /* (ff, d) */
-    const float *w_up;      /* (ff, d) */
-    const float *w_down;    /* (d, ff) */
-    /* CEPE cross-attention (NULL in layers without it) */
+    cepe_qtensor w_gate;    /* (ff, d) */
+    cepe_qtensor w_up;      /* (ff, d) */
+    cepe_qtensor w_down;    /* (d, ff) */
+    /* CEPE cross-attention (data NULL in layers without it) */
     const float *cross_norm; /* (d) cross_attn.layernorm */
-    const float *cross_wq;   /* (H*hd, d) */
-    const float *cross_wk;   /* (KVH*hd, d_enc) */
-    const float *cross_wv;   /* (KVH*hd, d_enc) */
-    const float *cross_wo;   /* (d, H*hd) */
+    cepe_qtensor cross_wq;   /* (H*hd, d) */
+    cepe_qtensor cross_wk;   /* (KVH*hd, d_enc) */
+    cepe_qtensor cross_wv;   /* (KVH*hd, d_enc) */
+    cepe_qtensor cross_wo;   /* (d, H*hd) */
 } layer_weights;
 
 typedef struct {
-    const float *embed;      /* (V, d) */
+    cepe_qtensor embed;      /* (V, d): rows gathered (model_embedding) */
     const float *final_norm; /* (d) */
-    const float *lm_head;    /* (V, d), == embed when tied */
+    cepe_qtensor lm_head;    /* (V, d), == embed when tied */
     layer_weights *layers;   /* (n_layers) */
 } decoder_weights;
 
 /* The CEPE encoder: a LLaMA stack without lm_head, bidirectional. */
 typedef struct {
-    const float *embed;      /* (V_enc, d_enc) */
+    cepe_qtensor embed;      /* (V_enc, d_enc) */
     const float *final_norm; /* (d_enc) */
     layer_weights *layers;   /* (n_layers_enc); cross_* unused */
 } encoder_weights;
@@ -49,15 +53,18 @@ typedef struct {
     char name[96];
     int ndim;
     int64_t shape[2];
-    const float **dst;
-    float *owned; /* device backends: the device copy bind made (freed with the model) */
+    const float **dst; /* a 1-D tensor (norm): its pointer */
+    cepe_qtensor *q;   /* a matrix: its tensor (dst NULL) */
+    void *owned;       /* device backends: the device copy bind made (freed with the model) */
 } weight_slot;
 
 struct cepe_model {
     cepe_config cfg;
     int n_threads;
     const cepe_backend *be;
-    int bf16; /* linear weights stored as bf16 (cepe_model_set_bf16); embeddings and norms stay fp32 */
+    int bf16; /* device: linear weights stored as bf16 (cepe_model_set_bf16); embeddings and norms stay fp32
+               */
+    size_t qwork_size; /* scratch bytes model_matmul needs at most for any rows (set at finalize) */
     decoder_weights w;
     weight_slot *slots;
     int n_slots;
@@ -108,14 +115,16 @@ struct cepe_ctx {
     float *nll_loss_h;            /* [host] (NLL_ROWS) */
     int has_logits;
     /* CEPE context: encoder states (B, ctx_N, d_enc): borrowed on the CPU, an
-     * owned device copy on a device (ctx_states_own); mask owned */
+     * owned device copy on a device, or owned where cepe_ctx_encode_context
+     * encoded them (ctx_states_own); mask owned */
     int ctx_N;
     const float *ctx_states;
     float *ctx_states_own;    /* [dev] */
     uint8_t *ctx_mask;        /* [dev] (B, ctx_N) */
     int cross_kept;           /* 1: cross_k/v hold every cross layer's K/V */
     float *cross_k, *cross_v; /* [dev] kept: (n_cross, B, N, kvd); else (B, N, kvd) scratch */
-    int32_t *step_ids; /* [host] (B) the tokens generate just picked */
+    int32_t *step_ids;        /* [host] (B) the tokens generate just picked */
+    void *qwork; /* [host] m->qwork_size bytes: model_matmul's scratch for stored-format weights */
 };
 
 /* cepe_ctx_forward without clearing a pending interrupt (the generation loop). */
@@ -127,31 +136,46 @@ cepe_status cepe_ctx_forward_continue(cepe_ctx *x, const int32_t *ids, const dou
 int cepe_ctx_reset_checked(cepe_ctx *x);
 
 /* encoder.c: cepe_model_encode with ids / mask on the host and out in the
- * backend's memory when out_on_backend (the training forward's states). */
+ * backend's memory when out_on_backend (the training forward's states, a
+ * context encoded where the decoder reads it). progress: NULL, or the
+ * request whose progress counts chunk batches and whose interrupt stops it. */
 cepe_status model_encode_into(const cepe_model *m, const int32_t *ids, const uint8_t *mask, int n_chunks,
-                              int L, float *out, int out_on_backend);
+                              int L, float *out, int out_on_backend, cepe_ctx *progress);
 
 /* CEPE_OK, or the backend's first failure since the last check (it waits for
  * queued device work): every public call that ran ops ends with it. */
 cepe_status backend_check(const cepe_backend *be);
+/* The backend's error, or a generic one when it reported none (after an op failed). */
+cepe_status backend_fail(const cepe_backend *be);
 
 /* Scratch views one block needs for N rows (block.c). */
 typedef struct {
     float *xn, *q, *k, *v, *att, *gate, *up;
     const float *cos_t, *sin_t;
+    void *qwork; /* model_matmul's scratch (m->qwork_size bytes), or NULL */
 } block_scratch;
 
-/* out (N, OC) (+)= inp (N, C) · w (OC, C)ᵀ in the model's weight format:
- * bf16 weights through matmul_bf16 (the embedding table, which a tied
- * lm_head shares, always stays fp32). */
-static inline int model_matmul(const cepe_model *m, float *out, const float *inp, const float *w, int N,
-                               int C, int OC, int accumulate) {
-    const cepe_backend *be = m->be;
-    if (m->bf16 && w != m->w.embed)
-        return be->matmul_bf16(be, out, inp, (const uint16_t *)(const void *)w, N, C, OC, accumulate,
-                               m->n_threads);
-    return be->matmul(be, out, inp, w, N, C, OC, accumulate, m->n_threads);
+/* The data of slot s (its tensor's, for a matrix). */
+static inline const void *slot_data(const weight_slot *s) {
+    return s->q ? s->q->data : (const void *)*s->dst;
 }
+
+/* out (N, w->n_out) (+)= inp (N, w->n_in) · wᵀ, whatever w's format: fp32
+ * through the backend's matmul, bf16 on a device through its matmul_bf16,
+ * the stored formats on the CPU through cepe_qmatmul with qwork
+ * (m->qwork_size bytes, or NULL: it allocates). Nonzero on failure. */
+int model_matmul(const cepe_model *m, void *qwork, float *out, const float *inp, const cepe_qtensor *w, int N,
+                 int accumulate);
+/* The backward of model_matmul: dinp (N, n_in) (+)= dout · w and, for an
+ * fp32 w, dweight += doutᵀ · inp (NULL: frozen). A stored-format w is frozen:
+ * its input gradient goes through widened tiles (cepe_qmatmul_backward_input). */
+int model_matmul_backward(const cepe_model *m, float *dinp, float *dweight, const float *dout,
+                          const float *inp, const cepe_qtensor *w, int N, int accumulate);
+/* out (N, d) = rows ids of the embedding table e (F32 through the backend's
+ * embedding op, other formats widened row by row on the CPU). */
+int model_embedding(const cepe_model *m, float *out, const int32_t *ids, const cepe_qtensor *e, int N);
+/* Scratch bytes model_matmul needs for any number of rows of any of m's weights. */
+size_t model_qwork_size(const cepe_model *m);
 
 /* xn = RMSNorm(x); k, v = projections; RoPE on k. */
 void block_kv(const cepe_model *m, const layer_weights *w, const cepe_config *c, const float *x,

@@ -10,8 +10,8 @@
  * almost all the mass. */
 #include <math.h>
 
-#include "elementwise_backward.h"
-#include "ops_backward.h"
+#include "elementwise.h"
+#include "ops.h"
 
 /* Row max and Σ exp(z - max) (double accumulator). */
 static double row_exp_sum(const float *z, int V, float *max_out) {
@@ -33,8 +33,8 @@ static void add_scaled_softmax(float *d, const float *z, int V, float m, float c
 
 /* ------------------------------------------------------------- cross-entropy */
 
-int cross_entropy_forward_backward(float *losses, float *dlogits, const float *logits, const int32_t *targets, int N,
-                                   int V, float dloss_scale) {
+int cross_entropy_forward_backward(float *losses, float *dlogits, const float *logits, const int32_t *targets,
+                                   int N, int V, float dloss_scale) {
     for (int i = 0; i < N; i++) /* validate first: an error leaves every output untouched */
         if (targets[i] != CEPE_IGNORE_INDEX && (targets[i] < 0 || targets[i] >= V)) return -1;
     for (int i = 0; i < N; i++) {
@@ -67,9 +67,9 @@ int cross_entropy_forward_backward(float *losses, float *dlogits, const float *l
  * remainder's dependence 1 - Σ q turns it into w_j = (g_j - g_rem) q_j and
  *   ∂loss/∂z_v = Σ_{j: index_j = v} w_j - softmax_v Σ_j w_j,
  * exactly what autograd gives through gather (repeated ids add up). */
-int kl_topk_forward_backward(float *losses, float *dlogits, const float *logits, const uint16_t *teacher_probs_fp16,
-                             const int32_t *teacher_index, int N, int V, int K, int mode, float delta,
-                             float dloss_scale) {
+int kl_topk_forward_backward(float *losses, float *dlogits, const float *logits,
+                             const uint16_t *teacher_probs_fp16, const int32_t *teacher_index, int N, int V,
+                             int K, int mode, float delta, float dloss_scale) {
     if (K < 1 || (mode != CEPE_KL_SMOOTH && mode != CEPE_KL_DROP)) return -1;
     if (mode == CEPE_KL_SMOOTH && !(delta >= 0.0f)) return -1; /* also rejects NaN */
     for (long i = 0; i < (long)N * K; i++)

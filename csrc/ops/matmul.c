@@ -5,6 +5,7 @@
  * OpenBLAS beside OpenMP, each pool's idle workers spin on the cores the other
  * needs (measured here: 2 threads ran prefill at half the 1-thread speed).
  * oneMKL shares our pool, so multi-row products let it thread them. */
+
 #include "../blas.h"
 #include "ops.h"
 
@@ -22,8 +23,8 @@ static void matmul_slice(float *out, const float *inp, const float *weight, int 
         CEPE_SGEMV(CblasRowMajor, CblasNoTrans, o1 - o0, C, 1.0f, weight + (long)o0 * C, C, inp, 1, beta,
                    out + o0, 1);
     else
-        CEPE_SGEMM(CblasRowMajor, CblasNoTrans, CblasTrans, N, o1 - o0, C, 1.0f, inp, C, weight + (long)o0 * C, C,
-                   beta, out + o0, OC);
+        CEPE_SGEMM(CblasRowMajor, CblasNoTrans, CblasTrans, N, o1 - o0, C, 1.0f, inp, C,
+                   weight + (long)o0 * C, C, beta, out + o0, OC);
 }
 
 int matmul_forward(float *out, const float *inp, const float *weight, int N, int C, int OC, int accumulate,
@@ -57,6 +58,72 @@ int matmul_forward(float *out, const float *inp, const float *weight, int N, int
         const int per = ((OC + n - 1) / n + MATMUL_ALIGN - 1) / MATMUL_ALIGN * MATMUL_ALIGN;
         const int o0 = t * per, o1 = o0 + per < OC ? o0 + per : OC;
         matmul_slice(out, inp, weight, N, C, OC, o0, o1, beta);
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------ backward */
+
+/* The backward of matmul_forward, out = inp·Wᵀ:
+ *   dinp (N, C)     = dout (N, OC) · W (OC, C)
+ *   dweight (OC, C) += dout (N, OC)ᵀ · inp (N, C)
+ * Same threading rule as the forward: OpenBLAS stays single-threaded and our
+ * OpenMP team splits the output columns of dinp and the rows of dweight, so
+ * no slice is written by two threads and no BLAS pool spins beside ours;
+ * oneMKL threads each product itself on our pool. */
+
+/* [*lo, *hi) of n items for thread t of nt, in multiples of MATMUL_ALIGN. */
+static void slice(int n, int t, int nt, int *lo, int *hi) {
+    const int per = ((n + nt - 1) / nt + MATMUL_ALIGN - 1) / MATMUL_ALIGN * MATMUL_ALIGN;
+    *lo = t * per < n ? t * per : n;
+    *hi = *lo + per < n ? *lo + per : n;
+}
+
+static void backward_slice(float *dinp, float *dweight, const float *dout, const float *inp,
+                           const float *weight, int N, int C, int OC, float beta, int t, int nt) {
+    int lo, hi;
+    if (dinp) {
+        slice(C, t, nt, &lo, &hi);
+        if (hi > lo)
+            CEPE_SGEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, hi - lo, OC, 1.0f, dout, OC, weight + lo,
+                       C, beta, dinp + lo, C);
+    }
+    if (dweight) {
+        slice(OC, t, nt, &lo, &hi);
+        if (hi > lo)
+            CEPE_SGEMM(CblasRowMajor, CblasTrans, CblasNoTrans, hi - lo, C, N, 1.0f, dout + lo, OC, inp, C,
+                       1.0f, dweight + (long)lo * C, C);
+    }
+}
+
+int matmul_backward(float *dinp, float *dweight, const float *dout, const float *inp, const float *weight,
+                    int N, int C, int OC, int accumulate, int n_threads) {
+    if (N <= 0 || C <= 0 || OC <= 0) return 0;
+    const float beta = accumulate ? 1.0f : 0.0f;
+    const int widest = C > OC ? C : OC;
+    int nt = n_threads;
+    if (nt > widest / MATMUL_ALIGN) nt = widest / MATMUL_ALIGN;
+    if ((long)N * C * OC < 65536) nt = 1; /* too small to pay for a fork */
+    if (nt <= 1) {
+        backward_slice(dinp, dweight, dout, inp, weight, N, C, OC, beta, 0, 1);
+        return 0;
+    }
+#ifdef CEPE_MKL_BLAS
+    { /* oneMKL threads each product on our own libgomp pool (see matmul.c) */
+        const int prev = mkl_set_num_threads_local(nt);
+        backward_slice(dinp, dweight, dout, inp, weight, N, C, OC, beta, 0, 1);
+        mkl_set_num_threads_local(prev);
+        return 0;
+    }
+#endif
+#pragma omp parallel num_threads(nt)
+    {
+#ifdef _OPENMP
+        const int t = omp_get_thread_num(), n = omp_get_num_threads();
+#else
+        const int t = 0, n = 1;
+#endif
+        backward_slice(dinp, dweight, dout, inp, weight, N, C, OC, beta, t, n);
     }
     return 0;
 }

@@ -109,85 +109,77 @@ AVX2 static inline __m256 lane(__m256 v, int k) { return _mm256_permutevar8x32_p
 AVX2 static inline __m256i load32(const int8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
 
 /* Q4_0: Σ (u - 8) y = Σ u y - 8 Σ y, the correction taken from the int32
- * lanes (each lane -Σy, eight lanes -8 Σy) so the block sum stays exact. */
-AVX2 static inline __m256i q4_0_block(const block_q4_0 *w, const int8_t *y, int32_t sum) {
-    return _mm256_sub_epi32(dot_us8(nibbles32(w->qs), load32(y)), _mm256_set1_epi32(sum));
+ * lanes (each lane -Σy, eight lanes -8 Σy) so the block sum stays exact.
+ * Q4_1: Σ (d u + m) dy y = d dy Σ u y + m (dy Σ y), the second term from the
+ * activations' block sums. Q8_0: signed by signed through |w| and y carrying
+ * w's sign (maddubs wants one unsigned side); w = -128 gives |w| = 128 as
+ * unsigned, still exact. */
+enum { B32_Q4_0, B32_Q4_1, B32_Q8_0 };
+
+AVX2 static inline __m256i dot_ss8(__m256i w, __m256i y) {
+    return dot_us8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w));
 }
 
-AVX2 static float dot_q4_0(int n, const void *row, const void *act) {
-    const block_q4_0 *w = row;
-    const act_q8_32 a = quant_act_q8_32(act, n);
-    const int nb = n / QK32;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int b = 0;
-    for (; b + 8 <= nb; b += 8) {
-        const __m256 scale = _mm256_mul_ps(halves8(&w[b].d, sizeof *w), _mm256_loadu_ps(a.d + b));
-        for (int k = 0; k < 8; k += 2) {
-            const __m256i p0 = q4_0_block(w + b + k, a.qs + QK32 * (b + k), a.sum[b + k]);
-            const __m256i p1 = q4_0_block(w + b + k + 1, a.qs + QK32 * (b + k + 1), a.sum[b + k + 1]);
-            acc0 = _mm256_fmadd_ps(lane(scale, k), _mm256_cvtepi32_ps(p0), acc0);
-            acc1 = _mm256_fmadd_ps(lane(scale, k + 1), _mm256_cvtepi32_ps(p1), acc1);
-        }
-    }
-    for (; b < nb; b++) {
-        const __m256i p = q4_0_block(w + b, a.qs + QK32 * b, a.sum[b]);
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w[b].d) * a.d[b]), _mm256_cvtepi32_ps(p), acc0);
-    }
-    return hsum_ps(_mm256_add_ps(acc0, acc1));
+/* One block's products in 8 int32 lanes (exact); blk points at the block. */
+AVX2 static inline __m256i block32(int kind, const unsigned char *blk, const int8_t *y, int32_t sum) {
+    if (kind == B32_Q4_0)
+        return _mm256_sub_epi32(dot_us8(nibbles32(((const block_q4_0 *)(const void *)blk)->qs), load32(y)),
+                                _mm256_set1_epi32(sum));
+    if (kind == B32_Q4_1) return dot_us8(nibbles32(((const block_q4_1 *)(const void *)blk)->qs), load32(y));
+    return dot_ss8(load32(((const block_q8_0 *)(const void *)blk)->qs), load32(y));
 }
 
-/* Q4_1: Σ (d u + m) dy y = d dy Σ u y + m (dy Σ y). */
-AVX2 static float dot_q4_1(int n, const void *row, const void *act) {
-    const block_q4_1 *w = row;
+AVX2 static inline float half_at(const unsigned char *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return f16(h);
+}
+
+/* The loop the three formats share, inlined with a constant kind (so each
+ * kernel compiles to its own code): every block's scale d (at its start,
+ * fp16) times the activation block's, two accumulators; Q4_1's minimum m
+ * (right after d) times the activations' d Σ y beside. */
+AVX2 static inline __attribute__((always_inline)) float dot_blocks32(int kind, size_t bytes, int n,
+                                                                     const void *row, const void *act) {
+    const unsigned char *w = row;
     const act_q8_32 a = quant_act_q8_32(act, n);
     const int nb = n / QK32;
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc_m = _mm256_setzero_ps();
     int b = 0;
     for (; b + 8 <= nb; b += 8) {
-        const __m256 scale = _mm256_mul_ps(halves8(&w[b].d, sizeof *w), _mm256_loadu_ps(a.d + b));
-        acc_m = _mm256_fmadd_ps(halves8(&w[b].m, sizeof *w), _mm256_loadu_ps(a.s + b), acc_m);
+        const unsigned char *w8 = w + (size_t)b * bytes;
+        const __m256 scale = _mm256_mul_ps(halves8(w8, bytes), _mm256_loadu_ps(a.d + b));
+        if (kind == B32_Q4_1)
+            acc_m = _mm256_fmadd_ps(halves8(w8 + 2, bytes), _mm256_loadu_ps(a.s + b), acc_m);
         for (int k = 0; k < 8; k += 2) {
-            const __m256i p0 = dot_us8(nibbles32(w[b + k].qs), load32(a.qs + QK32 * (b + k)));
-            const __m256i p1 = dot_us8(nibbles32(w[b + k + 1].qs), load32(a.qs + QK32 * (b + k + 1)));
+            const __m256i p0 = block32(kind, w8 + (size_t)k * bytes, a.qs + QK32 * (b + k), a.sum[b + k]);
+            const __m256i p1 =
+                block32(kind, w8 + (size_t)(k + 1) * bytes, a.qs + QK32 * (b + k + 1), a.sum[b + k + 1]);
             acc0 = _mm256_fmadd_ps(lane(scale, k), _mm256_cvtepi32_ps(p0), acc0);
             acc1 = _mm256_fmadd_ps(lane(scale, k + 1), _mm256_cvtepi32_ps(p1), acc1);
         }
     }
     float mins = 0.0f;
     for (; b < nb; b++) {
-        const __m256i p = dot_us8(nibbles32(w[b].qs), load32(a.qs + QK32 * b));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w[b].d) * a.d[b]), _mm256_cvtepi32_ps(p), acc0);
-        mins += f16(w[b].m) * a.s[b];
+        const unsigned char *wb = w + (size_t)b * bytes;
+        const __m256i p = block32(kind, wb, a.qs + QK32 * b, a.sum[b]);
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(half_at(wb) * a.d[b]), _mm256_cvtepi32_ps(p), acc0);
+        if (kind == B32_Q4_1) mins += half_at(wb + 2) * a.s[b];
     }
-    return hsum_ps(_mm256_add_ps(acc0, acc1)) + hsum_ps(acc_m) + mins;
+    const float sum = hsum_ps(_mm256_add_ps(acc0, acc1));
+    return kind == B32_Q4_1 ? sum + hsum_ps(acc_m) + mins : sum;
 }
 
-/* Q8_0: signed by signed through |w| and y carrying w's sign (maddubs wants
- * one unsigned side); w = -128 gives |w| = 128 as unsigned, still exact. */
-AVX2 static inline __m256i dot_ss8(__m256i w, __m256i y) {
-    return dot_us8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w));
+AVX2 static float dot_q4_0(int n, const void *row, const void *act) {
+    return dot_blocks32(B32_Q4_0, sizeof(block_q4_0), n, row, act);
+}
+
+AVX2 static float dot_q4_1(int n, const void *row, const void *act) {
+    return dot_blocks32(B32_Q4_1, sizeof(block_q4_1), n, row, act);
 }
 
 AVX2 static float dot_q8_0(int n, const void *row, const void *act) {
-    const block_q8_0 *w = row;
-    const act_q8_32 a = quant_act_q8_32(act, n);
-    const int nb = n / QK32;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int b = 0;
-    for (; b + 8 <= nb; b += 8) {
-        const __m256 scale = _mm256_mul_ps(halves8(&w[b].d, sizeof *w), _mm256_loadu_ps(a.d + b));
-        for (int k = 0; k < 8; k += 2) {
-            const __m256i p0 = dot_ss8(load32(w[b + k].qs), load32(a.qs + QK32 * (b + k)));
-            const __m256i p1 = dot_ss8(load32(w[b + k + 1].qs), load32(a.qs + QK32 * (b + k + 1)));
-            acc0 = _mm256_fmadd_ps(lane(scale, k), _mm256_cvtepi32_ps(p0), acc0);
-            acc1 = _mm256_fmadd_ps(lane(scale, k + 1), _mm256_cvtepi32_ps(p1), acc1);
-        }
-    }
-    for (; b < nb; b++) {
-        const __m256i p = dot_ss8(load32(w[b].qs), load32(a.qs + QK32 * b));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w[b].d) * a.d[b]), _mm256_cvtepi32_ps(p), acc0);
-    }
-    return hsum_ps(_mm256_add_ps(acc0, acc1));
+    return dot_blocks32(B32_Q8_0, sizeof(block_q8_0), n, row, act);
 }
 
 /* ------------------------------------------------------------ K-quants */

@@ -160,85 +160,91 @@ AVX512 static inline float hsum256(__m256 v) {
 
 AVX512 static inline __m256i load32(const int8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
 
-/* Q4_0: Σ (u - 8) y; each of a block's eight lanes starts at -Σy. */
-AVX512 static float dot_q4_0(int n, const void *row, const void *act) {
-    const block_q4_0 *w = row;
-    const act_q8_32 a = quant_act_q8_32(act, n);
-    const int nb = n / QK32;
-    __m512 acc = _mm512_setzero_ps();
-    int b = 0;
-    for (; b + 8 <= nb; b += 8) {
-        const __m256 scale = _mm256_mul_ps(halves8(&w[b].d, sizeof *w), _mm256_loadu_ps(a.d + b));
-        const __m256i neg_sum =
-            _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_loadu_si256((const __m256i *)(a.sum + b)));
-        for (int k = 0; k < 8; k += 2) {
-            const __m512i p =
-                _mm512_dpbusd_epi32(pair_epi32(neg_sum, k), nibbles64(w[b + k].qs, w[b + k + 1].qs),
-                                    _mm512_loadu_si512(a.qs + QK32 * (b + k)));
-            acc = _mm512_fmadd_ps(pair_ps(scale, k), _mm512_cvtepi32_ps(p), acc);
-        }
-    }
-    float sum = _mm512_reduce_add_ps(acc);
-    for (; b < nb; b++) {
-        const __m256i p =
-            _mm256_dpbusd_epi32(_mm256_set1_epi32(-a.sum[b]), nibbles32(w[b].qs), load32(a.qs + QK32 * b));
-        sum += f16(w[b].d) * a.d[b] * hsum256(_mm256_cvtepi32_ps(p));
-    }
-    return sum;
+/* Q4_0: Σ (u - 8) y; each of a block's eight lanes starts at -Σy. Q4_1:
+ * d dy Σ u y + m (dy Σ y), the second term from the activations' block sums.
+ * Q8_0: (w + 128) unsigned; each of a block's eight lanes starts at -16 Σy. */
+enum { B32_Q4_0, B32_Q4_1, B32_Q8_0 };
+
+/* The weights of blocks p and q (pointers to the blocks) as unsigned bytes, in value order. */
+AVX512 static inline __m512i weights64(int kind, const unsigned char *p, const unsigned char *q,
+                                       __m512i flip) {
+    if (kind == B32_Q4_0)
+        return nibbles64(((const block_q4_0 *)(const void *)p)->qs,
+                         ((const block_q4_0 *)(const void *)q)->qs);
+    if (kind == B32_Q4_1)
+        return nibbles64(((const block_q4_1 *)(const void *)p)->qs,
+                         ((const block_q4_1 *)(const void *)q)->qs);
+    return _mm512_xor_si512(join(load32(((const block_q8_0 *)(const void *)p)->qs),
+                                 load32(((const block_q8_0 *)(const void *)q)->qs)),
+                            flip);
 }
 
-AVX512 static float dot_q4_1(int n, const void *row, const void *act) {
-    const block_q4_1 *w = row;
-    const act_q8_32 a = quant_act_q8_32(act, n);
-    const int nb = n / QK32;
-    __m512 acc = _mm512_setzero_ps();
-    __m256 acc_m = _mm256_setzero_ps();
-    int b = 0;
-    for (; b + 8 <= nb; b += 8) {
-        const __m256 scale = _mm256_mul_ps(halves8(&w[b].d, sizeof *w), _mm256_loadu_ps(a.d + b));
-        acc_m = _mm256_fmadd_ps(halves8(&w[b].m, sizeof *w), _mm256_loadu_ps(a.s + b), acc_m);
-        for (int k = 0; k < 8; k += 2) {
-            const __m512i p =
-                _mm512_dpbusd_epi32(_mm512_setzero_si512(), nibbles64(w[b + k].qs, w[b + k + 1].qs),
-                                    _mm512_loadu_si512(a.qs + QK32 * (b + k)));
-            acc = _mm512_fmadd_ps(pair_ps(scale, k), _mm512_cvtepi32_ps(p), acc);
-        }
-    }
-    float sum = _mm512_reduce_add_ps(acc) + hsum256(acc_m);
-    for (; b < nb; b++) {
-        const __m256i p =
-            _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles32(w[b].qs), load32(a.qs + QK32 * b));
-        sum += f16(w[b].d) * a.d[b] * hsum256(_mm256_cvtepi32_ps(p)) + f16(w[b].m) * a.s[b];
-    }
-    return sum;
+AVX512 static inline __m256i weights32(int kind, const unsigned char *p, __m512i flip) {
+    if (kind == B32_Q4_0) return nibbles32(((const block_q4_0 *)(const void *)p)->qs);
+    if (kind == B32_Q4_1) return nibbles32(((const block_q4_1 *)(const void *)p)->qs);
+    return _mm256_xor_si256(load32(((const block_q8_0 *)(const void *)p)->qs), _mm512_castsi512_si256(flip));
 }
 
-/* Q8_0: (w + 128) unsigned; each of a block's eight lanes starts at -16 Σy. */
-AVX512 static float dot_q8_0(int n, const void *row, const void *act) {
-    const block_q8_0 *w = row;
+AVX512 static inline float half_at(const unsigned char *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return f16(h);
+}
+
+/* The loop the three formats share, inlined with a constant kind (so each
+ * kernel compiles to its own code): every block's scale d (at its start,
+ * fp16) times the activation block's; Q4_1's minimum m (right after d) times
+ * the activations' d Σ y beside. */
+AVX512 static inline __attribute__((always_inline)) float dot_blocks32(int kind, size_t bytes, int n,
+                                                                       const void *row, const void *act) {
+    const unsigned char *w = row;
     const act_q8_32 a = quant_act_q8_32(act, n);
     const int nb = n / QK32;
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     __m512 acc = _mm512_setzero_ps();
+    __m256 acc_m = _mm256_setzero_ps();
     int b = 0;
     for (; b + 8 <= nb; b += 8) {
-        const __m256 scale = _mm256_mul_ps(halves8(&w[b].d, sizeof *w), _mm256_loadu_ps(a.d + b));
-        const __m256i offset =
-            _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i *)(a.sum + b)), _mm256_set1_epi32(-16));
+        const unsigned char *w8 = w + (size_t)b * bytes;
+        const __m256 scale = _mm256_mul_ps(halves8(w8, bytes), _mm256_loadu_ps(a.d + b));
+        const __m256i sums = _mm256_loadu_si256((const __m256i *)(a.sum + b));
+        const __m256i offset = kind == B32_Q8_0 ? _mm256_mullo_epi32(sums, _mm256_set1_epi32(-16))
+                                                : _mm256_sub_epi32(_mm256_setzero_si256(), sums);
+        if (kind == B32_Q4_1)
+            acc_m = _mm256_fmadd_ps(halves8(w8 + 2, bytes), _mm256_loadu_ps(a.s + b), acc_m);
         for (int k = 0; k < 8; k += 2) {
-            const __m512i u = _mm512_xor_si512(join(load32(w[b + k].qs), load32(w[b + k + 1].qs)), flip);
-            const __m512i p =
-                _mm512_dpbusd_epi32(pair_epi32(offset, k), u, _mm512_loadu_si512(a.qs + QK32 * (b + k)));
+            const __m512i init = kind == B32_Q4_1 ? _mm512_setzero_si512() : pair_epi32(offset, k);
+            const __m512i p = _mm512_dpbusd_epi32(
+                init, weights64(kind, w8 + (size_t)k * bytes, w8 + (size_t)(k + 1) * bytes, flip),
+                _mm512_loadu_si512(a.qs + QK32 * (b + k)));
             acc = _mm512_fmadd_ps(pair_ps(scale, k), _mm512_cvtepi32_ps(p), acc);
         }
     }
     float sum = _mm512_reduce_add_ps(acc);
+    if (kind == B32_Q4_1) sum += hsum256(acc_m);
     for (; b < nb; b++) {
-        const __m256i u = _mm256_xor_si256(load32(w[b].qs), _mm512_castsi512_si256(flip));
-        const __m256i p = _mm256_dpbusd_epi32(_mm256_set1_epi32(-16 * a.sum[b]), u, load32(a.qs + QK32 * b));
-        sum += f16(w[b].d) * a.d[b] * hsum256(_mm256_cvtepi32_ps(p));
+        const unsigned char *wb = w + (size_t)b * bytes;
+        const int32_t off = kind == B32_Q4_1 ? 0 : kind == B32_Q8_0 ? -16 * a.sum[b] : -a.sum[b];
+        const __m256i p =
+            _mm256_dpbusd_epi32(_mm256_set1_epi32(off), weights32(kind, wb, flip), load32(a.qs + QK32 * b));
+        if (kind == B32_Q4_1)
+            sum += half_at(wb) * a.d[b] * hsum256(_mm256_cvtepi32_ps(p)) + half_at(wb + 2) * a.s[b];
+        else
+            sum += half_at(wb) * a.d[b] * hsum256(_mm256_cvtepi32_ps(p));
     }
     return sum;
+}
+
+AVX512 static float dot_q4_0(int n, const void *row, const void *act) {
+    return dot_blocks32(B32_Q4_0, sizeof(block_q4_0), n, row, act);
+}
+
+AVX512 static float dot_q4_1(int n, const void *row, const void *act) {
+    return dot_blocks32(B32_Q4_1, sizeof(block_q4_1), n, row, act);
+}
+
+AVX512 static float dot_q8_0(int n, const void *row, const void *act) {
+    return dot_blocks32(B32_Q8_0, sizeof(block_q8_0), n, row, act);
 }
 
 /* ------------------------------------------------------------ K-quants, 64 values per register

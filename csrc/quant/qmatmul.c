@@ -49,6 +49,7 @@ static int sgemm_rows_override = 0; /* cepe_qmatmul_sgemm_rows; 0: the table */
 /* Output rows per thread are a multiple of this, so slices keep to cache lines. */
 #define ROW_ALIGN 16
 #define WORK_ALIGN 64
+#define SERIAL_PREP_ROWS 4
 
 int cepe_qmatmul_uses_sgemm(const cepe_qtensor *w, int rows) {
     if (w->type == CEPE_QTYPE_F32) return 1;
@@ -98,6 +99,13 @@ static void qmatmul_kernels(float *out, const float *x, const cepe_qtensor *w, i
     const size_t ab = act_bytes_per_row(w);
     const int n_in = w->n_in, n_out = w->n_out;
     const unsigned char *base = w->data;
+    /* A few rows (decoding) are quantized before the team starts: a row takes
+     * about a microsecond, less than the barrier an `omp for` would add, which
+     * costs far more when the cores are shared. */
+    const int serial_prep = rows <= SERIAL_PREP_ROWS;
+    if (ab && serial_prep)
+        for (int r = 0; r < rows; r++)
+            quant_prepare_act(k.act, x + (size_t)r * n_in, act + (size_t)r * ab, n_in);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
 #ifdef _OPENMP
@@ -105,7 +113,7 @@ static void qmatmul_kernels(float *out, const float *x, const cepe_qtensor *w, i
 #else
         const int t = 0, n = 1;
 #endif
-        if (ab) {
+        if (ab && !serial_prep) {
 #pragma omp for schedule(static)
             for (int r = 0; r < rows; r++)
                 quant_prepare_act(k.act, x + (size_t)r * n_in, act + (size_t)r * ab, n_in);

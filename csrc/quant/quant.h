@@ -143,4 +143,10 @@ int cepe_qmatmul_sgemm_rows(int rows);
 cepe_status cepe_qmatmul(float *out, const float *x, const cepe_qtensor *w, int rows, int accumulate,
                          void *work, size_t work_size, int n_threads);
 
+/* dinp[rows, n_in] (+)= dout[rows, n_out] · W: the input gradient of
+ * cepe_qmatmul for a frozen W, widened to fp32 a tile of rows at a time and
+ * multiplied with the BLAS sgemm (n_threads OpenMP threads over the rows). */
+cepe_status cepe_qmatmul_backward_input(float *dinp, const float *dout, const cepe_qtensor *w, int rows,
+                                        int accumulate, int n_threads);
+
 #endif /* CEPE_QUANT_H */

@@ -13,7 +13,7 @@
 #include <string.h>
 
 #include "../common.h"
-#include "../ops/ops_backward.h"
+#include "../ops/ops.h"
 #include "train.h"
 
 /* ------------------------------------------------------------------- arena */
@@ -49,7 +49,8 @@ static void carve_block(carver *cv, block_acts *a, const cepe_config *c, size_t 
     const size_t d = (size_t)c->hidden_size, ff = (size_t)c->intermediate_size;
     const size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
     a->x_in = F(N * d), a->x_post = F(N * d);
-    a->q = F(N * qd), a->k = F(N * kvd), a->v = F(N * kvd), a->att = F(N * qd), a->lse = F(N * (size_t)c->n_heads);
+    a->q = F(N * qd), a->k = F(N * kvd), a->v = F(N * kvd), a->att = F(N * qd),
+    a->lse = F(N * (size_t)c->n_heads);
     a->gate = F(N * ff), a->up = F(N * ff);
 }
 
@@ -126,8 +127,8 @@ static cepe_status ensure_arena(cepe_train *t, const cepe_train_batch *b) {
         be->free(be, t->arena);
         t->arena = NULL;
         return cepe_fail(CEPE_ERR_OUT_OF_MEMORY,
-                         "out of %s memory for the training activations (%zu MB for %d x %d tokens)", be->name,
-                         cv.used >> 20, b->B, b->T);
+                         "out of %s memory for the training activations (%zu MB for %d x %d tokens)",
+                         be->name, cv.used >> 20, b->B, b->T);
     }
     cv = (carver){.base = t->arena};
     carve(t, &cv, b->B, b->T, n_ctx, L);
@@ -141,14 +142,16 @@ static cepe_status ensure_arena(cepe_train *t, const cepe_train_batch *b) {
 
 /* The training-time SwiGLU MLP: block_mlp overwrites gate with silu(gate)*up,
  * and the backward needs the pre-activation, so h goes to scratch here. */
-static void mlp_forward(const cepe_backend *be, const layer_weights *w, const cepe_config *c, float *x, float *xn,
-                        float *gate, float *up, float *h, int N, int nt) {
+static void mlp_forward(const cepe_train *t, const layer_weights *w, const cepe_config *c, float *x,
+                        float *xn, float *gate, float *up, float *h, int N, int nt) {
+    const cepe_model *m = t->m;
+    const cepe_backend *be = m->be;
     const int d = c->hidden_size, ff = c->intermediate_size;
     be->rmsnorm(be, xn, x, w->ffn_norm, N, d, c->rms_norm_eps, nt);
-    be->matmul(be, gate, xn, w->w_gate, N, d, ff, 0, nt);
-    be->matmul(be, up, xn, w->w_up, N, d, ff, 0, nt);
+    model_matmul(m, t->qwork, gate, xn, &w->w_gate, N, 0);
+    model_matmul(m, t->qwork, up, xn, &w->w_up, N, 0);
     be->swiglu(be, h, gate, up, (long)N * ff, nt);
-    be->matmul(be, x, h, w->w_down, N, ff, d, 1, nt); /* x += down(silu(gate) * up) */
+    model_matmul(m, t->qwork, x, h, &w->w_down, N, 1); /* x += down(silu(gate) * up) */
 }
 
 static cepe_status encoder_forward(cepe_train *t, const cepe_train_batch *b) {
@@ -161,7 +164,7 @@ static cepe_status encoder_forward(cepe_train *t, const cepe_train_batch *b) {
         t->ctx_mask_h[i] = b->encoder_attention_mask ? b->encoder_attention_mask[i] != 0 : 1;
     be->upload(be, t->ctx_mask, t->ctx_mask_h, (size_t)Ne);
     if (!t->train_encoder) /* detached: the inference encoder, nothing kept */
-        return model_encode_into(m, b->encoder_input_ids, b->encoder_attention_mask, n_chunks, L, t->E, be->device);
+        return model_encode_into(m, b->encoder_input_ids, b->encoder_attention_mask, n_chunks, L, t->E, be->device, NULL);
 
     for (int i = 0; i < Ne; i++) t->epos_h[i] = (double)(i % L); /* slot index in its chunk, as encoder.c */
     float inv_freq[CEPE_MAX_HEAD_DIM / 2], mscale;
@@ -172,23 +175,40 @@ static cepe_status encoder_forward(cepe_train *t, const cepe_train_batch *b) {
     be->upload(be, t->einv_freq, inv_freq, sizeof(float) * (size_t)m->enc_rope.half);
     be->rope_table(be, t->ecos_t, t->esin_t, t->epos, t->einv_freq, Ne, m->enc_rope.half, mscale);
     const attention_shape shape = {
-        .B = n_chunks, .Tq = L, .Tk = L, .H = e->n_heads, .KVH = e->n_kv_heads, .hd = e->head_dim,
-        .q_rstride = qd, .q_bstride = (long)L * qd, .kv_rstride = kvd, .kv_bstride = (long)L * kvd,
-        .valid_bstride = L, .causal = 0, .q_offset = 0, .window = 0, .scale = 1.0f / sqrtf((float)e->head_dim),
+        .B = n_chunks,
+        .Tq = L,
+        .Tk = L,
+        .H = e->n_heads,
+        .KVH = e->n_kv_heads,
+        .hd = e->head_dim,
+        .q_rstride = qd,
+        .q_bstride = (long)L * qd,
+        .kv_rstride = kvd,
+        .kv_bstride = (long)L * kvd,
+        .valid_bstride = L,
+        .causal = 0,
+        .q_offset = 0,
+        .window = 0,
+        .scale = 1.0f / sqrtf((float)e->head_dim),
     };
     float *x = t->ex;
-    be->embedding(be, x, t->db.encoder_input_ids, m->enc.embed, Ne, de);
+    model_embedding(m, x, t->db.encoder_input_ids, &m->enc.embed, Ne);
     for (int l = 0; l < e->n_layers; l++) {
         const layer_weights *w = &m->enc.layers[l];
         block_acts *a = &t->enc[l];
         be->copy(be, a->x_in, x, sizeof(float) * (size_t)Ne * de);
-        const block_scratch s = {.xn = t->es.xn, .q = a->q, .k = a->k, .v = a->v, .cos_t = t->ecos_t,
-                                 .sin_t = t->esin_t};
+        const block_scratch s = {.xn = t->es.xn,
+                                 .q = a->q,
+                                 .k = a->k,
+                                 .v = a->v,
+                                 .cos_t = t->ecos_t,
+                                 .sin_t = t->esin_t,
+                                 .qwork = t->qwork};
         block_qkv(m, w, e, x, &s, Ne, &m->enc_rope, nt);
         be->attention_lse(be, a->att, a->lse, a->q, a->k, a->v, t->ctx_mask, &shape, nt);
-        be->matmul(be, x, a->att, w->wo, Ne, qd, de, 1, nt);
+        model_matmul(m, t->qwork, x, a->att, &w->wo, Ne, 1);
         be->copy(be, a->x_post, x, sizeof(float) * (size_t)Ne * de);
-        mlp_forward(be, w, e, x, t->es.xn, a->gate, a->up, t->es.h, Ne, nt);
+        mlp_forward(t, w, e, x, t->es.xn, a->gate, a->up, t->es.h, Ne, nt);
     }
     be->copy(be, t->ex_final, x, sizeof(float) * (size_t)Ne * de);
     be->rmsnorm(be, t->E, x, m->enc.final_norm, Ne, de, e->rms_norm_eps, nt);
@@ -203,7 +223,7 @@ cepe_status train_forward(cepe_train *t, const cepe_train_batch *b) {
     const cepe_backend *be = m->be;
     const int B = b->B, T = b->T, N = B * T, nt = t->n_threads;
     const int d = c->hidden_size, H = c->n_heads, KVH = c->n_kv_heads, hd = c->head_dim;
-    const int qd = H * hd, kvd = KVH * hd, de = c->encoder_hidden_size;
+    const int qd = H * hd, kvd = KVH * hd;
     const int Nc = t->n_ctx * t->L, Ne = B * Nc;
     if (Nc > 0 && (st = encoder_forward(t, b))) return st;
 
@@ -227,19 +247,43 @@ cepe_status train_forward(cepe_train *t, const cepe_train_batch *b) {
     be->rope_table(be, t->cos_t, t->sin_t, t->pos, t->inv_freq, N, m->rope.half, mscale);
 
     const attention_shape self = {
-        .B = B, .Tq = T, .Tk = T, .H = H, .KVH = KVH, .hd = hd, .q_rstride = qd, .q_bstride = (long)T * qd,
-        .kv_rstride = kvd, .kv_bstride = (long)T * kvd, .valid_bstride = T, .causal = 1, .q_offset = 0,
-        .window = c->sliding_window, .scale = 1.0f / sqrtf((float)hd),
+        .B = B,
+        .Tq = T,
+        .Tk = T,
+        .H = H,
+        .KVH = KVH,
+        .hd = hd,
+        .q_rstride = qd,
+        .q_bstride = (long)T * qd,
+        .kv_rstride = kvd,
+        .kv_bstride = (long)T * kvd,
+        .valid_bstride = T,
+        .causal = 1,
+        .q_offset = 0,
+        .window = c->sliding_window,
+        .scale = 1.0f / sqrtf((float)hd),
     };
     const attention_shape cross = {
-        .B = B, .Tq = T, .Tk = Nc, .H = H, .KVH = KVH, .hd = hd, .q_rstride = qd, .q_bstride = (long)T * qd,
-        .kv_rstride = kvd, .kv_bstride = (long)Nc * kvd, .valid_bstride = Nc, .causal = 0, .q_offset = 0,
-        .window = 0, .scale = 1.0f / sqrtf((float)hd),
+        .B = B,
+        .Tq = T,
+        .Tk = Nc,
+        .H = H,
+        .KVH = KVH,
+        .hd = hd,
+        .q_rstride = qd,
+        .q_bstride = (long)T * qd,
+        .kv_rstride = kvd,
+        .kv_bstride = (long)Nc * kvd,
+        .valid_bstride = Nc,
+        .causal = 0,
+        .q_offset = 0,
+        .window = 0,
+        .scale = 1.0f / sqrtf((float)hd),
     };
     const stack_scratch *s = &t->ds;
     float *x = t->x;
     const size_t row_bytes = sizeof(float) * (size_t)N * d;
-    be->embedding(be, x, t->db.input_ids, m->w.embed, N, d);
+    model_embedding(m, x, t->db.input_ids, &m->w.embed, N);
     for (int l = 0; l < c->n_layers; l++) {
         const layer_weights *w = &m->w.layers[l];
         block_acts *a = &t->dec[l];
@@ -248,25 +292,26 @@ cepe_status train_forward(cepe_train *t, const cepe_train_batch *b) {
         float *q = keep ? a->q : s->dq, *k = keep ? a->k : s->dk, *v = keep ? a->v : s->dv;
         float *att = keep ? a->att : s->datt, *gate = keep ? a->gate : s->dgate, *up = keep ? a->up : s->dup;
         if (keep) be->copy(be, a->x_in, x, row_bytes);
-        const block_scratch bs = {.xn = s->xn, .q = q, .k = k, .v = v, .cos_t = t->cos_t, .sin_t = t->sin_t};
+        const block_scratch bs = {
+            .xn = s->xn, .q = q, .k = k, .v = v, .cos_t = t->cos_t, .sin_t = t->sin_t, .qwork = t->qwork};
         block_qkv(m, w, c, x, &bs, N, &m->rope, nt);
         if (keep)
             be->attention_lse(be, att, a->lse, q, k, v, t->db.attention_mask, &self, nt);
         else
             be->attention(be, att, q, k, v, t->db.attention_mask, &self, nt);
-        be->matmul(be, x, att, w->wo, N, qd, d, 1, nt); /* x += o_proj(att) */
+        model_matmul(m, t->qwork, x, att, &w->wo, N, 1); /* x += o_proj(att) */
 
         if (l >= m->first_cross && Nc > 0) { /* CEPE: between self-attention and the MLP (spec §3) */
             be->copy(be, a->x_mid, x, row_bytes);
             be->rmsnorm(be, s->xn, x, w->cross_norm, N, d, c->rms_norm_eps, nt);
-            be->matmul(be, a->qc, s->xn, w->cross_wq, N, d, qd, 0, nt);
-            be->matmul(be, a->kc, t->E, w->cross_wk, Ne, de, kvd, 0, nt); /* no RoPE on either side */
-            be->matmul(be, a->vc, t->E, w->cross_wv, Ne, de, kvd, 0, nt);
+            model_matmul(m, t->qwork, a->qc, s->xn, &w->cross_wq, N, 0);
+            model_matmul(m, t->qwork, a->kc, t->E, &w->cross_wk, Ne, 0); /* no RoPE on either side */
+            model_matmul(m, t->qwork, a->vc, t->E, &w->cross_wv, Ne, 0);
             be->attention_lse(be, a->attc, a->lsec, a->qc, a->kc, a->vc, t->ctx_mask, &cross, nt);
-            be->matmul(be, x, a->attc, w->cross_wo, N, qd, d, 1, nt);
+            model_matmul(m, t->qwork, x, a->attc, &w->cross_wo, N, 1);
         }
         if (keep) be->copy(be, a->x_post, x, row_bytes);
-        mlp_forward(be, w, c, x, s->xn, gate, up, s->h, N, nt);
+        mlp_forward(t, w, c, x, s->xn, gate, up, s->h, N, nt);
     }
     be->copy(be, t->x_final, x, row_bytes);
     be->rmsnorm(be, t->xnf, x, m->w.final_norm, N, d, c->rms_norm_eps, nt);

@@ -26,7 +26,7 @@ static size_t slot_numel(const weight_slot *s) {
  * decoder's tensor: it trains, or stays frozen, as the decoder's embed_tokens does, and has no
  * second copy in the flat buffers. */
 static int is_shared_embedding(const cepe_model *m, const weight_slot *s) {
-    return m->has_encoder && s->dst == &m->enc.embed && m->enc.embed == m->w.embed;
+    return m->has_encoder && s->q == &m->enc.embed && m->enc.embed.data == m->w.embed.data;
 }
 
 /* Fills tensors (may be NULL: count only); returns the tensor count. */
@@ -97,7 +97,7 @@ cepe_status cepe_model_weight_at(const cepe_model *m, int i, const char **name, 
         return cepe_fail(CEPE_ERR_INVALID_ARG, "weight index %d is outside [0, %d)", i, m->n_slots);
     const weight_slot *s = &m->slots[i];
     *name = s->name;
-    *data = *s->dst;
+    *data = slot_data(s);
     *ndim = s->ndim;
     shape[0] = s->shape[0];
     shape[1] = s->ndim == 2 ? s->shape[1] : 0;
@@ -106,15 +106,35 @@ cepe_status cepe_model_weight_at(const cepe_model *m, int i, const char **name, 
 
 int cepe_model_on_device(const cepe_model *m) { return m && m->be->device; }
 
+cepe_status cepe_model_weight_format(const cepe_model *m, int i, int *qtype, size_t *nbytes) {
+    if (!m || !qtype || !nbytes)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_model_weight_format: NULL argument");
+    if (i < 0 || i >= m->n_slots)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "weight index %d is outside [0, %d)", i, m->n_slots);
+    const weight_slot *s = &m->slots[i];
+    *qtype = s->q ? (int)s->q->type : CEPE_QTYPE_F32;
+    *nbytes = s->q ? (size_t)s->q->n_out * s->q->row_stride : slot_numel(s) * sizeof(float);
+    return CEPE_OK;
+}
+
 cepe_status cepe_model_read_weight(const cepe_model *m, int i, float *dst) {
     if (!m || !dst) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_model_read_weight: NULL argument");
     if (i < 0 || i >= m->n_slots)
         return cepe_fail(CEPE_ERR_INVALID_ARG, "weight index %d is outside [0, %d)", i, m->n_slots);
     const weight_slot *s = &m->slots[i];
-    if (!*s->dst) return cepe_fail(CEPE_ERR_STATE, "tensor %s is not bound", s->name);
+    if (!slot_data(s)) return cepe_fail(CEPE_ERR_STATE, "tensor %s is not bound", s->name);
     if (m->bf16)
         return cepe_fail(CEPE_ERR_UNSUPPORTED, "the weights of a bf16 model cannot be read back as float32");
-    m->be->download(m->be, dst, *s->dst, slot_numel(s) * sizeof(float));
+    if (s->q && s->q->type != CEPE_QTYPE_F32) { /* a stored format, on the CPU */
+        for (int r = 0; r < s->q->n_out; r++) {
+            cepe_status st = cepe_dequantize_row(
+                (int)s->q->type, (const unsigned char *)s->q->data + (size_t)r * s->q->row_stride,
+                dst + (size_t)r * s->q->n_in, s->q->n_in);
+            if (st) return st;
+        }
+        return CEPE_OK;
+    }
+    m->be->download(m->be, dst, slot_data(s), slot_numel(s) * sizeof(float));
     return backend_check(m->be);
 }
 
@@ -188,7 +208,9 @@ cepe_status cepe_train_create(const cepe_model *m, const cepe_train_config *c, f
     t->dv = be->device ? be->alloc(be, cepe_mul_size(n_alloc, sizeof(float))) : adam_v;
     t->dec = cepe_calloc((size_t)m->cfg.n_layers, sizeof *t->dec);
     t->enc = cepe_calloc(m->has_encoder ? (size_t)m->enc_cfg.n_layers : 1, sizeof *t->enc);
-    if (!t->tensors || !t->grads || !t->norm_partial || !t->dm || !t->dv || !t->dec || !t->enc) {
+    t->qwork = m->qwork_size ? cepe_calloc(m->qwork_size, 1) : NULL;
+    if ((m->qwork_size && !t->qwork) || !t->tensors || !t->grads || !t->norm_partial || !t->dm || !t->dv ||
+        !t->dec || !t->enc) {
         st = cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory for %zu gradients", t->n_params);
         goto fail;
     }
@@ -201,11 +223,16 @@ cepe_status cepe_train_create(const cepe_model *m, const cepe_train_config *c, f
         const train_tensor *tt = &t->tensors[i];
         const weight_slot *s = &m->slots[tt->slot];
         if (be->device) { /* the trainable weights' device copies start from the master weights */
-            if (be->upload(be, (float *)*s->dst, params + tt->offset, tt->n * sizeof(float))) {
+            if (be->upload(be, (float *)(void *)slot_data(s), params + tt->offset, tt->n * sizeof(float))) {
                 st = cepe_fail(CEPE_ERR_BACKEND, "copying %s to the device failed", s->name);
                 goto fail;
             }
-        } else if (*s->dst != params + tt->offset) {
+        } else if (s->q && s->q->type != CEPE_QTYPE_F32) {
+            st = cepe_fail(CEPE_ERR_INVALID_ARG,
+                           "trainable tensor %s is bound as %s: trainable weights are float32", s->name,
+                           cepe_qtype_name(s->q->type));
+            goto fail;
+        } else if (slot_data(s) != params + tt->offset) {
             st = cepe_fail(
                 CEPE_ERR_INVALID_ARG,
                 "trainable tensor %s is not bound to the params buffer at offset %zu (bind the model's "
@@ -237,6 +264,7 @@ void cepe_train_free(cepe_train *t) {
     if (!t) return;
     const cepe_backend *be = t->m->be;
     cepe_model_free(t->gm);
+    cepe_free(t->qwork);
     cepe_free(t->tensors);
     be->free(be, t->grads);
     be->free(be, t->norm_partial);
@@ -258,6 +286,15 @@ cepe_status cepe_train_copy_grads(const cepe_train *t, float *dst) {
     return train_check(t);
 }
 
+cepe_status cepe_train_grad_buffer(cepe_train *t, float **grads, size_t *n, int *on_device) {
+    if (!t || !grads || !n || !on_device)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_train_grad_buffer: NULL argument");
+    *grads = t->grads;
+    *n = t->n_params;
+    *on_device = t->m->be->device;
+    return CEPE_OK;
+}
+
 cepe_status cepe_train_sync_device(cepe_train *t) {
     if (!t) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_train_sync_device: NULL state");
     const cepe_backend *be = t->m->be;
@@ -266,7 +303,8 @@ cepe_status cepe_train_sync_device(cepe_train *t) {
     be->upload(be, t->dv, t->adam_v, sizeof(float) * t->n_params);
     for (int i = 0; i < t->n_tensors; i++) {
         const train_tensor *tt = &t->tensors[i];
-        be->upload(be, (float *)*t->m->slots[tt->slot].dst, t->params + tt->offset, sizeof(float) * tt->n);
+        be->upload(be, (float *)(void *)slot_data(&t->m->slots[tt->slot]), t->params + tt->offset,
+                   sizeof(float) * tt->n);
     }
     return train_check(t);
 }
@@ -279,7 +317,7 @@ cepe_status cepe_train_sync_host(cepe_train *t) {
     be->download(be, t->adam_v, t->dv, sizeof(float) * t->n_params);
     for (int i = 0; i < t->n_tensors; i++) {
         const train_tensor *tt = &t->tensors[i];
-        be->download(be, t->params + tt->offset, *t->m->slots[tt->slot].dst, sizeof(float) * tt->n);
+        be->download(be, t->params + tt->offset, slot_data(&t->m->slots[tt->slot]), sizeof(float) * tt->n);
     }
     return train_check(t);
 }
@@ -320,7 +358,8 @@ cepe_status cepe_train_update(cepe_train *t, cepe_train_stats *out) {
         const train_tensor *tt = &t->tensors[i];
         cepe_adamw_scalars_t s;
         cepe_adamw_scalars(lr, &c->adam, tt->decay ? c->weight_decay : 0.0, t->step + 1, &s);
-        float *p = (float *)*t->m->slots[tt->slot].dst; /* params + offset on the CPU (checked at create) */
+        float *p = (float *)(void *)slot_data(
+            &t->m->slots[tt->slot]); /* params + offset on the CPU (checked at create) */
         be->adamw(be, p, t->grads + tt->offset, t->dm + tt->offset, t->dv + tt->offset, tt->n, s.decay, s.w1,
                   s.b2, s.w2, s.bc2_sqrt, s.neg_step, s.eps, nt);
     }

@@ -6,7 +6,7 @@
 #include <string.h>
 
 #include "../common.h"
-#include "../ops/ops_backward.h"
+#include "../ops/ops.h"
 #include "train.h"
 
 static cepe_status check_ids(const int32_t *ids, long n, int V, const char *what, int allow_ignore) {

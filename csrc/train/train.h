@@ -76,6 +76,7 @@ struct cepe_train {
      * reuses cepe_model's names and shapes, so a gradient lands in the same
      * field as the weight it belongs to. */
     cepe_model *gm;
+    void *qwork;       /* m->qwork_size bytes: model_matmul's scratch for frozen stored-format weights */
     int train_decoder; /* any decoder tensor besides cross-attention trains */
     int train_encoder; /* gradients flow into the encoder (else its output is detached) */
     int dec_lo;        /* lowest decoder layer the backward must visit */

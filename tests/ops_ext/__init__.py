@@ -1,13 +1,10 @@
-"""Test-only bindings of the op table (csrc/backend.h): every forward and
+"""Test helpers over the op table (csrc/backend.h): every forward and
 backward op, the losses, the optimizer ops and the bf16 ops, so
 tests/test_ops.py can check the CPU ops against PyTorch and
 tests/test_cuda_ops.py a device backend against the CPU.
 
-The C part, cepe_ops_test.c, runs any op of the list by name through a table;
-it is compiled here on first import (cached under build/ops_ext/, keyed by
-its sources and the core's headers) against whichever cepe_c is importable,
-and is never installed. The functions below check their arguments and make
-the outputs:
+They run the ops through cepe_c._op, the binding cepe.ops is built on, and
+add what only tests want:
 
 - each takes backend=None (the static CPU table) or a "cepe.backend" capsule
   (cepe_c._sim_backend(), cepe_cuda.backend()) and runs the op through that
@@ -22,87 +19,15 @@ the outputs:
 
 from __future__ import annotations
 
-import hashlib
-import importlib.machinery
-import importlib.util
-import math
 import operator
-import os
-import shutil
-import sys
-import tempfile
-from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 
-import cepe_c  # noqa: F401 - the extension imports its core API capsule
+import cepe.ops as pub
+import cepe_c
 
-_HERE = Path(__file__).resolve().parent
-_ROOT = _HERE.parent.parent
 _INT_MAX = 2**31 - 1
-
-
-# --------------------------------------------------------------------------- build
-
-
-def _build_dir(key: str) -> Path:
-    """build/ops_ext/<key> in the checkout, or the temporary directory where
-    the checkout is read-only."""
-    for base in (_ROOT / "build" / "ops_ext", Path(tempfile.gettempdir()) / "cepe_ops_ext"):
-        try:
-            base.mkdir(parents=True, exist_ok=True)
-            probe = tempfile.mkdtemp(prefix="probe-", dir=base)
-            os.rmdir(probe)
-            return base / key
-        except OSError:
-            continue
-    raise OSError("no writable directory to build the op bindings in")
-
-
-def _build(src: Path, lib: Path) -> None:
-    """Compiles src into lib with setuptools (the compiler and flags Python was
-    built with), in a private directory first: concurrent test runs each
-    build, and the last rename wins with the same bytes."""
-    from setuptools import Distribution, Extension
-
-    lib.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="tmp-", dir=lib.parent))
-    try:
-        ext = Extension(
-            "cepe_ops_test",
-            sources=[str(src)],
-            include_dirs=[str(_ROOT / "csrc"), str(_ROOT / "cepe_c")],
-            extra_compile_args=["-std=c11", "-O2", "-Wall", "-Wextra"],
-        )
-        dist = Distribution({"name": "cepe_ops_test", "ext_modules": [ext]})
-        cmd = dist.get_command_obj("build_ext")
-        cmd.build_lib = str(tmp)
-        cmd.build_temp = str(tmp / "obj")
-        cmd.ensure_finalized()
-        cmd.run()
-        os.replace(tmp / lib.name, lib)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _load() -> ModuleType:
-    src = _HERE / "cepe_ops_test.c"
-    inputs = [src, *sorted((_ROOT / "csrc").rglob("*.h")), _ROOT / "cepe_c" / "backend_capsule.h"]
-    key = hashlib.sha256(sys.version.encode())
-    for path in inputs:
-        key.update(str(path.relative_to(_ROOT)).encode() + b"\0" + path.read_bytes())
-    lib = _build_dir(key.hexdigest()[:20]) / ("cepe_ops_test" + importlib.machinery.EXTENSION_SUFFIXES[0])
-    if not lib.exists():
-        _build(src, lib)
-    spec = importlib.util.spec_from_file_location("cepe_ops_test", lib)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_ext = _load()
-NORM_CHUNK = _ext.NORM_CHUNK
+NORM_CHUNK = cepe_c.NORM_CHUNK
 
 
 # ------------------------------------------------------------------ argument checks
@@ -140,13 +65,6 @@ def _threads(n_threads) -> int:
     return n
 
 
-def _ids_ok(ids: np.ndarray, V: int) -> None:
-    bad = np.flatnonzero((ids < 0) | (ids >= V))
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(f"ids[{i}] = {ids[i]} is outside [0, {V})")
-
-
 def _zeros(shape) -> np.ndarray:
     return np.zeros(shape, np.float32)
 
@@ -162,124 +80,81 @@ def _seed(a: np.ndarray | None, init: float) -> None:
 
 
 def _call(op: str, backend, **args) -> None:
-    _ext.call(op, backend, **args)
+    """cepe_c._op with (array, offset in items) pointers turned into byte offsets."""
+    for k, v in args.items():
+        if isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], np.ndarray):
+            args[k] = (v[0], v[1] * v[0].itemsize)
+    cepe_c._op(op, backend, **args)
 
 
-# ----------------------------------------------------------------------- embedding
+# ------------------------------------------------- the ops cepe.ops covers
+# Each runs through cepe.ops; init seeds the buffers the op adds into
+# (accumulate=True), fused / kv_capacity lay q, k, v out as views of one
+# buffer, as the engine's fused QKV projection and KV cache hold them.
+
+
+def _acc(shape, init: float, sign: float = 1.0) -> np.ndarray:
+    a = _zeros(shape)
+    _seed(a, sign * init)
+    return a
 
 
 def embedding_forward(ids, wte, *, backend=None) -> np.ndarray:
     """(ids int32 (N,), wte (V, C)) -> out (N, C)"""
-    ids = _arr(ids, "ids", np.int32, 1)
-    wte = _arr(wte, "wte", np.float32, 2)
-    _ids_ok(ids, wte.shape[0])
-    N, C = ids.shape[0], wte.shape[1]
-    out = _zeros((N, C))
-    _call("embedding", backend, out=out, ids=ids, wte=wte, N=N, C=C)
-    return out
+    return pub.embedding(_arr(ids, "ids", np.int32, 1), _arr(wte, "wte", np.float32, 2), backend=backend)
 
 
 def embedding_backward(dout, ids, V, *, init=0.0, backend=None) -> np.ndarray:
     """(dout (N, C), ids (N,), V, init=0) -> dwte (V, C)"""
     dout = _arr(dout, "dout", np.float32, 2)
-    ids = _arr(ids, "ids", np.int32, 1)
-    _dim_is(ids, "ids", 0, dout.shape[0])
-    _ids_ok(ids, V)
-    N, C = dout.shape
-    dwte = _zeros((V, C))
-    _seed(dwte, init)
-    _call("embedding_backward", backend, dwte=dwte, dout=dout, ids=ids, N=N, C=C)
-    return dwte
-
-
-# ------------------------------------------------------------------------- rmsnorm
+    out = _acc((V, dout.shape[1]), init)
+    return pub.embedding_backward(dout, _arr(ids, "ids", np.int32, 1), V, out=out, accumulate=True, backend=backend)
 
 
 def rmsnorm_forward(inp, weight, eps, n_threads=1, *, backend=None) -> np.ndarray:
     """(inp (N, C), weight (C,), eps, n_threads=1) -> out"""
-    nt = _threads(n_threads)
-    inp = _arr(inp, "inp", np.float32, 2)
-    weight = _arr(weight, "weight", np.float32, 1)
-    _dim_is(weight, "weight", 0, inp.shape[1])
-    out = _zeros(inp.shape)
-    N, C = inp.shape
-    _call("rmsnorm", backend, out=out, inp=inp, w=weight, N=N, C=C, eps=eps, nt=nt)
-    return out
+    return pub.rmsnorm(_arr(inp, "inp", np.float32, 2), weight, eps, n_threads=n_threads, backend=backend)
 
 
 def rmsnorm_backward(dout, inp, weight, eps, dweight=True, *, init=0.0, backend=None):
     """(dout, inp, weight, eps, dweight=True, init=0) -> (dinp, dweight | None)"""
-    dout = _arr(dout, "dout", np.float32, 2)
     inp = _arr(inp, "inp", np.float32, 2)
-    weight = _arr(weight, "weight", np.float32, 1)
-    _same_shape(dout, inp, "dout")
-    _dim_is(weight, "weight", 0, inp.shape[1])
-    dinp, dw = _zeros(inp.shape), _zeros(weight.shape) if dweight else None
-    _seed(dinp, init)
-    _seed(dw, init)
-    N, C = inp.shape
-    _call("rmsnorm_backward", backend, dinp=dinp, dweight=dw, dout=dout, inp=inp, weight=weight, N=N, C=C, eps=eps)
-    return dinp, dw
-
-
-# -------------------------------------------------------------------------- matmul
-
-
-def _matmul(op: str, inp, weight, weight_dtype, n_threads, init, backend) -> np.ndarray:
-    nt = _threads(n_threads)
-    inp = _arr(inp, "inp", np.float32, 2)
-    weight = _arr(weight, "weight", weight_dtype, 2)
-    _dim_is(weight, "weight", 1, inp.shape[1])
-    (N, C), OC = inp.shape, weight.shape[0]
-    out = _zeros((N, OC))
-    _seed(out, init)
-    acc = int(np.float32(init) != 0)
-    _call(op, backend, out=out, inp=inp, w=weight, N=N, C=C, OC=OC, accumulate=acc, nt=nt)
-    return out
+    dinp, dw = _acc(inp.shape, init), _acc(inp.shape[1:], init) if dweight else None
+    return pub.rmsnorm_backward(
+        dout, inp, weight, eps, dx=dinp, dweight=dw, weight_grad=dweight, accumulate=True, backend=backend
+    )
 
 
 def matmul_forward(inp, weight, n_threads=1, *, init=0.0, backend=None) -> np.ndarray:
     """(inp (N, C), weight (OC, C), n_threads=1, init=0) -> out (N, OC); init != 0:
     out starts at init * pattern and the op runs with accumulate = 1."""
-    return _matmul("matmul", inp, weight, np.float32, n_threads, init, backend)
+    inp, weight = _arr(inp, "inp", np.float32, 2), _arr(weight, "weight", np.float32, 2)
+    out = _acc((inp.shape[0], weight.shape[0]), init)
+    acc = bool(np.float32(init) != 0)
+    return pub.linear(inp, weight, out=out, accumulate=acc, n_threads=n_threads, backend=backend)
 
 
 def matmul_backward(dout, inp, weight, dinp=True, dweight=True, dinp_into=None, n_threads=1, *, init=0.0, backend=None):
     """(dout, inp, weight, dinp=True, dweight=True, dinp_into=None, n_threads=1, init=0) -> (dinp, dweight).
     dinp_into: an existing (N, C) array that receives dinp with accumulate = 1
-    (tests the flag); otherwise a new array with accumulate = 0. init seeds
-    dweight (+=)."""
-    nt = _threads(n_threads)
-    dout = _arr(dout, "dout", np.float32, 2)
-    inp = _arr(inp, "inp", np.float32, 2)
-    weight = _arr(weight, "weight", np.float32, 2)
-    _dim_is(weight, "weight", 1, inp.shape[1])
-    _dim_is(dout, "dout", 0, inp.shape[0])
-    _dim_is(dout, "dout", 1, weight.shape[0])
-    (N, C), OC = inp.shape, weight.shape[0]
-    accumulate = 0
-    if dinp_into is not None:
-        dinp_out = _arr(dinp_into, "dinp_into", np.float32, 2)
-        _same_shape(dinp_out, inp, "dinp_into")
-        if not dinp_out.flags.writeable:
-            raise ValueError("dinp_into must be writeable")
-        accumulate = 1
-    else:
-        dinp_out = _zeros(inp.shape) if dinp else None
-    dw = _zeros(weight.shape) if dweight else None
-    _seed(dw, init)
-    _call(
-        "matmul_backward", backend, dinp=dinp_out, dweight=dw, dout=dout, inp=inp, weight=weight,
-        N=N, C=C, OC=OC, accumulate=accumulate, nt=nt,
+    (init then also seeds dweight); otherwise a new array, NaN-filled, that
+    the op overwrites (accumulate = 0)."""
+    inp, weight = _arr(inp, "inp", np.float32, 2), _arr(weight, "weight", np.float32, 2)
+    accumulate = dinp_into is not None
+    dx = dinp_into if accumulate else np.full(inp.shape, np.nan, np.float32)
+    dw = _acc(weight.shape, init) if accumulate else None
+    got_dx, got_dw = pub.linear_backward(
+        dout, inp, weight, dx=dx, dweight=dw, weight_grad=dweight, accumulate=accumulate, n_threads=n_threads,
+        backend=backend,
     )  # fmt: skip
-    return dinp_out, dw
-
-
-# ---------------------------------------------------------------------------- rope
+    if dweight and not accumulate and np.float32(init) != 0:
+        got_dw += _acc(weight.shape, init)
+    return got_dx if dinp else None, got_dw
 
 
 def rope_table(pos, inv_freq, mscale=1.0, *, backend=None):
-    """(pos float64 (N,), inv_freq (half,), mscale=1) -> (cos, sin) (N, half)"""
+    """(pos float64 (N,), inv_freq (half,), mscale=1) -> (cos, sin) (N, half): the table op alone
+    (cepe.ops.rope_tables takes RoPE settings)"""
     pos = _arr(pos, "pos", np.float64, 1)
     inv_freq = _arr(inv_freq, "inv_freq", np.float32, 1)
     N, half = pos.shape[0], inv_freq.shape[0]
@@ -288,146 +163,98 @@ def rope_table(pos, inv_freq, mscale=1.0, *, backend=None):
     return cos, sin
 
 
-def _rope(x, cos, sin, interleaved, n_threads, backend, backward: bool) -> np.ndarray:
-    """x (N, nh, hd) copied and rotated (backward: back-rotated)."""
-    nt = _threads(n_threads)
-    x = _arr(x, "x", np.float32, 3)
-    cos = _arr(cos, "cos", np.float32, 2)
-    sin = _arr(sin, "sin", np.float32, 2)
-    _dim_is(cos, "cos", 0, x.shape[0])
-    _same_shape(sin, cos, "sin")
-    (N, nh, hd), half = x.shape, cos.shape[1]
-    if 2 * half > hd:
-        raise ValueError(f"cos has {half} pairs but head_dim is {hd}")
-    y = x.copy(order="C")
-    dims = dict(cos_t=cos, sin_t=sin, N=N, nh=nh, hd=hd, half=half, interleaved=int(bool(interleaved)))
-    if backward:
-        _call("rope_backward", backend, dx=y, **dims)
-    else:
-        _call("rope", backend, x=y, nt=nt, **dims)
-    return y
-
-
 def rope_forward(x, cos, sin, interleaved=False, n_threads=1, *, backend=None) -> np.ndarray:
     """(x (N, nh, hd), cos (N, half), sin, interleaved=False, n_threads=1) -> rotated copy"""
-    return _rope(x, cos, sin, interleaved, n_threads, backend, backward=False)
+    layout = "interleaved" if interleaved else "half"
+    return pub.rope_apply(x, cos, sin, layout=layout, n_threads=n_threads, backend=backend)
 
 
 def rope_backward(x, cos, sin, interleaved=False, n_threads=1, *, backend=None) -> np.ndarray:
     """(dx (N, nh, hd), cos, sin, interleaved=False) -> gradient of the unrotated x"""
-    return _rope(x, cos, sin, interleaved, n_threads, backend, backward=True)
-
-
-# -------------------------------------------------------------------------- swiglu
+    return pub.rope_apply_backward(x, cos, sin, layout="interleaved" if interleaved else "half", backend=backend)
 
 
 def swiglu_forward(gate, up, n_threads=1, *, backend=None) -> np.ndarray:
     """(gate, up, n_threads=1) -> silu(gate) * up"""
-    nt = _threads(n_threads)
-    gate = _arr(gate, "gate", np.float32)
-    up = _arr(up, "up", np.float32)
-    _same_shape(up, gate, "up")
-    out = _zeros(gate.shape)
-    _call("swiglu", backend, out=out, gate=gate, up=up, N=gate.size, nt=nt)
-    return out
+    return pub.swiglu(gate, up, n_threads=n_threads, backend=backend)
 
 
 def swiglu_backward(dout, gate, up, *, init=0.0, backend=None):
     """(dout, gate, up, init=0) -> (dgate, dup)"""
-    dout = _arr(dout, "dout", np.float32)
-    gate = _arr(gate, "gate", np.float32)
-    up = _arr(up, "up", np.float32)
-    _same_shape(gate, dout, "gate")
-    _same_shape(up, dout, "up")
-    dgate, dup = _zeros(gate.shape), _zeros(gate.shape)
-    _seed(dgate, init)
-    _seed(dup, -init)
-    _call("swiglu_backward", backend, dgate=dgate, dup=dup, dout=dout, gate=gate, up=up, N=gate.size)
-    return dgate, dup
+    dgate, dup = _acc(np.shape(gate), init), _acc(np.shape(gate), init, -1.0)
+    return pub.swiglu_backward(dout, gate, up, dgate=dgate, dup=dup, accumulate=True, backend=backend)
 
 
-# ----------------------------------------------------------------------- attention
-
-
-# attention_shape's fields, in the struct's order (csrc/ops/ops.h)
-_SHAPE_FIELDS = "B Tq Tk H KVH hd q_rstride q_bstride kv_rstride kv_bstride valid_bstride causal q_offset window scale"
-
-
-class _Attention:
-    """Checked attention arguments, and the layout the ops see:
-    - plain: q, k, v as given, contiguous;
-    - fused: q, k, v packed into one (B, T, H + 2*KVH, hd) buffer, as a fused
-      QKV projection writes them: row strides wider than a row;
+def _layout(q, k, v, key_valid, fused: bool, kv_capacity: int):
+    """q, k, v (and key_valid) as views in the engine's layouts:
+    - fused: one (B, T, H + 2*KVH, hd) buffer, as a fused QKV projection writes
+      them: row strides wider than a row;
     - kv_capacity > Tk: k, v (and key_valid) in (B, kv_capacity, ...) buffers
-      as a KV cache holds them: batch strides wider than Tk rows, the rows
-      past Tk filled with NaN (k, v) that no op may read.
-    Gradients of k, v come back laid out like them (and are unpacked)."""
+      as a KV cache holds them: batch strides wider than Tk rows, the rows past
+      Tk NaN (k, v) that no op may read.
+    Returns (q, k, v, key_valid, make_grads) where make_grads(init) gives
+    (dq, dk, dv) seeded buffers laid out the same way, plus a check that the
+    op left the rows past Tk alone."""
+    q = _arr(q, "q", np.float32, 4)
+    k = _arr(k, "k", np.float32, 4)
+    v = _arr(v, "v", np.float32, 4)
+    B, Tq, H, hd = q.shape
+    Tk, KVH = k.shape[1], k.shape[2]
+    if fused and kv_capacity:
+        raise ValueError("fused=True and kv_capacity are exclusive")
+    if kv_capacity and kv_capacity < Tk:
+        raise ValueError(f"kv_capacity {kv_capacity} is below Tk = {Tk}")
+    if fused and Tq != Tk:
+        raise ValueError("fused=True needs Tq == Tk (self-attention)")
+    if key_valid is not None and key_valid.dtype == np.bool_:
+        key_valid = key_valid.view(np.uint8)
 
-    def __init__(self, q, k, v, key_valid, causal, q_offset, window, scale, n_threads, fused, kv_capacity):
-        self.q = q = _arr(q, "q", np.float32, 4)
-        self.k = k = _arr(k, "k", np.float32, 4)
-        self.v = v = _arr(v, "v", np.float32, 4)
-        _same_shape(v, k, "v")
-        self.nt = _threads(n_threads)
-        B, Tq, H, hd = q.shape
-        Tk, KVH = k.shape[1], k.shape[2]
-        _dim_is(k, "k", 0, B)
-        _dim_is(k, "k", 3, hd)
-        if KVH < 1 or H % KVH != 0 or hd < 1 or hd > 256 or q_offset < 0 or window < 0:
-            raise ValueError(
-                f"bad attention shape: H={H} KVH={KVH} hd={hd} (<= 256) q_offset={q_offset} window={window}"
-            )
-        valid = None
-        if key_valid is not None:
-            valid = _arr(key_valid, "key_valid", np.uint8, 2, alt=np.bool_)
-            _dim_is(valid, "key_valid", 0, B)
-            _dim_is(valid, "key_valid", 1, Tk)
-        scale = 1.0 / math.sqrt(hd) if scale is None else float(scale)
-        if fused and kv_capacity:
-            raise ValueError("fused=True and kv_capacity are exclusive")
-        if kv_capacity and kv_capacity < Tk:
-            raise ValueError(f"kv_capacity {kv_capacity} is below Tk = {Tk}")
-        if fused and Tq != Tk:
-            raise ValueError("fused=True needs Tq == Tk (self-attention)")
-        self.fused, self.cap = bool(fused), int(kv_capacity)
-        self.hq, self.hkv = H * hd, KVH * hd
-        self.s = dict(
-            B=B, Tq=Tq, Tk=Tk, H=H, KVH=KVH, hd=hd, causal=int(bool(causal)), q_offset=q_offset, window=window,
-            scale=scale, q_rstride=H * hd, q_bstride=Tq * H * hd, kv_rstride=KVH * hd, kv_bstride=Tk * KVH * hd,
-            valid_bstride=Tk,
-        )  # fmt: skip
-        self.inputs = dict(q=q, k=k, v=v, key_valid=valid)
-        if self.fused:
-            W = self.hq + 2 * self.hkv
-            qkv = np.concatenate([a.reshape(B, Tq, -1) for a in (q, k, v)], axis=2)
-            self.s.update(q_rstride=W, kv_rstride=W, q_bstride=Tq * W, kv_bstride=Tq * W)
-            self.inputs.update(q=(qkv, 0), k=(qkv, self.hq), v=(qkv, self.hq + self.hkv))
-        elif self.cap:
-            cap, W = self.cap, self.hkv
-            kcap, vcap = (np.full((B, cap, W), np.nan, np.float32) for _ in range(2))  # rows past Tk: never read
-            kcap[:, :Tk] = k.reshape(B, Tk, W)
-            vcap[:, :Tk] = v.reshape(B, Tk, W)
-            self.s.update(kv_bstride=cap * W, valid_bstride=cap)
-            self.inputs.update(k=kcap, v=vcap)
-            if valid is not None:  # past Tk: a pattern the masks must not need
-                validcap = (np.arange(cap, dtype=np.uint8) & 1)[None, :].repeat(B, axis=0)
-                validcap[:, :Tk] = valid.view(np.uint8)
-                self.inputs.update(key_valid=validcap)
+    def split(buf):
+        return buf[:, :, :H], buf[:, :, H : H + KVH], buf[:, :, H + KVH :]
 
-    def shape(self) -> tuple:
-        return tuple(self.s[f] for f in _SHAPE_FIELDS.split())
+    if fused:
+        qkv = np.concatenate([q, k, v], axis=2)
+
+        def make_grads(init):
+            g = np.zeros(qkv.shape, np.float32)
+            for part, sign in zip(split(g), (1.0, 1.0, -1.0), strict=True):
+                part[...] = _acc(part.shape, init, sign)
+            return (*split(g), lambda: None)
+
+        return (*split(qkv), key_valid, make_grads)
+    if kv_capacity:
+        kcap, vcap = (np.full((B, kv_capacity, KVH, hd), np.nan, np.float32) for _ in range(2))
+        kcap[:, :Tk], vcap[:, :Tk] = k, v
+        if key_valid is not None:  # past Tk: a pattern the masks must not need
+            validcap = (np.arange(kv_capacity, dtype=np.uint8) & 1)[None, :].repeat(B, axis=0)
+            validcap[:, :Tk] = key_valid
+            key_valid = validcap[:, :Tk]
+
+        def make_grads(init):
+            dk, dv = (np.full((B, kv_capacity, KVH, hd), np.nan, np.float32) for _ in range(2))
+            dk[:, :Tk], dv[:, :Tk] = _acc(k.shape, init), _acc(k.shape, init, -1.0)
+
+            def check():
+                if not (np.isnan(dk[:, Tk:]).all() and np.isnan(dv[:, Tk:]).all()):
+                    raise RuntimeError("attention_backward wrote into the kv rows past Tk")
+
+            return _acc(q.shape, init), dk[:, :Tk], dv[:, :Tk], check
+
+        return q, kcap[:, :Tk], vcap[:, :Tk], key_valid, make_grads
+
+    def make_plain(init):
+        return _acc(q.shape, init), _acc(k.shape, init), _acc(k.shape, init, -1.0), lambda: None
+
+    return q, k, v, key_valid, make_plain
 
 
 def _attention_forward(with_lse: bool, q, k, v, key_valid, causal, q_offset, window, scale, n_threads, fused,
                        kv_capacity, backend):  # fmt: skip
-    a = _Attention(q, k, v, key_valid, causal, q_offset, window, scale, n_threads, fused, kv_capacity)
-    out = _zeros(a.q.shape)
-    if not with_lse:
-        _call("attention", backend, out=out, s=a.shape(), nt=a.nt, **a.inputs)
-        return out
-    lse = _zeros(a.q.shape[:3])
-    _call("attention_lse", backend, out=out, lse=lse, s=a.shape(), nt=a.nt, **a.inputs)
-    return out, lse
+    q, k, v, key_valid, _ = _layout(q, k, v, key_valid, fused, kv_capacity)
+    return pub.attention(
+        q, k, v, causal=causal, key_mask=key_valid, q_offset=q_offset, window=window, scale=scale,
+        return_lse=with_lse, n_threads=n_threads, backend=backend,
+    )  # fmt: skip
 
 
 def attention_forward(q, k, v, key_valid=None, causal=False, q_offset=0, window=0, scale=None, n_threads=1,
@@ -449,49 +276,16 @@ def attention_backward(dout, out, lse, q, k, v, key_valid=None, causal=False, q_
                        n_threads=1, fused=False, need="qkv", *, kv_capacity=0, init=0.0, backend=None):  # fmt: skip
     """(dout, out, lse | None, q, k, v, <attention options>, need='qkv', init=0) -> (dq, dk, dv); `need`
     names the gradients to compute ("qkv", "kv", "q", ...), the others are
-    passed to C as NULL and returned as None."""
-    a = _Attention(q, k, v, key_valid, causal, q_offset, window, scale, n_threads, fused, kv_capacity)
-    dout = _arr(dout, "dout", np.float32, 4)
-    out = _arr(out, "out", np.float32, 4)
-    _same_shape(dout, a.q, "dout")
-    _same_shape(out, a.q, "out")
-    if lse is not None:
-        lse = _arr(lse, "lse", np.float32, 3)
-        for d in range(3):
-            _dim_is(lse, "lse", d, a.q.shape[d])
-    dq = _zeros(a.q.shape) if "q" in need else None
-    dk = _zeros(a.k.shape) if "k" in need else None
-    dv = _zeros(a.v.shape) if "v" in need else None
-    _seed(dq, init)
-    _seed(dk, init)
-    _seed(dv, -init)
-    B, Tq, Tk = a.s["B"], a.s["Tq"], a.s["Tk"]
-    hq, hkv = a.hq, a.hkv
-    grads = dict(dq=dq, dk=dk, dv=dv)
-    if a.fused:  # one buffer laid out like qkv
-        g = np.zeros((B, Tq, hq + 2 * hkv), np.float32)
-        for name, arr, lo, width in (("dq", dq, 0, hq), ("dk", dk, hq, hkv), ("dv", dv, hq + hkv, hkv)):
-            if arr is not None:
-                g[:, :, lo : lo + width] = arr.reshape(B, Tq, width)
-                grads[name] = (g, lo)
-    elif a.cap:  # (B, capacity, KVH*hd), NaN past Tk: the op must leave that alone
-        for name, arr in (("dk", dk), ("dv", dv)):
-            if arr is not None:
-                g = np.full((B, a.cap, hkv), np.nan, np.float32)
-                g[:, :Tk] = arr.reshape(B, Tk, hkv)
-                grads[name] = g
-    _call("attention_backward", backend, dout=dout, out=out, lse=lse, s=a.shape(), nt=a.nt, **grads, **a.inputs)
-    if a.fused:
-        for arr, lo, width in ((dq, 0, hq), (dk, hq, hkv), (dv, hq + hkv, hkv)):
-            if arr is not None:
-                arr[...] = g[:, :, lo : lo + width].reshape(arr.shape)
-    elif a.cap:
-        for name, arr in (("dk", dk), ("dv", dv)):
-            if arr is not None:
-                if not np.isnan(grads[name][:, Tk:]).all():
-                    raise RuntimeError("attention_backward wrote into the kv rows past Tk")
-                arr[...] = grads[name][:, :Tk].reshape(arr.shape)
-    return dq, dk, dv
+    passed to C as NULL and returned as None. The gradients are written in
+    place into buffers laid out like q, k, v (fused / kv_capacity)."""
+    q, k, v, key_valid, make_grads = _layout(q, k, v, key_valid, fused, kv_capacity)
+    dq, dk, dv, check = make_grads(init)
+    got = pub.attention_backward(
+        dout, q, k, v, out, lse, causal=causal, key_mask=key_valid, q_offset=q_offset, window=window, scale=scale,
+        dq=dq, dk=dk, dv=dv, need=need, accumulate=True, n_threads=n_threads, backend=backend,
+    )  # fmt: skip
+    check()
+    return tuple(None if g is None else np.ascontiguousarray(g) for g in got)
 
 
 # -------------------------------------------------------------------------- losses
@@ -501,14 +295,11 @@ def cross_entropy(logits, targets, dloss_scale=1.0, grad=True, *, init=0.0, back
     """(logits (N,V), targets int32 (N,), dloss_scale=1, grad=True, init=0) -> (losses, dlogits)"""
     z = _arr(logits, "logits", np.float32, 2)
     t = _arr(targets, "targets", np.int32, 1)
-    _dim_is(t, "targets", 0, z.shape[0])
-    N, V = z.shape
-    ignore = _ext.IGNORE_INDEX
-    if ((t != ignore) & ((t < 0) | (t >= V))).any():  # the table's contract: the caller range-checks targets
-        raise ValueError(f"targets must be in [0, {V}) or {ignore}")
-    losses, dz = _zeros(N), _zeros(z.shape) if grad else None
-    _seed(dz, init)
-    _call("cross_entropy", backend, losses=losses, dlogits=dz, logits=z, targets=t, N=N, V=V, dloss_scale=dloss_scale)
+    losses = pub.cross_entropy(z, t, backend=backend)
+    if not grad:
+        return losses, None
+    dz = _acc(z.shape, init)
+    pub.cross_entropy_backward(z, t, dloss_scale, reduction="none", out=dz, accumulate=True, backend=backend)
     return losses, dz
 
 
@@ -523,7 +314,7 @@ def kl_topk(logits, teacher_probs, teacher_index, mode, delta=0.0, dloss_scale=1
     _dim_is(ix, "teacher_index", 0, N)
     _dim_is(p, "teacher_probs", 0, N)
     _dim_is(p, "teacher_probs", 1, K + 1)
-    smooth, drop = _ext.KL_SMOOTH, _ext.KL_DROP
+    smooth, drop = cepe_c.KL_SMOOTH, cepe_c.KL_DROP
     # what the CPU op refuses, refused here for every backend (a device backend sees the indices only on the device)
     bad = K < 1 or mode not in (smooth, drop) or (mode == smooth and not np.float32(delta) >= 0)
     if bad or ((ix < 0) | (ix >= V)).any():
@@ -543,7 +334,7 @@ def half_to_float(bits) -> np.ndarray:
     """(uint16 or float16 array) -> float32, via cepe_half_to_float"""
     h = _arr(bits, "bits", np.uint16, alt=np.float16)
     out = _zeros(h.shape)
-    _ext.half_to_float(h, out)
+    cepe_c._half_to_float(h, out)
     return out
 
 
@@ -600,10 +391,17 @@ def bf16_round(x) -> np.ndarray:
     function the CUDA kernel runs; the CPU table has no bf16 ops)"""
     x = _arr(x, "x", np.float32)
     y = np.zeros(x.shape, np.uint16)
-    _ext.float_to_bf16(x, y)
+    cepe_c._float_to_bf16(x, y)
     return y
 
 
 def matmul_bf16(inp, weight, *, init=0.0, backend=None) -> np.ndarray:
     """(inp (N, C) float32, weight bf16 bits uint16 (OC, C), init=0) -> out (N, OC); init as matmul_forward"""
-    return _matmul("matmul_bf16", inp, weight, np.uint16, 1, init, backend)
+    inp = _arr(inp, "inp", np.float32, 2)
+    weight = _arr(weight, "weight", np.uint16, 2)
+    _dim_is(weight, "weight", 1, inp.shape[1])
+    (N, C), OC = inp.shape, weight.shape[0]
+    out = _acc((N, OC), init)
+    acc = int(np.float32(init) != 0)
+    _call("matmul_bf16", backend, out=out, inp=inp, w=weight, N=N, C=C, OC=OC, accumulate=acc, nt=1)
+    return out

@@ -1,19 +1,34 @@
-"""A PyTorch oracle for CEPE written from the spec (../shared/spec/CEPE.md §2-§4),
-built from transformers' LLaMA modules: the decoder and encoder blocks are
-transformers' own; cross-attention is added between self-attention and the MLP
-of the last k layers, as the official LlamaForCausalContextLM does. It also
-writes checkpoints in the official layout."""
+"""A PyTorch oracle for CEPE written from the spec (CEPE.md §2-§4), built from
+transformers' LLaMA modules: the decoder and encoder blocks are transformers'
+own; cross-attention is added between self-attention and the MLP of the last k
+layers, as the official LlamaForCausalContextLM does. It also writes
+checkpoints in the official layout, which cepe.load reads.
+
+    from cepe.testing.reference import make_reference
+    ref = make_reference(seed=0)            # a tiny random CEPE model
+    path = ref.save(tmp_dir)                # cepe.load(path) computes the same
+    logits = ref(ids, ref.encode(chunks))   # the oracle's logits
+
+It needs torch, transformers and safetensors (the test extra); nothing else in
+cepe imports it, so cepe itself never needs torch."""
 
 from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import numpy as np
-import torch
-from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
-from transformers.models.llama.modeling_llama import LlamaRMSNorm, repeat_kv
+
+try:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, repeat_kv
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        f"cepe.testing.reference needs torch, transformers and safetensors ({exc}): pip install 'cepe[test]'"
+    ) from exc
 
 NEG = torch.finfo(torch.float32).min  # the reference's additive mask value
 
@@ -119,7 +134,9 @@ class CepeReference(torch.nn.Module):
         return self.lm.lm_head(model.norm(h))
 
     @torch.no_grad()
-    def greedy(self, ids: np.ndarray, n: int, E: torch.Tensor | None = None, emask=None) -> np.ndarray:
+    def greedy(
+        self, ids: np.ndarray, n: int, E: torch.Tensor | None = None, emask: np.ndarray | None = None
+    ) -> np.ndarray:
         seq = np.asarray(ids)
         out = []
         for _ in range(n):
@@ -162,7 +179,7 @@ class CepeReference(torch.nn.Module):
         return path
 
 
-def make_reference(seed: int = 0, n_cross: int | None = None, **dec_over) -> CepeReference:
+def make_reference(seed: int = 0, n_cross: int | None = None, **dec_over: Any) -> CepeReference:
     dec = dict(
         vocab_size=101,
         hidden_size=48,
@@ -194,3 +211,46 @@ def make_reference(seed: int = 0, n_cross: int | None = None, **dec_over) -> Cep
     dcfg, ecfg = LlamaConfig(**dec), LlamaConfig(**enc)
     k = dcfg.num_hidden_layers if n_cross is None else n_cross
     return CepeReference(dcfg, ecfg, k).randomize(seed)
+
+
+_LLAMA_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings",
+    "tie_word_embeddings", "bos_token_id", "eos_token_id",
+)  # fmt: skip
+
+
+def load_reference(path: str | os.PathLike[str], rope_scaling: dict[str, Any] | None = None) -> CepeReference:
+    """The reference holding a CEPE checkpoint's weights (official layout: config.json and
+    model.safetensors, as CepeReference.save and cepe.testing.write_tiny_cepe write them);
+    rope_scaling (e.g. {"rope_type": "linear", "factor": 2.0}) replaces the decoder's RoPE."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    dec_kw = {k: cfg[k] for k in _LLAMA_KEYS if k in cfg}
+    dec = LlamaConfig(**dec_kw) if rope_scaling is None else LlamaConfig(**dec_kw, rope_scaling=dict(rope_scaling))
+    enc_raw = cfg["encoder_config"]
+    enc = LlamaConfig(**{k: enc_raw[k] for k in _LLAMA_KEYS if k in enc_raw})
+    ref = CepeReference(dec, enc, int(cfg["num_cross_attn_layers"]))
+    sd = load_file(os.path.join(path, "model.safetensors"))
+    state: dict[str, torch.Tensor] = {}
+    for name, t in sd.items():
+        if name.startswith("encoder."):
+            state["encoder." + name[len("encoder.") :]] = t
+        elif ".cross_attn." in name:
+            layer, rest = name[len("model.layers.") :].split(".cross_attn.")
+            state[f"cross.{layer}.{rest}"] = t
+        elif name == "lm_head.weight":
+            state["lm.lm_head.weight"] = t
+        else:
+            state["lm." + name] = t
+    if dec.tie_word_embeddings and "lm.lm_head.weight" not in state:
+        state["lm.lm_head.weight"] = state["lm.model.embed_tokens.weight"]
+    if enc.tie_word_embeddings:
+        state.pop("encoder.lm_head.weight", None)
+    missing, unexpected = ref.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    missing = [m for m in missing if not m.endswith("inv_freq")]
+    if missing or unexpected:
+        raise KeyError(f"{path}: missing {missing}, unexpected {unexpected}")
+    return ref.eval()

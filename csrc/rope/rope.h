@@ -1,11 +1,13 @@
-/* rope.h — internals of the RoPE frequency code (rope_freq.c) and the E2-LLM
- * sampler (e2llm.c) shared with the CPython bindings. The public part (the
+/* rope.h — RoPE in one folder: the frequency code (frequencies.c), the E2-LLM
+ * sampler (e2llm.c) and the op that applies the rotation (apply.c, declared
+ * in ops/ops.h with every op). These are the internals shared with the
+ * CPython bindings. The public part (the
  * cepe_rope_config struct, cepe_rope_frequencies, cepe_e2llm_positions) is in
  * cepe.h. */
 #ifndef CEPE_ROPE_H
 #define CEPE_ROPE_H
 
-#include "cepe.h"
+#include "../cepe.h"
 
 /* "default", "linear", "dynamic", "yarn", "llama3", "longrope" (HF's rope_type). */
 const char *cepe_rope_type_name(cepe_rope_type t);
@@ -42,6 +44,7 @@ void cepe_rope_release(rope_state *r);
 /* The table for a call whose largest position is seq_len - 1, following HF's
  * runtime rules; *cached_len is the dynamic-NTK state of one request (start
  * it at cepe_rope_original_len). */
-cepe_status cepe_rope_for_call(const rope_state *r, int seq_len, int *cached_len, float *inv_freq, float *mscale);
+cepe_status cepe_rope_for_call(const rope_state *r, int seq_len, int *cached_len, float *inv_freq,
+                               float *mscale);
 
 #endif /* CEPE_ROPE_H */

@@ -1,37 +1,33 @@
-/* cepe_ops_test.c — the test-only CPython face of the op table
- * (csrc/backend.h). Never installed: tests/ops_ext/__init__.py builds it and
- * wraps each op in a Python function that checks the arrays and makes the
- * outputs.
+/* ops_bindings.c — the op table (csrc/backend.h) from Python: cepe_c._op runs
+ * one op of the list by name on the CPU table or on a "cepe.backend" capsule
+ * (cepe_c._sim_backend(), cepe_cuda.backend()). cepe/ops.py is the public,
+ * checked API over it; registered into cepe_c by module.c through
+ * cepe_ops_methods.
  *
- * call(op, backend, **args) runs one op of the list through a table: the CPU
- * table (backend None), cepe_c._sim_backend() or cepe_cuda.backend(). The
- * arguments are the op's parameters, by their names in the op list:
+ * _op(name, backend, **args): the arguments are the op's parameters, by their
+ * names in the op list:
  *  - a buffer (BUF_W / BUF_R) is None (NULL), an object exporting a
- *    C-contiguous buffer, or (object, offset in items): a pointer into one.
+ *    C-contiguous buffer, or (object, offset in bytes): a pointer into one.
  *    An object named by several arguments is one buffer (a fused QKV row
- *    holds q, k and v);
+ *    holds q, k and v), so a device backend copies it once each way;
  *  - a host value (HOST) is a number;
  *  - the attention shape (SHAPE) is a tuple of attention_shape's fields, in
  *    the struct's order.
  * On a device backend every buffer is copied to the device first, and those
  * the op writes are copied back after it; the backend's sync turns a failure
  * into RuntimeError carrying its message. The GIL is released around the
- * copies and the op.
- *
- * The module does not link the core: it reaches the CPU table and the error
- * message of a failed CPU op through cepe_c's "cepe_c._core_api" capsule. */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+ * copies and the op. Shapes are the caller's to check (cepe/ops.py does):
+ * this layer only checks that each offset lies inside its buffer. */
+#include "bind.h"
 
 #include <stddef.h>
+#include <stdio.h>
 #include <string.h>
 
-#include "backend.h"
+#include "../csrc/backend.h"
+#include "../csrc/ops/elementwise.h"
+#include "../csrc/ops/ops.h"
 #include "backend_capsule.h"
-#include "ops/elementwise_backward.h"
-#include "ops/ops_backward.h"
-
-static const cepe_core_api *core;
 
 /* -------------------------------------------------------------- the op list */
 
@@ -124,15 +120,15 @@ static void release(op_call *c) {
     c->n_buf = 0;
 }
 
-/* Argument i, a buffer: None, obj or (obj, offset in items). */
+/* Argument i, a buffer: None, obj or (obj, offset in bytes). */
 static int take_buffer(op_call *c, int i, PyObject *value) {
     const char *what = c->a.spec[i].name;
     const int out = c->a.spec[i].kind == ARG_W;
     c->which[i] = -1;
     if (value == Py_None) return 0;
     PyObject *obj = value;
-    Py_ssize_t items = 0;
-    if (PyTuple_Check(value) && !PyArg_ParseTuple(value, "On", &obj, &items)) return -1;
+    Py_ssize_t bytes = 0;
+    if (PyTuple_Check(value) && !PyArg_ParseTuple(value, "On", &obj, &bytes)) return -1;
     int b = 0;
     while (b < c->n_buf && c->buf[b].view.obj != obj) b++;
     if (b == c->n_buf) {
@@ -146,13 +142,13 @@ static int take_buffer(op_call *c, int i, PyObject *value) {
         PyErr_Format(PyExc_ValueError, "%s: %s must be writeable", c->op->name, what);
         return -1;
     }
-    if (items < 0 || items > buf->view.len / buf->view.itemsize) {
-        PyErr_Format(PyExc_ValueError, "%s: offset %zd is outside %s", c->op->name, items, what);
+    if (bytes < 0 || bytes > buf->view.len) {
+        PyErr_Format(PyExc_ValueError, "%s: offset %zd is outside %s", c->op->name, bytes, what);
         return -1;
     }
     buf->out |= out;
     c->which[i] = b;
-    c->offset[i] = items * buf->view.itemsize;
+    c->offset[i] = bytes;
     return 0;
 }
 
@@ -194,7 +190,7 @@ static void run(op_call *c) {
     if (!be->device) {
         if (st) {
             c->status = st;
-            snprintf(c->msg, sizeof c->msg, "%s", core->last_error());
+            snprintf(c->msg, sizeof c->msg, "%s", cepe_last_error());
         }
         return;
     }
@@ -217,18 +213,18 @@ static void run(op_call *c) {
     }
 }
 
-/* call(op, backend, **args) -> None */
-static PyObject *call(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kwds) {
+/* _op(name, backend, **args) -> None */
+static PyObject *op_call_py(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kwds) {
     const char *name;
     PyObject *o_be;
-    if (!PyArg_ParseTuple(args, "sO:call", &name, &o_be)) return NULL;
+    if (!PyArg_ParseTuple(args, "sO:_op", &name, &o_be)) return NULL;
     op_call c;
     memset(&c, 0, sizeof c);
     const size_t n_ops = sizeof op_table / sizeof op_table[0];
     for (size_t i = 0; i < n_ops && !c.op; i++)
         if (!strcmp(op_table[i].name, name)) c.op = &op_table[i];
     if (!c.op) return PyErr_Format(PyExc_ValueError, "no op named %s in the op list", name);
-    c.be = o_be == Py_None ? core->backend_cpu() : cepe_backend_capsule_table(o_be);
+    c.be = cepe_backend_from_capsule(o_be);
     if (!c.be) return NULL;
     if (!c.op->has(c.be))
         return PyErr_Format(PyExc_NotImplementedError, "backend '%s' has no %s op", c.be->name, name);
@@ -301,40 +297,23 @@ static PyObject *float_to_bf16(PyObject *Py_UNUSED(m), PyObject *args) {
 
 /* ----------------------------------------------------------------- module */
 
-static PyMethodDef methods[] = {
-    {"call", (PyCFunction)(void (*)(void))call, METH_VARARGS | METH_KEYWORDS,
-     "call(op, backend, **args): runs one op of csrc/backend.h's list; backend None is the CPU table"},
-    {"half_to_float", half_to_float, METH_VARARGS,
-     "half_to_float(src uint16, dst float32): cepe_half_to_float"},
-    {"float_to_bf16", float_to_bf16, METH_VARARGS,
-     "float_to_bf16(src float32, dst uint16): cepe_float_to_bf16"},
+PyMethodDef cepe_ops_methods[] = {
+    {"_op", (PyCFunction)(void (*)(void))op_call_py, METH_VARARGS | METH_KEYWORDS,
+     "_op(name, backend, **args): runs one op of csrc/backend.h's list (cepe.ops is the checked API); "
+     "backend None is the CPU table"},
+    {"_half_to_float", half_to_float, METH_VARARGS,
+     "_half_to_float(src uint16, dst float32): cepe_half_to_float"},
+    {"_float_to_bf16", float_to_bf16, METH_VARARGS,
+     "_float_to_bf16(src float32, dst uint16): cepe_float_to_bf16"},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT,
-                                    "cepe_ops_test",
-                                    "test-only bindings of the op table",
-                                    -1,
-                                    methods,
-                                    NULL,
-                                    NULL,
-                                    NULL,
-                                    NULL};
-
-PyMODINIT_FUNC PyInit_cepe_ops_test(void) {
-    core = PyCapsule_Import(CEPE_CORE_API_CAPSULE, 0);
-    if (!core) return NULL;
-    if (core->abi != CEPE_BACKEND_ABI)
-        return PyErr_Format(PyExc_ImportError, "cepe_c has op table ABI %d, these bindings %d: rebuild",
-                            core->abi, CEPE_BACKEND_ABI);
-    PyObject *m = PyModule_Create(&module);
-    if (!m) return NULL;
-    if (PyModule_AddIntConstant(m, "NORM_CHUNK", CEPE_NORM_CHUNK) < 0 ||
-        PyModule_AddIntConstant(m, "IGNORE_INDEX", CEPE_IGNORE_INDEX) < 0 ||
-        PyModule_AddIntConstant(m, "KL_SMOOTH", CEPE_KL_SMOOTH) < 0 ||
-        PyModule_AddIntConstant(m, "KL_DROP", CEPE_KL_DROP) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
-    return m;
+/* The op list's constants, for cepe.ops. */
+int cepe_ops_add_constants(PyObject *m) {
+    return PyModule_AddIntConstant(m, "NORM_CHUNK", CEPE_NORM_CHUNK) < 0 ||
+                   PyModule_AddIntConstant(m, "IGNORE_INDEX", CEPE_IGNORE_INDEX) < 0 ||
+                   PyModule_AddIntConstant(m, "KL_SMOOTH", CEPE_KL_SMOOTH) < 0 ||
+                   PyModule_AddIntConstant(m, "KL_DROP", CEPE_KL_DROP) < 0
+               ? -1
+               : 0;
 }

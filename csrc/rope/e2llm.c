@@ -4,7 +4,7 @@
  * training loop calls it), deterministic per seed. */
 #include <stdint.h>
 
-#include "common.h"
+#include "../common.h"
 #include "rope.h"
 
 #define E2LLM_SINKS 4 /* the first tokens keep offset 0 (attention sinks) */
@@ -52,11 +52,15 @@ static uint64_t rng_below(rng_t *r, uint64_t n) {
 
 cepe_status cepe_e2llm_check(int R, int L, int g_max, int n_samples) {
     if (R < 1) return cepe_fail(CEPE_ERR_INVALID_ARG, "e2llm: R (training window) must be >= 1, got %d", R);
-    if (L < 1) return cepe_fail(CEPE_ERR_INVALID_ARG, "e2llm: L (base context window) must be >= 1, got %d", L);
-    if (g_max < 1) return cepe_fail(CEPE_ERR_INVALID_ARG, "e2llm: g_max (largest scale) must be >= 1, got %d", g_max);
-    if (n_samples < 1) return cepe_fail(CEPE_ERR_INVALID_ARG, "e2llm: n_samples must be >= 1, got %d", n_samples);
+    if (L < 1)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "e2llm: L (base context window) must be >= 1, got %d", L);
+    if (g_max < 1)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "e2llm: g_max (largest scale) must be >= 1, got %d", g_max);
+    if (n_samples < 1)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "e2llm: n_samples must be >= 1, got %d", n_samples);
     if ((int64_t)g_max * L > INT32_MAX)
-        return cepe_fail(CEPE_ERR_INVALID_ARG, "e2llm: g_max * L = %lld does not fit in int32 (offsets are int32)",
+        return cepe_fail(CEPE_ERR_INVALID_ARG,
+                         "e2llm: g_max * L = %lld does not fit in int32 (offsets are int32)",
                          (long long)g_max * L);
     return CEPE_OK;
 }

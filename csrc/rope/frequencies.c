@@ -1,4 +1,4 @@
-/* rope_freq.c — per-pair RoPE inverse frequencies w'_j and the magnitude M of
+/* frequencies.c — per-pair RoPE inverse frequencies w'_j and the magnitude M of
  * every scaling variant, as transformers 5.23's _compute_*_parameters compute
  * them (including their edge rules; see each function). Everything is done in
  * double and stored as float: HF works in float32, so we agree to ~1e-7
@@ -6,8 +6,8 @@
 #include <math.h>
 #include <string.h>
 
-#include "common.h"
-#include "model/model.h"
+#include "../common.h"
+#include "../model/model.h"
 #include "rope.h"
 
 #define ROPE_PI 3.14159265358979323846
@@ -109,10 +109,11 @@ static cepe_status check_shape(const cepe_rope_config *rc) {
     if (rc->head_dim < 2 || rc->head_dim % 2)
         return cepe_fail(CEPE_ERR_INVALID_ARG, "head_dim must be an even number >= 2, got %d", rc->head_dim);
     if (rc->rotary_dim < 2 || rc->rotary_dim % 2 || rc->rotary_dim > rc->head_dim)
-        return cepe_fail(CEPE_ERR_INVALID_ARG,
-                         "rotary_dim (head_dim * partial_rotary_factor) must be even and in [2, head_dim=%d], "
-                         "got %d",
-                         rc->head_dim, rc->rotary_dim);
+        return cepe_fail(
+            CEPE_ERR_INVALID_ARG,
+            "rotary_dim (head_dim * partial_rotary_factor) must be even and in [2, head_dim=%d], "
+            "got %d",
+            rc->head_dim, rc->rotary_dim);
     if (rc->max_pos < 0)
         return cepe_fail(CEPE_ERR_INVALID_ARG, "max_position_embeddings must be >= 0, got %d", rc->max_pos);
     return CEPE_OK;
@@ -165,10 +166,11 @@ static cepe_status check_llama3(const cepe_rope_config *rc) {
     if (!st) st = check_optional("high_freq_factor", rc->high_freq_factor, 1);
     if (st) return st;
     if (!(rc->high_freq_factor > rc->low_freq_factor))
-        return cepe_fail(CEPE_ERR_INVALID_ARG,
-                         "rope_scaling.high_freq_factor must be > low_freq_factor, got high_freq_factor=%g and "
-                         "low_freq_factor=%g",
-                         rc->high_freq_factor, rc->low_freq_factor);
+        return cepe_fail(
+            CEPE_ERR_INVALID_ARG,
+            "rope_scaling.high_freq_factor must be > low_freq_factor, got high_freq_factor=%g and "
+            "low_freq_factor=%g",
+            rc->high_freq_factor, rc->low_freq_factor);
     return CEPE_OK;
 }
 
@@ -184,7 +186,8 @@ static cepe_status check_yarn(const cepe_rope_config *rc) {
     double slow = is_unset(rc->beta_slow) ? 1.0 : rc->beta_slow;
     if (fast < slow)
         return cepe_fail(CEPE_ERR_INVALID_ARG,
-                         "rope_scaling.beta_fast must be >= beta_slow, got beta_fast=%g and beta_slow=%g", fast, slow);
+                         "rope_scaling.beta_fast must be >= beta_slow, got beta_fast=%g and beta_slow=%g",
+                         fast, slow);
     cepe_status st = check_optional("mscale", rc->mscale, 0);
     if (!st) st = check_optional("mscale_all_dim", rc->mscale_all_dim, 0);
     return st;
@@ -195,11 +198,13 @@ static cepe_status check_longrope(const cepe_rope_config *rc) {
     const char *keys[2] = {"short_factor", "long_factor"};
     for (int k = 0; k < 2; k++) {
         if (!lists[k])
-            return cepe_fail(CEPE_ERR_INVALID_ARG, "rope_scaling.%s is required for rope_type 'longrope'", keys[k]);
+            return cepe_fail(CEPE_ERR_INVALID_ARG, "rope_scaling.%s is required for rope_type 'longrope'",
+                             keys[k]);
         for (int j = 0; j < rc->rotary_dim / 2; j++)
             if (!(lists[k][j] > 0.0f) || !isfinite(lists[k][j]))
-                return cepe_fail(CEPE_ERR_INVALID_ARG, "rope_scaling.%s[%d] must be a finite number > 0, got %g",
-                                 keys[k], j, (double)lists[k][j]);
+                return cepe_fail(CEPE_ERR_INVALID_ARG,
+                                 "rope_scaling.%s[%d] must be a finite number > 0, got %g", keys[k], j,
+                                 (double)lists[k][j]);
     }
     return CEPE_OK;
 }
@@ -207,15 +212,20 @@ static cepe_status check_longrope(const cepe_rope_config *rc) {
 static cepe_status check_variant(const cepe_rope_config *rc) {
     if (rc->type == CEPE_ROPE_DEFAULT) return CEPE_OK;
     if (rc->type == CEPE_ROPE_DYNAMIC && rc->rotary_dim < 4) /* the NTK exponent is dim / (dim - 2) */
-        return cepe_fail(CEPE_ERR_INVALID_ARG, "rope_type 'dynamic' needs rotary_dim >= 4, got %d", rc->rotary_dim);
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "rope_type 'dynamic' needs rotary_dim >= 4, got %d",
+                         rc->rotary_dim);
     cepe_status st = rc->type == CEPE_ROPE_LINEAR ? CEPE_OK : check_window(rc);
     if (!st) st = check_factor(rc);
     if (st) return st;
     switch (rc->type) {
-    case CEPE_ROPE_LLAMA3: return check_llama3(rc);
-    case CEPE_ROPE_YARN: return check_yarn(rc);
-    case CEPE_ROPE_LONGROPE: return check_longrope(rc);
-    default: return CEPE_OK;
+    case CEPE_ROPE_LLAMA3:
+        return check_llama3(rc);
+    case CEPE_ROPE_YARN:
+        return check_yarn(rc);
+    case CEPE_ROPE_LONGROPE:
+        return check_longrope(rc);
+    default:
+        return CEPE_OK;
     }
 }
 
@@ -228,10 +238,11 @@ cepe_status cepe_rope_check(const cepe_rope_config *rc) {
     /* A derived magnitude can still be useless (mscale ratios, L = 1). */
     double m = magnitude_of(rc);
     if (!(m > 0.0) || !isfinite(m))
-        return cepe_fail(CEPE_ERR_INVALID_ARG,
-                         "rope_scaling: the settings give an attention factor (magnitude) of %g; it must be a "
-                         "finite number > 0 (check mscale, mscale_all_dim, original_max_position_embeddings)",
-                         m);
+        return cepe_fail(
+            CEPE_ERR_INVALID_ARG,
+            "rope_scaling: the settings give an attention factor (magnitude) of %g; it must be a "
+            "finite number > 0 (check mscale, mscale_all_dim, original_max_position_embeddings)",
+            m);
     return CEPE_OK;
 }
 
@@ -241,7 +252,8 @@ cepe_status cepe_rope_check(const cepe_rope_config *rc) {
 static double base_freq(double base, int j, int dim) { return 1.0 / pow(base, (2.0 * j) / dim); }
 
 static void freqs_plain(const cepe_rope_config *rc, double divisor, float *out) {
-    for (int j = 0; j < rc->rotary_dim / 2; j++) out[j] = (float)(base_freq(rc->theta, j, rc->rotary_dim) / divisor);
+    for (int j = 0; j < rc->rotary_dim / 2; j++)
+        out[j] = (float)(base_freq(rc->theta, j, rc->rotary_dim) / divisor);
 }
 
 /* Dynamic NTK: base' = base * (s*n/L - (s-1))^(dim/(dim-2)) with
@@ -310,18 +322,31 @@ static void freqs_longrope(const cepe_rope_config *rc, int seq_len, float *out) 
     for (int j = 0; j < dim / 2; j++) out[j] = (float)(base_freq(rc->theta, j, dim) / ext[j]);
 }
 
-cepe_status cepe_rope_frequencies(const cepe_rope_config *rc, int seq_len, float *inv_freq, float *magnitude) {
+cepe_status cepe_rope_frequencies(const cepe_rope_config *rc, int seq_len, float *inv_freq,
+                                  float *magnitude) {
     cepe_status st = cepe_rope_check(rc);
     if (st) return st;
     if (!inv_freq) return cepe_fail(CEPE_ERR_INVALID_ARG, "inv_freq is NULL");
     if (seq_len < 0) return cepe_fail(CEPE_ERR_INVALID_ARG, "seq_len must be >= 0, got %d", seq_len);
     switch (rc->type) {
-    case CEPE_ROPE_DEFAULT: freqs_plain(rc, 1.0, inv_freq); break;
-    case CEPE_ROPE_LINEAR: freqs_plain(rc, rc->factor, inv_freq); break;
-    case CEPE_ROPE_DYNAMIC: freqs_dynamic(rc, seq_len, inv_freq); break;
-    case CEPE_ROPE_YARN: freqs_yarn(rc, inv_freq); break;
-    case CEPE_ROPE_LLAMA3: freqs_llama3(rc, inv_freq); break;
-    case CEPE_ROPE_LONGROPE: freqs_longrope(rc, seq_len, inv_freq); break;
+    case CEPE_ROPE_DEFAULT:
+        freqs_plain(rc, 1.0, inv_freq);
+        break;
+    case CEPE_ROPE_LINEAR:
+        freqs_plain(rc, rc->factor, inv_freq);
+        break;
+    case CEPE_ROPE_DYNAMIC:
+        freqs_dynamic(rc, seq_len, inv_freq);
+        break;
+    case CEPE_ROPE_YARN:
+        freqs_yarn(rc, inv_freq);
+        break;
+    case CEPE_ROPE_LLAMA3:
+        freqs_llama3(rc, inv_freq);
+        break;
+    case CEPE_ROPE_LONGROPE:
+        freqs_longrope(rc, seq_len, inv_freq);
+        break;
     }
     if (magnitude) *magnitude = (float)magnitude_of(rc);
     return CEPE_OK;
@@ -366,7 +391,8 @@ void cepe_rope_release(rope_state *r) {
     r->factors = NULL;
 }
 
-cepe_status cepe_rope_for_call(const rope_state *r, int seq_len, int *cached_len, float *inv_freq, float *mscale) {
+cepe_status cepe_rope_for_call(const rope_state *r, int seq_len, int *cached_len, float *inv_freq,
+                               float *mscale) {
     const int L = cepe_rope_original_len(&r->rc);
     int len = seq_len;
     if (r->rc.type == CEPE_ROPE_DYNAMIC) {

@@ -1,0 +1,286 @@
+"""Training-free baselines composed from cepe.ops (cepe.baselines), each
+against a PyTorch reference written here from its paper, on tiny models."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+import cepe
+import cepe.eval as ev
+from cepe.baselines import OpsDecoder
+
+
+@torch.no_grad()
+def torch_streaming_nll(hf, ids: np.ndarray, cache_size: int, scored: int, sinks: int = 4) -> float:
+    """StreamingLLM (Xiao et al. 2023, with its position shift): token by token, a cache of the
+    first `sinks` tokens and the most recent others; keys kept before RoPE and rotated by their
+    slot in the cache, the query by the last slot."""
+    model, cfg = hf.model, hf.config
+    H, KVH = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = cfg.head_dim
+    K: list[list[torch.Tensor]] = [[] for _ in model.layers]
+    V: list[list[torch.Tensor]] = [[] for _ in model.layers]
+    nll = []
+    for t in range(len(ids) - 1):
+        h = model.embed_tokens(torch.tensor([[int(ids[t])]]))
+        for i, layer in enumerate(model.layers):
+            if len(K[i]) == cache_size:
+                del K[i][sinks], V[i][sinks]
+            att = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = att.q_proj(x).view(1, 1, H, hd).transpose(1, 2)
+            K[i].append(att.k_proj(x).view(1, 1, KVH, hd).transpose(1, 2))
+            V[i].append(att.v_proj(x).view(1, 1, KVH, hd).transpose(1, 2))
+            ks, vs = torch.cat(K[i], dim=2), torch.cat(V[i], dim=2)
+            S = ks.shape[2]
+            cos, sin = model.rotary_emb(vs, torch.arange(S)[None])
+            qr, _ = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
+            _, kr = apply_rotary_pos_emb(ks, ks, cos, sin)
+            p = torch.softmax(qr @ repeat_kv(kr, H // KVH).transpose(2, 3) / math.sqrt(hd), dim=-1)
+            a = p @ repeat_kv(vs, H // KVH)
+            h = h + att.o_proj(a.transpose(1, 2).reshape(1, 1, H * hd))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if t + 1 >= len(ids) - scored:
+            logp = torch.log_softmax(hf.lm_head(model.norm(h))[0, -1].double(), -1)
+            nll.append(-float(logp[int(ids[t + 1])]))
+    return float(np.mean(nll))
+
+
+@pytest.mark.parametrize("cache_size,sinks", [(12, 4), (9, 1), (6, 0)])
+def test_streaming_matches_the_torch_reference(tiny_llama, cache_size, sinks):
+    hf = LlamaForCausalLM.from_pretrained(tiny_llama.path, dtype=torch.float32).eval()
+    dec = OpsDecoder.from_model(tiny_llama.load())
+    ids = np.random.default_rng(cache_size).integers(3, 101, size=30)
+    got = dec.streaming_nll(ids, cache_size=cache_size, scored=11, sinks=sinks)
+    assert got == pytest.approx(torch_streaming_nll(hf, ids, cache_size, 11, sinks), abs=1e-4)
+
+
+def test_streaming_without_eviction_is_the_engines_forward(tiny_llama):
+    model = tiny_llama.load()
+    dec = OpsDecoder.from_model(model)
+    ids = np.random.default_rng(5).integers(3, 101, size=25)
+    assert dec.streaming_nll(ids, cache_size=25, scored=10) == pytest.approx(
+        math.log(model.perplexity(ids, eval_window=10)), abs=1e-5
+    )
+    with pytest.raises(ValueError, match="sinks"):
+        dec.streaming_nll(ids, cache_size=4, scored=3, sinks=4)
+    with pytest.raises(ValueError, match="scored"):
+        dec.streaming_nll(ids, cache_size=8, scored=25)
+
+
+@pytest.mark.cepe_config(hidden_size=64, intermediate_size=128)
+def test_ops_decoder_of_a_model_held_in_q8_0_runs_on_its_widened_weights(tiny_llama):
+    """A model whose matrices stay in a block format: the baselines run on them widened
+    (exactly gguf's dequantization), so they agree with the float32 model of those weights."""
+    from gguf import GGMLQuantizationType, dequantize, quantize
+
+    q8 = OpsDecoder.from_model(cepe.load(tiny_llama.path, dtype="q8_0"))
+    f32 = OpsDecoder.from_model(tiny_llama.load())
+    name = "model.layers.0.mlp.down_proj.weight"
+    want = dequantize(quantize(f32.w[name], GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0)
+    np.testing.assert_array_equal(q8.w[name], want)
+    ids = np.random.default_rng(6).integers(3, 101, size=20)
+    assert q8.streaming_nll(ids, cache_size=20, scored=8) == pytest.approx(
+        f32.streaming_nll(ids, cache_size=20, scored=8), abs=2e-2
+    )
+
+
+def test_streaming_in_the_lm_protocol(tiny_cepe):
+    """--method streaming: x[-W-N:] streamed through a W-entry cache; at N = 0 it is truncation."""
+    model = tiny_cepe.load()
+    W = 12
+    docs = [np.random.default_rng(d).integers(3, 101, size=W + 256 + d) for d in range(2)]
+    result = ev.evaluate_lm(model, docs, window=W, contexts=[0, 256], methods=["truncation", "streaming"], bootstrap=50)
+    trunc, stream = result["results"]["truncation"], result["results"]["streaming"]
+    assert stream[0]["nll_per_doc"] == trunc[0]["nll_per_doc"]
+    dec = OpsDecoder.from_model(model)
+    for d, x in enumerate(docs):
+        want = dec.streaming_nll(x[-W - 256 :], cache_size=W, scored=W - 1)
+        assert stream[1]["nll_per_doc"][d] == pytest.approx(want, abs=1e-9)
+    assert stream[1]["nll_per_doc"] != trunc[1]["nll_per_doc"]
+
+
+@torch.no_grad()
+def torch_replug_nll(hf, passages, ids: np.ndarray, scored: int, scores=None) -> float:
+    """REPLUG (Shi et al. 2023): p(y) = sum_k softmax(scores)_k p(y | passage_k ++ x)."""
+    w = torch.full((len(passages),), 1.0 / len(passages)) if scores is None else torch.softmax(torch.tensor(scores), 0)
+    probs = 0
+    for p, wk in zip(passages, w, strict=True):
+        seq = torch.as_tensor(np.concatenate([p, ids]))[None]
+        logits = hf(seq).logits[0].double()
+        logp = torch.log_softmax(logits[-scored - 1 : -1], -1)
+        probs = probs + wk.double() * logp[torch.arange(scored), torch.as_tensor(ids[-scored:])].exp()
+    return float(-torch.log(probs).mean())
+
+
+@pytest.mark.parametrize("scores", [None, [0.5, -1.0, 2.0]])
+def test_replug_matches_the_torch_reference(tiny_llama, scores):
+    from cepe.baselines import replug_nll
+
+    hf = LlamaForCausalLM.from_pretrained(tiny_llama.path, dtype=torch.float32).eval()
+    rng = np.random.default_rng(7)
+    passages = [rng.integers(3, 101, size=n) for n in (5, 9, 7)]
+    ids = rng.integers(3, 101, size=14)
+    got = replug_nll(tiny_llama.load(), passages, ids, scored=10, scores=scores)
+    assert got == pytest.approx(torch_replug_nll(hf, passages, ids, 10, scores), abs=1e-4)
+    with pytest.raises(ValueError, match="scores"):
+        replug_nll(tiny_llama.load(), passages, ids, scored=10, scores=[1.0])
+
+
+def test_replug_in_the_lm_protocol(tiny_cepe):
+    from cepe.baselines import replug_nll
+
+    model = tiny_cepe.load()
+    W = 12
+    docs = [np.random.default_rng(10 + d).integers(3, 101, size=W + 512) for d in range(2)]
+    result = ev.evaluate_lm(model, docs, window=W, contexts=[0, 512], methods=["truncation", "replug"], bootstrap=50)
+    trunc, rep = result["results"]["truncation"], result["results"]["replug"]
+    assert rep[0]["nll_per_doc"] == trunc[0]["nll_per_doc"]
+    for d, x in enumerate(docs):
+        chunks = [x[-W - 512 : -W - 256], x[-W - 256 : -W]]
+        assert rep[1]["nll_per_doc"][d] == pytest.approx(replug_nll(model, chunks, x[-W:], W - 1), abs=1e-9)
+
+
+@torch.no_grad()
+def torch_pcw_nll(hf, chunks: np.ndarray, ids: np.ndarray, scored: int) -> float:
+    """Parallel context windows (Ratner et al. 2023) as one sequence with a block mask: chunk i
+    at positions 0..L-1 sees its own earlier tokens; the task tokens at L.. see every chunk
+    token and their own earlier tokens."""
+    n, L = chunks.shape
+    T = len(ids)
+    seq = torch.as_tensor(np.concatenate([chunks.reshape(-1), ids]))[None]
+    pos = torch.as_tensor(np.concatenate([np.tile(np.arange(L), n), L + np.arange(T)]))[None]
+    S = n * L + T
+    owner = torch.as_tensor(np.concatenate([np.repeat(np.arange(n), L), np.full(T, n)]))
+    i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
+    allowed = (j <= i) & ((owner[:, None] == owner[None, :]) | ((owner[:, None] == n) & (owner[None, :] < n)))
+    mask = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[None, None]
+    model = hf.model
+    h = model.embed_tokens(seq)
+    cos_sin = model.rotary_emb(h, pos)
+    for layer in model.layers:
+        a, _ = layer.self_attn(layer.input_layernorm(h), position_embeddings=cos_sin, attention_mask=mask)
+        h = h + a
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    logp = torch.log_softmax(hf.lm_head(model.norm(h))[0].double(), -1)
+    rows = torch.arange(S - scored - 1, S - 1)
+    return float(-logp[rows, torch.as_tensor(ids[-scored:])].mean())
+
+
+def test_pcw_matches_the_torch_reference(tiny_llama):
+    hf = LlamaForCausalLM.from_pretrained(tiny_llama.path, dtype=torch.float32).eval()
+    hf.config._attn_implementation = "eager"
+    dec = OpsDecoder.from_model(tiny_llama.load())
+    rng = np.random.default_rng(11)
+    chunks, ids = rng.integers(3, 101, size=(3, 8)), rng.integers(3, 101, size=13)
+    got = dec.pcw_nll(chunks, ids, scored=12)
+    assert got == pytest.approx(torch_pcw_nll(hf, chunks, ids, 12), abs=1e-4)
+    # one window is plain causal attention over chunk + tokens: the engine's forward
+    model = tiny_llama.load()
+    one = dec.pcw_nll(chunks[:1], ids, scored=12)
+    assert one == pytest.approx(math.log(model.perplexity(np.concatenate([chunks[0], ids]), eval_window=12)), abs=1e-5)
+    with pytest.raises(ValueError, match="chunks"):
+        dec.pcw_nll(chunks[0], ids, scored=12)
+
+
+def test_pcw_in_the_lm_protocol(tiny_cepe):
+    model = tiny_cepe.load()
+    W = 12
+    docs = [np.random.default_rng(20 + d).integers(3, 101, size=W + 512) for d in range(2)]
+    result = ev.evaluate_lm(model, docs, window=W, contexts=[0, 512], methods=["truncation", "pcw"], bootstrap=50)
+    trunc, pcw = result["results"]["truncation"], result["results"]["pcw"]
+    assert pcw[0]["nll_per_doc"] == trunc[0]["nll_per_doc"]
+    dec = OpsDecoder.from_model(model)
+    for d, x in enumerate(docs):
+        want = dec.pcw_nll(x[-W - 512 : -W].reshape(2, 256), x[-W:], W - 1)
+        assert pcw[1]["nll_per_doc"][d] == pytest.approx(want, abs=1e-9)
+
+
+def test_e2llm_cepe_in_the_lm_protocol_matches_the_reference(tiny_cepe, reference):
+    """e2llm-cepe: the decoder reads the last 2W tokens with RoPE scaled linearly by 2, the rest of
+    the context through the encoder; the reference runs the same with transformers' linear RoPE."""
+    W = 256
+    ref = reference.load_reference(tiny_cepe.path, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    model = tiny_cepe.load()
+    docs = [np.random.default_rng(30 + d).integers(3, 101, size=W + 768) for d in range(2)]
+    result = ev.evaluate_lm(model, docs, window=W, contexts=[0, 256, 768], methods=["e2llm-cepe"], bootstrap=50)
+    rows = {r["N"]: r for r in result["results"]["e2llm-cepe"]}
+    for d, x in enumerate(docs):
+        for n, (dec_len, n_ctx) in {0: (W, 0), 256: (W + 256, 0), 768: (2 * W, 512)}.items():
+            dec = x[-dec_len:]
+            E = None if not n_ctx else ref.encode(x[-dec_len - n_ctx : -dec_len].reshape(1, -1, 256))
+            logp = torch.log_softmax(ref.forward(dec[None], E)[0].double()[-W:-1], -1)
+            want = float(-logp[torch.arange(W - 1), torch.as_tensor(dec[-(W - 1) :])].mean())
+            assert rows[n]["nll_per_doc"][d] == pytest.approx(want, abs=1e-4), (d, n)
+    unscaled = math.log(model.perplexity(docs[0][-W:], eval_window=W - 1))
+    assert abs(rows[0]["nll_per_doc"][0] - unscaled) > 1e-3  # the scale is in effect
+    with pytest.raises(ValueError, match="multiple of 256"):
+        ev.evaluate_lm(model, docs, window=100, contexts=[256], methods=["e2llm-cepe"])
+
+
+@torch.no_grad()
+def torch_ape_nll(hf, prefix, chunks, ids, scored: int, temp: float, scale: float) -> float:
+    """APE (Yang et al. 2025) written out: every chunk after the same prefix (positions 0..P-1,
+    the chunk P..P+L-1, causal within); the task tokens (P+L..) weigh the prefix's exp(score),
+    the chunks' exp(score / temp) times scale, and their own causal exp(score)."""
+    model, cfg = hf.model, hf.config
+    H, KVH, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    n, L = chunks.shape
+    P, T = len(prefix), len(ids)
+    rows = torch.as_tensor(np.concatenate([np.tile(prefix, (n, 1)), chunks], axis=1))
+    hc, ht = model.embed_tokens(rows), model.embed_tokens(torch.as_tensor(ids)[None])
+    cs_c = model.rotary_emb(hc, torch.arange(P + L)[None])
+    cs_t = model.rotary_emb(ht, torch.arange(P + L, P + L + T)[None])
+    sc = hd**-0.5
+
+    def proj(layer, h, cs):
+        B, S, _ = h.shape
+        att, x = layer.self_attn, layer.input_layernorm(h)
+        q = att.q_proj(x).view(B, S, H, hd).transpose(1, 2)
+        k = att.k_proj(x).view(B, S, KVH, hd).transpose(1, 2)
+        v = att.v_proj(x).view(B, S, KVH, hd).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *cs)
+        return q, repeat_kv(k, H // KVH), repeat_kv(v, H // KVH)
+
+    def finish(layer, h, a):
+        h = h + layer.self_attn.o_proj(a.transpose(1, 2).reshape(*h.shape[:2], H * hd))
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    for layer in model.layers:
+        qc, kc, vc = proj(layer, hc, cs_c)
+        s = (qc @ kc.transpose(2, 3)) * sc
+        s = s.masked_fill(torch.triu(torch.ones(P + L, P + L, dtype=torch.bool), 1), float("-inf"))
+        ac = torch.softmax(s, -1) @ vc
+        qt, kt, vt = proj(layer, ht, cs_t)
+        kp, vp = kc[:1, :, :P], vc[:1, :, :P]
+        kx = kc[:, :, P:].permute(1, 0, 2, 3).reshape(1, H, n * L, hd)
+        vx = vc[:, :, P:].permute(1, 0, 2, 3).reshape(1, H, n * L, hd)
+        s_p, s_x = (qt @ kp.transpose(2, 3)) * sc, (qt @ kx.transpose(2, 3)) * sc / temp
+        s_t = ((qt @ kt.transpose(2, 3)) * sc).masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), -1e30)
+        m = torch.cat([s_p, s_x, s_t], -1).amax(-1, keepdim=True)
+        e_p, e_x, e_t = (s_p - m).exp(), scale * (s_x - m).exp(), (s_t - m).exp()
+        num = e_p @ vp + e_x @ vx + e_t @ vt
+        at = num / (e_p.sum(-1, keepdim=True) + e_x.sum(-1, keepdim=True) + e_t.sum(-1, keepdim=True))
+        hc, ht = finish(layer, hc, ac), finish(layer, ht, at)
+    logp = torch.log_softmax(hf.lm_head(model.norm(ht))[0].double(), -1)
+    return float(-logp[torch.arange(T - scored - 1, T - 1), torch.as_tensor(ids[-scored:])].mean())
+
+
+@pytest.mark.parametrize("temp,scale", [(1.0, 1.0), (0.7, 0.8)])
+def test_ape_matches_the_torch_reference(tiny_llama, temp, scale):
+    hf = LlamaForCausalLM.from_pretrained(tiny_llama.path, dtype=torch.float32).eval()
+    dec = OpsDecoder.from_model(tiny_llama.load())
+    rng = np.random.default_rng(12)
+    prefix, chunks, ids = rng.integers(3, 101, size=3), rng.integers(3, 101, size=(3, 6)), rng.integers(3, 101, size=9)
+    got = dec.pcw_nll(chunks, ids, scored=8, prefix=prefix, temperature=temp, scale=scale)
+    assert got == pytest.approx(torch_ape_nll(hf, prefix, chunks, ids, 8, temp, scale), abs=1e-4)
+    if (temp, scale) != (1.0, 1.0):
+        assert abs(got - dec.pcw_nll(chunks, ids, scored=8, prefix=prefix)) > 1e-4
+    with pytest.raises(ValueError, match="temperature"):
+        dec.pcw_nll(chunks, ids, scored=8, temperature=0.0)
