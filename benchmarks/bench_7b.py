@@ -92,6 +92,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ctx-tokens", type=int, default=8192)
     p.add_argument("--headroom-gb", type=float, default=1.5)
     p.add_argument("--llcpp-cache", default=os.path.join("~", ".cache", "cepe", "llcpp"))
+    p.add_argument("--estimate-only", action="store_true", help="measure the probe, estimate, write and run nothing")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--worker", nargs=2, metavar=("WHAT", "PATH"), help=argparse.SUPPRESS)
     return p.parse_args()
@@ -326,7 +327,9 @@ def main() -> None:
         avail = mem_available() - a.headroom_gb * GB
         row["estimated_peak_gb"] = round(est / GB, 2)
         row["bytes_per_weight_loaded"] = round((pr["rss_loaded"] - pr["rss_base"]) / n_params(pdec, penc), 3)
-        if est > avail:
+        if a.estimate_only:
+            row["not_run"] = f"--estimate-only (fits: {est <= avail}; {avail / GB:.1f} GB available)"
+        elif est > avail:
             row["not_run"] = (
                 f"estimated peak {est / GB:.1f} GB > the {avail / GB:.1f} GB available "
                 f"(MemAvailable less {a.headroom_gb} GB headroom)"
