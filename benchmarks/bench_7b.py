@@ -92,6 +92,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ctx-tokens", type=int, default=8192)
     p.add_argument("--headroom-gb", type=float, default=1.5)
     p.add_argument("--llcpp-cache", default=os.path.join("~", ".cache", "cepe", "llcpp"))
+    p.add_argument("--estimate-only", action="store_true", help="measure the probe, estimate, write and run nothing")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--worker", nargs=2, metavar=("WHAT", "PATH"), help=argparse.SUPPRESS)
     return p.parse_args()
@@ -248,7 +249,9 @@ def child(what: str, path: str, a: argparse.Namespace) -> dict:
     _, status, ru = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         return {"error": f"the {what} child failed with status {os.waitstatus_to_exitcode(status)}"}
-    return {**json.loads(out), "peak_rss_gb": ru.ru_maxrss * 1024 / GB}
+    r = json.loads(out)
+    # reset_peak also restarts ru_maxrss: the load's peak is the worker's own figure
+    return {**r, "peak_rss_gb": max(ru.ru_maxrss * 1024, r["load_peak"], r["run_peak"]) / GB}
 
 
 def mem_available() -> int:
@@ -324,7 +327,9 @@ def main() -> None:
         avail = mem_available() - a.headroom_gb * GB
         row["estimated_peak_gb"] = round(est / GB, 2)
         row["bytes_per_weight_loaded"] = round((pr["rss_loaded"] - pr["rss_base"]) / n_params(pdec, penc), 3)
-        if est > avail:
+        if a.estimate_only:
+            row["not_run"] = f"--estimate-only (fits: {est <= avail}; {avail / GB:.1f} GB available)"
+        elif est > avail:
             row["not_run"] = (
                 f"estimated peak {est / GB:.1f} GB > the {avail / GB:.1f} GB available "
                 f"(MemAvailable less {a.headroom_gb} GB headroom)"

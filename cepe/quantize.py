@@ -36,7 +36,7 @@ import numpy as np
 
 from .config import ROPE_LAYOUT_KEY, DecoderConfig, read_config
 from .errors import CheckpointError
-from .gguf_io import GGUFFile, gguf_name, is_gguf, weight_names
+from .gguf_io import GGUF_MAGIC, GGUFFile, gguf_name, is_gguf, weight_names
 from .gguf_io import read_config as read_gguf_config
 from .head import (
     DECODER_KEY,
@@ -343,8 +343,16 @@ def _check_dst(dst: str, force: bool, cepe: bool) -> None:
     if cepe:
         if not os.path.isdir(dst) or any(n not in (*MODEL_FILES, DECODER_FILE) for n in os.listdir(dst)):
             raise FileExistsError(f"DST {dst} exists and is not a quantized CEPE directory: not replacing it")
-    elif not os.path.isfile(dst) or not is_gguf(dst):
+    elif not _starts_gguf(dst):
         raise FileExistsError(f"DST {dst} exists and is not a GGUF file: not replacing it")
+
+
+def _starts_gguf(path: str) -> bool:
+    """A regular file whose bytes start with GGUF's magic (a name ending in .gguf is not enough)."""
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == GGUF_MAGIC
 
 
 def _plan(src: _Source, qname: str) -> tuple[list[tuple[str, str, tuple[int, ...], str]], list[str]]:
@@ -512,6 +520,9 @@ def _write(
         if cepe:
             _write_head(source, tmp, DECODER_FILE, head_dtype)
         fsync_path(gguf_tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, (0o777 if cepe else 0o666) & ~umask)  # mkdtemp/mkstemp made it private
         old = None
         if cepe and os.path.isdir(dst):  # a directory is not replaced by a rename: move it aside first
             old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)

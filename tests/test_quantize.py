@@ -253,6 +253,12 @@ def test_logits_close_to_the_source_and_equal_to_transformers(qtype, sources, wr
         assert np.abs(got - hf_logits(transformers_from_gguf(path), IDS)).max() <= 1e-3
 
 
+def test_written_file_has_the_usual_permissions(written):
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(written("gguf-bpe", "q8_0")).st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_requantizing_a_quantized_file(sources, written, tmp_path):
     """A quantized GGUF is a source too: q8_0 -> q4_0 stays close to the original."""
     q8 = written("gguf-bpe", "q8_0")
@@ -329,10 +335,10 @@ def test_existing_dst_is_never_overwritten_without_force(sources, written, tmp_p
     assert Q.Q8_0 in {t.tensor_type for t in gguf.GGUFReader(dst).tensors}
 
 
-@pytest.mark.parametrize("what", ["text file", "directory", "symlink"])
+@pytest.mark.parametrize("what", ["text file", "text file named .gguf", "directory", "symlink"])
 def test_force_never_replaces_a_non_gguf(what, sources, tmp_path):
-    dst = tmp_path / "precious"
-    if what == "text file":
+    dst = tmp_path / ("precious.gguf" if what.endswith(".gguf") else "precious")
+    if what.startswith("text file"):
         dst.write_text("my notes")
     elif what == "directory":
         dst.mkdir()
