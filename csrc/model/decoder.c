@@ -3,7 +3,6 @@
  * the KV cache → o_proj + residual → RMSNorm → SwiGLU MLP + residual] →
  * final RMSNorm → lm_head. Long inputs run in chunks of ctx->chunk tokens
  * per row, each attending to the cache the earlier chunks filled. */
-#include <math.h>
 #include <string.h>
 
 #include "../common.h"
@@ -35,43 +34,9 @@ static void cross_kv(cepe_ctx *x, int l, const float **kc, const float **vc) {
         *vc = x->cross_v + (long)(l - m->first_cross) * ctx_rows * kvd;
         return;
     }
-    model_matmul(m, x->qwork, x->cross_k, x->ctx_states, &w->cross_wk, (int)ctx_rows, 0);
-    model_matmul(m, x->qwork, x->cross_v, x->ctx_states, &w->cross_wv, (int)ctx_rows, 0);
+    block_cross_kv(m, w, x->qwork, x->cross_k, x->cross_v, x->ctx_states, (int)ctx_rows);
     *kc = x->cross_k;
     *vc = x->cross_v;
-}
-
-/* CEPE cross-attention for the rows of one chunk (spec §3):
- * x += o_proj(attn(q_proj(RMSNorm_cross(x)), K, V)) with K, V from cross_kv:
- * no RoPE, no causal mask, padded context tokens masked. */
-static void cross_attention(cepe_ctx *x, int l, const chunk_view *cv, const float *kc, const float *vc) {
-    const cepe_model *m = x->m;
-    const cepe_config *cfg = &m->cfg;
-    const cepe_backend *be = m->be;
-    const layer_weights *w = &m->w.layers[l];
-    const int B = x->B, c = cv->c, N = B * c, d = cfg->hidden_size, hd = cfg->head_dim;
-    const int qd = cfg->n_heads * hd, kvd = cfg->n_kv_heads * hd, nt = m->n_threads;
-    const attention_shape shape = {
-        .B = B,
-        .Tq = c,
-        .Tk = x->ctx_N,
-        .H = cfg->n_heads,
-        .KVH = cfg->n_kv_heads,
-        .hd = hd,
-        .q_rstride = qd,
-        .q_bstride = (long)c * qd,
-        .kv_rstride = kvd,
-        .kv_bstride = (long)x->ctx_N * kvd,
-        .valid_bstride = x->ctx_N,
-        .causal = 0,
-        .q_offset = 0,
-        .window = 0,
-        .scale = 1.0f / sqrtf((float)hd),
-    };
-    be->rmsnorm(be, x->xn, cv->x, w->cross_norm, N, d, cfg->rms_norm_eps, nt);
-    model_matmul(m, x->qwork, x->q, x->xn, &w->cross_wq, N, 0);
-    be->attention(be, x->att, x->q, kc, vc, x->ctx_mask, &shape, nt);
-    model_matmul(m, x->qwork, cv->x, x->att, &w->cross_wo, N, 1);
 }
 
 /* Each row's last token moved to rows 0..B-1 of a (B*c, width) buffer, in
@@ -99,8 +64,7 @@ static void layer_forward(cepe_ctx *x, int l, const chunk_view *cv, const float 
     const cepe_backend *be = m->be;
     const layer_weights *w = &m->w.layers[l];
     const int B = x->B, c = cv->c, d = cfg->hidden_size;
-    const int H = cfg->n_heads, KVH = cfg->n_kv_heads, hd = cfg->head_dim, half = m->rope.half;
-    const int qd = H * hd, kvd = KVH * hd, nt = m->n_threads;
+    const int half = m->rope.half, kvd = cfg->n_kv_heads * cfg->head_dim, nt = m->n_threads;
     const long layer_stride = (long)B * x->cap * kvd;
     float *kc = x->k_cache + l * layer_stride, *vc = x->v_cache + l * layer_stride;
     const block_scratch s = {.xn = x->xn,
@@ -127,30 +91,14 @@ static void layer_forward(cepe_ctx *x, int l, const chunk_view *cv, const float 
         keep_last_rows(be, cv->sin_t, B, c, half);
     }
     const int nq = last_only ? 1 : c, N = B * nq; /* query rows per batch row, in all */
-    const attention_shape shape = {
-        .B = B,
-        .Tq = nq,
-        .Tk = cv->len + c,
-        .H = H,
-        .KVH = KVH,
-        .hd = hd,
-        .q_rstride = qd,
-        .q_bstride = (long)nq * qd,
-        .kv_rstride = kvd,
-        .kv_bstride = (long)x->cap * kvd,
-        .valid_bstride = x->cap,
-        .causal = 1,
-        .q_offset = cv->len + c - nq,
-        .window = cfg->sliding_window,
-        .scale = 1.0f / sqrtf((float)hd),
-    };
-    block_q(m, w, cfg, &s, N, &m->rope, nt);
-    be->attention(be, x->att, x->q, kc, vc, x->valid, &shape, nt);
-    model_matmul(m, x->qwork, cv->x, x->att, &w->wo, N, 1); /* x += o_proj(att) */
-    const chunk_view qv = {
-        .x = cv->x, .cos_t = cv->cos_t, .sin_t = cv->sin_t, .c = nq, .len = cv->len + c - nq};
-    if (ck) cross_attention(x, l, &qv, ck, cv_); /* between self-attention and the MLP */
-    block_mlp(m, w, cfg, cv->x, &s, N, nt);
+    block_kv_src self_kv = {
+        .k = kc, .v = vc, .valid = x->valid, .shape = block_shape(cfg, B, nq, cv->len + c, 1)};
+    self_kv.shape.kv_bstride = (long)x->cap * kvd;
+    self_kv.shape.valid_bstride = x->cap;
+    self_kv.shape.q_offset = cv->len + c - nq;
+    const block_kv_src cross = {
+        .k = ck, .v = cv_, .valid = x->ctx_mask, .shape = block_shape(cfg, B, nq, x->ctx_N, 0)};
+    block_attend(m, w, cfg, cv->x, &s, N, &m->rope, &self_kv, ck ? &cross : NULL, nt);
 }
 
 /* Chunk-major: every layer over the c tokens per row already gathered into
@@ -190,13 +138,7 @@ static int gather_chunk(cepe_ctx *x, const int32_t *ids, const double *positions
             const int real = mask ? mask[src] != 0 : 1;
             x->ids_h[dst] = ids[src];
             valid[t] = (uint8_t)real;
-            if (positions) {
-                x->pos_h[dst] = positions[src];
-                if (real) x->next_pos[b] = positions[src] + 1.0;
-            } else {
-                x->pos_h[dst] = x->next_pos[b];
-                if (real) x->next_pos[b] += 1.0;
-            }
+            x->pos_h[dst] = model_position(positions, src, real, &x->next_pos[b]);
         }
         bad |= be->upload(be, x->valid + (valid - x->valid_h), valid, (size_t)c);
     }

@@ -2,7 +2,6 @@
  * independent chunks (spec §2). Each chunk's tokens sit at RoPE positions
  * 0..L-1 (slot indices, so left padding shifts real tokens, as in the
  * reference); padded keys are never attended; no chunk sees another. */
-#include <math.h>
 
 #include "../common.h"
 #include "model.h"
@@ -10,6 +9,31 @@
 /* Rows per batch of chunks: large enough for efficient GEMMs, small enough
  * that scratch stays a few MB whatever the context length. */
 #define ENCODE_ROWS 1024
+
+cepe_status encoder_rope_table(const cepe_model *m, int rows, int L, double *pos_h, double *pos,
+                               float *inv_freq, float *cos_t, float *sin_t) {
+    const cepe_backend *be = m->be;
+    const int half = m->enc_rope.half;
+    for (int i = 0; i < rows; i++) pos_h[i] = (double)(i % L); /* slot index in its chunk */
+    float freq[CEPE_MAX_HEAD_DIM / 2], mscale;
+    int cached = cepe_rope_original_len(&m->enc_rope.rc);
+    cepe_status st = cepe_rope_for_call(&m->enc_rope, L, &cached, freq, &mscale);
+    if (st) return st;
+    int bad = be->upload(be, pos, pos_h, (size_t)rows * sizeof(double));
+    bad |= be->upload(be, inv_freq, freq, (size_t)half * sizeof(float));
+    bad |= be->rope_table(be, cos_t, sin_t, pos, inv_freq, rows, half, mscale);
+    return bad ? backend_fail(be) : CEPE_OK;
+}
+
+void encoder_layers(const cepe_model *m, float *x, const uint8_t *mask, int nb, int L, const block_scratch *s,
+                    block_record *rec) {
+    const cepe_config *c = &m->enc_cfg;
+    const attention_shape shape = block_shape(c, nb, L, L, 0);
+    for (int l = 0; l < c->n_layers; l++) {
+        const block_scratch ls = rec ? block_scratch_recording(s, &rec[l], s->h) : *s;
+        block_layer(m, &m->enc.layers[l], c, x, &ls, nb * L, &m->enc_rope, mask, &shape, NULL, m->n_threads);
+    }
+}
 
 cepe_status cepe_model_encode(const cepe_model *m, const int32_t *ids, const uint8_t *mask, int n_chunks,
                               int L, float *out) {
@@ -62,13 +86,7 @@ cepe_status model_encode_into(const cepe_model *m, const int32_t *ids, const uin
                        rows);
         goto done;
     }
-    for (size_t i = 0; i < rows; i++) pos_h[i] = (double)(i % (size_t)L); /* slot index in its chunk */
-    float inv_freq[CEPE_MAX_HEAD_DIM / 2], mscale;
-    int cached = cepe_rope_original_len(&m->enc_rope.rc);
-    if ((st = cepe_rope_for_call(&m->enc_rope, L, &cached, inv_freq, &mscale))) goto done;
-    bad |= be->upload(be, pos, pos_h, rows * sizeof(double));
-    bad |= be->upload(be, inv_freq_d, inv_freq, (size_t)half * sizeof(float));
-    bad |= be->rope_table(be, cos_t, sin_t, pos, inv_freq_d, (int)rows, half, mscale);
+    if ((st = encoder_rope_table(m, (int)rows, L, pos_h, pos, inv_freq_d, cos_t, sin_t))) goto done;
     if (progress) {
         atomic_store(&progress->progress_done, 0);
         atomic_store(&progress->progress_total, (long)((n_chunks + cb - 1) / cb));
@@ -97,30 +115,7 @@ cepe_status model_encode_into(const cepe_model *m, const int32_t *ids, const uin
             ids_b = ids_d, mask_b = mask_d;
         }
         model_embedding(m, x, ids_b, &m->enc.embed, N);
-        const attention_shape shape = {
-            .B = nb,
-            .Tq = L,
-            .Tk = L,
-            .H = c->n_heads,
-            .KVH = c->n_kv_heads,
-            .hd = c->head_dim,
-            .q_rstride = (long)qd,
-            .q_bstride = (long)L * qd,
-            .kv_rstride = (long)kvd,
-            .kv_bstride = (long)L * kvd,
-            .valid_bstride = L,
-            .causal = 0,
-            .q_offset = 0,
-            .window = 0,
-            .scale = 1.0f / sqrtf((float)c->head_dim),
-        };
-        for (int l = 0; l < c->n_layers; l++) {
-            const layer_weights *w = &m->enc.layers[l];
-            block_qkv(m, w, c, x, &s, N, &m->enc_rope, nt);
-            be->attention(be, att, q, k, v, mask_b, &shape, nt);
-            model_matmul(m, qwork, x, att, &w->wo, N, 1);
-            block_mlp(m, w, c, x, &s, N, nt);
-        }
+        encoder_layers(m, x, mask_b, nb, L, &s, NULL);
         be->rmsnorm(be, out_b, x, m->enc.final_norm, N, (int)d, c->rms_norm_eps, nt);
         if (out_d) bad |= be->download(be, out + off * (long)d, out_d, (size_t)N * d * sizeof(float));
         if (progress) {

@@ -1,5 +1,7 @@
 /* model.c — creating a decoder from a config, binding its weights by HF name,
  * and checking that nothing is missing. */
+#include <limits.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -42,44 +44,128 @@ static cepe_status check_config(const cepe_config *c) {
     return CEPE_OK;
 }
 
-static weight_slot *new_slot(cepe_model *m, const char *name, int64_t d0, int64_t d1) {
-    weight_slot *s = &m->slots[m->n_slots++];
-    snprintf(s->name, sizeof s->name, "%s", name);
-    s->ndim = d1 > 0 ? 2 : 1;
-    s->shape[0] = d0;
-    s->shape[1] = d1;
-    return s;
+/* ------------------------------------------------------------- parameters */
+
+/* A dimension of a parameter, read from the config it belongs to. */
+typedef enum { DIM_NONE, DIM_D, DIM_QD, DIM_KVD, DIM_FF, DIM_VOCAB, DIM_D_ENC } param_dim;
+
+/* One parameter: its HF name (after the prefix), its shape, and where in the
+ * struct it belongs to (a layer_weights, or the cepe_model) its data goes:
+ * a cepe_qtensor for a matrix, a const float * for a 1-D norm. */
+typedef struct {
+    const char *name;
+    param_dim d0, d1;
+    size_t field;
+} param_decl;
+
+#define LAYER(f) offsetof(layer_weights, f)
+/* A LLaMA block (decoder and encoder alike), under "model.layers.<i>." or
+ * "encoder.layers.<i>.". */
+static const param_decl BLOCK_PARAMS[] = {
+    {"input_layernorm.weight", DIM_D, DIM_NONE, LAYER(attn_norm)},
+    {"self_attn.q_proj.weight", DIM_QD, DIM_D, LAYER(wq)},
+    {"self_attn.k_proj.weight", DIM_KVD, DIM_D, LAYER(wk)},
+    {"self_attn.v_proj.weight", DIM_KVD, DIM_D, LAYER(wv)},
+    {"self_attn.o_proj.weight", DIM_D, DIM_QD, LAYER(wo)},
+    {"post_attention_layernorm.weight", DIM_D, DIM_NONE, LAYER(ffn_norm)},
+    {"mlp.gate_proj.weight", DIM_FF, DIM_D, LAYER(w_gate)},
+    {"mlp.up_proj.weight", DIM_FF, DIM_D, LAYER(w_up)},
+    {"mlp.down_proj.weight", DIM_D, DIM_FF, LAYER(w_down)},
+};
+/* CEPE cross-attention (spec §3), in the decoder's top n_cross_layers blocks. */
+static const param_decl CROSS_PARAMS[] = {
+    {"cross_attn.layernorm.weight", DIM_D, DIM_NONE, LAYER(cross_norm)},
+    {"cross_attn.q_proj.weight", DIM_QD, DIM_D, LAYER(cross_wq)},
+    {"cross_attn.k_proj.weight", DIM_KVD, DIM_D_ENC, LAYER(cross_wk)},
+    {"cross_attn.v_proj.weight", DIM_KVD, DIM_D_ENC, LAYER(cross_wv)},
+    {"cross_attn.o_proj.weight", DIM_D, DIM_QD, LAYER(cross_wo)},
+};
+#undef LAYER
+#define MODEL(f) offsetof(cepe_model, f)
+/* Outside the blocks; lm_head only when untied (it is the last entry). */
+static const param_decl DECODER_PARAMS[] = {
+    {"model.embed_tokens.weight", DIM_VOCAB, DIM_D, MODEL(w.embed)},
+    {"model.norm.weight", DIM_D, DIM_NONE, MODEL(w.final_norm)},
+    {"lm_head.weight", DIM_VOCAB, DIM_D, MODEL(w.lm_head)},
+};
+static const param_decl ENCODER_PARAMS[] = {
+    {"encoder.embed_tokens.weight", DIM_VOCAB, DIM_D, MODEL(enc.embed)},
+    {"encoder.norm.weight", DIM_D, DIM_NONE, MODEL(enc.final_norm)},
+};
+#undef MODEL
+#define N_PARAMS(table) (sizeof(table) / sizeof(table[0]))
+
+static int64_t dim_of(param_dim k, const cepe_config *c) {
+    switch (k) {
+    case DIM_D:
+        return c->hidden_size;
+    case DIM_QD:
+        return (int64_t)c->n_heads * c->head_dim;
+    case DIM_KVD:
+        return (int64_t)c->n_kv_heads * c->head_dim;
+    case DIM_FF:
+        return c->intermediate_size;
+    case DIM_VOCAB:
+        return c->vocab_size;
+    case DIM_D_ENC:
+        return c->encoder_hidden_size;
+    case DIM_NONE:
+        break;
+    }
+    return 0;
 }
 
-static void add_slot(cepe_model *m, const char *name, int64_t d0, const float **dst) {
-    new_slot(m, name, d0, 0)->dst = dst;
+/* Slots of the first n entries of table under prefix, their data in base
+ * (a layer_weights or the cepe_model). Nonzero when m->slots is full or a
+ * name does not fit: a table and the count made from it disagree. */
+static int add_params(cepe_model *m, const param_decl *table, size_t n, const char *prefix,
+                      const cepe_config *c, void *base) {
+    for (size_t i = 0; i < n; i++) {
+        const param_decl *p = &table[i];
+        if (m->n_slots >= m->cap_slots) return 1;
+        weight_slot *s = &m->slots[m->n_slots];
+        const int len = snprintf(s->name, sizeof s->name, "%s%s", prefix, p->name);
+        if (len < 0 || (size_t)len >= sizeof s->name) return 1;
+        s->ndim = p->d1 == DIM_NONE ? 1 : 2;
+        s->shape[0] = dim_of(p->d0, c);
+        s->shape[1] = dim_of(p->d1, c);
+        if (s->ndim == 2)
+            s->q = (cepe_qtensor *)((char *)base + p->field);
+        else
+            s->dst = (const float **)((char *)base + p->field);
+        m->n_slots++;
+    }
+    return 0;
 }
 
-static void add_matrix(cepe_model *m, const char *name, int64_t d0, int64_t d1, cepe_qtensor *q) {
-    new_slot(m, name, d0, d1)->q = q;
+/* Slots of every parameter m has: the decoder's, its blocks' (with
+ * cross-attention from first_cross up), the encoder's when ec. */
+static int add_all_params(cepe_model *m, const cepe_config *ec) {
+    const cepe_config *c = &m->cfg;
+    char prefix[64];
+    int bad =
+        add_params(m, DECODER_PARAMS, N_PARAMS(DECODER_PARAMS) - (c->tie_word_embeddings ? 1 : 0), "", c, m);
+    for (int i = 0; i < c->n_layers && !bad; i++) {
+        snprintf(prefix, sizeof prefix, "model.layers.%d.", i);
+        bad |= add_params(m, BLOCK_PARAMS, N_PARAMS(BLOCK_PARAMS), prefix, c, &m->w.layers[i]);
+        if (i >= m->first_cross)
+            bad |= add_params(m, CROSS_PARAMS, N_PARAMS(CROSS_PARAMS), prefix, c, &m->w.layers[i]);
+    }
+    if (!ec) return bad;
+    bad |= add_params(m, ENCODER_PARAMS, N_PARAMS(ENCODER_PARAMS), "", ec, m);
+    for (int j = 0; j < ec->n_layers && !bad; j++) {
+        snprintf(prefix, sizeof prefix, "encoder.layers.%d.", j);
+        bad |= add_params(m, BLOCK_PARAMS, N_PARAMS(BLOCK_PARAMS), prefix, ec, &m->enc.layers[j]);
+    }
+    return bad;
 }
 
-/* Slots of one LLaMA block's weights under `prefix` ("model.layers.3."). */
-static void add_block_slots(cepe_model *m, const char *prefix, const cepe_config *c, layer_weights *lw) {
-    const int d = c->hidden_size, ff = c->intermediate_size;
-    const int qd = c->n_heads * c->head_dim, kvd = c->n_kv_heads * c->head_dim;
-    char name[96];
-#define SLOT(suffix, d0, d1, field)                                                                          \
-    snprintf(name, sizeof name, "%s%s", prefix, suffix);                                                     \
-    if (d1)                                                                                                  \
-        add_matrix(m, name, d0, d1, (cepe_qtensor *)&lw->field);                                             \
-    else                                                                                                     \
-        add_slot(m, name, d0, (const float **)&lw->field)
-    SLOT("input_layernorm.weight", d, 0, attn_norm);
-    SLOT("self_attn.q_proj.weight", qd, d, wq);
-    SLOT("self_attn.k_proj.weight", kvd, d, wk);
-    SLOT("self_attn.v_proj.weight", kvd, d, wv);
-    SLOT("self_attn.o_proj.weight", d, qd, wo);
-    SLOT("post_attention_layernorm.weight", d, 0, ffn_norm);
-    SLOT("mlp.gate_proj.weight", ff, d, w_gate);
-    SLOT("mlp.up_proj.weight", ff, d, w_up);
-    SLOT("mlp.down_proj.weight", d, ff, w_down);
-#undef SLOT
+/* Slots the tables above make for c (and encoder ec). */
+static size_t count_params(const cepe_config *c, const cepe_config *ec) {
+    size_t n = N_PARAMS(DECODER_PARAMS) + (size_t)c->n_layers * N_PARAMS(BLOCK_PARAMS) +
+               (size_t)c->n_cross_layers * N_PARAMS(CROSS_PARAMS);
+    if (ec) n += N_PARAMS(ENCODER_PARAMS) + (size_t)ec->n_layers * N_PARAMS(BLOCK_PARAMS);
+    return n;
 }
 
 static cepe_status add_encoder(cepe_model *m, const cepe_config *ec) {
@@ -104,13 +190,6 @@ static cepe_status add_encoder(cepe_model *m, const cepe_config *ec) {
     if (!m->enc.layers) return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory creating the encoder");
     st = cepe_rope_setup(&c, &m->enc_rope);
     if (st) return cepe_fail(st, "encoder_config: %.400s", cepe_last_error());
-    add_matrix(m, "encoder.embed_tokens.weight", c.vocab_size, c.hidden_size, &m->enc.embed);
-    add_slot(m, "encoder.norm.weight", c.hidden_size, &m->enc.final_norm);
-    char prefix[64];
-    for (int j = 0; j < c.n_layers; j++) {
-        snprintf(prefix, sizeof prefix, "encoder.layers.%d.", j);
-        add_block_slots(m, prefix, &c, &m->enc.layers[j]);
-    }
     return CEPE_OK;
 }
 
@@ -163,13 +242,11 @@ cepe_status cepe_model_create_on(const cepe_config *cfg, const cepe_config *enco
     m->n_threads = n_threads;
     cepe_set_blas_threads(1); /* threads come from our OpenMP team (matmul.c) */
     m->be = be ? be : cepe_backend_cpu();
-    const int L = cfg->n_layers, d = cfg->hidden_size;
-    const int qd = cfg->n_heads * cfg->head_dim, kvd = cfg->n_kv_heads * cfg->head_dim;
-    const int de = cfg->encoder_hidden_size;
-    size_t n_slots = (size_t)L * 9 + 3 + (size_t)cfg->n_cross_layers * 5;
-    if (encoder_cfg) n_slots += (size_t)encoder_cfg->n_layers * 9 + 2;
+    const int L = cfg->n_layers;
+    const size_t n_slots = count_params(cfg, encoder_cfg);
     m->w.layers = cepe_calloc((size_t)L, sizeof(layer_weights));
-    m->slots = cepe_calloc(n_slots, sizeof(weight_slot));
+    m->slots = n_slots > INT_MAX ? NULL : cepe_calloc(n_slots, sizeof(weight_slot));
+    m->cap_slots = (int)n_slots;
     if (!m->w.layers || !m->slots) {
         st = cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory creating the model");
         goto fail;
@@ -177,30 +254,12 @@ cepe_status cepe_model_create_on(const cepe_config *cfg, const cepe_config *enco
     st = cepe_rope_setup(cfg, &m->rope);
     if (st) goto fail;
 
-    add_matrix(m, "model.embed_tokens.weight", cfg->vocab_size, d, &m->w.embed);
-    add_slot(m, "model.norm.weight", d, &m->w.final_norm);
-    if (!cfg->tie_word_embeddings) add_matrix(m, "lm_head.weight", cfg->vocab_size, d, &m->w.lm_head);
     m->first_cross = L - cfg->n_cross_layers;
-    char name[96];
-    for (int i = 0; i < L; i++) {
-        layer_weights *lw = &m->w.layers[i];
-        snprintf(name, sizeof name, "model.layers.%d.", i);
-        add_block_slots(m, name, cfg, lw);
-        if (i < m->first_cross) continue;
-#define SLOT(suffix, d0, d1, field)                                                                          \
-    snprintf(name, sizeof name, "model.layers.%d.cross_attn.%s", i, suffix);                                 \
-    if (d1)                                                                                                  \
-        add_matrix(m, name, d0, d1, (cepe_qtensor *)&lw->field);                                             \
-    else                                                                                                     \
-        add_slot(m, name, d0, (const float **)&lw->field)
-        SLOT("layernorm.weight", d, 0, cross_norm);
-        SLOT("q_proj.weight", qd, d, cross_wq);
-        SLOT("k_proj.weight", kvd, de, cross_wk);
-        SLOT("v_proj.weight", kvd, de, cross_wv);
-        SLOT("o_proj.weight", d, qd, cross_wo);
-#undef SLOT
-    }
     if (encoder_cfg && (st = add_encoder(m, encoder_cfg))) goto fail;
+    if (add_all_params(m, encoder_cfg ? &m->enc_cfg : NULL)) {
+        st = cepe_fail(CEPE_ERR_STATE, "internal: the weight table overflows its %d slots", m->cap_slots);
+        goto fail;
+    }
     *out = m;
     return CEPE_OK;
 fail:

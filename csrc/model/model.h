@@ -66,8 +66,8 @@ struct cepe_model {
                */
     size_t qwork_size; /* scratch bytes model_matmul needs at most for any rows (set at finalize) */
     decoder_weights w;
-    weight_slot *slots;
-    int n_slots;
+    weight_slot *slots; /* one per parameter (model.c's tables), cap_slots allocated */
+    int n_slots, cap_slots;
     int finalized;
     rope_state rope;
     int first_cross; /* first layer with cross-attention (n_layers if none) */
@@ -148,12 +148,58 @@ cepe_status backend_check(const cepe_backend *be);
 /* The backend's error, or a generic one when it reported none (after an op failed). */
 cepe_status backend_fail(const cepe_backend *be);
 
+/* What a block's forward records for its backward (training passes one per
+ * layer; inference none). The normed inputs (xn) and silu(gate)*up are
+ * recomputed in the backward (one cheap elementwise pass each), not kept. */
+typedef struct {
+    float *x_in;      /* (N, d) the block's input (residual stream) */
+    float *q, *k, *v; /* (N, qd), (N, kvd) x2: after RoPE */
+    float *att, *lse; /* (N, qd) attention output, (N, H) its log-sum-exp */
+    float *x_post;    /* (N, d) input of post_attention_layernorm */
+    float *gate, *up; /* (N, ff) pre-activation */
+    /* CEPE cross-attention (decoder layers that have it) */
+    float *x_mid;            /* (N, d) input of cross_attn.layernorm */
+    float *qc, *attc, *lsec; /* (N, qd), (N, qd), (N, H) */
+    float *kc, *vc;          /* (B*Nc, kvd) projections of the encoder states */
+} block_record;
+
 /* Scratch views one block needs for N rows (block.c). */
 typedef struct {
     float *xn, *q, *k, *v, *att, *gate, *up;
     const float *cos_t, *sin_t;
-    void *qwork; /* model_matmul's scratch (m->qwork_size bytes), or NULL */
+    void *qwork;             /* model_matmul's scratch (m->qwork_size bytes), or NULL */
+    float *h;                /* (N, ff) silu(gate)*up when gate must survive (recording); NULL: in place */
+    const block_record *rec; /* NULL, or where the forward records for the backward */
 } block_scratch;
+
+/* s with its q, k, v, att, gate and up in r, recording into r (h: the
+ * SwiGLU output's scratch). */
+static inline block_scratch block_scratch_recording(const block_scratch *s, const block_record *r, float *h) {
+    block_scratch o = *s;
+    o.q = r->q, o.k = r->k, o.v = r->v, o.att = r->att, o.gate = r->gate, o.up = r->up;
+    o.h = h, o.rec = r;
+    return o;
+}
+
+/* Keys / values a block's queries attend to, their validity and the shape. */
+typedef struct {
+    const float *k, *v;
+    const uint8_t *valid;
+    attention_shape shape;
+} block_kv_src;
+
+/* The attention shape of B sequences of Tq queries over Tk keys, rows packed
+ * (Tq | Tk per sequence) with c's head layout; causal ones take c's sliding
+ * window. */
+attention_shape block_shape(const cepe_config *c, int B, int Tq, int Tk, int causal);
+
+/* The RoPE position of token i and its row's next: given (E2-LLM), or the
+ * count of real tokens before it in its row (HF's cumsum(mask) - 1). */
+static inline double model_position(const double *given, long i, int real, double *next) {
+    const double p = given ? given[i] : *next;
+    if (real) *next = p + 1.0;
+    return p;
+}
 
 /* The data of slot s (its tensor's, for a matrix). */
 static inline const void *slot_data(const weight_slot *s) {
@@ -189,5 +235,31 @@ void block_qkv(const cepe_model *m, const layer_weights *w, const cepe_config *c
 /* x += MLP(RMSNorm(x)). */
 void block_mlp(const cepe_model *m, const layer_weights *w, const cepe_config *c, float *x,
                const block_scratch *s, int N, int nt);
+/* kc, vc (rows, kvd) = CEPE cross-attention K/V of the encoder states E
+ * (rows, d_enc): no RoPE (spec §3). */
+void block_cross_kv(const cepe_model *m, const layer_weights *w, void *qwork, float *kc, float *vc,
+                    const float *E, int rows);
+/* The rest of a block once its K/V are where self_kv says (xn = RMSNorm(x)
+ * already): q, self-attention, o_proj; CEPE cross-attention over cross when
+ * non-NULL (between self-attention and the MLP, spec §3); the MLP. */
+void block_attend(const cepe_model *m, const layer_weights *w, const cepe_config *c, float *x,
+                  const block_scratch *s, int N, const rope_state *rope, const block_kv_src *self_kv,
+                  const block_kv_src *cross, int nt);
+/* One whole block over N rows attending among themselves (the encoder, the
+ * training decoder): block_kv, then block_attend over s->k / s->v with
+ * valid and shape. */
+void block_layer(const cepe_model *m, const layer_weights *w, const cepe_config *c, float *x,
+                 const block_scratch *s, int N, const rope_state *rope, const uint8_t *valid,
+                 const attention_shape *shape, const block_kv_src *cross, int nt);
+
+/* encoder.c: the RoPE tables of rows tokens in chunks of L (positions: slot
+ * index in the chunk); pos_h is host scratch, pos / inv_freq backend scratch. */
+cepe_status encoder_rope_table(const cepe_model *m, int rows, int L, double *pos_h, double *pos,
+                               float *inv_freq, float *cos_t, float *sin_t);
+/* encoder.c: the encoder layers over nb chunks of L embedded tokens in x
+ * (then x holds the stream before the final norm); rec: NULL, or one record
+ * per layer (s->h then its SwiGLU scratch). */
+void encoder_layers(const cepe_model *m, float *x, const uint8_t *mask, int nb, int L, const block_scratch *s,
+                    block_record *rec);
 
 #endif /* CEPE_MODEL_H */

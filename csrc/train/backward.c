@@ -4,7 +4,6 @@
  * embeddings. Every d-buffer of a weight is a gradient view from t->gm: NULL
  * for a frozen weight, so matmul_backward / rmsnorm_backward form only the
  * input gradient there (the activations still pass gradients on). */
-#include <math.h>
 #include <string.h>
 
 #include "../common.h"
@@ -19,7 +18,7 @@
 
 /* x_out = x_post + down(silu(gate) * up(...)): s->dx (the gradient of x_out)
  * gains the MLP's contribution to the gradient of x_post. */
-static void mlp_backward(const cepe_train *t, const stack_scratch *s, const block_acts *a,
+static void mlp_backward(const cepe_train *t, const stack_scratch *s, const block_record *a,
                          const layer_weights *w, const layer_weights *g, const cepe_config *c, int N) {
     const cepe_backend *be = t->m->be;
     const int d = c->hidden_size, ff = c->intermediate_size, nt = t->n_threads;
@@ -36,7 +35,7 @@ static void mlp_backward(const cepe_train *t, const stack_scratch *s, const bloc
 
 /* x_mid = x_in + o_proj(attention(RoPE(q), RoPE(k), v)) with q, k, v from
  * RMSNorm(x_in): s->dx gains the gradient of x_in. */
-static void self_attn_backward(const cepe_train *t, const stack_scratch *s, const block_acts *a,
+static void self_attn_backward(const cepe_train *t, const stack_scratch *s, const block_record *a,
                                const layer_weights *w, const layer_weights *g, const cepe_config *c,
                                const rope_state *rope, const float *cos_t, const float *sin_t,
                                const attention_shape *shape, const uint8_t *valid, int N) {
@@ -62,7 +61,7 @@ static void self_attn_backward(const cepe_train *t, const stack_scratch *s, cons
 /* x_post = x_mid + o_proj(attention(q_proj(RMSNorm_cross(x_mid)), k_proj(E),
  * v_proj(E))): s->dx gains the gradient of x_mid; t->dE (when the encoder
  * trains) that of the encoder states. */
-static void cross_attn_backward(cepe_train *t, const block_acts *a, const layer_weights *w,
+static void cross_attn_backward(cepe_train *t, const block_record *a, const layer_weights *w,
                                 const layer_weights *g, const attention_shape *shape, int N) {
     const cepe_model *m = t->m;
     const cepe_config *c = &m->cfg;
@@ -166,24 +165,7 @@ static void encoder_backward(cepe_train *t, const cepe_train_batch *b) {
     const cepe_backend *be = m->be;
     const cepe_config *e = &m->enc_cfg;
     const int n_chunks = b->B * b->n_ctx, L = b->L, Ne = n_chunks * L, de = e->hidden_size;
-    const int qd = e->n_heads * e->head_dim, kvd = e->n_kv_heads * e->head_dim;
-    const attention_shape shape = {
-        .B = n_chunks,
-        .Tq = L,
-        .Tk = L,
-        .H = e->n_heads,
-        .KVH = e->n_kv_heads,
-        .hd = e->head_dim,
-        .q_rstride = qd,
-        .q_bstride = (long)L * qd,
-        .kv_rstride = kvd,
-        .kv_bstride = (long)L * kvd,
-        .valid_bstride = L,
-        .causal = 0,
-        .q_offset = 0,
-        .window = 0,
-        .scale = 1.0f / sqrtf((float)e->head_dim),
-    };
+    const attention_shape shape = block_shape(e, n_chunks, L, L, 0);
     const stack_scratch *s = &t->es;
     be->fill(be, s->dx, 0, sizeof(float) * (size_t)Ne * de);
     be->rmsnorm_backward(be, s->dx, G(t->gm->enc.final_norm), t->dE, t->ex_final, m->enc.final_norm, Ne, de,
@@ -204,7 +186,6 @@ cepe_status train_backward(cepe_train *t, const cepe_train_batch *b, double grad
     const cepe_backend *be = m->be;
     const cepe_config *c = &m->cfg;
     const int B = b->B, T = b->T, N = B * T, d = c->hidden_size;
-    const int H = c->n_heads, KVH = c->n_kv_heads, hd = c->head_dim, qd = H * hd, kvd = KVH * hd;
     const int Nc = t->n_ctx * t->L;
     const int grad = t->dec_lo < c->n_layers || t->gm->w.lm_head.data || t->gm->w.final_norm;
     losses_and_head_backward(t, b, grad_scale, grad, out);
@@ -215,43 +196,11 @@ cepe_status train_backward(cepe_train *t, const cepe_train_batch *b, double grad
     be->rmsnorm_backward(be, s->dx, G(t->gm->w.final_norm), t->dxnf, t->x_final, m->w.final_norm, N, d,
                          c->rms_norm_eps);
     if (t->dE) be->fill(be, t->dE, 0, sizeof(float) * (size_t)B * Nc * c->encoder_hidden_size);
-    const attention_shape self = {
-        .B = B,
-        .Tq = T,
-        .Tk = T,
-        .H = H,
-        .KVH = KVH,
-        .hd = hd,
-        .q_rstride = qd,
-        .q_bstride = (long)T * qd,
-        .kv_rstride = kvd,
-        .kv_bstride = (long)T * kvd,
-        .valid_bstride = T,
-        .causal = 1,
-        .q_offset = 0,
-        .window = c->sliding_window,
-        .scale = 1.0f / sqrtf((float)hd),
-    };
-    const attention_shape cross = {
-        .B = B,
-        .Tq = T,
-        .Tk = Nc,
-        .H = H,
-        .KVH = KVH,
-        .hd = hd,
-        .q_rstride = qd,
-        .q_bstride = (long)T * qd,
-        .kv_rstride = kvd,
-        .kv_bstride = (long)Nc * kvd,
-        .valid_bstride = Nc,
-        .causal = 0,
-        .q_offset = 0,
-        .window = 0,
-        .scale = 1.0f / sqrtf((float)hd),
-    };
+    const attention_shape self = block_shape(c, B, T, T, 1);
+    const attention_shape cross = block_shape(c, B, T, Nc, 0);
     for (int l = c->n_layers - 1; l >= t->dec_lo; l--) {
         const layer_weights *w = &m->w.layers[l], *g = &t->gm->w.layers[l];
-        const block_acts *a = &t->dec[l];
+        const block_record *a = &t->dec[l];
         mlp_backward(t, s, a, w, g, c, N);
         if (l >= m->first_cross && Nc > 0) cross_attn_backward(t, a, w, g, &cross, N);
         /* The lowest visited layer of a frozen decoder: its self-attention

@@ -1,15 +1,14 @@
 /* forward.c — the training forward of a CEPE model: the encoder over the
- * context chunks, then the decoder with cross-attention (the math of
- * encoder.c and decoder.c, spec §2-§3), keeping per layer what backward.c
- * needs. Activations live in one arena carved for the batch shape (llm.c's
- * fill_in_activation_sizes + malloc_and_point_activations), reused while the
- * shape stays the same.
+ * context chunks, then the decoder with cross-attention (spec §2-§3), both
+ * through the inference model's own blocks (block.c, encoder.c) with a
+ * block_record per layer for what backward.c needs. Activations live in
+ * one arena carved for the batch shape (llm.c's fill_in_activation_sizes +
+ * malloc_and_point_activations), reused while the shape stays the same.
  *
  * What is kept: only layers the backward visits. With a frozen decoder that
  * is the cross-attention layers and above (nothing below the first one has a
  * trainable weight); with a frozen encoder nothing of it (its output is
  * detached, so cepe_model_encode runs it). */
-#include <math.h>
 #include <string.h>
 
 #include "../common.h"
@@ -42,10 +41,9 @@ static void carve_scratch(carver *cv, stack_scratch *s, const cepe_config *c, si
     s->dx = F(N * d), s->dxn = F(N * d), s->xn = F(N * d);
     s->dq = F(N * qd), s->datt = F(N * qd), s->dk = F(N * kvd), s->dv = F(N * kvd);
     s->h = F(N * ff), s->dh = F(N * ff), s->dgate = F(N * ff), s->dup = F(N * ff);
-    s->lse = F(N * (size_t)c->n_heads);
 }
 
-static void carve_block(carver *cv, block_acts *a, const cepe_config *c, size_t N) {
+static void carve_block(carver *cv, block_record *a, const cepe_config *c, size_t N) {
     const size_t d = (size_t)c->hidden_size, ff = (size_t)c->intermediate_size;
     const size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
     a->x_in = F(N * d), a->x_post = F(N * d);
@@ -71,7 +69,7 @@ static void carve(cepe_train *t, carver *cv, int B, int T, int n_ctx, int L) {
     t->pos = take(cv, N, sizeof(double));
     carve_scratch(cv, &t->ds, c, N);
     for (int l = 0; l < c->n_layers; l++) {
-        block_acts *a = &t->dec[l];
+        block_record *a = &t->dec[l];
         memset(a, 0, sizeof *a); /* host struct */
         if (l < t->dec_lo) continue;
         carve_block(cv, a, c, N);
@@ -140,78 +138,27 @@ static cepe_status ensure_arena(cepe_train *t, const cepe_train_batch *b) {
 
 /* ----------------------------------------------------------------- forward */
 
-/* The training-time SwiGLU MLP: block_mlp overwrites gate with silu(gate)*up,
- * and the backward needs the pre-activation, so h goes to scratch here. */
-static void mlp_forward(const cepe_train *t, const layer_weights *w, const cepe_config *c, float *x,
-                        float *xn, float *gate, float *up, float *h, int N, int nt) {
-    const cepe_model *m = t->m;
-    const cepe_backend *be = m->be;
-    const int d = c->hidden_size, ff = c->intermediate_size;
-    be->rmsnorm(be, xn, x, w->ffn_norm, N, d, c->rms_norm_eps, nt);
-    model_matmul(m, t->qwork, gate, xn, &w->w_gate, N, 0);
-    model_matmul(m, t->qwork, up, xn, &w->w_up, N, 0);
-    be->swiglu(be, h, gate, up, (long)N * ff, nt);
-    model_matmul(m, t->qwork, x, h, &w->w_down, N, 1); /* x += down(silu(gate) * up) */
-}
-
 static cepe_status encoder_forward(cepe_train *t, const cepe_train_batch *b) {
     const cepe_model *m = t->m;
-    const cepe_config *e = &m->enc_cfg;
     const cepe_backend *be = m->be;
-    const int n_chunks = b->B * b->n_ctx, L = b->L, Ne = n_chunks * L, nt = t->n_threads;
-    const int de = e->hidden_size, qd = e->n_heads * e->head_dim, kvd = e->n_kv_heads * e->head_dim;
+    const int n_chunks = b->B * b->n_ctx, L = b->L, Ne = n_chunks * L;
     for (long i = 0; i < (long)Ne; i++)
         t->ctx_mask_h[i] = b->encoder_attention_mask ? b->encoder_attention_mask[i] != 0 : 1;
     be->upload(be, t->ctx_mask, t->ctx_mask_h, (size_t)Ne);
     if (!t->train_encoder) /* detached: the inference encoder, nothing kept */
-        return model_encode_into(m, b->encoder_input_ids, b->encoder_attention_mask, n_chunks, L, t->E, be->device, NULL);
+        return model_encode_into(m, b->encoder_input_ids, b->encoder_attention_mask, n_chunks, L, t->E,
+                                 be->device, NULL);
 
-    for (int i = 0; i < Ne; i++) t->epos_h[i] = (double)(i % L); /* slot index in its chunk, as encoder.c */
-    float inv_freq[CEPE_MAX_HEAD_DIM / 2], mscale;
-    int cached = cepe_rope_original_len(&m->enc_rope.rc);
-    cepe_status st = cepe_rope_for_call(&m->enc_rope, L, &cached, inv_freq, &mscale);
+    cepe_status st = encoder_rope_table(m, Ne, L, t->epos_h, t->epos, t->einv_freq, t->ecos_t, t->esin_t);
     if (st) return st;
-    be->upload(be, t->epos, t->epos_h, sizeof(double) * (size_t)Ne);
-    be->upload(be, t->einv_freq, inv_freq, sizeof(float) * (size_t)m->enc_rope.half);
-    be->rope_table(be, t->ecos_t, t->esin_t, t->epos, t->einv_freq, Ne, m->enc_rope.half, mscale);
-    const attention_shape shape = {
-        .B = n_chunks,
-        .Tq = L,
-        .Tk = L,
-        .H = e->n_heads,
-        .KVH = e->n_kv_heads,
-        .hd = e->head_dim,
-        .q_rstride = qd,
-        .q_bstride = (long)L * qd,
-        .kv_rstride = kvd,
-        .kv_bstride = (long)L * kvd,
-        .valid_bstride = L,
-        .causal = 0,
-        .q_offset = 0,
-        .window = 0,
-        .scale = 1.0f / sqrtf((float)e->head_dim),
-    };
+    const block_scratch s = {
+        .xn = t->es.xn, .cos_t = t->ecos_t, .sin_t = t->esin_t, .qwork = t->qwork, .h = t->es.h};
     float *x = t->ex;
     model_embedding(m, x, t->db.encoder_input_ids, &m->enc.embed, Ne);
-    for (int l = 0; l < e->n_layers; l++) {
-        const layer_weights *w = &m->enc.layers[l];
-        block_acts *a = &t->enc[l];
-        be->copy(be, a->x_in, x, sizeof(float) * (size_t)Ne * de);
-        const block_scratch s = {.xn = t->es.xn,
-                                 .q = a->q,
-                                 .k = a->k,
-                                 .v = a->v,
-                                 .cos_t = t->ecos_t,
-                                 .sin_t = t->esin_t,
-                                 .qwork = t->qwork};
-        block_qkv(m, w, e, x, &s, Ne, &m->enc_rope, nt);
-        be->attention_lse(be, a->att, a->lse, a->q, a->k, a->v, t->ctx_mask, &shape, nt);
-        model_matmul(m, t->qwork, x, a->att, &w->wo, Ne, 1);
-        be->copy(be, a->x_post, x, sizeof(float) * (size_t)Ne * de);
-        mlp_forward(t, w, e, x, t->es.xn, a->gate, a->up, t->es.h, Ne, nt);
-    }
-    be->copy(be, t->ex_final, x, sizeof(float) * (size_t)Ne * de);
-    be->rmsnorm(be, t->E, x, m->enc.final_norm, Ne, de, e->rms_norm_eps, nt);
+    encoder_layers(m, x, t->ctx_mask, n_chunks, L, &s, t->enc);
+    const cepe_config *e = &m->enc_cfg;
+    be->copy(be, t->ex_final, x, sizeof(float) * (size_t)Ne * e->hidden_size);
+    be->rmsnorm(be, t->E, x, m->enc.final_norm, Ne, e->hidden_size, e->rms_norm_eps, t->n_threads);
     return CEPE_OK;
 }
 
@@ -222,19 +169,16 @@ cepe_status train_forward(cepe_train *t, const cepe_train_batch *b) {
     const cepe_config *c = &m->cfg;
     const cepe_backend *be = m->be;
     const int B = b->B, T = b->T, N = B * T, nt = t->n_threads;
-    const int d = c->hidden_size, H = c->n_heads, KVH = c->n_kv_heads, hd = c->head_dim;
-    const int qd = H * hd, kvd = KVH * hd;
+    const int d = c->hidden_size;
     const int Nc = t->n_ctx * t->L, Ne = B * Nc;
     if (Nc > 0 && (st = encoder_forward(t, b))) return st;
 
-    /* RoPE positions: given (E2-LLM), or the count of real tokens before each
-     * one in its row (HF's cumsum(mask) - 1, as decoder.c). */
     double max_pos = 0.0;
     for (int r = 0; r < B; r++) {
         double next = 0.0;
         for (int i = r * T; i < (r + 1) * T; i++) {
-            t->pos_h[i] = b->positions ? b->positions[i] : next;
-            if (!b->attention_mask || b->attention_mask[i]) next += 1.0;
+            const int real = !b->attention_mask || b->attention_mask[i];
+            t->pos_h[i] = model_position(b->positions, i, real, &next);
             max_pos = t->pos_h[i] > max_pos ? t->pos_h[i] : max_pos;
         }
     }
@@ -246,74 +190,34 @@ cepe_status train_forward(cepe_train *t, const cepe_train_batch *b) {
     be->upload(be, t->inv_freq, inv_freq, sizeof(float) * (size_t)m->rope.half);
     be->rope_table(be, t->cos_t, t->sin_t, t->pos, t->inv_freq, N, m->rope.half, mscale);
 
-    const attention_shape self = {
-        .B = B,
-        .Tq = T,
-        .Tk = T,
-        .H = H,
-        .KVH = KVH,
-        .hd = hd,
-        .q_rstride = qd,
-        .q_bstride = (long)T * qd,
-        .kv_rstride = kvd,
-        .kv_bstride = (long)T * kvd,
-        .valid_bstride = T,
-        .causal = 1,
-        .q_offset = 0,
-        .window = c->sliding_window,
-        .scale = 1.0f / sqrtf((float)hd),
-    };
-    const attention_shape cross = {
-        .B = B,
-        .Tq = T,
-        .Tk = Nc,
-        .H = H,
-        .KVH = KVH,
-        .hd = hd,
-        .q_rstride = qd,
-        .q_bstride = (long)T * qd,
-        .kv_rstride = kvd,
-        .kv_bstride = (long)Nc * kvd,
-        .valid_bstride = Nc,
-        .causal = 0,
-        .q_offset = 0,
-        .window = 0,
-        .scale = 1.0f / sqrtf((float)hd),
-    };
-    const stack_scratch *s = &t->ds;
+    const attention_shape self = block_shape(c, B, T, T, 1);
+    const stack_scratch *ss = &t->ds;
+    /* layers below dec_lo run in the gradient scratch, nothing kept */
+    const block_scratch scratch = {.xn = ss->xn,
+                                   .q = ss->dq,
+                                   .k = ss->dk,
+                                   .v = ss->dv,
+                                   .att = ss->datt,
+                                   .gate = ss->dgate,
+                                   .up = ss->dup,
+                                   .cos_t = t->cos_t,
+                                   .sin_t = t->sin_t,
+                                   .qwork = t->qwork};
     float *x = t->x;
-    const size_t row_bytes = sizeof(float) * (size_t)N * d;
     model_embedding(m, x, t->db.input_ids, &m->w.embed, N);
     for (int l = 0; l < c->n_layers; l++) {
         const layer_weights *w = &m->w.layers[l];
-        block_acts *a = &t->dec[l];
-        const int keep = l >= t->dec_lo;
-        /* layers below dec_lo run in the gradient scratch, nothing kept */
-        float *q = keep ? a->q : s->dq, *k = keep ? a->k : s->dk, *v = keep ? a->v : s->dv;
-        float *att = keep ? a->att : s->datt, *gate = keep ? a->gate : s->dgate, *up = keep ? a->up : s->dup;
-        if (keep) be->copy(be, a->x_in, x, row_bytes);
-        const block_scratch bs = {
-            .xn = s->xn, .q = q, .k = k, .v = v, .cos_t = t->cos_t, .sin_t = t->sin_t, .qwork = t->qwork};
-        block_qkv(m, w, c, x, &bs, N, &m->rope, nt);
-        if (keep)
-            be->attention_lse(be, att, a->lse, q, k, v, t->db.attention_mask, &self, nt);
-        else
-            be->attention(be, att, q, k, v, t->db.attention_mask, &self, nt);
-        model_matmul(m, t->qwork, x, att, &w->wo, N, 1); /* x += o_proj(att) */
-
-        if (l >= m->first_cross && Nc > 0) { /* CEPE: between self-attention and the MLP (spec §3) */
-            be->copy(be, a->x_mid, x, row_bytes);
-            be->rmsnorm(be, s->xn, x, w->cross_norm, N, d, c->rms_norm_eps, nt);
-            model_matmul(m, t->qwork, a->qc, s->xn, &w->cross_wq, N, 0);
-            model_matmul(m, t->qwork, a->kc, t->E, &w->cross_wk, Ne, 0); /* no RoPE on either side */
-            model_matmul(m, t->qwork, a->vc, t->E, &w->cross_wv, Ne, 0);
-            be->attention_lse(be, a->attc, a->lsec, a->qc, a->kc, a->vc, t->ctx_mask, &cross, nt);
-            model_matmul(m, t->qwork, x, a->attc, &w->cross_wo, N, 1);
+        block_record *a = &t->dec[l];
+        const block_scratch s = l >= t->dec_lo ? block_scratch_recording(&scratch, a, ss->h) : scratch;
+        block_kv_src cross = {.valid = t->ctx_mask, .shape = block_shape(c, B, T, Nc, 0)};
+        const int has_cross = l >= m->first_cross && Nc > 0;
+        if (has_cross) { /* CEPE: between self-attention and the MLP (spec §3) */
+            block_cross_kv(m, w, t->qwork, a->kc, a->vc, t->E, Ne);
+            cross.k = a->kc, cross.v = a->vc;
         }
-        if (keep) be->copy(be, a->x_post, x, row_bytes);
-        mlp_forward(t, w, c, x, s->xn, gate, up, s->h, N, nt);
+        block_layer(m, w, c, x, &s, N, &m->rope, t->db.attention_mask, &self, has_cross ? &cross : NULL, nt);
     }
-    be->copy(be, t->x_final, x, row_bytes);
+    be->copy(be, t->x_final, x, sizeof(float) * (size_t)N * d);
     be->rmsnorm(be, t->xnf, x, m->w.final_norm, N, d, c->rms_norm_eps, nt);
     return CEPE_OK;
 }

@@ -37,28 +37,12 @@ typedef struct {
     int decay;     /* weight decay applies (2-D weights; not norm weights, as HF Trainer) */
 } train_tensor;
 
-/* What one LLaMA block keeps from the training forward for its backward.
- * The normed inputs (xn) and silu(gate)*up are recomputed in the backward
- * (one cheap elementwise pass each) rather than stored. */
-typedef struct {
-    float *x_in;      /* (N, d) the block's input (residual stream) */
-    float *q, *k, *v; /* (N, qd), (N, kvd) x2: after RoPE */
-    float *att, *lse; /* (N, qd) attention output, (N, H) its log-sum-exp */
-    float *x_post;    /* (N, d) input of post_attention_layernorm */
-    float *gate, *up; /* (N, ff) pre-activation */
-    /* CEPE cross-attention (decoder layers that have it) */
-    float *x_mid;            /* (N, d) input of cross_attn.layernorm */
-    float *qc, *attc, *lsec; /* (N, qd), (N, qd), (N, H) */
-    float *kc, *vc;          /* (B*Nc, kvd) projections of the encoder states */
-} block_acts;
-
 /* Gradient scratch of a stack (decoder or encoder), sized for its rows. */
 typedef struct {
     float *dx, *dxn, *xn;        /* (N, d) */
     float *dq, *datt;            /* (N, qd) */
     float *dk, *dv;              /* (N, kvd) */
     float *h, *dh, *dgate, *dup; /* (N, ff) */
-    float *lse;                  /* (N, H) for layers whose activations are not kept */
 } stack_scratch;
 
 struct cepe_train {
@@ -83,7 +67,7 @@ struct cepe_train {
     /* activations + scratch, one allocation sized for (B, T, n_ctx, L) */
     void *arena;
     int B, T, n_ctx, L, T_kl; /* the shape the arena was carved for */
-    block_acts *dec, *enc;    /* per layer */
+    block_record *dec, *enc;  /* per layer */
     stack_scratch ds, es;
     float *x, *x_final, *xnf, *dxnf;        /* decoder (N, d) */
     float *logits, *dlogits, *losses;       /* (R, V), (R, V), (N) */
