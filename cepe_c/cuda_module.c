@@ -25,10 +25,8 @@ static PyObject *backend(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "|i", kw, &device)) return NULL;
     char msg[512] = {0};
     cepe_backend *be;
-    Py_BEGIN_ALLOW_THREADS
-    be = cepe_cuda_backend_create(device, msg, sizeof msg);
-    Py_END_ALLOW_THREADS
-    if (!be) return PyErr_Format(PyExc_RuntimeError, "CUDA backend: %s", msg);
+    Py_BEGIN_ALLOW_THREADS be = cepe_cuda_backend_create(device, msg, sizeof msg);
+    Py_END_ALLOW_THREADS if (!be) return PyErr_Format(PyExc_RuntimeError, "CUDA backend: %s", msg);
     return cepe_backend_capsule_new(be);
 }
 
@@ -36,12 +34,13 @@ static PyMethodDef methods[] = {
     {"probe", probe, METH_NOARGS, "probe() -> (device_count or -1, description)"},
     {"runtime_version", runtime_version, METH_NOARGS, "CUDA runtime version this was built with"},
     {"backend", (PyCFunction)(void (*)(void))backend, METH_VARARGS | METH_KEYWORDS,
-     "backend(device=0) -> a \"cepe.backend\" capsule holding a new CUDA backend (its own stream, cuBLAS handle and "
+     "backend(device=0) -> a \"cepe.backend\" capsule holding a new CUDA backend (its own stream, cuBLAS "
+     "handle and "
      "memory cache; freed with the capsule). RuntimeError saying why when there is no usable device."},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "cepe_cuda", "cepe's CUDA extension", -1, methods,
-                                    NULL, NULL, NULL, NULL};
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "cepe_cuda", "cepe's CUDA extension", -1, methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit_cepe_cuda(void) { return PyModule_Create(&module); }

@@ -25,22 +25,37 @@ static int optional_1d(PyObject *obj, const char *what, int type, const void **d
  *         token_text uint8, token_offsets int32, stop_text uint8, stop_offsets int32)
  * Unset settings are off; cepe/sampling.py passes them all. */
 static int Sampler_init(SamplerObject *self, PyObject *args, PyObject *kw) {
-    static char *names[] = {"batch",          "vocab_size",     "temperature",       "top_k",
-                            "top_p",          "min_p",          "typical_p",         "repeat_penalty",
-                            "repeat_last_n",  "frequency_penalty", "presence_penalty", "bias_ids",
-                            "bias",           "seed",           "eos_ids",           "pad_token_id",
-                            "token_text",     "token_offsets",  "stop_text",         "stop_offsets",
+    static char *names[] = {"batch",
+                            "vocab_size",
+                            "temperature",
+                            "top_k",
+                            "top_p",
+                            "min_p",
+                            "typical_p",
+                            "repeat_penalty",
+                            "repeat_last_n",
+                            "frequency_penalty",
+                            "presence_penalty",
+                            "bias_ids",
+                            "bias",
+                            "seed",
+                            "eos_ids",
+                            "pad_token_id",
+                            "token_text",
+                            "token_offsets",
+                            "stop_text",
+                            "stop_offsets",
                             NULL};
     PyObject *batch_o, *vocab_o, *top_k_o = NULL, *last_n_o = NULL, *pad_o = NULL;
-    PyObject *bias_ids_o = NULL, *bias_o = NULL, *eos_o = NULL, *ttext_o = NULL, *toff_o = NULL, *stext_o = NULL,
-             *soff_o = NULL;
+    PyObject *bias_ids_o = NULL, *bias_o = NULL, *eos_o = NULL, *ttext_o = NULL, *toff_o = NULL,
+             *stext_o = NULL, *soff_o = NULL;
     double temperature = 0.0, top_p = 1.0, min_p = 0.0, typical_p = 1.0, repeat_penalty = 1.0, freq = 0.0,
            pres = 0.0;
     unsigned long long seed = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$dOddddOddOOKOOOOOO:Sampler", names, &batch_o, &vocab_o,
                                      &temperature, &top_k_o, &top_p, &min_p, &typical_p, &repeat_penalty,
-                                     &last_n_o, &freq, &pres, &bias_ids_o, &bias_o, &seed, &eos_o, &pad_o, &ttext_o,
-                                     &toff_o, &stext_o, &soff_o))
+                                     &last_n_o, &freq, &pres, &bias_ids_o, &bias_o, &seed, &eos_o, &pad_o,
+                                     &ttext_o, &toff_o, &stext_o, &soff_o))
         return -1;
     if (self->sampler) {
         PyErr_SetString(PyExc_RuntimeError, "Sampler.__init__ called twice");
@@ -83,12 +98,14 @@ static int Sampler_init(SamplerObject *self, PyObject *args, PyObject *kw) {
     if (s.stop_offsets) { /* the offsets must end at their text's end: the core reads up to them */
         const int32_t *so = s.stop_offsets, *to = s.token_offsets;
         if (n_soff < 1 || so[n_soff - 1] != n_stext) {
-            PyErr_SetString(PyExc_ValueError, "stop_offsets must be (n_stop + 1) offsets ending at len(stop_text)");
+            PyErr_SetString(PyExc_ValueError,
+                            "stop_offsets must be (n_stop + 1) offsets ending at len(stop_text)");
             return -1;
         }
         if (!to || n_toff != (npy_intp)V + 1 || to[V] != n_ttext) {
-            PyErr_SetString(PyExc_ValueError,
-                            "stop strings need token_offsets: vocab_size + 1 offsets ending at len(token_text)");
+            PyErr_SetString(
+                PyExc_ValueError,
+                "stop strings need token_offsets: vocab_size + 1 offsets ending at len(token_text)");
             return -1;
         }
         s.n_stop = (int)(n_soff - 1);
@@ -140,7 +157,8 @@ static PyObject *Sampler_accept(SamplerObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "O|O:accept", &ids_o, &mask_o)) return NULL;
     PyArrayObject *ids = bind_array(ids_o, "ids", NPY_INT32, 2, 0), *mask = NULL;
     if (!ids || bind_optional_array(mask_o, "mask", NPY_UINT8, 2, &mask) < 0) return NULL;
-    if (mask && !PyArray_SAMESHAPE(ids, mask)) return PyErr_Format(PyExc_ValueError, "mask must have the shape of ids");
+    if (mask && !PyArray_SAMESHAPE(ids, mask))
+        return PyErr_Format(PyExc_ValueError, "mask must have the shape of ids");
     if (PyArray_DIM(ids, 1) > INT32_MAX) return PyErr_Format(PyExc_ValueError, "too many tokens");
     cepe_sampler *s = bind_sampler((PyObject *)self);
     if (!s) return NULL;
@@ -149,8 +167,9 @@ static PyObject *Sampler_accept(SamplerObject *self, PyObject *args) {
         return PyErr_Format(PyExc_ValueError, "ids must have %d rows, got %zd", self->batch,
                             (Py_ssize_t)PyArray_DIM(ids, 0));
     }
-    cepe_status st = cepe_sampler_accept(s, (const int32_t *)PyArray_DATA(ids),
-                                         mask ? (const uint8_t *)PyArray_DATA(mask) : NULL, (int)PyArray_DIM(ids, 1));
+    cepe_status st =
+        cepe_sampler_accept(s, (const int32_t *)PyArray_DATA(ids),
+                            mask ? (const uint8_t *)PyArray_DATA(mask) : NULL, (int)PyArray_DIM(ids, 1));
     bind_sampler_release((PyObject *)self);
     if (st) return raise_status(st);
     Py_RETURN_NONE;
@@ -208,7 +227,8 @@ static PyObject *Sampler_sample(SamplerObject *self, PyObject *args) {
     if (!s) goto fail;
     int32_t tok = 0;
     cepe_status st;
-    Py_BEGIN_ALLOW_THREADS st = cepe_sampler_sample(s, row, (const float *)PyArray_DATA(lg), &tok, k >= 0 ? &lp : NULL);
+    Py_BEGIN_ALLOW_THREADS st =
+        cepe_sampler_sample(s, row, (const float *)PyArray_DATA(lg), &tok, k >= 0 ? &lp : NULL);
     Py_END_ALLOW_THREADS bind_sampler_release((PyObject *)self);
     if (st) {
         raise_status(st);

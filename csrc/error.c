@@ -20,15 +20,24 @@ cepe_status cepe_fail(cepe_status status, const char *fmt, ...) {
 
 const char *cepe_status_name(cepe_status s) {
     switch (s) {
-    case CEPE_OK: return "ok";
-    case CEPE_ERR_INVALID_ARG: return "invalid argument";
-    case CEPE_ERR_OUT_OF_MEMORY: return "out of memory";
-    case CEPE_ERR_MISSING_WEIGHT: return "missing weight";
-    case CEPE_ERR_UNSUPPORTED: return "unsupported";
-    case CEPE_ERR_STATE: return "invalid state";
-    case CEPE_ERR_INTERRUPTED: return "interrupted";
-    case CEPE_ERR_BACKEND: return "backend failure";
-    case CEPE_ERR_NUMERIC: return "numeric overflow";
+    case CEPE_OK:
+        return "ok";
+    case CEPE_ERR_INVALID_ARG:
+        return "invalid argument";
+    case CEPE_ERR_OUT_OF_MEMORY:
+        return "out of memory";
+    case CEPE_ERR_MISSING_WEIGHT:
+        return "missing weight";
+    case CEPE_ERR_UNSUPPORTED:
+        return "unsupported";
+    case CEPE_ERR_STATE:
+        return "invalid state";
+    case CEPE_ERR_INTERRUPTED:
+        return "interrupted";
+    case CEPE_ERR_BACKEND:
+        return "backend failure";
+    case CEPE_ERR_NUMERIC:
+        return "numeric overflow";
     }
     return "unknown status";
 }

@@ -93,6 +93,7 @@ void *cuda_scratch(cuda_state *st, size_t bytes, const char *what) {
     void *p = cuda_arena_alloc(st, bytes ? bytes : 1, &err);
     if (!p)
         cuda_fail(st, err == cudaErrorMemoryAllocation ? CEPE_ERR_OUT_OF_MEMORY : CEPE_ERR_BACKEND,
-                  "%s: cannot allocate %zu bytes of device scratch (%s)", what, bytes, cudaGetErrorString(err));
+                  "%s: cannot allocate %zu bytes of device scratch (%s)", what, bytes,
+                  cudaGetErrorString(err));
     return p;
 }

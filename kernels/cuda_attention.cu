@@ -31,9 +31,10 @@
 #define ATT_ROWS_PER_BLOCK (ATT_WARPS * ATT_ROWS)
 #define ATT_BK 32
 #define ATT_MAX_HD 256 // ops.h's limit (CEPE_MAX_HEAD_DIM)
-#define ATT_SPLIT_MIN 32  // keys per split at least: one tile (decode attention is latency-bound, so short
-                          // contexts gain from splitting too)
-#define ATT_LOAD_BATCH 8  // tile elements each thread has in flight at once
+// keys per split at least: one tile (decode attention is latency-bound, so short contexts gain from
+// splitting too)
+#define ATT_SPLIT_MIN 32
+#define ATT_LOAD_BATCH 8 // tile elements each thread has in flight at once
 #define ATT_MAX_SPLITS 128
 
 // Where the blocks of a split launch leave their partials (n == 1: none,
@@ -56,14 +57,14 @@ static size_t att_smem_bytes(int hd) {
 // ND = ceil(hd / 32): the output dims each lane owns (d = lane + 32 i).
 template <int ND>
 __global__ void __launch_bounds__(ATT_WARPS * 32)
-    attention_kernel(float *out, float *lse, const float *q, const float *k, const float *v, const uint8_t *key_valid,
-                     attention_shape s, att_split sp, int b0) {
+    attention_kernel(float *out, float *lse, const float *q, const float *k, const float *v,
+                     const uint8_t *key_valid, attention_shape s, att_split sp, int b0) {
     extern __shared__ float smem[];
     const int hd = s.hd, kst = hd | 1;
-    float *Ks = smem;               // [ATT_BK][kst]
-    float *Vs = Ks + ATT_BK * kst;  // [ATT_BK][kst]
-    float *Qs = Vs + ATT_BK * kst;  // [ATT_ROWS_PER_BLOCK][hd]
-    __shared__ int kvalid[ATT_BK];  // key may be attended (not padding, not past the tile's end)
+    float *Ks = smem;              // [ATT_BK][kst]
+    float *Vs = Ks + ATT_BK * kst; // [ATT_BK][kst]
+    float *Qs = Vs + ATT_BK * kst; // [ATT_ROWS_PER_BLOCK][hd]
+    __shared__ int kvalid[ATT_BK]; // key may be attended (not padding, not past the tile's end)
 
     const int b = b0 + blockIdx.z, g = blockIdx.y;
     const int group = s.H / s.KVH, n_rows = group * s.Tq;
@@ -194,7 +195,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
         if (row >= n_rows) continue;
         const int t = row / group, h = g * group + row % group;
         const long orow = ((long)b * s.Tq + t) * s.H + h; // out (B, Tq, H, hd), lse (B, Tq, H)
-        if (sp.n > 1) { // partials for the merge
+        if (sp.n > 1) {                                   // partials for the merge
             const long at = (long)split * s.B * s.Tq * s.H + orow;
             if (lane == 0) {
                 sp.ml[2 * at] = m[r];
@@ -222,15 +223,16 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
 // out (rows, hd) or NULL and lse (rows) or NULL from the n partials of each
 // row (att_split): the online softmax's merge, m = max m_s, l = Σ l_s e^(m_s - m),
 // out = Σ acc_s e^(m_s - m) / l. One warp per row.
-__global__ void attention_merge_kernel(float *out, float *lse, const float *ml, const float *acc, long rows, int n,
-                                       int hd) {
+__global__ void attention_merge_kernel(float *out, float *lse, const float *ml, const float *acc, long rows,
+                                       int n, int hd) {
     const int lane = threadIdx.x % 32;
     const long warps = (long)gridDim.x * (blockDim.x / 32);
     for (long row = (long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; row < rows; row += warps) {
         float m = -INFINITY, l = 0.0f;
         for (int k = 0; k < n; k++) m = fmaxf(m, ml[2 * (k * rows + row)]);
         if (m != -INFINITY)
-            for (int k = 0; k < n; k++) l += ml[2 * (k * rows + row) + 1] * expf(ml[2 * (k * rows + row)] - m);
+            for (int k = 0; k < n; k++)
+                l += ml[2 * (k * rows + row) + 1] * expf(ml[2 * (k * rows + row)] - m);
         if (lse && lane == 0) lse[row] = l > 0.0f ? m + logf(l) : -INFINITY;
         if (!out) continue;
         const float inv = l > 0.0f ? 1.0f / l : 0.0f; // no visible key: zero output
@@ -249,8 +251,8 @@ int cuda_attention_check(cuda_state *st, const attention_shape *s, const char *w
     if (s->KVH < 1 || s->H % s->KVH != 0 || s->hd < 1 || s->hd > ATT_MAX_HD || s->Tk < 0 || s->q_offset < 0 ||
         s->window < 0)
         return cuda_fail(st, CEPE_ERR_INVALID_ARG,
-                         "%s: bad shape H=%d KVH=%d hd=%d (<= %d) Tk=%d q_offset=%d window=%d", what, s->H, s->KVH,
-                         s->hd, ATT_MAX_HD, s->Tk, s->q_offset, s->window);
+                         "%s: bad shape H=%d KVH=%d hd=%d (<= %d) Tk=%d q_offset=%d window=%d", what, s->H,
+                         s->KVH, s->hd, ATT_MAX_HD, s->Tk, s->q_offset, s->window);
     if (s->KVH > CUDA_MAX_GRID_YZ || s->H > CUDA_MAX_GRID_YZ)
         return cuda_fail(st, CEPE_ERR_UNSUPPORTED, "%s: %d heads exceed a launch's grid", what, s->H);
     return 0;
@@ -271,27 +273,32 @@ static int launch(cuda_state *st, float *out, float *lse, const float *q, const 
                   const uint8_t *key_valid, const attention_shape *s) {
     const size_t smem = att_smem_bytes(s->hd);
     if (smem > (size_t)st->smem_optin)
-        return cuda_fail(st, CEPE_ERR_UNSUPPORTED, "attention: head_dim %d needs %zu bytes of shared memory (%d here)",
-                         s->hd, smem, st->smem_optin);
-    int rc = cuda_check(st,
-                        cudaFuncSetAttribute(attention_kernel<ND>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             (int)smem),
-                        "attention (shared memory)");
+        return cuda_fail(st, CEPE_ERR_UNSUPPORTED,
+                         "attention: head_dim %d needs %zu bytes of shared memory (%d here)", s->hd, smem,
+                         st->smem_optin);
+    int rc = cuda_check(
+        st,
+        cudaFuncSetAttribute(attention_kernel<ND>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+        "attention (shared memory)");
     if (rc) return rc;
     const long n_rows = (long)(s->H / s->KVH) * s->Tq, rows = (long)s->B * s->Tq * s->H;
     const long row_blocks = (n_rows + ATT_ROWS_PER_BLOCK - 1) / ATT_ROWS_PER_BLOCK;
     att_split sp = {att_splits(st, s, row_blocks * s->KVH * s->B), nullptr, nullptr};
     if (row_blocks * sp.n > 0x7fffffffL)
-        return cuda_fail(st, CEPE_ERR_UNSUPPORTED, "attention: %ld query rows exceed a launch's grid", n_rows);
+        return cuda_fail(st, CEPE_ERR_UNSUPPORTED, "attention: %ld query rows exceed a launch's grid",
+                         n_rows);
     if (sp.n > 1) {
         const size_t per_split = (size_t)rows * (2 + (out ? s->hd : 0));
-        if (!(sp.ml = (float *)cuda_scratch(st, sizeof(float) * per_split * sp.n, "attention (split partials)")))
+        if (!(sp.ml =
+                  (float *)cuda_scratch(st, sizeof(float) * per_split * sp.n, "attention (split partials)")))
             return CEPE_ERR_OUT_OF_MEMORY;
         sp.acc = out ? sp.ml + (size_t)2 * rows * sp.n : nullptr;
     }
     for (int b0 = 0; b0 < s->B && !rc; b0 += CUDA_MAX_GRID_YZ) {
-        const dim3 grid((unsigned)(row_blocks * sp.n), (unsigned)s->KVH, (unsigned)std::min(s->B - b0, CUDA_MAX_GRID_YZ));
-        attention_kernel<ND><<<grid, ATT_WARPS * 32, smem, st->stream>>>(out, lse, q, k, v, key_valid, *s, sp, b0);
+        const dim3 grid((unsigned)(row_blocks * sp.n), (unsigned)s->KVH,
+                        (unsigned)std::min(s->B - b0, CUDA_MAX_GRID_YZ));
+        attention_kernel<ND>
+            <<<grid, ATT_WARPS * 32, smem, st->stream>>>(out, lse, q, k, v, key_valid, *s, sp, b0);
         rc = cuda_launched(st, "attention");
     }
     if (!rc && sp.n > 1) {
@@ -305,21 +312,30 @@ static int launch(cuda_state *st, float *out, float *lse, const float *q, const 
 
 // out (B, Tq, H*hd) or NULL, lse (B, Tq, H) or NULL
 static int attention_common(const cepe_backend *be, float *out, float *lse, const float *q, const float *k,
-                            const float *v, const uint8_t *key_valid, const attention_shape *s, const char *what) {
+                            const float *v, const uint8_t *key_valid, const attention_shape *s,
+                            const char *what) {
     cuda_state *st = cuda_begin(be);
     if (!st) return CEPE_ERR_BACKEND;
     if (s->B <= 0 || s->Tq <= 0 || s->H <= 0 || (!out && !lse)) return 0;
     const int rc = cuda_attention_check(st, s, what);
     if (rc) return rc;
     switch ((s->hd + 31) / 32) {
-    case 1: return launch<1>(st, out, lse, q, k, v, key_valid, s);
-    case 2: return launch<2>(st, out, lse, q, k, v, key_valid, s);
-    case 3: return launch<3>(st, out, lse, q, k, v, key_valid, s);
-    case 4: return launch<4>(st, out, lse, q, k, v, key_valid, s);
-    case 5: return launch<5>(st, out, lse, q, k, v, key_valid, s);
-    case 6: return launch<6>(st, out, lse, q, k, v, key_valid, s);
-    case 7: return launch<7>(st, out, lse, q, k, v, key_valid, s);
-    default: return launch<8>(st, out, lse, q, k, v, key_valid, s);
+    case 1:
+        return launch<1>(st, out, lse, q, k, v, key_valid, s);
+    case 2:
+        return launch<2>(st, out, lse, q, k, v, key_valid, s);
+    case 3:
+        return launch<3>(st, out, lse, q, k, v, key_valid, s);
+    case 4:
+        return launch<4>(st, out, lse, q, k, v, key_valid, s);
+    case 5:
+        return launch<5>(st, out, lse, q, k, v, key_valid, s);
+    case 6:
+        return launch<6>(st, out, lse, q, k, v, key_valid, s);
+    case 7:
+        return launch<7>(st, out, lse, q, k, v, key_valid, s);
+    default:
+        return launch<8>(st, out, lse, q, k, v, key_valid, s);
     }
 }
 
@@ -329,8 +345,8 @@ int cuda_attention(const cepe_backend *be, float *out, const float *q, const flo
     return attention_common(be, out, nullptr, q, k, v, key_valid, s, "attention");
 }
 
-int cuda_attention_lse(const cepe_backend *be, float *out, float *lse, const float *q, const float *k, const float *v,
-                       const uint8_t *key_valid, const attention_shape *s, int nt) {
+int cuda_attention_lse(const cepe_backend *be, float *out, float *lse, const float *q, const float *k,
+                       const float *v, const uint8_t *key_valid, const attention_shape *s, int nt) {
     (void)nt;
     return attention_common(be, out, lse, q, k, v, key_valid, s, "attention_lse");
 }

@@ -63,8 +63,8 @@ __global__ void attention_rowdot_kernel(float *D, const float *dout, const float
 // Query rows t0..t0+BR-1 of head h, batch row b: q -> Qs, dout -> dOs, and
 // per row lse, D and the visible key range (empty past Tq or where lse = -inf).
 static __device__ void load_rows(const ab_tiles &w, float *Ls, float *Ds, int *rlo, int *rhi, const float *q,
-                          const float *dout, const float *lse, const float *D, const attention_shape &s, int b, int h,
-                          int t0) {
+                                 const float *dout, const float *lse, const float *D,
+                                 const attention_shape &s, int b, int h, int t0) {
     const int hd = s.hd;
     const int n_el = AB_BR * hd;
     for (int base = 0; base < n_el; base += AB_LOAD_BATCH * AB_THREADS) { // loads in flight together
@@ -107,8 +107,9 @@ static __device__ void load_rows(const ab_tiles &w, float *Ls, float *Ds, int *r
 // Keys j0..j0+nk-1 of kv head g, batch row b: k -> Ks, v -> Vs (padding and
 // keys past nk: zeros) and kvalid. Returns this thread's kvalid entry (0 for
 // threads past BC), for the caller's __syncthreads_or.
-static __device__ int load_keys(const ab_tiles &w, int *kvalid, const float *k, const float *v, const uint8_t *key_valid,
-                         const attention_shape &s, int b, int g, int j0, int nk) {
+static __device__ int load_keys(const ab_tiles &w, int *kvalid, const float *k, const float *v,
+                                const uint8_t *key_valid, const attention_shape &s, int b, int g, int j0,
+                                int nk) {
     const int hd = s.hd;
     const uint8_t *valid = key_valid ? key_valid + b * s.valid_bstride : nullptr;
     const long base = b * s.kv_bstride + (long)g * hd;
@@ -146,8 +147,8 @@ static __device__ int load_keys(const ab_tiles &w, int *kvalid, const float *k, 
 // P and dS of the BR x BC tile: this thread scores key j0 + lane against the
 // rows warp, warp + 8, warp + 16, warp + 24 (the row's Qs/dOs reads are
 // warp-wide broadcasts, the key's a conflict-free column walk).
-static __device__ void tile_probs(const ab_tiles &w, const float *Ls, const float *Ds, const int *rlo, const int *rhi,
-                           const int *kvalid, int j0, int hd, float scale) {
+static __device__ void tile_probs(const ab_tiles &w, const float *Ls, const float *Ds, const int *rlo,
+                                  const int *rhi, const int *kvalid, int j0, int hd, float scale) {
     constexpr int RPW = AB_BR / AB_WARPS;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, j = j0 + lane;
     const float *kr = w.Ks + lane * w.kst, *vr = w.Vs + lane * w.kst;
@@ -178,8 +179,9 @@ static __device__ void tile_probs(const ab_tiles &w, const float *Ls, const floa
 // thread accumulates key jl = tid / 8, dims d = tid % 8 + 8 i (i < KN).
 template <int KN>
 __global__ void __launch_bounds__(AB_THREADS)
-    attention_dkdv_kernel(float *dk, float *dv, const float *dout, const float *q, const float *k, const float *v,
-                          const float *lse, const float *D, const uint8_t *key_valid, attention_shape s, int b0) {
+    attention_dkdv_kernel(float *dk, float *dv, const float *dout, const float *q, const float *k,
+                          const float *v, const float *lse, const float *D, const uint8_t *key_valid,
+                          attention_shape s, int b0) {
     extern __shared__ float smem[];
     __shared__ float Ls[AB_BR], Ds[AB_BR];
     __shared__ int rlo[AB_BR], rhi[AB_BR], kvalid[AB_BC];
@@ -234,8 +236,9 @@ __global__ void __launch_bounds__(AB_THREADS)
 // accumulates row rl = tid / 8, dims d = tid % 8 + 8 i (i < KN).
 template <int KN>
 __global__ void __launch_bounds__(AB_THREADS)
-    attention_dq_kernel(float *dq, const float *dout, const float *q, const float *k, const float *v, const float *lse,
-                        const float *D, const uint8_t *key_valid, attention_shape s, int b0) {
+    attention_dq_kernel(float *dq, const float *dout, const float *q, const float *k, const float *v,
+                        const float *lse, const float *D, const uint8_t *key_valid, attention_shape s,
+                        int b0) {
     extern __shared__ float smem[];
     __shared__ float Ls[AB_BR], Ds[AB_BR];
     __shared__ int rlo[AB_BR], rhi[AB_BR], kvalid[AB_BC];
@@ -257,7 +260,8 @@ __global__ void __launch_bounds__(AB_THREADS)
     for (int j0 = klo; j0 < khi; j0 += AB_BC) {
         const int nk = min(AB_BC, khi - j0);
         __syncthreads(); // the rows are loaded / the previous key tile is consumed
-        if (!__syncthreads_or(load_keys(w, kvalid, k, v, key_valid, s, b, g, j0, nk))) continue; // all padding
+        if (!__syncthreads_or(load_keys(w, kvalid, k, v, key_valid, s, b, g, j0, nk)))
+            continue; // all padding
         tile_probs(w, Ls, Ds, rlo, rhi, kvalid, j0, hd, s.scale);
         __syncthreads();
         for (int jj = 0; jj < AB_BC; jj++) {
@@ -279,47 +283,47 @@ __global__ void __launch_bounds__(AB_THREADS)
 }
 
 template <int KN>
-static int launch(cuda_state *st, float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
-                  const float *v, const float *lse, const float *D, const uint8_t *key_valid,
+static int launch(cuda_state *st, float *dq, float *dk, float *dv, const float *dout, const float *q,
+                  const float *k, const float *v, const float *lse, const float *D, const uint8_t *key_valid,
                   const attention_shape *s) {
     const size_t smem = ab_smem_bytes(s->hd);
     if (smem > (size_t)st->smem_optin)
         return cuda_fail(st, CEPE_ERR_UNSUPPORTED,
-                         "attention_backward: head_dim %d needs %zu bytes of shared memory (%d here)", s->hd, smem,
-                         st->smem_optin);
+                         "attention_backward: head_dim %d needs %zu bytes of shared memory (%d here)", s->hd,
+                         smem, st->smem_optin);
     int rc = 0;
     if (dk || dv) {
         rc = cuda_check(st,
-                        cudaFuncSetAttribute(attention_dkdv_kernel<KN>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             (int)smem),
+                        cudaFuncSetAttribute(attention_dkdv_kernel<KN>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
                         "attention_backward (shared memory)");
         for (int b0 = 0; b0 < s->B && !rc; b0 += CUDA_MAX_GRID_YZ) {
             const dim3 grid((unsigned)((s->Tk + AB_BC - 1) / AB_BC), (unsigned)s->KVH,
                             (unsigned)std::min(s->B - b0, CUDA_MAX_GRID_YZ));
-            attention_dkdv_kernel<KN><<<grid, AB_THREADS, smem, st->stream>>>(dk, dv, dout, q, k, v, lse, D,
-                                                                              key_valid, *s, b0);
+            attention_dkdv_kernel<KN>
+                <<<grid, AB_THREADS, smem, st->stream>>>(dk, dv, dout, q, k, v, lse, D, key_valid, *s, b0);
             rc = cuda_launched(st, "attention_backward (dk, dv)");
         }
     }
     if (dq && !rc) {
         rc = cuda_check(st,
-                        cudaFuncSetAttribute(attention_dq_kernel<KN>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             (int)smem),
+                        cudaFuncSetAttribute(attention_dq_kernel<KN>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
                         "attention_backward (shared memory)");
         for (int b0 = 0; b0 < s->B && !rc; b0 += CUDA_MAX_GRID_YZ) {
             const dim3 grid((unsigned)((s->Tq + AB_BR - 1) / AB_BR), (unsigned)s->H,
                             (unsigned)std::min(s->B - b0, CUDA_MAX_GRID_YZ));
-            attention_dq_kernel<KN><<<grid, AB_THREADS, smem, st->stream>>>(dq, dout, q, k, v, lse, D, key_valid, *s,
-                                                                            b0);
+            attention_dq_kernel<KN>
+                <<<grid, AB_THREADS, smem, st->stream>>>(dq, dout, q, k, v, lse, D, key_valid, *s, b0);
             rc = cuda_launched(st, "attention_backward (dq)");
         }
     }
     return rc;
 }
 
-int cuda_attention_backward(const cepe_backend *be, float *dq, float *dk, float *dv, const float *dout, const float *q,
-                            const float *k, const float *v, const float *out, const float *lse,
-                            const uint8_t *key_valid, const attention_shape *s, int nt) {
+int cuda_attention_backward(const cepe_backend *be, float *dq, float *dk, float *dv, const float *dout,
+                            const float *q, const float *k, const float *v, const float *out,
+                            const float *lse, const uint8_t *key_valid, const attention_shape *s, int nt) {
     (void)nt;
     cuda_state *st = cuda_begin(be);
     if (!st) return CEPE_ERR_BACKEND;
@@ -332,23 +336,40 @@ int cuda_attention_backward(const cepe_backend *be, float *dq, float *dk, float 
     if (!D) return CEPE_ERR_OUT_OF_MEMORY;
     if (!lse) { // O(B Tq H), one float per query row: rebuilt by the forward kernel
         lse_buf = (float *)cuda_scratch(st, sizeof(float) * (size_t)rows, "attention_backward");
-        rc = lse_buf ? cuda_attention_lse(be, nullptr, lse_buf, q, k, v, key_valid, s, nt) : CEPE_ERR_OUT_OF_MEMORY;
+        rc = lse_buf ? cuda_attention_lse(be, nullptr, lse_buf, q, k, v, key_valid, s, nt)
+                     : CEPE_ERR_OUT_OF_MEMORY;
         lse = lse_buf;
     }
     if (!rc) {
-        attention_rowdot_kernel<<<cuda_blocks((size_t)rows * 32, CUDA_THREADS), CUDA_THREADS, 0, st->stream>>>(
-            D, dout, out, rows, s->hd);
+        attention_rowdot_kernel<<<cuda_blocks((size_t)rows * 32, CUDA_THREADS), CUDA_THREADS, 0,
+                                  st->stream>>>(D, dout, out, rows, s->hd);
         rc = cuda_launched(st, "attention_backward (rowsum)");
     }
     if (!rc) switch ((s->hd + 31) / 32) { // KN = 4 ND: dims d = dl + 8 i cover hd <= 32 ND
-        case 1: rc = launch<4>(st, dq, dk, dv, dout, q, k, v, lse, D, key_valid, s); break;
-        case 2: rc = launch<8>(st, dq, dk, dv, dout, q, k, v, lse, D, key_valid, s); break;
-        case 3: rc = launch<12>(st, dq, dk, dv, dout, q, k, v, lse, D, key_valid, s); break;
-        case 4: rc = launch<16>(st, dq, dk, dv, dout, q, k, v, lse, D, key_valid, s); break;
-        case 5: rc = launch<20>(st, dq, dk, dv, dout, q, k, v, lse, D, key_valid, s); break;
-        case 6: rc = launch<24>(st, dq, dk, dv, dout, q, k, v, lse, D, key_valid, s); break;
-        case 7: rc = launch<28>(st, dq, dk, dv, dout, q, k, v, lse, D, key_valid, s); break;
-        default: rc = launch<32>(st, dq, dk, dv, dout, q, k, v, lse, D, key_valid, s); break;
+        case 1:
+            rc = launch<4>(st, dq, dk, dv, dout, q, k, v, lse, D, key_valid, s);
+            break;
+        case 2:
+            rc = launch<8>(st, dq, dk, dv, dout, q, k, v, lse, D, key_valid, s);
+            break;
+        case 3:
+            rc = launch<12>(st, dq, dk, dv, dout, q, k, v, lse, D, key_valid, s);
+            break;
+        case 4:
+            rc = launch<16>(st, dq, dk, dv, dout, q, k, v, lse, D, key_valid, s);
+            break;
+        case 5:
+            rc = launch<20>(st, dq, dk, dv, dout, q, k, v, lse, D, key_valid, s);
+            break;
+        case 6:
+            rc = launch<24>(st, dq, dk, dv, dout, q, k, v, lse, D, key_valid, s);
+            break;
+        case 7:
+            rc = launch<28>(st, dq, dk, dv, dout, q, k, v, lse, D, key_valid, s);
+            break;
+        default:
+            rc = launch<32>(st, dq, dk, dv, dout, q, k, v, lse, D, key_valid, s);
+            break;
         }
     cuda_scratch_free(st, lse_buf);
     cuda_scratch_free(st, D);

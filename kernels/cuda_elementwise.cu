@@ -29,8 +29,8 @@ __global__ void swiglu_kernel(float *out, const float *gate, const float *up, si
 }
 
 // dgate, dup (n) += the gradients of silu(gate) * up
-__global__ void swiglu_backward_kernel(float *dgate, float *dup, const float *dout, const float *gate, const float *up,
-                                       size_t n) {
+__global__ void swiglu_backward_kernel(float *dgate, float *dup, const float *dout, const float *gate,
+                                       const float *up, size_t n) {
     for (size_t i = grid_index(); i < n; i += grid_stride()) {
         float dg = dgate[i], du = dup[i];
         cepe_swiglu_backward(gate[i], up[i], dout[i], &dg, &du);
@@ -53,12 +53,14 @@ int cuda_embedding(const cepe_backend *be, float *out, const int32_t *ids, const
     return cuda_launched(st, "embedding");
 }
 
-int cuda_embedding_backward(const cepe_backend *be, float *dwte, const float *dout, const int32_t *ids, int N, int C) {
+int cuda_embedding_backward(const cepe_backend *be, float *dwte, const float *dout, const int32_t *ids, int N,
+                            int C) {
     cuda_state *st = cuda_begin(be);
     if (!st) return CEPE_ERR_BACKEND;
     if (N <= 0 || C <= 0) return 0;
     const size_t n = (size_t)N * C;
-    embedding_backward_kernel<<<cuda_blocks(n, CUDA_THREADS), CUDA_THREADS, 0, st->stream>>>(dwte, dout, ids, N, C);
+    embedding_backward_kernel<<<cuda_blocks(n, CUDA_THREADS), CUDA_THREADS, 0, st->stream>>>(dwte, dout, ids,
+                                                                                             N, C);
     return cuda_launched(st, "embedding_backward");
 }
 
@@ -67,17 +69,18 @@ int cuda_swiglu(const cepe_backend *be, float *out, const float *gate, const flo
     cuda_state *st = cuda_begin(be);
     if (!st) return CEPE_ERR_BACKEND;
     if (N <= 0) return 0;
-    swiglu_kernel<<<cuda_blocks((size_t)N, CUDA_THREADS), CUDA_THREADS, 0, st->stream>>>(out, gate, up, (size_t)N);
+    swiglu_kernel<<<cuda_blocks((size_t)N, CUDA_THREADS), CUDA_THREADS, 0, st->stream>>>(out, gate, up,
+                                                                                         (size_t)N);
     return cuda_launched(st, "swiglu");
 }
 
-int cuda_swiglu_backward(const cepe_backend *be, float *dgate, float *dup, const float *dout, const float *gate,
-                         const float *up, long N) {
+int cuda_swiglu_backward(const cepe_backend *be, float *dgate, float *dup, const float *dout,
+                         const float *gate, const float *up, long N) {
     cuda_state *st = cuda_begin(be);
     if (!st) return CEPE_ERR_BACKEND;
     if (N <= 0) return 0;
-    swiglu_backward_kernel<<<cuda_blocks((size_t)N, CUDA_THREADS), CUDA_THREADS, 0, st->stream>>>(dgate, dup, dout,
-                                                                                                  gate, up, (size_t)N);
+    swiglu_backward_kernel<<<cuda_blocks((size_t)N, CUDA_THREADS), CUDA_THREADS, 0, st->stream>>>(
+        dgate, dup, dout, gate, up, (size_t)N);
     return cuda_launched(st, "swiglu_backward");
 }
 

@@ -24,8 +24,8 @@ static __device__ void row_exp_sum(const float *z, int V, float *max_out, double
 // losses (N): -log softmax(logits)[target] (0 for ignored rows);
 // dlogits (N, V) += dloss_scale (softmax - onehot(target)), or NULL.
 // A target outside [0, V) (the caller checks them) flags the row and skips it.
-__global__ void cross_entropy_kernel(float *losses, float *dlogits, const float *logits, const int32_t *targets, int V,
-                                     float dloss_scale, unsigned *flags) {
+__global__ void cross_entropy_kernel(float *losses, float *dlogits, const float *logits,
+                                     const int32_t *targets, int V, float dloss_scale, unsigned *flags) {
     const size_t i = blockIdx.x;
     const int t = targets[i];
     if (t == CEPE_IGNORE_INDEX || t < 0 || t >= V) { // block-uniform exit
@@ -53,9 +53,9 @@ __global__ void cross_entropy_kernel(float *losses, float *dlogits, const float 
 // The CEPED KL of one row (loss.c's kl_topk_forward_backward, whose comment
 // derives it): losses (N), dlogits (N, V) +=, logits (N, V), teacher_probs
 // (N, K+1) fp16 bits, teacher_index (N, K).
-__global__ void kl_topk_kernel(float *losses, float *dlogits, const float *logits, const uint16_t *teacher_probs,
-                               const int32_t *teacher_index, int V, int K, int mode, float delta, float dloss_scale,
-                               unsigned *flags) {
+__global__ void kl_topk_kernel(float *losses, float *dlogits, const float *logits,
+                               const uint16_t *teacher_probs, const int32_t *teacher_index, int V, int K,
+                               int mode, float delta, float dloss_scale, unsigned *flags) {
     __shared__ double row_wsum;
     const size_t i = blockIdx.x;
     const float *z = logits + i * V;
@@ -125,16 +125,18 @@ int cuda_cross_entropy(const cepe_backend *be, float *losses, float *dlogits, co
     return cuda_launched(st, "cross_entropy");
 }
 
-int cuda_kl_topk(const cepe_backend *be, float *losses, float *dlogits, const float *logits, const uint16_t *probs,
-                 const int32_t *index, int N, int V, int K, int mode, float delta, float dloss_scale) {
+int cuda_kl_topk(const cepe_backend *be, float *losses, float *dlogits, const float *logits,
+                 const uint16_t *probs, const int32_t *index, int N, int V, int K, int mode, float delta,
+                 float dloss_scale) {
     cuda_state *st = cuda_begin(be);
     if (!st) return CEPE_ERR_BACKEND;
     // as loss.c: a bad mode, K or delta writes nothing (the indices are checked on the device)
-    if (K < 1 || (mode != CEPE_KL_SMOOTH && mode != CEPE_KL_DROP) || (mode == CEPE_KL_SMOOTH && !(delta >= 0.0f)))
+    if (K < 1 || (mode != CEPE_KL_SMOOTH && mode != CEPE_KL_DROP) ||
+        (mode == CEPE_KL_SMOOTH && !(delta >= 0.0f)))
         return cuda_fail(st, CEPE_ERR_INVALID_ARG, "distillation KL: bad mode %d, K %d or delta %g", mode, K,
                          (double)delta);
     if (N <= 0) return 0;
-    kl_topk_kernel<<<N, CUDA_THREADS, 0, st->stream>>>(losses, dlogits, logits, probs, index, V, K, mode, delta,
-                                                       dloss_scale, st->dev_flags);
+    kl_topk_kernel<<<N, CUDA_THREADS, 0, st->stream>>>(losses, dlogits, logits, probs, index, V, K, mode,
+                                                       delta, dloss_scale, st->dev_flags);
     return cuda_launched(st, "kl_topk");
 }

@@ -7,12 +7,13 @@
 #include "cuda_common.cuh"
 
 // C (m x n, ld ldc) = op(A) · op(B) + beta C, column-major, with A/B of type ab_type.
-static int gemm(cuda_state *st, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const void *A, int lda,
-                const void *B, int ldb, cudaDataType ab_type, float beta, float *C, int ldc, const char *what) {
+static int gemm(cuda_state *st, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                const void *A, int lda, const void *B, int ldb, cudaDataType ab_type, float beta, float *C,
+                int ldc, const char *what) {
     const float alpha = 1.0f;
     return cublas_check(st,
-                        cublasGemmEx(st->blas, ta, tb, m, n, k, &alpha, A, ab_type, lda, B, ab_type, ldb, &beta, C,
-                                     CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                        cublasGemmEx(st->blas, ta, tb, m, n, k, &alpha, A, ab_type, lda, B, ab_type, ldb,
+                                     &beta, C, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                         what);
 }
 
@@ -31,16 +32,17 @@ int cuda_matmul(const cepe_backend *be, float *out, const float *inp, const floa
     if (!st) return CEPE_ERR_BACKEND;
     if (N <= 0 || OC <= 0) return 0;
     if (C <= 0) return empty_product(st, out, (size_t)N * OC, accumulate, "matmul");
-    return gemm(st, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, w, C, inp, C, CUDA_R_32F, accumulate ? 1.0f : 0.0f, out, OC,
-                "matmul");
+    return gemm(st, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, w, C, inp, C, CUDA_R_32F, accumulate ? 1.0f : 0.0f,
+                out, OC, "matmul");
 }
 
 // dinp (N, C) = dout (N, OC) · w (OC, C)   (+= when accumulate), or NULL
 //   column-major: dinpᵀ (C x N) = wᵀ (C x OC, ld C) · doutᵀ (OC x N, ld OC)
 // dweight (OC, C) += dout (N, OC)ᵀ · inp (N, C), or NULL
 //   column-major: dweightᵀ (C x OC) = inpᵀ (C x N, ld C) · dout (N x OC: doutᵀ transposed, ld OC)
-int cuda_matmul_backward(const cepe_backend *be, float *dinp, float *dweight, const float *dout, const float *inp,
-                         const float *weight, int N, int C, int OC, int accumulate, int nt) {
+int cuda_matmul_backward(const cepe_backend *be, float *dinp, float *dweight, const float *dout,
+                         const float *inp, const float *weight, int N, int C, int OC, int accumulate,
+                         int nt) {
     (void)nt;
     cuda_state *st = cuda_begin(be);
     if (!st) return CEPE_ERR_BACKEND;
@@ -59,8 +61,8 @@ int cuda_matmul_backward(const cepe_backend *be, float *dinp, float *dweight, co
 
 // out (N, OC) = bf16(inp) (N, C) · w (OC, C, bf16)ᵀ (+ out), fp32 accumulation
 // and output; the rounded activations live in scratch for the call.
-int cuda_matmul_bf16(const cepe_backend *be, float *out, const float *inp, const uint16_t *w, int N, int C, int OC,
-                     int accumulate, int nt) {
+int cuda_matmul_bf16(const cepe_backend *be, float *out, const float *inp, const uint16_t *w, int N, int C,
+                     int OC, int accumulate, int nt) {
     (void)nt;
     cuda_state *st = cuda_begin(be);
     if (!st) return CEPE_ERR_BACKEND;
@@ -71,8 +73,8 @@ int cuda_matmul_bf16(const cepe_backend *be, float *out, const float *inp, const
     if (!act) return CEPE_ERR_OUT_OF_MEMORY;
     int rc = cuda_to_bf16(be, act, inp, n);
     if (!rc)
-        rc = gemm(st, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, w, C, act, C, CUDA_R_16BF, accumulate ? 1.0f : 0.0f, out, OC,
-                  "matmul_bf16");
+        rc = gemm(st, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, w, C, act, C, CUDA_R_16BF, accumulate ? 1.0f : 0.0f,
+                  out, OC, "matmul_bf16");
     cuda_scratch_free(st, act);
     return rc;
 }

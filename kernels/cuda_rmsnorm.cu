@@ -18,8 +18,8 @@ __global__ void rmsnorm_kernel(float *out, const float *inp, const float *w, int
 
 // dinp (N, C) += r w dy - (r³ / C) x Σ(dy w x), r = the forward's scale,
 // kept in rstd (N) for the weight gradient (when rstd != NULL)
-__global__ void rmsnorm_backward_kernel(float *dinp, float *rstd, const float *dout, const float *inp, const float *w,
-                                        int C, float eps) {
+__global__ void rmsnorm_backward_kernel(float *dinp, float *rstd, const float *dout, const float *inp,
+                                        const float *w, int C, float eps) {
     __shared__ float red[32];
     const size_t row = blockIdx.x;
     const float *x = inp + row * C, *dy = dout + row * C;
@@ -42,8 +42,8 @@ __global__ void rmsnorm_backward_kernel(float *dinp, float *rstd, const float *d
 // take every 8th row (lane = column: coalesced reads), then sum in order.
 #define DW_COLS 32
 #define DW_ROWS 8
-__global__ void rmsnorm_dweight_kernel(float *dweight, const float *dout, const float *inp, const float *rstd, int N,
-                                       int C) {
+__global__ void rmsnorm_dweight_kernel(float *dweight, const float *dout, const float *inp, const float *rstd,
+                                       int N, int C) {
     __shared__ float part[DW_ROWS][DW_COLS + 1];
     const int col = blockIdx.x * DW_COLS + threadIdx.x % DW_COLS, lane_row = threadIdx.x / DW_COLS;
     float acc = 0.0f;
@@ -61,7 +61,8 @@ __global__ void rmsnorm_dweight_kernel(float *dweight, const float *dout, const 
     }
 }
 
-int cuda_rmsnorm(const cepe_backend *be, float *out, const float *inp, const float *w, int N, int C, float eps, int nt) {
+int cuda_rmsnorm(const cepe_backend *be, float *out, const float *inp, const float *w, int N, int C,
+                 float eps, int nt) {
     (void)nt;
     cuda_state *st = cuda_begin(be);
     if (!st) return CEPE_ERR_BACKEND;
@@ -70,8 +71,8 @@ int cuda_rmsnorm(const cepe_backend *be, float *out, const float *inp, const flo
     return cuda_launched(st, "rmsnorm");
 }
 
-int cuda_rmsnorm_backward(const cepe_backend *be, float *dinp, float *dweight, const float *dout, const float *inp,
-                          const float *weight, int N, int C, float eps) {
+int cuda_rmsnorm_backward(const cepe_backend *be, float *dinp, float *dweight, const float *dout,
+                          const float *inp, const float *weight, int N, int C, float eps) {
     cuda_state *st = cuda_begin(be);
     if (!st) return CEPE_ERR_BACKEND;
     if (N <= 0 || C <= 0 || (!dinp && !dweight)) return 0;
@@ -81,8 +82,8 @@ int cuda_rmsnorm_backward(const cepe_backend *be, float *dinp, float *dweight, c
     rmsnorm_backward_kernel<<<N, CUDA_THREADS, 0, st->stream>>>(dinp, rstd, dout, inp, weight, C, eps);
     int rc = cuda_launched(st, "rmsnorm_backward");
     if (!rc && dweight) {
-        rmsnorm_dweight_kernel<<<(C + DW_COLS - 1) / DW_COLS, DW_COLS * DW_ROWS, 0, st->stream>>>(dweight, dout, inp,
-                                                                                                 rstd, N, C);
+        rmsnorm_dweight_kernel<<<(C + DW_COLS - 1) / DW_COLS, DW_COLS * DW_ROWS, 0, st->stream>>>(
+            dweight, dout, inp, rstd, N, C);
         rc = cuda_launched(st, "rmsnorm_backward (dweight)");
     }
     cuda_scratch_free(st, rstd);

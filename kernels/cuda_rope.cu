@@ -6,8 +6,8 @@
 #include "ops/elementwise.h"
 
 // cos/sin (N, half) = mscale * cos/sin(pos (N) * inv_freq (half))
-__global__ void rope_table_kernel(float *cos_t, float *sin_t, const double *pos, const float *inv_freq, int N, int half,
-                                  float mscale) {
+__global__ void rope_table_kernel(float *cos_t, float *sin_t, const double *pos, const float *inv_freq, int N,
+                                  int half, float mscale) {
     const size_t n = (size_t)N * half;
     for (size_t i = grid_index(); i < n; i += grid_stride()) {
         const double a = pos[i / half] * (double)inv_freq[i % half];
@@ -39,37 +39,37 @@ __global__ void rope_kernel(float *x, const float *cos_t, const float *sin_t, in
     }
 }
 
-int cuda_rope_table(const cepe_backend *be, float *cos_t, float *sin_t, const double *pos, const float *inv_freq, int N,
-                    int half, float mscale) {
+int cuda_rope_table(const cepe_backend *be, float *cos_t, float *sin_t, const double *pos,
+                    const float *inv_freq, int N, int half, float mscale) {
     cuda_state *st = cuda_begin(be);
     if (!st) return CEPE_ERR_BACKEND;
     if (N <= 0 || half <= 0) return 0;
     const size_t n = (size_t)N * half;
-    rope_table_kernel<<<cuda_blocks(n, CUDA_THREADS), CUDA_THREADS, 0, st->stream>>>(cos_t, sin_t, pos, inv_freq, N,
-                                                                                     half, mscale);
+    rope_table_kernel<<<cuda_blocks(n, CUDA_THREADS), CUDA_THREADS, 0, st->stream>>>(
+        cos_t, sin_t, pos, inv_freq, N, half, mscale);
     return cuda_launched(st, "rope_table");
 }
 
-static int rope_launch(const cepe_backend *be, float *x, const float *cos_t, const float *sin_t, int N, int nh, int hd,
-                       int half, int interleaved, int backward) {
+static int rope_launch(const cepe_backend *be, float *x, const float *cos_t, const float *sin_t, int N,
+                       int nh, int hd, int half, int interleaved, int backward) {
     cuda_state *st = cuda_begin(be);
     if (!st) return CEPE_ERR_BACKEND;
     if (N <= 0 || nh <= 0 || half <= 0) return 0;
     if (2 * half > hd)
         return cuda_fail(st, CEPE_ERR_INVALID_ARG, "rope: %d pairs do not fit head_dim %d", half, hd);
     const size_t n = (size_t)N * nh * half;
-    rope_kernel<<<cuda_blocks(n, CUDA_THREADS), CUDA_THREADS, 0, st->stream>>>(x, cos_t, sin_t, N, nh, hd, half,
-                                                                               interleaved, backward);
+    rope_kernel<<<cuda_blocks(n, CUDA_THREADS), CUDA_THREADS, 0, st->stream>>>(x, cos_t, sin_t, N, nh, hd,
+                                                                               half, interleaved, backward);
     return cuda_launched(st, backward ? "rope_backward" : "rope");
 }
 
-int cuda_rope(const cepe_backend *be, float *x, const float *cos_t, const float *sin_t, int N, int nh, int hd, int half,
-              int interleaved, int nt) {
+int cuda_rope(const cepe_backend *be, float *x, const float *cos_t, const float *sin_t, int N, int nh, int hd,
+              int half, int interleaved, int nt) {
     (void)nt;
     return rope_launch(be, x, cos_t, sin_t, N, nh, hd, half, interleaved, 0);
 }
 
-int cuda_rope_backward(const cepe_backend *be, float *dx, const float *cos_t, const float *sin_t, int N, int nh, int hd,
-                       int half, int interleaved) {
+int cuda_rope_backward(const cepe_backend *be, float *dx, const float *cos_t, const float *sin_t, int N,
+                       int nh, int hd, int half, int interleaved) {
     return rope_launch(be, dx, cos_t, sin_t, N, nh, hd, half, interleaved, 1);
 }

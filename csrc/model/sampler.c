@@ -48,7 +48,9 @@ static double next_uniform(uint64_t *s) { return (double)(next_u64(s) >> 11) * 0
 /* ----------------------------------------------------------------- ordering */
 
 /* a ranks before b: a larger key, ties to the lower id. */
-static int before(const double *key, int32_t a, int32_t b) { return key[a] > key[b] || (key[a] == key[b] && a < b); }
+static int before(const double *key, int32_t a, int32_t b) {
+    return key[a] > key[b] || (key[a] == key[b] && a < b);
+}
 
 /* Heap with the last-ranked token at the root. */
 static void sift_down(const double *key, int32_t *h, int n, int i) {
@@ -222,11 +224,13 @@ static int32_t run_chain(cepe_sampler *s, int row, const float *logits, float *p
     const cepe_sampling *p = &s->p;
     int n = adjusted_logits(s, row, logits);
     if (n == 0) {
-        cepe_fail(CEPE_ERR_INVALID_ARG, "logit_bias and the penalties leave no token to pick (every logit is -inf)");
+        cepe_fail(CEPE_ERR_INVALID_ARG,
+                  "logit_bias and the penalties leave no token to pick (every logit is -inf)");
         return -1;
     }
     int sorted = 0;
-    if (p->temperature > 0.0f || p->typical_p < 1.0f) /* greedy: the filters other than typical-p keep the best */
+    if (p->temperature > 0.0f ||
+        p->typical_p < 1.0f) /* greedy: the filters other than typical-p keep the best */
         n = filter(s, n, &sorted);
     if (p->temperature == 0.0f) {
         const int32_t tok = best_cand(s->z, s->cand, n, sorted);
@@ -328,7 +332,8 @@ static int finite_row(const float *logits, int V) {
 
 static cepe_status check_settings(const cepe_sampling *p, int V) {
     if (!(p->temperature >= 0.0f) || !isfinite(p->temperature))
-        return cepe_fail(CEPE_ERR_INVALID_ARG, "temperature must be a finite number >= 0, got %g", (double)p->temperature);
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "temperature must be a finite number >= 0, got %g",
+                         (double)p->temperature);
     if (p->top_k < 0) return cepe_fail(CEPE_ERR_INVALID_ARG, "top_k must be >= 0, got %d", p->top_k);
     if (!(p->top_p > 0.0f && p->top_p <= 1.0f))
         return cepe_fail(CEPE_ERR_INVALID_ARG, "top_p must be in (0, 1], got %g", (double)p->top_p);
@@ -340,16 +345,19 @@ static cepe_status check_settings(const cepe_sampling *p, int V) {
         return cepe_fail(CEPE_ERR_INVALID_ARG, "repeat_penalty must be a finite number > 0, got %g",
                          (double)p->repeat_penalty);
     if (!isfinite(p->frequency_penalty))
-        return cepe_fail(CEPE_ERR_INVALID_ARG, "frequency_penalty must be finite, got %g", (double)p->frequency_penalty);
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "frequency_penalty must be finite, got %g",
+                         (double)p->frequency_penalty);
     if (!isfinite(p->presence_penalty))
-        return cepe_fail(CEPE_ERR_INVALID_ARG, "presence_penalty must be finite, got %g", (double)p->presence_penalty);
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "presence_penalty must be finite, got %g",
+                         (double)p->presence_penalty);
     if (p->repeat_last_n < -1)
         return cepe_fail(CEPE_ERR_INVALID_ARG, "repeat_last_n must be >= -1, got %d", p->repeat_last_n);
     if (p->n_bias < 0 || (p->n_bias > 0 && (!p->bias_ids || !p->bias)))
         return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_sampler_create: bad logit bias list");
     for (int j = 0; j < p->n_bias; j++) {
         if (p->bias_ids[j] < 0 || p->bias_ids[j] >= V)
-            return cepe_fail(CEPE_ERR_INVALID_ARG, "logit_bias token %d is out of range [0, %d)", p->bias_ids[j], V);
+            return cepe_fail(CEPE_ERR_INVALID_ARG, "logit_bias token %d is out of range [0, %d)",
+                             p->bias_ids[j], V);
         if (isnan(p->bias[j]) || p->bias[j] == INFINITY)
             return cepe_fail(CEPE_ERR_INVALID_ARG, "logit_bias of token %d must be finite or -inf, got %g",
                              p->bias_ids[j], (double)p->bias[j]);
@@ -358,8 +366,10 @@ static cepe_status check_settings(const cepe_sampling *p, int V) {
         return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_sampler_create: bad eos list");
     if (p->pad_token_id < 0 || p->pad_token_id >= V)
         return cepe_fail(CEPE_ERR_INVALID_ARG, "pad_token_id %d is out of range [0, %d)", p->pad_token_id, V);
-    if (p->n_stop < 0 || (p->n_stop > 0 && (!p->stop_text || !p->stop_offsets || !p->token_text || !p->token_offsets)))
-        return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_sampler_create: stop strings need their text and the tokens'");
+    if (p->n_stop < 0 ||
+        (p->n_stop > 0 && (!p->stop_text || !p->stop_offsets || !p->token_text || !p->token_offsets)))
+        return cepe_fail(CEPE_ERR_INVALID_ARG,
+                         "cepe_sampler_create: stop strings need their text and the tokens'");
     for (int j = 0; j < p->n_stop; j++)
         if (p->stop_offsets[j + 1] <= p->stop_offsets[j] || p->stop_offsets[0] != 0)
             return cepe_fail(CEPE_ERR_INVALID_ARG, "stop string %d is empty or its offsets decrease", j);
@@ -422,32 +432,36 @@ cepe_status cepe_sampler_create(const cepe_sampling *p, int batch, int V, cepe_s
     } else {
         s->p.stop_offsets = NULL, s->p.stop_text = NULL, s->p.token_offsets = NULL, s->p.token_text = NULL;
     }
-    const int penalized = p->repeat_last_n != 0 &&
-                          (p->repeat_penalty != 1.0f || p->frequency_penalty != 0.0f || p->presence_penalty != 0.0f);
+    const int penalized =
+        p->repeat_last_n != 0 &&
+        (p->repeat_penalty != 1.0f || p->frequency_penalty != 0.0f || p->presence_penalty != 0.0f);
     if (penalized) {
         s->window = p->repeat_last_n > 0 ? p->repeat_last_n : 0;
         if (!(s->counts = cepe_calloc(cepe_mul_size(B, nv), sizeof(int32_t)))) goto oom;
         if (s->window > 0) {
             if (!(s->ring = cepe_calloc(cepe_mul_size(B, (size_t)s->window), sizeof(int32_t)))) goto oom;
-            if (!(s->ring_len = cepe_calloc(B, sizeof(int))) || !(s->ring_head = cepe_calloc(B, sizeof(int)))) goto oom;
+            if (!(s->ring_len = cepe_calloc(B, sizeof(int))) || !(s->ring_head = cepe_calloc(B, sizeof(int))))
+                goto oom;
         }
     }
-    if (!(s->finished = cepe_calloc(B, 1)) || !(s->generated = cepe_calloc(B, sizeof(long))) || !(s->z = cepe_calloc(nv, sizeof(double))) ||
-        !(s->prob = cepe_calloc(nv, sizeof(double))) || !(s->key = cepe_calloc(nv, sizeof(double))) ||
-        !(s->cand = cepe_calloc(nv, sizeof(int32_t))))
+    if (!(s->finished = cepe_calloc(B, 1)) || !(s->generated = cepe_calloc(B, sizeof(long))) ||
+        !(s->z = cepe_calloc(nv, sizeof(double))) || !(s->prob = cepe_calloc(nv, sizeof(double))) ||
+        !(s->key = cepe_calloc(nv, sizeof(double))) || !(s->cand = cepe_calloc(nv, sizeof(int32_t))))
         goto oom;
     *out = s;
     return CEPE_OK;
 oom:
     cepe_sampler_free(s);
-    return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory creating a sampler for %d rows of %d tokens", batch, V);
+    return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "out of memory creating a sampler for %d rows of %d tokens",
+                     batch, V);
 }
 
 void cepe_sampler_free(cepe_sampler *s) {
     if (!s) return;
-    void *owned[] = {s->counts, s->ring,   s->ring_len, s->ring_head,     s->tail,     s->tail_len,
-                     s->finished, s->generated, s->z,    s->prob,     s->key,           s->cand,     s->bias_ids,
-                     s->eos_ids,  s->bias, s->token_text, s->token_offsets, s->stop_text, s->stop_offsets};
+    void *owned[] = {s->counts,     s->ring,          s->ring_len,  s->ring_head,   s->tail,
+                     s->tail_len,   s->finished,      s->generated, s->z,           s->prob,
+                     s->key,        s->cand,          s->bias_ids,  s->eos_ids,     s->bias,
+                     s->token_text, s->token_offsets, s->stop_text, s->stop_offsets};
     for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) cepe_free(owned[i]);
     cepe_free(s);
 }
@@ -469,7 +483,8 @@ cepe_status cepe_sampler_accept(cepe_sampler *s, const int32_t *ids, const uint8
 
 static cepe_status check_row(const cepe_sampler *s, int row, const float *logits) {
     if (!s || !logits) return cepe_fail(CEPE_ERR_INVALID_ARG, "sampler: NULL argument");
-    if (row < 0 || row >= s->B) return cepe_fail(CEPE_ERR_INVALID_ARG, "row %d is out of range [0, %d)", row, s->B);
+    if (row < 0 || row >= s->B)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "row %d is out of range [0, %d)", row, s->B);
     if (!finite_row(logits, s->V)) return cepe_fail(CEPE_ERR_INVALID_ARG, "the logits are not all finite");
     return CEPE_OK;
 }
@@ -482,7 +497,8 @@ cepe_status cepe_sampler_distribution(cepe_sampler *s, int row, const float *log
 }
 
 /* One pick of row from finite logits: the token, its log-probabilities, accepted. */
-static cepe_status pick(cepe_sampler *s, int row, const float *logits, int32_t *token, const cepe_logprobs *lp) {
+static cepe_status pick(cepe_sampler *s, int row, const float *logits, int32_t *token,
+                        const cepe_logprobs *lp) {
     const int32_t tok = run_chain(s, row, logits, NULL);
     if (tok < 0) return CEPE_ERR_INVALID_ARG;
     if (lp) raw_logprobs(s, logits, tok, lp);
@@ -517,14 +533,15 @@ long cepe_sampler_generated(const cepe_sampler *s, int row) {
 
 cepe_status cepe_ctx_generate(cepe_ctx *x, cepe_sampler *s, int max_new, int32_t *out, int *n_out,
                               const cepe_logprobs *lp) {
-    if (!x || !s || !out || !n_out) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_ctx_generate: NULL argument");
+    if (!x || !s || !out || !n_out)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_ctx_generate: NULL argument");
     *n_out = 0;
     if (max_new < 0) return cepe_fail(CEPE_ERR_INVALID_ARG, "max_new_tokens must be >= 0, got %d", max_new);
     const int V = x->m->cfg.vocab_size, B = x->B;
     if (s->B != B || s->V != V)
         return cepe_fail(CEPE_ERR_INVALID_ARG,
-                         "the sampler is for %d rows of a %d-token vocabulary, the context has %d rows of %d", s->B,
-                         s->V, B, V);
+                         "the sampler is for %d rows of a %d-token vocabulary, the context has %d rows of %d",
+                         s->B, s->V, B, V);
     cepe_status st = check_logprobs(s, lp);
     if (st) return st;
     if (!x->has_logits)
@@ -551,10 +568,11 @@ cepe_status cepe_ctx_generate(cepe_ctx *x, cepe_sampler *s, int max_new, int32_t
             if (!s->finished[b]) {
                 const float *lg = x->last_logits_h + (size_t)b * V;
                 if (!finite_row(lg, V))
-                    return cepe_fail(CEPE_ERR_NUMERIC,
-                                     "the logits of row %d are not finite at new token %d: the forward overflowed "
-                                     "float32 (inputs, context states or weights too large)",
-                                     b, step);
+                    return cepe_fail(
+                        CEPE_ERR_NUMERIC,
+                        "the logits of row %d are not finite at new token %d: the forward overflowed "
+                        "float32 (inputs, context states or weights too large)",
+                        b, step);
                 if ((st = pick(s, b, lg, &tok, lp ? &row_lp : NULL))) return st;
             } else if (lp) {
                 if (row_lp.logprob) *row_lp.logprob = NAN;

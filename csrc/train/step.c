@@ -12,7 +12,8 @@
 static cepe_status check_ids(const int32_t *ids, long n, int V, const char *what, int allow_ignore) {
     for (long i = 0; i < n; i++)
         if ((ids[i] < 0 || ids[i] >= V) && !(allow_ignore && ids[i] == CEPE_IGNORE_INDEX))
-            return cepe_fail(CEPE_ERR_INVALID_ARG, "%s holds %d at flat index %ld, outside [0, %d)", what, ids[i], i, V);
+            return cepe_fail(CEPE_ERR_INVALID_ARG, "%s holds %d at flat index %ld, outside [0, %d)", what,
+                             ids[i], i, V);
     return CEPE_OK;
 }
 
@@ -20,7 +21,8 @@ static cepe_status check_batch(const cepe_train *t, const cepe_train_batch *b) {
     const cepe_model *m = t->m;
     const long V = m->cfg.vocab_size;
     if (!b->input_ids) return cepe_fail(CEPE_ERR_INVALID_ARG, "the batch has no input_ids");
-    if (b->B < 1 || b->T < 1) return cepe_fail(CEPE_ERR_INVALID_ARG, "input_ids must be (B, T) with B, T >= 1");
+    if (b->B < 1 || b->T < 1)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "input_ids must be (B, T) with B, T >= 1");
     /* every row count and rows x width product the ops index with int/long */
     const long N = (long)b->B * b->T;
     if (N > INT_MAX / 4 || N * (long)m->cfg.hidden_size > LONG_MAX / 8)
@@ -30,27 +32,32 @@ static cepe_status check_batch(const cepe_train *t, const cepe_train_batch *b) {
     if (b->positions)
         for (long i = 0; i < N; i++)
             if (!(b->positions[i] >= 0.0 && b->positions[i] < 1e15))
-                return cepe_fail(CEPE_ERR_INVALID_ARG, "positions must be finite and >= 0 (flat index %ld: %g)", i,
+                return cepe_fail(CEPE_ERR_INVALID_ARG,
+                                 "positions must be finite and >= 0 (flat index %ld: %g)", i,
                                  b->positions[i]);
     if (b->n_ctx < 0) return cepe_fail(CEPE_ERR_INVALID_ARG, "n_ctx must be >= 0, got %d", b->n_ctx);
     if (b->n_ctx > 0) {
         if (!m->has_encoder || m->cfg.n_cross_layers == 0)
-            return cepe_fail(CEPE_ERR_INVALID_ARG, "encoder_input_ids given, but this model has no CEPE encoder");
+            return cepe_fail(CEPE_ERR_INVALID_ARG,
+                             "encoder_input_ids given, but this model has no CEPE encoder");
         if (b->L < 1 || !b->encoder_input_ids)
             return cepe_fail(CEPE_ERR_INVALID_ARG, "encoder_input_ids must be (B, n_ctx, L) with L >= 1");
         const long Ne = N / b->T * (long)b->n_ctx * b->L;
         if ((long)b->n_ctx * b->L > INT_MAX / 4 || Ne > INT_MAX / 4)
-            return cepe_fail(CEPE_ERR_INVALID_ARG, "the context of %d x %d tokens per row is too large", b->n_ctx,
-                             b->L);
-        if ((st = check_ids(b->encoder_input_ids, Ne, m->enc_cfg.vocab_size, "encoder_input_ids", 0))) return st;
+            return cepe_fail(CEPE_ERR_INVALID_ARG, "the context of %d x %d tokens per row is too large",
+                             b->n_ctx, b->L);
+        if ((st = check_ids(b->encoder_input_ids, Ne, m->enc_cfg.vocab_size, "encoder_input_ids", 0)))
+            return st;
     }
     if (b->T_kl < 0 || b->T_kl > b->T)
-        return cepe_fail(CEPE_ERR_INVALID_ARG, "the distillation tables cover %d positions, outside [0, T = %d]",
-                         b->T_kl, b->T);
+        return cepe_fail(CEPE_ERR_INVALID_ARG,
+                         "the distillation tables cover %d positions, outside [0, T = %d]", b->T_kl, b->T);
     if (b->T_kl > 0) {
         if (b->K < 1 || !b->distill_prob || !b->distill_index)
-            return cepe_fail(CEPE_ERR_INVALID_ARG, "distill_prob (B, T, K+1) and distill_index (B, T, K) need K >= 1");
-        if ((st = check_ids(b->distill_index, (long)b->B * b->T_kl * b->K, (int)V, "distill_index", 0))) return st;
+            return cepe_fail(CEPE_ERR_INVALID_ARG,
+                             "distill_prob (B, T, K+1) and distill_index (B, T, K) need K >= 1");
+        if ((st = check_ids(b->distill_index, (long)b->B * b->T_kl * b->K, (int)V, "distill_index", 0)))
+            return st;
     }
     return CEPE_OK;
 }
@@ -68,7 +75,8 @@ static cepe_status stage_batch(cepe_train *t, const cepe_train_batch *b) {
     const cepe_backend *be = t->m->be;
     t->db = *b;
     if (!be->device) return CEPE_OK;
-    const size_t N = (size_t)b->B * b->T, Ne = (size_t)b->B * (b->n_ctx > 0 ? b->n_ctx : 0) * (b->L > 0 ? b->L : 0);
+    const size_t N = (size_t)b->B * b->T,
+                 Ne = (size_t)b->B * (b->n_ctx > 0 ? b->n_ctx : 0) * (b->L > 0 ? b->L : 0);
     const size_t rows_kl = (size_t)b->B * b->T_kl;
     struct {
         const void *src;
@@ -81,7 +89,8 @@ static cepe_status stage_batch(cepe_train *t, const cepe_train_batch *b) {
         {Ne ? b->encoder_attention_mask : NULL, Ne, (const void **)&t->db.encoder_attention_mask},
         {rows_kl ? b->distill_prob : NULL, rows_kl * (size_t)(b->K + 1) * sizeof(uint16_t),
          (const void **)&t->db.distill_prob},
-        {rows_kl ? b->distill_index : NULL, rows_kl * (size_t)b->K * sizeof(int32_t), (const void **)&t->db.distill_index},
+        {rows_kl ? b->distill_index : NULL, rows_kl * (size_t)b->K * sizeof(int32_t),
+         (const void **)&t->db.distill_index},
     };
     for (int i = 0; i < 6; i++) {
         *in[i].dst = NULL;

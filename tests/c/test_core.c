@@ -12,14 +12,13 @@
 #include "model/model.h" /* cepe_ctx_forward_continue: an interrupt already pending */
 
 static int passed = 0;
-#define CHECK(cond)                                                                    \
-    do {                                                                               \
-        if (!(cond)) {                                                                 \
-            fprintf(stderr, "%s:%d: CHECK failed: %s (%s)\n", __FILE__, __LINE__, #cond, \
-                    cepe_last_error());                                                \
-            exit(1);                                                                   \
-        }                                                                              \
-        passed++;                                                                      \
+#define CHECK(cond)                                                                                          \
+    do {                                                                                                     \
+        if (!(cond)) {                                                                                       \
+            fprintf(stderr, "%s:%d: CHECK failed: %s (%s)\n", __FILE__, __LINE__, #cond, cepe_last_error()); \
+            exit(1);                                                                                         \
+        }                                                                                                    \
+        passed++;                                                                                            \
     } while (0)
 
 /* ---------------------------------------------------------------- weights */
@@ -48,8 +47,8 @@ static void bind_block(cepe_model *m, const char *prefix, const cepe_config *c) 
     char name[128];
     const int d = c->hidden_size, ff = c->intermediate_size;
     const int qd = c->n_heads * c->head_dim, kvd = c->n_kv_heads * c->head_dim;
-#define B(suffix, d0, d1)                                  \
-    snprintf(name, sizeof name, "%s%s", prefix, suffix); \
+#define B(suffix, d0, d1)                                                                                    \
+    snprintf(name, sizeof name, "%s%s", prefix, suffix);                                                     \
     bind(m, name, d0, d1)
     B("input_layernorm.weight", d, 0);
     B("self_attn.q_proj.weight", qd, d);
@@ -105,11 +104,25 @@ static float max_abs_diff(const float *a, const float *b, size_t n) {
 /* ------------------------------------------------------------------ tests */
 
 int main(void) {
-    const cepe_config dec = {.vocab_size = 61, .hidden_size = 32, .intermediate_size = 48, .n_layers = 3,
-                             .n_heads = 4, .n_kv_heads = 2, .head_dim = 8, .rms_norm_eps = 1e-5f,
-                             .rope_theta = 10000.0, .n_cross_layers = 2, .encoder_hidden_size = 24};
-    const cepe_config enc = {.vocab_size = 67, .hidden_size = 24, .intermediate_size = 40, .n_layers = 2,
-                             .n_heads = 3, .n_kv_heads = 3, .head_dim = 8, .rms_norm_eps = 1e-6f,
+    const cepe_config dec = {.vocab_size = 61,
+                             .hidden_size = 32,
+                             .intermediate_size = 48,
+                             .n_layers = 3,
+                             .n_heads = 4,
+                             .n_kv_heads = 2,
+                             .head_dim = 8,
+                             .rms_norm_eps = 1e-5f,
+                             .rope_theta = 10000.0,
+                             .n_cross_layers = 2,
+                             .encoder_hidden_size = 24};
+    const cepe_config enc = {.vocab_size = 67,
+                             .hidden_size = 24,
+                             .intermediate_size = 40,
+                             .n_layers = 2,
+                             .n_heads = 3,
+                             .n_kv_heads = 3,
+                             .head_dim = 8,
+                             .rms_norm_eps = 1e-6f,
                              .rope_theta = 5000.0};
     const int V = dec.vocab_size, B = 2, T = 9;
 
@@ -159,7 +172,8 @@ int main(void) {
         int32_t one[2] = {ids[t], ids[T + t]};
         uint8_t om[2] = {mask[t], mask[T + t]};
         CHECK(cepe_ctx_forward(c, one, NULL, om, 1, step, CEPE_LOGITS_LAST) == CEPE_OK);
-        for (int b = 0; b < B; b++) CHECK(max_abs_diff(step + b * V, full + ((size_t)b * T + t) * V, V) < 1e-4f);
+        for (int b = 0; b < B; b++)
+            CHECK(max_abs_diff(step + b * V, full + ((size_t)b * T + t) * V, V) < 1e-4f);
     }
     CHECK(cepe_ctx_length(c) == T);
 
@@ -177,8 +191,14 @@ int main(void) {
     int32_t out1[2 * 6], out2[2 * 6];
     int n1 = 0, n2 = 0;
     const int32_t eos[1] = {2};
-    cepe_sampling s = {.temperature = 0.0f, .top_p = 1.0f, .typical_p = 1.0f, .repeat_penalty = 1.0f, .seed = 7,
-                       .eos_ids = eos, .n_eos = 0, .pad_token_id = 0};
+    cepe_sampling s = {.temperature = 0.0f,
+                       .top_p = 1.0f,
+                       .typical_p = 1.0f,
+                       .repeat_penalty = 1.0f,
+                       .seed = 7,
+                       .eos_ids = eos,
+                       .n_eos = 0,
+                       .pad_token_id = 0};
     cepe_sampler *smp = NULL;
     CHECK(cepe_sampler_create(&s, B, V, &smp) == CEPE_OK);
     cepe_ctx_reset(c);
@@ -203,12 +223,13 @@ int main(void) {
         CHECK(cepe_ctx_generate(c, smp, 6, rep ? out2 : out1, rep ? &n2 : &n1, &want) == CEPE_OK);
         int32_t spare[2 * 2];
         int n_spare = 0;
-        if (rep) CHECK(cepe_ctx_generate(c, smp, 2, spare, &n_spare, NULL) == CEPE_ERR_STATE); /* not fed back */
+        if (rep)
+            CHECK(cepe_ctx_generate(c, smp, 2, spare, &n_spare, NULL) == CEPE_ERR_STATE); /* not fed back */
         cepe_sampler_free(smp);
     }
     CHECK(n1 == n2 && memcmp(out1, out2, sizeof(int32_t) * 2 * 6) == 0);
     for (int i = 0; i < B * n1; i++) {
-        CHECK(out1[i] != 4); /* banned */
+        CHECK(out1[i] != 4);           /* banned */
         if (isnan(lp[0][i])) continue; /* a padded step */
         const float *t = top_lp[0] + i * 3;
         CHECK(lp[0][i] <= 0.0f && t[0] >= t[1] && t[1] >= t[2]);
@@ -235,8 +256,9 @@ int main(void) {
     const int n_chunks = 3, L = 5, N = n_chunks * L, de = enc.hidden_size;
     int32_t cids[3 * 5];
     uint8_t cmask[3 * 5];
-    for (int i = 0; i < n_chunks * L; i++) cids[i] = (int32_t)(3 + (i * 5) % (enc.vocab_size - 3)), cmask[i] = 1;
-    cmask[L + 0] = cmask[L + 1] = 0;   /* chunk 1 left-padded */
+    for (int i = 0; i < n_chunks * L; i++)
+        cids[i] = (int32_t)(3 + (i * 5) % (enc.vocab_size - 3)), cmask[i] = 1;
+    cmask[L + 0] = cmask[L + 1] = 0;     /* chunk 1 left-padded */
     memset(cmask + 2 * L, 0, (size_t)L); /* chunk 2 fully padded */
     float *E = malloc(sizeof(float) * (size_t)N * de);
     CHECK(cepe_model_encode(m, cids, cmask, n_chunks, L, E) == CEPE_OK);
@@ -258,7 +280,7 @@ int main(void) {
         CHECK(cepe_ctx_context_length(c) == N);
         CHECK(cepe_ctx_forward(c, ids, NULL, mask, T, keep ? b2 : a, CEPE_LOGITS_ALL) == CEPE_OK);
     }
-    CHECK(max_abs_diff(a, b2, (size_t)B * T * V) < 1e-5f); /* kept == recomputed K/V */
+    CHECK(max_abs_diff(a, b2, (size_t)B * T * V) < 1e-5f);   /* kept == recomputed K/V */
     CHECK(max_abs_diff(a, full, (size_t)B * T * V) > 1e-3f); /* the context matters */
     for (int b = 0; b < B; b++) /* change a padded context state: nothing moves */
         for (int k = 0; k < de; k++) states[(size_t)b * N * de + (size_t)(2 * L) * de + k] += 5.0f;
