@@ -22,6 +22,16 @@ QTYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q5_K
 DTYPE_FORMATS = {"float32": "F32", "bfloat16": "BF16", "q8_0": "Q8_0"}
 
 
+def encode_bf16(a: np.ndarray) -> np.ndarray:
+    """a (float32, contiguous) as bf16 bits: round to nearest even on the upper 16 bits (NaN stays NaN)."""
+    u = a.view(np.uint32).astype(np.uint64)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2")
+    nan = np.isnan(a)
+    if nan.any():
+        rounded[nan] = 0x7FC0
+    return rounded
+
+
 def _gguf_type(type_name: str) -> Any:
     from gguf import GGMLQuantizationType
 
@@ -87,8 +97,6 @@ def convert(w: Weight, type_name: str) -> Weight:
             f"dtype={type_name.lower()!r}: rows of {a.shape[1]} values do not fill {type_name}'s {block}-value blocks"
         )
     if type_name == "BF16":
-        from .safetensors_io import encode_bf16
-
         rows = encode_bf16(a).view(np.uint8)
     else:
         from gguf.quants import quantize

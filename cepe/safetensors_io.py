@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import CheckpointError
 from .files import CONFIG_LIMIT, open_regular, read_text
-from .qtensor import QTYPES, QTensor, Weight
+from .qtensor import QTYPES, QTensor, Weight, encode_bf16
 
 _DTYPES: dict[str, np.dtype[Any]] = {
     "F32": np.dtype("<f4"),
@@ -326,16 +326,6 @@ def _encode(a: np.ndarray, dtype: str) -> np.ndarray:
             raise ValueError("a value is beyond float16's range (|x| > 65504): save as float32 or bfloat16")
         return h
     return encode_bf16(a)
-
-
-def encode_bf16(a: np.ndarray) -> np.ndarray:
-    """a (float32, contiguous) as bf16 bits: round to nearest even on the upper 16 bits (NaN stays NaN)."""
-    u = a.view(np.uint32).astype(np.uint64)
-    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2")
-    nan = np.isnan(a)
-    if nan.any():
-        rounded[nan] = 0x7FC0
-    return rounded
 
 
 def _row_bytes(fmt: str, n_in: int) -> int:
