@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from . import TINY_LLAMA
+
 try:
     import torch
     from safetensors.torch import save_file
@@ -180,20 +182,7 @@ class CepeReference(torch.nn.Module):
 
 
 def make_reference(seed: int = 0, n_cross: int | None = None, **dec_over: Any) -> CepeReference:
-    dec = dict(
-        vocab_size=101,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    dec = dict(TINY_LLAMA)
     dec.update(dec_over)
     enc = dict(
         vocab_size=103,
