@@ -712,6 +712,11 @@ def run(cfg: TrainConfig, *, max_steps: int | None = None, dry_run: bool = False
             raise
     if trainer.step_count != saved_at:
         save()
+    if dp is not None:
+        # every rank leaves the group together: a process that exits with the group's threads
+        # still running is killed by std::terminate while its peer may still be using it
+        dp.barrier("the end of the run")
+        distributed.shutdown()
     seconds = time.perf_counter() - t_run
     n = len(losses)
     return {
