@@ -11,17 +11,21 @@ process on one set of weights):
     nll = dec.streaming_nll(tokens, cache_size=256, scored=255)   # mean NLL of the last 255 tokens
 
 - Parallel context windows (PCW, Ratner et al., 2023): the context's chunks
-  share position ids 0..L-1 and each attends only within itself; the task
-  tokens take positions from L on and attend to every chunk and, causally, to
-  each other (OpsDecoder.pcw_nll); with APE's refinement (Yang et al., 2025): a
-  shared prefix before every chunk, and a temperature and a scale on the task
-  tokens' attention to the chunks.
+  (of any lengths) share position ids from 0 and each attends only within
+  itself; the task tokens take positions after the longest and attend to every
+  chunk and, causally, to each other (OpsDecoder.pcw_windows encodes the chunks
+  once, pcw_logits / pcw_nll run the task tokens over them); with APE's
+  refinement (Yang et al., 2025; APESettings): a shared prefix before every
+  chunk, and a temperature and a scale on the task tokens' attention to the
+  chunks.
 
 - REPLUG (Shi et al., 2023): each passage prepended to the input separately,
   the next-token distributions ensembled with weights softmax(retrieval
   scores) (uniform without scores). It runs on the engine's forward:
 
     nll = replug_nll(model, passages, tokens, scored=255, scores=None)
+
+  (replug_log_weights and replug_mix are its ensemble, for greedy decoding too.)
 
 OpsDecoder is the LLaMA decoder as cepe.ops calls, one token at a time; with a
 cache that never evicts it computes what Model.perplexity computes.

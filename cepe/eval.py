@@ -48,7 +48,7 @@ import numpy as np
 
 from .baselines import APESettings
 from .bootstrap import boot_ppl, bootstrap_indices, interval
-from .eval_qa import evaluate_qa, exact_match, f1_score  # the QA protocol, cepe.eval's too
+from .eval_qa import QA_METHODS, evaluate_qa, exact_match, f1_score  # the QA protocol, cepe.eval's too
 
 CHUNK = 256  # encoder chunk length
 METHODS = ("cepe", "truncation", "full")  # the default set
@@ -62,6 +62,7 @@ __all__ = [
     "APESettings",
     "CHUNK",
     "METHODS",
+    "QA_METHODS",
     "LMCalls",
     "boot_ppl",
     "bootstrap_indices",
@@ -175,7 +176,8 @@ class LMCalls:
         self.log_path = None if log_path is None else os.fspath(log_path)
         self._ops_decoder: Any = None
         self._scaled: Any = None
-        self.resumed = 0
+        self.resumed = 0  # calls answered from the log
+        self._logged: set[tuple[int, int, int, str]] = set()  # the log's calls not yet asked for
         if self.log_path and os.path.exists(self.log_path):
             self._resume()
 
@@ -201,12 +203,15 @@ class LMCalls:
                     )
                 key = (rec["doc"], rec["decoder_tokens"], rec["context_tokens"], rec.get("kind", "engine"))
                 self.cache[key] = (rec["nll"], rec["seconds"])
-                self.resumed += 1
+                self._logged.add(key)
 
     def run(self, d: int, dec_len: int, n_ctx: int, kind: str = "engine") -> tuple[float, float]:
         """(mean NLL of the last window-1 tokens of document d, seconds of the call)."""
         key = (d, dec_len, n_ctx, kind)
         if key in self.cache:
+            if key in self._logged:
+                self._logged.discard(key)
+                self.resumed += 1
             return self.cache[key]
         x = self.docs[d]
         dec = np.ascontiguousarray(x[len(x) - dec_len :], dtype=np.int64)

@@ -4,7 +4,11 @@
 
 writes eval_out/calls.jsonl (one line per perplexity call, appended as it
 completes: a rerun with the same --out-dir skips what is done),
-eval_out/lm.json, eval_out/lm.csv and eval_out/lm.png."""
+eval_out/lm.json, eval_out/lm.csv and eval_out/lm.png.
+
+    cepe eval qa --model M --data nq.jsonl --k-decoder 5 --k-encoder 10 --method cepe,full,replug
+
+writes eval_out/answers.jsonl (resumable the same way) and eval_out/qa.json."""
 
 from __future__ import annotations
 
@@ -168,7 +172,7 @@ def add_parser(sub: Any, common: Callable[..., None]) -> None:
         "windows). Resumable: answers.jsonl in --out-dir keeps every answer, under its method and settings.",
     )
     common(qa)
-    qa.add_argument("--data", required=True, help="QA JSON lines: question, answers, passages ({title, text})")
+    qa.add_argument("--data", required=True, help="QA JSON lines: question, answers, passages ({title, text, score})")
     qa.add_argument("--corpus", default=None, help="a text file to retrieve from (BM25) for lines without passages")
     qa.add_argument("--k-decoder", type=int, default=5, help="passages in the decoder's prompt")
     qa.add_argument("--k-encoder", type=int, default=0, help="further passages through the encoder")
