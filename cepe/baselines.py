@@ -44,7 +44,16 @@ from . import ops
 from .config import DecoderConfig
 from .rope import RopeSettings
 
-__all__ = ["APESettings", "OpsDecoder", "Windows", "log_softmax", "replug_log_weights", "replug_mix", "replug_nll"]
+__all__ = [
+    "APESettings",
+    "OpsDecoder",
+    "Windows",
+    "log_softmax",
+    "prompt_start",
+    "replug_log_weights",
+    "replug_mix",
+    "replug_nll",
+]
 
 
 def replug_log_weights(n: int, scores: Sequence[float] | None = None) -> np.ndarray:
@@ -93,11 +102,22 @@ def replug_nll(
     return float(-replug_mix(np.stack(per_passage), logw).mean())
 
 
+def prompt_start(model: Any) -> list[int]:
+    """The token ids every prompt of the model begins with: BOS where its tokenizer adds one
+    (the config's BOS for a model without a tokenizer)."""
+    tok = getattr(model, "tokenizer", None)
+    bos = model.config.bos_token_id if tok is None else tok.bos_token_id
+    if bos is None or (tok is not None and tok.encode("x")[:1] != [bos]):
+        return []
+    return [int(bos)]
+
+
 @dataclass(frozen=True)
 class APESettings:
     """APE's settings (Yang et al., 2025): a task token's attention to the context windows
     uses scores / temperature and its softmax mass times scale; every window follows the
-    shared prefix (token ids; None: the model's BOS token, or nothing without one)."""
+    shared prefix (token ids; None: prompt_start, i.e. BOS where the model's prompts begin
+    with one, else nothing)."""
 
     temperature: float = 1.0
     scale: float = 1.0
@@ -113,17 +133,14 @@ class APESettings:
                 raise ValueError(f"APE prefix must be token ids (ints >= 0), got {self.prefix!r}")
             object.__setattr__(self, "prefix", tuple(int(i) for i in ids))
 
-    def prefix_ids(self, config: Any) -> np.ndarray:
-        """The shared prefix's token ids for a model of this config."""
-        if self.prefix is not None:
-            return np.asarray(self.prefix, dtype=np.int64)
-        bos = getattr(config, "bos_token_id", None)
-        return np.asarray([] if bos is None else [bos], dtype=np.int64)
+    def prefix_ids(self, model: Any) -> np.ndarray:
+        """The shared prefix's token ids for this model."""
+        return np.asarray(prompt_start(model) if self.prefix is None else self.prefix, dtype=np.int64)
 
-    def as_dict(self, config: Any) -> dict[str, Any]:
+    def as_dict(self, model: Any) -> dict[str, Any]:
         """The settings in effect (prefix resolved): what a result was computed with."""
         return {"temperature": float(self.temperature), "scale": float(self.scale),
-                "prefix": self.prefix_ids(config).tolist()}  # fmt: skip
+                "prefix": self.prefix_ids(model).tolist()}  # fmt: skip
 
 
 @dataclass

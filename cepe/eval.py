@@ -23,7 +23,8 @@ Methods (call_shape gives each call's decoder length and context size):
   pcw         parallel context windows: the context's 256-token chunks share positions 0..255 and
               each attends within itself, x[-W:] follows at 256.. and attends to all (cepe.baselines)
   ape         APE: pcw with every chunk after a shared prefix, and x[-W:]'s attention to the chunks
-              with a temperature and a scale (settings: APESettings, default T = S = 1, prefix BOS)
+              with a temperature and a scale (settings: APESettings, default T = S = 1, prefix BOS where the
+              model's prompts begin with one)
 
 pcw, replug and ape at N = 0 have no context to place: the same call as truncation.
 
@@ -171,7 +172,7 @@ class LMCalls:
     ) -> None:
         self.model, self.docs, self.window = model, docs, window
         self.ape = APESettings() if ape is None else ape
-        self.ape_key = "ape:" + json.dumps(self.ape.as_dict(model.config), sort_keys=True)
+        self.ape_key = "ape:" + json.dumps(self.ape.as_dict(model), sort_keys=True)
         self.cache: dict[tuple[int, int, int, str], tuple[float, float]] = {}
         self.log_path = None if log_path is None else os.fspath(log_path)
         self._ops_decoder: Any = None
@@ -229,7 +230,7 @@ class LMCalls:
                 ape: dict[str, Any] = {}
                 if kind == self.ape_key:
                     a = self.ape
-                    ape = {"prefix": a.prefix_ids(self.model.config), "temperature": a.temperature, "scale": a.scale}
+                    ape = {"prefix": a.prefix_ids(self.model), "temperature": a.temperature, "scale": a.scale}
                 nll = self._ops_decoder.pcw_nll(ctx, dec, self.window - 1, **ape)
         elif kind == "e2llm-cepe":
             if self._scaled is None:
@@ -315,7 +316,8 @@ def evaluate_lm(
     "paired": {"cepe_minus_truncation": [...], "cepe_minus_full": [...]}}; a row holds N,
     decoder_tokens, encoder_chunks, ppl, ci95, nll_per_doc, median_s_per_doc, s_per_doc (ppl
     None with a reason where full attention does not fit). on_row(method, row) is called as
-    each row completes. ape: APE's settings (default APESettings(): T = S = 1, prefix BOS), part
+    each row completes. ape: APE's settings (default APESettings(): T = S = 1, prefix BOS where prompts begin
+    with one), part
     of each APE call's key in the log, so a rerun with other settings computes its own."""
     ns = sorted({int(n) for n in contexts})
     _check(model, docs, window, ns, methods)
@@ -324,7 +326,7 @@ def evaluate_lm(
     D = len(docs)
     idx = bootstrap_indices(D, bootstrap, seed)
     calls = LMCalls(model, docs, window, log_path=log_path, ape=ape)
-    prefix_len = len(calls.ape.prefix_ids(model.config))
+    prefix_len = len(calls.ape.prefix_ids(model))
     max_pos = model.config.max_position_embeddings
     plan = [(m, n) for n in ns for m in methods]
     bar = None
@@ -372,7 +374,7 @@ def evaluate_lm(
         "docs": D,
         "bootstrap": {"draws": bootstrap, "seed": seed},
         "resumed_calls": calls.resumed,
-        **({"ape": calls.ape.as_dict(model.config)} if "ape" in methods else {}),
+        **({"ape": calls.ape.as_dict(model)} if "ape" in methods else {}),
         "results": rows,
         "paired": {
             "cepe_minus_truncation": paired(rows, idx, "cepe", "truncation"),

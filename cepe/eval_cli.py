@@ -31,15 +31,15 @@ def _ints(spec: str, what: str) -> list[int]:
 
 
 def _ape(args: argparse.Namespace, model: Any) -> ev.APESettings:
-    """APE's settings from --ape-temperature, --ape-scale and --ape-prefix (text after BOS)."""
+    """APE's settings from --ape-temperature, --ape-scale and --ape-prefix (text after BOS, where
+    the model's prompts begin with one)."""
     prefix = None
     if args.ape_prefix is not None:
         if model.tokenizer is None:
             raise ValueError("--ape-prefix is text and needs the model's tokenizer, and the model has none")
-        bos = model.config.bos_token_id
-        prefix = ([] if bos is None else [bos]) + list(
-            model.tokenizer.encode(args.ape_prefix, add_special_tokens=False)
-        )
+        from .baselines import prompt_start
+
+        prefix = prompt_start(model) + list(model.tokenizer.encode(args.ape_prefix, add_special_tokens=False))
     return ev.APESettings(args.ape_temperature, args.ape_scale, None if prefix is None else tuple(prefix))
 
 
@@ -47,7 +47,8 @@ def _add_ape_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ape-temperature", type=float, default=1.0, help="APE: attention temperature on the windows")
     p.add_argument("--ape-scale", type=float, default=1.0, help="APE: scale of the windows' attention mass")
     p.add_argument("--ape-prefix", default=None, metavar="TEXT",
-                   help="APE: the shared prefix before every window, BOS + TEXT (default: BOS alone)")  # fmt: skip
+                   help="APE: the shared prefix before every window, BOS (where prompts begin with one) + TEXT "
+                   "(default: BOS alone)")  # fmt: skip
 
 
 def cmd_eval_lm(args: argparse.Namespace) -> int:

@@ -151,7 +151,7 @@ def evaluate_qa(
     run: dict[str, Any] = {"method": method, "k_decoder": k_decoder, "k_encoder": k_encoder, "shots": shots,
                            "max_new_tokens": max_new_tokens}  # fmt: skip
     if method == "ape":
-        run["ape"] = answerer.ape.as_dict(model.config)
+        run["ape"] = answerer.ape.as_dict(model)
     log = None if log_path is None else os.fspath(log_path)
     done = _done(log, run)
     k = k_decoder + k_encoder

@@ -10,10 +10,12 @@ or EOS), on one model's weights:
               the next-token distributions mixed with weights softmax(retrieval scores)
               at every step (cepe.baselines.replug_log_weights)
   pcw         parallel context windows: each passage's document block a window of its
-              own (with BOS, positions from 0), the demonstrations, question and answer
-              after the longest window, attending to every window
-  ape         APE: the windows after a shared prefix (default BOS), the task tokens'
-              attention to them with APE's temperature and scale
+              own (tokenized as a prompt: with BOS where prompts begin with one;
+              positions from 0), the demonstrations, question and answer after the
+              longest window, attending to every window
+  ape         APE: the windows after a shared prefix (default: BOS where prompts begin
+              with one), the task tokens' attention to them with APE's temperature and
+              scale
 
 The prompt is cepe.rag.build_prompt's: document blocks, demonstrations, question,
 joined by blank lines; replug, pcw and ape split that same text at the passages.
@@ -127,13 +129,13 @@ class QAAnswerer:
         if self._ops is None:
             self._ops = OpsDecoder.from_model(model, n_threads=getattr(model, "n_threads", 1))
         blocks = [document_block(p) + "\n\n" for p in passages]
-        if self.method == "pcw":  # each window tokenized as a prompt of its own (with BOS)
+        if self.method == "pcw":  # each window tokenized as a prompt of its own
             windows = self._ops.pcw_windows([tok.encode(b) for b in blocks])
         else:
             a = self.ape
             windows = self._ops.pcw_windows(
                 [tok.encode(b, add_special_tokens=False) for b in blocks],
-                prefix=a.prefix_ids(model.config), temperature=a.temperature, scale=a.scale,
+                prefix=a.prefix_ids(model), temperature=a.temperature, scale=a.scale,
             )  # fmt: skip
         ids = list(tok.encode(build_prompt(question, [], self.demos), add_special_tokens=False))
         ops = self._ops

@@ -336,3 +336,25 @@ def test_ape_in_the_lm_protocol_matches_the_reference_and_keys_its_settings(tiny
         ev.APESettings(temperature=0.0)
     with pytest.raises(ValueError, match="prefix"):
         ev.APESettings(prefix=(1, -2))
+
+
+def test_ape_default_prefix_is_the_bos_that_prompts_begin_with():
+    from types import SimpleNamespace
+
+    from cepe.baselines import prompt_start
+
+    class Tok:
+        def __init__(self, adds_bos: bool) -> None:
+            self.bos_token_id, self.adds = 7, adds_bos
+
+        def encode(self, text, add_special_tokens=True):
+            return ([7] if self.adds and add_special_tokens else []) + [50]
+
+    cfg = SimpleNamespace(bos_token_id=7)
+    assert prompt_start(SimpleNamespace(config=cfg, tokenizer=Tok(True))) == [7]
+    assert prompt_start(SimpleNamespace(config=cfg, tokenizer=Tok(False))) == []  # e.g. SmolLM2's
+    assert prompt_start(SimpleNamespace(config=cfg, tokenizer=None)) == [7]
+    assert prompt_start(SimpleNamespace(config=SimpleNamespace(bos_token_id=None), tokenizer=None)) == []
+    no_bos = SimpleNamespace(config=cfg, tokenizer=Tok(False))
+    assert ev.APESettings().as_dict(no_bos) == {"temperature": 1.0, "scale": 1.0, "prefix": []}
+    assert ev.APESettings(prefix=(3, 4)).prefix_ids(no_bos).tolist() == [3, 4]
