@@ -257,30 +257,42 @@ class OpsDecoder:
             parts.append(layer)
         return Windows(parts, P + longest)
 
-    def pcw_logits(self, windows: Windows, tokens: Any, *, last: bool = False) -> np.ndarray:
+    def pcw_logits(
+        self, windows: Windows, tokens: Any, *, last: bool = False, past: list[Any] | None = None
+    ) -> np.ndarray:
         """float32 logits (T, V) of the task tokens (1-D) after encoded windows, each attending to
         every window token, the prefix and causally to the task tokens; last: only the last
-        token's (V,)."""
+        token's (V,). past (a list, empty at first) keeps the task tokens' keys and values:
+        tokens then continue those already run with it, as in decoding one token at a time."""
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if ids.size < 1:
             raise ValueError("tokens must hold at least one token")
         self._check_ids(ids)
-        h = self._task_hidden(windows, ids)[0]
+        h = self._task_hidden(windows, ids, past)[0]
         return self._logits(h[-1:])[0] if last else self._logits(h)
 
-    def _task_hidden(self, windows: Windows, ids: np.ndarray) -> np.ndarray:
+    def _task_hidden(self, windows: Windows, ids: np.ndarray, past: list[Any] | None = None) -> np.ndarray:
+        n_past = 0 if not past else past[0][0].shape[1]
         T = ids.size
-        cos, sin = ops.rope_tables(np.arange(windows.start, windows.start + T, dtype=np.float64), self.rope)
+        start = windows.start + n_past
+        cos, sin = ops.rope_tables(np.arange(start, start + T, dtype=np.float64), self.rope)
         ht = ops.embedding(ids[None], self.w["model.embed_tokens.weight"])
         qk_scale = self.hd**-0.5
         for i in range(self.cfg.num_hidden_layers):
             qt, kt, vt = self._qkv(i, ht, cos, sin)
+            if past is not None:
+                if n_past:
+                    kt = np.concatenate([past[i][0], kt], axis=1)
+                    vt = np.concatenate([past[i][1], vt], axis=1)
+                    past[i] = (kt, vt)
+                else:
+                    past.append((kt, vt))
             groups = [(k, v, sc, logw, False) for k, v, sc, logw in windows.parts[i]]
             groups.append((kt, vt, qk_scale, 0.0, True))
             outs, lses = [], []
             for k, v, sc, logw, causal in groups:
                 o, lse = ops.attention(
-                    qt, k, v, causal=causal, q_offset=0, scale=sc, return_lse=True, n_threads=self.nt
+                    qt, k, v, causal=causal, q_offset=n_past, scale=sc, return_lse=True, n_threads=self.nt
                 )
                 outs.append(o)
                 lses.append(lse + logw)

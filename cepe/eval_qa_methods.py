@@ -137,11 +137,11 @@ class QAAnswerer:
                 [tok.encode(b, add_special_tokens=False) for b in blocks],
                 prefix=a.prefix_ids(model), temperature=a.temperature, scale=a.scale,
             )  # fmt: skip
-        ids = list(tok.encode(build_prompt(question, [], self.demos), add_special_tokens=False))
+        ids = tok.encode(build_prompt(question, [], self.demos), add_special_tokens=False)
         ops = self._ops
+        past: list[Any] = []  # the task tokens' keys and values, kept between steps
 
         def step(t: int) -> np.ndarray:
-            ids.append(t)
-            return ops.pcw_logits(windows, ids, last=True)
+            return ops.pcw_logits(windows, [t], last=True, past=past)
 
-        return greedy_text(model, ops.pcw_logits(windows, ids, last=True), step, self.max_new_tokens)
+        return greedy_text(model, ops.pcw_logits(windows, ids, last=True, past=past), step, self.max_new_tokens)

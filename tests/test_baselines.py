@@ -192,6 +192,10 @@ def test_pcw_matches_the_torch_reference(tiny_llama):
     got_logits = dec.pcw_logits(dec.pcw_windows(windows), ids)
     np.testing.assert_allclose(got_logits, torch_pcw_logits(hf, windows, ids).numpy(), atol=2e-4)
     assert dec.pcw_logits(dec.pcw_windows(windows), ids, last=True) == pytest.approx(got_logits[-1], abs=1e-5)
+    past: list = []  # token by token after a first part: the same logits
+    win = dec.pcw_windows(windows)
+    steps = [dec.pcw_logits(win, ids[:6], past=past)] + [dec.pcw_logits(win, [t], past=past) for t in ids[6:]]
+    np.testing.assert_allclose(np.concatenate(steps), got_logits, atol=1e-5)
     # one window is plain causal attention over chunk + tokens: the engine's forward
     model = tiny_llama.load()
     one = dec.pcw_nll(chunks[:1], ids, scored=12)
