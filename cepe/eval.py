@@ -22,6 +22,11 @@ Methods (call_shape gives each call's decoder length and context size):
               (N below W: the decoder reads all W+N tokens, scaled the same)
   pcw         parallel context windows: the context's 256-token chunks share positions 0..255 and
               each attends within itself, x[-W:] follows at 256.. and attends to all (cepe.baselines)
+  ape         APE: pcw with every chunk after a shared prefix, and x[-W:]'s attention to the chunks
+              with a temperature and a scale (settings: APESettings, default T = S = 1, prefix BOS where the
+              model's prompts begin with one)
+
+pcw, replug and ape at N = 0 have no context to place: the same call as truncation.
 
 Identical calls (cepe at N=0, truncation, full at N=0) run once per document.
 With log_path, every call's result is appended to a JSON-lines file as it
@@ -42,20 +47,23 @@ from typing import Any
 
 import numpy as np
 
+from .baselines import APESettings
 from .bootstrap import boot_ppl, bootstrap_indices, interval
-from .eval_qa import evaluate_qa, exact_match, f1_score  # the QA protocol, cepe.eval's too
+from .eval_qa import QA_METHODS, evaluate_qa, exact_match, f1_score  # the QA protocol, cepe.eval's too
 
 CHUNK = 256  # encoder chunk length
-METHODS = ("cepe", "truncation", "full")  # the default set; also "streaming"
-ALL_METHODS = (*METHODS, "streaming", "replug", "pcw", "e2llm-cepe")
+METHODS = ("cepe", "truncation", "full")  # the default set
+ALL_METHODS = (*METHODS, "streaming", "replug", "pcw", "ape", "e2llm-cepe")
 E2LLM_FACTOR = 2  # e2llm-cepe: the decoder's window and RoPE scale
-_BASELINES = ("streaming", "replug", "pcw")
+_BASELINES = ("streaming", "replug", "pcw", "ape")
 STREAMING_SINKS = 4
 
 __all__ = [
     "ALL_METHODS",
+    "APESettings",
     "CHUNK",
     "METHODS",
+    "QA_METHODS",
     "LMCalls",
     "boot_ppl",
     "bootstrap_indices",
@@ -78,7 +86,7 @@ __all__ = [
 
 def call_shape(method: str, n: int, window: int) -> tuple[int, int]:
     """(decoder length, context size) of a method's call at context size n."""
-    if method in ("cepe", "replug", "pcw"):
+    if method in ("cepe", "replug", "pcw", "ape"):
         return window, n
     if method == "truncation":
         return window, 0
@@ -90,12 +98,15 @@ def call_shape(method: str, n: int, window: int) -> tuple[int, int]:
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
 
 
-def _kind(method: str, n: int) -> str:
+def _kind(method: str, n: int, ape_key: str = "ape") -> str:
     """Which computation a call is: the engine's forward, or a baseline composed from cepe.ops (at
-    N = 0 StreamingLLM's cache never evicts, so it is the engine's truncation call)."""
+    N = 0 StreamingLLM's cache never evicts, so it is the engine's truncation call). An APE call's
+    kind holds its settings (ape_key), so results of other settings are never taken for it."""
     if method == "e2llm-cepe":
         return method  # another RoPE: never the engine's unscaled call
-    return method if method in _BASELINES and n > 0 else "engine"
+    if method not in _BASELINES or n == 0:
+        return "engine"
+    return ape_key if method == "ape" else method
 
 
 # ------------------------------------------------------------------ statistics
@@ -145,19 +156,29 @@ def paired(rows: dict[str, list[dict[str, Any]]], idx: np.ndarray, a: str, b: st
 
 
 class LMCalls:
-    """Runs each perplexity call once per (document, decoder length, context size), keeping
+    """Runs each perplexity call once per (document, decoder length, context size, kind), keeping
     (mean NLL of the last window-1 tokens, seconds); with log_path, appends each result to that
-    JSON-lines file and starts from the results already in it."""
+    JSON-lines file and starts from the results already in it. ape: the settings of APE's calls,
+    whose kind (ape_key) names them."""
 
     def __init__(
-        self, model: Any, docs: Sequence[np.ndarray], window: int, *, log_path: str | os.PathLike[str] | None = None
+        self,
+        model: Any,
+        docs: Sequence[np.ndarray],
+        window: int,
+        *,
+        log_path: str | os.PathLike[str] | None = None,
+        ape: APESettings | None = None,
     ) -> None:
         self.model, self.docs, self.window = model, docs, window
+        self.ape = APESettings() if ape is None else ape
+        self.ape_key = "ape:" + json.dumps(self.ape.as_dict(model), sort_keys=True)
         self.cache: dict[tuple[int, int, int, str], tuple[float, float]] = {}
         self.log_path = None if log_path is None else os.fspath(log_path)
         self._ops_decoder: Any = None
         self._scaled: Any = None
-        self.resumed = 0
+        self.resumed = 0  # calls answered from the log
+        self._logged: set[tuple[int, int, int, str]] = set()  # the log's calls not yet asked for
         if self.log_path and os.path.exists(self.log_path):
             self._resume()
 
@@ -183,17 +204,20 @@ class LMCalls:
                     )
                 key = (rec["doc"], rec["decoder_tokens"], rec["context_tokens"], rec.get("kind", "engine"))
                 self.cache[key] = (rec["nll"], rec["seconds"])
-                self.resumed += 1
+                self._logged.add(key)
 
     def run(self, d: int, dec_len: int, n_ctx: int, kind: str = "engine") -> tuple[float, float]:
         """(mean NLL of the last window-1 tokens of document d, seconds of the call)."""
         key = (d, dec_len, n_ctx, kind)
         if key in self.cache:
+            if key in self._logged:
+                self._logged.discard(key)
+                self.resumed += 1
             return self.cache[key]
         x = self.docs[d]
         dec = np.ascontiguousarray(x[len(x) - dec_len :], dtype=np.int64)
         t0 = time.perf_counter()
-        if kind in ("streaming", "pcw"):
+        if kind in ("streaming", "pcw") or kind == self.ape_key:
             if self._ops_decoder is None:
                 from .baselines import OpsDecoder
 
@@ -202,8 +226,12 @@ class LMCalls:
             if kind == "streaming":
                 nll = self._ops_decoder.streaming_nll(dec, self.window, self.window - 1, sinks=STREAMING_SINKS)
             else:
-                ctx = x[len(x) - dec_len - n_ctx : len(x) - dec_len]
-                nll = self._ops_decoder.pcw_nll(ctx.reshape(-1, CHUNK), dec, self.window - 1)
+                ctx = x[len(x) - dec_len - n_ctx : len(x) - dec_len].reshape(-1, CHUNK)
+                ape: dict[str, Any] = {}
+                if kind == self.ape_key:
+                    a = self.ape
+                    ape = {"prefix": a.prefix_ids(self.model), "temperature": a.temperature, "scale": a.scale}
+                nll = self._ops_decoder.pcw_nll(ctx, dec, self.window - 1, **ape)
         elif kind == "e2llm-cepe":
             if self._scaled is None:
                 from .load import load
@@ -281,20 +309,24 @@ def evaluate_lm(
     log_path: str | os.PathLike[str] | None = None,
     progress: bool = False,
     on_row: Callable[[str, dict[str, Any]], None] | None = None,
+    ape: APESettings | None = None,
 ) -> dict[str, Any]:
     """The protocol over docs (1-D token arrays, each >= window + max(contexts) tokens).
     Returns {"window", "contexts", "methods", "docs", "results": {method: [row per N]},
     "paired": {"cepe_minus_truncation": [...], "cepe_minus_full": [...]}}; a row holds N,
     decoder_tokens, encoder_chunks, ppl, ci95, nll_per_doc, median_s_per_doc, s_per_doc (ppl
     None with a reason where full attention does not fit). on_row(method, row) is called as
-    each row completes."""
+    each row completes. ape: APE's settings (default APESettings(): T = S = 1, prefix BOS where prompts begin
+    with one), part
+    of each APE call's key in the log, so a rerun with other settings computes its own."""
     ns = sorted({int(n) for n in contexts})
     _check(model, docs, window, ns, methods)
     if bootstrap < 1:
         raise ValueError(f"bootstrap must be >= 1, got {bootstrap}")
     D = len(docs)
     idx = bootstrap_indices(D, bootstrap, seed)
-    calls = LMCalls(model, docs, window, log_path=log_path)
+    calls = LMCalls(model, docs, window, log_path=log_path, ape=ape)
+    prefix_len = len(calls.ape.prefix_ids(model))
     max_pos = model.config.max_position_embeddings
     plan = [(m, n) for n in ns for m in methods]
     bar = None
@@ -305,12 +337,14 @@ def evaluate_lm(
     rows: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     for method, n in plan:
         dec_len, n_ctx = call_shape(method, n, window)
-        kind = _kind(method, n)
+        kind = _kind(method, n, calls.ape_key)
         skip = None
         if kind == "streaming" and window > max_pos:
             skip = f"W = {window} > max_position_embeddings {max_pos}"
         elif kind in ("replug", "pcw") and window + CHUNK > max_pos:
             skip = f"W + {CHUNK} = {window + CHUNK} > max_position_embeddings {max_pos}"
+        elif kind == calls.ape_key and prefix_len + window + CHUNK > max_pos:
+            skip = f"prefix + W + {CHUNK} = {prefix_len + window + CHUNK} > max_position_embeddings {max_pos}"
         elif method == "full" and dec_len > max_pos:
             skip = f"W+N = {dec_len} > max_position_embeddings {max_pos}"
         row: dict[str, Any]
@@ -340,6 +374,7 @@ def evaluate_lm(
         "docs": D,
         "bootstrap": {"draws": bootstrap, "seed": seed},
         "resumed_calls": calls.resumed,
+        **({"ape": calls.ape.as_dict(model)} if "ape" in methods else {}),
         "results": rows,
         "paired": {
             "cepe_minus_truncation": paired(rows, idx, "cepe", "truncation"),
@@ -472,6 +507,7 @@ def plot_perplexity(ax: Any, result: dict[str, Any]) -> None:
         "streaming": ("tab:green", "StreamingLLM (W-entry cache)"),
         "replug": ("tab:purple", "REPLUG (256-token chunks, uniform)"),
         "pcw": ("tab:brown", "parallel context windows (256)"),
+        "ape": ("tab:pink", "APE (256-token windows)"),
         "e2llm-cepe": ("tab:cyan", "E2-LLM (2W, scale 2) + CEPE"),
     }
     for method in [m for m in rows if m != "truncation"]:

@@ -2,13 +2,16 @@
 for each question, the top k_decoder passages go into the prompt and the next
 k_encoder into the encoder (one chunk each), after two demonstrations; greedy
 decoding of at most 25 tokens, stopping at a newline (cepe.rag.answer); exact
-match and F1 with the standard (SQuAD) answer normalisation.
+match and F1 with the SQuAD v1.1 evaluation's answer normalisation. The
+baselines answer from the same passages (cepe.eval_qa_methods: truncation,
+full, replug, pcw, ape).
 
-    result = cepe.eval.evaluate_qa(model, "nq.jsonl", k_decoder=5, k_encoder=10)
+    result = cepe.eval.evaluate_qa(model, "nq.jsonl", k_decoder=5, k_encoder=10, method="cepe")
 
-Each line: {"question": str, "answers": [str, ...], "passages": [{"title", "text"} | str, ...]}
-("ctxs" is read as "passages"; without passages, `corpus` gives a BM25
-retriever). The first `shots` lines are the demonstrations and are not scored.
+Each line: {"question": str, "answers": [str, ...], "passages": [{"title", "text", "score"} | str, ...]}
+("ctxs" is read as "passages"; "score", the retrieval score, weighs REPLUG's
+ensemble; without passages, `corpus` gives a BM25 retriever). The first `shots`
+lines are the demonstrations and are not scored.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from .baselines import APESettings
 from .bootstrap import bootstrap_indices, interval
+from .eval_qa_methods import QA_METHODS, QAAnswerer
 
-__all__ = ["evaluate_qa", "exact_match", "f1_score", "normalize_answer", "read_qa"]
+__all__ = ["QA_METHODS", "evaluate_qa", "exact_match", "f1_score", "normalize_answer", "read_qa"]
 
 
 def normalize_answer(s: str) -> str:
@@ -42,15 +47,14 @@ def exact_match(prediction: str, answers: Sequence[str]) -> float:
 
 
 def f1_score(prediction: str, answers: Sequence[str]) -> float:
-    """The best token-overlap F1 of the prediction against the answers."""
+    """The best token-overlap F1 of the prediction against the answers (0 without a common
+    token, also when both normalise to nothing, as SQuAD v1.1's evaluation scores it)."""
     pred = normalize_answer(prediction).split()
     best = 0.0
     for a in answers:
         gold = normalize_answer(a).split()
         common = sum((Counter(pred) & Counter(gold)).values())
-        if not pred or not gold:
-            best = max(best, float(pred == gold))
-        elif common:
+        if common:
             precision, recall = common / len(pred), common / len(gold)
             best = max(best, 2 * precision * recall / (precision + recall))
     return best
@@ -88,13 +92,20 @@ def _passages(items: list[Any], i: int) -> list[Any]:
         if isinstance(p, str):
             out.append(Passage(p, 0.0, j))
         elif isinstance(p, dict) and isinstance(p.get("text"), str):
-            out.append(Passage(p["text"], 0.0, j, str(p.get("title") or "")))
+            try:  # DPR-style files write the score as a string
+                score = float(p.get("score", 0.0))
+            except (TypeError, ValueError):
+                score = float("nan")
+            if not np.isfinite(score):
+                raise ValueError(f"example {i}: passage {j}: 'score' must be a finite number, got {p['score']!r}")
+            out.append(Passage(p["text"], score, j, str(p.get("title") or "")))
         else:
             raise ValueError(f"example {i}: passage {j} must be a string or an object with a 'text' string")
     return out
 
 
-def _done(log_path: str | None) -> dict[int, dict[str, Any]]:
+def _done(log_path: str | None, run: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """The answers the log holds for this run's settings (method, passages, APE's settings...)."""
     if not log_path or not os.path.exists(log_path):
         return {}
     done = {}
@@ -104,7 +115,8 @@ def _done(log_path: str | None) -> dict[int, dict[str, Any]]:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 break  # an interrupted write: the rest is computed again
-            done[rec["index"]] = rec
+            if rec.get("run") == run:
+                done[rec["index"]] = rec
     return done
 
 
@@ -120,39 +132,45 @@ def evaluate_qa(
     bootstrap: int = 1000,
     seed: int = 0,
     log_path: str | os.PathLike[str] | None = None,
+    method: str = "cepe",
+    ape: APESettings | None = None,
 ) -> dict[str, Any]:
-    """Exact match and F1 (means, with 95 % bootstrap intervals) and each prediction. With
-    log_path every answer is appended to that JSON-lines file and a rerun skips those done."""
-    from .rag import answer
+    """Exact match and F1 (means, with 95 % bootstrap intervals) and each prediction of one
+    method (QA_METHODS; cepe.eval_qa_methods), from the top k_decoder + k_encoder passages of
+    each question. ape: APE's settings (default APESettings()). With log_path every answer is
+    appended to that JSON-lines file and a rerun with the same settings skips those done."""
+    from .retrieval import BM25Retriever
 
     examples = read_qa(data) if isinstance(data, (str, os.PathLike)) else list(data)
     if len(examples) <= shots:
         raise ValueError(f"need more than shots = {shots} examples (the first {shots} are the demonstrations)")
     demos = [(ex["question"], ex["answers"][0]) for ex in examples[:shots]]
+    answerer = QAAnswerer(
+        model, method, k_decoder=k_decoder, k_encoder=k_encoder, demos=demos, max_new_tokens=max_new_tokens, ape=ape
+    )
+    run: dict[str, Any] = {"method": method, "k_decoder": k_decoder, "k_encoder": k_encoder, "shots": shots,
+                           "max_new_tokens": max_new_tokens}  # fmt: skip
+    if method == "ape":
+        run["ape"] = answerer.ape.as_dict(model)
     log = None if log_path is None else os.fspath(log_path)
-    done = _done(log)
+    done = _done(log, run)
+    k = k_decoder + k_encoder
+    bm25: BM25Retriever | None = None
     records = []
     for i, ex in enumerate(examples[shots:], start=shots):
         rec = done.get(i)
         if rec is None or rec.get("question") != ex["question"]:
             if ex["passages"] is not None:
-                given = _passages(ex["passages"], i)
-
-                def retriever(_q: str, k: int, given: list[Any] = given) -> list[Any]:
-                    return given[:k]
-
-                source: Any = retriever
+                found = _passages(ex["passages"], i)[:k]
             elif corpus is not None:
-                source = list(corpus)
+                bm25 = BM25Retriever(list(corpus)) if bm25 is None else bm25
+                found = bm25(ex["question"], min(k, len(bm25.passages))) if k else []
             else:
                 raise ValueError(f"example {i} has no passages and no corpus was given")
-            out = answer(
-                ex["question"], source, in_decoder=k_decoder, in_encoder=k_encoder, model=model, demos=demos,
-                max_new_tokens=max_new_tokens,
-            )  # fmt: skip
+            text = answerer(ex["question"], found)
             rec = {
-                "index": i, "question": ex["question"], "prediction": out.text, "answers": ex["answers"],
-                "em": exact_match(out.text, ex["answers"]), "f1": f1_score(out.text, ex["answers"]),
+                "index": i, "question": ex["question"], "prediction": text, "answers": ex["answers"],
+                "em": exact_match(text, ex["answers"]), "f1": f1_score(text, ex["answers"]), "run": run,
             }  # fmt: skip
             if log:
                 with open(log, "a", encoding="utf-8") as f:
@@ -161,6 +179,8 @@ def evaluate_qa(
     em, f1 = np.array([r["em"] for r in records]), np.array([r["f1"] for r in records])
     idx = bootstrap_indices(len(records), bootstrap, seed)
     return {
+        "method": method,
+        **({"ape": run["ape"]} if "ape" in run else {}),
         "k_decoder": k_decoder,
         "k_encoder": k_encoder,
         "shots": shots,

@@ -147,17 +147,25 @@ def test_replug_in_the_lm_protocol(tiny_cepe):
         assert rep[1]["nll_per_doc"][d] == pytest.approx(replug_nll(model, chunks, x[-W:], W - 1), abs=1e-9)
 
 
-@torch.no_grad()
-def torch_pcw_nll(hf, chunks: np.ndarray, ids: np.ndarray, scored: int) -> float:
-    """Parallel context windows (Ratner et al. 2023) as one sequence with a block mask: chunk i
-    at positions 0..L-1 sees its own earlier tokens; the task tokens at L.. see every chunk
-    token and their own earlier tokens."""
-    n, L = chunks.shape
+def nll_of(logits: torch.Tensor, ids: np.ndarray, scored: int) -> float:
+    """Mean NLL of the last `scored` of ids under their logits (T, V)."""
     T = len(ids)
-    seq = torch.as_tensor(np.concatenate([chunks.reshape(-1), ids]))[None]
-    pos = torch.as_tensor(np.concatenate([np.tile(np.arange(L), n), L + np.arange(T)]))[None]
-    S = n * L + T
-    owner = torch.as_tensor(np.concatenate([np.repeat(np.arange(n), L), np.full(T, n)]))
+    logp = torch.log_softmax(logits.double(), -1)
+    return float(-logp[torch.arange(T - scored - 1, T - 1), torch.as_tensor(ids[-scored:])].mean())
+
+
+@torch.no_grad()
+def torch_pcw_logits(hf, windows, ids: np.ndarray) -> torch.Tensor:
+    """Parallel context windows (Ratner et al. 2023) as one sequence with a block mask: window i
+    at positions 0..L_i-1 sees its own earlier tokens; the task tokens, at positions from the
+    longest window's length on, see every window token and their own earlier tokens. The task
+    tokens' logits (T, V)."""
+    windows = [np.asarray(w) for w in windows]
+    n, longest, T = len(windows), max(len(w) for w in windows), len(ids)
+    seq = torch.as_tensor(np.concatenate([*windows, ids]))[None]
+    pos = torch.as_tensor(np.concatenate([*(np.arange(len(w)) for w in windows), longest + np.arange(T)]))[None]
+    S = seq.shape[1]
+    owner = torch.as_tensor(np.concatenate([*(np.full(len(w), i) for i, w in enumerate(windows)), np.full(T, n)]))
     i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
     allowed = (j <= i) & ((owner[:, None] == owner[None, :]) | ((owner[:, None] == n) & (owner[None, :] < n)))
     mask = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[None, None]
@@ -168,9 +176,7 @@ def torch_pcw_nll(hf, chunks: np.ndarray, ids: np.ndarray, scored: int) -> float
         a, _ = layer.self_attn(layer.input_layernorm(h), position_embeddings=cos_sin, attention_mask=mask)
         h = h + a
         h = h + layer.mlp(layer.post_attention_layernorm(h))
-    logp = torch.log_softmax(hf.lm_head(model.norm(h))[0].double(), -1)
-    rows = torch.arange(S - scored - 1, S - 1)
-    return float(-logp[rows, torch.as_tensor(ids[-scored:])].mean())
+    return hf.lm_head(model.norm(h))[0, S - T :]
 
 
 def test_pcw_matches_the_torch_reference(tiny_llama):
@@ -180,7 +186,16 @@ def test_pcw_matches_the_torch_reference(tiny_llama):
     rng = np.random.default_rng(11)
     chunks, ids = rng.integers(3, 101, size=(3, 8)), rng.integers(3, 101, size=13)
     got = dec.pcw_nll(chunks, ids, scored=12)
-    assert got == pytest.approx(torch_pcw_nll(hf, chunks, ids, 12), abs=1e-4)
+    assert got == pytest.approx(nll_of(torch_pcw_logits(hf, chunks, ids), ids, 12), abs=1e-4)
+    # windows of different lengths: the task tokens follow the longest
+    windows = [rng.integers(3, 101, size=n) for n in (5, 9, 7)]
+    got_logits = dec.pcw_logits(dec.pcw_windows(windows), ids)
+    np.testing.assert_allclose(got_logits, torch_pcw_logits(hf, windows, ids).numpy(), atol=2e-4)
+    assert dec.pcw_logits(dec.pcw_windows(windows), ids, last=True) == pytest.approx(got_logits[-1], abs=1e-5)
+    past: list = []  # token by token after a first part: the same logits
+    win = dec.pcw_windows(windows)
+    steps = [dec.pcw_logits(win, ids[:6], past=past)] + [dec.pcw_logits(win, [t], past=past) for t in ids[6:]]
+    np.testing.assert_allclose(np.concatenate(steps), got_logits, atol=1e-5)
     # one window is plain causal attention over chunk + tokens: the engine's forward
     model = tiny_llama.load()
     one = dec.pcw_nll(chunks[:1], ids, scored=12)
@@ -225,18 +240,18 @@ def test_e2llm_cepe_in_the_lm_protocol_matches_the_reference(tiny_cepe, referenc
 
 
 @torch.no_grad()
-def torch_ape_nll(hf, prefix, chunks, ids, scored: int, temp: float, scale: float) -> float:
-    """APE (Yang et al. 2025) written out: every chunk after the same prefix (positions 0..P-1,
-    the chunk P..P+L-1, causal within); the task tokens (P+L..) weigh the prefix's exp(score),
-    the chunks' exp(score / temp) times scale, and their own causal exp(score)."""
+def torch_ape_logits(hf, prefix, windows, ids, temp: float, scale: float) -> torch.Tensor:
+    """APE (Yang et al. 2025) written out: every window after the same prefix (positions 0..P-1,
+    window i at P..P+L_i-1, causal within); the task tokens (from P + the longest L_i on) weigh
+    the prefix's exp(score), the windows' exp(score / temp) times scale, and their own causal
+    exp(score). The task tokens' logits (T, V)."""
     model, cfg = hf.model, hf.config
     H, KVH, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    n, L = chunks.shape
     P, T = len(prefix), len(ids)
-    rows = torch.as_tensor(np.concatenate([np.tile(prefix, (n, 1)), chunks], axis=1))
-    hc, ht = model.embed_tokens(rows), model.embed_tokens(torch.as_tensor(ids)[None])
-    cs_c = model.rotary_emb(hc, torch.arange(P + L)[None])
-    cs_t = model.rotary_emb(ht, torch.arange(P + L, P + L + T)[None])
+    longest = max(len(w) for w in windows)
+    hc = [model.embed_tokens(torch.as_tensor(np.concatenate([prefix, w]).astype(np.int64))[None]) for w in windows]
+    ht = model.embed_tokens(torch.as_tensor(ids)[None])
+    cs_t = model.rotary_emb(ht, torch.arange(P + longest, P + longest + T)[None])
     sc = hd**-0.5
 
     def proj(layer, h, cs):
@@ -253,23 +268,25 @@ def torch_ape_nll(hf, prefix, chunks, ids, scored: int, temp: float, scale: floa
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
     for layer in model.layers:
-        qc, kc, vc = proj(layer, hc, cs_c)
-        s = (qc @ kc.transpose(2, 3)) * sc
-        s = s.masked_fill(torch.triu(torch.ones(P + L, P + L, dtype=torch.bool), 1), float("-inf"))
-        ac = torch.softmax(s, -1) @ vc
+        kxs, vxs = [], []
+        for w, h in enumerate(hc):
+            S = h.shape[1]
+            qc, kc, vc = proj(layer, h, model.rotary_emb(h, torch.arange(S)[None]))
+            s = ((qc @ kc.transpose(2, 3)) * sc).masked_fill(torch.triu(torch.ones(S, S, dtype=torch.bool), 1), -1e30)
+            hc[w] = finish(layer, h, torch.softmax(s, -1) @ vc)
+            kp, vp = kc[:, :, :P], vc[:, :, :P]
+            kxs.append(kc[:, :, P:])
+            vxs.append(vc[:, :, P:])
+        kx, vx = torch.cat(kxs, 2), torch.cat(vxs, 2)
         qt, kt, vt = proj(layer, ht, cs_t)
-        kp, vp = kc[:1, :, :P], vc[:1, :, :P]
-        kx = kc[:, :, P:].permute(1, 0, 2, 3).reshape(1, H, n * L, hd)
-        vx = vc[:, :, P:].permute(1, 0, 2, 3).reshape(1, H, n * L, hd)
         s_p, s_x = (qt @ kp.transpose(2, 3)) * sc, (qt @ kx.transpose(2, 3)) * sc / temp
         s_t = ((qt @ kt.transpose(2, 3)) * sc).masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), -1e30)
         m = torch.cat([s_p, s_x, s_t], -1).amax(-1, keepdim=True)
         e_p, e_x, e_t = (s_p - m).exp(), scale * (s_x - m).exp(), (s_t - m).exp()
         num = e_p @ vp + e_x @ vx + e_t @ vt
         at = num / (e_p.sum(-1, keepdim=True) + e_x.sum(-1, keepdim=True) + e_t.sum(-1, keepdim=True))
-        hc, ht = finish(layer, hc, ac), finish(layer, ht, at)
-    logp = torch.log_softmax(hf.lm_head(model.norm(ht))[0].double(), -1)
-    return float(-logp[torch.arange(T - scored - 1, T - 1), torch.as_tensor(ids[-scored:])].mean())
+        ht = finish(layer, ht, at)
+    return hf.lm_head(model.norm(ht))[0]
 
 
 @pytest.mark.parametrize("temp,scale", [(1.0, 1.0), (0.7, 0.8)])
@@ -279,8 +296,69 @@ def test_ape_matches_the_torch_reference(tiny_llama, temp, scale):
     rng = np.random.default_rng(12)
     prefix, chunks, ids = rng.integers(3, 101, size=3), rng.integers(3, 101, size=(3, 6)), rng.integers(3, 101, size=9)
     got = dec.pcw_nll(chunks, ids, scored=8, prefix=prefix, temperature=temp, scale=scale)
-    assert got == pytest.approx(torch_ape_nll(hf, prefix, chunks, ids, 8, temp, scale), abs=1e-4)
+    assert got == pytest.approx(nll_of(torch_ape_logits(hf, prefix, chunks, ids, temp, scale), ids, 8), abs=1e-4)
+    windows = [rng.integers(3, 101, size=n) for n in (4, 8, 2)]
+    win = dec.pcw_windows(windows, prefix=prefix, temperature=temp, scale=scale)
+    want = torch_ape_logits(hf, prefix, windows, ids, temp, scale).numpy()
+    np.testing.assert_allclose(dec.pcw_logits(win, ids), want, atol=2e-4)
     if (temp, scale) != (1.0, 1.0):
         assert abs(got - dec.pcw_nll(chunks, ids, scored=8, prefix=prefix)) > 1e-4
     with pytest.raises(ValueError, match="temperature"):
         dec.pcw_nll(chunks, ids, scored=8, temperature=0.0)
+
+
+def test_ape_in_the_lm_protocol_matches_the_reference_and_keys_its_settings(tiny_cepe, reference, tmp_path):
+    """--method ape: x[-W:] after the context's 256-token chunks as APE windows; the per-document
+    NLL is the torch reference's, the default settings are T = S = 1 after BOS, and the calls log
+    keeps each setting's results apart."""
+    hf = reference.load_reference(tiny_cepe.path).lm
+    model = tiny_cepe.load()
+    W = 12
+    docs = [np.random.default_rng(40 + d).integers(3, 101, size=W + 512) for d in range(2)]
+    settings = ev.APESettings(temperature=0.7, scale=0.8, prefix=(1, 9))
+    log = tmp_path / "calls.jsonl"
+    kw = dict(window=W, contexts=[0, 512], methods=["truncation", "ape"], bootstrap=50, log_path=log)
+    result = ev.evaluate_lm(model, docs, ape=settings, **kw)
+    assert result["ape"] == {"temperature": 0.7, "scale": 0.8, "prefix": [1, 9]}
+    trunc, ape = result["results"]["truncation"], result["results"]["ape"]
+    assert ape[0]["nll_per_doc"] == trunc[0]["nll_per_doc"]  # no context to place at N = 0
+    for d, x in enumerate(docs):
+        logits = torch_ape_logits(hf, np.array([1, 9]), x[-W - 512 : -W].reshape(2, 256), x[-W:], 0.7, 0.8)
+        assert ape[1]["nll_per_doc"][d] == pytest.approx(nll_of(logits, x[-W:], W - 1), abs=1e-4)
+    # the defaults on the same log: computed afresh (only truncation's calls are taken from it)
+    default = ev.evaluate_lm(model, docs, **kw)
+    assert default["ape"] == {"temperature": 1.0, "scale": 1.0, "prefix": [1]}
+    assert default["resumed_calls"] == len(docs)
+    for d, x in enumerate(docs):
+        logits = torch_ape_logits(hf, np.array([1]), x[-W - 512 : -W].reshape(2, 256), x[-W:], 1.0, 1.0)
+        assert default["results"]["ape"][1]["nll_per_doc"][d] == pytest.approx(nll_of(logits, x[-W:], W - 1), abs=1e-4)
+    # rerun with the first settings: every call from the log, the first results
+    again = ev.evaluate_lm(model, docs, ape=settings, **kw)
+    assert again["resumed_calls"] == 2 * len(docs)  # truncation and ape at 512, per document
+    assert again["results"] == result["results"]
+    with pytest.raises(ValueError, match="temperature"):
+        ev.APESettings(temperature=0.0)
+    with pytest.raises(ValueError, match="prefix"):
+        ev.APESettings(prefix=(1, -2))
+
+
+def test_ape_default_prefix_is_the_bos_that_prompts_begin_with():
+    from types import SimpleNamespace
+
+    from cepe.baselines import prompt_start
+
+    class Tok:
+        def __init__(self, adds_bos: bool) -> None:
+            self.bos_token_id, self.adds = 7, adds_bos
+
+        def encode(self, text, add_special_tokens=True):
+            return ([7] if self.adds and add_special_tokens else []) + [50]
+
+    cfg = SimpleNamespace(bos_token_id=7)
+    assert prompt_start(SimpleNamespace(config=cfg, tokenizer=Tok(True))) == [7]
+    assert prompt_start(SimpleNamespace(config=cfg, tokenizer=Tok(False))) == []  # e.g. SmolLM2's
+    assert prompt_start(SimpleNamespace(config=cfg, tokenizer=None)) == [7]
+    assert prompt_start(SimpleNamespace(config=SimpleNamespace(bos_token_id=None), tokenizer=None)) == []
+    no_bos = SimpleNamespace(config=cfg, tokenizer=Tok(False))
+    assert ev.APESettings().as_dict(no_bos) == {"temperature": 1.0, "scale": 1.0, "prefix": []}
+    assert ev.APESettings(prefix=(3, 4)).prefix_ids(no_bos).tolist() == [3, 4]

@@ -136,5 +136,11 @@ def test_cli_writes_json_csv_plot_and_resumes(tiny_cepe, tmp_path, capsys):
     again = json.loads(capsys.readouterr().out)
     assert again["resumed_calls"] == n_lines
     assert again["results"]["cepe"][1]["nll_per_doc"] == result["results"]["cepe"][1]["nll_per_doc"]
+    assert main([*argv, "--method", "ape", "--ape-scale", "0.5", "--json"]) == 0  # APE's settings reach the run
+    ape = json.loads(capsys.readouterr().out)
+    assert ape["ape"] == {"temperature": 1.0, "scale": 0.5, "prefix": [1]} and ape["resumed_calls"] == 2
+    assert ape["results"]["ape"][1]["nll_per_doc"] != result["results"]["cepe"][1]["nll_per_doc"]
+    assert main([*argv, "--method", "ape", "--ape-temperature", "0"]) == 2
+    assert "temperature" in capsys.readouterr().err
     assert main(["eval", "lm", "--model", tiny_cepe.path, "--method", "streaming?"]) == 2
     assert "--method" in capsys.readouterr().err
