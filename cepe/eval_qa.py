@@ -1,6 +1,7 @@
 """The CEPE paper's open-domain QA protocol (spec §7.3) over a JSON-lines file:
 for each question, the top k_decoder passages go into the prompt and the next
-k_encoder into the encoder (one chunk each), after two demonstrations; greedy
+k_encoder into the encoder (one chunk each), with two demonstrations (for
+CEPE packed into one more encoder chunk, question and answer only); greedy
 decoding of at most 25 tokens, stopping at a newline (cepe.rag.answer); exact
 match and F1 with the SQuAD v1.1 evaluation's answer normalisation. The
 baselines answer from the same passages (cepe.eval_qa_methods: truncation,

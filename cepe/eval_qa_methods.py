@@ -3,7 +3,8 @@ retrieved passages, all greedily (at most max_new_tokens, stopping at a newline
 or EOS), on one model's weights:
 
   cepe        the top k_decoder passages in the prompt, the next k_encoder through the
-              encoder, one chunk each (the paper's protocol; cepe.rag.answer)
+              encoder, one chunk each, and the demonstrations in one more encoder chunk
+              (the paper's protocol; cepe.rag.answer)
   truncation  the decoder alone with the top k_decoder passages in the prompt
   full        all k_decoder + k_encoder passages in the prompt
   replug      REPLUG: each of the k_decoder + k_encoder passages in a prompt of its own,

@@ -19,16 +19,20 @@ class Answer:
     in_decoder: list[Passage] = field(default_factory=list)
     in_encoder: list[Passage] = field(default_factory=list)
     prompt: str = ""
+    demos_in_encoder: bool = False
 
 
 def document_block(p: Passage) -> str:
     return f"Document (Title: {p.title}): {p.text}" if p.title else f"Document: {p.text}"
 
 
+def demonstrations(demos: Sequence[tuple[str, str]]) -> list[str]:
+    return [f"Question: {q}\nAnswer: {a}" for q, a in demos]
+
+
 def build_prompt(question: str, passages: Sequence[Passage], demos: Sequence[tuple[str, str]] = ()) -> str:
     """The paper's QA prompt: document blocks, demonstrations, then the question."""
-    parts = [document_block(p) for p in passages]
-    parts += [f"Question: {q}\nAnswer: {a}" for q, a in demos]
+    parts = [document_block(p) for p in passages] + demonstrations(demos)
     parts.append(f"Question: {question}\nAnswer:")
     return "\n\n".join(parts)
 
@@ -48,7 +52,9 @@ def answer(
     from a list of passages (BM25) or any retriever callable (query, k) ->
     passages; the top in_decoder are written into the prompt, the next
     in_encoder (default: 10 for a CEPE model, 0 for any other) are encoded as
-    one CEPE chunk each. A k larger than a passage list is clamped to its
+    one CEPE chunk each. Where the encoder is used, the demonstrations are
+    packed into one more encoder chunk instead of the prompt (question and
+    answer only), as the paper's CEPE evaluation does. A k larger than a passage list is clamped to its
     size, with a warning. Greedy decoding, at most max_new_tokens, stopping at
     a newline."""
     if not isinstance(question, str) or not question.strip():
@@ -79,14 +85,18 @@ def answer(
             k = len(retriever.passages)
     found = as_passages(retriever(question, k))
     top, rest = found[:in_decoder], found[in_decoder : in_decoder + in_encoder]
-    prompt = build_prompt(question, top, demos)
+    contexts = [p.text for p in rest]
+    demos_in_encoder = bool(demos) and in_encoder > 0
+    if demos_in_encoder:
+        contexts.append("\n\n".join(demonstrations(demos)))
+    prompt = build_prompt(question, top, () if demos_in_encoder else demos)
     text = model.generate_text(  # greedy, on the raw prompt: the paper's QA protocol
         prompt,
-        contexts=[p.text for p in rest] or None,
+        contexts=contexts or None,
         max_new_tokens=max_new_tokens,
         stop=["\n"],
         chat=False,
         temperature=0.0,
         repeat_penalty=1.0,
     )
-    return Answer(text.strip(), top, rest, prompt)
+    return Answer(text.strip(), top, rest, prompt, demos_in_encoder)

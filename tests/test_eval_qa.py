@@ -151,9 +151,10 @@ def reference_next(ref, tok, q: str, ps: list[dict], demos, method: str, k_decod
     blocks = [f"Document (Title: {p['title']}): {p['text']}\n\n" for p in ps]
     assert "".join(blocks) + spec_prompt(q, [], demos) == spec_prompt(q, ps, demos)  # the windows' split
     task = raw(spec_prompt(q, [], demos))
-    if method == "cepe":
-        ids = enc(spec_prompt(q, ps[:k_decoder], demos))
-        chunks, mask = left_padded([raw(p["text"]) for p in ps[k_decoder:]])
+    if method == "cepe":  # the demonstrations packed into one more encoder chunk
+        ids = enc(spec_prompt(q, ps[:k_decoder], []))
+        shots = "\n\n".join(f"Question: {a}\nAnswer: {b}" for a, b in demos)
+        chunks, mask = left_padded([raw(p["text"]) for p in ps[k_decoder:]] + [raw(shots)])
         E = ref.encode(chunks[None], mask[None])
         return lambda out: ref.forward(np.array([ids + out]), E, mask[None])[0, -1]
     if method in ("truncation", "full"):

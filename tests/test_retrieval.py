@@ -204,6 +204,19 @@ def test_rag_protocol_top_in_decoder_next_in_encoder():
     assert [p.text for p in out2.in_decoder] == ["a"] and [p.text for p in out2.in_encoder] == ["b"]
 
 
+def test_rag_demonstrations_go_to_one_encoder_chunk_when_the_encoder_is_used():
+    demos = [("Capital of Italy?", "Rome"), ("Longest river?", "The Nile")]
+    shots = "Question: Capital of Italy?\nAnswer: Rome\n\nQuestion: Longest river?\nAnswer: The Nile"
+    model = FakeModel()
+    out = rag.answer("q?", lambda q, k: [("a", 1.0), ("b", 0.5)], in_decoder=1, in_encoder=1, model=model, demos=demos)
+    assert out.demos_in_encoder and model.calls[0]["contexts"] == ["b", shots]
+    assert model.calls[0]["prompt"] == "Document: a\n\nQuestion: q?\nAnswer:"
+    plain = PlainModel()  # no encoder: the demonstrations stay in the prompt, after the documents
+    out = rag.answer("q?", lambda q, k: [("a", 1.0)], in_decoder=1, model=plain, demos=demos)
+    assert not out.demos_in_encoder and plain.calls[0]["contexts"] is None
+    assert plain.calls[0]["prompt"] == f"Document: a\n\n{shots}\n\nQuestion: q?\nAnswer:"
+
+
 def test_rag_errors():
     with pytest.raises(ValueError, match="question must be a non-empty string"):
         rag.answer("  ", CORPUS, model=FakeModel())
