@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -132,6 +133,57 @@ def write_chat_tokenizer(path, vocab_size: int) -> None:
     write_tokenizer(path, vocab_size)
     conf = json.loads((path / "tokenizer_config.json").read_text())
     (path / "tokenizer_config.json").write_text(json.dumps({**conf, "chat_template": CHAT_TEMPLATE}))
+
+
+# Model directories with a tokenizer, shared by the text, chat, server and CLI tests: built once a
+# session, read only (a test that edits one copies it first).
+
+
+@pytest.fixture(scope="session")
+def text_dir(tiny, tmp_path_factory) -> str:
+    """tiny with write_tokenizer's tokenizer."""
+    p = tmp_path_factory.mktemp("tiny_text")
+    shutil.copytree(tiny[0], p, dirs_exist_ok=True)
+    write_tokenizer(p, 97)
+    return str(p)
+
+
+@pytest.fixture(scope="session")
+def chat_dir(tiny, tmp_path_factory) -> str:
+    """tiny with write_chat_tokenizer's tokenizer (a chat template)."""
+    p = tmp_path_factory.mktemp("tiny_chat")
+    shutil.copytree(tiny[0], p, dirs_exist_ok=True)
+    write_chat_tokenizer(p, 97)
+    return str(p)
+
+
+@pytest.fixture(scope="session")
+def cepe_text_dir(tmp_path_factory) -> str:
+    """The CEPE reference model (seed 5) with write_tokenizer's tokenizer."""
+    from cepe.testing.reference import make_reference
+
+    p = tmp_path_factory.mktemp("cepe_text")
+    make_reference(seed=5).save(str(p))
+    write_tokenizer(p, 101)
+    return str(p)
+
+
+@pytest.fixture(scope="session")
+def cepe_chat_dir(tmp_path_factory) -> str:
+    """The CEPE reference model (seed 5) with write_chat_tokenizer's tokenizer."""
+    from cepe.testing.reference import make_reference
+
+    p = tmp_path_factory.mktemp("cepe_chat")
+    make_reference(seed=5).save(str(p))
+    write_chat_tokenizer(p, 101)
+    return str(p)
+
+
+@pytest.fixture(scope="module")
+def text_model(text_dir):
+    import cepe
+
+    return cepe.load(text_dir)
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

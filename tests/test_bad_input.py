@@ -478,18 +478,6 @@ def test_overflowing_encoder_raises(tmp_path):
         m.encode(np.array([[3, 4, 5, 6]]))
 
 
-@pytest.fixture(scope="module")
-def text_model(tiny, tmp_path_factory):
-    import shutil
-
-    from conftest import write_tokenizer
-
-    p = tmp_path_factory.mktemp("bad_text")
-    shutil.copytree(tiny[0], p, dirs_exist_ok=True)
-    write_tokenizer(p, 97)
-    return cepe.load(str(p))
-
-
 @pytest.mark.parametrize(
     "call, exc, match",
     [
