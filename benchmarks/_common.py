@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts: machine facts, the checkout's
 state, CPU accounting for contention checks, memory figures, GPU memory per
-process, and the random CEPE checkpoint bench_context and bench_train use.
+process, the random CEPE checkpoint bench_context and bench_train use, and
+matplotlib for their plots.
 The scripts import it from their own directory, which Python puts first on
 sys.path (also in the child processes they start)."""
 
@@ -14,8 +15,24 @@ import resource
 import subprocess
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+
+
+def pyplot(log: Callable[[str], None] = print) -> Any:
+    """matplotlib.pyplot drawing to files (the Agg backend), or None, logged, when matplotlib
+    is not installed (the plot is then skipped; the JSON result does not need it)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed (pip install matplotlib): no plot written")
+        return None
+    return plt
+
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KB = 1024

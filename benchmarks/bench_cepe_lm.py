@@ -52,7 +52,7 @@ import tempfile
 import time
 
 import numpy as np
-from _common import children_cpu_s, cpu_model_name, git_state, machine_busy_s, proc_status, usable_cpus
+from _common import children_cpu_s, cpu_model_name, git_state, machine_busy_s, proc_status, pyplot, usable_cpus
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -456,15 +456,10 @@ def run_million(args: argparse.Namespace) -> dict:
 
 
 def write_plot(result: dict, path: str) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
-        log("matplotlib is not installed (pip install matplotlib): no plot written")
+    plt = pyplot(log)
+    if plt is None:
         return None
+    import matplotlib.ticker
     rows = result["results"]
     ns = result["contexts"]
     pos = [n for n in ns if n > 0]
@@ -476,7 +471,7 @@ def write_plot(result: dict, path: str) -> str | None:
     def ok(method: str) -> list[dict]:
         return [r for r in rows.get(method, []) if r.get("ppl") is not None]
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharex=True)
     ax = axes[0]
     plot_perplexity(ax, {**result, "results": {m: rows[m] for m in ("truncation", "full", "cepe") if m in rows}})
     limit = result["model"]["max_position_embeddings"] - result["window"]
@@ -521,11 +516,7 @@ def write_plot(result: dict, path: str) -> str | None:
     ax.set_ylabel("seconds per document (median)")
     ax.set_title(f"{result['threads']} threads, {result['machine']['cpu']}", fontsize=9)
 
-    ax.set_xscale("log", base=2)
-    ax.set_xticks([x(n) for n in ns])
-    ax.set_xticklabels([fmt_n(n) for n in ns])
-    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    ax.set_xlabel("context tokens N" + (" (0 drawn at the left end)" if 0 in ns else ""))
+    ax.set_xlabel(axes[0].get_xlabel())  # the N axis itself is plot_perplexity's, shared
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     tg = result["targets"]

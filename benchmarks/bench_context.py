@@ -51,6 +51,7 @@ from _common import (
     gpu_process_bytes,
     machine_busy_s,
     proc_status,
+    pyplot,
     usable_cpus,
 )
 
@@ -522,15 +523,10 @@ def summarize(results: list[dict], args: argparse.Namespace) -> dict:
 
 
 def write_plot(result: dict, path: str) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
-        log("matplotlib is not installed: no plot written")
+    plt = pyplot(log)
+    if plt is None:
         return None
+    import matplotlib.ticker
     rows = [r for r in result["runs"] if not r.get("timed_out") and not r.get("failed") and not r.get("skipped")]
     series = [
         (

@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from _common import children_cpu_s, cpu_model_name, git_state, machine_busy_s, usable_cpus
+from _common import children_cpu_s, cpu_model_name, git_state, machine_busy_s, pyplot, usable_cpus
 
 # Run from a checkout (cepe built in place with `python setup.py build_ext --inplace`): import the
 # repository's cepe / cepe_c rather than needing an install.
@@ -614,13 +614,8 @@ def agreement(scratch: str) -> dict:
 
 
 def write_plot(result: dict, path: str) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib is not installed (pip install matplotlib): no plot written")
+    plt = pyplot(log)
+    if plt is None:
         return None
     r, roof = result["results"], result["roofline"]
     panels = [

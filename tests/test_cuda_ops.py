@@ -37,6 +37,7 @@ from __future__ import annotations
 import numpy as np
 import ops_ext as ops
 import pytest
+from op_refs import f32, left_padding
 
 import cepe
 import cepe_c
@@ -45,10 +46,6 @@ ELEM = dict(rtol=1e-5, atol=1e-6)
 GEMM = dict(rtol=1e-4, atol=0.0)
 LOSS = dict(rtol=1e-5, atol=1e-7)
 NORM_CHUNK = 16384  # CEPE_NORM_CHUNK (csrc/ops/optim.h)
-
-
-def f32(a) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype=np.float32)
 
 
 def close(got, want, what: str, rtol: float, atol: float = 0.0) -> None:
@@ -223,13 +220,6 @@ def test_swiglu(backend, rng, n):
 
 
 # ------------------------------------------------------------------ attention
-
-
-def left_padding(B: int, T: int, pads: list[int]) -> np.ndarray:
-    valid = np.ones((B, T), dtype=np.uint8)
-    for b, n in enumerate(pads):
-        valid[b, :n] = 0
-    return valid
 
 
 # name: B, Tq, Tk, H, KVH, hd, causal, q_offset, window, key padding per row (or None), layout
