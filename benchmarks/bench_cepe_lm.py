@@ -52,11 +52,17 @@ import tempfile
 import time
 
 import numpy as np
-from _common import children_cpu_s, cpu_model_name, git_state, machine_busy_s, proc_status, pyplot, usable_cpus
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+from _common import (
+    children_cpu_s,
+    cpu_model_name,
+    git_state,
+    machine_busy_s,
+    plain_log_y,
+    proc_status,
+    pyplot,
+    save_figure,
+    usable_cpus,
+)
 
 # the protocol itself (calls, shared calls, bootstrap, paired differences, the perplexity panel) is cepe.eval's
 from cepe.eval import (  # noqa: E402
@@ -459,7 +465,7 @@ def write_plot(result: dict, path: str) -> str | None:
     plt = pyplot(log)
     if plt is None:
         return None
-    import matplotlib.ticker
+
     rows = result["results"]
     ns = result["contexts"]
     pos = [n for n in ns if n > 0]
@@ -508,11 +514,7 @@ def write_plot(result: dict, path: str) -> str | None:
         c = np.exp(np.mean(np.log(fit_t) - k * np.log(fit_n)))
         grid = np.geomspace(fit_n.min(), fit_n.max(), 20)
         ax.plot(grid, c * grid**k, "--", color="tab:blue", lw=0.8, label=f"CEPE fit: time ~ N^{k:.2f}")
-    ax.set_yscale("log")
-    plain = matplotlib.ticker.FuncFormatter(lambda v, _pos: f"{v:g}")
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
-    ax.tick_params(axis="y", which="minor", labelsize=6)
+    plain_log_y(ax)
     ax.set_ylabel("seconds per document (median)")
     ax.set_title(f"{result['threads']} threads, {result['machine']['cpu']}", fontsize=9)
 
@@ -539,11 +541,7 @@ def write_plot(result: dict, path: str) -> str | None:
     title = f"{result['model']['arg']}: CEPE LM protocol, window {result['window']}"
     if bits:
         title += "\n" + "; ".join(bits)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 # --------------------------------------------------------------------------- main

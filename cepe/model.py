@@ -112,24 +112,31 @@ def _overflowed(what: str, context: bool) -> ValueError:
     )
 
 
+def _as_tokens(
+    value: Any, name: str, vocab_size: int, ndim: int, shapes: str, vocab: str = "vocabulary", dtypes: str = ""
+) -> tuple[np.ndarray, bool]:
+    """value as int32 C-contiguous token ids of ndim axes, and whether it came without the
+    batch axis (ndim - 1 axes: a batch of one); errors name it (shapes: the shapes it takes)."""
+    ids = np.asarray(value)
+    if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"{name} must hold integers{dtypes}, got dtype {ids.dtype}")
+    if ids.ndim not in (ndim - 1, ndim):
+        raise ValueError(f"{name} must be {shapes}, got shape {ids.shape}")
+    squeeze = ids.ndim == ndim - 1
+    if squeeze:
+        ids = ids[None]
+    if 0 in ids.shape:
+        raise ValueError(f"{name} must not be empty, got shape {np.shape(value)}")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name} holds token id {bad}, outside the {vocab} [0, {vocab_size})")
+    return np.ascontiguousarray(ids, dtype=np.int32), squeeze
+
+
 def _as_ids(input_ids: Any, vocab_size: int) -> tuple[np.ndarray, bool]:
     """(B, T) int32 C-contiguous ids, and whether the input was 1-D."""
-    ids = np.asarray(input_ids)
-    if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
-        raise TypeError(f"input_ids must hold integers (int32 or int64), got dtype {ids.dtype}")
-    if ids.ndim not in (1, 2):
-        raise ValueError(f"input_ids must be 1-D (T,) or 2-D (B, T), got shape {ids.shape}")
-    squeeze = ids.ndim == 1
-    if squeeze:
-        ids = ids[None, :]
-    if ids.shape[0] == 0 or ids.shape[1] == 0:
-        raise ValueError(f"input_ids must not be empty, got shape {ids.shape}")
-    if ids.size:
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab_size})")
-    return np.ascontiguousarray(ids, dtype=np.int32), squeeze
+    return _as_tokens(input_ids, "input_ids", vocab_size, 2, "1-D (T,) or 2-D (B, T)", dtypes=" (int32 or int64)")
 
 
 def _as_mask(attention_mask: Any, shape: tuple[int, ...], squeeze: bool) -> np.ndarray | None:
@@ -165,21 +172,8 @@ def _as_positions(position_ids: Any, shape: tuple[int, ...], squeeze: bool) -> n
 
 def _as_chunks(encoder_input_ids: Any, vocab_size: int) -> tuple[np.ndarray, bool]:
     """(B, n_ctx, L) int32 chunk ids, and whether the input was (n_ctx, L)."""
-    ids = np.asarray(encoder_input_ids)
-    if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
-        raise TypeError(f"encoder_input_ids must hold integers, got dtype {ids.dtype}")
-    if ids.ndim not in (2, 3):
-        raise ValueError(f"encoder_input_ids must be (n_ctx, L) or (B, n_ctx, L), got shape {ids.shape}")
-    squeeze = ids.ndim == 2
-    if squeeze:
-        ids = ids[None]
-    if 0 in ids.shape:
-        raise ValueError(f"encoder_input_ids must not be empty, got shape {np.shape(encoder_input_ids)}")
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= vocab_size:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"encoder_input_ids holds token id {bad}, outside the encoder vocabulary [0, {vocab_size})")
-    return np.ascontiguousarray(ids, dtype=np.int32), squeeze
+    shapes = "(n_ctx, L) or (B, n_ctx, L)"
+    return _as_tokens(encoder_input_ids, "encoder_input_ids", vocab_size, 3, shapes, vocab="encoder vocabulary")
 
 
 class _Job(NamedTuple):
@@ -197,6 +191,11 @@ class _Job(NamedTuple):
     context: Any
     sampler: Any
     keep_cross_kv: bool | None
+
+
+def _sampling(args: dict[str, Any]) -> dict[str, Any]:
+    """The sampler chain's settings and the seed from a text method's locals() (to pass on)."""
+    return {k: args[k] for k in (*SamplingSettings.__dataclass_fields__, "seed")}
 
 
 def _options(args: dict[str, Any]) -> dict[str, Any]:
@@ -964,17 +963,7 @@ class Model:
             max_new_tokens=_max_new(max_new_tokens, max_tokens, 128),
             stop=stop,
             chat=chat,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            typical_p=typical_p,
-            repeat_penalty=repeat_penalty,
-            repeat_last_n=repeat_last_n,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            logit_bias=logit_bias,
-            seed=seed,
+            **_sampling(locals()),
         )
         return pieces if stream else "".join(pieces)
 
@@ -1016,17 +1005,7 @@ class Model:
             context=context,
             contexts=contexts,
             stream=stream,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            typical_p=typical_p,
-            repeat_penalty=repeat_penalty,
-            repeat_last_n=repeat_last_n,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            logit_bias=logit_bias,
-            seed=seed,
+            **_sampling(locals()),
         )
 
     def create_chat_completion(

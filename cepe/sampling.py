@@ -222,15 +222,7 @@ class SamplingSettings:
         return cepe_c.Sampler(
             batch,
             vocab_size,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            min_p=self.min_p,
-            typical_p=self.typical_p,
-            repeat_penalty=self.repeat_penalty,
-            repeat_last_n=self.repeat_last_n,
-            frequency_penalty=self.frequency_penalty,
-            presence_penalty=self.presence_penalty,
+            **{f: getattr(self, f) for f in self.__dataclass_fields__ if f != "logit_bias"},  # as bias_ids, bias
             bias_ids=bias_ids,
             bias=bias,
             seed=int(seed) & (2**64 - 1),

@@ -46,3 +46,15 @@ def left_padding(B: int, T: int, pads: list[int]) -> np.ndarray:
     for b, n in enumerate(pads):
         valid[b, :n] = 0
     return valid
+
+
+def teacher_table(rng, N: int, V: int, K: int, sharp: float) -> tuple[np.ndarray, np.ndarray]:
+    """What data/calculate_logits.py stores: the teacher's top-K probabilities
+    and the remaining mass as fp16 (N, K+1), the top-K ids as int32 (N, K)."""
+    t = rng.standard_normal((N, V)) * sharp
+    p = np.exp(t - t.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    index = np.argsort(-p, axis=-1)[:, :K].astype(np.int32)
+    top = np.take_along_axis(p, index, -1)
+    probs = np.concatenate([top, 1.0 - top.sum(-1, keepdims=True)], -1).astype(np.float16)
+    return probs, index

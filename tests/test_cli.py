@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import TEXT
+from conftest import TEXT, overcommit_always
 
 import cepe
 
@@ -319,15 +319,7 @@ def test_long_prompt_warns_at_once(text_dir):
     assert len(json.loads(r.stdout)["new_ids"]) == 2
 
 
-def _overcommit_always() -> bool:
-    try:
-        with open("/proc/sys/vm/overcommit_memory") as f:
-            return f.read().strip() == "1"
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(_overcommit_always(), reason="the kernel grants any allocation (vm.overcommit_memory = 1)")
+@pytest.mark.skipif(overcommit_always(), reason="the kernel grants any allocation (vm.overcommit_memory = 1)")
 def test_out_of_memory_is_one_line(text_dir):
     r = run("generate", "--model", text_dir, "--ids", "3 4", "--max-new-tokens", str(2**31 - 10))
     line = last_line_error(r)

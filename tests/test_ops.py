@@ -14,7 +14,7 @@ import textwrap
 import numpy as np
 import ops_ext as ops
 import pytest
-from op_refs import TOL, close, f32, grads, leaf, left_padding
+from op_refs import TOL, close, f32, grads, leaf, left_padding, teacher_table
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -349,18 +349,6 @@ def test_cross_entropy_with_ignore_index(rng, N, V):
         ops.cross_entropy(logits, np.full(N, V, np.int32))
     with pytest.raises(ValueError, match="targets"):
         ops.cross_entropy(logits, np.full(N, -1, np.int32))
-
-
-def teacher_table(rng, N: int, V: int, K: int, sharp: float) -> tuple[np.ndarray, np.ndarray]:
-    """What data/calculate_logits.py stores: the teacher's top-K probabilities
-    and the remaining mass as fp16 (N, K+1), the top-K ids as int32 (N, K)."""
-    t = rng.standard_normal((N, V)) * sharp
-    p = np.exp(t - t.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    index = np.argsort(-p, axis=-1)[:, :K].astype(np.int32)
-    top = np.take_along_axis(p, index, -1)
-    probs = np.concatenate([top, 1.0 - top.sum(-1, keepdims=True)], -1).astype(np.float16)
-    return probs, index
 
 
 def torch_kl(z: torch.Tensor, probs: np.ndarray, index: np.ndarray, mode: int, delta: float) -> torch.Tensor:
