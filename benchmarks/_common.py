@@ -190,9 +190,10 @@ def official_config(dec: dict, enc: dict) -> dict:
 def cepe_tensors(dec: dict, enc: dict) -> dict[str, tuple[int, ...]]:
     """HF name -> shape of every tensor of the CEPE model official_config(dec, enc) describes, as
     the C core's parameter table declares them."""
+    from cepe.build import param_shapes
     from cepe.config import parse_config
 
-    return parse_config(official_config(dec, enc)).param_shapes()
+    return param_shapes(parse_config(official_config(dec, enc)))
 
 
 def ensure_cepe_model(model_dir: str, dec: dict, enc: dict, seed: int, log: Callable[[str], None]) -> int:

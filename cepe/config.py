@@ -51,16 +51,6 @@ class DecoderConfig:
     def is_cepe(self) -> bool:
         return self.num_cross_attn_layers > 0
 
-    def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        """HF name -> shape of every parameter of this config's model (its encoder's and
-        cross-attention's too), in binding order: read from the C core's parameter table,
-        the one place the names are declared."""
-        import cepe_c
-
-        enc = self.encoder.core_kwargs() if self.encoder is not None else None
-        core = cepe_c.Model(self.core_kwargs(), enc, n_threads=1)  # unbound: no weight memory
-        return dict(cepe_c.weight_shapes(core))
-
     def core_kwargs(self) -> dict[str, Any]:
         """Arguments for cepe_c.Model."""
         return {

@@ -165,11 +165,12 @@ def encoder_config_of(decoder_raw: dict[str, Any], **overrides: Any) -> dict[str
     return raw
 
 
-def random_encoder(enc_cfg: DecoderConfig, seed: int) -> dict[str, Weight]:
-    """A random encoder as transformers initialises a LlamaModel: normal(0, 0.02) matrices, unit norms."""
+def random_encoder(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, Weight]:
+    """A random encoder as transformers initialises a LlamaModel: normal(0, 0.02) matrices, unit
+    norms; shapes: the weights of the encoder's config as a decoder's (build.param_shapes)."""
     rng = np.random.default_rng(seed)
     out: dict[str, Weight] = {}
-    for name, shape in enc_cfg.param_shapes().items():  # the encoder's blocks are a decoder's, under encoder.
+    for name, shape in shapes.items():  # the encoder's blocks are a decoder's, under encoder.
         if name == "lm_head.weight":
             continue
         w = np.ones(shape, np.float32) if len(shape) == 1 else (rng.standard_normal(shape) * 0.02).astype(np.float32)

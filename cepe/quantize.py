@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from .build import param_shapes
 from .config import ROPE_LAYOUT_KEY, DecoderConfig, read_config
 from .errors import CheckpointError
 from .gguf_io import GGUF_MAGIC, GGUFFile, gguf_name, is_gguf, weight_names
@@ -361,7 +362,7 @@ def _plan(src: _Source, qname: str) -> tuple[list[tuple[str, str, tuple[int, ...
 
     block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qname]][0]
     plan, fallback = [], []
-    shapes = src.cfg.param_shapes()
+    shapes = param_shapes(src.cfg)
     for hf in src.names:
         if is_head_tensor(hf):
             continue

@@ -15,6 +15,7 @@ from transformers import LlamaConfig
 
 import cepe
 import cepe_c
+from cepe.build import param_shapes
 from cepe.testing import TINY_LLAMA
 from cepe.testing.reference import CepeReference, make_reference
 
@@ -60,16 +61,16 @@ def context(rng, n_ctx=3, L=8):
 
 @pytest.mark.parametrize("n_cross", [1, 3])
 def test_param_shapes_are_the_checkpoints(decoder, n_cross, tmp_path):
-    """DecoderConfig.param_shapes (the C core's parameter table) names and shapes every tensor
+    """cepe.build.param_shapes (the C core's parameter table) names and shapes every tensor
     of the oracles' checkpoints: transformers' decoder, and the CEPE reference (encoder and
     cross-attention too)."""
     path, hf = decoder
     want = {k: tuple(v.shape) for k, v in hf.state_dict().items() if "rotary_emb" not in k}
-    assert cepe.load(path).config.param_shapes() == want
+    assert param_shapes(cepe.load(path).config) == want
     ref = make_reference(seed=2, n_cross=n_cross)
     ckpt = ref.save(str(tmp_path / "cepe"))
     want = {k: tuple(v.shape) for k, v in ref.official_state_dict().items()}
-    assert cepe.load(ckpt).config.param_shapes() == want
+    assert param_shapes(cepe.load(ckpt).config) == want
 
 
 def test_copy_encoder_and_copy_init_match_the_oracle(decoder):
