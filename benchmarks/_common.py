@@ -1,8 +1,9 @@
 """Helpers shared by the benchmark scripts: machine facts, the checkout's
 state, CPU accounting for contention checks, memory figures, GPU memory per
-process, and the random CEPE checkpoint bench_context and bench_train use.
-The scripts import it from their own directory, which Python puts first on
-sys.path (also in the child processes they start)."""
+process, the random CEPE checkpoint bench_context and bench_train use, and
+matplotlib for their plots. The scripts import it from their own directory,
+which Python puts first on sys.path (also in the child processes they start);
+importing it puts the checkout first too, so that they run its cepe / cepe_c."""
 
 from __future__ import annotations
 
@@ -14,10 +15,50 @@ import resource
 import subprocess
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
+
+def pyplot(log: Callable[[str], None] = print) -> Any:
+    """matplotlib.pyplot drawing to files (the Agg backend), or None, logged, when matplotlib
+    is not installed (the plot is then skipped; the JSON result does not need it)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed (pip install matplotlib): no plot written")
+        return None
+    return plt
+
+
+def save_figure(fig: Any, path: str, title: str, fontsize: int = 9) -> str:
+    """fig under its suptitle, laid out, written to path (PNG, 120 dpi) and closed; returns path."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def print_result(result: dict, out_dir: str, png_name: str, write_plot: Callable[[dict, str], str | None]) -> int:
+    """The end of a benchmark run: its plot into out_dir (result["plot"]: the path, or None
+    without matplotlib), then the result as JSON on stdout; the exit status 0."""
+    os.makedirs(out_dir, exist_ok=True)
+    result["plot"] = write_plot(result, os.path.join(out_dir, png_name))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Run from a checkout (cepe built in place with `python setup.py build_ext --inplace`): the scripts,
+# importing this first, then import the repository's cepe / cepe_c rather than needing an install.
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
 KB = 1024
 
 
@@ -100,6 +141,33 @@ def proc_status() -> dict:
     return out
 
 
+# SmolLM2-135M's shape (HuggingFaceTB/SmolLM2-135M: tied embeddings, a 2048-token window), for
+# random-weight models of the default model's size.
+SMOLLM2_135M = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    rms_norm_eps=1e-5,
+    rope_theta=100000,
+    tie_word_embeddings=True,
+    max_position_embeddings=2048,
+)
+
+
+def plain_log_y(ax: Any) -> None:
+    """A log-scale y axis labelled in plain numbers (0.5, 2, 30), minor ticks too."""
+    import matplotlib.ticker
+
+    ax.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _pos: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="y", which="minor", labelsize=6)
+
+
 def official_config(dec: dict, enc: dict) -> dict:
     """config.json in the official CEPE layout (LlamaForCausalContextLM), cross-attention everywhere."""
     return {
@@ -119,50 +187,13 @@ def official_config(dec: dict, enc: dict) -> dict:
     }
 
 
-def llama_tensors(cfg: dict, prefix: str, *, decoder: bool) -> dict[str, tuple[int, ...]]:
-    d, ff, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    hd = d // cfg["num_attention_heads"]
-    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    shapes: dict[str, tuple[int, ...]] = {f"{prefix}embed_tokens.weight": (cfg["vocab_size"], d)}
-    for i in range(n):
-        p = f"{prefix}layers.{i}."
-        shapes.update(
-            {
-                p + "input_layernorm.weight": (d,),
-                p + "self_attn.q_proj.weight": (q, d),
-                p + "self_attn.k_proj.weight": (kv, d),
-                p + "self_attn.v_proj.weight": (kv, d),
-                p + "self_attn.o_proj.weight": (d, q),
-                p + "post_attention_layernorm.weight": (d,),
-                p + "mlp.gate_proj.weight": (ff, d),
-                p + "mlp.up_proj.weight": (ff, d),
-                p + "mlp.down_proj.weight": (d, ff),
-            }
-        )
-    shapes[f"{prefix}norm.weight"] = (d,)
-    if decoder and not cfg["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (cfg["vocab_size"], d)
-    return shapes
-
-
 def cepe_tensors(dec: dict, enc: dict) -> dict[str, tuple[int, ...]]:
-    shapes = llama_tensors(dec, "model.", decoder=True)
-    shapes.update(llama_tensors(enc, "encoder.", decoder=False))
-    d, d_enc = dec["hidden_size"], enc["hidden_size"]
-    hd = d // dec["num_attention_heads"]
-    q, kv = dec["num_attention_heads"] * hd, dec["num_key_value_heads"] * hd
-    for i in range(dec["num_hidden_layers"]):
-        p = f"model.layers.{i}.cross_attn."
-        shapes.update(
-            {
-                p + "layernorm.weight": (d,),
-                p + "q_proj.weight": (q, d),
-                p + "k_proj.weight": (kv, d_enc),
-                p + "v_proj.weight": (kv, d_enc),
-                p + "o_proj.weight": (d, q),
-            }
-        )
-    return shapes
+    """HF name -> shape of every tensor of the CEPE model official_config(dec, enc) describes, as
+    the C core's parameter table declares them."""
+    from cepe.build import param_shapes
+    from cepe.config import parse_config
+
+    return param_shapes(parse_config(official_config(dec, enc)))
 
 
 def ensure_cepe_model(model_dir: str, dec: dict, enc: dict, seed: int, log: Callable[[str], None]) -> int:

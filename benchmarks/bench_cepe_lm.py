@@ -52,11 +52,17 @@ import tempfile
 import time
 
 import numpy as np
-from _common import children_cpu_s, cpu_model_name, git_state, machine_busy_s, proc_status, usable_cpus
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+from _common import (
+    children_cpu_s,
+    cpu_model_name,
+    git_state,
+    machine_busy_s,
+    plain_log_y,
+    proc_status,
+    pyplot,
+    save_figure,
+    usable_cpus,
+)
 
 # the protocol itself (calls, shared calls, bootstrap, paired differences, the perplexity panel) is cepe.eval's
 from cepe.eval import (  # noqa: E402
@@ -456,15 +462,10 @@ def run_million(args: argparse.Namespace) -> dict:
 
 
 def write_plot(result: dict, path: str) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
-        log("matplotlib is not installed (pip install matplotlib): no plot written")
+    plt = pyplot(log)
+    if plt is None:
         return None
+
     rows = result["results"]
     ns = result["contexts"]
     pos = [n for n in ns if n > 0]
@@ -476,7 +477,7 @@ def write_plot(result: dict, path: str) -> str | None:
     def ok(method: str) -> list[dict]:
         return [r for r in rows.get(method, []) if r.get("ppl") is not None]
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharex=True)
     ax = axes[0]
     plot_perplexity(ax, {**result, "results": {m: rows[m] for m in ("truncation", "full", "cepe") if m in rows}})
     limit = result["model"]["max_position_embeddings"] - result["window"]
@@ -513,19 +514,11 @@ def write_plot(result: dict, path: str) -> str | None:
         c = np.exp(np.mean(np.log(fit_t) - k * np.log(fit_n)))
         grid = np.geomspace(fit_n.min(), fit_n.max(), 20)
         ax.plot(grid, c * grid**k, "--", color="tab:blue", lw=0.8, label=f"CEPE fit: time ~ N^{k:.2f}")
-    ax.set_yscale("log")
-    plain = matplotlib.ticker.FuncFormatter(lambda v, _pos: f"{v:g}")
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
-    ax.tick_params(axis="y", which="minor", labelsize=6)
+    plain_log_y(ax)
     ax.set_ylabel("seconds per document (median)")
     ax.set_title(f"{result['threads']} threads, {result['machine']['cpu']}", fontsize=9)
 
-    ax.set_xscale("log", base=2)
-    ax.set_xticks([x(n) for n in ns])
-    ax.set_xticklabels([fmt_n(n) for n in ns])
-    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    ax.set_xlabel("context tokens N" + (" (0 drawn at the left end)" if 0 in ns else ""))
+    ax.set_xlabel(axes[0].get_xlabel())  # the N axis itself is plot_perplexity's, shared
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     tg = result["targets"]
@@ -548,11 +541,7 @@ def write_plot(result: dict, path: str) -> str | None:
     title = f"{result['model']['arg']}: CEPE LM protocol, window {result['window']}"
     if bits:
         title += "\n" + "; ".join(bits)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 # --------------------------------------------------------------------------- main

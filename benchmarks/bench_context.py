@@ -44,19 +44,21 @@ import time
 
 import numpy as np
 from _common import (
+    REPO_ROOT,
+    SMOLLM2_135M,
     children_cpu_s,
     cpu_model_name,
     ensure_cepe_model,
     git_state,
     gpu_process_bytes,
     machine_busy_s,
+    plain_log_y,
+    print_result,
     proc_status,
+    pyplot,
+    save_figure,
     usable_cpus,
 )
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
 
 SEED = 1234
 CHUNK = 256  # encoder chunk length (ctx_len of every CEPE config)
@@ -65,18 +67,8 @@ PAUSE_S = 1.0  # between child processes, so thread pools go idle
 CONTENDED = 0.25  # other_load (CPUs other processes kept busy on average) above which a run is retried
 KB = 1024
 
-DECODER = dict(  # SmolLM2-135M's shape
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    rms_norm_eps=1e-5,
-    rope_theta=100000.0,
-    max_position_embeddings=131072,
-    tie_word_embeddings=False,
-)
+# SmolLM2-135M's shape, untied, with a window for the longest full-attention runs
+DECODER = {**SMOLLM2_135M, "rope_theta": 100000.0, "max_position_embeddings": 131072, "tie_word_embeddings": False}
 ENCODER = dict(
     vocab_size=49152,
     hidden_size=512,
@@ -522,15 +514,10 @@ def summarize(results: list[dict], args: argparse.Namespace) -> dict:
 
 
 def write_plot(result: dict, path: str) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
-        log("matplotlib is not installed: no plot written")
+    plt = pyplot(log)
+    if plt is None:
         return None
+
     rows = [r for r in result["runs"] if not r.get("timed_out") and not r.get("failed") and not r.get("skipped")]
     series = [
         (
@@ -597,11 +584,7 @@ def write_plot(result: dict, path: str) -> str | None:
                 label="full attention, EXTRAPOLATED",
             )
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        plain = matplotlib.ticker.FuncFormatter(lambda v, _pos: f"{v:g}")
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
-        ax.tick_params(axis="y", which="minor", labelsize=6)
+        plain_log_y(ax)
         ax.set_xlabel("total tokens (CEPE: decoder window + encoder chunks)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
@@ -619,11 +602,7 @@ def write_plot(result: dict, path: str) -> str | None:
         )
     if s["cepe_scaling"]["loglog_exponent_all_lengths"] is not None:
         title += f"; CEPE time ~ L^{s['cepe_scaling']['loglog_exponent_all_lengths']:.2f}"
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title, fontsize=8)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -831,11 +810,7 @@ def main(argv: list[str] | None = None) -> int:
         "retry_max_s": args.retry_max_s,
     }
     result["summary"] = summarize(results, args)
-    os.makedirs(args.out, exist_ok=True)
-    name = "bench_context_quick.png" if args.quick else "bench_context.png"
-    result["plot"] = write_plot(result, os.path.join(args.out, name))
-    print(json.dumps(result, indent=2))
-    return 0
+    return print_result(result, args.out, "bench_context_quick.png" if args.quick else "bench_context.png", write_plot)
 
 
 if __name__ == "__main__":

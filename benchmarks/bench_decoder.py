@@ -43,13 +43,17 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from _common import children_cpu_s, cpu_model_name, git_state, machine_busy_s, usable_cpus
-
-# Run from a checkout (cepe built in place with `python setup.py build_ext --inplace`): import the
-# repository's cepe / cepe_c rather than needing an install.
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+from _common import (
+    SMOLLM2_135M,
+    children_cpu_s,
+    cpu_model_name,
+    git_state,
+    machine_busy_s,
+    print_result,
+    pyplot,
+    save_figure,
+    usable_cpus,
+)
 
 SEED = 1234
 PROMPT_LEN = 16
@@ -58,18 +62,7 @@ PAIR_PAUSE_S = 0.5  # between the paired prefill's runs (spinning OpenMP pools s
 ENGINES = ("cepe", "torch")
 
 # SmolLM2-135M's shape (HuggingFaceTB/SmolLM2-135M), random weights.
-FULL_CONFIG = dict(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    rms_norm_eps=1e-5,
-    rope_theta=100000,
-    tie_word_embeddings=True,
-    max_position_embeddings=2048,
-)
+FULL_CONFIG = SMOLLM2_135M
 QUICK_LAYERS = 4
 
 TARGETS = {
@@ -614,13 +607,8 @@ def agreement(scratch: str) -> dict:
 
 
 def write_plot(result: dict, path: str) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib is not installed (pip install matplotlib): no plot written")
+    plt = pyplot(log)
+    if plt is None:
         return None
     r, roof = result["results"], result["roofline"]
     panels = [
@@ -640,11 +628,7 @@ def write_plot(result: dict, path: str) -> str | None:
         ax.set_title(f"{title}: cepe/torch = {result['ratios'][f'{key}_cepe_over_torch']:.2f}x", fontsize=10)
         ax.set_ylabel("tokens/s")
     machine = f"{result['threads']} threads, {result['machine']['cpu']}"
-    fig.suptitle(f"{result['model']['name']}\n{machine}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, f"{result['model']['name']}\n{machine}")
 
 
 def report(
@@ -848,11 +832,7 @@ def main(argv: list[str] | None = None) -> int:
         "well above 0 means the figures of that phase are contended",
         **load,
     }
-    os.makedirs(args.out, exist_ok=True)
-    name = "bench_decoder_quick.png" if args.quick else "bench_decoder.png"
-    result["plot"] = write_plot(result, os.path.join(args.out, name))
-    print(json.dumps(result, indent=2))
-    return 0
+    return print_result(result, args.out, "bench_decoder_quick.png" if args.quick else "bench_decoder.png", write_plot)
 
 
 if __name__ == "__main__":

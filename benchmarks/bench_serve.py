@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import sys
 import threading
@@ -31,10 +30,6 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 from _common import cpu_model_name, git_state, machine_busy_s, usable_cpus
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
 
 TOPICS = ["the sea", "a lighthouse", "the moon", "autumn", "a city at night", "mountains", "rain", "a library"]
 FORMS = ["a haiku", "a limerick", "two sentences", "a short poem"]

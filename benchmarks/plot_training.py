@@ -12,6 +12,7 @@ import json
 import os
 
 import numpy as np
+from _common import pyplot
 
 
 def read_stages(run_dir: str) -> list[tuple[str, list[dict]]]:
@@ -63,13 +64,8 @@ def main() -> None:
             }
         )
     print(json.dumps(summary, indent=1))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(8, 4.5))
     offset = 0

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .build import build
+from .build import build, param_shapes
 from .checks import check_seed
 from .config import parse_config
 from .head import (
@@ -87,7 +87,7 @@ def attach_encoder(
         enc_w["encoder.embed_tokens.weight"] = dec_w["model.embed_tokens.weight"]
     elif isinstance(encoder, str) and encoder == "random":
         enc_raw = encoder_config_of(raw, num_hidden_layers=encoder_layers, **(encoder_config or {}))
-        enc_w = random_encoder(parse_config(enc_raw), seed)
+        enc_w = random_encoder(param_shapes(parse_config(enc_raw)), seed)
     else:
         src = encoder if isinstance(encoder, Model) else load(encoder)
         src_w = core_weights(src._core)

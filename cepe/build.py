@@ -68,6 +68,14 @@ def make_backend(device: str) -> Any:
     return cepe_cuda.backend(int(device[5:]) if ":" in device else 0)
 
 
+def param_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
+    """HF name -> shape of every parameter of cfg's model (its encoder's and cross-attention's
+    too), in binding order: the C core's parameter table, the one place the names are declared,
+    read from an unbound model (no weight memory)."""
+    enc = cfg.encoder.core_kwargs() if cfg.encoder is not None else None
+    return dict(cepe_c.weight_shapes(cepe_c.Model(cfg.core_kwargs(), enc, n_threads=1)))
+
+
 def build_core(
     cfg: DecoderConfig,
     tensors: Iterable[tuple[str, Weight]],

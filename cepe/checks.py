@@ -9,6 +9,18 @@ from typing import Any
 
 import numpy as np
 
+MAX_I32 = 2**31 - 1
+"""The largest count the C core takes (its sizes and token counts are int32)."""
+
+
+def check_int(name: str, value: Any, lo: int, hi: int = MAX_I32) -> int:
+    """value as an int in [lo, hi] (NumPy integers too, bools not); TypeError / ValueError naming it otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value}")
+    return int(value)
+
 
 def check_seed(seed: Any, name: str = "seed") -> int:
     """A random seed: a non-negative int (NumPy integers too, bools not). Every seeded entry point

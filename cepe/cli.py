@@ -192,19 +192,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _check_ints(args, max_new_tokens=(0, MAX_INT), top_k=(0, MAX_INT), seed=(0, 2**64 - 1))
     context = None if args.context_file is None else _read_file(args.context_file, "--context-file")
     model = _load(args)
-    sampling = dict(
-        temperature=0.0 if args.greedy else args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        typical_p=args.typical_p,
-        repeat_penalty=args.repeat_penalty,
-        repeat_last_n=args.repeat_last_n,
-        frequency_penalty=args.frequency_penalty,
-        presence_penalty=args.presence_penalty,
-        logit_bias=_logit_bias(args.logit_bias),
-        seed=args.seed,
-    )
+    sampling: dict[str, Any] = {k: getattr(args, k) for k in TEXT_DEFAULTS}  # the options' dests are its keys
+    sampling.update(logit_bias=_logit_bias(args.logit_bias), temperature=0.0 if args.greedy else args.temperature)
     start = time.perf_counter()
     if args.ids is not None:
         if args.prompt is not None:

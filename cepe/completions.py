@@ -277,21 +277,26 @@ def chat_prompt(model: Any, messages: list[dict[str, str]]) -> list[int]:
     return list(ids)
 
 
-def _completion_prompts(model: Any, value: Any, limits: Limits) -> list[list[int]]:
-    V = model.config.vocab_size
+def _ids_of(model: Any, item: Any, V: int, param: str, name: str, empty: str, special: bool = True) -> list[int]:
+    """item (request field param, shown as name) as token ids: a string encoded (special: with
+    the BOS/EOS the model expects), or a list of ids in [0, V); ParamError otherwise, or
+    "{name} {empty}" when it comes to no tokens."""
+    if isinstance(item, str):
+        ids = require_tokenizer(model).encode(_text(item, name), add_special_tokens=special)
+    elif isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
+        ids = list(item)
+        if any(not 0 <= t < V for t in ids):
+            raise ParamError(param, f"{name} holds a token id outside the vocabulary [0, {V})")
+    else:
+        raise ParamError(param, f"{param} must be a string, a list of strings, or token ids (lists of integers)")
+    if not ids:
+        raise ParamError(param, f"{name} {empty}")
+    return ids
 
+
+def _completion_prompts(model: Any, value: Any, limits: Limits) -> list[list[int]]:
     def ids_of(p: Any, name: str) -> list[int]:
-        if isinstance(p, str):
-            ids = require_tokenizer(model).encode(_text(p, name))
-        elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-            ids = list(p)
-            if any(not 0 <= t < V for t in ids):
-                raise ParamError("prompt", f"{name} holds a token id outside the vocabulary [0, {V})")
-        else:
-            raise ParamError("prompt", "prompt must be a string, a list of strings, or token ids (lists of integers)")
-        if not ids:
-            raise ParamError("prompt", f"{name} encodes to no tokens")
-        return ids
+        return _ids_of(model, p, model.config.vocab_size, "prompt", name, "encodes to no tokens")
 
     if value is None:
         raise ParamError("prompt", "prompt is required")
@@ -578,16 +583,7 @@ def embedding_inputs(model: Any, body: dict[str, Any], limits: Limits = Limits()
         raise ParamError("dimensions", f"this encoder's embeddings have {d} dimensions, got dimensions={dims!r}")
     out = []
     for i, item in enumerate(items):
-        if isinstance(item, str):
-            ids = require_tokenizer(model).encode(_text(item, f"input[{i}]"), add_special_tokens=False)
-        elif isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
-            ids = list(item)
-            if any(not 0 <= t < V for t in ids):
-                raise ParamError("input", f"input[{i}] holds a token id outside the vocabulary [0, {V})")
-        else:
-            raise ParamError("input", "input must be a string, a list of strings, or token ids (lists of integers)")
-        if not ids:
-            raise ParamError("input", f"input[{i}] is empty")
+        ids = _ids_of(model, item, V, "input", f"input[{i}]", "is empty", special=False)
         if limits.max_context_tokens and len(ids) > limits.max_context_tokens:
             raise ParamError("input", f"input[{i}] holds {len(ids)} tokens, at most {limits.max_context_tokens}")
         out.append(ids)

@@ -165,34 +165,16 @@ def encoder_config_of(decoder_raw: dict[str, Any], **overrides: Any) -> dict[str
     return raw
 
 
-def random_encoder(enc_cfg: DecoderConfig, seed: int) -> dict[str, Weight]:
-    """A random encoder as transformers initialises a LlamaModel: normal(0, 0.02) matrices, unit norms."""
+def random_encoder(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, Weight]:
+    """A random encoder as transformers initialises a LlamaModel: normal(0, 0.02) matrices, unit
+    norms; shapes: the weights of the encoder's config as a decoder's (build.param_shapes)."""
     rng = np.random.default_rng(seed)
-    d, ff = enc_cfg.hidden_size, enc_cfg.intermediate_size
-    qd, kvd = enc_cfg.num_attention_heads * enc_cfg.head_dim, enc_cfg.num_key_value_heads * enc_cfg.head_dim
-
-    def normal(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape) * 0.02).astype(np.float32)
-
-    out: dict[str, Weight] = {
-        "encoder.embed_tokens.weight": normal(enc_cfg.vocab_size, d),
-        "encoder.norm.weight": np.ones(d, np.float32),
-    }
-    for j in range(enc_cfg.num_hidden_layers):
-        p = f"encoder.layers.{j}."
-        out.update(
-            {
-                p + "input_layernorm.weight": np.ones(d, np.float32),
-                p + "post_attention_layernorm.weight": np.ones(d, np.float32),
-                p + "self_attn.q_proj.weight": normal(qd, d),
-                p + "self_attn.k_proj.weight": normal(kvd, d),
-                p + "self_attn.v_proj.weight": normal(kvd, d),
-                p + "self_attn.o_proj.weight": normal(d, qd),
-                p + "mlp.gate_proj.weight": normal(ff, d),
-                p + "mlp.up_proj.weight": normal(ff, d),
-                p + "mlp.down_proj.weight": normal(d, ff),
-            }
-        )
+    out: dict[str, Weight] = {}
+    for name, shape in shapes.items():  # the encoder's blocks are a decoder's, under encoder.
+        if name == "lm_head.weight":
+            continue
+        w = np.ones(shape, np.float32) if len(shape) == 1 else (rng.standard_normal(shape) * 0.02).astype(np.float32)
+        out["encoder." + name.removeprefix("model.")] = w
     return out
 
 

@@ -9,6 +9,7 @@ one request's state: using one from two threads at once raises RuntimeError.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import queue
 import threading
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 import cepe_c
 
+from .checks import MAX_I32, check_int, check_keywords
 from .completions import (
     TEXT_DEFAULTS,
     ChatCompletionFields,
@@ -33,25 +35,15 @@ from .completions import (
 from .config import DecoderConfig
 from .errors import LongInputWarning
 from .pickling import LoadSource, reduce_cache, reduce_model
-from .sampling import FINISH_REASONS, Generation, SamplingSettings, StreamToken, check_stop
+from .sampling import FINISH_REASONS, GenerateOptions, Generation, SamplingSettings, StreamToken, check_stop
 from .save import save_model
 from .text import check_text, require_tokenizer, stream_text, text_context
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-_MAX_I32 = 2**31 - 1
 
 STATES_LIMIT = float(np.sqrt(np.finfo(np.float32).max))  # ~1.8e19: larger values square to inf in float32
-
-
-def _check_int(name: str, value: Any, lo: int, hi: int = _MAX_I32) -> int:
-    """value as an int in [lo, hi]; TypeError / ValueError naming it otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not lo <= value <= hi:
-        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value}")
-    return int(value)
 
 
 def _max_new(max_new_tokens: Any, max_tokens: Any, default: int) -> int:
@@ -59,15 +51,15 @@ def _max_new(max_new_tokens: Any, max_tokens: Any, default: int) -> int:
     if max_new_tokens is not None and max_tokens is not None:
         raise ValueError("give max_new_tokens or max_tokens (its OpenAI name), not both")
     if max_tokens is not None:
-        return _check_int("max_tokens", max_tokens, 0)
-    return _check_int("max_new_tokens", default if max_new_tokens is None else max_new_tokens, 0)
+        return check_int("max_tokens", max_tokens, 0)
+    return check_int("max_new_tokens", default if max_new_tokens is None else max_new_tokens, 0)
 
 
 def _logprobs(logprobs: Any, top_logprobs: Any, vocab_size: int) -> int:
     """The alternatives per token to report, or -1 for no log-probabilities."""
     if not isinstance(logprobs, (bool, np.bool_)):
         raise TypeError(f"logprobs must be a bool, got {type(logprobs).__name__}")
-    k = _check_int("top_logprobs", top_logprobs, 0, vocab_size)
+    k = check_int("top_logprobs", top_logprobs, 0, vocab_size)
     if k and not logprobs:
         raise ValueError("top_logprobs needs logprobs=True")
     return k if logprobs else -1
@@ -91,9 +83,9 @@ def _generation(out: Any, sampler: Any, B: int, squeeze: bool, k: int) -> Genera
 
 
 def _check_total(T: int, max_new_tokens: int) -> None:
-    if T + max_new_tokens > _MAX_I32:
+    if T + max_new_tokens > MAX_I32:
         raise ValueError(
-            f"max_new_tokens ({max_new_tokens}) plus the prompt's {T} tokens exceed the {_MAX_I32} tokens "
+            f"max_new_tokens ({max_new_tokens}) plus the prompt's {T} tokens exceed the {MAX_I32} tokens "
             "a context can hold"
         )
 
@@ -120,24 +112,31 @@ def _overflowed(what: str, context: bool) -> ValueError:
     )
 
 
+def _as_tokens(
+    value: Any, name: str, vocab_size: int, ndim: int, shapes: str, vocab: str = "vocabulary", dtypes: str = ""
+) -> tuple[np.ndarray, bool]:
+    """value as int32 C-contiguous token ids of ndim axes, and whether it came without the
+    batch axis (ndim - 1 axes: a batch of one); errors name it (shapes: the shapes it takes)."""
+    ids = np.asarray(value)
+    if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"{name} must hold integers{dtypes}, got dtype {ids.dtype}")
+    if ids.ndim not in (ndim - 1, ndim):
+        raise ValueError(f"{name} must be {shapes}, got shape {ids.shape}")
+    squeeze = ids.ndim == ndim - 1
+    if squeeze:
+        ids = ids[None]
+    if 0 in ids.shape:
+        raise ValueError(f"{name} must not be empty, got shape {np.shape(value)}")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name} holds token id {bad}, outside the {vocab} [0, {vocab_size})")
+    return np.ascontiguousarray(ids, dtype=np.int32), squeeze
+
+
 def _as_ids(input_ids: Any, vocab_size: int) -> tuple[np.ndarray, bool]:
     """(B, T) int32 C-contiguous ids, and whether the input was 1-D."""
-    ids = np.asarray(input_ids)
-    if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
-        raise TypeError(f"input_ids must hold integers (int32 or int64), got dtype {ids.dtype}")
-    if ids.ndim not in (1, 2):
-        raise ValueError(f"input_ids must be 1-D (T,) or 2-D (B, T), got shape {ids.shape}")
-    squeeze = ids.ndim == 1
-    if squeeze:
-        ids = ids[None, :]
-    if ids.shape[0] == 0 or ids.shape[1] == 0:
-        raise ValueError(f"input_ids must not be empty, got shape {ids.shape}")
-    if ids.size:
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab_size})")
-    return np.ascontiguousarray(ids, dtype=np.int32), squeeze
+    return _as_tokens(input_ids, "input_ids", vocab_size, 2, "1-D (T,) or 2-D (B, T)", dtypes=" (int32 or int64)")
 
 
 def _as_mask(attention_mask: Any, shape: tuple[int, ...], squeeze: bool) -> np.ndarray | None:
@@ -173,21 +172,35 @@ def _as_positions(position_ids: Any, shape: tuple[int, ...], squeeze: bool) -> n
 
 def _as_chunks(encoder_input_ids: Any, vocab_size: int) -> tuple[np.ndarray, bool]:
     """(B, n_ctx, L) int32 chunk ids, and whether the input was (n_ctx, L)."""
-    ids = np.asarray(encoder_input_ids)
-    if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
-        raise TypeError(f"encoder_input_ids must hold integers, got dtype {ids.dtype}")
-    if ids.ndim not in (2, 3):
-        raise ValueError(f"encoder_input_ids must be (n_ctx, L) or (B, n_ctx, L), got shape {ids.shape}")
-    squeeze = ids.ndim == 2
-    if squeeze:
-        ids = ids[None]
-    if 0 in ids.shape:
-        raise ValueError(f"encoder_input_ids must not be empty, got shape {np.shape(encoder_input_ids)}")
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= vocab_size:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"encoder_input_ids holds token id {bad}, outside the encoder vocabulary [0, {vocab_size})")
-    return np.ascontiguousarray(ids, dtype=np.int32), squeeze
+    shapes = "(n_ctx, L) or (B, n_ctx, L)"
+    return _as_tokens(encoder_input_ids, "encoder_input_ids", vocab_size, 3, shapes, vocab="encoder vocabulary")
+
+
+class _Job(NamedTuple):
+    """A generation's checked arguments, its sampler and its CEPE context (Model._prepare)."""
+
+    ids: np.ndarray
+    mask: np.ndarray | None
+    squeeze: bool
+    B: int
+    T: int
+    n: int  # max_new_tokens
+    settings: SamplingSettings
+    k: int  # top_logprobs, -1 without logprobs
+    rich: bool  # a Generation / StreamToken rather than bare ids
+    context: Any
+    sampler: Any
+    keep_cross_kv: bool | None
+
+
+def _sampling(args: dict[str, Any]) -> dict[str, Any]:
+    """The sampler chain's settings and the seed from a text method's locals() (to pass on)."""
+    return {k: args[k] for k in (*SamplingSettings.__dataclass_fields__, "seed")}
+
+
+def _options(args: dict[str, Any]) -> dict[str, Any]:
+    """generate()'s keyword arguments from its locals()."""
+    return {k: v for k, v in args.items() if k in _GENERATE_DEFAULTS}
 
 
 class _Context(NamedTuple):
@@ -460,8 +473,8 @@ class Model:
         """An empty KV cache for incremental decoding (capacity defaults to
         max_position_embeddings). batch_size and capacity are ints in
         [1, 2**31 - 1]; a cache too large for memory raises MemoryError."""
-        batch_size = _check_int("batch_size", batch_size, 1)
-        cap = _check_int("capacity", self.config.max_position_embeddings if capacity is None else capacity, 1)
+        batch_size = check_int("batch_size", batch_size, 1)
+        cap = check_int("capacity", self.config.max_position_embeddings if capacity is None else capacity, 1)
         return KVCache(self, batch_size, cap)
 
     @property
@@ -780,6 +793,36 @@ class Model:
             B, self.config.vocab_size, seed=seed, eos_ids=eos, pad_token_id=pad, stop=stops, token_text=table
         )
 
+    def _prepare(self, input_ids: Any, max_new_tokens: Any, o: dict[str, Any], *, one_row: bool) -> _Job:
+        """generate()'s arguments (all of them, in o) checked, and the sampler and
+        CEPE context they ask for; one_row: generate_stream's single row."""
+        V = self.config.vocab_size
+        ids, squeeze = _as_ids(input_ids, V)
+        if one_row:
+            if ids.shape[0] != 1:
+                raise ValueError(f"generate_stream takes one row, got {ids.shape[0]}")
+            squeeze = False
+        n = _max_new(max_new_tokens, o["max_tokens"], 32)
+        settings = SamplingSettings(**{f: o[f] for f in SamplingSettings.__dataclass_fields__})
+        k = _logprobs(o["logprobs"], o["top_logprobs"], V)
+        eos = self._eos_ids(o["eos_token_id"])
+        stops = check_stop(o["stop"])
+        mask = _as_mask(o["attention_mask"], ids.shape, squeeze)
+        B, T = ids.shape
+        _check_total(T, n)
+        context = self._context(
+            B, squeeze, o["encoder_input_ids"], o["encoder_attention_mask"], o["encoder_hidden_states"]
+        )
+        sampler = self._sampler(settings, B, o["seed"], eos, stops)
+        rich = bool(o["details"]) or k >= 0
+        return _Job(ids, mask, squeeze, B, T, n, settings, k, rich, context, sampler, o["keep_cross_kv"])
+
+    def _start(self, job: _Job) -> None:
+        """Before decoding: the long-input warning, and the prompt into the penalties' windows."""
+        self._warn_long(job.T + job.n, "the prompt plus max_new_tokens hold")
+        if job.settings.penalized:
+            job.sampler.accept(job.ids, job.mask)
+
     def generate(
         self,
         input_ids: Any,
@@ -829,118 +872,43 @@ class Model:
         penalties). The CEPE context arguments are those of forward(); the
         encoder runs once per call.
         """
-        max_new_tokens = _max_new(max_new_tokens, max_tokens, 32)
-        settings = SamplingSettings(
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            typical_p=typical_p,
-            repeat_penalty=repeat_penalty,
-            repeat_last_n=repeat_last_n,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            logit_bias=logit_bias,
-        )
-        k = _logprobs(logprobs, top_logprobs, self.config.vocab_size)
-        rich = bool(details) or k >= 0
-        eos = self._eos_ids(eos_token_id)
-        stops = check_stop(stop)
-        ids, squeeze = _as_ids(input_ids, self.config.vocab_size)
-        mask = _as_mask(attention_mask, ids.shape, squeeze)
-        B, T = ids.shape
-        _check_total(T, max_new_tokens)
-        context = self._context(B, squeeze, encoder_input_ids, encoder_attention_mask, encoder_hidden_states)
-        sampler = self._sampler(settings, B, seed, eos, stops)
-        if max_new_tokens == 0:
+        job = self._prepare(input_ids, max_new_tokens, _options(locals()), one_row=False)
+        B, T, n, k = job.B, job.T, job.n, job.k
+        if n == 0:
             out: Any = np.zeros((B, 0), dtype=np.int32)
             if k >= 0:
                 empty = np.zeros((B, 0, k), np.float32)
                 out = (out, np.zeros((B, 0), np.float32), empty.astype(np.int32), empty)
-            return _generation(out, sampler, B, squeeze, k) if rich else (out[0] if squeeze else out)
-        self._warn_long(T + max_new_tokens, "the prompt plus max_new_tokens hold")
-        if settings.penalized:
-            sampler.accept(ids, mask)
-        with (
-            _kv_memory(B, T, max_new_tokens),
-            self._call_context(B, T + max_new_tokens, keepable=context is None) as ctx,
-        ):
-            self._attach(ctx, context, keep_cross_kv)
-            _interruptible(ctx, ctx.forward, ids, None, mask, 0, progress="prompt")
-            out = _interruptible(ctx, ctx.generate, sampler, max_new_tokens, k)
-        if rich:
-            return _generation(out, sampler, B, squeeze, k)
-        return out[0] if squeeze else out
+        else:
+            self._start(job)
+            with _kv_memory(B, T, n), self._call_context(B, T + n, keepable=job.context is None) as ctx:
+                self._attach(ctx, job.context, job.keep_cross_kv)
+                _interruptible(ctx, ctx.forward, job.ids, None, job.mask, 0, progress="prompt")
+                out = _interruptible(ctx, ctx.generate, job.sampler, n, k)
+        if job.rich:
+            return _generation(out, job.sampler, B, job.squeeze, k)
+        return out[0] if job.squeeze else out
 
     def generate_stream(
-        self,
-        input_ids: Any,
-        max_new_tokens: int | None = None,
-        *,
-        attention_mask: Any = None,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        typical_p: float = 1.0,
-        repeat_penalty: float = 1.0,
-        repeat_last_n: int = 64,
-        frequency_penalty: float = 0.0,
-        presence_penalty: float = 0.0,
-        logit_bias: Mapping[Any, float] | None = None,
-        seed: int | None = None,
-        eos_token_id: int | list[int] | None = None,
-        stop: str | Sequence[str] | None = None,
-        logprobs: bool = False,
-        top_logprobs: int = 0,
-        details: bool = False,
-        max_tokens: int | None = None,
-        encoder_input_ids: Any = None,
-        encoder_attention_mask: Any = None,
-        encoder_hidden_states: Any = None,
-        keep_cross_kv: bool | None = None,
+        self, input_ids: Any, max_new_tokens: int | None = None, **options: Unpack[GenerateOptions]
     ) -> Iterator[int | StreamToken]:
         """Yields new token ids one at a time (batch of one row), stopping at
         eos or a stop string: the tokens generate() gives for the same
         settings and seed. With details=True or logprobs=True it yields
         cepe.StreamToken(id, logprob, top_logprobs, finish_reason), the
         finish reason on the last one."""
-        ids, _ = _as_ids(input_ids, self.config.vocab_size)
-        if ids.shape[0] != 1:
-            raise ValueError(f"generate_stream takes one row, got {ids.shape[0]}")
-        max_new_tokens = _max_new(max_new_tokens, max_tokens, 32)
-        settings = SamplingSettings(
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            typical_p=typical_p,
-            repeat_penalty=repeat_penalty,
-            repeat_last_n=repeat_last_n,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            logit_bias=logit_bias,
-        )
-        k = _logprobs(logprobs, top_logprobs, self.config.vocab_size)
-        rich = bool(details) or k >= 0
-        T = ids.shape[1]
-        _check_total(T, max_new_tokens)
-        mask = _as_mask(attention_mask, ids.shape, False)
-        eos = self._eos_ids(eos_token_id)
-        stops = check_stop(stop)
-        context = self._context(1, False, encoder_input_ids, encoder_attention_mask, encoder_hidden_states)
-        sampler = self._sampler(settings, 1, seed, eos, stops)
-        if max_new_tokens == 0:
+        check_keywords("generate_stream", options, _GENERATE_DEFAULTS)
+        job = self._prepare(input_ids, max_new_tokens, {**_GENERATE_DEFAULTS, **options}, one_row=True)
+        T, n, k = job.T, job.n, job.k
+        if n == 0:
             return
-        self._warn_long(T + max_new_tokens, "the prompt plus max_new_tokens hold")
-        if settings.penalized:
-            sampler.accept(ids, mask)
-        with _kv_memory(1, T, max_new_tokens):
-            ctx = cepe_c.Context(self._core, 1, T + max_new_tokens)
-        self._attach(ctx, context, keep_cross_kv)
-        for out, code, last in _decode_in_worker(ctx, sampler, ids, mask, max_new_tokens, k):
+        self._start(job)
+        with _kv_memory(1, T, n):
+            ctx = cepe_c.Context(self._core, 1, T + n)
+        self._attach(ctx, job.context, job.keep_cross_kv)
+        for out, code, last in _decode_in_worker(ctx, job.sampler, job.ids, job.mask, n, k):
             tok = int((out[0] if k >= 0 else out)[0, 0])
-            if rich:
+            if job.rich:
                 top = list(zip(out[2][0, 0].tolist(), out[3][0, 0].tolist(), strict=True)) if k >= 0 else []
                 yield StreamToken(
                     tok, float(out[1][0, 0]) if k >= 0 else None, top, FINISH_REASONS[code] if last else None
@@ -995,17 +963,7 @@ class Model:
             max_new_tokens=_max_new(max_new_tokens, max_tokens, 128),
             stop=stop,
             chat=chat,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            typical_p=typical_p,
-            repeat_penalty=repeat_penalty,
-            repeat_last_n=repeat_last_n,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            logit_bias=logit_bias,
-            seed=seed,
+            **_sampling(locals()),
         )
         return pieces if stream else "".join(pieces)
 
@@ -1047,17 +1005,7 @@ class Model:
             context=context,
             contexts=contexts,
             stream=stream,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            typical_p=typical_p,
-            repeat_penalty=repeat_penalty,
-            repeat_last_n=repeat_last_n,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            logit_bias=logit_bias,
-            seed=seed,
+            **_sampling(locals()),
         )
 
     def create_chat_completion(
@@ -1112,3 +1060,11 @@ class Model:
             if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < self.config.vocab_size:
                 raise ValueError(f"eos_token_id {t!r} is outside the vocabulary [0, {self.config.vocab_size})")
         return np.asarray(items, dtype=np.int32)
+
+
+_GENERATE_DEFAULTS: dict[str, Any] = {
+    name: p.default
+    for name, p in inspect.signature(Model.generate).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+}
+"""generate()'s keyword arguments and their defaults, read from its signature (generate_stream takes the same)."""

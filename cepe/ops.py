@@ -123,6 +123,14 @@ def _contiguous(a: np.ndarray) -> np.ndarray:
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
+def _shaped(a: object, name: str, shape: tuple[int, ...], which: str = "shape") -> F32:
+    """a as a contiguous float32 array of this shape (a backward's dout: its forward's output shape)."""
+    arr = _contiguous(_array(a, name))
+    if arr.shape != shape:
+        raise ValueError(f"{name} must have {which} {shape}, got {arr.shape}")
+    return arr
+
+
 def _place(a: np.ndarray) -> tuple[np.ndarray, int] | None:
     """(the C-contiguous array owning a's memory, a's byte offset into it): what cepe_c._op
     reads a through, so that views of one buffer are one buffer on a device; None when a's
@@ -291,9 +299,7 @@ def rmsnorm_backward(
 ) -> tuple[F32, F32 | None]:
     """(d x, d weight) of rmsnorm; weight_grad=False skips d weight (a frozen weight) and returns None."""
     x, weight, N, C = _norm_args(x, weight)
-    dout = _contiguous(_array(dout, "dout"))
-    if dout.shape != x.shape:
-        raise ValueError(f"dout must have x's shape {x.shape}, got {dout.shape}")
+    dout = _shaped(dout, "dout", x.shape, "x's shape")
     ox = _Out(dx, x.shape, "dx", accumulate, (x, weight, dout))
     ow = _Out(dweight, (C,), "dweight", accumulate, (x, weight, dout)) if weight_grad else None
     if N and C:
@@ -351,9 +357,7 @@ def linear_backward(
 ) -> tuple[F32, F32 | None]:
     """(d x, d weight) of linear; weight_grad=False returns None for d weight."""
     x, weight, N, C, OC = _linear_args(x, weight)
-    dout = _contiguous(_array(dout, "dout"))
-    if dout.shape != (*x.shape[:-1], OC):
-        raise ValueError(f"dout must have shape {(*x.shape[:-1], OC)}, got {dout.shape}")
+    dout = _shaped(dout, "dout", (*x.shape[:-1], OC))
     # d x is written (the op's accumulate=0) unless accumulating: no zeroing pass needed
     ox = _Out(dx, x.shape, "dx", True, (x, weight, dout))
     ow = _Out(dweight, weight.shape, "dweight", accumulate, (x, weight, dout)) if weight_grad else None
@@ -401,9 +405,7 @@ def swiglu_backward(
     """(d gate, d up) of swiglu, each of its input's shape."""
     gshape, ushape = np.shape(gate), np.shape(up)
     g, u, shape = _broadcast_pair(gate, up, "gate", "up")
-    dout = _contiguous(_array(dout, "dout"))
-    if dout.shape != shape:
-        raise ValueError(f"dout must have the broadcast shape {shape}, got {dout.shape}")
+    dout = _shaped(dout, "dout", shape, "the broadcast shape")
     if gshape == shape and ushape == shape:
         og = _Out(dgate, shape, "dgate", accumulate, (g, u, dout))
         ou = _Out(dup, shape, "dup", accumulate, (g, u, dout))
@@ -716,15 +718,10 @@ def attention_backward(
         if user is not None and not isinstance(user, np.ndarray):
             raise TypeError(f"{name} must be a numpy.ndarray or None, got {type(user).__name__}")
     B, Tq, H, hd = a.s["B"], a.s["Tq"], a.s["H"], a.s["hd"]
-    dout = _contiguous(_array(dout, "dout", 4))
-    out = _contiguous(_array(out, "out", 4))
-    for name, arr in (("dout", dout), ("out", out)):
-        if arr.shape != (B, Tq, H, hd):
-            raise ValueError(f"{name} must have shape {(B, Tq, H, hd)}, got {arr.shape}")
+    dout = _shaped(dout, "dout", (B, Tq, H, hd))
+    out = _shaped(out, "out", (B, Tq, H, hd))
     if lse is not None:
-        lse = _contiguous(_array(lse, "lse", 3))
-        if lse.shape != (B, Tq, H):
-            raise ValueError(f"lse must have shape {(B, Tq, H)}, got {lse.shape}")
+        lse = _shaped(lse, "lse", (B, Tq, H))
     users = dict(q=dq, k=dk, v=dv)
     grads: dict[str, F32 | None] = {}
     direct: dict[str, bool] = {}

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from .build import param_shapes
 from .config import ROPE_LAYOUT_KEY, DecoderConfig, read_config
 from .errors import CheckpointError
 from .gguf_io import GGUF_MAGIC, GGUFFile, gguf_name, is_gguf, weight_names
@@ -361,13 +362,14 @@ def _plan(src: _Source, qname: str) -> tuple[list[tuple[str, str, tuple[int, ...
 
     block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qname]][0]
     plan, fallback = [], []
+    shapes = param_shapes(src.cfg)
     for hf in src.names:
         if is_head_tensor(hf):
             continue
         gname = gguf_name(hf)
         if gname is None:
             raise CheckpointError(f"{src.path}: tensor {hf} has no place in a llama GGUF file")
-        shape = _shape_of(src, hf)
+        shape = shapes[hf]
         if len(shape) == 1:
             t = "F32"
         elif shape[-1] % block:
@@ -377,25 +379,6 @@ def _plan(src: _Source, qname: str) -> tuple[list[tuple[str, str, tuple[int, ...
             t = qname
         plan.append((hf, gname, shape, t))
     return plan, fallback
-
-
-def _shape_of(src: _Source, name: str) -> tuple[int, ...]:
-    c = src.cfg
-    d, ff, hd = c.hidden_size, c.intermediate_size, c.head_dim
-    if name in ("model.embed_tokens.weight", "lm_head.weight"):
-        return (c.vocab_size, d)
-    if name.endswith("norm.weight"):
-        return (d,)
-    tail = name.rsplit(".", 2)[-2]
-    return {
-        "q_proj": (c.num_attention_heads * hd, d),
-        "k_proj": (c.num_key_value_heads * hd, d),
-        "v_proj": (c.num_key_value_heads * hd, d),
-        "o_proj": (d, c.num_attention_heads * hd),
-        "gate_proj": (ff, d),
-        "up_proj": (ff, d),
-        "down_proj": (d, ff),
-    }[tail]
 
 
 def _encode(arr: np.ndarray, qname: str) -> np.ndarray:

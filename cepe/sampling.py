@@ -43,12 +43,11 @@ import numpy as np
 
 import cepe_c
 
-from .checks import check_keywords, check_seed
+from .checks import check_int, check_keywords, check_seed
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-_MAX_I32 = 2**31 - 1
 
 TEXT_DEFAULTS: dict[str, Any] = {
     "temperature": 0.8,
@@ -66,14 +65,6 @@ TEXT_DEFAULTS: dict[str, Any] = {
 
 FINISH_REASONS = ("length", "eos", "stop")
 """Why a row stopped: max_new_tokens reached, an eos token, a stop string."""
-
-
-def _check_int(name: str, value: Any, lo: int, hi: int = _MAX_I32) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not lo <= value <= hi:
-        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value}")
-    return int(value)
 
 
 def _check_float(name: str, value: Any, rule: str, ok: Any) -> float:
@@ -141,6 +132,23 @@ class SamplingOptions(TypedDict, total=False):
     logit_bias: Mapping[Any, float] | None
 
 
+class GenerateOptions(SamplingOptions, total=False):
+    """Model.generate's keyword arguments (generate_stream takes them too; the defaults are generate's)."""
+
+    attention_mask: Any
+    seed: int | None
+    eos_token_id: int | list[int] | None
+    stop: str | Sequence[str] | None
+    logprobs: bool
+    top_logprobs: int
+    details: bool
+    max_tokens: int | None
+    encoder_input_ids: Any
+    encoder_attention_mask: Any
+    encoder_hidden_states: Any
+    keep_cross_kv: bool | None
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """The chain's checked settings (see the module doc for each step)."""
@@ -161,14 +169,14 @@ class SamplingSettings:
             "temperature": _check_float(
                 "temperature", self.temperature, "a finite number >= 0", lambda v: 0.0 <= v < math.inf
             ),
-            "top_k": _check_int("top_k", self.top_k, 0),
+            "top_k": check_int("top_k", self.top_k, 0),
             "top_p": _check_float("top_p", self.top_p, "in (0, 1]", lambda v: 0.0 < v <= 1.0),
             "min_p": _check_float("min_p", self.min_p, "in [0, 1]", lambda v: 0.0 <= v <= 1.0),
             "typical_p": _check_float("typical_p", self.typical_p, "in (0, 1]", lambda v: 0.0 < v <= 1.0),
             "repeat_penalty": _check_float(
                 "repeat_penalty", self.repeat_penalty, "a finite number > 0", lambda v: 0.0 < v < math.inf
             ),
-            "repeat_last_n": _check_int("repeat_last_n", self.repeat_last_n, -1),
+            "repeat_last_n": check_int("repeat_last_n", self.repeat_last_n, -1),
             "frequency_penalty": _check_float(
                 "frequency_penalty", self.frequency_penalty, "a finite number", math.isfinite
             ),
@@ -214,15 +222,7 @@ class SamplingSettings:
         return cepe_c.Sampler(
             batch,
             vocab_size,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            min_p=self.min_p,
-            typical_p=self.typical_p,
-            repeat_penalty=self.repeat_penalty,
-            repeat_last_n=self.repeat_last_n,
-            frequency_penalty=self.frequency_penalty,
-            presence_penalty=self.presence_penalty,
+            **{f: getattr(self, f) for f in self.__dataclass_fields__ if f != "logit_bias"},  # as bias_ids, bias
             bias_ids=bias_ids,
             bias=bias,
             seed=int(seed) & (2**64 - 1),
@@ -275,14 +275,14 @@ class Sampler:
     def __init__(
         self, vocab_size: int, *, batch_size: int = 1, seed: int | None = None, **settings: Unpack[SamplingOptions]
     ) -> None:
-        self.vocab_size = _check_int("vocab_size", vocab_size, 1)
-        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.vocab_size = check_int("vocab_size", vocab_size, 1)
+        self.batch_size = check_int("batch_size", batch_size, 1)
         check_keywords("Sampler", settings, SamplingOptions.__annotations__)
         self.settings = SamplingSettings(**settings)
         self._core = self.settings.core_sampler(self.batch_size, self.vocab_size, seed=seed)
 
     def _logits(self, logits: Any, row: int) -> tuple[np.ndarray, int]:
-        row = _check_int("row", row, 0, self.batch_size - 1)
+        row = check_int("row", row, 0, self.batch_size - 1)
         a = np.ascontiguousarray(logits, dtype=np.float32)
         if a.shape != (self.vocab_size,):
             raise ValueError(f"logits must have shape ({self.vocab_size},), got {a.shape}")
@@ -318,6 +318,6 @@ class Sampler:
     def sample_logprobs(self, logits: Any, row: int = 0, top_logprobs: int = 0) -> StreamToken:
         """sample() with the token's raw log-probability and the top_logprobs best alternatives."""
         a, row = self._logits(logits, row)
-        k = _check_int("top_logprobs", top_logprobs, 0, self.vocab_size)
+        k = check_int("top_logprobs", top_logprobs, 0, self.vocab_size)
         tok, lp, ids, lps = self._core.sample(row, a, k)
         return StreamToken(int(tok), float(lp), list(zip(ids.tolist(), lps.tolist(), strict=True)), None)

@@ -101,22 +101,32 @@ class TokenFile:
         return int(self.lengths.sum())
 
 
+def load_npy(path: str, kind: str) -> np.ndarray:
+    """The .npy array at path, memory-mapped. FileNotFoundError when there is none (or only a
+    broken link), ValueError when it is no regular file or no readable .npy array; the messages
+    start with the path and call the file a `kind` ("token file")."""
+    if not os.path.lexists(path):
+        raise FileNotFoundError(f"no such {kind}: {path}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is a broken symlink (to {os.path.realpath(path)}), not a {kind}")
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{path} is {describe(mode)}, not a {kind} (a .npy array)")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{path} is not a readable .npy array ({exc})") from None
+
+
 def open_tokens(path: str, layout: str = "auto", *, name: str = "tokens") -> TokenFile:
     """Memory-maps a token .npy file. layout "auto" is "stream" for 1-D and "rows" for 2-D
     arrays ("packed" must be asked for: it is also 1-D). Errors name `name` (the config key)."""
     if layout not in LAYOUTS:
         raise ValueError(f"{name}: layout must be one of {LAYOUTS}, got {layout!r}")
-    if not os.path.lexists(path):
-        raise FileNotFoundError(f"{name}: no such token file: {path}")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{name}: {path} is a broken symlink (to {os.path.realpath(path)}), not a token file")
-    mode = os.stat(path).st_mode
-    if not stat.S_ISREG(mode):
-        raise ValueError(f"{name}: {path} is {describe(mode)}, not a token file (a .npy array)")
     try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise ValueError(f"{name}: {path} is not a readable .npy array ({exc})") from None
+        arr = load_npy(path, "token file")
+    except (FileNotFoundError, ValueError) as exc:
+        raise type(exc)(f"{name}: {exc}") from None
     if not isinstance(arr, np.ndarray) or arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"{name}: {path} must hold integer token ids, got dtype {getattr(arr, 'dtype', None)}")
     if layout == "auto":

@@ -16,7 +16,6 @@ import contextlib
 import json
 import math
 import os
-import stat
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -29,7 +28,7 @@ from .checks import check_seed
 from .config import read_config
 from .distributed import env_world_size
 from .errors import ConfigError
-from .files import CONFIG_LIMIT, describe, read_json, read_small
+from .files import CONFIG_LIMIT, read_json, read_small
 from .load import load
 from .train import Trainer, checkpoint_world_size, read_checkpoint_state
 from .train_data import (
@@ -37,6 +36,7 @@ from .train_data import (
     TokenFile,
     WindowSampler,
     check_token_range,
+    load_npy,
     make_batch,
     open_tokens,
     stage_window,
@@ -417,15 +417,10 @@ def _open_teacher(cfg: TrainConfig, n_windows: int, vocab_size: int) -> tuple[np
     arrays = []
     for key in ("distill_prob", "distill_index"):
         path = getattr(cfg, key)
-        if not os.path.exists(path):
-            raise ConfigError(f"{where}: {key}: no such file: {path}")
-        mode = os.stat(path).st_mode
-        if not stat.S_ISREG(mode):
-            raise ConfigError(f"{where}: {key}: {path} is {describe(mode)}, not a .npy file")
         try:
-            a = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise ConfigError(f"{where}: {key}: {path} is not a readable .npy array ({exc})") from None
+            a = load_npy(path, "teacher table")
+        except (FileNotFoundError, ValueError) as exc:
+            raise ConfigError(f"{where}: {key}: {exc}") from None
         if a.ndim != 3 or a.shape[0] != n_windows:
             last = "K + 1" if key == "distill_prob" else "K"
             raise ConfigError(

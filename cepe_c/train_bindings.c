@@ -112,6 +112,18 @@ static PyObject *py_train_layout(PyObject *Py_UNUSED(m), PyObject *args) {
     return Py_BuildValue("(Nn)", list, (Py_ssize_t)n_params);
 }
 
+/* Weight i of a model (cepe_model_weight_at's view of it); 0 past the last one. */
+typedef struct {
+    const char *name;
+    const float *data; /* NULL while unbound */
+    int ndim;
+    int64_t shape[2];
+} weight_view;
+
+static int weight_at(const cepe_model *m, int i, weight_view *w) {
+    return cepe_model_weight_at(m, i, &w->name, &w->data, &w->ndim, w->shape) == CEPE_OK;
+}
+
 /* train_weights(core) -> {name: read-only float32 view}, every bound weight;
  * a matrix held in a stored format (quant/quant.h) as (read-only uint8 view
  * (n_out, row bytes), GGML type id, n_in) instead. The views borrow the
@@ -122,21 +134,17 @@ static PyObject *py_train_weights(PyObject *Py_UNUSED(m), PyObject *core) {
     if (!m) return NULL;
     PyObject *d = PyDict_New();
     if (!d) return NULL;
-    for (int i = 0;; i++) {
-        const char *name;
-        const float *data;
-        int ndim;
-        int64_t shape[2];
-        if (cepe_model_weight_at(m, i, &name, &data, &ndim, shape) != CEPE_OK) break;
-        if (!data) continue;
-        npy_intp dims[2] = {(npy_intp)shape[0], (npy_intp)shape[1]};
+    weight_view w;
+    for (int i = 0; weight_at(m, i, &w); i++) {
+        if (!w.data) continue;
+        npy_intp dims[2] = {(npy_intp)w.shape[0], (npy_intp)w.shape[1]};
         if (cepe_model_on_device(m)) { /* device memory: a host copy */
-            PyObject *a = PyArray_SimpleNew(ndim, dims, NPY_FLOAT32);
+            PyObject *a = PyArray_SimpleNew(w.ndim, dims, NPY_FLOAT32);
             if (!a) goto fail;
             cepe_status st;
             Py_BEGIN_ALLOW_THREADS st =
                 cepe_model_read_weight(m, i, (float *)PyArray_DATA((PyArrayObject *)a));
-            Py_END_ALLOW_THREADS if (st || PyDict_SetItemString(d, name, a) < 0) {
+            Py_END_ALLOW_THREADS if (st || PyDict_SetItemString(d, w.name, a) < 0) {
                 Py_DECREF(a);
                 if (st) raise_status(st);
                 goto fail;
@@ -149,8 +157,8 @@ static PyObject *py_train_weights(PyObject *Py_UNUSED(m), PyObject *core) {
         if (cepe_model_weight_format(m, i, &qtype, &nbytes) != CEPE_OK) goto fail;
         const npy_intp n_in = dims[1];
         if (qtype) dims[1] = (npy_intp)(nbytes / (size_t)dims[0]);
-        PyObject *a = PyArray_New(&PyArray_Type, ndim, dims, qtype ? NPY_UINT8 : NPY_FLOAT32, NULL,
-                                  (void *)data, 0, NPY_ARRAY_CARRAY_RO, NULL);
+        PyObject *a = PyArray_New(&PyArray_Type, w.ndim, dims, qtype ? NPY_UINT8 : NPY_FLOAT32, NULL,
+                                  (void *)w.data, 0, NPY_ARRAY_CARRAY_RO, NULL);
         if (!a) goto fail;
         Py_INCREF(core);
         if (PyArray_SetBaseObject((PyArrayObject *)a, core) < 0) {
@@ -158,7 +166,7 @@ static PyObject *py_train_weights(PyObject *Py_UNUSED(m), PyObject *core) {
             goto fail;
         }
         PyObject *item = qtype ? Py_BuildValue("(Nin)", a, qtype, (Py_ssize_t)n_in) : a;
-        if (!item || PyDict_SetItemString(d, name, item) < 0) {
+        if (!item || PyDict_SetItemString(d, w.name, item) < 0) {
             Py_XDECREF(item);
             goto fail;
         }
@@ -167,6 +175,30 @@ static PyObject *py_train_weights(PyObject *Py_UNUSED(m), PyObject *core) {
     return d;
 fail:
     Py_DECREF(d);
+    return NULL;
+}
+
+/* weight_shapes(core) -> [(name, shape), ...]: every weight the model declares, bound or not,
+ * in binding order (the C core's parameter table; a tied lm_head is not one of its own) */
+static PyObject *py_weight_shapes(PyObject *Py_UNUSED(m), PyObject *core) {
+    cepe_model *m = bind_model(core);
+    if (!m) return NULL;
+    PyObject *list = PyList_New(0);
+    if (!list) return NULL;
+    weight_view w;
+    for (int i = 0; weight_at(m, i, &w); i++) {
+        PyObject *item = w.ndim == 2
+                             ? Py_BuildValue("(s(LL))", w.name, (long long)w.shape[0], (long long)w.shape[1])
+                             : Py_BuildValue("(s(L))", w.name, (long long)w.shape[0]);
+        if (!item || PyList_Append(list, item) < 0) {
+            Py_XDECREF(item);
+            goto fail;
+        }
+        Py_DECREF(item);
+    }
+    return list;
+fail:
+    Py_DECREF(list);
     return NULL;
 }
 
@@ -552,6 +584,9 @@ static PyObject *py_train_state(PyObject *Py_UNUSED(mod), PyObject *args, PyObje
 PyMethodDef cepe_train_methods[] = {
     {"train_layout", py_train_layout, METH_VARARGS,
      "train_layout(core, trainable) -> ([(name, shape, offset), ...], n_params): the flat-buffer layout"},
+    {"weight_shapes", py_weight_shapes, METH_O,
+     "weight_shapes(core) -> [(name, shape), ...]: every weight the model declares (bound or not), in "
+     "binding order"},
     {"train_weights", py_train_weights, METH_O,
      "train_weights(core) -> {name: read-only float32 view of the bound weight}"},
     {"train_state", (PyCFunction)(void (*)(void))py_train_state, METH_VARARGS | METH_KEYWORDS,

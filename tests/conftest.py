@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -93,6 +94,39 @@ def hf_logits(hf, ids, attention_mask=None, position_ids=None) -> np.ndarray:
         return hf(torch.as_tensor(np.atleast_2d(ids)), **kw).logits.float().numpy()
 
 
+def hf_greedy(hf, prompt: np.ndarray, n: int) -> np.ndarray:
+    """transformers' greedy continuation of prompt (B, T): exactly n new tokens each, no eos stop."""
+    with torch.no_grad():
+        out = hf.generate(
+            torch.as_tensor(prompt),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[:, prompt.shape[1] :].numpy()
+
+
+def overcommit_always() -> bool:
+    """Whether the kernel grants any allocation (vm.overcommit_memory = 1): then a too-large
+    request does not fail, and the tests of its error skip."""
+    try:
+        with open("/proc/sys/vm/overcommit_memory") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+def edit_json(path: str, fn) -> None:
+    """Rewrites the JSON file at path with fn applied to its content (in place)."""
+    with open(path) as fh:
+        content = json.load(fh)
+    fn(content)
+    with open(path, "w") as fh:
+        json.dump(content, fh)
+
+
 def random_ids(rng: np.random.Generator, shape, vocab: int = BASE["vocab_size"]) -> np.ndarray:
     return rng.integers(3, vocab, size=shape, dtype=np.int64)
 
@@ -132,6 +166,50 @@ def write_chat_tokenizer(path, vocab_size: int) -> None:
     write_tokenizer(path, vocab_size)
     conf = json.loads((path / "tokenizer_config.json").read_text())
     (path / "tokenizer_config.json").write_text(json.dumps({**conf, "chat_template": CHAT_TEMPLATE}))
+
+
+# Model directories with a tokenizer, shared by the text, chat, server and CLI tests: built once a
+# session, read only (a test that edits one copies it first).
+
+
+def _with_tokenizer(tmp_path_factory, name: str, tiny_dir: str | None, chat: bool) -> str:
+    """A copy of tiny_dir (None: the CEPE reference model, seed 5) with a tokenizer written in."""
+    from cepe.testing.reference import make_reference
+
+    p = tmp_path_factory.mktemp(name)
+    if tiny_dir is None:
+        make_reference(seed=5).save(str(p))
+    else:
+        shutil.copytree(tiny_dir, p, dirs_exist_ok=True)
+    (write_chat_tokenizer if chat else write_tokenizer)(p, 101 if tiny_dir is None else 97)
+    return str(p)
+
+
+@pytest.fixture(scope="session")
+def text_dir(tiny, tmp_path_factory) -> str:
+    return _with_tokenizer(tmp_path_factory, "tiny_text", tiny[0], chat=False)
+
+
+@pytest.fixture(scope="session")
+def chat_dir(tiny, tmp_path_factory) -> str:
+    return _with_tokenizer(tmp_path_factory, "tiny_chat", tiny[0], chat=True)
+
+
+@pytest.fixture(scope="session")
+def cepe_text_dir(tmp_path_factory) -> str:
+    return _with_tokenizer(tmp_path_factory, "cepe_text", None, chat=False)
+
+
+@pytest.fixture(scope="session")
+def cepe_chat_dir(tmp_path_factory) -> str:
+    return _with_tokenizer(tmp_path_factory, "cepe_chat", None, chat=True)
+
+
+@pytest.fixture(scope="module")
+def text_model(text_dir):
+    import cepe
+
+    return cepe.load(text_dir)
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import overcommit_always
 
 import cepe
 import cepe_c
@@ -150,15 +151,7 @@ def _sampler(model, batch=1):
     return cepe_c.Sampler(batch, model.config.vocab_size)
 
 
-def _overcommit_always() -> bool:
-    try:
-        with open("/proc/sys/vm/overcommit_memory") as f:
-            return f.read().strip() == "1"
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(_overcommit_always(), reason="the kernel grants any allocation (vm.overcommit_memory = 1)")
+@pytest.mark.skipif(overcommit_always(), reason="the kernel grants any allocation (vm.overcommit_memory = 1)")
 @pytest.mark.filterwarnings("ignore::cepe.LongInputWarning")
 def test_generate_out_of_memory_names_max_new_tokens(model):
     for gen in (lambda: model.generate(GOOD, 2**31 - 10), lambda: list(model.generate_stream(GOOD, 2**31 - 10))):
@@ -476,18 +469,6 @@ def test_overflowing_encoder_raises(tmp_path):
     m = cepe.load(path)
     with pytest.raises(ValueError, match="the encoder overflowed float32: its states of encoder_input_ids"):
         m.encode(np.array([[3, 4, 5, 6]]))
-
-
-@pytest.fixture(scope="module")
-def text_model(tiny, tmp_path_factory):
-    import shutil
-
-    from conftest import write_tokenizer
-
-    p = tmp_path_factory.mktemp("bad_text")
-    shutil.copytree(tiny[0], p, dirs_exist_ok=True)
-    write_tokenizer(p, 97)
-    return cepe.load(str(p))
 
 
 @pytest.mark.parametrize(

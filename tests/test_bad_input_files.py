@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import build_hf_model, write_tokenizer
+from conftest import write_tokenizer
 
 gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 
-from test_gguf import FFN, HEADS, HIDDEN, KV_HEADS, LAYERS, make_bpe_vocab, write_gguf  # noqa: E402
+from test_gguf import gguf_hf_model, make_bpe_vocab, write_gguf  # noqa: E402
 
 import cepe  # noqa: E402
 from cepe import CheckpointError, ConfigError  # noqa: E402
@@ -62,16 +62,7 @@ def bpe_vocab():
 @pytest.fixture(scope="module")
 def gguf_model(bpe_vocab):
     """A tiny HF llama of test_gguf's shape, to write GGUF files from."""
-    return build_hf_model(
-        vocab_size=len(bpe_vocab["tokens"]),
-        hidden_size=HIDDEN,
-        intermediate_size=FFN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-    )
+    return gguf_hf_model(bpe_vocab)
 
 
 def read_header(path: str) -> tuple[dict[str, Any], bytes]:

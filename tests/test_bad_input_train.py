@@ -5,7 +5,6 @@ files, and seeds refused the same way on every path. Each error names the file o
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import re
 import shutil
@@ -13,6 +12,7 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import edit_json
 from safetensors.numpy import load_file, save_file
 
 import cepe
@@ -211,12 +211,7 @@ def test_missing_optimizer_state(ckpt):
 
 
 def edit_state(path: str, fn) -> None:
-    f = os.path.join(path, "trainer_state.json")
-    with open(f) as fh:
-        st = json.load(fh)
-    fn(st)
-    with open(f, "w") as fh:
-        json.dump(st, fh)
+    edit_json(os.path.join(path, "trainer_state.json"), fn)
 
 
 @pytest.mark.parametrize(

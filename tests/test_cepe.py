@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import edit_json
 
 import cepe
 from cepe import ConfigError
@@ -331,11 +332,7 @@ def test_context_argument_errors(built, tiny):
 
 
 def edit_config(path, fn):
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = json.load(f)
-    fn(cfg)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f)
+    edit_json(os.path.join(path, "config.json"), fn)
 
 
 @pytest.mark.parametrize(

@@ -6,28 +6,18 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import TEXT, write_chat_tokenizer
+from conftest import TEXT
 
 import cepe
 from cepe.batching import ParamError, Row, checked_settings, decode_batch
 from cepe.chat import run_chat
 from cepe.completions import context_from, embed
 from cepe.sampling import SamplingSettings
-from cepe.testing.reference import make_reference
-
-
-@pytest.fixture(scope="module")
-def chat_dir(tiny, tmp_path_factory):
-    p = tmp_path_factory.mktemp("chat_tiny")
-    shutil.copytree(tiny[0], p, dirs_exist_ok=True)
-    write_chat_tokenizer(p, 97)
-    return str(p)
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +26,8 @@ def model(chat_dir):
 
 
 @pytest.fixture(scope="module")
-def cepe_model(tmp_path_factory):
-    p = tmp_path_factory.mktemp("chat_cepe")
-    make_reference(seed=5).save(str(p))
-    write_chat_tokenizer(p, 101)
-    m = cepe.load(str(p), n_threads=1)
+def cepe_model(cepe_chat_dir):
+    m = cepe.load(cepe_chat_dir, n_threads=1)
     m.chunk_len = 8
     return m
 

@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import edit_json
 from safetensors.numpy import load_file, save_file
 
 import cepe
@@ -33,43 +34,38 @@ def edit_tensors(path: str, fn) -> None:
 
 
 def edit_config(path: str, fn) -> None:
-    f = os.path.join(path, "config.json")
-    with open(f) as fh:
-        cfg = json.load(fh)
-    fn(cfg)
-    with open(f, "w") as fh:
-        json.dump(cfg, fh)
+    edit_json(os.path.join(path, "config.json"), fn)
 
 
-def test_missing_tensor(copy_of):
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        pytest.param(
+            lambda t: t.pop("model.layers.1.mlp.up_proj.weight"),
+            "missing tensor model.layers.1.mlp.up_proj.weight",
+            id="missing_tensor",
+        ),
+        pytest.param(
+            lambda t: t.__setitem__("model.layers.0.extra.weight", np.zeros(3, np.float32)),
+            "unexpected tensor model.layers.0.extra.weight",
+            id="unexpected_tensor",
+        ),
+        pytest.param(
+            lambda t: t.__setitem__("model.layers.0.self_attn.k_proj.weight", np.zeros((23, 48), np.float32)),
+            r"model.layers.0.self_attn.k_proj.weight has shape \(23, 48\), the config implies \(24, 48\)",
+            id="misshaped_tensor",
+        ),
+        pytest.param(
+            lambda t: t.__setitem__("model.norm.weight", np.ones(48, np.int32)),
+            "model.norm.weight has dtype I32",
+            id="integer_tensor_is_rejected",
+        ),
+    ],
+)
+def test_bad_tensor(copy_of, edit, match):
     p = copy_of()
-    edit_tensors(p, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(CheckpointError, match="missing tensor model.layers.1.mlp.up_proj.weight"):
-        cepe.load(p)
-
-
-def test_unexpected_tensor(copy_of):
-    p = copy_of()
-    edit_tensors(p, lambda t: t.__setitem__("model.layers.0.extra.weight", np.zeros(3, np.float32)))
-    with pytest.raises(CheckpointError, match="unexpected tensor model.layers.0.extra.weight"):
-        cepe.load(p)
-
-
-def test_misshaped_tensor(copy_of):
-    p = copy_of()
-    edit_tensors(p, lambda t: t.__setitem__("model.layers.0.self_attn.k_proj.weight", np.zeros((23, 48), np.float32)))
-    with pytest.raises(
-        CheckpointError,
-        match=r"model.layers.0.self_attn.k_proj.weight has shape \(23, 48\), "
-        r"the config implies \(24, 48\)",
-    ):
-        cepe.load(p)
-
-
-def test_integer_tensor_is_rejected(copy_of):
-    p = copy_of()
-    edit_tensors(p, lambda t: t.__setitem__("model.norm.weight", np.ones(48, np.int32)))
-    with pytest.raises(CheckpointError, match="model.norm.weight has dtype I32"):
+    edit_tensors(p, edit)
+    with pytest.raises(CheckpointError, match=match):
         cepe.load(p)
 
 

@@ -13,26 +13,9 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import TEXT, write_tokenizer
+from conftest import TEXT, overcommit_always
 
 import cepe
-from cepe.testing.reference import make_reference
-
-
-@pytest.fixture(scope="module")
-def text_dir(tiny, tmp_path_factory):
-    p = tmp_path_factory.mktemp("cli_text")
-    shutil.copytree(tiny[0], p, dirs_exist_ok=True)
-    write_tokenizer(p, 97)
-    return str(p)
-
-
-@pytest.fixture(scope="module")
-def cepe_dir(tmp_path_factory):
-    p = tmp_path_factory.mktemp("cli_cepe")
-    make_reference(seed=7).save(str(p))
-    write_tokenizer(p, 101)
-    return str(p)
 
 
 def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -61,7 +44,7 @@ def test_info(text_dir):
     assert "Tokenizer" in out["model"]["tokenizer"]
 
 
-def test_info_reads_as_text(text_dir, cepe_dir):
+def test_info_reads_as_text(text_dir, cepe_text_dir):
     r = run("info", text_dir)
     assert r.returncode == 0, r.stderr
     c = cepe.load(text_dir).config
@@ -75,8 +58,8 @@ def test_info_reads_as_text(text_dir, cepe_dir):
     ) in lines
     assert any(ln.startswith("  CEPE        no (a plain decoder") for ln in lines)
     assert "{" not in r.stdout  # no dict reprs
-    cfg = cepe.load(cepe_dir).config
-    out = run("info", cepe_dir).stdout
+    cfg = cepe.load(cepe_text_dir).config
+    out = run("info", cepe_text_dir).stdout
     assert (
         f"  CEPE        encoder of {cfg.encoder.num_hidden_layers} layers (hidden {cfg.encoder_hidden_size}), "
         f"cross-attention in the last {cfg.num_cross_attn_layers} layers"
@@ -163,17 +146,17 @@ def test_perplexity(text_dir, tmp_path):
     )
 
 
-def test_cepe_commands(cepe_dir, tmp_path):
+def test_cepe_commands(cepe_text_dir, tmp_path):
     ctx = tmp_path / "ctx.txt"
     ctx.write_text(TEXT)
     states = tmp_path / "e.npy"
-    out = ok_json("encode", "--model", cepe_dir, "--file", str(ctx), "--out", str(states))
+    out = ok_json("encode", "--model", cepe_text_dir, "--file", str(ctx), "--out", str(states))
     assert out["chunk_len"] == 256 and np.load(states).shape == tuple(out["shape"])
     gen = ok_json(
-        "generate", "where there is", "--model", cepe_dir, "--context-file", str(ctx), "--max-new-tokens", "8"
+        "generate", "where there is", "--model", cepe_text_dir, "--context-file", str(ctx), "--max-new-tokens", "8"
     )
-    assert gen["text"] == cepe.load(cepe_dir).generate_text("where there is", context=TEXT, max_new_tokens=8)
-    ppl = ok_json("perplexity", "--model", cepe_dir, "--text", "the lazy dog jumps", "--context-file", str(ctx))
+    assert gen["text"] == cepe.load(cepe_text_dir).generate_text("where there is", context=TEXT, max_new_tokens=8)
+    ppl = ok_json("perplexity", "--model", cepe_text_dir, "--text", "the lazy dog jumps", "--context-file", str(ctx))
     assert ppl["perplexity"] > 1.0
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(
@@ -183,7 +166,7 @@ def test_cepe_commands(cepe_dir, tmp_path):
         "rag",
         "what does the early bird catch?",
         "--model",
-        cepe_dir,
+        cepe_text_dir,
         "--corpus",
         str(corpus),
         "--one-per-line",
@@ -258,14 +241,14 @@ def test_bad_input_exits_2_with_a_message(text_dir, args, message):
     assert r.stderr.startswith("cepe: error:") and message in r.stderr, r.stderr
 
 
-def test_rag_errors(cepe_dir, tmp_path):
+def test_rag_errors(cepe_text_dir, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    r = run("rag", "q?", "--model", cepe_dir, "--corpus", str(empty))
+    r = run("rag", "q?", "--model", cepe_text_dir, "--corpus", str(empty))
     assert r.returncode == 2 and "the corpus is empty" in r.stderr
     small = tmp_path / "small.txt"
     small.write_text("one passage\ntwo passages\n")
-    r = run("rag", "q?", "--model", cepe_dir, "--corpus", str(small), "--one-per-line", "--json")
+    r = run("rag", "q?", "--model", cepe_text_dir, "--corpus", str(small), "--one-per-line", "--json")
     assert r.returncode == 0, r.stderr
     assert "cepe: warning: 20 passages asked for, but the corpus has 2: using them all" in r.stderr
     out = json.loads(r.stdout)
@@ -280,12 +263,12 @@ def last_line_error(r: subprocess.CompletedProcess) -> str:
     return lines[-1]
 
 
-def test_invalid_utf8_names_the_file(text_dir, cepe_dir, tmp_path):
+def test_invalid_utf8_names_the_file(text_dir, cepe_text_dir, tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"the quick \xff\xfe brown fox")
     line = last_line_error(run("perplexity", "--model", text_dir, "--file", str(bad)))
     assert f"{bad}: --file file is not valid UTF-8" in line
-    line = last_line_error(run("rag", "q?", "--model", cepe_dir, "--corpus", str(bad)))
+    line = last_line_error(run("rag", "q?", "--model", cepe_text_dir, "--corpus", str(bad)))
     assert f"{bad}: --corpus file is not valid UTF-8" in line
     line = last_line_error(run("perplexity", "--model", text_dir, "--text", "a b", "--context-file", str(bad)))
     assert f"{bad}: --context-file file is not valid UTF-8" in line
@@ -336,15 +319,7 @@ def test_long_prompt_warns_at_once(text_dir):
     assert len(json.loads(r.stdout)["new_ids"]) == 2
 
 
-def _overcommit_always() -> bool:
-    try:
-        with open("/proc/sys/vm/overcommit_memory") as f:
-            return f.read().strip() == "1"
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(_overcommit_always(), reason="the kernel grants any allocation (vm.overcommit_memory = 1)")
+@pytest.mark.skipif(overcommit_always(), reason="the kernel grants any allocation (vm.overcommit_memory = 1)")
 def test_out_of_memory_is_one_line(text_dir):
     r = run("generate", "--model", text_dir, "--ids", "3 4", "--max-new-tokens", str(2**31 - 10))
     line = last_line_error(r)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import numpy as np
 import ops_ext as ops
 import pytest
+from op_refs import f32, left_padding, teacher_table
 
 import cepe
 import cepe_c
@@ -45,10 +46,6 @@ ELEM = dict(rtol=1e-5, atol=1e-6)
 GEMM = dict(rtol=1e-4, atol=0.0)
 LOSS = dict(rtol=1e-5, atol=1e-7)
 NORM_CHUNK = 16384  # CEPE_NORM_CHUNK (csrc/ops/optim.h)
-
-
-def f32(a) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype=np.float32)
 
 
 def close(got, want, what: str, rtol: float, atol: float = 0.0) -> None:
@@ -225,13 +222,6 @@ def test_swiglu(backend, rng, n):
 # ------------------------------------------------------------------ attention
 
 
-def left_padding(B: int, T: int, pads: list[int]) -> np.ndarray:
-    valid = np.ones((B, T), dtype=np.uint8)
-    for b, n in enumerate(pads):
-        valid[b, :n] = 0
-    return valid
-
-
 # name: B, Tq, Tk, H, KVH, hd, causal, q_offset, window, key padding per row (or None), layout
 #   layout: "plain", "fused" (QKV rows of one buffer), or an int: the KV-cache capacity (> Tk)
 ATTENTION_CASES = {
@@ -302,18 +292,6 @@ def test_cross_entropy(backend, rng, N, V):
     both(ops.cross_entropy, logits, targets, 0.7, grad=False, backend=backend, tol=LOSS, what="losses only")
     with pytest.raises(ValueError, match="targets"):
         ops.cross_entropy(logits, np.full(N, V, np.int32), backend=backend)
-
-
-def teacher_table(rng, N: int, V: int, K: int, sharp: float) -> tuple[np.ndarray, np.ndarray]:
-    """data/calculate_logits.py's table: top-K probabilities and the remainder
-    as fp16 (N, K+1), the top-K ids as int32 (N, K)."""
-    t = rng.standard_normal((N, V)) * sharp
-    p = np.exp(t - t.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    index = np.argsort(-p, axis=-1)[:, :K].astype(np.int32)
-    top = np.take_along_axis(p, index, -1)
-    probs = np.concatenate([top, 1.0 - top.sum(-1, keepdims=True)], -1).astype(np.float16)
-    return probs, index
 
 
 @pytest.mark.parametrize("mode,delta", [(0, 1e-6), (0, 0.01), (0, 0.0), (1, 0.0)])

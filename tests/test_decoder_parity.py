@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import hf_logits, random_ids
+from conftest import hf_greedy, hf_logits, random_ids
 
 import cepe
 
@@ -159,15 +159,7 @@ def test_greedy_generation_matches_transformers(name, model_factory):
     model = cepe.load(path)
     prompt = random_ids(np.random.default_rng(4), (1, 6), model.config.vocab_size)
     ours = model.generate(prompt, 32, eos_token_id=[])
-    with torch.no_grad():
-        ref = hf.generate(
-            torch.as_tensor(prompt),
-            max_new_tokens=32,
-            min_new_tokens=32,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )[:, 6:].numpy()
+    ref = hf_greedy(hf, prompt, 32)
     assert ours.shape == (1, 32)
     np.testing.assert_array_equal(ours, ref)
     if name != "mqa_tied":  # tied random models tend to repeat one token, as transformers does too

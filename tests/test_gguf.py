@@ -226,10 +226,10 @@ def write_gguf(
     return path
 
 
-@pytest.fixture(scope="module")
-def hf_model(bpe_vocab):
-    return build_hf_model(
-        vocab_size=len(bpe_vocab["tokens"]),
+def gguf_hf_model(vocab: dict, **overrides):
+    """A tiny HF llama of this file's shape over vocab's tokens (what the GGUF tests write)."""
+    shape = dict(
+        vocab_size=len(vocab["tokens"]),
         hidden_size=HIDDEN,
         intermediate_size=FFN,
         num_hidden_layers=LAYERS,
@@ -238,6 +238,12 @@ def hf_model(bpe_vocab):
         max_position_embeddings=256,
         rms_norm_eps=1e-5,
     )
+    return build_hf_model(**{**shape, **overrides})
+
+
+@pytest.fixture(scope="module")
+def hf_model(bpe_vocab):
+    return gguf_hf_model(bpe_vocab)
 
 
 @pytest.fixture(scope="module")
@@ -302,16 +308,7 @@ def test_logits_match_transformers(qtype, gguf_dir, hf_model, bpe_vocab, f32_fil
 
 
 def test_tied_embeddings(gguf_dir, bpe_vocab):
-    hf = build_hf_model(
-        vocab_size=len(bpe_vocab["tokens"]),
-        hidden_size=HIDDEN,
-        intermediate_size=FFN,
-        num_hidden_layers=1,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        tie_word_embeddings=True,
-        seed=3,
-    )
+    hf = gguf_hf_model(bpe_vocab, num_hidden_layers=1, tie_word_embeddings=True, seed=3)
     path = write_gguf(str(gguf_dir / "tied.gguf"), hf, bpe_vocab, Q.Q8_0)
     assert "output.weight" not in GGUFFile(path).tensors
     model = cepe.load(path, n_threads=1, dtype="float32")
@@ -329,18 +326,7 @@ def test_llama3_rope_freqs(gguf_dir, bpe_vocab):
         "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64,
     }
-    hf = build_hf_model(
-        vocab_size=len(bpe_vocab["tokens"]),
-        hidden_size=HIDDEN,
-        intermediate_size=FFN,
-        num_hidden_layers=1,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        rope_scaling=scaling,
-        rope_theta=500000.0,
-        max_position_embeddings=256,
-        seed=4,
-    )
+    hf = gguf_hf_model(bpe_vocab, num_hidden_layers=1, rope_scaling=scaling, rope_theta=500000.0, seed=4)
     # convert_hf_to_gguf.py (LlamaModel.generate_extra_tensors): per-pair frequency divisors
     dim = HIDDEN // HEADS
     freqs = 1.0 / (500000.0 ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
@@ -451,15 +437,7 @@ def test_byte_level_bpe_tokenizer_matches_transformers(f32_file):
 
 
 def test_sentencepiece_tokenizer_matches_transformers(gguf_dir, spm_vocab):
-    hf = build_hf_model(
-        vocab_size=len(spm_vocab["tokens"]),
-        hidden_size=HIDDEN,
-        intermediate_size=FFN,
-        num_hidden_layers=1,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        seed=5,
-    )
+    hf = gguf_hf_model(spm_vocab, num_hidden_layers=1, seed=5)
     path = write_gguf(str(gguf_dir / "spm.gguf"), hf, spm_vocab, Q.F16)
     tok = Tokenizer.from_gguf(path)
     theirs = hf_tokenizer(path)

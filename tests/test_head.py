@@ -15,18 +15,11 @@ from transformers import LlamaConfig
 
 import cepe
 import cepe_c
-from cepe.testing.reference import CepeReference
+from cepe.build import param_shapes
+from cepe.testing import TINY_LLAMA
+from cepe.testing.reference import CepeReference, make_reference
 
-DEC = dict(
-    vocab_size=101,
-    hidden_size=48,
-    intermediate_size=96,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    rms_norm_eps=1e-5,
-)
+DEC = {**TINY_LLAMA, "max_position_embeddings": 512}
 TOL = 2e-4
 
 
@@ -64,6 +57,20 @@ def oracle(hf, n_enc: int, n_cross: int, init: str) -> CepeReference:
 
 def context(rng, n_ctx=3, L=8):
     return rng.integers(3, DEC["vocab_size"], size=(1, n_ctx, L))
+
+
+@pytest.mark.parametrize("n_cross", [1, 3])
+def test_param_shapes_are_the_checkpoints(decoder, n_cross, tmp_path):
+    """cepe.build.param_shapes (the C core's parameter table) names and shapes every tensor
+    of the oracles' checkpoints: transformers' decoder, and the CEPE reference (encoder and
+    cross-attention too)."""
+    path, hf = decoder
+    want = {k: tuple(v.shape) for k, v in hf.state_dict().items() if "rotary_emb" not in k}
+    assert param_shapes(cepe.load(path).config) == want
+    ref = make_reference(seed=2, n_cross=n_cross)
+    ckpt = ref.save(str(tmp_path / "cepe"))
+    want = {k: tuple(v.shape) for k, v in ref.official_state_dict().items()}
+    assert param_shapes(cepe.load(ckpt).config) == want
 
 
 def test_copy_encoder_and_copy_init_match_the_oracle(decoder):

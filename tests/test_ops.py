@@ -14,36 +14,10 @@ import textwrap
 import numpy as np
 import ops_ext as ops
 import pytest
+from op_refs import TOL, close, f32, grads, leaf, left_padding, teacher_table
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
-
-# fp32 ops against float64 references: max |error| relative to max |reference|.
-TOL = 1e-4
-
-
-def f32(a) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype=np.float32)
-
-
-def leaf(a) -> torch.Tensor:
-    """A float64 leaf tensor holding exactly the float32 values the C op sees."""
-    return torch.tensor(np.asarray(a, dtype=np.float64), requires_grad=True)
-
-
-def close(got, want, what: str, tol: float = TOL, floor: float = 1e-6) -> None:
-    """floor: the magnitude below which a reference counts as zero (a gradient
-    that cancels exactly in float64 comes out as float32 rounding noise)."""
-    got = np.asarray(got, dtype=np.float64)
-    want = want.detach().numpy() if isinstance(want, torch.Tensor) else np.asarray(want, dtype=np.float64)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
-    scale = max(float(np.abs(want).max(initial=0.0)), floor)
-    err = float(np.abs(got - want).max(initial=0.0)) / scale
-    assert err <= tol, f"{what}: max error {err:.2e} relative to max |reference| {scale:.2e}"
-
-
-def grads(out: torch.Tensor, dout: np.ndarray, *inputs: torch.Tensor) -> list[torch.Tensor]:
-    return list(torch.autograd.grad(out, inputs, torch.tensor(np.asarray(dout, dtype=np.float64))))
 
 
 @pytest.fixture
@@ -199,13 +173,6 @@ def torch_attention(q, k, v, valid, causal, q_offset, window, scale):
     lse = torch.logsumexp(s, -1)  # -inf where nothing is visible
     p = torch.softmax(s.masked_fill(~seen, 0.0), -1) * seen
     return torch.einsum("bhqk,bkhd->bqhd", p, vr), lse.permute(0, 2, 1)
-
-
-def left_padding(B: int, T: int, pads: list[int]) -> np.ndarray:
-    valid = np.ones((B, T), dtype=np.uint8)
-    for b, n in enumerate(pads):
-        valid[b, :n] = 0
-    return valid
 
 
 # name: B, Tq, Tk, H, KVH, hd, causal, q_offset, window, key padding per row (or None)
@@ -382,18 +349,6 @@ def test_cross_entropy_with_ignore_index(rng, N, V):
         ops.cross_entropy(logits, np.full(N, V, np.int32))
     with pytest.raises(ValueError, match="targets"):
         ops.cross_entropy(logits, np.full(N, -1, np.int32))
-
-
-def teacher_table(rng, N: int, V: int, K: int, sharp: float) -> tuple[np.ndarray, np.ndarray]:
-    """What data/calculate_logits.py stores: the teacher's top-K probabilities
-    and the remaining mass as fp16 (N, K+1), the top-K ids as int32 (N, K)."""
-    t = rng.standard_normal((N, V)) * sharp
-    p = np.exp(t - t.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    index = np.argsort(-p, axis=-1)[:, :K].astype(np.int32)
-    top = np.take_along_axis(p, index, -1)
-    probs = np.concatenate([top, 1.0 - top.sum(-1, keepdims=True)], -1).astype(np.float16)
-    return probs, index
 
 
 def torch_kl(z: torch.Tensor, probs: np.ndarray, index: np.ndarray, mode: int, delta: float) -> torch.Tensor:

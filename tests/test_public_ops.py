@@ -10,35 +10,13 @@ import time
 
 import numpy as np
 import pytest
+from op_refs import close, f32, grads, leaf
 
 import cepe.ops as ops
 from cepe.rope import RopeSettings
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
-
-TOL = 1e-4
-
-
-def f32(a) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype=np.float32)
-
-
-def leaf(a) -> torch.Tensor:
-    return torch.tensor(np.asarray(a, dtype=np.float64), requires_grad=True)
-
-
-def close(got, want, what: str, tol: float = TOL) -> None:
-    got = np.asarray(got, dtype=np.float64)
-    want = want.detach().numpy() if isinstance(want, torch.Tensor) else np.asarray(want, dtype=np.float64)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
-    scale = max(float(np.abs(want).max(initial=0.0)), 1e-6)
-    err = float(np.abs(got - want).max(initial=0.0)) / scale
-    assert err <= tol, f"{what}: max error {err:.2e} relative to {scale:.2e}"
-
-
-def grads(out: torch.Tensor, dout: np.ndarray, *inputs: torch.Tensor) -> list[torch.Tensor]:
-    return list(torch.autograd.grad(out, inputs, torch.tensor(np.asarray(dout, dtype=np.float64))))
 
 
 def strided(a: np.ndarray, rng) -> np.ndarray:

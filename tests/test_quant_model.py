@@ -44,6 +44,8 @@ gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 
 from test_gguf import make_bpe_vocab, write_gguf  # noqa: E402
+from test_quant import LIB as QUANT_LIB  # noqa: E402
+from test_quant import QTensor as CQTensor  # noqa: E402  (the C struct; cepe.qtensor.QTensor is the Python one)
 
 import cepe  # noqa: E402
 from cepe.pull import resolve  # noqa: E402
@@ -177,29 +179,10 @@ def test_bf16_product_against_torch_bf16_matmul():
     q = convert(w, "BF16")
     assert isinstance(q, QTensor)
 
-    class QT(ctypes.Structure):
-        _fields_ = [
-            ("type", ctypes.c_int),
-            ("n_out", ctypes.c_int),
-            ("n_in", ctypes.c_int),
-            ("data", ctypes.c_void_p),
-            ("row_stride", ctypes.c_size_t),
-        ]
-
     rows = np.ascontiguousarray(q.rows)
-    qt = QT(30, 64, 256, rows.ctypes.data, rows.shape[1])
+    qt = CQTensor(30, 64, 256, rows.ctypes.data, rows.shape[1])
     out = np.zeros((5, 64), np.float32)
-    LIB.cepe_qmatmul.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.POINTER(QT),
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_void_p,
-        ctypes.c_size_t,
-        ctypes.c_int,
-    ]
-    assert LIB.cepe_qmatmul(out.ctypes.data, x.ctypes.data, ctypes.byref(qt), 5, 0, None, 0, 1) == 0
+    assert QUANT_LIB.cepe_qmatmul(out.ctypes.data, x.ctypes.data, ctypes.byref(qt), 5, 0, None, 0, 1) == 0
     tw = torch.from_numpy(q.dequantize()).to(torch.bfloat16)
     tx = torch.from_numpy(x).to(torch.bfloat16)
     want = (tx @ tw.T).float().numpy()

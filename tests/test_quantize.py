@@ -13,7 +13,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import TEXT, build_hf_model, hf_logits
+from conftest import TEXT, hf_logits
 
 from cepe.testing.reference import make_reference
 
@@ -23,10 +23,9 @@ st_numpy = pytest.importorskip("safetensors.numpy")
 
 from test_gguf import (  # noqa: E402
     FFN,
-    HEADS,
     HIDDEN,
-    KV_HEADS,
     TEXTS,
+    gguf_hf_model,
     make_bpe_vocab,
     make_spm_vocab,
     to_gguf_qk,
@@ -71,16 +70,7 @@ def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("qz_src")
     out = {}
     for vocab_kind, vocab in (("bpe", make_bpe_vocab()), ("spm", make_spm_vocab())):
-        hf = build_hf_model(
-            vocab_size=len(vocab["tokens"]),
-            hidden_size=HIDDEN,
-            intermediate_size=FFN,
-            num_hidden_layers=2,
-            num_attention_heads=HEADS,
-            num_key_value_heads=KV_HEADS,
-            max_position_embeddings=256,
-            rms_norm_eps=1e-5,
-        )
+        hf = gguf_hf_model(vocab)
         g = write_gguf(str(root / f"src-{vocab_kind}.gguf"), hf, vocab)
         out[f"gguf-{vocab_kind}"] = g
         # the same model as an HF directory, with the tokenizer files cepe writes for it

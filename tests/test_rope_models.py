@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import build_hf_model, hf_logits, random_ids
+from conftest import build_hf_model, hf_greedy, hf_logits, random_ids
 
 import cepe
 import cepe_c
@@ -93,17 +93,7 @@ def test_generation_across_the_window(name, model_factory):
     path, hf = model_factory(f"rope_{name}", **VARIANTS[name])
     model = cepe.load(path)
     prompt = random_ids(np.random.default_rng(1), (1, 26))
-    ours = model.generate(prompt, 16, eos_token_id=[])
-    with torch.no_grad():
-        ref = hf.generate(
-            torch.as_tensor(prompt),
-            max_new_tokens=16,
-            min_new_tokens=16,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )[:, 26:].numpy()
-    np.testing.assert_array_equal(ours, ref)
+    np.testing.assert_array_equal(model.generate(prompt, 16, eos_token_id=[]), hf_greedy(hf, prompt, 16))
 
 
 def test_dynamic_state_is_per_request(model_factory):
@@ -172,30 +162,26 @@ def test_interleaved_layout_equals_rotate_half(tiny):
     cfg = model.config
     kwargs = cfg.core_kwargs()
     kwargs["rope"] = {**kwargs["rope"], "layout": "interleaved"}
-    core = cepe_c.Model(kwargs, None, n_threads=1)
     ckpt = Checkpoint(path)
-    for name in ckpt.names():
-        w = np.asarray(ckpt.get(name))
-        if name.endswith("q_proj.weight"):
-            w = to_interleaved(w, cfg.num_attention_heads, cfg.head_dim)
-        elif name.endswith("k_proj.weight"):
-            w = to_interleaved(w, cfg.num_key_value_heads, cfg.head_dim)
-        core.bind(name, np.ascontiguousarray(w))
-    core.finalize()
-    meta = Model(core, cfg, n_threads=1, path=path, device="cpu")
+
+    def meta_ordered(core_kwargs: dict) -> Model:
+        """A Model over the checkpoint's weights with q/k rows in Meta's (interleaved) order."""
+        core = cepe_c.Model(core_kwargs, None, n_threads=1)
+        for name in ckpt.names():
+            w = np.asarray(ckpt.get(name))
+            if name.endswith("q_proj.weight"):
+                w = to_interleaved(w, cfg.num_attention_heads, cfg.head_dim)
+            elif name.endswith("k_proj.weight"):
+                w = to_interleaved(w, cfg.num_key_value_heads, cfg.head_dim)
+            core.bind(name, np.ascontiguousarray(w))
+        core.finalize()
+        return Model(core, cfg, n_threads=1, path=path, device="cpu")
+
+    meta = meta_ordered(kwargs)
     ids = random_ids(np.random.default_rng(5), (2, 30))
     np.testing.assert_allclose(meta.forward(ids), model.forward(ids), atol=1e-5, rtol=0)
     # and reading Meta-ordered weights as rotate-half is wrong (the failure this flag prevents)
-    core2 = cepe_c.Model(cfg.core_kwargs(), None, n_threads=1)
-    for name in ckpt.names():
-        w = np.asarray(ckpt.get(name))
-        if name.endswith("q_proj.weight"):
-            w = to_interleaved(w, cfg.num_attention_heads, cfg.head_dim)
-        elif name.endswith("k_proj.weight"):
-            w = to_interleaved(w, cfg.num_key_value_heads, cfg.head_dim)
-        core2.bind(name, np.ascontiguousarray(w))
-    core2.finalize()
-    wrong = Model(core2, cfg, n_threads=1, path=path, device="cpu").forward(ids)
+    wrong = meta_ordered(cfg.core_kwargs()).forward(ids)
     assert np.abs(wrong - model.forward(ids)).max() > 1e-2
 
 

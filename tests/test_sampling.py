@@ -12,10 +12,9 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from conftest import write_tokenizer
 
 import cepe
-from cepe.sampling import TEXT_DEFAULTS, Sampler
+from cepe.sampling import TEXT_DEFAULTS, GenerateOptions, Sampler
 from cepe.text import Detokenizer
 
 V = 64
@@ -336,16 +335,6 @@ def test_the_core_checks_too():
 # ---------------------------------------------------- generate on token ids
 
 
-@pytest.fixture(scope="module")
-def text_model(tiny, tmp_path_factory):
-    import shutil
-
-    p = tmp_path_factory.mktemp("sampling_text")
-    shutil.copytree(tiny[0], p, dirs_exist_ok=True)
-    write_tokenizer(p, 97)
-    return cepe.load(str(p))
-
-
 PROMPT = np.array([1, 5, 9, 13, 17])
 SAMPLED = dict(temperature=1.0, top_k=20, top_p=0.95, min_p=0.02, repeat_penalty=1.1, seed=5)
 
@@ -472,6 +461,15 @@ def test_generate_bad_settings(text_model, kwargs, exc, match):
     ):
         with pytest.raises(exc, match=match):
             call()
+
+
+def test_generate_stream_takes_generate_s_keywords(text_model):
+    """generate_stream's typed keywords are generate's, and a misspelt one is refused by name."""
+    params = inspect.signature(cepe.Model.generate).parameters
+    keyword_only = {k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert set(GenerateOptions.__annotations__) == keyword_only
+    with pytest.raises(TypeError, match=r"generate_stream\(\) got an unexpected keyword argument 'temprature'"):
+        list(text_model.generate_stream(PROMPT, temprature=0.5))
 
 
 def test_text_defaults_are_llama_cpp_s(text_model):

@@ -25,11 +25,8 @@ st_torch = pytest.importorskip("safetensors.torch")
 
 from test_gguf import (  # noqa: E402
     CHAT_TEMPLATE,
-    FFN,
-    HEADS,
-    HIDDEN,
-    KV_HEADS,
     TEXTS,
+    gguf_hf_model,
     make_bpe_vocab,
     make_spm_vocab,
     write_gguf,
@@ -119,16 +116,7 @@ def gguf_file(tmp_path_factory):
         if (qtype, vocab) not in files:
             if vocab not in vocabs:
                 vocabs[vocab] = make_bpe_vocab() if vocab == "bpe" else make_spm_vocab()
-                models[vocab] = build_hf_model(
-                    vocab_size=len(vocabs[vocab]["tokens"]),
-                    hidden_size=HIDDEN,
-                    intermediate_size=FFN,
-                    num_hidden_layers=2,
-                    num_attention_heads=HEADS,
-                    num_key_value_heads=KV_HEADS,
-                    max_position_embeddings=256,
-                    rms_norm_eps=1e-5,
-                )
+                models[vocab] = gguf_hf_model(vocabs[vocab])
             path = str(root / f"tiny-{vocab}-{qtype}.gguf")
             files[qtype, vocab] = write_gguf(path, models[vocab], vocabs[vocab], Q[qtype])
         return files[qtype, vocab]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,11 +21,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import TEXT, write_chat_tokenizer
+from conftest import TEXT
 
 import cepe
 from cepe.completions import Limits, context_from, embed
-from cepe.testing.reference import make_reference
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -72,14 +70,6 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def chat_dir(tiny, tmp_path_factory):
-    p = tmp_path_factory.mktemp("serve_tiny")
-    shutil.copytree(tiny[0], p, dirs_exist_ok=True)
-    write_chat_tokenizer(p, 97)
-    return str(p)
-
-
-@pytest.fixture(scope="module")
 def model(chat_dir):
     return cepe.load(chat_dir, n_threads=1)
 
@@ -98,11 +88,8 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def cepe_model(tmp_path_factory):
-    p = tmp_path_factory.mktemp("serve_cepe")
-    make_reference(seed=5).save(str(p))
-    write_chat_tokenizer(p, 101)
-    m = cepe.load(str(p), n_threads=1)
+def cepe_model(cepe_chat_dir):
+    m = cepe.load(cepe_chat_dir, n_threads=1)
     m.chunk_len = 8
     return m
 

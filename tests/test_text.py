@@ -3,32 +3,18 @@ and CEPE contexts given as text, against the token-id API they wrap."""
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
-from conftest import TEXT, write_tokenizer
+from conftest import TEXT
 
 import cepe
 from cepe.chunking import chunk_long_context, chunk_passages
 from cepe.sampling import TEXT_DEFAULTS
-from cepe.testing.reference import make_reference
 
 
 @pytest.fixture(scope="module")
-def text_model(tiny, tmp_path_factory):
-    p = tmp_path_factory.mktemp("tiny_text")
-    shutil.copytree(tiny[0], p, dirs_exist_ok=True)
-    write_tokenizer(p, 97)
-    return cepe.load(str(p))
-
-
-@pytest.fixture(scope="module")
-def cepe_text_model(tmp_path_factory):
-    p = tmp_path_factory.mktemp("cepe_text")
-    make_reference(seed=5).save(str(p))
-    write_tokenizer(p, 101)
-    m = cepe.load(str(p))
+def cepe_text_model(cepe_text_dir):
+    m = cepe.load(cepe_text_dir)
     m.chunk_len = 8
     return m
 

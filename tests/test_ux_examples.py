@@ -14,12 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TEXT, write_chat_tokenizer, write_tokenizer
+from conftest import TEXT, write_chat_tokenizer
 
 import cepe
 from cepe import rag
 from cepe.retrieval import split_passages
-from cepe.testing.reference import make_reference
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ENV = {**os.environ, "CEPE_CACHE": "/nonexistent-cepe-cache", "OMP_NUM_THREADS": "1"}
@@ -31,22 +30,6 @@ def run_example(name: str, *args: str) -> list[str]:
     )
     assert r.returncode == 0, r.stderr
     return r.stdout.rstrip("\n").split("\n")
-
-
-@pytest.fixture(scope="module")
-def cepe_text_dir(tmp_path_factory):
-    p = tmp_path_factory.mktemp("ex_cepe")
-    make_reference(seed=5).save(str(p))
-    write_tokenizer(p, 101)
-    return str(p)
-
-
-@pytest.fixture(scope="module")
-def text_dir(tiny, tmp_path_factory):
-    p = tmp_path_factory.mktemp("ex_text")
-    shutil.copytree(tiny[0], p, dirs_exist_ok=True)
-    write_tokenizer(p, 97)
-    return str(p)
 
 
 def test_long_document_qa(cepe_text_dir, tmp_path):

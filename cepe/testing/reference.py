@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from . import TINY_LLAMA
+from . import TINY_CEPE, TINY_LLAMA
 
 try:
     import torch
@@ -184,18 +184,7 @@ class CepeReference(torch.nn.Module):
 def make_reference(seed: int = 0, n_cross: int | None = None, **dec_over: Any) -> CepeReference:
     dec = dict(TINY_LLAMA)
     dec.update(dec_over)
-    enc = dict(
-        vocab_size=103,
-        hidden_size=40,
-        intermediate_size=72,
-        num_hidden_layers=2,
-        num_attention_heads=5,
-        num_key_value_heads=5,
-        rms_norm_eps=1e-6,
-        rope_theta=5000.0,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    )
+    enc = {**TINY_CEPE["encoder"], "vocab_size": 103}  # tiny_cepe's encoder, with a vocabulary of its own size
     torch.manual_seed(seed)
     dcfg, ecfg = LlamaConfig(**dec), LlamaConfig(**enc)
     k = dcfg.num_hidden_layers if n_cross is None else n_cross

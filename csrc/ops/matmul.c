@@ -27,6 +27,13 @@ static void matmul_slice(float *out, const float *inp, const float *weight, int 
                    weight + (long)o0 * C, C, beta, out + o0, OC);
 }
 
+/* [*lo, *hi) of n items for thread t of nt, in multiples of MATMUL_ALIGN. */
+static void slice(int n, int t, int nt, int *lo, int *hi) {
+    const int per = ((n + nt - 1) / nt + MATMUL_ALIGN - 1) / MATMUL_ALIGN * MATMUL_ALIGN;
+    *lo = t * per < n ? t * per : n;
+    *hi = *lo + per < n ? *lo + per : n;
+}
+
 int matmul_forward(float *out, const float *inp, const float *weight, int N, int C, int OC, int accumulate,
                    int n_threads) {
     const float beta = accumulate ? 1.0f : 0.0f;
@@ -55,8 +62,8 @@ int matmul_forward(float *out, const float *inp, const float *weight, int N, int
 #else
         const int t = 0, n = 1;
 #endif
-        const int per = ((OC + n - 1) / n + MATMUL_ALIGN - 1) / MATMUL_ALIGN * MATMUL_ALIGN;
-        const int o0 = t * per, o1 = o0 + per < OC ? o0 + per : OC;
+        int o0, o1;
+        slice(OC, t, n, &o0, &o1);
         matmul_slice(out, inp, weight, N, C, OC, o0, o1, beta);
     }
     return 0;
@@ -71,13 +78,6 @@ int matmul_forward(float *out, const float *inp, const float *weight, int N, int
  * OpenMP team splits the output columns of dinp and the rows of dweight, so
  * no slice is written by two threads and no BLAS pool spins beside ours;
  * oneMKL threads each product itself on our pool. */
-
-/* [*lo, *hi) of n items for thread t of nt, in multiples of MATMUL_ALIGN. */
-static void slice(int n, int t, int nt, int *lo, int *hi) {
-    const int per = ((n + nt - 1) / nt + MATMUL_ALIGN - 1) / MATMUL_ALIGN * MATMUL_ALIGN;
-    *lo = t * per < n ? t * per : n;
-    *hi = *lo + per < n ? *lo + per : n;
-}
 
 static void backward_slice(float *dinp, float *dweight, const float *dout, const float *inp,
                            const float *weight, int N, int C, int OC, float beta, int t, int nt) {

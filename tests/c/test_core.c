@@ -11,15 +11,7 @@
 #include "cepe.h"
 #include "model/model.h" /* cepe_ctx_forward_continue: an interrupt already pending */
 
-static int passed = 0;
-#define CHECK(cond)                                                                                          \
-    do {                                                                                                     \
-        if (!(cond)) {                                                                                       \
-            fprintf(stderr, "%s:%d: CHECK failed: %s (%s)\n", __FILE__, __LINE__, #cond, cepe_last_error()); \
-            exit(1);                                                                                         \
-        }                                                                                                    \
-        passed++;                                                                                            \
-    } while (0)
+#include "check.h"
 
 /* ---------------------------------------------------------------- weights */
 

@@ -13,15 +13,7 @@
 #include "quant/quant.h"
 #include "quant/quant_impl.h"
 
-static int passed = 0;
-#define CHECK(cond)                                                                                          \
-    do {                                                                                                     \
-        if (!(cond)) {                                                                                       \
-            fprintf(stderr, "%s:%d: CHECK failed: %s (%s)\n", __FILE__, __LINE__, #cond, cepe_last_error()); \
-            exit(1);                                                                                         \
-        }                                                                                                    \
-        passed++;                                                                                            \
-    } while (0)
+#include "check.h"
 
 static uint64_t rng_state = 7;
 static uint32_t next_u32(void) {
