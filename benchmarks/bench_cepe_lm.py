@@ -162,8 +162,9 @@ def loglog_fit(ns: list[int], ts: list[float]) -> float | None:
 
 
 def reusable_calls(path: str, summary: dict, docs: list[np.ndarray], args: argparse.Namespace) -> dict:
-    """The decoder-only calls of a previous run, keyed as Calls.cache, if that run used the same
-    decoder on the same documents with the same window and threads; else exits naming the mismatch."""
+    """The decoder-only calls of a previous run, keyed as cepe.eval.LMCalls.cache (the engine's
+    calls), if that run used the same decoder on the same documents with the same window and
+    threads; else exits naming the mismatch."""
     with open(path) as f:
         old = json.load(f)
     want = {
@@ -181,7 +182,7 @@ def reusable_calls(path: str, summary: dict, docs: list[np.ndarray], args: argpa
     diff = [k for k in want if want[k] != got[k]]
     if diff:
         sys.exit(f"--reuse {path}: not the same decoder-only calls ({', '.join(diff)} differ)")
-    cache: dict[tuple[int, int, int], tuple[float, float]] = {}
+    cache: dict[tuple[int, int, int, str], tuple[float, float]] = {}
     for method in ("truncation", "full", "cepe"):
         for row in old.get("results", {}).get(method, []):
             if row.get("ppl") is None:
@@ -189,7 +190,7 @@ def reusable_calls(path: str, summary: dict, docs: list[np.ndarray], args: argpa
             dec_len, n_ctx = call_shape(method, row["N"], args.window)
             if n_ctx == 0:
                 for d in range(len(docs)):
-                    cache[(d, dec_len, 0)] = (row["nll_per_doc"][d], row["s_per_doc"][d])
+                    cache[(d, dec_len, 0, "engine")] = (row["nll_per_doc"][d], row["s_per_doc"][d])
     return cache
 
 
@@ -232,7 +233,7 @@ def evaluate(
                 )
                 log(f"{method:10s} N={fmt_n(n):>5s}: not run (W+N = {dec_len} > {max_pos})")
                 continue
-            was_reused = all((d, dec_len, n_ctx) in (reused or {}) for d in range(D))
+            was_reused = all((d, dec_len, n_ctx, "engine") in (reused or {}) for d in range(D))
             busy0, own0, w0 = machine_busy_s(), own_cpu_s(), time.perf_counter()
             res = [calls.run(d, dec_len, n_ctx) for d in range(D)]
             busy1, own1, wall = machine_busy_s(), own_cpu_s(), time.perf_counter() - w0
