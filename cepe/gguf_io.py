@@ -31,12 +31,17 @@ conventions differ from HF safetensors:
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
 import math
 import mmap
 import os
 import re
 import struct
+import sys
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -227,13 +232,31 @@ def _too_big(ne: list[int], size: int, block: int, tsize: int) -> bool:
     return math.prod(ne) // block * tsize > size
 
 
+@functools.cache
+def _gguf_constants() -> ModuleType:
+    """The gguf package's constants module (the format's type ids and block sizes). Unless the
+    package is imported already, its constants.py runs alone (it imports only enum and typing):
+    `import gguf` also loads its reader, writer, vocabulary and metadata modules, with yaml and
+    sentencepiece, ~6 MB resident that reading a tensor table does not need."""
+    if "gguf" in sys.modules:
+        return sys.modules["gguf"].constants
+    spec = importlib.util.find_spec("gguf")
+    if spec is None or not spec.submodule_search_locations:  # pragma: no cover - gguf is a dependency
+        raise ImportError("reading GGUF files needs the 'gguf' package: pip install gguf")
+    path = os.path.join(next(iter(spec.submodule_search_locations)), "constants.py")
+    const_spec = importlib.util.spec_from_file_location("cepe._gguf_constants", path)
+    if const_spec is None or const_spec.loader is None:  # pragma: no cover - an unusual install
+        return importlib.import_module("gguf.constants")
+    module = importlib.util.module_from_spec(const_spec)
+    const_spec.loader.exec_module(module)
+    return module
+
+
 def _type_table() -> dict[int, tuple[str, int, int]]:
     """GGML type id -> (name, block size, bytes per block), from the gguf package."""
-    try:
-        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-    except ImportError as exc:  # pragma: no cover - gguf is a dependency
-        raise ImportError("reading GGUF files needs the 'gguf' package: pip install gguf") from exc
-    return {int(t): (t.name, *GGML_QUANT_SIZES[t]) for t in GGMLQuantizationType if t in GGML_QUANT_SIZES}
+    c = _gguf_constants()
+    sizes = c.GGML_QUANT_SIZES
+    return {int(t): (t.name, *sizes[t]) for t in c.GGMLQuantizationType if t in sizes}
 
 
 class GGUFFile:
