@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -209,14 +210,15 @@ def _load_gguf(path: str, opts: _Options) -> Model:
             check_gguf_model(gf.metadata)
         except NotImplementedError as exc:  # the weights are fine: run without text in/out
             warnings.warn(f"{path}: no tokenizer: {exc}", stacklevel=3)
-        else:  # built when first used, from a copy of the metadata (a few MB; the file may change)
-            model._defer_tokenizer(functools.partial(_gguf_tokenizer, gf.header(), path))
+        else:  # built when first used, from a copy of the metadata (the file may change meanwhile),
+            # compressed: 1.8 MB of a 49k-token vocabulary take 0.6 MB, for ~10 ms at each end
+            model._defer_tokenizer(functools.partial(_gguf_tokenizer, zlib.compress(gf.header(), 1), path))
     gf.close()  # the model holds copies: nothing of the file stays mapped
     return model
 
 
-def _gguf_tokenizer(header: bytes, path: str) -> Tokenizer:
-    return Tokenizer.from_gguf_metadata(read_header(header, path), path)
+def _gguf_tokenizer(packed: bytes, path: str) -> Tokenizer:
+    return Tokenizer.from_gguf_metadata(read_header(zlib.decompress(packed), path), path)
 
 
 def _load_head(head_dir: str, raw: dict[str, Any], opts: _Options) -> Model:
