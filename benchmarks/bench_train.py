@@ -4,6 +4,7 @@
     python benchmarks/bench_train.py --threads 2          # full run
     python benchmarks/bench_train.py --quick              # smoke run (4+2 layers, short sequences)
     python benchmarks/bench_train.py --device cuda        # both engines on the GPU
+    python benchmarks/bench_train.py --dtype bfloat16     # the frozen decoder in bf16 in both engines
 
 The model (random weights, official CEPE layout, fp32 safetensors): a SmolLM2-135M-shaped decoder
 (30 layers, d 576, 9 query / 3 KV heads, ff 1536, vocab 49152, tied embeddings), a 6-layer
@@ -25,6 +26,13 @@ load hits both. tokens/s = (decoder + encoder tokens of a step) / step time, bes
 steps (the median is also reported). Memory per child from /proc/self/status: peak RSS (VmHWM) and
 the peak above the weights = VmHWM - RSS after imports - 4 x parameters. Each child records
 other_load (CPUs the rest of the machine kept busy meanwhile, from /proc/stat).
+
+With --dtype bfloat16 the frozen decoder's matrices are held in bf16 in both engines, the trained
+part and the optimizer state stay float32: cepe.load(..., dtype="bfloat16") under the same Trainer
+(its frozen products widen bf16 weight tiles into fp32 GEMMs, activations stay fp32); torch with the
+frozen decoder parameters cast to torch.bfloat16 and the forward under torch.autocast(bfloat16), as
+a torch user writes mixed precision (its matmuls, the trained ones' too, run in bf16 with fp32
+masters). The op breakdown (fp32 ops) is skipped.
 
 With --device cuda both engines train on the GPU (cepe.load(..., device="cuda"); torch's model and
 batch moved there, TF32 off, CUDA synchronized before each clock read), the op breakdown is skipped,
@@ -186,9 +194,16 @@ def make_batch(vocab: int, s: dict) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------- child: memory helpers
 
 
-def memory_report(st_imports: dict, st_loaded: dict, n_params: int) -> dict:
+def weight_bytes(args: argparse.Namespace) -> int:
+    """Bytes the weights take as held: float32, or the frozen decoder in bf16 with --dtype bfloat16."""
+    counts = param_counts(*model_configs(args.quick))
+    if args.dtype == "float32":
+        return 4 * counts["total"]
+    return 2 * (counts["total"] - counts["trainable"]) + 4 * counts["trainable"]
+
+
+def memory_report(st_imports: dict, st_loaded: dict, weights: int) -> dict:
     end = proc_status()
-    weights = 4 * n_params
     return {
         "rss_after_imports": st_imports["VmRSS"],
         "rss_after_load": st_loaded["VmRSS"],
@@ -216,7 +231,8 @@ def phase_cepe(args: argparse.Namespace) -> dict:
     st_imports = proc_status()
     dec, enc = model_configs(args.quick)
     batch = make_batch(dec["vocab_size"], sizes(args.quick))
-    model = cepe.load(args.model_dir, n_threads=args.threads, device=args.device)
+    dtype = None if args.dtype == "float32" else args.dtype  # None: the file's fp32 as stored
+    model = cepe.load(args.model_dir, n_threads=args.threads, device=args.device, dtype=dtype)
     trainer = cepe.Trainer(
         model,
         "cross_attn+encoder",
@@ -235,7 +251,7 @@ def phase_cepe(args: argparse.Namespace) -> dict:
         st.update(trainer._state.update())  # clip + AdamW
         t2 = time.perf_counter()
         steps.append({"loss": st["loss"], "grad_norm": st["grad_norm"], "fwd_bwd_s": t1 - t0, "update_s": t2 - t1})
-    memory = memory_report(st_imports, st_loaded, param_counts(dec, enc)["total"])
+    memory = memory_report(st_imports, st_loaded, weight_bytes(args))
     if on_gpu(args):
         memory["gpu_process_bytes"] = gpu_process_bytes()
     return {
@@ -386,6 +402,9 @@ def phase_torch(args: argparse.Namespace) -> dict:
         p.requires_grad_(".cross_attn." in name or name.startswith("encoder."))
         if p.requires_grad:
             trainable.append(p)
+        elif args.dtype == "bfloat16":  # the frozen decoder held in bf16; trained tensors stay fp32
+            p.data = p.data.to(torch.bfloat16)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     opt = torch.optim.AdamW(trainable, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     warmup = math.ceil(TOTAL_STEPS * WARMUP_RATIO)
 
@@ -400,7 +419,8 @@ def phase_torch(args: argparse.Namespace) -> dict:
     for _ in range(args.steps + 1):
         t0 = clock()
         opt.zero_grad(set_to_none=True)
-        loss = model(ids, chunks)
+        with autocast:
+            loss = model(ids, chunks)
         t1 = clock()
         loss.backward()
         t2 = clock()
@@ -418,7 +438,7 @@ def phase_torch(args: argparse.Namespace) -> dict:
                 "update_s": t3 - t2,
             }
         )
-    memory = memory_report(st_imports, st_loaded, param_counts(dec, enc)["total"])
+    memory = memory_report(st_imports, st_loaded, weight_bytes(args))
     if dev.type == "cuda":
         memory["gpu_process_bytes"] = gpu_process_bytes()
         memory["torch_max_memory_allocated"] = torch.cuda.max_memory_allocated(dev)
@@ -647,7 +667,7 @@ def run_child(engine: str, args: argparse.Namespace, model_dir: str, scratch: st
     out_path = os.path.join(scratch, f"{engine}.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--phase", engine, "--scratch", scratch]
     cmd += ["--model-dir", model_dir, "--threads", str(args.threads), "--steps", str(args.steps)]
-    cmd += ["--device", args.device] + (["--quick"] if args.quick else [])
+    cmd += ["--device", args.device, "--dtype", args.dtype] + (["--quick"] if args.quick else [])
     time.sleep(PAUSE_S)
     load_before = os.getloadavg()
     busy0, own0, t0 = machine_busy_s(), children_cpu_s(), time.perf_counter()
@@ -787,6 +807,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--device", default="cpu", help="device of both engines: cpu, cuda or cuda:N")
     p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="format of the frozen decoder's matrices in both engines (trained tensors: float32)",
+    )
+    p.add_argument(
         "--nproc",
         type=int,
         default=None,
@@ -899,7 +925,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"round {r + 1}/{args.repeats}: {engine}")
                 runs[engine].append(run_child(engine, args, model_dir, scratch))
         breakdown = None
-        if args.op_breakdown and not on_gpu(args):  # the op timings run the CPU ops
+        if args.op_breakdown and not on_gpu(args) and args.dtype == "float32":  # the CPU's fp32 ops
             breakdown = {}
             for engine in ("cepe", "torch"):
                 log(f"op breakdown: {engine}")
@@ -938,6 +964,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "threads": args.threads,
         "device": args.device,
+        "dtype": args.dtype,
         "repeats": args.repeats,
         "timed_steps_per_child": args.steps,
         "sizes": {**s, "tokens_per_step": tokens, "batch_rows": 1},
@@ -957,11 +984,17 @@ def main(argv: list[str] | None = None) -> int:
             "children of the engine",
             "isolation": f"each engine in fresh child processes, alternating each round, {PAUSE_S:g} s pauses",
             "cepe": "cepe.Trainer(model, 'cross_attn+encoder').step(batch), timed as _accumulate "
-            "(forward+backward) + the core's update (clip + AdamW)",
+            "(forward+backward) + the core's update (clip + AdamW)"
+            + ("; cepe.load(dtype='bfloat16'): frozen decoder matrices in bf16" if args.dtype == "bfloat16" else ""),
             "torch": "the spec's model in torch (SDPA attention, GQA), decoder requires_grad False; "
-            + runs["torch"][0]["optimizer"],
+            + runs["torch"][0]["optimizer"]
+            + (
+                "; frozen decoder parameters in torch.bfloat16, forward under torch.autocast(bfloat16)"
+                if args.dtype == "bfloat16"
+                else ""
+            ),
             "memory": "per child, /proc/self/status: peak_rss = VmHWM; peak_above_weights = VmHWM - VmRSS after "
-            "imports - 4 * all parameters (cepe memory-maps the fp32 weights; torch loads them into anonymous memory)",
+            "imports - the weights' bytes as held (4 per parameter; 2 per frozen one with --dtype bfloat16)",
         },
         "work": {"flops": work, "gflop_per_step": work["total"] / 1e9},
         "machine": {"cpu": cpu_model_name(), "cpus_usable": usable_cpus(), "loadavg_end": os.getloadavg()},
@@ -980,9 +1013,8 @@ def main(argv: list[str] | None = None) -> int:
         "env": {k: v for k, v in os.environ.items() if k.startswith(("OPENBLAS_", "OMP_", "MKL_", "GOMP_"))},
     }
     os.makedirs(args.out, exist_ok=True)
-    result["plot"] = write_plot(
-        result, os.path.join(args.out, "bench_train_quick.png" if args.quick else "bench_train.png")
-    )
+    stem = "bench_train" + ("_bf16" if args.dtype == "bfloat16" else "") + ("_quick" if args.quick else "")
+    result["plot"] = write_plot(result, os.path.join(args.out, f"{stem}.png"))
     print(json.dumps(result, indent=2))
     return 0
 

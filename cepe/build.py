@@ -15,7 +15,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 import cepe_c
 
@@ -23,6 +22,7 @@ from .config import DecoderConfig
 from .errors import CheckpointError
 from .head import SHARE_KEY, check_shares
 from .model import Model
+from .progress import bar
 from .qtensor import DTYPE_FORMATS, QTensor, Weight, as_float32, convert
 
 SIM_DEVICE = "cpu-device-sim"
@@ -104,8 +104,7 @@ def build_core(
         backend=make_backend(device),
         bf16=bf16,
     )
-    bar = tqdm(total=count, desc="loading", unit="tensor", disable=None if count else True, leave=False)
-    with bar:
+    with bar(total=count, desc="loading", unit="tensor", disable=None if count else True, leave=False) as shown:
         for name, w in tensors:
             try:
                 if fmt is not None:
@@ -116,7 +115,7 @@ def build_core(
             except ValueError as exc:  # wrong shape or unexpected name, from the core
                 label = f"{file_names[name]}: " if file_names and name in file_names else ""
                 raise CheckpointError(f"{where}: {label}{exc}") from None
-            bar.update(1)
+            shown.update(1)
     try:
         core.finalize()
     except KeyError as exc:

@@ -31,12 +31,17 @@ conventions differ from HF safetensors:
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
 import math
 import mmap
 import os
 import re
 import struct
+import sys
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -194,18 +199,64 @@ class _Cursor:
         raise CheckpointError(f"{self.path}: corrupt GGUF file: {what} has unknown value type {vtype}")
 
 
+def _read_metadata(cur: _Cursor) -> tuple[int, int, dict[str, Any]]:
+    """(version, tensor count, metadata) from the start of a file, checked as it is read."""
+    path = cur.path
+    if cur.buf[:4] != GGUF_MAGIC:
+        raise CheckpointError(f"{path}: not a GGUF file (magic {bytes(cur.buf[:4])!r}, expected b'GGUF')")
+    cur.pos = 4
+    version = cur.u32("version")
+    if version in (0x02000000, 0x03000000):
+        raise CheckpointError(f"{path}: big-endian GGUF files are not supported")
+    if version not in (2, 3):
+        raise CheckpointError(f"{path}: unsupported GGUF version {version} (supported: 2, 3)")
+    n_tensors = cur.u64("tensor count")
+    n_kv = cur.u64("metadata count")
+    if n_kv > cur.size // 12:  # each entry takes at least that many bytes
+        raise CheckpointError(f"{path}: corrupt GGUF header ({n_kv} metadata entries)")
+    metadata: dict[str, Any] = {}
+    for i in range(n_kv):
+        key = cur.string(f"metadata key #{i}")
+        vtype = cur.u32(f"metadata {key!r}")
+        metadata[key] = cur.value(vtype, f"metadata {key!r}")
+    return version, n_tensors, metadata
+
+
+def read_header(header: bytes, path: str) -> dict[str, Any]:
+    """The metadata of a GGUFFile.header() copy; path: the file it came from (errors name it)."""
+    return _read_metadata(_Cursor(header, path))[2]
+
+
 def _too_big(ne: list[int], size: int, block: int, tsize: int) -> bool:
     """True when dims ne of this type would need more bytes than the file has."""
     return math.prod(ne) // block * tsize > size
 
 
+@functools.cache
+def _gguf_constants() -> ModuleType:
+    """The gguf package's constants module (the format's type ids and block sizes). Unless the
+    package is imported already, its constants.py runs alone (it imports only enum and typing):
+    `import gguf` also loads its reader, writer, vocabulary and metadata modules, with yaml and
+    sentencepiece, ~6 MB resident that reading a tensor table does not need."""
+    if "gguf" in sys.modules:
+        return sys.modules["gguf"].constants
+    spec = importlib.util.find_spec("gguf")
+    if spec is None or not spec.submodule_search_locations:  # pragma: no cover - gguf is a dependency
+        raise ImportError("reading GGUF files needs the 'gguf' package: pip install gguf")
+    path = os.path.join(next(iter(spec.submodule_search_locations)), "constants.py")
+    const_spec = importlib.util.spec_from_file_location("cepe._gguf_constants", path)
+    if const_spec is None or const_spec.loader is None:  # pragma: no cover - an unusual install
+        return importlib.import_module("gguf.constants")
+    module = importlib.util.module_from_spec(const_spec)
+    const_spec.loader.exec_module(module)
+    return module
+
+
 def _type_table() -> dict[int, tuple[str, int, int]]:
     """GGML type id -> (name, block size, bytes per block), from the gguf package."""
-    try:
-        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-    except ImportError as exc:  # pragma: no cover - gguf is a dependency
-        raise ImportError("reading GGUF files needs the 'gguf' package: pip install gguf") from exc
-    return {int(t): (t.name, *GGML_QUANT_SIZES[t]) for t in GGMLQuantizationType if t in GGML_QUANT_SIZES}
+    c = _gguf_constants()
+    sizes = c.GGML_QUANT_SIZES
+    return {int(t): (t.name, *sizes[t]) for t in c.GGMLQuantizationType if t in sizes}
 
 
 class GGUFFile:
@@ -227,25 +278,12 @@ class GGUFFile:
             raise
 
     def _parse(self) -> None:
-        buf, path = self._map, self.path
-        if buf[:4] != GGUF_MAGIC:
-            raise CheckpointError(f"{path}: not a GGUF file (magic {bytes(buf[:4])!r}, expected b'GGUF')")
-        cur = _Cursor(buf, path)
-        cur.pos = 4
-        self.version = cur.u32("version")
-        if self.version in (0x02000000, 0x03000000):
-            raise CheckpointError(f"{path}: big-endian GGUF files are not supported")
-        if self.version not in (2, 3):
-            raise CheckpointError(f"{path}: unsupported GGUF version {self.version} (supported: 2, 3)")
-        n_tensors = cur.u64("tensor count")
-        n_kv = cur.u64("metadata count")
-        if n_tensors > cur.size // 24 or n_kv > cur.size // 12:  # each entry takes at least that many bytes
-            raise CheckpointError(f"{path}: corrupt GGUF header ({n_tensors} tensors, {n_kv} metadata entries)")
-        self.metadata: dict[str, Any] = {}
-        for i in range(n_kv):
-            key = cur.string(f"metadata key #{i}")
-            vtype = cur.u32(f"metadata {key!r}")
-            self.metadata[key] = cur.value(vtype, f"metadata {key!r}")
+        path = self.path
+        cur = _Cursor(self._map, path)
+        self.version, n_tensors, self.metadata = _read_metadata(cur)
+        if n_tensors > cur.size // 24:  # each entry takes at least that many bytes
+            raise CheckpointError(f"{path}: corrupt GGUF header ({n_tensors} tensors)")
+        self._metadata_end = cur.pos
         types = _type_table()
         infos = []
         for i in range(n_tensors):
@@ -280,6 +318,11 @@ class GGUFFile:
             if name in self.tensors:
                 raise CheckpointError(f"{path}: corrupt GGUF file: tensor {name} appears twice")
             self.tensors[name] = TensorInfo(name, tname, type_id, tuple(reversed(ne)), start, nbytes)
+
+    def header(self) -> bytes:
+        """A copy of the file's bytes up to the end of its metadata (no tensor table, no data):
+        read_header gives the metadata back from it once the file is closed or changed."""
+        return bytes(self._map[: self._metadata_end])
 
     # ----------------------------------------------------------------- access
 

@@ -15,11 +15,10 @@ import queue
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
-from tqdm.auto import tqdm
 
 import cepe_c
 
@@ -35,6 +34,7 @@ from .completions import (
 from .config import DecoderConfig
 from .errors import LongInputWarning
 from .pickling import LoadSource, reduce_cache, reduce_model
+from .progress import bar as progress_bar
 from .sampling import FINISH_REASONS, GenerateOptions, Generation, SamplingSettings, StreamToken, check_stop
 from .save import save_model
 from .text import check_text, require_tokenizer, stream_text, text_context
@@ -285,7 +285,7 @@ def _interruptible(ctx: cepe_c.Context, fn: Any, *args: Any, progress: str | Non
                 continue
             n, total = ctx.progress()
             if bar is None and total > 0 and time.monotonic() - start > PROGRESS_AFTER_S:
-                bar = tqdm(total=total, desc=progress, unit="layer", disable=None, leave=False)
+                bar = progress_bar(total=total, desc=progress, unit="layer", disable=None, leave=False)
             if bar is not None:
                 bar.update(min(n, total) - bar.n)
     except KeyboardInterrupt:
@@ -405,7 +405,8 @@ class KVCache:
 class Model:
     """A loaded decoder. Create with cepe.load()."""
 
-    tokenizer: Any = None  # cepe.Tokenizer when the checkpoint has one
+    _tokenizer: Any = None
+    _make_tokenizer: Callable[[], Any] | None = None  # builds _tokenizer on first use
     chunk_len: int = 256  # encoder chunk length for text contexts (spec: 256)
     max_context_tokens: int = 0  # text contexts beyond this many tokens: left-truncated / refused (0 = no limit)
 
@@ -430,13 +431,35 @@ class Model:
         self.__core = core
         self._load_source = None  # new weights (a Trainer's): no longer what the files hold
 
+    @property
+    def tokenizer(self) -> Any:
+        """cepe.Tokenizer when the checkpoint has one, else None. A GGUF file's is built from its
+        metadata when first read: a model used on token ids alone never spends the memory
+        (~20 MB for a 49k-token vocabulary) or the time."""
+        make = self._make_tokenizer
+        if make is not None:  # two threads may both build it: the same tokenizer either way
+            self._tokenizer = make()
+            self._make_tokenizer = None
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Any) -> None:
+        self._make_tokenizer = None
+        self._tokenizer = tokenizer
+
+    def _defer_tokenizer(self, make: Callable[[], Any]) -> None:
+        """The tokenizer is make() (once, when first read)."""
+        self._tokenizer = None
+        self._make_tokenizer = make
+
     def _set_source(self, source: LoadSource) -> None:
         self._load_source = source
 
     def _sibling(self) -> Model:
         """Another Model on the same (immutable) weights, with the class's default settings."""
         m = Model(self._core, self.config, n_threads=self.n_threads, path=self.path, device=self.device)
-        m.dtype, m.tokenizer, m._load_source = self.dtype, self.tokenizer, self._load_source
+        m.dtype, m._load_source = self.dtype, self._load_source
+        m._tokenizer, m._make_tokenizer = self._tokenizer, self._make_tokenizer
         return m
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -564,7 +587,7 @@ class Model:
         out = np.empty((B * n_ctx, L, enc.hidden_size), dtype=np.float32)
         step = max(1, 8192 // L)  # chunks per core call: a progress tick and a Ctrl-C point
         starts = range(0, B * n_ctx, step)
-        with tqdm(
+        with progress_bar(
             total=B * n_ctx, desc="encoding", unit="chunk", disable=None if len(starts) > 8 else True, leave=False
         ) as bar:
             for c0 in starts:

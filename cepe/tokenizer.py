@@ -430,6 +430,12 @@ class Tokenizer:
             where = "GGUF reader"
         else:
             raise TypeError(f"from_gguf takes a path, a GGUFFile or a gguf.GGUFReader, got {type(source).__name__}")
+        return cls.from_gguf_metadata(meta, where)
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict[str, Any], where: str) -> Tokenizer:
+        """The tokenizer GGUF metadata (GGUFFile.metadata, or gguf_io.read_header's) describes;
+        where: the file it came from (errors name it)."""
         try:
             tok = cls._from_metadata(meta)
             tok.chat_template_source = f"chat template of {where} (tokenizer.chat_template)"
@@ -449,6 +455,7 @@ class Tokenizer:
         from tokenizers import Tokenizer as Backend
         from tokenizers.models import BPE
 
+        check_gguf_model(meta)
         kind = meta.get("tokenizer.ggml.model")
         tokens = meta.get("tokenizer.ggml.tokens")
         if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
@@ -509,11 +516,8 @@ class Tokenizer:
                 [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
             )
             add_bos_default = True
-        else:
-            raise NotImplementedError(
-                f"GGUF tokenizer model {kind!r} is not supported "
-                "(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece)"
-            )
+        else:  # pragma: no cover - check_gguf_model refused it
+            raise AssertionError(kind)
 
         # CONTROL tokens whole and special; USER_DEFINED whole, not special.
         spelled = set(bytes_to_unicode().values()) if byte_level else None
@@ -563,6 +567,18 @@ class Tokenizer:
             pad_token=pad,
             unk_token=unk,
             chat_template=template if isinstance(template, str) else None,
+        )
+
+
+GGUF_TOKENIZER_MODELS = ("gpt2", "llama")  # tokenizer.ggml.model values from_gguf builds
+
+
+def check_gguf_model(meta: dict[str, Any]) -> None:
+    """Raises NotImplementedError unless from_gguf builds the tokenizer model the metadata names."""
+    kind = meta.get("tokenizer.ggml.model")
+    if kind not in GGUF_TOKENIZER_MODELS:
+        raise NotImplementedError(
+            f"GGUF tokenizer model {kind!r} is not supported (supported: 'gpt2' byte-level BPE, 'llama' SentencePiece)"
         )
 
 

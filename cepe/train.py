@@ -32,7 +32,6 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 import cepe_c
 
@@ -43,6 +42,7 @@ from .files import CONFIG_LIMIT, check_regular, describe, read_json
 from .head import DECODER_KEY, SHARE_KEY, cross_attention_init
 from .load import load
 from .model import Model
+from .progress import bar as progress_bar
 from .qtensor import Weight, as_float32, core_weights
 from .rope import e2llm_positions
 from .safetensors_io import SafetensorsFile, write_safetensors
@@ -521,7 +521,7 @@ class Trainer:
         out: list[dict[str, float]] = []
         log = open(log_path, "a", encoding="utf-8") if log_path else None  # noqa: SIM115 - closed below
         try:
-            with tqdm(total=steps, desc="training", unit="step", disable=None) as bar:
+            with progress_bar(total=steps, desc="training", unit="step", disable=None) as bar:
                 for batch in batches:
                     if steps is not None and len(out) >= steps:
                         break

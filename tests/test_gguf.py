@@ -9,6 +9,8 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -25,6 +27,7 @@ from cepe.gguf_io import GGUFFile, hf_config, is_gguf, read_config  # noqa: E402
 from cepe.tokenizer import Tokenizer  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADS, KV_HEADS, HIDDEN, FFN, LAYERS = 4, 2, 64, 256, 2
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -434,6 +437,57 @@ def test_byte_level_bpe_tokenizer_matches_transformers(f32_file):
         assert tok.apply_chat_template(msgs, add_generation_prompt=gen) == theirs.apply_chat_template(
             msgs, tokenize=False, add_generation_prompt=gen
         )
+
+
+def test_loaded_tokenizer_is_built_when_first_used_from_a_copy(f32_file, tmp_path):
+    """cepe.load leaves a GGUF's tokenizer unbuilt until model.tokenizer is read; it is then the
+    one Tokenizer.from_gguf builds from the file, even after the file is gone."""
+    path = str(tmp_path / "copy.gguf")
+    shutil.copyfile(f32_file, path)
+    model = cepe.load(path, n_threads=1)
+    assert model._tokenizer is None and model._make_tokenizer is not None
+    os.remove(path)  # the model owns what it needs
+    tok = model.tokenizer
+    assert isinstance(tok, Tokenizer) and model._make_tokenizer is None and model.tokenizer is tok
+    ref = Tokenizer.from_gguf(f32_file)
+    assert json.loads(tok.backend.to_str()) == json.loads(ref.backend.to_str())
+    assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.chat_template) == (
+        ref.bos_token,
+        ref.eos_token,
+        ref.pad_token,
+        ref.chat_template,
+    )
+    assert tok.chat_template_source == f"chat template of {path} (tokenizer.chat_template)"
+    sibling = cepe.load(f32_file, n_threads=1)
+    sibling.tokenizer = None  # an assignment replaces the pending one
+    assert sibling.tokenizer is None
+
+
+def test_loading_a_gguf_imports_no_tokenizer_library(f32_file):
+    """The tokenizers library (and tqdm, and the gguf package beyond its constants) stay unimported
+    by a load that never reads the tokenizer."""
+    code = (
+        "import sys, cepe\n"
+        f"m = cepe.load({f32_file!r}, n_threads=1)\n"
+        "m.forward([[1, 2, 3]])\n"
+        "print(sorted(k for k in ('tokenizers', 'tqdm', 'jinja2', 'gguf') if k in sys.modules))\n"
+        "m.tokenizer.encode('hi')\n"
+        "print('tokenizers' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.split("\n")[:2] == ["[]", "True"], out.stdout + out.stderr
+
+
+def test_bad_tokenizer_metadata_fails_on_first_use(gguf_dir, hf_model, bpe_vocab):
+    """A vocabulary the tokenizer library refuses: the weights load, and reading the tokenizer
+    raises CheckpointError naming the file."""
+    vocab = {**bpe_vocab, "merges": ["not-a-merge"]}
+    path = write_gguf(str(gguf_dir / "bad-merges.gguf"), hf_model, vocab)
+    model = cepe.load(path, n_threads=1)
+    with pytest.raises(CheckpointError, match=r"bad-merges\.gguf.*malformed merge"):
+        _ = model.tokenizer
+    with pytest.raises(CheckpointError, match="malformed merge"):
+        Tokenizer.from_gguf(path)
 
 
 def test_sentencepiece_tokenizer_matches_transformers(gguf_dir, spm_vocab):

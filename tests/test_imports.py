@@ -112,3 +112,34 @@ def test_one_builder_makes_every_core_model():
             ):
                 callers.add(name)
     assert callers == {"build"}
+
+
+def test_import_cepe_leaves_heavy_modules_unimported():
+    """`import cepe` stays light: the libraries only some calls need (tokenizers, the chat template's
+    jinja2, tqdm's bars and asyncio, the gguf package, torch) are imported by those calls."""
+    import subprocess
+    import sys
+
+    heavy = ("tokenizers", "jinja2", "tqdm", "asyncio", "gguf", "torch", "transformers", "sentencepiece")
+    code = f"import sys, cepe; print(' '.join(m for m in {heavy!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PACKAGE.parent)
+    assert out.stdout.strip() == "", out.stdout
+
+
+def test_hidden_progress_bars_leave_tqdm_unimported():
+    """cepe.progress.bar shows tqdm's bar exactly when tqdm would, importing it only then."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from cepe.progress import bar, shows\n"
+        "with bar(total=3, disable=None) as b: b.update(1); b.set_postfix(x=1)\n"
+        "print(shows(None), shows(True), shows(False), 'tqdm' in sys.modules)\n"
+        "b = bar(total=3, disable=False, file=sys.stdout); b.update(1); b.close()\n"
+        "print(type(b).__module__.split('.')[0])\n"
+    )
+    out = subprocess.run(  # stderr is a pipe: tqdm's auto mode would hide the bar
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PACKAGE.parent
+    )
+    assert out.stdout.splitlines()[0] == "False False True False", out.stdout
+    assert out.stdout.splitlines()[-1] == "tqdm", out.stdout

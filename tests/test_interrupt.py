@@ -84,7 +84,7 @@ def test_long_call_shows_the_cores_progress(tiny, monkeypatch):
             self.closed = True
 
     monkeypatch.setattr(cm, "PROGRESS_AFTER_S", 0.0)
-    monkeypatch.setattr(cm, "tqdm", FakeBar)
+    monkeypatch.setattr(cm, "progress_bar", FakeBar)
     model = cepe.load(tiny[0], n_threads=1)
     ids = random_ids(np.random.default_rng(2), (1, 12000))  # > 1 s (see above), 24 chunks of 512
     model.forward(ids, logits="last")
