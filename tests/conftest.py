@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -125,6 +127,58 @@ def edit_json(path: str, fn) -> None:
     fn(content)
     with open(path, "w") as fh:
         json.dump(content, fh)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m cepe ARGS` in a child process, with no model cache to fall back on."""
+    env = {**os.environ, "CEPE_CACHE": "/nonexistent-cepe-cache"}
+    return subprocess.run([sys.executable, "-m", "cepe", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def run_config(model, tokens, out, **kw) -> dict:
+    """A small training run's config (`cepe train`, `cepe teacher`): warm-up, 5 steps of 4 windows
+    of 24 tokens after 4 encoder chunks, one thread, a checkpoint only at the end; kw overrides."""
+    cfg = dict(
+        model=model,
+        output_dir=str(out),
+        stage="warmup",
+        tokens=tokens,
+        decoder_len=24,
+        n_ctx=4,
+        batch_size=4,
+        total_steps=5,
+        lr=5e-3,
+        save_every=0,
+        threads=1,
+        seed=3,
+    )
+    cfg.update(kw)
+    return cfg
+
+
+def write_config(path, cfg: dict) -> str:
+    """JSON, or TOML for a .toml path (flat keys; tables written inline)."""
+    path = str(path)
+    if path.endswith(".toml"):
+
+        def val(v):
+            if isinstance(v, bool):
+                return "true" if v else "false"
+            if isinstance(v, str):
+                return json.dumps(v)
+            if isinstance(v, list):
+                return "[" + ", ".join(val(x) for x in v) + "]"
+            if isinstance(v, dict):
+                return "{" + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + "}"
+            return repr(v)
+
+        text = "".join(f"{k} = {val(v)}\n" for k, v in cfg.items())
+        with open(path, "w") as f:
+            f.write(text)
+    else:
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+    return path
 
 
 def random_ids(rng: np.random.Generator, shape, vocab: int = BASE["vocab_size"]) -> np.ndarray:
