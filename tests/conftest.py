@@ -12,6 +12,8 @@ import sys
 import numpy as np
 import pytest
 
+from cepe.testing import tiny_config
+
 # the plugin's fixtures (tiny_llama, tiny_cepe, default_model, reference) also where cepe is
 # not installed with its pytest11 entry point (an in-place build)
 pytest_plugins = ["cepe.testing.plugin"]
@@ -19,19 +21,9 @@ pytest_plugins = ["cepe.testing.plugin"]
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-BASE = dict(
-    vocab_size=97,
-    hidden_size=48,
-    intermediate_size=80,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
+# smaller than the plugin's tiny_llama: 2 layers, a 1024-token window
+BASE = tiny_config(
+    vocab_size=97, intermediate_size=80, num_hidden_layers=2, max_position_embeddings=1024, rms_norm_eps=1e-6
 )
 
 

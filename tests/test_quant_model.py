@@ -92,8 +92,6 @@ def hf(vocab):
         hidden_size=256,
         intermediate_size=512,
         num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=256,
         rms_norm_eps=1e-5,
     )
