@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 from _common import cpu_model_name, git_state, usable_cpus  # noqa: E402
 
 import cepe_c  # noqa: E402
-from cepe.testing.quant_ctypes import ISA_NAMES, SCALES, TYPES, QTensor, load_library  # noqa: E402
+from cepe.testing.quant_ctypes import ISA_NAMES, TYPES, QTensor, load_library, random_rows  # noqa: E402
 
 DECODE_SHAPES = ((576, 576), (1536, 576), (49152, 576), (576, 1536))
 LIB = load_library()
@@ -65,17 +65,7 @@ def log(msg: str) -> None:
 
 def random_weights(name: str, n_out: int, n_in: int, rng: np.random.Generator) -> np.ndarray:
     """Stored rows [n_out, row bytes]: random codes, fp16 scales of a trained model's size."""
-    tid, block, nbytes = TYPES[name]
-    if name == "F16":
-        return rng.normal(0, 0.05, (n_out, n_in)).astype(np.float16).view(np.uint8)
-    if name == "BF16":
-        bits = rng.normal(0, 0.05, (n_out, n_in)).astype(np.float32).view(np.uint32) >> 16
-        return bits.astype(np.uint16).view(np.uint8)
-    nb = n_in // block
-    raw = rng.integers(0, 256, (n_out, nb, nbytes), dtype=np.uint8)
-    for off in SCALES[name]:
-        raw[:, :, off : off + 2] = np.full((n_out, nb, 1), 0.003, np.float16).view(np.uint8)
-    return raw.reshape(n_out, nb * nbytes)
+    return random_rows(name, n_out, n_in, rng, 0.05, lambda shape: np.full(shape, 0.003))
 
 
 def dequantize(name: str, raw: np.ndarray, n_in: int) -> np.ndarray:

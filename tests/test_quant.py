@@ -67,6 +67,7 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 from cepe.gguf_io import GGUFFile  # noqa: E402
+from cepe.testing import quant_ctypes  # noqa: E402
 from cepe.testing.quant_ctypes import ISA_NAMES, SCALES, TYPES, QTensor, load_library  # noqa: E402
 
 U = 2.0**-24
@@ -101,18 +102,11 @@ def use_isa(isa: int) -> None:
 def random_rows(name: str, n_out: int, n_in: int, rng: np.random.Generator) -> np.ndarray:
     """n_out stored rows of n_in values (uint8 [n_out, row bytes]): random codes and
     6-bit scales, fp16 scales of either sign and varied magnitude."""
-    tid, block, nbytes = TYPES[name]
-    if name == "F16":
-        return rng.normal(0, 0.5, (n_out, n_in)).astype(np.float16).view(np.uint8)
-    if name == "BF16":
-        bits = rng.normal(0, 0.5, (n_out, n_in)).astype(np.float32).view(np.uint32) >> 16
-        return bits.astype(np.uint16).view(np.uint8)
-    nb = n_in // block
-    raw = rng.integers(0, 256, (n_out, nb, nbytes), dtype=np.uint8)
-    for off in SCALES[name]:
-        mag = 10.0 ** rng.uniform(-4, -1, (n_out, nb)) * rng.choice([-1.0, 1.0], (n_out, nb))
-        raw[:, :, off : off + 2] = mag.astype(np.float16).view(np.uint8).reshape(n_out, nb, 2)
-    return raw.reshape(n_out, nb * nbytes)
+
+    def scales(shape: tuple[int, int]) -> np.ndarray:
+        return 10.0 ** rng.uniform(-4, -1, shape) * rng.choice([-1.0, 1.0], shape)
+
+    return quant_ctypes.random_rows(name, n_out, n_in, rng, 0.5, scales)
 
 
 def reference_dequantize(name: str, raw: np.ndarray, tmp_path) -> np.ndarray:

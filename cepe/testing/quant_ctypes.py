@@ -5,6 +5,9 @@ them, the core's weight descriptor and the library with its signatures."""
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
+
+import numpy as np
 
 import cepe_c
 
@@ -71,3 +74,27 @@ def load_library() -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args
     return lib
+
+
+def random_rows(
+    name: str,
+    n_out: int,
+    n_in: int,
+    rng: np.random.Generator,
+    std: float,
+    scales: Callable[[tuple[int, int]], np.ndarray],
+) -> np.ndarray:
+    """n_out stored rows of n_in values in format name (uint8 [n_out, row bytes]): F16/BF16
+    values N(0, std^2); block formats random codes with each fp16 scale field set from
+    scales((n_out, blocks)), drawn after the codes, one call per field."""
+    _, block, nbytes = TYPES[name]
+    if name == "F16":
+        return rng.normal(0, std, (n_out, n_in)).astype(np.float16).view(np.uint8)
+    if name == "BF16":
+        bits = rng.normal(0, std, (n_out, n_in)).astype(np.float32).view(np.uint32) >> 16
+        return bits.astype(np.uint16).view(np.uint8)
+    nb = n_in // block
+    raw = rng.integers(0, 256, (n_out, nb, nbytes), dtype=np.uint8)
+    for off in SCALES[name]:
+        raw[:, :, off : off + 2] = scales((n_out, nb)).astype(np.float16).view(np.uint8).reshape(n_out, nb, 2)
+    return raw.reshape(n_out, nb * nbytes)
