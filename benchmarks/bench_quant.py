@@ -53,41 +53,10 @@ import numpy as np  # noqa: E402
 from _common import cpu_model_name, git_state, usable_cpus  # noqa: E402
 
 import cepe_c  # noqa: E402
+from cepe.testing.quant_ctypes import ISA_NAMES, TYPES, QTensor, load_library, random_rows  # noqa: E402
 
-# name -> (GGML type id, values per block, bytes per block, byte offsets of fp16 scales)
-TYPES = {
-    "F16": (1, 1, 2, ()),
-    "BF16": (30, 1, 2, ()),
-    "Q4_0": (2, 32, 18, (0,)),
-    "Q4_1": (3, 32, 20, (0, 2)),
-    "Q8_0": (8, 32, 34, (0,)),
-    "Q4_K": (12, 256, 144, (0, 2)),
-    "Q5_K": (13, 256, 176, (0, 2)),
-    "Q6_K": (14, 256, 210, (208,)),
-}
 DECODE_SHAPES = ((576, 576), (1536, 576), (49152, 576), (576, 1536))
-ISA_NAMES = ("c", "avx2", "avx512")
-
-
-class QTensor(ctypes.Structure):
-    _fields_ = [
-        ("type", ctypes.c_int),
-        ("n_out", ctypes.c_int),
-        ("n_in", ctypes.c_int),
-        ("data", ctypes.c_void_p),
-        ("row_stride", ctypes.c_size_t),
-    ]
-
-
-LIB = ctypes.CDLL(cepe_c.__file__)
-P, Int = ctypes.c_void_p, ctypes.c_int
-LIB.cepe_qmatmul.argtypes = [P, P, ctypes.POINTER(QTensor), Int, Int, P, ctypes.c_size_t, Int]
-LIB.cepe_qmatmul_work_size.argtypes = [ctypes.POINTER(QTensor), Int, Int]
-LIB.cepe_qmatmul_work_size.restype = ctypes.c_size_t
-LIB.cepe_dequantize_row.argtypes = [Int, P, P, ctypes.c_int64]
-LIB.matmul_forward.argtypes = [P, P, P, Int, Int, Int, Int, Int]
-LIB.cepe_qmatmul_sgemm_rows.argtypes = [Int]
-LIB.cepe_last_error.restype = ctypes.c_char_p
+LIB = load_library()
 
 
 def log(msg: str) -> None:
@@ -96,17 +65,7 @@ def log(msg: str) -> None:
 
 def random_weights(name: str, n_out: int, n_in: int, rng: np.random.Generator) -> np.ndarray:
     """Stored rows [n_out, row bytes]: random codes, fp16 scales of a trained model's size."""
-    tid, block, nbytes, scales = TYPES[name]
-    if name == "F16":
-        return rng.normal(0, 0.05, (n_out, n_in)).astype(np.float16).view(np.uint8)
-    if name == "BF16":
-        bits = rng.normal(0, 0.05, (n_out, n_in)).astype(np.float32).view(np.uint32) >> 16
-        return bits.astype(np.uint16).view(np.uint8)
-    nb = n_in // block
-    raw = rng.integers(0, 256, (n_out, nb, nbytes), dtype=np.uint8)
-    for off in scales:
-        raw[:, :, off : off + 2] = np.full((n_out, nb, 1), 0.003, np.float16).view(np.uint8)
-    return raw.reshape(n_out, nb * nbytes)
+    return random_rows(name, n_out, n_in, rng, 0.05, lambda shape: np.full(shape, 0.003))
 
 
 def dequantize(name: str, raw: np.ndarray, n_in: int) -> np.ndarray:

@@ -708,6 +708,16 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sp.add_argument("--json", action="store_true", help="print JSON")
 
+    def sampling_options(sp: argparse.ArgumentParser) -> None:
+        """The sampling chain's main settings, with llama.cpp's defaults."""
+        d, add = TEXT_DEFAULTS, sp.add_argument
+        add("--temperature", type=float, default=d["temperature"], help="0 = greedy")
+        add("--top-k", type=int, default=d["top_k"], help="keep the k most likely tokens (0 = off)")
+        add("--top-p", type=float, default=d["top_p"], help="keep the most likely tokens holding p (1 = off)")
+        add("--min-p", type=float, default=d["min_p"], help="drop tokens below p x the best one's (0 = off)")
+        add("--repeat-penalty", type=float, default=d["repeat_penalty"], help="1 = off")
+        add("--seed", type=int, default=d["seed"], help="the random stream's seed: same command, same text")
+
     gen = sub.add_parser(
         "generate",
         help="continue a prompt (text or token ids)",
@@ -721,14 +731,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=int, default=128, help="new tokens at most"
     )
+    sampling_options(gen)
     d = TEXT_DEFAULTS
-    gen.add_argument("--temperature", type=float, default=d["temperature"], help="0 = greedy")
     gen.add_argument("--greedy", action="store_true", help="temperature 0: the most likely token after the penalties")
-    gen.add_argument("--top-k", type=int, default=d["top_k"], help="keep the k most likely tokens (0 = off)")
-    gen.add_argument("--top-p", type=float, default=d["top_p"], help="keep the most likely tokens holding p (1 = off)")
-    gen.add_argument("--min-p", type=float, default=d["min_p"], help="drop tokens below p x the best one's (0 = off)")
     gen.add_argument("--typical-p", type=float, default=d["typical_p"], help="locally typical sampling (1 = off)")
-    gen.add_argument("--repeat-penalty", type=float, default=d["repeat_penalty"], help="1 = off")
     gen.add_argument(
         "--repeat-last-n",
         type=int,
@@ -743,7 +749,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ID=BIAS",
         help="add BIAS to token ID's logit, -inf bans it (repeatable)",
     )
-    gen.add_argument("--seed", type=int, default=d["seed"], help="the random stream's seed: same command, same text")
     gen.add_argument("--stop", action="append", help="stop at this string (repeatable)")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.add_argument("--context-file", default=None, help="CEPE: a long context for the encoder")
@@ -907,16 +912,6 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("--json", action="store_true", help="print a JSON summary (and no progress bar)")
     te.set_defaults(func=cmd_teacher)
 
-    def chat_sampling(sp: argparse.ArgumentParser) -> None:
-        from .sampling import TEXT_DEFAULTS as d
-
-        sp.add_argument("--temperature", type=float, default=d["temperature"], help="0 = greedy")
-        sp.add_argument("--top-k", type=int, default=d["top_k"])
-        sp.add_argument("--top-p", type=float, default=d["top_p"])
-        sp.add_argument("--min-p", type=float, default=d["min_p"])
-        sp.add_argument("--repeat-penalty", type=float, default=d["repeat_penalty"])
-        sp.add_argument("--seed", type=int, default=d["seed"])
-
     ch = sub.add_parser(
         "chat",
         help="an interactive chat in the terminal (the model's chat template, streamed)",
@@ -926,7 +921,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(ch)
     ch.add_argument("--system", default=None, help="a system message")
     ch.add_argument("--max-new-tokens", type=int, default=512, help="the longest reply (default 512)")
-    chat_sampling(ch)
+    sampling_options(ch)
     ch.add_argument("--context-file", default=None, help="CEPE: a long context for the encoder, every turn")
     ch.set_defaults(func=cmd_chat)
 

@@ -1,5 +1,5 @@
 /* common.h — internal helpers shared by the C core: error reporting and
- * checked allocation. Not part of the public API. */
+ * checked allocation, OpenMP thread numbers. Not part of the public API. */
 #ifndef CEPE_COMMON_H
 #define CEPE_COMMON_H
 
@@ -7,6 +7,10 @@
 #include <stdint.h>
 
 #include "cepe.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* Records a printf-style message for cepe_last_error() and returns `status`,
  * so call sites read `return cepe_fail(CEPE_ERR_INVALID_ARG, "...", ...)`. */
@@ -24,6 +28,18 @@ void cepe_free(void *p);
 static inline size_t cepe_mul_size(size_t count, size_t size) {
     if (size != 0 && count > SIZE_MAX / size) return SIZE_MAX;
     return count * size;
+}
+
+/* Inside an OpenMP parallel region: this thread's number and the team's size
+ * (thread 0 of 1 where the core is built without OpenMP). */
+static inline void cepe_team(int *t, int *n) {
+#ifdef _OPENMP
+    *t = omp_get_thread_num();
+    *n = omp_get_num_threads();
+#else
+    *t = 0;
+    *n = 1;
+#endif
 }
 
 #endif /* CEPE_COMMON_H */

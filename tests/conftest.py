@@ -6,9 +6,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+
+from cepe.testing import tiny_config
 
 # the plugin's fixtures (tiny_llama, tiny_cepe, default_model, reference) also where cepe is
 # not installed with its pytest11 entry point (an in-place build)
@@ -17,19 +21,9 @@ pytest_plugins = ["cepe.testing.plugin"]
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-BASE = dict(
-    vocab_size=97,
-    hidden_size=48,
-    intermediate_size=80,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
+# smaller than the plugin's tiny_llama: 2 layers, a 1024-token window
+BASE = tiny_config(
+    vocab_size=97, intermediate_size=80, num_hidden_layers=2, max_position_embeddings=1024, rms_norm_eps=1e-6
 )
 
 
@@ -125,6 +119,58 @@ def edit_json(path: str, fn) -> None:
     fn(content)
     with open(path, "w") as fh:
         json.dump(content, fh)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m cepe ARGS` in a child process, with no model cache to fall back on."""
+    env = {**os.environ, "CEPE_CACHE": "/nonexistent-cepe-cache"}
+    return subprocess.run([sys.executable, "-m", "cepe", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def run_config(model, tokens, out, **kw) -> dict:
+    """A small training run's config (`cepe train`, `cepe teacher`): warm-up, 5 steps of 4 windows
+    of 24 tokens after 4 encoder chunks, one thread, a checkpoint only at the end; kw overrides."""
+    cfg = dict(
+        model=model,
+        output_dir=str(out),
+        stage="warmup",
+        tokens=tokens,
+        decoder_len=24,
+        n_ctx=4,
+        batch_size=4,
+        total_steps=5,
+        lr=5e-3,
+        save_every=0,
+        threads=1,
+        seed=3,
+    )
+    cfg.update(kw)
+    return cfg
+
+
+def write_config(path, cfg: dict) -> str:
+    """JSON, or TOML for a .toml path (flat keys; tables written inline)."""
+    path = str(path)
+    if path.endswith(".toml"):
+
+        def val(v):
+            if isinstance(v, bool):
+                return "true" if v else "false"
+            if isinstance(v, str):
+                return json.dumps(v)
+            if isinstance(v, list):
+                return "[" + ", ".join(val(x) for x in v) + "]"
+            if isinstance(v, dict):
+                return "{" + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + "}"
+            return repr(v)
+
+        text = "".join(f"{k} = {val(v)}\n" for k, v in cfg.items())
+        with open(path, "w") as f:
+            f.write(text)
+    else:
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+    return path
 
 
 def random_ids(rng: np.random.Generator, shape, vocab: int = BASE["vocab_size"]) -> np.ndarray:

@@ -133,15 +133,22 @@ def test_replug_matches_the_torch_reference(tiny_llama, scores):
         replug_nll(tiny_llama.load(), passages, ids, scored=10, scores=[1.0])
 
 
+def lm_protocol(model, method: str, seed: int, W: int):
+    """evaluate_lm over two random documents with truncation and method, window W, at 0 and 512
+    context tokens -> (docs, method's results); with no context the method scores as truncation does."""
+    docs = [np.random.default_rng(seed + d).integers(3, 101, size=W + 512) for d in range(2)]
+    result = ev.evaluate_lm(model, docs, window=W, contexts=[0, 512], methods=["truncation", method], bootstrap=50)
+    trunc, res = result["results"]["truncation"], result["results"][method]
+    assert res[0]["nll_per_doc"] == trunc[0]["nll_per_doc"]
+    return docs, res
+
+
 def test_replug_in_the_lm_protocol(tiny_cepe):
     from cepe.baselines import replug_nll
 
     model = tiny_cepe.load()
     W = 12
-    docs = [np.random.default_rng(10 + d).integers(3, 101, size=W + 512) for d in range(2)]
-    result = ev.evaluate_lm(model, docs, window=W, contexts=[0, 512], methods=["truncation", "replug"], bootstrap=50)
-    trunc, rep = result["results"]["truncation"], result["results"]["replug"]
-    assert rep[0]["nll_per_doc"] == trunc[0]["nll_per_doc"]
+    docs, rep = lm_protocol(model, "replug", seed=10, W=W)
     for d, x in enumerate(docs):
         chunks = [x[-W - 512 : -W - 256], x[-W - 256 : -W]]
         assert rep[1]["nll_per_doc"][d] == pytest.approx(replug_nll(model, chunks, x[-W:], W - 1), abs=1e-9)
@@ -207,10 +214,7 @@ def test_pcw_matches_the_torch_reference(tiny_llama):
 def test_pcw_in_the_lm_protocol(tiny_cepe):
     model = tiny_cepe.load()
     W = 12
-    docs = [np.random.default_rng(20 + d).integers(3, 101, size=W + 512) for d in range(2)]
-    result = ev.evaluate_lm(model, docs, window=W, contexts=[0, 512], methods=["truncation", "pcw"], bootstrap=50)
-    trunc, pcw = result["results"]["truncation"], result["results"]["pcw"]
-    assert pcw[0]["nll_per_doc"] == trunc[0]["nll_per_doc"]
+    docs, pcw = lm_protocol(model, "pcw", seed=20, W=W)
     dec = OpsDecoder.from_model(model)
     for d, x in enumerate(docs):
         want = dec.pcw_nll(x[-W - 512 : -W].reshape(2, 256), x[-W:], W - 1)

@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import run_config, write_config
 from distributed_worker import TRAINER, global_batch, weight_digests
 
 import cepe
@@ -93,25 +94,7 @@ def rel_err(a, b) -> float:
 
 
 def train_config(path, cepe_dir, tokens, out, **kw) -> str:
-    cfg = dict(
-        model=cepe_dir,
-        output_dir=str(out),
-        stage="warmup",
-        tokens=tokens,
-        decoder_len=24,
-        n_ctx=4,
-        batch_size=4,
-        grad_accum=1,
-        total_steps=5,
-        lr=5e-3,
-        save_every=0,
-        threads=1,
-        seed=3,
-    )
-    cfg.update(kw)
-    with open(path, "w") as f:
-        json.dump(cfg, f)
-    return str(path)
+    return write_config(path, run_config(cepe_dir, tokens, out, **{"grad_accum": 1, **kw}))
 
 
 def cli(config: str, *extra: str) -> list[str]:

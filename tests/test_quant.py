@@ -63,69 +63,18 @@ import sys
 import numpy as np
 import pytest
 
-import cepe_c
-
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 from cepe.gguf_io import GGUFFile  # noqa: E402
+from cepe.testing import quant_ctypes  # noqa: E402
+from cepe.testing.quant_ctypes import ISA_NAMES, SCALES, TYPES, QTensor, load_library  # noqa: E402
 
 U = 2.0**-24
 ACT_SLACK = 0.5 + 2.0**-14
 
-# name -> (GGML type id, values per block, bytes per block)
-TYPES = {
-    "F16": (1, 1, 2),
-    "BF16": (30, 1, 2),
-    "Q4_0": (2, 32, 18),
-    "Q4_1": (3, 32, 20),
-    "Q8_0": (8, 32, 34),
-    "Q4_K": (12, 256, 144),
-    "Q5_K": (13, 256, 176),
-    "Q6_K": (14, 256, 210),
-}
-# byte offsets of each format's fp16 scale fields (d, then m / dmin)
-SCALES = {"Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
-ISA_NAMES = ("c", "avx2", "avx512")
 OK, INVALID_ARG, UNSUPPORTED = 0, 1, 4
-
-
-class QTensor(ctypes.Structure):
-    _fields_ = [
-        ("type", ctypes.c_int),
-        ("n_out", ctypes.c_int),
-        ("n_in", ctypes.c_int),
-        ("data", ctypes.c_void_p),
-        ("row_stride", ctypes.c_size_t),
-    ]
-
-
-def _load():
-    lib = ctypes.CDLL(cepe_c.__file__)
-    P, Int, I64, Z = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_size_t
-    sigs = {
-        "cepe_qtype_block_size": (Int, [Int]),
-        "cepe_qtype_row_bytes": (Z, [Int, I64]),
-        "cepe_dequantize_row": (Int, [Int, P, P, I64]),
-        "cepe_quant_isa": (Int, []),
-        "cepe_quant_isa_best": (Int, []),
-        "cepe_quant_set_isa": (Int, [Int]),
-        "cepe_act_row_bytes": (Z, [Int, I64]),
-        "cepe_quantize_activations": (Int, [Int, P, P, I64]),
-        "cepe_vec_dot": (Int, [Int, I64, P, P, P]),
-        "cepe_qmatmul_work_size": (Z, [ctypes.POINTER(QTensor), Int, Int]),
-        "cepe_qmatmul_uses_sgemm": (Int, [ctypes.POINTER(QTensor), Int]),
-        "cepe_qmatmul_sgemm_rows": (Int, [Int]),
-        "cepe_qmatmul": (Int, [P, P, ctypes.POINTER(QTensor), Int, Int, P, Z, Int]),
-        "cepe_last_error": (ctypes.c_char_p, []),
-    }
-    for name, (res, args) in sigs.items():
-        fn = getattr(lib, name)
-        fn.restype, fn.argtypes = res, args
-    return lib
-
-
-LIB = _load()
+LIB = load_library()
 ISAS = list(range(LIB.cepe_quant_isa_best() + 1))
 
 
@@ -153,18 +102,11 @@ def use_isa(isa: int) -> None:
 def random_rows(name: str, n_out: int, n_in: int, rng: np.random.Generator) -> np.ndarray:
     """n_out stored rows of n_in values (uint8 [n_out, row bytes]): random codes and
     6-bit scales, fp16 scales of either sign and varied magnitude."""
-    tid, block, nbytes = TYPES[name]
-    if name == "F16":
-        return rng.normal(0, 0.5, (n_out, n_in)).astype(np.float16).view(np.uint8)
-    if name == "BF16":
-        bits = rng.normal(0, 0.5, (n_out, n_in)).astype(np.float32).view(np.uint32) >> 16
-        return bits.astype(np.uint16).view(np.uint8)
-    nb = n_in // block
-    raw = rng.integers(0, 256, (n_out, nb, nbytes), dtype=np.uint8)
-    for off in SCALES[name]:
-        mag = 10.0 ** rng.uniform(-4, -1, (n_out, nb)) * rng.choice([-1.0, 1.0], (n_out, nb))
-        raw[:, :, off : off + 2] = mag.astype(np.float16).view(np.uint8).reshape(n_out, nb, 2)
-    return raw.reshape(n_out, nb * nbytes)
+
+    def scales(shape: tuple[int, int]) -> np.ndarray:
+        return 10.0 ** rng.uniform(-4, -1, shape) * rng.choice([-1.0, 1.0], shape)
+
+    return quant_ctypes.random_rows(name, n_out, n_in, rng, 0.5, scales)
 
 
 def reference_dequantize(name: str, raw: np.ndarray, tmp_path) -> np.ndarray:

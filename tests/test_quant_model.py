@@ -44,17 +44,15 @@ gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 
 from test_gguf import make_bpe_vocab, write_gguf  # noqa: E402
-from test_quant import LIB as QUANT_LIB  # noqa: E402
-from test_quant import QTensor as CQTensor  # noqa: E402  (the C struct; cepe.qtensor.QTensor is the Python one)
 
 import cepe  # noqa: E402
 from cepe.pull import resolve  # noqa: E402
 from cepe.qtensor import QTensor, convert, core_weights  # noqa: E402
+from cepe.testing.quant_ctypes import QTensor as CQTensor  # noqa: E402  (the C struct, not cepe.qtensor's)
+from cepe.testing.quant_ctypes import load_library  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
-LIB = ctypes.CDLL(cepe_c.__file__)
-LIB.cepe_qmatmul_sgemm_rows.argtypes = [ctypes.c_int]
-LIB.cepe_quant_isa.restype = ctypes.c_int
+LIB = load_library()
 EPS_Q8 = (1 + 2**-13) / 254
 IDS = np.array([[5, 17, 200, 33, 91, 120, 7, 64, 250, 3, 44, 150, 11, 300, 42, 9, 77, 8]], dtype=np.int64)
 LAYERS = 2
@@ -92,8 +90,6 @@ def hf(vocab):
         hidden_size=256,
         intermediate_size=512,
         num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=256,
         rms_norm_eps=1e-5,
     )
@@ -182,7 +178,7 @@ def test_bf16_product_against_torch_bf16_matmul():
     rows = np.ascontiguousarray(q.rows)
     qt = CQTensor(30, 64, 256, rows.ctypes.data, rows.shape[1])
     out = np.zeros((5, 64), np.float32)
-    assert QUANT_LIB.cepe_qmatmul(out.ctypes.data, x.ctypes.data, ctypes.byref(qt), 5, 0, None, 0, 1) == 0
+    assert LIB.cepe_qmatmul(out.ctypes.data, x.ctypes.data, ctypes.byref(qt), 5, 0, None, 0, 1) == 0
     tw = torch.from_numpy(q.dequantize()).to(torch.bfloat16)
     tx = torch.from_numpy(x).to(torch.bfloat16)
     want = (tx @ tw.T).float().numpy()

@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli, run_config, write_config
 
 import cepe
 import cepe.teacher as ct
@@ -44,35 +43,9 @@ def stream(tmp_path_factory):
     return str(d / "stream.npy"), toks
 
 
-def write_config(path, cfg: dict) -> str:
-    with open(path, "w") as f:
-        json.dump(cfg, f)
-    return str(path)
-
-
 def stage2_cfg(student_dir, stream, out, **kw) -> dict:
-    cfg = dict(
-        model=student_dir,
-        output_dir=str(out),
-        stage="stage2",
-        tokens=stream[0],
-        decoder_len=DEC,
-        n_ctx=N_CTX,
-        ctx_len=CTX,
-        batch_size=2,
-        total_steps=2,
-        lr=1e-3,
-        save_every=0,
-        threads=1,
-        seed=3,
-    )
-    cfg.update(kw)
-    return cfg
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CEPE_CACHE": "/nonexistent-cepe-cache"}
-    return subprocess.run([sys.executable, "-m", "cepe", *args], capture_output=True, text=True, env=env, timeout=300)
+    stage2 = dict(stage="stage2", decoder_len=DEC, n_ctx=N_CTX, ctx_len=CTX, batch_size=2, total_steps=2, lr=1e-3)
+    return run_config(student_dir, stream[0], out, **{**stage2, **kw})
 
 
 def oracle(hf, window: np.ndarray, t_kl: int, k: int):

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import run_cli, run_config, write_config
 
 import cepe
 from cepe.errors import ConfigError
@@ -45,54 +44,10 @@ def main_in_process(capsys, *args: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CEPE_CACHE": "/nonexistent-cepe-cache"}
-    return subprocess.run([sys.executable, "-m", "cepe", *args], capture_output=True, text=True, env=env, timeout=300)
-
-
-def write_config(path, cfg: dict) -> str:
-    """JSON, or TOML for a .toml path (flat keys; tables written inline)."""
-    path = str(path)
-    if path.endswith(".toml"):
-
-        def val(v):
-            if isinstance(v, bool):
-                return "true" if v else "false"
-            if isinstance(v, str):
-                return json.dumps(v)
-            if isinstance(v, list):
-                return "[" + ", ".join(val(x) for x in v) + "]"
-            if isinstance(v, dict):
-                return "{" + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + "}"
-            return repr(v)
-
-        text = "".join(f"{k} = {val(v)}\n" for k, v in cfg.items())
-        with open(path, "w") as f:
-            f.write(text)
-    else:
-        with open(path, "w") as f:
-            json.dump(cfg, f)
-    return path
-
-
 def warmup_cfg(cepe_dir, data_dir, out, **kw) -> dict:
-    cfg = dict(
-        model=cepe_dir,
-        output_dir=str(out),
-        stage="warmup",
-        tokens=str(data_dir / "stream.npy"),
-        decoder_len=24,
-        n_ctx=4,
-        batch_size=4,
-        grad_accum=2,
-        total_steps=6,
-        lr=5e-3,
-        save_every=0,
-        threads=2,
-        seed=3,
+    return run_config(
+        cepe_dir, str(data_dir / "stream.npy"), out, **{**dict(grad_accum=2, total_steps=6, threads=2), **kw}
     )
-    cfg.update(kw)
-    return cfg
 
 
 def read_log(path) -> list[dict]:

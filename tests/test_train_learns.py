@@ -27,6 +27,7 @@ import cepe
 torch = pytest.importorskip("torch")
 from transformers import LlamaConfig  # noqa: E402
 
+from cepe.testing import tiny_config  # noqa: E402
 from cepe.testing.reference import CepeReference  # noqa: E402 (needs torch)
 
 V = 64  # token ids 3..63 are drawn
@@ -38,22 +39,12 @@ def tiny_model(path: str, seed: int = 0) -> str:
     """A 2-layer decoder (d 64, GQA 4/2 heads) with cross-attention in both layers and a 2-layer
     bidirectional encoder (d 64). Random init: embeddings and lm_head N(0, 0.15^2), the decoder
     blocks N(0, 0.02^2) (transformers' initializer_range), norms U(0.5, 1.5)."""
-    common = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
-    dec = LlamaConfig(
-        **common,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
+    dec = tiny_config(
+        vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=256
     )
-    enc = LlamaConfig(
-        **common, num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=256
-    )
+    enc = {**dec, "num_key_value_heads": 4, "rms_norm_eps": 1e-6}
     torch.manual_seed(seed)
-    ref = CepeReference(dec, enc, n_cross=2).randomize(seed, scale=0.15)
+    ref = CepeReference(LlamaConfig(**dec), LlamaConfig(**enc), n_cross=2).randomize(seed, scale=0.15)
     with torch.no_grad():
         for name, p in ref.lm.model.layers.named_parameters():
             if not name.endswith("norm.weight"):

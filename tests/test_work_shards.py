@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import run_config, write_config
 from test_corpus import fake_stdlib, words
 
 from cepe import corpus
@@ -61,22 +62,10 @@ def teacher(model_factory):
 def test_teacher_shards_merge_to_the_unsharded_tables(tmp_path, teacher, capsys):
     student = make_reference(seed=7).save(str(tmp_path / "student"))
     np.save(tmp_path / "stream.npy", np.random.default_rng(0).integers(3, V, size=300).astype(np.int32))
-    cfg = dict(
-        model=student,
-        output_dir=str(tmp_path / "run"),
-        stage="stage2",
-        tokens=str(tmp_path / "stream.npy"),
-        decoder_len=16,
-        n_ctx=2,
-        ctx_len=8,
-        stride=10,
-        batch_size=2,
-        total_steps=2,
-        save_every=0,
-        threads=1,
+    stage2 = dict(stage="stage2", decoder_len=16, n_ctx=2, ctx_len=8, stride=10, batch_size=2, total_steps=2)
+    path = write_config(
+        tmp_path / "c.json", run_config(student, str(tmp_path / "stream.npy"), tmp_path / "run", **stage2)
     )
-    path = tmp_path / "c.json"
-    path.write_text(json.dumps(cfg))
     common = ["teacher", "--config", str(path), "--teacher", teacher[0], "--top-k", "4", "--json"]
     assert main([*common, "--out-prob", str(tmp_path / "p.npy"), "--out-index", str(tmp_path / "i.npy")]) == 0
     capsys.readouterr()

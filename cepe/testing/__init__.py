@@ -25,6 +25,7 @@ __all__ = [
     "TinyModel",
     "assert_generations_equal",
     "assert_logits_close",
+    "tiny_config",
     "write_tiny_cepe",
     "write_tiny_llama",
 ]
@@ -113,11 +114,17 @@ def _llama_tensors(cfg: dict[str, Any], prefix: str, rng: np.random.Generator, s
     return t
 
 
-def _llama_config(overrides: dict[str, Any]) -> dict[str, Any]:
+def tiny_config(**overrides: Any) -> dict[str, Any]:
+    """TINY_LLAMA with overrides (also head_dim, rope_scaling, sliding_window): a tiny LLaMA's
+    config keys, for write_tiny_llama or transformers' LlamaConfig."""
     unknown = set(overrides) - set(TINY_LLAMA) - {"head_dim", "rope_scaling", "sliding_window"}
     if unknown:
         raise ValueError(f"unknown config key(s) {sorted(unknown)}; known: {sorted(TINY_LLAMA)}")
-    cfg = {**TINY_LLAMA, **overrides}
+    return {**TINY_LLAMA, **overrides}
+
+
+def _llama_config(overrides: dict[str, Any]) -> dict[str, Any]:
+    cfg = tiny_config(**overrides)
     cfg.update(architectures=["LlamaForCausalLM"], model_type="llama", torch_dtype="float32")
     cfg.setdefault("head_dim", _head_dim(cfg))
     return cfg

@@ -7,11 +7,8 @@
  * oneMKL shares our pool, so multi-row products let it thread them. */
 
 #include "../blas.h"
+#include "../common.h"
 #include "ops.h"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 /* Columns per thread are a multiple of this, so slices stay SIMD-aligned. */
 #define MATMUL_ALIGN 16
@@ -57,11 +54,8 @@ int matmul_forward(float *out, const float *inp, const float *weight, int N, int
 #endif
 #pragma omp parallel num_threads(nt)
     {
-#ifdef _OPENMP
-        const int t = omp_get_thread_num(), n = omp_get_num_threads();
-#else
-        const int t = 0, n = 1;
-#endif
+        int t, n;
+        cepe_team(&t, &n);
         int o0, o1;
         slice(OC, t, n, &o0, &o1);
         matmul_slice(out, inp, weight, N, C, OC, o0, o1, beta);
@@ -118,11 +112,8 @@ int matmul_backward(float *dinp, float *dweight, const float *dout, const float 
 #endif
 #pragma omp parallel num_threads(nt)
     {
-#ifdef _OPENMP
-        const int t = omp_get_thread_num(), n = omp_get_num_threads();
-#else
-        const int t = 0, n = 1;
-#endif
+        int t, n;
+        cepe_team(&t, &n);
         backward_slice(dinp, dweight, dout, inp, weight, N, C, OC, beta, t, n);
     }
     return 0;

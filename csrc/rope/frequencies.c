@@ -19,30 +19,34 @@ static const char *const layout_names[] = {"half", "interleaved"};
 #define N_TYPES ((int)(sizeof type_names / sizeof type_names[0]))
 #define N_LAYOUTS ((int)(sizeof layout_names / sizeof layout_names[0]))
 
-const char *cepe_rope_type_name(cepe_rope_type t) {
-    return (int)t >= 0 && (int)t < N_TYPES ? type_names[t] : "?";
+/* names[i], or "?" for an i out of the table */
+static const char *name_of(const char *const *names, int n, int i) {
+    return i >= 0 && i < n ? names[i] : "?";
 }
+
+/* The index of name in names, or -1. */
+static int index_of(const char *const *names, int n, const char *name) {
+    for (int i = 0; i < n; i++)
+        if (strcmp(name, names[i]) == 0) return i;
+    return -1;
+}
+
+const char *cepe_rope_type_name(cepe_rope_type t) { return name_of(type_names, N_TYPES, (int)t); }
 
 int cepe_rope_type_parse(const char *name, cepe_rope_type *out) {
-    for (int i = 0; i < N_TYPES; i++)
-        if (strcmp(name, type_names[i]) == 0) {
-            *out = (cepe_rope_type)i;
-            return 0;
-        }
-    return -1;
+    const int i = index_of(type_names, N_TYPES, name);
+    if (i < 0) return -1;
+    *out = (cepe_rope_type)i;
+    return 0;
 }
 
-const char *cepe_rope_layout_name(cepe_rope_layout l) {
-    return (int)l >= 0 && (int)l < N_LAYOUTS ? layout_names[l] : "?";
-}
+const char *cepe_rope_layout_name(cepe_rope_layout l) { return name_of(layout_names, N_LAYOUTS, (int)l); }
 
 int cepe_rope_layout_parse(const char *name, cepe_rope_layout *out) {
-    for (int i = 0; i < N_LAYOUTS; i++)
-        if (strcmp(name, layout_names[i]) == 0) {
-            *out = (cepe_rope_layout)i;
-            return 0;
-        }
-    return -1;
+    const int i = index_of(layout_names, N_LAYOUTS, name);
+    if (i < 0) return -1;
+    *out = (cepe_rope_layout)i;
+    return 0;
 }
 
 /* ---------------------------------------------------------------- settings */
