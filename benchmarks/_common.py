@@ -155,6 +155,18 @@ SMOLLM2_135M = dict(
     tie_word_embeddings=True,
     max_position_embeddings=2048,
 )
+CEPE_ENCODER = dict(  # the CEPE encoder the benchmarks pair with SmolLM2-135M (6 x 512)
+    vocab_size=49152,
+    hidden_size=512,
+    intermediate_size=1408,
+    num_hidden_layers=6,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
 
 
 def plain_log_y(ax: Any) -> None:
@@ -226,3 +238,25 @@ def ensure_cepe_model(model_dir: str, dec: dict, enc: dict, seed: int, log: Call
         json.dump(want, f, indent=1)
     log(f"wrote a random CEPE model ({n_params / 1e6:.1f}M parameters) to {model_dir}")
     return n_params
+
+
+def add_model_and_out_args(p: Any) -> None:
+    """The --model-dir and --out options every model benchmark takes."""
+    p.add_argument("--model-dir", default=None, help="where to write or reuse the model (default: temp dir)")
+    p.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"),
+        help="directory for the plot (default: benchmarks/out/)",
+    )
+
+
+def settle_counts(p: Any, args: Any, defaults: tuple[tuple[str, int, int], ...]) -> None:
+    """Fills each count option left unset with its (name, full, quick) default, by --quick, and
+    checks every count and --threads is >= 1 (p.error otherwise)."""
+    for name, full, quick in defaults:
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    if args.threads < 1:
+        p.error("--threads must be >= 1")

@@ -44,8 +44,10 @@ import time
 
 import numpy as np
 from _common import (
+    CEPE_ENCODER,
     REPO_ROOT,
     SMOLLM2_135M,
+    add_model_and_out_args,
     children_cpu_s,
     cpu_model_name,
     ensure_cepe_model,
@@ -69,18 +71,7 @@ KB = 1024
 
 # SmolLM2-135M's shape, untied, with a window for the longest full-attention runs
 DECODER = {**SMOLLM2_135M, "rope_theta": 100000.0, "max_position_embeddings": 131072, "tie_word_embeddings": False}
-ENCODER = dict(
-    vocab_size=49152,
-    hidden_size=512,
-    intermediate_size=1408,
-    num_hidden_layers=6,
-    num_attention_heads=8,
-    num_key_value_heads=8,
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
-    max_position_embeddings=512,
-    tie_word_embeddings=False,
-)
+ENCODER = CEPE_ENCODER
 QUICK = dict(decoder_layers=4, encoder_layers=2, window=512, lengths=[1024, 2048, 4096, 8192])
 FULL_LENGTHS = [4096, 8192, 16384, 32768, 131072]
 
@@ -650,12 +641,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="cpu",
         help="cepe device: cpu, cuda or cuda:N (on a GPU the memory columns are the GPU memory NVML reports)",
     )
-    p.add_argument("--model-dir", default=None, help="where to write or reuse the model (default: temp dir)")
-    p.add_argument(
-        "--out",
-        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"),
-        help="directory for the plot (default: benchmarks/out/)",
-    )
+    add_model_and_out_args(p)
     p.add_argument("--quick", action="store_true", help="smoke run: 4+2 layers, window 512, lengths 1K..8K")
     p.add_argument("--phase", choices=["cepe", "full"], help=argparse.SUPPRESS)  # internal: child process
     p.add_argument("--scratch", help=argparse.SUPPRESS)

@@ -45,6 +45,7 @@ from collections.abc import Callable
 import numpy as np
 from _common import (
     SMOLLM2_135M,
+    add_model_and_out_args,
     children_cpu_s,
     cpu_model_name,
     git_state,
@@ -52,6 +53,7 @@ from _common import (
     print_result,
     pyplot,
     save_figure,
+    settle_counts,
     usable_cpus,
 )
 
@@ -736,12 +738,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=None, help="threads for both engines (default: all CPUs)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per figure, best kept (default 3)")
-    p.add_argument("--model-dir", default=None, help="where to write or reuse the model (default: temp dir)")
-    p.add_argument(
-        "--out",
-        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"),
-        help="directory for the plot (default: benchmarks/out/)",
-    )
+    add_model_and_out_args(p)
     p.add_argument("--prefill", type=int, default=None, help="prefill length (default 512)")
     p.add_argument("--decode", type=int, default=None, help="new tokens to decode (default 128)")
     p.add_argument(
@@ -768,19 +765,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.threads is None:
         args.threads = usable_cpus()
-    for name, full, quick in (
-        ("repeats", 3, 1),
-        ("rounds", 2, 1),
-        ("pairs", 30, 4),
-        ("prefill", 512, 64),
-        ("decode", 128, 16),
-    ):
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1")
-    if args.threads < 1:
-        p.error("--threads must be >= 1")
+    settle_counts(
+        p, args, (("repeats", 3, 1), ("rounds", 2, 1), ("pairs", 30, 4), ("prefill", 512, 64), ("decode", 128, 16))
+    )
     max_pos = FULL_CONFIG["max_position_embeddings"]
     if args.prefill > max_pos or PROMPT_LEN + args.decode > max_pos:
         p.error(f"--prefill and {PROMPT_LEN} + --decode must be <= {max_pos}")

@@ -60,6 +60,9 @@ import time
 
 import numpy as np
 from _common import (
+    CEPE_ENCODER,
+    SMOLLM2_135M,
+    add_model_and_out_args,
     cepe_tensors,
     children_cpu_s,
     cpu_model_name,
@@ -68,42 +71,17 @@ from _common import (
     gpu_process_bytes,
     machine_busy_s,
     proc_status,
+    settle_counts,
     usable_cpus,
 )
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
 
 SEED = 1234
 PAUSE_S = 1.0  # between child processes, so thread pools go idle
 CONTENDED = 0.25  # other_load above which a child's timings are marked contended
 LR, WARMUP_RATIO, TOTAL_STEPS, CLIP = 3e-4, 0.04, 1000, 1.0
 
-DECODER = dict(  # SmolLM2-135M's shape
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    rms_norm_eps=1e-5,
-    rope_theta=100000.0,
-    max_position_embeddings=8192,
-    tie_word_embeddings=True,
-)
-ENCODER = dict(
-    vocab_size=49152,
-    hidden_size=512,
-    intermediate_size=1408,
-    num_hidden_layers=6,
-    num_attention_heads=8,
-    num_key_value_heads=8,
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
-    max_position_embeddings=512,
-    tie_word_embeddings=False,
-)
+DECODER = {**SMOLLM2_135M, "rope_theta": 100000.0, "max_position_embeddings": 8192}  # SmolLM2-135M's shape
+ENCODER = CEPE_ENCODER
 FULL = dict(decoder_tokens=512, n_ctx=4, ctx_len=256)
 QUICK = dict(decoder_layers=4, encoder_layers=2, decoder_tokens=128, n_ctx=4, ctx_len=64)
 TARGETS = {"tok_s_ratio_cepe_over_torch": 1.5, "peak_rss_ratio_cepe_over_torch": 1.0}
@@ -792,12 +770,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="threads for both engines (default: all CPUs)")
     p.add_argument("--repeats", type=int, default=None, help="rounds of (cepe, torch) children (default 3)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per child after 1 warm-up (default 3)")
-    p.add_argument("--model-dir", default=None, help="where to write or reuse the model (default: temp dir)")
-    p.add_argument(
-        "--out",
-        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"),
-        help="directory for the plot (default: benchmarks/out/)",
-    )
+    add_model_and_out_args(p)
     p.add_argument("--quick", action="store_true", help="smoke run: 4+2 layers, 128 + 4x64 tokens, 1 round")
     p.add_argument(
         "--no-op-breakdown",
@@ -824,13 +797,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not (args.device == "cpu" or args.device == "cuda" or args.device.startswith("cuda:")):
         p.error(f"--device must be cpu, cuda or cuda:N, not {args.device!r}")
     args.threads = args.threads or usable_cpus()
-    for name, full, quick in (("repeats", 3, 1), ("steps", 3, 2)):
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1")
-    if args.threads < 1:
-        p.error("--threads must be >= 1")
+    settle_counts(p, args, (("repeats", 3, 1), ("steps", 3, 2)))
     return args
 
 
