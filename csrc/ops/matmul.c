@@ -7,6 +7,7 @@
  * oneMKL shares our pool, so multi-row products let it thread them. */
 
 #include "../blas.h"
+#include "../quant/quant.h"
 #include "ops.h"
 
 #ifdef _OPENMP
@@ -20,8 +21,7 @@ static void matmul_slice(float *out, const float *inp, const float *weight, int 
                          int o1, float beta) {
     if (o1 <= o0) return;
     if (N == 1) /* one token: a matrix-vector product streams W once */
-        CEPE_SGEMV(CblasRowMajor, CblasNoTrans, o1 - o0, C, 1.0f, weight + (long)o0 * C, C, inp, 1, beta,
-                   out + o0, 1);
+        cepe_sgemv(out + o0, inp, weight + (long)o0 * C, o1 - o0, C, C, beta != 0.0f);
     else
         CEPE_SGEMM(CblasRowMajor, CblasNoTrans, CblasTrans, N, o1 - o0, C, 1.0f, inp, C,
                    weight + (long)o0 * C, C, beta, out + o0, OC);

@@ -133,6 +133,21 @@ static void qmatmul_kernels(float *out, const float *x, const cepe_qtensor *w, i
     }
 }
 
+cepe_status cepe_sgemv(float *out, const float *x, const float *w, int n_out, int n_in, int64_t ld,
+                       int accumulate) {
+    if (n_out < 0 || n_in < 0 || ld < n_in)
+        return cepe_fail(CEPE_ERR_INVALID_ARG, "sgemv: %d x %d values with rows %lld apart", n_out, n_in,
+                         (long long)ld);
+    if (n_out == 0) return CEPE_OK;
+    if (!out || !x || !w) return cepe_fail(CEPE_ERR_INVALID_ARG, "sgemv: NULL pointer");
+    const quant_dot_fn dot = quant_kernel_for(CEPE_QTYPE_F32).dot;
+    for (int o = 0; o < n_out; o++) {
+        const float v = dot(n_in, w + (size_t)o * (size_t)ld, x);
+        out[o] = accumulate ? out[o] + v : v;
+    }
+    return CEPE_OK;
+}
+
 static void qmatmul_sgemm(float *out, const float *x, const cepe_qtensor *w, int rows, int accumulate,
                           float *tiles, int nt) {
     const int n_in = w->n_in, n_out = w->n_out;
