@@ -117,7 +117,6 @@ def _load():
         "cepe_qmatmul_uses_sgemm": (Int, [ctypes.POINTER(QTensor), Int]),
         "cepe_qmatmul_sgemm_rows": (Int, [Int]),
         "cepe_qmatmul": (Int, [P, P, ctypes.POINTER(QTensor), Int, Int, P, Z, Int]),
-        "cepe_sgemv": (Int, [P, P, P, Int, Int, I64, Int]),
         "cepe_last_error": (ctypes.c_char_p, []),
     }
     for name, (res, args) in sigs.items():
@@ -487,55 +486,64 @@ def test_qmatmul_sgemm_path(name, tmp_path):
         assert st == OK and np.all(np.abs(acc - init - x.astype(np.float64) @ w64.T) <= bound + 4 * U * np.abs(init))
 
 
-def sgemv(w: np.ndarray, x: np.ndarray, n_in: int, out: np.ndarray | None = None, accumulate=0) -> np.ndarray:
-    """cepe_sgemv over the rows of w (float32 [n_out, ld], the first n_in values of each used)."""
-    out = np.zeros(w.shape[0], np.float32) if out is None else out
-    st = LIB.cepe_sgemv(ptr(out), ptr(x), ptr(w), w.shape[0], n_in, w.shape[1], accumulate)
+def f32_rows(w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None, accumulate=0, threads=1) -> np.ndarray:
+    """One activation row by F32 weights w [n_out, n_in] through cepe_qmatmul."""
+    st, got = qmatmul(
+        qtensor("F32", w.view(np.uint8), w.shape[1]), x[None, :], out=out, accumulate=accumulate, threads=threads
+    )
     assert st == OK, last_error()
-    return out
+    return got[0]
 
 
 @pytest.mark.parametrize("isa", ISAS, ids=lambda i: ISA_NAMES[i])
-def test_sgemv_f32_within_bound(isa):
-    """F32 weights by one activation row (decode) on each instruction set: against the float64
-    product, |y - w·x| <= (n + 16) u Σ|w_i x_i| (n products, any summation order), at lengths
-    that leave every tail of the 8-, 16- and 64-wide loops, rows further apart than their
-    length, and with accumulate."""
+def test_f32_one_row_within_bound(isa):
+    """F32 weights by one activation row (decode: the F32 dot kernel, not the BLAS) on each
+    instruction set: against the float64 product, |y - w·x| <= (n + 16) u Σ|w_i x_i| (n
+    products, any summation order), at lengths that leave every tail of the 8-, 16- and
+    64-wide loops, on one thread or two (chunks of rows handed out as threads come free:
+    each output is still one kernel's dot, so equal either way), and with accumulate."""
     use_isa(isa)
     rng = np.random.default_rng(11)
     for n_in in (1, 5, 8, 15, 16, 17, 31, 33, 63, 64, 65, 100, 576, 1537):
-        for ld in (n_in, n_in + 3):
-            w = rng.normal(size=(37, ld)).astype(np.float32)
-            x = rng.normal(size=n_in).astype(np.float32)
-            w64, x64 = w[:, :n_in].astype(np.float64), x.astype(np.float64)
-            want, bound = w64 @ x64, (n_in + 16) * U * (np.abs(w64) @ np.abs(x64))
-            got = sgemv(w, x, n_in)
-            assert np.all(np.abs(got - want) <= bound), (n_in, ld)
-            init = rng.normal(size=37).astype(np.float32)
-            acc = sgemv(w, x, n_in, out=init.copy(), accumulate=1)
-            assert np.array_equal(acc, init + got), (n_in, ld)  # the same dot, then one addition
+        n_out = 300 if n_in < 600 else 37  # 300: 5 chunks of 64 rows, the last one short
+        w = rng.normal(size=(n_out, n_in)).astype(np.float32)
+        x = rng.normal(size=n_in).astype(np.float32)
+        w64, x64 = w.astype(np.float64), x.astype(np.float64)
+        want, bound = w64 @ x64, (n_in + 16) * U * (np.abs(w64) @ np.abs(x64))
+        assert not LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(qtensor("F32", w.view(np.uint8), n_in)), 1)
+        got = f32_rows(w, x)
+        assert np.all(np.abs(got - want) <= bound), n_in
+        assert np.array_equal(f32_rows(w, x, threads=2), got), n_in
+        init = rng.normal(size=(1, n_out)).astype(np.float32)
+        for threads in (1, 2):
+            acc = f32_rows(w, x, out=init.copy(), accumulate=1, threads=threads)
+            assert np.array_equal(acc, init[0] + got), (n_in, threads)  # the same dot, then one addition
     # a non-finite activation reaches every product; zero rows give exact zeros
     w = rng.normal(size=(4, 100)).astype(np.float32)
     x = np.ones(100, np.float32)
     x[97] = np.inf
-    assert not np.isfinite(sgemv(w, x, 100)).any()
-    assert np.array_equal(sgemv(np.zeros((3, 100), np.float32), rng.normal(size=100).astype(np.float32), 100), np.zeros(3))
+    assert not np.isfinite(f32_rows(w, x)).any()
+    assert np.array_equal(
+        f32_rows(np.zeros((3, 100), np.float32), rng.normal(size=100).astype(np.float32)), np.zeros(3)
+    )
 
 
-def test_sgemv_is_the_one_row_f32_product():
-    """One row of F32 weights through cepe_qmatmul (the BLAS path's matmul_forward, on one
-    thread or two) gives cepe_sgemv's values exactly: each output is one kernel's dot."""
-    rng = np.random.default_rng(12)
-    w = rng.normal(size=(1000, 576)).astype(np.float32)
-    x = rng.normal(size=(1, 576)).astype(np.float32)
-    want = sgemv(w, x[0], 576)
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: ISA_NAMES[i])
+@pytest.mark.parametrize("name", ["F16", "Q4_0", "Q8_0"])
+def test_qmatmul_kernel_chunks_equal_vec_dot(name, isa):
+    """Outputs wide enough to be handed out in chunks of 64 rows (the LM head's case): every
+    output on one thread or two equals vec_dot of its row, the short last chunk included."""
+    use_isa(isa)
+    rng = np.random.default_rng(13)
+    n_out, n_in = 64 * 9 + 21, 576
+    raw = random_rows(name, n_out, n_in, rng)
+    w = qtensor(name, raw, n_in)
+    x = rng.normal(size=(1, n_in)).astype(np.float32)
+    act, *_ = quantize(name, x[0])
+    want = np.array([vec_dot(name, raw[o], act, n_in) for o in range(n_out)], np.float32)
     for threads in (1, 2):
-        st, got = qmatmul(qtensor("F32", w.view(np.uint8), 576), x, threads=threads)
-        assert st == OK, last_error()
-        assert np.array_equal(got[0], want), threads
-        init = rng.normal(size=(1, 1000)).astype(np.float32)
-        st, acc = qmatmul(qtensor("F32", w.view(np.uint8), 576), x, out=init.copy(), accumulate=1, threads=threads)
-        assert st == OK and np.array_equal(acc[0], init[0] + want)
+        st, got = qmatmul(w, x, threads=threads)
+        assert st == OK and np.array_equal(got[0], want), threads
 
 
 @pytest.mark.parametrize("name", ["Q4_1", "Q6_K", "BF16"])
@@ -575,7 +583,9 @@ def test_qmatmul_crossover_per_format():
         w = qtensor(name, raw, 1024)
         assert not LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(w), rows - 1), name
         assert LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(w), rows), name
-    assert LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(qtensor("F32", raw, 16)), 1)
+    f32 = qtensor("F32", raw, 16)  # one row: the F32 dot kernel; two or more: the BLAS sgemm
+    assert not LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(f32), 1)
+    assert LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(f32), 2)
 
 
 def test_qmatmul_row_stride_and_views(tmp_path):
@@ -630,10 +640,6 @@ def test_refusals_name_the_fault():
     # scratch too small
     w = QTensor(8, 4, 64, ptr(raw), 68)
     refused(LIB.cepe_qmatmul(ptr(out), ptr(x), ctypes.byref(w), 1, 0, ptr(act), 8, 1), INVALID_ARG, "scratch")
-    # sgemv: shape, row distance, pointers
-    refused(LIB.cepe_sgemv(ptr(out), ptr(x), ptr(wf), 4, -1, 66, 0), INVALID_ARG, "sgemv", "-1")
-    refused(LIB.cepe_sgemv(ptr(out), ptr(x), ptr(wf), 4, 64, 60, 0), INVALID_ARG, "sgemv", "60")
-    refused(LIB.cepe_sgemv(ptr(out), None, ptr(wf), 4, 64, 66, 0), INVALID_ARG, "sgemv", "NULL")
     # instruction sets
     refused(LIB.cepe_quant_set_isa(7), INVALID_ARG, "7")
     if ISAS[-1] < 2:

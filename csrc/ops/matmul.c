@@ -20,15 +20,20 @@
 static void matmul_slice(float *out, const float *inp, const float *weight, int N, int C, int OC, int o0,
                          int o1, float beta) {
     if (o1 <= o0) return;
-    if (N == 1) /* one token: a matrix-vector product streams W once */
-        cepe_sgemv(out + o0, inp, weight + (long)o0 * C, o1 - o0, C, C, beta != 0.0f);
-    else
-        CEPE_SGEMM(CblasRowMajor, CblasNoTrans, CblasTrans, N, o1 - o0, C, 1.0f, inp, C,
-                   weight + (long)o0 * C, C, beta, out + o0, OC);
+    CEPE_SGEMM(CblasRowMajor, CblasNoTrans, CblasTrans, N, o1 - o0, C, 1.0f, inp, C, weight + (long)o0 * C, C,
+               beta, out + o0, OC);
 }
 
 int matmul_forward(float *out, const float *inp, const float *weight, int N, int C, int OC, int accumulate,
                    int n_threads) {
+    if (N == 1) { /* one token: the F32 dot kernel of the stored formats' family (quant.h) */
+        const cepe_qtensor w = {.type = CEPE_QTYPE_F32,
+                                .n_out = OC,
+                                .n_in = C,
+                                .data = weight,
+                                .row_stride = (size_t)C * sizeof(float)};
+        return cepe_qmatmul(out, inp, &w, 1, accumulate, NULL, 0, n_threads) != CEPE_OK;
+    }
     const float beta = accumulate ? 1.0f : 0.0f;
     int nt = n_threads;
     if (nt > OC / MATMUL_ALIGN) nt = OC / MATMUL_ALIGN;

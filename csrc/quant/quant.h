@@ -124,14 +124,6 @@ cepe_status cepe_quantize_activations(int type, const float *x, void *act, int64
  * prepared by cepe_quantize_activations, on the current ISA. */
 cepe_status cepe_vec_dot(int type, int64_t n, const void *row, const void *act, float *out);
 
-/* out[n_out] (+)= W · x for fp32 W (n_out rows of n_in values, rows ld
- * floats apart) and one activation row x[n_in], on the current ISA, in this
- * thread (callers split the rows). One row streams W once, so this is bound
- * by memory bandwidth: the kernels of the formats above, not a BLAS sgemv
- * (oneMKL takes its generic code path on AMD CPUs). */
-cepe_status cepe_sgemv(float *out, const float *x, const float *w, int n_out, int n_in, int64_t ld,
-                       int accumulate);
-
 /* Scratch bytes cepe_qmatmul needs for `rows` rows of activations. */
 size_t cepe_qmatmul_work_size(const cepe_qtensor *w, int rows, int n_threads);
 /* Whether cepe_qmatmul multiplies `rows` rows by dequantizing tiles of w and
