@@ -500,12 +500,12 @@ def test_f32_one_row_within_bound(isa):
     """F32 weights by one activation row (decode: the F32 dot kernel, not the BLAS) on each
     instruction set: against the float64 product, |y - w·x| <= (n + 16) u Σ|w_i x_i| (n
     products, any summation order), at lengths that leave every tail of the 8-, 16- and
-    64-wide loops, on one thread or two (chunks of rows handed out as threads come free:
-    each output is still one kernel's dot, so equal either way), and with accumulate."""
+    64-wide loops, on one thread or two (each output is one kernel's dot, so equal either
+    way), and with accumulate."""
     use_isa(isa)
     rng = np.random.default_rng(11)
     for n_in in (1, 5, 8, 15, 16, 17, 31, 33, 63, 64, 65, 100, 576, 1537):
-        n_out = 300 if n_in < 600 else 37  # 300: 5 chunks of 64 rows, the last one short
+        n_out = 300 if n_in < 600 else 37  # 300: thread shares of 160 and 140 rows
         w = rng.normal(size=(n_out, n_in)).astype(np.float32)
         x = rng.normal(size=n_in).astype(np.float32)
         w64, x64 = w.astype(np.float64), x.astype(np.float64)
@@ -530,9 +530,9 @@ def test_f32_one_row_within_bound(isa):
 
 @pytest.mark.parametrize("isa", ISAS, ids=lambda i: ISA_NAMES[i])
 @pytest.mark.parametrize("name", ["F16", "Q4_0", "Q8_0"])
-def test_qmatmul_kernel_chunks_equal_vec_dot(name, isa):
-    """Outputs wide enough to be handed out in chunks of 64 rows (the LM head's case): every
-    output on one thread or two equals vec_dot of its row, the short last chunk included."""
+def test_qmatmul_kernel_wide_output_equals_vec_dot(name, isa):
+    """A wide output with a short last slice (as the LM head's): every output on one thread
+    or two equals vec_dot of its row."""
     use_isa(isa)
     rng = np.random.default_rng(13)
     n_out, n_in = 64 * 9 + 21, 576

@@ -60,17 +60,15 @@ AVX512 static float dot_f16(int n, const void *row, const void *act) {
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
            a3 = _mm512_setzero_ps();
     int i = 0;
-    /* The weights in whole 64-byte loads, each split into two halves of 16:
-     * 1.15-1.25x the speed of 32-byte loads when decoding SmolLM2-135M on Zen 4
-     * (a weight stream from memory, benchmarks/README.md). */
     for (; i + 64 <= n; i += 64) {
-        const __m512i w01 = _mm512_loadu_si512(w + i), w23 = _mm512_loadu_si512(w + i + 32);
-        a0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(w01)), _mm512_loadu_ps(x + i), a0);
-        a1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(w01, 1)), _mm512_loadu_ps(x + i + 16),
-                             a1);
-        a2 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(w23)), _mm512_loadu_ps(x + i + 32), a2);
-        a3 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(w23, 1)), _mm512_loadu_ps(x + i + 48),
-                             a3);
+        a0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + i))),
+                             _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + i + 16))),
+                             _mm512_loadu_ps(x + i + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + i + 32))),
+                             _mm512_loadu_ps(x + i + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + i + 48))),
+                             _mm512_loadu_ps(x + i + 48), a3);
     }
     for (; i + 16 <= n; i += 16)
         a0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + i))),

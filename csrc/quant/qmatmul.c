@@ -50,11 +50,6 @@ static int sgemm_rows_override = 0; /* cepe_qmatmul_sgemm_rows; 0: the table */
 #define ROW_ALIGN 16
 #define WORK_ALIGN 64
 #define SERIAL_PREP_ROWS 4
-/* The kernels' output rows are handed out in chunks of this many, each to the
- * next thread that is free (llama.cpp's split): when a core is shared and one
- * thread is descheduled, the other takes on its rows instead of waiting at the
- * barrier. Products with fewer than 4 chunks a thread split evenly instead. */
-#define CHUNK_ROWS 64
 
 int cepe_qmatmul_uses_sgemm(const cepe_qtensor *w, int rows) {
     if (w->type == CEPE_QTYPE_F32) return rows > 1; /* one row: the F32 kernel (see cepe_qmatmul) */
@@ -138,18 +133,9 @@ static void qmatmul_kernels(float *out, const float *x, const cepe_qtensor *w, i
             for (int r = 0; r < rows; r++)
                 quant_prepare_act(k.act, x + (size_t)r * n_in, act + (size_t)r * ab, n_in);
         }
-        const int chunks = (n_out + CHUNK_ROWS - 1) / CHUNK_ROWS;
-        if (chunks < 4 * n) {
-            int o0, o1;
-            share(n_out, t, n, &o0, &o1);
-            kernel_rows(out, x, w, k, act, ab, rows, accumulate, o0, o1);
-        } else {
-#pragma omp for schedule(dynamic, 1) nowait
-            for (int c = 0; c < chunks; c++) {
-                const int o1 = (c + 1) * CHUNK_ROWS;
-                kernel_rows(out, x, w, k, act, ab, rows, accumulate, c * CHUNK_ROWS, o1 < n_out ? o1 : n_out);
-            }
-        }
+        int o0, o1;
+        share(n_out, t, n, &o0, &o1);
+        kernel_rows(out, x, w, k, act, ab, rows, accumulate, o0, o1);
     }
 }
 
