@@ -193,8 +193,8 @@ static inline void quant_unpack_q6_K(const block_q6_K *x, int8_t q[256]) {
 
 /* ------------------------------------------------------------ kernels
  * One table per instruction set, indexed by quant_type_index(); a NULL dot
- * means "use the path below". QT_F32 has no type index (F32 weights go to
- * the BLAS everywhere but in cepe_sgemv, one activation row). */
+ * means "use the path below". QT_F32 has no type index: F32 weights take
+ * its kernel for one activation row and the BLAS sgemm for more (cepe_qmatmul). */
 
 enum { QT_F16, QT_BF16, QT_Q4_0, QT_Q4_1, QT_Q8_0, QT_Q4_K, QT_Q5_K, QT_Q6_K, QT_F32, QT_COUNT };
 
