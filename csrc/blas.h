@@ -12,18 +12,15 @@
 #include <mkl_cblas.h>
 #include <mkl_service.h>
 #define CEPE_SGEMM cblas_sgemm
-#define CEPE_SGEMV cblas_sgemv
 #define CEPE_BLAS_SET_THREADS mkl_set_num_threads
 #define CEPE_BLAS_NAME "oneMKL"
 #elif defined(CEPE_SYSTEM_BLAS)
 #include <cblas.h>
 #define CEPE_SGEMM cblas_sgemm
-#define CEPE_SGEMV cblas_sgemv
 #define CEPE_BLAS_NAME "system CBLAS"
 #else
 #include <cblas.h> /* scipy_openblas32/include/cblas.h */
 #define CEPE_SGEMM scipy_cblas_sgemm
-#define CEPE_SGEMV scipy_cblas_sgemv
 #define CEPE_BLAS_SET_THREADS scipy_openblas_set_num_threads
 #define CEPE_BLAS_CONFIG scipy_openblas_get_config
 #define CEPE_BLAS_NAME "scipy-openblas32"

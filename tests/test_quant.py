@@ -428,6 +428,66 @@ def test_qmatmul_sgemm_path(name, tmp_path):
         assert st == OK and np.all(np.abs(acc - init - x.astype(np.float64) @ w64.T) <= bound + 4 * U * np.abs(init))
 
 
+def f32_rows(w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None, accumulate=0, threads=1) -> np.ndarray:
+    """One activation row by F32 weights w [n_out, n_in] through cepe_qmatmul."""
+    st, got = qmatmul(
+        qtensor("F32", w.view(np.uint8), w.shape[1]), x[None, :], out=out, accumulate=accumulate, threads=threads
+    )
+    assert st == OK, last_error()
+    return got[0]
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: ISA_NAMES[i])
+def test_f32_one_row_within_bound(isa):
+    """F32 weights by one activation row (decode: the F32 dot kernel, not the BLAS) on each
+    instruction set: against the float64 product, |y - w·x| <= (n + 16) u Σ|w_i x_i| (n
+    products, any summation order), at lengths that leave every tail of the 8-, 16- and
+    64-wide loops, on one thread or two (each output is one kernel's dot, so equal either
+    way), and with accumulate."""
+    use_isa(isa)
+    rng = np.random.default_rng(11)
+    for n_in in (1, 5, 8, 15, 16, 17, 31, 33, 63, 64, 65, 100, 576, 1537):
+        n_out = 300 if n_in < 600 else 37  # 300: thread shares of 160 and 140 rows
+        w = rng.normal(size=(n_out, n_in)).astype(np.float32)
+        x = rng.normal(size=n_in).astype(np.float32)
+        w64, x64 = w.astype(np.float64), x.astype(np.float64)
+        want, bound = w64 @ x64, (n_in + 16) * U * (np.abs(w64) @ np.abs(x64))
+        assert not LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(qtensor("F32", w.view(np.uint8), n_in)), 1)
+        got = f32_rows(w, x)
+        assert np.all(np.abs(got - want) <= bound), n_in
+        assert np.array_equal(f32_rows(w, x, threads=2), got), n_in
+        init = rng.normal(size=(1, n_out)).astype(np.float32)
+        for threads in (1, 2):
+            acc = f32_rows(w, x, out=init.copy(), accumulate=1, threads=threads)
+            assert np.array_equal(acc, init[0] + got), (n_in, threads)  # the same dot, then one addition
+    # a non-finite activation reaches every product; zero rows give exact zeros
+    w = rng.normal(size=(4, 100)).astype(np.float32)
+    x = np.ones(100, np.float32)
+    x[97] = np.inf
+    assert not np.isfinite(f32_rows(w, x)).any()
+    assert np.array_equal(
+        f32_rows(np.zeros((3, 100), np.float32), rng.normal(size=100).astype(np.float32)), np.zeros(3)
+    )
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: ISA_NAMES[i])
+@pytest.mark.parametrize("name", ["F16", "Q4_0", "Q8_0"])
+def test_qmatmul_kernel_wide_output_equals_vec_dot(name, isa):
+    """A wide output with a short last slice (as the LM head's): every output on one thread
+    or two equals vec_dot of its row."""
+    use_isa(isa)
+    rng = np.random.default_rng(13)
+    n_out, n_in = 64 * 9 + 21, 576
+    raw = random_rows(name, n_out, n_in, rng)
+    w = qtensor(name, raw, n_in)
+    x = rng.normal(size=(1, n_in)).astype(np.float32)
+    act, *_ = quantize(name, x[0])
+    want = np.array([vec_dot(name, raw[o], act, n_in) for o in range(n_out)], np.float32)
+    for threads in (1, 2):
+        st, got = qmatmul(w, x, threads=threads)
+        assert st == OK and np.array_equal(got[0], want), threads
+
+
 @pytest.mark.parametrize("name", ["Q4_1", "Q6_K", "BF16"])
 def test_qmatmul_either_way_at_any_row_count(name, tmp_path):
     """The crossover moved both ways: many rows through the kernels (equal to vec_dot
@@ -465,7 +525,9 @@ def test_qmatmul_crossover_per_format():
         w = qtensor(name, raw, 1024)
         assert not LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(w), rows - 1), name
         assert LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(w), rows), name
-    assert LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(qtensor("F32", raw, 16)), 1)
+    f32 = qtensor("F32", raw, 16)  # one row: the F32 dot kernel; two or more: the BLAS sgemm
+    assert not LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(f32), 1)
+    assert LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(f32), 2)
 
 
 def test_qmatmul_row_stride_and_views(tmp_path):

@@ -8,6 +8,7 @@
 
 #include "../blas.h"
 #include "../common.h"
+#include "../quant/quant.h"
 #include "ops.h"
 
 /* Columns per thread are a multiple of this, so slices stay SIMD-aligned. */
@@ -16,12 +17,8 @@
 static void matmul_slice(float *out, const float *inp, const float *weight, int N, int C, int OC, int o0,
                          int o1, float beta) {
     if (o1 <= o0) return;
-    if (N == 1) /* one token: a matrix-vector product streams W once */
-        CEPE_SGEMV(CblasRowMajor, CblasNoTrans, o1 - o0, C, 1.0f, weight + (long)o0 * C, C, inp, 1, beta,
-                   out + o0, 1);
-    else
-        CEPE_SGEMM(CblasRowMajor, CblasNoTrans, CblasTrans, N, o1 - o0, C, 1.0f, inp, C,
-                   weight + (long)o0 * C, C, beta, out + o0, OC);
+    CEPE_SGEMM(CblasRowMajor, CblasNoTrans, CblasTrans, N, o1 - o0, C, 1.0f, inp, C, weight + (long)o0 * C, C,
+               beta, out + o0, OC);
 }
 
 /* [*lo, *hi) of n items for thread t of nt, in multiples of MATMUL_ALIGN. */
@@ -33,6 +30,14 @@ static void slice(int n, int t, int nt, int *lo, int *hi) {
 
 int matmul_forward(float *out, const float *inp, const float *weight, int N, int C, int OC, int accumulate,
                    int n_threads) {
+    if (N == 1) { /* one token: the F32 dot kernel of the stored formats' family (quant.h) */
+        const cepe_qtensor w = {.type = CEPE_QTYPE_F32,
+                                .n_out = OC,
+                                .n_in = C,
+                                .data = weight,
+                                .row_stride = (size_t)C * sizeof(float)};
+        return cepe_qmatmul(out, inp, &w, 1, accumulate, NULL, 0, n_threads) != CEPE_OK;
+    }
     const float beta = accumulate ? 1.0f : 0.0f;
     int nt = n_threads;
     if (nt > OC / MATMUL_ALIGN) nt = OC / MATMUL_ALIGN;
@@ -45,13 +50,11 @@ int matmul_forward(float *out, const float *inp, const float *weight, int N, int
     /* oneMKL's GNU-threading layer runs on our libgomp pool, so it may thread
      * a product itself: as fast as the column split on wide outputs and up to
      * 1.4x faster on narrow ones (k/v: 192 columns, 96 per thread). */
-    if (N > 1) {
-        const int prev = mkl_set_num_threads_local(nt);
-        matmul_slice(out, inp, weight, N, C, OC, 0, OC, beta);
-        mkl_set_num_threads_local(prev);
-        return 0;
-    }
-#endif
+    const int prev = mkl_set_num_threads_local(nt);
+    matmul_slice(out, inp, weight, N, C, OC, 0, OC, beta);
+    mkl_set_num_threads_local(prev);
+    return 0;
+#else
 #pragma omp parallel num_threads(nt)
     {
         int t, n;
@@ -61,6 +64,7 @@ int matmul_forward(float *out, const float *inp, const float *weight, int N, int
         matmul_slice(out, inp, weight, N, C, OC, o0, o1, beta);
     }
     return 0;
+#endif
 }
 
 /* ------------------------------------------------------------ backward */

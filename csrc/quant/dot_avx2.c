@@ -42,7 +42,25 @@ AVX2 static inline __m256i dot_us8(__m256i u, __m256i s) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
 
-/* ------------------------------------------------------------ F16 / BF16 */
+/* ------------------------------------------------------------ F32 / F16 / BF16 */
+
+AVX2 static float dot_f32(int n, const void *row, const void *act) {
+    const float *w = row;
+    const float *x = act;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+           a3 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+    }
+    for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+    float sum = hsum_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; i < n; i++) sum += w[i] * x[i];
+    return sum;
+}
 
 AVX2 static float dot_f16(int n, const void *row, const void *act) {
     const uint16_t *w = row;
@@ -311,6 +329,7 @@ AVX2 static float dot_q6_K(int n, const void *row, const void *act) {
 }
 
 void quant_kernels_avx2(quant_kernel t[QT_COUNT]) {
+    t[QT_F32] = (quant_kernel){dot_f32, ACT_F32};
     t[QT_F16] = (quant_kernel){dot_f16, ACT_F32};
     t[QT_BF16] = (quant_kernel){dot_bf16, ACT_F32};
     t[QT_Q4_0] = (quant_kernel){dot_q4_0, ACT_Q8_32};

@@ -32,7 +32,27 @@ AVX512 static inline __m512i join_epi32(int lo, int hi) {
     return join(_mm256_set1_epi32(lo), _mm256_set1_epi32(hi));
 }
 
-/* ------------------------------------------------------------ F16 / BF16 */
+/* ------------------------------------------------------------ F32 / F16 / BF16 */
+
+AVX512 static float dot_f32(int n, const void *row, const void *act) {
+    const float *w = row;
+    const float *x = act;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
+           a3 = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 64 <= n; i += 64) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
+    }
+    for (; i + 16 <= n; i += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
+    if (i < n) { /* the last n % 16 values, masked */
+        const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + i), _mm512_maskz_loadu_ps(m, x + i), a1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
 
 AVX512 static float dot_f16(int n, const void *row, const void *act) {
     const uint16_t *w = row;
@@ -378,6 +398,7 @@ AVX512 static float dot_q6_K(int n, const void *row, const void *act) {
 }
 
 void quant_kernels_avx512(quant_kernel t[QT_COUNT], int has_bf16) {
+    t[QT_F32] = (quant_kernel){dot_f32, ACT_F32};
     t[QT_F16] = (quant_kernel){dot_f16, ACT_F32};
     t[QT_BF16] = has_bf16 ? (quant_kernel){dot_bf16_dp, ACT_BF16} : (quant_kernel){dot_bf16_f32, ACT_F32};
     t[QT_Q4_0] = (quant_kernel){dot_q4_0, ACT_Q8_32};

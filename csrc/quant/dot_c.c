@@ -7,6 +7,19 @@
 
 /* 16 partial sums, so the compiler can keep them in vector lanes (a float
  * sum in one variable must be added in order and stays scalar). */
+static float dot_f32(int n, const void *row, const void *act) {
+    const float *w = row;
+    const float *x = act;
+    float acc[16] = {0};
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; l++) acc[l] += w[i + l] * x[i + l];
+    float sum = 0.0f;
+    for (; i < n; i++) sum += w[i] * x[i];
+    for (int l = 0; l < 16; l++) sum += acc[l];
+    return sum;
+}
+
 static float dot_f16(int n, const void *row, const void *act) {
     const uint16_t *w = row;
     const float *x = act;
@@ -147,6 +160,7 @@ static float dot_q6_K(int n, const void *row, const void *act) {
 }
 
 void quant_kernels_c(quant_kernel t[QT_COUNT]) {
+    t[QT_F32] = (quant_kernel){dot_f32, ACT_F32};
     t[QT_F16] = (quant_kernel){dot_f16, ACT_F32};
     t[QT_BF16] = (quant_kernel){dot_bf16, ACT_F32};
     t[QT_Q4_0] = (quant_kernel){dot_q4_0, ACT_Q8_32};

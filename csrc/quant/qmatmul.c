@@ -52,7 +52,7 @@ static int sgemm_rows_override = 0; /* cepe_qmatmul_sgemm_rows; 0: the table */
 #define SERIAL_PREP_ROWS 4
 
 int cepe_qmatmul_uses_sgemm(const cepe_qtensor *w, int rows) {
-    if (w->type == CEPE_QTYPE_F32) return 1;
+    if (w->type == CEPE_QTYPE_F32) return rows > 1; /* one row: the F32 kernel (see cepe_qmatmul) */
     const int t = quant_type_index((int)w->type);
     if (t < 0) return 0;
     return rows >= (sgemm_rows_override > 0 ? sgemm_rows_override : SGEMM_MIN_ROWS[t]);
@@ -93,12 +93,27 @@ static void share(int n_out, int t, int nt, int *o0, int *o1) {
     *o1 = *o0 + per < n_out ? *o0 + per : n_out;
 }
 
+/* Output rows [o0, o1) of every activation row through the kernel k. */
+static void kernel_rows(float *out, const float *x, const cepe_qtensor *w, quant_kernel k,
+                        const unsigned char *act, size_t ab, int rows, int accumulate, int o0, int o1) {
+    const int n_in = w->n_in, n_out = w->n_out;
+    const unsigned char *base = w->data;
+    for (int o = o0; o < o1; o++) {
+        const void *row = base + (size_t)o * w->row_stride;
+        for (int r = 0; r < rows; r++) {
+            const void *a = ab ? (const void *)(act + (size_t)r * ab) : (const void *)(x + (size_t)r * n_in);
+            const float v = k.dot(n_in, row, a);
+            float *dst = out + (size_t)r * n_out + o;
+            *dst = accumulate ? *dst + v : v;
+        }
+    }
+}
+
 static void qmatmul_kernels(float *out, const float *x, const cepe_qtensor *w, int rows, int accumulate,
                             unsigned char *act, int nt) {
     const quant_kernel k = quant_kernel_for((int)w->type);
     const size_t ab = act_bytes_per_row(w);
     const int n_in = w->n_in, n_out = w->n_out;
-    const unsigned char *base = w->data;
     /* A few rows (decoding) are quantized before the team starts: a row takes
      * about a microsecond, less than the barrier an `omp for` would add, which
      * costs far more when the cores are shared. */
@@ -120,16 +135,7 @@ static void qmatmul_kernels(float *out, const float *x, const cepe_qtensor *w, i
         }
         int o0, o1;
         share(n_out, t, n, &o0, &o1);
-        for (int o = o0; o < o1; o++) {
-            const void *row = base + (size_t)o * w->row_stride;
-            for (int r = 0; r < rows; r++) {
-                const void *a =
-                    ab ? (const void *)(act + (size_t)r * ab) : (const void *)(x + (size_t)r * n_in);
-                const float v = k.dot(n_in, row, a);
-                float *dst = out + (size_t)r * n_out + o;
-                *dst = accumulate ? *dst + v : v;
-            }
-        }
+        kernel_rows(out, x, w, k, act, ab, rows, accumulate, o0, o1);
     }
 }
 
@@ -178,8 +184,15 @@ cepe_status cepe_qmatmul(float *out, const float *x, const cepe_qtensor *w, int 
             return cepe_fail(CEPE_ERR_UNSUPPORTED,
                              "qmatmul: F32 weights with a row stride of %zu bytes (dense rows only)",
                              w->row_stride);
-        if (matmul_forward(out, x, w->data, rows, w->n_in, w->n_out, accumulate, n_threads) != 0)
-            return cepe_fail(CEPE_ERR_BACKEND, "qmatmul: BLAS matmul failed");
+        /* One row streams W once and is bound by memory bandwidth: the F32
+         * dot kernel, 1.7x oneMKL's sgemv here (oneMKL takes its generic code
+         * path on AMD CPUs). More rows: the BLAS sgemm. */
+        if (rows > 1) {
+            if (matmul_forward(out, x, w->data, rows, w->n_in, w->n_out, accumulate, n_threads) != 0)
+                return cepe_fail(CEPE_ERR_BACKEND, "qmatmul: BLAS matmul failed");
+            return CEPE_OK;
+        }
+        qmatmul_kernels(out, x, w, rows, accumulate, NULL, team_size(w, rows, n_threads));
         return CEPE_OK;
     }
     const int nt = team_size(w, rows, n_threads);

@@ -309,7 +309,7 @@ cepe_status cepe_quant_set_isa(int isa) {
 
 quant_kernel quant_kernel_for(int type) {
     pthread_once(&isa_once, isa_init);
-    return kernels[isa_now][quant_type_index(type)];
+    return kernels[isa_now][type == CEPE_QTYPE_F32 ? QT_F32 : quant_type_index(type)];
 }
 
 /* ------------------------------------------------------------ rows */

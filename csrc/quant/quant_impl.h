@@ -193,9 +193,10 @@ static inline void quant_unpack_q6_K(const block_q6_K *x, int8_t q[256]) {
 
 /* ------------------------------------------------------------ kernels
  * One table per instruction set, indexed by quant_type_index(); a NULL dot
- * means "use the path below". */
+ * means "use the path below". QT_F32 has no type index: F32 weights take
+ * its kernel for one activation row and the BLAS sgemm for more (cepe_qmatmul). */
 
-enum { QT_F16, QT_BF16, QT_Q4_0, QT_Q4_1, QT_Q8_0, QT_Q4_K, QT_Q5_K, QT_Q6_K, QT_COUNT };
+enum { QT_F16, QT_BF16, QT_Q4_0, QT_Q4_1, QT_Q8_0, QT_Q4_K, QT_Q5_K, QT_Q6_K, QT_F32, QT_COUNT };
 
 void quant_kernels_c(quant_kernel table[QT_COUNT]);
 void quant_kernels_avx2(quant_kernel table[QT_COUNT]);
@@ -204,7 +205,7 @@ void quant_kernels_avx512(quant_kernel table[QT_COUNT], int has_bf16);
 
 /* The table index of a GGML type id, -1 for F32 and unknown types. */
 int quant_type_index(int type);
-/* The kernel the current ISA uses for a type (type valid, not F32). */
+/* The kernel the current ISA uses for a type (valid, F32 included). */
 quant_kernel quant_kernel_for(int type);
 /* Fills act with x[n] in the given form (n a multiple of its block). */
 void quant_prepare_act(act_kind kind, const float *x, void *act, int64_t n);
