@@ -21,10 +21,6 @@
 #include "../ops/ops.h"
 #include "quant_impl.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 /* Output rows each thread widens per sgemm call: 64 while the activation rows
  * are few (more, smaller calls split the work evenly), 128 from 64 rows on,
  * where each call's repacking of the activations costs more than the larger
@@ -123,11 +119,8 @@ static void qmatmul_kernels(float *out, const float *x, const cepe_qtensor *w, i
             quant_prepare_act(k.act, x + (size_t)r * n_in, act + (size_t)r * ab, n_in);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-#ifdef _OPENMP
-        const int t = omp_get_thread_num(), n = omp_get_num_threads();
-#else
-        const int t = 0, n = 1;
-#endif
+        int t, n;
+        cepe_team(&t, &n);
         if (ab && !serial_prep) {
 #pragma omp for schedule(static)
             for (int r = 0; r < rows; r++)
@@ -146,11 +139,8 @@ static void qmatmul_sgemm(float *out, const float *x, const cepe_qtensor *w, int
     const float beta = accumulate ? 1.0f : 0.0f;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-#ifdef _OPENMP
-        const int t = omp_get_thread_num(), n = omp_get_num_threads();
-#else
-        const int t = 0, n = 1;
-#endif
+        int t, n;
+        cepe_team(&t, &n);
 #ifdef CEPE_MKL_BLAS
         const int prev = mkl_set_num_threads_local(1);
 #endif

@@ -7,10 +7,6 @@
 #include "../blas.h"
 #include "quant_impl.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 /* Weight rows widened per step: 256 rows of 1536 floats is 1.5 MB, shared
  * read-only by every thread. */
 #define BWD_TILE 256
@@ -40,11 +36,8 @@ cepe_status cepe_qmatmul_backward_input(float *dinp, const float *dout, const ce
         const float *t = f32 ? (const float *)(const void *)(base + (size_t)a * w->row_stride) : tile;
 #pragma omp parallel num_threads(nt) if (nt > 1)
         {
-#ifdef _OPENMP
-            const int id = omp_get_thread_num(), n = omp_get_num_threads();
-#else
-            const int id = 0, n = 1;
-#endif
+            int id, n;
+            cepe_team(&id, &n);
 #ifdef CEPE_MKL_BLAS
             const int prev = mkl_set_num_threads_local(1);
 #endif
