@@ -16,7 +16,8 @@ layer counts by S (widths kept), so the script runs on a small machine. Written 
   `llama-quantize ... Q4_K_M` (gguf.quants has no Q4_K quantizer; built by bench_llamacpp.py's
   build_tools under --llcpp-cache) + the same bf16 head.
 
-Each measurement runs in a process of its own (peak RSS: that child's ru_maxrss, from wait4):
+Each measurement runs in a process of its own (peak RSS: that child's VmHWM, read after the load
+and after the measurement, the high-water mark restarted in between):
   load    cepe.load(path): seconds, peak RSS;
   decode  tokens/s of a greedy decode of --gen tokens after a 16-token prompt;
   cepe    forward of --dec-tokens decoder tokens (logits of the last position) with --ctx-tokens
@@ -97,6 +98,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--headroom-gb", type=float, default=1.5)
     p.add_argument("--llcpp-cache", default=os.path.join("~", ".cache", "cepe", "llcpp"))
     p.add_argument("--estimate-only", action="store_true", help="measure the probe, estimate, write and run nothing")
+    p.add_argument("--probes-from", help="reuse the probes of an earlier run's JSON (same --dir, same engine)")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--worker", nargs=2, metavar=("WHAT", "PATH"), help=argparse.SUPPRESS)
     return p.parse_args()
@@ -250,12 +252,13 @@ def child(what: str, path: str, a: argparse.Namespace) -> dict:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env)
     assert proc.stdout is not None
     out = proc.stdout.read()
-    _, status, ru = os.wait4(proc.pid, 0)
+    _, status, _ = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         return {"error": f"the {what} child failed with status {os.waitstatus_to_exitcode(status)}"}
     r = json.loads(out)
-    # reset_peak also restarts ru_maxrss: the load's peak is the worker's own figure
-    return {**r, "peak_rss_gb": max(ru.ru_maxrss * 1024, r["load_peak"], r["run_peak"]) / GB}
+    # not wait4's ru_maxrss: a forked child inherits the parent's high-water mark until exec (a
+    # parent that wrote the files in-process would lend it its own peak), and reset_peak restarts it
+    return {**r, "peak_rss_gb": max(r["load_peak"], r["run_peak"]) / GB}
 
 
 def mem_available() -> int:
@@ -331,7 +334,16 @@ def main() -> None:
     # the probes: the same forms at 1 and 2 decoder layers (1 encoder layer), measured first
     probe_shapes = [shapes(1, dec_layers=n, enc_layers=1) for n in (1, 2)]
     probes: dict[str, list[dict]] = {form: [] for form in forms}
-    for n, (pdec, penc) in enumerate(probe_shapes, 1):
+    if a.probes_from:
+        with open(a.probes_from) as f:
+            earlier = json.load(f)["forms"]
+        for form in forms:  # stored in GB where they are bytes
+            probes[form] = [
+                {k: v * GB if k.startswith(("rss", "load_peak", "run_peak")) else v for k, v in p.items()}
+                for p in earlier[form]["probes"]
+            ]
+        result["probes_from"] = a.probes_from
+    for n, (pdec, penc) in enumerate([] if a.probes_from else probe_shapes, 1):
         probe_paths = ensure_model(
             os.path.join(root, "probe" if n == 1 else f"probe{n}"), pdec, penc, forms, a.llcpp_cache
         )
