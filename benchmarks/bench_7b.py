@@ -18,7 +18,7 @@ layer counts by S (widths kept), so the script runs on a small machine. Written 
 
 Each measurement runs in a process of its own (peak RSS: that child's VmHWM, read after the load
 and after the measurement, the high-water mark restarted in between):
-  load    cepe.load(path): seconds, peak RSS;
+  load    cepe.load(path): seconds, peak RSS (the other two report their load's as well);
   decode  tokens/s of a greedy decode of --gen tokens after a 16-token prompt;
   cepe    forward of --dec-tokens decoder tokens (logits of the last position) with --ctx-tokens
           context tokens in 256-token encoder chunks: seconds, peak RSS.
@@ -98,6 +98,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--headroom-gb", type=float, default=1.5)
     p.add_argument("--llcpp-cache", default=os.path.join("~", ".cache", "cepe", "llcpp"))
     p.add_argument("--estimate-only", action="store_true", help="measure the probe, estimate, write and run nothing")
+    p.add_argument(
+        "--measure",
+        default="load,decode,cepe",
+        help="the children to run per form, in this order (of load,decode,cepe)",
+    )
     p.add_argument("--probes-from", help="reuse the probes of an earlier run's JSON (same --dir, same engine)")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--worker", nargs=2, metavar=("WHAT", "PATH"), help=argparse.SUPPRESS)
@@ -313,6 +318,9 @@ def main() -> None:
     unknown = set(forms) - set(FORMS)
     if unknown:
         sys.exit(f"--forms: unknown {sorted(unknown)} (known: {', '.join(FORMS)})")
+    measures = [w.strip() for w in a.measure.split(",") if w.strip()]
+    if not measures or set(measures) - {"load", "decode", "cepe"}:
+        sys.exit(f"--measure: {a.measure!r} is not a list of load, decode, cepe")
     dec, enc = shapes(a.scale)
     params = n_params(dec, enc)
     result: dict = {
@@ -386,12 +394,12 @@ def main() -> None:
         else:
             path = ensure_model(target_dir, dec, enc, [form], a.llcpp_cache)[form]
             row["disk_gb"] = round(disk_bytes(path) / GB, 3)
-            for what in ("load", "decode", "cepe"):
+            for what in measures:
                 log(f"{form}: {what}")
                 r = child(what, path, a)
                 row[what] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
                 log(f"  {row[what]}")
-            row["peak_rss_gb"] = max(row[w].get("peak_rss_gb", 0.0) for w in ("load", "decode", "cepe"))
+            row["peak_rss_gb"] = max(row[w].get("peak_rss_gb", 0.0) for w in measures)
         if a.scale == 1 and form in TARGETS_GB:
             peak = row.get("peak_rss_gb")
             row["target_gb"] = TARGETS_GB[form]
