@@ -243,7 +243,10 @@ def worker(what: str, path: str, a: argparse.Namespace) -> None:
         ids = rng.integers(3, 32000, size=(1, a.dec_tokens))
         chunks = rng.integers(3, 32000, size=(a.ctx_tokens // CHUNK, CHUNK))
         start = time.perf_counter()
-        model.forward(ids, encoder_input_ids=chunks, logits="last")
+        # recomputed cross-attention K/V: what the full model picks by default (its 32 layers' K/V
+        # over 8K context tokens far exceed Model.prefill_kv_budget_bytes); a probe of 1 layer would
+        # keep its own (256 MiB: within the budget) and take the other path
+        model.forward(ids, encoder_input_ids=chunks, logits="last", keep_cross_kv=False)
         out["cepe_forward_s"] = time.perf_counter() - start
     out["run_peak"] = status("VmHWM")
     print(json.dumps(out))
