@@ -5,7 +5,7 @@ to be continued or saved."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -16,8 +16,8 @@ from cepe.testing.reference import make_reference
 
 
 @pytest.fixture(scope="module", params=["all_layers", "last_two_layers"])
-def model(request, tmp_path_factory):
-    over = {} if request.param == "all_layers" else {"n_cross": 2}
+def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> cepe.Model:
+    over: dict[str, Any] = {} if request.param == "all_layers" else {"n_cross": 2}
     ref = make_reference(seed=5, **over)
     return cepe.load(ref.save(str(tmp_path_factory.mktemp(request.param))))
 
@@ -35,7 +35,9 @@ def _inputs(B: int, T: int, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
 
 @pytest.mark.parametrize(("B", "T"), [(2, 600), (1, 9), (1, 1100)])  # 3 chunks of 256, 1 chunk, 3 of 512
 @pytest.mark.parametrize("logits", ["all", "last"])
-def test_single_pass_equals_full_cache(model, monkeypatch, B, T, logits):
+def test_single_pass_equals_full_cache(
+    model: cepe.Model, monkeypatch: pytest.MonkeyPatch, B: int, T: int, logits: Literal["all", "last"]
+) -> None:
     ids, kw = _inputs(B, T, seed=T)
     made: list[bool] = []
     real_context = cepe_c.Context
@@ -57,7 +59,7 @@ def test_single_pass_equals_full_cache(model, monkeypatch, B, T, logits):
     assert made in ([], [False])  # [] : the model's kept context served
 
 
-def test_single_pass_context_is_not_continued(model):
+def test_single_pass_context_is_not_continued(model: cepe.Model) -> None:
     ids = np.arange(3, 12, dtype=np.int32)[None]
     ctx = cepe_c.Context(model._core, 1, 32, single_pass=True)
     first = ctx.forward(ids, None, None, 1)
