@@ -28,7 +28,8 @@ class Model:
 
 @final
 class Context:
-    """Per-request state of a Model: KV cache and scratch."""
+    """Per-request state of a Model: KV cache and scratch. single_pass: a cache of one layer, for
+    one forward call that is not continued."""
 
     @property
     def batch(self) -> int: ...
@@ -38,7 +39,7 @@ class Context:
     def length(self) -> int: ...
     @property
     def context_length(self) -> int: ...
-    def __init__(self, model: Model, batch: int, capacity: int) -> None: ...
+    def __init__(self, model: Model, batch: int, capacity: int, *, single_pass: bool = ...) -> None: ...
     def forward(
         self,
         ids: NDArray[np.int32],

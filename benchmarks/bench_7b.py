@@ -16,19 +16,24 @@ layer counts by S (widths kept), so the script runs on a small machine. Written 
   `llama-quantize ... Q4_K_M` (gguf.quants has no Q4_K quantizer; built by bench_llamacpp.py's
   build_tools under --llcpp-cache) + the same bf16 head.
 
-Each measurement runs in a process of its own (peak RSS: that child's ru_maxrss, from wait4):
-  load    cepe.load(path): seconds, peak RSS;
+Each measurement runs in a process of its own (peak RSS: that child's VmHWM, read after the load
+and after the measurement, the high-water mark restarted in between):
+  load    cepe.load(path): seconds, peak RSS (the other two report their load's as well);
   decode  tokens/s of a greedy decode of --gen tokens after a 16-token prompt;
   cepe    forward of --dec-tokens decoder tokens (logits of the last position) with --ctx-tokens
           context tokens in 256-token encoder chunks: seconds, peak RSS.
 
 Before running a form, its peak is estimated; a form whose estimate exceeds the memory the
 machine has available (MemAvailable, less --headroom-gb) is reported as not run instead of
-driving the machine into swap. The estimate: the bytes each weight takes once loaded, measured
-on a small model of this shape in the same form (1 decoder layer, 1 encoder layer; written
-under --dir/probe), times the model's parameters, plus the probe's activation memory
-scaled by the layer count. Targets (at --scale 1): bf16 peak <= 20 GB; Q4_K decoder + bf16
-head <= 9 GB. Prints one JSON object on stdout (progress on stderr).
+driving the machine into swap. The estimate comes from two probes of this shape in the same
+form, with 1 and 2 decoder layers and 1 encoder layer (written under --dir/probe and
+--dir/probe2), each measured as the cepe child above: a straight line through the two gives
+a fixed part and a per-decoder-layer part of the loaded weights, of the load's peak and of
+the forward's growth over the loaded model (its K/V, scratch, weight pages first touched),
+extended to the model's decoder layers; the encoder's further layers add their parameters at
+2 bytes each (the encoder is bf16 in every form). The JSON reports the fitted parts.
+Targets (at --scale 1): bf16 peak <= 20 GB; Q4_K decoder + bf16 head <= 9 GB. Prints one
+JSON object on stdout (progress on stderr).
 """
 
 from __future__ import annotations
@@ -93,6 +98,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--headroom-gb", type=float, default=1.5)
     p.add_argument("--llcpp-cache", default=os.path.join("~", ".cache", "cepe", "llcpp"))
     p.add_argument("--estimate-only", action="store_true", help="measure the probe, estimate, write and run nothing")
+    p.add_argument(
+        "--measure",
+        default="load,decode,cepe",
+        help="the children to run per form, in this order (of load,decode,cepe)",
+    )
+    p.add_argument("--probes-from", help="reuse the probes of an earlier run's JSON (same --dir, same engine)")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--worker", nargs=2, metavar=("WHAT", "PATH"), help=argparse.SUPPRESS)
     return p.parse_args()
@@ -232,7 +243,10 @@ def worker(what: str, path: str, a: argparse.Namespace) -> None:
         ids = rng.integers(3, 32000, size=(1, a.dec_tokens))
         chunks = rng.integers(3, 32000, size=(a.ctx_tokens // CHUNK, CHUNK))
         start = time.perf_counter()
-        model.forward(ids, encoder_input_ids=chunks, logits="last")
+        # recomputed cross-attention K/V: what the full model picks by default (its 32 layers' K/V
+        # over 8K context tokens far exceed Model.prefill_kv_budget_bytes); a probe of 1 layer would
+        # keep its own (256 MiB: within the budget) and take the other path
+        model.forward(ids, encoder_input_ids=chunks, logits="last", keep_cross_kv=False)
         out["cepe_forward_s"] = time.perf_counter() - start
     out["run_peak"] = status("VmHWM")
     print(json.dumps(out))
@@ -246,12 +260,13 @@ def child(what: str, path: str, a: argparse.Namespace) -> dict:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env)
     assert proc.stdout is not None
     out = proc.stdout.read()
-    _, status, ru = os.wait4(proc.pid, 0)
+    _, status, _ = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         return {"error": f"the {what} child failed with status {os.waitstatus_to_exitcode(status)}"}
     r = json.loads(out)
-    # reset_peak also restarts ru_maxrss: the load's peak is the worker's own figure
-    return {**r, "peak_rss_gb": max(ru.ru_maxrss * 1024, r["load_peak"], r["run_peak"]) / GB}
+    # not wait4's ru_maxrss: a forked child inherits the parent's high-water mark until exec (a
+    # parent that wrote the files in-process would lend it its own peak), and reset_peak restarts it
+    return {**r, "peak_rss_gb": max(r["load_peak"], r["run_peak"]) / GB}
 
 
 def mem_available() -> int:
@@ -262,21 +277,38 @@ def mem_available() -> int:
     return 0
 
 
-def estimate(probe: dict, probe_params: int, probe_layers: int, params: int, layers: int) -> float:
-    """Peak bytes of a model of `params` parameters and `layers` decoder layers in the probe's form:
-    the larger of the load's peak and the CEPE forward's, each scaled from the probe's (the
-    weights by the parameter count, the forward's activations, conservatively, by the layers)."""
-    base, w = probe["rss_base"], params / probe_params
-    load = base + (probe["load_peak"] - base) * w
-    activations = max(0, probe["run_peak"] - probe["rss_loaded"])
-    run = base + (probe["rss_loaded"] - base) * w + activations * layers / probe_layers
-    return max(load, run)
+def line(y1: float, y2: float) -> tuple[float, float]:
+    """(fixed, per layer) of the line through (1, y1) and (2, y2); the per-layer part is
+    clamped at 0 (a probe's noise must not make more layers cost less)."""
+    per = max(0.0, y2 - y1)
+    return y1 - per, per
+
+
+def fit(p1: dict, p2: dict, layers: int, enc_extra_params: int) -> dict:
+    """The fitted parts (bytes) of two probes' figures (over each child's base RSS) at 1 and
+    2 decoder layers, and the peak they predict at `layers` decoder layers."""
+    parts: dict = {}
+    for key, fig in (
+        ("weights", lambda p: p["rss_loaded"] - p["rss_base"]),
+        ("load_peak", lambda p: p["load_peak"] - p["rss_base"]),
+        ("forward", lambda p: max(0, p["run_peak"] - p["rss_loaded"])),
+    ):
+        parts[key + "_fixed"], parts[key + "_per_layer"] = line(fig(p1), fig(p2))
+    parts["encoder_extra"] = 2.0 * enc_extra_params
+    at = {k: parts[k + "_fixed"] + parts[k + "_per_layer"] * layers for k in ("weights", "load_peak", "forward")}
+    base = max(p1["rss_base"], p2["rss_base"])
+    load = base + at["load_peak"] + parts["encoder_extra"]
+    run = base + at["weights"] + parts["encoder_extra"] + at["forward"]
+    parts["forward_at_layers"] = at["forward"]
+    parts["peak"] = max(load, run)
+    return parts
 
 
 def main() -> None:
     a = parse_args()
     if a.worker:
-        worker(*a.worker, a)
+        what, path = a.worker
+        worker(what, path, a)
         return
     if REPO_ROOT not in sys.path:
         sys.path.insert(0, REPO_ROOT)
@@ -289,6 +321,9 @@ def main() -> None:
     unknown = set(forms) - set(FORMS)
     if unknown:
         sys.exit(f"--forms: unknown {sorted(unknown)} (known: {', '.join(FORMS)})")
+    measures = [w.strip() for w in a.measure.split(",") if w.strip()]
+    if not measures or set(measures) - {"load", "decode", "cepe"}:
+        sys.exit(f"--measure: {a.measure!r} is not a list of load, decode, cepe")
     dec, enc = shapes(a.scale)
     params = n_params(dec, enc)
     result: dict = {
@@ -307,26 +342,50 @@ def main() -> None:
         "targets_gb": TARGETS_GB if a.scale == 1 else "apply at --scale 1 only",
         "forms": {},
     }
-    # the probe: the same forms at 1 decoder layer and 1 encoder layer, measured first
-    pdec, penc = shapes(1, dec_layers=1, enc_layers=1)
-    probe_paths = ensure_model(os.path.join(root, "probe"), pdec, penc, forms, a.llcpp_cache)
-    probes = {}
-    for form in forms:
-        probes[form] = child("cepe", probe_paths[form], a)
-        log(f"probe {form}: {probes[form]}")
-    same = (dec, enc) == (pdec, penc)  # the probe's own shape: its files serve
+    # the probes: the same forms at 1 and 2 decoder layers (1 encoder layer), measured first
+    probe_shapes = [shapes(1, dec_layers=n, enc_layers=1) for n in (1, 2)]
+    probes: dict[str, list[dict]] = {form: [] for form in forms}
+    if a.probes_from:
+        with open(a.probes_from) as f:
+            earlier = json.load(f)["forms"]
+        for form in forms:  # stored in GB where they are bytes
+            probes[form] = [
+                {k: v * GB if k.startswith(("rss", "load_peak", "run_peak")) else v for k, v in p.items()}
+                for p in earlier[form]["probes"]
+            ]
+        result["probes_from"] = a.probes_from
+    for n, (pdec, penc) in enumerate([] if a.probes_from else probe_shapes, 1):
+        probe_paths = ensure_model(
+            os.path.join(root, "probe" if n == 1 else f"probe{n}"), pdec, penc, forms, a.llcpp_cache
+        )
+        for form in forms:
+            probes[form].append(child("cepe", probe_paths[form], a))
+            log(f"probe {form}, {n} decoder layer(s): {probes[form][-1]}")
+    same = (dec, enc) == probe_shapes[0]  # the first probe's own shape: its files serve
     target_dir = os.path.join(root, "probe" if same else f"scale{a.scale}")
+    enc_layer_params = n_params(*shapes(1, dec_layers=1, enc_layers=2)) - n_params(*probe_shapes[0])
+    enc_extra_params = (enc["num_hidden_layers"] - 1) * enc_layer_params
     for form in forms:
         row: dict = {}
-        pr = probes[form]
-        if "error" in pr:
-            row["not_run"] = f"probe: {pr['error']}"
+        p1, p2 = probes[form]
+        if "error" in p1 or "error" in p2:
+            row["not_run"] = f"probe: {p1.get('error') or p2.get('error')}"
             result["forms"][form] = row
             continue
-        est = estimate(pr, n_params(pdec, penc), 1, params, dec["num_hidden_layers"])
+        parts = fit(p1, p2, dec["num_hidden_layers"], enc_extra_params)
+        est = parts.pop("peak")
         avail = mem_available() - a.headroom_gb * GB
         row["estimated_peak_gb"] = round(est / GB, 2)
-        row["bytes_per_weight_loaded"] = round((pr["rss_loaded"] - pr["rss_base"]) / n_params(pdec, penc), 3)
+        row["fit_gb"] = {k: round(v / GB, 4) for k, v in parts.items()}
+        row["probes"] = [
+            {
+                k: round(v / GB, 4) if k.startswith(("rss", "load_peak", "run_peak")) else round(v, 2)
+                for k, v in p.items()
+            }
+            for p in (p1, p2)
+        ]
+        dec_layer_params = n_params(*probe_shapes[1]) - n_params(*probe_shapes[0])
+        row["bytes_per_decoder_layer_weight"] = round(parts["weights_per_layer"] / dec_layer_params, 3)
         if a.estimate_only:
             row["not_run"] = f"--estimate-only (fits: {est <= avail}; {avail / GB:.1f} GB available)"
         elif est > avail:
@@ -338,12 +397,12 @@ def main() -> None:
         else:
             path = ensure_model(target_dir, dec, enc, [form], a.llcpp_cache)[form]
             row["disk_gb"] = round(disk_bytes(path) / GB, 3)
-            for what in ("load", "decode", "cepe"):
+            for what in measures:
                 log(f"{form}: {what}")
                 r = child(what, path, a)
                 row[what] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
                 log(f"  {row[what]}")
-            row["peak_rss_gb"] = max(row[w].get("peak_rss_gb", 0.0) for w in ("load", "decode", "cepe"))
+            row["peak_rss_gb"] = max(row[w].get("peak_rss_gb", 0.0) for w in measures)
         if a.scale == 1 and form in TARGETS_GB:
             peak = row.get("peak_rss_gb")
             row["target_gb"] = TARGETS_GB[form]

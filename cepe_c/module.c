@@ -277,11 +277,11 @@ static void Context_dealloc(ContextObject *self) {
 }
 
 static int Context_init(ContextObject *self, PyObject *args, PyObject *kw) {
-    static char *names[] = {"model", "batch", "capacity", NULL};
+    static char *names[] = {"model", "batch", "capacity", "single_pass", NULL};
     PyObject *model, *batch_o, *capacity_o;
-    int batch, capacity;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!OO:Context", names, &cepe_c_ModelType, &model, &batch_o,
-                                     &capacity_o))
+    int batch, capacity, single_pass = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!OO|$p:Context", names, &cepe_c_ModelType, &model, &batch_o,
+                                     &capacity_o, &single_pass))
         return -1;
     if (bind_int(batch_o, "batch", INT_MIN, INT_MAX, &batch) < 0 ||
         bind_int(capacity_o, "capacity", INT_MIN, INT_MAX, &capacity) < 0)
@@ -291,7 +291,9 @@ static int Context_init(ContextObject *self, PyObject *args, PyObject *kw) {
         return -1;
     }
     cepe_status st;
-    Py_BEGIN_ALLOW_THREADS st = cepe_ctx_create(((ModelObject *)model)->model, batch, capacity, &self->ctx);
+    cepe_model *mm = ((ModelObject *)model)->model;
+    Py_BEGIN_ALLOW_THREADS st = single_pass ? cepe_ctx_create_single_pass(mm, batch, capacity, &self->ctx)
+                                            : cepe_ctx_create(mm, batch, capacity, &self->ctx);
     Py_END_ALLOW_THREADS if (st) {
         raise_status(st);
         return -1;
@@ -776,7 +778,8 @@ static PyTypeObject ContextType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "cepe_c.Context",
     .tp_basicsize = sizeof(ContextObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Per-request state of a Model: KV cache and scratch.",
+    .tp_doc = "Context(model, batch, capacity, *, single_pass=False): per-request state of a Model: KV cache "
+              "and scratch. single_pass: a cache of one layer, for one forward call that is not continued.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Context_init,
     .tp_dealloc = (destructor)Context_dealloc,

@@ -159,6 +159,13 @@ cepe_status cepe_model_encode(const cepe_model *m, const int32_t *ids, const uin
 /* ---- per-request context: KV cache + run state --------------------------- */
 /* batch rows of up to `capacity` tokens each (prompt + generated). */
 cepe_status cepe_ctx_create(const cepe_model *m, int batch, int capacity, cepe_ctx **out);
+/* A context for one forward call whose K/V nobody reads afterwards (a
+ * forward without a cache): its KV cache holds a single layer, n_layers
+ * times less memory, and a call longer than one chunk runs layer by layer
+ * (every chunk through a layer before the next layer), which leaves each
+ * token's outputs as they would be otherwise. After its first call it cannot
+ * be continued (further forward calls, generation) or saved. */
+cepe_status cepe_ctx_create_single_pass(const cepe_model *m, int batch, int capacity, cepe_ctx **out);
 void cepe_ctx_free(cepe_ctx *c);
 void cepe_ctx_reset(cepe_ctx *c);
 int cepe_ctx_length(const cepe_ctx *c); /* tokens per row already cached */

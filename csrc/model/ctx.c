@@ -10,7 +10,7 @@
  * while keeping GEMMs large enough to run near the BLAS peak. */
 #define CEPE_CHUNK_ROWS 512
 
-cepe_status cepe_ctx_create(const cepe_model *m, int batch, int capacity, cepe_ctx **out) {
+static cepe_status ctx_create(const cepe_model *m, int batch, int capacity, int single_pass, cepe_ctx **out) {
     if (!m || !out) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_ctx_create: NULL argument");
     *out = NULL;
     if (!m->finalized) return cepe_fail(CEPE_ERR_STATE, "the model has unbound weights (call finalize)");
@@ -23,6 +23,7 @@ cepe_status cepe_ctx_create(const cepe_model *m, int batch, int capacity, cepe_c
     x->m = m;
     x->B = batch;
     x->cap = capacity;
+    x->cache_layers = single_pass ? 1 : c->n_layers;
     x->chunk = CEPE_CHUNK_ROWS / batch;
     if (x->chunk < 1) x->chunk = 1;
     if (x->chunk > capacity) x->chunk = capacity;
@@ -33,8 +34,8 @@ cepe_status cepe_ctx_create(const cepe_model *m, int batch, int capacity, cepe_c
     const size_t rows = (size_t)batch * (size_t)x->chunk;
     const size_t kvd = (size_t)c->n_kv_heads * (size_t)c->head_dim;
     const size_t qd = (size_t)c->n_heads * (size_t)c->head_dim;
-    const size_t cache = cepe_mul_size(cepe_mul_size((size_t)c->n_layers * (size_t)batch, (size_t)capacity),
-                                       kvd * sizeof(float));
+    const size_t cache = cepe_mul_size(
+        cepe_mul_size((size_t)x->cache_layers * (size_t)batch, (size_t)capacity), kvd * sizeof(float));
     if (cache == SIZE_MAX) goto oom;
     /* [dev] buffers come from the backend, [host] ones from the heap */
 #define DEV(field, count, type)                                                                              \
@@ -87,6 +88,14 @@ fail:
         cepe_ctx_free(x);
         return st ? st : cepe_fail(CEPE_ERR_BACKEND, "%s backend: resetting a new context failed", be->name);
     }
+}
+
+cepe_status cepe_ctx_create(const cepe_model *m, int batch, int capacity, cepe_ctx **out) {
+    return ctx_create(m, batch, capacity, 0, out);
+}
+
+cepe_status cepe_ctx_create_single_pass(const cepe_model *m, int batch, int capacity, cepe_ctx **out) {
+    return ctx_create(m, batch, capacity, 1, out);
 }
 
 void cepe_ctx_free(cepe_ctx *x) {
@@ -302,6 +311,8 @@ static int copy_kv(cepe_ctx *x, float *k, float *v, int len, int to_host) {
 
 cepe_status cepe_ctx_save(const cepe_ctx *c, cepe_ctx_state *st) {
     if (!c || !st) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_ctx_save: NULL argument");
+    if (c->cache_layers != c->m->cfg.n_layers)
+        return cepe_fail(CEPE_ERR_STATE, "a single-pass context keeps one layer's K/V: it cannot be saved");
     cepe_ctx *x = (cepe_ctx *)c; /* copy_kv only reads through it */
     const cepe_backend *be = x->m->be;
     if (st->len != x->len)
@@ -323,6 +334,9 @@ cepe_status cepe_ctx_save(const cepe_ctx *c, cepe_ctx_state *st) {
 
 cepe_status cepe_ctx_load(cepe_ctx *x, const cepe_ctx_state *st) {
     if (!x || !st) return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_ctx_load: NULL argument");
+    if (x->cache_layers != x->m->cfg.n_layers)
+        return cepe_fail(CEPE_ERR_STATE,
+                         "a single-pass context keeps one layer's K/V: it cannot load a cache");
     if (st->len < 0 || st->len > x->cap)
         return cepe_fail(CEPE_ERR_INVALID_ARG, "a cache of %d tokens does not fit the capacity %d", st->len,
                          x->cap);

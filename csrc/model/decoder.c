@@ -66,7 +66,8 @@ static void layer_forward(cepe_ctx *x, int l, const chunk_view *cv, const float 
     const int B = x->B, c = cv->c, d = cfg->hidden_size;
     const int half = m->rope.half, kvd = cfg->n_kv_heads * cfg->head_dim, nt = m->n_threads;
     const long layer_stride = (long)B * x->cap * kvd;
-    float *kc = x->k_cache + l * layer_stride, *vc = x->v_cache + l * layer_stride;
+    const long slot = x->cache_layers == cfg->n_layers ? l : 0; /* single-pass: one layer's K/V */
+    float *kc = x->k_cache + slot * layer_stride, *vc = x->v_cache + slot * layer_stride;
     const block_scratch s = {.xn = x->xn,
                              .q = x->q,
                              .k = x->k,
@@ -328,6 +329,11 @@ static cepe_status forward_call(cepe_ctx *x, const int32_t *ids, const double *p
         return cepe_fail(CEPE_ERR_INVALID_ARG, "cepe_ctx_forward: NULL logits buffer");
     const cepe_model *m = x->m;
     const int V = m->cfg.vocab_size, d = m->cfg.hidden_size, B = x->B;
+    const int single_pass = x->cache_layers != m->cfg.n_layers;
+    if (single_pass && x->len > 0)
+        return cepe_fail(CEPE_ERR_STATE,
+                         "a single-pass context keeps only its last layer's K/V: it cannot be "
+                         "continued (use a context with a full cache)");
     if (T > x->cap - x->len)
         return cepe_fail(CEPE_ERR_STATE, "context capacity exceeded: %d cached + %d new tokens > capacity %d",
                          x->len, T, x->cap);
@@ -368,8 +374,9 @@ static cepe_status forward_call(cepe_ctx *x, const int32_t *ids, const double *p
     if (st) return st;
 
     /* Layer-major when a recomputed context's K/V would otherwise be projected
-     * once per chunk; its buffers are per call (freed before returning). */
-    const int layer_major = x->ctx_N > 0 && !x->cross_kept && T > x->chunk;
+     * once per chunk, or when the cache holds one layer (a later chunk reads
+     * the earlier chunks' K/V of every layer); its buffers are per call. */
+    const int layer_major = (single_pass || (x->ctx_N > 0 && !x->cross_kept)) && T > x->chunk;
     float *resid = NULL, *cos_t = NULL, *sin_t = NULL;
     if (layer_major) {
         const size_t rows = (size_t)B * (size_t)T, half = (size_t)m->rope.half;

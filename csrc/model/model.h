@@ -88,8 +88,9 @@ struct cepe_ctx {
     atomic_int interrupt;
     atomic_long progress_done,
         progress_total; /* layer passes of the running forward call (any thread may read) */
-    /* [dev] KV cache: (n_layers, B, cap, KVH*hd) each; RoPE already applied to K. */
+    /* [dev] KV cache: (cache_layers, B, cap, KVH*hd) each; RoPE already applied to K. */
     float *k_cache, *v_cache;
+    int cache_layers;         /* n_layers; 1: single-pass (cepe_ctx_create_single_pass), one layer's K/V */
     uint8_t *valid, *valid_h; /* [both] (B, cap) 1 = real token */
     double *next_pos;         /* [host] (B) position of the next real token per row */
     /* run state for one chunk of B*chunk rows */
