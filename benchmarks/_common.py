@@ -141,31 +141,26 @@ def proc_status() -> dict:
     return out
 
 
+def llama_shape(
+    *, vocab: int, hidden: int, ffn: int, layers: int, heads: int, kv_heads: int, eps: float, theta: float,
+    max_pos: int, tied: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """A LLaMA config's shape keys, in transformers' names."""
+    return dict(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, rms_norm_eps=eps, rope_theta=theta,
+        max_position_embeddings=max_pos, tie_word_embeddings=tied,
+    )  # fmt: skip
+
+
 # SmolLM2-135M's shape (HuggingFaceTB/SmolLM2-135M: tied embeddings, a 2048-token window), for
 # random-weight models of the default model's size.
-SMOLLM2_135M = dict(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    rms_norm_eps=1e-5,
-    rope_theta=100000,
-    tie_word_embeddings=True,
-    max_position_embeddings=2048,
+SMOLLM2_135M = llama_shape(
+    vocab=49152, hidden=576, ffn=1536, layers=30, heads=9, kv_heads=3, eps=1e-5, theta=100000, max_pos=2048, tied=True
 )
-CEPE_ENCODER = dict(  # the CEPE encoder the benchmarks pair with SmolLM2-135M (6 x 512)
-    vocab_size=49152,
-    hidden_size=512,
-    intermediate_size=1408,
-    num_hidden_layers=6,
-    num_attention_heads=8,
-    num_key_value_heads=8,
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
-    max_position_embeddings=512,
-    tie_word_embeddings=False,
+# The CEPE encoder the benchmarks pair with SmolLM2-135M (6 x 512).
+CEPE_ENCODER = llama_shape(
+    vocab=49152, hidden=512, ffn=1408, layers=6, heads=8, kv_heads=8, eps=1e-6, theta=10000.0, max_pos=512, tied=False
 )
 
 

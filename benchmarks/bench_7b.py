@@ -48,34 +48,18 @@ import sys
 import time
 
 import numpy as np
-from _common import cepe_tensors, cpu_model_name, git_state, official_config, usable_cpus
+from _common import cepe_tensors, cpu_model_name, git_state, llama_shape, official_config, usable_cpus
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GB = 1e9
-DECODER = dict(
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-    max_position_embeddings=4096,
-    tie_word_embeddings=False,
-)
-ENCODER = dict(
-    vocab_size=32001,
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    num_key_value_heads=16,
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
-    max_position_embeddings=512,
-    tie_word_embeddings=True,
-)
+DECODER = llama_shape(  # LLaMA-2-7B
+    vocab=32000, hidden=4096, ffn=11008, layers=32, heads=32, kv_heads=32, eps=1e-5, theta=10000.0, max_pos=4096,
+    tied=False,
+)  # fmt: skip
+ENCODER = llama_shape(  # the official CEPE encoder
+    vocab=32001, hidden=1024, ffn=4096, layers=24, heads=16, kv_heads=16, eps=1e-6, theta=10000.0, max_pos=512,
+    tied=True,
+)  # fmt: skip
 FORMS = ("whole-bf16", "q4_k", "q8_0")
 TARGETS_GB = {"whole-bf16": 20.0, "q4_k": 9.0}
 CHUNK = 256
