@@ -54,6 +54,15 @@ def print_result(result: dict, out_dir: str, png_name: str, write_plot: Callable
     return 0
 
 
+def emit_json(result: dict, out: str | None) -> None:
+    """The result as JSON on stdout, and into the file out where one is given."""
+    text = json.dumps(result, indent=1)
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Run from a checkout (cepe built in place with `python setup.py build_ext --inplace`): the scripts,
 # importing this first, then import the repository's cepe / cepe_c rather than needing an install.

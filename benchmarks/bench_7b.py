@@ -48,7 +48,7 @@ import sys
 import time
 
 import numpy as np
-from _common import cepe_tensors, cpu_model_name, git_state, llama_shape, official_config, usable_cpus
+from _common import cepe_tensors, cpu_model_name, emit_json, git_state, llama_shape, official_config, usable_cpus
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GB = 1e9
@@ -392,11 +392,7 @@ def main() -> None:
             row["target_gb"] = TARGETS_GB[form]
             row["target_met"] = None if peak is None else peak <= TARGETS_GB[form]
         result["forms"][form] = row
-    text = json.dumps(result, indent=1)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+    emit_json(result, a.out)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import sys
 import tarfile
 import time
 
-from _common import cpu_model_name, git_state, usable_cpus
+from _common import cpu_model_name, emit_json, git_state, usable_cpus
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE, VERSION = "llama-cpp-python", "0.3.36"
@@ -315,11 +315,7 @@ def main() -> None:
         }
         result["formats"][fmt] = row
     result["all_targets_met"] = all(all(r["targets_met"].values()) for r in result["formats"].values())
-    text = json.dumps(result, indent=1)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+    emit_json(result, a.out)
     if a.plot:
         plot(result, a.plot)
         log(f"plot: {a.plot}")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
 import statistics
 import sys
@@ -50,7 +49,7 @@ os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(ARGS.threads
 os.environ["OPENBLAS_NUM_THREADS"] = str(ARGS.threads)
 
 import numpy as np  # noqa: E402
-from _common import cpu_model_name, git_state, usable_cpus  # noqa: E402
+from _common import cpu_model_name, emit_json, git_state, usable_cpus  # noqa: E402
 
 import cepe_c  # noqa: E402
 from cepe.testing.quant_ctypes import ISA_NAMES, TYPES, QTensor, load_library, random_rows  # noqa: E402
@@ -227,11 +226,7 @@ def main() -> None:
         result["prefill"] = prefill_section(formats, best, rng)
     LIB.cepe_quant_set_isa(best)
     LIB.cepe_qmatmul_sgemm_rows(0)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if ARGS.out:
-        with open(ARGS.out, "w") as f:
-            f.write(text + "\n")
+    emit_json(result, ARGS.out)
 
 
 if __name__ == "__main__":
