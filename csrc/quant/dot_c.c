@@ -5,46 +5,25 @@
  * about 2^28), then scaled once. */
 #include "quant_impl.h"
 
-/* 16 partial sums, so the compiler can keep them in vector lanes (a float
- * sum in one variable must be added in order and stays scalar). */
-static float dot_f32(int n, const void *row, const void *act) {
-    const float *w = row;
+/* F32, F16 or BF16 weights (kind), inlined with a constant kind: 16 partial
+ * sums, so the compiler can keep them in vector lanes (a float sum in one
+ * variable must be added in order and stays scalar). */
+static inline __attribute__((always_inline)) float dot_floats(int kind, int n, const void *row,
+                                                              const void *act) {
     const float *x = act;
     float acc[16] = {0};
     int i = 0;
     for (; i + 16 <= n; i += 16)
-        for (int l = 0; l < 16; l++) acc[l] += w[i + l] * x[i + l];
+        for (int l = 0; l < 16; l++) acc[l] += quant_weight_at(kind, row, i + l) * x[i + l];
     float sum = 0.0f;
-    for (; i < n; i++) sum += w[i] * x[i];
+    for (; i < n; i++) sum += quant_weight_at(kind, row, i) * x[i];
     for (int l = 0; l < 16; l++) sum += acc[l];
     return sum;
 }
 
-static float dot_f16(int n, const void *row, const void *act) {
-    const uint16_t *w = row;
-    const float *x = act;
-    float acc[16] = {0};
-    int i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int l = 0; l < 16; l++) acc[l] += quant_fp16_to_fp32(w[i + l]) * x[i + l];
-    float sum = 0.0f;
-    for (; i < n; i++) sum += quant_fp16_to_fp32(w[i]) * x[i];
-    for (int l = 0; l < 16; l++) sum += acc[l];
-    return sum;
-}
-
-static float dot_bf16(int n, const void *row, const void *act) {
-    const uint16_t *w = row;
-    const float *x = act;
-    float acc[16] = {0};
-    int i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int l = 0; l < 16; l++) acc[l] += quant_bf16_to_fp32(w[i + l]) * x[i + l];
-    float sum = 0.0f;
-    for (; i < n; i++) sum += quant_bf16_to_fp32(w[i]) * x[i];
-    for (int l = 0; l < 16; l++) sum += acc[l];
-    return sum;
-}
+static float dot_f32(int n, const void *row, const void *act) { return dot_floats(QT_F32, n, row, act); }
+static float dot_f16(int n, const void *row, const void *act) { return dot_floats(QT_F16, n, row, act); }
+static float dot_bf16(int n, const void *row, const void *act) { return dot_floats(QT_BF16, n, row, act); }
 
 static float dot_q4_0(int n, const void *row, const void *act) {
     const block_q4_0 *w = row;
@@ -87,57 +66,43 @@ static float dot_q8_0(int n, const void *row, const void *act) {
     return sum;
 }
 
+/* One Q4_K / Q5_K super-block times its activations; qh NULL for Q4_K (no
+ * fifth bits), inlined so each kernel compiles to its own code. */
+static inline __attribute__((always_inline)) float dot_k4_block(uint16_t d, uint16_t dmin,
+                                                                const uint8_t scales[12], const uint8_t *q,
+                                                                const uint8_t *qh, const act_q8_K *a) {
+    const int8_t *y = a->qs;
+    int isum = 0, imin = 0;
+    for (int j = 0; j < 8; j += 2, q += 32, y += 64) {
+        uint8_t sc0, m0, sc1, m1;
+        quant_scale_min_k4(j, scales, &sc0, &m0);
+        quant_scale_min_k4(j + 1, scales, &sc1, &m1);
+        int s0 = 0, s1 = 0;
+        for (int l = 0; l < 32; l++) {
+            const int h0 = qh ? ((qh[l] >> j) & 1) << 4 : 0, h1 = qh ? ((qh[l] >> (j + 1)) & 1) << 4 : 0;
+            s0 += ((q[l] & 0xF) | h0) * y[l];
+            s1 += ((q[l] >> 4) | h1) * y[l + 32];
+        }
+        isum += sc0 * s0 + sc1 * s1;
+        imin +=
+            m0 * (a->bsums[2 * j] + a->bsums[2 * j + 1]) + m1 * (a->bsums[2 * j + 2] + a->bsums[2 * j + 3]);
+    }
+    return quant_fp16_to_fp32(d) * a->d * (float)isum - quant_fp16_to_fp32(dmin) * a->d * (float)imin;
+}
+
 static float dot_q4_K(int n, const void *row, const void *act) {
     const block_q4_K *w = row;
-    const act_q8_K *a = act;
     float sum = 0.0f;
-    for (int b = 0; b < n / QK_K; b++) {
-        const uint8_t *q = w[b].qs;
-        const int8_t *y = a[b].qs;
-        int isum = 0, imin = 0;
-        for (int j = 0; j < 8; j += 2, q += 32, y += 64) {
-            uint8_t sc0, m0, sc1, m1;
-            quant_scale_min_k4(j, w[b].scales, &sc0, &m0);
-            quant_scale_min_k4(j + 1, w[b].scales, &sc1, &m1);
-            int s0 = 0, s1 = 0;
-            for (int l = 0; l < 32; l++) {
-                s0 += (q[l] & 0xF) * y[l];
-                s1 += (q[l] >> 4) * y[l + 32];
-            }
-            isum += sc0 * s0 + sc1 * s1;
-            imin += m0 * (a[b].bsums[2 * j] + a[b].bsums[2 * j + 1]) +
-                    m1 * (a[b].bsums[2 * j + 2] + a[b].bsums[2 * j + 3]);
-        }
-        sum += quant_fp16_to_fp32(w[b].d) * a[b].d * (float)isum -
-               quant_fp16_to_fp32(w[b].dmin) * a[b].d * (float)imin;
-    }
+    for (int b = 0; b < n / QK_K; b++)
+        sum += dot_k4_block(w[b].d, w[b].dmin, w[b].scales, w[b].qs, NULL, (const act_q8_K *)act + b);
     return sum;
 }
 
 static float dot_q5_K(int n, const void *row, const void *act) {
     const block_q5_K *w = row;
-    const act_q8_K *a = act;
     float sum = 0.0f;
-    for (int b = 0; b < n / QK_K; b++) {
-        const uint8_t *q = w[b].qs, *qh = w[b].qh;
-        const int8_t *y = a[b].qs;
-        int isum = 0, imin = 0;
-        for (int j = 0; j < 8; j += 2, q += 32, y += 64) {
-            uint8_t sc0, m0, sc1, m1;
-            quant_scale_min_k4(j, w[b].scales, &sc0, &m0);
-            quant_scale_min_k4(j + 1, w[b].scales, &sc1, &m1);
-            int s0 = 0, s1 = 0;
-            for (int l = 0; l < 32; l++) {
-                s0 += ((q[l] & 0xF) | (((qh[l] >> j) & 1) << 4)) * y[l];
-                s1 += ((q[l] >> 4) | (((qh[l] >> (j + 1)) & 1) << 4)) * y[l + 32];
-            }
-            isum += sc0 * s0 + sc1 * s1;
-            imin += m0 * (a[b].bsums[2 * j] + a[b].bsums[2 * j + 1]) +
-                    m1 * (a[b].bsums[2 * j + 2] + a[b].bsums[2 * j + 3]);
-        }
-        sum += quant_fp16_to_fp32(w[b].d) * a[b].d * (float)isum -
-               quant_fp16_to_fp32(w[b].dmin) * a[b].d * (float)imin;
-    }
+    for (int b = 0; b < n / QK_K; b++)
+        sum += dot_k4_block(w[b].d, w[b].dmin, w[b].scales, w[b].qs, w[b].qh, (const act_q8_K *)act + b);
     return sum;
 }
 
@@ -159,14 +124,4 @@ static float dot_q6_K(int n, const void *row, const void *act) {
     return sum;
 }
 
-void quant_kernels_c(quant_kernel t[QT_COUNT]) {
-    t[QT_F32] = (quant_kernel){dot_f32, ACT_F32};
-    t[QT_F16] = (quant_kernel){dot_f16, ACT_F32};
-    t[QT_BF16] = (quant_kernel){dot_bf16, ACT_F32};
-    t[QT_Q4_0] = (quant_kernel){dot_q4_0, ACT_Q8_32};
-    t[QT_Q4_1] = (quant_kernel){dot_q4_1, ACT_Q8_32};
-    t[QT_Q8_0] = (quant_kernel){dot_q8_0, ACT_Q8_32};
-    t[QT_Q4_K] = (quant_kernel){dot_q4_K, ACT_Q8_K};
-    t[QT_Q5_K] = (quant_kernel){dot_q5_K, ACT_Q8_K};
-    t[QT_Q6_K] = (quant_kernel){dot_q6_K, ACT_Q8_K};
-}
+void quant_kernels_c(quant_kernel t[QT_COUNT]) { QUANT_KERNEL_TABLE(t, dot_bf16, ACT_F32); }
