@@ -140,16 +140,6 @@ AVX2 static inline __m256i repeat_i16(__m256i v, int i) {
     return _mm256_shuffle_epi8(v, _mm256_set1_epi16((short)((2 * i + 1) << 8 | 2 * i)));
 }
 
-/* The four steps of 64 values that Q4_K and Q5_K share: lo and hi, the
- * unsigned values of sub-blocks 2j and 2j + 1, times y with their scales. */
-AVX2 static inline __m256i k4_step(__m256i sumi, __m256i scales, int j, __m256i lo, __m256i hi,
-                                   const int8_t *y) {
-    const __m256i pl = _mm256_maddubs_epi16(lo, load32(y));
-    const __m256i ph = _mm256_maddubs_epi16(hi, load32(y + 32));
-    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(repeat_i16(scales, 2 * j), pl));
-    return _mm256_add_epi32(sumi, _mm256_madd_epi16(repeat_i16(scales, 2 * j + 1), ph));
-}
-
 /* A Q4_K / Q5_K block's scales as int16 in both 128-bit halves (k4_scales). */
 AVX2 static inline __m256i k4_scales2(const uint8_t scales[12], uint16_t dmin, const act_q8_K *a,
                                       __m128 *acc_m) {
@@ -157,50 +147,42 @@ AVX2 static inline __m256i k4_scales2(const uint8_t scales[12], uint16_t dmin, c
     return _mm256_inserti128_si256(_mm256_castsi128_si256(sc), sc, 1);
 }
 
-AVX2 static float dot_q4_K(int n, const void *row, const void *act) {
-    const block_q4_K *w = row;
-    const act_q8_K *a = act;
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
-    __m256 acc = _mm256_setzero_ps();
-    __m128 acc_m = _mm_setzero_ps();
-    for (int b = 0; b < n / QK_K; b++) {
-        const __m256i scales = k4_scales2(w[b].scales, w[b].dmin, &a[b], &acc_m);
-        __m256i sumi = _mm256_setzero_si256();
-        for (int j = 0; j < 4; j++) {
-            const __m256i bits = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * j));
-            sumi = k4_step(sumi, scales, j, _mm256_and_si256(bits, m4),
-                           _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4), a[b].qs + 64 * j);
-        }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(a[b].d * f16(w[b].d)), _mm256_cvtepi32_ps(sumi), acc);
-    }
-    return hsum_ps(acc) + hsum_ps128(acc_m);
-}
-
-AVX2 static float dot_q5_K(int n, const void *row, const void *act) {
-    const block_q5_K *w = row;
+/* Q4_K and Q5_K (q5: with the fifth bits), inlined with a constant q5. */
+AVX2 static inline __attribute__((always_inline)) float dot_k4(int q5, int n, const void *row,
+                                                               const void *act) {
     const act_q8_K *a = act;
     const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
     __m256 acc = _mm256_setzero_ps();
     __m128 acc_m = _mm_setzero_ps();
     for (int b = 0; b < n / QK_K; b++) {
-        const __m256i scales = k4_scales2(w[b].scales, w[b].dmin, &a[b], &acc_m);
-        const __m256i hbits = _mm256_loadu_si256((const __m256i *)w[b].qh);
+        const k4_view w = quant_k4_block(q5, row, b);
+        const __m256i scales = k4_scales2(w.scales, w.dmin, &a[b], &acc_m);
+        const __m256i hbits = q5 ? _mm256_loadu_si256((const __m256i *)w.qh) : _mm256_setzero_si256();
+        const int8_t *y = a[b].qs;
         __m256i sumi = _mm256_setzero_si256();
-        for (int j = 0; j < 4; j++) {
-            const __m256i bits = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * j));
-            /* bit 2j (2j+1) of each qh byte moved to bit 4: shifting 16-bit
-             * words right never brings a neighbour's bit to bit 0 of a byte */
-            const __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j), one), 4);
-            const __m256i h1 =
-                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j + 1), one), 4);
-            sumi = k4_step(sumi, scales, j, _mm256_or_si256(_mm256_and_si256(bits, m4), h0),
-                           _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits, 4), m4), h1),
-                           a[b].qs + 64 * j);
+        for (int j = 0; j < 4; j++, y += 64) {
+            const __m256i bits = _mm256_loadu_si256((const __m256i *)(w.qs + 32 * j));
+            __m256i lo = _mm256_and_si256(bits, m4), hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+            if (q5) {
+                /* bit 2j (2j+1) of each qh byte moved to bit 4: shifting 16-bit
+                 * words right never brings a neighbour's bit to bit 0 of a byte */
+                lo = _mm256_or_si256(
+                    lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j), one), 4));
+                hi = _mm256_or_si256(
+                    hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j + 1), one), 4));
+            }
+            const __m256i pl = _mm256_maddubs_epi16(lo, load32(y));
+            const __m256i ph = _mm256_maddubs_epi16(hi, load32(y + 32));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(repeat_i16(scales, 2 * j), pl));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(repeat_i16(scales, 2 * j + 1), ph));
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(a[b].d * f16(w[b].d)), _mm256_cvtepi32_ps(sumi), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(a[b].d * f16(w.d)), _mm256_cvtepi32_ps(sumi), acc);
     }
     return hsum_ps(acc) + hsum_ps128(acc_m);
 }
+
+AVX2 static float dot_q4_K(int n, const void *row, const void *act) { return dot_k4(0, n, row, act); }
+AVX2 static float dot_q5_K(int n, const void *row, const void *act) { return dot_k4(1, n, row, act); }
 
 /* Q6_K: q - 32 with q unsigned 0..63: Σ sc (q - 32) y = Σ sc q y - 32 Σ sc bsum. */
 AVX2 static float dot_q6_K(int n, const void *row, const void *act) {

@@ -224,47 +224,36 @@ AVX512 static inline __m512i scales_pair(__m512i s, int i) {
     return _mm512_permutexvar_epi16(idx, s);
 }
 
-AVX512 static float dot_q4_K(int n, const void *row, const void *act) {
-    const block_q4_K *w = row;
-    const act_q8_K *a = act;
-    __m512 acc = _mm512_setzero_ps();
-    __m128 acc_m = _mm_setzero_ps();
-    for (int b = 0; b < n / QK_K; b++) {
-        const __m512i sc = _mm512_castsi128_si512(k4_scales(w[b].scales, w[b].dmin, &a[b], &acc_m));
-        __m512i sumi = _mm512_setzero_si512();
-        for (int j = 0; j < 4; j++) {
-            const __m512i p =
-                _mm512_maddubs_epi16(nibble_pair(w[b].qs + 32 * j), _mm512_loadu_si512(a[b].qs + 64 * j));
-            sumi = _mm512_dpwssd_epi32(sumi, p, scales_pair(sc, 2 * j));
-        }
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(a[b].d * f16(w[b].d)), _mm512_cvtepi32_ps(sumi), acc);
-    }
-    return _mm512_reduce_add_ps(acc) + hsum_ps128(acc_m);
-}
-
-AVX512 static float dot_q5_K(int n, const void *row, const void *act) {
-    const block_q5_K *w = row;
+/* Q4_K and Q5_K (q5: with the fifth bits), inlined with a constant q5. */
+AVX512 static inline __attribute__((always_inline)) float dot_k4(int q5, int n, const void *row,
+                                                                 const void *act) {
     const act_q8_K *a = act;
     const __m512i sixteen = _mm512_set1_epi8(16);
     __m512 acc = _mm512_setzero_ps();
     __m128 acc_m = _mm_setzero_ps();
     for (int b = 0; b < n / QK_K; b++) {
-        const __m512i sc = _mm512_castsi128_si512(k4_scales(w[b].scales, w[b].dmin, &a[b], &acc_m));
-        const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)w[b].qh));
+        const k4_view w = quant_k4_block(q5, row, b);
+        const __m512i sc = _mm512_castsi128_si512(k4_scales(w.scales, w.dmin, &a[b], &acc_m));
+        const __m512i qh =
+            q5 ? _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)w.qh)) : _mm512_setzero_si512();
         __m512i sumi = _mm512_setzero_si512();
         for (int j = 0; j < 4; j++) {
-            /* bit 2j of qh for the first 32 values, bit 2j + 1 for the next 32 */
-            const __m512i bit =
-                join(_mm256_set1_epi8((char)(1 << (2 * j))), _mm256_set1_epi8((char)(1 << (2 * j + 1))));
-            const __m512i lo = nibble_pair(w[b].qs + 32 * j);
-            const __m512i q = _mm512_mask_add_epi8(lo, _mm512_test_epi8_mask(qh, bit), lo, sixteen);
+            __m512i q = nibble_pair(w.qs + 32 * j);
+            if (q5) { /* bit 2j of qh for the first 32 values, bit 2j + 1 for the next 32 */
+                const __m512i bit =
+                    join(_mm256_set1_epi8((char)(1 << (2 * j))), _mm256_set1_epi8((char)(1 << (2 * j + 1))));
+                q = _mm512_mask_add_epi8(q, _mm512_test_epi8_mask(qh, bit), q, sixteen);
+            }
             const __m512i p = _mm512_maddubs_epi16(q, _mm512_loadu_si512(a[b].qs + 64 * j));
             sumi = _mm512_dpwssd_epi32(sumi, p, scales_pair(sc, 2 * j));
         }
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(a[b].d * f16(w[b].d)), _mm512_cvtepi32_ps(sumi), acc);
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(a[b].d * f16(w.d)), _mm512_cvtepi32_ps(sumi), acc);
     }
     return _mm512_reduce_add_ps(acc) + hsum_ps128(acc_m);
 }
+
+AVX512 static float dot_q4_K(int n, const void *row, const void *act) { return dot_k4(0, n, row, act); }
+AVX512 static float dot_q5_K(int n, const void *row, const void *act) { return dot_k4(1, n, row, act); }
 
 /* Q6_K: Σ sc (q - 32) y = Σ sc q y - 32 Σ sc bsum, the second term as the
  * lanes' starting value. 16 values per scale: int16 lanes 8k..8k+7 of a

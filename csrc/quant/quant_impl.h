@@ -187,6 +187,22 @@ static inline void quant_unpack_k4(const uint8_t q[12], uint8_t out[16]) {
     memcpy(out, u, 16);
 }
 
+/* Block b of a Q4_K row, or of a Q5_K row (q5) with its fifth bits qh (NULL
+ * for Q4_K): one kernel loop serves both, inlined with a constant q5. */
+typedef struct {
+    uint16_t d, dmin;
+    const uint8_t *scales, *qs, *qh;
+} k4_view;
+
+static inline k4_view quant_k4_block(int q5, const void *row, int b) {
+    if (q5) {
+        const block_q5_K *x = (const block_q5_K *)row + b;
+        return (k4_view){x->d, x->dmin, x->scales, x->qs, x->qh};
+    }
+    const block_q4_K *x = (const block_q4_K *)row + b;
+    return (k4_view){x->d, x->dmin, x->scales, x->qs, NULL};
+}
+
 /* The 256 values of a Q6_K block as q - 32 (-32..31), in value order. */
 static inline void quant_unpack_q6_K(const block_q6_K *x, int8_t q[256]) {
     for (int half = 0; half < 2; half++) {
