@@ -194,7 +194,7 @@ typedef struct {
     const uint8_t *scales, *qs, *qh;
 } k4_view;
 
-static inline k4_view quant_k4_block(int q5, const void *row, int b) {
+static inline k4_view quant_k4_block(int q5, const void *row, int64_t b) {
     if (q5) {
         const block_q5_K *x = (const block_q5_K *)row + b;
         return (k4_view){x->d, x->dmin, x->scales, x->qs, x->qh};
