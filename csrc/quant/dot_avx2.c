@@ -48,7 +48,8 @@ AVX2 static inline __attribute__((always_inline)) float dot_floats(int kind, int
     }
     for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(weights8(kind, row, i), _mm256_loadu_ps(x + i), a0);
     float sum = hsum_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; i < n; i++) sum += quant_weight_at(kind, row, i) * x[i];
+    for (; i < n; i++) /* F16 through F16C's one instruction */
+        sum += (kind == QT_F16 ? f16(((const uint16_t *)row)[i]) : quant_weight_at(kind, row, i)) * x[i];
     return sum;
 }
 
