@@ -42,4 +42,12 @@ static inline void cepe_team(int *t, int *n) {
 #endif
 }
 
+/* [*lo, *hi) of n items for thread t of nt: equal shares rounded up to a
+ * multiple of align (1: no rounding), the last ones short or empty. */
+static inline void cepe_share(int n, int align, int t, int nt, int *lo, int *hi) {
+    const int per = ((n + nt - 1) / nt + align - 1) / align * align;
+    *lo = t * per < n ? t * per : n;
+    *hi = *lo + per < n ? *lo + per : n;
+}
+
 #endif /* CEPE_COMMON_H */

@@ -21,13 +21,6 @@ static void matmul_slice(float *out, const float *inp, const float *weight, int 
                beta, out + o0, OC);
 }
 
-/* [*lo, *hi) of n items for thread t of nt, in multiples of MATMUL_ALIGN. */
-static void slice(int n, int t, int nt, int *lo, int *hi) {
-    const int per = ((n + nt - 1) / nt + MATMUL_ALIGN - 1) / MATMUL_ALIGN * MATMUL_ALIGN;
-    *lo = t * per < n ? t * per : n;
-    *hi = *lo + per < n ? *lo + per : n;
-}
-
 int matmul_forward(float *out, const float *inp, const float *weight, int N, int C, int OC, int accumulate,
                    int n_threads) {
     if (N == 1) { /* one token: the F32 dot kernel of the stored formats' family (quant.h) */
@@ -60,7 +53,7 @@ int matmul_forward(float *out, const float *inp, const float *weight, int N, int
         int t, n;
         cepe_team(&t, &n);
         int o0, o1;
-        slice(OC, t, n, &o0, &o1);
+        cepe_share(OC, MATMUL_ALIGN, t, n, &o0, &o1);
         matmul_slice(out, inp, weight, N, C, OC, o0, o1, beta);
     }
     return 0;
@@ -81,13 +74,13 @@ static void backward_slice(float *dinp, float *dweight, const float *dout, const
                            const float *weight, int N, int C, int OC, float beta, int t, int nt) {
     int lo, hi;
     if (dinp) {
-        slice(C, t, nt, &lo, &hi);
+        cepe_share(C, MATMUL_ALIGN, t, nt, &lo, &hi);
         if (hi > lo)
             CEPE_SGEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, hi - lo, OC, 1.0f, dout, OC, weight + lo,
                        C, beta, dinp + lo, C);
     }
     if (dweight) {
-        slice(OC, t, nt, &lo, &hi);
+        cepe_share(OC, MATMUL_ALIGN, t, nt, &lo, &hi);
         if (hi > lo)
             CEPE_SGEMM(CblasRowMajor, CblasTrans, CblasNoTrans, hi - lo, C, N, 1.0f, dout + lo, OC, inp, C,
                        1.0f, dweight + (long)lo * C, C);

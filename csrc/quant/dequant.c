@@ -51,35 +51,23 @@ NO_CONTRACT static void dequant_q4_1(const block_q4_1 *x, float *y, int64_t nb) 
     }
 }
 
-NO_CONTRACT static void dequant_q4_K(const block_q4_K *x, float *y, int64_t nb) {
+/* Q4_K and Q5_K (q5: with the fifth bits), inlined with a constant q5. */
+NO_CONTRACT static inline __attribute__((always_inline)) void dequant_k4(int q5, const void *row, float *y,
+                                                                         int64_t nb) {
     for (int64_t b = 0; b < nb; b++) {
-        const float d = quant_fp16_to_fp32(x[b].d), dmin = quant_fp16_to_fp32(x[b].dmin);
-        const uint8_t *q = x[b].qs;
+        const k4_view x = quant_k4_block(q5, row, b);
+        const float d = quant_fp16_to_fp32(x.d), dmin = quant_fp16_to_fp32(x.dmin);
+        const uint8_t *q = x.qs;
         for (int j = 0; j < 8; j += 2, q += 32) {
             uint8_t sc, m;
-            quant_scale_min_k4(j, x[b].scales, &sc, &m);
+            quant_scale_min_k4(j, x.scales, &sc, &m);
             const float d1 = d * sc, m1 = dmin * m;
-            quant_scale_min_k4(j + 1, x[b].scales, &sc, &m);
+            quant_scale_min_k4(j + 1, x.scales, &sc, &m);
             const float d2 = d * sc, m2 = dmin * m;
-            for (int l = 0; l < 32; l++) *y++ = d1 * (float)(q[l] & 0xF) - m1;
-            for (int l = 0; l < 32; l++) *y++ = d2 * (float)(q[l] >> 4) - m2;
-        }
-    }
-}
-
-NO_CONTRACT static void dequant_q5_K(const block_q5_K *x, float *y, int64_t nb) {
-    for (int64_t b = 0; b < nb; b++) {
-        const float d = quant_fp16_to_fp32(x[b].d), dmin = quant_fp16_to_fp32(x[b].dmin);
-        const uint8_t *ql = x[b].qs, *qh = x[b].qh;
-        for (int j = 0; j < 8; j += 2, ql += 32) {
-            uint8_t sc, m;
-            quant_scale_min_k4(j, x[b].scales, &sc, &m);
-            const float d1 = d * sc, m1 = dmin * m;
-            quant_scale_min_k4(j + 1, x[b].scales, &sc, &m);
-            const float d2 = d * sc, m2 = dmin * m;
-            for (int l = 0; l < 32; l++) *y++ = d1 * (float)((ql[l] & 0xF) | (((qh[l] >> j) & 1) << 4)) - m1;
             for (int l = 0; l < 32; l++)
-                *y++ = d2 * (float)((ql[l] >> 4) | (((qh[l] >> (j + 1)) & 1) << 4)) - m2;
+                *y++ = d1 * (float)((q[l] & 0xF) | (q5 ? ((x.qh[l] >> j) & 1) << 4 : 0)) - m1;
+            for (int l = 0; l < 32; l++)
+                *y++ = d2 * (float)((q[l] >> 4) | (q5 ? ((x.qh[l] >> (j + 1)) & 1) << 4 : 0)) - m2;
         }
     }
 }
@@ -119,10 +107,10 @@ void quant_dequantize(int type, const void *row, float *y, int64_t n) {
         dequant_q4_1(row, y, nb);
         break;
     case CEPE_QTYPE_Q4_K:
-        dequant_q4_K(row, y, nb);
+        dequant_k4(0, row, y, nb);
         break;
     case CEPE_QTYPE_Q5_K:
-        dequant_q5_K(row, y, nb);
+        dequant_k4(1, row, y, nb);
         break;
     case CEPE_QTYPE_Q6_K:
         dequant_q6_K(row, y, nb);

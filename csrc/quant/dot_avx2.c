@@ -11,31 +11,7 @@
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
 #include <immintrin.h>
 
-#include "quant_impl.h"
-
-#define AVX2 __attribute__((target("avx2,fma,f16c")))
-
-AVX2 static inline float hsum_ps(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-AVX2 static inline float hsum_ps128(__m128 s) {
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-AVX2 static inline float f16(uint16_t h) { return _cvtsh_ss(h); }
-
-/* 16 bytes of nibbles -> 32 bytes 0..15: low nibbles first, then high (Q4_0 / Q4_1 order). */
-AVX2 static inline __m256i nibbles32(const uint8_t *p) {
-    const __m128i t = _mm_loadu_si128((const __m128i *)p);
-    const __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1);
-    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
-}
+#include "simd_x86.h"
 
 /* Σ of u8 * s8 products in 8 int32 lanes. */
 AVX2 static inline __m256i dot_us8(__m256i u, __m256i s) {
@@ -44,69 +20,43 @@ AVX2 static inline __m256i dot_us8(__m256i u, __m256i s) {
 
 /* ------------------------------------------------------------ F32 / F16 / BF16 */
 
-AVX2 static float dot_f32(int n, const void *row, const void *act) {
-    const float *w = row;
-    const float *x = act;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
-           a3 = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 32 <= n; i += 32) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
-    }
-    for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
-    float sum = hsum_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; i < n; i++) sum += w[i] * x[i];
-    return sum;
-}
-
-AVX2 static float dot_f16(int n, const void *row, const void *act) {
-    const uint16_t *w = row;
-    const float *x = act;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
-           a3 = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 32 <= n; i += 32) {
-        a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i))),
-                             _mm256_loadu_ps(x + i), a0);
-        a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i + 8))),
-                             _mm256_loadu_ps(x + i + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i + 16))),
-                             _mm256_loadu_ps(x + i + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i + 24))),
-                             _mm256_loadu_ps(x + i + 24), a3);
-    }
-    for (; i + 8 <= n; i += 8)
-        a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i))),
-                             _mm256_loadu_ps(x + i), a0);
-    float sum = hsum_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; i < n; i++) sum += f16(w[i]) * x[i];
-    return sum;
-}
-
 AVX2 static inline __m256 bf16x8(const uint16_t *p) {
     return _mm256_castsi256_ps(
         _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 
-AVX2 static float dot_bf16(int n, const void *row, const void *act) {
-    const uint16_t *w = row;
+/* 8 weights of an F32, F16 or BF16 row (kind) from value i, as floats. */
+AVX2 static inline __m256 weights8(int kind, const void *row, int i) {
+    if (kind == QT_F32) return _mm256_loadu_ps((const float *)row + i);
+    const uint16_t *w = (const uint16_t *)row + i;
+    return kind == QT_F16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w)) : bf16x8(w);
+}
+
+/* The loop F32, F16 and BF16 share, inlined with a constant kind: four
+ * accumulators, then one, then the scalar tail. */
+AVX2 static inline __attribute__((always_inline)) float dot_floats(int kind, int n, const void *row,
+                                                                   const void *act) {
     const float *x = act;
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
            a3 = _mm256_setzero_ps();
     int i = 0;
     for (; i + 32 <= n; i += 32) {
-        a0 = _mm256_fmadd_ps(bf16x8(w + i), _mm256_loadu_ps(x + i), a0);
-        a1 = _mm256_fmadd_ps(bf16x8(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-        a2 = _mm256_fmadd_ps(bf16x8(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
-        a3 = _mm256_fmadd_ps(bf16x8(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+        a0 = _mm256_fmadd_ps(weights8(kind, row, i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(weights8(kind, row, i + 8), _mm256_loadu_ps(x + i + 8), a1);
+        a2 = _mm256_fmadd_ps(weights8(kind, row, i + 16), _mm256_loadu_ps(x + i + 16), a2);
+        a3 = _mm256_fmadd_ps(weights8(kind, row, i + 24), _mm256_loadu_ps(x + i + 24), a3);
     }
-    for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(bf16x8(w + i), _mm256_loadu_ps(x + i), a0);
+    for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(weights8(kind, row, i), _mm256_loadu_ps(x + i), a0);
     float sum = hsum_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; i < n; i++) sum += quant_bf16_to_fp32(w[i]) * x[i];
+    for (; i < n; i++) /* F16 through F16C's one instruction */
+        sum += (kind == QT_F16 ? f16(((const uint16_t *)row)[i]) : quant_weight_at(kind, row, i)) * x[i];
     return sum;
+}
+
+AVX2 static float dot_f32(int n, const void *row, const void *act) { return dot_floats(QT_F32, n, row, act); }
+AVX2 static float dot_f16(int n, const void *row, const void *act) { return dot_floats(QT_F16, n, row, act); }
+AVX2 static float dot_bf16(int n, const void *row, const void *act) {
+    return dot_floats(QT_BF16, n, row, act);
 }
 
 /* ------------------------------------------------------------ blocks of 32
@@ -114,17 +64,7 @@ AVX2 static float dot_bf16(int n, const void *row, const void *act) {
  * multiplied by the activations' eight scales (stored contiguously), then
  * each block's int32 lanes scaled by its lane of that vector. */
 
-/* The fp16 at p, p + stride, ..., p + 7 stride as 8 floats. */
-AVX2 static inline __m256 halves8(const void *p, size_t stride) {
-    const unsigned char *c = p;
-    uint16_t h[8];
-    for (int k = 0; k < 8; k++) memcpy(&h[k], c + (size_t)k * stride, 2);
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
-}
-
 AVX2 static inline __m256 lane(__m256 v, int k) { return _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(k)); }
-
-AVX2 static inline __m256i load32(const int8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
 
 /* Q4_0: Σ (u - 8) y = Σ u y - 8 Σ y, the correction taken from the int32
  * lanes (each lane -Σy, eight lanes -8 Σy) so the block sum stays exact.
@@ -132,7 +72,6 @@ AVX2 static inline __m256i load32(const int8_t *p) { return _mm256_loadu_si256((
  * activations' block sums. Q8_0: signed by signed through |w| and y carrying
  * w's sign (maddubs wants one unsigned side); w = -128 gives |w| = 128 as
  * unsigned, still exact. */
-enum { B32_Q4_0, B32_Q4_1, B32_Q8_0 };
 
 AVX2 static inline __m256i dot_ss8(__m256i w, __m256i y) {
     return dot_us8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w));
@@ -145,12 +84,6 @@ AVX2 static inline __m256i block32(int kind, const unsigned char *blk, const int
                                 _mm256_set1_epi32(sum));
     if (kind == B32_Q4_1) return dot_us8(nibbles32(((const block_q4_1 *)(const void *)blk)->qs), load32(y));
     return dot_ss8(load32(((const block_q8_0 *)(const void *)blk)->qs), load32(y));
-}
-
-AVX2 static inline float half_at(const unsigned char *p) {
-    uint16_t h;
-    memcpy(&h, p, 2);
-    return f16(h);
 }
 
 /* The loop the three formats share, inlined with a constant kind (so each
@@ -208,79 +141,49 @@ AVX2 static inline __m256i repeat_i16(__m256i v, int i) {
     return _mm256_shuffle_epi8(v, _mm256_set1_epi16((short)((2 * i + 1) << 8 | 2 * i)));
 }
 
-/* The minimum terms Σ_j m_j Σ_{sub-block j} y of a Q4_K / Q5_K block, as 4 int32 lanes. */
-AVX2 static inline __m128i k4_mins(const uint8_t mins[8], const int16_t bsums[16]) {
-    const __m128i m = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)mins));
-    const __m128i s = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)bsums),
-                                     _mm_loadu_si128((const __m128i *)(bsums + 8)));
-    return _mm_madd_epi16(m, s);
+/* A Q4_K / Q5_K block's scales as int16 in both 128-bit halves (k4_scales). */
+AVX2 static inline __m256i k4_scales2(const uint8_t scales[12], uint16_t dmin, const act_q8_K *a,
+                                      __m128 *acc_m) {
+    const __m128i sc = k4_scales(scales, dmin, a, acc_m);
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(sc), sc, 1);
 }
 
-AVX2 static float dot_q4_K(int n, const void *row, const void *act) {
-    const block_q4_K *w = row;
-    const act_q8_K *a = act;
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
-    __m256 acc = _mm256_setzero_ps();
-    __m128 acc_m = _mm_setzero_ps();
-    for (int b = 0; b < n / QK_K; b++) {
-        uint8_t sm[16];
-        quant_unpack_k4(w[b].scales, sm);
-        const float d = a[b].d * f16(w[b].d), dmin = -a[b].d * f16(w[b].dmin);
-        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(k4_mins(sm + 8, a[b].bsums)), acc_m);
-        const __m128i sc128 = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sm));
-        const __m256i scales = _mm256_inserti128_si256(_mm256_castsi128_si256(sc128), sc128, 1);
-        const uint8_t *q = w[b].qs;
-        const int8_t *y = a[b].qs;
-        __m256i sumi = _mm256_setzero_si256();
-        for (int j = 0; j < 4; j++, q += 32, y += 64) {
-            const __m256i bits = _mm256_loadu_si256((const __m256i *)q);
-            const __m256i lo = _mm256_and_si256(bits, m4),
-                          hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
-            const __m256i pl = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)y));
-            const __m256i ph = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(y + 32)));
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(repeat_i16(scales, 2 * j), pl));
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(repeat_i16(scales, 2 * j + 1), ph));
-        }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
-    }
-    return hsum_ps(acc) + hsum_ps128(acc_m);
-}
-
-AVX2 static float dot_q5_K(int n, const void *row, const void *act) {
-    const block_q5_K *w = row;
+/* Q4_K and Q5_K (q5: with the fifth bits), inlined with a constant q5. */
+AVX2 static inline __attribute__((always_inline)) float dot_k4(int q5, int n, const void *row,
+                                                               const void *act) {
     const act_q8_K *a = act;
     const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
     __m256 acc = _mm256_setzero_ps();
     __m128 acc_m = _mm_setzero_ps();
     for (int b = 0; b < n / QK_K; b++) {
-        uint8_t sm[16];
-        quant_unpack_k4(w[b].scales, sm);
-        const float d = a[b].d * f16(w[b].d), dmin = -a[b].d * f16(w[b].dmin);
-        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(k4_mins(sm + 8, a[b].bsums)), acc_m);
-        const __m128i sc128 = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sm));
-        const __m256i scales = _mm256_inserti128_si256(_mm256_castsi128_si256(sc128), sc128, 1);
-        const __m256i hbits = _mm256_loadu_si256((const __m256i *)w[b].qh);
-        const uint8_t *q = w[b].qs;
+        const k4_view w = quant_k4_block(q5, row, b);
+        const __m256i scales = k4_scales2(w.scales, w.dmin, &a[b], &acc_m);
+        const __m256i hbits = q5 ? _mm256_loadu_si256((const __m256i *)w.qh) : _mm256_setzero_si256();
         const int8_t *y = a[b].qs;
         __m256i sumi = _mm256_setzero_si256();
-        for (int j = 0; j < 4; j++, q += 32, y += 64) {
-            const __m256i bits = _mm256_loadu_si256((const __m256i *)q);
-            /* bit 2j (2j+1) of each qh byte moved to bit 4: shifting 16-bit
-             * words right never brings a neighbour's bit to bit 0 of a byte */
-            const __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j), one), 4);
-            const __m256i h1 =
-                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j + 1), one), 4);
-            const __m256i lo = _mm256_or_si256(_mm256_and_si256(bits, m4), h0);
-            const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits, 4), m4), h1);
-            const __m256i pl = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)y));
-            const __m256i ph = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(y + 32)));
+        for (int j = 0; j < 4; j++, y += 64) {
+            const __m256i bits = _mm256_loadu_si256((const __m256i *)(w.qs + 32 * j));
+            __m256i lo = _mm256_and_si256(bits, m4), hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+            if (q5) {
+                /* bit 2j (2j+1) of each qh byte moved to bit 4: shifting 16-bit
+                 * words right never brings a neighbour's bit to bit 0 of a byte */
+                lo = _mm256_or_si256(
+                    lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j), one), 4));
+                hi = _mm256_or_si256(
+                    hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j + 1), one), 4));
+            }
+            const __m256i pl = _mm256_maddubs_epi16(lo, load32(y));
+            const __m256i ph = _mm256_maddubs_epi16(hi, load32(y + 32));
             sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(repeat_i16(scales, 2 * j), pl));
             sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(repeat_i16(scales, 2 * j + 1), ph));
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(a[b].d * f16(w.d)), _mm256_cvtepi32_ps(sumi), acc);
     }
     return hsum_ps(acc) + hsum_ps128(acc_m);
 }
+
+AVX2 static float dot_q4_K(int n, const void *row, const void *act) { return dot_k4(0, n, row, act); }
+AVX2 static float dot_q5_K(int n, const void *row, const void *act) { return dot_k4(1, n, row, act); }
 
 /* Q6_K: q - 32 with q unsigned 0..63: Σ sc (q - 32) y = Σ sc q y - 32 Σ sc bsum. */
 AVX2 static float dot_q6_K(int n, const void *row, const void *act) {
@@ -328,16 +231,6 @@ AVX2 static float dot_q6_K(int n, const void *row, const void *act) {
     return hsum_ps(acc);
 }
 
-void quant_kernels_avx2(quant_kernel t[QT_COUNT]) {
-    t[QT_F32] = (quant_kernel){dot_f32, ACT_F32};
-    t[QT_F16] = (quant_kernel){dot_f16, ACT_F32};
-    t[QT_BF16] = (quant_kernel){dot_bf16, ACT_F32};
-    t[QT_Q4_0] = (quant_kernel){dot_q4_0, ACT_Q8_32};
-    t[QT_Q4_1] = (quant_kernel){dot_q4_1, ACT_Q8_32};
-    t[QT_Q8_0] = (quant_kernel){dot_q8_0, ACT_Q8_32};
-    t[QT_Q4_K] = (quant_kernel){dot_q4_K, ACT_Q8_K};
-    t[QT_Q5_K] = (quant_kernel){dot_q5_K, ACT_Q8_K};
-    t[QT_Q6_K] = (quant_kernel){dot_q6_K, ACT_Q8_K};
-}
+void quant_kernels_avx2(quant_kernel t[QT_COUNT]) { QUANT_KERNEL_TABLE(t, dot_bf16, ACT_F32); }
 
 #endif

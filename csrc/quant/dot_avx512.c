@@ -11,12 +11,10 @@
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
 #include <immintrin.h>
 
-#include "quant_impl.h"
+#include "simd_x86.h"
 
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 #define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16,avx2,fma,f16c")))
-
-AVX512 static inline float f16(uint16_t h) { return _cvtsh_ss(h); }
 
 /* Two 256-bit halves into one register. */
 AVX512 static inline __m512i join(__m256i lo, __m256i hi) {
@@ -34,83 +32,54 @@ AVX512 static inline __m512i join_epi32(int lo, int hi) {
 
 /* ------------------------------------------------------------ F32 / F16 / BF16 */
 
-AVX512 static float dot_f32(int n, const void *row, const void *act) {
-    const float *w = row;
-    const float *x = act;
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
-           a3 = _mm512_setzero_ps();
-    int i = 0;
-    for (; i + 64 <= n; i += 64) {
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
-    }
-    for (; i + 16 <= n; i += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
-    if (i < n) { /* the last n % 16 values, masked */
-        const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
-        a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + i), _mm512_maskz_loadu_ps(m, x + i), a1);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-}
-
-AVX512 static float dot_f16(int n, const void *row, const void *act) {
-    const uint16_t *w = row;
-    const float *x = act;
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
-           a3 = _mm512_setzero_ps();
-    int i = 0;
-    for (; i + 64 <= n; i += 64) {
-        a0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + i))),
-                             _mm512_loadu_ps(x + i), a0);
-        a1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + i + 16))),
-                             _mm512_loadu_ps(x + i + 16), a1);
-        a2 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + i + 32))),
-                             _mm512_loadu_ps(x + i + 32), a2);
-        a3 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + i + 48))),
-                             _mm512_loadu_ps(x + i + 48), a3);
-    }
-    for (; i + 16 <= n; i += 16)
-        a0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + i))),
-                             _mm512_loadu_ps(x + i), a0);
-    if (i < n) { /* the last n % 16 values, masked */
-        const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
-        a1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, w + i)),
-                             _mm512_maskz_loadu_ps(m, x + i), a1);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-}
-
 AVX512 static inline __m512 bf16x16(__m256i v) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
 
-/* BF16 weights by fp32 activations (AVX-512 CPUs without AVX512-BF16). */
-AVX512 static float dot_bf16_f32(int n, const void *row, const void *act) {
-    const uint16_t *w = row;
+/* 16 weights of an F32, F16 or BF16 row (kind) from value i, as floats;
+ * lanes outside the mask m are zero when masked. */
+AVX512 static inline __m512 weights16(int kind, const void *row, int i, int masked, __mmask16 m) {
+    if (kind == QT_F32)
+        return masked ? _mm512_maskz_loadu_ps(m, (const float *)row + i)
+                      : _mm512_loadu_ps((const float *)row + i);
+    const uint16_t *w = (const uint16_t *)row + i;
+    const __m256i h = masked ? _mm256_maskz_loadu_epi16(m, w) : _mm256_loadu_si256((const __m256i *)w);
+    return kind == QT_F16 ? _mm512_cvtph_ps(h) : bf16x16(h);
+}
+
+/* The loop F32, F16 and BF16-by-fp32 share, inlined with a constant kind:
+ * four accumulators, then one, then the last n % 16 values masked. */
+AVX512 static inline __attribute__((always_inline)) float dot_floats(int kind, int n, const void *row,
+                                                                     const void *act) {
     const float *x = act;
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
            a3 = _mm512_setzero_ps();
     int i = 0;
     for (; i + 64 <= n; i += 64) {
-        a0 = _mm512_fmadd_ps(bf16x16(_mm256_loadu_si256((const __m256i *)(w + i))), _mm512_loadu_ps(x + i),
-                             a0);
-        a1 = _mm512_fmadd_ps(bf16x16(_mm256_loadu_si256((const __m256i *)(w + i + 16))),
-                             _mm512_loadu_ps(x + i + 16), a1);
-        a2 = _mm512_fmadd_ps(bf16x16(_mm256_loadu_si256((const __m256i *)(w + i + 32))),
-                             _mm512_loadu_ps(x + i + 32), a2);
-        a3 = _mm512_fmadd_ps(bf16x16(_mm256_loadu_si256((const __m256i *)(w + i + 48))),
-                             _mm512_loadu_ps(x + i + 48), a3);
+        a0 = _mm512_fmadd_ps(weights16(kind, row, i, 0, 0), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(weights16(kind, row, i + 16, 0, 0), _mm512_loadu_ps(x + i + 16), a1);
+        a2 = _mm512_fmadd_ps(weights16(kind, row, i + 32, 0, 0), _mm512_loadu_ps(x + i + 32), a2);
+        a3 = _mm512_fmadd_ps(weights16(kind, row, i + 48, 0, 0), _mm512_loadu_ps(x + i + 48), a3);
     }
     for (; i + 16 <= n; i += 16)
-        a0 = _mm512_fmadd_ps(bf16x16(_mm256_loadu_si256((const __m256i *)(w + i))), _mm512_loadu_ps(x + i),
-                             a0);
+        a0 = _mm512_fmadd_ps(weights16(kind, row, i, 0, 0), _mm512_loadu_ps(x + i), a0);
     if (i < n) {
         const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
-        a1 =
-            _mm512_fmadd_ps(bf16x16(_mm256_maskz_loadu_epi16(m, w + i)), _mm512_maskz_loadu_ps(m, x + i), a1);
+        a1 = _mm512_fmadd_ps(weights16(kind, row, i, 1, m), _mm512_maskz_loadu_ps(m, x + i), a1);
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
+AVX512 static float dot_f32(int n, const void *row, const void *act) {
+    return dot_floats(QT_F32, n, row, act);
+}
+AVX512 static float dot_f16(int n, const void *row, const void *act) {
+    return dot_floats(QT_F16, n, row, act);
+}
+
+/* BF16 weights by fp32 activations (AVX-512 CPUs without AVX512-BF16). */
+AVX512 static float dot_bf16_f32(int n, const void *row, const void *act) {
+    return dot_floats(QT_BF16, n, row, act);
 }
 
 /* BF16 weights by bf16 activations: vdpbf16ps multiplies 32 pairs exactly
@@ -148,20 +117,6 @@ AVX512 static inline __m512i nibbles64(const uint8_t *p, const uint8_t *q) {
     return _mm512_and_si512(shifted, _mm512_set1_epi8(0x0F));
 }
 
-AVX512 static inline __m256i nibbles32(const uint8_t *p) {
-    const __m128i t = _mm_loadu_si128((const __m128i *)p);
-    return _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1),
-                            _mm256_set1_epi8(0x0F));
-}
-
-/* The fp16 at p, p + stride, ..., p + 7 stride as 8 floats. */
-AVX512 static inline __m256 halves8(const void *p, size_t stride) {
-    const unsigned char *c = p;
-    uint16_t h[8];
-    for (int k = 0; k < 8; k++) memcpy(&h[k], c + (size_t)k * stride, 2);
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
-}
-
 /* Lanes 0..7 = v[k], lanes 8..15 = v[k + 1], from 8 values in v. */
 AVX512 static inline __m512 pair_ps(__m256 v, int k) {
     return _mm512_permutexvar_ps(join_epi32(k, k + 1), _mm512_castps256_ps512(v));
@@ -171,20 +126,10 @@ AVX512 static inline __m512i pair_epi32(__m256i v, int k) {
     return _mm512_permutexvar_epi32(join_epi32(k, k + 1), _mm512_castsi256_si512(v));
 }
 
-AVX512 static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-AVX512 static inline __m256i load32(const int8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
-
 /* Q4_0: Σ (u - 8) y; each of a block's eight lanes starts at -Σy. Q4_1:
  * d dy Σ u y + m (dy Σ y), the second term from the activations' block sums.
- * Q8_0: (w + 128) unsigned; each of a block's eight lanes starts at -16 Σy. */
-enum { B32_Q4_0, B32_Q4_1, B32_Q8_0 };
-
+ * Q8_0: (w + 128) unsigned; each of a block's eight lanes starts at -16 Σy.
+ * (B32_Q4_0 .. B32_Q8_0: simd_x86.h.) */
 /* The weights of blocks p and q (pointers to the blocks) as unsigned bytes, in value order. */
 AVX512 static inline __m512i weights64(int kind, const unsigned char *p, const unsigned char *q,
                                        __m512i flip) {
@@ -203,12 +148,6 @@ AVX512 static inline __m256i weights32(int kind, const unsigned char *p, __m512i
     if (kind == B32_Q4_0) return nibbles32(((const block_q4_0 *)(const void *)p)->qs);
     if (kind == B32_Q4_1) return nibbles32(((const block_q4_1 *)(const void *)p)->qs);
     return _mm256_xor_si256(load32(((const block_q8_0 *)(const void *)p)->qs), _mm512_castsi512_si256(flip));
-}
-
-AVX512 static inline float half_at(const unsigned char *p) {
-    uint16_t h;
-    memcpy(&h, p, 2);
-    return f16(h);
 }
 
 /* The loop the three formats share, inlined with a constant kind (so each
@@ -241,16 +180,16 @@ AVX512 static inline __attribute__((always_inline)) float dot_blocks32(int kind,
         }
     }
     float sum = _mm512_reduce_add_ps(acc);
-    if (kind == B32_Q4_1) sum += hsum256(acc_m);
+    if (kind == B32_Q4_1) sum += hsum_ps(acc_m);
     for (; b < nb; b++) {
         const unsigned char *wb = w + (size_t)b * bytes;
         const int32_t off = kind == B32_Q4_1 ? 0 : kind == B32_Q8_0 ? -16 * a.sum[b] : -a.sum[b];
         const __m256i p =
             _mm256_dpbusd_epi32(_mm256_set1_epi32(off), weights32(kind, wb, flip), load32(a.qs + QK32 * b));
         if (kind == B32_Q4_1)
-            sum += half_at(wb) * a.d[b] * hsum256(_mm256_cvtepi32_ps(p)) + half_at(wb + 2) * a.s[b];
+            sum += half_at(wb) * a.d[b] * hsum_ps(_mm256_cvtepi32_ps(p)) + half_at(wb + 2) * a.s[b];
         else
-            sum += half_at(wb) * a.d[b] * hsum256(_mm256_cvtepi32_ps(p));
+            sum += half_at(wb) * a.d[b] * hsum_ps(_mm256_cvtepi32_ps(p));
     }
     return sum;
 }
@@ -285,68 +224,36 @@ AVX512 static inline __m512i scales_pair(__m512i s, int i) {
     return _mm512_permutexvar_epi16(idx, s);
 }
 
-AVX512 static inline __m128i k4_mins(const uint8_t mins[8], const int16_t bsums[16]) {
-    const __m128i m = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)mins));
-    const __m128i s = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)bsums),
-                                     _mm_loadu_si128((const __m128i *)(bsums + 8)));
-    return _mm_madd_epi16(m, s);
-}
-
-AVX512 static inline float hsum128(__m128 s) {
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-AVX512 static float dot_q4_K(int n, const void *row, const void *act) {
-    const block_q4_K *w = row;
-    const act_q8_K *a = act;
-    __m512 acc = _mm512_setzero_ps();
-    __m128 acc_m = _mm_setzero_ps();
-    for (int b = 0; b < n / QK_K; b++) {
-        uint8_t sm[16];
-        quant_unpack_k4(w[b].scales, sm);
-        const float d = a[b].d * f16(w[b].d), dmin = -a[b].d * f16(w[b].dmin);
-        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(k4_mins(sm + 8, a[b].bsums)), acc_m);
-        const __m512i sc = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sm)));
-        __m512i sumi = _mm512_setzero_si512();
-        for (int j = 0; j < 4; j++) {
-            const __m512i p =
-                _mm512_maddubs_epi16(nibble_pair(w[b].qs + 32 * j), _mm512_loadu_si512(a[b].qs + 64 * j));
-            sumi = _mm512_dpwssd_epi32(sumi, p, scales_pair(sc, 2 * j));
-        }
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(sumi), acc);
-    }
-    return _mm512_reduce_add_ps(acc) + hsum128(acc_m);
-}
-
-AVX512 static float dot_q5_K(int n, const void *row, const void *act) {
-    const block_q5_K *w = row;
+/* Q4_K and Q5_K (q5: with the fifth bits), inlined with a constant q5. */
+AVX512 static inline __attribute__((always_inline)) float dot_k4(int q5, int n, const void *row,
+                                                                 const void *act) {
     const act_q8_K *a = act;
     const __m512i sixteen = _mm512_set1_epi8(16);
     __m512 acc = _mm512_setzero_ps();
     __m128 acc_m = _mm_setzero_ps();
     for (int b = 0; b < n / QK_K; b++) {
-        uint8_t sm[16];
-        quant_unpack_k4(w[b].scales, sm);
-        const float d = a[b].d * f16(w[b].d), dmin = -a[b].d * f16(w[b].dmin);
-        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(k4_mins(sm + 8, a[b].bsums)), acc_m);
-        const __m512i sc = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sm)));
-        const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)w[b].qh));
+        const k4_view w = quant_k4_block(q5, row, b);
+        const __m512i sc = _mm512_castsi128_si512(k4_scales(w.scales, w.dmin, &a[b], &acc_m));
+        const __m512i qh =
+            q5 ? _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)w.qh)) : _mm512_setzero_si512();
         __m512i sumi = _mm512_setzero_si512();
         for (int j = 0; j < 4; j++) {
-            /* bit 2j of qh for the first 32 values, bit 2j + 1 for the next 32 */
-            const __m512i bit =
-                join(_mm256_set1_epi8((char)(1 << (2 * j))), _mm256_set1_epi8((char)(1 << (2 * j + 1))));
-            const __m512i lo = nibble_pair(w[b].qs + 32 * j);
-            const __m512i q = _mm512_mask_add_epi8(lo, _mm512_test_epi8_mask(qh, bit), lo, sixteen);
+            __m512i q = nibble_pair(w.qs + 32 * j);
+            if (q5) { /* bit 2j of qh for the first 32 values, bit 2j + 1 for the next 32 */
+                const __m512i bit =
+                    join(_mm256_set1_epi8((char)(1 << (2 * j))), _mm256_set1_epi8((char)(1 << (2 * j + 1))));
+                q = _mm512_mask_add_epi8(q, _mm512_test_epi8_mask(qh, bit), q, sixteen);
+            }
             const __m512i p = _mm512_maddubs_epi16(q, _mm512_loadu_si512(a[b].qs + 64 * j));
             sumi = _mm512_dpwssd_epi32(sumi, p, scales_pair(sc, 2 * j));
         }
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(sumi), acc);
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(a[b].d * f16(w.d)), _mm512_cvtepi32_ps(sumi), acc);
     }
-    return _mm512_reduce_add_ps(acc) + hsum128(acc_m);
+    return _mm512_reduce_add_ps(acc) + hsum_ps128(acc_m);
 }
+
+AVX512 static float dot_q4_K(int n, const void *row, const void *act) { return dot_k4(0, n, row, act); }
+AVX512 static float dot_q5_K(int n, const void *row, const void *act) { return dot_k4(1, n, row, act); }
 
 /* Q6_K: Σ sc (q - 32) y = Σ sc q y - 32 Σ sc bsum, the second term as the
  * lanes' starting value. 16 values per scale: int16 lanes 8k..8k+7 of a
@@ -398,15 +305,7 @@ AVX512 static float dot_q6_K(int n, const void *row, const void *act) {
 }
 
 void quant_kernels_avx512(quant_kernel t[QT_COUNT], int has_bf16) {
-    t[QT_F32] = (quant_kernel){dot_f32, ACT_F32};
-    t[QT_F16] = (quant_kernel){dot_f16, ACT_F32};
-    t[QT_BF16] = has_bf16 ? (quant_kernel){dot_bf16_dp, ACT_BF16} : (quant_kernel){dot_bf16_f32, ACT_F32};
-    t[QT_Q4_0] = (quant_kernel){dot_q4_0, ACT_Q8_32};
-    t[QT_Q4_1] = (quant_kernel){dot_q4_1, ACT_Q8_32};
-    t[QT_Q8_0] = (quant_kernel){dot_q8_0, ACT_Q8_32};
-    t[QT_Q4_K] = (quant_kernel){dot_q4_K, ACT_Q8_K};
-    t[QT_Q5_K] = (quant_kernel){dot_q5_K, ACT_Q8_K};
-    t[QT_Q6_K] = (quant_kernel){dot_q6_K, ACT_Q8_K};
+    QUANT_KERNEL_TABLE(t, has_bf16 ? dot_bf16_dp : dot_bf16_f32, has_bf16 ? ACT_BF16 : ACT_F32);
 }
 
 #endif

@@ -5,74 +5,48 @@
  * about 2^28), then scaled once. */
 #include "quant_impl.h"
 
-/* 16 partial sums, so the compiler can keep them in vector lanes (a float
- * sum in one variable must be added in order and stays scalar). */
-static float dot_f32(int n, const void *row, const void *act) {
-    const float *w = row;
+/* F32, F16 or BF16 weights (kind), inlined with a constant kind: 16 partial
+ * sums, so the compiler can keep them in vector lanes (a float sum in one
+ * variable must be added in order and stays scalar). */
+static inline __attribute__((always_inline)) float dot_floats(int kind, int n, const void *row,
+                                                              const void *act) {
     const float *x = act;
     float acc[16] = {0};
     int i = 0;
     for (; i + 16 <= n; i += 16)
-        for (int l = 0; l < 16; l++) acc[l] += w[i + l] * x[i + l];
+        for (int l = 0; l < 16; l++) acc[l] += quant_weight_at(kind, row, i + l) * x[i + l];
     float sum = 0.0f;
-    for (; i < n; i++) sum += w[i] * x[i];
+    for (; i < n; i++) sum += quant_weight_at(kind, row, i) * x[i];
     for (int l = 0; l < 16; l++) sum += acc[l];
     return sum;
 }
 
-static float dot_f16(int n, const void *row, const void *act) {
-    const uint16_t *w = row;
-    const float *x = act;
-    float acc[16] = {0};
-    int i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int l = 0; l < 16; l++) acc[l] += quant_fp16_to_fp32(w[i + l]) * x[i + l];
-    float sum = 0.0f;
-    for (; i < n; i++) sum += quant_fp16_to_fp32(w[i]) * x[i];
-    for (int l = 0; l < 16; l++) sum += acc[l];
-    return sum;
-}
+static float dot_f32(int n, const void *row, const void *act) { return dot_floats(QT_F32, n, row, act); }
+static float dot_f16(int n, const void *row, const void *act) { return dot_floats(QT_F16, n, row, act); }
+static float dot_bf16(int n, const void *row, const void *act) { return dot_floats(QT_BF16, n, row, act); }
 
-static float dot_bf16(int n, const void *row, const void *act) {
-    const uint16_t *w = row;
-    const float *x = act;
-    float acc[16] = {0};
-    int i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int l = 0; l < 16; l++) acc[l] += quant_bf16_to_fp32(w[i + l]) * x[i + l];
-    float sum = 0.0f;
-    for (; i < n; i++) sum += quant_bf16_to_fp32(w[i]) * x[i];
-    for (int l = 0; l < 16; l++) sum += acc[l];
-    return sum;
-}
-
-static float dot_q4_0(int n, const void *row, const void *act) {
-    const block_q4_0 *w = row;
+/* Q4_0 (nibbles - 8) and Q4_1 (unsigned nibbles and a minimum m), inlined
+ * with a constant q4_1. */
+static inline __attribute__((always_inline)) float dot_q4(int q4_1, int n, const void *row, const void *act) {
+    const block_q4_0 *w0 = row;
+    const block_q4_1 *w1 = row;
     const act_q8_32 a = quant_act_q8_32(act, n);
+    const int off = q4_1 ? 0 : 8;
     float sum = 0.0f;
     for (int b = 0; b < n / QK32; b++) {
+        const uint8_t *q = q4_1 ? w1[b].qs : w0[b].qs;
         const int8_t *y = a.qs + QK32 * b;
         int isum = 0; /* two loops, one per nibble, so each vectorizes */
-        for (int j = 0; j < 16; j++) isum += ((w[b].qs[j] & 0xF) - 8) * y[j];
-        for (int j = 0; j < 16; j++) isum += ((w[b].qs[j] >> 4) - 8) * y[j + 16];
-        sum += quant_fp16_to_fp32(w[b].d) * a.d[b] * (float)isum;
+        for (int j = 0; j < 16; j++) isum += ((q[j] & 0xF) - off) * y[j];
+        for (int j = 0; j < 16; j++) isum += ((q[j] >> 4) - off) * y[j + 16];
+        const float d = quant_fp16_to_fp32(q4_1 ? w1[b].d : w0[b].d);
+        sum += d * a.d[b] * (float)isum + (q4_1 ? quant_fp16_to_fp32(w1[b].m) * a.s[b] : 0.0f);
     }
     return sum;
 }
 
-static float dot_q4_1(int n, const void *row, const void *act) {
-    const block_q4_1 *w = row;
-    const act_q8_32 a = quant_act_q8_32(act, n);
-    float sum = 0.0f;
-    for (int b = 0; b < n / QK32; b++) {
-        const int8_t *y = a.qs + QK32 * b;
-        int isum = 0;
-        for (int j = 0; j < 16; j++) isum += (w[b].qs[j] & 0xF) * y[j];
-        for (int j = 0; j < 16; j++) isum += (w[b].qs[j] >> 4) * y[j + 16];
-        sum += quant_fp16_to_fp32(w[b].d) * a.d[b] * (float)isum + quant_fp16_to_fp32(w[b].m) * a.s[b];
-    }
-    return sum;
-}
+static float dot_q4_0(int n, const void *row, const void *act) { return dot_q4(0, n, row, act); }
+static float dot_q4_1(int n, const void *row, const void *act) { return dot_q4(1, n, row, act); }
 
 static float dot_q8_0(int n, const void *row, const void *act) {
     const block_q8_0 *w = row;
@@ -87,59 +61,37 @@ static float dot_q8_0(int n, const void *row, const void *act) {
     return sum;
 }
 
-static float dot_q4_K(int n, const void *row, const void *act) {
-    const block_q4_K *w = row;
-    const act_q8_K *a = act;
+/* Q4_K and Q5_K (q5: with the fifth bits), inlined with a constant q5. */
+static inline __attribute__((always_inline)) float dot_k4(int q5, int n, const void *row, const void *act) {
     float sum = 0.0f;
     for (int b = 0; b < n / QK_K; b++) {
-        const uint8_t *q = w[b].qs;
-        const int8_t *y = a[b].qs;
+        const k4_view w = quant_k4_block(q5, row, b);
+        const act_q8_K *a = (const act_q8_K *)act + b;
+        const uint8_t *q = w.qs;
+        const int8_t *y = a->qs;
         int isum = 0, imin = 0;
         for (int j = 0; j < 8; j += 2, q += 32, y += 64) {
             uint8_t sc0, m0, sc1, m1;
-            quant_scale_min_k4(j, w[b].scales, &sc0, &m0);
-            quant_scale_min_k4(j + 1, w[b].scales, &sc1, &m1);
+            quant_scale_min_k4(j, w.scales, &sc0, &m0);
+            quant_scale_min_k4(j + 1, w.scales, &sc1, &m1);
             int s0 = 0, s1 = 0;
             for (int l = 0; l < 32; l++) {
-                s0 += (q[l] & 0xF) * y[l];
-                s1 += (q[l] >> 4) * y[l + 32];
+                const int h0 = q5 ? ((w.qh[l] >> j) & 1) << 4 : 0,
+                          h1 = q5 ? ((w.qh[l] >> (j + 1)) & 1) << 4 : 0;
+                s0 += ((q[l] & 0xF) | h0) * y[l];
+                s1 += ((q[l] >> 4) | h1) * y[l + 32];
             }
             isum += sc0 * s0 + sc1 * s1;
-            imin += m0 * (a[b].bsums[2 * j] + a[b].bsums[2 * j + 1]) +
-                    m1 * (a[b].bsums[2 * j + 2] + a[b].bsums[2 * j + 3]);
+            imin += m0 * (a->bsums[2 * j] + a->bsums[2 * j + 1]) +
+                    m1 * (a->bsums[2 * j + 2] + a->bsums[2 * j + 3]);
         }
-        sum += quant_fp16_to_fp32(w[b].d) * a[b].d * (float)isum -
-               quant_fp16_to_fp32(w[b].dmin) * a[b].d * (float)imin;
+        sum += quant_fp16_to_fp32(w.d) * a->d * (float)isum - quant_fp16_to_fp32(w.dmin) * a->d * (float)imin;
     }
     return sum;
 }
 
-static float dot_q5_K(int n, const void *row, const void *act) {
-    const block_q5_K *w = row;
-    const act_q8_K *a = act;
-    float sum = 0.0f;
-    for (int b = 0; b < n / QK_K; b++) {
-        const uint8_t *q = w[b].qs, *qh = w[b].qh;
-        const int8_t *y = a[b].qs;
-        int isum = 0, imin = 0;
-        for (int j = 0; j < 8; j += 2, q += 32, y += 64) {
-            uint8_t sc0, m0, sc1, m1;
-            quant_scale_min_k4(j, w[b].scales, &sc0, &m0);
-            quant_scale_min_k4(j + 1, w[b].scales, &sc1, &m1);
-            int s0 = 0, s1 = 0;
-            for (int l = 0; l < 32; l++) {
-                s0 += ((q[l] & 0xF) | (((qh[l] >> j) & 1) << 4)) * y[l];
-                s1 += ((q[l] >> 4) | (((qh[l] >> (j + 1)) & 1) << 4)) * y[l + 32];
-            }
-            isum += sc0 * s0 + sc1 * s1;
-            imin += m0 * (a[b].bsums[2 * j] + a[b].bsums[2 * j + 1]) +
-                    m1 * (a[b].bsums[2 * j + 2] + a[b].bsums[2 * j + 3]);
-        }
-        sum += quant_fp16_to_fp32(w[b].d) * a[b].d * (float)isum -
-               quant_fp16_to_fp32(w[b].dmin) * a[b].d * (float)imin;
-    }
-    return sum;
-}
+static float dot_q4_K(int n, const void *row, const void *act) { return dot_k4(0, n, row, act); }
+static float dot_q5_K(int n, const void *row, const void *act) { return dot_k4(1, n, row, act); }
 
 static float dot_q6_K(int n, const void *row, const void *act) {
     const block_q6_K *w = row;
@@ -159,14 +111,4 @@ static float dot_q6_K(int n, const void *row, const void *act) {
     return sum;
 }
 
-void quant_kernels_c(quant_kernel t[QT_COUNT]) {
-    t[QT_F32] = (quant_kernel){dot_f32, ACT_F32};
-    t[QT_F16] = (quant_kernel){dot_f16, ACT_F32};
-    t[QT_BF16] = (quant_kernel){dot_bf16, ACT_F32};
-    t[QT_Q4_0] = (quant_kernel){dot_q4_0, ACT_Q8_32};
-    t[QT_Q4_1] = (quant_kernel){dot_q4_1, ACT_Q8_32};
-    t[QT_Q8_0] = (quant_kernel){dot_q8_0, ACT_Q8_32};
-    t[QT_Q4_K] = (quant_kernel){dot_q4_K, ACT_Q8_K};
-    t[QT_Q5_K] = (quant_kernel){dot_q5_K, ACT_Q8_K};
-    t[QT_Q6_K] = (quant_kernel){dot_q6_K, ACT_Q8_K};
-}
+void quant_kernels_c(quant_kernel t[QT_COUNT]) { QUANT_KERNEL_TABLE(t, dot_bf16, ACT_F32); }

@@ -82,13 +82,6 @@ size_t cepe_qmatmul_work_size(const cepe_qtensor *w, int rows, int n_threads) {
     return per_row ? (size_t)rows * per_row + WORK_ALIGN : 0;
 }
 
-/* The [o0, o1) share of n_out rows of thread t of nt. */
-static void share(int n_out, int t, int nt, int *o0, int *o1) {
-    const int per = ((n_out + nt - 1) / nt + ROW_ALIGN - 1) / ROW_ALIGN * ROW_ALIGN;
-    *o0 = t * per < n_out ? t * per : n_out;
-    *o1 = *o0 + per < n_out ? *o0 + per : n_out;
-}
-
 /* Output rows [o0, o1) of every activation row through the kernel k. */
 static void kernel_rows(float *out, const float *x, const cepe_qtensor *w, quant_kernel k,
                         const unsigned char *act, size_t ab, int rows, int accumulate, int o0, int o1) {
@@ -127,7 +120,7 @@ static void qmatmul_kernels(float *out, const float *x, const cepe_qtensor *w, i
                 quant_prepare_act(k.act, x + (size_t)r * n_in, act + (size_t)r * ab, n_in);
         }
         int o0, o1;
-        share(n_out, t, n, &o0, &o1);
+        cepe_share(n_out, ROW_ALIGN, t, n, &o0, &o1);
         kernel_rows(out, x, w, k, act, ab, rows, accumulate, o0, o1);
     }
 }
@@ -147,7 +140,7 @@ static void qmatmul_sgemm(float *out, const float *x, const cepe_qtensor *w, int
         const int tr = tile_rows(rows);
         float *tile = tiles + (size_t)t * tr * n_in;
         int o0, o1;
-        share(n_out, t, n, &o0, &o1);
+        cepe_share(n_out, ROW_ALIGN, t, n, &o0, &o1);
         for (int a = o0; a < o1; a += tr) {
             const int nr = o1 - a < tr ? o1 - a : tr;
             for (int i = 0; i < nr; i++)

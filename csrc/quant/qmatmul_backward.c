@@ -48,8 +48,8 @@ cepe_status cepe_qmatmul_backward_input(float *dinp, const float *dout, const ce
                                      tile + (size_t)i * n_in, n_in);
             }
             /* this thread's activation rows: dx[r0:r1] += dout[r0:r1, a:a+nr] · tile */
-            const int per = (rows + n - 1) / n, r0 = id * per < rows ? id * per : rows,
-                      r1 = r0 + per < rows ? r0 + per : rows;
+            int r0, r1;
+            cepe_share(rows, 1, id, n, &r0, &r1);
             if (r1 > r0)
                 CEPE_SGEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, r1 - r0, n_in, nr, 1.0f,
                            dout + (size_t)r0 * n_out + a, n_out, t, n_in, 1.0f, dinp + (size_t)r0 * n_in,

@@ -116,6 +116,9 @@ typedef struct {
     act_kind act;
 } quant_kernel;
 
+/* Kernel table indices (quant_type_index); QT_F32 has no GGML type index. */
+enum { QT_F16, QT_BF16, QT_Q4_0, QT_Q4_1, QT_Q8_0, QT_Q4_K, QT_Q5_K, QT_Q6_K, QT_F32, QT_COUNT };
+
 /* ------------------------------------------------------------ fp16 / bf16 */
 
 static inline float quant_f32_from_bits(uint32_t w) {
@@ -153,6 +156,13 @@ static inline uint16_t quant_fp32_to_bf16(float f) {
     return (uint16_t)((u + (0x7fffu + ((u >> 16) & 1))) >> 16);
 }
 
+/* Weight i of an F32 (QT_F32), F16 or BF16 row as a float. */
+static inline float quant_weight_at(int kind, const void *row, int i) {
+    if (kind == QT_F32) return ((const float *)row)[i];
+    const uint16_t h = ((const uint16_t *)row)[i];
+    return kind == QT_F16 ? quant_fp16_to_fp32(h) : quant_bf16_to_fp32(h);
+}
+
 /* The 6-bit scale and minimum of sub-block j (0..7) of a Q4_K / Q5_K block. */
 static inline void quant_scale_min_k4(int j, const uint8_t *q, uint8_t *sc, uint8_t *m) {
     if (j < 4) {
@@ -177,6 +187,22 @@ static inline void quant_unpack_k4(const uint8_t q[12], uint8_t out[16]) {
     memcpy(out, u, 16);
 }
 
+/* Block b of a Q4_K row, or of a Q5_K row (q5) with its fifth bits qh (NULL
+ * for Q4_K): one kernel loop serves both, inlined with a constant q5. */
+typedef struct {
+    uint16_t d, dmin;
+    const uint8_t *scales, *qs, *qh;
+} k4_view;
+
+static inline k4_view quant_k4_block(int q5, const void *row, int64_t b) {
+    if (q5) {
+        const block_q5_K *x = (const block_q5_K *)row + b;
+        return (k4_view){x->d, x->dmin, x->scales, x->qs, x->qh};
+    }
+    const block_q4_K *x = (const block_q4_K *)row + b;
+    return (k4_view){x->d, x->dmin, x->scales, x->qs, NULL};
+}
+
 /* The 256 values of a Q6_K block as q - 32 (-32..31), in value order. */
 static inline void quant_unpack_q6_K(const block_q6_K *x, int8_t q[256]) {
     for (int half = 0; half < 2; half++) {
@@ -196,7 +222,20 @@ static inline void quant_unpack_q6_K(const block_q6_K *x, int8_t q[256]) {
  * means "use the path below". QT_F32 has no type index: F32 weights take
  * its kernel for one activation row and the BLAS sgemm for more (cepe_qmatmul). */
 
-enum { QT_F16, QT_BF16, QT_Q4_0, QT_Q4_1, QT_Q8_0, QT_Q4_K, QT_Q5_K, QT_Q6_K, QT_F32, QT_COUNT };
+/* Fills table t with the kernels of the file it is used in, each file naming
+ * them alike (dot_f32 .. dot_q6_K); the BF16 entry is given (bf16_dot, bf16_act). */
+#define QUANT_KERNEL_TABLE(t, bf16_dot, bf16_act)                                                            \
+    do {                                                                                                     \
+        (t)[QT_F32] = (quant_kernel){dot_f32, ACT_F32};                                                      \
+        (t)[QT_F16] = (quant_kernel){dot_f16, ACT_F32};                                                      \
+        (t)[QT_BF16] = (quant_kernel){bf16_dot, bf16_act};                                                   \
+        (t)[QT_Q4_0] = (quant_kernel){dot_q4_0, ACT_Q8_32};                                                  \
+        (t)[QT_Q4_1] = (quant_kernel){dot_q4_1, ACT_Q8_32};                                                  \
+        (t)[QT_Q8_0] = (quant_kernel){dot_q8_0, ACT_Q8_32};                                                  \
+        (t)[QT_Q4_K] = (quant_kernel){dot_q4_K, ACT_Q8_K};                                                   \
+        (t)[QT_Q5_K] = (quant_kernel){dot_q5_K, ACT_Q8_K};                                                   \
+        (t)[QT_Q6_K] = (quant_kernel){dot_q6_K, ACT_Q8_K};                                                   \
+    } while (0)
 
 void quant_kernels_c(quant_kernel table[QT_COUNT]);
 void quant_kernels_avx2(quant_kernel table[QT_COUNT]);
