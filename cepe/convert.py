@@ -12,10 +12,9 @@ import os
 import shutil
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from .errors import CheckpointError
 from .files import CONFIG_LIMIT, read_json
+from .progress import track
 
 _SIDE_FILES = (
     "config.json",
@@ -75,7 +74,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = No
     n = len(shards)
     weight_map: dict[str, str] = {}
     total = 0
-    for k, shard in enumerate(tqdm(shards, desc="converting", unit="shard", disable=None), start=1):
+    for k, shard in enumerate(track(shards, desc="converting", unit="shard"), start=1):
         try:
             sd = torch.load(os.path.join(src, shard), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - a corrupt pickle raises many kinds

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError
+from .progress import track
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 MANIFEST = os.path.join(DATA_DIR, "stdlib_corpus.json")
@@ -220,8 +221,6 @@ def build(
     shard=(i, n): only shard i of n of each split's documents (cepe.work_shards), into
     out_dir/<split>-0000i-of-0000n.npy; `cepe train` reads the n files, listed in shard order,
     as the windows of the unsharded file."""
-    from tqdm.auto import tqdm
-
     from .work_shards import shard_path, shard_range
 
     manifest = manifest or load_manifest()
@@ -235,7 +234,7 @@ def build(
             docs, name = docs[lo:hi], shard_path(name, *shard)
         toks = [
             np.asarray(encode(text), dtype=np.int32)
-            for _, text in tqdm(docs, desc=f"tokenizing {split}", unit="doc", disable=None if progress else True)
+            for _, text in track(docs, desc=f"tokenizing {split}", unit="doc", disable=None if progress else True)
         ]
         paths[split] = name
         _save_npy(paths[split], pack(toks))

@@ -50,6 +50,7 @@ import numpy as np
 from .baselines import APESettings
 from .bootstrap import boot_ppl, bootstrap_indices, interval
 from .eval_qa import QA_METHODS, evaluate_qa, exact_match, f1_score  # the QA protocol, cepe.eval's too
+from .progress import bar as progress_bar
 
 CHUNK = 256  # encoder chunk length
 METHODS = ("cepe", "truncation", "full")  # the default set
@@ -329,11 +330,7 @@ def evaluate_lm(
     prefix_len = len(calls.ape.prefix_ids(model))
     max_pos = model.config.max_position_embeddings
     plan = [(m, n) for n in ns for m in methods]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(plan) * D, desc="eval lm", unit="call", disable=None)
+    bar = progress_bar(total=len(plan) * D, desc="eval lm", unit="call", disable=None if progress else True)
     rows: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     for method, n in plan:
         dec_len, n_ctx = call_shape(method, n, window)
@@ -350,21 +347,18 @@ def evaluate_lm(
         row: dict[str, Any]
         if skip is not None:
             row = {"N": n, "ppl": None, "reason": skip}
-            if bar is not None:
-                bar.update(D)
+            bar.update(D)
         else:
             res = []
             for d in range(D):
                 res.append(calls.run(d, dec_len, n_ctx, kind))
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
             row = {"N": n, "decoder_tokens": dec_len, "encoder_chunks": n_ctx // CHUNK}
             row.update(summarize([r[0] for r in res], [r[1] for r in res], idx))
         rows[method].append(row)
         if on_row is not None:
             on_row(method, row)
-    if bar is not None:
-        bar.close()
+    bar.close()
     return {
         "window": window,
         "eval_tokens": window - 1,

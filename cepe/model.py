@@ -793,10 +793,10 @@ class Model:
         if isinstance(eval_window, bool) or not isinstance(eval_window, int) or not 1 <= eval_window <= T - 1:
             raise ValueError(f"eval_window must be an int in [1, {T - 1}], got {eval_window!r}")
         self._warn_long(T, "the input holds")
-        cache = self.create_cache(B, T)
-        cache._ctx.set_rope_length(T)  # dynamic NTK / LongRoPE: the table of the whole input, as one forward
         context = self._context(B, squeeze, encoder_input_ids, encoder_attention_mask, encoder_hidden_states)
-        self._attach(cache._ctx, context, keep_cross_kv, single_pass=True)
+        ctx = cepe_c.Context(self._core, B, T, single_pass=self._single_pass(B, context, keep_cross_kv))
+        ctx.set_rope_length(T)  # dynamic NTK / LongRoPE: the table of the whole input, as one forward
+        self._attach(ctx, context, keep_cross_kv, single_pass=True)
         first_target = T - eval_window  # targets t in [first_target, T), predicted at t - 1
         keep = np.zeros((B, T - 1), dtype=bool)  # keep[:, t]: the logits at t score the token at t + 1
         keep[:, first_target - 1 :] = True
@@ -805,7 +805,7 @@ class Model:
         targets = np.full((B, T), -100, dtype=np.int32)  # -100: not scored (no logits formed for it)
         targets[:, :-1] = np.where(keep, ids[:, 1:], -100)
         # One call: the core scores a few rows at a time and never holds (T, V) logits.
-        nll_tok = _interruptible(cache._ctx, cache._ctx.forward_nll, ids, None, mask, targets, progress="perplexity")
+        nll_tok = _interruptible(ctx, ctx.forward_nll, ids, None, mask, targets, progress="perplexity")
         nll = nll_tok[:, :-1].sum(axis=1, dtype=np.float64)
         if not np.isfinite(nll).all():
             raise _overflowed("log-probabilities", context is not None)

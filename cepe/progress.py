@@ -10,7 +10,10 @@ server or a benchmark (stderr not a terminal) never shows a bar, so it never pay
 from __future__ import annotations
 
 import sys
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class _Hidden:
@@ -33,6 +36,10 @@ class _Hidden:
     def close(self) -> None:
         return None
 
+    def write(self, s: str) -> None:
+        """tqdm.write prints even where the bar is disabled: so does a hidden bar."""
+        print(s)
+
 
 def shows(disable: bool | None) -> bool:
     """Whether tqdm would show a bar given `disable`: None (tqdm's auto) shows one on a terminal."""
@@ -49,3 +56,12 @@ def bar(*, disable: bool | None = None, **kwargs: Any) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(disable=disable, **kwargs)
+
+
+def track(iterable: Iterable[T], *, disable: bool | None = None, **kwargs: Any) -> Iterable[T]:
+    """tqdm.auto.tqdm(iterable, ...) when it would show, else the iterable itself."""
+    if not shows(disable):
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=disable, **kwargs)

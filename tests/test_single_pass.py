@@ -74,3 +74,37 @@ def test_single_pass_context_is_not_continued(model: cepe.Model) -> None:
     ctx.reset()  # an emptied context takes a new call
     np.testing.assert_array_equal(ctx.forward(ids, None, None, 1), first)
     np.testing.assert_array_equal(full.forward(ids[:, :1], None, None, 1).shape, first.shape)
+
+
+@pytest.mark.parametrize(("B", "T"), [(2, 600), (1, 9)])
+def test_perplexity_runs_single_pass_with_the_same_value(
+    model: cepe.Model, monkeypatch: pytest.MonkeyPatch, B: int, T: int
+) -> None:
+    """perplexity() over a recomputed context keeps one layer's K/V, and scores what the logits
+    of a full-cache forward give (the log-softmax written here, in float64)."""
+    ids, kw = _inputs(B, T, seed=T + 1)
+    made: list[bool] = []
+    real_context = cepe_c.Context
+
+    def recording(*args: Any, single_pass: bool = False) -> cepe_c.Context:
+        made.append(single_pass)
+        return real_context(*args, single_pass=single_pass)
+
+    monkeypatch.setattr(cepe.model.cepe_c, "Context", recording)
+    ppl = model.perplexity(ids, keep_cross_kv=False, eval_window=T // 2, **kw)
+    assert made == [True]
+    monkeypatch.undo()
+    logits = model.forward(ids, logits="all", keep_cross_kv=False, cache=model.create_cache(B, T), **kw)
+    z = logits.astype(np.float64)
+    logp = z - z.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    amask = kw["attention_mask"]
+    row_nll = []
+    for b in range(B):
+        ts = [t for t in range(T - T // 2, T) if amask[b, t] and amask[b, t - 1]]
+        row_nll.append(np.mean([-logp[b, t - 1, ids[b, t]] for t in ts]))
+    np.testing.assert_allclose(ppl, np.exp(np.mean(row_nll)), rtol=2e-5)
+    made.clear()
+    monkeypatch.setattr(cepe.model.cepe_c, "Context", recording)
+    model.perplexity(ids, keep_cross_kv=True, eval_window=T // 2, **kw)  # kept K/V: a full cache
+    assert made == [False]
