@@ -29,10 +29,15 @@ other_load (CPUs the rest of the machine kept busy meanwhile, from /proc/stat).
 
 With --dtype bfloat16 the frozen decoder's matrices are held in bf16 in both engines, the trained
 part and the optimizer state stay float32: cepe.load(..., dtype="bfloat16") under the same Trainer
-(its frozen products widen bf16 weight tiles into fp32 GEMMs, activations stay fp32); torch with the
-frozen decoder parameters cast to torch.bfloat16 and the forward under torch.autocast(bfloat16), as
-a torch user writes mixed precision (its matmuls, the trained ones' too, run in bf16 with fp32
-masters). The op breakdown (fp32 ops) is skipped.
+(its frozen products multiply bf16 weights by activations rounded to bf16, with fp32 sums, where the
+CPU has AVX512-BF16; elsewhere bf16 weight tiles widened into fp32 GEMMs). torch, by --torch-bf16:
+  frozen    the same precision as cepe: the frozen decoder parameters cast to torch.bfloat16, each
+            frozen product's input cast to bf16 and its output back to float32; the trained
+            products stay float32 (the default: the issue's "the same decoder in bf16");
+  autocast  the frozen decoder parameters in torch.bfloat16 and the forward under
+            torch.autocast(bfloat16), as a torch user writes mixed precision: every matmul, the
+            trained ones' too, runs in bf16 with fp32 masters (less work than cepe's step).
+The op breakdown (fp32 ops) is skipped.
 
 With --device cuda both engines train on the GPU (cepe.load(..., device="cuda"); torch's model and
 batch moved there, TF32 off, CUDA synchronized before each clock read), the op breakdown is skipped,
@@ -243,11 +248,19 @@ def phase_cepe(args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------- child: torch
 
 
-def build_torch_model(dec: dict, enc: dict):  # -> torch.nn.Module
-    """CEPE from the spec (§2-§4) in plain torch, with the official parameter names."""
+def build_torch_model(dec: dict, enc: dict, cast_frozen: bool = False):  # -> torch.nn.Module
+    """CEPE from the spec (§2-§4) in plain torch, with the official parameter names. cast_frozen:
+    a product whose weight is held in bf16 (a frozen one, --torch-bf16 frozen) takes its input
+    cast to bf16 and gives float32 back, as cepe's frozen bf16 products do."""
     import torch
     import torch.nn.functional as F
     from torch import nn
+
+    class Linear(nn.Linear):
+        def forward(self, x):
+            if cast_frozen and self.weight.dtype != x.dtype:
+                return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+            return super().forward(x)
 
     class RMSNorm(nn.Module):
         def __init__(self, d: int, eps: float) -> None:
@@ -276,10 +289,10 @@ def build_torch_model(dec: dict, enc: dict):  # -> torch.nn.Module
             self.hd = d // self.H
             if cross:
                 self.layernorm = RMSNorm(d, cfg["rms_norm_eps"])
-            self.q_proj = nn.Linear(d, self.H * self.hd, bias=False)
-            self.k_proj = nn.Linear(d_kv_in or d, self.KVH * self.hd, bias=False)
-            self.v_proj = nn.Linear(d_kv_in or d, self.KVH * self.hd, bias=False)
-            self.o_proj = nn.Linear(self.H * self.hd, d, bias=False)
+            self.q_proj = Linear(d, self.H * self.hd, bias=False)
+            self.k_proj = Linear(d_kv_in or d, self.KVH * self.hd, bias=False)
+            self.v_proj = Linear(d_kv_in or d, self.KVH * self.hd, bias=False)
+            self.o_proj = Linear(self.H * self.hd, d, bias=False)
 
         def forward(self, x, kv_in=None, rope=None, causal=False):
             B, T, _ = x.shape
@@ -296,9 +309,9 @@ def build_torch_model(dec: dict, enc: dict):  # -> torch.nn.Module
     class MLP(nn.Module):
         def __init__(self, d: int, ff: int) -> None:
             super().__init__()
-            self.gate_proj = nn.Linear(d, ff, bias=False)
-            self.up_proj = nn.Linear(d, ff, bias=False)
-            self.down_proj = nn.Linear(ff, d, bias=False)
+            self.gate_proj = Linear(d, ff, bias=False)
+            self.up_proj = Linear(d, ff, bias=False)
+            self.down_proj = Linear(ff, d, bias=False)
 
         def forward(self, x):
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -330,6 +343,8 @@ def build_torch_model(dec: dict, enc: dict):  # -> torch.nn.Module
 
         def forward(self, ids, causal, E=None):
             h = self.embed_tokens(ids)
+            if cast_frozen:  # a bf16 table's rows, as float32
+                h = h.float()
             hd = self.cfg["hidden_size"] // self.cfg["num_attention_heads"]
             rope = rope_tables(ids.shape[1], hd, self.cfg["rope_theta"], ids.device)  # positions 0..T-1 (per chunk)
             for layer in self.layers:
@@ -346,7 +361,8 @@ def build_torch_model(dec: dict, enc: dict):  # -> torch.nn.Module
             B, n, L = chunks.shape
             E = self.encoder(chunks.reshape(B * n, L), causal=False).reshape(B, n * L, -1)
             h = self.model(ids, causal=True, E=E)
-            logits = h @ self.model.embed_tokens.weight.T  # tied lm_head
+            w = self.model.embed_tokens.weight
+            logits = (h.to(w.dtype) @ w.T).to(h.dtype) if cast_frozen else h @ w.T  # tied lm_head
             return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
     return Cepe()
@@ -366,7 +382,7 @@ def phase_torch(args: argparse.Namespace) -> dict:
     ids = torch.from_numpy(batch["input_ids"]).to(dev)
     chunks = torch.from_numpy(batch["encoder_input_ids"]).to(dev)
     with torch.device("meta"):
-        model = build_torch_model(dec, enc)
+        model = build_torch_model(dec, enc, cast_frozen=args.dtype == "bfloat16" and args.torch_bf16 == "frozen")
     model.load_state_dict(load_file(os.path.join(args.model_dir, "model.safetensors")), strict=True, assign=True)
     model.to(dev)
 
@@ -382,7 +398,9 @@ def phase_torch(args: argparse.Namespace) -> dict:
             trainable.append(p)
         elif args.dtype == "bfloat16":  # the frozen decoder held in bf16; trained tensors stay fp32
             p.data = p.data.to(torch.bfloat16)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    autocast = torch.autocast(
+        dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16" and args.torch_bf16 == "autocast"
+    )
     opt = torch.optim.AdamW(trainable, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     warmup = math.ceil(TOTAL_STEPS * WARMUP_RATIO)
 
@@ -645,7 +663,8 @@ def run_child(engine: str, args: argparse.Namespace, model_dir: str, scratch: st
     out_path = os.path.join(scratch, f"{engine}.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--phase", engine, "--scratch", scratch]
     cmd += ["--model-dir", model_dir, "--threads", str(args.threads), "--steps", str(args.steps)]
-    cmd += ["--device", args.device, "--dtype", args.dtype] + (["--quick"] if args.quick else [])
+    cmd += ["--device", args.device, "--dtype", args.dtype, "--torch-bf16", args.torch_bf16]
+    cmd += ["--quick"] if args.quick else []
     time.sleep(PAUSE_S)
     load_before = os.getloadavg()
     busy0, own0, t0 = machine_busy_s(), children_cpu_s(), time.perf_counter()
@@ -784,6 +803,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("float32", "bfloat16"),
         default="float32",
         help="format of the frozen decoder's matrices in both engines (trained tensors: float32)",
+    )
+    p.add_argument(
+        "--torch-bf16",
+        choices=("frozen", "autocast"),
+        default="frozen",
+        help="with --dtype bfloat16, torch's precision: frozen (as cepe: only the frozen decoder's products "
+        "in bf16) or autocast (every matmul in bf16)",
     )
     p.add_argument(
         "--nproc",
@@ -932,6 +958,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "device": args.device,
         "dtype": args.dtype,
+        "torch_bf16": args.torch_bf16 if args.dtype == "bfloat16" else None,
         "repeats": args.repeats,
         "timed_steps_per_child": args.steps,
         "sizes": {**s, "tokens_per_step": tokens, "batch_rows": 1},
@@ -956,7 +983,11 @@ def main(argv: list[str] | None = None) -> int:
             "torch": "the spec's model in torch (SDPA attention, GQA), decoder requires_grad False; "
             + runs["torch"][0]["optimizer"]
             + (
-                "; frozen decoder parameters in torch.bfloat16, forward under torch.autocast(bfloat16)"
+                {
+                    "frozen": "; frozen decoder parameters in torch.bfloat16, each frozen product's input cast "
+                    "to bf16 and its output to float32 (trained products float32)",
+                    "autocast": "; frozen decoder parameters in torch.bfloat16, forward under torch.autocast(bfloat16)",
+                }[args.torch_bf16]
                 if args.dtype == "bfloat16"
                 else ""
             ),
@@ -980,7 +1011,8 @@ def main(argv: list[str] | None = None) -> int:
         "env": {k: v for k, v in os.environ.items() if k.startswith(("OPENBLAS_", "OMP_", "MKL_", "GOMP_"))},
     }
     os.makedirs(args.out, exist_ok=True)
-    stem = "bench_train" + ("_bf16" if args.dtype == "bfloat16" else "") + ("_quick" if args.quick else "")
+    bf16 = {"frozen": "_bf16", "autocast": "_bf16_autocast"}[args.torch_bf16] if args.dtype == "bfloat16" else ""
+    stem = "bench_train" + bf16 + ("_quick" if args.quick else "")
     result["plot"] = write_plot(result, os.path.join(args.out, f"{stem}.png"))
     print(json.dumps(result, indent=2))
     return 0
