@@ -1,0 +1,265 @@
+/* gemm_bf16_avx512.c — many rows of activations by BF16 weights on CPUs with
+ * AVX512-BF16: the activations are rounded to bf16 once per call and
+ * vdpbf16ps multiplies 32 bf16 pairs per instruction, accumulated in fp32
+ * (twice the multiply-adds of an fp32 FMA, and no widening of the weights).
+ *
+ * Both products are one register-blocked kernel C[MR x 16 NV] += A · B over
+ * k in pairs: A is bf16 activations, a row's pairs as 32-bit words; B is a
+ * panel of 16 NV columns packed so that lane j of word p holds the pair of
+ * column j for k = 2p, 2p + 1 (what vdpbf16ps multiplies with a broadcast
+ * pair of A). The accumulators stay in registers over the whole k.
+ *   - forward, out = x · Wᵀ: k runs over n_in, a column is a weight row; the
+ *     panel gathers the 32-bit pairs of 16 rows.
+ *   - backward, dx = dout · W: k runs over n_out, a column is an input; the
+ *     panel interleaves the 16-bit values of two weight rows.
+ * An odd k ends with a pair whose second half is zero; missing rows of A and
+ * columns of B are zeros too, computed and not stored.
+ *
+ * Threads split the columns (output features forward, input features
+ * backward); each packs its own panels, A is converted once and shared. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "../ops/ops.h"
+#include "quant_impl.h"
+
+/* Rows x column-registers of the kernel: 8 x 2 keeps 16 accumulators and
+ * reads 2 panel registers and 8 broadcast pairs per 16 vdpbf16ps
+ * (benchmarks/README.md: 8 x 2 against 6 x 4 and 12 x 2). */
+#ifndef BF16_MR
+#define BF16_MR 8
+#endif
+#ifndef BF16_NV
+#define BF16_NV 2
+#endif
+#define PANEL_COLS (16 * BF16_NV)
+#define ALIGN 64
+/* Fewer multiply-adds than this do not pay for waking a second thread. */
+#define MIN_PARALLEL_WORK (1 << 17)
+
+int quant_bf16_gemm_ready(void) {
+    /* The BF16 kernel takes bf16 activations exactly when the AVX-512 path is
+     * selected and the CPU has AVX512-BF16 (quant.c, isa_init). */
+    return quant_kernel_for(CEPE_QTYPE_BF16).act == ACT_BF16;
+}
+
+static size_t round_up(size_t n) { return (n + ALIGN - 1) / ALIGN * ALIGN; }
+
+/* Bytes of A: `rows` rows (padded to the kernel's) of k values in pairs. */
+static size_t a_bytes(int rows, int k) {
+    const size_t blocks = ((size_t)rows + BF16_MR - 1) / BF16_MR;
+    return round_up(blocks * BF16_MR * (size_t)((k + 1) / 2) * 4);
+}
+
+/* Bytes of one thread's panel of B over k values. */
+static size_t panel_bytes(int k) { return round_up((size_t)((k + 1) / 2) * PANEL_COLS * 4); }
+
+static int team(int rows, int n_in, int n_out, int cols, int n_threads) {
+    int nt = n_threads < 1 ? 1 : n_threads;
+    const int panels = (cols + PANEL_COLS - 1) / PANEL_COLS;
+    if (nt > panels) nt = panels;
+    if ((int64_t)rows * n_in * n_out < MIN_PARALLEL_WORK) nt = 1;
+    return nt < 1 ? 1 : nt;
+}
+
+size_t quant_bf16_gemm_work_size(int rows, int n_in, int n_out, int n_threads) {
+    const int nt = team(rows, n_in, n_out, n_out, n_threads);
+    return a_bytes(rows, n_in) + (size_t)nt * panel_bytes(n_in);
+}
+
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#include <immintrin.h>
+
+#define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
+
+/* Row r of A (k2 words) = the k values at src rounded to bf16 (nearest even,
+ * as quant_fp32_to_bf16; NaN stays NaN), an odd k's last pair ending in 0. */
+AVX512BF16 static void to_bf16_pairs(uint32_t *dst, const float *src, int k) {
+    int i = 0;
+    for (; i + 32 <= k; i += 32) {
+        const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i));
+        _mm512_storeu_si512(dst + i / 2, (__m512i)h);
+    }
+    if (i < k) { /* masked loads read zeros past the end */
+        const int left = k - i;
+        const __mmask16 lo = (__mmask16)(left >= 16 ? 0xFFFF : (1u << left) - 1);
+        const __mmask16 hi = (__mmask16)(left <= 16 ? 0 : (1u << (left - 16)) - 1);
+        const __m512bh h =
+            _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, src + i + 16), _mm512_maskz_loadu_ps(lo, src + i));
+        const int words = (left + 1) / 2;
+        _mm512_mask_storeu_epi32(dst + i / 2, (__mmask16)((1u << words) - 1), (__m512i)h);
+    }
+}
+
+/* A for `rows` rows of src (ld floats apart), then zero rows up to the
+ * kernel's multiple. Inside a parallel region: the rows are shared. */
+AVX512BF16 static void convert_rows(uint32_t *a, const float *src, int rows, int k, size_t ld) {
+    const size_t k2 = (size_t)(k + 1) / 2;
+    const int padded = (rows + BF16_MR - 1) / BF16_MR * BF16_MR;
+#pragma omp for schedule(static)
+    for (int r = 0; r < padded; r++) {
+        if (r < rows)
+            to_bf16_pairs(a + (size_t)r * k2, src + (size_t)r * ld, k);
+        else
+            memset(a + (size_t)r * k2, 0, k2 * 4);
+    }
+}
+
+/* C[MR rows of which mr are stored, nc <= PANEL_COLS columns] (=|+=) A · B:
+ * a is the block's first row (k2 words per row), b the panel. */
+AVX512BF16 static inline __attribute__((always_inline)) void
+kernel(const uint32_t *a, size_t k2, const __m512i *b, float *c, size_t ldc, int mr, int nc, int accumulate) {
+    __m512 acc[BF16_MR][BF16_NV];
+#pragma GCC unroll 16
+    for (int i = 0; i < BF16_MR; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < BF16_NV; j++) acc[i][j] = _mm512_setzero_ps();
+    for (size_t p = 0; p < k2; p++) {
+        __m512bh bv[BF16_NV];
+#pragma GCC unroll 4
+        for (int j = 0; j < BF16_NV; j++) bv[j] = (__m512bh)_mm512_load_si512(b + p * BF16_NV + j);
+#pragma GCC unroll 16
+        for (int i = 0; i < BF16_MR; i++) {
+            const __m512bh av = (__m512bh)_mm512_set1_epi32((int)a[i * k2 + p]);
+#pragma GCC unroll 4
+            for (int j = 0; j < BF16_NV; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], av, bv[j]);
+        }
+    }
+    for (int i = 0; i < mr; i++) {
+        float *row = c + (size_t)i * ldc;
+#pragma GCC unroll 4
+        for (int j = 0; j < BF16_NV; j++) {
+            const int left = nc - 16 * j;
+            if (left <= 0) break;
+            const __mmask16 m = (__mmask16)(left >= 16 ? 0xFFFF : (1u << left) - 1);
+            __m512 v = acc[i][j];
+            if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, row + 16 * j));
+            _mm512_mask_storeu_ps(row + 16 * j, m, v);
+        }
+    }
+}
+
+/* C[rows, cols c0 .. c0 + nc) (=|+=) A · panel, every block of rows. */
+AVX512BF16 static void panel_product(float *c, size_t ldc, const uint32_t *a, size_t k2, const __m512i *panel,
+                                     int rows, int nc, int accumulate) {
+    for (int r = 0; r < rows; r += BF16_MR) {
+        const int mr = rows - r < BF16_MR ? rows - r : BF16_MR;
+        kernel(a + (size_t)r * k2, k2, panel, c + (size_t)r * ldc, ldc, mr, nc, accumulate);
+    }
+}
+
+/* Forward panel: columns are weight rows o0 .. o0 + nc; word p of lane j is
+ * the pair W[o0 + j][2p], W[o0 + j][2p + 1], gathered 16 rows at a time. */
+AVX512BF16 static void pack_rows(__m512i *panel, const cepe_qtensor *w, int o0, int nc) {
+    const int n_in = w->n_in, even = n_in / 2, k2 = (n_in + 1) / 2;
+    const unsigned char *base = (const unsigned char *)w->data + (size_t)o0 * w->row_stride;
+    /* byte offsets of 16 rows fit an int32 up to rows of 128 MB */
+    const int gather = w->row_stride <= (size_t)INT32_MAX / 16;
+    const __m512i offs =
+        _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                           _mm512_set1_epi32(gather ? (int)w->row_stride : 0));
+    for (int g = 0; g < BF16_NV; g++) {
+        const int left = nc - 16 * g, lanes = left < 0 ? 0 : left > 16 ? 16 : left;
+        const __mmask16 m = (__mmask16)((1u << lanes) - 1);
+        const unsigned char *rows = base + (size_t)16 * g * w->row_stride;
+        if (gather && lanes)
+            for (int p = 0; p < even; p++)
+                panel[(size_t)p * BF16_NV + g] =
+                    _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, offs, rows + 4 * (size_t)p, 1);
+        for (int p = gather && lanes ? even : 0; p < k2; p++) {
+            uint32_t word[16] = {0};
+            for (int j = 0; j < lanes; j++) {
+                const uint16_t *v = (const uint16_t *)(const void *)(rows + (size_t)j * w->row_stride);
+                word[j] = v[2 * p] | (2 * p + 1 < n_in ? (uint32_t)v[2 * p + 1] << 16 : 0);
+            }
+            panel[(size_t)p * BF16_NV + g] = _mm512_loadu_si512(word);
+        }
+    }
+}
+
+/* Backward panel: columns are inputs i0 .. i0 + nc; word q of lane j is the
+ * pair W[2q][i0 + j], W[2q + 1][i0 + j] (a missing row 2q + 1 is zeros). */
+AVX512BF16 static void pack_cols(__m512i *panel, const cepe_qtensor *w, int i0, int nc) {
+    const int n_out = w->n_out, k2 = (n_out + 1) / 2;
+    const unsigned char *base = w->data;
+    for (int g = 0; g < BF16_NV; g++) {
+        const int left = nc - 16 * g, lanes = left < 0 ? 0 : left > 16 ? 16 : left;
+        const __mmask16 m = (__mmask16)((1u << lanes) - 1);
+        const size_t col = (size_t)(i0 + 16 * g) * 2;
+        for (int q = 0; q < k2; q++) {
+            const unsigned char *r0 = base + (size_t)(2 * q) * w->row_stride + col;
+            const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0));
+            const __m512i hi = 2 * q + 1 < n_out
+                                   ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0 + w->row_stride))
+                                   : _mm512_setzero_si512();
+            panel[(size_t)q * BF16_NV + g] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+        }
+    }
+}
+
+AVX512BF16 void quant_bf16_gemm_forward(float *out, const float *x, const cepe_qtensor *w, int rows,
+                                        int accumulate, void *work, int n_threads) {
+    const int n_in = w->n_in, n_out = w->n_out;
+    const size_t k2 = (size_t)(n_in + 1) / 2;
+    const int nt = team(rows, n_in, n_out, n_out, n_threads);
+    uint32_t *a = work;
+    unsigned char *panels = (unsigned char *)work + a_bytes(rows, n_in);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int t, n;
+        cepe_team(&t, &n);
+        convert_rows(a, x, rows, n_in, (size_t)n_in);
+        __m512i *panel = (__m512i *)(void *)(panels + (size_t)t * panel_bytes(n_in));
+        int o0, o1;
+        cepe_share(n_out, PANEL_COLS, t, n, &o0, &o1);
+        for (int o = o0; o < o1; o += PANEL_COLS) {
+            const int nc = o1 - o < PANEL_COLS ? o1 - o : PANEL_COLS;
+            pack_rows(panel, w, o, nc);
+            panel_product(out + o, (size_t)n_out, a, k2, panel, rows, nc, accumulate);
+        }
+    }
+}
+
+AVX512BF16 cepe_status quant_bf16_gemm_backward(float *dinp, const float *dout, const cepe_qtensor *w,
+                                                int rows, int accumulate, int n_threads) {
+    const int n_in = w->n_in, n_out = w->n_out;
+    const size_t k2 = (size_t)(n_out + 1) / 2;
+    const int nt = team(rows, n_in, n_out, n_in, n_threads);
+    const size_t ab = a_bytes(rows, n_out), pb = panel_bytes(n_out);
+    unsigned char *work = aligned_alloc(ALIGN, ab + (size_t)nt * pb);
+    if (!work)
+        return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "qmatmul backward: %zu bytes of scratch",
+                         ab + (size_t)nt * pb);
+    uint32_t *a = (uint32_t *)(void *)work;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int t, n;
+        cepe_team(&t, &n);
+        convert_rows(a, dout, rows, n_out, (size_t)n_out);
+        __m512i *panel = (__m512i *)(void *)(work + ab + (size_t)t * pb);
+        int i0, i1;
+        cepe_share(n_in, PANEL_COLS, t, n, &i0, &i1);
+        for (int i = i0; i < i1; i += PANEL_COLS) {
+            const int nc = i1 - i < PANEL_COLS ? i1 - i : PANEL_COLS;
+            pack_cols(panel, w, i, nc);
+            panel_product(dinp + i, (size_t)n_in, a, k2, panel, rows, nc, accumulate);
+        }
+    }
+    free(work);
+    return CEPE_OK;
+}
+
+#else /* no x86: quant_bf16_gemm_ready() is 0 and these are never called */
+
+void quant_bf16_gemm_forward(float *out, const float *x, const cepe_qtensor *w, int rows, int accumulate,
+                             void *work, int n_threads) {
+    (void)out, (void)x, (void)w, (void)rows, (void)accumulate, (void)work, (void)n_threads;
+}
+
+cepe_status quant_bf16_gemm_backward(float *dinp, const float *dout, const cepe_qtensor *w, int rows,
+                                     int accumulate, int n_threads) {
+    (void)dinp, (void)dout, (void)w, (void)rows, (void)accumulate, (void)n_threads;
+    return cepe_fail(CEPE_ERR_UNSUPPORTED, "qmatmul backward: no bf16 GEMM on this CPU");
+}
+
+#endif
