@@ -148,31 +148,59 @@ AVX512BF16 static void panel_product(float *c, size_t ldc, const uint32_t *a, si
     }
 }
 
+/* r[0..15] (16 x 16 words) transposed in place: word c of r[i] moves to
+ * word i of r[c]. Pairs of rows interleave words, then pairs of those
+ * interleave word pairs, which leaves s[4a + b] holding column 4L + b of rows
+ * 4a .. 4a + 3 in its 128-bit lane L; the 4 x 4 lanes are then transposed. */
+AVX512BF16 static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
+    __m512i t[16], s[16];
+#pragma GCC unroll 8
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+#pragma GCC unroll 4
+    for (int a = 0; a < 4; a++) {
+        s[4 * a + 0] = _mm512_unpacklo_epi64(t[4 * a], t[4 * a + 2]);
+        s[4 * a + 1] = _mm512_unpackhi_epi64(t[4 * a], t[4 * a + 2]);
+        s[4 * a + 2] = _mm512_unpacklo_epi64(t[4 * a + 1], t[4 * a + 3]);
+        s[4 * a + 3] = _mm512_unpackhi_epi64(t[4 * a + 1], t[4 * a + 3]);
+    }
+#pragma GCC unroll 4
+    for (int b = 0; b < 4; b++) {
+        const __m512i x0 = _mm512_shuffle_i32x4(s[b], s[4 + b], 0x44),
+                      x1 = _mm512_shuffle_i32x4(s[b], s[4 + b], 0xEE);
+        const __m512i y0 = _mm512_shuffle_i32x4(s[8 + b], s[12 + b], 0x44),
+                      y1 = _mm512_shuffle_i32x4(s[8 + b], s[12 + b], 0xEE);
+        r[b] = _mm512_shuffle_i32x4(x0, y0, 0x88);
+        r[4 + b] = _mm512_shuffle_i32x4(x0, y0, 0xDD);
+        r[8 + b] = _mm512_shuffle_i32x4(x1, y1, 0x88);
+        r[12 + b] = _mm512_shuffle_i32x4(x1, y1, 0xDD);
+    }
+}
+
 /* Forward panel: columns are weight rows o0 .. o0 + nc; word p of lane j is
- * the pair W[o0 + j][2p], W[o0 + j][2p + 1], gathered 16 rows at a time. */
+ * the pair W[o0 + j][2p], W[o0 + j][2p + 1]: blocks of 16 rows x 32 values
+ * loaded (masked: missing rows and values past n_in are zeros) and
+ * transposed as 32-bit words. */
 AVX512BF16 static void pack_rows(__m512i *panel, const cepe_qtensor *w, int o0, int nc) {
-    const int n_in = w->n_in, even = n_in / 2, k2 = (n_in + 1) / 2;
+    const int n_in = w->n_in, k2 = (n_in + 1) / 2;
     const unsigned char *base = (const unsigned char *)w->data + (size_t)o0 * w->row_stride;
-    /* byte offsets of 16 rows fit an int32 up to rows of 128 MB */
-    const int gather = w->row_stride <= (size_t)INT32_MAX / 16;
-    const __m512i offs =
-        _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                           _mm512_set1_epi32(gather ? (int)w->row_stride : 0));
     for (int g = 0; g < BF16_NV; g++) {
         const int left = nc - 16 * g, lanes = left < 0 ? 0 : left > 16 ? 16 : left;
-        const __mmask16 m = (__mmask16)((1u << lanes) - 1);
         const unsigned char *rows = base + (size_t)16 * g * w->row_stride;
-        if (gather && lanes)
-            for (int p = 0; p < even; p++)
-                panel[(size_t)p * BF16_NV + g] =
-                    _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, offs, rows + 4 * (size_t)p, 1);
-        for (int p = gather && lanes ? even : 0; p < k2; p++) {
-            uint32_t word[16] = {0};
-            for (int j = 0; j < lanes; j++) {
-                const uint16_t *v = (const uint16_t *)(const void *)(rows + (size_t)j * w->row_stride);
-                word[j] = v[2 * p] | (2 * p + 1 < n_in ? (uint32_t)v[2 * p + 1] << 16 : 0);
-            }
-            panel[(size_t)p * BF16_NV + g] = _mm512_loadu_si512(word);
+        for (int c = 0; c < n_in; c += 32) {
+            const int vals = n_in - c < 32 ? n_in - c : 32;
+            const __mmask32 m = (__mmask32)(vals == 32 ? 0xFFFFFFFFu : (1u << vals) - 1);
+            __m512i r[16];
+#pragma GCC unroll 16
+            for (int j = 0; j < 16; j++)
+                r[j] = j < lanes
+                           ? _mm512_maskz_loadu_epi16(m, rows + (size_t)j * w->row_stride + 2 * (size_t)c)
+                           : _mm512_setzero_si512();
+            transpose16(r);
+            const int words = k2 - c / 2 < 16 ? k2 - c / 2 : 16;
+            for (int q = 0; q < words; q++) panel[(size_t)(c / 2 + q) * BF16_NV + g] = r[q];
         }
     }
 }

@@ -51,7 +51,7 @@ static int sgemm_rows_override = 0; /* cepe_qmatmul_sgemm_rows; 0: the table */
 
 /* BF16 weights on a CPU with AVX512-BF16: rows from which the bf16 GEMM
  * (gemm_bf16_avx512.c) beats the bf16 dot kernels (bench_quant.py). */
-#define BF16_GEMM_MIN_ROWS 8
+#define BF16_GEMM_MIN_ROWS 6
 
 int cepe_qmatmul_uses_bf16_gemm(const cepe_qtensor *w, int rows) {
     if (w->type != CEPE_QTYPE_BF16 || !quant_bf16_gemm_ready()) return 0;
