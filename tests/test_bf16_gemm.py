@@ -23,6 +23,7 @@ import ctypes
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -58,7 +59,7 @@ needs_gemm = pytest.mark.skipif(not HAS_GEMM, reason="the CPU has no AVX512-BF16
 
 
 @pytest.fixture(autouse=True)
-def _best_isa():
+def _best_isa() -> Iterator[None]:
     yield
     assert LIB.cepe_quant_set_isa(LIB.cepe_quant_isa_best()) == OK
 
@@ -118,7 +119,7 @@ def check(got: np.ndarray, a: np.ndarray, b64: np.ndarray, init: np.ndarray | No
 @needs_gemm
 @pytest.mark.parametrize("pad", [0, 3], ids=["dense", "strided"])
 @pytest.mark.parametrize("n_in", [2, 33, 576, 1536])
-def test_forward_and_backward_within_bound(n_in, pad):
+def test_forward_and_backward_within_bound(n_in: int, pad: int) -> None:
     """Every shape the kernel's tails meet: output panels of 32 columns (1, 15, 16, 17, 40,
     576 columns), odd and even reductions, row blocks of MR and their remainders; one thread
     or two, overwriting or accumulating, dense rows or a row stride past the row."""
@@ -142,7 +143,7 @@ def test_forward_and_backward_within_bound(n_in, pad):
 
 
 @needs_gemm
-def test_threads_give_the_same_result():
+def test_threads_give_the_same_result() -> None:
     """Each output is one lane's sum over the whole reduction, whichever thread computes it."""
     rng = np.random.default_rng(1)
     raw, _ = bf16_weights(200, 300, rng)
@@ -154,7 +155,7 @@ def test_threads_give_the_same_result():
 
 
 @needs_gemm
-def test_crossover_and_override():
+def test_crossover_and_override() -> None:
     """From BF16_GEMM_MIN_ROWS rows the GEMM; below it the bf16 dot kernels; the sgemm_rows
     override moves the crossover of this path too (and restores it)."""
     w = probe()
@@ -174,7 +175,7 @@ def test_crossover_and_override():
 
 
 @needs_gemm
-def test_nonfinite_activations_give_nonfinite_outputs():
+def test_nonfinite_activations_give_nonfinite_outputs() -> None:
     """An inf or NaN activation makes every output of its row non-finite, and only its row's."""
     rng = np.random.default_rng(2)
     raw, _ = bf16_weights(40, 33, rng)
@@ -190,7 +191,7 @@ def test_nonfinite_activations_give_nonfinite_outputs():
         assert not np.isfinite(dx[MR]).any() and np.isfinite(dx[:MR]).all(), bad
 
 
-def test_avx2_keeps_the_fp32_path():
+def test_avx2_keeps_the_fp32_path() -> None:
     """The AVX2 path (CEPE_ISA=avx2, or a CPU without AVX512-BF16) widens the weights and
     multiplies unrounded fp32 activations: the fp32 bound, (n + 16) u Σ|w x|, which rounding
     the activations to bf16 would exceed."""
@@ -213,12 +214,13 @@ def test_avx2_keeps_the_fp32_path():
 
 
 @needs_gemm
-def test_isa_environment_variable_turns_it_off():
+def test_isa_environment_variable_turns_it_off() -> None:
     code = (
         "import ctypes; from cepe.testing.quant_ctypes import QTensor, load_library;"
         "import numpy as np; raw = np.zeros((16, 32), np.uint8); L = load_library();"
         "w = QTensor(30, 16, 16, raw.ctypes.data, 32);"
-        "print(L.cepe_qmatmul_uses_bf16_gemm(ctypes.byref(w), 512), L.cepe_qmatmul_backward_uses_bf16_gemm(ctypes.byref(w)))"
+        "print(L.cepe_qmatmul_uses_bf16_gemm(ctypes.byref(w), 512),"
+        " L.cepe_qmatmul_backward_uses_bf16_gemm(ctypes.byref(w)))"
     )
     for isa, want in (("avx2", "0 0"), ("avx512", "1 1")):
         env = {**os.environ, "CEPE_ISA": isa}
