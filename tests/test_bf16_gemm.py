@@ -143,6 +143,27 @@ def test_forward_and_backward_within_bound(n_in: int, pad: int) -> None:
 
 
 @needs_gemm
+def test_rows_past_a_chunk() -> None:
+    """Rows go CHUNK_ROWS (512) at a time through a scratch that stops growing there (the model
+    sizes it once for any row count): 1100 rows, overwriting and accumulating, both products."""
+    rng = np.random.default_rng(4)
+    raw, w64 = bf16_weights(40, 33, rng)
+    w = qtensor(raw, 33)
+    assert LIB.cepe_qmatmul_work_size(ctypes.byref(w), 1 << 20, 2) == LIB.cepe_qmatmul_work_size(
+        ctypes.byref(w), 512, 2
+    )
+    x = rng.normal(size=(1100, 33)).astype(np.float32)
+    dout = rng.normal(size=(1100, 40)).astype(np.float32)
+    for threads in (1, 2):
+        check(forward(w, x, None, threads), x, w64.T, None, f"forward, {threads} threads")
+        init = rng.normal(size=(1100, 40)).astype(np.float32)
+        check(forward(w, x, init, threads), x, w64.T, init, f"forward accumulate, {threads} threads")
+        check(backward(w, dout, None, threads), dout, w64, None, f"backward, {threads} threads")
+        init = rng.normal(size=(1100, 33)).astype(np.float32)
+        check(backward(w, dout, init, threads), dout, w64, init, f"backward accumulate, {threads} threads")
+
+
+@needs_gemm
 def test_threads_give_the_same_result() -> None:
     """Each output is one lane's sum over the whole reduction, whichever thread computes it."""
     rng = np.random.default_rng(1)

@@ -16,7 +16,10 @@
  * columns of B are zeros too, computed and not stored.
  *
  * Threads split the columns (output features forward, input features
- * backward); each packs its own panels, A is converted once and shared. */
+ * backward); each packs its own panels, A is converted once and shared. Rows
+ * go CHUNK_ROWS at a time, so the scratch stops growing there (the model
+ * sizes it once for any number of rows, csrc/model/weights.c), at the cost
+ * of packing the panels again per chunk (about 1 % of a chunk's work). */
 #include <stdlib.h>
 #include <string.h>
 
@@ -33,6 +36,7 @@
 #define BF16_NV 2
 #endif
 #define PANEL_COLS (16 * BF16_NV)
+#define CHUNK_ROWS 512
 #define ALIGN 64
 /* Fewer multiply-adds than this do not pay for waking a second thread. */
 #define MIN_PARALLEL_WORK (1 << 17)
@@ -45,8 +49,10 @@ int quant_bf16_gemm_ready(void) {
 
 static size_t round_up(size_t n) { return (n + ALIGN - 1) / ALIGN * ALIGN; }
 
-/* Bytes of A: `rows` rows (padded to the kernel's) of k values in pairs. */
+/* Bytes of A: `rows` rows (at most a chunk, padded to the kernel's) of k
+ * values in pairs. */
 static size_t a_bytes(int rows, int k) {
+    if (rows > CHUNK_ROWS) rows = CHUNK_ROWS;
     const size_t blocks = ((size_t)rows + BF16_MR - 1) / BF16_MR;
     return round_up(blocks * BF16_MR * (size_t)((k + 1) / 2) * 4);
 }
@@ -54,17 +60,21 @@ static size_t a_bytes(int rows, int k) {
 /* Bytes of one thread's panel of B over k values. */
 static size_t panel_bytes(int k) { return round_up((size_t)((k + 1) / 2) * PANEL_COLS * 4); }
 
-static int team(int rows, int n_in, int n_out, int cols, int n_threads) {
+/* Threads for C[rows, cols] = A[rows, k] · B: no more than the panels. */
+static int team(int rows, int k, int cols, int n_threads) {
     int nt = n_threads < 1 ? 1 : n_threads;
     const int panels = (cols + PANEL_COLS - 1) / PANEL_COLS;
     if (nt > panels) nt = panels;
-    if ((int64_t)rows * n_in * n_out < MIN_PARALLEL_WORK) nt = 1;
+    if ((int64_t)rows * k * cols < MIN_PARALLEL_WORK) nt = 1;
     return nt < 1 ? 1 : nt;
 }
 
+static size_t work_bytes(int rows, int k, int cols, int n_threads) {
+    return a_bytes(rows, k) + (size_t)team(rows, k, cols, n_threads) * panel_bytes(k);
+}
+
 size_t quant_bf16_gemm_work_size(int rows, int n_in, int n_out, int n_threads) {
-    const int nt = team(rows, n_in, n_out, n_out, n_threads);
-    return a_bytes(rows, n_in) + (size_t)nt * panel_bytes(n_in);
+    return work_bytes(rows, n_in, n_out, n_threads);
 }
 
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
@@ -225,54 +235,50 @@ AVX512BF16 static void pack_cols(__m512i *panel, const cepe_qtensor *w, int i0, 
     }
 }
 
-AVX512BF16 void quant_bf16_gemm_forward(float *out, const float *x, const cepe_qtensor *w, int rows,
-                                        int accumulate, void *work, int n_threads) {
-    const int n_in = w->n_in, n_out = w->n_out;
-    const size_t k2 = (size_t)(n_in + 1) / 2;
-    const int nt = team(rows, n_in, n_out, n_out, n_threads);
-    uint32_t *a = work;
-    unsigned char *panels = (unsigned char *)work + a_bytes(rows, n_in);
+/* C[rows, cols] (=|+=) src[rows, k] (rounded to bf16) · B, B the weights as
+ * the forward (columns are weight rows) or the backward (columns are inputs)
+ * sees them; work: work_bytes, 64-byte aligned. */
+AVX512BF16 static void gemm(float *c, const float *src, const cepe_qtensor *w, int forward, int rows,
+                            int accumulate, unsigned char *work, int n_threads) {
+    const int k = forward ? w->n_in : w->n_out, cols = forward ? w->n_out : w->n_in;
+    const size_t k2 = (size_t)(k + 1) / 2, pb = panel_bytes(k);
+    const int nt = team(rows, k, cols, n_threads);
+    uint32_t *a = (uint32_t *)(void *)work;
+    unsigned char *panels = work + a_bytes(rows, k);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         int t, n;
         cepe_team(&t, &n);
-        convert_rows(a, x, rows, n_in, (size_t)n_in);
-        __m512i *panel = (__m512i *)(void *)(panels + (size_t)t * panel_bytes(n_in));
-        int o0, o1;
-        cepe_share(n_out, PANEL_COLS, t, n, &o0, &o1);
-        for (int o = o0; o < o1; o += PANEL_COLS) {
-            const int nc = o1 - o < PANEL_COLS ? o1 - o : PANEL_COLS;
-            pack_rows(panel, w, o, nc);
-            panel_product(out + o, (size_t)n_out, a, k2, panel, rows, nc, accumulate);
+        __m512i *panel = (__m512i *)(void *)(panels + (size_t)t * pb);
+        int c0, c1;
+        cepe_share(cols, PANEL_COLS, t, n, &c0, &c1);
+        for (int r0 = 0; r0 < rows; r0 += CHUNK_ROWS) {
+            const int nr = rows - r0 < CHUNK_ROWS ? rows - r0 : CHUNK_ROWS;
+            convert_rows(a, src + (size_t)r0 * k, nr, k, (size_t)k); /* ends in a barrier */
+            for (int j = c0; j < c1; j += PANEL_COLS) {
+                const int nc = c1 - j < PANEL_COLS ? c1 - j : PANEL_COLS;
+                if (forward)
+                    pack_rows(panel, w, j, nc);
+                else
+                    pack_cols(panel, w, j, nc);
+                panel_product(c + (size_t)r0 * cols + j, (size_t)cols, a, k2, panel, nr, nc, accumulate);
+            }
+#pragma omp barrier /* every thread done with this chunk's A */
         }
     }
 }
 
-AVX512BF16 cepe_status quant_bf16_gemm_backward(float *dinp, const float *dout, const cepe_qtensor *w,
-                                                int rows, int accumulate, int n_threads) {
-    const int n_in = w->n_in, n_out = w->n_out;
-    const size_t k2 = (size_t)(n_out + 1) / 2;
-    const int nt = team(rows, n_in, n_out, n_in, n_threads);
-    const size_t ab = a_bytes(rows, n_out), pb = panel_bytes(n_out);
-    unsigned char *work = aligned_alloc(ALIGN, ab + (size_t)nt * pb);
-    if (!work)
-        return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "qmatmul backward: %zu bytes of scratch",
-                         ab + (size_t)nt * pb);
-    uint32_t *a = (uint32_t *)(void *)work;
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-        int t, n;
-        cepe_team(&t, &n);
-        convert_rows(a, dout, rows, n_out, (size_t)n_out);
-        __m512i *panel = (__m512i *)(void *)(work + ab + (size_t)t * pb);
-        int i0, i1;
-        cepe_share(n_in, PANEL_COLS, t, n, &i0, &i1);
-        for (int i = i0; i < i1; i += PANEL_COLS) {
-            const int nc = i1 - i < PANEL_COLS ? i1 - i : PANEL_COLS;
-            pack_cols(panel, w, i, nc);
-            panel_product(dinp + i, (size_t)n_in, a, k2, panel, rows, nc, accumulate);
-        }
-    }
+void quant_bf16_gemm_forward(float *out, const float *x, const cepe_qtensor *w, int rows, int accumulate,
+                             void *work, int n_threads) {
+    gemm(out, x, w, 1, rows, accumulate, work, n_threads);
+}
+
+cepe_status quant_bf16_gemm_backward(float *dinp, const float *dout, const cepe_qtensor *w, int rows,
+                                     int accumulate, int n_threads) {
+    const size_t bytes = work_bytes(rows, w->n_out, w->n_in, n_threads);
+    unsigned char *work = aligned_alloc(ALIGN, bytes);
+    if (!work) return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "qmatmul backward: %zu bytes of scratch", bytes);
+    gemm(dinp, dout, w, 0, rows, accumulate, work, n_threads);
     free(work);
     return CEPE_OK;
 }
