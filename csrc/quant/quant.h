@@ -127,7 +127,8 @@ cepe_status cepe_vec_dot(int type, int64_t n, const void *row, const void *act, 
 /* Scratch bytes cepe_qmatmul needs for `rows` rows of activations. */
 size_t cepe_qmatmul_work_size(const cepe_qtensor *w, int rows, int n_threads);
 /* Whether cepe_qmatmul multiplies `rows` rows by dequantizing tiles of w and
- * calling the BLAS sgemm (1) or with the quantized kernels (0). */
+ * calling the BLAS sgemm (1) or not (0: the quantized kernels, or the bf16
+ * GEMM where cepe_qmatmul_uses_bf16_gemm says so). */
 int cepe_qmatmul_uses_sgemm(const cepe_qtensor *w, int rows);
 /* Whether cepe_qmatmul multiplies `rows` rows of BF16 weights with the bf16
  * GEMM (AVX-512 path on a CPU with AVX512-BF16): activations rounded to bf16,
