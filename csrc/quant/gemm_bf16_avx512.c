@@ -9,7 +9,7 @@
  * column j for k = 2p, 2p + 1 (what vdpbf16ps multiplies with a broadcast
  * pair of A). The accumulators stay in registers over the whole k.
  *   - forward, out = x · Wᵀ: k runs over n_in, a column is a weight row; the
- *     panel gathers the 32-bit pairs of 16 rows.
+ *     panel is 16 rows' 32-bit pairs transposed in registers.
  *   - backward, dx = dout · W: k runs over n_out, a column is an input; the
  *     panel interleaves the 16-bit values of two weight rows.
  * An odd k ends with a pair whose second half is zero; missing rows of A and
@@ -28,7 +28,7 @@
 
 /* Rows x column-registers of the kernel: 8 x 2 keeps 16 accumulators and
  * reads 2 panel registers and 8 broadcast pairs per 16 vdpbf16ps
- * (benchmarks/README.md: 8 x 2 against 6 x 4 and 12 x 2). */
+ * (benchmarks/README.md: no faster were 6 x 4, 12 x 2, 4 x 4, 8 x 3). */
 #ifndef BF16_MR
 #define BF16_MR 8
 #endif
