@@ -13,7 +13,10 @@ GB/s = bytes of weights read / t (the activations are a few KB).
 
 Prefill (many rows): cepe_qmatmul through the quantized kernels and through dequantized
 tiles + sgemm (forced either way with cepe_qmatmul_sgemm_rows), against the fp32 sgemm, for
-1..512 rows: where the crossover lies (SGEMM_MIN_ROWS in csrc/quant/qmatmul.c).
+1..512 rows: where the crossover lies (SGEMM_MIN_ROWS in csrc/quant/qmatmul.c). BF16 on a CPU
+with AVX512-BF16: the bf16 GEMM (BF16_GEMM_MIN_ROWS) beside the kernels and beside the tiles +
+sgemm it replaced (timed on the AVX2 path, as CEPE_ISA=avx2 runs it), forward and input
+gradient (cepe_qmatmul_backward_input, dx = dout · W).
 
 Each figure is the median over --repeats rounds (the minimum is kept beside it); a round runs
 every configuration once, a timed batch of at least --batch-ms, in an order reversed from one
@@ -98,9 +101,11 @@ def qmatmul_product(key, name, raw, n_in, x, isa, sgemm_rows):
     w = QTensor(TYPES[name][0], raw.shape[0], n_in, raw.ctypes.data, raw.strides[0])
     rows = x.shape[0]
     out = np.zeros((rows, raw.shape[0]), np.float32)
-    prev = LIB.cepe_qmatmul_sgemm_rows(sgemm_rows)  # the scratch depends on the way
+    prev, prev_isa = LIB.cepe_qmatmul_sgemm_rows(sgemm_rows), LIB.cepe_quant_isa()  # the scratch depends on the way
+    LIB.cepe_quant_set_isa(isa)
     work = np.zeros(max(int(LIB.cepe_qmatmul_work_size(ctypes.byref(w), rows, ARGS.threads)), 1), np.uint8)
     LIB.cepe_qmatmul_sgemm_rows(prev)
+    LIB.cepe_quant_set_isa(prev_isa)
     size = work.size
     wref = ctypes.byref(w)
 
@@ -112,6 +117,22 @@ def qmatmul_product(key, name, raw, n_in, x, isa, sgemm_rows):
             raise RuntimeError(LIB.cepe_last_error().decode())
 
     call.keep = (w, out, work, raw, x)  # alive as long as the closure
+    return Product(key, call, 2.0 * rows * raw.shape[0] * n_in, raw.nbytes)
+
+
+def backward_product(key, name, raw, n_in, dout, isa):
+    """cepe_qmatmul_backward_input: dx = dout · W, the input gradient training takes."""
+    w = QTensor(TYPES[name][0], raw.shape[0], n_in, raw.ctypes.data, raw.strides[0])
+    rows = dout.shape[0]
+    dx = np.zeros((rows, n_in), np.float32)
+    wref = ctypes.byref(w)
+
+    def call():
+        LIB.cepe_quant_set_isa(isa)
+        if LIB.cepe_qmatmul_backward_input(dx.ctypes.data, dout.ctypes.data, wref, rows, 0, ARGS.threads) != 0:
+            raise RuntimeError(LIB.cepe_last_error().decode())
+
+    call.keep = (w, dx, raw, dout)
     return Product(key, call, 2.0 * rows * raw.shape[0] * n_in, raw.nbytes)
 
 
@@ -179,28 +200,40 @@ def prefill_section(formats: list[str], isa: int, rng) -> list[dict]:
         raw = random_weights(name, n_out, n_in, rng)
         wf = dequantize(name, raw, n_in)
         products = []
+        # BF16 on a CPU with AVX512-BF16: many rows take the bf16 GEMM, timed beside the tiles +
+        # sgemm it replaced (the AVX2 path, as CEPE_ISA=avx2 runs it)
+        LIB.cepe_quant_set_isa(isa)
+        w = QTensor(TYPES[name][0], n_out, n_in, raw.ctypes.data, raw.strides[0])
+        gemm = bool(LIB.cepe_qmatmul_backward_uses_bf16_gemm(ctypes.byref(w)))
+        ways = ["kernels", "bf16 gemm", "tiles+sgemm"] if gemm else ["kernels", "tiles+sgemm"]
         for rows in row_counts:
             x = rng.normal(size=(rows, n_in)).astype(np.float32)
             products += [
                 qmatmul_product((rows, "kernels"), name, raw, n_in, x, isa, 1 << 30),
-                qmatmul_product((rows, "tiles+sgemm"), name, raw, n_in, x, isa, 1),
-                fp32_product((rows, "fp32 sgemm"), wf, x),
+                qmatmul_product((rows, ways[1]), name, raw, n_in, x, isa, 1),
             ]
+            if gemm:
+                dout = rng.normal(size=(rows, n_out)).astype(np.float32)
+                products += [
+                    qmatmul_product((rows, "tiles+sgemm"), name, raw, n_in, x, 1, 1),
+                    backward_product((rows, "backward bf16 gemm"), name, raw, n_in, dout, isa),
+                    backward_product((rows, "backward tiles+sgemm"), name, raw, n_in, dout, 1),
+                ]
+            products.append(fp32_product((rows, "fp32 sgemm"), wf, x))
         log(f"prefill {name} {n_out}x{n_in}: {len(products)} configurations x {ARGS.repeats} rounds")
         run_rounds(products)
         by_rows: dict[int, dict] = {}
         for p in products:
             rows, way = p.key
-            by_rows.setdefault(rows, {"format": name, "shape": [n_out, n_in], "rows": rows})[way + " us"] = round(
-                statistics.median(p.times) * 1e6, 1
-            )
+            row = by_rows.setdefault(rows, {"format": name, "shape": [n_out, n_in], "rows": rows})
+            row[way + " us"] = round(statistics.median(p.times) * 1e6, 1)
+            row[way + " us_min"] = round(min(p.times) * 1e6, 1)
         for rows, row in by_rows.items():
-            row["faster"] = "kernels" if row["kernels us"] < row["tiles+sgemm us"] else "tiles+sgemm"
+            row["faster"] = min(ways, key=lambda way: row[way + " us"])
             results.append(row)
-            log(
-                f"  {rows:4d} rows: kernels {row['kernels us']:9.1f} us  tiles+sgemm {row['tiles+sgemm us']:9.1f} us"
-                f"  fp32 sgemm {row['fp32 sgemm us']:9.1f} us"
-            )
+            shown = [*ways, "fp32 sgemm"] + (["backward bf16 gemm", "backward tiles+sgemm"] if gemm else [])
+            times = "  ".join(f"{way} {row[way + ' us']:9.1f} us" for way in shown)
+            log(f"  {rows:4d} rows: {times}")
     return results
 
 

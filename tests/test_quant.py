@@ -51,7 +51,9 @@ w~_i rounds d*sc, the product and the difference separately, so
    sum_i 2^-8 |w~_i x_i| (bf16 activations).
 
 The dequantized-tile path (sgemm, many rows) multiplies unrounded fp32 activations:
-|out - sum_i w~_i x_i| <= (n + 16) u sum_i |w~_i x_i| (any summation order)."""
+|out - sum_i w~_i x_i| <= (n + 16) u sum_i |w~_i x_i| (any summation order). BF16 on the
+AVX-512 path with AVX512-BF16 takes the bf16 GEMM for many rows instead (tests/test_bf16_gemm.py);
+its tiles + sgemm are tested here on the AVX2 path."""
 
 from __future__ import annotations
 
@@ -416,6 +418,8 @@ def test_qmatmul_sgemm_path(name, tmp_path):
         w64 = reference_dequantize(name, raw, tmp_path).astype(np.float64)
     w = qtensor(name, raw, n_in)
     rows = 70  # past every format's crossover
+    if LIB.cepe_qmatmul_uses_bf16_gemm(ctypes.byref(w), rows):
+        use_isa(1)  # BF16's tiles + sgemm (the AVX-512 path takes the bf16 GEMM)
     assert LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(w), rows)
     x = rng.normal(size=(rows, n_in)).astype(np.float32)
     bound = (n_in + 16) * U * (np.abs(x.astype(np.float64)) @ np.abs(w64).T)
@@ -507,6 +511,8 @@ def test_qmatmul_either_way_at_any_row_count(name, tmp_path):
             act, *_ = quantize(name, x[r])
             assert np.array_equal(got[r], np.float32([vec_dot(name, raw[o], act, n_in) for o in range(96)]))
         assert LIB.cepe_qmatmul_sgemm_rows(1) == 1000
+        if LIB.cepe_qmatmul_uses_bf16_gemm(ctypes.byref(w), 2):
+            use_isa(1)  # BF16's tiles + sgemm (the AVX-512 path takes the bf16 GEMM)
         assert LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(w), 2)
         st, got = qmatmul(w, x[:2], threads=2)
         bound = (n_in + 16) * U * (np.abs(x[:2].astype(np.float64)) @ np.abs(w64).T)

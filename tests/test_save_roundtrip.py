@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import TEXT, build_hf_model, hf_logits, write_tokenizer
 
+from cepe.testing.quant_ctypes import fp32_bf16_products
 from cepe.testing.reference import make_reference
 
 gguf = pytest.importorskip("gguf")
@@ -174,14 +175,16 @@ def test_hf_checkpoint_reloads_to_identical_logits(source, saver, model_factory,
     if source == "sharded":
         assert len([f for f in os.listdir(path) if f.endswith(".safetensors")]) > 2
     m = load(path)
-    want = m.forward(IDS)
     saved = save(m, tmp_path / "saved", saver)
     assert "model.safetensors" in os.listdir(saved)
     assert read_json(os.path.join(saved, "config.json")).get("rope_layout", "half") == "half"
     r = load(saved)
     assert r.config.rope.layout == "half"
-    assert_same_logits(r.forward(IDS), want)
-    assert np.array_equal(r.generate(IDS, 5, eos_token_id=[]), m.generate(IDS, 5, eos_token_id=[]))
+    # Trainer.save writes a bf16 model's fp32 masters: identical logits on the fp32 path, where
+    # the bf16 weights meet unrounded activations as the fp32 ones do
+    with fp32_bf16_products():
+        assert_same_logits(r.forward(IDS), m.forward(IDS))
+        assert np.array_equal(r.generate(IDS, 5, eos_token_id=[]), m.generate(IDS, 5, eos_token_id=[]))
 
 
 @pytest.mark.parametrize("saver", SAVERS)
@@ -337,7 +340,8 @@ def test_bfloat16_full_checkpoint_reloads_within_bf16_rounding(tiny, tmp_path):
     for name, t in stored.items():
         assert t.dtype == torch.bfloat16
         assert torch.equal(t, state[name].to(torch.bfloat16)), name
-    got = load(d).forward(IDS)
+    with fp32_bf16_products():  # the weights' rounding alone (torch's oracle multiplies in fp32)
+        got = load(d).forward(IDS)
     assert not np.array_equal(got, m.forward(IDS))  # rounded, not exact
     rounded = build_hf_model()  # the tiny model (seed 0) with its weights rounded to bf16
     with torch.no_grad():
@@ -359,8 +363,9 @@ def test_bfloat16_head_reloads_within_bf16_rounding(tiny, tmp_path):
     shutil.copytree(exact, oracle)
     st_numpy.save_file({n: bf16(w) for n, w in weights.items()}, str(oracle / "head.safetensors"))
     got, want = load(d), load(oracle)
-    with_ctx = got.forward(IDS, encoder_input_ids=CHUNKS)
-    assert_same_logits(with_ctx, want.forward(IDS, encoder_input_ids=CHUNKS))
+    with fp32_bf16_products():  # the bf16 head against its fp32 twin: the weights' rounding alone
+        with_ctx = got.forward(IDS, encoder_input_ids=CHUNKS)
+        assert_same_logits(with_ctx, want.forward(IDS, encoder_input_ids=CHUNKS))
     assert not np.array_equal(with_ctx, m.forward(IDS, encoder_input_ids=CHUNKS))
     assert_same_logits(got.forward(IDS), m.forward(IDS))  # the decoder is not in the head: untouched
 

@@ -5,7 +5,8 @@ them, the core's weight descriptor and the library with its signatures."""
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -66,6 +67,9 @@ def load_library() -> ctypes.CDLL:
         "cepe_qmatmul_work_size": (Z, [Q, Int, Int]),
         "cepe_qmatmul_uses_sgemm": (Int, [Q, Int]),
         "cepe_qmatmul_sgemm_rows": (Int, [Int]),
+        "cepe_qmatmul_uses_bf16_gemm": (Int, [Q, Int]),
+        "cepe_qmatmul_backward_uses_bf16_gemm": (Int, [Q]),
+        "cepe_qmatmul_backward_input": (Int, [P, P, Q, Int, Int, Int]),
         "cepe_qmatmul": (Int, [P, P, Q, Int, Int, P, Z, Int]),
         "matmul_forward": (Int, [P, P, P, Int, Int, Int, Int, Int]),
         "cepe_last_error": (ctypes.c_char_p, []),
@@ -74,6 +78,22 @@ def load_library() -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args
     return lib
+
+
+@contextmanager
+def fp32_bf16_products() -> Iterator[None]:
+    """BF16 weights multiplied as fp32 inside the block (widened, fp32 activations): the AVX2
+    path, as CEPE_ISA=avx2 chooses it. The AVX-512 path of a CPU with AVX512-BF16 rounds the
+    activations to bf16 (bf16 dot kernels, bf16 GEMM); a test about checkpoints compares a bf16
+    model with its exact fp32 twin on this one."""
+    lib = load_library()
+    prev = lib.cepe_quant_isa()
+    if prev > 1 and lib.cepe_quant_set_isa(1) != 0:
+        raise RuntimeError(lib.cepe_last_error().decode())
+    try:
+        yield
+    finally:
+        lib.cepe_quant_set_isa(prev)
 
 
 def random_rows(

@@ -12,6 +12,8 @@
  *     sgemm then beats one-row-at-a-time dot products once rows are a few
  *     (and it multiplies unrounded fp32 activations).
  * The crossover is measured in benchmarks/bench_quant.py (SGEMM_MIN_ROWS).
+ * BF16 weights on CPUs with AVX512-BF16 take a third way from a few rows on:
+ * the bf16 GEMM of gemm_bf16_avx512.c (cepe_qmatmul_uses_bf16_gemm).
  *
  * Threading: OpenMP over output rows. The BLAS runs single-threaded inside
  * each thread, so the two thread pools never compete for the cores. */
@@ -47,10 +49,19 @@ static int sgemm_rows_override = 0; /* cepe_qmatmul_sgemm_rows; 0: the table */
 #define WORK_ALIGN 64
 #define SERIAL_PREP_ROWS 4
 
+/* BF16 weights on a CPU with AVX512-BF16: rows from which the bf16 GEMM
+ * (gemm_bf16_avx512.c) beats the bf16 dot kernels (bench_quant.py). */
+#define BF16_GEMM_MIN_ROWS 6
+
+int cepe_qmatmul_uses_bf16_gemm(const cepe_qtensor *w, int rows) {
+    if (w->type != CEPE_QTYPE_BF16 || !quant_bf16_gemm_ready()) return 0;
+    return rows >= (sgemm_rows_override > 0 ? sgemm_rows_override : BF16_GEMM_MIN_ROWS);
+}
+
 int cepe_qmatmul_uses_sgemm(const cepe_qtensor *w, int rows) {
     if (w->type == CEPE_QTYPE_F32) return rows > 1; /* one row: the F32 kernel (see cepe_qmatmul) */
     const int t = quant_type_index((int)w->type);
-    if (t < 0) return 0;
+    if (t < 0 || cepe_qmatmul_uses_bf16_gemm(w, rows)) return 0;
     return rows >= (sgemm_rows_override > 0 ? sgemm_rows_override : SGEMM_MIN_ROWS[t]);
 }
 
@@ -74,6 +85,8 @@ static size_t act_bytes_per_row(const cepe_qtensor *w) {
 
 size_t cepe_qmatmul_work_size(const cepe_qtensor *w, int rows, int n_threads) {
     if (!w || quant_type_index((int)w->type) < 0 || rows <= 0 || w->n_in <= 0) return 0;
+    if (cepe_qmatmul_uses_bf16_gemm(w, rows))
+        return quant_bf16_gemm_work_size(rows, w->n_in, w->n_out, n_threads) + WORK_ALIGN;
     if (cepe_qmatmul_uses_sgemm(w, rows))
         return (size_t)team_size(w, rows, n_threads) * (size_t)tile_rows(rows) * (size_t)w->n_in *
                    sizeof(float) +
@@ -191,7 +204,9 @@ cepe_status cepe_qmatmul(float *out, const float *x, const cepe_qtensor *w, int 
     }
     unsigned char *aligned =
         work ? (unsigned char *)(((uintptr_t)work + WORK_ALIGN - 1) & ~(uintptr_t)(WORK_ALIGN - 1)) : NULL;
-    if (cepe_qmatmul_uses_sgemm(w, rows))
+    if (cepe_qmatmul_uses_bf16_gemm(w, rows))
+        quant_bf16_gemm_forward(out, x, w, rows, accumulate, aligned, n_threads);
+    else if (cepe_qmatmul_uses_sgemm(w, rows))
         qmatmul_sgemm(out, x, w, rows, accumulate, (float *)aligned, nt);
     else
         qmatmul_kernels(out, x, w, rows, accumulate, aligned, nt);

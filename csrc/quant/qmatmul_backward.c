@@ -1,6 +1,7 @@
 /* qmatmul_backward.c — the input gradient of out = x · Wᵀ for a frozen W in
  * its stored format: dx = dout · W, with W widened to fp32 a tile of rows at
- * a time (training keeps no fp32 copy of a frozen weight). */
+ * a time (training keeps no fp32 copy of a frozen weight), or for BF16 on
+ * CPUs with AVX512-BF16 the bf16 GEMM of gemm_bf16_avx512.c. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -11,6 +12,10 @@
  * read-only by every thread. */
 #define BWD_TILE 256
 
+int cepe_qmatmul_backward_uses_bf16_gemm(const cepe_qtensor *w) {
+    return w && w->type == CEPE_QTYPE_BF16 && quant_bf16_gemm_ready();
+}
+
 cepe_status cepe_qmatmul_backward_input(float *dinp, const float *dout, const cepe_qtensor *w, int rows,
                                         int accumulate, int n_threads) {
     cepe_status st = cepe_qtensor_check(w);
@@ -18,6 +23,8 @@ cepe_status cepe_qmatmul_backward_input(float *dinp, const float *dout, const ce
     if (rows < 0) return cepe_fail(CEPE_ERR_INVALID_ARG, "qmatmul backward: %d rows", rows);
     if (rows == 0) return CEPE_OK;
     if (!dinp || !dout) return cepe_fail(CEPE_ERR_INVALID_ARG, "qmatmul backward: NULL pointer");
+    if (cepe_qmatmul_backward_uses_bf16_gemm(w))
+        return quant_bf16_gemm_backward(dinp, dout, w, rows, accumulate, n_threads);
     const int n_in = w->n_in, n_out = w->n_out;
     const int f32 = w->type == CEPE_QTYPE_F32;
     if (f32 && w->row_stride != (size_t)n_in * sizeof(float))

@@ -127,9 +127,17 @@ cepe_status cepe_vec_dot(int type, int64_t n, const void *row, const void *act, 
 /* Scratch bytes cepe_qmatmul needs for `rows` rows of activations. */
 size_t cepe_qmatmul_work_size(const cepe_qtensor *w, int rows, int n_threads);
 /* Whether cepe_qmatmul multiplies `rows` rows by dequantizing tiles of w and
- * calling the BLAS sgemm (1) or with the quantized kernels (0). */
+ * calling the BLAS sgemm (1) or not (0: the quantized kernels, or the bf16
+ * GEMM where cepe_qmatmul_uses_bf16_gemm says so). */
 int cepe_qmatmul_uses_sgemm(const cepe_qtensor *w, int rows);
-/* The number of rows from which sgemm is used, for every format: rows > 0
+/* Whether cepe_qmatmul multiplies `rows` rows of BF16 weights with the bf16
+ * GEMM (AVX-512 path on a CPU with AVX512-BF16): activations rounded to bf16,
+ * fp32 sums. Where it does, cepe_qmatmul_uses_sgemm is 0. */
+int cepe_qmatmul_uses_bf16_gemm(const cepe_qtensor *w, int rows);
+/* Whether cepe_qmatmul_backward_input takes the bf16 GEMM for w (BF16 weights
+ * on the AVX-512 path with AVX512-BF16, any number of rows). */
+int cepe_qmatmul_backward_uses_bf16_gemm(const cepe_qtensor *w);
+/* The number of rows from which sgemm (or for BF16 the bf16 GEMM) is used, for every format: rows > 0
  * sets it (benchmarks and tests compare the two ways with it), 0 goes back to
  * the measured crossover of each format, rows < 0 only reads. Returns the
  * setting before the call (0: the measured ones). Not to be called while
@@ -145,7 +153,9 @@ cepe_status cepe_qmatmul(float *out, const float *x, const cepe_qtensor *w, int 
 
 /* dinp[rows, n_in] (+)= dout[rows, n_out] · W: the input gradient of
  * cepe_qmatmul for a frozen W, widened to fp32 a tile of rows at a time and
- * multiplied with the BLAS sgemm (n_threads OpenMP threads over the rows). */
+ * multiplied with the BLAS sgemm (n_threads OpenMP threads over the rows);
+ * BF16 where cepe_qmatmul_backward_uses_bf16_gemm says so: dout rounded to
+ * bf16 and the bf16 GEMM (threads over the inputs). */
 cepe_status cepe_qmatmul_backward_input(float *dinp, const float *dout, const cepe_qtensor *w, int rows,
                                         int accumulate, int n_threads);
 

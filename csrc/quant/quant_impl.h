@@ -252,4 +252,19 @@ size_t quant_act_bytes(act_kind kind, int64_t n);
 /* y[n] = the stored row, unchecked (cepe_dequantize_row checks). */
 void quant_dequantize(int type, const void *row, float *y, int64_t n);
 
+/* ------------------------------------------------------------ bf16 GEMM (gemm_bf16_avx512.c) */
+
+/* Whether the bf16 GEMM runs now: the AVX-512 path selected on a CPU with
+ * AVX512-BF16 (CEPE_ISA=avx2 turns it off). */
+int quant_bf16_gemm_ready(void);
+/* Scratch bytes of quant_bf16_gemm_forward (from a 64-byte aligned start). */
+size_t quant_bf16_gemm_work_size(int rows, int n_in, int n_out, int n_threads);
+/* out[rows, n_out] (=|+=) x · Wᵀ for BF16 weights, x rounded to bf16, fp32
+ * sums; work: quant_bf16_gemm_work_size bytes, 64-byte aligned. */
+void quant_bf16_gemm_forward(float *out, const float *x, const cepe_qtensor *w, int rows, int accumulate,
+                             void *work, int n_threads);
+/* dinp[rows, n_in] (=|+=) dout · W for BF16 weights, dout rounded to bf16. */
+cepe_status quant_bf16_gemm_backward(float *dinp, const float *dout, const cepe_qtensor *w, int rows,
+                                     int accumulate, int n_threads);
+
 #endif /* CEPE_QUANT_IMPL_H */
