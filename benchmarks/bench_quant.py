@@ -11,9 +11,11 @@ K-quants can hold), the time of cepe_qmatmul(rows=1) against matmul_forward (the
 decoding runs today) on the same weights dequantized to fp32. GFLOP/s = 2 n_out n_in / t;
 GB/s = bytes of weights read / t (the activations are a few KB).
 
-Prefill (many rows): cepe_qmatmul through the quantized kernels and through dequantized
-tiles + sgemm (forced either way with cepe_qmatmul_sgemm_rows), against the fp32 sgemm, for
-1..512 rows: where the crossover lies (SGEMM_MIN_ROWS in csrc/quant/qmatmul.c).
+Prefill (many rows): cepe_qmatmul through the quantized kernels, through dequantized
+tiles + sgemm and, for the formats that have it on this CPU (Q4_0 with AVX-512 VNNI), through
+the int8 GEMM (each forced with cepe_qmatmul_sgemm_rows / cepe_qmatmul_gemm_rows), against
+the fp32 sgemm, for 1..512 rows: where the crossovers lie (SGEMM_MIN_ROWS, GEMM_MIN_ROWS in
+csrc/quant/qmatmul.c).
 
 Each figure is the median over --repeats rounds (the minimum is kept beside it); a round runs
 every configuration once, a timed batch of at least --batch-ms, in an order reversed from one
@@ -94,19 +96,28 @@ class Product:
         self.times.append(dt / n)
 
 
-def qmatmul_product(key, name, raw, n_in, x, isa, sgemm_rows):
+OFF = 1 << 30  # a row count no call reaches: that way never taken
+
+
+def qmatmul_product(key, name, raw, n_in, x, isa, sgemm_rows, gemm_rows=OFF):
     w = QTensor(TYPES[name][0], raw.shape[0], n_in, raw.ctypes.data, raw.strides[0])
     rows = x.shape[0]
     out = np.zeros((rows, raw.shape[0]), np.float32)
-    prev = LIB.cepe_qmatmul_sgemm_rows(sgemm_rows)  # the scratch depends on the way
+    LIB.cepe_quant_set_isa(isa)
+    prev = (
+        LIB.cepe_qmatmul_sgemm_rows(sgemm_rows),
+        LIB.cepe_qmatmul_gemm_rows(gemm_rows),
+    )  # the scratch depends on the way
     work = np.zeros(max(int(LIB.cepe_qmatmul_work_size(ctypes.byref(w), rows, ARGS.threads)), 1), np.uint8)
-    LIB.cepe_qmatmul_sgemm_rows(prev)
+    LIB.cepe_qmatmul_sgemm_rows(prev[0])
+    LIB.cepe_qmatmul_gemm_rows(prev[1])
     size = work.size
     wref = ctypes.byref(w)
 
     def call():
         LIB.cepe_quant_set_isa(isa)
         LIB.cepe_qmatmul_sgemm_rows(sgemm_rows)
+        LIB.cepe_qmatmul_gemm_rows(gemm_rows)
         st = LIB.cepe_qmatmul(out.ctypes.data, x.ctypes.data, wref, rows, 0, work.ctypes.data, size, ARGS.threads)
         if st != 0:
             raise RuntimeError(LIB.cepe_last_error().decode())
@@ -153,7 +164,7 @@ def decode_section(formats: list[str], isas: list[int], rng) -> list[dict]:
             raw = random_weights(name, n_out, n_in, rng)
             if wf is None:  # the baseline's time does not depend on the values
                 wf = dequantize(name, raw, n_in)
-            products += [qmatmul_product((name, isa), name, raw, n_in, x, isa, 1 << 30) for isa in isas]
+            products += [qmatmul_product((name, isa), name, raw, n_in, x, isa, OFF) for isa in isas]
         products.append(fp32_product(("F32 sgemv", None), wf, x))
         log(f"decode {n_out}x{n_in}: {len(products)} configurations x {ARGS.repeats} rounds")
         run_rounds(products)
@@ -179,13 +190,21 @@ def prefill_section(formats: list[str], isa: int, rng) -> list[dict]:
         raw = random_weights(name, n_out, n_in, rng)
         wf = dequantize(name, raw, n_in)
         products = []
+        w = QTensor(TYPES[name][0], n_out, n_in, raw.ctypes.data, raw.strides[0])
+        LIB.cepe_quant_set_isa(isa)
+        prev = LIB.cepe_qmatmul_gemm_rows(1)
+        gemm = LIB.cepe_qmatmul_path(ctypes.byref(w), 1) == 2  # CEPE_QMATMUL_INT8_GEMM: this format has it here
+        LIB.cepe_qmatmul_gemm_rows(prev)
+        ways = ["kernels", "tiles+sgemm"] + (["int8 gemm"] if gemm else [])
         for rows in row_counts:
             x = rng.normal(size=(rows, n_in)).astype(np.float32)
             products += [
-                qmatmul_product((rows, "kernels"), name, raw, n_in, x, isa, 1 << 30),
+                qmatmul_product((rows, "kernels"), name, raw, n_in, x, isa, OFF),
                 qmatmul_product((rows, "tiles+sgemm"), name, raw, n_in, x, isa, 1),
-                fp32_product((rows, "fp32 sgemm"), wf, x),
             ]
+            if gemm:
+                products.append(qmatmul_product((rows, "int8 gemm"), name, raw, n_in, x, isa, OFF, 1))
+            products.append(fp32_product((rows, "fp32 sgemm"), wf, x))
         log(f"prefill {name} {n_out}x{n_in}: {len(products)} configurations x {ARGS.repeats} rounds")
         run_rounds(products)
         by_rows: dict[int, dict] = {}
@@ -195,12 +214,9 @@ def prefill_section(formats: list[str], isa: int, rng) -> list[dict]:
                 statistics.median(p.times) * 1e6, 1
             )
         for rows, row in by_rows.items():
-            row["faster"] = "kernels" if row["kernels us"] < row["tiles+sgemm us"] else "tiles+sgemm"
+            row["faster"] = min(ways, key=lambda way: row[way + " us"])
             results.append(row)
-            log(
-                f"  {rows:4d} rows: kernels {row['kernels us']:9.1f} us  tiles+sgemm {row['tiles+sgemm us']:9.1f} us"
-                f"  fp32 sgemm {row['fp32 sgemm us']:9.1f} us"
-            )
+            log(f"  {rows:4d} rows: " + "  ".join(f"{k[:-3]} {v:9.1f} us" for k, v in row.items() if k.endswith(" us")))
     return results
 
 
@@ -226,6 +242,7 @@ def main() -> None:
         result["prefill"] = prefill_section(formats, best, rng)
     LIB.cepe_quant_set_isa(best)
     LIB.cepe_qmatmul_sgemm_rows(0)
+    LIB.cepe_qmatmul_gemm_rows(0)
     emit_json(result, ARGS.out)
 
 

@@ -66,6 +66,8 @@ def load_library() -> ctypes.CDLL:
         "cepe_qmatmul_work_size": (Z, [Q, Int, Int]),
         "cepe_qmatmul_uses_sgemm": (Int, [Q, Int]),
         "cepe_qmatmul_sgemm_rows": (Int, [Int]),
+        "cepe_qmatmul_path": (Int, [Q, Int]),
+        "cepe_qmatmul_gemm_rows": (Int, [Int]),
         "cepe_qmatmul": (Int, [P, P, Q, Int, Int, P, Z, Int]),
         "matmul_forward": (Int, [P, P, P, Int, Int, Int, Int, Int]),
         "cepe_last_error": (ctypes.c_char_p, []),

@@ -11,10 +11,15 @@
  *     weight is paid once per `rows` products, and the BLAS's register-blocked
  *     sgemm then beats one-row-at-a-time dot products once rows are a few
  *     (and it multiplies unrounded fp32 activations).
- * The crossover is measured in benchmarks/bench_quant.py (SGEMM_MIN_ROWS).
+ *   - int8 GEMM (Q4_0 on AVX-512 VNNI, gemm_q4_0_avx512.c): the activations
+ *     quantized as for the kernels, the weights repacked into int8 panels that
+ *     every activation row reuses; from GEMM_MIN_ROWS rows it beats both.
+ * The crossovers are measured in benchmarks/bench_quant.py (SGEMM_MIN_ROWS,
+ * GEMM_MIN_ROWS).
  *
  * Threading: OpenMP over output rows. The BLAS runs single-threaded inside
  * each thread, so the two thread pools never compete for the cores. */
+#include <stdint.h>
 #include <stdlib.h>
 
 #include "../blas.h"
@@ -40,6 +45,10 @@ static const int SGEMM_MIN_ROWS[QT_COUNT] = {
     [QT_Q8_0] = 8, [QT_Q4_K] = 16, [QT_Q5_K] = 32, [QT_Q6_K] = 64,
 };
 static int sgemm_rows_override = 0; /* cepe_qmatmul_sgemm_rows; 0: the table */
+/* Activation rows from which the int8 GEMM beats the kernels and the tiles
+ * (bench_quant.py, benchmarks/README.md). */
+#define GEMM_MIN_ROWS 2
+static int gemm_rows_override = 0; /* cepe_qmatmul_gemm_rows; 0: GEMM_MIN_ROWS */
 /* Fewer multiply-adds than this do not pay for waking a second thread. */
 #define MIN_PARALLEL_WORK (1 << 17)
 /* Output rows per thread are a multiple of this, so slices keep to cache lines. */
@@ -47,16 +56,42 @@ static int sgemm_rows_override = 0; /* cepe_qmatmul_sgemm_rows; 0: the table */
 #define WORK_ALIGN 64
 #define SERIAL_PREP_ROWS 4
 
-int cepe_qmatmul_uses_sgemm(const cepe_qtensor *w, int rows) {
-    if (w->type == CEPE_QTYPE_F32) return rows > 1; /* one row: the F32 kernel (see cepe_qmatmul) */
+/* Whether this build and CPU have the int8 GEMM for w. Its panels address 16
+ * rows with int32 byte offsets. */
+static int has_gemm(const cepe_qtensor *w) {
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+    return w->type == CEPE_QTYPE_Q4_0 && cepe_quant_isa() >= CEPE_ISA_AVX512 &&
+           w->row_stride <= (size_t)INT32_MAX / 16;
+#else
+    (void)w;
+    return 0;
+#endif
+}
+
+int cepe_qmatmul_path(const cepe_qtensor *w, int rows) {
+    if (w->type == CEPE_QTYPE_F32) /* one row: the F32 kernel (see cepe_qmatmul) */
+        return rows > 1 ? CEPE_QMATMUL_SGEMM : CEPE_QMATMUL_KERNELS;
     const int t = quant_type_index((int)w->type);
-    if (t < 0) return 0;
-    return rows >= (sgemm_rows_override > 0 ? sgemm_rows_override : SGEMM_MIN_ROWS[t]);
+    if (t < 0) return CEPE_QMATMUL_KERNELS;
+    if (has_gemm(w) && rows >= (gemm_rows_override > 0 ? gemm_rows_override : GEMM_MIN_ROWS))
+        return CEPE_QMATMUL_INT8_GEMM;
+    return rows >= (sgemm_rows_override > 0 ? sgemm_rows_override : SGEMM_MIN_ROWS[t]) ? CEPE_QMATMUL_SGEMM
+                                                                                       : CEPE_QMATMUL_KERNELS;
+}
+
+int cepe_qmatmul_uses_sgemm(const cepe_qtensor *w, int rows) {
+    return cepe_qmatmul_path(w, rows) == CEPE_QMATMUL_SGEMM;
 }
 
 int cepe_qmatmul_sgemm_rows(int rows) {
     const int prev = sgemm_rows_override;
     if (rows >= 0) sgemm_rows_override = rows;
+    return prev;
+}
+
+int cepe_qmatmul_gemm_rows(int rows) {
+    const int prev = gemm_rows_override;
+    if (rows >= 0) gemm_rows_override = rows;
     return prev;
 }
 
@@ -72,9 +107,17 @@ static size_t act_bytes_per_row(const cepe_qtensor *w) {
     return k.act == ACT_F32 ? 0 : quant_act_bytes(k.act, w->n_in);
 }
 
+static size_t round_up(size_t n) { return (n + WORK_ALIGN - 1) / WORK_ALIGN * WORK_ALIGN; }
+
 size_t cepe_qmatmul_work_size(const cepe_qtensor *w, int rows, int n_threads) {
     if (!w || quant_type_index((int)w->type) < 0 || rows <= 0 || w->n_in <= 0) return 0;
-    if (cepe_qmatmul_uses_sgemm(w, rows))
+    const int path = cepe_qmatmul_path(w, rows);
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+    if (path == CEPE_QMATMUL_INT8_GEMM) /* the activation rows, then a panel per thread */
+        return round_up((size_t)rows * act_bytes_per_row(w)) +
+               (size_t)team_size(w, rows, n_threads) * quant_gemm_q4_0_panel_bytes(w->n_in) + WORK_ALIGN;
+#endif
+    if (path == CEPE_QMATMUL_SGEMM)
         return (size_t)team_size(w, rows, n_threads) * (size_t)tile_rows(rows) * (size_t)w->n_in *
                    sizeof(float) +
                WORK_ALIGN;
@@ -155,6 +198,27 @@ static void qmatmul_sgemm(float *out, const float *x, const cepe_qtensor *w, int
     }
 }
 
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+static void qmatmul_gemm(float *out, const float *x, const cepe_qtensor *w, int rows, int accumulate,
+                         unsigned char *work, int nt) {
+    const size_t ab = act_bytes_per_row(w);
+    const int n_in = w->n_in;
+    unsigned char *act = work, *panels = work + round_up((size_t)rows * ab);
+    const size_t panel_bytes = quant_gemm_q4_0_panel_bytes(n_in);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int t, n;
+        cepe_team(&t, &n);
+#pragma omp for schedule(static)
+        for (int r = 0; r < rows; r++)
+            quant_prepare_act(ACT_Q8_32, x + (size_t)r * n_in, act + (size_t)r * ab, n_in);
+        int o0, o1;
+        cepe_share(w->n_out, ROW_ALIGN, t, n, &o0, &o1);
+        quant_gemm_q4_0_avx512(out, w, act, ab, rows, accumulate, o0, o1, panels + (size_t)t * panel_bytes);
+    }
+}
+#endif
+
 cepe_status cepe_qmatmul(float *out, const float *x, const cepe_qtensor *w, int rows, int accumulate,
                          void *work, size_t work_size, int n_threads) {
     cepe_status st = cepe_qtensor_check(w);
@@ -191,10 +255,18 @@ cepe_status cepe_qmatmul(float *out, const float *x, const cepe_qtensor *w, int 
     }
     unsigned char *aligned =
         work ? (unsigned char *)(((uintptr_t)work + WORK_ALIGN - 1) & ~(uintptr_t)(WORK_ALIGN - 1)) : NULL;
-    if (cepe_qmatmul_uses_sgemm(w, rows))
+    switch (cepe_qmatmul_path(w, rows)) {
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+    case CEPE_QMATMUL_INT8_GEMM:
+        qmatmul_gemm(out, x, w, rows, accumulate, aligned, nt);
+        break;
+#endif
+    case CEPE_QMATMUL_SGEMM:
         qmatmul_sgemm(out, x, w, rows, accumulate, (float *)aligned, nt);
-    else
+        break;
+    default:
         qmatmul_kernels(out, x, w, rows, accumulate, aligned, nt);
+    }
     free(own);
     return CEPE_OK;
 }

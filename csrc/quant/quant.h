@@ -126,9 +126,18 @@ cepe_status cepe_vec_dot(int type, int64_t n, const void *row, const void *act, 
 
 /* Scratch bytes cepe_qmatmul needs for `rows` rows of activations. */
 size_t cepe_qmatmul_work_size(const cepe_qtensor *w, int rows, int n_threads);
-/* Whether cepe_qmatmul multiplies `rows` rows by dequantizing tiles of w and
- * calling the BLAS sgemm (1) or with the quantized kernels (0). */
+/* How cepe_qmatmul multiplies `rows` rows by w on the current ISA. */
+typedef enum {
+    CEPE_QMATMUL_KERNELS = 0,   /* the quantized dot kernels, one output at a time */
+    CEPE_QMATMUL_SGEMM = 1,     /* tiles of w dequantized to fp32, then the BLAS sgemm */
+    CEPE_QMATMUL_INT8_GEMM = 2, /* Q4_0 on AVX-512 VNNI: int8 panels, the decode kernels' activations */
+} cepe_qmatmul_path_kind;
+int cepe_qmatmul_path(const cepe_qtensor *w, int rows);
+/* Whether that is the dequantized tiles + sgemm (CEPE_QMATMUL_SGEMM). */
 int cepe_qmatmul_uses_sgemm(const cepe_qtensor *w, int rows);
+/* The number of rows from which the int8 GEMM is used where it exists, as
+ * cepe_qmatmul_sgemm_rows sets the sgemm's (a huge value turns it off). */
+int cepe_qmatmul_gemm_rows(int rows);
 /* The number of rows from which sgemm is used, for every format: rows > 0
  * sets it (benchmarks and tests compare the two ways with it), 0 goes back to
  * the measured crossover of each format, rows < 0 only reads. Returns the
