@@ -375,6 +375,20 @@ def qmatmul(w: QTensor, x: np.ndarray, out: np.ndarray | None = None, accumulate
     ), out
 
 
+KERNELS, SGEMM, INT8_GEMM = 0, 1, 2  # cepe_qmatmul_path
+OFF = 1 << 30  # a row count no call reaches
+
+
+class gemm_off:
+    """The int8 GEMM turned off (cepe_qmatmul_gemm_rows), so that the other ways run."""
+
+    def __enter__(self) -> None:
+        self.prev = LIB.cepe_qmatmul_gemm_rows(OFF)
+
+    def __exit__(self, *exc: object) -> None:
+        LIB.cepe_qmatmul_gemm_rows(self.prev)
+
+
 @pytest.mark.parametrize("isa", ISAS, ids=lambda i: ISA_NAMES[i])
 @pytest.mark.parametrize("name", TYPES)
 def test_qmatmul_kernel_path_equals_vec_dot(name, isa):
@@ -386,7 +400,9 @@ def test_qmatmul_kernel_path_equals_vec_dot(name, isa):
     raw = random_rows(name, 264, n_in, rng)  # 264: a thread share that is not a multiple of 16 rows
     w = qtensor(name, raw, n_in)
     for rows in (1, 3):
-        assert not LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(w), rows)
+        if rows > 1:
+            LIB.cepe_qmatmul_gemm_rows(OFF)  # Q4_0 on AVX-512 takes the int8 GEMM from 2 rows (tested below)
+        assert LIB.cepe_qmatmul_path(ctypes.byref(w), rows) == KERNELS
         x = rng.normal(size=(rows, n_in)).astype(np.float32)
         want = np.empty((rows, 264), np.float32)
         for r in range(rows):
@@ -401,6 +417,7 @@ def test_qmatmul_kernel_path_equals_vec_dot(name, isa):
             assert st == OK and np.array_equal(got, init + want)
         st, got = qmatmul(w, x, work=False)  # scratch of its own
         assert st == OK and np.array_equal(got, want)
+    LIB.cepe_qmatmul_gemm_rows(0)
 
 
 @pytest.mark.parametrize("name", [*TYPES, "F32"])
@@ -416,16 +433,19 @@ def test_qmatmul_sgemm_path(name, tmp_path):
         w64 = reference_dequantize(name, raw, tmp_path).astype(np.float64)
     w = qtensor(name, raw, n_in)
     rows = 70  # past every format's crossover
-    assert LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(w), rows)
-    x = rng.normal(size=(rows, n_in)).astype(np.float32)
-    bound = (n_in + 16) * U * (np.abs(x.astype(np.float64)) @ np.abs(w64).T)
-    for threads in (1, 2):
-        st, got = qmatmul(w, x, threads=threads)
-        assert st == OK, last_error()
-        assert np.all(np.abs(got - x.astype(np.float64) @ w64.T) <= bound)
-        init = rng.normal(size=got.shape).astype(np.float32)
-        st, acc = qmatmul(w, x, out=init.copy(), accumulate=1, threads=threads)
-        assert st == OK and np.all(np.abs(acc - init - x.astype(np.float64) @ w64.T) <= bound + 4 * U * np.abs(init))
+    with gemm_off():  # Q4_0 on AVX-512 takes the int8 GEMM (tested below)
+        assert LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(w), rows)
+        x = rng.normal(size=(rows, n_in)).astype(np.float32)
+        bound = (n_in + 16) * U * (np.abs(x.astype(np.float64)) @ np.abs(w64).T)
+        for threads in (1, 2):
+            st, got = qmatmul(w, x, threads=threads)
+            assert st == OK, last_error()
+            assert np.all(np.abs(got - x.astype(np.float64) @ w64.T) <= bound)
+            init = rng.normal(size=got.shape).astype(np.float32)
+            st, acc = qmatmul(w, x, out=init.copy(), accumulate=1, threads=threads)
+            assert st == OK and np.all(
+                np.abs(acc - init - x.astype(np.float64) @ w64.T) <= bound + 4 * U * np.abs(init)
+            )
 
 
 def f32_rows(w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None, accumulate=0, threads=1) -> np.ndarray:
@@ -528,6 +548,133 @@ def test_qmatmul_crossover_per_format():
     f32 = qtensor("F32", raw, 16)  # one row: the F32 dot kernel; two or more: the BLAS sgemm
     assert not LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(f32), 1)
     assert LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(f32), 2)
+
+
+# ------------------------------------------------------------------ int8 GEMM (Q4_0, AVX-512 VNNI)
+
+needs_avx512 = pytest.mark.skipif(ISAS[-1] < 2, reason="the int8 GEMM needs AVX-512 VNNI")
+GEMM_MR = 8  # activation rows per pass of its microkernel (csrc/quant/gemm_q4_0_avx512.c)
+
+
+def gemm_case(raw: np.ndarray, x: np.ndarray, tmp_path, what: str) -> None:
+    """Q4_0 rows by activation rows x through the int8 GEMM, against
+      - the quantized kernels (the same int8 activations and per-block terms, added in another
+        order): each is within the docstring's tight bound (m + 16) u S of the exact
+        sum_i w~_i x^_i, so they differ by at most twice that;
+      - that exact sum itself, within the tight bound, and sum_i w~_i x_i within the end-to-end
+        bound;
+    on one thread and two (each output is one lane's sum, so identical) and with accumulate (the
+    same sum, then one addition)."""
+    n_out, n_in = raw.shape[0], x.shape[1]
+    w = qtensor("Q4_0", raw, n_in)
+    w64 = reference_dequantize("Q4_0", raw, tmp_path).astype(np.float64)
+    rows = x.shape[0]
+    assert LIB.cepe_qmatmul_path(ctypes.byref(w), rows) == INT8_GEMM, what
+    st, got = qmatmul(w, x, threads=1)
+    assert st == OK, last_error()
+    with gemm_off():
+        prev = LIB.cepe_qmatmul_sgemm_rows(OFF)
+        try:
+            assert LIB.cepe_qmatmul_path(ctypes.byref(w), rows) == KERNELS
+            st, kern = qmatmul(w, x, threads=2)
+            assert st == OK, last_error()
+        finally:
+            LIB.cepe_qmatmul_sgemm_rows(prev)
+    m = float_terms("q8_32", "Q4_0", n_in)
+    for r in range(rows):
+        _, xh, _, x_err = quantize("Q4_0", x[r])
+        tight = (m + 16) * (U * (np.abs(w64) @ np.abs(xh)) + 2.0**-121)
+        err = np.abs(got[r] - w64 @ xh)
+        assert np.all(err <= tight), f"{what} row {r}: {err.max()} beyond the tight bound"
+        assert np.all(np.abs(got[r] - kern[r]) <= 2 * tight), f"{what} row {r}: GEMM and kernels apart"
+        loose = tight + np.abs(w64) @ x_err
+        assert np.all(np.abs(got[r] - w64 @ x[r].astype(np.float64)) <= loose), f"{what} row {r}: end to end"
+    st, got2 = qmatmul(w, x, threads=2)
+    assert st == OK and np.array_equal(got2, got), f"{what}: 1 and 2 threads differ"
+    init = np.random.default_rng(n_out).normal(size=got.shape).astype(np.float32)
+    for threads in (1, 2):
+        st, acc = qmatmul(w, x, out=init.copy(), accumulate=1, threads=threads)
+        assert st == OK and np.array_equal(acc, init + got), f"{what}: accumulate, {threads} threads"
+    st, own = qmatmul(w, x, threads=2, work=False)  # scratch of its own
+    assert st == OK and np.array_equal(own, got)
+
+
+@needs_avx512
+@pytest.mark.parametrize("n_in", [32, 576, 1536])
+def test_int8_gemm_within_bounds(n_in, tmp_path):
+    """Odd shapes: a panel of 16 output rows, one row more (a masked panel), 40 (two and a
+    half panels; with 2 threads a share of 32 and one of 8), 576; activation rows one short of
+    the microkernel's pass, a pass, one more, 64 and 100 (every tail count)."""
+    rng = np.random.default_rng(n_in)
+    for n_out in (16, 17, 40, 576):
+        raw = random_rows("Q4_0", n_out, n_in, rng)
+        for rows in (GEMM_MR - 1, GEMM_MR, GEMM_MR + 1, 64, 100):
+            if n_out == 576 and rows not in (GEMM_MR + 1, 100):
+                continue  # the largest weights at two row counts keep the test short
+            x = rng.normal(size=(rows, n_in)) * np.where(rng.random((rows, 1)) < 0.3, 30.0, 1.0)
+            gemm_case(raw, x.astype(np.float32), tmp_path, f"{n_out}x{n_in}, {rows} rows")
+
+
+@needs_avx512
+def test_int8_gemm_extremes_tiny_and_nonfinite(tmp_path):
+    """Codes and scales at their extremes (int32 sums at their largest), subnormal activation
+    scales and blocks below them, and a non-finite activation reaching every output of its row
+    and no other."""
+    n_in = 96
+    raw = extreme_rows("Q4_0", 20, n_in)
+    signs = np.where(np.arange(n_in) % 3, 1.0, -1.0)
+    x = np.stack([100 * np.ones(n_in), -100 * np.ones(n_in), 100 * signs] * 3).astype(np.float32)
+    gemm_case(raw, x, tmp_path, "extremes")
+    rng = np.random.default_rng(9)
+    raw = random_rows("Q4_0", 33, n_in, rng)
+    tiny = rng.normal(0, 1, (10, n_in)) * np.where(np.arange(n_in) // 32 % 2, 2.0**-124, 2.0**-130)
+    gemm_case(raw, tiny.astype(np.float32), tmp_path, "tiny")
+    x = rng.normal(size=(10, n_in)).astype(np.float32)
+    x[3, 50] = np.inf
+    x[7, 2] = np.nan
+    st, got = qmatmul(qtensor("Q4_0", raw, n_in), x, threads=2)
+    assert st == OK
+    bad = np.zeros(10, bool)
+    bad[[3, 7]] = True
+    assert not np.isfinite(got[bad]).any() and np.isfinite(got[~bad]).all()
+
+
+def test_int8_gemm_where_it_runs():
+    """Q4_0 from 2 activation rows on AVX-512 (one row stays with the decode kernel); never for
+    the other formats, nor on the AVX2 and C paths (CEPE_ISA=avx2 / c), which keep their ways;
+    cepe_qmatmul_gemm_rows moves the crossover and reads it back."""
+    raw = np.zeros((32, 18 * 4), np.uint8)
+    q4 = qtensor("Q4_0", raw, 128)
+    for isa in ISAS:
+        use_isa(isa)
+        want = INT8_GEMM if isa == 2 else SGEMM
+        assert LIB.cepe_qmatmul_path(ctypes.byref(q4), 1) == KERNELS
+        assert LIB.cepe_qmatmul_path(ctypes.byref(q4), 2) == (want if isa == 2 else KERNELS)
+        assert LIB.cepe_qmatmul_path(ctypes.byref(q4), 512) == want
+        assert LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(q4), 512) == (want == SGEMM)
+        for name in ("Q4_1", "Q8_0", "F16", "Q4_K"):
+            assert LIB.cepe_qmatmul_path(ctypes.byref(qtensor(name, raw, 256)), 512) == SGEMM, name
+    use_isa(ISAS[-1])
+    assert LIB.cepe_qmatmul_gemm_rows(-1) == 0
+    assert LIB.cepe_qmatmul_gemm_rows(50) == 0
+    try:
+        if ISAS[-1] == 2:
+            assert LIB.cepe_qmatmul_path(ctypes.byref(q4), 49) == SGEMM
+            assert LIB.cepe_qmatmul_path(ctypes.byref(q4), 50) == INT8_GEMM
+    finally:
+        assert LIB.cepe_qmatmul_gemm_rows(0) == 50
+    code = (
+        "import ctypes, cepe_c\n"
+        "from cepe.testing.quant_ctypes import load_library, QTensor\n"
+        "import numpy as np\n"
+        "raw = np.zeros((32, 72), np.uint8)\n"
+        "w = QTensor(2, 32, 128, raw.ctypes.data, 72)\n"
+        "print(load_library().cepe_qmatmul_path(ctypes.byref(w), 512))"
+    )
+    for value, want in (("avx2", SGEMM), ("c", SGEMM), ("avx512", INT8_GEMM if ISAS[-1] == 2 else SGEMM)):
+        env = {**os.environ, "CEPE_ISA": value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert int(out.stdout) == want, value
 
 
 def test_qmatmul_row_stride_and_views(tmp_path):

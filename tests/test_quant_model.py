@@ -11,8 +11,9 @@ the widened weights only by how x reaches the kernel:
     eps_F * sum_B max|x_B| * sum_{i in B} |w_i| with eps_F = (1 + 2^-13) / 254.
   - BF16 with AVX512-BF16 rounds x to bf16: eps = 2^-8 relative to each |x_i|; F16, and BF16 on
     other paths, multiply x itself: eps = 0 up to fp32 summation order (~n u).
-  - Many rows take dequantized tiles + sgemm (fp32 x, eps = 0); the tests force the kernels
-    (cepe_qmatmul_sgemm_rows) so that the bound is exercised where it applies.
+  - Many rows take dequantized tiles + sgemm (fp32 x, eps = 0), or for Q4_0 on AVX-512 the int8
+    GEMM (the kernels' int8 activations, eps_F); the tests also force the kernels
+    (cepe_qmatmul_sgemm_rows, cepe_qmatmul_gemm_rows) so that the bound is exercised there.
 Through the network, to first order each of the P quantized products on a path perturbs its
 output by at most eps_F times the magnitude of what it adds to the residual stream, and RMSNorm
 rescales between layers, so in a network of unit-gain products (the test model's matrices are
@@ -60,13 +61,15 @@ PRODUCTS = LAYERS * 7 + 1  # q, k, v, o, gate, up, down per layer, then lm_head
 
 
 class kernels_forced:
-    """Every product through the quantized kernels, however many rows (not the sgemm tiles)."""
+    """Every product through the quantized kernels, however many rows (not the sgemm tiles,
+    nor Q4_0's int8 GEMM, which multiplies the same int8 activations)."""
 
     def __enter__(self) -> None:
-        self.prev = LIB.cepe_qmatmul_sgemm_rows(1 << 30)
+        self.prev = LIB.cepe_qmatmul_sgemm_rows(1 << 30), LIB.cepe_qmatmul_gemm_rows(1 << 30)
 
     def __exit__(self, *exc: object) -> None:
-        LIB.cepe_qmatmul_sgemm_rows(self.prev)
+        LIB.cepe_qmatmul_sgemm_rows(self.prev[0])
+        LIB.cepe_qmatmul_gemm_rows(self.prev[1])
 
 
 def eps_of(fmt: str) -> float:
