@@ -518,6 +518,7 @@ def test_qmatmul_either_way_at_any_row_count(name, tmp_path):
     w = qtensor(name, raw, n_in)
     w64 = reference_dequantize(name, raw, tmp_path).astype(np.float64)
     prev = LIB.cepe_qmatmul_sgemm_rows(1000)
+    prev_gemm = LIB.cepe_qmatmul_gemm_rows(OFF)  # Q4_1 on AVX-512 takes the int8 GEMM (tested below)
     try:
         x = rng.normal(size=(40, n_in)).astype(np.float32)
         assert not LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(w), 40)
@@ -533,6 +534,7 @@ def test_qmatmul_either_way_at_any_row_count(name, tmp_path):
         assert st == OK and np.all(np.abs(got - x[:2].astype(np.float64) @ w64.T) <= bound)
     finally:
         LIB.cepe_qmatmul_sgemm_rows(prev)
+        LIB.cepe_qmatmul_gemm_rows(prev_gemm)
     assert LIB.cepe_qmatmul_sgemm_rows(-1) == prev  # < 0 only reads it
 
 
@@ -541,23 +543,26 @@ def test_qmatmul_crossover_per_format():
     widen to fp32, the fewer rows it takes for dequantized tiles + sgemm to win."""
     assert LIB.cepe_qmatmul_sgemm_rows(-1) == 0
     raw = np.zeros((16, 4 * 210), np.uint8)
-    for name, rows in (("Q8_0", 8), ("F16", 8), ("Q4_1", 16), ("Q5_K", 32), ("Q6_K", 64)):
-        w = qtensor(name, raw, 1024)
-        assert not LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(w), rows - 1), name
-        assert LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(w), rows), name
+    with gemm_off():  # where the int8 GEMM is not: the AVX2 and C paths
+        for name, rows in (("Q8_0", 8), ("F16", 8), ("Q4_1", 16), ("Q5_K", 32), ("Q6_K", 64)):
+            w = qtensor(name, raw, 1024)
+            assert not LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(w), rows - 1), name
+            assert LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(w), rows), name
     f32 = qtensor("F32", raw, 16)  # one row: the F32 dot kernel; two or more: the BLAS sgemm
     assert not LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(f32), 1)
     assert LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(f32), 2)
 
 
-# ------------------------------------------------------------------ int8 GEMM (Q4_0, AVX-512 VNNI)
+# ------------------------------------------------------------------ int8 GEMM (AVX-512 VNNI)
 
 needs_avx512 = pytest.mark.skipif(ISAS[-1] < 2, reason="the int8 GEMM needs AVX-512 VNNI")
-GEMM_MR = 8  # activation rows per pass of its microkernel (csrc/quant/gemm_q4_0_avx512.c)
+GEMM_MR = 8  # activation rows per pass of its microkernel (csrc/quant/gemm_blocks32_avx512.c)
+GEMM_FORMATS = ("Q4_0", "Q4_1", "Q8_0")
+GEMM_MIN_ROWS = {"Q4_0": 2, "Q4_1": 2, "Q8_0": 4}  # its measured crossovers (csrc/quant/qmatmul.c)
 
 
-def gemm_case(raw: np.ndarray, x: np.ndarray, tmp_path, what: str) -> None:
-    """Q4_0 rows by activation rows x through the int8 GEMM, against
+def gemm_case(name: str, raw: np.ndarray, x: np.ndarray, tmp_path, what: str) -> None:
+    """Stored rows by activation rows x through the int8 GEMM, against
       - the quantized kernels (the same int8 activations and per-block terms, added in another
         order): each is within the docstring's tight bound (m + 16) u S of the exact
         sum_i w~_i x^_i, so they differ by at most twice that;
@@ -566,8 +571,10 @@ def gemm_case(raw: np.ndarray, x: np.ndarray, tmp_path, what: str) -> None:
     on one thread and two (each output is one lane's sum, so identical) and with accumulate (the
     same sum, then one addition)."""
     n_out, n_in = raw.shape[0], x.shape[1]
-    w = qtensor("Q4_0", raw, n_in)
-    w64 = reference_dequantize("Q4_0", raw, tmp_path).astype(np.float64)
+    what = f"{name} {what}"
+    w = qtensor(name, raw, n_in)
+    w64 = reference_dequantize(name, raw, tmp_path).astype(np.float64)
+    b = minimum_terms(name, raw, n_in)
     rows = x.shape[0]
     assert LIB.cepe_qmatmul_path(ctypes.byref(w), rows) == INT8_GEMM, what
     st, got = qmatmul(w, x, threads=1)
@@ -580,10 +587,10 @@ def gemm_case(raw: np.ndarray, x: np.ndarray, tmp_path, what: str) -> None:
             assert st == OK, last_error()
         finally:
             LIB.cepe_qmatmul_sgemm_rows(prev)
-    m = float_terms("q8_32", "Q4_0", n_in)
+    m = float_terms("q8_32", name, n_in)
     for r in range(rows):
-        _, xh, _, x_err = quantize("Q4_0", x[r])
-        tight = (m + 16) * (U * (np.abs(w64) @ np.abs(xh)) + 2.0**-121)
+        _, xh, _, x_err = quantize(name, x[r])
+        tight = (m + 16) * (U * ((np.abs(w64) + 2 * b) @ np.abs(xh)) + 2.0**-121)
         err = np.abs(got[r] - w64 @ xh)
         assert np.all(err <= tight), f"{what} row {r}: {err.max()} beyond the tight bound"
         assert np.all(np.abs(got[r] - kern[r]) <= 2 * tight), f"{what} row {r}: GEMM and kernels apart"
@@ -600,39 +607,41 @@ def gemm_case(raw: np.ndarray, x: np.ndarray, tmp_path, what: str) -> None:
 
 
 @needs_avx512
+@pytest.mark.parametrize("name", GEMM_FORMATS)
 @pytest.mark.parametrize("n_in", [32, 576, 1536])
-def test_int8_gemm_within_bounds(n_in, tmp_path):
+def test_int8_gemm_within_bounds(name, n_in, tmp_path):
     """Odd shapes: a panel of 16 output rows, one row more (a masked panel), 40 (two and a
     half panels; with 2 threads a share of 32 and one of 8), 576; activation rows one short of
     the microkernel's pass, a pass, one more, 64 and 100 (every tail count)."""
     rng = np.random.default_rng(n_in)
     for n_out in (16, 17, 40, 576):
-        raw = random_rows("Q4_0", n_out, n_in, rng)
+        raw = random_rows(name, n_out, n_in, rng)
         for rows in (GEMM_MR - 1, GEMM_MR, GEMM_MR + 1, 64, 100):
             if n_out == 576 and rows not in (GEMM_MR + 1, 100):
                 continue  # the largest weights at two row counts keep the test short
             x = rng.normal(size=(rows, n_in)) * np.where(rng.random((rows, 1)) < 0.3, 30.0, 1.0)
-            gemm_case(raw, x.astype(np.float32), tmp_path, f"{n_out}x{n_in}, {rows} rows")
+            gemm_case(name, raw, x.astype(np.float32), tmp_path, f"{n_out}x{n_in}, {rows} rows")
 
 
 @needs_avx512
-def test_int8_gemm_extremes_tiny_and_nonfinite(tmp_path):
+@pytest.mark.parametrize("name", GEMM_FORMATS)
+def test_int8_gemm_extremes_tiny_and_nonfinite(name, tmp_path):
     """Codes and scales at their extremes (int32 sums at their largest), subnormal activation
     scales and blocks below them, and a non-finite activation reaching every output of its row
     and no other."""
     n_in = 96
-    raw = extreme_rows("Q4_0", 20, n_in)
+    raw = extreme_rows(name, 20, n_in)
     signs = np.where(np.arange(n_in) % 3, 1.0, -1.0)
     x = np.stack([100 * np.ones(n_in), -100 * np.ones(n_in), 100 * signs] * 3).astype(np.float32)
-    gemm_case(raw, x, tmp_path, "extremes")
+    gemm_case(name, raw, x, tmp_path, "extremes")
     rng = np.random.default_rng(9)
-    raw = random_rows("Q4_0", 33, n_in, rng)
+    raw = random_rows(name, 33, n_in, rng)
     tiny = rng.normal(0, 1, (10, n_in)) * np.where(np.arange(n_in) // 32 % 2, 2.0**-124, 2.0**-130)
-    gemm_case(raw, tiny.astype(np.float32), tmp_path, "tiny")
+    gemm_case(name, raw, tiny.astype(np.float32), tmp_path, "tiny")
     x = rng.normal(size=(10, n_in)).astype(np.float32)
     x[3, 50] = np.inf
     x[7, 2] = np.nan
-    st, got = qmatmul(qtensor("Q4_0", raw, n_in), x, threads=2)
+    st, got = qmatmul(qtensor(name, raw, n_in), x, threads=2)
     assert st == OK
     bad = np.zeros(10, bool)
     bad[[3, 7]] = True
@@ -640,27 +649,29 @@ def test_int8_gemm_extremes_tiny_and_nonfinite(tmp_path):
 
 
 def test_int8_gemm_where_it_runs():
-    """Q4_0 from 2 activation rows on AVX-512 (one row stays with the decode kernel); never for
-    the other formats, nor on the AVX2 and C paths (CEPE_ISA=avx2 / c), which keep their ways;
-    cepe_qmatmul_gemm_rows moves the crossover and reads it back."""
-    raw = np.zeros((32, 18 * 4), np.uint8)
-    q4 = qtensor("Q4_0", raw, 128)
+    """Q4_0, Q4_1 and Q8_0 from their crossovers on AVX-512 (one row stays with the decode
+    kernel); never for the other formats, nor on the AVX2 and C paths (CEPE_ISA=avx2 / c),
+    which keep their ways; cepe_qmatmul_gemm_rows moves the crossover and reads it back."""
+    raw = np.zeros((32, 34 * 8), np.uint8)
     for isa in ISAS:
         use_isa(isa)
-        want = INT8_GEMM if isa == 2 else SGEMM
-        assert LIB.cepe_qmatmul_path(ctypes.byref(q4), 1) == KERNELS
-        assert LIB.cepe_qmatmul_path(ctypes.byref(q4), 2) == (want if isa == 2 else KERNELS)
-        assert LIB.cepe_qmatmul_path(ctypes.byref(q4), 512) == want
-        assert LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(q4), 512) == (want == SGEMM)
-        for name in ("Q4_1", "Q8_0", "F16", "Q4_K"):
-            assert LIB.cepe_qmatmul_path(ctypes.byref(qtensor(name, raw, 256)), 512) == SGEMM, name
+        for name in (*GEMM_FORMATS, "F16", "BF16", "Q4_K", "Q6_K"):
+            w = ctypes.byref(qtensor(name, raw, 256))
+            gemm = isa == 2 and name in GEMM_FORMATS
+            assert LIB.cepe_qmatmul_path(w, 1) == KERNELS, name
+            if gemm:
+                assert LIB.cepe_qmatmul_path(w, GEMM_MIN_ROWS[name] - 1) == KERNELS, name
+                assert LIB.cepe_qmatmul_path(w, GEMM_MIN_ROWS[name]) == INT8_GEMM, name
+            assert LIB.cepe_qmatmul_path(w, 512) == (INT8_GEMM if gemm else SGEMM), name
+            assert LIB.cepe_qmatmul_uses_sgemm(w, 512) == (not gemm), name
     use_isa(ISAS[-1])
+    q4 = ctypes.byref(qtensor("Q4_0", raw, 256))
     assert LIB.cepe_qmatmul_gemm_rows(-1) == 0
     assert LIB.cepe_qmatmul_gemm_rows(50) == 0
     try:
         if ISAS[-1] == 2:
-            assert LIB.cepe_qmatmul_path(ctypes.byref(q4), 49) == SGEMM
-            assert LIB.cepe_qmatmul_path(ctypes.byref(q4), 50) == INT8_GEMM
+            assert LIB.cepe_qmatmul_path(q4, 49) == SGEMM
+            assert LIB.cepe_qmatmul_path(q4, 50) == INT8_GEMM
     finally:
         assert LIB.cepe_qmatmul_gemm_rows(0) == 50
     code = (

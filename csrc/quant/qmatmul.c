@@ -1,7 +1,8 @@
 /* qmatmul.c — out = x · Wᵀ with W in its stored format, for one row of
  * activations (decode) or many (prefill).
  *
- * Two ways, chosen by the number of activation rows (cepe_qmatmul_uses_sgemm):
+ * Three ways, chosen by the format and the number of activation rows
+ * (cepe_qmatmul_path):
  *   - quantized kernels: each activation row is quantized once, then every
  *     weight row is dotted with every activation row. The weights are streamed
  *     once at their stored width; this is what decoding, which is bound by
@@ -11,9 +12,10 @@
  *     weight is paid once per `rows` products, and the BLAS's register-blocked
  *     sgemm then beats one-row-at-a-time dot products once rows are a few
  *     (and it multiplies unrounded fp32 activations).
- *   - int8 GEMM (Q4_0 on AVX-512 VNNI, gemm_q4_0_avx512.c): the activations
- *     quantized as for the kernels, the weights repacked into int8 panels that
- *     every activation row reuses; from GEMM_MIN_ROWS rows it beats both.
+ *   - int8 GEMM (Q4_0, Q4_1, Q8_0 on AVX-512 VNNI, gemm_blocks32_avx512.c):
+ *     the activations quantized as for the kernels, the weights repacked into
+ *     int8 panels that every activation row reuses; from GEMM_MIN_ROWS rows it
+ *     beats both.
  * The crossovers are measured in benchmarks/bench_quant.py (SGEMM_MIN_ROWS,
  * GEMM_MIN_ROWS).
  *
@@ -45,10 +47,10 @@ static const int SGEMM_MIN_ROWS[QT_COUNT] = {
     [QT_Q8_0] = 8, [QT_Q4_K] = 16, [QT_Q5_K] = 32, [QT_Q6_K] = 64,
 };
 static int sgemm_rows_override = 0; /* cepe_qmatmul_sgemm_rows; 0: the table */
-/* Activation rows from which the int8 GEMM beats the kernels and the tiles
- * (bench_quant.py, benchmarks/README.md). */
-#define GEMM_MIN_ROWS 2
-static int gemm_rows_override = 0; /* cepe_qmatmul_gemm_rows; 0: GEMM_MIN_ROWS */
+/* Activation rows from which the int8 GEMM beats the kernels and the tiles,
+ * for the formats it takes (bench_quant.py, benchmarks/README.md). */
+static const int GEMM_MIN_ROWS[QT_COUNT] = {[QT_Q4_0] = 2, [QT_Q4_1] = 2, [QT_Q8_0] = 4};
+static int gemm_rows_override = 0; /* cepe_qmatmul_gemm_rows; 0: the table */
 /* Fewer multiply-adds than this do not pay for waking a second thread. */
 #define MIN_PARALLEL_WORK (1 << 17)
 /* Output rows per thread are a multiple of this, so slices keep to cache lines. */
@@ -60,8 +62,8 @@ static int gemm_rows_override = 0; /* cepe_qmatmul_gemm_rows; 0: GEMM_MIN_ROWS *
  * rows with int32 byte offsets. */
 static int has_gemm(const cepe_qtensor *w) {
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
-    return w->type == CEPE_QTYPE_Q4_0 && cepe_quant_isa() >= CEPE_ISA_AVX512 &&
-           w->row_stride <= (size_t)INT32_MAX / 16;
+    return (w->type == CEPE_QTYPE_Q4_0 || w->type == CEPE_QTYPE_Q4_1 || w->type == CEPE_QTYPE_Q8_0) &&
+           cepe_quant_isa() >= CEPE_ISA_AVX512 && w->row_stride <= (size_t)INT32_MAX / 16;
 #else
     (void)w;
     return 0;
@@ -73,7 +75,7 @@ int cepe_qmatmul_path(const cepe_qtensor *w, int rows) {
         return rows > 1 ? CEPE_QMATMUL_SGEMM : CEPE_QMATMUL_KERNELS;
     const int t = quant_type_index((int)w->type);
     if (t < 0) return CEPE_QMATMUL_KERNELS;
-    if (has_gemm(w) && rows >= (gemm_rows_override > 0 ? gemm_rows_override : GEMM_MIN_ROWS))
+    if (has_gemm(w) && rows >= (gemm_rows_override > 0 ? gemm_rows_override : GEMM_MIN_ROWS[t]))
         return CEPE_QMATMUL_INT8_GEMM;
     return rows >= (sgemm_rows_override > 0 ? sgemm_rows_override : SGEMM_MIN_ROWS[t]) ? CEPE_QMATMUL_SGEMM
                                                                                        : CEPE_QMATMUL_KERNELS;
@@ -115,7 +117,8 @@ size_t cepe_qmatmul_work_size(const cepe_qtensor *w, int rows, int n_threads) {
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
     if (path == CEPE_QMATMUL_INT8_GEMM) /* the activation rows, then a panel per thread */
         return round_up((size_t)rows * act_bytes_per_row(w)) +
-               (size_t)team_size(w, rows, n_threads) * quant_gemm_q4_0_panel_bytes(w->n_in) + WORK_ALIGN;
+               (size_t)team_size(w, rows, n_threads) * quant_gemm_panel_bytes((int)w->type, w->n_in) +
+               WORK_ALIGN;
 #endif
     if (path == CEPE_QMATMUL_SGEMM)
         return (size_t)team_size(w, rows, n_threads) * (size_t)tile_rows(rows) * (size_t)w->n_in *
@@ -204,7 +207,7 @@ static void qmatmul_gemm(float *out, const float *x, const cepe_qtensor *w, int 
     const size_t ab = act_bytes_per_row(w);
     const int n_in = w->n_in;
     unsigned char *act = work, *panels = work + round_up((size_t)rows * ab);
-    const size_t panel_bytes = quant_gemm_q4_0_panel_bytes(n_in);
+    const size_t panel_bytes = quant_gemm_panel_bytes((int)w->type, n_in);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         int t, n;
@@ -214,7 +217,8 @@ static void qmatmul_gemm(float *out, const float *x, const cepe_qtensor *w, int 
             quant_prepare_act(ACT_Q8_32, x + (size_t)r * n_in, act + (size_t)r * ab, n_in);
         int o0, o1;
         cepe_share(w->n_out, ROW_ALIGN, t, n, &o0, &o1);
-        quant_gemm_q4_0_avx512(out, w, act, ab, rows, accumulate, o0, o1, panels + (size_t)t * panel_bytes);
+        quant_gemm_blocks32_avx512(out, w, act, ab, rows, accumulate, o0, o1,
+                                   panels + (size_t)t * panel_bytes);
     }
 }
 #endif

@@ -130,7 +130,7 @@ size_t cepe_qmatmul_work_size(const cepe_qtensor *w, int rows, int n_threads);
 typedef enum {
     CEPE_QMATMUL_KERNELS = 0,   /* the quantized dot kernels, one output at a time */
     CEPE_QMATMUL_SGEMM = 1,     /* tiles of w dequantized to fp32, then the BLAS sgemm */
-    CEPE_QMATMUL_INT8_GEMM = 2, /* Q4_0 on AVX-512 VNNI: int8 panels, the decode kernels' activations */
+    CEPE_QMATMUL_INT8_GEMM = 2, /* Q4_0/Q4_1/Q8_0 on AVX-512 VNNI: int8 panels, the kernels' activations */
 } cepe_qmatmul_path_kind;
 int cepe_qmatmul_path(const cepe_qtensor *w, int rows);
 /* Whether that is the dequantized tiles + sgemm (CEPE_QMATMUL_SGEMM). */
