@@ -648,6 +648,18 @@ def test_int8_gemm_extremes_tiny_and_nonfinite(name, tmp_path):
     assert not np.isfinite(got[bad]).any() and np.isfinite(got[~bad]).all()
 
 
+@needs_avx512
+def test_int8_gemm_in_chunks_of_rows(tmp_path):
+    """More activation rows than the GEMM quantizes at once (512): its scratch stops growing
+    there, and the rows of every chunk (two full ones and a short one) come out alike."""
+    rng = np.random.default_rng(12)
+    raw = random_rows("Q4_0", 40, 64, rng)
+    w = ctypes.byref(qtensor("Q4_0", raw, 64))
+    size = [LIB.cepe_qmatmul_work_size(w, rows, 2) for rows in (511, 512, 1100, 1 << 20)]
+    assert size[0] < size[1] == size[2] == size[3]
+    gemm_case("Q4_0", raw, rng.normal(size=(1100, 64)).astype(np.float32), tmp_path, "1100 rows")
+
+
 def test_int8_gemm_where_it_runs():
     """Q4_0, Q4_1 and Q8_0 from their crossovers on AVX-512 (one row stays with the decode
     kernel); never for the other formats, nor on the AVX2 and C paths (CEPE_ISA=avx2 / c),

@@ -111,12 +111,18 @@ static size_t act_bytes_per_row(const cepe_qtensor *w) {
 
 static size_t round_up(size_t n) { return (n + WORK_ALIGN - 1) / WORK_ALIGN * WORK_ALIGN; }
 
+/* The int8 GEMM quantizes and multiplies the activations this many rows at a
+ * time, so its scratch stops growing there (as the tiles' does) while each
+ * repacked panel still serves a prefill's 512 rows. */
+#define GEMM_CHUNK_ROWS 512
+static int gemm_chunk(int rows) { return rows < GEMM_CHUNK_ROWS ? rows : GEMM_CHUNK_ROWS; }
+
 size_t cepe_qmatmul_work_size(const cepe_qtensor *w, int rows, int n_threads) {
     if (!w || quant_type_index((int)w->type) < 0 || rows <= 0 || w->n_in <= 0) return 0;
     const int path = cepe_qmatmul_path(w, rows);
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
-    if (path == CEPE_QMATMUL_INT8_GEMM) /* the activation rows, then a panel per thread */
-        return round_up((size_t)rows * act_bytes_per_row(w)) +
+    if (path == CEPE_QMATMUL_INT8_GEMM) /* a chunk's activation rows, then a panel per thread */
+        return round_up((size_t)gemm_chunk(rows) * act_bytes_per_row(w)) +
                (size_t)team_size(w, rows, n_threads) * quant_gemm_panel_bytes((int)w->type, w->n_in) +
                WORK_ALIGN;
 #endif
@@ -205,20 +211,26 @@ static void qmatmul_sgemm(float *out, const float *x, const cepe_qtensor *w, int
 static void qmatmul_gemm(float *out, const float *x, const cepe_qtensor *w, int rows, int accumulate,
                          unsigned char *work, int nt) {
     const size_t ab = act_bytes_per_row(w);
-    const int n_in = w->n_in;
-    unsigned char *act = work, *panels = work + round_up((size_t)rows * ab);
+    const int n_in = w->n_in, n_out = w->n_out;
+    unsigned char *act = work, *panels = work + round_up((size_t)gemm_chunk(rows) * ab);
     const size_t panel_bytes = quant_gemm_panel_bytes((int)w->type, n_in);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         int t, n;
         cepe_team(&t, &n);
-#pragma omp for schedule(static)
-        for (int r = 0; r < rows; r++)
-            quant_prepare_act(ACT_Q8_32, x + (size_t)r * n_in, act + (size_t)r * ab, n_in);
         int o0, o1;
-        cepe_share(w->n_out, ROW_ALIGN, t, n, &o0, &o1);
-        quant_gemm_blocks32_avx512(out, w, act, ab, rows, accumulate, o0, o1,
-                                   panels + (size_t)t * panel_bytes);
+        cepe_share(n_out, ROW_ALIGN, t, n, &o0, &o1);
+        for (int r0 = 0; r0 < rows; r0 += GEMM_CHUNK_ROWS) {
+            const int nr = gemm_chunk(rows - r0);
+            /* the omp for ends in a barrier (every row quantized before any thread multiplies), the
+             * loop too (every thread done with the chunk before the next one overwrites it) */
+#pragma omp for schedule(static)
+            for (int r = 0; r < nr; r++)
+                quant_prepare_act(ACT_Q8_32, x + (size_t)(r0 + r) * n_in, act + (size_t)r * ab, n_in);
+            quant_gemm_blocks32_avx512(out + (size_t)r0 * n_out, w, act, ab, nr, accumulate, o0, o1,
+                                       panels + (size_t)t * panel_bytes);
+#pragma omp barrier
+        }
     }
 }
 #endif
