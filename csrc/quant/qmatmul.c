@@ -222,14 +222,16 @@ static void qmatmul_gemm(float *out, const float *x, const cepe_qtensor *w, int 
         cepe_share(n_out, ROW_ALIGN, t, n, &o0, &o1);
         for (int r0 = 0; r0 < rows; r0 += GEMM_CHUNK_ROWS) {
             const int nr = gemm_chunk(rows - r0);
-            /* the omp for ends in a barrier (every row quantized before any thread multiplies), the
-             * loop too (every thread done with the chunk before the next one overwrites it) */
+            /* the omp for ends in a barrier (every row quantized before any thread multiplies); so
+             * does each chunk but the last (every thread done with it before the next overwrites it) */
 #pragma omp for schedule(static)
             for (int r = 0; r < nr; r++)
                 quant_prepare_act(ACT_Q8_32, x + (size_t)(r0 + r) * n_in, act + (size_t)r * ab, n_in);
             quant_gemm_blocks32_avx512(out + (size_t)r0 * n_out, w, act, ab, nr, accumulate, o0, o1,
                                        panels + (size_t)t * panel_bytes);
+            if (r0 + GEMM_CHUNK_ROWS < rows) {
 #pragma omp barrier
+            }
         }
     }
 }
