@@ -610,11 +610,12 @@ def gemm_case(name: str, raw: np.ndarray, x: np.ndarray, tmp_path, what: str) ->
 @pytest.mark.parametrize("name", GEMM_FORMATS)
 @pytest.mark.parametrize("n_in", [32, 576, 1536])
 def test_int8_gemm_within_bounds(name, n_in, tmp_path):
-    """Odd shapes: a panel of 16 output rows, one row more (a masked panel), 40 (two and a
-    half panels; with 2 threads a share of 32 and one of 8), 576; activation rows one short of
-    the microkernel's pass, a pass, one more, 64 and 100 (every tail count)."""
+    """Odd shapes: fewer output rows than a panel (5), a panel of 16, one row more (a masked
+    panel), 40 (two and a half panels; with 2 threads a share of 32 and one of 8), 576;
+    activation rows one short of the microkernel's pass, a pass, one more, 64 and 100 (every
+    tail count)."""
     rng = np.random.default_rng(n_in)
-    for n_out in (16, 17, 40, 576):
+    for n_out in (5, 16, 17, 40, 576):
         raw = random_rows(name, n_out, n_in, rng)
         for rows in (GEMM_MR - 1, GEMM_MR, GEMM_MR + 1, 64, 100):
             if n_out == 576 and rows not in (GEMM_MR + 1, 100):
