@@ -170,18 +170,20 @@ AVX512 static inline __attribute__((always_inline)) void gemm(int kind, float *o
                        n_in, panel, accumulate, keep);
         float *tail_out = out + (size_t)r * n_out + o;
         const unsigned char *tail_act = act + (size_t)r * ab;
+        /* clang-format off */
         switch (rows - r) {
-#define TAIL(k)                                                                                              \
-    case k:                                                                                                  \
-        if (k < GEMM_MR)                                                                                     \
-            panel_rows(kind, k < GEMM_MR ? k : 1, tail_out, (size_t)n_out, tail_act, ab, n_in, panel,        \
-                       accumulate, keep);                                                                    \
-        break;
-            TAIL(1)
-            TAIL(2) TAIL(3) TAIL(4) TAIL(5) TAIL(6) TAIL(7) TAIL(8) TAIL(9) TAIL(10) TAIL(11)
+#define TAIL(k)                                                                                           \
+        case k:                                                                                           \
+            if (k < GEMM_MR)                                                                              \
+                panel_rows(kind, k < GEMM_MR ? k : 1, tail_out, (size_t)n_out, tail_act, ab, n_in, panel, \
+                           accumulate, keep);                                                             \
+            break;
+        TAIL(1) TAIL(2) TAIL(3) TAIL(4) TAIL(5) TAIL(6) TAIL(7) TAIL(8) TAIL(9) TAIL(10) TAIL(11)
 #undef TAIL
-                default : break;
+        default:
+            break;
         }
+        /* clang-format on */
     }
 }
 
