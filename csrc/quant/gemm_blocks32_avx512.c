@@ -77,9 +77,8 @@ AVX512 static inline __attribute__((always_inline)) void repack_panel(int kind, 
                     _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rows, offs, blk + qs_at + 4 * j, 1);
                 _mm512_store_si512(dst + 64 * j, _mm512_mask_xor_epi32(q, rows, q, flip));
             }
-        } else {
-            for (int j = 0; j < 4;
-                 j++) { /* stored bytes 4j..4j+3: values 4j.. (low nibbles), 16 + 4j.. (high) */
+        } else { /* stored bytes 4j..4j+3: values 4j.. (low nibbles), 16 + 4j.. (high) */
+            for (int j = 0; j < 4; j++) {
                 const __m512i q =
                     _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rows, offs, blk + qs_at + 4 * j, 1);
                 _mm512_store_si512(dst + 64 * j, _mm512_and_si512(q, low));
