@@ -11,12 +11,14 @@ K-quants can hold), the time of cepe_qmatmul(rows=1) against matmul_forward (the
 decoding runs today) on the same weights dequantized to fp32. GFLOP/s = 2 n_out n_in / t;
 GB/s = bytes of weights read / t (the activations are a few KB).
 
-Prefill (many rows): cepe_qmatmul through the quantized kernels and through dequantized
-tiles + sgemm (forced either way with cepe_qmatmul_sgemm_rows), against the fp32 sgemm, for
-1..512 rows: where the crossover lies (SGEMM_MIN_ROWS in csrc/quant/qmatmul.c). BF16 on a CPU
-with AVX512-BF16: the bf16 GEMM (BF16_GEMM_MIN_ROWS) beside the kernels and beside the tiles +
-sgemm it replaced (timed on the AVX2 path, as CEPE_ISA=avx2 runs it), forward and input
-gradient (cepe_qmatmul_backward_input, dx = dout · W).
+Prefill (many rows): cepe_qmatmul through the quantized kernels, through dequantized
+tiles + sgemm and, for the formats that have it on this CPU (Q4_0, Q4_1, Q8_0 with AVX-512
+VNNI), through the int8 GEMM (each forced with cepe_qmatmul_sgemm_rows /
+cepe_qmatmul_gemm_rows), against the fp32 sgemm, for 1..512 rows: where the crossovers lie
+(SGEMM_MIN_ROWS, GEMM_MIN_ROWS in csrc/quant/qmatmul.c). BF16 on a CPU with AVX512-BF16: the
+bf16 GEMM (BF16_GEMM_MIN_ROWS) beside the kernels and beside the tiles + sgemm it replaced
+(timed on the AVX2 path, as CEPE_ISA=avx2 runs it), forward and input gradient
+(cepe_qmatmul_backward_input, dx = dout · W).
 
 Each figure is the median over --repeats rounds (the minimum is kept beside it); a round runs
 every configuration once, a timed batch of at least --batch-ms, in an order reversed from one
@@ -97,14 +99,22 @@ class Product:
         self.times.append(dt / n)
 
 
-def qmatmul_product(key, name, raw, n_in, x, isa, sgemm_rows):
+OFF = 1 << 30  # a row count no call reaches: that way never taken
+
+
+def qmatmul_product(key, name, raw, n_in, x, isa, sgemm_rows, gemm_rows=OFF):
     w = QTensor(TYPES[name][0], raw.shape[0], n_in, raw.ctypes.data, raw.strides[0])
     rows = x.shape[0]
     out = np.zeros((rows, raw.shape[0]), np.float32)
-    prev, prev_isa = LIB.cepe_qmatmul_sgemm_rows(sgemm_rows), LIB.cepe_quant_isa()  # the scratch depends on the way
+    prev_isa = LIB.cepe_quant_isa()
     LIB.cepe_quant_set_isa(isa)
+    prev = (
+        LIB.cepe_qmatmul_sgemm_rows(sgemm_rows),
+        LIB.cepe_qmatmul_gemm_rows(gemm_rows),
+    )  # the scratch depends on the way
     work = np.zeros(max(int(LIB.cepe_qmatmul_work_size(ctypes.byref(w), rows, ARGS.threads)), 1), np.uint8)
-    LIB.cepe_qmatmul_sgemm_rows(prev)
+    LIB.cepe_qmatmul_sgemm_rows(prev[0])
+    LIB.cepe_qmatmul_gemm_rows(prev[1])
     LIB.cepe_quant_set_isa(prev_isa)
     size = work.size
     wref = ctypes.byref(w)
@@ -112,6 +122,7 @@ def qmatmul_product(key, name, raw, n_in, x, isa, sgemm_rows):
     def call():
         LIB.cepe_quant_set_isa(isa)
         LIB.cepe_qmatmul_sgemm_rows(sgemm_rows)
+        LIB.cepe_qmatmul_gemm_rows(gemm_rows)
         st = LIB.cepe_qmatmul(out.ctypes.data, x.ctypes.data, wref, rows, 0, work.ctypes.data, size, ARGS.threads)
         if st != 0:
             raise RuntimeError(LIB.cepe_last_error().decode())
@@ -174,7 +185,7 @@ def decode_section(formats: list[str], isas: list[int], rng) -> list[dict]:
             raw = random_weights(name, n_out, n_in, rng)
             if wf is None:  # the baseline's time does not depend on the values
                 wf = dequantize(name, raw, n_in)
-            products += [qmatmul_product((name, isa), name, raw, n_in, x, isa, 1 << 30) for isa in isas]
+            products += [qmatmul_product((name, isa), name, raw, n_in, x, isa, OFF) for isa in isas]
         products.append(fp32_product(("F32 sgemv", None), wf, x))
         log(f"decode {n_out}x{n_in}: {len(products)} configurations x {ARGS.repeats} rounds")
         run_rounds(products)
@@ -204,15 +215,23 @@ def prefill_section(formats: list[str], isa: int, rng) -> list[dict]:
         # sgemm it replaced (the AVX2 path, as CEPE_ISA=avx2 runs it)
         LIB.cepe_quant_set_isa(isa)
         w = QTensor(TYPES[name][0], n_out, n_in, raw.ctypes.data, raw.strides[0])
-        gemm = bool(LIB.cepe_qmatmul_backward_uses_bf16_gemm(ctypes.byref(w)))
-        ways = ["kernels", "bf16 gemm", "tiles+sgemm"] if gemm else ["kernels", "tiles+sgemm"]
+        bf16_gemm = bool(LIB.cepe_qmatmul_backward_uses_bf16_gemm(ctypes.byref(w)))
+        prev = LIB.cepe_qmatmul_gemm_rows(1)
+        int8_gemm = LIB.cepe_qmatmul_path(ctypes.byref(w), 1) == 2  # CEPE_QMATMUL_INT8_GEMM: this format has it here
+        LIB.cepe_qmatmul_gemm_rows(prev)
+        if bf16_gemm:
+            ways = ["kernels", "bf16 gemm", "tiles+sgemm"]
+        else:
+            ways = ["kernels", "tiles+sgemm"] + (["int8 gemm"] if int8_gemm else [])
         for rows in row_counts:
             x = rng.normal(size=(rows, n_in)).astype(np.float32)
             products += [
-                qmatmul_product((rows, "kernels"), name, raw, n_in, x, isa, 1 << 30),
+                qmatmul_product((rows, "kernels"), name, raw, n_in, x, isa, OFF),
                 qmatmul_product((rows, ways[1]), name, raw, n_in, x, isa, 1),
             ]
-            if gemm:
+            if int8_gemm:
+                products.append(qmatmul_product((rows, "int8 gemm"), name, raw, n_in, x, isa, OFF, 1))
+            if bf16_gemm:
                 dout = rng.normal(size=(rows, n_out)).astype(np.float32)
                 products += [
                     qmatmul_product((rows, "tiles+sgemm"), name, raw, n_in, x, 1, 1),
@@ -231,9 +250,7 @@ def prefill_section(formats: list[str], isa: int, rng) -> list[dict]:
         for rows, row in by_rows.items():
             row["faster"] = min(ways, key=lambda way: row[way + " us"])
             results.append(row)
-            shown = [*ways, "fp32 sgemm"] + (["backward bf16 gemm", "backward tiles+sgemm"] if gemm else [])
-            times = "  ".join(f"{way} {row[way + ' us']:9.1f} us" for way in shown)
-            log(f"  {rows:4d} rows: {times}")
+            log(f"  {rows:4d} rows: " + "  ".join(f"{k[:-3]} {v:9.1f} us" for k, v in row.items() if k.endswith(" us")))
     return results
 
 
@@ -259,6 +276,7 @@ def main() -> None:
         result["prefill"] = prefill_section(formats, best, rng)
     LIB.cepe_quant_set_isa(best)
     LIB.cepe_qmatmul_sgemm_rows(0)
+    LIB.cepe_qmatmul_gemm_rows(0)
     emit_json(result, ARGS.out)
 
 

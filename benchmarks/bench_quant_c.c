@@ -86,6 +86,8 @@ static double time_q(float *out, const float *x, cepe_qtensor *t, int rows, void
                      int sg) {
     cepe_quant_set_isa(isa);
     cepe_qmatmul_sgemm_rows(sg);
+    cepe_qmatmul_gemm_rows(
+        1 << 30); /* the kernels and the tiles, not the int8 GEMM (bench_quant.py has it) */
     cepe_qmatmul(out, x, t, rows, 0, work, ws, threads);
     int n = 0;
     double t0 = now(), dt;

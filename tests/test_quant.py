@@ -377,6 +377,20 @@ def qmatmul(w: QTensor, x: np.ndarray, out: np.ndarray | None = None, accumulate
     ), out
 
 
+KERNELS, SGEMM, INT8_GEMM, BF16_GEMM = 0, 1, 2, 3  # cepe_qmatmul_path
+OFF = 1 << 30  # a row count no call reaches
+
+
+class gemm_off:
+    """The int8 GEMM turned off (cepe_qmatmul_gemm_rows), so that the other ways run."""
+
+    def __enter__(self) -> None:
+        self.prev = LIB.cepe_qmatmul_gemm_rows(OFF)
+
+    def __exit__(self, *exc: object) -> None:
+        LIB.cepe_qmatmul_gemm_rows(self.prev)
+
+
 @pytest.mark.parametrize("isa", ISAS, ids=lambda i: ISA_NAMES[i])
 @pytest.mark.parametrize("name", TYPES)
 def test_qmatmul_kernel_path_equals_vec_dot(name, isa):
@@ -388,7 +402,9 @@ def test_qmatmul_kernel_path_equals_vec_dot(name, isa):
     raw = random_rows(name, 264, n_in, rng)  # 264: a thread share that is not a multiple of 16 rows
     w = qtensor(name, raw, n_in)
     for rows in (1, 3):
-        assert not LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(w), rows)
+        if rows > 1:
+            LIB.cepe_qmatmul_gemm_rows(OFF)  # Q4_0 on AVX-512 takes the int8 GEMM from 2 rows (tested below)
+        assert LIB.cepe_qmatmul_path(ctypes.byref(w), rows) == KERNELS
         x = rng.normal(size=(rows, n_in)).astype(np.float32)
         want = np.empty((rows, 264), np.float32)
         for r in range(rows):
@@ -403,6 +419,7 @@ def test_qmatmul_kernel_path_equals_vec_dot(name, isa):
             assert st == OK and np.array_equal(got, init + want)
         st, got = qmatmul(w, x, work=False)  # scratch of its own
         assert st == OK and np.array_equal(got, want)
+    LIB.cepe_qmatmul_gemm_rows(0)
 
 
 @pytest.mark.parametrize("name", [*TYPES, "F32"])
@@ -420,16 +437,19 @@ def test_qmatmul_sgemm_path(name, tmp_path):
     rows = 70  # past every format's crossover
     if LIB.cepe_qmatmul_uses_bf16_gemm(ctypes.byref(w), rows):
         use_isa(1)  # BF16's tiles + sgemm (the AVX-512 path takes the bf16 GEMM)
-    assert LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(w), rows)
-    x = rng.normal(size=(rows, n_in)).astype(np.float32)
-    bound = (n_in + 16) * U * (np.abs(x.astype(np.float64)) @ np.abs(w64).T)
-    for threads in (1, 2):
-        st, got = qmatmul(w, x, threads=threads)
-        assert st == OK, last_error()
-        assert np.all(np.abs(got - x.astype(np.float64) @ w64.T) <= bound)
-        init = rng.normal(size=got.shape).astype(np.float32)
-        st, acc = qmatmul(w, x, out=init.copy(), accumulate=1, threads=threads)
-        assert st == OK and np.all(np.abs(acc - init - x.astype(np.float64) @ w64.T) <= bound + 4 * U * np.abs(init))
+    with gemm_off():  # Q4_0 on AVX-512 takes the int8 GEMM (tested below)
+        assert LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(w), rows)
+        x = rng.normal(size=(rows, n_in)).astype(np.float32)
+        bound = (n_in + 16) * U * (np.abs(x.astype(np.float64)) @ np.abs(w64).T)
+        for threads in (1, 2):
+            st, got = qmatmul(w, x, threads=threads)
+            assert st == OK, last_error()
+            assert np.all(np.abs(got - x.astype(np.float64) @ w64.T) <= bound)
+            init = rng.normal(size=got.shape).astype(np.float32)
+            st, acc = qmatmul(w, x, out=init.copy(), accumulate=1, threads=threads)
+            assert st == OK and np.all(
+                np.abs(acc - init - x.astype(np.float64) @ w64.T) <= bound + 4 * U * np.abs(init)
+            )
 
 
 def f32_rows(w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None, accumulate=0, threads=1) -> np.ndarray:
@@ -502,6 +522,7 @@ def test_qmatmul_either_way_at_any_row_count(name, tmp_path):
     w = qtensor(name, raw, n_in)
     w64 = reference_dequantize(name, raw, tmp_path).astype(np.float64)
     prev = LIB.cepe_qmatmul_sgemm_rows(1000)
+    prev_gemm = LIB.cepe_qmatmul_gemm_rows(OFF)  # Q4_1 on AVX-512 takes the int8 GEMM (tested below)
     try:
         x = rng.normal(size=(40, n_in)).astype(np.float32)
         assert not LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(w), 40)
@@ -519,6 +540,7 @@ def test_qmatmul_either_way_at_any_row_count(name, tmp_path):
         assert st == OK and np.all(np.abs(got - x[:2].astype(np.float64) @ w64.T) <= bound)
     finally:
         LIB.cepe_qmatmul_sgemm_rows(prev)
+        LIB.cepe_qmatmul_gemm_rows(prev_gemm)
     assert LIB.cepe_qmatmul_sgemm_rows(-1) == prev  # < 0 only reads it
 
 
@@ -527,13 +549,166 @@ def test_qmatmul_crossover_per_format():
     widen to fp32, the fewer rows it takes for dequantized tiles + sgemm to win."""
     assert LIB.cepe_qmatmul_sgemm_rows(-1) == 0
     raw = np.zeros((16, 4 * 210), np.uint8)
-    for name, rows in (("Q8_0", 8), ("F16", 8), ("Q4_1", 16), ("Q5_K", 32), ("Q6_K", 64)):
-        w = qtensor(name, raw, 1024)
-        assert not LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(w), rows - 1), name
-        assert LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(w), rows), name
+    with gemm_off():  # where the int8 GEMM is not: the AVX2 and C paths
+        for name, rows in (("Q8_0", 8), ("F16", 8), ("Q4_1", 16), ("Q5_K", 32), ("Q6_K", 64)):
+            w = qtensor(name, raw, 1024)
+            assert not LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(w), rows - 1), name
+            assert LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(w), rows), name
     f32 = qtensor("F32", raw, 16)  # one row: the F32 dot kernel; two or more: the BLAS sgemm
     assert not LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(f32), 1)
     assert LIB.cepe_qmatmul_uses_sgemm(ctypes.byref(f32), 2)
+
+
+# ------------------------------------------------------------------ int8 GEMM (AVX-512 VNNI)
+
+needs_avx512 = pytest.mark.skipif(ISAS[-1] < 2, reason="the int8 GEMM needs AVX-512 VNNI")
+GEMM_MR = 8  # activation rows per pass of its microkernel (csrc/quant/gemm_blocks32_avx512.c)
+GEMM_FORMATS = ("Q4_0", "Q4_1", "Q8_0")
+GEMM_MIN_ROWS = {"Q4_0": 2, "Q4_1": 2, "Q8_0": 4}  # its measured crossovers (csrc/quant/qmatmul.c)
+
+
+def gemm_case(name: str, raw: np.ndarray, x: np.ndarray, tmp_path, what: str) -> None:
+    """Stored rows by activation rows x through the int8 GEMM, against
+      - the quantized kernels (the same int8 activations and per-block terms, added in another
+        order): each is within the docstring's tight bound (m + 16) u S of the exact
+        sum_i w~_i x^_i, so they differ by at most twice that;
+      - that exact sum itself, within the tight bound, and sum_i w~_i x_i within the end-to-end
+        bound;
+    on one thread and two (each output is one lane's sum, so identical) and with accumulate (the
+    same sum, then one addition)."""
+    n_out, n_in = raw.shape[0], x.shape[1]
+    what = f"{name} {what}"
+    w = qtensor(name, raw, n_in)
+    w64 = reference_dequantize(name, raw, tmp_path).astype(np.float64)
+    b = minimum_terms(name, raw, n_in)
+    rows = x.shape[0]
+    assert LIB.cepe_qmatmul_path(ctypes.byref(w), rows) == INT8_GEMM, what
+    st, got = qmatmul(w, x, threads=1)
+    assert st == OK, last_error()
+    with gemm_off():
+        prev = LIB.cepe_qmatmul_sgemm_rows(OFF)
+        try:
+            assert LIB.cepe_qmatmul_path(ctypes.byref(w), rows) == KERNELS
+            st, kern = qmatmul(w, x, threads=2)
+            assert st == OK, last_error()
+        finally:
+            LIB.cepe_qmatmul_sgemm_rows(prev)
+    m = float_terms("q8_32", name, n_in)
+    for r in range(rows):
+        _, xh, _, x_err = quantize(name, x[r])
+        tight = (m + 16) * (U * ((np.abs(w64) + 2 * b) @ np.abs(xh)) + 2.0**-121)
+        err = np.abs(got[r] - w64 @ xh)
+        assert np.all(err <= tight), f"{what} row {r}: {err.max()} beyond the tight bound"
+        assert np.all(np.abs(got[r] - kern[r]) <= 2 * tight), f"{what} row {r}: GEMM and kernels apart"
+        loose = tight + np.abs(w64) @ x_err
+        assert np.all(np.abs(got[r] - w64 @ x[r].astype(np.float64)) <= loose), f"{what} row {r}: end to end"
+    st, got2 = qmatmul(w, x, threads=2)
+    assert st == OK and np.array_equal(got2, got), f"{what}: 1 and 2 threads differ"
+    init = np.random.default_rng(n_out).normal(size=got.shape).astype(np.float32)
+    for threads in (1, 2):
+        st, acc = qmatmul(w, x, out=init.copy(), accumulate=1, threads=threads)
+        assert st == OK and np.array_equal(acc, init + got), f"{what}: accumulate, {threads} threads"
+    st, own = qmatmul(w, x, threads=2, work=False)  # scratch of its own
+    assert st == OK and np.array_equal(own, got)
+
+
+@needs_avx512
+@pytest.mark.parametrize("name", GEMM_FORMATS)
+@pytest.mark.parametrize("n_in", [32, 576, 1536])
+def test_int8_gemm_within_bounds(name, n_in, tmp_path):
+    """Odd shapes: fewer output rows than a panel (5), a panel of 16, one row more (a masked
+    panel), 40 (two and a half panels; with 2 threads a share of 32 and one of 8), 576;
+    activation rows one short of the microkernel's pass, a pass, one more, 64 and 100 (every
+    tail count)."""
+    rng = np.random.default_rng(n_in)
+    for n_out in (5, 16, 17, 40, 576):
+        raw = random_rows(name, n_out, n_in, rng)
+        for rows in (GEMM_MR - 1, GEMM_MR, GEMM_MR + 1, 64, 100):
+            if n_out == 576 and rows not in (GEMM_MR + 1, 100):
+                continue  # the largest weights at two row counts keep the test short
+            x = rng.normal(size=(rows, n_in)) * np.where(rng.random((rows, 1)) < 0.3, 30.0, 1.0)
+            gemm_case(name, raw, x.astype(np.float32), tmp_path, f"{n_out}x{n_in}, {rows} rows")
+
+
+@needs_avx512
+@pytest.mark.parametrize("name", GEMM_FORMATS)
+def test_int8_gemm_extremes_tiny_and_nonfinite(name, tmp_path):
+    """Codes and scales at their extremes (int32 sums at their largest), subnormal activation
+    scales and blocks below them, and a non-finite activation reaching every output of its row
+    and no other."""
+    n_in = 96
+    raw = extreme_rows(name, 20, n_in)
+    signs = np.where(np.arange(n_in) % 3, 1.0, -1.0)
+    x = np.stack([100 * np.ones(n_in), -100 * np.ones(n_in), 100 * signs] * 3).astype(np.float32)
+    gemm_case(name, raw, x, tmp_path, "extremes")
+    rng = np.random.default_rng(9)
+    raw = random_rows(name, 33, n_in, rng)
+    tiny = rng.normal(0, 1, (10, n_in)) * np.where(np.arange(n_in) // 32 % 2, 2.0**-124, 2.0**-130)
+    gemm_case(name, raw, tiny.astype(np.float32), tmp_path, "tiny")
+    x = rng.normal(size=(10, n_in)).astype(np.float32)
+    x[3, 50] = np.inf
+    x[7, 2] = np.nan
+    st, got = qmatmul(qtensor(name, raw, n_in), x, threads=2)
+    assert st == OK
+    bad = np.zeros(10, bool)
+    bad[[3, 7]] = True
+    assert not np.isfinite(got[bad]).any() and np.isfinite(got[~bad]).all()
+
+
+@needs_avx512
+def test_int8_gemm_in_chunks_of_rows(tmp_path):
+    """More activation rows than the GEMM quantizes at once (512): its scratch stops growing
+    there, and the rows of every chunk (two full ones and a short one) come out alike."""
+    rng = np.random.default_rng(12)
+    raw = random_rows("Q4_0", 40, 64, rng)
+    w = ctypes.byref(qtensor("Q4_0", raw, 64))
+    size = [LIB.cepe_qmatmul_work_size(w, rows, 2) for rows in (511, 512, 1100, 1 << 20)]
+    assert size[0] < size[1] == size[2] == size[3]
+    gemm_case("Q4_0", raw, rng.normal(size=(1100, 64)).astype(np.float32), tmp_path, "1100 rows")
+
+
+def test_int8_gemm_where_it_runs():
+    """Q4_0, Q4_1 and Q8_0 from their crossovers on AVX-512 (one row stays with the decode
+    kernel); never for the other formats (BF16 takes the bf16 GEMM where the CPU has AVX512-BF16), nor on the AVX2 and C paths (CEPE_ISA=avx2 / c),
+    which keep their ways; cepe_qmatmul_gemm_rows moves the crossover and reads it back."""
+    raw = np.zeros((32, 34 * 8), np.uint8)
+    for isa in ISAS:
+        use_isa(isa)
+        for name in (*GEMM_FORMATS, "F16", "BF16", "Q4_K", "Q6_K"):
+            w = ctypes.byref(qtensor(name, raw, 256))
+            gemm = isa == 2 and name in GEMM_FORMATS
+            assert LIB.cepe_qmatmul_path(w, 1) == KERNELS, name
+            if gemm:
+                assert LIB.cepe_qmatmul_path(w, GEMM_MIN_ROWS[name] - 1) == KERNELS, name
+                assert LIB.cepe_qmatmul_path(w, GEMM_MIN_ROWS[name]) == INT8_GEMM, name
+            bf16_gemm = name == "BF16" and bool(LIB.cepe_qmatmul_backward_uses_bf16_gemm(w))
+            assert not bf16_gemm or isa == 2  # the bf16 GEMM: AVX-512 with AVX512-BF16 only
+            want = INT8_GEMM if gemm else BF16_GEMM if bf16_gemm else SGEMM
+            assert LIB.cepe_qmatmul_path(w, 512) == want, name
+            assert LIB.cepe_qmatmul_uses_sgemm(w, 512) == (want == SGEMM), name
+            assert LIB.cepe_qmatmul_uses_bf16_gemm(w, 512) == bf16_gemm, name
+    use_isa(ISAS[-1])
+    q4 = ctypes.byref(qtensor("Q4_0", raw, 256))
+    assert LIB.cepe_qmatmul_gemm_rows(-1) == 0
+    assert LIB.cepe_qmatmul_gemm_rows(50) == 0
+    try:
+        if ISAS[-1] == 2:
+            assert LIB.cepe_qmatmul_path(q4, 49) == SGEMM
+            assert LIB.cepe_qmatmul_path(q4, 50) == INT8_GEMM
+    finally:
+        assert LIB.cepe_qmatmul_gemm_rows(0) == 50
+    code = (
+        "import ctypes, cepe_c\n"
+        "from cepe.testing.quant_ctypes import load_library, QTensor\n"
+        "import numpy as np\n"
+        "raw = np.zeros((32, 72), np.uint8)\n"
+        "w = QTensor(2, 32, 128, raw.ctypes.data, 72)\n"
+        "print(load_library().cepe_qmatmul_path(ctypes.byref(w), 512))"
+    )
+    for value, want in (("avx2", SGEMM), ("c", SGEMM), ("avx512", INT8_GEMM if ISAS[-1] == 2 else SGEMM)):
+        env = {**os.environ, "CEPE_ISA": value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert int(out.stdout) == want, value
 
 
 def test_qmatmul_row_stride_and_views(tmp_path):

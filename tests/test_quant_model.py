@@ -11,8 +11,9 @@ the widened weights only by how x reaches the kernel:
     eps_F * sum_B max|x_B| * sum_{i in B} |w_i| with eps_F = (1 + 2^-13) / 254.
   - BF16 with AVX512-BF16 rounds x to bf16: eps = 2^-8 relative to each |x_i|; F16, and BF16 on
     other paths, multiply x itself: eps = 0 up to fp32 summation order (~n u).
-  - Many rows take dequantized tiles + sgemm (fp32 x, eps = 0); the tests force the kernels
-    (cepe_qmatmul_sgemm_rows) so that the bound is exercised where it applies.
+  - Many rows take dequantized tiles + sgemm (fp32 x, eps = 0), or for Q4_0 on AVX-512 the int8
+    GEMM (the kernels' int8 activations, eps_F); the tests also force the kernels
+    (cepe_qmatmul_sgemm_rows, cepe_qmatmul_gemm_rows) so that the bound is exercised there.
 Through the network, to first order each of the P quantized products on a path perturbs its
 output by at most eps_F times the magnitude of what it adds to the residual stream, and RMSNorm
 rescales between layers, so in a network of unit-gain products (the test model's matrices are
@@ -30,6 +31,7 @@ is printed and recorded in benchmarks/README.md).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import textwrap
@@ -60,13 +62,25 @@ PRODUCTS = LAYERS * 7 + 1  # q, k, v, o, gate, up, down per layer, then lm_head
 
 
 class kernels_forced:
-    """Every product through the quantized kernels, however many rows (not the sgemm tiles)."""
+    """Every product through the quantized kernels, however many rows (not the sgemm tiles,
+    nor Q4_0's int8 GEMM, which multiplies the same int8 activations)."""
 
     def __enter__(self) -> None:
-        self.prev = LIB.cepe_qmatmul_sgemm_rows(1 << 30)
+        self.prev = LIB.cepe_qmatmul_sgemm_rows(1 << 30), LIB.cepe_qmatmul_gemm_rows(1 << 30)
 
     def __exit__(self, *exc: object) -> None:
-        LIB.cepe_qmatmul_sgemm_rows(self.prev)
+        LIB.cepe_qmatmul_sgemm_rows(self.prev[0])
+        LIB.cepe_qmatmul_gemm_rows(self.prev[1])
+
+
+class gemm_off:
+    """Many rows through the dequantized tiles + sgemm rather than the int8 GEMM."""
+
+    def __enter__(self) -> None:
+        self.prev = LIB.cepe_qmatmul_gemm_rows(1 << 30)
+
+    def __exit__(self, *exc: object) -> None:
+        LIB.cepe_qmatmul_gemm_rows(self.prev)
 
 
 def eps_of(fmt: str) -> float:
@@ -268,12 +282,13 @@ def test_training_with_a_frozen_low_precision_decoder(fmt, tmp_path):
     stays float32 (master weights, AdamW moments), the frozen products run in fmt and their input
     gradients through widened tiles. Oracle: the same Trainer over the float32 model of the
     widened weights. With the sgemm path (18 rows) the products are the same fp32 sums; with the
-    kernels forced the activations are rounded (eps_F, module docstring) and the gradients move
-    to first order by at most the forward's bound, P * eps_F relative. BF16 on AVX512-BF16 runs
-    the bf16 GEMM at 18 rows and for the input gradients at any row count: the forward rounds
-    its activations (eps = 2^-8, P products) and each frozen product's input gradient rounds
-    dout to bf16, perturbing it by at most 2^-8 relative to what it adds (P more products on
-    the backward path), so to first order the gradients move by at most 2 P 2^-8 relative."""
+    kernels forced, or the int8 GEMM that many rows take for Q4_0 / Q4_1 / Q8_0 on AVX-512, the
+    activations are rounded (eps_F, module docstring) and the gradients move to first order by at
+    most the forward's bound, P * eps_F relative. BF16 on AVX512-BF16 runs the bf16 GEMM at 18 rows
+    and for the input gradients at any row count: the forward rounds its activations (eps = 2^-8,
+    P products) and each frozen product's input gradient rounds dout to bf16, perturbing it by at
+    most 2^-8 relative to what it adds (P more products on the backward path), so to first order
+    the gradients move by at most 2 P 2^-8 relative."""
     from test_train import make_batch, rel
 
     from cepe.build import build
@@ -297,7 +312,8 @@ def test_training_with_a_frozen_low_precision_decoder(fmt, tmp_path):
     assert t_low.params.dtype == np.float32 and t_low.adam_m.dtype == np.float32
     batch = make_batch(np.random.default_rng(0), ref)
     want = t_ref.gradients(batch)
-    got = t_low.gradients(batch)
+    with gemm_off():  # the sgemm path, not the int8 GEMM (Q4_0 / Q4_1 / Q8_0 on AVX-512)
+        got = t_low.gradients(batch)
     assert set(got) == set(want)
     errors = {n: rel(got[n], want[n]) for n in want}
     products = 3 * 7 + 1
@@ -307,11 +323,12 @@ def test_training_with_a_frozen_low_precision_decoder(fmt, tmp_path):
     assert bf16_gemm == (fmt == "BF16" and eps_of(fmt) > 0)
     bound = 2 * products * 2.0**-8 + 1e-4 if bf16_gemm else 1e-4
     assert max(errors.values()) <= bound, (errors, bound)
-    with kernels_forced():
-        got = t_low.gradients(batch)
     bound = (2 if bf16_gemm else 1) * products * eps_of(fmt) + 1e-4
-    errors = {n: rel(got[n], want[n]) for n in want}
-    assert max(errors.values()) <= bound, (errors, bound)
+    for way in (kernels_forced(), contextlib.nullcontext()):  # int8 activations where the format has them
+        with way:
+            got = t_low.gradients(batch)
+        errors = {n: rel(got[n], want[n]) for n in want}
+        assert max(errors.values()) <= bound, (way, errors, bound)
     stats = t_low.step(batch)
     assert np.isfinite(stats["loss"])
 

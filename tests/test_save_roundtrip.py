@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import TEXT, build_hf_model, hf_logits, write_tokenizer
 
-from cepe.testing.quant_ctypes import fp32_bf16_products
+from cepe.testing.quant_ctypes import fp32_bf16_products, load_library
 from cepe.testing.reference import make_reference
 
 gguf = pytest.importorskip("gguf")
@@ -232,6 +232,20 @@ def test_hf_tokenizer_chat_template_and_generation_config_survive(template_file,
     assert_same_text(head, m)
 
 
+class fp32_activations:
+    """Many-row products of Q4_0 / Q4_1 / Q8_0 weights through the dequantized fp32 tiles rather
+    than the int8 GEMM (AVX-512), which quantizes the activations: Trainer(m, "all") saves a
+    quantized decoder widened to float32, whose reload equals the source exactly only where the
+    source multiplies fp32 activations too (the widening is exact)."""
+
+    def __enter__(self) -> None:
+        self.lib = load_library()
+        self.prev = self.lib.cepe_qmatmul_gemm_rows(1 << 30)
+
+    def __exit__(self, *exc: object) -> None:
+        self.lib.cepe_qmatmul_gemm_rows(self.prev)
+
+
 def cepe_source(kind: str, tiny, gguf_file, tmp_path) -> tuple[cepe.Model, np.ndarray, np.ndarray]:
     """(a CEPE model, decoder ids, encoder chunks (n_ctx, L)) of one kind."""
     if kind == "official":  # a checkpoint in the official layout (own encoder vocabulary and width)
@@ -252,6 +266,11 @@ CEPE_SAVES = {  # saver, its keyword arguments, whether it writes a head directo
 @pytest.mark.parametrize("how", list(CEPE_SAVES))
 @pytest.mark.parametrize("kind", ["shared_embeddings", "own_embeddings", "gguf_decoder", "official"])
 def test_cepe_model_reloads_to_identical_logits(kind, how, tiny, gguf_file, tmp_path):
+    with fp32_activations():
+        cepe_model_reloads(kind, how, tiny, gguf_file, tmp_path)
+
+
+def cepe_model_reloads(kind, how, tiny, gguf_file, tmp_path) -> None:
     m, ids, chunks = cepe_source(kind, tiny, gguf_file, tmp_path)
     with_ctx = m.forward(ids, encoder_input_ids=chunks)
     without = m.forward(ids)
@@ -283,12 +302,13 @@ def test_real_model_trainer_save_reloads_exactly(tmp_path):
     m = cepe.load(pull.DEFAULT_MODEL, n_threads=2)
     ids = np.array(m.tokenizer.encode(TEXT)[:32])
     assert len(ids) == 32
-    want = m.forward(ids)
-    saved = cepe.Trainer(m, "all", total_steps=1).save(tmp_path / "ckpt")
-    assert read_json(os.path.join(saved, "config.json"))["rope_layout"] == "interleaved"
-    r = cepe.load(saved, n_threads=2)
-    assert_same_logits(r.forward(ids), want)
-    assert_same_text(r, m)
+    with fp32_activations():
+        want = m.forward(ids)
+        saved = cepe.Trainer(m, "all", total_steps=1).save(tmp_path / "ckpt")
+        assert read_json(os.path.join(saved, "config.json"))["rope_layout"] == "interleaved"
+        r = cepe.load(saved, n_threads=2)
+        assert_same_logits(r.forward(ids), want)
+        assert_same_text(r, m)
 
 
 # ------------------------------------------------------------ head directories

@@ -70,6 +70,8 @@ def load_library() -> ctypes.CDLL:
         "cepe_qmatmul_uses_bf16_gemm": (Int, [Q, Int]),
         "cepe_qmatmul_backward_uses_bf16_gemm": (Int, [Q]),
         "cepe_qmatmul_backward_input": (Int, [P, P, Q, Int, Int, Int]),
+        "cepe_qmatmul_path": (Int, [Q, Int]),
+        "cepe_qmatmul_gemm_rows": (Int, [Int]),
         "cepe_qmatmul": (Int, [P, P, Q, Int, Int, P, Z, Int]),
         "matmul_forward": (Int, [P, P, P, Int, Int, Int, Int, Int]),
         "cepe_last_error": (ctypes.c_char_p, []),

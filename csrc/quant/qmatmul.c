@@ -1,7 +1,8 @@
 /* qmatmul.c — out = x · Wᵀ with W in its stored format, for one row of
  * activations (decode) or many (prefill).
  *
- * Two ways, chosen by the number of activation rows (cepe_qmatmul_uses_sgemm):
+ * Four ways, chosen by the format and the number of activation rows
+ * (cepe_qmatmul_path):
  *   - quantized kernels: each activation row is quantized once, then every
  *     weight row is dotted with every activation row. The weights are streamed
  *     once at their stored width; this is what decoding, which is bound by
@@ -11,12 +12,18 @@
  *     weight is paid once per `rows` products, and the BLAS's register-blocked
  *     sgemm then beats one-row-at-a-time dot products once rows are a few
  *     (and it multiplies unrounded fp32 activations).
- * The crossover is measured in benchmarks/bench_quant.py (SGEMM_MIN_ROWS).
- * BF16 weights on CPUs with AVX512-BF16 take a third way from a few rows on:
- * the bf16 GEMM of gemm_bf16_avx512.c (cepe_qmatmul_uses_bf16_gemm).
+ *   - int8 GEMM (Q4_0, Q4_1, Q8_0 on AVX-512 VNNI, gemm_blocks32_avx512.c):
+ *     the activations quantized as for the kernels, the weights repacked into
+ *     int8 panels that every activation row reuses; from GEMM_MIN_ROWS rows it
+ *     beats both.
+ *   - bf16 GEMM (BF16 on a CPU with AVX512-BF16, gemm_bf16_avx512.c): the
+ *     activations rounded to bf16, fp32 sums; from BF16_GEMM_MIN_ROWS rows.
+ * The crossovers are measured in benchmarks/bench_quant.py (SGEMM_MIN_ROWS,
+ * GEMM_MIN_ROWS, BF16_GEMM_MIN_ROWS).
  *
  * Threading: OpenMP over output rows. The BLAS runs single-threaded inside
  * each thread, so the two thread pools never compete for the cores. */
+#include <stdint.h>
 #include <stdlib.h>
 
 #include "../blas.h"
@@ -42,6 +49,10 @@ static const int SGEMM_MIN_ROWS[QT_COUNT] = {
     [QT_Q8_0] = 8, [QT_Q4_K] = 16, [QT_Q5_K] = 32, [QT_Q6_K] = 64,
 };
 static int sgemm_rows_override = 0; /* cepe_qmatmul_sgemm_rows; 0: the table */
+/* Activation rows from which the int8 GEMM beats the kernels and the tiles,
+ * for the formats it takes (bench_quant.py, benchmarks/README.md). */
+static const int GEMM_MIN_ROWS[QT_COUNT] = {[QT_Q4_0] = 2, [QT_Q4_1] = 2, [QT_Q8_0] = 4};
+static int gemm_rows_override = 0; /* cepe_qmatmul_gemm_rows; 0: the table */
 /* Fewer multiply-adds than this do not pay for waking a second thread. */
 #define MIN_PARALLEL_WORK (1 << 17)
 /* Output rows per thread are a multiple of this, so slices keep to cache lines. */
@@ -50,24 +61,54 @@ static int sgemm_rows_override = 0; /* cepe_qmatmul_sgemm_rows; 0: the table */
 #define SERIAL_PREP_ROWS 4
 
 /* BF16 weights on a CPU with AVX512-BF16: rows from which the bf16 GEMM
- * (gemm_bf16_avx512.c) beats the bf16 dot kernels (bench_quant.py). */
+ * (gemm_bf16_avx512.c) beats the bf16 dot kernels (bench_quant.py). It takes
+ * the place of the tiles + sgemm, so cepe_qmatmul_sgemm_rows moves it. */
 #define BF16_GEMM_MIN_ROWS 6
 
-int cepe_qmatmul_uses_bf16_gemm(const cepe_qtensor *w, int rows) {
-    if (w->type != CEPE_QTYPE_BF16 || !quant_bf16_gemm_ready()) return 0;
-    return rows >= (sgemm_rows_override > 0 ? sgemm_rows_override : BF16_GEMM_MIN_ROWS);
+/* Whether this build and CPU have the int8 GEMM for w. Its panels address 16
+ * rows with int32 byte offsets. */
+static int has_gemm(const cepe_qtensor *w) {
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+    return (w->type == CEPE_QTYPE_Q4_0 || w->type == CEPE_QTYPE_Q4_1 || w->type == CEPE_QTYPE_Q8_0) &&
+           cepe_quant_isa() >= CEPE_ISA_AVX512 && w->row_stride <= (size_t)INT32_MAX / 16;
+#else
+    (void)w;
+    return 0;
+#endif
+}
+
+int cepe_qmatmul_path(const cepe_qtensor *w, int rows) {
+    if (w->type == CEPE_QTYPE_F32) /* one row: the F32 kernel (see cepe_qmatmul) */
+        return rows > 1 ? CEPE_QMATMUL_SGEMM : CEPE_QMATMUL_KERNELS;
+    const int t = quant_type_index((int)w->type);
+    if (t < 0) return CEPE_QMATMUL_KERNELS;
+    if (w->type == CEPE_QTYPE_BF16 && quant_bf16_gemm_ready())
+        return rows >= (sgemm_rows_override > 0 ? sgemm_rows_override : BF16_GEMM_MIN_ROWS)
+                   ? CEPE_QMATMUL_BF16_GEMM
+                   : CEPE_QMATMUL_KERNELS;
+    if (has_gemm(w) && rows >= (gemm_rows_override > 0 ? gemm_rows_override : GEMM_MIN_ROWS[t]))
+        return CEPE_QMATMUL_INT8_GEMM;
+    return rows >= (sgemm_rows_override > 0 ? sgemm_rows_override : SGEMM_MIN_ROWS[t]) ? CEPE_QMATMUL_SGEMM
+                                                                                       : CEPE_QMATMUL_KERNELS;
 }
 
 int cepe_qmatmul_uses_sgemm(const cepe_qtensor *w, int rows) {
-    if (w->type == CEPE_QTYPE_F32) return rows > 1; /* one row: the F32 kernel (see cepe_qmatmul) */
-    const int t = quant_type_index((int)w->type);
-    if (t < 0 || cepe_qmatmul_uses_bf16_gemm(w, rows)) return 0;
-    return rows >= (sgemm_rows_override > 0 ? sgemm_rows_override : SGEMM_MIN_ROWS[t]);
+    return cepe_qmatmul_path(w, rows) == CEPE_QMATMUL_SGEMM;
+}
+
+int cepe_qmatmul_uses_bf16_gemm(const cepe_qtensor *w, int rows) {
+    return cepe_qmatmul_path(w, rows) == CEPE_QMATMUL_BF16_GEMM;
 }
 
 int cepe_qmatmul_sgemm_rows(int rows) {
     const int prev = sgemm_rows_override;
     if (rows >= 0) sgemm_rows_override = rows;
+    return prev;
+}
+
+int cepe_qmatmul_gemm_rows(int rows) {
+    const int prev = gemm_rows_override;
+    if (rows >= 0) gemm_rows_override = rows;
     return prev;
 }
 
@@ -83,11 +124,26 @@ static size_t act_bytes_per_row(const cepe_qtensor *w) {
     return k.act == ACT_F32 ? 0 : quant_act_bytes(k.act, w->n_in);
 }
 
+static size_t round_up(size_t n) { return (n + WORK_ALIGN - 1) / WORK_ALIGN * WORK_ALIGN; }
+
+/* The int8 GEMM quantizes and multiplies the activations this many rows at a
+ * time, so its scratch stops growing there (as the tiles' does) while each
+ * repacked panel still serves a prefill's 512 rows. */
+#define GEMM_CHUNK_ROWS 512
+static int gemm_chunk(int rows) { return rows < GEMM_CHUNK_ROWS ? rows : GEMM_CHUNK_ROWS; }
+
 size_t cepe_qmatmul_work_size(const cepe_qtensor *w, int rows, int n_threads) {
     if (!w || quant_type_index((int)w->type) < 0 || rows <= 0 || w->n_in <= 0) return 0;
-    if (cepe_qmatmul_uses_bf16_gemm(w, rows))
+    const int path = cepe_qmatmul_path(w, rows);
+    if (path == CEPE_QMATMUL_BF16_GEMM)
         return quant_bf16_gemm_work_size(rows, w->n_in, w->n_out, n_threads) + WORK_ALIGN;
-    if (cepe_qmatmul_uses_sgemm(w, rows))
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+    if (path == CEPE_QMATMUL_INT8_GEMM) /* a chunk's activation rows, then a panel per thread */
+        return round_up((size_t)gemm_chunk(rows) * act_bytes_per_row(w)) +
+               (size_t)team_size(w, rows, n_threads) * quant_gemm_panel_bytes((int)w->type, w->n_in) +
+               WORK_ALIGN;
+#endif
+    if (path == CEPE_QMATMUL_SGEMM)
         return (size_t)team_size(w, rows, n_threads) * (size_t)tile_rows(rows) * (size_t)w->n_in *
                    sizeof(float) +
                WORK_ALIGN;
@@ -168,6 +224,36 @@ static void qmatmul_sgemm(float *out, const float *x, const cepe_qtensor *w, int
     }
 }
 
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+static void qmatmul_gemm(float *out, const float *x, const cepe_qtensor *w, int rows, int accumulate,
+                         unsigned char *work, int nt) {
+    const size_t ab = act_bytes_per_row(w);
+    const int n_in = w->n_in, n_out = w->n_out;
+    unsigned char *act = work, *panels = work + round_up((size_t)gemm_chunk(rows) * ab);
+    const size_t panel_bytes = quant_gemm_panel_bytes((int)w->type, n_in);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int t, n;
+        cepe_team(&t, &n);
+        int o0, o1;
+        cepe_share(n_out, ROW_ALIGN, t, n, &o0, &o1);
+        for (int r0 = 0; r0 < rows; r0 += GEMM_CHUNK_ROWS) {
+            const int nr = gemm_chunk(rows - r0);
+            /* the omp for ends in a barrier (every row quantized before any thread multiplies); so
+             * does each chunk but the last (every thread done with it before the next overwrites it) */
+#pragma omp for schedule(static)
+            for (int r = 0; r < nr; r++)
+                quant_prepare_act(ACT_Q8_32, x + (size_t)(r0 + r) * n_in, act + (size_t)r * ab, n_in);
+            quant_gemm_blocks32_avx512(out + (size_t)r0 * n_out, w, act, ab, nr, accumulate, o0, o1,
+                                       panels + (size_t)t * panel_bytes);
+            if (r0 + GEMM_CHUNK_ROWS < rows) {
+#pragma omp barrier
+            }
+        }
+    }
+}
+#endif
+
 cepe_status cepe_qmatmul(float *out, const float *x, const cepe_qtensor *w, int rows, int accumulate,
                          void *work, size_t work_size, int n_threads) {
     cepe_status st = cepe_qtensor_check(w);
@@ -204,12 +290,21 @@ cepe_status cepe_qmatmul(float *out, const float *x, const cepe_qtensor *w, int 
     }
     unsigned char *aligned =
         work ? (unsigned char *)(((uintptr_t)work + WORK_ALIGN - 1) & ~(uintptr_t)(WORK_ALIGN - 1)) : NULL;
-    if (cepe_qmatmul_uses_bf16_gemm(w, rows))
+    switch (cepe_qmatmul_path(w, rows)) {
+    case CEPE_QMATMUL_BF16_GEMM:
         quant_bf16_gemm_forward(out, x, w, rows, accumulate, aligned, n_threads);
-    else if (cepe_qmatmul_uses_sgemm(w, rows))
+        break;
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+    case CEPE_QMATMUL_INT8_GEMM:
+        qmatmul_gemm(out, x, w, rows, accumulate, aligned, nt);
+        break;
+#endif
+    case CEPE_QMATMUL_SGEMM:
         qmatmul_sgemm(out, x, w, rows, accumulate, (float *)aligned, nt);
-    else
+        break;
+    default:
         qmatmul_kernels(out, x, w, rows, accumulate, aligned, nt);
+    }
     free(own);
     return CEPE_OK;
 }

@@ -126,22 +126,29 @@ cepe_status cepe_vec_dot(int type, int64_t n, const void *row, const void *act, 
 
 /* Scratch bytes cepe_qmatmul needs for `rows` rows of activations. */
 size_t cepe_qmatmul_work_size(const cepe_qtensor *w, int rows, int n_threads);
-/* Whether cepe_qmatmul multiplies `rows` rows by dequantizing tiles of w and
- * calling the BLAS sgemm (1) or not (0: the quantized kernels, or the bf16
- * GEMM where cepe_qmatmul_uses_bf16_gemm says so). */
+/* How cepe_qmatmul multiplies `rows` rows by w on the current ISA. */
+typedef enum {
+    CEPE_QMATMUL_KERNELS = 0,   /* the quantized dot kernels, one output at a time */
+    CEPE_QMATMUL_SGEMM = 1,     /* tiles of w dequantized to fp32, then the BLAS sgemm */
+    CEPE_QMATMUL_INT8_GEMM = 2, /* Q4_0/Q4_1/Q8_0 on AVX-512 VNNI: int8 panels, the kernels' activations */
+    CEPE_QMATMUL_BF16_GEMM = 3, /* BF16 on AVX512-BF16: activations rounded to bf16, fp32 sums */
+} cepe_qmatmul_path_kind;
+int cepe_qmatmul_path(const cepe_qtensor *w, int rows);
+/* Whether that is the dequantized tiles + sgemm (CEPE_QMATMUL_SGEMM). */
 int cepe_qmatmul_uses_sgemm(const cepe_qtensor *w, int rows);
-/* Whether cepe_qmatmul multiplies `rows` rows of BF16 weights with the bf16
- * GEMM (AVX-512 path on a CPU with AVX512-BF16): activations rounded to bf16,
- * fp32 sums. Where it does, cepe_qmatmul_uses_sgemm is 0. */
+/* Whether that is the bf16 GEMM (CEPE_QMATMUL_BF16_GEMM). */
 int cepe_qmatmul_uses_bf16_gemm(const cepe_qtensor *w, int rows);
 /* Whether cepe_qmatmul_backward_input takes the bf16 GEMM for w (BF16 weights
  * on the AVX-512 path with AVX512-BF16, any number of rows). */
 int cepe_qmatmul_backward_uses_bf16_gemm(const cepe_qtensor *w);
-/* The number of rows from which sgemm (or for BF16 the bf16 GEMM) is used, for every format: rows > 0
- * sets it (benchmarks and tests compare the two ways with it), 0 goes back to
- * the measured crossover of each format, rows < 0 only reads. Returns the
- * setting before the call (0: the measured ones). Not to be called while
- * products are running. */
+/* The number of rows from which the int8 GEMM is used where it exists, as
+ * cepe_qmatmul_sgemm_rows sets the sgemm's (a huge value turns it off). */
+int cepe_qmatmul_gemm_rows(int rows);
+/* The number of rows from which sgemm (for BF16 on AVX512-BF16: the bf16
+ * GEMM) is used, for every format: rows > 0 sets it (benchmarks and tests
+ * compare the ways with it), 0 goes back to the measured crossover of each
+ * format, rows < 0 only reads. Returns the setting before the call (0: the
+ * measured ones). Not to be called while products are running. */
 int cepe_qmatmul_sgemm_rows(int rows);
 
 /* out[rows, n_out] (+)= x[rows, n_in] · Wᵀ. accumulate: add to out. work:

@@ -242,6 +242,16 @@ void quant_kernels_avx2(quant_kernel table[QT_COUNT]);
 /* has_bf16: the CPU has AVX512-BF16 (BF16 then takes bf16 activations). */
 void quant_kernels_avx512(quant_kernel table[QT_COUNT], int has_bf16);
 
+/* Many activation rows by Q4_0, Q4_1 or Q8_0 weights in int8
+ * (gemm_blocks32_avx512.c, x86 with GCC-style target attributes only; callers
+ * check cepe_quant_isa() first): out[r, o] (+)= act row r · weight row o for
+ * output rows [o0, o1) (o0 a multiple of 16), act the rows' act_q8_32 forms
+ * ab bytes apart, out rows n_out floats apart. panel: 64-byte aligned scratch
+ * of quant_gemm_panel_bytes(type, n_in) bytes, one per thread. */
+void quant_gemm_blocks32_avx512(float *out, const cepe_qtensor *w, const unsigned char *act, size_t ab,
+                                int rows, int accumulate, int o0, int o1, unsigned char *panel);
+size_t quant_gemm_panel_bytes(int type, int n_in);
+
 /* The table index of a GGML type id, -1 for F32 and unknown types. */
 int quant_type_index(int type);
 /* The kernel the current ISA uses for a type (valid, F32 included). */

@@ -116,7 +116,9 @@ static void test_format(int type, int isa) {
         }
     }
 
-    /* qmatmul, few rows: the same kernels, identical results, one thread or two, own scratch or given */
+    /* qmatmul, few rows: the same kernels, identical results, one thread or two, own scratch or given
+     * (the int8 GEMM, which Q4_0 takes from 2 rows on AVX-512, is tested in tests/test_quant.py) */
+    const int prev_gemm = cepe_qmatmul_gemm_rows(1 << 30);
     cepe_qtensor t = {(cepe_qtype)type, n_out, n_in, w, rb};
     float *out = malloc(sizeof(float) * rows * n_out);
     for (int threads = 1; threads <= 2; threads++) {
@@ -147,6 +149,7 @@ static void test_format(int type, int isa) {
                   ((n_in + 16) * 0x1p-24 + (bf16_gemm ? 0x1p-8 : 0.0)) * mag);
         }
     cepe_qmatmul_sgemm_rows(prev);
+    cepe_qmatmul_gemm_rows(prev_gemm);
     (void)isa;
     free(w), free(wf), free(x), free(act), free(xh), free(want), free(out);
 }
