@@ -669,7 +669,8 @@ def test_int8_gemm_in_chunks_of_rows(tmp_path):
 
 def test_int8_gemm_where_it_runs():
     """Q4_0, Q4_1 and Q8_0 from their crossovers on AVX-512 (one row stays with the decode
-    kernel); never for the other formats (BF16 takes the bf16 GEMM where the CPU has AVX512-BF16), nor on the AVX2 and C paths (CEPE_ISA=avx2 / c),
+    kernel); never for the other formats (BF16 takes the bf16 GEMM where the CPU has
+    AVX512-BF16), nor on the AVX2 and C paths (CEPE_ISA=avx2 / c),
     which keep their ways; cepe_qmatmul_gemm_rows moves the crossover and reads it back."""
     raw = np.zeros((32, 34 * 8), np.uint8)
     for isa in ISAS:
