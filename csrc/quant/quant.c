@@ -8,6 +8,10 @@
 
 #include "quant_impl.h"
 
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#include <cpuid.h>
+#endif
+
 /* ------------------------------------------------------------ formats */
 
 typedef struct {
@@ -246,6 +250,16 @@ static cepe_isa detect_isa(int *has_bf16) {
 #endif
 }
 
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+/* AMD family 19h with AVX-512: Zen 4 (Zen 3, the same family, has none). */
+static int amd_zen4(void) {
+    unsigned a, b, c, d;
+    if (!__builtin_cpu_is("amd") || !__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    const unsigned family = ((a >> 8) & 0xF) + (((a >> 8) & 0xF) == 0xF ? (a >> 20) & 0xFF : 0);
+    return family == 0x19;
+}
+#endif
+
 /* Each table starts as a copy of the one below, so a path that has no kernel
  * of its own for a format runs the next best one. */
 static void isa_init(void) {
@@ -259,7 +273,17 @@ static void isa_init(void) {
         quant_kernels_avx2(kernels[CEPE_ISA_AVX2]);
         memcpy(kernels[CEPE_ISA_AVX512], kernels[CEPE_ISA_AVX2], sizeof kernels[0]);
     }
-    if (isa_best_ >= CEPE_ISA_AVX512) quant_kernels_avx512(kernels[CEPE_ISA_AVX512], has_bf16);
+    if (isa_best_ >= CEPE_ISA_AVX512) {
+        quant_kernels_avx512(kernels[CEPE_ISA_AVX512], has_bf16);
+        /* On AMD Zen 4 the AVX2 F32 and F16 kernels read weights from memory
+         * faster than the AVX-512 ones: decoding the default model runs
+         * 1.15-1.3x faster with them (benchmarks/README.md, bench_llamacpp),
+         * while on Intel CPUs with AVX-512 the AVX-512 ones are faster. */
+        if (amd_zen4()) {
+            kernels[CEPE_ISA_AVX512][QT_F32] = kernels[CEPE_ISA_AVX2][QT_F32];
+            kernels[CEPE_ISA_AVX512][QT_F16] = kernels[CEPE_ISA_AVX2][QT_F16];
+        }
+    }
 #endif
     isa_now = isa_best_;
     const char *env = getenv("CEPE_ISA");
