@@ -33,12 +33,8 @@ def _inputs(B: int, T: int, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
     return ids, dict(attention_mask=amask, encoder_input_ids=ctx, encoder_attention_mask=cmask)
 
 
-@pytest.mark.parametrize(("B", "T"), [(2, 600), (1, 9), (1, 1100)])  # 3 chunks of 256, 1 chunk, 3 of 512
-@pytest.mark.parametrize("logits", ["all", "last"])
-def test_single_pass_equals_full_cache(
-    model: cepe.Model, monkeypatch: pytest.MonkeyPatch, B: int, T: int, logits: Literal["all", "last"]
-) -> None:
-    ids, kw = _inputs(B, T, seed=T)
+def _record_contexts(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Records, for each cepe_c.Context the model makes from now on, whether it is single-pass."""
     made: list[bool] = []
     real_context = cepe_c.Context
 
@@ -47,6 +43,16 @@ def test_single_pass_equals_full_cache(
         return real_context(*args, single_pass=single_pass)
 
     monkeypatch.setattr(cepe.model.cepe_c, "Context", recording)
+    return made
+
+
+@pytest.mark.parametrize(("B", "T"), [(2, 600), (1, 9), (1, 1100)])  # 3 chunks of 256, 1 chunk, 3 of 512
+@pytest.mark.parametrize("logits", ["all", "last"])
+def test_single_pass_equals_full_cache(
+    model: cepe.Model, monkeypatch: pytest.MonkeyPatch, B: int, T: int, logits: Literal["all", "last"]
+) -> None:
+    ids, kw = _inputs(B, T, seed=T)
+    made = _record_contexts(monkeypatch)
     lean = model.forward(ids, logits=logits, keep_cross_kv=False, **kw)
     assert made == [True]  # the call ran on a one-layer cache
     full = model.forward(ids, logits=logits, keep_cross_kv=False, cache=model.create_cache(B, T), **kw)
@@ -83,14 +89,7 @@ def test_perplexity_runs_single_pass_with_the_same_value(
     """perplexity() over a recomputed context keeps one layer's K/V, and scores what the logits
     of a full-cache forward give (the log-softmax written here, in float64)."""
     ids, kw = _inputs(B, T, seed=T + 1)
-    made: list[bool] = []
-    real_context = cepe_c.Context
-
-    def recording(*args: Any, single_pass: bool = False) -> cepe_c.Context:
-        made.append(single_pass)
-        return real_context(*args, single_pass=single_pass)
-
-    monkeypatch.setattr(cepe.model.cepe_c, "Context", recording)
+    made = _record_contexts(monkeypatch)
     ppl = model.perplexity(ids, keep_cross_kv=False, eval_window=T // 2, **kw)
     assert made == [True]
     monkeypatch.undo()
@@ -104,7 +103,6 @@ def test_perplexity_runs_single_pass_with_the_same_value(
         ts = [t for t in range(T - T // 2, T) if amask[b, t] and amask[b, t - 1]]
         row_nll.append(np.mean([-logp[b, t - 1, ids[b, t]] for t in ts]))
     np.testing.assert_allclose(ppl, np.exp(np.mean(row_nll)), rtol=2e-5)
-    made.clear()
-    monkeypatch.setattr(cepe.model.cepe_c, "Context", recording)
+    made = _record_contexts(monkeypatch)
     model.perplexity(ids, keep_cross_kv=True, eval_window=T // 2, **kw)  # kept K/V: a full cache
     assert made == [False]
