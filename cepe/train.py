@@ -455,10 +455,11 @@ class Trainer:
 
     def apply_update(self) -> dict[str, float]:
         """Clips the gradient buffer to `clip`, runs AdamW at the scheduled lr
-        and counts the step: {grad_norm (before clipping), lr}. On the CPU, an
-        update that overflows float32 (an lr far too large, or corrupt moments)
-        raises ValueError naming the first tensor it broke; on a device, the
-        next step or save() does."""
+        and counts the step: {grad_norm (before clipping), lr}. Gradients whose
+        norm is not finite (they overflowed float32) raise ValueError and
+        change nothing. On the CPU, an update that overflows float32 (an lr far
+        too large, or corrupt moments) raises ValueError naming the first
+        tensor it broke; on a device, the next step or save() does."""
         out: dict[str, float] = self._state.update()
         if self.model.device == "cpu":  # the host buffers are the state: one pass over each
             self._check_finite(f"the update of step {self.step_count}")

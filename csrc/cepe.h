@@ -31,7 +31,7 @@ typedef enum {
     CEPE_ERR_STATE = 5,       /* call order / capacity problems */
     CEPE_ERR_INTERRUPTED = 6, /* cepe_ctx_interrupt() was called */
     CEPE_ERR_BACKEND = 7,     /* BLAS / CUDA failure */
-    CEPE_ERR_NUMERIC = 8      /* a forward overflowed float32: non-finite logits */
+    CEPE_ERR_NUMERIC = 8      /* float32 overflowed: non-finite logits or gradient norm */
 } cepe_status;
 
 /* ---- RoPE types (functions below) ---------------------------------------- */

@@ -56,6 +56,18 @@ def resume(path):
     return cepe.Trainer.resume(path, n_threads=1)
 
 
+def test_gradients_that_overflow_raise_and_change_nothing(cepe_dir):
+    """A loss coefficient far too large makes the gradients overflow float32: step() raises
+    ValueError naming the cause, and the weights, moments and step count stay as they were."""
+    t = cepe.Trainer(cepe.load(cepe_dir, n_threads=1), "cross_attn", total_steps=4, lr=1e-2, lm_loss_cof=1e308)
+    params, m = t.params.copy(), t.adam_m.copy()
+    with pytest.raises(ValueError, match=r"the gradient norm is .*nan.*no update made .* overflowed float32"):
+        t.step(a_batch())
+    np.testing.assert_array_equal(t.params, params)
+    np.testing.assert_array_equal(t.adam_m, m)
+    assert t.step_count == 0
+
+
 # ------------------------------------------------------------------ what save may replace
 
 

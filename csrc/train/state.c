@@ -349,7 +349,11 @@ cepe_status cepe_train_update(cepe_train *t, cepe_train_stats *out) {
     if (st) return st;
     const double norm = sqrt(total);
     if (!isfinite(norm))
-        return cepe_fail(CEPE_ERR_STATE, "the gradient norm is %g: no update made (step %ld)", norm, t->step);
+        return cepe_fail(
+            CEPE_ERR_NUMERIC,
+            "the gradient norm is %g: no update made (step %ld): the gradients overflowed float32 "
+            "(a loss coefficient far too large, or weights that make the loss overflow)",
+            norm, t->step);
     if (c->clip > 0.0) { /* torch: clip_coef = max_norm / (total_norm + 1e-6) in float32, clamped to 1 */
         const float coef = (float)(c->clip / ((double)(float)norm + 1e-6));
         if (coef < 1.0f) be->scale(be, t->grads, coef, t->n_params, nt);
