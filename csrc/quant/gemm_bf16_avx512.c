@@ -17,9 +17,9 @@
  *
  * Threads split the columns (output features forward, input features
  * backward); each packs its own panels, A is converted once and shared. Rows
- * go CHUNK_ROWS at a time, so the scratch stops growing there (the model
- * sizes it once for any number of rows, csrc/model/weights.c), at the cost
- * of packing the panels again per chunk (about 1 % of a chunk's work). */
+ * go QUANT_GEMM_CHUNK_ROWS at a time, so the scratch stops growing there, at
+ * the cost of packing the panels again per chunk (about 1 % of a chunk's
+ * work). */
 #include <stdlib.h>
 #include <string.h>
 
@@ -36,10 +36,6 @@
 #define BF16_NV 2
 #endif
 #define PANEL_COLS (16 * BF16_NV)
-#define CHUNK_ROWS 512
-#define ALIGN 64
-/* Fewer multiply-adds than this do not pay for waking a second thread. */
-#define MIN_PARALLEL_WORK (1 << 17)
 
 int quant_bf16_gemm_ready(void) {
     /* The BF16 kernel takes bf16 activations exactly when the AVX-512 path is
@@ -47,25 +43,23 @@ int quant_bf16_gemm_ready(void) {
     return quant_kernel_for(CEPE_QTYPE_BF16).act == ACT_BF16;
 }
 
-static size_t round_up(size_t n) { return (n + ALIGN - 1) / ALIGN * ALIGN; }
-
 /* Bytes of A: `rows` rows (at most a chunk, padded to the kernel's) of k
  * values in pairs. */
 static size_t a_bytes(int rows, int k) {
-    if (rows > CHUNK_ROWS) rows = CHUNK_ROWS;
+    if (rows > QUANT_GEMM_CHUNK_ROWS) rows = QUANT_GEMM_CHUNK_ROWS;
     const size_t blocks = ((size_t)rows + BF16_MR - 1) / BF16_MR;
-    return round_up(blocks * BF16_MR * (size_t)((k + 1) / 2) * 4);
+    return quant_align_up(blocks * BF16_MR * (size_t)((k + 1) / 2) * 4);
 }
 
 /* Bytes of one thread's panel of B over k values. */
-static size_t panel_bytes(int k) { return round_up((size_t)((k + 1) / 2) * PANEL_COLS * 4); }
+static size_t panel_bytes(int k) { return quant_align_up((size_t)((k + 1) / 2) * PANEL_COLS * 4); }
 
 /* Threads for C[rows, cols] = A[rows, k] · B: no more than the panels. */
 static int team(int rows, int k, int cols, int n_threads) {
     int nt = n_threads < 1 ? 1 : n_threads;
     const int panels = (cols + PANEL_COLS - 1) / PANEL_COLS;
     if (nt > panels) nt = panels;
-    if ((int64_t)rows * k * cols < MIN_PARALLEL_WORK) nt = 1;
+    if ((int64_t)rows * k * cols < QUANT_MIN_PARALLEL_WORK) nt = 1;
     return nt < 1 ? 1 : nt;
 }
 
@@ -252,8 +246,8 @@ AVX512BF16 static void gemm(float *c, const float *src, const cepe_qtensor *w, i
         __m512i *panel = (__m512i *)(void *)(panels + (size_t)t * pb);
         int c0, c1;
         cepe_share(cols, PANEL_COLS, t, n, &c0, &c1);
-        for (int r0 = 0; r0 < rows; r0 += CHUNK_ROWS) {
-            const int nr = rows - r0 < CHUNK_ROWS ? rows - r0 : CHUNK_ROWS;
+        for (int r0 = 0; r0 < rows; r0 += QUANT_GEMM_CHUNK_ROWS) {
+            const int nr = rows - r0 < QUANT_GEMM_CHUNK_ROWS ? rows - r0 : QUANT_GEMM_CHUNK_ROWS;
             convert_rows(a, src + (size_t)r0 * k, nr, k, (size_t)k); /* ends in a barrier */
             for (int j = c0; j < c1; j += PANEL_COLS) {
                 const int nc = c1 - j < PANEL_COLS ? c1 - j : PANEL_COLS;
@@ -276,7 +270,7 @@ void quant_bf16_gemm_forward(float *out, const float *x, const cepe_qtensor *w, 
 cepe_status quant_bf16_gemm_backward(float *dinp, const float *dout, const cepe_qtensor *w, int rows,
                                      int accumulate, int n_threads) {
     const size_t bytes = work_bytes(rows, w->n_out, w->n_in, n_threads);
-    unsigned char *work = aligned_alloc(ALIGN, bytes);
+    unsigned char *work = aligned_alloc(QUANT_ALIGN, bytes);
     if (!work) return cepe_fail(CEPE_ERR_OUT_OF_MEMORY, "qmatmul backward: %zu bytes of scratch", bytes);
     gemm(dinp, dout, w, 0, rows, accumulate, work, n_threads);
     free(work);

@@ -24,6 +24,8 @@
  * GEMM_MR activation rows at a time stream past it. Repacking gathers each
  * register's 16 dwords straight from the 16 stored rows (vpgatherdd), so it
  * costs a few instructions per block, paid once per call. */
+#include "quant_impl.h"
+
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
 #include <immintrin.h>
 
@@ -198,6 +200,18 @@ AVX512 void quant_gemm_blocks32_avx512(float *out, const cepe_qtensor *w, const 
     default:
         gemm(B32_Q4_0, out, w, act, ab, rows, accumulate, o0, o1, panel);
     }
+}
+
+#else /* no x86: cepe_quant_isa() is the C path, so these are never called */
+
+size_t quant_gemm_panel_bytes(int type, int n_in) {
+    (void)type, (void)n_in;
+    return 0;
+}
+
+void quant_gemm_blocks32_avx512(float *out, const cepe_qtensor *w, const unsigned char *act, size_t ab,
+                                int rows, int accumulate, int o0, int o1, unsigned char *panel) {
+    (void)out, (void)w, (void)act, (void)ab, (void)rows, (void)accumulate, (void)o0, (void)o1, (void)panel;
 }
 
 #endif

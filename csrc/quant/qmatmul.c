@@ -53,11 +53,8 @@ static int sgemm_rows_override = 0; /* cepe_qmatmul_sgemm_rows; 0: the table */
  * for the formats it takes (bench_quant.py, benchmarks/README.md). */
 static const int GEMM_MIN_ROWS[QT_COUNT] = {[QT_Q4_0] = 2, [QT_Q4_1] = 2, [QT_Q8_0] = 4};
 static int gemm_rows_override = 0; /* cepe_qmatmul_gemm_rows; 0: the table */
-/* Fewer multiply-adds than this do not pay for waking a second thread. */
-#define MIN_PARALLEL_WORK (1 << 17)
 /* Output rows per thread are a multiple of this, so slices keep to cache lines. */
 #define ROW_ALIGN 16
-#define WORK_ALIGN 64
 #define SERIAL_PREP_ROWS 4
 
 /* BF16 weights on a CPU with AVX512-BF16: rows from which the bf16 GEMM
@@ -68,13 +65,8 @@ static int gemm_rows_override = 0; /* cepe_qmatmul_gemm_rows; 0: the table */
 /* Whether this build and CPU have the int8 GEMM for w. Its panels address 16
  * rows with int32 byte offsets. */
 static int has_gemm(const cepe_qtensor *w) {
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
     return (w->type == CEPE_QTYPE_Q4_0 || w->type == CEPE_QTYPE_Q4_1 || w->type == CEPE_QTYPE_Q8_0) &&
            cepe_quant_isa() >= CEPE_ISA_AVX512 && w->row_stride <= (size_t)INT32_MAX / 16;
-#else
-    (void)w;
-    return 0;
-#endif
 }
 
 int cepe_qmatmul_path(const cepe_qtensor *w, int rows) {
@@ -115,7 +107,7 @@ int cepe_qmatmul_gemm_rows(int rows) {
 static int team_size(const cepe_qtensor *w, int rows, int n_threads) {
     int nt = n_threads < 1 ? 1 : n_threads;
     if (nt > w->n_out / ROW_ALIGN) nt = w->n_out / ROW_ALIGN;
-    if ((int64_t)rows * w->n_in * w->n_out < MIN_PARALLEL_WORK) nt = 1;
+    if ((int64_t)rows * w->n_in * w->n_out < QUANT_MIN_PARALLEL_WORK) nt = 1;
     return nt < 1 ? 1 : nt;
 }
 
@@ -124,31 +116,23 @@ static size_t act_bytes_per_row(const cepe_qtensor *w) {
     return k.act == ACT_F32 ? 0 : quant_act_bytes(k.act, w->n_in);
 }
 
-static size_t round_up(size_t n) { return (n + WORK_ALIGN - 1) / WORK_ALIGN * WORK_ALIGN; }
-
-/* The int8 GEMM quantizes and multiplies the activations this many rows at a
- * time, so its scratch stops growing there (as the tiles' does) while each
- * repacked panel still serves a prefill's 512 rows. */
-#define GEMM_CHUNK_ROWS 512
-static int gemm_chunk(int rows) { return rows < GEMM_CHUNK_ROWS ? rows : GEMM_CHUNK_ROWS; }
+static int gemm_chunk(int rows) { return rows < QUANT_GEMM_CHUNK_ROWS ? rows : QUANT_GEMM_CHUNK_ROWS; }
 
 size_t cepe_qmatmul_work_size(const cepe_qtensor *w, int rows, int n_threads) {
     if (!w || quant_type_index((int)w->type) < 0 || rows <= 0 || w->n_in <= 0) return 0;
     const int path = cepe_qmatmul_path(w, rows);
     if (path == CEPE_QMATMUL_BF16_GEMM)
-        return quant_bf16_gemm_work_size(rows, w->n_in, w->n_out, n_threads) + WORK_ALIGN;
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+        return quant_bf16_gemm_work_size(rows, w->n_in, w->n_out, n_threads) + QUANT_ALIGN;
     if (path == CEPE_QMATMUL_INT8_GEMM) /* a chunk's activation rows, then a panel per thread */
-        return round_up((size_t)gemm_chunk(rows) * act_bytes_per_row(w)) +
+        return quant_align_up((size_t)gemm_chunk(rows) * act_bytes_per_row(w)) +
                (size_t)team_size(w, rows, n_threads) * quant_gemm_panel_bytes((int)w->type, w->n_in) +
-               WORK_ALIGN;
-#endif
+               QUANT_ALIGN;
     if (path == CEPE_QMATMUL_SGEMM)
         return (size_t)team_size(w, rows, n_threads) * (size_t)tile_rows(rows) * (size_t)w->n_in *
                    sizeof(float) +
-               WORK_ALIGN;
+               QUANT_ALIGN;
     const size_t per_row = act_bytes_per_row(w);
-    return per_row ? (size_t)rows * per_row + WORK_ALIGN : 0;
+    return per_row ? (size_t)rows * per_row + QUANT_ALIGN : 0;
 }
 
 /* Output rows [o0, o1) of every activation row through the kernel k. */
@@ -224,12 +208,11 @@ static void qmatmul_sgemm(float *out, const float *x, const cepe_qtensor *w, int
     }
 }
 
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
 static void qmatmul_gemm(float *out, const float *x, const cepe_qtensor *w, int rows, int accumulate,
                          unsigned char *work, int nt) {
     const size_t ab = act_bytes_per_row(w);
     const int n_in = w->n_in, n_out = w->n_out;
-    unsigned char *act = work, *panels = work + round_up((size_t)gemm_chunk(rows) * ab);
+    unsigned char *act = work, *panels = work + quant_align_up((size_t)gemm_chunk(rows) * ab);
     const size_t panel_bytes = quant_gemm_panel_bytes((int)w->type, n_in);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
@@ -237,7 +220,7 @@ static void qmatmul_gemm(float *out, const float *x, const cepe_qtensor *w, int 
         cepe_team(&t, &n);
         int o0, o1;
         cepe_share(n_out, ROW_ALIGN, t, n, &o0, &o1);
-        for (int r0 = 0; r0 < rows; r0 += GEMM_CHUNK_ROWS) {
+        for (int r0 = 0; r0 < rows; r0 += QUANT_GEMM_CHUNK_ROWS) {
             const int nr = gemm_chunk(rows - r0);
             /* the omp for ends in a barrier (every row quantized before any thread multiplies); so
              * does each chunk but the last (every thread done with it before the next overwrites it) */
@@ -246,13 +229,12 @@ static void qmatmul_gemm(float *out, const float *x, const cepe_qtensor *w, int 
                 quant_prepare_act(ACT_Q8_32, x + (size_t)(r0 + r) * n_in, act + (size_t)r * ab, n_in);
             quant_gemm_blocks32_avx512(out + (size_t)r0 * n_out, w, act, ab, nr, accumulate, o0, o1,
                                        panels + (size_t)t * panel_bytes);
-            if (r0 + GEMM_CHUNK_ROWS < rows) {
+            if (r0 + QUANT_GEMM_CHUNK_ROWS < rows) {
 #pragma omp barrier
             }
         }
     }
 }
-#endif
 
 cepe_status cepe_qmatmul(float *out, const float *x, const cepe_qtensor *w, int rows, int accumulate,
                          void *work, size_t work_size, int n_threads) {
@@ -288,17 +270,14 @@ cepe_status cepe_qmatmul(float *out, const float *x, const cepe_qtensor *w, int 
         return cepe_fail(CEPE_ERR_INVALID_ARG, "qmatmul: %zu bytes of scratch given, %zu needed", work_size,
                          need);
     }
-    unsigned char *aligned =
-        work ? (unsigned char *)(((uintptr_t)work + WORK_ALIGN - 1) & ~(uintptr_t)(WORK_ALIGN - 1)) : NULL;
+    unsigned char *aligned = work ? (unsigned char *)quant_align_up((uintptr_t)work) : NULL;
     switch (cepe_qmatmul_path(w, rows)) {
     case CEPE_QMATMUL_BF16_GEMM:
         quant_bf16_gemm_forward(out, x, w, rows, accumulate, aligned, n_threads);
         break;
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
     case CEPE_QMATMUL_INT8_GEMM:
         qmatmul_gemm(out, x, w, rows, accumulate, aligned, nt);
         break;
-#endif
     case CEPE_QMATMUL_SGEMM:
         qmatmul_sgemm(out, x, w, rows, accumulate, (float *)aligned, nt);
         break;

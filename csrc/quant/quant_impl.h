@@ -242,9 +242,22 @@ void quant_kernels_avx2(quant_kernel table[QT_COUNT]);
 /* has_bf16: the CPU has AVX512-BF16 (BF16 then takes bf16 activations). */
 void quant_kernels_avx512(quant_kernel table[QT_COUNT], int has_bf16);
 
+/* ------------------------------------------------------------ many-row products */
+
+/* Fewer multiply-adds than this do not pay for waking a second thread. */
+#define QUANT_MIN_PARALLEL_WORK (1 << 17)
+/* The GEMMs convert and multiply the activations this many rows at a time,
+ * so their scratch stops growing there (the model sizes it once for any
+ * number of rows, csrc/model/weights.c) while a packed panel of weights still
+ * serves a prefill's 512 rows. */
+#define QUANT_GEMM_CHUNK_ROWS 512
+/* Scratch starts and parts are aligned to a cache line. */
+#define QUANT_ALIGN 64
+static inline size_t quant_align_up(size_t n) { return (n + QUANT_ALIGN - 1) / QUANT_ALIGN * QUANT_ALIGN; }
+
 /* Many activation rows by Q4_0, Q4_1 or Q8_0 weights in int8
- * (gemm_blocks32_avx512.c, x86 with GCC-style target attributes only; callers
- * check cepe_quant_isa() first): out[r, o] (+)= act row r · weight row o for
+ * (gemm_blocks32_avx512.c, on the AVX-512 path only: callers check
+ * cepe_quant_isa() first; elsewhere these are stubs): out[r, o] (+)= act row r · weight row o for
  * output rows [o0, o1) (o0 a multiple of 16), act the rows' act_q8_32 forms
  * ab bytes apart, out rows n_out floats apart. panel: 64-byte aligned scratch
  * of quant_gemm_panel_bytes(type, n_in) bytes, one per thread. */
